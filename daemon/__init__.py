@@ -1,0 +1,1 @@
+"""orderbus daemon: the process, its CLI, settings, HTTP server and local tooling."""

@@ -1,0 +1,45 @@
+"""The daemon's aiohttp application: routes only. Resources are opened and closed by `daemon.lifecycle`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from daemon.ingest import Ingest
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+
+
+def build_app(
+    *, ingest: Ingest | None, readiness: Callable[[], dict[str, str]], max_body_bytes: int = 1_048_576
+) -> web.Application:
+    """The HTTP surface: the ingest (when enabled), the OpenAPI document, health and readiness.
+
+    `readiness` returns the reasons the daemon is not ready (empty when it is).
+    """
+    # The ingest reads the body itself against its own limit; leave aiohttp's a little above it.
+    app = web.Application(client_max_size=max_body_bytes + 1)
+    if ingest is not None:
+        app.router.add_post("/v1/orders", ingest.post_order)
+    openapi = OPENAPI_PATH.read_bytes()
+
+    async def openapi_document(_: web.Request) -> web.Response:
+        return web.Response(body=openapi, content_type="application/json")
+
+    async def healthz(_: web.Request) -> web.Response:
+        # Answering at all proves the process and its event loop are alive.
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        reasons = readiness()
+        status = 200 if not reasons else 503
+        body = {"status": "ready" if not reasons else "not ready", "reasons": reasons}
+        return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi_document)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

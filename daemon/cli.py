@@ -1,0 +1,257 @@
+"""The ``orderbus`` command line.
+
+    orderbus run [--config FILE]              the daemon (ingest now; the sinks join it later)
+    orderbus demo [--config FILE]             local Kafka + topics + the daemon on embedded defaults (make run)
+    orderbus config check FILE                validate a config file, print the effective settings (masked)
+    orderbus topics apply [--config FILE]     create missing topics, report drift, delete nothing
+    orderbus topics show [--config FILE]      print the newest records of the orders topic
+    orderbus kafka fetch|start|stop|status|kill [--data-dir DIR]    the local Apache Kafka broker
+    orderbus webhook sign [--config FILE] BODY                      Standard Webhooks headers for a body
+
+Exit codes: 0 done, 1 failed, 2 bad usage or bad configuration, 3 drift found with ``--strict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from daemon import kafka_local
+from daemon.kafka_options import client_options, topic_layout
+from daemon.lifecycle import serve
+from daemon.logs import configure
+from daemon.settings import Settings, load_settings
+from daemon.signature import sign
+from topics.admin import apply_catalogue
+from topics.catalogue import catalogue
+from topics.errors import ConfigError, OrderbusError
+
+T = TypeVar("T")
+
+DEMO_CONFIG = kafka_local.REPO_ROOT / "deploy" / "dev" / "orderbus.toml"
+DEMO_KAFKA_DIR = kafka_local.REPO_ROOT / ".run" / "kafka"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"orderbus: {exc}", file=sys.stderr)
+        return 2
+    except OrderbusError as exc:
+        print(f"orderbus: {exc}", file=sys.stderr)
+        return 1
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orderbus", description="Orders to every system, exactly once in effect.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon")
+    _config_option(run)
+    run.set_defaults(func=_run)
+
+    demo = commands.add_parser("demo", help="local Kafka, topics and the daemon on embedded defaults")
+    _config_option(demo, default=DEMO_CONFIG)
+    demo.add_argument("--kafka-dir", type=Path, default=DEMO_KAFKA_DIR, help="data dir of the local broker")
+    demo.set_defaults(func=_demo)
+
+    config = commands.add_parser("config", help="configuration").add_subparsers(required=True, metavar="ACTION")
+    check = config.add_parser("check", help="validate FILE and print the effective settings, secrets masked")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=_config_check)
+
+    topics = commands.add_parser("topics", help="the topic catalogue").add_subparsers(required=True, metavar="ACTION")
+    apply = topics.add_parser("apply", help="create missing topics and report drift; deletes nothing")
+    _config_option(apply)
+    apply.add_argument("--strict", action="store_true", help="exit 3 when drift is found")
+    apply.set_defaults(func=_topics_apply)
+    show = topics.add_parser("show", help="print the newest records of the orders topic")
+    _config_option(show)
+    show.add_argument("--limit", type=int, default=10)
+    show.add_argument("--full", action="store_true", help="print whole values (they hold personal data)")
+    show.set_defaults(func=_topics_show)
+
+    kafka = commands.add_parser("kafka", help="the local Apache Kafka broker for development and tests")
+    kafka_actions = kafka.add_subparsers(required=True, metavar="ACTION")
+    for name, func in (("fetch", _kafka_fetch), ("start", _kafka_start), ("stop", _kafka_stop)):
+        action = kafka_actions.add_parser(name)
+        action.add_argument("--data-dir", type=Path, default=DEMO_KAFKA_DIR)
+        action.set_defaults(func=func)
+        if name == "start":
+            action.add_argument("--port", type=int, default=0, help="broker port (0: free port or the last one)")
+            action.add_argument("--controller-port", type=int, default=0)
+    for name, func in (("status", _kafka_status), ("kill", _kafka_kill)):
+        action = kafka_actions.add_parser(name)
+        action.add_argument("--data-dir", type=Path, default=DEMO_KAFKA_DIR)
+        action.set_defaults(func=func)
+
+    webhook = commands.add_parser("webhook", help="webhook helpers").add_subparsers(required=True, metavar="ACTION")
+    signer = webhook.add_parser("sign", help="print Standard Webhooks headers for BODY (for curl -H @file)")
+    _config_option(signer)
+    signer.add_argument("body", type=Path)
+    signer.set_defaults(func=_webhook_sign)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
+    parser.add_argument("--config", type=Path, default=default, help="TOML settings file (ORDERBUS_* env on top)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path: Path | None = args.config
+    return load_settings(path)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure(settings.log_level)
+    return _run_async(_serve_until_signal(settings))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure(settings.log_level)
+    host_port = settings.kafka.bootstrap_servers.split(",")[0]
+    port = int(host_port.rpartition(":")[2])
+    print(f"orderbus demo: starting Kafka on 127.0.0.1:{port} (data in {args.kafka_dir}) ...", flush=True)
+    kafka_local.start(args.kafka_dir, port=port, controller_port=port + 1)
+    try:
+        report = _run_async(apply_catalogue(catalogue(topic_layout(settings.topics)), client_options(settings.kafka)))
+        print(
+            f"orderbus demo: topics created {report.created or 'none'}, unchanged {report.unchanged}",
+            flush=True,
+        )
+        print(
+            f"orderbus demo: ingest on http://{settings.ingest.host}:{settings.ingest.port}/v1/orders; "
+            "Ctrl-C stops everything",
+            flush=True,
+        )
+        return _run_async(_serve_until_signal(settings))
+    finally:
+        print("orderbus demo: stopping Kafka ...", flush=True)
+        kafka_local.stop(args.kafka_dir)
+
+
+async def _serve_until_signal(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT; a second SIGINT stops at once."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+
+    def on_interrupt() -> None:
+        if stop.is_set() and main_task is not None:
+            main_task.cancel()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    try:
+        await serve(settings, stop)
+    except asyncio.CancelledError:
+        return 130
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
+    return 0
+
+
+def _run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(coroutine)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    settings = load_settings(args.file)
+    print(settings.masked_json())
+    return 0
+
+
+def _topics_apply(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    specs = catalogue(topic_layout(settings.topics))
+    report = _run_async(apply_catalogue(specs, client_options(settings.kafka)))
+    for name in report.created:
+        print(f"created   {name}")
+    for name in report.unchanged:
+        print(f"ok        {name}")
+    for drift in report.drift:
+        print(f"DRIFT     {drift}")
+    if report.drift:
+        print("drift is reported, never changed: fix the topic or the settings by hand", file=sys.stderr)
+        return 3 if args.strict else 0
+    return 0
+
+
+def _topics_show(args: argparse.Namespace) -> int:
+    from daemon.inspect import show_orders
+
+    settings = _settings(args)
+    for line in _run_async(show_orders(settings, limit=args.limit, full=args.full)):
+        print(line)
+    return 0
+
+
+def _kafka_fetch(args: argparse.Namespace) -> int:
+    libs = kafka_local.fetch_jars(log=lambda line: print(line, file=sys.stderr))
+    print(libs)
+    return 0
+
+
+def _kafka_start(args: argparse.Namespace) -> int:
+    info = kafka_local.start(args.data_dir, port=args.port, controller_port=args.controller_port)
+    print(f"kafka {kafka_local.KAFKA_VERSION} running: bootstrap {info.bootstrap}, pid {info.pid}, log {info.log_file}")
+    return 0
+
+
+def _kafka_stop(args: argparse.Namespace) -> int:
+    stopped = kafka_local.stop(args.data_dir)
+    print("kafka stopped" if stopped else "kafka was not running")
+    return 0
+
+
+def _kafka_kill(args: argparse.Namespace) -> int:
+    kafka_local.kill(args.data_dir)
+    print("kafka killed")
+    return 0
+
+
+def _kafka_status(args: argparse.Namespace) -> int:
+    state = kafka_local.status(args.data_dir)
+    print(state.detail)
+    return 0 if state.answering else 1
+
+
+def _webhook_sign(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not settings.ingest.webhook_secrets:
+        raise ConfigError("ingest.webhook_secrets: no secret configured, nothing to sign with")
+    secret = settings.ingest.webhook_secrets[0].get_secret_value()
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    timestamp = int(time.time())
+    body = args.body.read_bytes()
+    print(f"webhook-id: {msg_id}")
+    print(f"webhook-timestamp: {timestamp}")
+    print(f"webhook-signature: {sign(secret, msg_id, timestamp, body)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

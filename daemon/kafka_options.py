@@ -1,0 +1,38 @@
+"""Kafka client options from settings: the one place that turns `KafkaSettings` into aiokafka keyword arguments."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from daemon.settings import KafkaSettings, TopicSettings
+from topics.catalogue import TopicLayout
+
+
+def client_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments every aiokafka client (producer, consumer, admin) takes."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "client_id": kafka.client_id,
+        "security_protocol": kafka.security_protocol,
+    }
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
+    if kafka.sasl_mechanism is not None:
+        options["sasl_mechanism"] = kafka.sasl_mechanism
+        options["sasl_plain_username"] = kafka.sasl_username
+        if kafka.sasl_password is not None:
+            options["sasl_plain_password"] = kafka.sasl_password.get_secret_value()
+    return options
+
+
+def topic_layout(topics: TopicSettings) -> TopicLayout:
+    return TopicLayout(
+        prefix=topics.prefix,
+        orders_partitions=topics.orders_partitions,
+        dlq_partitions=topics.dlq_partitions,
+        replication_factor=topics.replication_factor,
+        min_insync_replicas=topics.min_insync_replicas,
+        orders_retention_hours=topics.orders_retention_hours,
+        dlq_retention_hours=topics.dlq_retention_hours,
+    )

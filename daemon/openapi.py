@@ -1,0 +1,143 @@
+"""The OpenAPI 3.1 document of the daemon's HTTP API, generated from the contract models.
+
+`python -m daemon.openapi` rewrites ``daemon/openapi.json``; ``--check`` exits 1 when the file is stale.
+The daemon serves the file at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from daemon.app import OPENAPI_PATH
+from topics.envelope import OrderSubmission
+
+_PROBLEM = {"$ref": "#/components/schemas/Problem"}
+
+
+def _problem_response(description: str, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/problem+json": {"schema": _PROBLEM}},
+    }
+    if retry_after:
+        response["headers"] = {
+            "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+        }
+    return response
+
+
+def document() -> dict[str, Any]:
+    submission = OrderSubmission.model_json_schema(ref_template="#/components/schemas/{model}")
+    components: dict[str, Any] = dict(submission.pop("$defs", {}))
+    components["OrderSubmission"] = submission
+    components["Accepted"] = {
+        "type": "object",
+        "required": ["event_id", "topic", "partition", "offset"],
+        "properties": {
+            "event_id": {"type": "string", "format": "uuid"},
+            "topic": {"type": "string"},
+            "partition": {"type": "integer"},
+            "offset": {"type": "integer"},
+        },
+    }
+    components["Problem"] = {
+        "type": "object",
+        "description": "RFC 9457 problem details",
+        "required": ["type", "title", "status", "detail"],
+        "properties": {
+            "type": {"type": "string", "format": "uri"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["field", "message"],
+                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+        },
+    }
+    header = {"in": "header", "required": False, "schema": {"type": "string"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "orderbus ingest",
+            "version": "1",
+            "description": "Submit orders; each is published to Kafka with acks=all before the answer.",
+        },
+        "paths": {
+            "/v1/orders": {
+                "post": {
+                    "operationId": "submitOrder",
+                    "summary": "Submit one order event",
+                    "parameters": [
+                        {
+                            **header,
+                            "name": "Idempotency-Key",
+                            "description": "repeat-safe key (else webhook-id)",
+                        },
+                        {**header, "name": "webhook-id", "description": "Standard Webhooks message id"},
+                        {
+                            **header,
+                            "name": "webhook-timestamp",
+                            "description": "unix seconds, within 5 minutes",
+                        },
+                        {**header, "name": "webhook-signature", "description": "v1,<base64 HMAC-SHA256>"},
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OrderSubmission"}}},
+                    },
+                    "responses": {
+                        "202": {
+                            "description": "published (acks=all); a repeat of the key returns this same answer",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
+                        },
+                        "400": _problem_response("bad JSON, a bad order (field errors) or a bad idempotency key"),
+                        "401": _problem_response("missing or invalid webhook signature"),
+                        "409": _problem_response("a request with this idempotency key is still in progress"),
+                        "413": _problem_response("body too large"),
+                        "415": _problem_response("not application/json"),
+                        "422": _problem_response("this idempotency key was used with another body"),
+                        "503": _problem_response("Kafka unreachable; nothing was published", retry_after=True),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "process and event loop alive",
+                    "responses": {"200": {"description": "ok"}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "ready to take and deliver orders; the body says why not",
+                    "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
+                }
+            },
+        },
+        "components": {"schemas": components},
+    }
+
+
+def render() -> str:
+    return json.dumps(document(), indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        if not OPENAPI_PATH.exists() or OPENAPI_PATH.read_text() != text:
+            print(f"{OPENAPI_PATH} is stale: run `make schemas`", file=sys.stderr)
+            return 1
+        return 0
+    OPENAPI_PATH.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,37 @@
+"""Error answers of the HTTP API as RFC 9457 problem documents, one function per kind of problem."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from topics.errors import FieldError
+
+PROBLEM_TYPE = "application/problem+json"
+
+
+def problem(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    errors: Sequence[FieldError] = (),
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """A problem answer. `code` is a stable machine-readable name (also the ``type`` URI's last segment)."""
+    body: dict[str, object] = {
+        "type": f"https://orderbus.dev/problems/{code}",
+        "title": code.replace("-", " "),
+        "status": status,
+        "detail": detail,
+    }
+    if errors:
+        body["errors"] = [error.as_dict() for error in errors]
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type=PROBLEM_TYPE,
+        headers=headers,
+    )

@@ -1,0 +1,181 @@
+"""Publishing to Kafka for the ingest: acks=all, idempotent producer, and an honest answer about the outcome.
+
+The idempotent producer retries a record until the broker has it; it never gives up on a record it has sent.
+So a publish that outlives the request's timeout is not a failure but an *unknown yet*: `PublishPending` carries
+the future, and the caller keeps its idempotency key in flight until that future resolves, so a client's retry
+can never publish the order a second time.
+
+While the broker is known to be unreachable (a publish timed out or failed, or the producer never connected),
+`publish` refuses at once with `BrokerUnavailable`, before anything is handed to the producer: nothing is
+half-published. A background probe (a metadata request with growing intervals) reopens the gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from topics.codec import EncodedRecord
+from topics.errors import BrokerError, PublishError
+
+log = logging.getLogger(__name__)
+
+_PROBE_MIN = 0.5
+_PROBE_MAX = 5.0
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker is known to be unreachable; nothing was handed to the producer."""
+
+
+class PublishPending(PublishError):
+    """The broker did not acknowledge within the timeout; the outcome will be known when `future` resolves."""
+
+    def __init__(self, future: asyncio.Future[Published]) -> None:
+        super().__init__("the broker did not acknowledge in time; the outcome is pending")
+        self.future = future
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Where the broker stored a record, after acks=all."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class Publisher(Protocol):
+    """What the ingest needs from Kafka. `KafkaPublisher` in production, fakes in unit tests."""
+
+    @property
+    def available(self) -> bool: ...
+
+    async def publish(self, record: EncodedRecord, *, timeout: float) -> Published: ...
+
+
+class KafkaPublisher:
+    """An idempotent acks=all producer for one topic, with an availability gate."""
+
+    def __init__(self, topic: str, client_options: Mapping[str, Any], *, request_timeout: float = 10.0) -> None:
+        self._topic = topic
+        self._options = dict(client_options)
+        self._request_timeout = request_timeout
+        self._producer: AIOKafkaProducer | None = None
+        self._available = False
+        self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._available
+
+    async def start(self) -> None:
+        """Start the producer now if the broker answers, else keep trying in the background."""
+        try:
+            await self._connect()
+        except KafkaError as exc:
+            log.warning("kafka unreachable at start, ingest answers 503 until it is back: %r", exc)
+            self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Flush what is pending for at most `grace` seconds, then close.
+
+        With the broker down an idempotent producer would wait forever; after `grace` its sender is cancelled.
+        Records still unacknowledged then keep their idempotency keys in flight, and a client's retry after a
+        restart re-claims and republishes them under the same event id, which consumers deduplicate.
+        """
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        if self._producer is None:
+            return
+        stopping = asyncio.ensure_future(self._producer.stop())
+        done, _ = await asyncio.wait([stopping], timeout=grace)
+        if not done:
+            log.warning("kafka producer did not flush within %.0f s, closing anyway", grace)
+            sender = self._producer._sender.sender_task  # aiokafka offers no public way to abandon a flush
+            if sender is not None:
+                sender.cancel()
+            await stopping
+
+    async def publish(self, record: EncodedRecord, *, timeout: float) -> Published:
+        """Send `record` and wait for acks=all at most `timeout` seconds.
+
+        Raises `BrokerUnavailable` (nothing sent), `PublishPending` (sent, outcome later) or `PublishError`
+        (the broker refused it, e.g. the record is too large).
+        """
+        if not self._available or self._producer is None:
+            raise BrokerUnavailable("kafka is unreachable")
+        try:
+            sent = await asyncio.wait_for(
+                self._producer.send(self._topic, value=record.value, key=record.key, headers=record.headers),
+                timeout,
+            )
+        except TimeoutError:
+            # send() itself waits only for metadata or buffer space; nothing was appended.
+            self._mark_unavailable("metadata or buffer wait timed out")
+            raise BrokerUnavailable("kafka did not answer in time") from None
+        except KafkaError as exc:
+            raise PublishError(f"kafka refused the record: {exc!r}") from exc
+        outcome: asyncio.Future[Published] = asyncio.ensure_future(self._metadata(sent))
+        try:
+            return await asyncio.wait_for(asyncio.shield(outcome), timeout)
+        except TimeoutError:
+            self._mark_unavailable("publish not acknowledged in time")
+            raise PublishPending(outcome) from None
+
+    async def _metadata(self, sent: asyncio.Future[Any]) -> Published:
+        try:
+            metadata = await sent
+        except KafkaError as exc:
+            raise PublishError(f"kafka did not store the record: {exc!r}") from exc
+        return Published(metadata.topic, metadata.partition, metadata.offset)
+
+    async def _connect(self) -> None:
+        producer = AIOKafkaProducer(
+            **self._options,
+            acks="all",
+            enable_idempotence=True,
+            request_timeout_ms=int(self._request_timeout * 1000),
+            linger_ms=2,
+        )
+        try:
+            await producer.start()
+            # Learn the topic's partitions now, so the first request does not wait for metadata.
+            await producer.partitions_for(self._topic)
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producer = producer
+        self._available = True
+
+    def _mark_unavailable(self, why: str) -> None:
+        if self._available:
+            log.warning("kafka marked unavailable: %s", why)
+        self._available = False
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._reconnect(), name="publisher-probe")
+
+    async def _reconnect(self) -> None:
+        delay = _PROBE_MIN
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                if self._producer is None:
+                    await self._connect()
+                else:
+                    await self._producer.client.fetch_all_metadata()
+                    self._available = True
+                log.info("kafka reachable again, ingest accepts orders")
+                return
+            except KafkaError as exc:
+                log.debug("kafka still unreachable: %r", exc)
+                delay = min(delay * 2, _PROBE_MAX)

@@ -1,0 +1,188 @@
+"""The one settings model of orderbus: a TOML file, then ``ORDERBUS_*`` environment variables on top.
+
+Environment variables name a key as ``ORDERBUS_<SECTION>__<KEY>`` (``ORDERBUS_INGEST__PORT=8081``) or
+``ORDERBUS_<KEY>`` for top-level keys (``ORDERBUS_LOG_LEVEL=DEBUG``). ``<NAME>_FILE`` reads the value from a file
+instead, which is how systemd credentials (``LoadCredential=``) and container secrets are handed over:
+``ORDERBUS_INGEST__WEBHOOK_SECRETS_FILE=$CREDENTIALS_DIRECTORY/webhook-secret`` (one secret per line).
+
+Everything is validated at start; a bad value stops start-up with a `ConfigError` that names the key and the
+problem. Secrets are `SecretStr`: masked whenever the settings are printed or logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from topics.errors import ConfigError
+
+ENV_PREFIX = "ORDERBUS_"
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=86_400)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """How to reach the Kafka cluster."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", min_length=1)
+    client_id: str = Field("orderbus", min_length=1, max_length=64)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    request_timeout: Seconds = 10.0
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port_list(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected host:port[,host:port...], got {server.strip()!r}")
+        return value
+
+
+class TopicSettings(_Section):
+    """Partitions, replication and retention of the topic catalogue (names live in `topics.catalogue`)."""
+
+    prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,100}$")
+    orders_partitions: int = Field(12, ge=1, le=1000)
+    dlq_partitions: int = Field(3, ge=1, le=1000)
+    replication_factor: int = Field(1, ge=1, le=10)
+    min_insync_replicas: int = Field(1, ge=1, le=10)
+    orders_retention_hours: float = Field(168, gt=0)
+    dlq_retention_hours: float = Field(720, gt=0)
+
+
+class IngestSettings(_Section):
+    """The webhook endpoint ``POST /v1/orders``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=16 * 1_048_576)
+    webhook_secrets: tuple[SecretStr, ...] = ()
+    signature_tolerance: Seconds = 300.0
+    publish_timeout: Seconds = 10.0
+    retry_after: int = Field(5, ge=1, le=3600)
+    idempotency_retention_hours: float = Field(48, ge=24)
+    source: str = Field("webhook", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+    @field_validator("webhook_secrets", mode="before")
+    @classmethod
+    def _lines(cls, value: Any) -> Any:
+        # A *_FILE credential holds one secret per line.
+        if isinstance(value, str):
+            return tuple(line.strip() for line in value.splitlines() if line.strip())
+        return value
+
+
+class Settings(_Section):
+    """Everything orderbus reads at start."""
+
+    state_dir: Path = Path("state")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    ingest: IngestSettings = IngestSettings()
+
+    def masked_json(self) -> str:
+        """The effective settings as JSON, secrets shown as ``**********``."""
+        return self.model_dump_json(indent=2)
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read `path` (TOML, optional), apply ``ORDERBUS_*`` variables from `env`, validate.
+
+    Raises `ConfigError` naming the key (or variable, or file) and the problem.
+    """
+    data: dict[str, Any] = _read_toml(path) if path is not None else {}
+    origins = _apply_env(data, os.environ if env is None else env)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, origins)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Apply the ORDERBUS_* variables to `data`; return which variable set which dotted key."""
+    origins: dict[str, str] = {}
+    top_level = set(Settings.model_fields)
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key, value = name[len(ENV_PREFIX) :].lower(), raw
+        if key.endswith("_file"):
+            key = key.removesuffix("_file")
+            value = _read_secret_file(name, raw)
+        section, sep, field = key.partition("__")
+        if not sep:
+            if key in top_level:
+                data[key] = value
+                origins[key] = name
+            continue  # ORDERBUS_* variables of other tools (e.g. ORDERBUS_KAFKA_CACHE) are not settings
+        if section not in top_level or not field:
+            raise ConfigError(f"environment variable {name}: no setting {section}.{field or '?'}")
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"environment variable {name}: {section} is not a section")
+        target[field] = _env_value(value)
+        origins[f"{section}.{field}"] = name
+    return origins
+
+
+def _read_secret_file(name: str, path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"environment variable {name}: cannot read {path}: {exc.strerror}") from None
+
+
+def _env_value(value: str) -> Any:
+    # Lists and tables come as JSON ('["a", "b"]'); everything else is a string pydantic converts.
+    if value.startswith(("[", "{")):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str]) -> str:
+    where = f" in {path}" if path is not None else ""
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(root)"
+        source = next((f" (set by {var})" for dotted, var in origins.items() if key.startswith(dotted)), "")
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown setting{source}")
+            continue
+        shown = error.get("input")
+        # Never echo what might be a secret; show short scalar inputs only.
+        bad = "" if "secret" in key or "password" in key or isinstance(shown, dict | list) else f" (got {shown!r})"
+        problems.append(f"{key}: {error['msg']}{bad}{source}")
+    return f"invalid settings{where}: " + "; ".join(problems)

@@ -1,0 +1,73 @@
+"""Fixtures shared by every test directory: the real local Kafka broker and unique names.
+
+`kafka_broker` is one broker for the whole session (started on first use); tests isolate themselves with
+`unique_name` topics and groups. Tests that stop, kill or restart a broker start their own with
+`private_broker()`. Neither ever skips: if Kafka cannot start, the test errors with the broker's own output.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon import kafka_local
+from daemon.kafka_local import BrokerInfo
+from topics.errors import LocalKafkaError
+
+# Two brokers may run at once (session + private) on a shared 2-core machine: keep each heap small.
+TEST_BROKER_HEAP = "384m"
+
+
+def _start_or_fail(data_dir: Path) -> BrokerInfo:
+    try:
+        return kafka_local.start(data_dir, heap=TEST_BROKER_HEAP)
+    except LocalKafkaError as exc:
+        # The error quotes kafka.out/server.log when the JVM died; add them for every other failure too.
+        detail = str(exc) if "--- last lines of" in str(exc) else f"{exc}\n{kafka_local.log_tail(data_dir)}"
+        pytest.fail(f"the local Kafka broker in {data_dir} did not start: {detail}", pytrace=False)
+
+
+def _stop(data_dir: Path) -> None:
+    kafka_local.stop(data_dir, grace=20.0)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerInfo]:
+    """One real broker for the whole test session, on free loopback ports."""
+    data_dir = tmp_path_factory.mktemp("kafka-session")
+    try:
+        yield _start_or_fail(data_dir)
+    finally:
+        _stop(data_dir)
+
+
+@pytest.fixture
+def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], BrokerInfo]]:
+    """Starts brokers of this test alone, each in its own data dir, which the test may stop, kill and restart.
+
+    Call it to get a running broker; restart one with `kafka_local.start(info.data_dir)` (the data dir
+    remembers its ports). Whatever runs in those data dirs at the end of the test is stopped.
+    """
+    data_dirs: list[Path] = []
+
+    def start_private() -> BrokerInfo:
+        data_dir = tmp_path_factory.mktemp("kafka-private")
+        data_dirs.append(data_dir)
+        return _start_or_fail(data_dir)
+
+    try:
+        yield start_private
+    finally:
+        for data_dir in data_dirs:
+            _stop(data_dir)
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> str:
+    """A topic/group name no other test uses: the test's name (legal characters only) plus a random suffix."""
+    stem = re.sub(r"[^A-Za-z0-9-]+", "-", request.node.name).strip("-")[:60]
+    return f"{stem}-{uuid.uuid4().hex[:8]}"

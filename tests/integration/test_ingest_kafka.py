@@ -1,0 +1,177 @@
+"""The ingest against the real broker: exactly one record per idempotency key, and honest 503s while Kafka is down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from daemon import kafka_local
+from daemon.kafka_local import BrokerInfo
+from daemon.kafka_options import client_options, topic_layout
+from daemon.lifecycle import serve
+from daemon.settings import Settings, load_settings
+from topics.admin import apply_catalogue, partition_ids
+from topics.catalogue import catalogue, orders_topic
+from topics.codec import decode
+from topics.samples import sample_submission
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def settings_for(broker: BrokerInfo, prefix: str, state_dir: Path, **ingest: object) -> Settings:
+    env = {
+        "ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+        "ORDERBUS_TOPICS__PREFIX": prefix,
+        "ORDERBUS_TOPICS__ORDERS_PARTITIONS": "6",
+        "ORDERBUS_STATE_DIR": str(state_dir),
+        "ORDERBUS_INGEST__PORT": str(free_port()),
+    }
+    env.update({f"ORDERBUS_INGEST__{key.upper()}": str(value) for key, value in ingest.items()})
+    return load_settings(None, env=env)
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(settings: Settings) -> AsyncIterator[str]:
+    await apply_catalogue(catalogue(topic_layout(settings.topics)), client_options(settings.kafka))
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop))
+    base = f"http://127.0.0.1:{settings.ingest.port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with session.get(f"{base}/healthz") as response:
+                    if response.status == 200:
+                        break
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.05)
+    try:
+        yield base
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
+    """Every record of `topic` from the beginning to the end offsets, as (key, value)."""
+    partitions = [TopicPartition(topic, p) for p in await partition_ids(topic, {"bootstrap_servers": bootstrap})]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records: list[tuple[bytes | None, bytes | None]] = []
+        while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
+            batch = await consumer.getmany(timeout_ms=1000)
+            for messages in batch.values():
+                records.extend((message.key, message.value) for message in messages)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def test_topics_apply_creates_then_reports_no_change_then_drift(
+    kafka_broker: BrokerInfo, unique_name: str
+) -> None:
+    options = {"bootstrap_servers": kafka_broker.bootstrap}
+    specs = catalogue(topic_layout(settings_for(kafka_broker, f"{unique_name}.", Path(".")).topics))
+    first = await apply_catalogue(specs, options)
+    assert sorted(first.created) == sorted(spec.name for spec in specs)
+    second = await apply_catalogue(specs, options)
+    assert second.created == []
+    assert second.drift == []
+    assert sorted(second.unchanged) == sorted(spec.name for spec in specs)
+    drifted = [
+        spec.__class__(spec.name, spec.partitions + 2, 1, {**spec.configs, "retention.ms": "1234"})
+        for spec in specs[:1]
+    ]
+    third = await apply_catalogue(drifted, options)
+    assert {d.setting for d in third.drift} == {"partitions", "retention.ms"}
+    fourth = await apply_catalogue(specs, options)
+    assert fourth.drift == []  # nothing was changed by the drifted run
+
+
+async def test_one_record_per_key_under_1000_concurrent_posts(
+    kafka_broker: BrokerInfo, unique_name: str, tmp_path: Path
+) -> None:
+    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path)
+    rng = random.Random(7)
+    bodies = {f"key-{i}": sample_submission(random.Random(i)).model_dump_json().encode() for i in range(400)}
+    posts = [key for key in bodies for _ in range(rng.randint(1, 4))]
+    posts = (posts + list(bodies))[:1000] if len(posts) < 1000 else posts[:1000]
+    rng.shuffle(posts)
+    distinct = set(posts)
+    async with running_daemon(settings) as base, aiohttp.ClientSession() as session:
+
+        async def post(key: str) -> tuple[str, int]:
+            headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+            async with session.post(f"{base}/v1/orders", data=bodies[key], headers=headers) as response:
+                return key, response.status
+
+        answers = await asyncio.gather(*(post(key) for key in posts))
+    statuses = Counter(status for _, status in answers)
+    assert set(statuses) <= {202, 409}, statuses
+    assert {key for key, status in answers if status == 202} == distinct
+    records = await read_topic(kafka_broker.bootstrap, orders_topic(f"{unique_name}."))
+    event_ids = Counter(str(decode(value).event_id) for _, value in records)
+    assert len(records) == len(distinct)
+    assert all(count == 1 for count in event_ids.values())
+
+
+async def test_broker_down_gives_503_then_success_and_no_duplicate(
+    private_broker: Callable[[], BrokerInfo], unique_name: str, tmp_path: Path
+) -> None:
+    broker = private_broker()
+    settings = settings_for(broker, f"{unique_name}.", tmp_path / "state", publish_timeout=2, retry_after=1)
+    body = sample_submission(random.Random(3)).model_dump_json().encode()
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "during-outage"}
+    async with running_daemon(settings) as base, aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/orders", data=body, headers={**headers, "Idempotency-Key": "before"}) as r:
+            assert r.status == 202
+        await asyncio.to_thread(kafka_local.stop, broker.data_dir)
+
+        down_answers = []
+        for _ in range(3):
+            async with session.post(f"{base}/v1/orders", data=body, headers=headers) as response:
+                down_answers.append((response.status, response.headers.get("Retry-After")))
+        assert all(status == 503 and retry == "1" for status, retry in down_answers), down_answers
+        async with session.get(f"{base}/readyz") as ready:
+            assert ready.status == 503
+            assert "ingest" in (await ready.json())["reasons"]
+
+        await asyncio.to_thread(kafka_local.start, broker.data_dir)
+        final = None
+        for _ in range(120):
+            async with session.post(f"{base}/v1/orders", data=body, headers=headers) as response:
+                final = response.status
+                if final == 202:
+                    answer = await response.json()
+                    break
+            await asyncio.sleep(0.5)
+        assert final == 202
+        async with session.get(f"{base}/readyz") as ready:
+            assert ready.status == 200
+    records = await read_topic(broker.bootstrap, orders_topic(f"{unique_name}."))
+    assert len(records) == 2, [json.loads(value or b"{}").get("event_id") for _, value in records]
+    assert (
+        str(decode(records[-1][1]).event_id) == answer["event_id"]
+        or str(decode(records[0][1]).event_id) == answer["event_id"]
+    )

@@ -1,0 +1,41 @@
+"""The topic catalogue: names in one place, partitions and retention declared in code."""
+
+from __future__ import annotations
+
+from topics.admin import _compare
+from topics.catalogue import SINKS, TopicLayout, catalogue, consumer_group, dlq_topic, orders_topic
+
+
+def test_orders_and_one_dead_letter_topic_per_sink() -> None:
+    specs = catalogue(TopicLayout())
+    assert [spec.name for spec in specs] == [
+        "orders",
+        "orders.dlq.crm",
+        "orders.dlq.accounting",
+        "orders.dlq.shipping",
+    ]
+    orders = specs[0]
+    assert orders.partitions == 12
+    assert orders.configs["cleanup.policy"] == "delete"
+    assert orders.configs["retention.ms"] == str(168 * 3_600_000)
+    assert all(spec.configs["retention.ms"] == str(720 * 3_600_000) for spec in specs[1:])
+
+
+def test_prefix_namespaces_every_name() -> None:
+    specs = catalogue(TopicLayout(prefix="t1."))
+    assert all(spec.name.startswith("t1.") for spec in specs)
+    assert orders_topic("t1.") == "t1.orders"
+    assert dlq_topic("crm", "t1.") == "t1.orders.dlq.crm"
+    assert consumer_group("shipping", "t1.") == "t1.orderbus.shipping"
+    assert len({consumer_group(sink) for sink in SINKS}) == 3
+
+
+def test_drift_names_each_difference() -> None:
+    spec = catalogue(TopicLayout())[0]
+    live = {**spec.configs, "retention.ms": "1000"}
+    drift = _compare(spec, 6, live)
+    assert [str(d) for d in drift] == [
+        "orders: partitions is 6, catalogue says 12",
+        f"orders: retention.ms is 1000, catalogue says {168 * 3_600_000}",
+    ]
+    assert _compare(spec, 12, spec.configs) == []

@@ -1,0 +1,266 @@
+"""The ingest handler through aiohttp's test client, with a fake publisher and the in-memory key store.
+
+Every answer code of ``POST /v1/orders`` has a test here; the real-broker behaviour is in
+tests/integration/test_ingest_kafka.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from daemon.app import build_app
+from daemon.ingest import EVENT_ID_NAMESPACE, Ingest, IngestConfig
+from daemon.ingest_keys import MemoryIngestKeyStore
+from daemon.publisher import BrokerUnavailable, Published, PublishPending
+from daemon.signature import WebhookVerifier, sign
+from topics.codec import EncodedRecord, decode
+from topics.samples import sample_submission
+
+Client = TestClient[web.Request, web.Application]
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+NOW = 1_800_000_000.0
+
+
+@dataclass
+class FakePublisher:
+    """Implements `daemon.publisher.Publisher`; `mode` decides the outcome of the next publishes."""
+
+    mode: str = "ok"
+    records: list[EncodedRecord] = field(default_factory=list)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    late: asyncio.Future[Published] | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.mode != "down"
+
+    async def publish(self, record: EncodedRecord, *, timeout: float) -> Published:
+        if self.mode == "down":
+            raise BrokerUnavailable("kafka is unreachable")
+        if self.mode == "pending":
+            self.records.append(record)
+            self.late = asyncio.get_running_loop().create_future()
+            raise PublishPending(self.late)
+        if self.mode == "slow":
+            self.entered.set()
+            await self.gate.wait()
+        self.records.append(record)
+        return Published("orders", 3, len(self.records) - 1)
+
+
+def body(seed: int = 1, *, event_id: bool = True) -> bytes:
+    submission = sample_submission(random.Random(seed))
+    exclude = None if event_id else {"event_id"}
+    return submission.model_dump_json(exclude=exclude).encode()
+
+
+@pytest.fixture
+def publisher() -> FakePublisher:
+    return FakePublisher()
+
+
+async def client_for(
+    publisher: FakePublisher, *, secrets: tuple[str, ...] = (), max_body_bytes: int = 64 * 1024
+) -> Client:
+    ingest = Ingest(
+        publisher,
+        MemoryIngestKeyStore(),
+        IngestConfig(max_body_bytes=max_body_bytes, publish_timeout=1.0, retry_after=7),
+        verifier=WebhookVerifier(secrets, clock=lambda: NOW) if secrets else None,
+        clock=lambda: NOW,
+    )
+    app = build_app(ingest=ingest, readiness=lambda: {}, max_body_bytes=max_body_bytes)
+    client: Client = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
+@pytest.fixture
+async def client(publisher: FakePublisher) -> AsyncIterator[Client]:
+    client = await client_for(publisher)
+    yield client
+    await client.close()
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+async def test_accepted_after_publish_with_where_it_landed(client: Client, publisher: FakePublisher) -> None:
+    response = await client.post("/v1/orders", data=body(), headers=JSON)
+    assert response.status == 202
+    answer = await response.json()
+    assert answer["topic"] == "orders"
+    assert (answer["partition"], answer["offset"]) == (3, 0)
+    [record] = publisher.records
+    event = decode(record.value)
+    assert str(event.event_id) == answer["event_id"]
+    assert record.key == event.order.order_number.encode()
+    assert event.source == "webhook"
+
+
+async def test_wrong_content_type_is_415(client: Client, publisher: FakePublisher) -> None:
+    response = await client.post("/v1/orders", data=body(), headers={"Content-Type": "text/plain"})
+    assert response.status == 415
+    assert response.content_type == "application/problem+json"
+    assert publisher.records == []
+
+
+async def test_oversized_body_is_413_declared_or_streamed(publisher: FakePublisher) -> None:
+    client = await client_for(publisher, max_body_bytes=2048)
+    try:
+        big = b'{"order": "' + b"x" * 4096 + b'"}'
+        declared = await client.post("/v1/orders", data=big, headers=JSON)
+        assert declared.status == 413
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(8):
+                yield b" " * 1024
+
+        streamed = await client.post("/v1/orders", data=chunks(), headers=JSON)
+        assert streamed.status == 413
+        assert publisher.records == []
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "field_name"),
+    [
+        (b"{not json", "body"),
+        (b"[]", "body"),
+        (b'{"order": {}}', "order.order_number"),
+    ],
+)
+async def test_bad_json_or_bad_order_is_400_with_field_errors(
+    client: Client, publisher: FakePublisher, payload: bytes, field_name: str
+) -> None:
+    response = await client.post("/v1/orders", data=payload, headers=JSON)
+    assert response.status == 400
+    problem = await response.json()
+    assert field_name in [error["field"] for error in problem["errors"]]
+    assert publisher.records == []
+
+
+async def test_money_that_does_not_add_up_names_the_field(client: Client) -> None:
+    document = json.loads(body())
+    document["order"]["gross_total"] = "0.01"
+    response = await client.post("/v1/orders", data=json.dumps(document), headers=JSON)
+    assert response.status == 400
+    assert "order.gross_total" in [error["field"] for error in (await response.json())["errors"]]
+
+
+async def test_bad_idempotency_key_is_400(client: Client) -> None:
+    response = await client.post("/v1/orders", data=body(), headers={**JSON, "Idempotency-Key": "has space"})
+    assert response.status == 400
+
+
+async def test_repeat_gets_the_first_answer_and_publishes_nothing(client: Client, publisher: FakePublisher) -> None:
+    headers = {**JSON, "Idempotency-Key": "order-1-created"}
+    first = await client.post("/v1/orders", data=body(event_id=False), headers=headers)
+    again = await client.post("/v1/orders", data=body(event_id=False), headers=headers)
+    assert (first.status, again.status) == (202, 202)
+    assert await first.read() == await again.read()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(publisher.records) == 1
+    # Without an event id of its own, the event id derives from the key: a republish carries the same one.
+    event = decode(publisher.records[0].value)
+    assert event.event_id == uuid.uuid5(EVENT_ID_NAMESPACE, "order-1-created")
+
+
+async def test_same_key_other_body_is_422(client: Client, publisher: FakePublisher) -> None:
+    headers = {**JSON, "Idempotency-Key": "k"}
+    assert (await client.post("/v1/orders", data=body(1), headers=headers)).status == 202
+    response = await client.post("/v1/orders", data=body(2), headers=headers)
+    assert response.status == 422
+    assert len(publisher.records) == 1
+
+
+async def test_same_key_in_flight_is_409(client: Client, publisher: FakePublisher) -> None:
+    publisher.mode = "slow"
+    headers = {**JSON, "Idempotency-Key": "k"}
+    first = asyncio.create_task(client.post("/v1/orders", data=body(), headers=headers))
+    await publisher.entered.wait()
+    second = await client.post("/v1/orders", data=body(), headers=headers)
+    assert second.status == 409
+    publisher.gate.set()
+    assert (await first).status == 202
+    assert len(publisher.records) == 1
+
+
+async def test_kafka_down_is_503_with_retry_after_and_the_key_is_free_again(
+    client: Client, publisher: FakePublisher
+) -> None:
+    publisher.mode = "down"
+    headers = {**JSON, "Idempotency-Key": "k"}
+    down = await client.post("/v1/orders", data=body(), headers=headers)
+    assert down.status == 503
+    assert down.headers["Retry-After"] == "7"
+    publisher.mode = "ok"
+    back = await client.post("/v1/orders", data=body(), headers=headers)
+    assert back.status == 202
+    assert len(publisher.records) == 1
+
+
+async def test_a_late_publish_keeps_its_key_until_the_outcome_is_known(
+    client: Client, publisher: FakePublisher
+) -> None:
+    publisher.mode = "pending"
+    headers = {**JSON, "Idempotency-Key": "k"}
+    assert (await client.post("/v1/orders", data=body(), headers=headers)).status == 503
+    # A retry while the first publish is still pending must not publish again.
+    assert (await client.post("/v1/orders", data=body(), headers=headers)).status == 503
+    assert publisher.late is not None
+    publisher.late.set_result(Published("orders", 5, 42))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    publisher.mode = "ok"
+    replay = await client.post("/v1/orders", data=body(), headers=headers)
+    assert replay.status == 202
+    assert (await replay.json())["offset"] == 42
+    assert len(publisher.records) == 1
+
+
+async def test_signatures_are_required_when_secrets_are_set(publisher: FakePublisher) -> None:
+    client = await client_for(publisher, secrets=("whsec_b2xkLXNlY3JldA==", SECRET))
+    try:
+        payload = body()
+        unsigned = await client.post("/v1/orders", data=payload, headers=JSON)
+        assert unsigned.status == 401
+        assert "webhook-id" in (await unsigned.json())["detail"]
+        stamp = int(NOW)
+        signed = {
+            **JSON,
+            "webhook-id": "msg_1",
+            "webhook-timestamp": str(stamp),
+            "webhook-signature": sign(SECRET, "msg_1", stamp, payload),
+        }
+        tampered = await client.post("/v1/orders", data=payload + b" ", headers=signed)
+        assert tampered.status == 401
+        ok = await client.post("/v1/orders", data=payload, headers=signed)
+        assert ok.status == 202
+        # webhook-id is the idempotency key when no Idempotency-Key is sent: a redelivery publishes nothing.
+        redelivered = await client.post("/v1/orders", data=payload, headers=signed)
+        assert redelivered.status == 202
+        assert len(publisher.records) == 1
+    finally:
+        await client.close()
+
+
+async def test_openapi_health_and_readiness(client: Client) -> None:
+    document = await (await client.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.1")
+    assert set(document["paths"]["/v1/orders"]["post"]["responses"]) == {
+        "202", "400", "401", "409", "413", "415", "422", "503",
+    }  # fmt: skip
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 200

@@ -1,0 +1,254 @@
+"""The ingest idempotency store: both implementations give the same answers; the SQLite one also persists."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from daemon.ingest_keys import (
+    TABLE,
+    Busy,
+    Claimed,
+    Conflict,
+    IngestKeyStore,
+    MemoryIngestKeyStore,
+    NotClaimedError,
+    Replay,
+    SqliteIngestKeyStore,
+    body_sha256,
+)
+from topics.errors import StoreError
+
+BODY_A = body_sha256(b'{"order": "A-1"}')
+BODY_B = body_sha256(b'{"order": "B-2"}')
+ANSWER = b'{"status": "accepted", "order": "A-1"}'
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[IngestKeyStore]:
+    if request.param == "memory":
+        yield MemoryIngestKeyStore()
+        return
+    async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as sqlite_store:
+        yield sqlite_store
+
+
+def test_body_sha256_is_hex_sha256_of_the_raw_body() -> None:
+    assert body_sha256(b"abc") == hashlib.sha256(b"abc").hexdigest()
+
+
+# --- the four answers -------------------------------------------------------------------------------------
+
+
+async def test_a_new_key_is_claimed_then_busy_while_in_flight(store: IngestKeyStore) -> None:
+    assert await store.claim("k", BODY_A, now=1.0) == Claimed()
+    assert await store.claim("k", BODY_A, now=2.0) == Busy()
+
+
+async def test_a_completed_key_replays_its_first_answer(store: IngestKeyStore) -> None:
+    await store.claim("k", BODY_A, now=1.0)
+    await store.complete("k", 202, ANSWER, now=2.0)
+    assert await store.claim("k", BODY_A, now=3.0) == Replay(status=202, body=ANSWER)
+    assert await store.claim("k", BODY_A, now=4.0) == Replay(status=202, body=ANSWER)
+
+
+async def test_replayed_bytes_are_exact(store: IngestKeyStore) -> None:
+    binary = bytes(range(256)) + b"\x00"
+    await store.claim("k", BODY_A, now=1.0)
+    await store.complete("k", 200, binary, now=1.0)
+    assert await store.claim("k", BODY_A, now=2.0) == Replay(status=200, body=binary)
+
+
+async def test_empty_answer_body_replays_as_empty_bytes(store: IngestKeyStore) -> None:
+    await store.claim("k", BODY_A, now=1.0)
+    await store.complete("k", 204, b"", now=1.0)
+    assert await store.claim("k", BODY_A, now=2.0) == Replay(status=204, body=b"")
+
+
+async def test_a_different_body_is_a_conflict_while_in_flight(store: IngestKeyStore) -> None:
+    await store.claim("k", BODY_A, now=1.0)
+    assert await store.claim("k", BODY_B, now=2.0) == Conflict()
+
+
+async def test_a_different_body_is_a_conflict_once_done(store: IngestKeyStore) -> None:
+    await store.claim("k", BODY_A, now=1.0)
+    await store.complete("k", 202, ANSWER, now=2.0)
+    assert await store.claim("k", BODY_B, now=3.0) == Conflict()
+
+
+async def test_keys_are_independent(store: IngestKeyStore) -> None:
+    await store.claim("k1", BODY_A, now=1.0)
+    assert await store.claim("k2", BODY_A, now=1.0) == Claimed()
+
+
+# --- release and complete ---------------------------------------------------------------------------------
+
+
+async def test_release_lets_a_retry_claim_again_even_with_another_body(store: IngestKeyStore) -> None:
+    await store.claim("k", BODY_A, now=1.0)
+    await store.release("k")
+    # Nothing was published, so the key carries no promise about its body.
+    assert await store.claim("k", BODY_B, now=2.0) == Claimed()
+
+
+async def test_release_of_an_unknown_key_is_a_no_op(store: IngestKeyStore) -> None:
+    await store.release("never-claimed")
+    assert await store.claim("never-claimed", BODY_A, now=1.0) == Claimed()
+
+
+async def test_release_never_forgets_a_completed_answer(store: IngestKeyStore) -> None:
+    await store.claim("k", BODY_A, now=1.0)
+    await store.complete("k", 202, ANSWER, now=2.0)
+    await store.release("k")
+    assert await store.claim("k", BODY_A, now=3.0) == Replay(status=202, body=ANSWER)
+
+
+async def test_complete_without_a_claim_is_refused(store: IngestKeyStore) -> None:
+    with pytest.raises(NotClaimedError):
+        await store.complete("k", 202, ANSWER, now=1.0)
+
+
+async def test_complete_twice_is_refused_and_keeps_the_first_answer(store: IngestKeyStore) -> None:
+    await store.claim("k", BODY_A, now=1.0)
+    await store.complete("k", 202, ANSWER, now=2.0)
+    with pytest.raises(StoreError):  # NotClaimedError is a StoreError
+        await store.complete("k", 500, b"other", now=3.0)
+    assert await store.claim("k", BODY_A, now=4.0) == Replay(status=202, body=ANSWER)
+
+
+# --- concurrency ------------------------------------------------------------------------------------------
+
+
+async def test_concurrent_claims_give_exactly_one_claim_per_key(store: IngestKeyStore) -> None:
+    keys = [f"key-{i % 20}" for i in range(200)]
+    results = await asyncio.gather(*(store.claim(key, BODY_A, now=1.0) for key in keys))
+    claimed_keys = [key for key, result in zip(keys, results, strict=True) if result == Claimed()]
+    assert sorted(claimed_keys) == sorted(set(keys))
+    assert Counter(type(r).__name__ for r in results) == {"Claimed": 20, "Busy": 180}
+
+
+async def test_concurrent_claims_after_completion_all_replay(store: IngestKeyStore) -> None:
+    await store.claim("k", BODY_A, now=1.0)
+    await store.complete("k", 202, ANSWER, now=1.0)
+    results = await asyncio.gather(*(store.claim("k", BODY_A, now=2.0) for _ in range(50)))
+    assert set(results) == {Replay(status=202, body=ANSWER)}
+
+
+# --- prune ------------------------------------------------------------------------------------------------
+
+
+async def test_prune_deletes_answers_completed_strictly_before_the_cutoff(store: IngestKeyStore) -> None:
+    for key, done_at in (("k100", 100.0), ("k200", 200.0)):
+        await store.claim(key, BODY_A, now=done_at - 1)
+        await store.complete(key, 202, ANSWER, now=done_at)
+    assert await store.prune(older_than=100.0) == 0
+    assert await store.prune(older_than=100.5) == 1
+    assert await store.prune(older_than=100.5) == 0
+    assert await store.claim("k100", BODY_B, now=300.0) == Claimed()  # forgotten: free to use again
+    assert await store.claim("k200", BODY_A, now=300.0) == Replay(status=202, body=ANSWER)
+    assert await store.prune(older_than=200.000001) == 1
+
+
+async def test_prune_keeps_our_own_in_flight_claims(store: IngestKeyStore) -> None:
+    await store.claim("k", BODY_A, now=1.0)
+    assert await store.prune(older_than=1_000.0) == 0
+    assert await store.claim("k", BODY_A, now=2.0) == Busy()
+
+
+# --- SQLite only: persistence, crashed owners, errors -----------------------------------------------------
+
+
+async def test_answers_survive_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as first:
+        await first.claim("k", BODY_A, now=1.0)
+        await first.complete("k", 202, ANSWER, now=2.0)
+    async with SqliteIngestKeyStore(path) as second:
+        assert await second.claim("k", BODY_A, now=3.0) == Replay(status=202, body=ANSWER)
+        assert await second.claim("k", BODY_B, now=3.0) == Conflict()
+
+
+async def test_a_crashed_owners_in_flight_row_is_taken_over_after_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as crashed:
+        assert await crashed.claim("k", BODY_A, now=1.0) == Claimed()
+        # The process dies here: neither complete() nor release().
+    async with SqliteIngestKeyStore(path) as restarted:
+        assert await restarted.claim("k", BODY_B, now=2.0) == Conflict()  # the body rule still holds
+        assert await restarted.claim("k", BODY_A, now=2.0) == Claimed()
+        assert await restarted.claim("k", BODY_A, now=3.0) == Busy()
+        await restarted.complete("k", 202, ANSWER, now=4.0)
+        assert await restarted.claim("k", BODY_A, now=5.0) == Replay(status=202, body=ANSWER)
+
+
+async def test_prune_also_drops_crashed_owners_claims_made_before_the_cutoff(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as crashed:
+        await crashed.claim("k", BODY_A, now=10.0)
+    async with SqliteIngestKeyStore(path) as restarted:
+        assert await restarted.prune(older_than=10.0) == 0
+        assert await restarted.prune(older_than=11.0) == 1
+        assert await restarted.claim("k", BODY_B, now=12.0) == Claimed()
+
+
+async def test_the_file_is_in_wal_mode_with_the_named_table(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path):
+        pass
+    with sqlite3.connect(path) as plain:
+        assert plain.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        tables = plain.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    plain.close()
+    assert (TABLE,) in tables
+
+
+async def test_open_and_close_are_idempotent(tmp_path: Path) -> None:
+    store = SqliteIngestKeyStore(tmp_path / "ingest.sqlite3")
+    await store.open()
+    await store.open()
+    assert await store.claim("k", BODY_A, now=1.0) == Claimed()
+    await store.close()
+    await store.close()
+
+
+async def test_using_a_closed_store_is_a_store_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    store = SqliteIngestKeyStore(path)
+    with pytest.raises(StoreError, match="not open") as exc:
+        await store.claim("k", BODY_A, now=1.0)
+    assert str(path) in str(exc.value)
+
+
+async def test_a_corrupt_file_is_a_store_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    path.write_bytes(b"this is not a database, just bytes " * 200)
+    with pytest.raises(StoreError) as exc:
+        await SqliteIngestKeyStore(path).open()
+    assert str(path) in str(exc.value)
+    assert isinstance(exc.value.__cause__, sqlite3.Error)
+
+
+@pytest.mark.parametrize("where", ["missing-dir/ingest.sqlite3", "a-directory"])
+async def test_an_unopenable_path_is_a_store_error_naming_the_path(tmp_path: Path, where: str) -> None:
+    (tmp_path / "a-directory").mkdir()
+    path = tmp_path / where
+    with pytest.raises(StoreError) as exc:
+        await SqliteIngestKeyStore(path).open()
+    assert str(path) in str(exc.value)
+
+
+async def test_a_failing_statement_is_a_store_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as store:
+        with sqlite3.connect(path) as vandal:
+            vandal.execute(f"DROP TABLE {TABLE}")
+        vandal.close()
+        with pytest.raises(StoreError, match="claim failed") as exc:
+            await store.claim("k", BODY_A, now=1.0)
+        assert str(path) in str(exc.value)

@@ -1,0 +1,95 @@
+"""Settings: TOML, environment on top, secrets masked, and every bad value named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.settings import load_settings
+from topics.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "orderbus.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_need_no_file() -> None:
+    settings = load_settings(None, env={})
+    assert settings.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert settings.ingest.webhook_secrets == ()
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[ingest]\nport = 8081\n")
+    settings = load_settings(path, env={"ORDERBUS_INGEST__PORT": "9000", "ORDERBUS_LOG_LEVEL": "DEBUG"})
+    assert settings.ingest.port == 9000
+    assert settings.log_level == "DEBUG"
+
+
+def test_secret_from_a_credential_file_one_per_line(tmp_path: Path) -> None:
+    secret_file = tmp_path / "webhook-secret"
+    secret_file.write_text("whsec_b2xk\nwhsec_bmV3\n")
+    settings = load_settings(None, env={"ORDERBUS_INGEST__WEBHOOK_SECRETS_FILE": str(secret_file)})
+    assert [s.get_secret_value() for s in settings.ingest.webhook_secrets] == ["whsec_b2xk", "whsec_bmV3"]
+
+
+def test_secrets_are_masked_when_printed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[ingest]\nwebhook_secrets = ["whsec_dG9wc2VjcmV0"]\n[kafka]\nsasl_password = "hunter2"\n',
+    )
+    settings = load_settings(path, env={})
+    printed = settings.masked_json() + repr(settings) + str(settings)
+    assert "dG9wc2VjcmV0" not in printed
+    assert "hunter2" not in printed
+    assert "**********" in printed
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "names"),
+    [
+        ("[ingest]\nport = 70000\n", {}, ["ingest.port", "less than or equal to 65535", "70000"]),
+        ("[ingest]\nprot = 1\n", {}, ["ingest.prot", "unknown setting"]),
+        ('log_level = "LOUD"\n', {}, ["log_level", "LOUD"]),
+        ('[kafka]\nbootstrap_servers = "localhost"\n', {}, ["kafka.bootstrap_servers", "host:port"]),
+        ("[ingest]\nidempotency_retention_hours = 1\n", {}, ["ingest.idempotency_retention_hours", "24"]),
+        ("", {"ORDERBUS_INGEST__NOPE": "1"}, ["ORDERBUS_INGEST__NOPE", "ingest.nope"]),
+        ("", {"ORDERBUS_NOSECTION__PORT": "1"}, ["ORDERBUS_NOSECTION__PORT"]),
+        ("[ingest\n", {}, ["not valid TOML"]),
+    ],
+)
+def test_a_bad_value_names_the_key_and_the_problem(
+    tmp_path: Path, text: str, env: dict[str, str], names: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), env=env)
+    for name in names:
+        assert name in str(caught.value)
+
+
+def test_a_bad_secret_value_is_not_echoed(tmp_path: Path) -> None:
+    path = write(tmp_path, '[kafka]\nsasl_password = ["not", "a", "string-s3cr3t"]\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    assert "kafka.sasl_password" in str(caught.value)
+    assert "s3cr3t" not in str(caught.value)
+
+
+def test_missing_file_and_missing_credential_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", env={})
+    with pytest.raises(ConfigError, match="ORDERBUS_INGEST__WEBHOOK_SECRETS_FILE"):
+        load_settings(None, env={"ORDERBUS_INGEST__WEBHOOK_SECRETS_FILE": str(tmp_path / "missing")})
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings(None, env={})
+    with pytest.raises(ValueError, match="frozen"):
+        settings.ingest.port = 1  # type: ignore[misc]
+
+
+def test_other_tools_variables_are_not_settings() -> None:
+    load_settings(None, env={"ORDERBUS_KAFKA_CACHE": "cache-dir"})

@@ -1,0 +1,139 @@
+"""Apply the topic catalogue to a cluster: create what is missing, report drift, never delete or shrink.
+
+`apply_catalogue` is safe to run any number of times. A topic that exists with another partition count or other
+managed configs is reported as drift: changing partitions would move keys between partitions (breaking
+per-order ordering) and retention changes deserve a human decision, so neither is done automatically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
+
+from topics.catalogue import TopicSpec
+from topics.errors import BrokerError
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """One difference between a live topic and its spec."""
+
+    topic: str
+    setting: str
+    expected: str
+    actual: str
+
+    def __str__(self) -> str:
+        return f"{self.topic}: {self.setting} is {self.actual}, catalogue says {self.expected}"
+
+
+@dataclass(slots=True)
+class ApplyReport:
+    created: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    drift: list[Drift] = field(default_factory=list)
+
+
+async def apply_catalogue(
+    specs: Sequence[TopicSpec], client_options: Mapping[str, Any], *, timeout: float = 30.0
+) -> ApplyReport:
+    """Create the missing topics of `specs` and report drift of the existing ones.
+
+    `client_options` are aiokafka client keyword arguments (bootstrap_servers, security settings).
+    Raises `BrokerError` when the cluster cannot be reached or refuses a creation.
+    """
+    admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
+    try:
+        await admin.start()
+        return await _apply(admin, specs, timeout)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot apply topics at {client_options.get('bootstrap_servers')}: {exc!r}") from exc
+    finally:
+        await admin.close()
+
+
+async def _apply(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout: float) -> ApplyReport:
+    report = ApplyReport()
+    existing = set(await admin.list_topics())
+    missing = [spec for spec in specs if spec.name not in existing]
+    if missing:
+        await _create(admin, missing, timeout)
+        report.created.extend(spec.name for spec in missing)
+    present = [spec for spec in specs if spec.name in existing]
+    if present:
+        partitions = await _partition_counts(admin, [spec.name for spec in present])
+        configs = await _configs(admin, [spec.name for spec in present])
+        for spec in present:
+            drift = _compare(spec, partitions.get(spec.name, 0), configs.get(spec.name, {}))
+            report.drift.extend(drift)
+            if not drift:
+                report.unchanged.append(spec.name)
+    return report
+
+
+async def _create(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout: float) -> None:
+    new_topics = [
+        NewTopic(
+            name=spec.name,
+            num_partitions=spec.partitions,
+            replication_factor=spec.replication_factor,
+            topic_configs=dict(spec.configs),
+        )
+        for spec in specs
+    ]
+    response = await admin.create_topics(new_topics, timeout_ms=int(timeout * 1000))
+    for entry in response.to_object()["topic_errors"]:
+        code = entry["error_code"]
+        # Another `apply` may have created it a moment ago: that is the state we want.
+        if code not in (0, _TOPIC_ALREADY_EXISTS):
+            message = entry.get("error_message") or f"error code {code}"
+            raise BrokerError(f"cannot create topic {entry['topic']}: {message}")
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+    return {topic["topic"]: len(topic["partitions"]) for topic in await admin.describe_topics(names)}
+
+
+async def _configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    result: dict[str, dict[str, str]] = {}
+    for response in await admin.describe_configs(resources):
+        for resource in response.to_object()["resources"]:
+            entries = resource["config_entries"]
+            result[resource["resource_name"]] = {
+                entry.get("config_name", entry.get("config_names")): entry["config_value"] for entry in entries
+            }
+    return result
+
+
+def _compare(spec: TopicSpec, partitions: int, configs: Mapping[str, str]) -> list[Drift]:
+    drift = []
+    if partitions != spec.partitions:
+        drift.append(Drift(spec.name, "partitions", str(spec.partitions), str(partitions)))
+    for key, expected in sorted(spec.configs.items()):
+        actual = configs.get(key)
+        if actual != expected:
+            drift.append(Drift(spec.name, key, expected, "unset" if actual is None else actual))
+    return drift
+
+
+async def partition_ids(topic: str, client_options: Mapping[str, Any], *, timeout: float = 30.0) -> list[int]:
+    """The partition ids of `topic` (empty when it does not exist), read from the cluster's metadata."""
+    admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
+    try:
+        await admin.start()
+        described = await admin.describe_topics([topic])
+    except KafkaError as exc:
+        raise BrokerError(f"cannot describe topic {topic}: {exc!r}") from exc
+    finally:
+        await admin.close()
+    return sorted(
+        p["partition"] for t in described if t["topic"] == topic and t["error_code"] == 0 for p in t["partitions"]
+    )

@@ -1,0 +1,83 @@
+"""The topic catalogue: every topic orderbus reads or writes, declared in code, and every name in one place.
+
+- ``orders``: the order events, keyed by order number so one order's events stay in one partition, in order.
+  Producers outside orderbus write here too; the contract is `topics.envelope.OrderEvent`.
+- ``orders.dlq.<sink>``: one dead-letter topic per downstream system. A record there carries the original key,
+  value and headers plus the reason; the operator replays it to that sink only.
+
+Partition counts are fixed once a topic exists: adding partitions would move keys and break per-order ordering,
+so `topics.admin` reports a difference and never changes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+SinkName = Literal["crm", "accounting", "shipping"]
+SINKS: Final[tuple[SinkName, ...]] = ("crm", "accounting", "shipping")
+
+ORDERS: Final = "orders"
+DLQ_PREFIX: Final = "orders.dlq."
+
+HOUR_MS: Final = 3_600_000
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """One topic as it should be: name, partitions, replication and the configs we manage."""
+
+    name: str
+    partitions: int
+    replication_factor: int
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicLayout:
+    """The numbers the catalogue is built from (`daemon.settings.TopicSettings` provides them)."""
+
+    prefix: str = ""
+    orders_partitions: int = 12
+    dlq_partitions: int = 3
+    replication_factor: int = 1
+    min_insync_replicas: int = 1
+    orders_retention_hours: float = 168
+    dlq_retention_hours: float = 720
+
+
+def orders_topic(prefix: str = "") -> str:
+    return f"{prefix}{ORDERS}"
+
+
+def dlq_topic(sink: str, prefix: str = "") -> str:
+    return f"{prefix}{DLQ_PREFIX}{sink}"
+
+
+def consumer_group(sink: str, prefix: str = "") -> str:
+    """Each sink reads the orders topic in a group of its own: its own offsets, lag, pace and failures."""
+    return f"{prefix}orderbus.{sink}"
+
+
+def catalogue(layout: TopicLayout) -> tuple[TopicSpec, ...]:
+    """Every topic orderbus needs, with the configs it manages."""
+    common = {
+        "cleanup.policy": "delete",
+        "min.insync.replicas": str(layout.min_insync_replicas),
+    }
+    orders = TopicSpec(
+        name=orders_topic(layout.prefix),
+        partitions=layout.orders_partitions,
+        replication_factor=layout.replication_factor,
+        configs={**common, "retention.ms": str(int(layout.orders_retention_hours * HOUR_MS))},
+    )
+    dead_letters = tuple(
+        TopicSpec(
+            name=dlq_topic(sink, layout.prefix),
+            partitions=layout.dlq_partitions,
+            replication_factor=layout.replication_factor,
+            configs={**common, "retention.ms": str(int(layout.dlq_retention_hours * HOUR_MS))},
+        )
+        for sink in SINKS
+    )
+    return (orders, *dead_letters)

@@ -1,0 +1,68 @@
+"""The envelope around an order on the "orders" topic, and what a webhook body carries before it becomes one.
+
+Why an envelope: sinks need to know *what happened* (created, updated, cancelled → POST, PUT, DELETE), *which
+event* this is (the `event_id` every sink derives its idempotency key from, so a redelivered record is
+recognised) and *which contract version* wrote it, without guessing from the order itself.
+
+`OrderSubmission` is the shop's side: it may omit the event id and time, and never names the source; the
+ingest fills those in with `to_event`, so every record on the topic is a complete `OrderEvent`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Final, Literal
+from uuid import UUID
+
+from pydantic import Field, StringConstraints
+
+from topics.order import ContractModel, Order, Timestamp
+
+EventType = Literal["order.created", "order.updated", "order.cancelled"]
+SCHEMA_VERSION: Final = 1
+
+Source = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
+"""Where the event entered orderbus, as a short slug: "webhook", "shop-eu"."""
+
+
+class OrderEvent(ContractModel):
+    """One record value on the "orders" topic: an order plus what happened to it, when, and from where."""
+
+    schema_version: Annotated[Literal[1], Field(description="Contract version of this envelope.")]
+    event_id: Annotated[UUID, Field(description="Unique per event; sinks derive idempotency keys from it.")]
+    event_type: EventType
+    occurred_at: Annotated[Timestamp, Field(description="When it happened at the source.")]
+    source: Source
+    order: Order
+
+
+class OrderSubmission(ContractModel):
+    """A webhook body: the order and, optionally, the producer's own event id and time.
+
+    A shop that retries a request with the same `event_id` produces the same event, which the sinks then
+    recognise as a duplicate; without one, each accepted request is a new event.
+    """
+
+    event_type: EventType = "order.created"
+    occurred_at: Timestamp | None = None
+    event_id: UUID | None = None
+    order: Order
+
+
+def to_event(submission: OrderSubmission, *, event_id: UUID, source: str, now: datetime) -> OrderEvent:
+    """Complete a submission into an event; the submission's own `event_id` and `occurred_at` win.
+
+    `event_id` and `now` are the fallbacks (and injected, so tests are deterministic). A bad `source` or a
+    naive `now` is the caller's bug and raises pydantic's `ValidationError`, not `ContractError`.
+    """
+    return OrderEvent(
+        schema_version=SCHEMA_VERSION,
+        event_id=submission.event_id or event_id,
+        event_type=submission.event_type,
+        occurred_at=submission.occurred_at or now,
+        source=source,
+        order=submission.order,
+    )
+
+
+__all__ = ["SCHEMA_VERSION", "EventType", "OrderEvent", "OrderSubmission", "Source", "to_event"]

@@ -1,0 +1,346 @@
+"""The order as every part of orderbus sees it: frozen pydantic models that reject what downstream cannot use.
+
+Why so strict: an order that passes here is delivered to CRM, accounting and shipping without further checks,
+and a wrong amount booked in accounting costs far more than a 422 at the door. So the contract rejects rather
+than repairs:
+
+- Money is a `Decimal` that travels as a JSON *string* ("12.50"). JSON numbers are rejected, because most
+  producers' JSON libraries turn them into binary floats, and 0.1 + 0.2 is not 0.3 in a float.
+- Amounts are non-negative, finite, and carry no more decimal places than the currency's minor units. That
+  rule needs the currency, which lives on the order, so `Order` checks it for every amount it holds.
+- Totals add up: line net = quantity * unit price; line tax = net * rate within one minor unit (shops round
+  per line, half-up or half-even); order totals are the sums; gross = net + tax.
+
+Every violation names its field (``line_items.0.unit_price``) and, for arithmetic, the expected and given
+values. Messages never echo names, e-mails or addresses: they are safe to log and to dead-letter.
+"""
+
+from __future__ import annotations
+
+import decimal
+import re
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Annotated, Any, Final, Self
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from topics.currency import CURRENCY_CODES, is_currency, minor_units
+
+MAX_LINE_ITEMS: Final = 500
+MAX_QUANTITY: Final = 1_000_000
+# 18 + 18 digits, a quantity of 7 digits and sums over 500 lines all fit in 64 digits: arithmetic stays exact.
+_MAX_WHOLE_DIGITS: Final = 18
+_MAX_PLACES: Final = 18
+_EXACT_PRECISION: Final = 64
+
+_DECIMAL_RE: Final = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
+_NON_FINITE: Final = frozenset({"nan", "snan", "inf", "infinity"})
+
+
+class ContractModel(BaseModel):
+    """Base of every contract model: immutable once validated, unknown fields refused, text trimmed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+# --- decimals: money and rates ---------------------------------------------------------------------------
+
+
+def _json_kind(value: object) -> str:
+    """Name `value` the way a JSON producer thinks of it, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _parse_decimal(value: object, *, example: str) -> Decimal:
+    """Turn a decimal string (or, from Python, a `Decimal`) into a non-negative finite `Decimal`.
+
+    Floats and ints are refused even from Python: accepting them here would make the JSON rule leaky.
+    """
+    if isinstance(value, Decimal):
+        text = format(value, "f")
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        raise PydanticCustomError(
+            "decimal_type",
+            'must be a decimal string such as "{example}", not a {kind}: send it as a JSON string so it '
+            "never passes through a binary float",
+            {"example": example, "kind": _json_kind(value)},
+        )
+    match = _DECIMAL_RE.fullmatch(text)
+    if match is None:
+        if text.lower().lstrip("+-") in _NON_FINITE:
+            raise PydanticCustomError("decimal_not_finite", "must be a finite amount, not NaN or Infinity")
+        raise PydanticCustomError(
+            "decimal_format",
+            'must be a decimal string such as "{example}": digits, optionally a dot and decimals; '
+            "no sign, exponent, spaces or thousands separators",
+            {"example": example},
+        )
+    sign, whole, places = match.groups()
+    if sign:
+        raise PydanticCustomError("decimal_negative", "must not be negative")
+    if len(whole) > _MAX_WHOLE_DIGITS or len(places or "") > _MAX_PLACES:
+        raise PydanticCustomError(
+            "decimal_too_long",
+            "has too many digits: at most {whole} before and {places} after the decimal point",
+            {"whole": _MAX_WHOLE_DIGITS, "places": _MAX_PLACES},
+        )
+    return Decimal(text)
+
+
+def _to_money(value: object) -> Decimal:
+    return _parse_decimal(value, example="12.50")
+
+
+def _to_rate(value: object) -> Decimal:
+    rate = _parse_decimal(value, example="0.19")
+    if rate > 1:
+        raise PydanticCustomError("rate_range", "must be between 0 and 1 (0.19 means 19 %)")
+    return rate
+
+
+def _decimal_text(value: Decimal) -> str:
+    """Plain notation, trailing zeros kept: Decimal("12.50") → "12.50", never "1.25E+1"."""
+    return format(value, "f")
+
+
+Money = Annotated[
+    Decimal,
+    PlainValidator(_to_money),
+    PlainSerializer(_decimal_text, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^[0-9]{1,18}(\.[0-9]{1,18})?$",
+            "description": 'Non-negative amount as a decimal string, e.g. "12.50"; no more decimal places '
+            "than the currency's minor units (EUR 2, JPY 0, KWD 3).",
+            "examples": ["12.50"],
+        }
+    ),
+]
+"""An amount of money: `Decimal` in Python, a decimal string in JSON."""
+
+TaxRate = Annotated[
+    Decimal,
+    PlainValidator(_to_rate),
+    PlainSerializer(_decimal_text, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^(0(\.[0-9]{1,18})?|1(\.0{1,18})?)$",
+            "description": 'Tax rate as a fraction between 0 and 1, as a decimal string: "0.19" means 19 %.',
+            "examples": ["0.19"],
+        }
+    ),
+]
+
+
+# --- text, codes and times ----------------------------------------------------------------------------------
+
+
+def _check_currency(code: str) -> str:
+    if not is_currency(code):
+        raise PydanticCustomError(
+            "currency_unknown", "is not an active ISO 4217 currency code (upper case, e.g. EUR, USD, JPY)"
+        )
+    return code
+
+
+def _text(max_length: int) -> StringConstraints:
+    return StringConstraints(min_length=1, max_length=max_length)
+
+
+CurrencyCode = Annotated[
+    str,
+    AfterValidator(_check_currency),
+    WithJsonSchema({"type": "string", "enum": list(CURRENCY_CODES), "description": "ISO 4217 code."}),
+]
+OrderNumber = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+Sku = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")]
+CountryCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
+Email = Annotated[
+    str,
+    StringConstraints(
+        max_length=254,
+        pattern=r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$",
+    ),
+]
+Phone = Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{6,14}$")]
+VatId = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}[A-Z0-9+*.]{2,13}$")]
+# strict: a timestamp is an RFC 3339 string in JSON, never a number of seconds of unknown epoch and unit.
+Timestamp = Annotated[AwareDatetime, Field(strict=True)]
+
+
+# --- the models ---------------------------------------------------------------------------------------------
+
+
+class Address(ContractModel):
+    """A postal address; `country` is an ISO 3166-1 alpha-2 code, upper case."""
+
+    line1: Annotated[str, _text(200)]
+    line2: Annotated[str, _text(200)] | None = None
+    postal_code: Annotated[str, _text(16)]
+    city: Annotated[str, _text(100)]
+    region: Annotated[str, _text(100)] | None = None
+    country: CountryCode
+
+
+class Customer(ContractModel):
+    """Who ordered. Personal data: sinks receive only the fields their purpose needs."""
+
+    customer_id: Annotated[str, _text(64)] | None = None
+    name: Annotated[str, _text(200)]
+    email: Email
+    phone: Annotated[Phone, Field(description="E.164: + and country code, digits only.")] | None = None
+    company: Annotated[str, _text(200)] | None = None
+    vat_id: Annotated[VatId, Field(description="Country prefix and number, no spaces.")] | None = None
+
+
+class LineItem(ContractModel):
+    """One line of the order; `Order` checks its amounts against each other, as only it knows the currency."""
+
+    sku: Sku
+    name: Annotated[str, _text(200)]
+    quantity: Annotated[int, Field(strict=True, gt=0, le=MAX_QUANTITY)]
+    unit_price: Money
+    net_amount: Annotated[Money, Field(description="quantity * unit_price")]
+    tax_rate: TaxRate
+    tax_amount: Annotated[Money, Field(description="net_amount * tax_rate, rounded to the minor unit")]
+
+
+class Order(ContractModel):
+    """An order as the shop committed it: who, where, what, and totals that add up in its currency."""
+
+    order_number: Annotated[OrderNumber, Field(description="The shop's order number; the Kafka record key.")]
+    customer: Customer
+    billing_address: Address
+    shipping_address: Address
+    line_items: Annotated[tuple[LineItem, ...], Field(min_length=1, max_length=MAX_LINE_ITEMS)]
+    currency: CurrencyCode
+    net_total: Annotated[Money, Field(description="Sum of the lines' net_amount.")]
+    tax_total: Annotated[Money, Field(description="Sum of the lines' tax_amount.")]
+    gross_total: Annotated[Money, Field(description="net_total + tax_total.")]
+    paid: Annotated[bool, Field(strict=True)]
+    created_at: Timestamp
+    updated_at: Timestamp
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Self:
+        """Raise one `ValidationError` listing every inconsistency, each located at the field it concerns."""
+        problems = [*_precision_problems(self), *_arithmetic_problems(self)]
+        if self.updated_at < self.created_at:
+            problems.append(_problem("updated_at", "must not be before created_at", self.updated_at))
+        if problems:
+            raise ValidationError.from_exception_data(title=type(self).__name__, line_errors=problems)
+        return self
+
+
+# --- order-level checks -------------------------------------------------------------------------------------
+
+Loc = tuple[str | int, ...]
+
+
+def _problem(loc: str | Loc, message: str, given: Any, kind: str = "order_inconsistent") -> InitErrorDetails:
+    # The message is passed as context so that braces in it can never be taken for template fields.
+    return InitErrorDetails(
+        type=PydanticCustomError(kind, "{message}", {"message": message}),
+        loc=(loc,) if isinstance(loc, str) else loc,
+        input=given,
+    )
+
+
+def _amounts(order: Order) -> Iterator[tuple[Loc, Decimal]]:
+    for index, line in enumerate(order.line_items):
+        for field in ("unit_price", "net_amount", "tax_amount"):
+            yield ("line_items", index, field), getattr(line, field)
+    for field in ("net_total", "tax_total", "gross_total"):
+        yield (field,), getattr(order, field)
+
+
+def _places(amount: Decimal) -> int:
+    """Decimal places as written: "12.50" has 2, "12" has 0 (an exponent > 0 only comes from Python)."""
+    exponent = amount.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite by construction
+    return max(0, -exponent)
+
+
+def _precision_problems(order: Order) -> Iterator[InitErrorDetails]:
+    allowed = minor_units(order.currency)
+    for loc, amount in _amounts(order):
+        places = _places(amount)
+        if places > allowed:
+            message = f"has {places} decimal places; {order.currency} allows at most {allowed}"
+            yield _problem(loc, message, _decimal_text(amount), "money_precision")
+
+
+def _mismatch(loc: Loc, expected: str, given: Decimal) -> InitErrorDetails:
+    return _problem(loc, f"expected {expected}, got {_decimal_text(given)}", _decimal_text(given))
+
+
+def _arithmetic_problems(order: Order) -> list[InitErrorDetails]:
+    problems: list[InitErrorDetails] = []
+    unit = Decimal(1).scaleb(-minor_units(order.currency))
+    with decimal.localcontext(prec=_EXACT_PRECISION):
+        for index, line in enumerate(order.line_items):
+            net = line.quantity * line.unit_price
+            if line.net_amount != net:
+                expected = f"{net:f} (quantity * unit_price)"
+                problems.append(_mismatch(("line_items", index, "net_amount"), expected, line.net_amount))
+            tax = line.net_amount * line.tax_rate
+            if abs(line.tax_amount - tax) > unit:
+                shown = tax.quantize(unit, rounding=decimal.ROUND_HALF_EVEN)
+                expected = f"{shown:f} (net_amount * tax_rate = {tax:f}, give or take {unit:f})"
+                problems.append(_mismatch(("line_items", index, "tax_amount"), expected, line.tax_amount))
+        net_sum = sum((line.net_amount for line in order.line_items), Decimal(0))
+        tax_sum = sum((line.tax_amount for line in order.line_items), Decimal(0))
+        gross = order.net_total + order.tax_total
+    if order.net_total != net_sum:
+        expected = f"{net_sum:f} (sum of line_items net_amount)"
+        problems.append(_mismatch(("net_total",), expected, order.net_total))
+    if order.tax_total != tax_sum:
+        expected = f"{tax_sum:f} (sum of line_items tax_amount)"
+        problems.append(_mismatch(("tax_total",), expected, order.tax_total))
+    if order.gross_total != gross:
+        problems.append(_mismatch(("gross_total",), f"{gross:f} (net_total + tax_total)", order.gross_total))
+    return problems
+
+
+__all__ = [
+    "MAX_LINE_ITEMS",
+    "MAX_QUANTITY",
+    "Address",
+    "ContractModel",
+    "CurrencyCode",
+    "Customer",
+    "LineItem",
+    "Money",
+    "Order",
+    "TaxRate",
+    "Timestamp",
+]
