@@ -1,0 +1,80 @@
+"""Dead letters: a record a sink cannot deliver, kept whole on ``orders.dlq.<sink>`` with the reason.
+
+The original key, value and headers are copied unchanged, so a replay sends exactly what was consumed; what
+happened is added as ``orderbus.dlq.*`` headers: sink, reason, the policy rule that fired, the HTTP status and a
+body excerpt, attempts, first and last attempt time, the idempotency key, and the original topic, partition and
+offset. A dead letter is written with acks=all before its offset may be committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Reason = Literal[
+    "invalid",  # not JSON, or breaks the contract: no attempt was made
+    "rejected",  # the downstream said our data is wrong (400, 422, other 4xx)
+    "retries-exhausted",  # temporary failures until max attempts or max elapsed
+    "dead-lettered-predecessor",  # an earlier event of the same order is in the dead-letter topic
+]
+
+HEADER_PREFIX = "orderbus.dlq."
+EXCERPT_LIMIT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    sink: str
+    reason: Reason
+    rule: str
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]] = ()
+    idempotency_key: str = ""
+    http_status: int | None = None
+    body_excerpt: str = ""
+    detail: str = ""
+    attempts: int = 0
+    first_attempt_at: float | None = None
+    last_attempt_at: float | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def record_headers(self) -> list[tuple[str, bytes]]:
+        """The original headers (minus any older dead-letter headers) plus this dead letter's."""
+        meta = {
+            "sink": self.sink,
+            "reason": self.reason,
+            "rule": self.rule,
+            "topic": self.topic,
+            "partition": str(self.partition),
+            "offset": str(self.offset),
+            "idempotency-key": self.idempotency_key,
+            "attempts": str(self.attempts),
+            "detail": self.detail,
+            **self.extra,
+        }
+        if self.http_status is not None:
+            meta["http-status"] = str(self.http_status)
+        if self.body_excerpt:
+            meta["body-excerpt"] = self.body_excerpt[:EXCERPT_LIMIT]
+        if self.first_attempt_at is not None:
+            meta["first-attempt-at"] = f"{self.first_attempt_at:.3f}"
+        if self.last_attempt_at is not None:
+            meta["last-attempt-at"] = f"{self.last_attempt_at:.3f}"
+        kept = [(k, v) for k, v in self.headers if not k.startswith(HEADER_PREFIX)]
+        return kept + [(HEADER_PREFIX + k, v.encode()) for k, v in meta.items() if v]
+
+
+def read_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:
+    """The ``orderbus.dlq.*`` headers of a dead-letter record, without the prefix."""
+    return {k[len(HEADER_PREFIX) :]: v.decode("utf-8", "replace") for k, v in headers if k.startswith(HEADER_PREFIX)}
+
+
+class DeadLetterWriter(Protocol):
+    """Writes a dead letter durably (acks=all) or raises `topics.errors.PublishError`."""
+
+    async def write(self, letter: DeadLetter) -> None: ...

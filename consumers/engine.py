@@ -1,0 +1,364 @@
+"""The delivery engine of one sink: consume, keep order per key, deduplicate, deliver, retry, dead-letter, commit.
+
+One `SinkEngine` per sink, each with its own consumer group, so a slow or broken system never holds back the
+others. Its run loop is a few named steps (fetch → dispatch → maybe_commit → backpressure → report); the
+per-record work happens in *lanes*: one task per order key with records buffered, delivering them strictly in
+order, retries included. Lanes of different keys run concurrently, at most `max_in_flight` HTTP requests at a
+time, whatever the partition count. A failing key parks its own lane (its next attempt time); other keys flow
+and the poll loop never waits.
+
+Guarantees (see the brief's delivery invariants):
+- a record is finished only in a terminal state: delivered (2xx), duplicate (already done, or 409) or
+  dead-lettered (written with acks=all first);
+- an offset is committed only when every record before it is finished and durably recorded (`commit`);
+- at most `max_buffered` records are held; beyond that, and while the circuit or an auth pause holds the sink,
+  its partitions are paused — the consumer stays in its group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka.errors import KafkaError
+
+from consumers.backoff import Backoff
+from consumers.circuit import Circuit
+from consumers.clock import Clock
+from consumers.deadletter import DeadLetterWriter
+from consumers.dedup import DedupStore
+from consumers.delivery import Reply, TransportFailure
+from consumers.lane import Lane, LaneContext
+from consumers.metrics import CIRCUIT_STATES, EngineMetrics
+from consumers.offsets import OffsetTracker
+from consumers.pacing import Pacer
+from consumers.sink import HttpRequest, Sink
+from consumers.work import TopicPartitionKey, Work, make_work
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[HttpRequest, str], Awaitable[Reply | TransportFailure]]
+"""One HTTP attempt: (request, idempotency key) → the answer or the transport failure. Never raises."""
+
+
+class ConsumerPort(Protocol):
+    """What the engine needs of a Kafka consumer; `consumers.kafka_io.KafkaConsumerPort` wraps aiokafka's."""
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]: ...
+
+    async def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None: ...
+
+    def pause(self, tps: Iterable[TopicPartitionKey]) -> None: ...
+
+    def resume(self, tps: Iterable[TopicPartitionKey]) -> None: ...
+
+    def assignment(self) -> set[TopicPartitionKey]: ...
+
+    def highwater(self, tp: TopicPartitionKey) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's knobs (from `daemon.settings.SinkSettings`)."""
+
+    max_in_flight: int = 256
+    max_buffered: int = 5000
+    commit_interval: float = 1.0
+    shutdown_grace: float = 10.0
+    fetch_wait: float = 0.2
+    rate: float | None = None
+    burst: int | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+    retry_after_cap: float = 300.0
+    circuit_window: int = 20
+    circuit_min_calls: int = 10
+    circuit_failure_ratio: float = 0.5
+    circuit_open_for: float = 30.0
+    auth_pause: float = 30.0
+
+
+class SinkEngine:
+    """Delivers the orders topic to one sink. `run()` until stopped; `on_assigned`/`on_revoked` on rebalance."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        consumer: ConsumerPort,
+        deliver: Deliver,
+        store: DedupStore,
+        dead_letters: DeadLetterWriter,
+        metrics: EngineMetrics,
+        clock: Clock,
+        config: EngineConfig | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.sink = sink
+        self.config = config or EngineConfig()
+        self._consumer = consumer
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._offsets = OffsetTracker()
+        self._lanes: dict[tuple[TopicPartitionKey, str], Lane] = {}
+        self._buffered = 0
+        self._finished = 0
+        self._paused: set[TopicPartitionKey] = set()
+        self._progress = asyncio.Event()
+        self._next_commit = 0.0
+        self._throttled_reported = 0.0
+        self._context = LaneContext(
+            sink=sink,
+            deliver=deliver,
+            store=store,
+            dead_letters=dead_letters,
+            metrics=metrics,
+            clock=clock,
+            backoff=self.config.backoff,
+            retry_after_cap=self.config.retry_after_cap,
+            pacer=Pacer(self.config.rate or 0, clock=clock, burst=self.config.burst),
+            circuit=Circuit(
+                clock,
+                window=self.config.circuit_window,
+                min_calls=self.config.circuit_min_calls,
+                failure_ratio=self.config.circuit_failure_ratio,
+                open_for=self.config.circuit_open_for,
+                on_change=self._circuit_changed,
+            ),
+            auth=Circuit(clock, window=1, min_calls=1, failure_ratio=1.0, open_for=self.config.auth_pause),
+            slots=asyncio.Semaphore(self.config.max_in_flight),
+            rng=rng or random.Random(),
+            blocked=set(),
+        )
+
+    # ------------------------------------------------------------------ the run loop
+
+    async def run(self, stop: asyncio.Event, *, max_records: int | None = None) -> None:
+        """Deliver until `stop` is set (or `max_records` records are finished), then drain and commit."""
+        try:
+            while not stop.is_set() and (max_records is None or self._finished < max_records):
+                works = await self._fetch()
+                await self._dispatch(works)
+                await self._maybe_commit()
+                self._backpressure()
+                self._report()
+        finally:
+            await self.drain(self._consumer.assignment())
+
+    async def _fetch(self) -> list[Work]:
+        room = self.config.max_buffered - self._buffered
+        if room <= 0 or self._halted():
+            # Nothing may be fetched now: wait for a lane to finish something (or a short while, to report).
+            await self._idle(self.config.fetch_wait)
+            return []
+        try:
+            batch = await self._consumer.getmany(timeout_ms=int(self.config.fetch_wait * 1000), max_records=room)
+        except KafkaError as exc:
+            log.warning("fetch failed, retrying", extra={"sink": self.sink.name, "error": repr(exc)})
+            await self._clock.sleep(self.config.fetch_wait)
+            return []
+        works = [make_work(self.sink.name, tp[0], tp[1], record) for tp, records in batch.items() for record in records]
+        self._metrics.records_consumed.labels(self.sink.name).inc(len(works))
+        return works
+
+    async def _idle(self, seconds: float) -> None:
+        """Wait until a lane finishes something, or `seconds` on the engine's clock."""
+        self._progress.clear()
+        progress = asyncio.ensure_future(self._progress.wait())
+        timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait({progress, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            progress.cancel()
+            timer.cancel()
+
+    async def _dispatch(self, works: list[Work]) -> None:
+        """Track every record; skip those already terminal; queue the rest in their lanes."""
+        if not works:
+            return
+        states = await self._store.get_many([work.idempotency_key for work in works])
+        self._context.blocked |= await self._store.blocked_orders(sorted({work.order_ref for work in works}))
+        for work in works:
+            self._offsets.track(work.tp, work.offset)
+            state = states.get(work.idempotency_key)
+            if state is not None and state.status != "in_flight":
+                # Redelivered after a crash or rebalance, or a duplicate event from upstream: already terminal.
+                self._metrics.dedup_hits.labels(self.sink.name).inc()
+                self._metrics.deliveries.labels(self.sink.name, "duplicate").inc()
+                self._offsets.finish(work.tp, work.offset)
+                self._finished += 1
+                continue
+            self._enqueue(work)
+
+    def _enqueue(self, work: Work) -> None:
+        self._buffered += 1
+        lane = self._lanes.get(work.lane)
+        if lane is None:
+            lane = self._lanes[work.lane] = Lane(work.lane, self._context, self._on_finished)
+        lane.push(work)
+
+    def _on_finished(self, lane: Lane, work: Work) -> None:
+        self._buffered -= 1
+        self._finished += 1
+        self._offsets.finish(work.tp, work.offset)
+        if lane.empty and self._lanes.get(lane.id) is lane:
+            del self._lanes[lane.id]
+        self._progress.set()
+
+    # ------------------------------------------------------------------ commits
+
+    async def _maybe_commit(self) -> None:
+        if self._clock.now() >= self._next_commit:
+            self._next_commit = self._clock.now() + self.config.commit_interval
+            await self.commit()
+
+    async def commit(self, only: Iterable[TopicPartitionKey] | None = None) -> None:
+        """Commit every offset that is safe to commit.
+
+        Step 1. Take the committable offsets: per partition, just past the contiguous prefix of finished records.
+        Step 2. Flush the dedup store, so every terminal state behind those offsets is durable.
+        Step 3. Commit the offsets to Kafka.
+        Step 4. Remember them, so the next commit sends only what moved.
+        A failure leaves the offsets uncommitted; the next commit retries (records are redelivered at worst,
+        and the dedup table skips them).
+        """
+        # Step 1.
+        offsets = self._offsets.committable()
+        if only is not None:
+            wanted = set(only)
+            offsets = {tp: offset for tp, offset in offsets.items() if tp in wanted}
+        # Step 2.
+        await self._store.flush()
+        if not offsets:
+            return
+        # Step 3.
+        try:
+            await self._consumer.commit(offsets)
+        except KafkaError as exc:
+            self._metrics.commit_failures.labels(self.sink.name).inc()
+            log.warning("commit failed, will retry", extra={"sink": self.sink.name, "error": repr(exc)})
+            return
+        # Step 4.
+        self._offsets.mark_committed(offsets)
+        self._metrics.commits.labels(self.sink.name).inc()
+
+    # ------------------------------------------------------------------ backpressure, rebalance, drain
+
+    def _halted(self) -> bool:
+        return self._context.circuit.state == "open" or self._context.auth.state == "open"
+
+    def _backpressure(self) -> None:
+        """Pause every assigned partition while the buffer is full or the sink is held; resume after."""
+        assigned = self._consumer.assignment()
+        full = self._buffered >= self.config.max_buffered
+        low = self._buffered <= self.config.max_buffered * 0.8
+        hold = full or self._halted() or (bool(self._paused) and not low)
+        if hold:
+            newly = assigned - self._paused
+            if newly:
+                self._consumer.pause(newly)
+                self._paused |= newly
+        elif self._paused:
+            self._consumer.resume(self._paused & assigned)
+            self._paused.clear()
+
+    def on_assigned(self, assigned: Iterable[TopicPartitionKey]) -> None:
+        log.info("partitions assigned", extra={"sink": self.sink.name, "partitions": sorted(p for _, p in assigned)})
+
+    async def on_revoked(self, revoked: Iterable[TopicPartitionKey]) -> None:
+        """A rebalance takes partitions away: drain them the way a shutdown drains everything."""
+        revoked = set(revoked)
+        log.info("partitions revoked", extra={"sink": self.sink.name, "partitions": sorted(p for _, p in revoked)})
+        await self.drain(revoked)
+
+    async def drain(self, tps: Iterable[TopicPartitionKey]) -> None:
+        """Stop `tps`' lanes, wait up to the grace period for their requests under way, commit, forget them.
+
+        Step 1. Every lane of those partitions stops before its next attempt; parked lanes stop at once.
+        Step 2. Wait at most `shutdown_grace` for the attempts under way; cancel what is left.
+        Step 3. Commit what finished (flushing the dedup store first).
+        Step 4. Forget those partitions: their unfinished records are redelivered to whoever owns them next.
+        """
+        tps = set(tps)
+        lanes = [lane for lane_id, lane in self._lanes.items() if lane_id[0] in tps]
+        # Step 1.
+        for lane in lanes:
+            lane.stop()
+        # Step 2.
+        tasks = [lane.task for lane in lanes if lane.task is not None and not lane.task.done()]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self.config.shutdown_grace)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("cancelled requests still under way after the grace period", extra={"sink": self.sink.name})
+                await asyncio.wait(late)
+        # Step 3.
+        await self.commit(only=tps)
+        # Step 4.
+        for lane in lanes:
+            self._buffered -= lane.size
+            self._lanes.pop(lane.id, None)
+        self._offsets.revoke(tps)
+        self._paused -= tps
+        self._report()
+
+    # ------------------------------------------------------------------ reporting
+
+    def _circuit_changed(self, old: str, new: str) -> None:
+        log.warning("circuit %s -> %s", old, new, extra={"sink": self.sink.name})
+        self._metrics.circuit.labels(self.sink.name).set(CIRCUIT_STATES.get(new, 0))
+
+    def _report(self) -> None:
+        name, metrics, context = self.sink.name, self._metrics, self._context
+        metrics.buffered.labels(name).set(self._buffered)
+        metrics.parked.labels(name).set(sum(1 for lane in self._lanes.values() if lane.parked))
+        metrics.in_flight.labels(name).set(context.in_flight)
+        metrics.rate.labels(name).set(context.pacer.current_rate)
+        metrics.auth_paused.labels(name).set(1 if context.auth.state != "closed" else 0)
+        metrics.circuit.labels(name).set(CIRCUIT_STATES.get(context.circuit.state, 0))
+        throttled = context.pacer.throttled_seconds
+        if throttled > self._throttled_reported:
+            metrics.throttled_seconds.labels(name).inc(throttled - self._throttled_reported)
+            self._throttled_reported = throttled
+        if context.pacer.last_retry_after is not None:
+            metrics.retry_after.labels(name).set(context.pacer.last_retry_after)
+        assigned = self._consumer.assignment()
+        metrics.assigned_partitions.labels(name).set(len(assigned))
+        for tp in assigned:
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                metrics.lag.labels(name, str(tp[1])).set(max(0, high - self._position(tp, high)))
+        oldest = min((lane.oldest_timestamp for lane in self._lanes.values() if not lane.empty), default=None)
+        age = 0.0 if oldest is None else max(0.0, self._clock.wall() - oldest / 1000)
+        metrics.oldest_pending.labels(name).set(age)
+
+    def _position(self, tp: TopicPartitionKey, high: int) -> int:
+        """Where this sink stands in `tp`: the oldest record not finished, else the last commit, else caught up."""
+        oldest = self._offsets.oldest_pending(tp)
+        if oldest is not None:
+            return oldest
+        committed = self._offsets.committed_position(tp)
+        return high if committed is None else committed
+
+    # ------------------------------------------------------------------ state, for /readyz and `orderbus status`
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    @property
+    def finished(self) -> int:
+        return self._finished
+
+    @property
+    def circuit_state(self) -> str:
+        return self._context.circuit.state
+
+    @property
+    def auth_paused(self) -> bool:
+        return self._context.auth.state != "closed"

@@ -1,0 +1,100 @@
+"""The engine's Kafka side: a consumer per sink group, the dead-letter producer, and the rebalance listener.
+
+This is the one boundary where aiokafka's types and errors meet the engine's ports (`ConsumerPort`,
+`DeadLetterWriter`); the engine itself sees tuples and our errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from consumers.deadletter import DeadLetter
+from consumers.work import TopicPartitionKey
+from topics.catalogue import consumer_group, dlq_topic
+from topics.errors import PublishError
+
+log = logging.getLogger(__name__)
+
+
+class KafkaConsumerPort:
+    """`consumers.engine.ConsumerPort` over an `AIOKafkaConsumer` in the sink's own group."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
+        batch: Mapping[TopicPartitionKey, list[Any]] = await self._consumer.getmany(
+            timeout_ms=timeout_ms, max_records=max_records
+        )
+        return batch
+
+    async def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
+        await self._consumer.commit({TopicPartition(topic, partition): o for (topic, partition), o in offsets.items()})
+
+    def pause(self, tps: Iterable[TopicPartitionKey]) -> None:
+        self._consumer.pause(*(TopicPartition(*tp) for tp in tps))
+
+    def resume(self, tps: Iterable[TopicPartitionKey]) -> None:
+        self._consumer.resume(*(TopicPartition(*tp) for tp in tps))
+
+    def assignment(self) -> set[TopicPartitionKey]:
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def highwater(self, tp: TopicPartitionKey) -> int | None:
+        value: int | None = self._consumer.highwater(TopicPartition(*tp))
+        return value
+
+
+def sink_consumer(
+    client_options: Mapping[str, Any], sink: str, *, prefix: str = "", max_partition_fetch_bytes: int = 1_048_576
+) -> AIOKafkaConsumer:
+    """The consumer of one sink's group: manual commits only, committed reads only, from the beginning."""
+    return AIOKafkaConsumer(
+        **client_options,
+        group_id=consumer_group(sink, prefix),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=max_partition_fetch_bytes,
+    )
+
+
+class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no types
+    """Hands rebalances to the engine: a revoke drains and commits the partitions before they move."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._engine.on_revoked({(tp.topic, tp.partition) for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._engine.on_assigned({(tp.topic, tp.partition) for tp in assigned})
+
+
+class KafkaDeadLetterWriter:
+    """Writes dead letters to ``orders.dlq.<sink>`` with acks=all and the idempotent producer."""
+
+    def __init__(self, producer: AIOKafkaProducer, *, prefix: str = "") -> None:
+        self._producer = producer
+        self._prefix = prefix
+
+    async def write(self, letter: DeadLetter) -> None:
+        topic = dlq_topic(letter.sink, self._prefix)
+        try:
+            await self._producer.send_and_wait(
+                topic, value=letter.value, key=letter.key, headers=letter.record_headers()
+            )
+        except KafkaError as exc:
+            raise PublishError(f"dead letter not stored in {topic}: {exc!r}") from exc
+
+
+def dead_letter_producer(client_options: Mapping[str, Any], *, request_timeout: float = 30.0) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        **client_options, acks="all", enable_idempotence=True, request_timeout_ms=int(request_timeout * 1000)
+    )

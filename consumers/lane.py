@@ -1,0 +1,370 @@
+"""A lane: the records of one order key in one partition, delivered strictly in order, retries included.
+
+A lane is one task. It takes its oldest record through attempts until the record is terminal, then the next.
+A temporary failure *parks* the lane until its next attempt time; that wait is the lane's own and never blocks
+the poll loop or other keys. HTTP requests across all lanes are bounded by the sink's `max_in_flight` slots,
+and paced by the sink's shared `Pacer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from consumers.backoff import Backoff
+from consumers.circuit import Circuit
+from consumers.clock import Clock
+from consumers.deadletter import DeadLetter, DeadLetterWriter, Reason
+from consumers.dedup import DedupStore, DeliveryState, DeliveryStatus
+from consumers.delivery import Reply, TransportFailure
+from consumers.metrics import EngineMetrics
+from consumers.pacing import Pacer
+from consumers.policy import Decision, parse_retry_after
+from consumers.sink import HttpRequest, Sink
+from consumers.work import TopicPartitionKey, Work
+from topics.errors import PublishError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+log = logging.getLogger(__name__)
+
+_PROBE_WAIT = 0.5  # how often a lane looks again while another lane holds the half-open probe
+_DLQ_RETRY = 1.0  # first wait after a failed dead-letter write; doubles up to the backoff cap
+_PACED_STATUSES = (429, 503)
+
+
+@dataclass
+class LaneContext:
+    """What every lane of one sink shares."""
+
+    sink: Sink
+    deliver: Callable[[HttpRequest, str], Awaitable[Reply | TransportFailure]]
+    store: DedupStore
+    dead_letters: DeadLetterWriter
+    metrics: EngineMetrics
+    clock: Clock
+    backoff: Backoff
+    retry_after_cap: float
+    pacer: Pacer
+    circuit: Circuit
+    auth: Circuit
+    slots: asyncio.Semaphore
+    rng: random.Random
+    blocked: set[str] = field(default_factory=set)
+    in_flight: int = 0
+
+
+@dataclass(slots=True)
+class _Attempts:
+    count: int = 0
+    first_wall: float | None = None
+    first_mono: float | None = None
+    last_wall: float | None = None
+    last: Reply | TransportFailure | None = None
+
+
+class Lane:
+    """One key's records in order. `push` adds a record; `stop` ends the lane before its next attempt."""
+
+    def __init__(
+        self,
+        lane_id: tuple[TopicPartitionKey, str],
+        context: LaneContext,
+        on_finished: Callable[[Lane, Work], None],
+    ) -> None:
+        self.id = lane_id
+        self.task: asyncio.Task[None] | None = None
+        self.parked = False
+        self._context = context
+        self._on_finished = on_finished
+        self._queue: deque[Work] = deque()
+        self._stopping = False
+
+    @property
+    def empty(self) -> bool:
+        return not self._queue
+
+    @property
+    def size(self) -> int:
+        return len(self._queue)
+
+    @property
+    def oldest_timestamp(self) -> int:
+        return self._queue[0].timestamp_ms if self._queue else 0
+
+    def push(self, work: Work) -> None:
+        self._queue.append(work)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run(), name=f"lane-{self._context.sink.name}")
+
+    def stop(self) -> None:
+        """Finish nothing new; a lane that is only waiting (parked, or held by a gate) stops at once."""
+        self._stopping = True
+        if self.parked and self.task is not None:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        while self._queue and not self._stopping:
+            work = self._queue[0]
+            await self._deliver(work)
+            self._queue.popleft()
+            self._on_finished(self, work)
+
+    # ------------------------------------------------------------------ one record to a terminal state
+
+    async def _deliver(self, work: Work) -> None:
+        context = self._context
+        if work.invalid is not None:
+            await self._dead_letter(work, "invalid", "contract", _Attempts(), detail=str(work.invalid))
+            return
+        if work.order_ref in context.blocked:
+            detail = "an earlier event of this order is in the dead-letter topic; replay it first"
+            await self._dead_letter(
+                work, "dead-lettered-predecessor", "order-survives-dead-letters", _Attempts(), detail=detail
+            )
+            return
+        assert work.event is not None
+        attempts = _Attempts()
+        while True:
+            probe = await self._wait_for_gates()
+            try:
+                outcome = await self._attempt(work, attempts)
+            except BaseException:
+                if probe is not None:
+                    probe.release()  # a half-open probe slot taken but never answered must be given back
+                raise
+            decision = self._decide(outcome)
+            if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
+                probe.release()  # a 401 says nothing about the system's health
+            if decision.action in ("done", "duplicate"):
+                await self._done(work, attempts, outcome, decision)
+                return
+            if decision.action == "dead_letter":
+                context.circuit.record(True)  # the system works; our data is what it refused
+                context.auth.record(True)
+                await self._dead_letter(work, "rejected", decision.rule, attempts)
+                return
+            if decision.action == "pause_auth":
+                context.auth.record(False)
+                context.metrics.auth_failures.labels(context.sink.name).inc()
+                log.error(
+                    "downstream refused our credentials; sink paused",
+                    extra={"sink": context.sink.name, "status": _status(outcome), "event_id": str(work.event.event_id)},
+                )
+                continue  # not counted against max attempts: it is our configuration, not this order
+            if await self._retry_or_give_up(work, attempts, outcome, decision):
+                return
+
+    async def _attempt(self, work: Work, attempts: _Attempts) -> Reply | TransportFailure:
+        context = self._context
+        assert work.event is not None
+        downstream_id = None
+        if work.event.event_type != "order.created":
+            downstream_id = await context.store.downstream_id(work.order_ref)
+        request = context.sink.request(work.event, downstream_id)
+        async with context.slots:
+            # Paced inside the slot: a Retry-After that arrived while this lane queued for a slot still holds it.
+            await context.pacer.acquire()
+            if self._stopping:
+                raise asyncio.CancelledError  # stopped while waiting: the record stays unfinished
+            context.in_flight += 1
+            now_wall = context.clock.wall()
+            if attempts.first_wall is None:
+                attempts.first_wall, attempts.first_mono = now_wall, context.clock.now()
+            attempts.last_wall = now_wall
+            attempts.count += 1
+            try:
+                outcome = await context.deliver(request, work.idempotency_key)
+            finally:
+                context.in_flight -= 1
+        attempts.last = outcome
+        metrics, name = context.metrics, context.sink.name
+        metrics.attempt_seconds.labels(name).observe(outcome.elapsed)
+        metrics.http_responses.labels(name, _status_class(outcome)).inc()
+        return outcome
+
+    def _decide(self, outcome: Reply | TransportFailure) -> Decision:
+        policy = self._context.sink.policy
+        if isinstance(outcome, Reply):
+            return policy.decide(outcome.status)
+        return policy.decide_failure(outcome.kind)
+
+    async def _done(
+        self, work: Work, attempts: _Attempts, outcome: Reply | TransportFailure, decision: Decision
+    ) -> None:
+        context = self._context
+        assert work.event is not None
+        assert isinstance(outcome, Reply)
+        context.circuit.record(True)
+        context.auth.record(True)
+        downstream_id = context.sink.downstream_id(work.event, outcome.status, outcome.body)
+        if downstream_id is not None:
+            context.store.put_downstream_id(work.order_ref, downstream_id)
+        status: DeliveryStatus = "done" if decision.action == "done" else "duplicate"
+        self._put(work, status, attempts, downstream_id=downstream_id, digest=outcome.digest)
+        outcome_label = "delivered" if status == "done" else "duplicate"
+        context.metrics.deliveries.labels(context.sink.name, outcome_label).inc()
+        if status == "done" and work.timestamp_ms > 0:
+            latency = max(0.0, context.clock.wall() - work.timestamp_ms / 1000)
+            context.metrics.end_to_end_seconds.labels(context.sink.name).observe(latency)
+        log.debug(
+            "delivered",
+            extra={
+                "sink": context.sink.name,
+                "event_id": str(work.event.event_id),
+                "order": work.order_ref,
+                "attempt": attempts.count,
+                "status": outcome.status,
+            },
+        )
+
+    async def _retry_or_give_up(
+        self, work: Work, attempts: _Attempts, outcome: Reply | TransportFailure, decision: Decision
+    ) -> bool:
+        """Park the lane until the next attempt; True when retries are exhausted and the record dead-lettered."""
+        context = self._context
+        context.circuit.record(False)
+        context.auth.record(True)
+        retry_after = None
+        if isinstance(outcome, Reply) and outcome.status in _PACED_STATUSES:
+            retry_after = parse_retry_after(
+                outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap
+            )
+            # The whole sink slows down, not just this key; without a Retry-After only the rate is lowered.
+            context.pacer.hold(retry_after or 0.0)
+        assert attempts.first_mono is not None
+        if context.backoff.exhausted(attempts.count, attempts.first_mono, context.clock.now()):
+            await self._dead_letter(work, "retries-exhausted", decision.rule, attempts)
+            return True
+        context.metrics.retries.labels(context.sink.name, _status_class(outcome)).inc()
+        self._put(work, "in_flight", attempts)
+        delay = context.backoff.delay(attempts.count, context.rng)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        await self._park(delay)
+        return False
+
+    async def _wait_for_gates(self) -> Circuit | None:
+        """Wait while the circuit is open or the sink is paused for its credentials.
+
+        When one is half-open, take its probe slot and return that circuit: the caller must answer it with
+        `record` or `release`. Returns None when both are closed.
+        """
+        context = self._context
+        while True:
+            gates = (context.auth, context.circuit)
+            opened = [gate for gate in gates if gate.state == "open"]
+            if opened:
+                until = max(gate.opened_until or 0.0 for gate in opened)
+                await self._park(max(until - context.clock.now(), 0.01))
+                continue
+            half_open = next((gate for gate in gates if gate.state == "half_open"), None)
+            if half_open is None:
+                return None
+            if half_open.allow():
+                return half_open
+            await self._park(_PROBE_WAIT)
+
+    async def _park(self, seconds: float) -> None:
+        if self._stopping:
+            raise asyncio.CancelledError
+        self.parked = True
+        try:
+            await self._context.clock.sleep(seconds)
+        finally:
+            self.parked = False
+
+    # ------------------------------------------------------------------ terminal bookkeeping
+
+    async def _dead_letter(self, work: Work, reason: Reason, rule: str, attempts: _Attempts, detail: str = "") -> None:
+        """Write the dead letter durably (retrying until the broker takes it), then record the key as dead."""
+        context = self._context
+        last = attempts.last
+        letter = DeadLetter(
+            sink=context.sink.name,
+            reason=reason,
+            rule=rule,
+            topic=work.tp[0],
+            partition=work.tp[1],
+            offset=work.offset,
+            key=work.key,
+            value=work.value,
+            headers=work.headers,
+            idempotency_key=work.idempotency_key,
+            http_status=last.status if isinstance(last, Reply) else None,
+            body_excerpt=last.excerpt if isinstance(last, Reply) else "",
+            detail=detail or (last.detail if isinstance(last, TransportFailure) else ""),
+            attempts=attempts.count,
+            first_attempt_at=attempts.first_wall,
+            last_attempt_at=attempts.last_wall,
+        )
+        wait = _DLQ_RETRY
+        while True:
+            try:
+                await context.dead_letters.write(letter)
+                break
+            except PublishError as exc:
+                log.error("dead-letter write failed, retrying", extra={"sink": context.sink.name, "error": str(exc)})
+                await self._park(wait)
+                wait = min(wait * 2, context.backoff.cap)
+        context.blocked.add(work.order_ref)
+        context.store.block_order(work.order_ref, reason)
+        self._put(work, "dead", attempts, reason=reason)
+        context.metrics.dead_letters.labels(context.sink.name, reason).inc()
+        context.metrics.deliveries.labels(context.sink.name, "dead_lettered").inc()
+        log.warning(
+            "dead-lettered",
+            extra={
+                "sink": context.sink.name,
+                "reason": reason,
+                "rule": rule,
+                "order": work.order_ref,
+                "event_id": str(work.event.event_id) if work.event else None,
+                "attempt": attempts.count,
+                "status": letter.http_status,
+            },
+        )
+
+    def _put(
+        self,
+        work: Work,
+        status: DeliveryStatus,
+        attempts: _Attempts,
+        *,
+        downstream_id: str | None = None,
+        digest: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        last = attempts.last
+        self._context.store.put(
+            DeliveryState(
+                key=work.idempotency_key,
+                event_id=str(work.event.event_id) if work.event else "",
+                order_ref=work.order_ref,
+                status=status,
+                attempts=attempts.count,
+                last_status=last.status if isinstance(last, Reply) else None,
+                first_attempt_at=attempts.first_wall,
+                last_attempt_at=attempts.last_wall,
+                downstream_id=downstream_id,
+                reply_digest=digest,
+                reason=reason,
+                updated_at=self._context.clock.wall(),
+            )
+        )
+
+
+def _status(outcome: Reply | TransportFailure) -> int | str:
+    return outcome.status if isinstance(outcome, Reply) else outcome.kind
+
+
+def _status_class(outcome: Reply | TransportFailure) -> str:
+    if isinstance(outcome, TransportFailure):
+        return "timeout" if outcome.kind == "timeout" else "connection_error"
+    return f"{outcome.status // 100}xx"

@@ -1,0 +1,97 @@
+"""The delivery engine's Prometheus metrics, registered on an injected registry (a fresh one per test).
+
+Label values are bounded: sink names, outcomes, reasons, status classes and partition numbers. Never an order
+number, an email or a URL.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class EngineMetrics:
+    """Every metric of every sink's engine; one instance per registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.records_consumed = Counter(
+            "orderbus_records_consumed", "Records fetched from the orders topic", ["sink"], registry=registry
+        )
+        self.deliveries = Counter(
+            "orderbus_deliveries",
+            "Records that reached a terminal state, by outcome (delivered, duplicate, dead_lettered)",
+            ["sink", "outcome"],
+            registry=registry,
+        )
+        self.http_responses = Counter(
+            "orderbus_http_responses",
+            "Answers from downstream systems by status class (2xx, 4xx, 5xx, timeout, connection_error)",
+            ["sink", "status_class"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "orderbus_retries", "Attempts that will be retried, by reason", ["sink", "reason"], registry=registry
+        )
+        self.dead_letters = Counter(
+            "orderbus_dead_letters", "Records written to a dead-letter topic", ["sink", "reason"], registry=registry
+        )
+        self.dedup_hits = Counter(
+            "orderbus_dedup_hits", "Records skipped because they were already delivered", ["sink"], registry=registry
+        )
+        self.commits = Counter("orderbus_commits", "Offset commits made", ["sink"], registry=registry)
+        self.commit_failures = Counter(
+            "orderbus_commit_failures", "Offset commits that failed and will be retried", ["sink"], registry=registry
+        )
+        self.auth_failures = Counter(
+            "orderbus_auth_failures", "401/403 answers: the sink pauses", ["sink"], registry=registry
+        )
+        self.in_flight = Gauge("orderbus_in_flight", "HTTP requests under way", ["sink"], registry=registry)
+        self.buffered = Gauge("orderbus_buffered_records", "Records held in memory", ["sink"], registry=registry)
+        self.parked = Gauge("orderbus_parked_keys", "Order keys waiting for a retry", ["sink"], registry=registry)
+        self.attempt_seconds = Histogram(
+            "orderbus_attempt_duration_seconds",
+            "Duration of one HTTP attempt",
+            ["sink"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.end_to_end_seconds = Histogram(
+            "orderbus_end_to_end_seconds",
+            "From the record's Kafka timestamp to the downstream's 2xx",
+            ["sink"],
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        )
+        self.throttled_seconds = Counter(
+            "orderbus_throttled_seconds", "Time the sink was held by Retry-After", ["sink"], registry=registry
+        )
+        self.retry_after = Gauge(
+            "orderbus_last_retry_after_seconds", "The last Retry-After a downstream sent", ["sink"], registry=registry
+        )
+        self.rate = Gauge(
+            "orderbus_sink_rate_limit", "Current requests/s limit of the sink", ["sink"], registry=registry
+        )
+        self.circuit = Gauge(
+            "orderbus_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", ["sink"], registry=registry
+        )
+        self.auth_paused = Gauge(
+            "orderbus_auth_paused", "1 while the sink is paused after 401/403", ["sink"], registry=registry
+        )
+        self.lag = Gauge(
+            "orderbus_consumer_lag",
+            "Records not yet committed, per partition",
+            ["sink", "partition"],
+            registry=registry,
+        )
+        self.oldest_pending = Gauge(
+            "orderbus_oldest_pending_seconds",
+            "Age of the oldest record not yet in a terminal state",
+            ["sink"],
+            registry=registry,
+        )
+        self.assigned_partitions = Gauge(
+            "orderbus_assigned_partitions", "Partitions assigned to the sink's consumer", ["sink"], registry=registry
+        )

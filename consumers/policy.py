@@ -1,0 +1,200 @@
+"""The response policy as data: which downstream answer leads to which action, and how long Retry-After asks for.
+
+A policy is an ordered tuple of `Rule`s; the first rule that covers a status decides. The defaults follow the
+brief's table::
+
+    2xx                       done         "2xx"
+    409                       duplicate    "409-already-exists"
+    401, 403                  pause_auth   "auth"
+    408, 425, 429, 5xx        retry        "temporary"
+    400, 422, other 4xx       dead_letter  "bad-request"
+    anything else (1xx, 3xx)  dead_letter  "unmatched"
+    timeout / connection      retry        "timeout" / "connection-error"   (`decide_failure`)
+
+A sink's settings change single codes or whole classes with `with_overrides({"409": "dead_letter"})`. Overrides
+come before every existing rule, and a single code before a class, whatever the order of the mapping.
+The rule name of each `Decision` is meant for logs, metrics and dead-letter headers: it is bounded and never
+contains data from the request.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Final, Literal, get_args
+
+from topics.errors import ConfigError
+
+__all__ = [
+    "ACTIONS",
+    "DEFAULT_POLICY",
+    "Action",
+    "Decision",
+    "FailureKind",
+    "ResponsePolicy",
+    "Rule",
+    "parse_retry_after",
+]
+
+Action = Literal["done", "duplicate", "dead_letter", "pause_auth", "retry"]
+ACTIONS: Final[frozenset[str]] = frozenset(get_args(Action))
+FailureKind = Literal["timeout", "connection"]
+
+_LOWEST_STATUS = 100
+_HIGHEST_STATUS = 599
+_CODE_KEY = re.compile(r"[1-5][0-9][0-9]")
+_CLASS_KEY = re.compile(r"([1-5])xx")
+# RFC 9110 delay-seconds is 1*DIGIT; a decimal fraction is accepted on purpose (see `parse_retry_after`).
+_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+StatusSpec = int | tuple[int, int]
+
+
+def _valid_status(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and _LOWEST_STATUS <= value <= _HIGHEST_STATUS
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Statuses that lead to one action: single codes, or inclusive ranges such as ``(500, 599)``."""
+
+    name: str
+    action: Action
+    statuses: tuple[StatusSpec, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("a response policy rule needs a name")
+        if self.action not in ACTIONS:
+            raise ConfigError(
+                f"response policy rule {self.name!r}: action {self.action!r} is not one of {sorted(ACTIONS)}"
+            )
+        if not self.statuses:
+            raise ConfigError(f"response policy rule {self.name!r} covers no status")
+        for spec in self.statuses:
+            if isinstance(spec, tuple):
+                low, high = spec
+                if _valid_status(low) and _valid_status(high) and low <= high:
+                    continue
+            elif _valid_status(spec):
+                continue
+            raise ConfigError(
+                f"response policy rule {self.name!r}: {spec!r} is not a status code or an inclusive range "
+                f"of them ({_LOWEST_STATUS}-{_HIGHEST_STATUS})"
+            )
+
+    def covers(self, status: int) -> bool:
+        for spec in self.statuses:
+            if isinstance(spec, tuple):
+                if spec[0] <= status <= spec[1]:
+                    return True
+            elif spec == status:
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one delivery attempt's outcome, and the name of the rule that said so."""
+
+    action: Action
+    rule: str
+
+
+UNMATCHED: Final = Decision("dead_letter", "unmatched")
+_FAILURES: Final[Mapping[str, Decision]] = {
+    "timeout": Decision("retry", "timeout"),
+    "connection": Decision("retry", "connection-error"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsePolicy:
+    """An ordered list of rules; the first that covers a status decides, and no match means dead letter."""
+
+    rules: tuple[Rule, ...]
+
+    def decide(self, status: int) -> Decision:
+        """The decision for an HTTP status; a status no rule covers is dead-lettered by the rule "unmatched"."""
+        for rule in self.rules:
+            if rule.covers(status):
+                return Decision(rule.action, rule.name)
+        return UNMATCHED
+
+    def decide_failure(self, kind: FailureKind) -> Decision:
+        """The decision when no answer came: a timeout or a connection error is always retried."""
+        try:
+            return _FAILURES[kind]
+        except KeyError:
+            raise ValueError(f"unknown delivery failure {kind!r}; expected one of {sorted(_FAILURES)}") from None
+
+    def with_overrides(self, overrides: Mapping[str, Action], *, setting: str = "response_policy") -> ResponsePolicy:
+        """A copy in which `overrides` ("409" -> "dead_letter", "4xx" -> "retry") win over every existing rule.
+
+        Keys are a single status ("404") or a class ("4xx"); codes come before classes. Each override becomes a
+        rule named ``override-<key>``. A bad key or action raises `ConfigError` naming `setting` and the key.
+        """
+        codes: list[Rule] = []
+        classes: list[Rule] = []
+        for key, action in overrides.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{setting}: key {key!r} must be a string such as '404' or '4xx'")
+            normalized = key.strip().lower()
+            if action not in ACTIONS:
+                raise ConfigError(f"{setting}.{key}: action {action!r} is not one of {sorted(ACTIONS)}")
+            if _CODE_KEY.fullmatch(normalized):
+                codes.append(Rule(f"override-{normalized}", action, (int(normalized),)))
+            elif match := _CLASS_KEY.fullmatch(normalized):
+                low = int(match.group(1)) * 100
+                classes.append(Rule(f"override-{normalized}", action, ((low, low + 99),)))
+            else:
+                raise ConfigError(
+                    f"{setting}: key {key!r} is neither a status code (100-599, e.g. '404') nor a class (e.g. '4xx')"
+                )
+        return ResponsePolicy((*codes, *classes, *self.rules))
+
+
+DEFAULT_POLICY: Final = ResponsePolicy(
+    (
+        Rule("2xx", "done", ((200, 299),)),
+        Rule("409-already-exists", "duplicate", (409,)),
+        Rule("auth", "pause_auth", (401, 403)),
+        Rule("temporary", "retry", (408, 425, 429, (500, 599))),
+        Rule("bad-request", "dead_letter", ((400, 499),)),
+    )
+)
+
+
+def parse_retry_after(value: str | None, *, wall_now: float, cap: float) -> float | None:
+    """Seconds to wait according to a Retry-After header, clamped to ``[0, cap]``; None if absent or invalid.
+
+    Accepted (RFC 9110 section 10.2.3):
+
+    - delay-seconds, a non-negative integer ("120"). A decimal fraction ("1.5") is not valid HTTP, but is
+      accepted: the server's intent is unambiguous, and waiting as asked is the safe side. Signs, exponents,
+      "inf" and "nan" are rejected.
+    - an HTTP-date in any of the three RFC 9110 forms (IMF-fixdate, RFC 850, asctime), taken as UTC when it
+      names no zone. A date in the past means "now" (0.0).
+
+    Anything else is ignored (None): the caller then falls back to its own backoff.
+    """
+    if not math.isfinite(cap) or cap < 0:
+        raise ValueError(f"the Retry-After cap must be a finite number >= 0, got {cap}")
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    if _DELAY_SECONDS.fullmatch(text):
+        return min(float(text), cap)
+    try:
+        date = parsedate_to_datetime(text)
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return None
+    if date.tzinfo is None:
+        date = date.replace(tzinfo=UTC)
+    return min(max(date.timestamp() - wall_now, 0.0), cap)

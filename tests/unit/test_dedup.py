@@ -1,0 +1,475 @@
+"""The per-sink delivery-state table: both stores give the same answers; the SQLite one also survives kills."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from consumers.dedup import (
+    BLOCKED_ORDER_COLUMNS,
+    BLOCKED_ORDERS_TABLE,
+    DELIVERIES_TABLE,
+    DELIVERY_COLUMNS,
+    DOWNSTREAM_ID_COLUMNS,
+    DOWNSTREAM_IDS_TABLE,
+    DedupStore,
+    DeliveryState,
+    DeliveryStatus,
+    MemoryDedupStore,
+    MemoryTables,
+    SqliteDedupStore,
+)
+from topics.errors import ConfigError, StoreError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def state(
+    key: str = "crm:evt-1",
+    *,
+    status: DeliveryStatus = "done",
+    order_ref: str = "SO-1001",
+    updated_at: float = 100.0,
+    attempts: int = 1,
+) -> DeliveryState:
+    return DeliveryState(
+        key=key,
+        event_id=f"evt-of-{key}",
+        order_ref=order_ref,
+        status=status,
+        attempts=attempts,
+        last_status=201 if status == "done" else None,
+        first_attempt_at=updated_at - 1.0,
+        last_attempt_at=updated_at,
+        downstream_id="crm-77" if status == "done" else None,
+        reply_digest="ab" * 32 if status == "done" else None,
+        reason="retries exhausted" if status == "dead" else None,
+        updated_at=updated_at,
+    )
+
+
+class Backend:
+    """Makes stores over one durable "file": a second store is what a restarted process would see."""
+
+    def __init__(self, kind: str, path: Path) -> None:
+        self.kind = kind
+        self.path = path
+        self.tables = MemoryTables()
+
+    def new(self) -> DedupStore:
+        if self.kind == "memory":
+            return MemoryDedupStore(self.tables)
+        return SqliteDedupStore(self.path)
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return Backend(request.param, tmp_path / "crm.dedup.sqlite3")
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[DedupStore]:
+    async with backend.new() as opened:
+        yield opened
+
+
+# --- buffering --------------------------------------------------------------------------------------------
+
+
+async def test_a_buffered_put_is_invisible_to_another_store_until_flushed(backend: Backend) -> None:
+    async with backend.new() as writer, backend.new() as reader:
+        writer.put(state("k1"))
+        assert writer.pending_writes == 1
+        assert await reader.get_many(["k1"]) == {}
+        assert await writer.flush() == 1
+        assert writer.pending_writes == 0
+        assert await reader.get_many(["k1"]) == {"k1": state("k1")}
+
+
+async def test_reads_see_buffered_writes(store: DedupStore) -> None:
+    store.put(state("k1", status="in_flight"))
+    assert await store.get_many(["k1", "unknown"]) == {"k1": state("k1", status="in_flight")}
+    await store.flush()
+    store.put(state("k1", status="done", updated_at=200.0))  # buffered over a flushed row
+    assert await store.get_many(["k1"]) == {"k1": state("k1", status="done", updated_at=200.0)}
+
+
+async def test_the_last_put_per_key_wins_and_is_written_once(store: DedupStore) -> None:
+    store.put(state("k1", status="in_flight", attempts=1))
+    store.put(state("k1", status="in_flight", attempts=2))
+    store.put(state("k1", status="dead", attempts=3))
+    store.put(state("k2"))
+    assert store.pending_writes == 2
+    assert await store.flush() == 2
+    got = await store.get_many(["k1", "k2"])
+    assert got["k1"] == state("k1", status="dead", attempts=3)
+
+
+async def test_flush_with_nothing_buffered_writes_nothing(store: DedupStore) -> None:
+    assert await store.flush() == 0
+
+
+async def test_get_many_of_no_keys_and_of_repeated_keys(store: DedupStore) -> None:
+    store.put(state("k1"))
+    assert await store.get_many([]) == {}
+    await store.flush()
+    assert await store.get_many(["k1", "k1"]) == {"k1": state("k1")}
+
+
+async def test_get_many_answers_a_batch_larger_than_sqlites_variable_limit(store: DedupStore) -> None:
+    with contextlib.closing(sqlite3.connect(":memory:")) as probe:
+        limit = probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)  # this build's; 32,766 or 250,000 commonly
+    keys = [f"crm:evt-{i}" for i in range(limit + 10)]
+    for key in keys[::1000]:
+        store.put(state(key))
+    await store.flush()
+    store.put(state("crm:evt-7"))
+    got = await store.get_many(keys)
+    assert sorted(got) == sorted([*keys[::1000], "crm:evt-7"])
+
+
+async def test_every_field_round_trips(backend: Backend) -> None:
+    full = DeliveryState(
+        key="shipping:5f0c",
+        event_id="5f0c6a56-9c7e-4d55-a6a4-1b1f8d1f0c11",
+        order_ref="SO-2024-0001",
+        status="duplicate",
+        attempts=4,
+        last_status=409,
+        first_attempt_at=1_718_000_000.25,
+        last_attempt_at=1_718_000_012.5,
+        downstream_id="shp_91",
+        reply_digest="0f" * 32,
+        reason="409 already exists",
+        updated_at=1_718_000_012.75,
+    )
+    empty = dataclasses.replace(
+        full,
+        key="shipping:none",
+        status="in_flight",
+        last_status=None,
+        first_attempt_at=None,
+        last_attempt_at=None,
+        downstream_id=None,
+        reply_digest=None,
+        reason=None,
+    )
+    async with backend.new() as writer:
+        writer.put(full)
+        writer.put(empty)
+    async with backend.new() as reader:
+        assert await reader.get_many([full.key, empty.key]) == {full.key: full, empty.key: empty}
+
+
+async def test_close_flushes(backend: Backend) -> None:
+    async with backend.new() as writer:
+        writer.put(state("k1"))
+        writer.put_downstream_id("SO-1001", "crm-77")
+        writer.block_order("SO-9", "dead-lettered: 422")
+    async with backend.new() as reader:
+        assert await reader.get_many(["k1"]) == {"k1": state("k1")}
+        assert await reader.downstream_id("SO-1001") == "crm-77"
+        assert await reader.blocked_orders(["SO-9"]) == {"SO-9"}
+
+
+async def test_a_put_during_a_flush_stays_buffered(backend: Backend) -> None:
+    async with backend.new() as writer, backend.new() as reader:
+        writer.put(state("k1", status="in_flight"))
+
+        async def put_newer() -> None:
+            writer.put(state("k1", status="done", updated_at=200.0))
+
+        # gather runs the flush up to its first await (the batch is taken), then the put.
+        written, _ = await asyncio.gather(writer.flush(), put_newer())
+        assert written == 1
+        assert writer.pending_writes == 1
+        assert (await writer.get_many(["k1"]))["k1"].status == "done"
+        assert (await reader.get_many(["k1"]))["k1"].status == "in_flight"
+        await writer.flush()
+        assert (await reader.get_many(["k1"]))["k1"].status == "done"
+
+
+# --- downstream ids and blocked orders --------------------------------------------------------------------
+
+
+async def test_downstream_ids_are_buffered_read_back_and_replaced(backend: Backend) -> None:
+    async with backend.new() as writer, backend.new() as reader:
+        assert await writer.downstream_id("SO-1001") is None
+        writer.put_downstream_id("SO-1001", "crm-77")
+        assert await writer.downstream_id("SO-1001") == "crm-77"
+        assert await reader.downstream_id("SO-1001") is None
+        assert await writer.flush() == 1
+        assert await reader.downstream_id("SO-1001") == "crm-77"
+        writer.put_downstream_id("SO-1001", "crm-78")
+        assert await writer.downstream_id("SO-1001") == "crm-78"
+        await writer.flush()
+        assert await reader.downstream_id("SO-1001") == "crm-78"
+
+
+async def test_states_and_downstream_ids_flush_in_one_call(backend: Backend) -> None:
+    async with backend.new() as writer, backend.new() as reader:
+        writer.put(state("k1"))
+        writer.put_downstream_id("SO-1001", "crm-77")
+        writer.block_order("SO-2", "dead-lettered")
+        assert writer.pending_writes == 3
+        assert await writer.flush() == 3
+        assert await reader.get_many(["k1"]) == {"k1": state("k1")}
+        assert await reader.downstream_id("SO-1001") == "crm-77"
+        assert await reader.blocked_orders(["SO-2"]) == {"SO-2"}
+
+
+async def test_blocked_orders_until_unblocked(backend: Backend) -> None:
+    async with backend.new() as writer, backend.new() as reader:
+        writer.block_order("SO-1", "dead-lettered predecessor crm:evt-1")
+        writer.block_order("SO-2", "422")
+        assert await writer.blocked_orders(["SO-1", "SO-2", "SO-3"]) == {"SO-1", "SO-2"}
+        assert await reader.blocked_orders(["SO-1", "SO-2"]) == set()
+        await writer.flush()
+        assert await reader.blocked_orders(["SO-1", "SO-2", "SO-3"]) == {"SO-1", "SO-2"}
+        writer.unblock_order("SO-1")  # replayed
+        assert await writer.blocked_orders(["SO-1", "SO-2"]) == {"SO-2"}  # buffered unblock is seen
+        assert await reader.blocked_orders(["SO-1"]) == {"SO-1"}
+        await writer.flush()
+        assert await reader.blocked_orders(["SO-1", "SO-2"]) == {"SO-2"}
+
+
+async def test_block_then_unblock_before_a_flush_leaves_the_order_unblocked(store: DedupStore) -> None:
+    store.block_order("SO-1", "422")
+    store.unblock_order("SO-1")
+    store.unblock_order("SO-never-blocked")
+    assert store.pending_writes == 2
+    await store.flush()
+    assert await store.blocked_orders(["SO-1", "SO-never-blocked"]) == set()
+
+
+async def test_blocked_orders_answers_many_orders_at_once(store: DedupStore) -> None:
+    refs = [f"SO-{i}" for i in range(2_000)]
+    for ref in refs[::7]:
+        store.block_order(ref, "422")
+    await store.flush()
+    assert await store.blocked_orders(refs) == set(refs[::7])
+
+
+# --- prune ------------------------------------------------------------------------------------------------
+
+
+async def test_prune_deletes_terminal_rows_updated_strictly_before_the_cutoff(store: DedupStore) -> None:
+    terminal: list[tuple[str, DeliveryStatus]] = [("done", "done"), ("dup", "duplicate"), ("dead", "dead")]
+    for key, status in terminal:
+        store.put(state(key, status=status, updated_at=100.0))
+    store.put(state("newer", updated_at=200.0))
+    assert await store.prune(older_than=100.0) == 0
+    assert await store.prune(older_than=100.5) == 3
+    assert await store.prune(older_than=100.5) == 0
+    assert sorted(await store.get_many(["done", "dup", "dead", "newer"])) == ["newer"]
+
+
+async def test_prune_never_deletes_in_flight_rows(store: DedupStore) -> None:
+    store.put(state("k1", status="in_flight", updated_at=1.0))
+    await store.flush()
+    assert await store.prune(older_than=1e12) == 0
+    assert (await store.get_many(["k1"]))["k1"].status == "in_flight"
+
+
+async def test_prune_sees_buffered_writes(store: DedupStore) -> None:
+    store.put(state("old", updated_at=10.0))
+    store.put(state("in-flight", status="in_flight", updated_at=10.0))
+    assert await store.prune(older_than=50.0) == 1
+    assert store.pending_writes == 0
+    assert sorted(await store.get_many(["old", "in-flight"])) == ["in-flight"]
+
+
+async def test_prune_keeps_downstream_ids_of_orders_with_a_row_left(store: DedupStore) -> None:
+    # SO-OLD: only old rows -> its id goes. SO-LIVE: an old row and a newer one -> kept.
+    # SO-RETRYING: an old row and an old in-flight one -> kept. SO-BLOCKED: blocks are never pruned.
+    store.put(state("old-1", order_ref="SO-OLD", updated_at=10.0))
+    store.put(state("live-1", order_ref="SO-LIVE", updated_at=10.0))
+    store.put(state("live-2", order_ref="SO-LIVE", updated_at=100.0))
+    store.put(state("retry-1", order_ref="SO-RETRYING", updated_at=10.0))
+    store.put(state("retry-2", order_ref="SO-RETRYING", status="in_flight", updated_at=10.0))
+    store.put(state("blocked-1", order_ref="SO-BLOCKED", status="dead", updated_at=10.0))
+    for ref in ("SO-OLD", "SO-LIVE", "SO-RETRYING"):
+        store.put_downstream_id(ref, f"id-{ref}")
+    store.block_order("SO-BLOCKED", "422")
+    assert await store.prune(older_than=100.0) == 4
+    assert await store.downstream_id("SO-OLD") is None
+    assert await store.downstream_id("SO-LIVE") == "id-SO-LIVE"
+    assert await store.downstream_id("SO-RETRYING") == "id-SO-RETRYING"
+    assert await store.blocked_orders(["SO-BLOCKED"]) == {"SO-BLOCKED"}
+
+
+# --- integrity --------------------------------------------------------------------------------------------
+
+
+async def test_integrity_check_is_ok(store: DedupStore) -> None:
+    store.put(state("k1"))
+    await store.flush()
+    assert await store.integrity_check() == "ok"
+
+
+# --- memory only ------------------------------------------------------------------------------------------
+
+
+async def test_memory_crash_drops_only_unflushed_writes() -> None:
+    store = MemoryDedupStore()
+    store.put(state("flushed"))
+    store.put_downstream_id("SO-1", "crm-1")
+    await store.flush()
+    store.put(state("flushed", status="dead", updated_at=300.0))
+    store.put(state("lost"))
+    store.put_downstream_id("SO-2", "crm-2")
+    store.block_order("SO-3", "422")
+    store.crash()
+    assert store.pending_writes == 0
+    assert await store.get_many(["flushed", "lost"]) == {"flushed": state("flushed")}
+    assert await store.downstream_id("SO-2") is None
+    assert await store.blocked_orders(["SO-3"]) == set()
+    assert store.tables.deliveries == {"flushed": state("flushed")}
+
+
+# --- SQLite only: the file --------------------------------------------------------------------------------
+
+
+def test_column_constants_are_the_fields_of_delivery_state_in_order() -> None:
+    assert tuple(f.name for f in dataclasses.fields(DeliveryState)) == DELIVERY_COLUMNS
+
+
+async def test_the_file_is_wal_with_the_named_tables_and_columns(tmp_path: Path) -> None:
+    path = tmp_path / "crm.dedup.sqlite3"
+    async with SqliteDedupStore(path):
+        pass
+    with sqlite3.connect(path) as plain:
+        assert plain.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        columns = {
+            table: tuple(row[1] for row in plain.execute(f"PRAGMA table_info({table})"))
+            for table in (DELIVERIES_TABLE, DOWNSTREAM_IDS_TABLE, BLOCKED_ORDERS_TABLE)
+        }
+    plain.close()
+    assert columns == {
+        DELIVERIES_TABLE: DELIVERY_COLUMNS,
+        DOWNSTREAM_IDS_TABLE: DOWNSTREAM_ID_COLUMNS,
+        BLOCKED_ORDERS_TABLE: BLOCKED_ORDER_COLUMNS,
+    }
+
+
+async def test_synchronous_full_is_accepted_and_anything_else_refused(tmp_path: Path) -> None:
+    async with SqliteDedupStore(tmp_path / "full.sqlite3", synchronous="FULL") as store:
+        store.put(state("k1"))
+        assert await store.flush() == 1
+    with pytest.raises(ConfigError, match="synchronous"):
+        SqliteDedupStore(tmp_path / "x.sqlite3", synchronous="OFF")  # type: ignore[arg-type]
+
+
+async def test_open_and_close_are_idempotent(tmp_path: Path) -> None:
+    store = SqliteDedupStore(tmp_path / "crm.dedup.sqlite3")
+    await store.open()
+    await store.open()
+    store.put(state("k1"))
+    await store.close()
+    await store.close()
+    async with SqliteDedupStore(tmp_path / "crm.dedup.sqlite3") as reopened:
+        assert await reopened.get_many(["k1"]) == {"k1": state("k1")}
+
+
+async def test_using_a_closed_store_is_a_store_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "crm.dedup.sqlite3"
+    store = SqliteDedupStore(path)
+    with pytest.raises(StoreError, match="not open") as exc:
+        store.put(state("k1"))  # refused at once: a write buffered in a closed store would be lost silently
+    assert str(path) in str(exc.value)
+    with pytest.raises(StoreError, match="not open"):
+        await store.get_many(["k1"])
+
+
+async def test_a_corrupt_file_is_a_store_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "crm.dedup.sqlite3"
+    path.write_bytes(b"this is not a database, just bytes " * 200)
+    with pytest.raises(StoreError) as exc:
+        await SqliteDedupStore(path).open()
+    assert str(path) in str(exc.value)
+    assert isinstance(exc.value.__cause__, sqlite3.Error)
+
+
+async def test_a_failed_flush_writes_nothing_and_keeps_the_buffer(tmp_path: Path) -> None:
+    path = tmp_path / "crm.dedup.sqlite3"
+    async with SqliteDedupStore(path) as store:
+        store.put(state("k1"))
+        store.put_downstream_id("SO-1001", "crm-77")
+        with sqlite3.connect(path) as vandal:
+            vandal.execute(f"DROP TABLE {DOWNSTREAM_IDS_TABLE}")  # the second statement of the flush fails
+        vandal.close()
+        with pytest.raises(StoreError, match="flush failed") as exc:
+            await store.flush()
+        assert str(path) in str(exc.value)
+        assert store.pending_writes == 2
+        # The states written before the failing statement were rolled back. (Read with plain sqlite3: opening
+        # another store would create the dropped table again.)
+        with sqlite3.connect(path) as plain:
+            rows = plain.execute(f"SELECT count(*) FROM {DELIVERIES_TABLE}").fetchall()  # noqa: S608 -- constant
+        plain.close()
+        assert rows == [(0,)]
+        with pytest.raises(StoreError, match="flush failed"):
+            await store.close()  # close still flushes, fails the same way, and closes anyway
+    with pytest.raises(StoreError, match="not open"):
+        await store.flush()
+
+
+# The writer that gets killed: it flushes batches of 100 states (one order each, with a downstream id) and
+# prints the number of each batch once its flush has returned.
+_WRITER = """
+import asyncio, sys
+from consumers.dedup import DeliveryState, SqliteDedupStore
+
+async def main() -> None:
+    async with SqliteDedupStore(sys.argv[1]) as store:
+        batch = 0
+        while True:
+            for i in range(100):
+                store.put(DeliveryState(
+                    key=f"{batch}:{i}", event_id=f"e{batch}:{i}", order_ref=f"SO-{batch}", status="done",
+                    attempts=1, last_status=201, first_attempt_at=1.0, last_attempt_at=2.0,
+                    downstream_id=f"d{batch}", reply_digest=None, reason=None, updated_at=float(batch),
+                ))
+            store.put_downstream_id(f"SO-{batch}", f"d{batch}")
+            await store.flush()
+            print(batch, flush=True)
+            batch += 1
+
+asyncio.run(main())
+"""
+
+
+async def test_a_file_reopened_after_its_writer_was_killed_has_every_flushed_state(tmp_path: Path) -> None:
+    path = tmp_path / "crm.dedup.sqlite3"
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WRITER, str(path), cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    assert writer.stdout is not None
+    last_reported = -1
+    try:
+        while last_reported < 30:
+            line = await writer.stdout.readline()
+            assert line, f"the writer exited early with {await writer.wait()}"
+            last_reported = int(line)
+    finally:
+        writer.send_signal(signal.SIGKILL)  # mid-run: it keeps writing while we read
+        await writer.wait()
+    async with SqliteDedupStore(path) as reopened:
+        assert await reopened.integrity_check() == "ok"
+        for batch in range(last_reported + 1):
+            keys = [f"{batch}:{i}" for i in range(100)]
+            got = await reopened.get_many(keys)
+            assert sorted(got) == sorted(keys), f"batch {batch} was flushed but is not complete"
+            assert {s.order_ref for s in got.values()} == {f"SO-{batch}"}
+            assert await reopened.downstream_id(f"SO-{batch}") == f"d{batch}"
+        # A batch whose flush the kill interrupted is all there or not there at all.
+        after = await reopened.get_many([f"{last_reported + 1}:{i}" for i in range(100)])
+        assert len(after) in (0, 100)

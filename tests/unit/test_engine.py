@@ -1,0 +1,427 @@
+"""The delivery engine with fakes of its real ports: a Kafka consumer twin, a scripted downstream, the in-memory
+dedup store and a recording dead-letter writer, on virtual time (FakeClock.autojump: no real sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from consumers.backoff import Backoff
+from consumers.clock import FakeClock
+from consumers.deadletter import DeadLetter, read_headers
+from consumers.dedup import DeliveryState, MemoryDedupStore
+from consumers.delivery import Reply, TransportFailure
+from consumers.engine import EngineConfig, SinkEngine
+from consumers.metrics import EngineMetrics
+from consumers.sink import HttpRequest, RestSink
+from consumers.work import idempotency_key
+from topics.codec import encode
+from topics.envelope import EventType
+from topics.errors import PublishError
+from topics.samples import sample_event
+
+TOPIC = "orders"
+TP0 = (TOPIC, 0)
+TP1 = (TOPIC, 1)
+
+
+@dataclass
+class FakeRecord:
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int = 1_799_999_999_000
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass
+class FakeConsumer:
+    """Implements `consumers.engine.ConsumerPort` over in-memory partitions."""
+
+    clock: FakeClock
+    partitions: dict[tuple[str, int], list[FakeRecord]] = field(default_factory=dict)
+    paused: set[tuple[str, int]] = field(default_factory=set)
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    commits: int = 0
+    position: dict[tuple[str, int], int] = field(default_factory=dict)
+    max_paused: int = 0
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[tuple[str, int], list[Any]]:
+        batch: dict[tuple[str, int], list[Any]] = {}
+        room = max_records
+        for tp, records in sorted(self.partitions.items()):
+            if tp in self.paused or room <= 0:
+                continue
+            start = self.position.get(tp, 0)
+            taken = records[start : start + room]
+            if taken:
+                batch[tp] = taken
+                self.position[tp] = start + len(taken)
+                room -= len(taken)
+        if not batch:
+            await self.clock.sleep(timeout_ms / 1000)
+        return batch
+
+    async def commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        for tp, offset in offsets.items():
+            assert offset >= self.committed.get(tp, 0), "commits never go backwards"
+            self.committed[tp] = offset
+        self.commits += 1
+
+    def pause(self, tps: Iterable[tuple[str, int]]) -> None:
+        self.paused |= set(tps)
+        self.max_paused = max(self.max_paused, len(self.paused))
+
+    def resume(self, tps: Iterable[tuple[str, int]]) -> None:
+        self.paused -= set(tps)
+
+    def assignment(self) -> set[tuple[str, int]]:
+        return set(self.partitions)
+
+    def highwater(self, tp: tuple[str, int]) -> int | None:
+        return len(self.partitions.get(tp, []))
+
+
+Script = Callable[[HttpRequest, int], Reply | TransportFailure]
+
+
+@dataclass
+class Downstream:
+    """A scripted downstream: `script(request, nth attempt of this idempotency key)` decides each answer."""
+
+    clock: FakeClock
+    script: Script | None = None
+    latency: float = 0.01
+    calls: list[tuple[float, str, str, str]] = field(default_factory=list)
+    attempts: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    async def __call__(self, request: HttpRequest, key: str) -> Reply | TransportFailure:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self.clock.sleep(self.latency)
+        finally:
+            self.in_flight -= 1
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        self.calls.append((self.clock.now(), request.method, request.url, key))
+        if self.script is not None:
+            return self.script(request, self.attempts[key])
+        return ok()
+
+    def order_of(self, order_number: str) -> list[str]:
+        return [key for _, _, url, key in self.calls if order_number in url or url.endswith("/orders")]
+
+
+def ok(status: int = 201, body: bytes = b'{"id": "d-1"}') -> Reply:
+    return Reply(status, None, body, 0.01)
+
+
+def answer(status: int, retry_after: str | None = None, body: bytes = b"{}") -> Reply:
+    return Reply(status, retry_after, body, 0.01)
+
+
+@dataclass
+class DeadLetters:
+    letters: list[DeadLetter] = field(default_factory=list)
+    failures_left: int = 0
+
+    async def write(self, letter: DeadLetter) -> None:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise PublishError("broker unreachable")
+        self.letters.append(letter)
+
+
+@dataclass
+class Harness:
+    clock: FakeClock
+    consumer: FakeConsumer
+    downstream: Downstream
+    store: MemoryDedupStore
+    dead: DeadLetters
+    registry: CollectorRegistry
+    engine: SinkEngine
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, {"sink": "crm", **labels})
+        return 0.0 if value is None else value
+
+    async def run_until(self, finished: int, *, limit: float = 3600.0) -> None:
+        """Run the engine until `finished` records are terminal; fail after `limit` virtual seconds."""
+        stop = asyncio.Event()
+
+        async def watchdog() -> None:
+            await self.clock.sleep(limit)
+            stop.set()
+
+        guard = asyncio.create_task(watchdog())
+        try:
+            await self.engine.run(stop, max_records=finished)
+        finally:
+            guard.cancel()
+        assert self.engine.finished >= finished, f"only {self.engine.finished} of {finished} finished in {limit} s"
+
+    async def wait_finished(self, count: int) -> None:
+        while self.engine.finished < count:
+            await self.clock.sleep(0.1)
+
+
+def record(
+    offset: int, order_number: str, event_type: EventType = "order.created", seed: int | None = None
+) -> FakeRecord:
+    event = sample_event(random.Random(seed if seed is not None else offset), order_number=order_number)
+    event = event.model_copy(update={"event_type": event_type})
+    encoded = encode(event)
+    return FakeRecord(offset, encoded.key, encoded.value, headers=tuple(encoded.headers))
+
+
+@pytest.fixture
+async def harness_factory() -> AsyncIterator[Callable[..., Harness]]:
+    clock = FakeClock()
+    made: list[Harness] = []
+
+    def make(
+        partitions: dict[tuple[str, int], list[FakeRecord]], script: Script | None = None, **config: Any
+    ) -> Harness:
+        consumer = FakeConsumer(clock, partitions)
+        downstream = Downstream(clock, script)
+        store = MemoryDedupStore()
+        dead = DeadLetters()
+        registry = CollectorRegistry()
+        settings = {"backoff": Backoff(base=1.0, cap=8.0, max_attempts=5, max_elapsed=600.0), **config}
+        engine = SinkEngine(
+            RestSink("crm", "http://crm.test"),
+            consumer,
+            downstream,
+            store,
+            dead,
+            EngineMetrics(registry),
+            clock,
+            EngineConfig(**settings),
+            rng=random.Random(1),
+        )
+        harness = Harness(clock, consumer, downstream, store, dead, registry, engine)
+        made.append(harness)
+        return harness
+
+    async with clock.autojump():
+        yield make
+
+
+async def test_every_record_is_delivered_and_the_offsets_committed(harness_factory: Callable[..., Harness]) -> None:
+    h = harness_factory({TP0: [record(i, f"SO-{i % 7}", seed=i) for i in range(50)], TP1: [record(0, "SO-X")]})
+    await h.run_until(51)
+    assert len(h.downstream.calls) == 51
+    assert h.consumer.committed == {TP0: 50, TP1: 1}
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 51
+    assert h.dead.letters == []
+    states = await h.store.get_many([key for _, _, _, key in h.downstream.calls])
+    assert {state.status for state in states.values()} == {"done"}
+
+
+async def test_one_keys_records_arrive_in_order_across_retries_while_other_keys_flow(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    first_of_a = idempotency_key("crm", str(sample_event(random.Random(0), order_number="SO-A").event_id))
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        # The first event of SO-A fails twice with 503, everything else succeeds at once.
+        if request.headers.get("X-Event-Id") and first_of_a.endswith(request.headers["X-Event-Id"]) and nth < 3:
+            return answer(503)
+        return ok()
+
+    records = [
+        record(0, "SO-A", "order.created", seed=0),
+        record(1, "SO-B", "order.created", seed=1),
+        record(2, "SO-A", "order.updated", seed=2),
+        record(3, "SO-A", "order.cancelled", seed=3),
+        record(4, "SO-B", "order.updated", seed=4),
+    ]
+    h = harness_factory({TP0: records}, script)
+    await h.run_until(5)
+    a_calls = [
+        (t, m) for t, m, url, key in h.downstream.calls if key.startswith("orderbus:crm:") and _order(h, key) == "SO-A"
+    ]
+    assert [m for _, m in a_calls] == ["POST", "POST", "POST", "PUT", "DELETE"]
+    b_done = max(t for t, m, url, key in h.downstream.calls if _order(h, key) == "SO-B")
+    assert b_done < a_calls[2][0], "SO-B was delivered while SO-A was parked"
+    assert h.metric("orderbus_retries_total", reason="5xx") == 2
+    assert h.consumer.committed == {TP0: 5}
+
+
+def _order(h: Harness, key: str) -> str:
+    for records in h.consumer.partitions.values():
+        for rec in records:
+            if rec.value and key.split(":")[-1].encode() in rec.value:
+                return (rec.key or b"").decode()
+    return "?"
+
+
+async def test_a_400_is_dead_lettered_at_once_and_the_orders_later_events_follow_it(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if request.method == "POST" and b"SO-BAD" in (request.body or b""):
+            return answer(400, body=b'{"error": "vat_id is malformed"}')
+        return ok()
+
+    records = [record(0, "SO-BAD"), record(1, "SO-BAD", "order.updated"), record(2, "SO-OK")]
+    h = harness_factory({TP0: records}, script)
+    await h.run_until(3)
+    assert [letter.reason for letter in h.dead.letters] == ["rejected", "dead-lettered-predecessor"]
+    first = h.dead.letters[0]
+    meta = read_headers(first.record_headers())
+    assert meta["http-status"] == "400"
+    assert "vat_id is malformed" in meta["body-excerpt"]
+    assert meta["rule"] == "bad-request"
+    assert meta["attempts"] == "1"
+    assert (meta["topic"], meta["partition"], meta["offset"]) == (TOPIC, "0", "0")
+    assert first.value == records[0].value, "the original value is kept byte for byte"
+    assert len([c for c in h.downstream.calls if c[1] == "POST"]) == 2, "no retry of the 400"
+    assert h.consumer.committed == {TP0: 3}
+    assert await h.store.blocked_orders(["SO-BAD", "SO-OK"]) == {"SO-BAD"}
+
+
+async def test_retries_exhausted_become_a_dead_letter(harness_factory: Callable[..., Harness]) -> None:
+    h = harness_factory({TP0: [record(0, "SO-1")]}, lambda request, nth: TransportFailure("timeout", "slow", 10.0))
+    await h.run_until(1)
+    [letter] = h.dead.letters
+    assert letter.reason == "retries-exhausted"
+    assert letter.attempts == 5
+    assert h.metric("orderbus_http_responses_total", status_class="timeout") == 5
+
+
+async def test_poison_records_are_dead_lettered_as_invalid_and_nothing_stalls(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    poison = [
+        FakeRecord(0, b"SO-1", b"not json"),
+        FakeRecord(1, b"SO-2", None),
+        FakeRecord(2, b"SO-3", b'{"schema_version": 1}'),
+        FakeRecord(3, None, b"\xff\xfe"),
+    ]
+    h = harness_factory({TP0: [*poison, record(4, "SO-4")]})
+    await h.run_until(5)
+    assert [letter.reason for letter in h.dead.letters] == ["invalid"] * 4
+    assert "value" in read_headers(h.dead.letters[0].record_headers())["detail"]
+    assert len(h.downstream.calls) == 1
+    assert h.consumer.committed == {TP0: 5}
+
+
+async def test_a_redelivered_record_is_skipped_and_counted(harness_factory: Callable[..., Harness]) -> None:
+    rec = record(0, "SO-1")
+    h = harness_factory({TP0: [rec, record(1, "SO-2")]})
+    event_id = sample_event(random.Random(0), order_number="SO-1").event_id
+    key = idempotency_key("crm", str(event_id))
+    h.store.put(DeliveryState(key, str(event_id), "SO-1", "done", 1, 201, 1.0, 1.0, "d-1", None, None, 1.0))
+    await h.store.flush()
+    await h.run_until(2)
+    assert key not in [k for _, _, _, k in h.downstream.calls]
+    assert h.metric("orderbus_dedup_hits_total") == 1
+    assert h.consumer.committed == {TP0: 2}
+
+
+async def test_a_429_with_retry_after_holds_the_whole_sink(harness_factory: Callable[..., Harness]) -> None:
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-ONE" in (request.body or b"") and nth == 1:
+            return answer(429, retry_after="2")
+        return ok()
+
+    records = [record(0, "SO-ONE"), *[record(i, f"SO-OTHER-{i}") for i in range(1, 6)]]
+    h = harness_factory({TP0: records}, script, max_in_flight=1)
+    await h.run_until(6)
+    answered_429 = h.downstream.calls[0][0]
+    assert h.downstream.calls[0][2].endswith("/orders")
+    later = [t for t, *_ in h.downstream.calls[1:]]
+    # Answers are recorded after the downstream's latency; every request after the 429 started >= 2 s later.
+    assert len(later) == 6
+    assert min(later) - h.downstream.latency >= answered_429 + 2.0
+    assert h.metric("orderbus_last_retry_after_seconds") == 2.0
+    assert h.metric("orderbus_throttled_seconds_total") >= 1.9
+
+
+async def test_401_pauses_the_sink_without_dead_letters_and_resumes(harness_factory: Callable[..., Harness]) -> None:
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(401) if nth == 1 else ok()
+
+    h = harness_factory({TP0: [record(i, f"SO-{i}") for i in range(3)]}, script, auth_pause=30.0)
+    await h.run_until(3)
+    assert h.dead.letters == []
+    assert h.metric("orderbus_auth_failures_total") >= 1
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 3
+    assert h.clock.now() - 1000.0 >= 30.0, "the probe came after the auth pause"
+
+
+async def test_buffer_stays_bounded_and_partitions_pause(harness_factory: Callable[..., Harness]) -> None:
+    h = harness_factory(
+        {TP0: [record(i, f"SO-{i}") for i in range(200)], TP1: [record(i, f"SO-B{i}") for i in range(200)]},
+        max_buffered=20,
+        max_in_flight=4,
+    )
+    h.downstream.latency = 0.5
+    peak = 0
+    original = h.downstream.__call__
+
+    async def observed(request: HttpRequest, key: str) -> Reply | TransportFailure:
+        nonlocal peak
+        peak = max(peak, h.engine.buffered)
+        return await original(request, key)
+
+    h.engine._context.deliver = observed
+    await h.run_until(400)
+    assert peak <= 20
+    assert h.consumer.max_paused == 2, "both partitions were paused while the buffer was full"
+    assert h.downstream.max_in_flight <= 4
+    assert h.consumer.committed == {TP0: 200, TP1: 200}
+
+
+async def test_commits_stop_at_the_oldest_unfinished_record(harness_factory: Callable[..., Harness]) -> None:
+    blocked = asyncio.Event()
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if b"SO-STUCK" in (request.body or b"") and not blocked.is_set() else ok()
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-OK0"), record(1, "SO-STUCK"), *[record(i, f"SO-{i}") for i in range(2, 10)]]}, script
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.wait_finished(9)
+    await h.clock.sleep(5)
+    assert h.consumer.committed == {TP0: 1}, "nothing past the stuck record is committed"
+    blocked.set()
+    await h.wait_finished(10)
+    await h.clock.sleep(5)
+    assert h.consumer.committed == {TP0: 10}
+    stop.set()
+    await runner
+
+
+async def test_a_dead_letter_that_cannot_be_written_holds_the_offset(harness_factory: Callable[..., Harness]) -> None:
+    h = harness_factory({TP0: [FakeRecord(0, b"SO-1", b"junk")]})
+    h.dead.failures_left = 3
+    await h.run_until(1)
+    assert len(h.dead.letters) == 1
+    assert h.consumer.committed == {TP0: 1}
+
+
+async def test_stop_drains_requests_under_way_and_commits(harness_factory: Callable[..., Harness]) -> None:
+    h = harness_factory({TP0: [record(i, f"SO-{i}") for i in range(10)]}, max_in_flight=10)
+    h.downstream.latency = 1.0
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    while h.downstream.in_flight < 10:
+        await h.clock.sleep(0.01)
+    stop.set()
+    await runner
+    assert len(h.downstream.calls) == 10
+    assert h.consumer.committed == {TP0: 10}
+    assert h.store.pending_writes == 0
