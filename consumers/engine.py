@@ -58,7 +58,11 @@ class ConsumerPort(Protocol):
 
     def assignment(self) -> set[TopicPartitionKey]: ...
 
-    def highwater(self, tp: TopicPartitionKey) -> int | None: ...
+    async def end_offsets(self, tps: Iterable[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]: ...
+
+    async def committed_offset(self, tp: TopicPartitionKey) -> int | None: ...
+
+    async def beginning_offsets(self, tps: Iterable[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]: ...
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class EngineConfig:
     commit_interval: float = 1.0
     shutdown_grace: float = 10.0
     fetch_wait: float = 0.2
+    lag_interval: float = 2.0
     rate: float | None = None
     burst: int | None = None
     backoff: Backoff = field(default_factory=Backoff)
@@ -111,6 +116,8 @@ class SinkEngine:
         self._progress = asyncio.Event()
         self._next_commit = 0.0
         self._throttled_reported = 0.0
+        self._next_lag = 0.0
+        self._lag: dict[TopicPartitionKey, int] = {}
         self._context = LaneContext(
             sink=sink,
             deliver=deliver,
@@ -145,6 +152,7 @@ class SinkEngine:
                 await self._dispatch(works)
                 await self._maybe_commit()
                 self._backpressure()
+                await self._maybe_measure_lag()
                 self._report()
         finally:
             await self.drain(self._consumer.assignment())
@@ -305,6 +313,8 @@ class SinkEngine:
             self._lanes.pop(lane.id, None)
         self._offsets.revoke(tps)
         self._paused -= tps
+        for tp in tps:
+            self._lag.pop(tp, None)
         self._report()
 
     # ------------------------------------------------------------------ reporting
@@ -329,23 +339,55 @@ class SinkEngine:
             metrics.retry_after.labels(name).set(context.pacer.last_retry_after)
         assigned = self._consumer.assignment()
         metrics.assigned_partitions.labels(name).set(len(assigned))
-        for tp in assigned:
-            high = self._consumer.highwater(tp)
-            if high is not None:
-                metrics.lag.labels(name, str(tp[1])).set(max(0, high - self._position(tp, high)))
+        for tp, lag in self._lag.items():
+            metrics.lag.labels(name, str(tp[1])).set(lag)
         oldest = min((lane.oldest_timestamp for lane in self._lanes.values() if not lane.empty), default=None)
         age = 0.0 if oldest is None else max(0.0, self._clock.wall() - oldest / 1000)
         metrics.oldest_pending.labels(name).set(age)
 
-    def _position(self, tp: TopicPartitionKey, high: int) -> int:
-        """Where this sink stands in `tp`: the oldest record not finished, else the last commit, else caught up."""
+    async def _maybe_measure_lag(self) -> None:
+        """Lag per partition, measured in-process: the end offset minus where this sink stands.
+
+        End offsets are asked for (ListOffsets) every `lag_interval`, because paused partitions are not
+        fetched and so their high watermark would go stale exactly when the lag matters.
+        """
+        if self._clock.now() < self._next_lag:
+            return
+        self._next_lag = self._clock.now() + self.config.lag_interval
+        assigned = self._consumer.assignment()
+        if not assigned:
+            self._lag = {}
+            return
+        try:
+            ends = await self._consumer.end_offsets(assigned)
+            lag = {}
+            starts: Mapping[TopicPartitionKey, int] | None = None
+            for tp, end in ends.items():
+                position = await self._position(tp)
+                if position is None:  # nothing committed yet: the group starts from the beginning
+                    starts = starts or await self._consumer.beginning_offsets(assigned)
+                    position = starts.get(tp, 0)
+                lag[tp] = max(0, end - position)
+        except KafkaError as exc:
+            log.debug("lag not measured", extra={"sink": self.sink.name, "error": repr(exc)})
+            return
+        self._lag = lag
+
+    async def _position(self, tp: TopicPartitionKey) -> int | None:
+        """Where this sink stands in `tp`: its oldest unfinished record, else its last commit."""
         oldest = self._offsets.oldest_pending(tp)
         if oldest is not None:
             return oldest
         committed = self._offsets.committed_position(tp)
-        return high if committed is None else committed
+        if committed is not None:
+            return committed
+        return await self._consumer.committed_offset(tp)
 
     # ------------------------------------------------------------------ state, for /readyz and `orderbus status`
+
+    @property
+    def assigned(self) -> int:
+        return len(self._consumer.assignment())
 
     @property
     def buffered(self) -> int:

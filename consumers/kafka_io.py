@@ -45,8 +45,16 @@ class KafkaConsumerPort:
     def assignment(self) -> set[TopicPartitionKey]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
-    def highwater(self, tp: TopicPartitionKey) -> int | None:
-        value: int | None = self._consumer.highwater(TopicPartition(*tp))
+    async def end_offsets(self, tps: Iterable[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]:
+        ends = await self._consumer.end_offsets([TopicPartition(*tp) for tp in tps])
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+    async def beginning_offsets(self, tps: Iterable[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]:
+        starts = await self._consumer.beginning_offsets([TopicPartition(*tp) for tp in tps])
+        return {(tp.topic, tp.partition): offset for tp, offset in starts.items()}
+
+    async def committed_offset(self, tp: TopicPartitionKey) -> int | None:
+        value: int | None = await self._consumer.committed(TopicPartition(*tp))
         return value
 
 

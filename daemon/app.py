@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from daemon.ingest import Ingest
 
@@ -14,7 +15,11 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
 
 def build_app(
-    *, ingest: Ingest | None, readiness: Callable[[], dict[str, str]], max_body_bytes: int = 1_048_576
+    *,
+    ingest: Ingest | None,
+    readiness: Callable[[], dict[str, str]],
+    max_body_bytes: int = 1_048_576,
+    registry: CollectorRegistry | None = None,
 ) -> web.Application:
     """The HTTP surface: the ingest (when enabled), the OpenAPI document, health and readiness.
 
@@ -39,6 +44,11 @@ def build_app(
         body = {"status": "ready" if not reasons else "not ready", "reasons": reasons}
         return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
 
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(registry) if registry is not None else b""
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

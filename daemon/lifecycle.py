@@ -1,6 +1,6 @@
 """The daemon's lifecycle: open everything in dependency order, serve until asked to stop, close in reverse.
 
-One `AsyncExitStack` owns every resource (SQLite → Kafka producer → ingest → HTTP server), so a failure while
+One `AsyncExitStack` owns every resource (SQLite → Kafka producer → ingest → sinks → HTTP server), so a failure while
 starting closes what was already open, and a clean stop closes everything in reverse order. Signal handlers only
 set the stop event (see `daemon.cli`).
 """
@@ -14,7 +14,13 @@ import time
 from contextlib import AsyncExitStack
 
 from aiohttp import web
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry
 
+from consumers.engine import SinkEngine
+from consumers.kafka_io import KafkaDeadLetterWriter, dead_letter_producer
+from consumers.metrics import EngineMetrics
+from consumers.runner import HttpConfig, open_sink
 from daemon.app import build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import SqliteIngestKeyStore
@@ -22,8 +28,9 @@ from daemon.kafka_options import client_options
 from daemon.publisher import KafkaPublisher
 from daemon.settings import Settings
 from daemon.signature import WebhookVerifier
+from daemon.sinks import build_sink, engine_config
 from topics.catalogue import orders_topic
-from topics.errors import ConfigError
+from topics.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +38,20 @@ INGEST_KEYS_FILE = "ingest-keys.sqlite"
 _PRUNE_INTERVAL = 3600.0
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    """Run the daemon until `stop` is set."""
+async def serve(settings: Settings, stop: asyncio.Event, *, registry: CollectorRegistry | None = None) -> None:
+    """Run the daemon until `stop` is set; a sink that fails stops the whole daemon with its error."""
+    registry = registry if registry is not None else CollectorRegistry()
     async with AsyncExitStack() as stack:
-        readiness: dict[str, str] = {}
         ingest: Ingest | None = None
         publisher: KafkaPublisher | None = None
         if settings.ingest.enabled:
             ingest, publisher = await _open_ingest(settings, stack)
+        engines = await _open_sinks(settings, stack, EngineMetrics(registry))
         app = build_app(
             ingest=ingest,
-            readiness=lambda: _reasons(publisher, readiness),
+            readiness=lambda: _reasons(publisher, engines),
             max_body_bytes=settings.ingest.max_body_bytes,
+            registry=registry,
         )
         runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
         await runner.setup()
@@ -56,8 +65,57 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 f"{exc.strerror}"
             ) from None
         log.info("listening on http://%s:%d", settings.ingest.host, settings.ingest.port)
-        await stop.wait()
-        log.info("stopping")
+        await _run_sinks(engines, stop)
+        log.info("stopped")
+
+
+async def _run_sinks(engines: dict[str, SinkEngine], stop: asyncio.Event) -> None:
+    """Run every engine until `stop`; if one fails, stop the others (they drain and commit) and re-raise."""
+    tasks = [asyncio.create_task(engine.run(stop), name=f"sink-{name}") for name, engine in engines.items()]
+    stopped = asyncio.create_task(stop.wait(), name="stop")
+    try:
+        await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        stopped.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    log.info("stopping")
+    for name, result in zip(engines, results, strict=True):
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            log.error("sink %s failed", name, exc_info=result)
+            raise result
+
+
+async def _open_sinks(settings: Settings, stack: AsyncExitStack, metrics: EngineMetrics) -> dict[str, SinkEngine]:
+    enabled = settings.enabled_sinks()
+    if not enabled:
+        return {}
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    options = client_options(settings.kafka)
+    producer = dead_letter_producer(options, request_timeout=settings.kafka.request_timeout)
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        raise BrokerError(f"cannot start the dead-letter producer: {exc!r}") from exc
+    stack.push_async_callback(producer.stop)
+    dead_letters = KafkaDeadLetterWriter(producer, prefix=settings.topics.prefix)
+    engines: dict[str, SinkEngine] = {}
+    for name, sink_settings in enabled.items():
+        engines[name] = await stack.enter_async_context(
+            open_sink(
+                build_sink(name, sink_settings),
+                client_options=options,
+                topic=orders_topic(settings.topics.prefix),
+                prefix=settings.topics.prefix,
+                dedup_path=settings.state_dir / f"dedup-{name}.sqlite",
+                dead_letters=dead_letters,
+                metrics=metrics,
+                config=engine_config(sink_settings),
+                http=HttpConfig(sink_settings.request_timeout, sink_settings.tls_verify, sink_settings.ca_bundle),
+            )
+        )
+    return engines
 
 
 async def _open_ingest(settings: Settings, stack: AsyncExitStack) -> tuple[Ingest, KafkaPublisher]:
@@ -95,10 +153,17 @@ async def _open_ingest(settings: Settings, stack: AsyncExitStack) -> tuple[Inges
     return ingest, publisher
 
 
-def _reasons(publisher: KafkaPublisher | None, extra: dict[str, str]) -> dict[str, str]:
-    reasons = dict(extra)
+def _reasons(publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -> dict[str, str]:
+    reasons: dict[str, str] = {}
     if publisher is not None and not publisher.available:
         reasons["ingest"] = "kafka is unreachable: the ingest cannot publish"
+    for name, engine in engines.items():
+        if engine.assigned == 0:
+            reasons[f"sink.{name}"] = "no partitions assigned (joining the group, or kafka unreachable)"
+        elif engine.auth_paused:
+            reasons[f"sink.{name}"] = "paused: the downstream refused our credentials (401/403)"
+        elif engine.circuit_state == "open":
+            reasons[f"sink.{name}"] = "circuit open: the downstream keeps failing"
     return reasons
 
 

@@ -1,7 +1,8 @@
 """The one settings model of orderbus: a TOML file, then ``ORDERBUS_*`` environment variables on top.
 
 Environment variables name a key as ``ORDERBUS_<SECTION>__<KEY>`` (``ORDERBUS_INGEST__PORT=8081``) or
-``ORDERBUS_<KEY>`` for top-level keys (``ORDERBUS_LOG_LEVEL=DEBUG``). ``<NAME>_FILE`` reads the value from a file
+``ORDERBUS_<KEY>`` for top-level keys (``ORDERBUS_LOG_LEVEL=DEBUG``), and deeper with more ``__``
+(``ORDERBUS_SINKS__CRM__RATE=20``). ``<NAME>_FILE`` reads the value from a file
 instead, which is how systemd credentials (``LoadCredential=``) and container secrets are handed over:
 ``ORDERBUS_INGEST__WEBHOOK_SECRETS_FILE=$CREDENTIALS_DIRECTORY/webhook-secret`` (one secret per line).
 
@@ -18,8 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from topics.catalogue import SINKS
 from topics.errors import ConfigError
 
 ENV_PREFIX = "ORDERBUS_"
@@ -89,6 +91,47 @@ class IngestSettings(_Section):
         return value
 
 
+class SinkSettings(_Section):
+    """One downstream system: where it is, how hard orderbus may push it, and what its answers mean."""
+
+    enabled: bool = False
+    base_url: str = Field("http://127.0.0.1:8090", pattern=r"^https?://[^\s/]+(/\S*)?$")
+    max_in_flight: int = Field(256, ge=1, le=4096)
+    max_buffered: int = Field(5000, ge=1, le=1_000_000)
+    rate: float | None = Field(None, gt=0, description="requests per second; none: unlimited")
+    burst: int | None = Field(None, ge=1)
+    request_timeout: Seconds = 10.0
+    commit_interval: Seconds = 1.0
+    shutdown_grace: Seconds = 10.0
+    backoff_base: Seconds = 0.5
+    backoff_cap: Seconds = 60.0
+    max_attempts: int = Field(12, ge=1, le=1000)
+    max_elapsed: Seconds = 3600.0
+    retry_after_cap: Seconds = 300.0
+    circuit_failure_ratio: float = Field(0.5, gt=0, le=1)
+    circuit_window: int = Field(20, ge=1, le=10_000)
+    circuit_min_calls: int = Field(10, ge=1)
+    circuit_open_for: Seconds = 30.0
+    auth_pause: Seconds = 60.0
+    response_policy: dict[str, Literal["done", "duplicate", "dead_letter", "pause_auth", "retry"]] = {}
+    tls_verify: bool = True
+    ca_bundle: Path | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SinkSettings:
+        if self.circuit_min_calls > self.circuit_window:
+            raise ValueError(
+                f"circuit_min_calls ({self.circuit_min_calls}) cannot exceed circuit_window ({self.circuit_window})"
+            )
+        if self.backoff_base > self.backoff_cap:
+            raise ValueError(f"backoff_base ({self.backoff_base}) cannot exceed backoff_cap ({self.backoff_cap})")
+        return self
+
+
+def _default_sinks() -> dict[str, SinkSettings]:
+    return {name: SinkSettings() for name in SINKS}
+
+
 class Settings(_Section):
     """Everything orderbus reads at start."""
 
@@ -97,6 +140,18 @@ class Settings(_Section):
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     ingest: IngestSettings = IngestSettings()
+    sinks: dict[str, SinkSettings] = Field(default_factory=_default_sinks)
+
+    @field_validator("sinks")
+    @classmethod
+    def _known_sinks(cls, value: dict[str, SinkSettings]) -> dict[str, SinkSettings]:
+        unknown = sorted(set(value) - set(SINKS))
+        if unknown:
+            raise ValueError(f"unknown sink {unknown[0]!r}; the sinks are {', '.join(SINKS)}")
+        return {**_default_sinks(), **value}
+
+    def enabled_sinks(self) -> dict[str, SinkSettings]:
+        return {name: sink for name, sink in self.sinks.items() if sink.enabled}
 
     def masked_json(self) -> str:
         """The effective settings as JSON, secrets shown as ``**********``."""
@@ -139,19 +194,21 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
         if key.endswith("_file"):
             key = key.removesuffix("_file")
             value = _read_secret_file(name, raw)
-        section, sep, field = key.partition("__")
-        if not sep:
+        path = key.split("__")
+        if len(path) == 1:
             if key in top_level:
                 data[key] = value
                 origins[key] = name
             continue  # ORDERBUS_* variables of other tools (e.g. ORDERBUS_KAFKA_CACHE) are not settings
-        if section not in top_level or not field:
-            raise ConfigError(f"environment variable {name}: no setting {section}.{field or '?'}")
-        target = data.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"environment variable {name}: {section} is not a section")
-        target[field] = _env_value(value)
-        origins[f"{section}.{field}"] = name
+        if path[0] not in top_level or not all(path):
+            raise ConfigError(f"environment variable {name}: no setting {'.'.join(path)}")
+        target = data
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"environment variable {name}: {part} is not a section")
+        target[path[-1]] = _env_value(value)
+        origins[".".join(path)] = name
     return origins
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from daemon import kafka_local
 from daemon.kafka_local import BrokerInfo
+from daemon.sandbox import SandboxClient, SandboxProcess, start_sandbox_process
 from topics.errors import LocalKafkaError
 
 # Two brokers may run at once (session + private) on a shared 2-core machine: keep each heap small.
@@ -71,3 +72,21 @@ def unique_name(request: pytest.FixtureRequest) -> str:
     """A topic/group name no other test uses: the test's name (legal characters only) plus a random suffix."""
     stem = re.sub(r"[^A-Za-z0-9-]+", "-", request.node.name).strip("-")[:60]
     return f"{stem}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def sandbox_process() -> Iterator[SandboxProcess]:
+    """One sandbox downstream process for the session (reset by `sandbox` before each test)."""
+    process = start_sandbox_process(keep_bodies=False)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def sandbox(sandbox_process: SandboxProcess) -> AsyncIterator[SandboxClient]:
+    """The session's sandbox, reset: empty ledger, no faults, no script."""
+    async with sandbox_process.client() as client:
+        await client.reset()
+        yield client

@@ -84,8 +84,14 @@ class FakeConsumer:
     def assignment(self) -> set[tuple[str, int]]:
         return set(self.partitions)
 
-    def highwater(self, tp: tuple[str, int]) -> int | None:
-        return len(self.partitions.get(tp, []))
+    async def end_offsets(self, tps: Iterable[tuple[str, int]]) -> Mapping[tuple[str, int], int]:
+        return {tp: len(self.partitions.get(tp, [])) for tp in tps}
+
+    async def beginning_offsets(self, tps: Iterable[tuple[str, int]]) -> Mapping[tuple[str, int], int]:
+        return dict.fromkeys(tps, 0)
+
+    async def committed_offset(self, tp: tuple[str, int]) -> int | None:
+        return self.committed.get(tp)
 
 
 Script = Callable[[HttpRequest, int], Reply | TransportFailure]

@@ -1,0 +1,226 @@
+"""The delivery engine end to end, in-process: real Kafka, the sandbox systems in their own process, SQLite files.
+
+Each test runs the whole daemon (`daemon.lifecycle.serve`) with the three sinks pointed at the sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from support import (
+    committed_vs_end,
+    make_events,
+    orders_of,
+    produce,
+    produce_raw,
+    read_topic,
+    running_daemon,
+    settings_for,
+    with_type,
+)
+
+from consumers.deadletter import read_headers
+from daemon.kafka_local import BrokerInfo
+from daemon.sandbox import SandboxClient, SandboxProcess
+from topics.catalogue import SINKS, consumer_group, dlq_topic
+
+pytestmark = pytest.mark.integration
+
+FAST_RETRIES: dict[str, Any] = {
+    "backoff_base": 0.05,
+    "backoff_cap": 0.5,
+    "max_attempts": 100,
+    "commit_interval": 0.3,
+    "request_timeout": 2.0,
+    "circuit_window": 100,
+    "circuit_min_calls": 50,
+    "circuit_open_for": 0.5,
+}
+
+
+def sink_settings(sandbox_process: SandboxProcess, **extra: Any) -> dict[str, dict[str, Any]]:
+    return {name: {"base_url": sandbox_process.system_url(name), **FAST_RETRIES, **extra} for name in SINKS}
+
+
+async def settle_commits(settings: Any, bootstrap: str) -> None:
+    """Every sink group has committed up to the end of the orders topic."""
+    for sink in SINKS:
+        committed, ends = await committed_vs_end(
+            bootstrap, orders_of(settings), consumer_group(sink, settings.topics.prefix)
+        )
+        assert committed == ends, f"{sink}: committed {committed} != end {ends}"
+
+
+async def test_mixed_faults_over_5000_orders_apply_each_exactly_once_per_sink(
+    kafka_broker: BrokerInfo,
+    sandbox_process: SandboxProcess,
+    sandbox: SandboxClient,
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    events = make_events(5000, seed=11)
+    rng = random.Random(5)
+    rejected = {name: sorted(rng.sample([e.order.order_number for e in events], 15)) for name in SINKS}
+    for name in SINKS:
+        await sandbox.faults(
+            name,
+            p503=0.05,
+            p429=0.002,
+            retry_after=1,
+            p_reset_after_effect=0.01,
+            p_timeout=0.002,
+            timeout_s=3,
+            reject_order_numbers=rejected[name],
+        )
+    poison: list[tuple[bytes | None, bytes | None]] = [
+        (b"SO-POISON-1", b"not json"),
+        (b"SO-POISON-2", b'{"schema_version": 1}'),
+        (None, b"\xff"),
+    ]
+    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sink_settings(sandbox_process))
+    async with running_daemon(settings):
+        await produce(kafka_broker.bootstrap, orders_of(settings), events)
+        await produce_raw(kafka_broker.bootstrap, orders_of(settings), poison)
+        for name in SINKS:
+            await sandbox.wait_ledger(name, 5000 - 15, timeout=240)
+        dead = {}
+        for name in SINKS:
+            for _ in range(200):
+                dead[name] = await read_topic(kafka_broker.bootstrap, dlq_topic(name, settings.topics.prefix))
+                if len(dead[name]) >= 15 + len(poison):
+                    break
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)  # one more commit interval after the last dead letter
+    stats = await sandbox.stats()
+    for name in SINKS:
+        ledger = await sandbox.ledger(name)
+        applied = Counter(entry["order_number"] for entry in ledger)
+        expected = {e.order.order_number for e in events} - set(rejected[name])
+        assert set(applied) == expected, f"{name}: lost {len(expected - set(applied))}"
+        assert max(applied.values()) == 1, f"{name}: applied twice: {[k for k, v in applied.items() if v > 1][:5]}"
+        reasons = Counter(read_headers(headers)["reason"] for _, _, headers in dead[name])
+        assert reasons == {"rejected": 15, "invalid": len(poison)}, reasons
+        dead_orders = sorted(
+            (key or b"").decode() for key, _, headers in dead[name] if read_headers(headers)["reason"] == "rejected"
+        )
+        assert dead_orders == rejected[name]
+        assert stats["systems"][name]["resets"] > 0, "the run really had ambiguous outcomes"
+    await settle_commits(settings, kafka_broker.bootstrap)
+
+
+async def test_retry_after_holds_that_sink_while_the_others_deliver(
+    kafka_broker: BrokerInfo,
+    sandbox_process: SandboxProcess,
+    sandbox: SandboxClient,
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    await sandbox.script("crm", [{"status": 429, "retry_after": 2}])
+    await sandbox.faults("*", latency_ms=20)
+    events = make_events(300, seed=2)
+    # One request at a time, so no request is already on the wire when the 429 arrives.
+    settings = settings_for(
+        kafka_broker, f"{unique_name}.", tmp_path, sinks=sink_settings(sandbox_process, max_in_flight=1)
+    )
+    async with running_daemon(settings):
+        await produce(kafka_broker.bootstrap, orders_of(settings), events)
+        for name in SINKS:
+            await sandbox.wait_ledger(name, 300, timeout=60)
+    crm = sorted(await sandbox.requests("crm"), key=lambda r: r["received_at"])
+    throttled = next(r for r in crm if r["status"] == 429)
+    answered = throttled["answered_at"]
+    assert answered is not None
+    later = [r["received_at"] for r in crm if r["received_at"] > throttled["received_at"]]
+    assert later
+    assert min(later) >= answered + 2.0, "crm was held for the whole Retry-After"
+    others = [
+        r for name in ("accounting", "shipping") for r in await sandbox.requests(name)
+        if answered < r["received_at"] < answered + 2.0
+    ]  # fmt: skip
+    assert len(others) > 10, "accounting and shipping kept delivering meanwhile"
+
+
+async def test_one_orders_events_reach_each_sink_in_order_across_retries(
+    kafka_broker: BrokerInfo,
+    sandbox_process: SandboxProcess,
+    sandbox: SandboxClient,
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    [created] = make_events(1, seed=9, prefix="SO-ORDER")
+    events = [created, with_type(created, "order.updated", 1), with_type(created, "order.cancelled", 2)]
+    others = make_events(50, seed=10)
+    number = created.order.order_number
+    await sandbox.script("crm", [{"status": 503, "times": 3, "match": {"method": "POST", "order_number": number}}])
+    await sandbox.script(
+        "shipping", [{"reset_after_effect": True, "match": {"method": "POST", "order_number": number}}]
+    )
+    await sandbox.script(
+        "accounting", [{"status": 500, "times": 2, "match": {"method": "PUT", "order_number": number}}]
+    )
+    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sink_settings(sandbox_process))
+    async with running_daemon(settings):
+        await produce(
+            kafka_broker.bootstrap, orders_of(settings), [events[0], *others[:25], events[1], *others[25:], events[2]]
+        )
+        for name in SINKS:
+            await sandbox.wait_ledger(name, 53, timeout=60)
+    for name in SINKS:
+        methods = [e["method"] for e in await sandbox.ledger(name) if e["order_number"] == number]
+        assert methods == ["POST", "PUT", "DELETE"], f"{name}: {methods}"
+        requests = [r for r in await sandbox.requests(name) if r["order_number"] == number]
+        first_put = next(i for i, r in enumerate(requests) if r["method"] == "PUT")
+        assert all(r["method"] == "POST" for r in requests[:first_put]), f"{name}: nothing overtook the create"
+
+
+async def test_a_sink_down_for_the_whole_run_stays_bounded_then_catches_up(
+    kafka_broker: BrokerInfo,
+    sandbox_process: SandboxProcess,
+    sandbox: SandboxClient,
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    await sandbox.faults("crm", p503=1.0)
+    events = make_events(1500, seed=4)
+    registry = CollectorRegistry()
+    settings = settings_for(
+        kafka_broker, f"{unique_name}.", tmp_path, sinks=sink_settings(sandbox_process, max_buffered=100)
+    )
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, {"sink": "crm", **labels}) or 0.0
+
+    async with running_daemon(settings, registry):
+        await produce(kafka_broker.bootstrap, orders_of(settings), events)
+        await sandbox.wait_ledger("accounting", 1500, timeout=90)
+        await sandbox.wait_ledger("shipping", 1500, timeout=90)
+
+        def crm_lag() -> float:
+            return sum(sample("orderbus_consumer_lag", partition=str(p)) for p in range(6))
+
+        for _ in range(100):  # the lag is measured every 2 s
+            if crm_lag() >= 1400:
+                break
+            await asyncio.sleep(0.1)
+        buffered, lag = [], []
+        for _ in range(20):
+            buffered.append(sample("orderbus_buffered_records"))
+            lag.append(crm_lag())
+            await asyncio.sleep(0.1)
+        assert max(buffered) <= 100
+        assert min(lag) >= 1400, "the lag shows the outage"
+        assert await sandbox.ledger("crm") == []
+        await sandbox.faults("crm")  # back
+        await sandbox.wait_ledger("crm", 1500, timeout=120)
+        for _ in range(100):
+            if crm_lag() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert crm_lag() == 0
+    await settle_commits(settings, kafka_broker.bootstrap)

@@ -1,0 +1,154 @@
+"""Helpers shared by the integration tests: free ports, settings for a test, a daemon in-process, topic reads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import socket
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from daemon.kafka_local import BrokerInfo
+from daemon.kafka_options import client_options, topic_layout
+from daemon.lifecycle import serve
+from daemon.settings import Settings, load_settings
+from topics.admin import apply_catalogue, partition_ids
+from topics.catalogue import catalogue, orders_topic
+from topics.codec import encode
+from topics.envelope import EventType, OrderEvent
+from topics.samples import sample_event
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def settings_for(
+    broker: BrokerInfo,
+    prefix: str,
+    state_dir: Path,
+    *,
+    partitions: int = 6,
+    sinks: Mapping[str, Mapping[str, Any]] | None = None,
+    **ingest: object,
+) -> Settings:
+    """Settings of a daemon under test, as environment variables (the way an operator overrides a file)."""
+    env = {
+        "ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+        "ORDERBUS_TOPICS__PREFIX": prefix,
+        "ORDERBUS_TOPICS__ORDERS_PARTITIONS": str(partitions),
+        "ORDERBUS_STATE_DIR": str(state_dir),
+        "ORDERBUS_INGEST__PORT": str(free_port()),
+    }
+    env.update({f"ORDERBUS_INGEST__{key.upper()}": str(value) for key, value in ingest.items()})
+    for name, values in (sinks or {}).items():
+        env[f"ORDERBUS_SINKS__{name.upper()}"] = json.dumps({"enabled": True, **values})
+    return load_settings(None, env=env)
+
+
+async def apply_topics(settings: Settings) -> None:
+    await apply_catalogue(catalogue(topic_layout(settings.topics)), client_options(settings.kafka))
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(settings: Settings, registry: CollectorRegistry | None = None) -> AsyncIterator[str]:
+    """The whole daemon in this process until the block ends (then a clean stop); yields its base URL."""
+    await apply_topics(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop, registry=registry))
+    base = f"http://127.0.0.1:{settings.ingest.port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(400):
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with session.get(f"{base}/healthz") as response:
+                    if response.status == 200:
+                        break
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.05)
+    try:
+        yield base
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+def make_events(count: int, *, seed: int = 0, prefix: str = "SO") -> list[OrderEvent]:
+    """`count` order.created events with distinct order numbers."""
+    return [sample_event(random.Random(seed * 1_000_003 + i), order_number=f"{prefix}-{i:06d}") for i in range(count)]
+
+
+def with_type(event: OrderEvent, event_type: EventType, seed: int) -> OrderEvent:
+    """Another event of the same order (a new event id)."""
+    fresh = sample_event(random.Random(seed), order_number=event.order.order_number)
+    return event.model_copy(update={"event_type": event_type, "event_id": fresh.event_id})
+
+
+async def produce(bootstrap: str, topic: str, events: list[OrderEvent]) -> None:
+    """Publish `events` the way an upstream system would: keyed by order number, acks=all."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    await producer.start()
+    try:
+        sends = []
+        for event in events:
+            record = encode(event)
+            sends.append(await producer.send(topic, value=record.value, key=record.key, headers=record.headers))
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+
+
+async def produce_raw(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send_and_wait(topic, value=value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]:
+    """Every record of `topic` from the beginning to the end offsets, as (key, value, headers)."""
+    partitions = [TopicPartition(topic, p) for p in await partition_ids(topic, {"bootstrap_servers": bootstrap})]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+        while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
+            batch = await consumer.getmany(timeout_ms=1000)
+            for messages in batch.values():
+                records.extend((m.key, m.value, list(m.headers or ())) for m in messages)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def committed_vs_end(bootstrap: str, topic: str, group: str) -> tuple[dict[int, int], dict[int, int]]:
+    """The group's committed offsets and the topic's end offsets, per partition."""
+    partitions = [TopicPartition(topic, p) for p in await partition_ids(topic, {"bootstrap_servers": bootstrap})]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(partitions)
+        committed = {tp.partition: (await consumer.committed(tp)) or 0 for tp in partitions}
+        return committed, {tp.partition: offset for tp, offset in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+def orders_of(settings: Settings) -> str:
+    return orders_topic(settings.topics.prefix)
