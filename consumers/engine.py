@@ -32,6 +32,7 @@ from consumers.clock import Clock
 from consumers.deadletter import DeadLetterWriter
 from consumers.dedup import DedupStore
 from consumers.delivery import Reply, TransportFailure
+from consumers.group_flush import GroupFlush
 from consumers.lane import Lane, LaneContext
 from consumers.metrics import CIRCUIT_STATES, EngineMetrics
 from consumers.offsets import OffsetTracker
@@ -118,6 +119,9 @@ class SinkEngine:
         self._throttled_reported = 0.0
         self._next_lag = 0.0
         self._lag: dict[TopicPartitionKey, int] = {}
+        self._lag_reported: set[int] = set()
+        self._kafka_seen = clock.now()  # the last time the broker answered a lag measurement
+        metrics.add_sink(sink.name)
         self._context = LaneContext(
             sink=sink,
             deliver=deliver,
@@ -139,7 +143,7 @@ class SinkEngine:
             auth=Circuit(clock, window=1, min_calls=1, failure_ratio=1.0, open_for=self.config.auth_pause),
             slots=asyncio.Semaphore(self.config.max_in_flight),
             rng=rng or random.Random(),
-            blocked=set(),
+            durable=GroupFlush(store).durable,
         )
 
     # ------------------------------------------------------------------ the run loop
@@ -253,6 +257,7 @@ class SinkEngine:
         # Step 4.
         self._offsets.mark_committed(offsets)
         self._metrics.commits.labels(self.sink.name).inc()
+        log.debug("committed", extra={"sink": self.sink.name, "offsets": {tp[1]: o for tp, o in offsets.items()}})
 
     # ------------------------------------------------------------------ backpressure, rebalance, drain
 
@@ -341,6 +346,10 @@ class SinkEngine:
         metrics.assigned_partitions.labels(name).set(len(assigned))
         for tp, lag in self._lag.items():
             metrics.lag.labels(name, str(tp[1])).set(lag)
+        measured = {tp[1] for tp in self._lag}
+        for partition in self._lag_reported - measured:
+            metrics.forget_partition(name, partition)
+        self._lag_reported = measured
         oldest = min((lane.oldest_timestamp for lane in self._lanes.values() if not lane.empty), default=None)
         age = 0.0 if oldest is None else max(0.0, self._clock.wall() - oldest / 1000)
         metrics.oldest_pending.labels(name).set(age)
@@ -349,7 +358,9 @@ class SinkEngine:
         """Lag per partition, measured in-process: the end offset minus where this sink stands.
 
         End offsets are asked for (ListOffsets) every `lag_interval`, because paused partitions are not
-        fetched and so their high watermark would go stale exactly when the lag matters.
+        fetched and so their high watermark would go stale exactly when the lag matters. A measurement is also
+        the engine's contact with the broker (`kafka_silence`, for /readyz); it may take at most `lag_interval`,
+        so that an unreachable broker never holds the run loop longer than that.
         """
         if self._clock.now() < self._next_lag:
             return
@@ -357,21 +368,28 @@ class SinkEngine:
         assigned = self._consumer.assignment()
         if not assigned:
             self._lag = {}
+            self._kafka_seen = self._clock.now()  # nothing to measure; /readyz reports the missing assignment
             return
         try:
-            ends = await self._consumer.end_offsets(assigned)
-            lag = {}
-            starts: Mapping[TopicPartitionKey, int] | None = None
-            for tp, end in ends.items():
-                position = await self._position(tp)
-                if position is None:  # nothing committed yet: the group starts from the beginning
-                    starts = starts or await self._consumer.beginning_offsets(assigned)
-                    position = starts.get(tp, 0)
-                lag[tp] = max(0, end - position)
-        except KafkaError as exc:
+            async with asyncio.timeout(self.config.lag_interval):
+                lag = await self._measure_lag(assigned)
+        except (KafkaError, TimeoutError) as exc:
             log.debug("lag not measured", extra={"sink": self.sink.name, "error": repr(exc)})
             return
         self._lag = lag
+        self._kafka_seen = self._clock.now()
+
+    async def _measure_lag(self, assigned: set[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
+        ends = await self._consumer.end_offsets(assigned)
+        lag = {}
+        starts: Mapping[TopicPartitionKey, int] | None = None
+        for tp, end in ends.items():
+            position = await self._position(tp)
+            if position is None:  # nothing committed yet: the group starts from the beginning
+                starts = starts or await self._consumer.beginning_offsets(assigned)
+                position = starts.get(tp, 0)
+            lag[tp] = max(0, end - position)
+        return lag
 
     async def _position(self, tp: TopicPartitionKey) -> int | None:
         """Where this sink stands in `tp`: its oldest unfinished record, else its last commit."""
@@ -404,3 +422,8 @@ class SinkEngine:
     @property
     def auth_paused(self) -> bool:
         return self._context.auth.state != "closed"
+
+    @property
+    def kafka_silence(self) -> float:
+        """Seconds since the broker last answered this sink's lag measurement (taken every `lag_interval`)."""
+        return max(0.0, self._clock.now() - self._kafka_seen)

@@ -56,6 +56,7 @@ class LaneContext:
     auth: Circuit
     slots: asyncio.Semaphore
     rng: random.Random
+    durable: Callable[[], Awaitable[None]] | None = None
     blocked: set[str] = field(default_factory=set)
     in_flight: int = 0
 
@@ -133,56 +134,65 @@ class Lane:
         attempts = _Attempts()
         while True:
             probe = await self._wait_for_gates()
-            try:
-                outcome = await self._attempt(work, attempts)
-            except BaseException:
-                if probe is not None:
-                    probe.release()  # a half-open probe slot taken but never answered must be given back
-                raise
-            decision = self._decide(outcome)
-            if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
-                probe.release()  # a 401 says nothing about the system's health
-            if decision.action in ("done", "duplicate"):
-                await self._done(work, attempts, outcome, decision)
-                return
-            if decision.action == "dead_letter":
-                context.circuit.record(True)  # the system works; our data is what it refused
-                context.auth.record(True)
-                await self._dead_letter(work, "rejected", decision.rule, attempts)
-                return
+            # The slot is held until the outcome is durable: after a crash, at most `max_in_flight` records can
+            # have been applied downstream without being recorded here (and be sent once more).
+            async with context.slots:
+                try:
+                    outcome = await self._attempt(work, attempts)
+                except BaseException:
+                    if probe is not None:
+                        probe.release()  # a half-open probe slot taken but never answered must be given back
+                    raise
+                decision = self._decide(outcome)
+                if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
+                    probe.release()  # a 401 says nothing about the system's health
+                if decision.action in ("done", "duplicate"):
+                    await self._done(work, attempts, outcome, decision)
+                    return
+                if decision.action == "dead_letter":
+                    context.circuit.record(True)  # the system works; our data is what it refused
+                    context.auth.record(True)
+                    await self._dead_letter(work, "rejected", decision.rule, attempts)
+                    return
             if decision.action == "pause_auth":
                 context.auth.record(False)
                 context.metrics.auth_failures.labels(context.sink.name).inc()
                 log.error(
                     "downstream refused our credentials; sink paused",
-                    extra={"sink": context.sink.name, "status": _status(outcome), "event_id": str(work.event.event_id)},
+                    extra={
+                        "sink": context.sink.name,
+                        "event_id": str(work.event.event_id),
+                        "order": work.order_ref,
+                        "attempt": attempts.count,
+                        "status": _status(outcome),
+                    },
                 )
                 continue  # not counted against max attempts: it is our configuration, not this order
             if await self._retry_or_give_up(work, attempts, outcome, decision):
                 return
 
     async def _attempt(self, work: Work, attempts: _Attempts) -> Reply | TransportFailure:
+        """One HTTP attempt; the caller holds a request slot."""
         context = self._context
         assert work.event is not None
         downstream_id = None
         if work.event.event_type != "order.created":
             downstream_id = await context.store.downstream_id(work.order_ref)
         request = context.sink.request(work.event, downstream_id)
-        async with context.slots:
-            # Paced inside the slot: a Retry-After that arrived while this lane queued for a slot still holds it.
-            await context.pacer.acquire()
-            if self._stopping:
-                raise asyncio.CancelledError  # stopped while waiting: the record stays unfinished
-            context.in_flight += 1
-            now_wall = context.clock.wall()
-            if attempts.first_wall is None:
-                attempts.first_wall, attempts.first_mono = now_wall, context.clock.now()
-            attempts.last_wall = now_wall
-            attempts.count += 1
-            try:
-                outcome = await context.deliver(request, work.idempotency_key)
-            finally:
-                context.in_flight -= 1
+        # Paced inside the slot: a Retry-After that arrived while this lane queued for a slot still holds it.
+        await context.pacer.acquire()
+        if self._stopping:
+            raise asyncio.CancelledError  # stopped while waiting: the record stays unfinished
+        context.in_flight += 1
+        now_wall = context.clock.wall()
+        if attempts.first_wall is None:
+            attempts.first_wall, attempts.first_mono = now_wall, context.clock.now()
+        attempts.last_wall = now_wall
+        attempts.count += 1
+        try:
+            outcome = await context.deliver(request, work.idempotency_key)
+        finally:
+            context.in_flight -= 1
         attempts.last = outcome
         metrics, name = context.metrics, context.sink.name
         metrics.attempt_seconds.labels(name).observe(outcome.elapsed)
@@ -208,6 +218,7 @@ class Lane:
             context.store.put_downstream_id(work.order_ref, downstream_id)
         status: DeliveryStatus = "done" if decision.action == "done" else "duplicate"
         self._put(work, status, attempts, downstream_id=downstream_id, digest=outcome.digest)
+        await self._durable()
         outcome_label = "delivered" if status == "done" else "duplicate"
         context.metrics.deliveries.labels(context.sink.name, outcome_label).inc()
         if status == "done" and work.timestamp_ms > 0:
@@ -242,11 +253,23 @@ class Lane:
         if context.backoff.exhausted(attempts.count, attempts.first_mono, context.clock.now()):
             await self._dead_letter(work, "retries-exhausted", decision.rule, attempts)
             return True
-        context.metrics.retries.labels(context.sink.name, _status_class(outcome)).inc()
+        context.metrics.retries.labels(context.sink.name, _retry_reason(outcome)).inc()
         self._put(work, "in_flight", attempts)
         delay = context.backoff.delay(attempts.count, context.rng)
         if retry_after is not None:
             delay = max(delay, retry_after)
+        log.debug(
+            "attempt failed, will retry",
+            extra={
+                "sink": context.sink.name,
+                "event_id": str(work.event.event_id) if work.event else None,
+                "order": work.order_ref,
+                "attempt": attempts.count,
+                "status": _status(outcome),
+                "rule": decision.rule,
+                "retry_in": round(delay, 3),
+            },
+        )
         await self._park(delay)
         return False
 
@@ -316,6 +339,7 @@ class Lane:
         context.blocked.add(work.order_ref)
         context.store.block_order(work.order_ref, reason)
         self._put(work, "dead", attempts, reason=reason)
+        await self._durable()
         context.metrics.dead_letters.labels(context.sink.name, reason).inc()
         context.metrics.deliveries.labels(context.sink.name, "dead_lettered").inc()
         log.warning(
@@ -330,6 +354,11 @@ class Lane:
                 "status": letter.http_status,
             },
         )
+
+    async def _durable(self) -> None:
+        """A terminal state is recorded durably before the record counts as finished (group commit)."""
+        if self._context.durable is not None:
+            await self._context.durable()
 
     def _put(
         self,
@@ -362,6 +391,13 @@ class Lane:
 
 def _status(outcome: Reply | TransportFailure) -> int | str:
     return outcome.status if isinstance(outcome, Reply) else outcome.kind
+
+
+def _retry_reason(outcome: Reply | TransportFailure) -> str:
+    """Bounded: "throttled" for 429, else the status class (see `consumers.metrics.RETRY_REASONS`)."""
+    if isinstance(outcome, Reply) and outcome.status == 429:
+        return "throttled"
+    return _status_class(outcome)
 
 
 def _status_class(outcome: Reply | TransportFailure) -> str:
