@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from prometheus_client import CollectorRegistry
 
 from consumers.backoff import Backoff
@@ -352,6 +353,8 @@ async def test_a_429_with_retry_after_holds_the_whole_sink(harness_factory: Call
     assert min(later) - h.downstream.latency >= answered_429 + 2.0
     assert h.metric("orderbus_last_retry_after_seconds") == 2.0
     assert h.metric("orderbus_throttled_seconds_total") >= 1.9
+    assert h.metric("orderbus_retries_total", reason="throttled") == 1
+    assert h.metric("orderbus_retries_total", reason="4xx") == 0
 
 
 async def test_401_pauses_the_sink_without_dead_letters_and_resumes(harness_factory: Callable[..., Harness]) -> None:
@@ -431,3 +434,133 @@ async def test_stop_drains_requests_under_way_and_commits(harness_factory: Calla
     assert len(h.downstream.calls) == 10
     assert h.consumer.committed == {TP0: 10}
     assert h.store.pending_writes == 0
+
+
+async def test_outcomes_and_attempts_are_counted_per_status_class(harness_factory: Callable[..., Harness]) -> None:
+    def script(request: HttpRequest, nth: int) -> Reply:
+        body = request.body or b""
+        if b"SO-BAD" in body:
+            return answer(400)
+        return answer(503) if b"SO-FLAKY" in body and nth <= 2 else ok()
+
+    h = harness_factory({TP0: [record(0, "SO-FLAKY"), record(1, "SO-BAD"), record(2, "SO-OK")]}, script)
+    await h.run_until(3)
+    assert h.metric("orderbus_records_consumed_total") == 3
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 2
+    assert h.metric("orderbus_deliveries_total", outcome="dead_lettered") == 1
+    assert h.metric("orderbus_dead_letters_total", reason="rejected") == 1
+    assert h.metric("orderbus_http_responses_total", status_class="5xx") == 2
+    assert h.metric("orderbus_http_responses_total", status_class="4xx") == 1
+    assert h.metric("orderbus_http_responses_total", status_class="2xx") == 2
+    assert h.metric("orderbus_retries_total", reason="5xx") == 2
+    assert h.metric("orderbus_attempt_duration_seconds_count") == 5
+    assert h.metric("orderbus_end_to_end_seconds_count") == 2
+    assert h.metric("orderbus_commits_total") >= 1
+    assert h.metric("orderbus_in_flight_requests") == 0
+    assert h.metric("orderbus_buffered_records") == 0
+
+
+async def test_lag_is_reported_per_partition_and_forgotten_when_a_partition_moves(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    gate = asyncio.Event()
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return ok() if gate.is_set() else answer(503)
+
+    h = harness_factory(
+        {TP0: [record(i, f"SO-{i}") for i in range(5)], TP1: [record(0, "SO-B")]},
+        script,
+        lag_interval=1.0,
+        backoff=Backoff(base=0.5, cap=1.0, max_attempts=1000, max_elapsed=3600.0),
+        circuit_min_calls=1000,
+        circuit_window=1000,
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(3)
+    assert h.metric("orderbus_consumer_lag", partition="0") == 5
+    assert h.metric("orderbus_consumer_lag", partition="1") == 1
+    assert h.metric("orderbus_parked_keys") >= 1
+    assert h.metric("orderbus_oldest_pending_seconds") > 0
+    await h.engine.on_revoked({TP1})
+    del h.consumer.partitions[TP1]
+    assert h.registry.get_sample_value("orderbus_consumer_lag", {"sink": "crm", "partition": "1"}) is None
+    gate.set()
+    await h.wait_finished(5)
+    await h.clock.sleep(3)
+    assert h.metric("orderbus_consumer_lag", partition="0") == 0
+    stop.set()
+    await runner
+
+
+async def test_kafka_silence_grows_while_the_lag_cannot_be_measured(harness_factory: Callable[..., Harness]) -> None:
+    h = harness_factory({TP0: [record(0, "SO-1")]}, lag_interval=1.0)
+    down = False
+    measure = h.consumer.end_offsets
+
+    async def end_offsets(tps: Iterable[tuple[str, int]]) -> Mapping[tuple[str, int], int]:
+        if down:
+            raise KafkaConnectionError("broker gone")
+        return await measure(tps)
+
+    h.consumer.end_offsets = end_offsets  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(3)
+    assert h.engine.kafka_silence <= 1.5
+    down = True
+    await h.clock.sleep(5)
+    assert h.engine.kafka_silence >= 4
+    down = False
+    await h.clock.sleep(2)
+    assert h.engine.kafka_silence <= 1.5
+    stop.set()
+    await runner
+
+
+async def test_a_revoke_drains_and_commits_only_those_partitions(harness_factory: Callable[..., Harness]) -> None:
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if b"SO-PARKED" in (request.body or b"") else ok()
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-A0"), record(1, "SO-PARKED"), record(2, "SO-A2")], TP1: [record(0, "SO-B0")]}, script
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.wait_finished(3)
+    await h.engine.on_revoked({TP0})
+    assert h.consumer.committed[TP0] == 1, "committed up to the parked record, not past it"
+    assert h.engine.buffered == 0, "the parked record was let go: the next owner gets it"
+    calls = len(h.downstream.calls)
+    await h.clock.sleep(30)
+    assert len(h.downstream.calls) == calls, "no attempts for a revoked partition"
+    stop.set()
+    await runner
+    assert h.consumer.committed[TP1] == 1
+
+
+async def test_group_flush_shares_one_flush_and_reports_failures() -> None:
+    from consumers.group_flush import GroupFlush
+    from topics.errors import StoreError
+
+    class CountingStore(MemoryDedupStore):
+        flushes = 0
+        fail = False
+
+        async def flush(self) -> int:
+            self.flushes += 1
+            if self.fail:
+                raise StoreError("disk full")
+            return await super().flush()
+
+    store = CountingStore()
+    group = GroupFlush(store)
+    for i in range(10):
+        store.put(DeliveryState(f"k{i}", "e", "o", "done", 1, 200, 1.0, 1.0, None, None, None, 1.0))
+    await asyncio.gather(*(group.durable() for _ in range(10)))
+    assert store.flushes == 1
+    assert len(await MemoryDedupStore(store.tables).get_many([f"k{i}" for i in range(10)])) == 10
+    store.fail = True
+    with pytest.raises(StoreError):
+        await group.durable()
