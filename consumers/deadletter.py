@@ -8,6 +8,7 @@ offset. A dead letter is written with acks=all before its offset may be committe
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -66,7 +67,23 @@ class DeadLetter:
         if self.last_attempt_at is not None:
             meta["last-attempt-at"] = f"{self.last_attempt_at:.3f}"
         kept = [(k, v) for k, v in self.headers if not k.startswith(HEADER_PREFIX)]
+        history = _history(self.headers)
+        if history:
+            meta["history"] = json.dumps(history, separators=(",", ":"))
         return kept + [(HEADER_PREFIX + k, v.encode()) for k, v in meta.items() if v]
+
+
+_HISTORY_FIELDS = ("reason", "rule", "http-status", "attempts", "last-attempt-at", "detail")
+
+
+def _history(headers: Sequence[tuple[str, bytes]]) -> list[dict[str, str]]:
+    """Earlier dead letterings of a replayed record, oldest first: its old history plus its last verdict."""
+    previous = read_headers(headers)
+    if not previous:
+        return []
+    history: list[dict[str, str]] = json.loads(previous.get("history", "[]"))
+    history.append({key: previous[key] for key in _HISTORY_FIELDS if key in previous})
+    return history
 
 
 def read_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:

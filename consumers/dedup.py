@@ -166,6 +166,10 @@ class DedupStore(Protocol):
         """Those of `order_refs` that have a dead-lettered record not yet replayed."""
         ...
 
+    async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
+        """Those of `order_refs` that are blocked, with the reason each was blocked for."""
+        ...
+
     def block_order(self, order_ref: str, reason: str) -> None:
         """Buffer: this order's later records go to the dead-letter topic until it is unblocked."""
         ...
@@ -285,6 +289,7 @@ WHERE NOT EXISTS (SELECT 1 FROM {DELIVERIES_TABLE} d WHERE d.order_ref = {DOWNST
 _CHUNK: Final = 500
 _SELECT_STATES = f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM {DELIVERIES_TABLE} WHERE key IN "  # noqa: S608 -- constant
 _SELECT_BLOCKED = f"SELECT order_ref FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref IN "  # noqa: S608 -- constant
+_SELECT_BLOCKING = f"SELECT order_ref, reason FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref IN "  # noqa: S608 -- constant
 
 
 def _in(n: int) -> str:
@@ -473,6 +478,26 @@ class SqliteDedupStore:
                 raise self._error("blocked_orders", exc) from exc
             return blocked
 
+    async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
+        db = self._connection()
+        async with self._lock:
+            result: dict[str, str] = {}
+            wanted = []
+            for ref in order_refs:
+                if ref in self._buffer.blocks:
+                    reason = self._buffer.blocks[ref]
+                    if reason is not None:
+                        result[ref] = reason
+                else:
+                    wanted.append(ref)
+            try:
+                for chunk in _chunks(wanted):
+                    rows = await db.execute_fetchall(_SELECT_BLOCKING + _in(len(chunk)), chunk)
+                    result.update((str(row[0]), str(row[1])) for row in rows)
+            except sqlite3.Error as exc:
+                raise self._error("blocking", exc) from exc
+            return result
+
     # --- maintenance ------------------------------------------------------------------------------------
 
     async def prune(self, older_than: float) -> int:
@@ -629,6 +654,17 @@ class MemoryDedupStore:
             if decided or (decided is None and order_ref in self.tables.blocked_orders):
                 blocked.add(order_ref)
         return blocked
+
+    async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
+        result: dict[str, str] = {}
+        for order_ref in order_refs:
+            if order_ref in self._buffer.blocks:
+                reason = self._buffer.blocks[order_ref]
+                if reason is not None:
+                    result[order_ref] = reason
+            elif order_ref in self.tables.blocked_orders:
+                result[order_ref] = self.tables.blocked_orders[order_ref]
+        return result
 
     async def prune(self, older_than: float) -> int:
         await self.flush()

@@ -102,8 +102,10 @@ class SinkEngine:
         config: EngineConfig | None = None,
         *,
         rng: random.Random | None = None,
+        replay_topic: str | None = None,
     ) -> None:
         self.sink = sink
+        self.replay_topic = replay_topic
         self.config = config or EngineConfig()
         self._consumer = consumer
         self._store = store
@@ -173,7 +175,11 @@ class SinkEngine:
             log.warning("fetch failed, retrying", extra={"sink": self.sink.name, "error": repr(exc)})
             await self._clock.sleep(self.config.fetch_wait)
             return []
-        works = [make_work(self.sink.name, tp[0], tp[1], record) for tp, records in batch.items() for record in records]
+        works = [
+            make_work(self.sink.name, tp[0], tp[1], record, replay=tp[0] == self.replay_topic)
+            for tp, records in batch.items()
+            for record in records
+        ]
         self._metrics.records_consumed.labels(self.sink.name).inc(len(works))
         return works
 
@@ -193,11 +199,13 @@ class SinkEngine:
         if not works:
             return
         states = await self._store.get_many([work.idempotency_key for work in works])
-        self._context.blocked |= await self._store.blocked_orders(sorted({work.order_ref for work in works}))
+        self._context.blocked.update(await self._store.blocking(sorted({work.order_ref for work in works})))
         for work in works:
             self._offsets.track(work.tp, work.offset)
             state = states.get(work.idempotency_key)
-            if state is not None and state.status != "in_flight":
+            # A replay asks for another try of a dead-lettered record; anything else terminal is skipped.
+            retry_dead = work.replay and state is not None and state.status == "dead"
+            if state is not None and state.status != "in_flight" and not retry_dead:
                 # Redelivered after a crash or rebalance, or a duplicate event from upstream: already terminal.
                 self._metrics.dedup_hits.labels(self.sink.name).inc()
                 self._metrics.deliveries.labels(self.sink.name, "duplicate").inc()

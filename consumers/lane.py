@@ -57,7 +57,7 @@ class LaneContext:
     slots: asyncio.Semaphore
     rng: random.Random
     durable: Callable[[], Awaitable[None]] | None = None
-    blocked: set[str] = field(default_factory=set)
+    blocked: dict[str, str] = field(default_factory=dict)  # order → idempotency key of the record that blocked it
     in_flight: int = 0
 
 
@@ -124,7 +124,13 @@ class Lane:
         if work.invalid is not None:
             await self._dead_letter(work, "invalid", "contract", _Attempts(), detail=str(work.invalid))
             return
-        if work.order_ref in context.blocked:
+        root = context.blocked.get(work.order_ref)
+        if root is not None and work.replay and root == work.idempotency_key:
+            # The operator replays the record that blocked this order: the order is delivered again.
+            del context.blocked[work.order_ref]
+            context.store.unblock_order(work.order_ref)
+            root = None
+        if root is not None:
             detail = "an earlier event of this order is in the dead-letter topic; replay it first"
             await self._dead_letter(
                 work, "dead-lettered-predecessor", "order-survives-dead-letters", _Attempts(), detail=detail
@@ -336,8 +342,9 @@ class Lane:
                 log.error("dead-letter write failed, retrying", extra={"sink": context.sink.name, "error": str(exc)})
                 await self._park(wait)
                 wait = min(wait * 2, context.backoff.cap)
-        context.blocked.add(work.order_ref)
-        context.store.block_order(work.order_ref, reason)
+        if reason != "dead-lettered-predecessor":
+            context.blocked[work.order_ref] = work.idempotency_key
+            context.store.block_order(work.order_ref, work.idempotency_key)
         self._put(work, "dead", attempts, reason=reason)
         await self._durable()
         context.metrics.dead_letters.labels(context.sink.name, reason).inc()

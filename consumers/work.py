@@ -27,6 +27,7 @@ class Work:
     invalid: ContractError | None
     order_ref: str
     idempotency_key: str
+    replay: bool = False
 
     @property
     def lane(self) -> tuple[TopicPartitionKey, str]:
@@ -39,7 +40,7 @@ def idempotency_key(sink: str, event_id: str) -> str:
     return f"orderbus:{sink}:{event_id}"
 
 
-def make_work(sink: str, topic: str, partition: int, record: Any) -> Work:
+def make_work(sink: str, topic: str, partition: int, record: Any, *, replay: bool = False) -> Work:
     """Decode `record` (an aiokafka ConsumerRecord or a twin); a poison record becomes `invalid`, never an error."""
     value: bytes | None = record.value
     key: bytes | None = record.key
@@ -59,7 +60,9 @@ def make_work(sink: str, topic: str, partition: int, record: Any) -> Work:
     if event is not None:
         idem = idempotency_key(sink, str(event.event_id))
     else:
-        idem = f"orderbus:{sink}:{topic}-{partition}-{record.offset}"
+        # An unreadable record has no event id; a replayed one keeps the key it was dead-lettered under.
+        original = dict(headers).get("orderbus.dlq.idempotency-key") if replay else None
+        idem = original.decode() if original else f"orderbus:{sink}:{topic}-{partition}-{record.offset}"
     return Work(
         tp=(topic, partition),
         offset=record.offset,
@@ -71,4 +74,5 @@ def make_work(sink: str, topic: str, partition: int, record: Any) -> Work:
         invalid=invalid,
         order_ref=order_ref,
         idempotency_key=idem,
+        replay=replay,
     )

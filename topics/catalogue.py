@@ -4,6 +4,8 @@
   Producers outside orderbus write here too; the contract is `topics.envelope.OrderEvent`.
 - ``orders.dlq.<sink>``: one dead-letter topic per downstream system. A record there carries the original key,
   value and headers plus the reason; the operator replays it to that sink only.
+- ``orders.replay.<sink>``: dead letters sent back by the operator; only that sink's group reads it, keyed by
+  order number like ``orders``, so one order's replayed events keep their order.
 
 Partition counts are fixed once a topic exists: adding partitions would move keys and break per-order ordering,
 so `topics.admin` reports a difference and never changes it.
@@ -19,6 +21,7 @@ SINKS: Final[tuple[SinkName, ...]] = ("crm", "accounting", "shipping")
 
 ORDERS: Final = "orders"
 DLQ_PREFIX: Final = "orders.dlq."
+REPLAY_PREFIX: Final = "orders.replay."
 
 HOUR_MS: Final = 3_600_000
 
@@ -54,6 +57,11 @@ def dlq_topic(sink: str, prefix: str = "") -> str:
     return f"{prefix}{DLQ_PREFIX}{sink}"
 
 
+def replay_topic(sink: str, prefix: str = "") -> str:
+    """Dead letters the operator sends back to one sink (`orderbus dlq replay`); read by that sink only."""
+    return f"{prefix}{REPLAY_PREFIX}{sink}"
+
+
 def consumer_group(sink: str, prefix: str = "") -> str:
     """Each sink reads the orders topic in a group of its own: its own offsets, lag, pace and failures."""
     return f"{prefix}orderbus.{sink}"
@@ -80,4 +88,13 @@ def catalogue(layout: TopicLayout) -> tuple[TopicSpec, ...]:
         )
         for sink in SINKS
     )
-    return (orders, *dead_letters)
+    replays = tuple(
+        TopicSpec(
+            name=replay_topic(sink, layout.prefix),
+            partitions=layout.dlq_partitions,
+            replication_factor=layout.replication_factor,
+            configs={**common, "retention.ms": str(int(layout.dlq_retention_hours * HOUR_MS))},
+        )
+        for sink in SINKS
+    )
+    return (orders, *dead_letters, *replays)

@@ -13,6 +13,9 @@ def test_orders_and_one_dead_letter_topic_per_sink() -> None:
         "orders.dlq.crm",
         "orders.dlq.accounting",
         "orders.dlq.shipping",
+        "orders.replay.crm",
+        "orders.replay.accounting",
+        "orders.replay.shipping",
     ]
     orders = specs[0]
     assert orders.partitions == 12

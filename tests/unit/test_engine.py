@@ -4,6 +4,7 @@ dedup store and a recording dead-letter writer, on virtual time (FakeClock.autoj
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -162,7 +163,8 @@ class Harness:
         return 0.0 if value is None else value
 
     async def run_until(self, finished: int, *, limit: float = 3600.0) -> None:
-        """Run the engine until `finished` records are terminal; fail after `limit` virtual seconds."""
+        """Run the engine until `finished` more records are terminal; fail after `limit` virtual seconds."""
+        finished += self.engine.finished
         stop = asyncio.Event()
 
         async def watchdog() -> None:
@@ -564,3 +566,52 @@ async def test_group_flush_shares_one_flush_and_reports_failures() -> None:
     store.fail = True
     with pytest.raises(StoreError):
         await group.durable()
+
+
+async def test_a_replayed_dead_letter_is_delivered_in_order_and_unblocks_its_order(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    fixed = asyncio.Event()
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-BAD" in (request.body or b"") and request.method == "POST" and not fixed.is_set():
+            return answer(400, body=b'{"error": "bad vat id"}')
+        return ok()
+
+    replay = ("orders.replay.crm", 0)
+    h = harness_factory({TP0: [record(0, "SO-BAD"), record(1, "SO-BAD", "order.updated")], replay: []}, script)
+    h.engine.replay_topic = "orders.replay.crm"
+    await h.run_until(2)
+    assert [letter.reason for letter in h.dead.letters] == ["rejected", "dead-lettered-predecessor"]
+
+    # The downstream was fixed; the operator replays both dead letters, in their order.
+    fixed.set()
+    for offset, letter in enumerate(h.dead.letters):
+        h.consumer.partitions[replay].append(
+            FakeRecord(offset, letter.key, letter.value, headers=tuple(letter.record_headers()))
+        )
+    await h.run_until(2)
+    applied = [(method, key) for _, method, _, key in h.downstream.calls if h.downstream.attempts[key] >= 1]
+    assert [method for method, _ in applied][-2:] == ["POST", "PUT"]
+    # The same idempotency keys as the first attempts.
+    assert {key for _, key in applied[-2:]} == {letter.idempotency_key for letter in h.dead.letters}
+    assert await h.store.blocked_orders(["SO-BAD"]) == set()
+    assert len(h.dead.letters) == 2, "nothing new dead-lettered"
+
+
+async def test_a_replay_that_fails_again_returns_with_its_history(harness_factory: Callable[..., Harness]) -> None:
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(422, body=b'{"error": "still wrong"}')
+
+    replay = ("orders.replay.crm", 0)
+    h = harness_factory({TP0: [record(0, "SO-BAD")], replay: []}, script)
+    h.engine.replay_topic = "orders.replay.crm"
+    await h.run_until(1)
+    first = h.dead.letters[0]
+    h.consumer.partitions[replay].append(FakeRecord(0, first.key, first.value, headers=tuple(first.record_headers())))
+    await h.run_until(1)
+    again = read_headers(h.dead.letters[1].record_headers())
+    assert again["reason"] == "rejected"
+    history = json.loads(again["history"])
+    assert [(entry["reason"], entry["http-status"]) for entry in history] == [("rejected", "422")]
+    assert again["topic"] == "orders.replay.crm"
