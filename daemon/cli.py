@@ -7,6 +7,7 @@
     orderbus topics show [--config FILE]      print the newest records of the orders topic
     orderbus kafka fetch|start|stop|status|kill [--data-dir DIR]    the local Apache Kafka broker
     orderbus webhook sign [--config FILE] BODY                      Standard Webhooks headers for a body
+    orderbus dlq list|show|replay --sink SINK [--config FILE]       dead letters: inspect, send back to one sink
 
 Exit codes: 0 done, 1 failed, 2 bad usage or bad configuration, 3 drift found with ``--strict``.
 """
@@ -94,6 +95,21 @@ def _parser() -> argparse.ArgumentParser:
         action = kafka_actions.add_parser(name)
         action.add_argument("--data-dir", type=Path, default=DEMO_KAFKA_DIR)
         action.set_defaults(func=func)
+
+    dlq = commands.add_parser("dlq", help="dead letters per sink").add_subparsers(required=True, metavar="ACTION")
+    listing = dlq.add_parser("list", help="one line per dead letter: where, order, reason, rule, status, attempts")
+    show_one = dlq.add_parser("show", help="one dead letter with its HTTP exchange and history")
+    show_one.add_argument("position", help="PARTITION:OFFSET in the dead-letter topic, as `dlq list` prints it")
+    again = dlq.add_parser("replay", help="send dead letters back to their sink, with their idempotency keys")
+    again.add_argument("--position", action="append", default=[], help="PARTITION:OFFSET (repeatable)")
+    again.add_argument("--all", action="store_true", help="every dead letter of the sink")
+    for action, func in ((listing, _dlq_list), (show_one, _dlq_show), (again, _dlq_replay)):
+        _config_option(action)
+        action.add_argument("--sink", required=True, help="crm, accounting or shipping")
+        action.set_defaults(func=func)
+    for action in (listing, again):
+        action.add_argument("--reason", help="only this reason (invalid, rejected, retries-exhausted, ...)")
+        action.add_argument("--order", help="only this order number")
 
     webhook = commands.add_parser("webhook", help="webhook helpers").add_subparsers(required=True, metavar="ACTION")
     signer = webhook.add_parser("sign", help="print Standard Webhooks headers for BODY (for curl -H @file)")
@@ -237,6 +253,43 @@ def _kafka_status(args: argparse.Namespace) -> int:
     state = kafka_local.status(args.data_dir)
     print(state.detail)
     return 0 if state.answering else 1
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    from daemon.dlq import Selection, read_dead_letters
+
+    selection = Selection(reason=args.reason, order=args.order, everything=True)
+    letters = [
+        letter for letter in _run_async(read_dead_letters(_settings(args), args.sink)) if selection.matches(letter)
+    ]
+    for letter in letters:
+        print(letter.line())
+    print(f"{len(letters)} dead letter(s) in sink {args.sink}", file=sys.stderr)
+    return 0
+
+
+def _dlq_show(args: argparse.Namespace) -> int:
+    from daemon.dlq import read_dead_letters
+
+    found = [
+        letter for letter in _run_async(read_dead_letters(_settings(args), args.sink)) if letter.where == args.position
+    ]
+    if not found:
+        print(f"no dead letter at {args.position} in sink {args.sink}", file=sys.stderr)
+        return 1
+    print(found[0].details())
+    return 0
+
+
+def _dlq_replay(args: argparse.Namespace) -> int:
+    from daemon.dlq import Selection, replay_selected
+
+    selection = Selection(tuple(args.position), args.reason, args.order, args.all)
+    replayed = _run_async(replay_selected(_settings(args), args.sink, selection))
+    for letter in replayed:
+        print(f"replayed {letter.line()}")
+    print(f"{len(replayed)} dead letter(s) sent back to sink {args.sink}", file=sys.stderr)
+    return 0
 
 
 def _webhook_sign(args: argparse.Namespace) -> int:
