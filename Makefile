@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test check unit integration jars venv schemas clean
+.PHONY: run test check unit integration jars venv schemas clean system-tools
 
 run: $(INSTALLED) jars  ## local Kafka, topics and the daemon on embedded defaults
 	$(BIN)/orderbus demo
 
-test: check jars  ## every check and every test (unit + integration against a real broker)
+test: check jars system-tools  ## every check and every test (unit + integration against a real broker)
 	$(BIN)/pytest
 
 check: $(INSTALLED)  ## formatting, lint and types
@@ -34,6 +34,16 @@ jars: $(INSTALLED)  ## resolve the Apache Kafka jars with Maven into ~/.cache/or
 	$(BIN)/orderbus kafka fetch >/dev/null
 
 venv: $(INSTALLED)
+
+# promtool and prometheus (Debian's prometheus) for the rule tests and a real scrape; systemd-analyze for the unit.
+SYSTEM_TOOLS := promtool:prometheus prometheus:prometheus systemd-analyze:systemd
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
