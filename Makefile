@@ -23,7 +23,7 @@ check: $(INSTALLED)  ## formatting, lint and types
 unit: $(INSTALLED)
 	$(BIN)/pytest tests/unit
 
-integration: $(INSTALLED) jars
+integration: $(INSTALLED) jars system-tools
 	$(BIN)/pytest tests/integration
 
 schemas: $(INSTALLED)  ## regenerate the JSON Schemas and the OpenAPI document after a model change
@@ -42,7 +42,8 @@ system-tools:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  { $$SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; }; \
 	fi
 
 $(INSTALLED): pyproject.toml

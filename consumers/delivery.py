@@ -56,7 +56,9 @@ async def attempt(
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
-            async with session.request(request.method, request.url, data=request.body, headers=headers) as response:
+            async with session.request(
+                request.method, request.url, data=request.body, headers=headers, allow_redirects=False
+            ) as response:
                 body = await response.content.read(max_body)
                 return Reply(response.status, response.headers.get("Retry-After"), body, time.perf_counter() - started)
     except TimeoutError:

@@ -367,8 +367,8 @@ class SinkEngine:
 
         End offsets are asked for (ListOffsets) every `lag_interval`, because paused partitions are not
         fetched and so their high watermark would go stale exactly when the lag matters. A measurement is also
-        the engine's contact with the broker (`kafka_silence`, for /readyz); it may take at most `lag_interval`,
-        so that an unreachable broker never holds the run loop longer than that.
+        the engine's contact with the broker (`kafka_silence`, for /readyz); it may take at most twice
+        `lag_interval`, so that an unreachable broker never holds the run loop for the client's request timeout.
         """
         if self._clock.now() < self._next_lag:
             return
@@ -379,7 +379,7 @@ class SinkEngine:
             self._kafka_seen = self._clock.now()  # nothing to measure; /readyz reports the missing assignment
             return
         try:
-            async with asyncio.timeout(self.config.lag_interval):
+            async with asyncio.timeout(2 * self.config.lag_interval):
                 lag = await self._measure_lag(assigned)
         except (KafkaError, TimeoutError) as exc:
             log.debug("lag not measured", extra={"sink": self.sink.name, "error": repr(exc)})

@@ -1,16 +1,31 @@
 """The delivery engine's Prometheus metrics, registered on an injected registry (a fresh one per test).
 
-Label values are bounded: sink names, outcomes, reasons, status classes and partition numbers. Never an order
-number, an email or a URL.
+Names follow Prometheus conventions: base units (seconds, records), ``_total`` on counters (added by
+prometheus-client), ``_seconds`` on durations. Label values are bounded: sink names, outcomes, reasons, status
+classes and partition numbers. Never an order number, an email or a URL.
+
+`EngineMetrics.add_sink` creates every labelled series of a sink at zero when its engine starts, so that
+``increase()`` sees the first dead letter, alert rules comparing with 0 have a series to compare, and dashboards
+show 0 rather than "no data".
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Final, get_args
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from consumers.deadletter import Reason
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+OUTCOMES: Final = ("delivered", "duplicate", "dead_lettered")
+STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "connection_error")
+RETRY_REASONS: Final = ("throttled", "4xx", "5xx", "timeout", "connection_error")
+DEAD_LETTER_REASONS: Final[tuple[str, ...]] = get_args(Reason)
 
 
 class EngineMetrics:
@@ -33,7 +48,10 @@ class EngineMetrics:
             registry=registry,
         )
         self.retries = Counter(
-            "orderbus_retries", "Attempts that will be retried, by reason", ["sink", "reason"], registry=registry
+            "orderbus_retries",
+            "Attempts that will be retried, by reason (throttled = 429, 4xx, 5xx, timeout, connection_error)",
+            ["sink", "reason"],
+            registry=registry,
         )
         self.dead_letters = Counter(
             "orderbus_dead_letters", "Records written to a dead-letter topic", ["sink", "reason"], registry=registry
@@ -48,7 +66,7 @@ class EngineMetrics:
         self.auth_failures = Counter(
             "orderbus_auth_failures", "401/403 answers: the sink pauses", ["sink"], registry=registry
         )
-        self.in_flight = Gauge("orderbus_in_flight", "HTTP requests under way", ["sink"], registry=registry)
+        self.in_flight = Gauge("orderbus_in_flight_requests", "HTTP requests under way", ["sink"], registry=registry)
         self.buffered = Gauge("orderbus_buffered_records", "Records held in memory", ["sink"], registry=registry)
         self.parked = Gauge("orderbus_parked_keys", "Order keys waiting for a retry", ["sink"], registry=registry)
         self.attempt_seconds = Histogram(
@@ -72,7 +90,10 @@ class EngineMetrics:
             "orderbus_last_retry_after_seconds", "The last Retry-After a downstream sent", ["sink"], registry=registry
         )
         self.rate = Gauge(
-            "orderbus_sink_rate_limit", "Current requests/s limit of the sink", ["sink"], registry=registry
+            "orderbus_sink_rate_limit",
+            "Current requests/s limit of the sink (0: unlimited)",
+            ["sink"],
+            registry=registry,
         )
         self.circuit = Gauge(
             "orderbus_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", ["sink"], registry=registry
@@ -82,7 +103,7 @@ class EngineMetrics:
         )
         self.lag = Gauge(
             "orderbus_consumer_lag",
-            "Records not yet committed, per partition",
+            "Records not yet finished by the sink, per assigned partition (end offset - the sink's position)",
             ["sink", "partition"],
             registry=registry,
         )
@@ -95,3 +116,39 @@ class EngineMetrics:
         self.assigned_partitions = Gauge(
             "orderbus_assigned_partitions", "Partitions assigned to the sink's consumer", ["sink"], registry=registry
         )
+
+    def add_sink(self, sink: str) -> None:
+        """Create every series of `sink` at zero (see the module docstring)."""
+        for outcome in OUTCOMES:
+            self.deliveries.labels(sink, outcome)
+        for status_class in STATUS_CLASSES:
+            self.http_responses.labels(sink, status_class)
+        for reason in RETRY_REASONS:
+            self.retries.labels(sink, reason)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(sink, reason)
+        for metric in (
+            self.records_consumed,
+            self.dedup_hits,
+            self.commits,
+            self.commit_failures,
+            self.auth_failures,
+            self.throttled_seconds,
+            self.attempt_seconds,
+            self.end_to_end_seconds,
+            self.in_flight,
+            self.buffered,
+            self.parked,
+            self.retry_after,
+            self.rate,
+            self.circuit,
+            self.auth_paused,
+            self.oldest_pending,
+            self.assigned_partitions,
+        ):
+            metric.labels(sink)
+
+    def forget_partition(self, sink: str, partition: int) -> None:
+        """Drop the lag series of a partition the sink no longer owns (it would go stale, not to zero)."""
+        with contextlib.suppress(KeyError):
+            self.lag.remove(sink, str(partition))

@@ -1,8 +1,9 @@
 """One sink's engine with its real parts: its own consumer group, its dedup file, its HTTP connection pool.
 
-`open_sink` is an async context manager that opens them in dependency order (SQLite → HTTP pool → consumer
-joined to its group → engine) and closes them in reverse; the caller runs `engine.run(stop)` inside it. Leaving
-the consumer (`stop()`) leaves the group after the engine drained and committed.
+`open_sink` is an async context manager that opens them in dependency order (SQLite → HTTP pool and credentials
+→ consumer joined to its group → engine) and closes them in reverse; the caller runs `engine.run(stop)` inside
+it. Leaving the consumer (`stop()`) leaves the group after the engine drained and committed. Every request
+carries the sink's credentials (`consumers.auth`): a 401 renews them once and resends within the same attempt.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 import aiohttp
 from aiokafka.errors import KafkaError
 
+from consumers.auth import Auth, NoAuth, authorized_attempt
 from consumers.clock import Clock, SystemClock
 from consumers.deadletter import DeadLetterWriter
 from consumers.dedup import SqliteDedupStore
-from consumers.delivery import Reply, TransportFailure, attempt
+from consumers.delivery import Reply, TransportFailure
 from consumers.engine import EngineConfig, SinkEngine
 from consumers.kafka_io import KafkaConsumerPort, Rebalance, sink_consumer
 from consumers.metrics import EngineMetrics
@@ -36,6 +38,12 @@ class HttpConfig:
     tls_verify: bool = True
     ca_bundle: Path | None = None
 
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """Certificates verified (against `ca_bundle` if set, else the system's CAs) unless `tls_verify` is off."""
+        if not self.tls_verify:
+            return False
+        return ssl.create_default_context(cafile=str(self.ca_bundle) if self.ca_bundle else None)
+
 
 @contextlib.asynccontextmanager
 async def open_sink(
@@ -49,38 +57,45 @@ async def open_sink(
     metrics: EngineMetrics,
     config: EngineConfig,
     http: HttpConfig,
-    auth_headers: Mapping[str, str] | None = None,
+    auth: Auth | None = None,
     clock: Clock | None = None,
+    replay_topic: str | None = None,
 ) -> AsyncIterator[SinkEngine]:
+    """`sink`'s engine, ready to `run`; `auth` (default: none) is closed with it."""
     async with contextlib.AsyncExitStack() as stack:
         store = SqliteDedupStore(dedup_path)
         await store.open()
         stack.push_async_callback(store.close)
 
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=config.max_in_flight, ssl=_ssl(http)),
+            connector=aiohttp.TCPConnector(limit=config.max_in_flight, ssl=http.ssl_context()),
             raise_for_status=False,
         )
         stack.push_async_callback(session.close)
-        headers = dict(auth_headers or {})
+        credentials = auth if auth is not None else NoAuth()
+        stack.push_async_callback(credentials.aclose)
 
         async def deliver(request: HttpRequest, key: str) -> Reply | TransportFailure:
-            return await attempt(session, request, idempotency_key=key, auth_headers=headers, timeout=http.timeout)
+            return await authorized_attempt(session, request, credentials, idempotency_key=key, timeout=http.timeout)
 
         consumer = sink_consumer(client_options, sink.name, prefix=prefix)
         stack.push_async_callback(consumer.stop)  # safe on a consumer that never started
         engine = SinkEngine(
-            sink, KafkaConsumerPort(consumer), deliver, store, dead_letters, metrics, clock or SystemClock(), config
+            sink,
+            KafkaConsumerPort(consumer),
+            deliver,
+            store,
+            dead_letters,
+            metrics,
+            clock or SystemClock(),
+            config,
+            replay_topic=replay_topic,
         )
         try:
             await consumer.start()
         except KafkaError as exc:
             raise BrokerError(f"sink {sink.name}: cannot join the consumer group: {exc!r}") from exc
-        consumer.subscribe([topic], listener=Rebalance(engine))
+        # The sink also reads its replay topic: dead letters the operator sends back to this sink only.
+        topics = [topic] if replay_topic is None else [topic, replay_topic]
+        consumer.subscribe(topics, listener=Rebalance(engine))
         yield engine
-
-
-def _ssl(http: HttpConfig) -> ssl.SSLContext | bool:
-    if not http.tls_verify:
-        return False
-    return ssl.create_default_context(cafile=str(http.ca_bundle) if http.ca_bundle else None)

@@ -3,19 +3,30 @@
 A sink module (crm, accounting, shipping) only says that; the engine owns retries, pacing, dead letters and
 commits. `RestSink` is the common shape of such an API (create with POST, replace with PUT, cancel with DELETE);
 the real sinks differ only in the fields they send (data minimisation) and their URL templates.
+
+Bodies are canonical JSON (`canonical_json`: sorted keys, no spaces, amounts as decimal strings), so every retry
+of one event sends the same bytes under the same ``Idempotency-Key``; a downstream that compares them sees the
+same request, not a reuse of the key for another one.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import string
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final, Protocol
+from urllib.parse import quote
 
 from consumers.policy import DEFAULT_POLICY, ResponsePolicy
 from topics.envelope import OrderEvent
+from topics.errors import ConfigError
 
-_METHODS = {"order.created": "POST", "order.updated": "PUT", "order.cancelled": "DELETE"}
+_METHODS: Final = {"order.created": "POST", "order.updated": "PUT", "order.cancelled": "DELETE"}
+_ABSOLUTE: Final = re.compile(r"https?://[^\s/]+(/\S*)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,44 +57,120 @@ class Sink(Protocol):
         ...
 
 
+def canonical_json(document: Mapping[str, Any]) -> bytes:
+    """`document` as UTF-8 JSON with sorted keys and no spaces: the same document always gives the same bytes.
+
+    Amounts (`Decimal`) become decimal strings as written ("12.50", never a float); times become RFC 3339.
+    """
+    return json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_plain
+    ).encode()
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} has no canonical JSON form")
+
+
+@dataclass(frozen=True, slots=True)
+class UrlTemplates:
+    """Where a system's orders live. Placeholders: ``{base_url}``, ``{id}`` (by_id only), ``{order_number}``.
+
+    `by_number` addresses an order whose downstream id is unknown (created before orderbus kept ids, or by
+    another system). Values are percent-encoded into the path: an id from a downstream answer can never add a
+    path segment or a query. Invalid templates raise `ConfigError` naming the template.
+    """
+
+    create: str = "{base_url}/orders"
+    by_id: str = "{base_url}/orders/{id}"
+    by_number: str = "{base_url}/orders/by-number/{order_number}"
+
+    def __post_init__(self) -> None:
+        allowed = {"create": {"base_url", "order_number"}, "by_id": {"base_url", "id", "order_number"}}
+        required = {"by_id": "id", "by_number": "order_number"}
+        for item in fields(self):
+            _check_template(
+                item.name,
+                getattr(self, item.name),
+                allowed.get(item.name, {"base_url", "order_number"}),
+                required.get(item.name),
+            )
+
+
+def _check_template(name: str, template: str, allowed: set[str], required: str | None) -> None:
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {template!r} is not a URL template: {exc}") from None
+    used = set()
+    for _, placeholder, spec, conversion in parts:
+        if placeholder is None:
+            continue
+        if placeholder not in allowed or spec or conversion:
+            shown = ", ".join("{" + known + "}" for known in sorted(allowed))
+            raise ConfigError(f"{name}: {template!r}: unknown placeholder {{{placeholder}}}; allowed: {shown}")
+        used.add(placeholder)
+    if required is not None and required not in used:
+        raise ConfigError(f"{name}: {template!r} must contain {{{required}}}")
+    example = template.format(base_url="http://example.invalid", id="1", order_number="SO-1")
+    if not _ABSOLUTE.fullmatch(example):
+        raise ConfigError(f"{name}: {template!r} must give an absolute http(s) URL (start with {{base_url}})")
+
+
 @dataclass(frozen=True)
 class RestSink:
-    """A REST resource API: POST {base}/orders, PUT/DELETE {base}/orders/{id}.
+    """A REST resource API: POST to `urls.create`, PUT/DELETE to `urls.by_id` (or `urls.by_number`).
 
     Without a known downstream id (the create happened before orderbus kept ids, or another system created it),
-    updates and cancels address the order by number: {base}/orders/by-number/{order_number}.
-    Subclasses override `payload` to send only the fields their purpose needs.
+    updates and cancels address the order by number. Subclasses override `payload` to send only the fields
+    their purpose needs; DELETE never has a body.
     """
 
     name: str
     base_url: str
     policy: ResponsePolicy = DEFAULT_POLICY
     id_field: str = "id"
+    urls: UrlTemplates = UrlTemplates()
 
     def payload(self, event: OrderEvent) -> dict[str, Any]:
+        """The body of a create or a replace. The generic sink sends the order reference only."""
         return {"order_number": event.order.order_number, "event_type": event.event_type}
 
     def request(self, event: OrderEvent, downstream_id: str | None) -> HttpRequest:
         method = _METHODS[event.event_type]
-        base = self.base_url.rstrip("/")
         headers = {"X-Event-Id": str(event.event_id)}
-        if method == "POST":
-            url = f"{base}/orders"
-        elif downstream_id is not None:
-            url = f"{base}/orders/{downstream_id}"
-        else:
-            url = f"{base}/orders/by-number/{event.order.order_number}"
-        body = None if method == "DELETE" else json.dumps(self.payload(event), default=str).encode()
-        if body is not None:
+        body = None
+        if method != "DELETE":
+            body = canonical_json(self.payload(event))
             headers["Content-Type"] = "application/json"
-        return HttpRequest(method, url, body, headers)
+        return HttpRequest(method, self.url(event, None if method == "POST" else downstream_id), body, headers)
+
+    def url(self, event: OrderEvent, downstream_id: str | None) -> str:
+        """Create: `urls.create`; otherwise the order by its downstream id, or by its number without one."""
+        if event.event_type == "order.created":
+            template = self.urls.create
+        elif downstream_id is not None:
+            template = self.urls.by_id
+        else:
+            template = self.urls.by_number
+        return template.format(
+            base_url=self.base_url.rstrip("/"),
+            id=quote(downstream_id or "", safe=""),
+            order_number=quote(event.order.order_number, safe=""),
+        )
 
     def downstream_id(self, event: OrderEvent, status: int, body: bytes) -> str | None:
-        if event.event_type != "order.created" or not body:
+        """`id_field` of the answer to a create: a 2xx, or a 409 that names the order already there."""
+        if event.event_type != "order.created" or not body or not (200 <= status < 300 or status == 409):
             return None
         try:
             document = json.loads(body)
         except ValueError:
             return None
         value = document.get(self.id_field) if isinstance(document, dict) else None
-        return str(value) if isinstance(value, str | int) and str(value) else None
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            return None
+        return str(value) or None

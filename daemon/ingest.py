@@ -13,6 +13,10 @@ The checks run cheapest first, and every answer has one cause:
 
 The event id of a keyed submission is derived from the key, so even the one unavoidable republish (a crash
 between the broker's ack and storing the answer) carries the same event id and is deduplicated by every sink.
+
+Every answer is counted by status code (`daemon.ingest_metrics`) and logged as one event with its status, the
+problem code and, once the body is parsed, the event id and order number; never the body, its field values or
+the idempotency key, which a client may have built from personal data.
 """
 
 from __future__ import annotations
@@ -24,19 +28,21 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from daemon.ingest_keys import Busy, Claimed, Conflict, IngestKeyStore, Replay
+from daemon.ingest_metrics import IngestMetrics
 from daemon.problems import problem
 from daemon.publisher import BrokerUnavailable, Published, Publisher, PublishPending
 from daemon.signature import SignatureError, WebhookVerifier
 from topics.codec import encode, parse_submission
 from topics.envelope import OrderSubmission, to_event
-from topics.errors import ContractError, PublishError, StoreError
+from topics.errors import ContractError, FieldError, PublishError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -67,32 +73,56 @@ class Ingest:
         *,
         verifier: WebhookVerifier | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: IngestMetrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`metrics` defaults to a private registry (nothing scrapes it); `monotonic` times the publishes."""
         self._publisher = publisher
         self._keys = keys
         self._config = config
         self._verifier = verifier
         self._clock = clock
+        self._metrics = metrics if metrics is not None else IngestMetrics(CollectorRegistry())
+        self._monotonic = monotonic
         self._pending: dict[str, asyncio.Task[None]] = {}
 
     async def post_order(self, request: web.Request) -> web.Response:
+        try:
+            response = await self._answer(request)
+        except web.HTTPException as exc:
+            self._metrics.answered(exc.status)
+            raise
+        except Exception:
+            self._metrics.answered(500)  # aiohttp answers 500 and logs the traceback
+            raise
+        self._metrics.answered(response.status)
+        return response
+
+    async def _answer(self, request: web.Request) -> web.Response:
         if request.content_type not in _JSON_TYPES:
-            return problem(415, "unsupported-media-type", "send the order as Content-Type: application/json")
+            return _refused(415, "unsupported-media-type", "send the order as Content-Type: application/json")
         body = await self._read_body(request)
         if body is None:
-            return problem(413, "body-too-large", f"the body exceeds {self._config.max_body_bytes} bytes")
+            return _refused(413, "body-too-large", f"the body exceeds {self._config.max_body_bytes} bytes")
         if self._verifier is not None:
             try:
                 self._verifier.verify(request.headers, body)
             except SignatureError as exc:
-                return problem(401, "invalid-signature", str(exc))
+                return _refused(401, "invalid-signature", str(exc))
         key = request.headers.get("Idempotency-Key") or request.headers.get("webhook-id")
         if key is not None and not _KEY_PATTERN.match(key):
-            return problem(400, "invalid-idempotency-key", "an idempotency key is 1-255 printable ASCII characters")
+            return _refused(400, "invalid-idempotency-key", "an idempotency key is 1-255 printable ASCII characters")
         try:
             submission = parse_submission(body)
         except ContractError as exc:
-            return problem(400, "invalid-order", "the order breaks the contract", errors=exc.errors)
+            # Only the count: a field path can hold a client's unknown key, and that can be anything.
+            return _refused(
+                400,
+                "invalid-order",
+                "the order breaks the contract",
+                errors=exc.errors,
+                context={"fields": len(exc.errors)},
+            )
         if key is None:
             return await self._publish(submission, None)
         return await self._publish_once(key, hashlib.sha256(body).hexdigest(), submission)
@@ -106,8 +136,10 @@ class Ingest:
 
     async def _publish_once(self, key: str, digest: str, submission: OrderSubmission) -> web.Response:
         claim = await self._keys.claim(key, digest, self._clock())
+        order = submission.order.order_number
         match claim:
             case Replay(status=status, body=body):
+                log.debug("answer replayed for a repeated idempotency key", extra={"status": status, "order": order})
                 return web.Response(
                     status=status,
                     body=body,
@@ -115,11 +147,13 @@ class Ingest:
                     headers={"Idempotent-Replayed": "true"},
                 )
             case Conflict():
-                return problem(422, "idempotency-key-reused", "this idempotency key was used with another body")
+                detail = "this idempotency key was used with another body"
+                return _refused(422, "idempotency-key-reused", detail, context={"order": order})
             case Busy() if key in self._pending:
-                return self._unavailable("the first request with this key is still waiting for Kafka")
+                return self._unavailable("the first request with this key is still waiting for Kafka", {"order": order})
             case Busy():
-                return problem(409, "request-in-progress", "a request with this idempotency key is in progress")
+                detail = "a request with this idempotency key is in progress"
+                return _refused(409, "request-in-progress", detail, context={"order": order})
             case Claimed():
                 return await self._publish(submission, key)
         raise AssertionError(f"unexpected claim {claim!r}")  # pragma: no cover
@@ -131,26 +165,26 @@ class Ingest:
             source=self._config.source,
             now=datetime.fromtimestamp(self._clock(), UTC),
         )
+        ids = {"event_id": str(event.event_id), "order": event.order.order_number}
+        started = self._monotonic()
         try:
             published = await self._publisher.publish(encode(event), timeout=self._config.publish_timeout)
         except PublishPending as pending:
+            self._metrics.publish_seconds.observe(self._monotonic() - started)
             if key is not None:
                 self._track(key, event.event_id, pending.future)
-            return self._unavailable("kafka did not acknowledge in time; retry with the same idempotency key")
+            detail = "kafka did not acknowledge in time; retry with the same idempotency key"
+            return self._unavailable(detail, {**ids, "error": "publish pending"})
         except (BrokerUnavailable, PublishError) as exc:
-            log.warning("publish failed for event %s: %s", event.event_id, exc)
             if key is not None:
                 await self._keys.release(key)
-            return self._unavailable("kafka is unreachable; nothing was published")
+            return self._unavailable("kafka is unreachable; nothing was published", {**ids, "error": str(exc)})
+        self._metrics.publish_seconds.observe(self._monotonic() - started)
         if key is not None:
             await self._remember(key, _answer(event.event_id, published))
         log.info(
             "order published",
-            extra={
-                "event_id": str(event.event_id),
-                "partition": published.partition,
-                "offset": published.offset,
-            },
+            extra={**ids, "status": 202, "partition": published.partition, "offset": published.offset},
         )
         return web.Response(status=202, body=_answer(event.event_id, published), content_type="application/json")
 
@@ -171,7 +205,7 @@ class Ingest:
         try:
             published = await future
         except PublishError as exc:
-            log.warning("late publish failed for event %s: %s", event_id, exc)
+            log.warning("late publish failed", extra={"event_id": str(event_id), "error": str(exc)})
             await self._keys.release(key)
             return
         await self._remember(key, _answer(event_id, published))
@@ -182,9 +216,24 @@ class Ingest:
             task.cancel()
         await asyncio.gather(*self._pending.values(), return_exceptions=True)
 
-    def _unavailable(self, detail: str) -> web.Response:
+    def _unavailable(self, detail: str, context: Mapping[str, object]) -> web.Response:
         retry = str(self._config.retry_after)
-        return problem(503, "kafka-unavailable", detail, headers={"Retry-After": retry})
+        return _refused(503, "kafka-unavailable", detail, headers={"Retry-After": retry}, context=context)
+
+
+def _refused(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    errors: Sequence[FieldError] = (),
+    headers: dict[str, str] | None = None,
+    context: Mapping[str, object] | None = None,
+) -> web.Response:
+    """The problem answer, logged as one event: status, problem code, and `context` (ids and counts only)."""
+    level = logging.WARNING if status >= 500 else logging.INFO
+    log.log(level, "order refused", extra={"status": status, "problem": code, **(context or {})})
+    return problem(status, code, detail, errors=errors, headers=headers)
 
 
 def _event_id(submission: OrderSubmission, key: str | None) -> uuid.UUID:

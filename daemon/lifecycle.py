@@ -3,6 +3,9 @@
 One `AsyncExitStack` owns every resource (SQLite → Kafka producer → ingest → sinks → HTTP server), so a failure while
 starting closes what was already open, and a clean stop closes everything in reverse order. Signal handlers only
 set the stop event (see `daemon.cli`).
+
+Every metric (the ingest's, the engines', the build info) lives on the one injected `CollectorRegistry` that
+``/metrics`` serves; ``/readyz`` answers with the reasons `_reasons` finds, by component.
 """
 
 from __future__ import annotations
@@ -24,28 +27,34 @@ from consumers.runner import HttpConfig, open_sink
 from daemon.app import build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import SqliteIngestKeyStore
+from daemon.ingest_metrics import IngestMetrics, register_build_info
 from daemon.kafka_options import client_options
 from daemon.publisher import KafkaPublisher
 from daemon.settings import Settings
 from daemon.signature import WebhookVerifier
-from daemon.sinks import build_sink, engine_config
-from topics.catalogue import orders_topic
+from daemon.sinks import build_auth, build_sink, engine_config
+from topics.catalogue import orders_topic, replay_topic
 from topics.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 
 INGEST_KEYS_FILE = "ingest-keys.sqlite"
 _PRUNE_INTERVAL = 3600.0
+# A sink whose lag measurement (every `lag_interval`, 2 s) has had no answer for this many intervals has lost the
+# broker; lenient enough that a loop slowed by a burst of work does not look like an outage.
+_SILENT_MEASUREMENTS = 5
 
 
 async def serve(settings: Settings, stop: asyncio.Event, *, registry: CollectorRegistry | None = None) -> None:
     """Run the daemon until `stop` is set; a sink that fails stops the whole daemon with its error."""
     registry = registry if registry is not None else CollectorRegistry()
+    register_build_info(registry)
+    log.info("starting", extra={"settings": settings.model_dump(mode="json")})  # secrets show as **********
     async with AsyncExitStack() as stack:
         ingest: Ingest | None = None
         publisher: KafkaPublisher | None = None
         if settings.ingest.enabled:
-            ingest, publisher = await _open_ingest(settings, stack)
+            ingest, publisher = await _open_ingest(settings, stack, IngestMetrics(registry))
         engines = await _open_sinks(settings, stack, EngineMetrics(registry))
         app = build_app(
             ingest=ingest,
@@ -113,12 +122,16 @@ async def _open_sinks(settings: Settings, stack: AsyncExitStack, metrics: Engine
                 metrics=metrics,
                 config=engine_config(sink_settings),
                 http=HttpConfig(sink_settings.request_timeout, sink_settings.tls_verify, sink_settings.ca_bundle),
+                auth=build_auth(name, sink_settings),
+                replay_topic=replay_topic(name, settings.topics.prefix),
             )
         )
     return engines
 
 
-async def _open_ingest(settings: Settings, stack: AsyncExitStack) -> tuple[Ingest, KafkaPublisher]:
+async def _open_ingest(
+    settings: Settings, stack: AsyncExitStack, metrics: IngestMetrics
+) -> tuple[Ingest, KafkaPublisher]:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     keys = SqliteIngestKeyStore(settings.state_dir / INGEST_KEYS_FILE)
     await keys.open()
@@ -148,18 +161,23 @@ async def _open_ingest(settings: Settings, stack: AsyncExitStack) -> tuple[Inges
             source=settings.ingest.source,
         ),
         verifier=WebhookVerifier(secrets, tolerance=settings.ingest.signature_tolerance) if secrets else None,
+        metrics=metrics,
     )
     stack.push_async_callback(ingest.close)
     return ingest, publisher
 
 
 def _reasons(publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -> dict[str, str]:
+    """Why the daemon is not ready, by component ("ingest", "sink.<name>"); empty when it is ready."""
     reasons: dict[str, str] = {}
     if publisher is not None and not publisher.available:
         reasons["ingest"] = "kafka is unreachable: the ingest cannot publish"
     for name, engine in engines.items():
+        silence = engine.kafka_silence
         if engine.assigned == 0:
             reasons[f"sink.{name}"] = "no partitions assigned (joining the group, or kafka unreachable)"
+        elif silence > _SILENT_MEASUREMENTS * engine.config.lag_interval:
+            reasons[f"sink.{name}"] = f"kafka is unreachable: no answer to the lag measurement for {silence:.0f} s"
         elif engine.auth_paused:
             reasons[f"sink.{name}"] = "paused: the downstream refused our credentials (401/403)"
         elif engine.circuit_state == "open":

@@ -30,11 +30,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, default=str)
 
 
+# Libraries whose chatter says nothing an operator needs, at the least level that still does.
+QUIETED = {
+    "aiokafka": logging.ERROR,  # a warning per retry while the broker is away; our own events say it once
+    "aiosqlite": logging.INFO,  # at DEBUG, every statement with its parameters (client-chosen idempotency keys)
+}
+
+
 def configure(level: str, stream: TextIO = sys.stderr) -> None:
-    """Send every log event to `stream` as JSON lines at `level`; quiet aiokafka's per-retry chatter."""
+    """Send every log event to `stream` as JSON lines at `level`; quiet the libraries in `QUIETED`."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("aiokafka").setLevel(max(logging.getLevelName(level), logging.ERROR))
+    for name, least in QUIETED.items():
+        logging.getLogger(name).setLevel(max(logging.getLevelName(level), least))

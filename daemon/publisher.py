@@ -5,9 +5,11 @@ So a publish that outlives the request's timeout is not a failure but an *unknow
 the future, and the caller keeps its idempotency key in flight until that future resolves, so a client's retry
 can never publish the order a second time.
 
-While the broker is known to be unreachable (a publish timed out or failed, or the producer never connected),
-`publish` refuses at once with `BrokerUnavailable`, before anything is handed to the producer: nothing is
-half-published. A background probe (a metadata request with growing intervals) reopens the gate.
+While the broker is known to be unreachable (a publish timed out or failed, the producer never connected, or
+the periodic health check found no broker), `publish` refuses at once with `BrokerUnavailable`, before anything
+is handed to the producer: nothing is half-published. A background probe (a metadata request with growing
+intervals) reopens the gate. The health check (a metadata request every `health_interval` while the gate is
+open) is what lets an idle ingest, and /readyz, notice an outage before a client's publish times out.
 """
 
 from __future__ import annotations
@@ -64,13 +66,22 @@ class Publisher(Protocol):
 class KafkaPublisher:
     """An idempotent acks=all producer for one topic, with an availability gate."""
 
-    def __init__(self, topic: str, client_options: Mapping[str, Any], *, request_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        topic: str,
+        client_options: Mapping[str, Any],
+        *,
+        request_timeout: float = 10.0,
+        health_interval: float = 2.0,
+    ) -> None:
         self._topic = topic
         self._options = dict(client_options)
         self._request_timeout = request_timeout
+        self._health_interval = health_interval
         self._producer: AIOKafkaProducer | None = None
         self._available = False
         self._probe: asyncio.Task[None] | None = None
+        self._health: asyncio.Task[None] | None = None
 
     @property
     def available(self) -> bool:
@@ -78,8 +89,10 @@ class KafkaPublisher:
 
     async def start(self) -> None:
         """Start the producer now if the broker answers, else keep trying in the background."""
+        self._health = asyncio.create_task(self._check_health(), name="publisher-health")
         try:
             await self._connect()
+            self._available = True
         except KafkaError as exc:
             log.warning("kafka unreachable at start, ingest answers 503 until it is back: %r", exc)
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
@@ -91,10 +104,11 @@ class KafkaPublisher:
         Records still unacknowledged then keep their idempotency keys in flight, and a client's retry after a
         restart re-claims and republishes them under the same event id, which consumers deduplicate.
         """
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        for task in (self._health, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._producer is None:
             return
         stopping = asyncio.ensure_future(self._producer.stop())
@@ -137,6 +151,9 @@ class KafkaPublisher:
             metadata = await sent
         except KafkaError as exc:
             raise PublishError(f"kafka did not store the record: {exc!r}") from exc
+        if not self._available:
+            # A late publish was acknowledged: the broker is back, before the probe's next (backed-off) try.
+            self._reopen()
         return Published(metadata.topic, metadata.partition, metadata.offset)
 
     async def _connect(self) -> None:
@@ -155,7 +172,6 @@ class KafkaPublisher:
             await producer.stop()
             raise
         self._producer = producer
-        self._available = True
 
     def _mark_unavailable(self, why: str) -> None:
         if self._available:
@@ -163,6 +179,23 @@ class KafkaPublisher:
         self._available = False
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-probe")
+
+    def _reopen(self) -> None:
+        if not self._available:
+            log.info("kafka reachable again, ingest accepts orders")
+        self._available = True
+        if self._probe is not None and self._probe is not asyncio.current_task():
+            self._probe.cancel()
+
+    async def _check_health(self) -> None:
+        while True:
+            await asyncio.sleep(self._health_interval)
+            if not self._available or self._producer is None:
+                continue  # the reconnect probe owns the gate until the broker answers again
+            try:
+                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), self._request_timeout)
+            except (KafkaError, TimeoutError) as exc:
+                self._mark_unavailable(f"health check: {exc!r}")
 
     async def _reconnect(self) -> None:
         delay = _PROBE_MIN
@@ -173,8 +206,7 @@ class KafkaPublisher:
                     await self._connect()
                 else:
                     await self._producer.client.fetch_all_metadata()
-                    self._available = True
-                log.info("kafka reachable again, ingest accepts orders")
+                self._reopen()
                 return
             except KafkaError as exc:
                 log.debug("kafka still unreachable: %r", exc)

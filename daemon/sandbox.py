@@ -32,6 +32,16 @@ Control API (never faulted, never authenticated)::
     GET|POST /_sandbox/faults       {"crm": {...}, "*": {...}}        replace faults (see `daemon.sandbox_faults`)
     GET|POST /_sandbox/script       {"crm": [step, ...]}              replace scripts; GET shows what is left
     GET|POST /_sandbox/config       {"crm": {"auth": "bearer:T", "idempotency": true, "unique_order_numbers": true}}
+    POST /_sandbox/oauth/token      OAuth2 client credentials grant (RFC 6749 §4.4), see below
+    POST /_sandbox/oauth/revoke     {"client_id": "..."}?   revoke issued tokens (all, or one client's)
+
+Auth specs: ``bearer:TOKEN``, ``basic:USER:PASSWORD``, ``header:NAME:VALUE``, ``oauth2:CLIENT_ID:SECRET:LIFETIME_S``.
+A system with an oauth2 spec accepts only ``Authorization: Bearer <token>`` with a token the token endpoint issued
+to that client, unexpired (by the sandbox's clock) and not revoked. The token endpoint takes a form-encoded
+``grant_type=client_credentials`` (``scope`` optional, echoed back) with the client's id and secret as HTTP Basic
+(id and secret form-encoded first, RFC 6749 §2.3.1) or as ``client_id``/``client_secret`` form fields, and answers
+``{"access_token", "token_type": "Bearer", "expires_in"}`` with opaque random tokens; wrong credentials get 401
+``{"error": "invalid_client"}``. ``/_sandbox/stats`` counts its requests under ``"oauth"``.
 
 From Python: `build_sandbox_app` (in-process, for ``aiohttp.test_utils``), `SandboxClient` (the control API) and
 `start_sandbox_process` (``python -m daemon.sandbox --port N``), so that the sandbox never competes with the
@@ -43,13 +53,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import gc
 import hashlib
+import hmac
 import json
 import logging
 import os
 import random
+import secrets
 import selectors
 import signal
 import socket
@@ -64,6 +77,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypedDict, cast
+from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
@@ -253,6 +267,8 @@ class Sandbox:
         self._ledger: dict[int, bytes] = {}  # every system's, by seq (1, 2, ...)
         self._request_seq = 0
         self._max_concurrent = self._in_flight
+        self._tokens: dict[str, tuple[str, float]] = {}  # issued token -> (client id, expiry by self._clock)
+        self.oauth: dict[str, Any] = {"token_requests": 0, "issued": 0, "refused": 0, "scopes": {}}
 
     def system(self, name: str) -> _System:
         state = self.systems.get(name)
@@ -325,7 +341,7 @@ class Sandbox:
     async def _serve(self, request: web.Request, system: _System, record: _Logged) -> web.Response | None:
         """Auth, then script or faults, then the request itself; None means: drop the connection."""
         config = self._config_of(system.name)
-        if config.auth is not None and not config.auth.accepts(request.headers):
+        if config.auth is not None and not self._accepts(config.auth, request.headers):
             record["fault"] = "auth"
             challenge = {"WWW-Authenticate": "Basic" if config.auth.scheme == "basic" else "Bearer"}
             return web.json_response({"error": "unauthorized"}, status=401, headers=challenge)
@@ -358,6 +374,13 @@ class Sandbox:
         if outcome is not None and outcome.reset_after_effect:
             return None
         return response
+
+    def _accepts(self, auth: Auth, headers: Mapping[str, str]) -> bool:
+        if auth.scheme != "oauth2":
+            return auth.accepts(headers)
+        scheme, _, token = headers.get("Authorization", "").partition(" ")
+        issued = self._tokens.get(token) if scheme.lower() == "bearer" else None
+        return issued is not None and issued[0] == auth.client_id and self._clock() < issued[1]
 
     def _order_number(self, call: _Call) -> str | None:
         """The order a request is about (for script matches, rejects and the logs), whatever its route."""
@@ -492,7 +515,7 @@ class Sandbox:
                     total[key] += value
         total["by_status"] = dict(sorted(total["by_status"].items(), key=lambda item: int(item[0])))
         total["max_concurrent"] = self._max_concurrent
-        return web.json_response({"systems": systems, "total": total})
+        return web.json_response({"systems": systems, "total": total, "oauth": self.oauth})
 
     async def get_orders(self, request: web.Request) -> web.Response:
         state = self.systems.get(request.query.get("system", ""))
@@ -538,6 +561,66 @@ class Sandbox:
                 return _config_error(str(exc))
         return web.json_response({name: config.as_json() for name, config in sorted(self.config.items())})
 
+    # ---- the OAuth2 token endpoint --------------------------------------------------------------------------------
+
+    async def oauth_token(self, request: web.Request) -> web.Response:
+        """Issue a bearer token to a client named by some system's ``oauth2:`` auth spec (client credentials)."""
+        self.oauth["token_requests"] += 1
+        if request.content_type != "application/x-www-form-urlencoded":
+            return self._token_error(400, "invalid_request")
+        form = await request.post()
+        if form.get("grant_type") != "client_credentials":
+            return self._token_error(400, "unsupported_grant_type")
+        client_id, secret = _client_credentials(request.headers.get("Authorization", ""), form)
+        auth = next(
+            (
+                config.auth
+                for config in self.config.values()
+                if config.auth is not None and config.auth.scheme == "oauth2" and config.auth.client_id == client_id
+            ),
+            None,
+        )
+        if auth is None or not hmac.compare_digest(secret.encode(), auth.client_secret.encode()):
+            return self._token_error(401, "invalid_client")
+        token = secrets.token_urlsafe(24)
+        self._tokens[token] = (auth.client_id, self._clock() + auth.lifetime_s)
+        self.oauth["issued"] += 1
+        lifetime = int(auth.lifetime_s) if auth.lifetime_s.is_integer() else auth.lifetime_s
+        answer: dict[str, Any] = {"access_token": token, "token_type": "Bearer", "expires_in": lifetime}
+        scope = form.get("scope")
+        if isinstance(scope, str):
+            answer["scope"] = scope
+            self.oauth["scopes"][scope] = self.oauth["scopes"].get(scope, 0) + 1
+        return web.json_response(answer, headers={"Cache-Control": "no-store"})
+
+    def _token_error(self, status: int, error: str) -> web.Response:
+        self.oauth["refused"] += 1
+        headers = {"WWW-Authenticate": "Basic"} if status == 401 else {}
+        return web.json_response({"error": error}, status=status, headers=headers)
+
+    async def oauth_revoke(self, request: web.Request) -> web.Response:
+        """Revoke every issued token, or one client's: their next use is a 401."""
+        data = await _json_body(request, default={})
+        client_id = data.get("client_id") if isinstance(data, dict) else None
+        revoked = [token for token, (owner, _) in self._tokens.items() if client_id in (None, owner)]
+        for token in revoked:
+            del self._tokens[token]
+        return web.json_response({"revoked": len(revoked)})
+
+
+def _client_credentials(authorization: str, form: Mapping[str, Any]) -> tuple[str, str]:
+    """The client's id and secret: from HTTP Basic (each form-encoded, RFC 6749 §2.3.1), else from the form."""
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(encoded, validate=True).decode()
+        except ValueError:
+            return "", ""
+        client_id, _, secret = decoded.partition(":")
+        return unquote_plus(client_id), unquote_plus(secret)
+    given_id, given_secret = form.get("client_id"), form.get("client_secret")
+    return (given_id if isinstance(given_id, str) else ""), (given_secret if isinstance(given_secret, str) else "")
+
 
 SANDBOX: Final = web.AppKey("sandbox", Sandbox)
 
@@ -557,6 +640,8 @@ def build_sandbox_app(sandbox: Sandbox | None = None) -> web.Application:
         ("*", "/faults", sandbox.faults_endpoint),
         ("*", "/script", sandbox.script_endpoint),
         ("*", "/config", sandbox.config_endpoint),
+        ("POST", "/oauth/token", sandbox.oauth_token),
+        ("POST", "/oauth/revoke", sandbox.oauth_revoke),
     ):
         add(method, CONTROL + path, handler)
     system = "/{system:[a-z][a-z0-9_-]{0,31}}/orders"
@@ -662,7 +747,11 @@ class SandboxClient:
         return cast(list[RequestRecord], await self._call("GET", "/requests", _query(system=system, since=since)))
 
     async def stats(self) -> dict[str, Any]:
-        """``{"systems": {name: counts}, "total": counts}``; see `_System.stats` for the counts."""
+        """``{"systems": {name: counts}, "total": counts, "oauth": counts}``; see `_System.stats` for the counts.
+
+        ``oauth``: ``token_requests`` (every request to the token endpoint), ``issued``, ``refused`` and
+        ``scopes`` (issued tokens per requested scope).
+        """
         return cast(dict[str, Any], await self._call("GET", "/stats"))
 
     async def orders(self, system: str) -> list[dict[str, Any]]:
@@ -686,8 +775,22 @@ class SandboxClient:
         await self._call("POST", "/config", json_body={system: config})
 
     async def configure_auth(self, system: str, spec: str | None) -> None:
-        """``bearer:TOKEN``, ``basic:USER:PASSWORD``, ``header:NAME:VALUE`` or None (no auth)."""
+        """``bearer:TOKEN``, ``basic:USER:PASSWORD``, ``header:NAME:VALUE``, ``oauth2:CLIENT_ID:SECRET:LIFETIME_S``
+        or None (no auth).
+        """
         await self.configure(system, auth=spec)
+
+    async def revoke_tokens(self, client_id: str | None = None) -> int:
+        """Revoke the tokens issued so far (all, or `client_id`'s); how many were revoked."""
+        answer = await self._call(
+            "POST", "/oauth/revoke", json_body={} if client_id is None else {"client_id": client_id}
+        )
+        return cast(int, answer["revoked"])
+
+    @property
+    def token_url(self) -> str:
+        """The OAuth2 token endpoint, for a sink's ``auth.token_url``."""
+        return f"{self.base_url}{CONTROL}/oauth/token"
 
     async def reset(self, seed: int | None = None) -> None:
         await self._call("POST", "/reset", json_body={} if seed is None else {"seed": seed})
@@ -732,6 +835,11 @@ class SandboxProcess:
     def system_url(self, system: str) -> str:
         """Where a sink's base URL points for `system`: ``POST {system_url}/orders``."""
         return f"{self.url}/{system}"
+
+    @property
+    def token_url(self) -> str:
+        """The OAuth2 token endpoint, for a sink's ``auth.token_url``."""
+        return f"{self.url}{CONTROL}/oauth/token"
 
     def client(self, session: aiohttp.ClientSession | None = None) -> SandboxClient:
         return SandboxClient(self.url, session=session)

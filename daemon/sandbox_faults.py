@@ -22,7 +22,7 @@ import hmac
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Final
@@ -260,11 +260,17 @@ class Script:
 
 @dataclass(frozen=True, slots=True)
 class Auth:
-    """A system's credentials: ``bearer:TOKEN``, ``basic:USER:PASSWORD`` or ``header:NAME:VALUE``."""
+    """A system's credentials: ``bearer:TOKEN``, ``basic:USER:PASSWORD``, ``header:NAME:VALUE``, or
+    ``oauth2:CLIENT_ID:SECRET:LIFETIME_S``: bearer tokens that the sandbox's token endpoint issued to that client,
+    valid for LIFETIME_S seconds (the sandbox checks those itself; `accepts` is for the fixed schemes).
+    """
 
     scheme: str
     header: str
     expected: str
+    client_id: str = ""
+    client_secret: str = field(default="", repr=False)
+    lifetime_s: float = 0.0
 
     @classmethod
     def parse(cls, spec: str, where: str) -> Auth:
@@ -276,10 +282,26 @@ class Auth:
             return cls("basic", "Authorization", "Basic " + base64.b64encode(rest.encode()).decode())
         if scheme == "header" and user and password:
             return cls(f"header:{user}", user, password)
-        raise ConfigError(f"{where}: expected bearer:TOKEN, basic:USER:PASSWORD or header:NAME:VALUE")
+        secret, _, lifetime = password.rpartition(":")
+        if scheme == "oauth2" and user and secret and _positive(lifetime):
+            return cls("oauth2", "Authorization", "", client_id=user, client_secret=secret, lifetime_s=float(lifetime))
+        raise ConfigError(
+            f"{where}: expected bearer:TOKEN, basic:USER:PASSWORD, header:NAME:VALUE or "
+            "oauth2:CLIENT_ID:SECRET:LIFETIME_S"
+        )
 
     def accepts(self, headers: Mapping[str, str]) -> bool:
+        if self.scheme == "oauth2":
+            return False  # only the sandbox knows which tokens it issued (`daemon.sandbox.Sandbox`)
         return hmac.compare_digest(headers.get(self.header, "").encode(), self.expected.encode())
+
+
+def _positive(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and value > 0
 
 
 @dataclass(frozen=True, slots=True)

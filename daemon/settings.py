@@ -19,8 +19,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from consumers.sink import UrlTemplates
 from topics.catalogue import SINKS
 from topics.errors import ConfigError
 
@@ -91,8 +101,136 @@ class IngestSettings(_Section):
         return value
 
 
+def _secret_text(value: Any) -> Any:
+    # A numeric key in TOML (key = 123456) is still a key; converting here also keeps it out of error messages.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Secret = Annotated[SecretStr, BeforeValidator(_secret_text)]
+HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")]
+# Headers orderbus sets itself on every request; a credential must not replace them.
+_RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "idempotency-key", "x-event-id"})
+
+
+class _AuthSection(_Section):
+    """A credential scheme. Secrets are checked here, after parsing, so no error message ever quotes one."""
+
+    def _require(self, name: str, secret: SecretStr, *, in_header: bool = False) -> None:
+        value = secret.get_secret_value()
+        if not value:
+            raise ValueError(f"{name} must not be empty")
+        if in_header and any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+            raise ValueError(f"{name} must not contain control characters (a line break, a tab)")
+
+
+class NoAuthSettings(_AuthSection):
+    """No credentials."""
+
+    type: Literal["none"] = "none"
+
+
+class BearerAuthSettings(_AuthSection):
+    """``Authorization: Bearer <token>`` with a fixed token."""
+
+    type: Literal["bearer"]
+    token: Secret
+
+    @model_validator(mode="after")
+    def _secrets(self) -> BearerAuthSettings:
+        self._require("token", self.token, in_header=True)
+        return self
+
+
+class BasicAuthSettings(_AuthSection):
+    """``Authorization: Basic`` with a user name and a password."""
+
+    type: Literal["basic"]
+    username: str = Field(min_length=1, max_length=256, pattern=r"^[^:\x00-\x1f\x7f]+$")
+    password: Secret
+
+    @model_validator(mode="after")
+    def _secrets(self) -> BasicAuthSettings:
+        self._require("password", self.password)
+        return self
+
+
+class ApiKeyAuthSettings(_AuthSection):
+    """An API key in a header of the system's choosing."""
+
+    type: Literal["api_key"]
+    header: HeaderName = "X-Api-Key"
+    key: Secret
+
+    @field_validator("header")
+    @classmethod
+    def _not_ours(cls, value: str) -> str:
+        if value.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"{value} is a header orderbus sets itself; name the API key header of the system")
+        return value
+
+    @model_validator(mode="after")
+    def _secrets(self) -> ApiKeyAuthSettings:
+        self._require("key", self.key, in_header=True)
+        return self
+
+
+class OAuth2Settings(_AuthSection):
+    """OAuth2 client credentials: bearer tokens from `token_url`, renewed `refresh_margin` s before they expire."""
+
+    type: Literal["oauth2"]
+    token_url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")
+    client_id: str = Field(min_length=1, max_length=256)
+    client_secret: Secret
+    scope: str | None = Field(None, min_length=1, max_length=1024)
+    refresh_margin: float = Field(30.0, ge=0, le=3600)
+    client_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+
+    @model_validator(mode="after")
+    def _secrets(self) -> OAuth2Settings:
+        self._require("client_secret", self.client_secret)
+        return self
+
+
+AuthSettings = Annotated[
+    NoAuthSettings | BearerAuthSettings | BasicAuthSettings | ApiKeyAuthSettings | OAuth2Settings,
+    Field(discriminator="type"),
+]
+_DEFAULT_URLS = UrlTemplates()
+
+
+class UrlSettings(_Section):
+    """Where a system's orders live: templates with ``{base_url}``, ``{id}`` (by_id) and ``{order_number}``.
+
+    ``create`` takes the POST; ``by_id`` the PUT and DELETE of an order whose downstream id is known (what the
+    create answered); ``by_number`` those of an order without one.
+    """
+
+    create: str = _DEFAULT_URLS.create
+    by_id: str = _DEFAULT_URLS.by_id
+    by_number: str = _DEFAULT_URLS.by_number
+
+    @model_validator(mode="after")
+    def _templates(self) -> UrlSettings:
+        try:
+            self.templates()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def templates(self) -> UrlTemplates:
+        return UrlTemplates(create=self.create, by_id=self.by_id, by_number=self.by_number)
+
+
 class SinkSettings(_Section):
-    """One downstream system: where it is, how hard orderbus may push it, and what its answers mean."""
+    """One downstream system: where it is, how hard orderbus may push it, and what its answers mean.
+
+    Credentials are the ``auth`` table, chosen by its ``type``: none (the default), bearer, basic, api_key or
+    oauth2. Give secrets as files, as systemd credentials are: ``ORDERBUS_SINKS__CRM__AUTH__TYPE=bearer`` and
+    ``ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE=$CREDENTIALS_DIRECTORY/crm-token``. ``request_timeout`` bounds each
+    HTTP exchange with the system (and with its token endpoint); certificates are verified unless ``tls_verify``
+    is false, against ``ca_bundle`` when the system uses a private CA. ``id_field`` names the id in the answer
+    to a create, which the order's updates and cancels then use.
+    """
 
     enabled: bool = False
     base_url: str = Field("http://127.0.0.1:8090", pattern=r"^https?://[^\s/]+(/\S*)?$")
@@ -116,6 +254,9 @@ class SinkSettings(_Section):
     response_policy: dict[str, Literal["done", "duplicate", "dead_letter", "pause_auth", "retry"]] = {}
     tls_verify: bool = True
     ca_bundle: Path | None = None
+    auth: AuthSettings = NoAuthSettings()
+    urls: UrlSettings = UrlSettings()
+    id_field: str = Field("id", pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 
     @model_validator(mode="after")
     def _consistent(self) -> SinkSettings:
@@ -240,6 +381,7 @@ def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str
             continue
         shown = error.get("input")
         # Never echo what might be a secret; show short scalar inputs only.
-        bad = "" if "secret" in key or "password" in key or isinstance(shown, dict | list) else f" (got {shown!r})"
+        secret = any(word in key for word in ("secret", "password", "token", "key"))
+        bad = "" if secret or isinstance(shown, dict | list) else f" (got {shown!r})"
         problems.append(f"{key}: {error['msg']}{bad}{source}")
     return f"invalid settings{where}: " + "; ".join(problems)

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import kafka_local
+from daemon import kafka_local, logs
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess, start_sandbox_process
 from topics.errors import LocalKafkaError
@@ -90,3 +92,25 @@ async def sandbox(sandbox_process: SandboxProcess) -> AsyncIterator[SandboxClien
     async with sandbox_process.client() as client:
         await client.reset()
         yield client
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """Every log event of the test as the daemon writes it (`daemon.logs.configure` at DEBUG), in a StringIO.
+
+    Afterwards the root logger's level and the quieted libraries' levels are restored and every JSON handler
+    removed (also those the test itself configured).
+    """
+    root = logging.getLogger()
+    saved = root.level, {name: logging.getLogger(name).level for name in logs.QUIETED}
+    stream = io.StringIO()
+    logs.configure("DEBUG", stream)
+    try:
+        yield stream
+    finally:
+        for handler in root.handlers[:]:
+            if isinstance(handler.formatter, logs.JsonFormatter):
+                root.removeHandler(handler)
+        root.setLevel(saved[0])
+        for name, level in saved[1].items():
+            logging.getLogger(name).setLevel(level)

@@ -22,8 +22,8 @@ from daemon.settings import Settings, load_settings
 from topics.admin import apply_catalogue, partition_ids
 from topics.catalogue import catalogue, orders_topic
 from topics.codec import encode
-from topics.envelope import EventType, OrderEvent
-from topics.samples import sample_event
+from topics.envelope import EventType, OrderEvent, OrderSubmission
+from topics.samples import sample_event, sample_submission
 
 
 def free_port() -> int:
@@ -152,3 +152,52 @@ async def committed_vs_end(bootstrap: str, topic: str, group: str) -> tuple[dict
 
 def orders_of(settings: Settings) -> str:
     return orders_topic(settings.topics.prefix)
+
+
+# Personal data no log line may contain: distinctive, ASCII (so an escaped JSON string cannot hide it).
+PERSONAL_TOKENS = (
+    "Zebulon",
+    "Quackenbush",
+    "private-mailbox",
+    "Wombatweg",
+    "Quokka",
+    "Ostwombatien",
+    "QZ-4711-WB",
+    "4915112345",
+    "DE887766",
+    "Privatier",
+)
+
+
+def _with_personal_data(data: dict[str, Any], n: int) -> dict[str, Any]:
+    address = {
+        "line1": f"Wombatweg {n}",
+        "line2": "Hinterhaus Quokka",
+        "postal_code": "QZ-4711-WB",
+        "city": "Quokkahausen",
+        "region": "Ostwombatien",
+        "country": "DE",
+    }
+    data["order"]["customer"] = {
+        "customer_id": f"C-{n}",
+        "name": f"Zebulon Quackenbush {n}",
+        "email": f"zebulon.quackenbush.{n}@private-mailbox.example",
+        "phone": f"+4915112345{n % 1000:03d}",
+        "company": "Quackenbush Privatier GmbH",
+        "vat_id": f"DE887766{n % 1000:03d}",
+    }
+    data["order"]["billing_address"] = address
+    data["order"]["shipping_address"] = {**address, "line1": f"Wombatweg {n + 1}"}
+    return data
+
+
+def personal_submission(n: int, *, order_number: str | None = None) -> OrderSubmission:
+    """A webhook body whose customer and addresses are full of `PERSONAL_TOKENS`."""
+    data = sample_submission(random.Random(n), order_number=order_number).model_dump(mode="json")
+    return OrderSubmission.model_validate_json(json.dumps(_with_personal_data(data, n)))
+
+
+def personal_event(n: int, *, order_number: str | None = None) -> OrderEvent:
+    """An order.created event whose customer and addresses are full of `PERSONAL_TOKENS`."""
+    data = sample_event(random.Random(n), order_number=order_number).model_dump(mode="json")
+    return OrderEvent.model_validate_json(json.dumps(_with_personal_data(data, n)))

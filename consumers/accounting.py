@@ -1,0 +1,56 @@
+"""Accounting: the invoice. Who is billed, where, for what, at which tax, and whether it is paid.
+
+Purpose (GDPR Art. 6, data minimisation): accounting books the sale. It gets the billing party (name, company,
+VAT id, customer id) and billing address, the priced line items, net/tax/gross totals, currency, the paid flag,
+the order number and dates; no e-mail, no phone, no shipping address.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from consumers.sink import RestSink
+from topics.envelope import OrderEvent
+
+
+class AccountingSink(RestSink):
+    """order.created → POST, order.updated → PUT (full replace), order.cancelled → DELETE."""
+
+    def payload(self, event: OrderEvent) -> dict[str, Any]:
+        order, customer, billing = event.order, event.order.customer, event.order.billing_address
+        return {
+            "order_number": order.order_number,
+            "created_at": order.created_at,
+            "updated_at": order.updated_at,
+            "billing_party": {
+                "customer_id": customer.customer_id,
+                "name": customer.name,
+                "company": customer.company,
+                "vat_id": customer.vat_id,
+            },
+            "billing_address": {
+                "line1": billing.line1,
+                "line2": billing.line2,
+                "postal_code": billing.postal_code,
+                "city": billing.city,
+                "region": billing.region,
+                "country": billing.country,
+            },
+            "line_items": [
+                {
+                    "sku": line.sku,
+                    "name": line.name,
+                    "quantity": line.quantity,
+                    "unit_price": line.unit_price,
+                    "net_amount": line.net_amount,
+                    "tax_rate": line.tax_rate,
+                    "tax_amount": line.tax_amount,
+                }
+                for line in order.line_items
+            ],
+            "currency": order.currency,
+            "net_total": order.net_total,
+            "tax_total": order.tax_total,
+            "gross_total": order.gross_total,
+            "paid": order.paid,
+        }

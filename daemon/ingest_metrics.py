@@ -1,0 +1,61 @@
+"""The daemon's own Prometheus metrics: the webhook ingest's, and the build info.
+
+Registered on the injected registry the engine's metrics use (`consumers.metrics`), so one ``/metrics`` scrape
+shows everything and a test gets a fresh registry. Label values are bounded: the HTTP status codes the ingest
+answers with, and the version strings of this build.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# The answers of POST /v1/orders (see `daemon.ingest`), created at zero so rates and ratios have a series.
+INGEST_CODES: Final = ("202", "400", "401", "409", "413", "415", "422", "500", "503")
+# acks=all on a healthy cluster takes milliseconds; the top buckets catch a struggling one (timeout 10 s).
+PUBLISH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class IngestMetrics:
+    """``orderbus_ingest_*``; one instance per registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "orderbus_ingest_requests",
+            "Webhook requests to POST /v1/orders, by the status code answered",
+            ["code"],
+            registry=registry,
+        )
+        self.publish_seconds = Histogram(
+            "orderbus_ingest_publish_seconds",
+            "From handing an order to the producer to the broker's acks=all (a publish still pending at the "
+            "timeout counts as the timeout; a refusal while Kafka is known to be down is not a publish)",
+            buckets=PUBLISH_BUCKETS,
+            registry=registry,
+        )
+        for code in INGEST_CODES:
+            self.requests.labels(code)
+
+    def answered(self, status: int) -> None:
+        self.requests.labels(str(status)).inc()
+
+
+def register_build_info(registry: CollectorRegistry) -> None:
+    """``orderbus_build_info{version, python} 1``: join on it to see which build a series came from."""
+    build = Gauge(
+        "orderbus_build_info",
+        "Always 1; the labels say which orderbus and which Python are running",
+        ["version", "python"],
+        registry=registry,
+    )
+    build.labels(package_version(), platform.python_version()).set(1)
+
+
+def package_version() -> str:
+    try:
+        return version("orderbus")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"

@@ -1,0 +1,84 @@
+"""Dead letters, fixed, replayed with the operator CLI: each applied exactly once, with its original key."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from support import make_events, orders_of, produce, read_topic, running_daemon, settings_for, with_type
+
+from consumers.work import idempotency_key
+from daemon.kafka_local import BrokerInfo
+from daemon.sandbox import SandboxClient, SandboxProcess
+from topics.catalogue import dlq_topic
+
+pytestmark = pytest.mark.integration
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_key(
+    kafka_broker: BrokerInfo,
+    sandbox_process: SandboxProcess,
+    sandbox: SandboxClient,
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    events = make_events(60, seed=31)
+    rejected = [e.order.order_number for e in events[:5]]
+    update = with_type(events[0], "order.updated", seed=99)  # follows its rejected create to the dead letters
+    await sandbox.faults("crm", reject_order_numbers=rejected)
+    fast = {"backoff_base": 0.05, "backoff_cap": 0.2, "commit_interval": 0.2}
+    sinks = {"crm": {"base_url": sandbox_process.system_url("crm"), **fast}}
+    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sinks)
+    env = {
+        "ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": kafka_broker.bootstrap,
+        "ORDERBUS_TOPICS__PREFIX": f"{unique_name}.",
+    }
+    dlq = dlq_topic("crm", settings.topics.prefix)
+    async with running_daemon(settings):
+        await produce(kafka_broker.bootstrap, orders_of(settings), [*events, update])
+        await sandbox.wait_ledger("crm", 55, timeout=60)
+        for _ in range(100):
+            if len(await read_topic(kafka_broker.bootstrap, dlq)) == 6:
+                break
+            await asyncio.sleep(0.2)
+
+        listed = cli("dlq", "list", "--sink", "crm", env=env)
+        assert listed.returncode == 0, listed.stderr
+        lines = listed.stdout.splitlines()
+        assert len(lines) == 6
+        assert Counter("reason=rejected" in line for line in lines) == {True: 5, False: 1}
+        assert sum("reason=dead-lettered-predecessor" in line for line in lines) == 1
+        shown = cli("dlq", "show", "--sink", "crm", lines[0].split()[0], env=env)
+        assert "response body:" in shown.stdout
+        assert "idempotency key: orderbus:crm:" in shown.stdout
+
+        await sandbox.faults("crm")  # the downstream was fixed
+        replayed = cli("dlq", "replay", "--sink", "crm", "--all", env=env)
+        assert replayed.returncode == 0, replayed.stderr
+        assert "6 dead letter(s) sent back" in replayed.stderr
+        ledger = await sandbox.wait_ledger("crm", 61, timeout=60)
+
+        again = cli("dlq", "replay", "--sink", "crm", "--all", env=env)  # a second replay changes nothing
+        assert again.returncode == 0, again.stderr
+        await asyncio.sleep(2.0)
+        assert len(await sandbox.ledger("crm")) == 61
+
+    applied = Counter((entry["order_number"], entry["method"]) for entry in ledger)
+    assert max(applied.values()) == 1
+    assert {number for number, _ in applied} == {e.order.order_number for e in events}
+    by_number = {entry["order_number"]: entry for entry in ledger if entry["method"] == "POST"}
+    for event in events[:5]:
+        assert by_number[event.order.order_number]["idempotency_key"] == idempotency_key("crm", str(event.event_id))
+    methods = [entry["method"] for entry in ledger if entry["order_number"] == events[0].order.order_number]
+    assert methods == ["POST", "PUT"], "the replayed update came after its replayed create"

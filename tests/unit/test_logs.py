@@ -1,0 +1,171 @@
+"""Logging as JSON lines: the formatter, `configure`, and the ingest's events, which name statuses and ids only.
+
+The delivery paths (engine, lanes) are checked end to end in tests/integration/test_observability.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from support import PERSONAL_TOKENS, personal_submission
+
+from daemon import logs
+from daemon.app import build_app
+from daemon.ingest import Ingest, IngestConfig
+from daemon.ingest_keys import MemoryIngestKeyStore
+from daemon.publisher import BrokerUnavailable, Published
+from daemon.signature import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookVerifier, sign
+from topics.codec import EncodedRecord
+
+Client = TestClient[web.Request, web.Application]
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+NOW = 1_800_000_000
+
+
+def events(stream: io.StringIO) -> list[dict[str, Any]]:
+    """Every line of `stream` as JSON: a line that is not one JSON object fails the test."""
+    parsed = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert all(isinstance(event, dict) for event in parsed)
+    return parsed
+
+
+def test_an_event_is_one_json_line_with_its_extra_fields() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("tests.logs.formatter")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    try:
+        logger.info("delivered\nin %d attempts", 2, extra={"sink": "crm", "attempt": 2, "status": 201})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed", extra={"sink": "crm"})
+    finally:
+        logger.removeHandler(handler)
+    first, second = events(stream)
+    assert first["msg"] == "delivered\nin 2 attempts"
+    assert (first["level"], first["logger"]) == ("info", "tests.logs.formatter")
+    assert (first["sink"], first["attempt"], first["status"]) == ("crm", 2, 201)
+    assert first["ts"].endswith("+00:00")
+    assert second["level"] == "error"
+    assert "ValueError: boom" in second["exc"]
+
+
+def test_configure_takes_the_level_and_quiets_chatty_libraries(json_logs: io.StringIO) -> None:
+    stream = io.StringIO()
+    logs.configure("WARNING", stream)
+    logging.getLogger("orderbus.test").info("not shown")
+    logging.getLogger("orderbus.test").warning("shown")
+    assert [event["msg"] for event in events(stream)] == ["shown"]
+    assert logging.getLogger().level == logging.WARNING
+    logs.configure("DEBUG", json_logs)
+    assert logging.getLogger("aiosqlite").level == logging.INFO
+    assert logging.getLogger("aiokafka").level == logging.ERROR
+
+
+@dataclass
+class Publisher:
+    """`daemon.publisher.Publisher`: holds publishes while `gate` is clear; refuses all while `down`."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    down: bool = False
+    records: list[EncodedRecord] = field(default_factory=list)
+
+    @property
+    def available(self) -> bool:
+        return not self.down
+
+    async def publish(self, record: EncodedRecord, *, timeout: float) -> Published:
+        if self.down:
+            raise BrokerUnavailable("kafka is unreachable")
+        self.entered.set()
+        await self.gate.wait()
+        self.records.append(record)
+        return Published("orders", 0, len(self.records) - 1)
+
+
+@pytest.fixture
+async def signed_client() -> AsyncIterator[tuple[Client, Publisher]]:
+    publisher = Publisher()
+    ingest = Ingest(
+        publisher,
+        MemoryIngestKeyStore(),
+        IngestConfig(max_body_bytes=16 * 1024),
+        verifier=WebhookVerifier([SECRET], clock=lambda: NOW),
+        clock=lambda: NOW,
+    )
+    async with TestClient(TestServer(build_app(ingest=ingest, readiness=dict, max_body_bytes=16 * 1024))) as client:
+        yield client, publisher
+
+
+def signed(key: str, body: bytes, secret: str = SECRET) -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        ID_HEADER: key,
+        TIMESTAMP_HEADER: str(NOW),
+        SIGNATURE_HEADER: sign(secret, key, NOW, body),
+    }
+
+
+async def test_the_ingest_logs_every_answer_with_ids_and_never_personal_data(
+    json_logs: io.StringIO, signed_client: tuple[Client, Publisher]
+) -> None:
+    client, publisher = signed_client
+    # Client-chosen idempotency keys may be built from personal data too; they are never logged.
+    keys = [f"Zebulon-Quackenbush-{n}" for n in range(4)]
+    bodies = [personal_submission(n).model_dump_json().encode() for n in range(4)]
+    invalid = json.loads(bodies[3])
+    invalid["order"]["customer"]["email"] = "Zebulon Quackenbush at private-mailbox"
+    invalid["zebulon.quackenbush@private-mailbox.example"] = "an unknown key"
+    invalid_body = json.dumps(invalid).encode()
+
+    publisher.gate.set()
+    statuses = [(await client.post("/v1/orders", data=bodies[0], headers=signed(keys[0], bodies[0]))).status]
+    statuses.append((await client.post("/v1/orders", data=bodies[1], headers=signed(keys[0], bodies[1]))).status)
+    publisher.gate.clear()
+    publisher.entered.clear()
+    held = asyncio.ensure_future(client.post("/v1/orders", data=bodies[2], headers=signed(keys[2], bodies[2])))
+    await publisher.entered.wait()
+    statuses.append((await client.post("/v1/orders", data=bodies[2], headers=signed(keys[2], bodies[2]))).status)
+    publisher.gate.set()
+    statuses.append((await held).status)
+    statuses.append((await client.post("/v1/orders", data=invalid_body, headers=signed(keys[3], invalid_body))).status)
+    forged = signed(keys[3], bodies[3], secret="whsec_" + "A" * 32)
+    statuses.append((await client.post("/v1/orders", data=bodies[3], headers=forged)).status)
+    statuses.append((await client.post("/v1/orders", data=bodies[3], headers={"Content-Type": "text/plain"})).status)
+    big = bodies[3] + b" " * 16 * 1024
+    statuses.append((await client.post("/v1/orders", data=big, headers=signed(keys[3], big))).status)
+    publisher.down = True
+    statuses.append((await client.post("/v1/orders", data=bodies[3], headers=signed(keys[3], bodies[3]))).status)
+    assert statuses == [202, 422, 409, 202, 400, 401, 415, 413, 503]
+
+    text = json_logs.getvalue()
+    for secret in (SECRET, *keys):
+        assert secret not in text
+    for token in PERSONAL_TOKENS:
+        assert token.lower() not in text.lower(), token
+    answered = [event for event in events(json_logs) if event["msg"] in ("order published", "order refused")]
+    assert sorted(event["status"] for event in answered) == sorted(statuses)
+    for event in answered:
+        if event["status"] == 202:
+            assert event["event_id"], event
+            assert event["order"].startswith("SO-"), event
+        else:
+            assert event["problem"], event
+        if event["status"] in (409, 422, 503):
+            assert event["order"].startswith("SO-"), event
+    [invalid_order] = [event for event in answered if event["status"] == 400]
+    assert invalid_order["fields"] == 2
