@@ -352,9 +352,11 @@ class SinkEngine:
             metrics.retry_after.labels(name).set(context.pacer.last_retry_after)
         assigned = self._consumer.assignment()
         metrics.assigned_partitions.labels(name).set(len(assigned))
-        for tp, lag in self._lag.items():
+        # The orders topic's partitions; a replay topic's backlog shows in buffered and deliveries instead.
+        orders_lag = {tp: lag for tp, lag in self._lag.items() if tp[0] != self.replay_topic}
+        for tp, lag in orders_lag.items():
             metrics.lag.labels(name, str(tp[1])).set(lag)
-        measured = {tp[1] for tp in self._lag}
+        measured = {tp[1] for tp in orders_lag}
         for partition in self._lag_reported - measured:
             metrics.forget_partition(name, partition)
         self._lag_reported = measured

@@ -30,6 +30,7 @@ from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.ingest_metrics import IngestMetrics, register_build_info
 from daemon.kafka_options import client_options
 from daemon.publisher import KafkaPublisher
+from daemon.sdnotify import Notifier, watchdog_loop
 from daemon.settings import Settings
 from daemon.signature import WebhookVerifier
 from daemon.sinks import build_auth, build_sink, engine_config
@@ -45,12 +46,27 @@ _PRUNE_INTERVAL = 3600.0
 _SILENT_MEASUREMENTS = 5
 
 
-async def serve(settings: Settings, stop: asyncio.Event, *, registry: CollectorRegistry | None = None) -> None:
-    """Run the daemon until `stop` is set; a sink that fails stops the whole daemon with its error."""
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    registry: CollectorRegistry | None = None,
+    notifier: Notifier | None = None,
+) -> None:
+    """Run the daemon until `stop` is set; a sink that fails stops the whole daemon with its error.
+
+    Under systemd (Type=notify) it says READY=1 once Kafka answers and every sink has partitions, pings
+    WATCHDOG=1 from the event loop until the last resource is closed, and says STOPPING=1 when it drains.
+    """
     registry = registry if registry is not None else CollectorRegistry()
+    notifier = notifier if notifier is not None else Notifier()  # a broken $NOTIFY_SOCKET stops start-up here
     register_build_info(registry)
     log.info("starting", extra={"settings": settings.model_dump(mode="json")})  # secrets show as **********
     async with AsyncExitStack() as stack:
+        stack.callback(notifier.close)
+        # First in, last out: the loop pings systemd until the drain and every close are done.
+        stack.push_async_callback(_cancel, asyncio.create_task(watchdog_loop(notifier), name="sd-watchdog"))
+        notifier.status("connecting to kafka")
         ingest: Ingest | None = None
         publisher: KafkaPublisher | None = None
         if settings.ingest.enabled:
@@ -74,11 +90,13 @@ async def serve(settings: Settings, stop: asyncio.Event, *, registry: CollectorR
                 f"{exc.strerror}"
             ) from None
         log.info("listening on http://%s:%d", settings.ingest.host, settings.ingest.port)
-        await _run_sinks(engines, stop)
+        ready = asyncio.create_task(_notify_ready(notifier, publisher, engines), name="sd-ready")
+        stack.push_async_callback(_cancel, ready)
+        await _run_sinks(engines, stop, notifier)
         log.info("stopped")
 
 
-async def _run_sinks(engines: dict[str, SinkEngine], stop: asyncio.Event) -> None:
+async def _run_sinks(engines: dict[str, SinkEngine], stop: asyncio.Event, notifier: Notifier) -> None:
     """Run every engine until `stop`; if one fails, stop the others (they drain and commit) and re-raise."""
     tasks = [asyncio.create_task(engine.run(stop), name=f"sink-{name}") for name, engine in engines.items()]
     stopped = asyncio.create_task(stop.wait(), name="stop")
@@ -86,6 +104,7 @@ async def _run_sinks(engines: dict[str, SinkEngine], stop: asyncio.Event) -> Non
         await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.set()
+        notifier.stopping("draining in-flight deliveries, then committing")
         stopped.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
     log.info("stopping")
@@ -165,6 +184,23 @@ async def _open_ingest(
     )
     stack.push_async_callback(ingest.close)
     return ingest, publisher
+
+
+_READY_POLL = 0.25
+
+
+async def _notify_ready(notifier: Notifier, publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -> None:
+    """READY=1 once Kafka answers and every enabled sink has partitions; downstream health is /readyz's business.
+
+    Neither the publisher nor the engines signal "connected" or "assigned", so this one start-up wait polls.
+    """
+
+    def connected() -> bool:
+        return (publisher is None or publisher.available) and all(e.assigned > 0 for e in engines.values())
+
+    while not connected():  # noqa: ASYNC110 - no event to wait on (see the docstring)
+        await asyncio.sleep(_READY_POLL)
+    notifier.ready(f"ready: ingest {'on' if publisher else 'off'}, sinks {', '.join(engines) or 'none'}")
 
 
 def _reasons(publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -> dict[str, str]:
