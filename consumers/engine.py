@@ -433,6 +433,26 @@ class SinkEngine:
     def auth_paused(self) -> bool:
         return self._context.auth.state != "closed"
 
+    def set_rate(self, rate: float | None) -> None:
+        """Live reload of the sink's rate limit (SIGHUP); the burst size is fixed until a restart."""
+        self._context.pacer.set_rate(rate)
+
+    def status(self) -> dict[str, object]:
+        """What `orderbus status` shows of this sink: no personal data, no order numbers."""
+        context = self._context
+        return {
+            "assigned_partitions": sorted(tp[1] for tp in self._consumer.assignment() if tp[0] != self.replay_topic),
+            "buffered": self._buffered,
+            "in_flight": context.in_flight,
+            "parked": sum(1 for lane in self._lanes.values() if lane.parked),
+            "circuit": context.circuit.state,
+            "auth_paused": self.auth_paused,
+            "rate_limit": None if context.pacer.rate is None else context.pacer.current_rate,
+            "held_for": max(0.0, context.pacer.held_until - self._clock.now()),
+            "lag": {str(tp[1]): lag for tp, lag in sorted(self._lag.items()) if tp[0] != self.replay_topic},
+            "finished": self._finished,
+        }
+
     @property
     def kafka_silence(self) -> float:
         """Seconds since the broker last answered this sink's lag measurement (taken every `lag_interval`)."""

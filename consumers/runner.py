@@ -8,8 +8,11 @@ carries the sink's credentials (`consumers.auth`): a 401 renews them once and re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,8 @@ from consumers.kafka_io import KafkaConsumerPort, Rebalance, sink_consumer
 from consumers.metrics import EngineMetrics
 from consumers.sink import HttpRequest, Sink
 from topics.errors import BrokerError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,12 +65,16 @@ async def open_sink(
     auth: Auth | None = None,
     clock: Clock | None = None,
     replay_topic: str | None = None,
+    retention: float | None = None,
 ) -> AsyncIterator[SinkEngine]:
     """`sink`'s engine, ready to `run`; `auth` (default: none) is closed with it."""
     async with contextlib.AsyncExitStack() as stack:
         store = SqliteDedupStore(dedup_path)
         await store.open()
         stack.push_async_callback(store.close)
+        if retention is not None:
+            pruner = asyncio.create_task(_prune_forever(store, retention, sink.name), name=f"prune-{sink.name}")
+            stack.push_async_callback(_cancel, pruner)
 
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=config.max_in_flight, ssl=http.ssl_context()),
@@ -99,3 +108,21 @@ async def open_sink(
         topics = [topic] if replay_topic is None else [topic, replay_topic]
         consumer.subscribe(topics, listener=Rebalance(engine))
         yield engine
+
+
+PRUNE_INTERVAL = 3600.0
+
+
+async def _prune_forever(store: SqliteDedupStore, retention: float, sink: str) -> None:
+    """Every hour, forget delivery states older than `retention` seconds (the downstream's keys cover the rest)."""
+    while True:
+        removed = await store.prune(time.time() - retention)
+        if removed:
+            log.info("pruned delivery states", extra={"sink": sink, "rows": removed})
+        await asyncio.sleep(PRUNE_INTERVAL)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -20,6 +20,7 @@ def build_app(
     readiness: Callable[[], dict[str, str]],
     max_body_bytes: int = 1_048_576,
     registry: CollectorRegistry | None = None,
+    status: Callable[[], dict[str, object]] | None = None,
 ) -> web.Application:
     """The HTTP surface: the ingest (when enabled), the OpenAPI document, health and readiness.
 
@@ -48,7 +49,12 @@ def build_app(
         body = generate_latest(registry) if registry is not None else b""
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def status_document(_: web.Request) -> web.Response:
+        # For `orderbus status`: counts and states only, never order data.
+        return web.json_response(status() if status is not None else {})
+
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status_document)
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

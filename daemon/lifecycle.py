@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 from aiohttp import web
@@ -30,6 +31,7 @@ from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.ingest_metrics import IngestMetrics, register_build_info
 from daemon.kafka_options import client_options
 from daemon.publisher import KafkaPublisher
+from daemon.retention import dedup_path, ingest_keys_path
 from daemon.sdnotify import Notifier, watchdog_loop
 from daemon.settings import Settings
 from daemon.signature import WebhookVerifier
@@ -39,7 +41,6 @@ from topics.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 
-INGEST_KEYS_FILE = "ingest-keys.sqlite"
 _PRUNE_INTERVAL = 3600.0
 # A sink whose lag measurement (every `lag_interval`, 2 s) has had no answer for this many intervals has lost the
 # broker; lenient enough that a loop slowed by a burst of work does not look like an outage.
@@ -52,6 +53,8 @@ async def serve(
     *,
     registry: CollectorRegistry | None = None,
     notifier: Notifier | None = None,
+    reload: asyncio.Event | None = None,
+    load: Callable[[], Settings] | None = None,
 ) -> None:
     """Run the daemon until `stop` is set; a sink that fails stops the whole daemon with its error.
 
@@ -77,6 +80,7 @@ async def serve(
             readiness=lambda: _reasons(publisher, engines),
             max_body_bytes=settings.ingest.max_body_bytes,
             registry=registry,
+            status=lambda: _status(publisher, engines, registry),
         )
         runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
         await runner.setup()
@@ -92,6 +96,9 @@ async def serve(
         log.info("listening on http://%s:%d", settings.ingest.host, settings.ingest.port)
         ready = asyncio.create_task(_notify_ready(notifier, publisher, engines), name="sd-ready")
         stack.push_async_callback(_cancel, ready)
+        if reload is not None and load is not None:
+            reloader = asyncio.create_task(_reload_on_request(reload, load, settings, engines), name="reload")
+            stack.push_async_callback(_cancel, reloader)
         await _run_sinks(engines, stop, notifier)
         log.info("stopped")
 
@@ -136,13 +143,14 @@ async def _open_sinks(settings: Settings, stack: AsyncExitStack, metrics: Engine
                 client_options=options,
                 topic=orders_topic(settings.topics.prefix),
                 prefix=settings.topics.prefix,
-                dedup_path=settings.state_dir / f"dedup-{name}.sqlite",
+                dedup_path=dedup_path(settings.state_dir, name),
                 dead_letters=dead_letters,
                 metrics=metrics,
                 config=engine_config(sink_settings),
                 http=HttpConfig(sink_settings.request_timeout, sink_settings.tls_verify, sink_settings.ca_bundle),
                 auth=build_auth(name, sink_settings),
                 replay_topic=replay_topic(name, settings.topics.prefix),
+                retention=sink_settings.dedup_retention_hours * 3600,
             )
         )
     return engines
@@ -152,7 +160,7 @@ async def _open_ingest(
     settings: Settings, stack: AsyncExitStack, metrics: IngestMetrics
 ) -> tuple[Ingest, KafkaPublisher]:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    keys = SqliteIngestKeyStore(settings.state_dir / INGEST_KEYS_FILE)
+    keys = SqliteIngestKeyStore(ingest_keys_path(settings.state_dir))
     await keys.open()
     stack.push_async_callback(keys.close)
     retention = settings.ingest.idempotency_retention_hours * 3600
@@ -187,6 +195,76 @@ async def _open_ingest(
 
 
 _READY_POLL = 0.25
+# What SIGHUP applies; everything else needs a restart (connections, pools, files and listeners are built once).
+RELOADABLE = ("log_level", "sinks.*.rate")
+
+
+async def _reload_on_request(
+    requested: asyncio.Event, load: Callable[[], Settings], current: Settings, engines: dict[str, SinkEngine]
+) -> None:
+    """On each request (SIGHUP), re-read the settings and apply what can change live: the log level and the
+    sinks' rate limits. A bad file keeps the running settings; other changes are logged as needing a restart."""
+    while True:
+        await requested.wait()
+        requested.clear()
+        log.info("reloading settings")
+        try:
+            fresh = load()
+        except ConfigError as exc:
+            log.error("reload refused, the running settings stay", extra={"error": str(exc)})
+            continue
+        logging.getLogger().setLevel(fresh.log_level)
+        for name, engine in engines.items():
+            sink = fresh.sinks[name]
+            engine.set_rate(sink.rate)
+        ignored = _restart_needed(current, fresh)
+        if ignored:
+            log.warning("changed settings that need a restart", extra={"settings": ignored})
+        log.info("settings reloaded", extra={"log_level": fresh.log_level})
+
+
+def _restart_needed(old: Settings, new: Settings) -> list[str]:
+    changed = []
+    old_doc, new_doc = old.model_dump(mode="json"), new.model_dump(mode="json")
+    for section in sorted(set(old_doc) | set(new_doc)):
+        if section == "log_level":
+            continue
+        before, after = old_doc.get(section), new_doc.get(section)
+        if section == "sinks" and isinstance(before, dict) and isinstance(after, dict):
+            for name in sorted(set(before) | set(after)):
+                keys = set(before.get(name, {})) | set(after.get(name, {}))
+                changed += [
+                    f"sinks.{name}.{key}" for key in sorted(keys - {"rate"})
+                    if before.get(name, {}).get(key) != after.get(name, {}).get(key)
+                ]  # fmt: skip
+        elif before != after:
+            changed.append(section)
+    return changed
+
+
+_OUTCOMES = ("delivered", "duplicate", "dead_lettered")
+_DEAD_LETTER_REASONS = ("invalid", "rejected", "retries-exhausted", "dead-lettered-predecessor")
+
+
+def _status(
+    publisher: KafkaPublisher | None, engines: dict[str, SinkEngine], registry: CollectorRegistry
+) -> dict[str, object]:
+    """The daemon's state for `orderbus status`: per sink what the engine knows plus its lifetime counters."""
+
+    def count(metric: str, labels: dict[str, str]) -> int:
+        return int(registry.get_sample_value(metric, labels) or 0)
+
+    sinks: dict[str, object] = {}
+    for name, engine in engines.items():
+        sinks[name] = {
+            **engine.status(),
+            "outcomes": {o: count("orderbus_deliveries_total", {"sink": name, "outcome": o}) for o in _OUTCOMES},
+            "dead_letters": {
+                r: count("orderbus_dead_letters_total", {"sink": name, "reason": r}) for r in _DEAD_LETTER_REASONS
+            },
+        }
+    ingest = None if publisher is None else {"kafka_available": publisher.available}
+    return {"ingest": ingest, "sinks": sinks, "not_ready": _reasons(publisher, engines)}
 
 
 async def _notify_ready(notifier: Notifier, publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -> None:

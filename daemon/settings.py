@@ -254,6 +254,12 @@ class SinkSettings(_Section):
     response_policy: dict[str, Literal["done", "duplicate", "dead_letter", "pause_auth", "retry"]] = {}
     tls_verify: bool = True
     ca_bundle: Path | None = None
+    dedup_retention_hours: float = Field(
+        168,
+        ge=1,
+        description="delivery states older than this are pruned; redeliveries after that rely on the "
+        "downstream's idempotency keys",
+    )
     auth: AuthSettings = NoAuthSettings()
     urls: UrlSettings = UrlSettings()
     id_field: str = Field("id", pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")

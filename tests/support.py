@@ -33,7 +33,7 @@ def free_port() -> int:
         return port
 
 
-def settings_for(
+def settings_env(
     broker: BrokerInfo,
     prefix: str,
     state_dir: Path,
@@ -41,8 +41,8 @@ def settings_for(
     partitions: int = 6,
     sinks: Mapping[str, Mapping[str, Any]] | None = None,
     **ingest: object,
-) -> Settings:
-    """Settings of a daemon under test, as environment variables (the way an operator overrides a file)."""
+) -> dict[str, str]:
+    """The ORDERBUS_* variables of a daemon under test (the way an operator overrides a file)."""
     env = {
         "ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
         "ORDERBUS_TOPICS__PREFIX": prefix,
@@ -53,7 +53,20 @@ def settings_for(
     env.update({f"ORDERBUS_INGEST__{key.upper()}": str(value) for key, value in ingest.items()})
     for name, values in (sinks or {}).items():
         env[f"ORDERBUS_SINKS__{name.upper()}"] = json.dumps({"enabled": True, **values})
-    return load_settings(None, env=env)
+    return env
+
+
+def settings_for(
+    broker: BrokerInfo,
+    prefix: str,
+    state_dir: Path,
+    *,
+    partitions: int = 6,
+    sinks: Mapping[str, Mapping[str, Any]] | None = None,
+    **ingest: object,
+) -> Settings:
+    """Settings of a daemon under test, from `settings_env`."""
+    return load_settings(None, env=settings_env(broker, prefix, state_dir, partitions=partitions, sinks=sinks, **ingest))
 
 
 async def apply_topics(settings: Settings) -> None:

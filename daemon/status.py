@@ -1,0 +1,75 @@
+"""`orderbus status`: a running daemon's sinks at a glance, read from its ``/status`` document."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from topics.errors import OrderbusError
+
+_COLUMNS = ("sink", "partitions", "lag", "buffered", "in-flight", "parked", "circuit", "auth", "delivered",
+            "duplicate", "dead-lettered")  # fmt: skip
+
+
+class StatusError(OrderbusError):
+    """The daemon's status could not be read."""
+
+
+def fetch_status(base_url: str, *, timeout: float = 5.0) -> dict[str, Any]:
+    url = base_url.rstrip("/") + "/status"
+    if not url.startswith(("http://", "https://")):
+        raise StatusError(f"--url must be an http(s) URL, got {base_url!r}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - scheme checked above
+            document: dict[str, Any] = json.loads(response.read())
+    except (urllib.error.URLError, OSError) as exc:
+        raise StatusError(f"no orderbus daemon answers at {url}: {exc}") from None
+    except json.JSONDecodeError:
+        raise StatusError(f"{url} did not answer with a status document; is that an orderbus daemon?") from None
+    return document
+
+
+def render_status(document: dict[str, Any]) -> str:
+    """A table, one row per sink, then why the daemon is not ready (if it is not)."""
+    rows = [_COLUMNS]
+    for name, sink in sorted(document.get("sinks", {}).items()):
+        outcomes = sink.get("outcomes", {})
+        partitions = sink.get("assigned_partitions", [])
+        rows.append(
+            (
+                name,
+                _ranges(partitions) or "none",
+                str(sum(sink.get("lag", {}).values())),
+                str(sink.get("buffered", 0)),
+                str(sink.get("in_flight", 0)),
+                str(sink.get("parked", 0)),
+                str(sink.get("circuit", "?")),
+                "PAUSED" if sink.get("auth_paused") else "ok",
+                str(outcomes.get("delivered", 0)),
+                str(outcomes.get("duplicate", 0)),
+                str(outcomes.get("dead_lettered", 0)),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if len(rows) == 1:
+        lines.append("(no sink enabled)")
+    ingest = document.get("ingest")
+    if ingest is not None:
+        lines.append(f"ingest: {'publishing' if ingest.get('kafka_available') else 'KAFKA UNREACHABLE'}")
+    for component, reason in sorted(document.get("not_ready", {}).items()):
+        lines.append(f"NOT READY {component}: {reason}")
+    return "\n".join(lines)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] → "0-2,5"."""
+    runs: list[list[int]] = []
+    for number in sorted(numbers):
+        if runs and runs[-1][1] + 1 == number:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)

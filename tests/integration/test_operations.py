@@ -1,0 +1,90 @@
+"""Operator commands against a running daemon: `orderbus status`, `orderbus dedup prune`, and what pruning means."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from support import make_events, orders_of, produce, running_daemon, settings_env, settings_for
+
+from daemon.kafka_local import BrokerInfo
+from daemon.sandbox import SandboxClient, SandboxProcess
+from daemon.status import fetch_status
+
+pytestmark = pytest.mark.integration
+
+
+async def cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon", *args, env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_status_shows_each_sink_of_a_running_daemon(
+    kafka_broker: BrokerInfo, sandbox_process: SandboxProcess, sandbox: SandboxClient, unique_name: str, tmp_path: Path
+) -> None:
+    sinks = {name: {"base_url": sandbox_process.system_url(name)} for name in ("crm", "shipping")}
+    env = settings_env(kafka_broker, f"{unique_name}.", tmp_path, sinks=sinks)
+    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sinks)
+    async with running_daemon(settings) as base:
+        await produce(kafka_broker.bootstrap, orders_of(settings), make_events(30, seed=41))
+        await sandbox.wait_ledger("crm", 30, timeout=30)
+        await sandbox.wait_ledger("shipping", 30, timeout=30)
+        for _ in range(100):  # the lag is measured every 2 s; wait until it shows the commits
+            if sum((await asyncio.to_thread(fetch_status, base))["sinks"]["crm"]["lag"].values()) == 0:
+                break
+            await asyncio.sleep(0.1)
+        code, out, err = await cli("status", "--url", base, env=env)
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header.split()[:3] == ["sink", "partitions", "lag"]
+    crm = next(row.split() for row in rows if row.startswith("crm"))
+    assert crm[1] == "0-5"  # all six partitions
+    assert crm[2] == "0"  # no lag
+    assert crm[6] == "closed"
+    assert crm[8] == "30"  # delivered
+    assert not any(row.startswith("accounting") for row in rows), "only enabled sinks"
+    code, _, err = await cli("status", "--url", "http://127.0.0.1:1", env=env)
+    assert code == 1
+    assert "no orderbus daemon answers" in err
+
+
+async def test_a_pruned_delivery_state_is_redelivered_safely_through_the_idempotency_key(
+    kafka_broker: BrokerInfo, sandbox_process: SandboxProcess, sandbox: SandboxClient, unique_name: str, tmp_path: Path
+) -> None:
+    sinks = {"crm": {"base_url": sandbox_process.system_url("crm"), "commit_interval": 0.2}}
+    env = settings_env(kafka_broker, f"{unique_name}.", tmp_path, sinks=sinks)
+    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sinks)
+    events = make_events(20, seed=43)
+    async with running_daemon(settings):
+        await produce(kafka_broker.bootstrap, orders_of(settings), events)
+        await sandbox.wait_ledger("crm", 20, timeout=30)
+
+    code, out, err = await cli("dedup", "prune", "--older-than-hours", "2", env=env)
+    assert code == 0, err
+    assert "dedup-crm: 0 row(s) pruned" in out.splitlines()  # nothing is that old yet
+    code, out, err = await cli("dedup", "prune", "--older-than-hours", "0", env=env)
+    assert code == 0, err
+    assert "dedup-crm: 20 row(s) pruned" in out.splitlines()
+
+    # The same events again (an upstream producer retried): orderbus no longer remembers them ...
+    async with running_daemon(settings):
+        await produce(kafka_broker.bootstrap, orders_of(settings), events)
+        for _ in range(100):
+            if (await sandbox.stats())["systems"]["crm"]["duplicate_requests"] >= 20:
+                break
+            await asyncio.sleep(0.1)
+    # ... so it sends them again, with the same Idempotency-Key, and the CRM applies nothing twice.
+    stats = (await sandbox.stats())["systems"]["crm"]
+    assert stats["duplicate_requests"] == 20
+    applied = Counter(entry["order_number"] for entry in await sandbox.ledger("crm"))
+    assert len(applied) == 20
+    assert set(applied.values()) == {1}

@@ -1,0 +1,72 @@
+"""SIGHUP: the log level and the sinks' rate limits change live; anything else is reported as needing a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+import pytest
+
+from consumers.engine import SinkEngine
+from daemon.lifecycle import _reload_on_request, _restart_needed
+from daemon.settings import Settings, load_settings
+from topics.errors import ConfigError
+
+
+class RecordingEngine:
+    def __init__(self) -> None:
+        self.rates: list[float | None] = []
+
+    def set_rate(self, rate: float | None) -> None:
+        self.rates.append(rate)
+
+
+def settings(**env: str) -> Settings:
+    return load_settings(None, env={"ORDERBUS_SINKS__CRM__ENABLED": "true", **env})
+
+
+async def test_sighup_applies_rate_and_log_level_and_names_what_needs_a_restart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = RecordingEngine()
+    loads: list[Settings | Exception] = [
+        settings(ORDERBUS_SINKS__CRM__RATE="5", ORDERBUS_LOG_LEVEL="DEBUG", ORDERBUS_SINKS__CRM__MAX_IN_FLIGHT="8"),
+        ConfigError("invalid settings: sinks.crm.rate: must be > 0"),
+    ]
+
+    def load() -> Settings:
+        item = loads.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    requested = asyncio.Event()
+    root = logging.getLogger()
+    level = root.level
+    task = asyncio.create_task(
+        _reload_on_request(requested, load, settings(), cast(dict[str, SinkEngine], {"crm": cast(Any, engine)}))
+    )
+    try:
+        with caplog.at_level(logging.INFO, logger="daemon.lifecycle"):
+            requested.set()
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert engine.rates == [5.0]
+            assert root.level == logging.DEBUG
+            assert any(getattr(r, "settings", None) == ["sinks.crm.max_in_flight"] for r in caplog.records)
+            requested.set()
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert engine.rates == [5.0], "a bad file changes nothing"
+            assert any("reload refused" in r.getMessage() for r in caplog.records)
+    finally:
+        task.cancel()
+        root.setLevel(level)
+
+
+def test_restart_needed_lists_changed_keys_except_the_live_ones() -> None:
+    old = settings()
+    new = settings(ORDERBUS_SINKS__CRM__RATE="3", ORDERBUS_LOG_LEVEL="ERROR", ORDERBUS_INGEST__PORT="9999")
+    assert _restart_needed(old, new) == ["ingest"]
+    assert _restart_needed(old, old) == []
