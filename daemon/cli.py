@@ -8,6 +8,8 @@
     orderbus kafka fetch|start|stop|status|kill [--data-dir DIR]    the local Apache Kafka broker
     orderbus webhook sign [--config FILE] BODY                      Standard Webhooks headers for a body
     orderbus dlq list|show|replay --sink SINK [--config FILE]       dead letters: inspect, send back to one sink
+    orderbus status [--config FILE | --url URL]                     a running daemon's sinks at a glance
+    orderbus dedup prune [--config FILE] [--older-than-hours H]     forget old delivery states now
 
 Exit codes: 0 done, 1 failed, 2 bad usage or bad configuration, 3 drift found with ``--strict``.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 import time
@@ -96,6 +99,20 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("--data-dir", type=Path, default=DEMO_KAFKA_DIR)
         action.set_defaults(func=func)
 
+    status = commands.add_parser("status", help="per sink: lag, in flight, parked, circuit, dead letters")
+    _config_option(status)
+    status.add_argument("--url", help="the daemon's base URL (default: from ingest.host/port in the settings)")
+    status.add_argument("--json", action="store_true", help="print the raw status document")
+    status.set_defaults(func=_status)
+
+    dedup = commands.add_parser("dedup", help="the delivery-state files").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    prune = dedup.add_parser("prune", help="forget delivery states and ingest keys past their retention now")
+    _config_option(prune)
+    prune.add_argument("--older-than-hours", type=float, help="override the configured retentions")
+    prune.set_defaults(func=_dedup_prune)
+
     dlq = commands.add_parser("dlq", help="dead letters per sink").add_subparsers(required=True, metavar="ACTION")
     listing = dlq.add_parser("list", help="one line per dead letter: where, order, reason, rule, status, attempts")
     show_one = dlq.add_parser("show", help="one dead letter with its HTTP exchange and history")
@@ -131,7 +148,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure(settings.log_level)
-    return _run_async(_serve_until_signal(settings))
+    path: Path | None = args.config
+    return _run_async(_serve_until_signal(settings, load=lambda: load_settings(path)))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -158,11 +176,14 @@ def _demo(args: argparse.Namespace) -> int:
         kafka_local.stop(args.kafka_dir)
 
 
-async def _serve_until_signal(settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT; a second SIGINT stops at once."""
+async def _serve_until_signal(settings: Settings, *, load: Callable[[], Settings] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT; a second SIGINT stops at once; SIGHUP re-reads the settings with `load`."""
     stop = asyncio.Event()
+    reload = asyncio.Event()
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
+    if load is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload.set)
 
     def on_interrupt() -> None:
         if stop.is_set() and main_task is not None:
@@ -172,10 +193,12 @@ async def _serve_until_signal(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:
-        await serve(settings, stop)
+        await serve(settings, stop, reload=reload if load is not None else None, load=load)
     except asyncio.CancelledError:
         return 130
     finally:
+        if load is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
         loop.remove_signal_handler(signal.SIGTERM)
         loop.remove_signal_handler(signal.SIGINT)
     return 0
@@ -253,6 +276,27 @@ def _kafka_status(args: argparse.Namespace) -> int:
     state = kafka_local.status(args.data_dir)
     print(state.detail)
     return 0 if state.answering else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from daemon.status import fetch_status, render_status
+
+    url = args.url
+    if url is None:
+        settings = _settings(args)
+        host = "127.0.0.1" if settings.ingest.host in ("0.0.0.0", "::") else settings.ingest.host  # noqa: S104
+        url = f"http://{host}:{settings.ingest.port}"
+    document = fetch_status(url)
+    print(json.dumps(document, indent=2) if args.json else render_status(document))
+    return 0 if not document.get("not_ready") else 1
+
+
+def _dedup_prune(args: argparse.Namespace) -> int:
+    from daemon.retention import prune
+
+    for name, rows in _run_async(prune(_settings(args), older_than_hours=args.older_than_hours)).items():
+        print(f"{name}: {rows} row(s) pruned")
+    return 0
 
 
 def _dlq_list(args: argparse.Namespace) -> int:
