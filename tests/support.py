@@ -66,7 +66,9 @@ def settings_for(
     **ingest: object,
 ) -> Settings:
     """Settings of a daemon under test, from `settings_env`."""
-    return load_settings(None, env=settings_env(broker, prefix, state_dir, partitions=partitions, sinks=sinks, **ingest))
+    return load_settings(
+        None, env=settings_env(broker, prefix, state_dir, partitions=partitions, sinks=sinks, **ingest)
+    )
 
 
 async def apply_topics(settings: Settings) -> None:
