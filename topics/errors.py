@@ -7,10 +7,22 @@ aiosqlite, pydantic) are mapped to these at one boundary each, so callers never 
     ├── ConfigError                 a setting is missing or invalid; names the key and the problem
     ├── ContractError               a payload breaks the order contract; carries field errors
     ├── BrokerError                 Kafka could not be reached or refused a request
-    │   └── PublishError            a record was not acknowledged (acks=all); nothing was half-published
-    ├── TopicDriftError             an existing topic differs from the catalogue (reported, never "fixed")
+    │   ├── BrokerUnavailable       (daemon.publisher) known unreachable: nothing was handed to the producer
+    │   └── PublishError            a record was not acknowledged (acks=all)
+    │       └── PublishPending      (daemon.publisher) not acknowledged in time; the outcome comes later
     ├── LocalKafkaError             the local broker tooling failed (jars, format, start, stop)
-    └── StoreError                  a SQLite state file could not be read or written
+    ├── StoreError                  a SQLite state file could not be read or written
+    │   └── NotClaimedError         (daemon.ingest_keys) completing an idempotency key this process does not hold
+    ├── OffsetError                 (consumers.offsets) an offset tracked or committed out of order: a bug
+    ├── AuthError                   (consumers.auth) a downstream's credentials could not be used
+    │   ├── CredentialsRefused      the token endpoint refused our client
+    │   └── TokenUnavailable        the token endpoint could not be reached or gave no usable token
+    ├── SignatureError              (daemon.signature) a webhook signature is missing, stale or wrong
+    ├── NotifyError                 (daemon.sdnotify) $NOTIFY_SOCKET is unusable
+    ├── StatusError                 (daemon.status) a running daemon's status could not be read
+    └── SandboxError                (daemon.sandbox) the sandbox downstream could not start or answer
+
+Each subclass lives next to the code that raises it (the module in brackets); this tree is the map.
 """
 
 from __future__ import annotations
@@ -52,10 +64,6 @@ class BrokerError(OrderbusError):
 
 class PublishError(BrokerError):
     """A record was not acknowledged by the broker with acks=all within the publish timeout."""
-
-
-class TopicDriftError(OrderbusError):
-    """An existing topic differs from the catalogue (partition count or configs)."""
 
 
 class LocalKafkaError(OrderbusError):
