@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: run test check unit integration jars venv schemas clean system-tools
 
-run: $(INSTALLED) jars  ## local Kafka, topics and the daemon on embedded defaults
+run: $(INSTALLED) jars  ## local Kafka, sandbox systems, the daemon and an order generator, with a live view
 	$(BIN)/orderbus demo
 
 test: check jars system-tools  ## every check and every test (unit + integration against a real broker)

@@ -1,7 +1,7 @@
 """The ``orderbus`` command line.
 
     orderbus run [--config FILE]              the daemon (ingest now; the sinks join it later)
-    orderbus demo [--config FILE]             local Kafka + topics + the daemon on embedded defaults (make run)
+    orderbus demo [--rate N] [--duration S]   make run: Kafka, sandbox systems, the daemon, orders, a live view
     orderbus config check FILE                validate a config file, print the effective settings (masked)
     orderbus topics apply [--config FILE]     create missing topics, report drift, delete nothing
     orderbus topics show [--config FILE]      print the newest records of the orders topic
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         result: int = args.func(args)
+    except BrokenPipeError:
+        # `orderbus dlq list | head`: the reader went away; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 0
     except ConfigError as exc:
         print(f"orderbus: {exc}", file=sys.stderr)
         return 2
@@ -64,9 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(run)
     run.set_defaults(func=_run)
 
-    demo = commands.add_parser("demo", help="local Kafka, topics and the daemon on embedded defaults")
+    demo = commands.add_parser(
+        "demo", help="the whole flow on this machine: Kafka, sandbox systems, the daemon, orders, a live view"
+    )
     _config_option(demo, default=DEMO_CONFIG)
     demo.add_argument("--kafka-dir", type=Path, default=DEMO_KAFKA_DIR, help="data dir of the local broker")
+    demo.add_argument("--log-dir", type=Path, default=DEMO_KAFKA_DIR.parent, help="orderbus.log and sandbox.log")
+    demo.add_argument("--faults", type=Path, help="how the sandbox systems misbehave (deploy/dev/sandbox-faults.json)")
+    demo.add_argument("--rate", type=float, default=20.0, help="orders per second the generator posts (20)")
+    demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop by itself after sending that long")
+    for name, where in (("kafka", "the local broker"), ("sandbox", "the sandbox systems"), ("ingest", "the webhook")):
+        demo.add_argument(f"--{name}-port", type=int, help=f"port of {where} (default: from the config)")
     demo.set_defaults(func=_demo)
 
     config = commands.add_parser("config", help="configuration").add_subparsers(required=True, metavar="ACTION")
@@ -153,27 +166,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    configure(settings.log_level)
-    host_port = settings.kafka.bootstrap_servers.split(",")[0]
-    port = int(host_port.rpartition(":")[2])
-    print(f"orderbus demo: starting Kafka on 127.0.0.1:{port} (data in {args.kafka_dir}) ...", flush=True)
-    kafka_local.start(args.kafka_dir, port=port, controller_port=port + 1)
-    try:
-        report = _run_async(apply_catalogue(catalogue(topic_layout(settings.topics)), client_options(settings.kafka)))
-        print(
-            f"orderbus demo: topics created {report.created or 'none'}, unchanged {report.unchanged}",
-            flush=True,
-        )
-        print(
-            f"orderbus demo: ingest on http://{settings.ingest.host}:{settings.ingest.port}/v1/orders; "
-            "Ctrl-C stops everything",
-            flush=True,
-        )
-        return _run_async(_serve_until_signal(settings))
-    finally:
-        print("orderbus demo: stopping Kafka ...", flush=True)
-        kafka_local.stop(args.kafka_dir)
+    from daemon.demo import run_demo
+    from daemon.demo_settings import DEMO_FAULTS, DemoOptions
+
+    options = DemoOptions(
+        config=args.config,
+        faults=args.faults or DEMO_FAULTS,
+        kafka_dir=args.kafka_dir,
+        log_dir=args.log_dir,
+        kafka_port=args.kafka_port,
+        sandbox_port=args.sandbox_port,
+        ingest_port=args.ingest_port,
+        rate=args.rate,
+        duration=args.duration,
+    )
+    return _run_async(run_demo(options))
 
 
 async def _serve_until_signal(settings: Settings, *, load: Callable[[], Settings] | None = None) -> int:

@@ -1,0 +1,421 @@
+"""`orderbus demo`, which `make run` runs: the whole flow on this machine, watched live, stopped cleanly.
+
+    generator ──signed webhook──▶ daemon: ingest ──▶ Kafka "orders" ──▶ crm, accounting, shipping sinks
+    (the shop)                                                              └──▶ the sandbox process: three systems
+
+Start, in dependency order (one `AsyncExitStack` closes everything in reverse):
+
+1. the sandbox process, in a session of its own, so that a Ctrl-C in the terminal reaches the demo alone and the
+   sandbox outlives the daemon's drain; its faults come from a file (``deploy/dev/sandbox-faults.json``), each
+   system's credentials from the sinks' ``auth`` settings, set through its control API (never on a command line);
+2. local Kafka (`daemon.kafka_local`, while the sandbox starts) and the topic catalogue;
+3. the daemon in this process (`daemon.lifecycle.serve`), its metrics on a registry the view reads and its JSON
+   log in a file, so that the terminal shows the view alone;
+4. the generator (`daemon.generator`), posting orders through the signed webhook;
+5. the live view (`daemon.live_view`), once a second, until Ctrl-C, SIGTERM or ``--duration``.
+
+Stop (the first Ctrl-C, SIGTERM or SIGHUP): the generator stops and waits for its answers; the sinks get up to
+``catch_up`` seconds to finish what was sent (their committed offsets reach the end of the topic), so that the
+next run starts with nothing left over; the daemon drains and commits; the sandbox's counts are read; the sandbox
+and Kafka stop; the summary is printed. A second Ctrl-C stops at once (exit code 130).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from contextlib import AsyncExitStack, suppress
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry
+
+from consumers.clock import SystemClock
+from daemon import kafka_local
+from daemon.demo_settings import RUN_DIR, DemoLayout, DemoOptions, demo_layout, sandbox_auth
+from daemon.generator import Generator, GeneratorStats, Plan, http_poster
+from daemon.kafka_options import client_options, topic_layout
+from daemon.lifecycle import serve
+from daemon.live_view import LiveView, SinkSummary, Summary, render_summary, snapshot
+from daemon.logs import configure
+from daemon.sandbox import SandboxClient, SandboxError
+from daemon.settings import Settings
+from topics.admin import apply_catalogue, partition_ids
+from topics.catalogue import catalogue, consumer_group, orders_topic
+from topics.errors import BrokerError
+
+# SIGHUP too: the terminal closed. The sandbox, in a session of its own, would not get it and stay behind.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_REFRESH = 1.0  # seconds between frames of the live view
+_STARTUP_TIMEOUT = 60.0
+_CATCH_UP_POLL = 0.5  # committed offsets are looked at this often while the sinks catch up
+_FIRST_DELIVERY_WAIT = 600.0  # the sandbox's longest server-side wait
+
+
+async def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
+    """The whole demo; 0 after a clean stop, 130 after a second Ctrl-C. Signals: see the module docstring."""
+    started = time.monotonic(), time.time()
+    layout = demo_layout(options)
+    options.log_dir.mkdir(parents=True, exist_ok=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    main_task = asyncio.current_task()
+    hard = False
+
+    def on_signal() -> None:
+        nonlocal hard
+        if stop.is_set() and not hard and main_task is not None:
+            hard = True
+            main_task.cancel()
+        stop.set()
+
+    for signum in _STOP_SIGNALS:
+        loop.add_signal_handler(signum, on_signal)
+    try:
+        with (options.log_dir / "orderbus.log").open("a", encoding="utf-8") as log:
+            configure(layout.settings.log_level, log)
+            summary = await _Demo(layout, options, out, stop, started).run()
+    except asyncio.CancelledError:
+        over_echo = "\r" if out.isatty() else ""  # back over the "^C" the terminal echoed
+        print(f"{over_echo}orderbus demo: stopped at once (second Ctrl-C)", file=out)
+        return 130
+    finally:
+        configure(layout.settings.log_level)  # the log file is closed: back to stderr
+        for signum in _STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+    print("\n".join(render_summary(summary)), file=out, flush=True)
+    return 0
+
+
+class _Demo:
+    """One run: starts everything on an exit stack, shows the view until stopped, then collects the summary."""
+
+    def __init__(
+        self, layout: DemoLayout, options: DemoOptions, out: TextIO, stop: asyncio.Event, started: tuple[float, float]
+    ) -> None:
+        self.layout = layout
+        self.settings = layout.settings
+        self.options = options
+        self.out = out
+        self.stop = stop
+        self.started, self.started_wall = started
+        self.sinks = list(self.settings.enabled_sinks())
+        self.registry = CollectorRegistry()
+        self.view = LiveView(out)
+        self.generator: Generator | None = None
+        self._daemon_stop = asyncio.Event()
+
+    def say(self, text: str) -> None:
+        print(f"orderbus demo: {text}", file=self.out, flush=True)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    async def run(self) -> Summary:
+        async with AsyncExitStack() as stack:
+            # The sandbox starts while Kafka does, and stops after the daemon and before Kafka.
+            sandbox_process = await self._spawn_sandbox()
+            try:
+                await self._start_kafka(stack)
+            except BaseException:
+                await self._stop_sandbox(sandbox_process)
+                raise
+            stack.push_async_callback(self._stop_sandbox, sandbox_process)
+            sandbox = await self._sandbox_ready(stack, sandbox_process)
+            await self._apply_topics()
+            daemon = await self._start_daemon(stack)
+            first = {name: asyncio.create_task(self._first_delivery(sandbox, name)) for name in self.sinks}
+            stack.push_async_callback(_cancel, *first.values())
+            generator, generator_stop, generating = await self._start_generator(stack)
+            if self.options.duration is not None:
+                stack.callback(asyncio.get_running_loop().call_later(self.options.duration, self.stop.set).cancel)
+
+            await self._show_until(asyncio.ensure_future(self.stop.wait()), daemon, "Ctrl-C stops")
+            await _finish(generator_stop, generating)
+            left = await self._catch_up(daemon)
+            self.say("stopping the daemon (drain + commit), then the sandbox and Kafka")
+            await self._stop_daemon(daemon)
+            sandbox_stats = await self._sandbox_stats(sandbox)
+            return self._summary(generator.stats, sandbox_stats, left, first)
+
+    # --- start --------------------------------------------------------------------------------------------------
+
+    async def _spawn_sandbox(self) -> asyncio.subprocess.Process:
+        argv = [sys.executable, "-m", "daemon.sandbox", "--port", str(self.layout.sandbox_port)]
+        argv += ["--faults", str(self.options.faults), "--seed", str(random.SystemRandom().randrange(1 << 31))]
+        with (self.options.log_dir / "sandbox.log").open("ab") as log:
+            return await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,  # not in the terminal's process group: Ctrl-C is the demo's to handle
+            )
+
+    async def _start_kafka(self, stack: AsyncExitStack) -> None:
+        began = time.monotonic()
+        where, port = self.options.kafka_dir, self.layout.kafka_port
+        self.say(f"starting Kafka {kafka_local.KAFKA_VERSION} on 127.0.0.1:{port} (data in {_shown(where)})")
+        # Pushed first: a second Ctrl-C during the start leaves the thread starting the broker, and `stop` waits
+        # for the start (both take the data dir's lock), then stops what it started.
+        stack.push_async_callback(self._stop_kafka)
+        await asyncio.to_thread(kafka_local.start, where, port=port)
+        self.say(f"Kafka ready in {time.monotonic() - began:.1f} s")
+
+    async def _sandbox_ready(self, stack: AsyncExitStack, process: asyncio.subprocess.Process) -> SandboxClient:
+        """Wait for the sandbox's first stdout line (its URL, printed once it listens), then set its credentials."""
+        assert process.stdout is not None
+        with suppress(TimeoutError):
+            line = await asyncio.wait_for(process.stdout.readline(), _STARTUP_TIMEOUT)
+            if line.startswith(b"http://"):
+                client = await stack.enter_async_context(SandboxClient(self.layout.sandbox_url))
+                for name in self.sinks:
+                    await client.configure(name, auth=sandbox_auth(self.settings.sinks[name]))
+                faults = _shown(self.options.faults)
+                self.say(f"sandbox systems {', '.join(self.sinks)} on {self.layout.sandbox_url} (faults: {faults})")
+                return client
+        log = kafka_local.tail(self.options.log_dir / "sandbox.log", 10)
+        raise SandboxError(
+            f"the sandbox did not start on port {self.layout.sandbox_port} (if an earlier demo was killed, its "
+            f"sandbox may still hold the port: `pgrep -af daemon.sandbox`); its log ends:\n{log}"
+        )
+
+    async def _apply_topics(self) -> None:
+        specs = catalogue(topic_layout(self.settings.topics))
+        report = await apply_catalogue(specs, client_options(self.settings.kafka))
+        self.say(f"topics: {len(report.created)} created, {len(report.unchanged)} already there")
+
+    async def _start_daemon(self, stack: AsyncExitStack) -> asyncio.Task[None]:
+        daemon = asyncio.create_task(serve(self.settings, self._daemon_stop, registry=self.registry), name="daemon")
+        stack.push_async_callback(self._stop_daemon, daemon)
+        await self._wait_listening(daemon)
+        url, log = self.layout.ingest_url, _shown(self.options.log_dir / "orderbus.log")
+        self.say(f"daemon: ingest {url}/v1/orders, metrics {url}/metrics")
+        self.say(f"daemon: sinks {', '.join(self.sinks)}; its JSON log goes to {log}")
+        return daemon
+
+    async def _wait_listening(self, daemon: asyncio.Task[None]) -> None:
+        """Until /healthz answers; `serve` has no "listening" signal, so this one start-up wait polls."""
+        deadline = time.monotonic() + _STARTUP_TIMEOUT
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if daemon.done():
+                    await daemon  # raises what stopped it (a port in use, Kafka unreachable)
+                    raise BrokerError("the daemon stopped during start-up")
+                with suppress(aiohttp.ClientError):
+                    async with session.get(f"{self.layout.ingest_url}/healthz") as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+        raise BrokerError(f"the daemon did not answer on {self.layout.ingest_url} within {_STARTUP_TIMEOUT:.0f} s")
+
+    async def _start_generator(self, stack: AsyncExitStack) -> tuple[Generator, asyncio.Event, asyncio.Task[None]]:
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        seed = random.SystemRandom().randrange(1 << 63)  # webhook-ids and order numbers new on every run
+        generator = Generator(
+            http_poster(session, f"{self.layout.ingest_url}/v1/orders"),
+            self.layout.secret,
+            rate=self.options.rate,
+            plan=Plan(random.Random(seed)),
+            clock=SystemClock(),
+        )
+        self.generator = generator
+        generator_stop = asyncio.Event()
+        task = asyncio.create_task(generator.run(generator_stop), name="generator")
+        stack.push_async_callback(_finish, generator_stop, task)
+        until = "Ctrl-C" if self.options.duration is None else f"{self.options.duration:g} s have passed"
+        self.say(f"generator: {self.options.rate:g} orders/s through the signed webhook until {until}")
+        return generator, generator_stop, task
+
+    async def _first_delivery(self, sandbox: SandboxClient, system: str) -> float | None:
+        """Seconds from the demo's start to the system's first applied effect (the sandbox waits, nobody polls)."""
+        try:
+            entries = await sandbox.wait_ledger(system, 1, timeout=_FIRST_DELIVERY_WAIT)
+        except (SandboxError, aiohttp.ClientError, TimeoutError):
+            return None
+        return entries[0]["at"] - self.started_wall
+
+    # --- run and stop -------------------------------------------------------------------------------------------
+
+    async def _show_until(self, done: asyncio.Future[Any], daemon: asyncio.Task[None], status: str) -> None:
+        """Redraw the view every second until `done` completes or the daemon stops; the last frame is drawn too."""
+        assert self.generator is not None
+        try:
+            while True:
+                current = snapshot(self.registry, self.sinks, self.generator.stats, time.monotonic())
+                self.view.show(current, self.elapsed(), status)
+                if done.done() or daemon.done():
+                    return
+                await asyncio.wait((done, daemon), timeout=_REFRESH, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
+
+    async def _catch_up(self, daemon: asyncio.Task[None]) -> dict[str, int] | None:
+        """Give the sinks up to `catch_up` s to commit everything sent; what each has left (None: unknown)."""
+        if daemon.done():
+            return None
+        try:
+            async with _Progress(self.settings, self.sinks) as progress:
+                waiting = asyncio.ensure_future(progress.wait_done(self.options.catch_up))
+                status = (
+                    f"stopping: the sinks finish what was sent (up to {self.options.catch_up:g} s; Ctrl-C: at once)"
+                )
+                await self._show_until(waiting, daemon, status)
+                with suppress(asyncio.CancelledError):
+                    await waiting
+                return await progress.unfinished()
+        except BrokerError:
+            return None
+
+    async def _stop_daemon(self, daemon: asyncio.Task[None]) -> None:
+        """A clean stop (drain + commit); while the demo is being cancelled (a second Ctrl-C), a hard one."""
+        self._daemon_stop.set()
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            daemon.cancel()
+        with suppress(asyncio.CancelledError):
+            await daemon
+
+    async def _sandbox_stats(self, sandbox: SandboxClient) -> dict[str, Any] | None:
+        try:
+            return await sandbox.stats()
+        except (SandboxError, aiohttp.ClientError):
+            return None
+
+    async def _stop_sandbox(self, process: asyncio.subprocess.Process) -> None:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 5.0)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+    async def _stop_kafka(self) -> None:
+        await asyncio.to_thread(kafka_local.stop, self.options.kafka_dir)
+
+    def _summary(
+        self,
+        stats: GeneratorStats,
+        sandbox: Mapping[str, Any] | None,
+        left: Mapping[str, int] | None,
+        first: Mapping[str, asyncio.Task[float | None]],
+    ) -> Summary:
+        final = snapshot(self.registry, self.sinks, stats, time.monotonic())
+        systems = (sandbox or {}).get("systems", {})
+        rows = {}
+        for name in self.sinks:
+            sink, system = final.sinks[name], systems.get(name)
+            task = first[name]
+            rows[name] = SinkSummary(
+                delivered=int(sink.delivered),
+                dead_lettered=int(sink.dead_lettered),
+                dedup_skipped=int(sink.duplicates),
+                downstream_replays=None if system is None else system["duplicate_requests"],
+                applied=None if system is None else system["applied"],
+                left=None if left is None else left[name],
+                first_delivery=task.result() if task.done() and not task.cancelled() else None,
+            )
+        return Summary(self.elapsed(), stats, rows, self._hints(rows))
+
+    def _hints(self, rows: Mapping[str, SinkSummary]) -> list[str]:
+        program = _program()
+        config = _shown(self.options.config)
+        data_dir = "" if self.options.kafka_dir == RUN_DIR / "kafka" else f" --data-dir {self.options.kafka_dir}"
+        # The port option is not in the file: say it again.
+        port = self.options.kafka_port
+        broker = "" if port is None else f"ORDERBUS_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:{port} "
+        hints = []
+        dead = [name for name, row in rows.items() if row.dead_lettered]
+        if dead:
+            hints += [
+                "Dead letters stay in Kafka with their reason and the whole HTTP exchange; to look at them:",
+                f"  {program} kafka start{data_dir}",
+                *(f"  {broker}{program} dlq list --sink {name} --config {config}" for name in dead),
+                f"  {program} kafka stop{data_dir}",
+            ]
+        logs = self.options.log_dir
+        kafka, state = _shown(self.options.kafka_dir), _shown(self.settings.state_dir)
+        return [
+            *hints,
+            f"Logs: {_shown(logs / 'orderbus.log')} (the daemon, JSON lines) and {_shown(logs / 'sandbox.log')}.",
+            f"Kafka's data ({kafka}) and the delivery state ({state}) stay for the next run.",
+        ]
+
+
+async def _finish(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+    stop.set()
+    await task
+
+
+async def _cancel(*tasks: asyncio.Task[Any]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _program() -> str:
+    """How the user called orderbus (``.venv/bin/orderbus`` under make run), for commands to copy."""
+    called = Path(sys.argv[0])
+    return _shown(called) if called.name == "orderbus" else "orderbus"
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is under it, else absolute."""
+    absolute = path.resolve()
+    cwd = Path.cwd()
+    return str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else str(absolute)
+
+
+class _Progress:
+    """How much of the orders topic each sink's group has not committed yet: end offsets - committed offsets."""
+
+    def __init__(self, settings: Settings, sinks: list[str]) -> None:
+        self._options = client_options(settings.kafka)
+        self._topic = orders_topic(settings.topics.prefix)
+        self._groups = {name: consumer_group(name, settings.topics.prefix) for name in sinks}
+        self._admin = AIOKafkaAdminClient(**self._options)
+        self._consumer = AIOKafkaConsumer(**self._options, enable_auto_commit=False)
+        self._partitions: list[TopicPartition] = []
+
+    async def __aenter__(self) -> _Progress:
+        try:
+            await self._admin.start()
+            await self._consumer.start()
+        except KafkaError as exc:
+            await self.__aexit__()
+            raise BrokerError(f"cannot read the sinks' progress: {exc!r}") from exc
+        ids = await partition_ids(self._topic, self._options)
+        self._partitions = [TopicPartition(self._topic, p) for p in ids]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self._consumer.stop()
+        await self._admin.close()
+
+    async def unfinished(self) -> dict[str, int]:
+        try:
+            ends = await self._consumer.end_offsets(self._partitions)
+            left = {}
+            for name, group in self._groups.items():
+                committed = await self._admin.list_consumer_group_offsets(group, partitions=self._partitions)
+                done = {tp: max(0, meta.offset) for tp, meta in committed.items()}
+                left[name] = sum(max(0, ends[tp] - done.get(tp, 0)) for tp in self._partitions)
+        except KafkaError as exc:
+            raise BrokerError(f"cannot read the sinks' progress: {exc!r}") from exc
+        return left
+
+    async def wait_done(self, timeout: float) -> None:
+        """Until every sink has committed the whole topic, or `timeout` s; commits have no event, so this polls."""
+        deadline = time.monotonic() + timeout
+        # Polls (ASYNC110): a commit sets no event anyone here could wait on.
+        while any((await self.unfinished()).values()) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(_CATCH_UP_POLL)
