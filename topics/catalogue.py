@@ -68,33 +68,20 @@ def consumer_group(sink: str, prefix: str = "") -> str:
 
 
 def catalogue(layout: TopicLayout) -> tuple[TopicSpec, ...]:
-    """Every topic orderbus needs, with the configs it manages."""
-    common = {
-        "cleanup.policy": "delete",
-        "min.insync.replicas": str(layout.min_insync_replicas),
-    }
-    orders = TopicSpec(
-        name=orders_topic(layout.prefix),
-        partitions=layout.orders_partitions,
-        replication_factor=layout.replication_factor,
-        configs={**common, "retention.ms": str(int(layout.orders_retention_hours * HOUR_MS))},
-    )
-    dead_letters = tuple(
-        TopicSpec(
-            name=dlq_topic(sink, layout.prefix),
-            partitions=layout.dlq_partitions,
-            replication_factor=layout.replication_factor,
-            configs={**common, "retention.ms": str(int(layout.dlq_retention_hours * HOUR_MS))},
-        )
+    """Every topic orderbus needs, with the configs it manages: orders, then per sink its dead letters and replays."""
+
+    def spec(name: str, partitions: int, retention_hours: float) -> TopicSpec:
+        configs = {
+            "cleanup.policy": "delete",
+            "min.insync.replicas": str(layout.min_insync_replicas),
+            "retention.ms": str(int(retention_hours * HOUR_MS)),
+        }
+        return TopicSpec(name, partitions, layout.replication_factor, configs)
+
+    orders = spec(orders_topic(layout.prefix), layout.orders_partitions, layout.orders_retention_hours)
+    per_sink = [
+        spec(topic(sink, layout.prefix), layout.dlq_partitions, layout.dlq_retention_hours)
+        for topic in (dlq_topic, replay_topic)
         for sink in SINKS
-    )
-    replays = tuple(
-        TopicSpec(
-            name=replay_topic(sink, layout.prefix),
-            partitions=layout.dlq_partitions,
-            replication_factor=layout.replication_factor,
-            configs={**common, "retention.ms": str(int(layout.dlq_retention_hours * HOUR_MS))},
-        )
-        for sink in SINKS
-    )
-    return (orders, *dead_letters, *replays)
+    ]
+    return (orders, *per_sink)

@@ -3,89 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
-import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from support import read_topic, running_daemon, settings_for
 
 from daemon import kafka_local
 from daemon.kafka_local import BrokerInfo
-from daemon.kafka_options import client_options, topic_layout
-from daemon.lifecycle import serve
-from daemon.settings import Settings, load_settings
-from topics.admin import apply_catalogue, partition_ids
+from daemon.kafka_options import topic_layout
+from topics.admin import apply_catalogue
 from topics.catalogue import catalogue, orders_topic
 from topics.codec import decode
 from topics.samples import sample_submission
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def settings_for(broker: BrokerInfo, prefix: str, state_dir: Path, **ingest: object) -> Settings:
-    env = {
-        "ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
-        "ORDERBUS_TOPICS__PREFIX": prefix,
-        "ORDERBUS_TOPICS__ORDERS_PARTITIONS": "6",
-        "ORDERBUS_STATE_DIR": str(state_dir),
-        "ORDERBUS_INGEST__PORT": str(free_port()),
-    }
-    env.update({f"ORDERBUS_INGEST__{key.upper()}": str(value) for key, value in ingest.items()})
-    return load_settings(None, env=env)
-
-
-@contextlib.asynccontextmanager
-async def running_daemon(settings: Settings) -> AsyncIterator[str]:
-    await apply_catalogue(catalogue(topic_layout(settings.topics)), client_options(settings.kafka))
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(settings, stop))
-    base = f"http://127.0.0.1:{settings.ingest.port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            with contextlib.suppress(aiohttp.ClientConnectionError):
-                async with session.get(f"{base}/healthz") as response:
-                    if response.status == 200:
-                        break
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.05)
-    try:
-        yield base
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-
-
-async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
-    """Every record of `topic` from the beginning to the end offsets, as (key, value)."""
-    partitions = [TopicPartition(topic, p) for p in await partition_ids(topic, {"bootstrap_servers": bootstrap})]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        records: list[tuple[bytes | None, bytes | None]] = []
-        while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
-            batch = await consumer.getmany(timeout_ms=1000)
-            for messages in batch.values():
-                records.extend((message.key, message.value) for message in messages)
-        return records
-    finally:
-        await consumer.stop()
 
 
 async def test_topics_apply_creates_then_reports_no_change_then_drift(
@@ -131,7 +67,7 @@ async def test_one_record_per_key_under_1000_concurrent_posts(
     assert set(statuses) <= {202, 409}, statuses
     assert {key for key, status in answers if status == 202} == distinct
     records = await read_topic(kafka_broker.bootstrap, orders_topic(f"{unique_name}."))
-    event_ids = Counter(str(decode(value).event_id) for _, value in records)
+    event_ids = Counter(str(decode(value).event_id) for _, value, _ in records)
     assert len(records) == len(distinct)
     assert all(count == 1 for count in event_ids.values())
 
@@ -170,7 +106,7 @@ async def test_broker_down_gives_503_then_success_and_no_duplicate(
         async with session.get(f"{base}/readyz") as ready:
             assert ready.status == 200
     records = await read_topic(broker.bootstrap, orders_topic(f"{unique_name}."))
-    assert len(records) == 2, [json.loads(value or b"{}").get("event_id") for _, value in records]
+    assert len(records) == 2, [json.loads(value or b"{}").get("event_id") for _, value, _ in records]
     assert (
         str(decode(records[-1][1]).event_id) == answer["event_id"]
         or str(decode(records[0][1]).event_id) == answer["event_id"]
