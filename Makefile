@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test check unit integration jars venv schemas clean system-tools
+.PHONY: run test check unit integration jars venv schemas clean system-tools bench bench-quick
 
 run: $(INSTALLED) jars  ## local Kafka, sandbox systems, the daemon and an order generator, with a live view
 	$(BIN)/orderbus demo
@@ -19,6 +19,14 @@ check: $(INSTALLED)  ## formatting, lint and types
 	$(BIN)/mypy
 	$(BIN)/python -m topics.schema --check
 	$(BIN)/python -m daemon.openapi --check
+
+bench: $(INSTALLED) jars  ## benchmark, not part of make test (~16 min): one table + bench-results.json
+	$(BIN)/pip install --quiet 'py-spy>=0.3'
+	$(BIN)/python tests/bench/bench.py --out bench-results.json
+
+bench-quick: $(INSTALLED) jars  ## the benchmark with a 1-minute outage (~4 min)
+	$(BIN)/pip install --quiet 'py-spy>=0.3'
+	$(BIN)/python tests/bench/bench.py --quick --out bench-results.json
 
 unit: $(INSTALLED)
 	$(BIN)/pytest tests/unit

@@ -10,7 +10,8 @@ States and moves::
 What counts as a failure is the caller's decision. The engine records as failures only the outcomes that say
 "the downstream is unwell": retryable ones (5xx, 408/425/429, timeouts, connection errors). A 400 is the
 downstream working correctly on bad data, so it is recorded as a success (or not at all) and never opens the
-circuit.
+circuit. A 429 or 503 with a Retry-After is not recorded either: the server set the pace and the sink's pacer
+holds every request until then (a rate limiter answers a whole burst so; counted, it would open the circuit).
 
 `allow()` claims a probe slot in half_open; the caller must answer each allowed call with `record()`, or with
 `release()` when the call ended without an outcome (cancelled), or the slot stays taken. Outcomes that arrive

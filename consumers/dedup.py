@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -263,14 +264,27 @@ CREATE TABLE IF NOT EXISTS {BLOCKED_ORDERS_TABLE} (
 ) WITHOUT ROWID;
 """
 
-_UPSERT_STATE = f"""
-INSERT INTO {DELIVERIES_TABLE} ({", ".join(DELIVERY_COLUMNS)}) VALUES ({", ".join("?" * len(DELIVERY_COLUMNS))})
-ON CONFLICT (key) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in DELIVERY_COLUMNS[1:])}
+
+# A flush writes many rows per statement (``VALUES (...), (...), ...``) rather than an executemany of one row each:
+# sqlite3 releases the GIL around every step, and beside a busy event loop each re-acquisition waits for the
+# loop's thread to give the GIL up (up to the 5 ms switch interval), so per-row steps made a flush of ~130 rows
+# take ~150 ms instead of ~2 ms (tests/bench/bench.py, CPU-bound scenario).
+def _upsert_states(rows: int) -> str:
+    values = ", ".join([f"({', '.join('?' * len(DELIVERY_COLUMNS))})"] * rows)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in DELIVERY_COLUMNS[1:])
+    return f"""
+INSERT INTO {DELIVERIES_TABLE} ({", ".join(DELIVERY_COLUMNS)}) VALUES {values}
+ON CONFLICT (key) DO UPDATE SET {updates}
 """  # noqa: S608 -- table and column names are module constants, values are bound
-_UPSERT_DOWNSTREAM_ID = f"""
-INSERT INTO {DOWNSTREAM_IDS_TABLE} (order_ref, downstream_id) VALUES (?, ?)
+
+
+def _upsert_downstream_ids(rows: int) -> str:
+    return f"""
+INSERT INTO {DOWNSTREAM_IDS_TABLE} (order_ref, downstream_id) VALUES {", ".join(["(?, ?)"] * rows)}
 ON CONFLICT (order_ref) DO UPDATE SET downstream_id = excluded.downstream_id
 """  # noqa: S608 -- table name is a module constant, values are bound
+
+
 _UPSERT_BLOCK = f"""
 INSERT INTO {BLOCKED_ORDERS_TABLE} (order_ref, reason) VALUES (?, ?)
 ON CONFLICT (order_ref) DO UPDATE SET reason = excluded.reason
@@ -287,6 +301,7 @@ WHERE NOT EXISTS (SELECT 1 FROM {DELIVERIES_TABLE} d WHERE d.order_ref = {DOWNST
 
 # Keys per ``IN (...)`` query: below 999, the smallest SQLITE_MAX_VARIABLE_NUMBER a build may have.
 _CHUNK: Final = 500
+_MAX_VARIABLES: Final = 999
 _SELECT_STATES = f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM {DELIVERIES_TABLE} WHERE key IN "  # noqa: S608 -- constant
 _SELECT_BLOCKED = f"SELECT order_ref FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref IN "  # noqa: S608 -- constant
 _SELECT_BLOCKING = f"SELECT order_ref, reason FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref IN "  # noqa: S608 -- constant
@@ -420,21 +435,16 @@ class SqliteDedupStore:
             batch = self._buffer.copy()
             if not batch:
                 return 0
-            await self._transaction(db, "flush", lambda: self._write(db, batch))
+            try:
+                # One hop to the connection's thread for the whole transaction: every hop costs a turn of the
+                # event loop, and with hundreds of requests under way a turn takes tens of milliseconds, so a
+                # flush of four awaited statements held each delivered record's slot for ~200 ms (bench.py).
+                # aiosqlite has no public "run this on your thread" (and no types for its private one).
+                await db._execute(_write, db._conn, batch)  # type: ignore[no-untyped-call]
+            except sqlite3.Error as exc:
+                raise self._error("flush", exc) from exc
             self._buffer.discard(batch)
             return len(batch)
-
-    async def _write(self, db: aiosqlite.Connection, batch: _Buffer) -> None:
-        if batch.states:
-            await _executemany(db, _UPSERT_STATE, [_row(s) for s in batch.states.values()])
-        if batch.downstream_ids:
-            await _executemany(db, _UPSERT_DOWNSTREAM_ID, batch.downstream_ids.items())
-        blocks = [(ref, reason) for ref, reason in batch.blocks.items() if reason is not None]
-        if blocks:
-            await _executemany(db, _UPSERT_BLOCK, blocks)
-        unblocks = [(ref,) for ref, reason in batch.blocks.items() if reason is None]
-        if unblocks:
-            await _executemany(db, _DELETE_BLOCK, unblocks)
 
     # --- reads ------------------------------------------------------------------------------------------
 
@@ -548,9 +558,40 @@ class SqliteDedupStore:
         return StoreError(f"dedup store {self.path}: {operation} failed: {exc}")
 
 
-async def _executemany(db: aiosqlite.Connection, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-    async with db.executemany(sql, rows):
-        pass
+def _insert_many(db: sqlite3.Connection, sql: Callable[[int], str], rows: Sequence[Sequence[Any]]) -> None:
+    """`rows` by multi-row statements of at most `_MAX_VARIABLES` bound values each (see `_upsert_states`)."""
+    per = _MAX_VARIABLES // len(rows[0])
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        db.execute(_statement(sql, len(chunk)), [value for row in chunk for value in row])
+
+
+@functools.cache
+def _statement(sql: Callable[[int], str], rows: int) -> str:
+    return sql(rows)
+
+
+def _write(db: sqlite3.Connection, batch: _Buffer) -> None:
+    """Write `batch` in one transaction, on the connection's thread (blocking); on any failure, roll back."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if batch.states:
+            _insert_many(db, _upsert_states, [_row(s) for s in batch.states.values()])
+        if batch.downstream_ids:
+            _insert_many(db, _upsert_downstream_ids, list(batch.downstream_ids.items()))
+        blocks = [(ref, reason) for ref, reason in batch.blocks.items() if reason is not None]
+        if blocks:
+            db.executemany(_UPSERT_BLOCK, blocks)
+        unblocks = [(ref,) for ref, reason in batch.blocks.items() if reason is None]
+        if unblocks:
+            db.executemany(_DELETE_BLOCK, unblocks)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            # The original error is the one worth raising; a failed rollback is undone by SQLite anyway.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
 
 
 def _prepare_file(path: Path) -> None:

@@ -58,6 +58,14 @@ class KafkaConsumerPort:
         return value
 
 
+# A killed daemon cannot leave its groups: its partitions wait until its session times out (aiokafka's default,
+# 10 s). 6 s is the smallest session a broker allows by default (group.min.session.timeout.ms); a heartbeat every
+# 2 s keeps it. The rebalance timeout stays longer than a revoke's drain (`shutdown_grace`, 10 s by default).
+SESSION_TIMEOUT_MS = 6_000
+HEARTBEAT_INTERVAL_MS = 2_000
+REBALANCE_TIMEOUT_MS = 60_000
+
+
 def sink_consumer(
     client_options: Mapping[str, Any], sink: str, *, prefix: str = "", max_partition_fetch_bytes: int = 1_048_576
 ) -> AIOKafkaConsumer:
@@ -69,6 +77,9 @@ def sink_consumer(
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         max_partition_fetch_bytes=max_partition_fetch_bytes,
+        session_timeout_ms=SESSION_TIMEOUT_MS,
+        heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+        rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
     )
 
 

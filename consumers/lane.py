@@ -86,6 +86,9 @@ class Lane:
         self._on_finished = on_finished
         self._queue: deque[Work] = deque()
         self._stopping = False
+        # Idempotency keys this lane finished: a second copy of an event (in the same fetch as the first, or
+        # queued behind it) was not yet terminal when the engine looked it up, and must not be sent again.
+        self._finished: set[str] = set()
 
     @property
     def empty(self) -> bool:
@@ -113,9 +116,19 @@ class Lane:
     async def _run(self) -> None:
         while self._queue and not self._stopping:
             work = self._queue[0]
-            await self._deliver(work)
+            if work.idempotency_key in self._finished and not work.replay:
+                self._count_duplicate()
+            else:
+                await self._deliver(work)
+                self._finished.add(work.idempotency_key)
             self._queue.popleft()
             self._on_finished(self, work)
+
+    def _count_duplicate(self) -> None:
+        """As the engine counts a record whose key it finds terminal in the dedup table."""
+        metrics, name = self._context.metrics, self._context.sink.name
+        metrics.dedup_hits.labels(name).inc()
+        metrics.deliveries.labels(name, "duplicate").inc()
 
     # ------------------------------------------------------------------ one record to a terminal state
 
@@ -246,7 +259,6 @@ class Lane:
     ) -> bool:
         """Park the lane until the next attempt; True when retries are exhausted and the record dead-lettered."""
         context = self._context
-        context.circuit.record(False)
         context.auth.record(True)
         retry_after = None
         if isinstance(outcome, Reply) and outcome.status in _PACED_STATUSES:
@@ -255,6 +267,12 @@ class Lane:
             )
             # The whole sink slows down, not just this key; without a Retry-After only the rate is lowered.
             context.pacer.hold(retry_after or 0.0)
+        if retry_after is None:
+            context.circuit.record(False)
+        else:
+            # The server set the pace and the pacer holds the sink: not a sign that it is unwell (a rate limiter
+            # answers a whole burst with 429s, which would open the circuit for far longer than it asked).
+            context.circuit.release()
         assert attempts.first_mono is not None
         if context.backoff.exhausted(attempts.count, attempts.first_mono, context.clock.now()):
             await self._dead_letter(work, "retries-exhausted", decision.rule, attempts)

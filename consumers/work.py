@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,22 @@ def idempotency_key(sink: str, event_id: str) -> str:
     return f"orderbus:{sink}:{event_id}"
 
 
+# Every sink reads the same records in its own group, usually a few seconds apart. Events still held by some sink
+# are found here by their bytes, so the sinks share one decode (a fifth of the CPU of a delivery) and one frozen
+# `OrderEvent` instead of three. Weak values: the memo holds nothing that no buffer holds.
+_decoded: weakref.WeakValueDictionary[bytes, OrderEvent] = weakref.WeakValueDictionary()
+
+
+def _decode_shared(value: bytes | None) -> OrderEvent:
+    """`decode(value)`, or the event another sink decoded from the same bytes and still holds."""
+    if value is None:
+        return decode(value)
+    event = _decoded.get(value)
+    if event is None:
+        event = _decoded[value] = decode(value)
+    return event
+
+
 def make_work(sink: str, topic: str, partition: int, record: Any, *, replay: bool = False) -> Work:
     """Decode `record` (an aiokafka ConsumerRecord or a twin); a poison record becomes `invalid`, never an error."""
     value: bytes | None = record.value
@@ -48,7 +65,7 @@ def make_work(sink: str, topic: str, partition: int, record: Any, *, replay: boo
     event: OrderEvent | None = None
     invalid: ContractError | None = None
     try:
-        event = decode(value)
+        event = _decode_shared(value)
     except ContractError as exc:
         invalid = exc
     if key:

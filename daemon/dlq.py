@@ -4,6 +4,9 @@ A replay sends the dead-letter records, unchanged (key, value, and headers with 
 history), to ``orders.replay.<sink>``: only that sink reads it. The event keeps its event id, so the downstream
 sees the same ``Idempotency-Key`` as on the first attempts, and a record that was meanwhile delivered is
 skipped. Replay in the dead letters' order: one order's records then reach the sink in their original order.
+
+A sink killed between the broker's ack of a dead letter and recording the record as dead writes it again when
+the record is redelivered; both copies name the same consumed record, and the list and the replay show it once.
 """
 
 from __future__ import annotations
@@ -122,7 +125,22 @@ async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterVie
     finally:
         await consumer.stop()
     letters.sort(key=lambda letter: (letter.timestamp_ms, letter.partition, letter.offset))
-    return letters
+    return distinct(letters)
+
+
+def distinct(letters: Sequence[DeadLetterView]) -> list[DeadLetterView]:
+    """Each dead-lettered record once: later copies naming the same consumed record (topic, partition, offset)
+    are dropped; a record dead-lettered again after a replay was consumed from the replay topic, so it stays."""
+    seen: set[tuple[str, str, str]] = set()
+    kept = []
+    for letter in letters:
+        source = (letter.meta.get("topic", ""), letter.meta.get("partition", ""), letter.meta.get("offset", ""))
+        if all(source):
+            if source in seen:
+                continue
+            seen.add(source)
+        kept.append(letter)
+    return kept
 
 
 def _view(partition: int, record: Any) -> DeadLetterView:

@@ -128,11 +128,15 @@ class Ingest:
         return await self._publish_once(key, hashlib.sha256(body).hexdigest(), submission)
 
     async def _read_body(self, request: web.Request) -> bytes | None:
+        """The whole body, or None once it exceeds the limit (declared or streamed)."""
         limit = self._config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return None
-        body = await request.content.read(limit + 1)
-        return None if len(body) > limit else body
+        # read(n) returns what has arrived, up to n bytes: a large body comes in several pieces.
+        body = bytearray()
+        while len(body) <= limit and (piece := await request.content.read(limit + 1 - len(body))):
+            body += piece
+        return None if len(body) > limit else bytes(body)
 
     async def _publish_once(self, key: str, digest: str, submission: OrderSubmission) -> web.Response:
         claim = await self._keys.claim(key, digest, self._clock())

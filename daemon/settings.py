@@ -235,7 +235,7 @@ class SinkSettings(_Section):
     enabled: bool = False
     base_url: str = Field("http://127.0.0.1:8090", pattern=r"^https?://[^\s/]+(/\S*)?$")
     max_in_flight: int = Field(256, ge=1, le=4096)
-    max_buffered: int = Field(5000, ge=1, le=1_000_000)
+    max_buffered: int = Field(1000, ge=1, le=1_000_000)
     rate: float | None = Field(None, gt=0, description="requests per second; none: unlimited")
     burst: int | None = Field(None, ge=1)
     request_timeout: Seconds = 10.0

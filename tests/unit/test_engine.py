@@ -4,6 +4,7 @@ dedup store and a recording dead-letter writer, on virtual time (FakeClock.autoj
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -338,6 +339,19 @@ async def test_a_redelivered_record_is_skipped_and_counted(harness_factory: Call
     assert h.consumer.committed == {TP0: 2}
 
 
+async def test_the_same_event_twice_in_one_lane_is_sent_once(harness_factory: Callable[..., Harness]) -> None:
+    # Regression (chaos run): an event on the topic twice (the ingest republishes after a crash between the broker's
+    # ack and storing its answer) came in one fetch; both copies were sent, the second as a duplicate request.
+    first = record(0, "SO-1", seed=7)
+    h = harness_factory({TP0: [first, dataclasses.replace(first, offset=1), record(2, "SO-2")]})
+    await h.run_until(3)
+    key = idempotency_key("crm", str(sample_event(random.Random(7), order_number="SO-1").event_id))
+    assert [k for *_, k in h.downstream.calls].count(key) == 1
+    assert h.metric("orderbus_dedup_hits_total") == 1
+    assert h.metric("orderbus_deliveries_total", outcome="duplicate") == 1
+    assert h.consumer.committed == {TP0: 3}
+
+
 async def test_a_429_with_retry_after_holds_the_whole_sink(harness_factory: Callable[..., Harness]) -> None:
     def script(request: HttpRequest, nth: int) -> Reply:
         if b"SO-ONE" in (request.body or b"") and nth == 1:
@@ -357,6 +371,40 @@ async def test_a_429_with_retry_after_holds_the_whole_sink(harness_factory: Call
     assert h.metric("orderbus_throttled_seconds_total") >= 1.9
     assert h.metric("orderbus_retries_total", reason="throttled") == 1
     assert h.metric("orderbus_retries_total", reason="4xx") == 0
+
+
+async def test_a_burst_of_429s_with_retry_after_paces_the_sink_but_leaves_the_circuit_closed(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Regression (chaos run): a rate limiter answers 429 to every request while over its limit. Each 429 counted as
+    # a circuit failure, so one burst opened the circuit for `circuit_open_for` (30 s) instead of the 1 s asked.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-BURST" in (request.body or b"") and nth == 1:
+            return answer(429, retry_after="1")
+        return ok()
+
+    records = [record(i, f"SO-BURST-{i}") for i in range(12)] + [record(i, f"SO-LATER-{i}") for i in range(12, 20)]
+    h = harness_factory({TP0: records}, script, max_in_flight=20, circuit_open_for=30.0)
+    started = h.clock.now()
+    await h.run_until(20)
+    assert h.engine.circuit_state == "closed"
+    assert h.metric("orderbus_retries_total", reason="throttled") == 12
+    assert h.clock.now() - started < 10.0  # the 1 s hold plus backoff, not 30 s of an open circuit
+
+
+async def test_a_burst_of_429s_without_retry_after_still_opens_the_circuit(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Without a Retry-After the pacer has nothing to hold the sink by (an unlimited rate stays unlimited): the
+    # circuit is then the sink-wide brake.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(429) if b"SO-BURST" in (request.body or b"") and nth == 1 else ok()
+
+    records = [record(i, f"SO-BURST-{i}") for i in range(12)]
+    h = harness_factory({TP0: records}, script, max_in_flight=20, circuit_open_for=30.0)
+    started = h.clock.now()
+    await h.run_until(12)
+    assert h.clock.now() - started >= 30.0
 
 
 async def test_401_pauses_the_sink_without_dead_letters_and_resumes(harness_factory: Callable[..., Harness]) -> None:

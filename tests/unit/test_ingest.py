@@ -256,6 +256,33 @@ async def test_signatures_are_required_when_secrets_are_set(publisher: FakePubli
         await client.close()
 
 
+async def test_a_body_that_arrives_in_pieces_is_read_whole(publisher: FakePublisher) -> None:
+    # Regression (chaos run): only the first piece of a large body was read, so its signature never matched (401)
+    # and an unsigned one was cut short (400). A body of 300 KB over loopback arrives in several pieces.
+    client = await client_for(publisher, secrets=(SECRET,), max_body_bytes=1_048_576)
+    try:
+        payload = body()
+        stamp = int(NOW)
+        signed = {
+            **JSON,
+            "webhook-id": "msg_pieces",
+            "webhook-timestamp": str(stamp),
+            "webhook-signature": sign(SECRET, "msg_pieces", stamp, payload),
+        }
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, len(payload), 64):
+                yield payload[start : start + 64]
+                await asyncio.sleep(0)  # each piece its own write, so the server sees them one by one
+
+        response = await client.post("/v1/orders", data=pieces(), headers=signed)
+        assert response.status == 202, await response.text()
+        [record] = publisher.records
+        assert decode(record.value).order == sample_submission(random.Random(1)).order
+    finally:
+        await client.close()
+
+
 async def test_openapi_health_and_readiness(client: Client) -> None:
     document = await (await client.get("/openapi.json")).json()
     assert document["openapi"].startswith("3.1")
