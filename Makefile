@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test check unit integration jars venv schemas clean system-tools bench bench-quick
+.PHONY: run test check unit integration jars venv schemas clean system-tools bench bench-quick chaos
 
 run: $(INSTALLED) jars  ## local Kafka, sandbox systems, the daemon and an order generator, with a live view
 	$(BIN)/orderbus demo
@@ -27,6 +27,9 @@ bench: $(INSTALLED) jars  ## benchmark, not part of make test (~16 min): one tab
 bench-quick: $(INSTALLED) jars  ## the benchmark with a 1-minute outage (~4 min)
 	$(BIN)/pip install --quiet 'py-spy>=0.3'
 	$(BIN)/python tests/bench/bench.py --quick --out bench-results.json
+
+chaos: $(INSTALLED) jars  ## kills, broker restarts and faults over 100,000 orders (<= 30 min): chaos.json
+	$(BIN)/python tests/chaos/chaos.py --out chaos.json
 
 unit: $(INSTALLED)
 	$(BIN)/pytest tests/unit
