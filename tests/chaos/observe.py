@@ -209,26 +209,26 @@ class Throttle:
 
     async def _system(self, name: str, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            # Next look: soon, or as the daemon's hold for the last episode ends, when its lanes all go at once
-            # (a client back at full speed the moment it may: what a limiter still over its limit answers 429).
-            await asyncio.sleep(max(self._quiet_until[name] - time.time(), 0.0) + self.rng.uniform(0.0, 0.05))
+            await asyncio.sleep(max(self._quiet_until[name] - time.time(), 0.0) + self.rng.uniform(0.05, 0.3))
             stats = self.monitor.stats.get("systems", {}).get(name)
             if stats is None:
                 continue
             requests, throttled = stats["requests"], stats["by_status"].get("429", 0)
             missing = int(self.share * requests - throttled)
             if self.paused or requests < 200 or missing < 1:
-                await asyncio.sleep(self.rng.uniform(0.05, 0.3))
                 continue
             seconds = self.rng.randint(*self.retry_after)
-            # At most the missing 429s, to the requests that arrive before the window closes: those under way
-            # when the first 429 reaches the daemon, which then holds the sink. The window closes well before
-            # that hold ends, so that one episode makes one hold.
-            step = {"status": 429, "retry_after": seconds, "times": min(missing, 200)}
+            # At most the missing 429s, to the requests that arrive before the window closes: those sent until
+            # the first 429 reaches the daemon, which then holds the sink. The limiter answers after a delay (a
+            # gateway's), so a burst is caught, not one request. The window closes well before the hold ends,
+            # so that one episode makes one hold.
+            delay_ms = self.rng.uniform(50.0, 250.0)
+            step = {"status": 429, "retry_after": seconds, "times": min(missing, 200), "delay_ms": delay_ms}
             started = time.time()
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 await self.sandbox.script(name, [step])
-                await asyncio.sleep(min(0.5, 0.8 * seconds))
+                await asyncio.sleep(min(0.5, 0.8 * seconds - delay_ms / 1000))
                 await self.sandbox.script(name, [])
                 self.episodes[name] += 1
-            self._quiet_until[name] = started + seconds
+            # The sink delivers for a while after each hold before the next episode may start.
+            self._quiet_until[name] = started + seconds + self.rng.uniform(0.0, 0.5)

@@ -248,7 +248,7 @@ class ChaosRun:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(self.rng.uniform(0.0, 1.5))  # a random moment, not the instant of a batch
             self.event_running = True
-            throttle.paused = True  # recovery is the daemon's figure, not the downstream's pace
+            throttle.paused = True  # the recovery time is the daemon's, not the downstream's pace
             try:
                 result = await self._event(i, kind, session, monitor)
             finally:
