@@ -9,11 +9,12 @@ counted as unexplained. The sandbox keeps its request log in a ring, so the log 
 
 **Throttle episodes.** A downstream that rate-limits answers 429 to every request that arrives while it is over
 its limit, not to one request in fifty at random. An episode (a script step of the sandbox) answers the requests
-of one system 429 with one Retry-After (1-5 s, drawn) for at most half a second, and at most as many as that
-system's 429 share is short of the target (2 %); episodes start at random moments, never while the daemon still
-holds that sink for the previous one. The daemon honours Retry-After for the whole sink, so independent 429s at
-that rate would hold every sink nearly all the time: about 20 effects/s per sink on this machine, 90 minutes for
-the default run (`--independent-429` shows it).
+of one system 429 with one Retry-After (1-5 s, drawn), after a gateway's delay of 50-250 ms, for at most half a
+second and at most as many as that system's share of 429s is short of the target (2 %). Episodes start at random
+moments, never while the daemon still holds that sink for the previous one, and not while a kill's recovery is
+being measured (that figure is the daemon's, not the downstream's pace). The daemon honours Retry-After for the
+whole sink, so independent 429s at that rate would hold every sink nearly all the time: about 20 effects/s per
+sink on this machine, 90 minutes for the default run (`--independent-429` shows it).
 """
 
 from __future__ import annotations
