@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
@@ -83,10 +83,18 @@ def sink_consumer(
     )
 
 
+class RebalanceHandler(Protocol):
+    """What a rebalance needs of the engine (`consumers.engine.SinkEngine`)."""
+
+    async def on_revoked(self, revoked: Iterable[TopicPartitionKey]) -> None: ...
+
+    def on_assigned(self, assigned: Iterable[TopicPartitionKey]) -> None: ...
+
+
 class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no types
     """Hands rebalances to the engine: a revoke drains and commits the partitions before they move."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: RebalanceHandler) -> None:
         self._engine = engine
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:

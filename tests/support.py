@@ -18,9 +18,10 @@ from prometheus_client import CollectorRegistry
 from daemon.kafka_local import BrokerInfo
 from daemon.kafka_options import client_options, topic_layout
 from daemon.lifecycle import serve
+from daemon.sandbox import SandboxProcess
 from daemon.settings import Settings, load_settings
 from topics.admin import apply_catalogue, partition_ids
-from topics.catalogue import catalogue, orders_topic
+from topics.catalogue import SINKS, catalogue, orders_topic
 from topics.codec import encode
 from topics.envelope import EventType, OrderEvent, OrderSubmission
 from topics.samples import sample_event, sample_submission
@@ -31,6 +32,24 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+FAST_RETRIES: dict[str, Any] = {
+    "backoff_base": 0.05,
+    "backoff_cap": 0.5,
+    "max_attempts": 100,
+    "commit_interval": 0.3,
+    "request_timeout": 2.0,
+    "circuit_window": 100,
+    "circuit_min_calls": 50,
+    "circuit_open_for": 0.5,
+}
+"""Sink settings for tests: retries and probes in fractions of a second, commits often, no early dead letters."""
+
+
+def sandbox_sinks(sandbox: SandboxProcess, **extra: Any) -> dict[str, dict[str, Any]]:
+    """The three sinks pointed at the sandbox process, with `FAST_RETRIES` and `extra` on top."""
+    return {name: {"base_url": sandbox.system_url(name), **FAST_RETRIES, **extra} for name in SINKS}
 
 
 def settings_env(

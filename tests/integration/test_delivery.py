@@ -21,6 +21,7 @@ from support import (
     produce_raw,
     read_topic,
     running_daemon,
+    sandbox_sinks,
     settings_for,
     with_type,
 )
@@ -31,21 +32,6 @@ from daemon.sandbox import SandboxClient, SandboxProcess
 from topics.catalogue import SINKS, consumer_group, dlq_topic
 
 pytestmark = pytest.mark.integration
-
-FAST_RETRIES: dict[str, Any] = {
-    "backoff_base": 0.05,
-    "backoff_cap": 0.5,
-    "max_attempts": 100,
-    "commit_interval": 0.3,
-    "request_timeout": 2.0,
-    "circuit_window": 100,
-    "circuit_min_calls": 50,
-    "circuit_open_for": 0.5,
-}
-
-
-def sink_settings(sandbox_process: SandboxProcess, **extra: Any) -> dict[str, dict[str, Any]]:
-    return {name: {"base_url": sandbox_process.system_url(name), **FAST_RETRIES, **extra} for name in SINKS}
 
 
 async def settle_commits(settings: Any, bootstrap: str) -> None:
@@ -83,7 +69,7 @@ async def test_mixed_faults_over_5000_orders_apply_each_exactly_once_per_sink(
         (b"SO-POISON-2", b'{"schema_version": 1}'),
         (None, b"\xff"),
     ]
-    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sink_settings(sandbox_process))
+    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sandbox_sinks(sandbox_process))
     async with running_daemon(settings):
         await produce(kafka_broker.bootstrap, orders_of(settings), events)
         await produce_raw(kafka_broker.bootstrap, orders_of(settings), poison)
@@ -126,7 +112,7 @@ async def test_retry_after_holds_that_sink_while_the_others_deliver(
     events = make_events(300, seed=2)
     # One request at a time, so no request is already on the wire when the 429 arrives.
     settings = settings_for(
-        kafka_broker, f"{unique_name}.", tmp_path, sinks=sink_settings(sandbox_process, max_in_flight=1)
+        kafka_broker, f"{unique_name}.", tmp_path, sinks=sandbox_sinks(sandbox_process, max_in_flight=1)
     )
     async with running_daemon(settings):
         await produce(kafka_broker.bootstrap, orders_of(settings), events)
@@ -164,7 +150,7 @@ async def test_one_orders_events_reach_each_sink_in_order_across_retries(
     await sandbox.script(
         "accounting", [{"status": 500, "times": 2, "match": {"method": "PUT", "order_number": number}}]
     )
-    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sink_settings(sandbox_process))
+    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sandbox_sinks(sandbox_process))
     async with running_daemon(settings):
         await produce(
             kafka_broker.bootstrap, orders_of(settings), [events[0], *others[:25], events[1], *others[25:], events[2]]
@@ -190,7 +176,7 @@ async def test_a_sink_down_for_the_whole_run_stays_bounded_then_catches_up(
     events = make_events(1500, seed=4)
     registry = CollectorRegistry()
     settings = settings_for(
-        kafka_broker, f"{unique_name}.", tmp_path, sinks=sink_settings(sandbox_process, max_buffered=100)
+        kafka_broker, f"{unique_name}.", tmp_path, sinks=sandbox_sinks(sandbox_process, max_buffered=100)
     )
 
     def sample(name: str, **labels: str) -> float:

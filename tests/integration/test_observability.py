@@ -32,6 +32,7 @@ from support import (
     personal_submission,
     produce_raw,
     running_daemon,
+    sandbox_sinks,
     settings_for,
 )
 
@@ -47,17 +48,6 @@ pytestmark = pytest.mark.integration
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "orderbus.json"
-FAST: dict[str, Any] = {
-    "backoff_base": 0.05,
-    "backoff_cap": 0.3,
-    "max_attempts": 100,
-    "commit_interval": 0.3,
-    "request_timeout": 2.0,
-    "circuit_window": 100,
-    "circuit_min_calls": 50,
-    "circuit_open_for": 0.5,
-    "auth_pause": 0.5,
-}
 WEBHOOK_SECRET = "whsec_UXVhY2tlbmJ1c2hXZWJob29rU2VjcmV0MTIzNDU="
 SINK_TOKEN = "sink-token-Tr0ub4dor-and-3"
 SANDBOX_TOKEN = "sandbox-token-c0rrect-h0rse"
@@ -74,10 +64,6 @@ def run(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[s
     return subprocess.run(
         argv, input=stdin.decode() if stdin else None, capture_output=True, text=True, timeout=30, cwd=RULES
     )
-
-
-def sinks(sandbox_process: SandboxProcess, **extra: Any) -> dict[str, dict[str, Any]]:
-    return {name: {"base_url": sandbox_process.system_url(name), **FAST, **extra} for name in SINKS}
 
 
 # ---------------------------------------------------------------------------------------------------- promtool
@@ -236,7 +222,12 @@ async def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_the_scr
     await sandbox.faults("crm", p503=0.05, latency_ms=3, latency_jitter_ms=10)
     await sandbox.faults("accounting", p503=0.03, latency_ms=2, reject_order_numbers=rejected)
     await sandbox.faults("shipping", p503=0.02, p429=0.01, retry_after=1, latency_ms=4, latency_jitter_ms=5)
-    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path / "state", sinks=sinks(sandbox_process))
+    settings = settings_for(
+        kafka_broker,
+        f"{unique_name}.",
+        tmp_path / "state",
+        sinks=sandbox_sinks(sandbox_process, backoff_cap=0.3, auth_pause=0.5),
+    )
     registry = CollectorRegistry()
     async with (
         running_daemon(settings, registry) as base,
@@ -299,7 +290,9 @@ async def test_readyz_says_why_while_the_broker_is_down_and_recovers_when_it_is_
     private_broker: Callable[[], BrokerInfo], sandbox_process: SandboxProcess, unique_name: str, tmp_path: Path
 ) -> None:
     broker = private_broker()
-    settings = settings_for(broker, f"{unique_name}.", tmp_path, sinks=sinks(sandbox_process))
+    settings = settings_for(
+        broker, f"{unique_name}.", tmp_path, sinks=sandbox_sinks(sandbox_process, backoff_cap=0.3, auth_pause=0.5)
+    )
     expected = {"ingest", *(f"sink.{name}" for name in SINKS)}
     async with running_daemon(settings) as base, aiohttp.ClientSession() as session:
         status, body = await wait_for(session, base, lambda status, _: status == 200, 30)
@@ -349,7 +342,7 @@ async def test_no_log_line_carries_personal_data_or_a_secret_on_any_path(
         kafka_broker,
         f"{unique_name}.",
         tmp_path,
-        sinks=sinks(sandbox_process, **bearer),
+        sinks=sandbox_sinks(sandbox_process, backoff_cap=0.3, auth_pause=0.5, **bearer),
         webhook_secrets=json.dumps([WEBHOOK_SECRET]),
     )
     registry = CollectorRegistry()
