@@ -180,7 +180,7 @@ class SinkEngine:
         works = []
         for tp, records in batch.items():
             for record in records:
-                works.append(make_work(self.sink.name, tp[0], tp[1], record, replay=tp[0] == self.replay_topic))
+                works.append(make_work(self.sink, tp[0], tp[1], record, replay=tp[0] == self.replay_topic))
                 if len(works) % _DECODE_SLICE == 0:
                     await asyncio.sleep(0)  # a batch takes up to ~80 us a record: let the answers under way in
         self._metrics.records_consumed.labels(self.sink.name).inc(len(works))

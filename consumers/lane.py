@@ -86,9 +86,10 @@ class Lane:
         self._on_finished = on_finished
         self._queue: deque[Work] = deque()
         self._stopping = False
-        # Idempotency keys this lane finished: a second copy of an event (in the same fetch as the first, or
-        # queued behind it) was not yet terminal when the engine looked it up, and must not be sent again.
-        self._finished: set[str] = set()
+        # Idempotency keys this lane finished while more records waited behind: a second copy of an event (in the
+        # same fetch as the first, or queued behind it) was not yet terminal when the engine looked it up, and
+        # must not be sent again. Made only when needed: most lanes hold one record, and a full buffer holds many.
+        self._finished: set[str] | None = None
 
     @property
     def empty(self) -> bool:
@@ -116,11 +117,13 @@ class Lane:
     async def _run(self) -> None:
         while self._queue and not self._stopping:
             work = self._queue[0]
-            if work.idempotency_key in self._finished and not work.replay:
+            if self._finished is not None and work.idempotency_key in self._finished and not work.replay:
                 self._count_duplicate()
             else:
                 await self._deliver(work)
-                self._finished.add(work.idempotency_key)
+                if len(self._queue) > 1:
+                    self._finished = self._finished or set()
+                    self._finished.add(work.idempotency_key)
             self._queue.popleft()
             self._on_finished(self, work)
 
@@ -149,7 +152,7 @@ class Lane:
                 work, "dead-lettered-predecessor", "order-survives-dead-letters", _Attempts(), detail=detail
             )
             return
-        assert work.event is not None
+        assert work.prepared is not None
         attempts = _Attempts()
         while True:
             probe = await self._wait_for_gates()
@@ -180,7 +183,7 @@ class Lane:
                     "downstream refused our credentials; sink paused",
                     extra={
                         "sink": context.sink.name,
-                        "event_id": str(work.event.event_id),
+                        "event_id": work.prepared.event_id,
                         "order": work.order_ref,
                         "attempt": attempts.count,
                         "status": _status(outcome),
@@ -193,11 +196,11 @@ class Lane:
     async def _attempt(self, work: Work, attempts: _Attempts) -> Reply | TransportFailure:
         """One HTTP attempt; the caller holds a request slot."""
         context = self._context
-        assert work.event is not None
+        assert work.prepared is not None
         downstream_id = None
-        if work.event.event_type != "order.created":
+        if work.prepared.event_type != "order.created":
             downstream_id = await context.store.downstream_id(work.order_ref)
-        request = context.sink.request(work.event, downstream_id)
+        request = context.sink.request(work.prepared, downstream_id)
         # Paced inside the slot: a Retry-After that arrived while this lane queued for a slot still holds it.
         await context.pacer.acquire()
         if self._stopping:
@@ -228,11 +231,11 @@ class Lane:
         self, work: Work, attempts: _Attempts, outcome: Reply | TransportFailure, decision: Decision
     ) -> None:
         context = self._context
-        assert work.event is not None
+        assert work.prepared is not None
         assert isinstance(outcome, Reply)
         context.circuit.record(True)
         context.auth.record(True)
-        downstream_id = context.sink.downstream_id(work.event, outcome.status, outcome.body)
+        downstream_id = context.sink.downstream_id(work.prepared, outcome.status, outcome.body)
         if downstream_id is not None:
             context.store.put_downstream_id(work.order_ref, downstream_id)
         status: DeliveryStatus = "done" if decision.action == "done" else "duplicate"
@@ -247,7 +250,7 @@ class Lane:
             "delivered",
             extra={
                 "sink": context.sink.name,
-                "event_id": str(work.event.event_id),
+                "event_id": work.prepared.event_id,
                 "order": work.order_ref,
                 "attempt": attempts.count,
                 "status": outcome.status,
@@ -286,7 +289,7 @@ class Lane:
             "attempt failed, will retry",
             extra={
                 "sink": context.sink.name,
-                "event_id": str(work.event.event_id) if work.event else None,
+                "event_id": work.prepared.event_id if work.prepared else None,
                 "order": work.order_ref,
                 "attempt": attempts.count,
                 "status": _status(outcome),
@@ -374,7 +377,7 @@ class Lane:
                 "reason": reason,
                 "rule": rule,
                 "order": work.order_ref,
-                "event_id": str(work.event.event_id) if work.event else None,
+                "event_id": work.prepared.event_id if work.prepared else None,
                 "attempt": attempts.count,
                 "status": letter.http_status,
             },
@@ -399,7 +402,7 @@ class Lane:
         self._context.store.put(
             DeliveryState(
                 key=work.idempotency_key,
-                event_id=str(work.event.event_id) if work.event else "",
+                event_id=work.prepared.event_id if work.prepared else "",
                 order_ref=work.order_ref,
                 status=status,
                 attempts=attempts.count,

@@ -230,7 +230,7 @@ def _sink_request(system: str, base_url: str, index: int, maker: RecordMaker) ->
     from topics.codec import decode
 
     sink = build_sink(system, SinkSettings(base_url=base_url))
-    request = sink.request(decode(maker.make(index)[1]), None)
+    request = sink.request(sink.prepare(decode(maker.make(index)[1])), None)
     assert request.body is not None
     return request.url, request.body, dict(request.headers)
 
@@ -303,7 +303,7 @@ async def role_naive(args: argparse.Namespace) -> dict[str, Any]:
                 for records in batch.values():
                     for record in records:  # each partition's records one at a time, as the common loop does
                         event = decode(record.value)
-                        request = sink.request(event, None)
+                        request = sink.request(sink.prepare(event), None)
                         headers = {**request.headers, "Idempotency-Key": f"orderbus:{system}:{event.event_id}"}
                         async with session.request(
                             request.method, request.url, data=request.body, headers=headers

@@ -105,9 +105,8 @@ async def deliver(
     session: aiohttp.ClientSession, base_url: str, auth: Auth, *, system: str = "crm", number: str = "SO-1"
 ) -> Reply | TransportFailure:
     """One attempt of a CRM create, as the runner's deliver makes it."""
-    request = CrmSink(system, f"{base_url}/{system}").request(
-        sample_event(random.Random(number), order_number=number), None
-    )
+    sink = CrmSink(system, f"{base_url}/{system}")
+    request = sink.request(sink.prepare(sample_event(random.Random(number), order_number=number)), None)
     return await authorized_attempt(session, request, auth, idempotency_key=f"key-{system}-{number}", timeout=5)
 
 

@@ -18,7 +18,7 @@ import pytest
 from consumers.accounting import AccountingSink
 from consumers.crm import CrmSink
 from consumers.shipping import ShippingSink
-from consumers.sink import HttpRequest, RestSink, UrlTemplates, canonical_json
+from consumers.sink import HttpRequest, RestSink, Sink, UrlTemplates, canonical_json
 from daemon.settings import SinkSettings, load_settings
 from daemon.sinks import build_sink
 from topics.codec import decode, encode
@@ -64,6 +64,15 @@ ALLOWED = {
     "shipping": {"customer.name", "customer.phone"} | {key for key in VALUES if key.startswith("shipping.")},
 }
 SINKS: dict[str, type[RestSink]] = {"crm": CrmSink, "accounting": AccountingSink, "shipping": ShippingSink}
+
+
+def request_of(sink: Sink, event: OrderEvent, downstream_id: str | None) -> HttpRequest:
+    """What `sink` sends for `event`: prepared when fetched, addressed at the attempt."""
+    return sink.request(sink.prepare(event), downstream_id)
+
+
+def id_of(sink: Sink, event: OrderEvent, status: int, answer: bytes) -> str | None:
+    return sink.downstream_id(sink.prepare(event), status, answer)
 
 
 def address(prefix: str, country: str) -> Address:
@@ -184,7 +193,7 @@ EXPECTED_PATHS = {
 
 
 def test_crm_sends_customer_identity_contact_order_reference_and_gross_total() -> None:
-    request = sink("crm").request(event(), None)
+    request = request_of(sink("crm"), event(), None)
     assert (request.method, request.url) == ("POST", f"{BASE}/orders")
     assert body(request) == {
         "order_number": "SO-PII-0001",
@@ -201,7 +210,7 @@ def test_crm_sends_customer_identity_contact_order_reference_and_gross_total() -
 
 
 def test_accounting_sends_the_invoice() -> None:
-    request = sink("accounting").request(event(), None)
+    request = request_of(sink("accounting"), event(), None)
     assert (request.method, request.url) == ("POST", f"{BASE}/orders")
     assert body(request) == {
         "order_number": "SO-PII-0001",
@@ -250,7 +259,7 @@ def test_accounting_sends_the_invoice() -> None:
 
 
 def test_shipping_sends_recipient_shipping_address_and_lines_without_prices() -> None:
-    request = sink("shipping").request(event(), None)
+    request = request_of(sink("shipping"), event(), None)
     assert (request.method, request.url) == ("POST", f"{BASE}/orders")
     assert body(request) == {
         "order_number": "SO-PII-0001",
@@ -274,7 +283,7 @@ def test_shipping_sends_recipient_shipping_address_and_lines_without_prices() ->
 @pytest.mark.parametrize("event_type", ["order.created", "order.updated"])
 def test_no_other_personal_value_appears_anywhere_in_the_request(name: str, event_type: EventType) -> None:
     for downstream_id in (None, "dx-1"):
-        text = serialized(sink(name).request(event(event_type), downstream_id))
+        text = serialized(request_of(sink(name), event(event_type), downstream_id))
         leaked = sorted(key for key, value in VALUES.items() if key not in ALLOWED[name] and value in text)
         assert leaked == [], f"{name} sends {leaked}"
         missing = sorted(key for key in ALLOWED[name] if VALUES[key] not in text)
@@ -288,8 +297,8 @@ def test_created_and_updated_send_the_same_field_set_even_with_optional_fields_m
         billing_address=Address(line1="Weg 1", postal_code="12345", city="Ort", country="DE"),
         shipping_address=Address(line1="Weg 1", postal_code="12345", city="Ort", country="DE"),
     )
-    created = body(sink(name).request(event(), None))
-    updated = body(sink(name).request(event("order.updated", bare), "dx-1"))
+    created = body(request_of(sink(name), event(), None))
+    updated = body(request_of(sink(name), event("order.updated", bare), "dx-1"))
     assert paths(created) == paths(updated) == EXPECTED_PATHS[name]
     assert "null" in json.dumps(updated), "a full replace names the fields it clears"
 
@@ -299,13 +308,13 @@ def test_created_and_updated_send_the_same_field_set_even_with_optional_fields_m
 
 @pytest.mark.parametrize("name", SINKS)
 def test_update_is_a_put_and_cancel_a_delete_without_body_to_the_downstream_id(name: str) -> None:
-    updated = sink(name).request(event("order.updated"), "crm-42")
+    updated = request_of(sink(name), event("order.updated"), "crm-42")
     assert (updated.method, updated.url) == ("PUT", f"{BASE}/orders/crm-42")
     assert updated.headers["Content-Type"] == "application/json"
-    cancelled = sink(name).request(event("order.cancelled"), "crm-42")
+    cancelled = request_of(sink(name), event("order.cancelled"), "crm-42")
     assert (cancelled.method, cancelled.url, cancelled.body) == ("DELETE", f"{BASE}/orders/crm-42", None)
     assert "Content-Type" not in cancelled.headers
-    by_number = sink(name).request(event("order.cancelled"), None)
+    by_number = request_of(sink(name), event("order.cancelled"), None)
     assert (by_number.method, by_number.url) == ("DELETE", f"{BASE}/orders/by-number/SO-PII-0001")
     assert by_number.headers["X-Event-Id"] == "00000000-0000-4000-8000-000000000001"
 
@@ -314,9 +323,9 @@ def test_update_is_a_put_and_cancel_a_delete_without_body_to_the_downstream_id(n
 def test_bodies_are_canonical_and_byte_identical_for_every_retry(name: str) -> None:
     original = sample_event(random.Random(3), order_number="SO-BYTES")
     redelivered = decode(encode(original).value)  # what the next poll after a crash reads back from Kafka
-    first = sink(name).request(original, None).body
+    first = request_of(sink(name), original, None).body
     assert first is not None
-    assert first == sink(name).request(original, None).body == sink(name).request(redelivered, None).body
+    assert first == request_of(sink(name), original, None).body == request_of(sink(name), redelivered, None).body
     assert first == canonical_json(json.loads(first)), "sorted keys, no spaces, decimals as written"
     assert list(json.loads(first)) == sorted(json.loads(first))
 
@@ -335,9 +344,9 @@ def test_url_templates_are_filled_and_the_id_cannot_escape_its_segment() -> None
         by_number="https://search.example.test/deals/{order_number}",
     )
     crm = CrmSink("crm", BASE + "/", urls=urls)
-    assert crm.request(event(), "ignored").url == f"{BASE}/deals"
-    assert crm.request(event("order.updated"), "a/b?c=1").url == f"{BASE}/deals/a%2Fb%3Fc%3D1?ref=SO-PII-0001"
-    assert crm.request(event("order.cancelled"), None).url == "https://search.example.test/deals/SO-PII-0001"
+    assert request_of(crm, event(), "ignored").url == f"{BASE}/deals"
+    assert request_of(crm, event("order.updated"), "a/b?c=1").url == f"{BASE}/deals/a%2Fb%3Fc%3D1?ref=SO-PII-0001"
+    assert request_of(crm, event("order.cancelled"), None).url == "https://search.example.test/deals/SO-PII-0001"
 
 
 @pytest.mark.parametrize(
@@ -379,12 +388,12 @@ def test_the_downstream_id_comes_from_the_answer_to_a_create(
     event_type: EventType, status: int, answer: bytes, expected: str | None
 ) -> None:
     for name in SINKS:
-        assert sink(name).downstream_id(event(event_type), status, answer) == expected
+        assert id_of(sink(name), event(event_type), status, answer) == expected
 
 
 def test_id_field_names_the_id_in_the_answer() -> None:
     crm = CrmSink("crm", BASE, id_field="contactId")
-    assert crm.downstream_id(event(), 201, b'{"id": "x", "contactId": "c-9"}') == "c-9"
+    assert id_of(crm, event(), 201, b'{"id": "x", "contactId": "c-9"}') == "c-9"
 
 
 # ---- from settings -----------------------------------------------------------------------------------------------
@@ -404,11 +413,11 @@ def test_build_sink_picks_the_module_by_name_with_the_settings_templates() -> No
     built = {name: build_sink(name, settings.sinks[name]) for name in SINKS}
     assert {name: type(built[name]) for name in SINKS} == SINKS
     crm = built["crm"]
-    assert crm.request(event(), None).url == "https://crm.example.test/api/contacts"
-    assert crm.request(event("order.updated"), "c-1").url == "https://crm.example.test/api/contacts/c-1"
-    assert crm.downstream_id(event(), 201, b'{"contact_id": "c-2"}') == "c-2"
+    assert request_of(crm, event(), None).url == "https://crm.example.test/api/contacts"
+    assert request_of(crm, event("order.updated"), "c-1").url == "https://crm.example.test/api/contacts/c-1"
+    assert id_of(crm, event(), 201, b'{"contact_id": "c-2"}') == "c-2"
     assert crm.policy.decide(409).action == "dead_letter"
-    assert built["shipping"].request(event("order.cancelled"), None).url.endswith("/orders/by-number/SO-PII-0001")
+    assert request_of(built["shipping"], event("order.cancelled"), None).url.endswith("/orders/by-number/SO-PII-0001")
     with pytest.raises(ConfigError, match="no sink module"):
         build_sink("billing", SinkSettings())
 
