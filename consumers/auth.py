@@ -40,6 +40,7 @@ import aiohttp
 
 from consumers.clock import Clock, SystemClock
 from consumers.delivery import Reply, TransportFailure, attempt
+from consumers.http_client import HttpClient
 from consumers.sink import HttpRequest, canonical_json
 from topics.errors import OrderbusError
 
@@ -313,7 +314,7 @@ class OAuth2ClientCredentials:
 
 
 async def authorized_attempt(
-    session: aiohttp.ClientSession,
+    client: HttpClient,
     request: HttpRequest,
     auth: Auth,
     *,
@@ -328,13 +329,11 @@ async def authorized_attempt(
     started = time.perf_counter()
     try:
         headers = await auth.headers()
-        outcome = await attempt(
-            session, request, idempotency_key=idempotency_key, auth_headers=headers, timeout=timeout
-        )
+        outcome = await attempt(client, request, idempotency_key=idempotency_key, auth_headers=headers, timeout=timeout)
         if isinstance(outcome, Reply) and outcome.status == 401 and await auth.refresh(headers):
             headers = await auth.headers()
             outcome = await attempt(
-                session, request, idempotency_key=idempotency_key, auth_headers=headers, timeout=timeout
+                client, request, idempotency_key=idempotency_key, auth_headers=headers, timeout=timeout
             )
     except CredentialsRefused as exc:
         body = canonical_json({"error": "credentials_refused", "detail": str(exc)})

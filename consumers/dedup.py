@@ -430,17 +430,12 @@ class SqliteDedupStore:
     async def flush(self) -> int:
         """Write the buffer in one transaction (an executemany per kind of write); on error nothing is written
         and everything stays buffered, so a later flush may try again."""
-        db = self._connection()
         async with self._lock:
             batch = self._buffer.copy()
             if not batch:
                 return 0
             try:
-                # One hop to the connection's thread for the whole transaction: every hop costs a turn of the
-                # event loop, and with hundreds of requests under way a turn takes tens of milliseconds, so a
-                # flush of four awaited statements held each delivered record's slot for ~200 ms (bench.py).
-                # aiosqlite has no public "run this on your thread" (and no types for its private one).
-                await db._execute(_write, db._conn, batch)  # type: ignore[no-untyped-call]
+                await self._on_thread(_write, batch)  # the whole transaction in one hop
             except sqlite3.Error as exc:
                 raise self._error("flush", exc) from exc
             self._buffer.discard(batch)
@@ -449,19 +444,18 @@ class SqliteDedupStore:
     # --- reads ------------------------------------------------------------------------------------------
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, DeliveryState]:
-        db = self._connection()
-        async with self._lock:
-            buffered = self._buffer.states
-            wanted = list(dict.fromkeys(k for k in keys if k not in buffered))
-            found: dict[str, DeliveryState] = {}
-            try:
-                for chunk in _chunks(wanted):
-                    for row in await db.execute_fetchall(_SELECT_STATES + _in(len(chunk)), chunk):
-                        found[row[0]] = DeliveryState(*row)
-            except sqlite3.Error as exc:
-                raise self._error("get_many", exc) from exc
-            found.update((k, buffered[k]) for k in keys if k in buffered)
-            return found
+        # Reads take no lock: what the buffer holds now is taken now, the rest is read in one hop to the
+        # connection's thread, where a flush under way either wrote it before or did not hold it at all.
+        buffered = self._buffer.states
+        found = {k: buffered[k] for k in keys if k in buffered}
+        wanted = list(dict.fromkeys(k for k in keys if k not in found))
+        try:
+            rows = await self._on_thread(_select_in, _SELECT_STATES, wanted)
+        except sqlite3.Error as exc:
+            raise self._error("get_many", exc) from exc
+        for row in rows:
+            found.setdefault(row[0], DeliveryState(*row))
+        return found
 
     async def downstream_id(self, order_ref: str) -> str | None:
         db = self._connection()
@@ -475,38 +469,44 @@ class SqliteDedupStore:
             return str(rows[0][0]) if rows else None
 
     async def blocked_orders(self, order_refs: Sequence[str]) -> set[str]:
-        db = self._connection()
-        async with self._lock:
-            decided = {ref: self._buffer.blocked(ref) for ref in order_refs}
-            blocked = {ref for ref, is_blocked in decided.items() if is_blocked}
-            wanted = [ref for ref, is_blocked in decided.items() if is_blocked is None]
-            try:
-                for chunk in _chunks(wanted):
-                    rows = await db.execute_fetchall(_SELECT_BLOCKED + _in(len(chunk)), chunk)
-                    blocked.update(str(row[0]) for row in rows)
-            except sqlite3.Error as exc:
-                raise self._error("blocked_orders", exc) from exc
-            return blocked
+        decided = {ref: self._buffer.blocked(ref) for ref in order_refs}
+        blocked = {ref for ref, is_blocked in decided.items() if is_blocked}
+        wanted = [ref for ref, is_blocked in decided.items() if is_blocked is None]
+        try:
+            rows = await self._on_thread(_select_in, _SELECT_BLOCKED, wanted)
+        except sqlite3.Error as exc:
+            raise self._error("blocked_orders", exc) from exc
+        blocked.update(str(row[0]) for row in rows)
+        return blocked
 
     async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
+        result: dict[str, str] = {}
+        wanted = []
+        for ref in order_refs:
+            if ref in self._buffer.blocks:
+                reason = self._buffer.blocks[ref]
+                if reason is not None:
+                    result[ref] = reason
+            else:
+                wanted.append(ref)
+        try:
+            rows = await self._on_thread(_select_in, _SELECT_BLOCKING, wanted)
+        except sqlite3.Error as exc:
+            raise self._error("blocking", exc) from exc
+        result.update((str(row[0]), str(row[1])) for row in rows)
+        return result
+
+    async def _on_thread(self, work: Callable[..., _T], *args: Any) -> _T:
+        """`work(connection, *args)` in one hop to the connection's thread.
+
+        Every hop costs a turn of the event loop, and with hundreds of requests under way a turn takes tens of
+        milliseconds: a flush of four awaited statements held each delivered record's slot for ~200 ms, and a
+        lookup of a fetched batch in chunks held the next batch as long (bench.py, tests/bench/hotpath.py).
+        aiosqlite has no public "run this on your thread" (and no types for its private one).
+        """
         db = self._connection()
-        async with self._lock:
-            result: dict[str, str] = {}
-            wanted = []
-            for ref in order_refs:
-                if ref in self._buffer.blocks:
-                    reason = self._buffer.blocks[ref]
-                    if reason is not None:
-                        result[ref] = reason
-                else:
-                    wanted.append(ref)
-            try:
-                for chunk in _chunks(wanted):
-                    rows = await db.execute_fetchall(_SELECT_BLOCKING + _in(len(chunk)), chunk)
-                    result.update((str(row[0]), str(row[1])) for row in rows)
-            except sqlite3.Error as exc:
-                raise self._error("blocking", exc) from exc
-            return result
+        result: _T = await db._execute(work, db._conn, *args)  # type: ignore[no-untyped-call]
+        return result
 
     # --- maintenance ------------------------------------------------------------------------------------
 
@@ -564,6 +564,14 @@ def _insert_many(db: sqlite3.Connection, sql: Callable[[int], str], rows: Sequen
     for start in range(0, len(rows), per):
         chunk = rows[start : start + per]
         db.execute(_statement(sql, len(chunk)), [value for row in chunk for value in row])
+
+
+def _select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:
+    """Rows of ``select IN (keys)``, in chunks of `_CHUNK` keys; runs on the connection's thread."""
+    rows: list[Any] = []
+    for chunk in _chunks(keys):
+        rows.extend(db.execute(select + _in(len(chunk)), chunk).fetchall())
+    return rows
 
 
 @functools.cache

@@ -1,7 +1,8 @@
-"""One HTTP attempt against a downstream system, and the one boundary where aiohttp's errors become ours.
+"""One HTTP attempt against a downstream system, and where the HTTP client's errors become outcomes.
 
 An attempt ends in a `Reply` (the system answered, whatever the status) or a `TransportFailure` (it did not:
-a timeout or a connection error). What either means is the policy's business, not this module's.
+a timeout, a connection error, or a request that could not be sent at all). What either means is the policy's
+business, not this module's.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import aiohttp
-
+from consumers.http_client import HttpClient
 from consumers.sink import HttpRequest
+from topics.errors import HttpClientError, InvalidRequestError
 
 BODY_EXCERPT = 1024
 
@@ -37,13 +38,13 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class TransportFailure:
-    kind: Literal["timeout", "connection"]
+    kind: Literal["timeout", "connection", "invalid_request"]
     detail: str
     elapsed: float
 
 
 async def attempt(
-    session: aiohttp.ClientSession,
+    client: HttpClient,
     request: HttpRequest,
     *,
     idempotency_key: str,
@@ -56,14 +57,13 @@ async def attempt(
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
-            async with session.request(
-                request.method, request.url, data=request.body, headers=headers, allow_redirects=False
-            ) as response:
-                body = await response.content.read(max_body)
-                return Reply(response.status, response.headers.get("Retry-After"), body, time.perf_counter() - started)
+            answer = await client.request(
+                request.method, request.url, body=request.body, headers=headers, max_body=max_body
+            )
     except TimeoutError:
         return TransportFailure("timeout", f"no answer within {timeout:g} s", time.perf_counter() - started)
-    except aiohttp.ClientError as exc:
-        return TransportFailure("connection", type(exc).__name__, time.perf_counter() - started)
-    except OSError as exc:
-        return TransportFailure("connection", type(exc).__name__, time.perf_counter() - started)
+    except InvalidRequestError as exc:
+        return TransportFailure("invalid_request", str(exc), time.perf_counter() - started)
+    except HttpClientError as exc:
+        return TransportFailure("connection", f"{type(exc).__name__}: {exc}", time.perf_counter() - started)
+    return Reply(answer.status, answer.retry_after, answer.body, time.perf_counter() - started)

@@ -1,7 +1,8 @@
 """The delivery engine of one sink: consume, keep order per key, deduplicate, deliver, retry, dead-letter, commit.
 
 One `SinkEngine` per sink, each with its own consumer group, so a slow or broken system never holds back the
-others. Its run loop is a few named steps (fetch → dispatch → maybe_commit → backpressure → report); the
+others. Its run loop is a few named steps (fetch → dispatch → backpressure → report), with commits and lag measurements
+beside it on their own timers; the
 per-record work happens in *lanes*: one task per order key with records buffered, delivering them strictly in
 order, retries included. Lanes of different keys run concurrently, at most `max_in_flight` HTTP requests at a
 time, whatever the partition count. A failing key parks its own lane (its next attempt time); other keys flow
@@ -119,9 +120,10 @@ class SinkEngine:
         self._finished = 0
         self._paused: set[TopicPartitionKey] = set()
         self._progress = asyncio.Event()
-        self._next_commit = 0.0
+        self._committing = asyncio.Lock()
+        self._dispatching: asyncio.Task[None] | None = None
+        self._in_dispatch = 0  # records of the batch being dispatched: counted against `max_buffered`
         self._throttled_reported = 0.0
-        self._next_lag = 0.0
         self._lag: dict[TopicPartitionKey, int] = {}
         self._lag_reported: set[int] = set()
         self._kafka_seen = clock.now()  # the last time the broker answered a lag measurement
@@ -146,6 +148,7 @@ class SinkEngine:
             ),
             auth=Circuit(clock, window=1, min_calls=1, failure_ratio=1.0, open_for=self.config.auth_pause),
             slots=asyncio.Semaphore(self.config.max_in_flight),
+            unsettled=asyncio.Semaphore(2 * self.config.max_in_flight),
             rng=rng or random.Random(),
             durable=GroupFlush(store).durable,
         )
@@ -153,20 +156,52 @@ class SinkEngine:
     # ------------------------------------------------------------------ the run loop
 
     async def run(self, stop: asyncio.Event, *, max_records: int | None = None) -> None:
-        """Deliver until `stop` is set (or `max_records` records are finished), then drain and commit."""
+        """Deliver until `stop` is set (or `max_records` records are finished), then drain and commit.
+
+        The fetch loop never waits for the broker's answers to commits and lag measurements, nor for the dedup
+        table's lookups of the previous batch: those run beside it (`_every`, `_dispatching`), so a slow
+        ListOffsets or a busy SQLite thread delays a commit or a gauge, never the next fetch.
+        """
+        background = [
+            asyncio.create_task(self._every(self.config.commit_interval, self.commit), name="engine-commit"),
+            asyncio.create_task(self._every(self.config.lag_interval, self._measure_lag_now), name="engine-lag"),
+        ]
         try:
             while not stop.is_set() and (max_records is None or self._finished < max_records):
                 works = await self._fetch()
-                await self._dispatch(works)
-                await self._maybe_commit()
+                await self._dispatched()  # the previous batch: records of one partition are queued in order
+                if works:
+                    self._dispatching = asyncio.create_task(self._dispatch(works), name="engine-dispatch")
+                    self._in_dispatch = len(works)
                 self._backpressure()
-                await self._maybe_measure_lag()
                 self._report()
+            await self._dispatched()
         finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if self._dispatching is not None and not self._dispatching.done():
+                self._dispatching.cancel()
+                await asyncio.gather(self._dispatching, return_exceptions=True)
             await self.drain(self._consumer.assignment())
 
+    async def _dispatched(self) -> None:
+        """Wait for the batch being dispatched, if any; its failure is the run loop's."""
+        task, self._dispatching = self._dispatching, None
+        if task is not None:
+            try:
+                await task
+            finally:
+                self._in_dispatch = 0
+
+    async def _every(self, seconds: float, step: Callable[[], Awaitable[None]]) -> None:
+        """Run `step` every `seconds` on the engine's clock, beside the fetch loop, until cancelled."""
+        while True:
+            await self._clock.sleep(seconds)
+            await step()
+
     async def _fetch(self) -> list[Work]:
-        room = self.config.max_buffered - self._buffered
+        room = self.config.max_buffered - self._buffered - self._in_dispatch
         if room <= 0 or self._halted():
             # Nothing may be fetched now: wait for a lane to finish something (or a short while, to report).
             await self._idle(self.config.fetch_wait)
@@ -201,8 +236,11 @@ class SinkEngine:
         """Track every record; skip those already terminal; queue the rest in their lanes."""
         if not works:
             return
-        states = await self._store.get_many([work.idempotency_key for work in works])
-        self._context.blocked.update(await self._store.blocking(sorted({work.order_ref for work in works})))
+        states, blocked = await asyncio.gather(
+            self._store.get_many([work.idempotency_key for work in works]),
+            self._store.blocking(sorted({work.order_ref for work in works})),
+        )
+        self._context.blocked.update(blocked)
         for work in works:
             self._offsets.track(work.tp, work.offset)
             state = states.get(work.idempotency_key)
@@ -234,11 +272,6 @@ class SinkEngine:
 
     # ------------------------------------------------------------------ commits
 
-    async def _maybe_commit(self) -> None:
-        if self._clock.now() >= self._next_commit:
-            self._next_commit = self._clock.now() + self.config.commit_interval
-            await self.commit()
-
     async def commit(self, only: Iterable[TopicPartitionKey] | None = None) -> None:
         """Commit every offset that is safe to commit.
 
@@ -247,8 +280,13 @@ class SinkEngine:
         Step 3. Commit the offsets to Kafka.
         Step 4. Remember them, so the next commit sends only what moved.
         A failure leaves the offsets uncommitted; the next commit retries (records are redelivered at worst,
-        and the dedup table skips them).
+        and the dedup table skips them). Commits never overlap (the periodic one and a revoke's), so offsets
+        reach the broker in the order they were taken.
         """
+        async with self._committing:
+            await self._commit(only)
+
+    async def _commit(self, only: Iterable[TopicPartitionKey] | None) -> None:
         # Step 1.
         offsets = self._offsets.committable()
         if only is not None:
@@ -367,17 +405,14 @@ class SinkEngine:
         age = 0.0 if oldest is None else max(0.0, self._clock.wall() - oldest / 1000)
         metrics.oldest_pending.labels(name).set(age)
 
-    async def _maybe_measure_lag(self) -> None:
+    async def _measure_lag_now(self) -> None:
         """Lag per partition, measured in-process: the end offset minus where this sink stands.
 
         End offsets are asked for (ListOffsets) every `lag_interval`, because paused partitions are not
         fetched and so their high watermark would go stale exactly when the lag matters. A measurement is also
         the engine's contact with the broker (`kafka_silence`, for /readyz); it may take at most twice
-        `lag_interval`, so that an unreachable broker never holds the run loop for the client's request timeout.
+        `lag_interval`, so that an unreachable broker makes the measurement fail rather than go quiet.
         """
-        if self._clock.now() < self._next_lag:
-            return
-        self._next_lag = self._clock.now() + self.config.lag_interval
         assigned = self._consumer.assignment()
         if not assigned:
             self._lag = {}

@@ -54,7 +54,8 @@ class LaneContext:
     pacer: Pacer
     circuit: Circuit
     auth: Circuit
-    slots: asyncio.Semaphore
+    slots: asyncio.Semaphore  # HTTP requests under way: `max_in_flight`
+    unsettled: asyncio.Semaphore  # records sent and not yet durably recorded: 2 x `max_in_flight`
     rng: random.Random
     durable: Callable[[], Awaitable[None]] | None = None
     blocked: dict[str, str] = field(default_factory=dict)  # order → idempotency key of the record that blocked it
@@ -156,11 +157,14 @@ class Lane:
         attempts = _Attempts()
         while True:
             probe = await self._wait_for_gates()
-            # The slot is held until the outcome is durable: after a crash, at most `max_in_flight` records can
-            # have been applied downstream without being recorded here (and be sent once more).
-            async with context.slots:
+            # A request slot is held for the HTTP exchange only, so the next request leaves while this outcome
+            # is being made durable; an `unsettled` place is held until the outcome is durable. After a crash,
+            # at most those records (2 x `max_in_flight`) can have been applied downstream without being
+            # recorded here, and are sent once more under the same idempotency key.
+            async with context.unsettled:
                 try:
-                    outcome = await self._attempt(work, attempts)
+                    async with context.slots:
+                        outcome = await self._attempt(work, attempts)
                 except BaseException:
                     if probe is not None:
                         probe.release()  # a half-open probe slot taken but never answered must be given back
@@ -307,6 +311,8 @@ class Lane:
         `record` or `release`. Returns None when both are closed.
         """
         context = self._context
+        if context.auth.state == "closed" and context.circuit.state == "closed":
+            return None  # the common case, first and cheap
         while True:
             gates = (context.auth, context.circuit)
             opened = [gate for gate in gates if gate.state == "open"]

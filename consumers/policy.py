@@ -10,6 +10,7 @@ brief's table::
     400, 422, other 4xx       dead_letter  "bad-request"
     anything else (1xx, 3xx)  dead_letter  "unmatched"
     timeout / connection      retry        "timeout" / "connection-error"   (`decide_failure`)
+    request not sendable      dead_letter  "invalid-request"                (`decide_failure`)
 
 A sink's settings change single codes or whole classes with `with_overrides({"409": "dead_letter"})`. Overrides
 come before every existing rule, and a single code before a class, whatever the order of the mapping.
@@ -42,7 +43,7 @@ __all__ = [
 
 Action = Literal["done", "duplicate", "dead_letter", "pause_auth", "retry"]
 ACTIONS: Final[frozenset[str]] = frozenset(get_args(Action))
-FailureKind = Literal["timeout", "connection"]
+FailureKind = Literal["timeout", "connection", "invalid_request"]
 
 _LOWEST_STATUS = 100
 _HIGHEST_STATUS = 599
@@ -109,6 +110,7 @@ UNMATCHED: Final = Decision("dead_letter", "unmatched")
 _FAILURES: Final[Mapping[str, Decision]] = {
     "timeout": Decision("retry", "timeout"),
     "connection": Decision("retry", "connection-error"),
+    "invalid_request": Decision("dead_letter", "invalid-request"),
 }
 
 
@@ -126,7 +128,8 @@ class ResponsePolicy:
         return UNMATCHED
 
     def decide_failure(self, kind: FailureKind) -> Decision:
-        """The decision when no answer came: a timeout or a connection error is always retried."""
+        """The decision when no answer came: a timeout or a connection error is always retried; a request that
+        could not be sent at all (a URL or header the HTTP client refuses) is dead-lettered, as no retry can help."""
         try:
             return _FAILURES[kind]
         except KeyError:

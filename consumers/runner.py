@@ -15,10 +15,10 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiokafka.errors import KafkaError
 
 from consumers.auth import Auth, NoAuth, authorized_attempt
@@ -27,12 +27,24 @@ from consumers.deadletter import DeadLetterWriter
 from consumers.dedup import SqliteDedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.engine import EngineConfig, SinkEngine
+from consumers.http_client import HttpClient
 from consumers.kafka_io import KafkaConsumerPort, Rebalance, sink_consumer
 from consumers.metrics import EngineMetrics
 from consumers.sink import HttpRequest, Sink
 from topics.errors import BrokerError
 
 log = logging.getLogger(__name__)
+
+
+def _user_agent() -> str:
+    """``orderbus/<version>``: the downstream's owners see who calls them, and which build."""
+    try:
+        return f"orderbus/{version('orderbus')}"
+    except PackageNotFoundError:
+        return "orderbus"
+
+
+USER_AGENT = _user_agent()
 
 
 @dataclass(frozen=True)
@@ -76,16 +88,13 @@ async def open_sink(
             pruner = asyncio.create_task(_prune_forever(store, retention, sink.name), name=f"prune-{sink.name}")
             stack.push_async_callback(_cancel, pruner)
 
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=config.max_in_flight, ssl=http.ssl_context()),
-            raise_for_status=False,
-        )
-        stack.push_async_callback(session.close)
+        client = HttpClient(limit=config.max_in_flight, ssl=http.ssl_context(), user_agent=USER_AGENT)
+        stack.push_async_callback(client.close)
         credentials = auth if auth is not None else NoAuth()
         stack.push_async_callback(credentials.aclose)
 
         async def deliver(request: HttpRequest, key: str) -> Reply | TransportFailure:
-            return await authorized_attempt(session, request, credentials, idempotency_key=key, timeout=http.timeout)
+            return await authorized_attempt(client, request, credentials, idempotency_key=key, timeout=http.timeout)
 
         consumer = sink_consumer(client_options, sink.name, prefix=prefix)
         stack.push_async_callback(consumer.stop)  # safe on a consumer that never started

@@ -1,7 +1,7 @@
 """The one error root of orderbus, and its tree.
 
 Every error orderbus raises on purpose derives from `OrderbusError`. Third-party errors (aiokafka, aiohttp,
-aiosqlite, pydantic) are mapped to these at one boundary each, so callers never catch a library's exception::
+aiosqlite, pydantic, httptools) are mapped to these at one boundary each, so callers never catch a library's exception::
 
     OrderbusError
     ├── ConfigError                 a setting is missing or invalid; names the key and the problem
@@ -18,11 +18,17 @@ aiosqlite, pydantic) are mapped to these at one boundary each, so callers never 
     │   ├── CredentialsRefused      the token endpoint refused our client
     │   └── TokenUnavailable        the token endpoint could not be reached or gave no usable token
     ├── SignatureError              (daemon.signature) a webhook signature is missing, stale or wrong
+    ├── HttpClientError             one request of consumers.http_client got no usable answer
+    │   ├── HttpConnectionError     no complete answer: connect, DNS or TLS failed, the peer reset or closed, or we did
+    │   ├── HttpProtocolError       the peer's answer is not HTTP/1.1 we accept (malformed, an upgrade, a huge head)
+    │   └── InvalidRequestError     refused before sending: a URL or a header we will not put on the wire (a ValueError)
     ├── NotifyError                 (daemon.sdnotify) $NOTIFY_SOCKET is unusable
     ├── StatusError                 (daemon.status) a running daemon's status could not be read
     └── SandboxError                (daemon.sandbox) the sandbox downstream could not start or answer
 
-Each subclass lives next to the code that raises it (the module in brackets); this tree is the map.
+Each subclass lives next to the code that raises it (the module in brackets); this tree is the map. The HTTP
+client's errors (no module named) live here instead: the deliveries and the token fetch catch them without importing
+the client.
 """
 
 from __future__ import annotations
@@ -72,3 +78,31 @@ class LocalKafkaError(OrderbusError):
 
 class StoreError(OrderbusError):
     """A SQLite state file could not be opened, read or written."""
+
+
+class HttpClientError(OrderbusError):
+    """One request of `consumers.http_client.HttpClient` got no usable answer; the message names the origin."""
+
+
+class HttpConnectionError(HttpClientError):
+    """No complete answer arrived: connecting (DNS, TCP, TLS) failed, the peer reset or closed the connection before
+    the answer was whole, or the client was closed under the request. The request may or may not have been applied.
+    """
+
+
+class HttpProtocolError(HttpClientError):
+    """The peer answered with bytes that are not an HTTP/1.1 answer we accept: malformed, conflicting framing (both
+    Content-Length and Transfer-Encoding), an upgrade we did not ask for, or a head over the size limit. The request
+    may or may not have been applied; the connection is closed.
+    """
+
+
+class InvalidRequestError(HttpClientError, ValueError):
+    """A request we refuse to send, so nothing reached the network: a URL that is not http(s), carries user info or
+    has no usable host, or a header whose name is not a token, is one the client sets itself, or whose value holds
+    CR, LF or NUL (which would let a value inject headers).
+
+    Not a `ConfigError`: the bad value may come from data at run time (a downstream id in a path, a token from a
+    token endpoint), and retrying the same request can never succeed, so a caller treats it as permanent. It is a
+    ValueError too, because that is what it is to code that knows nothing of orderbus.
+    """

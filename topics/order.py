@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import decimal
 import re
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Annotated, Any, Final, Self
 
@@ -275,12 +274,8 @@ def _problem(loc: str | Loc, message: str, given: Any, kind: str = "order_incons
     )
 
 
-def _amounts(order: Order) -> Iterator[tuple[Loc, Decimal]]:
-    for index, line in enumerate(order.line_items):
-        for field in ("unit_price", "net_amount", "tax_amount"):
-            yield ("line_items", index, field), getattr(line, field)
-    for field in ("net_total", "tax_total", "gross_total"):
-        yield (field,), getattr(order, field)
+_LINE_AMOUNTS: Final = ("unit_price", "net_amount", "tax_amount")
+_ORDER_AMOUNTS: Final = ("net_total", "tax_total", "gross_total")
 
 
 def _places(amount: Decimal) -> int:
@@ -290,13 +285,25 @@ def _places(amount: Decimal) -> int:
     return max(0, -exponent)
 
 
-def _precision_problems(order: Order) -> Iterator[InitErrorDetails]:
+def _precision_problems(order: Order) -> list[InitErrorDetails]:
+    # A plain loop, not a generator of (loc, amount): this runs for every record every sink decodes.
     allowed = minor_units(order.currency)
-    for loc, amount in _amounts(order):
-        places = _places(amount)
-        if places > allowed:
-            message = f"has {places} decimal places; {order.currency} allows at most {allowed}"
-            yield _problem(loc, message, _decimal_text(amount), "money_precision")
+    problems = []
+    for index, line in enumerate(order.line_items):
+        for field in _LINE_AMOUNTS:
+            amount = getattr(line, field)
+            if -amount.as_tuple().exponent > allowed:
+                problems.append(_too_precise(("line_items", index, field), amount, order.currency, allowed))
+    for field in _ORDER_AMOUNTS:
+        amount = getattr(order, field)
+        if -amount.as_tuple().exponent > allowed:
+            problems.append(_too_precise((field,), amount, order.currency, allowed))
+    return problems
+
+
+def _too_precise(loc: Loc, amount: Decimal, currency: str, allowed: int) -> InitErrorDetails:
+    message = f"has {_places(amount)} decimal places; {currency} allows at most {allowed}"
+    return _problem(loc, message, _decimal_text(amount), "money_precision")
 
 
 def _mismatch(loc: Loc, expected: str, given: Decimal) -> InitErrorDetails:

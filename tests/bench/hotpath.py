@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.deadletter import DeadLetter
-from consumers.engine import EngineConfig
+from consumers.engine import EngineConfig, SinkEngine
 from consumers.metrics import EngineMetrics
 from consumers.runner import HttpConfig, open_sink
 from daemon import kafka_local
@@ -62,7 +62,7 @@ async def produce(bootstrap: str, topic: str, count: int) -> None:
 
 
 async def deliver_all(
-    bootstrap: str, prefix: str, urls: Mapping[str, str], state: Path, count: int, window: int
+    bootstrap: str, prefix: str, urls: Mapping[str, str], state: Path, count: int, window: int, watching: bool
 ) -> float:
     metrics = EngineMetrics(CollectorRegistry())
     stop = asyncio.Event()
@@ -84,8 +84,20 @@ async def deliver_all(
             )
             engines.append(engine)
         started = time.perf_counter()
+        watcher = asyncio.create_task(watch(engines)) if watching else None
         await asyncio.gather(*(engine.run(stop, max_records=count) for engine in engines))
+        if watcher is not None:
+            watcher.cancel()
         return time.perf_counter() - started
+
+
+async def watch(engines: list[SinkEngine]) -> None:
+    """Every half second: finished, buffered and in flight per sink (stalls show as in-flight 0)."""
+    started = time.perf_counter()
+    while True:
+        await asyncio.sleep(0.5)
+        cells = [f"{e.sink.name} {e.finished:>6} b{e.buffered:>5} f{e.status()['in_flight']:>4}" for e in engines]
+        print(f"{time.perf_counter() - started:5.1f}s  " + "  ".join(cells), flush=True)
 
 
 def main() -> int:
@@ -94,6 +106,7 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=256)
     parser.add_argument("--profile", type=Path, help="write cProfile stats here")
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--watch", action="store_true", help="print progress every half second")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="orderbus-hotpath-") as tmp:
         work = Path(tmp)
@@ -110,7 +123,7 @@ def main() -> int:
             cpu0 = time.process_time()
             if profiler:
                 profiler.enable()
-            coro = deliver_all(broker.bootstrap, prefix, urls, work / "state", args.orders, args.in_flight)
+            coro = deliver_all(broker.bootstrap, prefix, urls, work / "state", args.orders, args.in_flight, args.watch)
             if args.uvloop:
                 import uvloop
 

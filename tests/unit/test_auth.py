@@ -37,6 +37,7 @@ from consumers.auth import (
 from consumers.clock import FakeClock
 from consumers.crm import CrmSink
 from consumers.delivery import Reply, TransportFailure
+from consumers.http_client import HttpClient
 from consumers.policy import DEFAULT_POLICY
 from daemon.sandbox import Sandbox, SandboxClient, build_sandbox_app
 from daemon.sandbox_faults import Auth as SandboxAuth
@@ -86,6 +87,13 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
+async def http() -> AsyncIterator[HttpClient]:
+    """The deliveries' HTTP client, as the runner makes it."""
+    async with HttpClient(limit=32) as client:
+        yield client
+
+
+@pytest.fixture
 async def oauth(server: TestServer, clock: FakeClock) -> AsyncIterator[Callable[..., OAuth2ClientCredentials]]:
     """Makes OAuth2 clients of the sandbox's token endpoint (each with its own pool, as in production)."""
     made: list[OAuth2ClientCredentials] = []
@@ -102,12 +110,12 @@ async def oauth(server: TestServer, clock: FakeClock) -> AsyncIterator[Callable[
 
 
 async def deliver(
-    session: aiohttp.ClientSession, base_url: str, auth: Auth, *, system: str = "crm", number: str = "SO-1"
+    http: HttpClient, base_url: str, auth: Auth, *, system: str = "crm", number: str = "SO-1"
 ) -> Reply | TransportFailure:
     """One attempt of a CRM create, as the runner's deliver makes it."""
     sink = CrmSink(system, f"{base_url}/{system}")
     request = sink.request(sink.prepare(sample_event(random.Random(number), order_number=number)), None)
-    return await authorized_attempt(session, request, auth, idempotency_key=f"key-{system}-{number}", timeout=5)
+    return await authorized_attempt(http, request, auth, idempotency_key=f"key-{system}-{number}", timeout=5)
 
 
 def status(outcome: Reply | TransportFailure) -> int:
@@ -127,31 +135,34 @@ def url(server: TestServer) -> str:
 
 
 async def test_one_token_request_serves_many_deliveries(
-    server: TestServer, sandbox: Sandbox, session: aiohttp.ClientSession, oauth: Callable[..., OAuth2ClientCredentials]
+    http: HttpClient,
+    server: TestServer,
+    sandbox: Sandbox,
+    oauth: Callable[..., OAuth2ClientCredentials],
 ) -> None:
     auth = oauth()
-    together = await asyncio.gather(*(deliver(session, url(server), auth, number=f"SO-{i}") for i in range(20)))
-    after = [await deliver(session, url(server), auth, number=f"SO-{i}") for i in range(20, 30)]
+    together = await asyncio.gather(*(deliver(http, url(server), auth, number=f"SO-{i}") for i in range(20)))
+    after = [await deliver(http, url(server), auth, number=f"SO-{i}") for i in range(20, 30)]
     assert [status(outcome) for outcome in [*together, *after]] == [201] * 30
     assert sandbox.oauth["token_requests"] == sandbox.oauth["issued"] == 1
 
 
 async def test_the_token_is_renewed_shortly_before_it_expires(
+    http: HttpClient,
     server: TestServer,
     sandbox: Sandbox,
-    session: aiohttp.ClientSession,
     clock: FakeClock,
     oauth: Callable[..., OAuth2ClientCredentials],
 ) -> None:
     auth = oauth()  # lifetime 60 s, margin 10 s: renewed from 50 s on
     first = await auth.headers()
-    assert status(await deliver(session, url(server), auth, number="SO-1")) == 201
+    assert status(await deliver(http, url(server), auth, number="SO-1")) == 201
     await clock.advance(49.9)
     assert await auth.headers() == first
     await clock.advance(0.1)
     second = await auth.headers()
     assert second != first
-    assert status(await deliver(session, url(server), auth, number="SO-2")) == 201
+    assert status(await deliver(http, url(server), auth, number="SO-2")) == 201
     await clock.advance(50)  # the second token's own renewal is due
     assert await auth.headers() not in (first, second)
     assert sandbox.oauth["token_requests"] == 3
@@ -172,13 +183,17 @@ async def test_a_short_lived_token_is_renewed_at_half_its_life_whatever_the_marg
 
 
 async def test_a_401_renews_the_token_once_for_every_delivery_that_saw_it(
-    server: TestServer, sandbox: Sandbox, session: aiohttp.ClientSession, oauth: Callable[..., OAuth2ClientCredentials]
+    http: HttpClient,
+    server: TestServer,
+    sandbox: Sandbox,
+    session: aiohttp.ClientSession,
+    oauth: Callable[..., OAuth2ClientCredentials],
 ) -> None:
     auth = oauth()
-    assert status(await deliver(session, url(server), auth, number="SO-0")) == 201
+    assert status(await deliver(http, url(server), auth, number="SO-0")) == 201
     async with SandboxClient(url(server), session=session) as control:
         assert await control.revoke_tokens(CLIENT_ID) == 1
-    outcomes = await asyncio.gather(*(deliver(session, url(server), auth, number=f"SO-{i}") for i in range(1, 11)))
+    outcomes = await asyncio.gather(*(deliver(http, url(server), auth, number=f"SO-{i}") for i in range(1, 11)))
     assert [status(outcome) for outcome in outcomes] == [201] * 10
     assert sandbox.oauth["token_requests"] == 2, "one renewal, however many requests saw the revoked token"
     crm = statuses(sandbox, "crm")
@@ -187,10 +202,13 @@ async def test_a_401_renews_the_token_once_for_every_delivery_that_saw_it(
 
 
 async def test_a_second_401_is_the_answer_and_the_policy_pauses_the_sink(
-    server: TestServer, sandbox: Sandbox, session: aiohttp.ClientSession, oauth: Callable[..., OAuth2ClientCredentials]
+    http: HttpClient,
+    server: TestServer,
+    sandbox: Sandbox,
+    oauth: Callable[..., OAuth2ClientCredentials],
 ) -> None:
     auth = oauth()  # shipping accepts only tokens of another client
-    outcome = await deliver(session, url(server), auth, system="shipping")
+    outcome = await deliver(http, url(server), auth, system="shipping")
     assert status(outcome) == 401
     assert statuses(sandbox, "shipping") == [401, 401]
     assert sandbox.oauth["token_requests"] == 2, "the first token and exactly one renewal"
@@ -198,10 +216,13 @@ async def test_a_second_401_is_the_answer_and_the_policy_pauses_the_sink(
 
 
 async def test_refused_client_credentials_pause_the_sink_and_reach_no_downstream(
-    server: TestServer, sandbox: Sandbox, session: aiohttp.ClientSession, oauth: Callable[..., OAuth2ClientCredentials]
+    http: HttpClient,
+    server: TestServer,
+    sandbox: Sandbox,
+    oauth: Callable[..., OAuth2ClientCredentials],
 ) -> None:
     auth = oauth(client_secret="wrong-secret")
-    outcome = await deliver(session, url(server), auth)
+    outcome = await deliver(http, url(server), auth)
     assert isinstance(outcome, Reply)
     assert outcome.status == 401
     assert DEFAULT_POLICY.decide(outcome.status).action == "pause_auth"
@@ -215,10 +236,13 @@ async def test_refused_client_credentials_pause_the_sink_and_reach_no_downstream
 
 
 async def test_client_secret_post_and_scope(
-    server: TestServer, sandbox: Sandbox, session: aiohttp.ClientSession, oauth: Callable[..., OAuth2ClientCredentials]
+    http: HttpClient,
+    server: TestServer,
+    sandbox: Sandbox,
+    oauth: Callable[..., OAuth2ClientCredentials],
 ) -> None:
     auth = oauth(client_auth="client_secret_post", scope="orders:write contacts")
-    assert status(await deliver(session, url(server), auth)) == 201
+    assert status(await deliver(http, url(server), auth)) == 201
     assert sandbox.oauth["scopes"] == {"orders:write contacts": 1}
 
 
@@ -355,6 +379,7 @@ def client_of(token_url: str) -> OAuth2Client:
     ],
 )
 async def test_token_endpoint_answers_become_the_right_outcome(
+    http: HttpClient,
     endpoint: Callable[..., Any],
     session: aiohttp.ClientSession,
     clock: FakeClock,
@@ -367,7 +392,7 @@ async def test_token_endpoint_answers_become_the_right_outcome(
     error = CredentialsRefused if kind == "refused" else TokenUnavailable
     with pytest.raises(error, match=r"^token endpoint 127\.0\.0\.1:[0-9]+: .*" + re.escape(detail)):
         await auth.headers()
-    outcome = await deliver(session, "http://127.0.0.1:9", auth)  # never reached: no credentials, no request
+    outcome = await deliver(http, "http://127.0.0.1:9", auth)  # never reached: no credentials, no request
     if kind == "refused":
         assert isinstance(outcome, Reply)
         assert outcome.status == 401
@@ -378,9 +403,11 @@ async def test_token_endpoint_answers_become_the_right_outcome(
     assert fake.requests == 2
 
 
-async def test_an_unreachable_token_endpoint_is_temporary(session: aiohttp.ClientSession, clock: FakeClock) -> None:
+async def test_an_unreachable_token_endpoint_is_temporary(
+    http: HttpClient, session: aiohttp.ClientSession, clock: FakeClock
+) -> None:
     auth = OAuth2ClientCredentials(client_of(f"http://127.0.0.1:{free_port()}/token"), clock=clock, session=session)
-    outcome = await deliver(session, "http://127.0.0.1:9", auth)
+    outcome = await deliver(http, "http://127.0.0.1:9", auth)
     assert isinstance(outcome, TransportFailure)
     assert outcome.kind == "connection"
     assert outcome.detail.startswith("token endpoint 127.0.0.1:")
@@ -471,11 +498,16 @@ async def test_static_headers() -> None:
     ],
 )
 async def test_static_schemes_against_the_sandbox_and_no_resend_after_a_401(
-    server: TestServer, sandbox: Sandbox, session: aiohttp.ClientSession, spec: str, right: Auth, wrong: Auth
+    http: HttpClient,
+    server: TestServer,
+    sandbox: Sandbox,
+    spec: str,
+    right: Auth,
+    wrong: Auth,
 ) -> None:
     sandbox.config["accounting"] = sandbox_auth(spec)
-    assert status(await deliver(session, url(server), wrong, system="accounting")) == 401
-    assert status(await deliver(session, url(server), right, system="accounting")) == 201
+    assert status(await deliver(http, url(server), wrong, system="accounting")) == 401
+    assert status(await deliver(http, url(server), right, system="accounting")) == 201
     assert statuses(sandbox, "accounting") == [401, 201], "fixed credentials are not sent again after a 401"
     assert await wrong.refresh(await wrong.headers()) is False
 
@@ -484,6 +516,7 @@ async def test_static_schemes_against_the_sandbox_and_no_resend_after_a_401(
 
 
 async def test_secrets_appear_in_no_log_line_and_no_repr(
+    http: HttpClient,
     server: TestServer,
     sandbox: Sandbox,
     session: aiohttp.ClientSession,
@@ -493,15 +526,15 @@ async def test_secrets_appear_in_no_log_line_and_no_repr(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     auth = oauth()
-    await deliver(session, url(server), auth, number="SO-1")
+    await deliver(http, url(server), auth, number="SO-1")
     tokens = [(await auth.headers())["Authorization"].split()[1]]
     async with SandboxClient(url(server), session=session) as control:
         await control.revoke_tokens()
-    await deliver(session, url(server), auth, number="SO-2")  # a 401, a renewal
+    await deliver(http, url(server), auth, number="SO-2")  # a 401, a renewal
     tokens.append((await auth.headers())["Authorization"].split()[1])
-    await deliver(session, url(server), oauth(client_secret="wrong-Zq8-secret"), number="SO-3")
+    await deliver(http, url(server), oauth(client_secret="wrong-Zq8-secret"), number="SO-3")
     await clock.advance(3600)
-    await deliver(session, url(server), auth, number="SO-4")
+    await deliver(http, url(server), auth, number="SO-4")
     assert caplog.records, "the flows above do log"
     logged = caplog.text + "".join(repr(vars(record)) for record in caplog.records)
     statics = [BearerToken("tok-123"), BasicAuth("orderbus", "pw-456"), ApiKeyHeader("X-Api-Key", "key-789")]

@@ -309,6 +309,19 @@ async def test_retries_exhausted_become_a_dead_letter(harness_factory: Callable[
     assert h.metric("orderbus_http_responses_total", status_class="timeout") == 5
 
 
+async def test_a_request_that_cannot_be_sent_is_dead_lettered_with_the_clients_reason(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    refused = "header 'X-Tenant': value holds CR, LF or NUL"
+    h = harness_factory(
+        {TP0: [record(0, "SO-1")]}, lambda request, nth: TransportFailure("invalid_request", refused, 0)
+    )
+    await h.run_until(1)
+    [letter] = h.dead.letters
+    assert (letter.reason, letter.rule, letter.attempts, letter.detail) == ("rejected", "invalid-request", 1, refused)
+    assert h.consumer.committed == {TP0: 1}
+
+
 async def test_poison_records_are_dead_lettered_as_invalid_and_nothing_stalls(
     harness_factory: Callable[..., Harness],
 ) -> None:

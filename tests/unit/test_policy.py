@@ -72,6 +72,10 @@ def test_timeouts_and_connection_errors_are_retried_under_their_own_rule_names()
     assert DEFAULT_POLICY.decide_failure("connection") == Decision("retry", "connection-error")
 
 
+def test_a_request_that_cannot_be_sent_is_dead_lettered_at_once() -> None:
+    assert DEFAULT_POLICY.decide_failure("invalid_request") == Decision("dead_letter", "invalid-request")
+
+
 def test_an_unknown_failure_kind_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="unknown delivery failure 'dns'"):
         DEFAULT_POLICY.decide_failure("dns")  # type: ignore[arg-type]
