@@ -112,12 +112,22 @@ def _parse_decimal(value: object, *, example: str) -> Decimal:
     return Decimal(text)
 
 
+# The common case, checked first and cheaply: a plain decimal string within the length limits. Anything else takes
+# `_parse_decimal`'s way, which names what is wrong; both accept exactly the same strings as written or stripped.
+_PLAIN_DECIMAL: Final = re.compile(rf"[0-9]{{1,{_MAX_WHOLE_DIGITS}}}(?:\.[0-9]{{1,{_MAX_PLACES}}})?")
+
+
 def _to_money(value: object) -> Decimal:
+    if type(value) is str and _PLAIN_DECIMAL.fullmatch(value):
+        return Decimal(value)
     return _parse_decimal(value, example="12.50")
 
 
 def _to_rate(value: object) -> Decimal:
-    rate = _parse_decimal(value, example="0.19")
+    if type(value) is str and _PLAIN_DECIMAL.fullmatch(value):
+        rate = Decimal(value)
+    else:
+        rate = _parse_decimal(value, example="0.19")
     if rate > 1:
         raise PydanticCustomError("rate_range", "must be between 0 and 1 (0.19 means 19 %)")
     return rate
