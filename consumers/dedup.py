@@ -49,7 +49,7 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -192,8 +192,8 @@ class DedupStore(Protocol):
 class _Buffer:
     """Writes not yet flushed, one per key/order (later writes replace earlier ones).
 
-    In `blocks`, a reason means "block" and None means "unblock". `flush` copies the buffer, writes the copy,
-    and only then `discard`s what it wrote, so a write made while the flush was awaiting stays buffered.
+    In `blocks`, a reason means "block" and None means "unblock". A flush takes the whole buffer and leaves an
+    empty one; if its write fails, `requeue` puts back what no later write has replaced.
     """
 
     states: dict[str, DeliveryState] = field(default_factory=dict)
@@ -203,24 +203,14 @@ class _Buffer:
     def __len__(self) -> int:
         return len(self.states) + len(self.downstream_ids) + len(self.blocks)
 
-    def copy(self) -> _Buffer:
-        return _Buffer(dict(self.states), dict(self.downstream_ids), dict(self.blocks))
-
-    def discard(self, written: _Buffer) -> None:
-        """Forget the writes of `written` that were not replaced since (identity: a replacement is new)."""
+    def requeue(self, failed: _Buffer) -> None:
         for mine, theirs in (
-            (self.states, written.states),
-            (self.downstream_ids, written.downstream_ids),
-            (self.blocks, written.blocks),
+            (self.states, failed.states),
+            (self.downstream_ids, failed.downstream_ids),
+            (self.blocks, failed.blocks),
         ):
             for key, value in theirs.items():
-                if key in mine and mine[key] is value:
-                    del mine[key]
-
-    def clear(self) -> None:
-        self.states.clear()
-        self.downstream_ids.clear()
-        self.blocks.clear()
+                mine.setdefault(key, value)  # type: ignore[arg-type]  # each pair of dicts has one value type
 
     def blocked(self, order_ref: str) -> bool | None:
         """True/False if the buffer decides whether `order_ref` is blocked, None if the tables do."""
@@ -290,7 +280,7 @@ INSERT INTO {BLOCKED_ORDERS_TABLE} (order_ref, reason) VALUES (?, ?)
 ON CONFLICT (order_ref) DO UPDATE SET reason = excluded.reason
 """  # noqa: S608 -- table name is a module constant, values are bound
 _DELETE_BLOCK = f"DELETE FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref = ?"  # noqa: S608 -- constant
-_SELECT_DOWNSTREAM_ID = f"SELECT downstream_id FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref = ?"  # noqa: S608 -- constant
+_SELECT_DOWNSTREAM_ID = f"SELECT order_ref, downstream_id FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref IN "  # noqa: S608
 _PRUNE_STATES = f"""
 DELETE FROM {DELIVERIES_TABLE} WHERE status <> 'in_flight' AND updated_at < ?
 """  # noqa: S608 -- table name is a module constant, values are bound
@@ -350,9 +340,11 @@ class SqliteDedupStore:
         self.synchronous = synchronous
         self._db: aiosqlite.Connection | None = None
         self._buffer = _Buffer()
-        # Held by flush (and prune) across their transaction, and by the reads: a read that queried the file
-        # before a flush committed must not then miss the flushed writes, which have left the buffer.
-        self._lock = asyncio.Lock()
+        # Flushes handed to the connection's thread and not yet confirmed, oldest first. A read looks at the
+        # buffer, then at these (newest first), then at the file: its own hop queues behind every flush handed
+        # over before it, so nothing put is ever out of its sight. Flushes do not wait for each other.
+        self._flushing: list[_Buffer] = []
+        self._failed_flushes = 0
 
     async def open(self) -> None:
         """Open (creating if needed) the file: WAL and tables first, then the one connection.
@@ -425,29 +417,51 @@ class SqliteDedupStore:
 
     @property
     def pending_writes(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) + sum(len(batch) for batch in self._flushing)
 
     async def flush(self) -> int:
-        """Write the buffer in one transaction (an executemany per kind of write); on error nothing is written
-        and everything stays buffered, so a later flush may try again."""
-        async with self._lock:
-            batch = self._buffer.copy()
-            if not batch:
-                return 0
+        """Make everything put so far durable: the buffer in one transaction, in one hop to the connection's thread.
+
+        Flushes do not wait for each other (group commit pipelines them): the thread runs them in the order they
+        were called, and a flush returns once its own write and every write handed over before it are on disk.
+        On error, what failed is buffered again for a later flush, and this flush, and those called while the
+        failed one was under way, raise `StoreError`.
+        """
+        self._connection()
+        batch, self._buffer = self._buffer, _Buffer()
+        failures = self._failed_flushes
+        if batch:
+            self._flushing.append(batch)
             try:
-                await self._on_thread(_write, batch)  # the whole transaction in one hop
-            except sqlite3.Error as exc:
-                raise self._error("flush", exc) from exc
-            self._buffer.discard(batch)
-            return len(batch)
+                await self._on_thread(_write, batch)
+            except BaseException as exc:
+                self._failed_flushes += 1
+                self._buffer.requeue(batch)
+                if isinstance(exc, sqlite3.Error):
+                    raise self._error("flush", exc) from exc
+                raise
+            finally:
+                self._flushing.remove(batch)
+        elif self._flushing:
+            await self._on_thread(_nothing)  # nothing new: returns once the flushes under way are done
+        if self._failed_flushes != failures:
+            raise StoreError(f"dedup store {self.path}: flush failed: an earlier write failed; it is buffered again")
+        return len(batch)
+
+    def _layers(self) -> list[_Buffer]:
+        """Writes not yet confirmed on disk, the newest first."""
+        return [self._buffer, *reversed(self._flushing)]
 
     # --- reads ------------------------------------------------------------------------------------------
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, DeliveryState]:
         # Reads take no lock: what the buffer holds now is taken now, the rest is read in one hop to the
         # connection's thread, where a flush under way either wrote it before or did not hold it at all.
-        buffered = self._buffer.states
-        found = {k: buffered[k] for k in keys if k in buffered}
+        found: dict[str, DeliveryState] = {}
+        for layer in self._layers():
+            for key in keys:
+                if key not in found and key in layer.states:
+                    found[key] = layer.states[key]
         wanted = list(dict.fromkeys(k for k in keys if k not in found))
         try:
             rows = await self._on_thread(_select_in, _SELECT_STATES, wanted)
@@ -458,18 +472,17 @@ class SqliteDedupStore:
         return found
 
     async def downstream_id(self, order_ref: str) -> str | None:
-        db = self._connection()
-        async with self._lock:
-            if order_ref in self._buffer.downstream_ids:
-                return self._buffer.downstream_ids[order_ref]
-            try:
-                rows = list(await db.execute_fetchall(_SELECT_DOWNSTREAM_ID, (order_ref,)))
-            except sqlite3.Error as exc:
-                raise self._error("downstream_id", exc) from exc
-            return str(rows[0][0]) if rows else None
+        for layer in self._layers():
+            if order_ref in layer.downstream_ids:
+                return layer.downstream_ids[order_ref]
+        try:
+            rows = await self._on_thread(_select_in, _SELECT_DOWNSTREAM_ID, [order_ref])
+        except sqlite3.Error as exc:
+            raise self._error("downstream_id", exc) from exc
+        return str(rows[0][1]) if rows else None
 
     async def blocked_orders(self, order_refs: Sequence[str]) -> set[str]:
-        decided = {ref: self._buffer.blocked(ref) for ref in order_refs}
+        decided = {ref: self._pending_block(ref) for ref in order_refs}
         blocked = {ref for ref, is_blocked in decided.items() if is_blocked}
         wanted = [ref for ref, is_blocked in decided.items() if is_blocked is None]
         try:
@@ -483,18 +496,24 @@ class SqliteDedupStore:
         result: dict[str, str] = {}
         wanted = []
         for ref in order_refs:
-            if ref in self._buffer.blocks:
-                reason = self._buffer.blocks[ref]
-                if reason is not None:
-                    result[ref] = reason
-            else:
+            layer = next((layer for layer in self._layers() if ref in layer.blocks), None)
+            if layer is None:
                 wanted.append(ref)
+            elif (reason := layer.blocks[ref]) is not None:
+                result[ref] = reason
         try:
             rows = await self._on_thread(_select_in, _SELECT_BLOCKING, wanted)
         except sqlite3.Error as exc:
             raise self._error("blocking", exc) from exc
         result.update((str(row[0]), str(row[1])) for row in rows)
         return result
+
+    def _pending_block(self, order_ref: str) -> bool | None:
+        for layer in self._layers():
+            decided = layer.blocked(order_ref)
+            if decided is not None:
+                return decided
+        return None
 
     async def _on_thread(self, work: Callable[..., _T], *args: Any) -> _T:
         """`work(connection, *args)` in one hop to the connection's thread.
@@ -511,43 +530,21 @@ class SqliteDedupStore:
     # --- maintenance ------------------------------------------------------------------------------------
 
     async def prune(self, older_than: float) -> int:
-        db = self._connection()
         await self.flush()
-        async with self._lock:
-            return await self._transaction(db, "prune", lambda: self._delete_old(db, older_than))
-
-    async def _delete_old(self, db: aiosqlite.Connection, older_than: float) -> int:
-        async with db.execute(_PRUNE_STATES, (older_than,)) as cursor:
-            deleted = cursor.rowcount
-        await db.execute_fetchall(_PRUNE_DOWNSTREAM_IDS)
+        try:
+            deleted: int = await self._on_thread(_prune, older_than)
+        except sqlite3.Error as exc:
+            raise self._error("prune", exc) from exc
         return deleted
 
     async def integrity_check(self) -> str:
-        db = self._connection()
-        async with self._lock:
-            try:
-                rows = await db.execute_fetchall("PRAGMA integrity_check")
-            except sqlite3.Error as exc:
-                raise self._error("integrity_check", exc) from exc
+        try:
+            rows = await self._on_thread(_fetch_all, "PRAGMA integrity_check")
+        except sqlite3.Error as exc:
+            raise self._error("integrity_check", exc) from exc
         return "\n".join(str(row[0]) for row in rows)
 
     # --- helpers ----------------------------------------------------------------------------------------
-
-    async def _transaction(self, db: aiosqlite.Connection, operation: str, work: Callable[[], Awaitable[_T]]) -> _T:
-        """Run `work` between BEGIN and COMMIT; on any failure roll back, so the file is as before."""
-        try:
-            await db.execute_fetchall("BEGIN IMMEDIATE")
-            result = await work()
-            await db.execute_fetchall("COMMIT")
-        except BaseException as exc:
-            if db.in_transaction:
-                # The original error is the one worth raising; a failed rollback is undone by SQLite anyway.
-                with contextlib.suppress(sqlite3.Error):
-                    await db.execute_fetchall("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise self._error(operation, exc) from exc
-            raise
-        return result
 
     def _connection(self) -> aiosqlite.Connection:
         if self._db is None:
@@ -564,6 +561,29 @@ def _insert_many(db: sqlite3.Connection, sql: Callable[[int], str], rows: Sequen
     for start in range(0, len(rows), per):
         chunk = rows[start : start + per]
         db.execute(_statement(sql, len(chunk)), [value for row in chunk for value in row])
+
+
+def _nothing(db: sqlite3.Connection) -> None:
+    """A hop that does nothing: it returns once every hop queued before it is done."""
+
+
+def _fetch_all(db: sqlite3.Connection, sql: str) -> list[Any]:
+    return db.execute(sql).fetchall()
+
+
+def _prune(db: sqlite3.Connection, older_than: float) -> int:
+    """Delete terminal rows updated before `older_than`, and downstream ids no row needs, in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        deleted = db.execute(_PRUNE_STATES, (older_than,)).rowcount
+        db.execute(_PRUNE_DOWNSTREAM_IDS)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+    return deleted
 
 
 def _select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:
@@ -637,7 +657,7 @@ class MemoryDedupStore:
 
     def crash(self) -> None:
         """Drop every unflushed write, as a killed process would; the flushed tables stay."""
-        self._buffer.clear()
+        self._buffer = _Buffer()
 
     async def open(self) -> None:
         return None
@@ -679,7 +699,7 @@ class MemoryDedupStore:
                 self.tables.blocked_orders.pop(order_ref, None)
             else:
                 self.tables.blocked_orders[order_ref] = reason
-        self._buffer.clear()
+        self._buffer = _Buffer()
         return written
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, DeliveryState]:

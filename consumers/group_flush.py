@@ -2,8 +2,13 @@
 writes of every record finishing at about the same time share one SQLite transaction.
 
 Why: after a crash, a record whose 2xx was not yet recorded is sent again (the downstream's idempotency key
-absorbs it, but it is a duplicate request). Waiting for the durable write keeps that window to the requests
-under way plus one flush, while batching keeps SQLite's share of the work small.
+absorbs it, but it is a duplicate request). Waiting for the durable write keeps that window to the records sent
+and not yet recorded, while batching keeps SQLite's share of the work small.
+
+Flushes are pipelined: the records finishing in one turn of the event loop share a flush, which starts at the end
+of that turn without waiting for the flush before it. The store's connection thread runs them in order; a turn
+of the loop under load takes milliseconds, and a hop to the thread and back takes one or two turns, so waiting
+for the previous flush first would add those turns to every record's wait, and hold the records behind it.
 """
 
 from __future__ import annotations
@@ -19,32 +24,40 @@ class GroupFlush:
     def __init__(self, store: DedupStore) -> None:
         self._store = store
         self._waiters: list[asyncio.Future[None]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def durable(self) -> None:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._flush_while_waited_for(), name="dedup-group-flush")
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._start)  # after the lanes finishing in this turn of the loop joined the batch
         await waiter
 
-    async def _flush_while_waited_for(self) -> None:
-        while self._waiters:
-            await asyncio.sleep(0)  # let the lanes finishing in this turn of the loop join the batch
-            waiters, self._waiters = self._waiters, []
-            try:
-                await self._store.flush()
-            except BaseException as exc:  # a failed flush fails every record waiting on it
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                continue
+    def _start(self) -> None:
+        self._scheduled = False
+        waiters, self._waiters = self._waiters, []
+        task = asyncio.create_task(self._flush(waiters), name="dedup-group-flush")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, waiters: list[asyncio.Future[None]]) -> None:
+        try:
+            await self._store.flush()
+        except BaseException as exc:  # a failed flush fails every record waiting on it
             for waiter in waiters:
                 if not waiter.done():
-                    waiter.set_result(None)
+                    waiter.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            await asyncio.wait([self._task])
+        """Wait for the flushes under way."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))

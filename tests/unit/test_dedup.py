@@ -447,6 +447,43 @@ asyncio.run(main())
 """
 
 
+async def test_flushes_do_not_wait_for_each_other_and_reads_see_writes_under_way(tmp_path: Path) -> None:
+    async with SqliteDedupStore(tmp_path / "crm.dedup.sqlite3") as store:
+        store.put(state("k1"))
+        first = asyncio.ensure_future(store.flush())
+        await asyncio.sleep(0)  # the first flush took the buffer and is on the connection's thread
+        store.put(state("k2"))
+        store.put_downstream_id("SO-1001", "crm-77")
+        second = asyncio.ensure_future(store.flush())
+        await asyncio.sleep(0)
+        assert store.pending_writes == 3, "both batches under way, none confirmed yet"
+        found = await store.get_many(["k1", "k2"])
+        assert sorted(found) == ["k1", "k2"]
+        assert await store.downstream_id("SO-1001") == "crm-77"
+        assert await asyncio.gather(first, second) == [1, 2]
+        assert store.pending_writes == 0
+
+
+async def test_a_flush_called_while_an_earlier_one_fails_fails_too_and_the_writes_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "crm.dedup.sqlite3"
+    async with SqliteDedupStore(path) as store:
+        store.put_downstream_id("SO-1001", "crm-77")
+        with sqlite3.connect(path) as vandal:
+            vandal.execute(f"DROP TABLE {DOWNSTREAM_IDS_TABLE}")
+        vandal.close()
+        failing = asyncio.ensure_future(store.flush())
+        await asyncio.sleep(0)
+        store.put(state("k1"))
+        later = asyncio.ensure_future(store.flush())  # its own write succeeds; the earlier one's does not
+        results = await asyncio.gather(failing, later, return_exceptions=True)
+        assert all(isinstance(result, StoreError) for result in results), results
+        assert "an earlier write failed" in str(results[1])
+        assert store.pending_writes == 1, "the failed write is buffered again"
+        assert await store.downstream_id("SO-1001") == "crm-77"
+        with pytest.raises(StoreError):
+            await store.close()
+
+
 async def test_a_file_reopened_after_its_writer_was_killed_has_every_flushed_state(tmp_path: Path) -> None:
     path = tmp_path / "crm.dedup.sqlite3"
     writer = await asyncio.create_subprocess_exec(

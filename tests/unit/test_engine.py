@@ -629,6 +629,35 @@ async def test_group_flush_shares_one_flush_and_reports_failures() -> None:
         await group.durable()
 
 
+async def test_group_flush_starts_the_next_flush_without_waiting_for_the_one_under_way() -> None:
+    from consumers.group_flush import GroupFlush
+
+    class SlowStore(MemoryDedupStore):
+        started = 0
+        release = asyncio.Event()
+
+        async def flush(self) -> int:
+            self.started += 1
+            await self.release.wait()
+            return await super().flush()
+
+    async def turns(count: int = 5) -> None:
+        for _ in range(count):
+            await asyncio.sleep(0)
+
+    store = SlowStore()
+    group = GroupFlush(store)
+    first = asyncio.ensure_future(group.durable())
+    await turns()
+    second = asyncio.ensure_future(group.durable())
+    await turns()
+    assert store.started == 2, "the second turn's records did not wait for the first flush"
+    assert not first.done()
+    assert not second.done()
+    store.release.set()
+    await asyncio.gather(first, second)
+
+
 async def test_a_replayed_dead_letter_is_delivered_in_order_and_unblocks_its_order(
     harness_factory: Callable[..., Harness],
 ) -> None:
