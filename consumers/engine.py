@@ -123,6 +123,7 @@ class SinkEngine:
         self._committing = asyncio.Lock()
         self._dispatching: asyncio.Task[None] | None = None
         self._in_dispatch = 0  # records of the batch being dispatched: counted against `max_buffered`
+        self._epochs: dict[TopicPartitionKey, int] = {}  # per partition, how many times it was revoked
         self._throttled_reported = 0.0
         self._lag: dict[TopicPartitionKey, int] = {}
         self._lag_reported: set[int] = set()
@@ -168,10 +169,11 @@ class SinkEngine:
         ]
         try:
             while not stop.is_set() and (max_records is None or self._finished < max_records):
-                works = await self._fetch()
+                works, epochs = await self._fetch()
                 await self._dispatched()  # the previous batch: records of one partition are queued in order
                 if works:
-                    self._dispatching = asyncio.create_task(self._dispatch(works), name="engine-dispatch")
+                    dispatch = self._dispatch(works, epochs)
+                    self._dispatching = asyncio.create_task(dispatch, name="engine-dispatch")
                     self._in_dispatch = len(works)
                 self._backpressure()
                 self._report()
@@ -200,18 +202,20 @@ class SinkEngine:
             await self._clock.sleep(seconds)
             await step()
 
-    async def _fetch(self) -> list[Work]:
+    async def _fetch(self) -> tuple[list[Work], dict[TopicPartitionKey, int]]:
+        """The next records, and the assignment epoch of each of their partitions when they arrived."""
         room = self.config.max_buffered - self._buffered - self._in_dispatch
         if room <= 0 or self._halted():
             # Nothing may be fetched now: wait for a lane to finish something (or a short while, to report).
             await self._idle(self.config.fetch_wait)
-            return []
+            return [], {}
         try:
             batch = await self._consumer.getmany(timeout_ms=int(self.config.fetch_wait * 1000), max_records=room)
         except KafkaError as exc:
             log.warning("fetch failed, retrying", extra={"sink": self.sink.name, "error": repr(exc)})
             await self._clock.sleep(self.config.fetch_wait)
-            return []
+            return [], {}
+        epochs = {tp: self._epochs.get(tp, 0) for tp in batch}
         works = []
         for tp, records in batch.items():
             for record in records:
@@ -219,7 +223,7 @@ class SinkEngine:
                 if len(works) % _DECODE_SLICE == 0:
                     await asyncio.sleep(0)  # a batch takes up to ~80 us a record: let the answers under way in
         self._metrics.records_consumed.labels(self.sink.name).inc(len(works))
-        return works
+        return works, epochs
 
     async def _idle(self, seconds: float) -> None:
         """Wait until a lane finishes something, or `seconds` on the engine's clock."""
@@ -232,8 +236,12 @@ class SinkEngine:
             progress.cancel()
             timer.cancel()
 
-    async def _dispatch(self, works: list[Work]) -> None:
-        """Track every record; skip those already terminal; queue the rest in their lanes."""
+    async def _dispatch(self, works: list[Work], epochs: Mapping[TopicPartitionKey, int]) -> None:
+        """Track every record; skip those already terminal; queue the rest in their lanes.
+
+        A partition revoked while its records were being decoded or looked up is no longer ours: its records are
+        dropped here (their next owner reads them from the committed offset), never tracked or delivered.
+        """
         if not works:
             return
         states, blocked = await asyncio.gather(
@@ -242,6 +250,8 @@ class SinkEngine:
         )
         self._context.blocked.update(blocked)
         for work in works:
+            if self._epochs.get(work.tp, 0) != epochs[work.tp]:
+                continue
             self._offsets.track(work.tp, work.offset)
             state = states.get(work.idempotency_key)
             # A replay asks for another try of a dead-lettered record; anything else terminal is skipped.
@@ -346,6 +356,8 @@ class SinkEngine:
         Step 4. Forget those partitions: their unfinished records are redelivered to whoever owns them next.
         """
         tps = set(tps)
+        for tp in tps:
+            self._epochs[tp] = self._epochs.get(tp, 0) + 1  # records fetched before now are no longer ours
         lanes = [lane for lane_id, lane in self._lanes.items() if lane_id[0] in tps]
         # Step 1.
         for lane in lanes:

@@ -460,7 +460,7 @@ async def test_flushes_do_not_wait_for_each_other_and_reads_see_writes_under_way
         found = await store.get_many(["k1", "k2"])
         assert sorted(found) == ["k1", "k2"]
         assert await store.downstream_id("SO-1001") == "crm-77"
-        assert await asyncio.gather(first, second) == [1, 2]
+        assert list(await asyncio.gather(first, second)) == [1, 2]
         assert store.pending_writes == 0
 
 

@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import json
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -601,6 +601,33 @@ async def test_a_revoke_drains_and_commits_only_those_partitions(harness_factory
     stop.set()
     await runner
     assert h.consumer.committed[TP1] == 1
+
+
+async def test_records_of_a_partition_revoked_during_their_lookup_are_dropped(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    h = harness_factory({TP0: [record(0, "SO-A0"), record(1, "SO-A1")], TP1: [record(0, "SO-B0")]})
+    looking_up, release = asyncio.Event(), asyncio.Event()
+    lookup = h.store.get_many
+
+    async def slow_get_many(keys: Sequence[str]) -> dict[str, DeliveryState]:
+        looking_up.set()
+        await release.wait()
+        return await lookup(keys)
+
+    h.store.get_many = slow_get_many  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await looking_up.wait()
+    await h.engine.on_revoked({TP0})  # the rebalance arrives while the fetched batch is being looked up
+    release.set()
+    await h.wait_finished(1)
+    await h.clock.sleep(5)
+    stop.set()
+    await runner
+    assert [url for _, _, url, _ in h.downstream.calls] == ["http://crm.test/orders"], "only TP1's record"
+    assert h.engine.finished == 1
+    assert TP0 not in h.consumer.committed, "nothing committed for a partition no longer ours"
 
 
 async def test_group_flush_shares_one_flush_and_reports_failures() -> None:
