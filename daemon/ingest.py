@@ -12,7 +12,8 @@ The checks run cheapest first, and every answer has one cause:
    503 with Retry-After while Kafka is unreachable (nothing half-published: see `daemon.publisher`).
 
 The event id of a keyed submission is derived from the key, so even the one unavoidable republish (a crash
-between the broker's ack and storing the answer) carries the same event id and is deduplicated by every sink.
+between the broker's ack and the answer reaching the key store's file, see `daemon.ingest_keys`) carries the same
+event id and is deduplicated by every sink.
 
 Every answer is counted by status code (`daemon.ingest_metrics`) and logged as one event with its status, the
 problem code and, once the body is parsed, the event id and order number; never the body, its field values or
@@ -22,7 +23,6 @@ the idempotency key, which a client may have built from personal data.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import re
@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from daemon.ingest_keys import Busy, Claimed, Conflict, IngestKeyStore, Replay
+from daemon.ingest_keys import Busy, Claimed, Conflict, IngestKeyStore, Replay, body_sha256
 from daemon.ingest_metrics import IngestMetrics
 from daemon.problems import problem
 from daemon.publisher import BrokerUnavailable, Published, Publisher, PublishPending
@@ -125,7 +125,7 @@ class Ingest:
             )
         if key is None:
             return await self._publish(submission, None)
-        return await self._publish_once(key, hashlib.sha256(body).hexdigest(), submission)
+        return await self._publish_once(key, body_sha256(body), submission)
 
     async def _read_body(self, request: web.Request) -> bytes | None:
         """The whole body, or None once it exceeds the limit (declared or streamed)."""
@@ -184,13 +184,14 @@ class Ingest:
                 await self._keys.release(key)
             return self._unavailable("kafka is unreachable; nothing was published", {**ids, "error": str(exc)})
         self._metrics.publish_seconds.observe(self._monotonic() - started)
+        answer = _answer(event.event_id, published)
         if key is not None:
-            await self._remember(key, _answer(event.event_id, published))
+            await self._remember(key, answer)
         log.info(
             "order published",
             extra={**ids, "status": 202, "partition": published.partition, "offset": published.offset},
         )
-        return web.Response(status=202, body=_answer(event.event_id, published), content_type="application/json")
+        return web.Response(status=202, body=answer, content_type="application/json")
 
     async def _remember(self, key: str, answer: bytes) -> None:
         try:

@@ -36,11 +36,14 @@ class IngestMetrics:
             buckets=PUBLISH_BUCKETS,
             registry=registry,
         )
-        for code in INGEST_CODES:
-            self.requests.labels(code)
+        # Every answer counts one: look its child up once here rather than through labels() per request.
+        self._by_status = {int(code): self.requests.labels(code) for code in INGEST_CODES}
 
     def answered(self, status: int) -> None:
-        self.requests.labels(str(status)).inc()
+        counter = self._by_status.get(status)
+        if counter is None:  # another code, from an aiohttp HTTPException raised inside the handler
+            counter = self._by_status[status] = self.requests.labels(str(status))
+        counter.inc()
 
 
 def register_build_info(registry: CollectorRegistry) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -94,6 +95,10 @@ async def serve(
                 f"{exc.strerror}"
             ) from None
         log.info("listening on http://%s:%d", settings.ingest.host, settings.ingest.port)
+        # Everything made so far (modules, models, clients) lives as long as the process: out of the collector's
+        # sight, a full collection scans the requests' objects only (~3 ms instead of ~35 ms, a p99 of its own).
+        gc.collect()
+        gc.freeze()
         ready = asyncio.create_task(_notify_ready(notifier, publisher, engines), name="sd-ready")
         stack.push_async_callback(_cancel, ready)
         if reload is not None and load is not None:

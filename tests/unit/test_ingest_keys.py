@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import math
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -164,11 +166,126 @@ async def test_prune_keeps_our_own_in_flight_claims(store: IngestKeyStore) -> No
 # --- SQLite only: persistence, crashed owners, errors -----------------------------------------------------
 
 
+# --- SQLite only: group commit, what is awaited, the writer -----------------------------------------------
+
+
+def file_rows(path: Path) -> dict[str, str]:
+    """key -> state, as another connection sees the file (only what is committed)."""
+    with contextlib.closing(sqlite3.connect(path)) as plain:
+        return dict(plain.execute(f"SELECT key, state FROM {TABLE}").fetchall())  # noqa: S608 -- constant
+
+
+async def test_concurrent_claims_share_one_transaction(tmp_path: Path) -> None:
+    async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
+        results = await asyncio.gather(*(store.claim(f"key-{i}", BODY_A, now=1.0) for i in range(200)))
+        assert set(results) == {Claimed()}
+        assert store.transactions == 1
+
+
+async def test_a_claim_is_in_the_file_when_it_returns(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as store:
+        assert await store.claim("k", BODY_A, now=1.0) == Claimed()
+        assert file_rows(path) == {"k": "in_flight"}
+
+
+async def test_complete_returns_before_the_write_and_later_claims_see_it(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as store:
+        await store.claim("k", BODY_A, now=1.0)
+        written = store.transactions
+        await store.complete("k", 202, ANSWER, now=2.0)
+        assert store.transactions == written  # only queued
+        assert file_rows(path) == {"k": "in_flight"}
+        assert await store.claim("k", BODY_A, now=3.0) == Replay(status=202, body=ANSWER)
+        await store.flush()
+        assert file_rows(path) == {"k": "done"}
+
+
+async def test_answers_ride_with_the_next_claims_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path, answer_delay=3600) as store:
+        await store.claim("k1", BODY_A, now=1.0)
+        await store.complete("k1", 202, ANSWER, now=2.0)
+        assert (store.transactions, file_rows(path)) == (1, {"k1": "in_flight"})
+        await store.claim("k2", BODY_A, now=3.0)
+        assert (store.transactions, file_rows(path)) == (2, {"k1": "done", "k2": "in_flight"})
+
+
+async def test_a_lone_answer_is_written_after_answer_delay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    timers: list[tuple[float, Callable[[], object]]] = []
+
+    def call_later(delay: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
+        timers.append((delay, callback))
+        return asyncio.TimerHandle(math.inf, callback, (), loop)  # fired by hand below
+
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path, answer_delay=0.25) as store:
+        await store.claim("k", BODY_A, now=1.0)
+        monkeypatch.setattr(loop, "call_later", call_later)
+        await store.complete("k", 202, ANSWER, now=2.0)
+        [(delay, fire)] = timers
+        assert (delay, file_rows(path)) == (0.25, {"k": "in_flight"})
+        writer = fire()
+        assert isinstance(writer, asyncio.Task)
+        await asyncio.wait([writer])
+        assert (store.transactions, file_rows(path)) == (2, {"k": "done"})
+
+
+async def test_a_repeat_of_a_held_key_is_answered_without_sqlite(tmp_path: Path) -> None:
+    async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
+        await store.claim("k", BODY_A, now=1.0)
+        written = store.transactions
+        assert await store.claim("k", BODY_A, now=2.0) == Busy()
+        assert await store.claim("k", BODY_B, now=2.0) == Conflict()
+        assert store.transactions == written
+
+
+async def test_a_claim_whose_caller_is_cancelled_gives_the_key_back(tmp_path: Path) -> None:
+    async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
+        abandoned = asyncio.create_task(store.claim("k", BODY_A, now=1.0))
+        await asyncio.sleep(0)  # one turn of the loop: its claim is queued, not yet written
+        abandoned.cancel()
+        await store.flush()  # the claim was written; nobody will publish, so it is released
+        assert await store.claim("k", BODY_B, now=2.0) == Claimed()
+
+
+async def test_a_failed_transaction_fails_its_callers_and_the_writer_carries_on(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as store:
+        await store.claim("held", BODY_A, now=1.0)
+        with contextlib.closing(sqlite3.connect(path)) as vandal:
+            vandal.execute(f"ALTER TABLE {TABLE} RENAME TO elsewhere")
+        results = await asyncio.gather(
+            store.claim("k1", BODY_A, now=2.0), store.prune(older_than=0.0), return_exceptions=True
+        )
+        assert [type(r) for r in results] == [StoreError, StoreError]
+        assert "claim failed" in str(results[0])
+        with contextlib.closing(sqlite3.connect(path)) as mender:
+            mender.execute(f"ALTER TABLE elsewhere RENAME TO {TABLE}")
+        assert await store.claim("k1", BODY_A, now=3.0) == Claimed()
+        await store.complete("held", 202, ANSWER, now=3.0)
+        await store.flush()
+    assert file_rows(path) == {"held": "done", "k1": "in_flight"}
+
+
+async def test_operations_are_written_in_the_order_they_were_called(tmp_path: Path) -> None:
+    async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
+        await store.claim("k", BODY_A, now=1.0)
+        # Queued back to back, without waiting: each sees the ones before it.
+        await store.release("k")
+        first, second = await asyncio.gather(store.claim("k", BODY_B, now=2.0), store.claim("k", BODY_B, now=2.0))
+        assert (first, second) == (Claimed(), Busy())
+        await store.complete("k", 202, ANSWER, now=3.0)
+        assert await store.claim("k", BODY_B, now=4.0) == Replay(status=202, body=ANSWER)
+
+
 async def test_answers_survive_close_and_reopen(tmp_path: Path) -> None:
     path = tmp_path / "ingest.sqlite3"
     async with SqliteIngestKeyStore(path) as first:
         await first.claim("k", BODY_A, now=1.0)
-        await first.complete("k", 202, ANSWER, now=2.0)
+        await first.complete("k", 202, ANSWER, now=2.0)  # queued, not yet written: close writes it
     async with SqliteIngestKeyStore(path) as second:
         assert await second.claim("k", BODY_A, now=3.0) == Replay(status=202, body=ANSWER)
         assert await second.claim("k", BODY_B, now=3.0) == Conflict()

@@ -1,0 +1,154 @@
+"""`KafkaPublisher` against a fake producer: acks=all answers, refusals, and publishes that outlive their timeout.
+
+A timeout of 0 makes "the broker did not acknowledge in time" happen on the next turn of the loop, without
+sleeping; the real broker's side is in tests/integration/test_ingest_kafka.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+
+from daemon.publisher import BrokerUnavailable, KafkaPublisher, Published, PublishPending
+from topics.codec import EncodedRecord
+from topics.errors import PublishError
+
+RECORD = EncodedRecord(key=b"SO-1", value=b'{"order": "SO-1"}', headers=[("event-type", b"order.created")])
+
+
+@dataclass
+class FakeProducer:
+    """The part of `AIOKafkaProducer` the publisher uses. `mode`: "ack" at once, "hold" the outcome, "refuse"."""
+
+    options: dict[str, Any]
+    mode: str = "ack"
+    sent: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]] = field(default_factory=list)
+    outcomes: list[asyncio.Future[Any]] = field(default_factory=list)
+    handed_over: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.client = SimpleNamespace(fetch_all_metadata=self._metadata)
+        self._sender = SimpleNamespace(sender_task=None)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1, 2, 3}
+
+    async def send(self, topic: str, *, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> Any:
+        if self.mode == "refuse":
+            raise MessageSizeTooLargeError()
+        self.sent.append((topic, key, value, headers))
+        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.mode == "ack":
+            outcome.set_result(SimpleNamespace(topic=topic, partition=3, offset=41))
+        self.outcomes.append(outcome)
+        self.handed_over.set()
+        return outcome
+
+    async def _metadata(self) -> None:
+        return None
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[tuple[KafkaPublisher, list[FakeProducer]]]:
+    producers: list[FakeProducer] = []
+
+    def factory(**options: Any) -> FakeProducer:
+        producers.append(FakeProducer(options))
+        return producers[-1]
+
+    publisher = KafkaPublisher(
+        "orders", {"bootstrap_servers": "kafka:9092"}, health_interval=3600, producer_factory=factory
+    )
+    await publisher.start()
+    yield publisher, producers
+    await publisher.close(grace=1.0)
+
+
+async def test_the_producer_is_idempotent_with_acks_all(started: tuple[KafkaPublisher, list[FakeProducer]]) -> None:
+    publisher, [producer] = started
+    assert publisher.available
+    assert producer.options["acks"] == "all"
+    assert producer.options["enable_idempotence"] is True
+    assert producer.options["bootstrap_servers"] == "kafka:9092"
+
+
+async def test_published_once_the_broker_acknowledged(started: tuple[KafkaPublisher, list[FakeProducer]]) -> None:
+    publisher, [producer] = started
+    assert await publisher.publish(RECORD, timeout=1.0) == Published("orders", 3, 41)
+    assert producer.sent == [("orders", RECORD.key, RECORD.value, RECORD.headers)]
+
+
+async def test_a_record_the_producer_refuses_is_a_publish_error(
+    started: tuple[KafkaPublisher, list[FakeProducer]],
+) -> None:
+    publisher, [producer] = started
+    producer.mode = "refuse"
+    with pytest.raises(PublishError, match="refused"):
+        await publisher.publish(RECORD, timeout=1.0)
+    assert publisher.available  # one bad record says nothing about the broker
+
+
+async def test_a_record_the_broker_does_not_store_is_a_publish_error(
+    started: tuple[KafkaPublisher, list[FakeProducer]],
+) -> None:
+    publisher, [producer] = started
+    producer.mode = "hold"
+    publishing = asyncio.create_task(publisher.publish(RECORD, timeout=1.0))
+    await producer.handed_over.wait()
+    producer.outcomes[0].set_exception(KafkaError("NOT_ENOUGH_REPLICAS"))
+    with pytest.raises(PublishError, match="did not store"):
+        await publishing
+
+
+async def test_no_ack_in_time_is_pending_and_shuts_the_gate_until_the_late_ack(
+    started: tuple[KafkaPublisher, list[FakeProducer]],
+) -> None:
+    publisher, [producer] = started
+    producer.mode = "hold"
+    with pytest.raises(PublishPending) as pending:
+        await publisher.publish(RECORD, timeout=0)
+    assert not publisher.available
+    with pytest.raises(BrokerUnavailable):
+        await publisher.publish(RECORD, timeout=1.0)
+    assert len(producer.sent) == 1  # refused before the producer: nothing half-published
+
+    producer.outcomes[0].set_result(SimpleNamespace(topic="orders", partition=1, offset=7))
+    assert await pending.value.future == Published("orders", 1, 7)
+    assert publisher.available  # the late ack proves the broker is back
+
+
+async def test_a_pending_publish_that_fails_later_resolves_as_a_publish_error(
+    started: tuple[KafkaPublisher, list[FakeProducer]],
+) -> None:
+    publisher, [producer] = started
+    producer.mode = "hold"
+    with pytest.raises(PublishPending) as pending:
+        await publisher.publish(RECORD, timeout=0)
+    producer.outcomes[0].set_exception(KafkaError("REQUEST_TIMED_OUT"))
+    with pytest.raises(PublishError):
+        await pending.value.future
+    assert not publisher.available
+
+
+async def test_a_pending_publish_stays_unknown_when_the_producer_is_closed(
+    started: tuple[KafkaPublisher, list[FakeProducer]],
+) -> None:
+    publisher, [producer] = started
+    producer.mode = "hold"
+    with pytest.raises(PublishPending) as pending:
+        await publisher.publish(RECORD, timeout=0)
+    producer.outcomes[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending.value.future
