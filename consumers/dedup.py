@@ -17,8 +17,10 @@ Three tables, all in one file (names below, as module constants):
 only remember the write (the last write per key or order wins); `flush` writes them all in one transaction. The
 engine flushes once per commit interval, then commits the offsets of records whose terminal state was in that
 flush -- the durable order "2xx -> row done -> offset commit" of invariant 2, at one transaction per batch
-instead of one per record. Reads (`get_many`, `downstream_id`, `blocked_orders`) see buffered writes too, so
-the engine never has to care what is flushed yet (a read waits while a flush is writing). A crash loses the
+instead of one per record (and group commit, `consumers.group_flush`, flushes as records finish). Reads
+(`get_many`, `downstream_id`, `blocked_orders`) see buffered writes and flushes under way too, so the engine never
+has to care what is flushed yet. Writes go through one connection on its own thread; reads use a second,
+read-only connection on the event loop's thread (WAL lets it read beside the writer). A crash loses the
 buffer; that is safe because the engine commits no offset of a record whose state is still buffered: the
 records come again, and the ``Idempotency-Key`` header absorbs a request the downstream had already applied.
 
@@ -37,7 +39,7 @@ downstream id is kept as long as its order has any delivery row left, so ids of 
 after the cutoff (or in flight) stay; retention must outlast the time an order can still change. Blocked
 orders are never pruned: only a replay unblocks them. `prune` flushes first, so it sees buffered writes.
 
-`SqliteDedupStore` is the production store (one connection and one instance per file); `MemoryDedupStore`
+`SqliteDedupStore` is the production store (one instance per file); `MemoryDedupStore`
 is its twin for unit tests, with the same answers, whose `crash()` drops the buffer as a killed process would.
 Every aiosqlite/sqlite3 error is raised as `StoreError` naming the file. Times (``updated_at`` and the others)
 are unix seconds set by the caller, so the stores never read a clock.
@@ -339,10 +341,15 @@ class SqliteDedupStore:
         self.path = Path(path)
         self.synchronous = synchronous
         self._db: aiosqlite.Connection | None = None
+        # Reads run on the event loop's own thread, on a second, read-only connection (WAL lets it read beside
+        # the writer): an index lookup in the page cache takes microseconds a key, while a hop to the writer's
+        # thread and back took ~50 ms under load, mostly waiting for turns of the loop, and a fetched batch
+        # waited for it before any of its records could be sent.
+        self._reader: sqlite3.Connection | None = None
         self._buffer = _Buffer()
-        # Flushes handed to the connection's thread and not yet confirmed, oldest first. A read looks at the
-        # buffer, then at these (newest first), then at the file: its own hop queues behind every flush handed
-        # over before it, so nothing put is ever out of its sight. Flushes do not wait for each other.
+        # Flushes handed to the writer's thread and not yet confirmed, oldest first. A read looks at the buffer,
+        # then at these (newest first), then at the file, where a confirmed flush is committed: nothing put is
+        # ever out of its sight. Flushes do not wait for each other.
         self._flushing: list[_Buffer] = []
         self._failed_flushes = 0
 
@@ -368,12 +375,14 @@ class SqliteDedupStore:
         try:
             await db.execute_fetchall(f"PRAGMA synchronous = {self.synchronous}")
             await db.execute_fetchall("PRAGMA busy_timeout = 5000")
+            reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            reader.execute("PRAGMA query_only = ON")
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error):
                 raise self._error("open", exc) from exc
             raise
-        self._db = db
+        self._db, self._reader = db, reader
 
     async def close(self) -> None:
         """Flush, then close the connection (also when the flush failed: that error is raised after)."""
@@ -383,7 +392,10 @@ class SqliteDedupStore:
             await self.flush()
         finally:
             db, self._db = self._db, None
+            reader, self._reader = self._reader, None
             try:
+                if reader is not None:
+                    reader.close()
                 await db.close()
             except sqlite3.Error as exc:
                 raise self._error("close", exc) from exc
@@ -455,8 +467,7 @@ class SqliteDedupStore:
     # --- reads ------------------------------------------------------------------------------------------
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, DeliveryState]:
-        # Reads take no lock: what the buffer holds now is taken now, the rest is read in one hop to the
-        # connection's thread, where a flush under way either wrote it before or did not hold it at all.
+        # What is not yet confirmed on disk is in the buffer or a flush under way; the rest is in the file.
         found: dict[str, DeliveryState] = {}
         for layer in self._layers():
             for key in keys:
@@ -464,7 +475,7 @@ class SqliteDedupStore:
                     found[key] = layer.states[key]
         wanted = list(dict.fromkeys(k for k in keys if k not in found))
         try:
-            rows = await self._on_thread(_select_in, _SELECT_STATES, wanted)
+            rows = _select_in(self._read_connection(), _SELECT_STATES, wanted)
         except sqlite3.Error as exc:
             raise self._error("get_many", exc) from exc
         for row in rows:
@@ -476,7 +487,7 @@ class SqliteDedupStore:
             if order_ref in layer.downstream_ids:
                 return layer.downstream_ids[order_ref]
         try:
-            rows = await self._on_thread(_select_in, _SELECT_DOWNSTREAM_ID, [order_ref])
+            rows = _select_in(self._read_connection(), _SELECT_DOWNSTREAM_ID, [order_ref])
         except sqlite3.Error as exc:
             raise self._error("downstream_id", exc) from exc
         return str(rows[0][1]) if rows else None
@@ -486,7 +497,7 @@ class SqliteDedupStore:
         blocked = {ref for ref, is_blocked in decided.items() if is_blocked}
         wanted = [ref for ref, is_blocked in decided.items() if is_blocked is None]
         try:
-            rows = await self._on_thread(_select_in, _SELECT_BLOCKED, wanted)
+            rows = _select_in(self._read_connection(), _SELECT_BLOCKED, wanted)
         except sqlite3.Error as exc:
             raise self._error("blocked_orders", exc) from exc
         blocked.update(str(row[0]) for row in rows)
@@ -502,7 +513,7 @@ class SqliteDedupStore:
             elif (reason := layer.blocks[ref]) is not None:
                 result[ref] = reason
         try:
-            rows = await self._on_thread(_select_in, _SELECT_BLOCKING, wanted)
+            rows = _select_in(self._read_connection(), _SELECT_BLOCKING, wanted)
         except sqlite3.Error as exc:
             raise self._error("blocking", exc) from exc
         result.update((str(row[0]), str(row[1])) for row in rows)
@@ -519,8 +530,7 @@ class SqliteDedupStore:
         """`work(connection, *args)` in one hop to the connection's thread.
 
         Every hop costs a turn of the event loop, and with hundreds of requests under way a turn takes tens of
-        milliseconds: a flush of four awaited statements held each delivered record's slot for ~200 ms, and a
-        lookup of a fetched batch in chunks held the next batch as long (bench.py, tests/bench/hotpath.py).
+        milliseconds: a flush of four awaited statements held each delivered record's slot for ~200 ms (bench.py).
         aiosqlite has no public "run this on your thread" (and no types for its private one).
         """
         db = self._connection()
@@ -545,6 +555,11 @@ class SqliteDedupStore:
         return "\n".join(str(row[0]) for row in rows)
 
     # --- helpers ----------------------------------------------------------------------------------------
+
+    def _read_connection(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise StoreError(f"dedup store {self.path} is not open")
+        return self._reader
 
     def _connection(self) -> aiosqlite.Connection:
         if self._db is None:
@@ -587,7 +602,7 @@ def _prune(db: sqlite3.Connection, older_than: float) -> int:
 
 
 def _select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:
-    """Rows of ``select IN (keys)``, in chunks of `_CHUNK` keys; runs on the connection's thread."""
+    """Rows of ``select IN (keys)``, in chunks of `_CHUNK` keys (on the read-only connection)."""
     rows: list[Any] = []
     for chunk in _chunks(keys):
         rows.extend(db.execute(select + _in(len(chunk)), chunk).fetchall())

@@ -44,6 +44,8 @@ from consumers.work import TopicPartitionKey, Work, make_work
 log = logging.getLogger(__name__)
 
 _DECODE_SLICE = 100  # records decoded between two turns of the event loop (see `_fetch`)
+# Gauges are set at most this often (seconds): `_report` walks every lane, and the loop may turn per record.
+_REPORT_INTERVAL = 0.1
 
 Deliver = Callable[[HttpRequest, str], Awaitable[Reply | TransportFailure]]
 """One HTTP attempt: (request, idempotency key) → the answer or the transport failure. Never raises."""
@@ -124,6 +126,7 @@ class SinkEngine:
         self._dispatching: asyncio.Task[None] | None = None
         self._in_dispatch = 0  # records of the batch being dispatched: counted against `max_buffered`
         self._epochs: dict[TopicPartitionKey, int] = {}  # per partition, how many times it was revoked
+        self._next_report = 0.0
         self._throttled_reported = 0.0
         self._lag: dict[TopicPartitionKey, int] = {}
         self._lag_reported: set[int] = set()
@@ -169,6 +172,9 @@ class SinkEngine:
         ]
         try:
             while not stop.is_set() and (max_records is None or self._finished < max_records):
+                for task in background:
+                    if task.done():
+                        task.result()  # a commit or a measurement failed for good (a StoreError): so does the run
                 works, epochs = await self._fetch()
                 await self._dispatched()  # the previous batch: records of one partition are queued in order
                 if works:
@@ -176,7 +182,9 @@ class SinkEngine:
                     self._dispatching = asyncio.create_task(dispatch, name="engine-dispatch")
                     self._in_dispatch = len(works)
                 self._backpressure()
-                self._report()
+                if self._clock.now() >= self._next_report:
+                    self._next_report = self._clock.now() + _REPORT_INTERVAL
+                    self._report()
             await self._dispatched()
         finally:
             for task in background:
@@ -205,7 +213,7 @@ class SinkEngine:
     async def _fetch(self) -> tuple[list[Work], dict[TopicPartitionKey, int]]:
         """The next records, and the assignment epoch of each of their partitions when they arrived."""
         room = self.config.max_buffered - self._buffered - self._in_dispatch
-        if room <= 0 or self._halted():
+        if room <= 0 or self._halted() or (self._paused and room < self.config.max_buffered * 0.2):
             # Nothing may be fetched now: wait for a lane to finish something (or a short while, to report).
             await self._idle(self.config.fetch_wait)
             return [], {}

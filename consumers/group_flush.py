@@ -6,9 +6,11 @@ absorbs it, but it is a duplicate request). Waiting for the durable write keeps 
 and not yet recorded, while batching keeps SQLite's share of the work small.
 
 Flushes are pipelined: the records finishing in one turn of the event loop share a flush, which starts at the end
-of that turn without waiting for the flush before it. The store's connection thread runs them in order; a turn
-of the loop under load takes milliseconds, and a hop to the thread and back takes one or two turns, so waiting
-for the previous flush first would add those turns to every record's wait, and hold the records behind it.
+of that turn without waiting for the flush before it, up to `MAX_UNDER_WAY` flushes at a time. The store's
+connection thread runs them in order; a turn of the loop under load takes milliseconds, and a hop to the thread and
+back takes one or two turns, so waiting for the previous flush first would add those turns to every record's wait.
+Beyond `MAX_UNDER_WAY`, records gather for the next flush: each transaction has a fixed cost, and one per turn of
+the loop made SQLite a fifth of the daemon's CPU (bench.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 
 from consumers.dedup import DedupStore
+
+MAX_UNDER_WAY = 2
 
 
 class GroupFlush:
@@ -31,17 +35,26 @@ class GroupFlush:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._start)  # after the lanes finishing in this turn of the loop joined the batch
+        self._kick()
         await waiter
+
+    def _kick(self) -> None:
+        if not self._scheduled and self._waiters and len(self._tasks) < MAX_UNDER_WAY:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)  # after this turn's finishing lanes joined the batch
 
     def _start(self) -> None:
         self._scheduled = False
+        if not self._waiters or len(self._tasks) >= MAX_UNDER_WAY:
+            return
         waiters, self._waiters = self._waiters, []
         task = asyncio.create_task(self._flush(waiters), name="dedup-group-flush")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._kick()
 
     async def _flush(self, waiters: list[asyncio.Future[None]]) -> None:
         try:

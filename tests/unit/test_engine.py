@@ -630,6 +630,22 @@ async def test_records_of_a_partition_revoked_during_their_lookup_are_dropped(
     assert TP0 not in h.consumer.committed, "nothing committed for a partition no longer ours"
 
 
+async def test_a_commit_that_cannot_flush_the_dedup_table_fails_the_run(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    from topics.errors import StoreError
+
+    h = harness_factory({TP0: [record(0, "SO-1")]})
+    await h.run_until(1)
+
+    async def broken_flush() -> int:
+        raise StoreError("dedup store crm: flush failed: disk I/O error")
+
+    h.store.flush = broken_flush  # type: ignore[method-assign]
+    with pytest.raises(StoreError, match="disk I/O error"):
+        await h.engine.run(asyncio.Event())
+
+
 async def test_group_flush_shares_one_flush_and_reports_failures() -> None:
     from consumers.group_flush import GroupFlush
     from topics.errors import StoreError
@@ -679,10 +695,14 @@ async def test_group_flush_starts_the_next_flush_without_waiting_for_the_one_und
     second = asyncio.ensure_future(group.durable())
     await turns()
     assert store.started == 2, "the second turn's records did not wait for the first flush"
-    assert not first.done()
-    assert not second.done()
+    third = asyncio.ensure_future(group.durable())
+    fourth = asyncio.ensure_future(group.durable())
+    await turns()
+    assert store.started == 2, "two flushes under way at most: later records gather for the next one"
+    assert not any(waiter.done() for waiter in (first, second, third, fourth))
     store.release.set()
-    await asyncio.gather(first, second)
+    await asyncio.gather(first, second, third, fourth)
+    assert store.started == 3, "the records that gathered shared one flush"
 
 
 async def test_a_replayed_dead_letter_is_delivered_in_order_and_unblocks_its_order(
