@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 _DECODE_SLICE = 100  # records decoded between two turns of the event loop (see `_fetch`)
 # Gauges are set at most this often (seconds): `_report` walks every lane, and the loop may turn per record.
 _REPORT_INTERVAL = 0.1
+_RESUME_AT = 0.8  # partitions paused for a full buffer resume once it is down to this share of `max_buffered`
 
 Deliver = Callable[[HttpRequest, str], Awaitable[Reply | TransportFailure]]
 """One HTTP attempt: (request, idempotency key) → the answer or the transport failure. Never raises."""
@@ -213,7 +214,7 @@ class SinkEngine:
     async def _fetch(self) -> tuple[list[Work], dict[TopicPartitionKey, int]]:
         """The next records, and the assignment epoch of each of their partitions when they arrived."""
         room = self.config.max_buffered - self._buffered - self._in_dispatch
-        if room <= 0 or self._halted() or (self._paused and room < self.config.max_buffered * 0.2):
+        if room <= 0 or self._halted() or (self._paused and room < self.config.max_buffered * (1 - _RESUME_AT)):
             # Nothing may be fetched now: wait for a lane to finish something (or a short while, to report).
             await self._idle(self.config.fetch_wait)
             return [], {}
@@ -286,7 +287,10 @@ class SinkEngine:
         self._offsets.finish(work.tp, work.offset)
         if lane.empty and self._lanes.get(lane.id) is lane:
             del self._lanes[lane.id]
-        self._progress.set()
+        # Wake the fetch loop when it has something to do: while the partitions are paused for a full buffer,
+        # that is once the buffer is low enough to resume them, not once per finished record.
+        if not self._paused or self._buffered <= self.config.max_buffered * _RESUME_AT:
+            self._progress.set()
 
     # ------------------------------------------------------------------ commits
 
@@ -335,7 +339,7 @@ class SinkEngine:
         """Pause every assigned partition while the buffer is full or the sink is held; resume after."""
         assigned = self._consumer.assignment()
         full = self._buffered >= self.config.max_buffered
-        low = self._buffered <= self.config.max_buffered * 0.8
+        low = self._buffered <= self.config.max_buffered * _RESUME_AT
         hold = full or self._halted() or (bool(self._paused) and not low)
         if hold:
             newly = assigned - self._paused
