@@ -652,7 +652,11 @@ class Bench:
         if loop == "asyncio":
             argv = [sys.executable, "-c", _ASYNCIO_DAEMON, "run", "--config", str(config)]
         log_file = (self.work / f"{name}.log").open("wb")
-        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
+        # As deployed: deploy/systemd/orderbus.service and the container image set MALLOC_ARENA_MAX=2.
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+        process = subprocess.Popen(
+            argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, env=env
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 90
