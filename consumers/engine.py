@@ -266,10 +266,7 @@ class SinkEngine:
         self._offsets.finish(work.tp, work.offset)
         if lane.empty and self._lanes.get(lane.id) is lane:
             del self._lanes[lane.id]
-        # Wake the fetch loop when it has something to do: while the partitions are paused for a full buffer,
-        # that is once the buffer is low enough to resume them, not once per finished record.
-        if not self._paused or self._buffered <= self.config.max_buffered * _RESUME_AT:
-            self._progress.set()
+        self._progress.set()
 
     # ------------------------------------------------------------------ commits
 
