@@ -124,6 +124,8 @@ class SinkEngine:
         self._paused: set[TopicPartitionKey] = set()
         self._progress = asyncio.Event()
         self._committing = asyncio.Lock()
+        self._dispatching: asyncio.Task[None] | None = None
+        self._in_dispatch = 0  # records of the batch being dispatched: counted against `max_buffered`
         self._epochs: dict[TopicPartitionKey, int] = {}  # per partition, how many times it was revoked
         self._next_report = 0.0
         self._throttled_reported = 0.0
@@ -161,9 +163,9 @@ class SinkEngine:
     async def run(self, stop: asyncio.Event, *, max_records: int | None = None) -> None:
         """Deliver until `stop` is set (or `max_records` records are finished), then drain and commit.
 
-        The fetch loop never waits for the broker's answers to commits and lag measurements: those run beside it
-        (`_every`), so a slow ListOffsets or a busy SQLite thread delays a commit or a gauge, never the next fetch.
-        The dedup lookups of a batch are local reads (`consumers.dedup`), made in the loop.
+        The fetch loop never waits for the broker's answers to commits and lag measurements, nor for the dedup
+        table's lookups of the previous batch: those run beside it (`_every`, `_dispatching`), so a slow
+        ListOffsets or a busy SQLite thread delays a commit or a gauge, never the next fetch.
         """
         background = [
             asyncio.create_task(self._every(self.config.commit_interval, self.commit), name="engine-commit"),
@@ -175,16 +177,33 @@ class SinkEngine:
                     if task.done():
                         task.result()  # a commit or a measurement failed for good (a StoreError): so does the run
                 works, epochs = await self._fetch()
-                await self._dispatch(works, epochs)
+                await self._dispatched()  # the previous batch: records of one partition are queued in order
+                if works:
+                    dispatch = self._dispatch(works, epochs)
+                    self._dispatching = asyncio.create_task(dispatch, name="engine-dispatch")
+                    self._in_dispatch = len(works)
                 self._backpressure()
                 if self._clock.now() >= self._next_report:
                     self._next_report = self._clock.now() + _REPORT_INTERVAL
                     self._report()
+            await self._dispatched()
         finally:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if self._dispatching is not None and not self._dispatching.done():
+                self._dispatching.cancel()
+                await asyncio.gather(self._dispatching, return_exceptions=True)
             await self.drain(self._consumer.assignment())
+
+    async def _dispatched(self) -> None:
+        """Wait for the batch being dispatched, if any; its failure is the run loop's."""
+        task, self._dispatching = self._dispatching, None
+        if task is not None:
+            try:
+                await task
+            finally:
+                self._in_dispatch = 0
 
     async def _every(self, seconds: float, step: Callable[[], Awaitable[None]]) -> None:
         """Run `step` every `seconds` on the engine's clock, beside the fetch loop, until cancelled."""
@@ -194,7 +213,7 @@ class SinkEngine:
 
     async def _fetch(self) -> tuple[list[Work], dict[TopicPartitionKey, int]]:
         """The next records, and the assignment epoch of each of their partitions when they arrived."""
-        room = self.config.max_buffered - self._buffered
+        room = self.config.max_buffered - self._buffered - self._in_dispatch
         if room <= 0 or self._halted() or (self._paused and room < self.config.max_buffered * (1 - _RESUME_AT)):
             # Nothing may be fetched now: wait for a lane to finish something (or a short while, to report).
             await self._idle(self.config.fetch_wait)
@@ -234,8 +253,10 @@ class SinkEngine:
         """
         if not works:
             return
-        states = await self._store.get_many([work.idempotency_key for work in works])
-        blocked = await self._store.blocking(sorted({work.order_ref for work in works}))
+        states, blocked = await asyncio.gather(
+            self._store.get_many([work.idempotency_key for work in works]),
+            self._store.blocking(sorted({work.order_ref for work in works})),
+        )
         self._context.blocked.update(blocked)
         for work in works:
             if self._epochs.get(work.tp, 0) != epochs[work.tp]:
