@@ -251,6 +251,12 @@ class SinkEngine:
         A partition revoked while its records were being decoded or looked up is no longer ours: its records are
         dropped here (their next owner reads them from the committed offset), never tracked or delivered.
         """
+        try:
+            await self._queue_batch(works, epochs)
+        finally:
+            self._in_dispatch = 0  # its records are in `_buffered` now (or finished, or dropped)
+
+    async def _queue_batch(self, works: list[Work], epochs: Mapping[TopicPartitionKey, int]) -> None:
         if not works:
             return
         states, blocked = await asyncio.gather(
