@@ -447,8 +447,9 @@ class SqliteDedupStore:
             try:
                 await self._on_thread(_write, batch)
             except BaseException as exc:
-                self._failed_flushes += 1
                 self._buffer.requeue(batch)
+                if not isinstance(exc, asyncio.CancelledError):  # cancelled: the thread still writes it
+                    self._failed_flushes += 1
                 if isinstance(exc, sqlite3.Error):
                     raise self._error("flush", exc) from exc
                 raise

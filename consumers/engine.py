@@ -167,9 +167,10 @@ class SinkEngine:
         table's lookups of the previous batch: those run beside it (`_every`, `_dispatching`), so a slow
         ListOffsets or a busy SQLite thread delays a commit or a gauge, never the next fetch.
         """
+        quiet = asyncio.Event()  # set at the end: the background steps finish the step under way and stop
         background = [
-            asyncio.create_task(self._every(self.config.commit_interval, self.commit), name="engine-commit"),
-            asyncio.create_task(self._every(self.config.lag_interval, self._measure_lag_now), name="engine-lag"),
+            asyncio.create_task(self._every(self.config.commit_interval, self.commit, quiet), name="engine-commit"),
+            asyncio.create_task(self._every(self.config.lag_interval, self._measure_lag_now, quiet), name="engine-lag"),
         ]
         try:
             while not stop.is_set() and (max_records is None or self._finished < max_records):
@@ -188,8 +189,9 @@ class SinkEngine:
                     self._report()
             await self._dispatched()
         finally:
-            for task in background:
-                task.cancel()
+            # Not cancelled: a commit or a ListOffsets cut off inside aiokafka can leave its state waiting (a
+            # SIGTERM once hung the stop for a minute). Each step is bounded; the sleep between steps ends at once.
+            quiet.set()
             await asyncio.gather(*background, return_exceptions=True)
             if self._dispatching is not None and not self._dispatching.done():
                 self._dispatching.cancel()
@@ -205,11 +207,18 @@ class SinkEngine:
             finally:
                 self._in_dispatch = 0
 
-    async def _every(self, seconds: float, step: Callable[[], Awaitable[None]]) -> None:
-        """Run `step` every `seconds` on the engine's clock, beside the fetch loop, until cancelled."""
-        while True:
-            await self._clock.sleep(seconds)
-            await step()
+    async def _every(self, seconds: float, step: Callable[[], Awaitable[None]], quiet: asyncio.Event) -> None:
+        """Run `step` every `seconds` on the engine's clock, beside the fetch loop, until `quiet` is set."""
+        while not quiet.is_set():
+            pause = asyncio.ensure_future(self._clock.sleep(seconds))
+            ended = asyncio.ensure_future(quiet.wait())
+            try:
+                await asyncio.wait({pause, ended}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                pause.cancel()
+                ended.cancel()
+            if not quiet.is_set():
+                await step()
 
     async def _fetch(self) -> tuple[list[Work], dict[TopicPartitionKey, int]]:
         """The next records, and the assignment epoch of each of their partitions when they arrived."""
