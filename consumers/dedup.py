@@ -51,7 +51,7 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -589,17 +589,25 @@ def _fetch_all(db: sqlite3.Connection, sql: str) -> list[Any]:
 
 def _prune(db: sqlite3.Connection, older_than: float) -> int:
     """Delete terminal rows updated before `older_than`, and downstream ids no row needs, in one transaction."""
+    with _transaction(db):
+        deleted: int = db.execute(_PRUNE_STATES, (older_than,)).rowcount
+        db.execute(_PRUNE_DOWNSTREAM_IDS)
+    return deleted
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT on the connection's thread; on any failure, roll back and re-raise."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        deleted = db.execute(_PRUNE_STATES, (older_than,)).rowcount
-        db.execute(_PRUNE_DOWNSTREAM_IDS)
+        yield
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
+            # The original error is the one worth raising; a failed rollback is undone by SQLite anyway.
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
         raise
-    return deleted
 
 
 def _select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:
@@ -617,8 +625,7 @@ def _statement(sql: Callable[[int], str], rows: int) -> str:
 
 def _write(db: sqlite3.Connection, batch: _Buffer) -> None:
     """Write `batch` in one transaction, on the connection's thread (blocking); on any failure, roll back."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         if batch.states:
             _insert_many(db, _upsert_states, [_row(s) for s in batch.states.values()])
         if batch.downstream_ids:
@@ -629,13 +636,6 @@ def _write(db: sqlite3.Connection, batch: _Buffer) -> None:
         unblocks = [(ref,) for ref, reason in batch.blocks.items() if reason is None]
         if unblocks:
             db.executemany(_DELETE_BLOCK, unblocks)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            # The original error is the one worth raising; a failed rollback is undone by SQLite anyway.
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-        raise
 
 
 def _prepare_file(path: Path) -> None:

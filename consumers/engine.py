@@ -202,10 +202,7 @@ class SinkEngine:
         """Wait for the batch being dispatched, if any; its failure is the run loop's."""
         task, self._dispatching = self._dispatching, None
         if task is not None:
-            try:
-                await task
-            finally:
-                self._in_dispatch = 0
+            await task  # it clears `_in_dispatch` itself, once its records are queued
 
     async def _every(self, seconds: float, step: Callable[[], Awaitable[None]], quiet: asyncio.Event) -> None:
         """Run `step` every `seconds` on the engine's clock, beside the fetch loop, until `quiet` is set."""
