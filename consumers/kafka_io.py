@@ -70,10 +70,24 @@ REBALANCE_TIMEOUT_MS = 60_000
 # ~30 MB of RSS, seen in bench.py's 10-minute outage). The process's liveness is watched elsewhere (the systemd
 # watchdog, /readyz), so the consumer never leaves on its own.
 MAX_POLL_INTERVAL_MS = 7 * 24 * 3600 * 1000
+# aiokafka prefetches: a partition's fetched records wait in the consumer until `getmany` takes them, and a full
+# buffer does not take them. With aiokafka's defaults (1 MiB a partition, 50 MiB a request) that is 12 MiB of raw
+# records for 12 partitions on top of `max_buffered`, fetched the first time a held sink resumes with a lag
+# (bench.py's outage: one +19 MB RSS step). A sink delivers a few thousand orders a second at most, so 2 MiB a
+# request (256 KiB a partition) is still several fetches' worth of work. A record batch larger than a limit is
+# never cut: the broker returns it whole when its partition comes first in a fetch (KIP-74; aiokafka shuffles the
+# partitions of every request) and nothing for that partition until then, so no order is too big to fetch.
+FETCH_MAX_BYTES = 2 * 1024 * 1024
+MAX_PARTITION_FETCH_BYTES = 256 * 1024
 
 
 def sink_consumer(
-    client_options: Mapping[str, Any], sink: str, *, prefix: str = "", max_partition_fetch_bytes: int = 1_048_576
+    client_options: Mapping[str, Any],
+    sink: str,
+    *,
+    prefix: str = "",
+    fetch_max_bytes: int = FETCH_MAX_BYTES,
+    max_partition_fetch_bytes: int = MAX_PARTITION_FETCH_BYTES,
 ) -> AIOKafkaConsumer:
     """The consumer of one sink's group: manual commits only, committed reads only, from the beginning."""
     return AIOKafkaConsumer(
@@ -82,6 +96,7 @@ def sink_consumer(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
+        fetch_max_bytes=fetch_max_bytes,
         max_partition_fetch_bytes=max_partition_fetch_bytes,
         session_timeout_ms=SESSION_TIMEOUT_MS,
         heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
