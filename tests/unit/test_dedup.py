@@ -360,6 +360,22 @@ async def test_the_file_is_wal_with_the_named_tables_and_columns(tmp_path: Path)
     }
 
 
+async def test_a_file_from_an_earlier_version_loses_its_order_ref_index(tmp_path: Path) -> None:
+    """Every flush paid for that index (a random page per row); opening the file drops it, the rows stay."""
+    path = tmp_path / "crm.dedup.sqlite3"
+    async with SqliteDedupStore(path) as store:
+        store.put(state("k1", order_ref="SO-1"))
+    with contextlib.closing(sqlite3.connect(path)) as plain:
+        plain.execute(f"CREATE INDEX {DELIVERIES_TABLE}_order_ref ON {DELIVERIES_TABLE} (order_ref)")
+        plain.commit()
+    async with SqliteDedupStore(path) as store:
+        assert (await store.get_many(["k1"]))["k1"].order_ref == "SO-1"
+    with contextlib.closing(sqlite3.connect(path)) as plain:
+        indexes = {row[1] for row in plain.execute(f"PRAGMA index_list({DELIVERIES_TABLE})")}
+    assert f"{DELIVERIES_TABLE}_order_ref" not in indexes
+    assert f"{DELIVERIES_TABLE}_prunable" in indexes
+
+
 async def test_synchronous_full_is_accepted_and_anything_else_refused(tmp_path: Path) -> None:
     async with SqliteDedupStore(tmp_path / "full.sqlite3", synchronous="FULL") as store:
         store.put(state("k1"))
