@@ -39,6 +39,7 @@ from urllib.parse import quote_plus, urlsplit
 import aiohttp
 
 from consumers.clock import Clock, SystemClock
+from consumers.deadlines import Deadlines
 from consumers.delivery import Reply, TransportFailure, attempt
 from consumers.http_client import HttpClient
 from consumers.sink import HttpRequest, canonical_json
@@ -320,6 +321,7 @@ async def authorized_attempt(
     *,
     idempotency_key: str,
     timeout: float,
+    deadlines: Deadlines,
 ) -> Reply | TransportFailure:
     """Send `request` once with `auth`'s credentials; after a 401, renew them once and resend. Never raises.
 
@@ -329,11 +331,18 @@ async def authorized_attempt(
     started = time.perf_counter()
     try:
         headers = await auth.headers()
-        outcome = await attempt(client, request, idempotency_key=idempotency_key, auth_headers=headers, timeout=timeout)
+        outcome = await attempt(
+            client, request, idempotency_key=idempotency_key, auth_headers=headers, timeout=timeout, deadlines=deadlines
+        )
         if isinstance(outcome, Reply) and outcome.status == 401 and await auth.refresh(headers):
             headers = await auth.headers()
             outcome = await attempt(
-                client, request, idempotency_key=idempotency_key, auth_headers=headers, timeout=timeout
+                client,
+                request,
+                idempotency_key=idempotency_key,
+                auth_headers=headers,
+                timeout=timeout,
+                deadlines=deadlines,
             )
     except CredentialsRefused as exc:
         body = canonical_json({"error": "credentials_refused", "detail": str(exc)})

@@ -7,12 +7,12 @@ business, not this module's.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
 from typing import Literal
 
+from consumers.deadlines import Deadlines
 from consumers.http_client import HttpClient
 from consumers.sink import HttpRequest
 from topics.errors import HttpClientError, InvalidRequestError
@@ -50,13 +50,15 @@ async def attempt(
     idempotency_key: str,
     auth_headers: dict[str, str],
     timeout: float,
+    deadlines: Deadlines,
     max_body: int = 64 * 1024,
 ) -> Reply | TransportFailure:
-    """Send `request` once with its idempotency key; never raises for network trouble."""
+    """Send `request` once with its idempotency key, within `timeout` (kept by `deadlines`); never raises for
+    network trouble."""
     headers = {**request.headers, **auth_headers, "Idempotency-Key": idempotency_key}
     started = time.perf_counter()
     try:
-        async with asyncio.timeout(timeout):
+        with deadlines.within(timeout):
             answer = await client.request(
                 request.method, request.url, body=request.body, headers=headers, max_body=max_body
             )

@@ -5,7 +5,7 @@ Why not aiohttp's client, which the rest of orderbus uses: a profile put ~36 % o
 header multidict per request, redirects, cookies, proxies, compression, streaming). A delivery sends one small body
 and reads the status, the Retry-After header and at most `max_body` bytes of body. This client does that and no
 more, on one `asyncio.Protocol` per connection, parsing answers with httptools (llhttp, the parser of Node.js and
-uvicorn). Left out on purpose: timeouts (the caller wraps `request` in `asyncio.timeout`), redirects, proxies,
+uvicorn). Left out on purpose: timeouts (the caller bounds `request`: `consumers.deadlines`), redirects, proxies,
 compression, cookies, HTTP/2, ``Expect: 100-continue``, HEAD, and every answer header but Retry-After.
 
 Connections. At most `limit` exist at once over all origins (scheme, host, port); a request beyond that waits, first
@@ -279,7 +279,7 @@ class HttpClient:
     async def request(
         self, method: str, url: str, *, body: bytes | None, headers: Mapping[str, str], max_body: int = 64 * 1024
     ) -> HttpAnswer:
-        """Send one request and read its answer. No timeout of its own: wrap it in `asyncio.timeout`.
+        """Send one request and read its answer. No timeout of its own: bound it (`consumers.deadlines`).
 
         `headers` follow the client's own Host, User-Agent and Content-Length lines; they may not set those, nor
         Transfer-Encoding, Connection or Upgrade. Raises `InvalidRequestError` (nothing sent), `HttpConnectionError`

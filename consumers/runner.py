@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 from consumers.auth import Auth, NoAuth, authorized_attempt
 from consumers.clock import Clock, SystemClock
 from consumers.deadletter import DeadLetterWriter
+from consumers.deadlines import Deadlines
 from consumers.dedup import SqliteDedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.engine import EngineConfig, SinkEngine
@@ -93,8 +94,12 @@ async def open_sink(
         credentials = auth if auth is not None else NoAuth()
         stack.push_async_callback(credentials.aclose)
 
+        deadlines = Deadlines(SystemClock())  # real I/O, real time, whatever clock the engine is given
+
         async def deliver(request: HttpRequest, key: str) -> Reply | TransportFailure:
-            return await authorized_attempt(client, request, credentials, idempotency_key=key, timeout=http.timeout)
+            return await authorized_attempt(
+                client, request, credentials, idempotency_key=key, timeout=http.timeout, deadlines=deadlines
+            )
 
         consumer = sink_consumer(client_options, sink.name, prefix=prefix)
         stack.push_async_callback(consumer.stop)  # safe on a consumer that never started

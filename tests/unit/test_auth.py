@@ -34,8 +34,9 @@ from consumers.auth import (
     TokenUnavailable,
     authorized_attempt,
 )
-from consumers.clock import FakeClock
+from consumers.clock import FakeClock, SystemClock
 from consumers.crm import CrmSink
+from consumers.deadlines import Deadlines
 from consumers.delivery import Reply, TransportFailure
 from consumers.http_client import HttpClient
 from consumers.policy import DEFAULT_POLICY
@@ -115,7 +116,9 @@ async def deliver(
     """One attempt of a CRM create, as the runner's deliver makes it."""
     sink = CrmSink(system, f"{base_url}/{system}")
     request = sink.request(sink.prepare(sample_event(random.Random(number), order_number=number)), None)
-    return await authorized_attempt(http, request, auth, idempotency_key=f"key-{system}-{number}", timeout=5)
+    return await authorized_attempt(
+        http, request, auth, idempotency_key=f"key-{system}-{number}", timeout=5, deadlines=Deadlines(SystemClock())
+    )
 
 
 def status(outcome: Reply | TransportFailure) -> int:
