@@ -139,6 +139,7 @@ class SinkEngine:
             store=store,
             dead_letters=dead_letters,
             metrics=metrics,
+            hot=metrics.hot(sink.name),
             clock=clock,
             backoff=self.config.backoff,
             retry_after_cap=self.config.retry_after_cap,
@@ -279,8 +280,8 @@ class SinkEngine:
             retry_dead = work.replay and state is not None and state.status == "dead"
             if state is not None and state.status != "in_flight" and not retry_dead:
                 # Redelivered after a crash or rebalance, or a duplicate event from upstream: already terminal.
-                self._metrics.dedup_hits.labels(self.sink.name).inc()
-                self._metrics.deliveries.labels(self.sink.name, "duplicate").inc()
+                self._context.hot.dedup_hits.inc()
+                self._context.hot.deliveries["duplicate"].inc()
                 self._offsets.finish(work.tp, work.offset)
                 self._finished += 1
                 continue

@@ -22,7 +22,7 @@ from consumers.clock import Clock
 from consumers.deadletter import DeadLetter, DeadLetterWriter, Reason
 from consumers.dedup import DedupStore, DeliveryState, DeliveryStatus
 from consumers.delivery import Reply, TransportFailure
-from consumers.metrics import EngineMetrics
+from consumers.metrics import EngineMetrics, HotSeries
 from consumers.pacing import Pacer
 from consumers.policy import Decision, parse_retry_after
 from consumers.sink import HttpRequest, Sink
@@ -48,6 +48,7 @@ class LaneContext:
     store: DedupStore
     dead_letters: DeadLetterWriter
     metrics: EngineMetrics
+    hot: HotSeries  # `metrics`' series of this sink that every record touches
     clock: Clock
     backoff: Backoff
     retry_after_cap: float
@@ -130,9 +131,9 @@ class Lane:
 
     def _count_duplicate(self) -> None:
         """As the engine counts a record whose key it finds terminal in the dedup table."""
-        metrics, name = self._context.metrics, self._context.sink.name
-        metrics.dedup_hits.labels(name).inc()
-        metrics.deliveries.labels(name, "duplicate").inc()
+        hot = self._context.hot
+        hot.dedup_hits.inc()
+        hot.deliveries["duplicate"].inc()
 
     # ------------------------------------------------------------------ one record to a terminal state
 
@@ -220,9 +221,8 @@ class Lane:
         finally:
             context.in_flight -= 1
         attempts.last = outcome
-        metrics, name = context.metrics, context.sink.name
-        metrics.attempt_seconds.labels(name).observe(outcome.elapsed)
-        metrics.http_responses.labels(name, _status_class(outcome)).inc()
+        context.hot.attempt_seconds.observe(outcome.elapsed)
+        context.hot.http_responses[_status_class(outcome)].inc()
         return outcome
 
     def _decide(self, outcome: Reply | TransportFailure) -> Decision:
@@ -246,10 +246,10 @@ class Lane:
         self._put(work, status, attempts, downstream_id=downstream_id, digest=outcome.digest)
         await self._durable()
         outcome_label = "delivered" if status == "done" else "duplicate"
-        context.metrics.deliveries.labels(context.sink.name, outcome_label).inc()
+        context.hot.deliveries[outcome_label].inc()
         if status == "done" and work.timestamp_ms > 0:
             latency = max(0.0, context.clock.wall() - work.timestamp_ms / 1000)
-            context.metrics.end_to_end_seconds.labels(context.sink.name).observe(latency)
+            context.hot.end_to_end_seconds.observe(latency)
         log.debug(
             "delivered",
             extra={
@@ -375,7 +375,7 @@ class Lane:
         self._put(work, "dead", attempts, reason=reason)
         await self._durable()
         context.metrics.dead_letters.labels(context.sink.name, reason).inc()
-        context.metrics.deliveries.labels(context.sink.name, "dead_lettered").inc()
+        context.hot.deliveries["dead_lettered"].inc()
         log.warning(
             "dead-lettered",
             extra={

@@ -12,6 +12,8 @@ show 0 rather than "no data".
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -26,6 +28,17 @@ OUTCOMES: Final = ("delivered", "duplicate", "dead_lettered")
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "connection_error")
 RETRY_REASONS: Final = ("throttled", "4xx", "5xx", "timeout", "connection_error")
 DEAD_LETTER_REASONS: Final[tuple[str, ...]] = get_args(Reason)
+
+
+@dataclass(frozen=True, slots=True)
+class HotSeries:
+    """One sink's per-record series, bound to its labels (see `EngineMetrics.hot`)."""
+
+    attempt_seconds: Histogram
+    end_to_end_seconds: Histogram
+    deliveries: Mapping[str, Counter]  # by outcome (`OUTCOMES`)
+    http_responses: Mapping[str, Counter]  # by status class (`STATUS_CLASSES`)
+    dedup_hits: Counter
 
 
 class EngineMetrics:
@@ -147,6 +160,18 @@ class EngineMetrics:
             self.assigned_partitions,
         ):
             metric.labels(sink)
+
+    def hot(self, sink: str) -> HotSeries:
+        """The series `sink` touches for every record, looked up once (a `labels` call is a lock and a dict)."""
+        return HotSeries(
+            attempt_seconds=self.attempt_seconds.labels(sink),
+            end_to_end_seconds=self.end_to_end_seconds.labels(sink),
+            deliveries={outcome: self.deliveries.labels(sink, outcome) for outcome in OUTCOMES},
+            http_responses={
+                status_class: self.http_responses.labels(sink, status_class) for status_class in STATUS_CLASSES
+            },
+            dedup_hits=self.dedup_hits.labels(sink),
+        )
 
     def forget_partition(self, sink: str, partition: int) -> None:
         """Drop the lag series of a partition the sink no longer owns (it would go stale, not to zero)."""
