@@ -110,6 +110,8 @@ class Pacer:
 
     async def acquire(self) -> None:
         """Wait for this sink's turn: until any hold ends, then for a token. FIFO, cancellation-safe."""
+        if self._configured is None and not self._lock.locked() and self._clock.now() >= self._held_until:
+            return  # no rate and no hold, and no one queued to go first: the common case, without the lock
         async with self._lock:
             while True:
                 now = self._clock.now()
