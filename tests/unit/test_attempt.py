@@ -20,6 +20,7 @@ RESOLUTION = 0.05
 @pytest.fixture
 async def silent_server() -> AsyncIterator[str]:
     """Accepts connections and reads requests, and never answers."""
+
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(65536)
         await reader.read()  # until the client gives up and closes
