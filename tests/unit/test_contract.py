@@ -430,8 +430,26 @@ def test_the_producers_event_id_and_time_win() -> None:
 
 def test_to_event_refuses_a_bad_source_slug() -> None:
     submission = OrderSubmission.model_validate_json(json.dumps({"order": VALID_ORDER}))
-    with pytest.raises(ValidationError, match="source"):
+    with pytest.raises(ValidationError, match="1 validation error for OrderEvent\nsource"):
         to_event(submission, event_id=EVENT_ID, source="Shop EU", now=NOW)
+
+
+def test_to_event_refuses_a_naive_time() -> None:
+    submission = OrderSubmission.model_validate_json(json.dumps({"order": VALID_ORDER}))
+    with pytest.raises(ValidationError, match="occurred_at"):
+        to_event(submission, event_id=EVENT_ID, source="webhook", now=datetime(2026, 11, 29, 12, 0))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_to_event_builds_the_event_a_full_validation_would(seed: int) -> None:
+    # to_event validates the envelope only (the order was validated with the submission): same event, same fields.
+    submission = sample_submission(random.Random(seed))
+    event = to_event(submission, event_id=EVENT_ID, source="webhook", now=NOW)
+    validated = OrderEvent.model_validate_json(event.model_dump_json())
+    assert event == validated
+    assert event.model_fields_set == validated.model_fields_set
+    assert event.model_dump_json() == validated.model_dump_json()
+    assert event.order is submission.order
 
 
 @pytest.mark.parametrize(

@@ -233,6 +233,62 @@ async def test_a_lone_answer_is_written_after_answer_delay(tmp_path: Path, monke
         assert (store.transactions, file_rows(path)) == (2, {"k": "done"})
 
 
+async def test_claims_arriving_one_by_one_share_a_transaction_within_claim_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    timers: list[tuple[float, Callable[[], object]]] = []
+
+    def call_later(delay: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
+        timers.append((delay, callback))
+        return asyncio.TimerHandle(math.inf, callback, (), loop)  # fired by hand below
+
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path, answer_delay=0.25, claim_delay=0.002) as store:
+        monkeypatch.setattr(loop, "call_later", call_later)
+        first = asyncio.create_task(store.claim("k1", BODY_A, now=1.0))
+        await asyncio.sleep(0)  # one turn of the loop each: the claims come one by one
+        second = asyncio.create_task(store.claim("k2", BODY_A, now=1.0))
+        await asyncio.sleep(0)
+        [(delay, fire)] = timers  # the second claim found the writer's start already due
+        assert (delay, store.transactions, file_rows(path)) == (0.002, 0, {})
+        writer = fire()
+        assert isinstance(writer, asyncio.Task)
+        assert [await first, await second] == [Claimed(), Claimed()]
+        assert (store.transactions, file_rows(path)) == (1, {"k1": "in_flight", "k2": "in_flight"})
+
+
+async def test_a_claim_brings_a_delayed_answer_forward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    timers: list[tuple[float, asyncio.TimerHandle, Callable[[], object]]] = []
+
+    def call_later(delay: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
+        handle = asyncio.TimerHandle(math.inf, callback, (), loop)  # fired by hand below
+        timers.append((delay, handle, callback))
+        return handle
+
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path, answer_delay=0.25, claim_delay=0.002) as store:
+        await store.claim("k1", BODY_A, now=1.0)
+        monkeypatch.setattr(loop, "call_later", call_later)
+        await store.complete("k1", 202, ANSWER, now=2.0)
+        claim = asyncio.create_task(store.claim("k2", BODY_A, now=3.0))
+        await asyncio.sleep(0)
+        [(answer_delay, answer_timer, _), (claim_delay, _, fire)] = timers
+        assert (answer_delay, answer_timer.cancelled(), claim_delay) == (0.25, True, 0.002)
+        fire()
+        assert await claim == Claimed()
+        assert (store.transactions, file_rows(path)) == (2, {"k1": "done", "k2": "in_flight"})
+
+
+async def test_claim_delay_zero_starts_the_writer_at_once(tmp_path: Path) -> None:
+    async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3", claim_delay=0) as store:
+        claim = asyncio.create_task(store.claim("k", BODY_A, now=1.0))
+        await asyncio.sleep(0)  # the claim is queued and the writer started, without any timer
+        assert store._delayed is None
+        assert await claim == Claimed()
+
+
 async def test_a_repeat_of_a_held_key_is_answered_without_sqlite(tmp_path: Path) -> None:
     async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
         await store.claim("k", BODY_A, now=1.0)

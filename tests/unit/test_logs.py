@@ -9,8 +9,10 @@ import asyncio
 import io
 import json
 import logging
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -169,3 +171,35 @@ async def test_the_ingest_logs_every_answer_with_ids_and_never_personal_data(
             assert event["order"].startswith("SO-"), event
     [invalid_order] = [event for event in answered if event["status"] == 400]
     assert invalid_order["fields"] == 2
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        0.0,
+        1_800_000_000.0,
+        1_800_000_000.0004995,  # rounds down to .000
+        1_800_000_000.0009995,  # rounds up to the next millisecond
+        1_800_000_000.9999996,  # rounds up to the next second
+        1_800_000_059.9999999,  # ... and the next minute
+        -0.5,
+        -86_400.0000004,
+        *(random.Random(7).uniform(-1e9, 4e9) for _ in range(200)),
+    ],
+)
+def test_the_timestamp_is_datetimes_isoformat_to_the_millisecond(created: float) -> None:
+    # The formatter formats the date and time once per second; the text must not change for that.
+    formatter = logs.JsonFormatter()
+    record = logging.makeLogRecord({"created": created - 1})
+    formatter.format(record)  # the second before is cached
+    record.created = created
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    assert json.loads(formatter.format(record))["ts"] == expected
+
+
+def test_configure_stops_collecting_what_no_event_shows(json_logs: io.StringIO) -> None:
+    logging.getLogger("orderbus.test").info("one", extra={"status": 202})
+    [event] = events(json_logs)
+    assert set(event) == {"ts", "level", "logger", "msg", "status"}
+    assert logging._srcfile is None
+    assert (logging.logThreads, logging.logProcesses, logging.logMultiprocessing) == (False, False, False)
