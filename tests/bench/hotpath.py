@@ -30,7 +30,7 @@ from consumers.engine import EngineConfig, SinkEngine
 from consumers.metrics import EngineMetrics
 from consumers.runner import HttpConfig, open_sink
 from daemon import kafka_local
-from daemon.lifecycle import tune_gc
+from daemon.lifecycle import tune_runtime
 from daemon.sandbox import start_sandbox_process
 from daemon.settings import SinkSettings
 from daemon.sinks import build_sink
@@ -120,7 +120,7 @@ def main() -> int:
             asyncio.run(apply_catalogue(catalogue(layout), {"bootstrap_servers": broker.bootstrap}))
             asyncio.run(produce(broker.bootstrap, orders_topic(prefix), args.orders))
             (work / "state").mkdir()
-            tune_gc()  # as the daemon does once started
+            tune_runtime()  # as the daemon does once started
             profiler = cProfile.Profile() if args.profile else None
             cpu0 = time.process_time()
             if profiler:
