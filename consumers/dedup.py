@@ -48,10 +48,9 @@ are unix seconds set by the caller, so the stores never read a clock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -59,6 +58,7 @@ from typing import Any, Final, Literal, Protocol, Self, TypeVar
 
 import aiosqlite
 
+from consumers.sqlite_files import prepare_wal_file, transaction
 from topics.errors import ConfigError, StoreError
 
 __all__ = [
@@ -369,7 +369,7 @@ class SqliteDedupStore:
             return
         # Step 1.
         try:
-            await asyncio.to_thread(_prepare_file, self.path)
+            await asyncio.to_thread(prepare_wal_file, self.path, _SCHEMA, "dedup store")
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         # Step 2. isolation_level=None: no implicit transactions; flush and prune open theirs explicitly.
@@ -595,25 +595,10 @@ def _fetch_all(db: sqlite3.Connection, sql: str) -> list[Any]:
 
 def _prune(db: sqlite3.Connection, older_than: float) -> int:
     """Delete terminal rows updated before `older_than`, and downstream ids no row needs, in one transaction."""
-    with _transaction(db):
+    with transaction(db):
         deleted: int = db.execute(_PRUNE_STATES, (older_than,)).rowcount
         db.execute(_PRUNE_DOWNSTREAM_IDS)
     return deleted
-
-
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT on the connection's thread; on any failure, roll back and re-raise."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            # The original error is the one worth raising; a failed rollback is undone by SQLite anyway.
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-        raise
 
 
 def _select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:
@@ -631,7 +616,7 @@ def _statement(sql: Callable[[int], str], rows: int) -> str:
 
 def _write(db: sqlite3.Connection, batch: _Buffer) -> None:
     """Write `batch` in one transaction, on the connection's thread (blocking); on any failure, roll back."""
-    with _transaction(db):
+    with transaction(db):
         if batch.states:
             _insert_many(db, _upsert_states, [_row(s) for s in batch.states.values()])
         if batch.downstream_ids:
@@ -642,15 +627,6 @@ def _write(db: sqlite3.Connection, batch: _Buffer) -> None:
         unblocks = [(ref,) for ref, reason in batch.blocks.items() if reason is None]
         if unblocks:
             db.executemany(_DELETE_BLOCK, unblocks)
-
-
-def _prepare_file(path: Path) -> None:
-    """Create the file and tables and switch it to WAL (a persistent property of the file); blocking."""
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-        (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
-        if mode != "wal":
-            raise StoreError(f"dedup store {path}: journal mode is {mode!r}, WAL is not supported here")
-        db.executescript(_SCHEMA)
 
 
 # --- memory -----------------------------------------------------------------------------------------------

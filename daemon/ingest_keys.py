@@ -43,7 +43,6 @@ caller (``now``), so the stores never read a clock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import secrets
@@ -56,6 +55,7 @@ from typing import Any, ClassVar, Protocol, Self, cast
 
 import aiosqlite
 
+from consumers.sqlite_files import prepare_wal_file, transaction
 from topics.errors import StoreError
 
 __all__ = [
@@ -219,7 +219,7 @@ class SqliteIngestKeyStore:
             return
         # Step 1.
         try:
-            await asyncio.to_thread(_prepare_file, self.path)
+            await asyncio.to_thread(prepare_wal_file, self.path, _SCHEMA, "ingest key store")
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         # Step 2. isolation_level=None: no implicit transactions; the writer opens its own, one per batch.
@@ -451,17 +451,8 @@ _Operation = _ClaimOp | _CompleteOp | _ReleaseOp | _PruneOp | _FlushOp
 def _write(db: sqlite3.Connection, owner: str, batch: Sequence[_Operation]) -> list[object]:
     """Run `batch` in order in one transaction, on the connection's thread (blocking); on any failure, roll
     back. Returns per operation: a claim's `Claim` (None if it found no row), else the rows it changed."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        results = [_run(db, owner, operation) for operation in batch]
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            # The original error is the one worth raising; a failed rollback is undone by SQLite anyway.
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-        raise
-    return results
+    with transaction(db):
+        return [_run(db, owner, operation) for operation in batch]
 
 
 def _run(db: sqlite3.Connection, owner: str, operation: _Operation) -> object:
@@ -491,15 +482,6 @@ def _classify(row: tuple[Any, ...], body_sha256: str) -> Claim:
     if state == _DONE:
         return Replay(status=int(status), body=bytes(response))
     return Busy()
-
-
-def _prepare_file(path: Path) -> None:
-    """Create the file and table and switch it to WAL (a persistent property of the file); blocking."""
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-        (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
-        if mode != "wal":
-            raise StoreError(f"ingest key store {path}: journal mode is {mode!r}, WAL is not supported here")
-        db.executescript(_SCHEMA)
 
 
 # --- memory -----------------------------------------------------------------------------------------------
