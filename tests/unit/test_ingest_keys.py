@@ -212,20 +212,40 @@ async def test_answers_ride_with_the_next_claims_transaction(tmp_path: Path) -> 
         assert (store.transactions, file_rows(path)) == (2, {"k1": "done", "k2": "in_flight"})
 
 
-async def test_a_lone_answer_is_written_after_answer_delay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    loop = asyncio.get_running_loop()
-    timers: list[tuple[float, Callable[[], object]]] = []
+class HandTimers:
+    """`loop.call_later` replaced: each timer is recorded, and fires only when the test calls its callback."""
 
-    def call_later(delay: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
-        timers.append((delay, callback))
-        return asyncio.TimerHandle(math.inf, callback, (), loop)  # fired by hand below
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.timers: list[tuple[float, asyncio.TimerHandle, Callable[[], object]]] = []
 
+    def call_later(self, delay: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
+        handle = asyncio.TimerHandle(math.inf, callback, (), self.loop)
+        self.timers.append((delay, handle, callback))
+        return handle
+
+
+@pytest.fixture
+def hand_timers(monkeypatch: pytest.MonkeyPatch) -> Callable[[], HandTimers]:
+    """Call it where the store's timers should stop running by themselves."""
+
+    def install() -> HandTimers:
+        timers = HandTimers(asyncio.get_running_loop())
+        monkeypatch.setattr(timers.loop, "call_later", timers.call_later)
+        return timers
+
+    return install
+
+
+async def test_a_lone_answer_is_written_after_answer_delay(
+    tmp_path: Path, hand_timers: Callable[[], HandTimers]
+) -> None:
     path = tmp_path / "ingest.sqlite3"
-    async with SqliteIngestKeyStore(path, answer_delay=0.25) as store:
+    async with SqliteIngestKeyStore(path, answer_delay=0.25, claim_delay=0) as store:
         await store.claim("k", BODY_A, now=1.0)
-        monkeypatch.setattr(loop, "call_later", call_later)
+        timers = hand_timers()
         await store.complete("k", 202, ANSWER, now=2.0)
-        [(delay, fire)] = timers
+        [(delay, _, fire)] = timers.timers
         assert (delay, file_rows(path)) == (0.25, {"k": "in_flight"})
         writer = fire()
         assert isinstance(writer, asyncio.Task)
@@ -234,23 +254,16 @@ async def test_a_lone_answer_is_written_after_answer_delay(tmp_path: Path, monke
 
 
 async def test_claims_arriving_one_by_one_share_a_transaction_within_claim_delay(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, hand_timers: Callable[[], HandTimers]
 ) -> None:
-    loop = asyncio.get_running_loop()
-    timers: list[tuple[float, Callable[[], object]]] = []
-
-    def call_later(delay: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
-        timers.append((delay, callback))
-        return asyncio.TimerHandle(math.inf, callback, (), loop)  # fired by hand below
-
     path = tmp_path / "ingest.sqlite3"
     async with SqliteIngestKeyStore(path, answer_delay=0.25, claim_delay=0.002) as store:
-        monkeypatch.setattr(loop, "call_later", call_later)
+        timers = hand_timers()
         first = asyncio.create_task(store.claim("k1", BODY_A, now=1.0))
         await asyncio.sleep(0)  # one turn of the loop each: the claims come one by one
         second = asyncio.create_task(store.claim("k2", BODY_A, now=1.0))
         await asyncio.sleep(0)
-        [(delay, fire)] = timers  # the second claim found the writer's start already due
+        [(delay, _, fire)] = timers.timers  # the second claim found the writer's start already due
         assert (delay, store.transactions, file_rows(path)) == (0.002, 0, {})
         writer = fire()
         assert isinstance(writer, asyncio.Task)
@@ -258,23 +271,20 @@ async def test_claims_arriving_one_by_one_share_a_transaction_within_claim_delay
         assert (store.transactions, file_rows(path)) == (1, {"k1": "in_flight", "k2": "in_flight"})
 
 
-async def test_a_claim_brings_a_delayed_answer_forward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    loop = asyncio.get_running_loop()
-    timers: list[tuple[float, asyncio.TimerHandle, Callable[[], object]]] = []
-
-    def call_later(delay: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
-        handle = asyncio.TimerHandle(math.inf, callback, (), loop)  # fired by hand below
-        timers.append((delay, handle, callback))
-        return handle
-
+async def test_a_claim_brings_a_delayed_answer_forward(tmp_path: Path, hand_timers: Callable[[], HandTimers]) -> None:
     path = tmp_path / "ingest.sqlite3"
     async with SqliteIngestKeyStore(path, answer_delay=0.25, claim_delay=0.002) as store:
-        await store.claim("k1", BODY_A, now=1.0)
-        monkeypatch.setattr(loop, "call_later", call_later)
+        first = asyncio.create_task(store.claim("k1", BODY_A, now=1.0))
+        timers = hand_timers()
+        await asyncio.sleep(0)
+        [(_, _, start)] = timers.timers
+        start()
+        assert await first == Claimed()
+        timers.timers.clear()
         await store.complete("k1", 202, ANSWER, now=2.0)
         claim = asyncio.create_task(store.claim("k2", BODY_A, now=3.0))
         await asyncio.sleep(0)
-        [(answer_delay, answer_timer, _), (claim_delay, _, fire)] = timers
+        [(answer_delay, answer_timer, _), (claim_delay, _, fire)] = timers.timers
         assert (answer_delay, answer_timer.cancelled(), claim_delay) == (0.25, True, 0.002)
         fire()
         assert await claim == Claimed()
