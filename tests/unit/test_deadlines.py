@@ -51,14 +51,11 @@ async def test_a_scope_that_ends_in_time_is_untouched_and_the_sweeper_stops_when
     assert deadlines.open == 0
     await clock.advance(RESOLUTION)
     assert clock.sleepers == 0  # the sweeper ended: nothing is open
-    await clock.advance(10.0)  # and nothing it held fires later
-    assert (await asyncio.create_task(wait_within(deadlines, 0.0, _set_event()))) == "done"
-
-
-def _set_event() -> asyncio.Event:
-    event = asyncio.Event()
-    event.set()
-    return event
+    await clock.advance(10.0)
+    late = asyncio.create_task(wait_within(deadlines, 1.0, asyncio.Event()))
+    await clock.advance(1.0 + RESOLUTION)
+    assert late.done()  # a scope opened later starts a sweeper again
+    assert late.result() == "timeout"
 
 
 async def test_only_the_expired_scopes_of_many_time_out(clock: FakeClock) -> None:
@@ -87,15 +84,17 @@ async def test_a_cancellation_from_elsewhere_stays_a_cancellation(clock: FakeClo
 async def test_a_timed_out_task_goes_on_without_a_pending_cancellation(clock: FakeClock) -> None:
     deadlines = Deadlines(clock, resolution=RESOLUTION)
 
-    async def timed_out_then_more() -> str:
+    async def timed_out_then_more() -> tuple[str, int]:
         outcome = await wait_within(deadlines, 0.1, asyncio.Event())
-        await clock.sleep(1.0)  # a cancellation left pending would surface here
-        return outcome
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()  # our cancel taken back: an asyncio.timeout later would misread it
+        await clock.sleep(1.0)  # and a cancellation left pending would surface here
+        return outcome, cancelling
 
     task = asyncio.create_task(timed_out_then_more())
     await clock.advance(2.0)
-    assert await task == "timeout"
-    assert asyncio.current_task() is not None
+    assert await task == ("timeout", 0)
 
 
 async def test_a_scope_outside_a_task_is_refused(clock: FakeClock) -> None:
