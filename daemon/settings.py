@@ -32,6 +32,7 @@ from pydantic import (
 
 from consumers.sink import UrlTemplates
 from topics.catalogue import SINKS
+from topics.envelope import SOURCE_PATTERN
 from topics.errors import ConfigError
 
 ENV_PREFIX = "ORDERBUS_"
@@ -90,7 +91,8 @@ class IngestSettings(_Section):
     publish_timeout: Seconds = 10.0
     retry_after: int = Field(5, ge=1, le=3600)
     idempotency_retention_hours: float = Field(48, ge=24)
-    source: str = Field("webhook", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    # The envelope's own rule: a source it would refuse failed every request with a 500 (the webhook's slug).
+    source: str = Field("webhook", pattern=SOURCE_PATTERN)
 
     @field_validator("webhook_secrets", mode="before")
     @classmethod

@@ -286,6 +286,8 @@ def _problem(loc: str | Loc, message: str, given: Any, kind: str = "order_incons
 
 _LINE_AMOUNTS: Final = ("unit_price", "net_amount", "tax_amount")
 _ORDER_AMOUNTS: Final = ("net_total", "tax_total", "gross_total")
+# The minor unit of each number of decimal places a currency has (ISO 4217: 0 to 4): 1, 0.1, 0.01, ...
+_QUANTUM: Final = {places: Decimal(1).scaleb(-places) for places in {minor_units(c) for c in CURRENCY_CODES}}
 
 
 def _places(amount: Decimal) -> int:
@@ -296,17 +298,20 @@ def _places(amount: Decimal) -> int:
 
 
 def _precision_problems(order: Order) -> list[InitErrorDetails]:
-    # A plain loop, not a generator of (loc, amount): this runs for every record every sink decodes.
+    # A plain loop, not a generator of (loc, amount): this runs for every record every sink decodes. An amount
+    # written with exactly the currency's places (same_quantum, the common case) is settled without as_tuple(),
+    # which builds a tuple of every digit.
     allowed = minor_units(order.currency)
+    quantum = _QUANTUM[allowed]
     problems = []
     for index, line in enumerate(order.line_items):
         for field in _LINE_AMOUNTS:
             amount = getattr(line, field)
-            if -amount.as_tuple().exponent > allowed:
+            if not amount.same_quantum(quantum) and -amount.as_tuple().exponent > allowed:
                 problems.append(_too_precise(("line_items", index, field), amount, order.currency, allowed))
     for field in _ORDER_AMOUNTS:
         amount = getattr(order, field)
-        if -amount.as_tuple().exponent > allowed:
+        if not amount.same_quantum(quantum) and -amount.as_tuple().exponent > allowed:
             problems.append(_too_precise((field,), amount, order.currency, allowed))
     return problems
 
@@ -322,7 +327,7 @@ def _mismatch(loc: Loc, expected: str, given: Decimal) -> InitErrorDetails:
 
 def _arithmetic_problems(order: Order) -> list[InitErrorDetails]:
     problems: list[InitErrorDetails] = []
-    unit = Decimal(1).scaleb(-minor_units(order.currency))
+    unit = _QUANTUM[minor_units(order.currency)]
     with decimal.localcontext(prec=_EXACT_PRECISION):
         for index, line in enumerate(order.line_items):
             net = line.quantity * line.unit_price

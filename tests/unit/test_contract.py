@@ -434,6 +434,25 @@ def test_to_event_refuses_a_bad_source_slug() -> None:
         to_event(submission, event_id=EVENT_ID, source="Shop EU", now=NOW)
 
 
+@pytest.mark.parametrize("source", ["", "x" * 33, "shop.eu", "Shop"])
+def test_to_event_refuses_what_the_envelope_refuses_around_a_slug(source: str) -> None:
+    submission = OrderSubmission.model_validate_json(json.dumps({"order": VALID_ORDER}))
+    with pytest.raises(ValidationError, match="source"):
+        to_event(submission, event_id=EVENT_ID, source=source, now=NOW)
+
+
+def test_to_event_trims_a_padded_source_as_the_envelope_does() -> None:
+    submission = OrderSubmission.model_validate_json(json.dumps({"order": VALID_ORDER}))
+    assert to_event(submission, event_id=EVENT_ID, source=" webhook\n", now=NOW).source == "webhook"
+
+
+def test_to_event_validates_a_fallback_id_given_as_text() -> None:
+    submission = OrderSubmission.model_validate_json(json.dumps({"order": VALID_ORDER}))
+    event = to_event(submission, event_id=str(EVENT_ID), source="webhook", now=NOW)  # type: ignore[arg-type]
+    assert event.event_id == EVENT_ID
+    assert type(event.event_id) is UUID
+
+
 def test_to_event_refuses_a_naive_time() -> None:
     submission = OrderSubmission.model_validate_json(json.dumps({"order": VALID_ORDER}))
     with pytest.raises(ValidationError, match="occurred_at"):

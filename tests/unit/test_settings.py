@@ -59,6 +59,9 @@ def test_secrets_are_masked_when_printed(tmp_path: Path) -> None:
         ("", {"ORDERBUS_INGEST__NOPE": "1"}, ["ORDERBUS_INGEST__NOPE", "ingest.nope"]),
         ("", {"ORDERBUS_NOSECTION__PORT": "1"}, ["ORDERBUS_NOSECTION__PORT"]),
         ("[ingest\n", {}, ["not valid TOML"]),
+        # A source the event envelope refuses would fail every webhook with a 500: refused at start instead.
+        ('[ingest]\nsource = "shop.eu"\n', {}, ["ingest.source", "shop.eu"]),
+        ('[ingest]\nsource = "1shop"\n', {}, ["ingest.source"]),
     ],
 )
 def test_a_bad_value_names_the_key_and_the_problem(
