@@ -5,6 +5,7 @@ Personal data (names, emails, addresses) is never passed to a log call; events c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -58,6 +59,45 @@ class JsonFormatter(logging.Formatter):
         return f"{self._second_text}.{micros // 1000:03d}+00:00"
 
 
+class TickFlushingHandler(logging.StreamHandler[TextIO]):
+    """A stream handler that flushes once per turn of the event loop, not after every line.
+
+    The ingest logs a line per answered webhook; a flush is a write(2) each, ~5 us of the request's ~200 (py-spy,
+    in-process harness). Lines at INFO and below, written on a running loop's thread, are flushed by a callback
+    at the end of the loop's current turn, together; WARNING and above, and every line written outside a loop,
+    are flushed at once, so the last words before a watchdog kill (a blocked loop, whose callbacks never run)
+    reach the journal. A line can only be lost with the process killed within the turn it was written in.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._flush_due_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+        except RecursionError:  # as StreamHandler.emit
+            raise
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING:
+            self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._flush_due_on is not loop:  # none due yet, or due on a loop that is gone
+            self._flush_due_on = loop
+            loop.call_soon(self._flush_turn)
+
+    def _flush_turn(self) -> None:
+        self._flush_due_on = None
+        self.flush()
+
+
 # Libraries whose chatter says nothing an operator needs, at the least level that still does.
 QUIETED = {
     "aiokafka": logging.ERROR,  # a warning per retry while the broker is away; our own events say it once
@@ -75,7 +115,7 @@ def configure(level: str, stream: TextIO = sys.stderr) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream)
+    handler = TickFlushingHandler(stream)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -203,3 +203,76 @@ def test_configure_stops_collecting_what_no_event_shows(json_logs: io.StringIO) 
     assert set(event) == {"ts", "level", "logger", "msg", "status"}
     assert logging._srcfile is None
     assert (logging.logThreads, logging.logProcesses, logging.logMultiprocessing) == (False, False, False)
+
+
+class Recorder(io.StringIO):
+    """A stream that records what had been written at each flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+def tick_logger(stream: Recorder) -> logging.Logger:
+    handler = logs.TickFlushingHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger(f"tests.logs.tick.{id(stream)}")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    return logger
+
+
+async def test_lines_written_in_one_turn_of_the_loop_are_flushed_together_at_its_end() -> None:
+    stream = Recorder()
+    logger = tick_logger(stream)
+    logger.info("one")
+    logger.debug("two")
+    assert stream.flushed == []  # written, not flushed yet
+    await asyncio.sleep(0)  # the loop turns
+    [flushed] = stream.flushed
+    assert [json.loads(line)["msg"] for line in flushed.splitlines()] == ["one", "two"]
+    logger.info("three")
+    await asyncio.sleep(0)
+    assert len(stream.flushed) == 2
+    assert stream.flushed[-1].endswith('"msg": "three"}\n')
+
+
+async def test_a_warning_is_flushed_at_once_with_what_came_before() -> None:
+    stream = Recorder()
+    logger = tick_logger(stream)
+    logger.info("before")
+    logger.warning("trouble")
+    [flushed] = stream.flushed
+    assert [json.loads(line)["msg"] for line in flushed.splitlines()] == ["before", "trouble"]
+
+
+def test_a_line_written_outside_a_loop_is_flushed_at_once() -> None:
+    stream = Recorder()
+    tick_logger(stream).info("no loop here")
+    assert len(stream.flushed) == 1
+
+
+def test_a_flush_due_on_a_loop_that_closed_does_not_stop_later_flushes() -> None:
+    stream = Recorder()
+    logger = tick_logger(stream)
+
+    def log_only() -> None:
+        logger.info("last line of a loop")
+        first.stop()  # stops before the turn the flush was scheduled for
+
+    first = asyncio.new_event_loop()
+    first.call_soon(log_only)
+    first.run_forever()
+    first.close()
+    assert stream.flushed == []  # the loop stopped before the flush's turn: its callback was left behind
+
+    async def log_and_turn() -> None:
+        logger.info("first line of the next loop")
+        await asyncio.sleep(0)
+
+    asyncio.run(log_and_turn())
+    assert "first line of the next loop" in stream.flushed[-1]
