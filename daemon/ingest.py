@@ -23,7 +23,6 @@ the idempotency key, which a client may have built from personal data.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -250,11 +249,9 @@ def _event_id(submission: OrderSubmission, key: str | None) -> uuid.UUID:
 
 
 def _answer(event_id: uuid.UUID, published: Published) -> bytes:
-    return json.dumps(
-        {
-            "event_id": str(event_id),
-            "topic": published.topic,
-            "partition": published.partition,
-            "offset": published.offset,
-        }
+    """The 202 body, as ``json.dumps`` writes it. Formatted directly (a sixth of json.dumps' cost): every value is
+    JSON as it stands -- a UUID's text, a Kafka topic name (ASCII letters, digits, ``.``, ``_``, ``-``), integers."""
+    return (
+        f'{{"event_id": "{event_id}", "topic": "{published.topic}", '
+        f'"partition": {published.partition:d}, "offset": {published.offset:d}}}'
     ).encode()

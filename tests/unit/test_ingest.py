@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from daemon.app import build_app
-from daemon.ingest import EVENT_ID_NAMESPACE, Ingest, IngestConfig
+from daemon.ingest import EVENT_ID_NAMESPACE, Ingest, IngestConfig, _answer
 from daemon.ingest_keys import MemoryIngestKeyStore
 from daemon.publisher import BrokerUnavailable, Published, PublishPending
 from daemon.signature import WebhookVerifier, sign
@@ -291,3 +291,13 @@ async def test_openapi_health_and_readiness(client: Client) -> None:
     }  # fmt: skip
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("topic", "partition", "offset"),
+    [("orders", 0, 0), ("shop.orders_v2-eu", 11, 9_007_199_254_740_993), ("O", 2**31 - 1, 2**63 - 1)],
+)
+def test_the_202_body_is_what_json_dumps_writes(topic: str, partition: int, offset: int) -> None:
+    event_id = uuid.UUID("6f1c2a52-0a7e-4d0e-9a51-3f0f3c1c9b10")
+    expected = {"event_id": str(event_id), "topic": topic, "partition": partition, "offset": offset}
+    assert _answer(event_id, Published(topic, partition, offset)) == json.dumps(expected).encode()
