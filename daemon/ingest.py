@@ -129,9 +129,15 @@ class Ingest:
     async def _read_body(self, request: web.Request) -> bytes | None:
         """The whole body, or None once it exceeds the limit (declared or streamed)."""
         limit = self._config.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            return None
-        # read(n) returns what has arrived, up to n bytes: a large body comes in several pieces.
+        declared = request.content_length
+        if declared is not None:
+            if declared > limit:
+                return None
+            try:
+                return await request.content.readexactly(declared)
+            except asyncio.IncompleteReadError as short:  # the stream ended early: the checks refuse what came
+                return short.partial
+        # Chunked: read(n) returns what has arrived, up to n bytes, so a large body comes in several pieces.
         body = bytearray()
         while len(body) <= limit and (piece := await request.content.read(limit + 1 - len(body))):
             body += piece
