@@ -189,7 +189,7 @@ class Ingest:
                 await self._keys.release(key)
             return self._unavailable("kafka is unreachable; nothing was published", {**ids, "error": str(exc)})
         self._metrics.publish_seconds.observe(self._monotonic() - started)
-        answer = _answer(event.event_id, published)
+        answer = _answer(ids["event_id"], published)
         if key is not None:
             await self._remember(key, answer)
         log.info(
@@ -218,7 +218,7 @@ class Ingest:
             log.warning("late publish failed", extra={"event_id": str(event_id), "error": str(exc)})
             await self._keys.release(key)
             return
-        await self._remember(key, _answer(event_id, published))
+        await self._remember(key, _answer(str(event_id), published))
 
     async def close(self) -> None:
         """Stop waiting for late publishes; their keys stay in flight and are re-claimable after a restart."""
@@ -254,9 +254,10 @@ def _event_id(submission: OrderSubmission, key: str | None) -> uuid.UUID:
     return uuid.uuid4()
 
 
-def _answer(event_id: uuid.UUID, published: Published) -> bytes:
+def _answer(event_id: str, published: Published) -> bytes:
     """The 202 body, as ``json.dumps`` writes it. Formatted directly (a sixth of json.dumps' cost): every value is
-    JSON as it stands -- a UUID's text, a Kafka topic name (ASCII letters, digits, ``.``, ``_``, ``-``), integers."""
+    JSON as it stands -- a UUID's text (`event_id`), a Kafka topic name (ASCII letters, digits, ``.``, ``_``,
+    ``-``), integers."""
     return (
         f'{{"event_id": "{event_id}", "topic": "{published.topic}", '
         f'"partition": {published.partition:d}, "offset": {published.offset:d}}}'

@@ -300,4 +300,4 @@ async def test_openapi_health_and_readiness(client: Client) -> None:
 def test_the_202_body_is_what_json_dumps_writes(topic: str, partition: int, offset: int) -> None:
     event_id = uuid.UUID("6f1c2a52-0a7e-4d0e-9a51-3f0f3c1c9b10")
     expected = {"event_id": str(event_id), "topic": topic, "partition": partition, "offset": offset}
-    assert _answer(event_id, Published(topic, partition, offset)) == json.dumps(expected).encode()
+    assert _answer(str(event_id), Published(topic, partition, offset)) == json.dumps(expected).encode()

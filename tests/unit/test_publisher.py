@@ -1,7 +1,7 @@
 """`KafkaPublisher` against a fake producer: acks=all answers, refusals, and publishes that outlive their timeout.
 
-A timeout of 0 makes "the broker did not acknowledge in time" happen on the next turn of the loop, without
-sleeping; the real broker's side is in tests/integration/test_ingest_kafka.py.
+The publish timeouts run on a fake clock that jumps whenever every task waits, so "the broker did not
+acknowledge in time" happens without sleeping; the real broker's side is in tests/integration/test_ingest_kafka.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
+from consumers.clock import FakeClock
+from consumers.deadlines import DEFAULT_RESOLUTION
 from daemon.publisher import BrokerUnavailable, KafkaPublisher, Published, PublishPending
 from topics.codec import EncodedRecord
 from topics.errors import PublishError
@@ -68,11 +70,13 @@ async def started() -> AsyncIterator[tuple[KafkaPublisher, list[FakeProducer]]]:
         producers.append(FakeProducer(options))
         return producers[-1]
 
+    clock = FakeClock()
     publisher = KafkaPublisher(
-        "orders", {"bootstrap_servers": "kafka:9092"}, health_interval=3600, producer_factory=factory
+        "orders", {"bootstrap_servers": "kafka:9092"}, health_interval=3600, producer_factory=factory, clock=clock
     )
     await publisher.start()
-    yield publisher, producers
+    async with clock.autojump():
+        yield publisher, producers
     await publisher.close(grace=1.0)
 
 
@@ -152,3 +156,20 @@ async def test_a_pending_publish_stays_unknown_when_the_producer_is_closed(
     producer.outcomes[0].cancel()
     with pytest.raises(asyncio.CancelledError):
         await pending.value.future
+
+
+async def test_a_publish_times_out_at_its_deadline_not_before() -> None:
+    clock = FakeClock()
+    producer = FakeProducer({}, mode="hold")
+    publisher = KafkaPublisher("orders", {}, health_interval=3600, producer_factory=lambda **_: producer, clock=clock)
+    await publisher.start()
+    try:
+        publishing = asyncio.create_task(publisher.publish(RECORD, timeout=5.0))
+        await clock.advance(4.9)
+        assert not publishing.done()
+        await clock.advance(0.1 + DEFAULT_RESOLUTION)  # the sweeper sees it within one resolution
+        assert publishing.done()
+        with pytest.raises(PublishPending):
+            await publishing
+    finally:
+        await publisher.close(grace=1.0)
