@@ -17,7 +17,7 @@ from topics import minor_units
 from topics.codec import field_errors
 from topics.currency import CURRENCY_CODES, is_currency
 from topics.envelope import OrderEvent, OrderSubmission, to_event
-from topics.order import Order
+from topics.order import Order, _to_money
 from topics.samples import sample_event, sample_order, sample_submission
 
 Json = dict[str, Any]
@@ -139,6 +139,24 @@ def test_money_is_written_back_exactly_as_decimal_strings() -> None:
     assert written["line_items"][0]["unit_price"] == "12.50"
     assert written["tax_total"] == "6.41"
     assert written["line_items"][1]["tax_rate"] == "0.19"
+
+
+@pytest.mark.parametrize("places", sorted({minor_units(code) for code in CURRENCY_CODES}))
+def test_every_amount_an_order_can_hold_is_written_in_plain_digits(places: int) -> None:
+    # Money is serialized with str(), which switches to exponent notation below 1e-6 or for a positive exponent;
+    # an amount that passed the order's rules has neither. Zeros, the smallest unit, and 18 whole digits:
+    rng = random.Random(places)
+    wholes = ["0", "1", "10", "999999999999999999", *(str(rng.randrange(10**18)) for _ in range(200))]
+    fractions = [
+        "0" * places,
+        "0" * (places - 1) + "1" if places else "",
+        *("".join(rng.choice("0123456789") for _ in range(places)) for _ in range(200)),
+    ]
+    for whole in wholes:
+        for fraction in fractions[:3] if whole != "0" else fractions:
+            text = f"{whole}.{fraction}" if places else whole
+            amount = _to_money(text)
+            assert str(amount) == text, text
 
 
 def test_yen_and_dinar_orders_use_their_own_minor_units() -> None:
