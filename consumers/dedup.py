@@ -50,7 +50,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -296,14 +296,23 @@ DELETE FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref NOT IN (SELECT order_ref FROM
 # pages (~16 MB of WAL at most) instead of SQLite's 1,000 took a fifth off the CPU of a flush (tests/bench).
 _WAL_AUTOCHECKPOINT_PAGES: Final = 4000
 
-# Keys per ``IN (...)`` query: below 999, the smallest SQLITE_MAX_VARIABLE_NUMBER a build may have.
-_CHUNK: Final = 500
+# Bound values per statement: at most 999, the smallest SQLITE_MAX_VARIABLE_NUMBER a build may have.
 _MAX_VARIABLES: Final = 999
+# Statements of many rows take only a few row counts, so that a connection's statement cache (128 statements)
+# holds every one: any row count made a new statement text on most flushes, and preparing an 83-row upsert (340 us)
+# cost as much as running it. An upsert takes as many rows as fit, then a multiple of `_ROW_STEP` rows, then the
+# rest (at most two statements more: each statement is a GIL hand-over between the writer's thread and the loop's).
+# A lookup pads its keys with NULLs (which match nothing) to a multiple of `_KEY_STEP`, up to `_MOST_KEYS` a query.
+_ROW_STEP: Final = 8
+_KEY_STEP: Final = 16
+_MOST_KEYS: Final = 512
 _SELECT_STATES = f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM {DELIVERIES_TABLE} WHERE key IN "  # noqa: S608 -- constant
 _SELECT_BLOCKED = f"SELECT order_ref FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref IN "  # noqa: S608 -- constant
 _SELECT_BLOCKING = f"SELECT order_ref, reason FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref IN "  # noqa: S608 -- constant
+_ANY_BLOCKED = f"SELECT EXISTS (SELECT 1 FROM {BLOCKED_ORDERS_TABLE})"  # noqa: S608 -- constant
 
 
+@functools.cache
 def _in(n: int) -> str:
     """The ``(?, ?, ...)`` of an IN query for `n` bound values."""
     return f"({', '.join('?' * n)})"
@@ -327,9 +336,18 @@ def _row(s: DeliveryState) -> tuple[Any, ...]:
     )
 
 
-def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
+def _chunks(count: int, width: int) -> Iterator[tuple[int, int]]:
+    """(start, size) of the statements that write `count` rows of `width` values (see `_ROW_STEP`)."""
+    most = _MAX_VARIABLES // width // _ROW_STEP * _ROW_STEP
+    start = 0
+    while count - start >= most:
+        yield start, most
+        start += most
+    rest = count - start
+    for size in (rest - rest % _ROW_STEP, rest % _ROW_STEP):
+        if size:
+            yield start, size
+            start += size
 
 
 class SqliteDedupStore:
@@ -504,7 +522,7 @@ class SqliteDedupStore:
         blocked = {ref for ref, is_blocked in decided.items() if is_blocked}
         wanted = [ref for ref, is_blocked in decided.items() if is_blocked is None]
         try:
-            rows = _select_in(self._read_connection(), _SELECT_BLOCKED, wanted)
+            rows = _select_blocked(self._read_connection(), _SELECT_BLOCKED, wanted)
         except sqlite3.Error as exc:
             raise self._error("blocked_orders", exc) from exc
         blocked.update(str(row[0]) for row in rows)
@@ -512,15 +530,16 @@ class SqliteDedupStore:
 
     async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
         result: dict[str, str] = {}
-        wanted = []
-        for ref in order_refs:
-            layer = next((layer for layer in self._layers() if ref in layer.blocks), None)
+        layers = [layer for layer in self._layers() if layer.blocks]  # nearly always none: asked per fetched batch
+        wanted = list(order_refs) if not layers else []
+        for ref in order_refs if layers else ():
+            layer = next((layer for layer in layers if ref in layer.blocks), None)
             if layer is None:
                 wanted.append(ref)
             elif (reason := layer.blocks[ref]) is not None:
                 result[ref] = reason
         try:
-            rows = _select_in(self._read_connection(), _SELECT_BLOCKING, wanted)
+            rows = _select_blocked(self._read_connection(), _SELECT_BLOCKING, wanted)
         except sqlite3.Error as exc:
             raise self._error("blocking", exc) from exc
         result.update((str(row[0]), str(row[1])) for row in rows)
@@ -577,12 +596,10 @@ class SqliteDedupStore:
         return StoreError(f"dedup store {self.path}: {operation} failed: {exc}")
 
 
-def _insert_many(db: sqlite3.Connection, sql: Callable[[int], str], rows: Sequence[Sequence[Any]]) -> None:
-    """`rows` by multi-row statements of at most `_MAX_VARIABLES` bound values each (see `_upsert_states`)."""
-    per = _MAX_VARIABLES // len(rows[0])
-    for start in range(0, len(rows), per):
-        chunk = rows[start : start + per]
-        db.execute(_statement(sql, len(chunk)), [value for row in chunk for value in row])
+def _insert_many(db: sqlite3.Connection, sql: Callable[[int], str], values: list[Any], width: int) -> None:
+    """Rows of `width` values, laid end to end in `values`, by multi-row statements (see `_upsert_states`)."""
+    for start, size in _chunks(len(values) // width, width):
+        db.execute(_statement(sql, size), values[start * width : (start + size) * width])
 
 
 def _nothing(db: sqlite3.Connection) -> None:
@@ -602,11 +619,21 @@ def _prune(db: sqlite3.Connection, older_than: float) -> int:
 
 
 def _select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:
-    """Rows of ``select IN (keys)``, in chunks of `_CHUNK` keys (on the read-only connection)."""
+    """Rows of ``select IN (keys)``, `_MOST_KEYS` keys a query, padded (on the read-only connection)."""
     rows: list[Any] = []
-    for chunk in _chunks(keys):
+    for start in range(0, len(keys), _MOST_KEYS):
+        chunk: list[str | None] = list(keys[start : start + _MOST_KEYS])
+        chunk += [None] * (-len(chunk) % _KEY_STEP)
         rows.extend(db.execute(select + _in(len(chunk)), chunk).fetchall())
     return rows
+
+
+def _select_blocked(db: sqlite3.Connection, select: str, order_refs: Sequence[str]) -> list[Any]:
+    """`_select_in` of the blocked orders, asked only if there is any: the table is nearly always empty, and the
+    lookup of a fetched batch's orders (up to 1,000) cost ~100 us of the event loop for nothing."""
+    if not order_refs or db.execute(_ANY_BLOCKED).fetchone()[0] == 0:
+        return []
+    return _select_in(db, select, order_refs)
 
 
 @functools.cache
@@ -618,9 +645,11 @@ def _write(db: sqlite3.Connection, batch: _Buffer) -> None:
     """Write `batch` in one transaction, on the connection's thread (blocking); on any failure, roll back."""
     with transaction(db):
         if batch.states:
-            _insert_many(db, _upsert_states, [_row(s) for s in batch.states.values()])
+            states = [value for s in batch.states.values() for value in _row(s)]
+            _insert_many(db, _upsert_states, states, len(DELIVERY_COLUMNS))
         if batch.downstream_ids:
-            _insert_many(db, _upsert_downstream_ids, list(batch.downstream_ids.items()))
+            ids = [value for pair in batch.downstream_ids.items() for value in pair]
+            _insert_many(db, _upsert_downstream_ids, ids, len(DOWNSTREAM_ID_COLUMNS))
         blocks = [(ref, reason) for ref, reason in batch.blocks.items() if reason is not None]
         if blocks:
             db.executemany(_UPSERT_BLOCK, blocks)

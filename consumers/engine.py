@@ -132,6 +132,7 @@ class SinkEngine:
         self._lag: dict[TopicPartitionKey, int] = {}
         self._lag_reported: set[int] = set()
         self._kafka_seen = clock.now()  # the last time the broker answered a lag measurement
+        self._group = GroupFlush(store)
         metrics.add_sink(sink.name)
         self._context = LaneContext(
             sink=sink,
@@ -156,7 +157,7 @@ class SinkEngine:
             slots=asyncio.Semaphore(self.config.max_in_flight),
             unsettled=asyncio.Semaphore(2 * self.config.max_in_flight),
             rng=rng or random.Random(),
-            durable=GroupFlush(store).durable,
+            batch=self._group.batch,
         )
 
     # ------------------------------------------------------------------ the run loop
@@ -373,7 +374,8 @@ class SinkEngine:
         """Stop `tps`' lanes, wait up to the grace period for their requests under way, commit, forget them.
 
         Step 1. Every lane of those partitions stops before its next attempt; parked lanes stop at once.
-        Step 2. Wait at most `shutdown_grace` for the attempts under way; cancel what is left.
+        Step 2. Wait at most `shutdown_grace` for the attempts under way; cancel what is left. Then wait (as
+                long again at most) for the records settling: terminal, their states being made durable.
         Step 3. Commit what finished (flushing the dedup store first).
         Step 4. Forget those partitions: their unfinished records are redelivered to whoever owns them next.
         """
@@ -393,10 +395,21 @@ class SinkEngine:
             if late:
                 log.warning("cancelled requests still under way after the grace period", extra={"sink": self.sink.name})
                 await asyncio.wait(late)
+        if lanes:
+            settled = asyncio.ensure_future(self._group.settled())
+            grace = asyncio.ensure_future(self._clock.sleep(self.config.shutdown_grace))
+            try:
+                await asyncio.wait({settled, grace}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                grace.cancel()
+            if not settled.done():
+                settled.cancel()
+                log.warning("dedup writes still under way after the grace period", extra={"sink": self.sink.name})
         # Step 3.
         await self.commit(only=tps)
         # Step 4.
         for lane in lanes:
+            lane.forget()
             self._buffered -= lane.size
             self._lanes.pop(lane.id, None)
         self._offsets.revoke(tps)

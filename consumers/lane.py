@@ -1,14 +1,20 @@
 """A lane: the records of one order key in one partition, delivered strictly in order, retries included.
 
-A lane is one task. It takes its oldest record through attempts until the record is terminal, then the next.
+A lane is one task at a time. It takes its oldest record through attempts until the record is terminal, then the next.
 A temporary failure *parks* the lane until its next attempt time; that wait is the lane's own and never blocks
 the poll loop or other keys. HTTP requests across all lanes are bounded by the sink's `max_in_flight` slots,
 and paced by the sink's shared `Pacer`.
+
+A record is finished once its terminal state is durable (group commit, `consumers.group_flush`). The lane's task
+does not wait for that: it ends with the record *settling*, a done-callback of the flush's batch, and that callback
+finishes the record and starts the task again if more records wait. So the next record of the key is still sent
+only once the one before it is durable, and a lane costs no task wake-up per record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections import deque
@@ -58,9 +64,18 @@ class LaneContext:
     slots: asyncio.Semaphore  # HTTP requests under way: `max_in_flight`
     unsettled: asyncio.Semaphore  # records sent and not yet durably recorded: 2 x `max_in_flight`
     rng: random.Random
-    durable: Callable[[], Awaitable[None]] | None = None
+    batch: Callable[[], asyncio.Future[None]]  # the group flush's next batch (`consumers.group_flush.GroupFlush`)
     blocked: dict[str, str] = field(default_factory=dict)  # order → idempotency key of the record that blocked it
     in_flight: int = 0
+
+
+@dataclass(slots=True)
+class _Settling:
+    """A record whose terminal state is put, waiting for it to be durable; then `after` (metrics, logs) runs."""
+
+    work: Work
+    after: Callable[[], None]
+    holds_unsettled: bool = False  # it holds a place of `LaneContext.unsettled`, given back once durable
 
 
 @dataclass(slots=True)
@@ -88,6 +103,8 @@ class Lane:
         self._on_finished = on_finished
         self._queue: deque[Work] = deque()
         self._stopping = False
+        self._settling: _Settling | None = None  # the oldest record, terminal, waiting to be durable
+        self._forgotten = False
         # Idempotency keys this lane finished while more records waited behind: a second copy of an event (in the
         # same fetch as the first, or queued behind it) was not yet terminal when the engine looked it up, and
         # must not be sent again. Made only when needed: most lanes hold one record, and a full buffer holds many.
@@ -107,27 +124,66 @@ class Lane:
 
     def push(self, work: Work) -> None:
         self._queue.append(work)
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._run(), name=f"lane-{self._context.sink.name}")
+        if self._settling is None and (self.task is None or self.task.done()):
+            self._start()
 
     def stop(self) -> None:
-        """Finish nothing new; a lane that is only waiting (parked, or held by a gate) stops at once."""
+        """Finish nothing new; a lane that is only waiting (parked, or held by a gate) stops at once.
+
+        A record already settling still finishes once durable (the drain waits for that: `GroupFlush.settled`).
+        """
         self._stopping = True
         if self.parked and self.task is not None:
             self.task.cancel()
+
+    def forget(self) -> None:
+        """The lane's partition is no longer ours: a record settling after this finishes nothing."""
+        self._stopping = self._forgotten = True
+
+    def _start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"lane-{self._context.sink.name}")
 
     async def _run(self) -> None:
         while self._queue and not self._stopping:
             work = self._queue[0]
             if self._finished is not None and work.idempotency_key in self._finished and not work.replay:
                 self._count_duplicate()
-            else:
-                await self._deliver(work)
-                if len(self._queue) > 1:
-                    self._finished = self._finished or set()
-                    self._finished.add(work.idempotency_key)
-            self._queue.popleft()
-            self._on_finished(self, work)
+                self._queue.popleft()
+                self._on_finished(self, work)
+                continue
+            self._settling = await self._deliver(work)
+            self._context.batch().add_done_callback(self._settled)
+            return  # `_settled` goes on once the record is durable
+
+    def _settled(self, batch: asyncio.Future[None]) -> None:
+        """The flush of the settling record's state is over: finish the record, and go on with the next one.
+
+        If the flush failed, the record stays unfinished at the head of the lane, as when a waiting task got the
+        error: its offset is not committed, so it comes again after a restart or rebalance. A lasting failure also
+        fails the engine's next commit, which flushes too, and with it the run.
+        """
+        settling, self._settling = self._settling, None
+        assert settling is not None
+        if settling.holds_unsettled:
+            self._context.unsettled.release()
+        error = batch.exception() if not batch.cancelled() else asyncio.CancelledError()
+        if self._forgotten:
+            return
+        work = settling.work
+        if error is not None:
+            log.error(
+                "a finished record could not be recorded in the dedup table; it stays unfinished",
+                extra={"sink": self._context.sink.name, "order": work.order_ref, "error": repr(error)},
+            )
+            return
+        settling.after()
+        if len(self._queue) > 1:
+            self._finished = self._finished or set()
+            self._finished.add(work.idempotency_key)
+        self._queue.popleft()
+        self._on_finished(self, work)
+        if self._queue and not self._stopping:
+            self._start()
 
     def _count_duplicate(self) -> None:
         """As the engine counts a record whose key it finds terminal in the dedup table."""
@@ -137,11 +193,11 @@ class Lane:
 
     # ------------------------------------------------------------------ one record to a terminal state
 
-    async def _deliver(self, work: Work) -> None:
+    async def _deliver(self, work: Work) -> _Settling:
+        """Take `work` to a terminal state and put it; what to do once that state is durable."""
         context = self._context
         if work.invalid is not None:
-            await self._dead_letter(work, "invalid", "contract", _Attempts(), detail=str(work.invalid))
-            return
+            return await self._dead_letter(work, "invalid", "contract", _Attempts(), detail=str(work.invalid))
         root = context.blocked.get(work.order_ref)
         if root is not None and work.replay and root == work.idempotency_key:
             # The operator replays the record that blocked this order: the order is delivered again.
@@ -150,19 +206,20 @@ class Lane:
             root = None
         if root is not None:
             detail = "an earlier event of this order is in the dead-letter topic; replay it first"
-            await self._dead_letter(
+            return await self._dead_letter(
                 work, "dead-lettered-predecessor", "order-survives-dead-letters", _Attempts(), detail=detail
             )
-            return
         assert work.prepared is not None
         attempts = _Attempts()
         while True:
             probe = await self._wait_for_gates()
             # A request slot is held for the HTTP exchange only, so the next request leaves while this outcome
-            # is being made durable; an `unsettled` place is held until the outcome is durable. After a crash,
-            # at most those records (2 x `max_in_flight`) can have been applied downstream without being
-            # recorded here, and are sent once more under the same idempotency key.
-            async with context.unsettled:
+            # is being made durable; an `unsettled` place is held until the outcome is durable (the settling
+            # record gives it back). After a crash, at most those records (2 x `max_in_flight`) can have been
+            # applied downstream without being recorded here, and are sent once more under the same idempotency key.
+            await context.unsettled.acquire()
+            settling: _Settling | None = None
+            try:
                 try:
                     async with context.slots:
                         outcome = await self._attempt(work, attempts)
@@ -174,13 +231,18 @@ class Lane:
                 if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
                     probe.release()  # a 401 says nothing about the system's health
                 if decision.action in ("done", "duplicate"):
-                    await self._done(work, attempts, outcome, decision)
-                    return
-                if decision.action == "dead_letter":
+                    settling = self._done(work, attempts, outcome, decision)
+                elif decision.action == "dead_letter":
                     context.circuit.record(True)  # the system works; our data is what it refused
                     context.auth.record(True)
-                    await self._dead_letter(work, "rejected", decision.rule, attempts)
-                    return
+                    settling = await self._dead_letter(work, "rejected", decision.rule, attempts)
+            finally:
+                if settling is None:
+                    context.unsettled.release()
+                else:
+                    settling.holds_unsettled = True
+            if settling is not None:
+                return settling
             if decision.action == "pause_auth":
                 context.auth.record(False)
                 context.metrics.auth_failures.labels(context.sink.name).inc()
@@ -195,8 +257,9 @@ class Lane:
                     },
                 )
                 continue  # not counted against max attempts: it is our configuration, not this order
-            if await self._retry_or_give_up(work, attempts, outcome, decision):
-                return
+            settling = await self._retry_or_give_up(work, attempts, outcome, decision)
+            if settling is not None:
+                return settling
 
     async def _attempt(self, work: Work, attempts: _Attempts) -> Reply | TransportFailure:
         """One HTTP attempt; the caller holds a request slot."""
@@ -231,9 +294,9 @@ class Lane:
             return policy.decide(outcome.status)
         return policy.decide_failure(outcome.kind)
 
-    async def _done(
+    def _done(
         self, work: Work, attempts: _Attempts, outcome: Reply | TransportFailure, decision: Decision
-    ) -> None:
+    ) -> _Settling:
         context = self._context
         assert work.prepared is not None
         assert isinstance(outcome, Reply)
@@ -244,7 +307,12 @@ class Lane:
             context.store.put_downstream_id(work.order_ref, downstream_id)
         status: DeliveryStatus = "done" if decision.action == "done" else "duplicate"
         self._put(work, status, attempts, downstream_id=downstream_id, digest=outcome.digest)
-        await self._durable()
+        return _Settling(work, functools.partial(self._delivered, work, attempts.count, outcome.status, status))
+
+    def _delivered(self, work: Work, attempt: int, http_status: int, status: DeliveryStatus) -> None:
+        """Once the ``done`` (or ``duplicate``) state is durable."""
+        context = self._context
+        assert work.prepared is not None
         outcome_label = "delivered" if status == "done" else "duplicate"
         context.hot.deliveries[outcome_label].inc()
         if status == "done" and work.timestamp_ms > 0:
@@ -256,15 +324,15 @@ class Lane:
                 "sink": context.sink.name,
                 "event_id": work.prepared.event_id,
                 "order": work.order_ref,
-                "attempt": attempts.count,
-                "status": outcome.status,
+                "attempt": attempt,
+                "status": http_status,
             },
         )
 
     async def _retry_or_give_up(
         self, work: Work, attempts: _Attempts, outcome: Reply | TransportFailure, decision: Decision
-    ) -> bool:
-        """Park the lane until the next attempt; True when retries are exhausted and the record dead-lettered."""
+    ) -> _Settling | None:
+        """Park the lane until the next attempt; when retries are exhausted, dead-letter the record instead."""
         context = self._context
         context.auth.record(True)
         retry_after = None
@@ -282,8 +350,7 @@ class Lane:
             context.circuit.release()
         assert attempts.first_mono is not None
         if context.backoff.exhausted(attempts.count, attempts.first_mono, context.clock.now()):
-            await self._dead_letter(work, "retries-exhausted", decision.rule, attempts)
-            return True
+            return await self._dead_letter(work, "retries-exhausted", decision.rule, attempts)
         context.metrics.retries.labels(context.sink.name, _retry_reason(outcome)).inc()
         self._put(work, "in_flight", attempts)
         delay = context.backoff.delay(attempts.count, context.rng)
@@ -302,7 +369,7 @@ class Lane:
             },
         )
         await self._park(delay)
-        return False
+        return None
 
     async def _wait_for_gates(self) -> Circuit | None:
         """Wait while the circuit is open or the sink is paused for its credentials.
@@ -338,8 +405,10 @@ class Lane:
 
     # ------------------------------------------------------------------ terminal bookkeeping
 
-    async def _dead_letter(self, work: Work, reason: Reason, rule: str, attempts: _Attempts, detail: str = "") -> None:
-        """Write the dead letter durably (retrying until the broker takes it), then record the key as dead."""
+    async def _dead_letter(
+        self, work: Work, reason: Reason, rule: str, attempts: _Attempts, detail: str = ""
+    ) -> _Settling:
+        """Write the dead letter durably (retrying until the broker takes it), then put the key as dead."""
         context = self._context
         last = attempts.last
         letter = DeadLetter(
@@ -373,7 +442,11 @@ class Lane:
             context.blocked[work.order_ref] = work.idempotency_key
             context.store.block_order(work.order_ref, work.idempotency_key)
         self._put(work, "dead", attempts, reason=reason)
-        await self._durable()
+        return _Settling(work, functools.partial(self._dead_lettered, work, reason, rule, attempts.count, letter))
+
+    def _dead_lettered(self, work: Work, reason: Reason, rule: str, attempt: int, letter: DeadLetter) -> None:
+        """Once the ``dead`` state is durable."""
+        context = self._context
         context.metrics.dead_letters.labels(context.sink.name, reason).inc()
         context.hot.deliveries["dead_lettered"].inc()
         log.warning(
@@ -384,15 +457,10 @@ class Lane:
                 "rule": rule,
                 "order": work.order_ref,
                 "event_id": work.prepared.event_id if work.prepared else None,
-                "attempt": attempts.count,
+                "attempt": attempt,
                 "status": letter.http_status,
             },
         )
-
-    async def _durable(self) -> None:
-        """A terminal state is recorded durably before the record counts as finished (group commit)."""
-        if self._context.durable is not None:
-            await self._context.durable()
 
     def _put(
         self,

@@ -136,6 +136,52 @@ async def test_get_many_answers_a_batch_larger_than_sqlites_variable_limit(store
     assert sorted(got) == sorted([*keys[::1000], "crm:evt-7"])
 
 
+async def test_flushes_of_any_size_write_every_state_and_downstream_id(backend: Backend) -> None:
+    sizes = [1, 2, 63, 64, 65, 83, 84, 140, 511, 1000]
+    async with backend.new() as writer:
+        for size in sizes:
+            for i in range(size):
+                writer.put(state(f"crm:{size}-{i}", order_ref=f"SO-{size}-{i}"))
+                writer.put_downstream_id(f"SO-{size}-{i}", f"crm-{size}-{i}")
+            assert await writer.flush() == 2 * size
+    async with backend.new() as reader:
+        keys = [f"crm:{size}-{i}" for size in sizes for i in range(size)]
+        got = await reader.get_many(keys)
+        assert sorted(got) == sorted(keys)
+        assert got["crm:140-139"] == state("crm:140-139", order_ref="SO-140-139")
+        assert await reader.downstream_id("SO-1000-999") == "crm-1000-999"
+        assert await reader.downstream_id("SO-65-64") == "crm-65-64"
+
+
+async def test_flushes_of_every_size_use_few_statement_texts(tmp_path: Path) -> None:
+    # A connection caches 128 prepared statements; a text per row count would be prepared again on most flushes.
+    traced: list[str] = []  # as run, with the values bound
+    async with SqliteDedupStore(tmp_path / "crm.dedup.sqlite3") as store:
+        await store._on_thread(lambda db: db.set_trace_callback(traced.append))  # the writer's thread
+        for size in range(1, 301):
+            for i in range(size):
+                store.put(state(f"crm:{size}-{i}", order_ref=f"SO-{size}-{i}"))
+                store.put_downstream_id(f"SO-{size}-{i}", f"crm-{size}-{i}")
+            await store.flush()
+    per_flush: list[dict[str, list[int]]] = []  # row counts of each table's statements, flush by flush
+    for text in traced:
+        if text == "BEGIN IMMEDIATE":
+            per_flush.append({DELIVERIES_TABLE: [], DOWNSTREAM_IDS_TABLE: []})
+        for table, counts in per_flush[-1].items():
+            if text.lstrip().startswith(f"INSERT INTO {table} "):
+                counts.append(text.count("), (") + 1)
+    assert len(per_flush) == 300
+    for size, flush in enumerate(per_flush, start=1):
+        assert sum(flush[DELIVERIES_TABLE]) == sum(flush[DOWNSTREAM_IDS_TABLE]) == size
+        assert len(flush[DELIVERIES_TABLE]) <= size // 80 + 2, "as many rows as fit, then two statements at most"
+        assert len(flush[DOWNSTREAM_IDS_TABLE]) <= 2
+    texts = {
+        table: {n for flush in per_flush for n in flush[table]} for table in (DELIVERIES_TABLE, DOWNSTREAM_IDS_TABLE)
+    }
+    assert texts[DELIVERIES_TABLE] == {80, *range(8, 80, 8), *range(1, 8)}
+    assert texts[DOWNSTREAM_IDS_TABLE] == {*range(8, 301, 8), *range(1, 8)}
+
+
 async def test_every_field_round_trips(backend: Backend) -> None:
     full = DeliveryState(
         key="shipping:5f0c",
@@ -239,6 +285,16 @@ async def test_blocked_orders_until_unblocked(backend: Backend) -> None:
         assert await reader.blocked_orders(["SO-1"]) == {"SO-1"}
         await writer.flush()
         assert await reader.blocked_orders(["SO-1", "SO-2"]) == {"SO-2"}
+
+
+async def test_a_block_written_by_another_store_is_seen_after_an_empty_table_was(backend: Backend) -> None:
+    async with backend.new() as writer, backend.new() as reader:
+        assert await reader.blocking(["SO-1"]) == {}
+        assert await reader.blocked_orders(["SO-1"]) == set()
+        writer.block_order("SO-1", "422")
+        await writer.flush()
+        assert await reader.blocking(["SO-1", "SO-2"]) == {"SO-1": "422"}
+        assert await reader.blocked_orders(["SO-1", "SO-2"]) == {"SO-1"}
 
 
 async def test_block_then_unblock_before_a_flush_leaves_the_order_unblocked(store: DedupStore) -> None:

@@ -646,6 +646,108 @@ async def test_a_commit_that_cannot_flush_the_dedup_table_fails_the_run(
         await h.engine.run(asyncio.Event())
 
 
+def hold_flushes(h: Harness, *, first_only: bool = False) -> asyncio.Event:
+    """Make the dedup store's flushes wait until the returned event is set (only its first flush, if `first_only`)."""
+    release = asyncio.Event()
+    flush = h.store.flush
+    calls = 0
+
+    async def held_flush() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1 or not first_only:
+            await release.wait()
+        return await flush()
+
+    h.store.flush = held_flush  # type: ignore[method-assign]
+    return release
+
+
+async def test_a_record_finishes_once_its_state_is_durable_and_its_keys_next_record_waits_for_that(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    h = harness_factory({TP0: [record(0, "SO-1"), record(1, "SO-1", "order.updated"), record(2, "SO-2")]})
+    release = hold_flushes(h)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(5)
+    assert [method for _, method, _, _ in h.downstream.calls] == ["POST", "POST"], "SO-1's update waits"
+    assert h.engine.finished == 0, "nothing is finished before its state is durable"
+    assert h.consumer.committed == {}
+    release.set()
+    await h.wait_finished(3)
+    assert [method for _, method, _, _ in h.downstream.calls] == ["POST", "POST", "PUT"]
+    stop.set()
+    await runner
+    assert h.consumer.committed == {TP0: 3}
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 3
+
+
+async def test_stop_waits_for_the_records_settling_and_commits_them(harness_factory: Callable[..., Harness]) -> None:
+    h = harness_factory({TP0: [record(0, "SO-1"), record(1, "SO-2")]})
+    release = hold_flushes(h)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(1)
+    assert len(h.downstream.calls) == 2
+    stop.set()
+    await h.clock.sleep(1)
+    assert not runner.done(), "the drain waits for the states being made durable"
+    release.set()
+    await runner
+    assert h.engine.finished == 2
+    assert h.consumer.committed == {TP0: 2}
+
+
+async def test_a_record_settling_after_its_partition_was_let_go_finishes_nothing(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    h = harness_factory({TP0: [record(0, "SO-A")], TP1: [record(0, "SO-B")]}, shutdown_grace=2.0)
+    release = hold_flushes(h, first_only=True)  # the group flush of both records hangs; later flushes pass
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(1)
+    assert len(h.downstream.calls) == 2
+    await h.engine.on_revoked({TP0})  # waits the grace period for the settling records, then lets TP0 go
+    assert TP0 not in h.consumer.committed
+    assert h.engine.buffered == 1, "TP1's record is still held"
+    release.set()
+    await h.wait_finished(1)
+    assert h.engine.finished == 1, "TP1's record; TP0's belongs to its next owner"
+    assert h.engine.buffered == 0
+    stop.set()
+    await runner
+    assert h.consumer.committed == {TP1: 1}
+
+
+async def test_a_record_whose_state_could_not_be_flushed_stays_unfinished(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    from topics.errors import StoreError
+
+    h = harness_factory({TP0: [record(0, "SO-1")]})
+    flush = h.store.flush
+    failures = 1
+
+    async def failing_once() -> int:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StoreError("dedup store crm: flush failed: disk I/O error")
+        return await flush()
+
+    h.store.flush = failing_once  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(5)
+    stop.set()
+    await runner
+    assert len(h.downstream.calls) == 1
+    assert h.engine.finished == 0
+    assert TP0 not in h.consumer.committed, "its offset waits for a redelivery"
+    assert "could not be recorded in the dedup table" in caplog.text
+
+
 async def test_group_flush_shares_one_flush_and_reports_failures() -> None:
     from consumers.group_flush import GroupFlush
     from topics.errors import StoreError
