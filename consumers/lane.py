@@ -8,13 +8,13 @@ and paced by the sink's shared `Pacer`.
 A record is finished once its terminal state is durable (group commit, `consumers.group_flush`). The lane's task
 does not wait for that: it ends with the record *settling*, a done-callback of the flush's batch, and that callback
 finishes the record and starts the task again if more records wait. So the next record of the key is still sent
-only once the one before it is durable, and a lane costs no task wake-up per record.
+only once the one before it is durable, and a lane costs no task wake-up per record. What a terminal record
+leaves behind (its state, its dead letter, and what is reported once that is durable) is `consumers.terminal`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 from collections import deque
@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING
 from consumers.backoff import Backoff
 from consumers.circuit import Circuit
 from consumers.clock import Clock
-from consumers.deadletter import DeadLetter, DeadLetterWriter, Reason
-from consumers.dedup import DedupStore, DeliveryState, DeliveryStatus
+from consumers.deadletter import DeadLetterWriter
+from consumers.dedup import DedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.metrics import EngineMetrics, HotSeries
 from consumers.pacing import Pacer
 from consumers.policy import Decision, parse_retry_after
 from consumers.sink import HttpRequest, Sink
+from consumers.terminal import Attempts, Settling, dead_letter, delivered, put_state
 from consumers.work import TopicPartitionKey, Work
-from topics.errors import PublishError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PROBE_WAIT = 0.5  # how often a lane looks again while another lane holds the half-open probe
-_DLQ_RETRY = 1.0  # first wait after a failed dead-letter write; doubles up to the backoff cap
 _PACED_STATUSES = (429, 503)
 
 
@@ -69,24 +68,6 @@ class LaneContext:
     in_flight: int = 0
 
 
-@dataclass(slots=True)
-class _Settling:
-    """A record whose terminal state is put, waiting for it to be durable; then `after` (metrics, logs) runs."""
-
-    work: Work
-    after: Callable[[], None]
-    holds_unsettled: bool = False  # it holds a place of `LaneContext.unsettled`, given back once durable
-
-
-@dataclass(slots=True)
-class _Attempts:
-    count: int = 0
-    first_wall: float | None = None
-    first_mono: float | None = None
-    last_wall: float | None = None
-    last: Reply | TransportFailure | None = None
-
-
 class Lane:
     """One key's records in order. `push` adds a record; `stop` ends the lane before its next attempt."""
 
@@ -103,7 +84,7 @@ class Lane:
         self._on_finished = on_finished
         self._queue: deque[Work] = deque()
         self._stopping = False
-        self._settling: _Settling | None = None  # the oldest record, terminal, waiting to be durable
+        self._settling: Settling | None = None  # the oldest record, terminal, waiting to be durable
         self._forgotten = False
         # Idempotency keys this lane finished while more records waited behind: a second copy of an event (in the
         # same fetch as the first, or queued behind it) was not yet terminal when the engine looked it up, and
@@ -193,11 +174,11 @@ class Lane:
 
     # ------------------------------------------------------------------ one record to a terminal state
 
-    async def _deliver(self, work: Work) -> _Settling:
+    async def _deliver(self, work: Work) -> Settling:
         """Take `work` to a terminal state and put it; what to do once that state is durable."""
         context = self._context
         if work.invalid is not None:
-            return await self._dead_letter(work, "invalid", "contract", _Attempts(), detail=str(work.invalid))
+            return await dead_letter(context, work, "invalid", "contract", Attempts(), self._park, str(work.invalid))
         root = context.blocked.get(work.order_ref)
         if root is not None and work.replay and root == work.idempotency_key:
             # The operator replays the record that blocked this order: the order is delivered again.
@@ -206,11 +187,10 @@ class Lane:
             root = None
         if root is not None:
             detail = "an earlier event of this order is in the dead-letter topic; replay it first"
-            return await self._dead_letter(
-                work, "dead-lettered-predecessor", "order-survives-dead-letters", _Attempts(), detail=detail
-            )
+            rule = "order-survives-dead-letters"
+            return await dead_letter(context, work, "dead-lettered-predecessor", rule, Attempts(), self._park, detail)
         assert work.prepared is not None
-        attempts = _Attempts()
+        attempts = Attempts()
         while True:
             probe = await self._wait_for_gates()
             # A request slot is held for the HTTP exchange only, so the next request leaves while this outcome
@@ -218,7 +198,7 @@ class Lane:
             # record gives it back). After a crash, at most those records (2 x `max_in_flight`) can have been
             # applied downstream without being recorded here, and are sent once more under the same idempotency key.
             await context.unsettled.acquire()
-            settling: _Settling | None = None
+            settling: Settling | None = None
             try:
                 try:
                     async with context.slots:
@@ -231,11 +211,11 @@ class Lane:
                 if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
                     probe.release()  # a 401 says nothing about the system's health
                 if decision.action in ("done", "duplicate"):
-                    settling = self._done(work, attempts, outcome, decision)
+                    settling = delivered(context, work, attempts, outcome, decision)
                 elif decision.action == "dead_letter":
                     context.circuit.record(True)  # the system works; our data is what it refused
                     context.auth.record(True)
-                    settling = await self._dead_letter(work, "rejected", decision.rule, attempts)
+                    settling = await dead_letter(context, work, "rejected", decision.rule, attempts, self._park)
             finally:
                 if settling is None:
                     context.unsettled.release()
@@ -261,7 +241,7 @@ class Lane:
             if settling is not None:
                 return settling
 
-    async def _attempt(self, work: Work, attempts: _Attempts) -> Reply | TransportFailure:
+    async def _attempt(self, work: Work, attempts: Attempts) -> Reply | TransportFailure:
         """One HTTP attempt; the caller holds a request slot."""
         context = self._context
         assert work.prepared is not None
@@ -294,44 +274,9 @@ class Lane:
             return policy.decide(outcome.status)
         return policy.decide_failure(outcome.kind)
 
-    def _done(
-        self, work: Work, attempts: _Attempts, outcome: Reply | TransportFailure, decision: Decision
-    ) -> _Settling:
-        context = self._context
-        assert work.prepared is not None
-        assert isinstance(outcome, Reply)
-        context.circuit.record(True)
-        context.auth.record(True)
-        downstream_id = context.sink.downstream_id(work.prepared, outcome.status, outcome.body)
-        if downstream_id is not None:
-            context.store.put_downstream_id(work.order_ref, downstream_id)
-        status: DeliveryStatus = "done" if decision.action == "done" else "duplicate"
-        self._put(work, status, attempts, downstream_id=downstream_id, digest=outcome.digest)
-        return _Settling(work, functools.partial(self._delivered, work, attempts.count, outcome.status, status))
-
-    def _delivered(self, work: Work, attempt: int, http_status: int, status: DeliveryStatus) -> None:
-        """Once the ``done`` (or ``duplicate``) state is durable."""
-        context = self._context
-        assert work.prepared is not None
-        outcome_label = "delivered" if status == "done" else "duplicate"
-        context.hot.deliveries[outcome_label].inc()
-        if status == "done" and work.timestamp_ms > 0:
-            latency = max(0.0, context.clock.wall() - work.timestamp_ms / 1000)
-            context.hot.end_to_end_seconds.observe(latency)
-        log.debug(
-            "delivered",
-            extra={
-                "sink": context.sink.name,
-                "event_id": work.prepared.event_id,
-                "order": work.order_ref,
-                "attempt": attempt,
-                "status": http_status,
-            },
-        )
-
     async def _retry_or_give_up(
-        self, work: Work, attempts: _Attempts, outcome: Reply | TransportFailure, decision: Decision
-    ) -> _Settling | None:
+        self, work: Work, attempts: Attempts, outcome: Reply | TransportFailure, decision: Decision
+    ) -> Settling | None:
         """Park the lane until the next attempt; when retries are exhausted, dead-letter the record instead."""
         context = self._context
         context.auth.record(True)
@@ -350,9 +295,9 @@ class Lane:
             context.circuit.release()
         assert attempts.first_mono is not None
         if context.backoff.exhausted(attempts.count, attempts.first_mono, context.clock.now()):
-            return await self._dead_letter(work, "retries-exhausted", decision.rule, attempts)
+            return await dead_letter(context, work, "retries-exhausted", decision.rule, attempts, self._park)
         context.metrics.retries.labels(context.sink.name, _retry_reason(outcome)).inc()
-        self._put(work, "in_flight", attempts)
+        put_state(context, work, "in_flight", attempts)
         delay = context.backoff.delay(attempts.count, context.rng)
         if retry_after is not None:
             delay = max(delay, retry_after)
@@ -402,93 +347,6 @@ class Lane:
             await self._context.clock.sleep(seconds)
         finally:
             self.parked = False
-
-    # ------------------------------------------------------------------ terminal bookkeeping
-
-    async def _dead_letter(
-        self, work: Work, reason: Reason, rule: str, attempts: _Attempts, detail: str = ""
-    ) -> _Settling:
-        """Write the dead letter durably (retrying until the broker takes it), then put the key as dead."""
-        context = self._context
-        last = attempts.last
-        letter = DeadLetter(
-            sink=context.sink.name,
-            reason=reason,
-            rule=rule,
-            topic=work.tp[0],
-            partition=work.tp[1],
-            offset=work.offset,
-            key=work.key,
-            value=work.value,
-            headers=work.headers,
-            idempotency_key=work.idempotency_key,
-            http_status=last.status if isinstance(last, Reply) else None,
-            body_excerpt=last.excerpt if isinstance(last, Reply) else "",
-            detail=detail or (last.detail if isinstance(last, TransportFailure) else ""),
-            attempts=attempts.count,
-            first_attempt_at=attempts.first_wall,
-            last_attempt_at=attempts.last_wall,
-        )
-        wait = _DLQ_RETRY
-        while True:
-            try:
-                await context.dead_letters.write(letter)
-                break
-            except PublishError as exc:
-                log.error("dead-letter write failed, retrying", extra={"sink": context.sink.name, "error": str(exc)})
-                await self._park(wait)
-                wait = min(wait * 2, context.backoff.cap)
-        if reason != "dead-lettered-predecessor":
-            context.blocked[work.order_ref] = work.idempotency_key
-            context.store.block_order(work.order_ref, work.idempotency_key)
-        self._put(work, "dead", attempts, reason=reason)
-        return _Settling(work, functools.partial(self._dead_lettered, work, reason, rule, attempts.count, letter))
-
-    def _dead_lettered(self, work: Work, reason: Reason, rule: str, attempt: int, letter: DeadLetter) -> None:
-        """Once the ``dead`` state is durable."""
-        context = self._context
-        context.metrics.dead_letters.labels(context.sink.name, reason).inc()
-        context.hot.deliveries["dead_lettered"].inc()
-        log.warning(
-            "dead-lettered",
-            extra={
-                "sink": context.sink.name,
-                "reason": reason,
-                "rule": rule,
-                "order": work.order_ref,
-                "event_id": work.prepared.event_id if work.prepared else None,
-                "attempt": attempt,
-                "status": letter.http_status,
-            },
-        )
-
-    def _put(
-        self,
-        work: Work,
-        status: DeliveryStatus,
-        attempts: _Attempts,
-        *,
-        downstream_id: str | None = None,
-        digest: str | None = None,
-        reason: str | None = None,
-    ) -> None:
-        last = attempts.last
-        self._context.store.put(
-            DeliveryState(
-                key=work.idempotency_key,
-                event_id=work.prepared.event_id if work.prepared else "",
-                order_ref=work.order_ref,
-                status=status,
-                attempts=attempts.count,
-                last_status=last.status if isinstance(last, Reply) else None,
-                first_attempt_at=attempts.first_wall,
-                last_attempt_at=attempts.last_wall,
-                downstream_id=downstream_id,
-                reply_digest=digest,
-                reason=reason,
-                updated_at=self._context.clock.wall(),
-            )
-        )
 
 
 def _status(outcome: Reply | TransportFailure) -> int | str:
