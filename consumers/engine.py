@@ -31,6 +31,7 @@ from consumers.backoff import Backoff
 from consumers.circuit import Circuit
 from consumers.clock import Clock
 from consumers.deadletter import DeadLetterWriter
+from consumers.deadlines import Deadlines
 from consumers.dedup import DedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.group_flush import GroupFlush
@@ -80,6 +81,7 @@ class EngineConfig:
     max_buffered: int = 1000
     commit_interval: float = 1.0
     shutdown_grace: float = 10.0
+    commit_timeout: float = 10.0
     fetch_wait: float = 0.2
     lag_interval: float = 2.0
     rate: float | None = None
@@ -116,6 +118,7 @@ class SinkEngine:
         self._consumer = consumer
         self._store = store
         self._clock = clock
+        self._deadlines = Deadlines(clock)  # bounds each offset commit: aiokafka's retries it without end
         self._metrics = metrics
         self._offsets = OffsetTracker()
         self._lanes: dict[tuple[TopicPartitionKey, str], Lane] = {}
@@ -312,9 +315,9 @@ class SinkEngine:
         Step 2. Flush the dedup store, so every terminal state behind those offsets is durable.
         Step 3. Commit the offsets to Kafka.
         Step 4. Remember them, so the next commit sends only what moved.
-        A failure leaves the offsets uncommitted; the next commit retries (records are redelivered at worst,
-        and the dedup table skips them). Commits never overlap (the periodic one and a revoke's), so offsets
-        reach the broker in the order they were taken.
+        A failure, or no answer within `commit_timeout`, leaves the offsets uncommitted; the next commit retries
+        (records are redelivered at worst, and the dedup table skips them). Commits never overlap (the periodic
+        one and a revoke's), so offsets reach the broker in the order they were taken.
         """
         async with self._committing:
             await self._commit(only)
@@ -329,12 +332,15 @@ class SinkEngine:
         await self._store.flush()
         if not offsets:
             return
-        # Step 3.
+        # Step 3. Bounded: aiokafka retries a commit until the group coordinator takes it, and after a broker
+        # restart that once held a SIGTERM's drain past the test's limit, with nothing logged.
         try:
-            await self._consumer.commit(offsets)
-        except KafkaError as exc:
+            with self._deadlines.within(self.config.commit_timeout):
+                await self._consumer.commit(offsets)
+        except (KafkaError, TimeoutError) as exc:
             self._metrics.commit_failures.labels(self.sink.name).inc()
-            log.warning("commit failed, will retry", extra={"sink": self.sink.name, "error": repr(exc)})
+            error = repr(exc) if isinstance(exc, KafkaError) else f"no answer within {self.config.commit_timeout:g} s"
+            log.warning("commit failed, will retry", extra={"sink": self.sink.name, "error": error})
             return
         # Step 4.
         self._offsets.mark_committed(offsets)

@@ -854,3 +854,22 @@ async def test_a_replay_that_fails_again_returns_with_its_history(harness_factor
     history = json.loads(again["history"])
     assert [(entry["reason"], entry["http-status"]) for entry in history] == [("rejected", "422")]
     assert again["topic"] == "orders.replay.crm"
+
+
+async def test_a_commit_the_broker_never_answers_gives_up_after_its_timeout_and_the_stop_ends(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # aiokafka retries a commit until the group coordinator takes it; after a broker restart a SIGTERM's drain once
+    # waited on one past a test's limit. Now a commit waits `commit_timeout` at most, and the stop goes on.
+    h = harness_factory({TP0: [record(0, "SO-1")]}, commit_timeout=5.0)
+    never = asyncio.Event()
+
+    async def unanswered(offsets: Mapping[tuple[str, int], int]) -> None:
+        await never.wait()
+
+    h.consumer.commit = unanswered  # type: ignore[method-assign]
+    started = h.clock.now()
+    await h.run_until(1)  # the run's end drains and commits: it must end
+    assert h.clock.now() - started < 60
+    assert h.metric("orderbus_commit_failures_total") >= 1
+    assert h.consumer.committed == {}
