@@ -531,13 +531,16 @@ class SqliteDedupStore:
     async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
         result: dict[str, str] = {}
         layers = [layer for layer in self._layers() if layer.blocks]  # nearly always none: asked per fetched batch
-        wanted = list(order_refs) if not layers else []
-        for ref in order_refs if layers else ():
-            layer = next((layer for layer in layers if ref in layer.blocks), None)
-            if layer is None:
-                wanted.append(ref)
-            elif (reason := layer.blocks[ref]) is not None:
-                result[ref] = reason
+        if not layers:
+            wanted = list(order_refs)
+        else:
+            wanted = []
+            for ref in order_refs:
+                layer = next((layer for layer in layers if ref in layer.blocks), None)
+                if layer is None:
+                    wanted.append(ref)
+                elif (reason := layer.blocks[ref]) is not None:
+                    result[ref] = reason
         try:
             rows = _select_blocked(self._read_connection(), _SELECT_BLOCKING, wanted)
         except sqlite3.Error as exc:

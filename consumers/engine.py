@@ -118,7 +118,7 @@ class SinkEngine:
         self._consumer = consumer
         self._store = store
         self._clock = clock
-        self._deadlines = Deadlines(clock)  # bounds each offset commit: aiokafka's retries it without end
+        self._deadlines = Deadlines(clock)  # bounds each offset commit and a drain's wait for settling records
         self._metrics = metrics
         self._offsets = OffsetTracker()
         self._lanes: dict[tuple[TopicPartitionKey, str], Lane] = {}
@@ -402,14 +402,10 @@ class SinkEngine:
                 log.warning("cancelled requests still under way after the grace period", extra={"sink": self.sink.name})
                 await asyncio.wait(late)
         if lanes:
-            settled = asyncio.ensure_future(self._group.settled())
-            grace = asyncio.ensure_future(self._clock.sleep(self.config.shutdown_grace))
             try:
-                await asyncio.wait({settled, grace}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                grace.cancel()
-            if not settled.done():
-                settled.cancel()
+                with self._deadlines.within(self.config.shutdown_grace):
+                    await self._group.settled()
+            except TimeoutError:
                 log.warning("dedup writes still under way after the grace period", extra={"sink": self.sink.name})
         # Step 3.
         await self.commit(only=tps)

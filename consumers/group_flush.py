@@ -46,16 +46,15 @@ class GroupFlush:
         self._kick()
         return self._next
 
-    async def durable(self) -> None:
-        """Return once everything `put` before the call is on disk; raise the flush's error if it failed."""
-        await asyncio.shield(self.batch())  # a cancelled caller must not cancel the batch of the others
-
     async def settled(self) -> None:
         """Return once every batch taken before the call is complete and its done-callbacks have run.
 
         It does not raise: the callbacks of a failed batch are told, and handle it.
         """
         if self._next is None and not self._under_way:
+            # A batch completed just now may not have run its callbacks yet: they were scheduled when it completed,
+            # so one turn of the loop runs them before this returns.
+            await asyncio.sleep(0)
             return
         batches = [*self._under_way, self.batch()]
         # Each batch's callbacks are called in the order they were added, and this waiter's were added last.

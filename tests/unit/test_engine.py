@@ -766,12 +766,12 @@ async def test_group_flush_shares_one_flush_and_reports_failures() -> None:
     group = GroupFlush(store)
     for i in range(10):
         store.put(DeliveryState(f"k{i}", "e", "o", "done", 1, 200, 1.0, 1.0, None, None, None, 1.0))
-    await asyncio.gather(*(group.durable() for _ in range(10)))
+    await asyncio.gather(*(group.batch() for _ in range(10)))
     assert store.flushes == 1
     assert len(await MemoryDedupStore(store.tables).get_many([f"k{i}" for i in range(10)])) == 10
     store.fail = True
     with pytest.raises(StoreError):
-        await group.durable()
+        await group.batch()
 
 
 async def test_group_flush_starts_the_next_flush_without_waiting_for_the_one_under_way() -> None:
@@ -792,13 +792,13 @@ async def test_group_flush_starts_the_next_flush_without_waiting_for_the_one_und
 
     store = SlowStore()
     group = GroupFlush(store)
-    first = asyncio.ensure_future(group.durable())
+    first = group.batch()
     await turns()
-    second = asyncio.ensure_future(group.durable())
+    second = group.batch()
     await turns()
     assert store.started == 2, "the second turn's records did not wait for the first flush"
-    third = asyncio.ensure_future(group.durable())
-    fourth = asyncio.ensure_future(group.durable())
+    third = group.batch()
+    fourth = group.batch()
     await turns()
     assert store.started == 2, "two flushes under way at most: later records gather for the next one"
     assert not any(waiter.done() for waiter in (first, second, third, fourth))
