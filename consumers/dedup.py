@@ -50,7 +50,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -58,7 +58,7 @@ from typing import Any, Final, Literal, Protocol, Self, TypeVar
 
 import aiosqlite
 
-from consumers.sqlite_files import prepare_wal_file, transaction
+from consumers.sqlite_files import prepare_wal_file, row_chunks, transaction
 from topics.errors import ConfigError, StoreError
 
 __all__ = [
@@ -296,14 +296,10 @@ DELETE FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref NOT IN (SELECT order_ref FROM
 # pages (~16 MB of WAL at most) instead of SQLite's 1,000 took a fifth off the CPU of a flush (tests/bench).
 _WAL_AUTOCHECKPOINT_PAGES: Final = 4000
 
-# Bound values per statement: at most 999, the smallest SQLITE_MAX_VARIABLE_NUMBER a build may have.
-_MAX_VARIABLES: Final = 999
-# Statements of many rows take only a few row counts, so that a connection's statement cache (128 statements)
-# holds every one: any row count made a new statement text on most flushes, and preparing an 83-row upsert (340 us)
-# cost as much as running it. An upsert takes as many rows as fit, then a multiple of `_ROW_STEP` rows, then the
-# rest (at most two statements more: each statement is a GIL hand-over between the writer's thread and the loop's).
+# Statements of many rows take only a few row counts (`consumers.sqlite_files.row_chunks`), so that a
+# connection's statement cache (128 statements) holds every one: any row count made a new statement text on most
+# flushes, and preparing an 83-row upsert (340 us) cost as much as running it.
 # A lookup pads its keys with NULLs (which match nothing) to a multiple of `_KEY_STEP`, up to `_MOST_KEYS` a query.
-_ROW_STEP: Final = 8
 _KEY_STEP: Final = 16
 _MOST_KEYS: Final = 512
 _SELECT_STATES = f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM {DELIVERIES_TABLE} WHERE key IN "  # noqa: S608 -- constant
@@ -334,20 +330,6 @@ def _row(s: DeliveryState) -> tuple[Any, ...]:
         s.reason,
         s.updated_at,
     )
-
-
-def _chunks(count: int, width: int) -> Iterator[tuple[int, int]]:
-    """(start, size) of the statements that write `count` rows of `width` values (see `_ROW_STEP`)."""
-    most = _MAX_VARIABLES // width // _ROW_STEP * _ROW_STEP
-    start = 0
-    while count - start >= most:
-        yield start, most
-        start += most
-    rest = count - start
-    for size in (rest - rest % _ROW_STEP, rest % _ROW_STEP):
-        if size:
-            yield start, size
-            start += size
 
 
 class SqliteDedupStore:
@@ -601,7 +583,7 @@ class SqliteDedupStore:
 
 def _insert_many(db: sqlite3.Connection, sql: Callable[[int], str], values: list[Any], width: int) -> None:
     """Rows of `width` values, laid end to end in `values`, by multi-row statements (see `_upsert_states`)."""
-    for start, size in _chunks(len(values) // width, width):
+    for start, size in row_chunks(len(values) // width, width):
         db.execute(_statement(sql, size), values[start * width : (start + size) * width])
 
 

@@ -6,8 +6,14 @@ import contextlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 from topics.errors import StoreError
+
+# Bound values per statement: at most 999, the smallest SQLITE_MAX_VARIABLE_NUMBER a build may have.
+MAX_VARIABLES: Final = 999
+# Rows per statement come in multiples of this, then the rest (see `row_chunks`).
+ROW_STEP: Final = 8
 
 
 def prepare_wal_file(path: Path, schema: str, store: str) -> None:
@@ -35,3 +41,23 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
         raise
+
+
+def row_chunks(count: int, width: int) -> Iterator[tuple[int, int]]:
+    """(start, size) of the statements that write `count` rows of `width` values each.
+
+    A statement of many rows is one step on SQLite's side (and one GIL hand-over between a store's writer thread
+    and the event loop, where a row a statement was one each), but every row count is a statement text of its own,
+    prepared again once the connection's statement cache (128) overflows. So a batch takes as many rows as fit in
+    `MAX_VARIABLES`, then a multiple of `ROW_STEP` rows, then the rest: a few texts, at most two statements more.
+    """
+    most = MAX_VARIABLES // width // ROW_STEP * ROW_STEP
+    start = 0
+    while count - start >= most:
+        yield start, most
+        start += most
+    rest = count - start
+    for size in (rest - rest % ROW_STEP, rest % ROW_STEP):
+        if size:
+            yield start, size
+            start += size

@@ -43,6 +43,7 @@ caller (``now``), so the stores never read a clock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import secrets
@@ -55,7 +56,7 @@ from typing import Any, ClassVar, Protocol, Self, cast
 
 import aiosqlite
 
-from consumers.sqlite_files import prepare_wal_file, transaction
+from consumers.sqlite_files import prepare_wal_file, row_chunks, transaction
 from topics.errors import StoreError
 
 __all__ = [
@@ -160,21 +161,39 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 CREATE INDEX IF NOT EXISTS {TABLE}_completed_at ON {TABLE} (completed_at) WHERE state = '{_DONE}';
 """
 
-# Inserts a new in-flight row, or takes over another owner's in-flight row for the same body; RETURNING yields
-# a row only when one of those happened. Anything else (done, ours, other body) is left for _CLASSIFY.
-_CLAIM = f"""
-INSERT INTO {TABLE} (key, body_sha256, state, owner, claimed_at)
-VALUES (:key, :sha, '{_IN_FLIGHT}', :owner, :now)
+
+@functools.cache
+def _existing_rows(n: int) -> str:
+    """The rows of `n` keys, with their owner."""
+    keys = ", ".join("?" * n)
+    return f"SELECT key, body_sha256, state, status, response, owner FROM {TABLE} WHERE key IN ({keys})"  # noqa: S608
+
+
+@functools.cache
+def _claim_rows(n: int) -> str:
+    """Insert `n` in-flight rows of (key, body_sha256, owner, claimed_at) that `_claim_all` found free to take,
+    or take over another owner's in-flight row with the same body; a row in any other state is left as it is."""
+    values = ", ".join([f"(?, ?, '{_IN_FLIGHT}', ?, ?)"] * n)
+    return f"""
+INSERT INTO {TABLE} (key, body_sha256, state, owner, claimed_at) VALUES {values}
 ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, claimed_at = excluded.claimed_at
 WHERE {TABLE}.state = '{_IN_FLIGHT}' AND {TABLE}.owner <> excluded.owner
   AND {TABLE}.body_sha256 = excluded.body_sha256
-RETURNING key
 """  # noqa: S608 -- TABLE is a module constant, values are bound
-_CLASSIFY = f"SELECT body_sha256, state, status, response FROM {TABLE} WHERE key = ?"  # noqa: S608 -- constant
-_COMPLETE = f"""
-UPDATE {TABLE} SET state = '{_DONE}', owner = NULL, status = ?, response = ?, completed_at = ?
-WHERE key = ? AND state = '{_IN_FLIGHT}' AND owner = ?
+
+
+@functools.cache
+def _complete_rows(n: int) -> str:
+    """Store the answers of `n` rows of (key, status, response, completed_at), each only on its in-flight row of
+    the owner bound last."""
+    values = ", ".join(["(?, ?, ?, ?)"] * n)
+    return f"""
+UPDATE {TABLE} SET state = '{_DONE}', owner = NULL, status = v.column2, response = v.column3, completed_at = v.column4
+FROM (VALUES {values}) AS v
+WHERE {TABLE}.key = v.column1 AND {TABLE}.state = '{_IN_FLIGHT}' AND {TABLE}.owner = ?
 """  # noqa: S608 -- TABLE is a module constant, values are bound
+
+
 _RELEASE = f"DELETE FROM {TABLE} WHERE key = ? AND state = '{_IN_FLIGHT}' AND owner = ?"  # noqa: S608 -- constant
 _PRUNE = f"""
 DELETE FROM {TABLE}
@@ -450,21 +469,70 @@ _Operation = _ClaimOp | _CompleteOp | _ReleaseOp | _PruneOp | _FlushOp
 
 def _write(db: sqlite3.Connection, owner: str, batch: Sequence[_Operation]) -> list[object]:
     """Run `batch` in order in one transaction, on the connection's thread (blocking); on any failure, roll
-    back. Returns per operation: a claim's `Claim` (None if it found no row), else the rows it changed."""
+    back. Returns per operation: a claim's `Claim` (None if it found no row), else the rows it changed.
+
+    A run of claims, or of answers, is written by a few statements of many rows (`row_chunks`), not one each:
+    sqlite3 lets go of the GIL for every statement it steps, and the writer's thread then waits for the busy event
+    loop to hand it back, so a statement per row made a batch's transaction, and the claims waiting for it, slow.
+    """
+    results: list[object] = []
     with transaction(db):
-        return [_run(db, owner, operation) for operation in batch]
+        start = 0
+        while start < len(batch):
+            kind = type(batch[start])
+            end = start + 1
+            while end < len(batch) and type(batch[end]) is kind:
+                end += 1
+            run = batch[start:end]
+            if kind is _ClaimOp:
+                results += _claim_all(db, owner, cast("Sequence[_ClaimOp]", run))
+            elif kind is _CompleteOp:
+                results += _complete_all(db, owner, cast("Sequence[_CompleteOp]", run))
+            else:
+                results += [_run(db, owner, operation) for operation in run]
+            start = end
+    return results
+
+
+def _claim_all(db: sqlite3.Connection, owner: str, claims: Sequence[_ClaimOp]) -> list[object]:
+    """Each claim's `Claim`, in order, by two statements a chunk: the rows its keys already have (none, as a
+    rule), then one insert of the keys it takes: new ones, and those in flight for another owner (one that
+    crashed) with the same body. A row in flight for this owner is `Busy` (or `Conflict`): a key twice in one
+    batch, or a key whose answer could not be stored (see `SqliteIngestKeyStore._fail`)."""
+    results: list[object] = []
+    for start, size in row_chunks(len(claims), 4):
+        chunk = claims[start : start + size]
+        rows = {row[0]: row[1:] for row in db.execute(_existing_rows(size), [c.key for c in chunk])}
+        taken: list[_ClaimOp] = []
+        for claim in chunk:
+            row = rows.get(claim.key)
+            # (body_sha256, state, status, response, owner)
+            if row is None or (row[1] == _IN_FLIGHT and row[4] != owner and row[0] == claim.body_sha256):
+                taken.append(claim)
+                results.append(Claimed())
+                rows[claim.key] = (claim.body_sha256, _IN_FLIGHT, None, None, owner)
+            else:
+                results.append(_classify(row[:4], claim.body_sha256))
+        if taken:
+            values = [value for c in taken for value in (c.key, c.body_sha256, owner, c.now)]
+            if db.execute(_claim_rows(len(taken)), values).rowcount != len(taken):  # unreachable: one writer
+                raise StoreError("a claim found a row changed since it was read")  # rolled back
+    return results
+
+
+def _complete_all(db: sqlite3.Connection, owner: str, completes: Sequence[_CompleteOp]) -> list[object]:
+    """Store the answers; per answer, 1 if its statement changed as many rows as it had answers, else 0."""
+    results: list[object] = []
+    for start, size in row_chunks(len(completes), 4):
+        chunk = completes[start : start + size]
+        values: list[object] = [value for c in chunk for value in (c.key, c.status, c.body, c.now)]
+        changed = db.execute(_complete_rows(size), [*values, owner]).rowcount
+        results += [1 if changed == size else 0] * size
+    return results
 
 
 def _run(db: sqlite3.Connection, owner: str, operation: _Operation) -> object:
     match operation:
-        case _ClaimOp(key=key, body_sha256=sha, now=now):
-            # fetchall: a RETURNING statement must run to its end before the transaction may commit.
-            if db.execute(_CLAIM, {"key": key, "sha": sha, "owner": owner, "now": now}).fetchall():
-                return Claimed()
-            rows = db.execute(_CLASSIFY, (key,)).fetchall()
-            return _classify(rows[0], sha) if rows else None
-        case _CompleteOp(key=key, status=status, body=body, now=now):
-            return db.execute(_COMPLETE, (status, body, now, key, owner)).rowcount
         case _ReleaseOp(key=key):
             return db.execute(_RELEASE, (key, owner)).rowcount
         case _PruneOp(cutoff=cutoff):

@@ -16,6 +16,7 @@ import pytest
 from daemon.ingest_keys import (
     TABLE,
     Busy,
+    Claim,
     Claimed,
     Conflict,
     IngestKeyStore,
@@ -345,6 +346,31 @@ async def test_operations_are_written_in_the_order_they_were_called(tmp_path: Pa
         assert (first, second) == (Claimed(), Busy())
         await store.complete("k", 202, ANSWER, now=3.0)
         assert await store.claim("k", BODY_B, now=4.0) == Replay(status=202, body=ANSWER)
+
+
+async def test_a_large_batch_of_every_kind_gives_each_claim_its_own_answer(tmp_path: Path) -> None:
+    # One transaction: 300 answers, then 700 claims (written a few hundred rows a statement): crashed owners' rows
+    # taken over or refused, answered keys replayed or refused, new keys claimed, and new keys repeated in the batch.
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as crashed:
+        await asyncio.gather(*(crashed.claim(f"crashed-{i}", BODY_A, now=1.0) for i in range(200)))
+    async with SqliteIngestKeyStore(path) as store:
+        await asyncio.gather(*(store.claim(f"done-{i}", BODY_A, now=2.0) for i in range(300)))
+        for i in range(300):
+            await store.complete(f"done-{i}", 202, ANSWER, now=2.0)
+        cases = [(f"crashed-{i}", BODY_A if i % 2 else BODY_B) for i in range(200)]
+        cases += [(f"done-{i}", BODY_A if i % 2 else BODY_B) for i in range(200)]
+        cases += [(f"new-{i}", body) for i in range(100) for body in (BODY_A, BODY_A, BODY_B)]
+        before = store.transactions
+        results = await asyncio.gather(*(store.claim(key, body, now=3.0) for key, body in cases))
+        assert store.transactions == before + 1
+    expected: list[Claim] = [Claimed() if i % 2 else Conflict() for i in range(200)]
+    expected += [Replay(status=202, body=ANSWER) if i % 2 else Conflict() for i in range(200)]
+    expected += [Claimed(), Busy(), Conflict()] * 100
+    assert results == expected
+    rows = file_rows(path)
+    assert [rows[f"done-{i}"] for i in range(300)] == ["done"] * 300
+    assert {rows[f"new-{i}"] for i in range(100)} == {"in_flight"}
 
 
 async def test_answers_survive_close_and_reopen(tmp_path: Path) -> None:
