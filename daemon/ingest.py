@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from daemon.ingest_keys import Busy, Claimed, Conflict, IngestKeyStore, Replay, body_sha256
+from daemon.ingest_keys import Busy, Claim, Claimed, Conflict, IngestKeyStore, Replay, body_sha256
 from daemon.ingest_metrics import IngestMetrics
 from daemon.problems import problem
 from daemon.publisher import BrokerUnavailable, Published, Publisher, PublishPending
@@ -124,7 +124,11 @@ class Ingest:
             )
         if key is None:
             return await self._publish(submission, None)
-        return await self._publish_once(key, body_sha256(body), submission)
+        # Claimed inline, not in a coroutine of its own: each await level is paid again at every resumption.
+        claim = await self._keys.claim(key, body_sha256(body), self._clock())
+        if isinstance(claim, Claimed):
+            return await self._publish(submission, key)
+        return self._unclaimed(key, claim, submission.order.order_number)
 
     async def _read_body(self, request: web.Request) -> bytes | None:
         """The whole body, or None once it exceeds the limit (declared or streamed)."""
@@ -143,9 +147,8 @@ class Ingest:
             body += piece
         return None if len(body) > limit else bytes(body)
 
-    async def _publish_once(self, key: str, digest: str, submission: OrderSubmission) -> web.Response:
-        claim = await self._keys.claim(key, digest, self._clock())
-        order = submission.order.order_number
+    def _unclaimed(self, key: str, claim: Claim, order: str) -> web.Response:
+        """The answer to a request whose key another request has, or had: the first answer again, or a refusal."""
         match claim:
             case Replay(status=status, body=body):
                 log.debug("answer replayed for a repeated idempotency key", extra={"status": status, "order": order})
@@ -163,8 +166,6 @@ class Ingest:
             case Busy():
                 detail = "a request with this idempotency key is in progress"
                 return _refused(409, "request-in-progress", detail, context={"order": order})
-            case Claimed():
-                return await self._publish(submission, key)
         raise AssertionError(f"unexpected claim {claim!r}")  # pragma: no cover
 
     async def _publish(self, submission: OrderSubmission, key: str | None) -> web.Response:
