@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -160,13 +161,18 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 async def role_produce(args: argparse.Namespace) -> dict[str, Any]:
-    """`count` records as fast as possible, or `rate`/s for `duration` s; send times go to `times_file`."""
+    """`count` records as fast as possible, or `rate`/s for `duration` s.
+
+    With `times_file`, each record's send time and the time its broker appended it (the acknowledgement's
+    timestamp: on a topic with ``message.timestamp.type=LogAppendTime``, the broker's clock) go there.
+    """
     maker = RecordMaker(args.tag)
     producer = AIOKafkaProducer(
         bootstrap_servers=args.bootstrap, acks="all", enable_idempotence=True, linger_ms=5, max_batch_size=256 * 1024
     )
     await producer.start()
     sent_at: list[float] = []
+    appended_at: list[float] = []
     started = time.time()
     try:
         if args.rate:
@@ -184,9 +190,9 @@ async def role_produce(args: argparse.Namespace) -> dict[str, Any]:
                     await producer.send(args.topic, value=value, key=key, headers=headers, timestamp_ms=int(now * 1000))
                 )
                 if len(pending) >= 1000:
-                    await asyncio.gather(*pending)
+                    appended_at += [metadata.timestamp / 1000 for metadata in await asyncio.gather(*pending)]
                     pending.clear()
-            await asyncio.gather(*pending)
+            appended_at += [metadata.timestamp / 1000 for metadata in await asyncio.gather(*pending)]
         else:
             total = args.count
             for first in range(0, total, 5000):
@@ -197,7 +203,8 @@ async def role_produce(args: argparse.Namespace) -> dict[str, Any]:
         await producer.stop()
     elapsed = time.time() - started
     if args.times_file:
-        await asyncio.to_thread(Path(args.times_file).write_text, json.dumps(sent_at))
+        times = {"sent_at": sent_at, "appended_at": appended_at}
+        await asyncio.to_thread(Path(args.times_file).write_text, json.dumps(times))
     return {"count": total, "seconds": elapsed, "rate": total / elapsed}
 
 
@@ -590,14 +597,23 @@ class Bench:
         result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
         return result
 
-    def topics(self, prefix: str) -> str:
+    def topics(self, prefix: str, *, append_time: bool = False) -> str:
+        """Create the catalogue's topics under `prefix`; `append_time`: the orders topic's records carry the time
+        the broker appended them (``LogAppendTime``), which the end-to-end latency is measured from."""
         from daemon.kafka_options import topic_layout
         from daemon.settings import TopicSettings
         from topics.admin import apply_catalogue
         from topics.catalogue import catalogue, orders_topic
 
         layout = topic_layout(TopicSettings(prefix=prefix, orders_partitions=PARTITIONS))
-        asyncio.run(apply_catalogue(catalogue(layout), {"bootstrap_servers": self.bootstrap}))
+        specs = list(catalogue(layout))
+        if append_time:
+            orders = specs[0]
+            assert orders.name == orders_topic(prefix)
+            specs[0] = dataclasses.replace(
+                orders, configs={**orders.configs, "message.timestamp.type": "LogAppendTime"}
+            )
+        asyncio.run(apply_catalogue(specs, {"bootstrap_servers": self.bootstrap}))
         return orders_topic(prefix)
 
     def produce_backlog(self, topic: str, count: int, tag: int) -> dict[str, Any]:
@@ -891,15 +907,17 @@ class Bench:
         self.log(f"  per sink {', '.join(f'{s} {r:.1f}/s' for s, r in result['per_sink'].items())}")
 
     def end_to_end(self) -> None:
-        """Produce at half the CPU-bound rate; Kafka append (the record's send) -> the sandbox applying it."""
+        """Produce at half the CPU-bound rate; Kafka append (the broker's append time of the record) -> the sandbox
+        applying it. The time from the producer's send call is reported too: it adds the producer's linger and the
+        acks=all round trip, which happen before the append."""
         assert self.sandboxes is not None
         rate = self.results["cpu_bound"]["min_sink_rate"] / 2
         self.log(f"end-to-end: {rate:.0f} orders/s (half the CPU-bound rate), max_in_flight {CPU_WINDOW}")
         tag = self.next_tag()
         prefix = f"e{tag}."
-        topic = self.topics(prefix)
+        topic = self.topics(prefix, append_time=True)
         self.sandboxes.reset()
-        times = self.work / f"e2e-{tag}.json"
+        times_file = self.work / f"e2e-{tag}.json"
         with self.daemon("end-to-end", prefix, window=CPU_WINDOW) as (process, base):
             start = self.sample(process.pid, base)
             produced = self.role(
@@ -915,19 +933,20 @@ class Bench:
                 "--duration",
                 str(self.profile.e2e_window),
                 "--times-file",
-                str(times),
+                str(times_file),
             )
-            sent_at = json.loads(times.read_text())
+            times = json.loads(times_file.read_text())
+            sent_at, appended_at = times["sent_at"], times["appended_at"]
             warm = sent_at[0] + 2.0
             latencies: dict[str, list[float]] = {}
+            from_send: list[float] = []
             for process_, system in zip(self.sandboxes.processes, SINKS, strict=True):
                 url = f"{process_.url}/_sandbox/ledger?system={system}&min_count={produced['count']}&wait=60"
                 entries = json.loads(http_get(url, timeout=90))
-                latencies[system] = [
-                    entry["at"] - sent_at[index_of(entry["event_id"])]
-                    for entry in entries
-                    if sent_at[index_of(entry["event_id"])] >= warm
-                ]
+                indexed = [(entry["at"], index_of(entry["event_id"])) for entry in entries]
+                measured = [(at, index) for at, index in indexed if sent_at[index] >= warm]
+                latencies[system] = [at - appended_at[index] for at, index in measured]
+                from_send += [at - sent_at[index] for at, index in measured]
             end = self.sample(process.pid, base)
         everything = [x for values in latencies.values() for x in values]
         result = {
@@ -938,10 +957,24 @@ class Bench:
             "p99_ms": percentile(everything, 99) * 1000,
             "max_ms": max(everything) * 1000,
             "p99_ms_per_sink": {s: percentile(v, 99) * 1000 for s, v in latencies.items()},
+            "from_send_p50_ms": percentile(from_send, 50) * 1000,
+            "from_send_p99_ms": percentile(from_send, 99) * 1000,
+            "append_p50_ms": percentile([a - s for s, a in zip(sent_at, appended_at, strict=True)], 50) * 1000,
+            # Where the time goes, on average: the HTTP attempt (request written -> answer read, as the daemon
+            # times it) and what is left (fetch, decode, lookup, lane; and the sandbox applying after its delay).
+            "mean_ms": statistics.fmean(everything) * 1000,
+            "attempt_mean_ms": sum(end.attempt_sum[s] - start.attempt_sum[s] for s in SINKS)
+            / max(1.0, sum(end.attempt_count[s] - start.attempt_count[s] for s in SINKS))
+            * 1000,
             "daemon_cpu_cores": (end.cpu - start.cpu) / (end.at - start.at),
         }
         self.results["end_to_end"] = result
-        self.log(f"  p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, max {result['max_ms']:.0f} ms")
+        self.log(
+            f"  from the append: p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, "
+            f"max {result['max_ms']:.0f} ms; from the send call: p50 {result['from_send_p50_ms']:.0f} ms, "
+            f"p99 {result['from_send_p99_ms']:.0f} ms; mean {result['mean_ms']:.0f} ms, of it the HTTP attempt "
+            f"{result['attempt_mean_ms']:.0f} ms"
+        )
 
     def ingest(self) -> None:
         self.log(f"ingest: signed webhooks, {INGEST_CONCURRENCY} concurrent, vs a bare publish handler")
@@ -1253,8 +1286,8 @@ def judge(results: dict[str, Any]) -> list[Row]:
         rows.append(
             Row(
                 "end-to-end",
-                f"p99 at half CPU-bound rate ({e2e['topic_rate']:.0f}/s)",
-                f"{e2e['p99_ms']:.0f} ms (p50 {e2e['p50_ms']:.0f})",
+                f"p99 append -> 2xx at half CPU-bound rate ({e2e['topic_rate']:.0f}/s)",
+                f"{e2e['p99_ms']:.0f} ms (p50 {e2e['p50_ms']:.0f}; from the send {e2e.get('from_send_p99_ms', 0):.0f})",
                 "<= 150 ms",
                 verdict(e2e["p99_ms"] <= 150),
             )
