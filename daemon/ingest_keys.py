@@ -36,6 +36,9 @@ absorbs). Because one instance owns the file, it needs no lock:
    the same event id, which the consumers' dedup absorbs -- the window the step between the broker's ack and
    storing the answer always had, at most `answer_delay` plus one transaction longer. `close` writes the queue.
 
+The table, its statements and the writing of one batch are in `daemon.ingest_keys_sql`; what a claim gets is in
+`daemon.ingest_claims` (re-exported here).
+
 `MemoryIngestKeyStore` is its twin for the HTTP handler's unit tests. Times are unix seconds passed in by the
 caller (``now``), so the stores never read a clock.
 """
@@ -43,7 +46,6 @@ caller (``now``), so the stores never read a clock.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import secrets
@@ -52,11 +54,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Protocol, Self, cast
+from typing import Protocol, Self, cast
 
 import aiosqlite
 
-from consumers.sqlite_files import prepare_wal_file, row_chunks, transaction
+from consumers.sqlite_files import prepare_wal_file
+from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
+from daemon.ingest_keys_sql import (
+    MAX_BATCH,
+    SCHEMA,
+    TABLE,
+    ClaimOp,
+    CompleteOp,
+    FlushOp,
+    Operation,
+    PruneOp,
+    ReleaseOp,
+    write,
+)
 from topics.errors import StoreError
 
 __all__ = [
@@ -74,37 +89,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-TABLE = "ingest_keys"
-
-_IN_FLIGHT = "in_flight"
-_DONE = "done"
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """The key is ours: publish, then `complete` (or `release` if publishing failed)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Replay:
-    """The same body was answered before; answer exactly this again and publish nothing."""
-
-    status: int
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Conflict:
-    """The key was first used with a different body."""
-
-
-@dataclass(frozen=True, slots=True)
-class Busy:
-    """The same key is in flight in this process (a concurrent duplicate); nothing is known yet."""
-
-
-Claim = Claimed | Replay | Conflict | Busy
 
 
 class NotClaimedError(StoreError):
@@ -145,63 +129,6 @@ class IngestKeyStore(Protocol):
         ...
 
 
-# --- SQLite -----------------------------------------------------------------------------------------------
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS {TABLE} (
-    key          TEXT PRIMARY KEY,
-    body_sha256  TEXT NOT NULL,
-    state        TEXT NOT NULL CHECK (state IN ('{_IN_FLIGHT}', '{_DONE}')),
-    owner        TEXT,     -- store instance holding an in-flight row; NULL once done
-    claimed_at   REAL NOT NULL,
-    status       INTEGER,  -- the answer, once done
-    response     BLOB,
-    completed_at REAL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS {TABLE}_completed_at ON {TABLE} (completed_at) WHERE state = '{_DONE}';
-"""
-
-
-@functools.cache
-def _existing_rows(n: int) -> str:
-    """The rows of `n` keys, with their owner."""
-    keys = ", ".join("?" * n)
-    return f"SELECT key, body_sha256, state, status, response, owner FROM {TABLE} WHERE key IN ({keys})"  # noqa: S608
-
-
-@functools.cache
-def _claim_rows(n: int) -> str:
-    """Insert `n` in-flight rows of (key, body_sha256, owner, claimed_at) that `_claim_all` found free to take,
-    or take over another owner's in-flight row with the same body; a row in any other state is left as it is."""
-    values = ", ".join([f"(?, ?, '{_IN_FLIGHT}', ?, ?)"] * n)
-    return f"""
-INSERT INTO {TABLE} (key, body_sha256, state, owner, claimed_at) VALUES {values}
-ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, claimed_at = excluded.claimed_at
-WHERE {TABLE}.state = '{_IN_FLIGHT}' AND {TABLE}.owner <> excluded.owner
-  AND {TABLE}.body_sha256 = excluded.body_sha256
-"""  # noqa: S608 -- TABLE is a module constant, values are bound
-
-
-@functools.cache
-def _complete_rows(n: int) -> str:
-    """Store the answers of `n` rows of (key, status, response, completed_at), each only on its in-flight row of
-    the owner bound last."""
-    values = ", ".join(["(?, ?, ?, ?)"] * n)
-    return f"""
-UPDATE {TABLE} SET state = '{_DONE}', owner = NULL, status = v.column2, response = v.column3, completed_at = v.column4
-FROM (VALUES {values}) AS v
-WHERE {TABLE}.key = v.column1 AND {TABLE}.state = '{_IN_FLIGHT}' AND {TABLE}.owner = ?
-"""  # noqa: S608 -- TABLE is a module constant, values are bound
-
-
-_RELEASE = f"DELETE FROM {TABLE} WHERE key = ? AND state = '{_IN_FLIGHT}' AND owner = ?"  # noqa: S608 -- constant
-_PRUNE = f"""
-DELETE FROM {TABLE}
-WHERE (state = '{_DONE}' AND completed_at < :cutoff)
-   OR (state = '{_IN_FLIGHT}' AND owner <> :owner AND claimed_at < :cutoff)
-"""  # noqa: S608 -- TABLE is a module constant, values are bound
-
-
 class SqliteIngestKeyStore:
     """The production `IngestKeyStore`: one SQLite file, one connection, one instance per file, no lock.
 
@@ -220,7 +147,7 @@ class SqliteIngestKeyStore:
         self._owner = secrets.token_hex(8)
         self._db: aiosqlite.Connection | None = None
         self._held: dict[str, str] = {}  # key -> body digest, for every in-flight row of ours
-        self._queue: list[_Operation] = []
+        self._queue: list[Operation] = []
         self._awaited = 0  # operations in the queue that a caller awaits (claim, prune, flush)
         self._writer: asyncio.Task[None] | None = None
         self._delayed: asyncio.TimerHandle | None = None  # the writer's start, due at loop time `_delayed_due`
@@ -238,7 +165,7 @@ class SqliteIngestKeyStore:
             return
         # Step 1.
         try:
-            await asyncio.to_thread(prepare_wal_file, self.path, _SCHEMA, "ingest key store")
+            await asyncio.to_thread(prepare_wal_file, self.path, SCHEMA, "ingest key store")
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         # Step 2. isolation_level=None: no implicit transactions; the writer opens its own, one per batch.
@@ -289,7 +216,7 @@ class SqliteIngestKeyStore:
         if held is not None:
             return Busy() if held == body_sha256 else Conflict()
         result: asyncio.Future[Claim | None] = asyncio.get_running_loop().create_future()
-        self._enqueue(_ClaimOp(key, body_sha256, now, result))
+        self._enqueue(ClaimOp(key, body_sha256, now, result))
         claim = await result
         if claim is None:  # unreachable while one instance owns the file; see the module docstring
             raise StoreError(f"ingest key store {self.path}: claim found neither a new nor an existing row")
@@ -299,29 +226,29 @@ class SqliteIngestKeyStore:
         self._connection()
         if self._held.pop(key, None) is None:
             raise NotClaimedError(f"ingest key store {self.path}: complete() for a key not claimed by this store")
-        self._enqueue(_CompleteOp(key, status, bytes(body), now))
+        self._enqueue(CompleteOp(key, status, bytes(body), now))
 
     async def release(self, key: str) -> None:
         self._connection()
         if self._held.pop(key, None) is not None:
-            self._enqueue(_ReleaseOp(key))
+            self._enqueue(ReleaseOp(key))
 
     async def prune(self, older_than: float) -> int:
         self._connection()
         result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._enqueue(_PruneOp(older_than, result))
+        self._enqueue(PruneOp(older_than, result))
         return await result
 
     async def flush(self) -> None:
         """Return once every operation queued before this call is written (or has failed)."""
         self._connection()
         result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueue(_FlushOp(result))
+        self._enqueue(FlushOp(result))
         await result
 
     # --- the writer -------------------------------------------------------------------------------------
 
-    def _enqueue(self, operation: _Operation) -> None:
+    def _enqueue(self, operation: Operation) -> None:
         """Queue `operation`; start the writer within `claim_delay` if someone awaits it, else `answer_delay`."""
         self._queue.append(operation)
         if operation.result is not None:
@@ -361,14 +288,14 @@ class SqliteIngestKeyStore:
         first = True
         while self._queue and (self._awaited or first):
             first = False  # a delayed start writes what is queued, awaited or not
-            batch = self._queue[:_MAX_BATCH]
-            del self._queue[:_MAX_BATCH]
+            batch = self._queue[:MAX_BATCH]
+            del self._queue[:MAX_BATCH]
             self._awaited -= sum(1 for operation in batch if operation.result is not None)
             try:
                 db = self._connection()
                 # One hop to the connection's thread for the whole transaction (as `consumers.dedup` does);
                 # aiosqlite has no public "run this on your thread" (and no types for its private one).
-                results = await db._execute(_write, db._conn, self._owner, batch)  # type: ignore[no-untyped-call]
+                results = await db._execute(write, db._conn, self._owner, batch)  # type: ignore[no-untyped-call]
             except Exception as exc:
                 self._fail(batch, exc)
                 continue
@@ -382,24 +309,24 @@ class SqliteIngestKeyStore:
         if self._queue:
             self._start_writer_within(self._answer_delay)
 
-    def _settle(self, batch: Sequence[_Operation], results: Sequence[object]) -> None:
+    def _settle(self, batch: Sequence[Operation], results: Sequence[object]) -> None:
         for operation, outcome in zip(batch, results, strict=True):
             match operation:
-                case _ClaimOp(result=waiter) if waiter.cancelled():
+                case ClaimOp(result=waiter) if waiter.cancelled():
                     if outcome == Claimed():  # nobody will publish: give the key back at once
-                        self._enqueue(_ReleaseOp(operation.key))
-                case _ClaimOp(result=waiter):
+                        self._enqueue(ReleaseOp(operation.key))
+                case ClaimOp(result=waiter):
                     if outcome == Claimed():
                         self._held[operation.key] = operation.body_sha256
                     waiter.set_result(cast("Claim | None", outcome))
-                case _CompleteOp() if outcome != 1:  # a bug: only held keys are queued, and each once
+                case CompleteOp() if outcome != 1:  # a bug: only held keys are queued, and each once
                     log.error("ingest key store %s: an answer was stored for a key not held", self.path)
-                case _PruneOp(result=rows) if not rows.done():
+                case PruneOp(result=rows) if not rows.done():
                     rows.set_result(cast(int, outcome))
-                case _FlushOp(result=flushed) if not flushed.done():
+                case FlushOp(result=flushed) if not flushed.done():
                     flushed.set_result(None)
 
-    def _fail(self, batch: Sequence[_Operation], exc: Exception) -> None:
+    def _fail(self, batch: Sequence[Operation], exc: Exception) -> None:
         unwritten = 0
         for operation in batch:
             error = self._error(operation.name, exc) if isinstance(exc, sqlite3.Error) else exc
@@ -418,138 +345,6 @@ class SqliteIngestKeyStore:
 
     def _error(self, operation: str, exc: sqlite3.Error) -> StoreError:
         return StoreError(f"ingest key store {self.path}: {operation} failed: {exc}")
-
-
-# One transaction's operations at most: bounds how long the writer holds SQLite, not how much may be queued
-# (that is bounded by the requests under way and those answered within the last `answer_delay`).
-_MAX_BATCH = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class _ClaimOp:
-    key: str
-    body_sha256: str
-    now: float
-    result: asyncio.Future[Claim | None]
-    name: ClassVar[str] = "claim"
-
-
-@dataclass(frozen=True, slots=True)
-class _CompleteOp:
-    key: str
-    status: int
-    body: bytes
-    now: float
-    result: ClassVar[None] = None
-    name: ClassVar[str] = "complete"
-
-
-@dataclass(frozen=True, slots=True)
-class _ReleaseOp:
-    key: str
-    result: ClassVar[None] = None
-    name: ClassVar[str] = "release"
-
-
-@dataclass(frozen=True, slots=True)
-class _PruneOp:
-    cutoff: float
-    result: asyncio.Future[int]
-    name: ClassVar[str] = "prune"
-
-
-@dataclass(frozen=True, slots=True)
-class _FlushOp:
-    result: asyncio.Future[None]
-    name: ClassVar[str] = "flush"
-
-
-_Operation = _ClaimOp | _CompleteOp | _ReleaseOp | _PruneOp | _FlushOp
-
-
-def _write(db: sqlite3.Connection, owner: str, batch: Sequence[_Operation]) -> list[object]:
-    """Run `batch` in order in one transaction, on the connection's thread (blocking); on any failure, roll
-    back. Returns per operation: a claim's `Claim` (None if it found no row), else the rows it changed.
-
-    A run of claims, or of answers, is written by a few statements of many rows (`row_chunks`), not one each:
-    sqlite3 lets go of the GIL for every statement it steps, and the writer's thread then waits for the busy event
-    loop to hand it back, so a statement per row made a batch's transaction, and the claims waiting for it, slow.
-    """
-    results: list[object] = []
-    with transaction(db):
-        start = 0
-        while start < len(batch):
-            kind = type(batch[start])
-            end = start + 1
-            while end < len(batch) and type(batch[end]) is kind:
-                end += 1
-            run = batch[start:end]
-            if kind is _ClaimOp:
-                results += _claim_all(db, owner, cast("Sequence[_ClaimOp]", run))
-            elif kind is _CompleteOp:
-                results += _complete_all(db, owner, cast("Sequence[_CompleteOp]", run))
-            else:
-                results += [_run(db, owner, operation) for operation in run]
-            start = end
-    return results
-
-
-def _claim_all(db: sqlite3.Connection, owner: str, claims: Sequence[_ClaimOp]) -> list[object]:
-    """Each claim's `Claim`, in order, by two statements a chunk: the rows its keys already have (none, as a
-    rule), then one insert of the keys it takes: new ones, and those in flight for another owner (one that
-    crashed) with the same body. A row in flight for this owner is `Busy` (or `Conflict`): a key twice in one
-    batch, or a key whose answer could not be stored (see `SqliteIngestKeyStore._fail`)."""
-    results: list[object] = []
-    for start, size in row_chunks(len(claims), 4):
-        chunk = claims[start : start + size]
-        rows = {row[0]: row[1:] for row in db.execute(_existing_rows(size), [c.key for c in chunk])}
-        taken: list[_ClaimOp] = []
-        for claim in chunk:
-            row = rows.get(claim.key)
-            # (body_sha256, state, status, response, owner)
-            if row is None or (row[1] == _IN_FLIGHT and row[4] != owner and row[0] == claim.body_sha256):
-                taken.append(claim)
-                results.append(Claimed())
-                rows[claim.key] = (claim.body_sha256, _IN_FLIGHT, None, None, owner)
-            else:
-                results.append(_classify(row[:4], claim.body_sha256))
-        if taken:
-            values = [value for c in taken for value in (c.key, c.body_sha256, owner, c.now)]
-            if db.execute(_claim_rows(len(taken)), values).rowcount != len(taken):  # unreachable: one writer
-                raise StoreError("a claim found a row changed since it was read")  # rolled back
-    return results
-
-
-def _complete_all(db: sqlite3.Connection, owner: str, completes: Sequence[_CompleteOp]) -> list[object]:
-    """Store the answers; per answer, 1 if its statement changed as many rows as it had answers, else 0."""
-    results: list[object] = []
-    for start, size in row_chunks(len(completes), 4):
-        chunk = completes[start : start + size]
-        values: list[object] = [value for c in chunk for value in (c.key, c.status, c.body, c.now)]
-        changed = db.execute(_complete_rows(size), [*values, owner]).rowcount
-        results += [1 if changed == size else 0] * size
-    return results
-
-
-def _run(db: sqlite3.Connection, owner: str, operation: _Operation) -> object:
-    match operation:
-        case _ReleaseOp(key=key):
-            return db.execute(_RELEASE, (key, owner)).rowcount
-        case _PruneOp(cutoff=cutoff):
-            return db.execute(_PRUNE, {"cutoff": cutoff, "owner": owner}).rowcount
-        case _FlushOp():
-            return None
-    raise AssertionError(f"unexpected operation {operation!r}")  # pragma: no cover
-
-
-def _classify(row: tuple[Any, ...], body_sha256: str) -> Claim:
-    """What a claim that did not take the key gets, from the key's row."""
-    sha, state, status, response = row
-    if sha != body_sha256:
-        return Conflict()
-    if state == _DONE:
-        return Replay(status=int(status), body=bytes(response))
-    return Busy()
 
 
 # --- memory -----------------------------------------------------------------------------------------------

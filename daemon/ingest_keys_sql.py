@@ -1,0 +1,225 @@
+"""What the SQLite idempotency store (`daemon.ingest_keys.SqliteIngestKeyStore`) runs on its connection's thread:
+the table, its statements, and one batch of queued operations written in one transaction (`write`).
+
+A run of claims, or of answers, is written by a few statements of many rows (`consumers.sqlite_files.row_chunks`),
+not one each: sqlite3 lets go of the GIL for every statement it steps, and the writer's thread then waits for the
+busy event loop to hand it back, so a statement per row made a batch's transaction, and the claims waiting for it,
+slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
+
+from consumers.sqlite_files import row_chunks, transaction
+from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
+from topics.errors import StoreError
+
+__all__ = [
+    "MAX_BATCH",
+    "SCHEMA",
+    "TABLE",
+    "ClaimOp",
+    "CompleteOp",
+    "FlushOp",
+    "Operation",
+    "PruneOp",
+    "ReleaseOp",
+    "write",
+]
+
+TABLE = "ingest_keys"
+
+_IN_FLIGHT = "in_flight"
+_DONE = "done"
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    key          TEXT PRIMARY KEY,
+    body_sha256  TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('{_IN_FLIGHT}', '{_DONE}')),
+    owner        TEXT,     -- store instance holding an in-flight row; NULL once done
+    claimed_at   REAL NOT NULL,
+    status       INTEGER,  -- the answer, once done
+    response     BLOB,
+    completed_at REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS {TABLE}_completed_at ON {TABLE} (completed_at) WHERE state = '{_DONE}';
+"""
+
+
+@functools.cache
+def _existing_rows(n: int) -> str:
+    """The rows of `n` keys, with their owner."""
+    keys = ", ".join("?" * n)
+    return f"SELECT key, body_sha256, state, status, response, owner FROM {TABLE} WHERE key IN ({keys})"  # noqa: S608
+
+
+@functools.cache
+def _claim_rows(n: int) -> str:
+    """Insert `n` in-flight rows of (key, body_sha256, owner, claimed_at) that `_claim_all` found free to take,
+    or take over another owner's in-flight row with the same body; a row in any other state is left as it is."""
+    values = ", ".join([f"(?, ?, '{_IN_FLIGHT}', ?, ?)"] * n)
+    return f"""
+INSERT INTO {TABLE} (key, body_sha256, state, owner, claimed_at) VALUES {values}
+ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, claimed_at = excluded.claimed_at
+WHERE {TABLE}.state = '{_IN_FLIGHT}' AND {TABLE}.owner <> excluded.owner
+  AND {TABLE}.body_sha256 = excluded.body_sha256
+"""  # noqa: S608 -- TABLE is a module constant, values are bound
+
+
+@functools.cache
+def _complete_rows(n: int) -> str:
+    """Store the answers of `n` rows of (key, status, response, completed_at), each only on its in-flight row of
+    the owner bound last."""
+    values = ", ".join(["(?, ?, ?, ?)"] * n)
+    return f"""
+UPDATE {TABLE} SET state = '{_DONE}', owner = NULL, status = v.column2, response = v.column3, completed_at = v.column4
+FROM (VALUES {values}) AS v
+WHERE {TABLE}.key = v.column1 AND {TABLE}.state = '{_IN_FLIGHT}' AND {TABLE}.owner = ?
+"""  # noqa: S608 -- TABLE is a module constant, values are bound
+
+
+_RELEASE = f"DELETE FROM {TABLE} WHERE key = ? AND state = '{_IN_FLIGHT}' AND owner = ?"  # noqa: S608 -- constant
+_PRUNE = f"""
+DELETE FROM {TABLE}
+WHERE (state = '{_DONE}' AND completed_at < :cutoff)
+   OR (state = '{_IN_FLIGHT}' AND owner <> :owner AND claimed_at < :cutoff)
+"""  # noqa: S608 -- TABLE is a module constant, values are bound
+
+
+# One transaction's operations at most: bounds how long the writer holds SQLite, not how much may be queued
+# (that is bounded by the requests under way and those answered within the last `answer_delay`).
+MAX_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimOp:
+    key: str
+    body_sha256: str
+    now: float
+    result: asyncio.Future[Claim | None]
+    name: ClassVar[str] = "claim"
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteOp:
+    key: str
+    status: int
+    body: bytes
+    now: float
+    result: ClassVar[None] = None
+    name: ClassVar[str] = "complete"
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOp:
+    key: str
+    result: ClassVar[None] = None
+    name: ClassVar[str] = "release"
+
+
+@dataclass(frozen=True, slots=True)
+class PruneOp:
+    cutoff: float
+    result: asyncio.Future[int]
+    name: ClassVar[str] = "prune"
+
+
+@dataclass(frozen=True, slots=True)
+class FlushOp:
+    result: asyncio.Future[None]
+    name: ClassVar[str] = "flush"
+
+
+Operation = ClaimOp | CompleteOp | ReleaseOp | PruneOp | FlushOp
+
+
+def write(db: sqlite3.Connection, owner: str, batch: Sequence[Operation]) -> list[object]:
+    """Run `batch` in order in one transaction, on the connection's thread (blocking); on any failure, roll
+    back. Returns per operation: a claim's `Claim` (None if it found no row), else the rows it changed.
+
+    A run of claims, or of answers, is written by a few statements of many rows (`row_chunks`), not one each:
+    sqlite3 lets go of the GIL for every statement it steps, and the writer's thread then waits for the busy event
+    loop to hand it back, so a statement per row made a batch's transaction, and the claims waiting for it, slow.
+    """
+    results: list[object] = []
+    with transaction(db):
+        start = 0
+        while start < len(batch):
+            kind = type(batch[start])
+            end = start + 1
+            while end < len(batch) and type(batch[end]) is kind:
+                end += 1
+            run = batch[start:end]
+            if kind is ClaimOp:
+                results += _claim_all(db, owner, cast("Sequence[ClaimOp]", run))
+            elif kind is CompleteOp:
+                results += _complete_all(db, owner, cast("Sequence[CompleteOp]", run))
+            else:
+                results += [_run(db, owner, operation) for operation in run]
+            start = end
+    return results
+
+
+def _claim_all(db: sqlite3.Connection, owner: str, claims: Sequence[ClaimOp]) -> list[object]:
+    """Each claim's `Claim`, in order, by two statements a chunk: the rows its keys already have (none, as a
+    rule), then one insert of the keys it takes: new ones, and those in flight for another owner (one that
+    crashed) with the same body. A row in flight for this owner is `Busy` (or `Conflict`): a key twice in one
+    batch, or a key whose answer could not be stored (see `SqliteIngestKeyStore._fail`)."""
+    results: list[object] = []
+    for start, size in row_chunks(len(claims), 4):
+        chunk = claims[start : start + size]
+        rows = {row[0]: row[1:] for row in db.execute(_existing_rows(size), [c.key for c in chunk])}
+        taken: list[ClaimOp] = []
+        for claim in chunk:
+            row = rows.get(claim.key)
+            # (body_sha256, state, status, response, owner)
+            if row is None or (row[1] == _IN_FLIGHT and row[4] != owner and row[0] == claim.body_sha256):
+                taken.append(claim)
+                results.append(Claimed())
+                rows[claim.key] = (claim.body_sha256, _IN_FLIGHT, None, None, owner)
+            else:
+                results.append(_classify(row[:4], claim.body_sha256))
+        if taken:
+            values = [value for c in taken for value in (c.key, c.body_sha256, owner, c.now)]
+            if db.execute(_claim_rows(len(taken)), values).rowcount != len(taken):  # unreachable: one writer
+                raise StoreError("a claim found a row changed since it was read")  # rolled back
+    return results
+
+
+def _complete_all(db: sqlite3.Connection, owner: str, completes: Sequence[CompleteOp]) -> list[object]:
+    """Store the answers; per answer, 1 if its statement changed as many rows as it had answers, else 0."""
+    results: list[object] = []
+    for start, size in row_chunks(len(completes), 4):
+        chunk = completes[start : start + size]
+        values: list[object] = [value for c in chunk for value in (c.key, c.status, c.body, c.now)]
+        changed = db.execute(_complete_rows(size), [*values, owner]).rowcount
+        results += [1 if changed == size else 0] * size
+    return results
+
+
+def _run(db: sqlite3.Connection, owner: str, operation: Operation) -> object:
+    match operation:
+        case ReleaseOp(key=key):
+            return db.execute(_RELEASE, (key, owner)).rowcount
+        case PruneOp(cutoff=cutoff):
+            return db.execute(_PRUNE, {"cutoff": cutoff, "owner": owner}).rowcount
+        case FlushOp():
+            return None
+    raise AssertionError(f"unexpected operation {operation!r}")  # pragma: no cover
+
+
+def _classify(row: tuple[Any, ...], body_sha256: str) -> Claim:
+    """What a claim that did not take the key gets, from the key's row."""
+    sha, state, status, response = row
+    if sha != body_sha256:
+        return Conflict()
+    if state == _DONE:
+        return Replay(status=int(status), body=bytes(response))
+    return Busy()
