@@ -39,26 +39,51 @@ downstream id is kept as long as its order has any delivery row left, so ids of 
 after the cutoff (or in flight) stay; retention must outlast the time an order can still change. Blocked
 orders are never pruned: only a replay unblocks them. `prune` flushes first, so it sees buffered writes.
 
-`SqliteDedupStore` is the production store (one instance per file); `MemoryDedupStore`
-is its twin for unit tests, with the same answers, whose `crash()` drops the buffer as a killed process would.
-Every aiosqlite/sqlite3 error is raised as `StoreError` naming the file. Times (``updated_at`` and the others)
-are unix seconds set by the caller, so the stores never read a clock.
+`SqliteDedupStore` is the production store (one instance per file; its statements are in `consumers.dedup_sql`, a
+row and the write buffer in `consumers.delivery_state`); `MemoryDedupStore` (`consumers.dedup_memory`, re-exported
+here with the row's names) is its twin for unit tests, with the same answers, whose `crash()` drops the buffer as
+a killed process would. Every aiosqlite/sqlite3 error is raised as `StoreError` naming the file. Times
+(``updated_at`` and the others) are unix seconds set by the caller, so the stores never read a clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol, Self, TypeVar
+from typing import Any, Literal, Protocol, Self, TypeVar
 
 import aiosqlite
 
-from consumers.sqlite_files import prepare_wal_file, row_chunks, transaction
+from consumers.dedup_memory import MemoryDedupStore, MemoryTables
+from consumers.dedup_sql import (
+    SCHEMA,
+    SELECT_BLOCKED,
+    SELECT_BLOCKING,
+    SELECT_DOWNSTREAM_ID,
+    SELECT_STATES,
+    WAL_AUTOCHECKPOINT_PAGES,
+    delete_prunable,
+    fetch_all,
+    nothing,
+    select_blocked,
+    select_in,
+    write_batch,
+)
+from consumers.delivery_state import (
+    BLOCKED_ORDER_COLUMNS,
+    BLOCKED_ORDERS_TABLE,
+    DELIVERIES_TABLE,
+    DELIVERY_COLUMNS,
+    DOWNSTREAM_ID_COLUMNS,
+    DOWNSTREAM_IDS_TABLE,
+    DeliveryState,
+    DeliveryStatus,
+    WriteBuffer,
+)
+from consumers.sqlite_files import prepare_wal_file
 from topics.errors import ConfigError, StoreError
 
 __all__ = [
@@ -77,50 +102,6 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-
-DeliveryStatus = Literal["in_flight", "done", "duplicate", "dead"]
-
-DELIVERIES_TABLE: Final = "deliveries"
-DELIVERY_COLUMNS: Final = (
-    "key",
-    "event_id",
-    "order_ref",
-    "status",
-    "attempts",
-    "last_status",
-    "first_attempt_at",
-    "last_attempt_at",
-    "downstream_id",
-    "reply_digest",
-    "reason",
-    "updated_at",
-)
-DOWNSTREAM_IDS_TABLE: Final = "downstream_ids"
-DOWNSTREAM_ID_COLUMNS: Final = ("order_ref", "downstream_id")
-BLOCKED_ORDERS_TABLE: Final = "blocked_orders"
-BLOCKED_ORDER_COLUMNS: Final = ("order_ref", "reason")
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryState:
-    """What happened to one event in one sink; the fields are the table's columns, in this order.
-
-    `order_ref` is the order number, a business reference (not personal data), so it may be stored and
-    logged. `last_status` is the last HTTP status seen; the ``*_at`` fields are unix seconds.
-    """
-
-    key: str
-    event_id: str
-    order_ref: str
-    status: DeliveryStatus
-    attempts: int
-    last_status: int | None
-    first_attempt_at: float | None
-    last_attempt_at: float | None
-    downstream_id: str | None
-    reply_digest: str | None
-    reason: str | None
-    updated_at: float
 
 
 class DedupStore(Protocol):
@@ -190,148 +171,6 @@ class DedupStore(Protocol):
         ...
 
 
-@dataclass(slots=True)
-class _Buffer:
-    """Writes not yet flushed, one per key/order (later writes replace earlier ones).
-
-    In `blocks`, a reason means "block" and None means "unblock". A flush takes the whole buffer and leaves an
-    empty one; if its write fails, `requeue` puts back what no later write has replaced.
-    """
-
-    states: dict[str, DeliveryState] = field(default_factory=dict)
-    downstream_ids: dict[str, str] = field(default_factory=dict)
-    blocks: dict[str, str | None] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.states) + len(self.downstream_ids) + len(self.blocks)
-
-    def requeue(self, failed: _Buffer) -> None:
-        for mine, theirs in (
-            (self.states, failed.states),
-            (self.downstream_ids, failed.downstream_ids),
-            (self.blocks, failed.blocks),
-        ):
-            for key, value in theirs.items():
-                mine.setdefault(key, value)  # type: ignore[arg-type]  # each pair of dicts has one value type
-
-    def blocked(self, order_ref: str) -> bool | None:
-        """True/False if the buffer decides whether `order_ref` is blocked, None if the tables do."""
-        if order_ref not in self.blocks:
-            return None
-        return self.blocks[order_ref] is not None
-
-
-# --- SQLite -----------------------------------------------------------------------------------------------
-
-# The deliveries table keeps its rowid, unlike the two small ones: idempotency keys are random (UUIDs), so a
-# table clustered by key takes each flush's rows at random places, dirtying a page per row; with a rowid the
-# rows are appended and only the narrow key index is written at random. A 5,000-row flush into a 200,000-row
-# table took 160 ms clustered by key and 70 ms this way (on the dev VM).
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS {DELIVERIES_TABLE} (
-    key              TEXT NOT NULL PRIMARY KEY,
-    event_id         TEXT NOT NULL,
-    order_ref        TEXT NOT NULL,
-    status           TEXT NOT NULL CHECK (status IN ('in_flight', 'done', 'duplicate', 'dead')),
-    attempts         INTEGER NOT NULL,
-    last_status      INTEGER,
-    first_attempt_at REAL,
-    last_attempt_at  REAL,
-    downstream_id    TEXT,
-    reply_digest     TEXT,
-    reason           TEXT,
-    updated_at       REAL NOT NULL
-);
--- No index on order_ref: with order numbers in no particular order it doubled the cost of every flush (a
--- random page per row), for one query an hour (prune, which builds its own set of the orders). Earlier files had it.
-DROP INDEX IF EXISTS {DELIVERIES_TABLE}_order_ref;
-CREATE INDEX IF NOT EXISTS {DELIVERIES_TABLE}_prunable ON {DELIVERIES_TABLE} (updated_at)
-    WHERE status <> 'in_flight';
-CREATE TABLE IF NOT EXISTS {DOWNSTREAM_IDS_TABLE} (
-    order_ref     TEXT PRIMARY KEY,
-    downstream_id TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS {BLOCKED_ORDERS_TABLE} (
-    order_ref TEXT PRIMARY KEY,
-    reason    TEXT NOT NULL
-) WITHOUT ROWID;
-"""
-
-
-# A flush writes many rows per statement (``VALUES (...), (...), ...``) rather than an executemany of one row each:
-# sqlite3 releases the GIL around every step, and beside a busy event loop each re-acquisition waits for the
-# loop's thread to give the GIL up (up to the 5 ms switch interval), so per-row steps made a flush of ~130 rows
-# take ~150 ms instead of ~2 ms (tests/bench/bench.py, CPU-bound scenario).
-def _upsert_states(rows: int) -> str:
-    values = ", ".join([f"({', '.join('?' * len(DELIVERY_COLUMNS))})"] * rows)
-    updates = ", ".join(f"{c} = excluded.{c}" for c in DELIVERY_COLUMNS[1:])
-    return f"""
-INSERT INTO {DELIVERIES_TABLE} ({", ".join(DELIVERY_COLUMNS)}) VALUES {values}
-ON CONFLICT (key) DO UPDATE SET {updates}
-"""  # noqa: S608 -- table and column names are module constants, values are bound
-
-
-def _upsert_downstream_ids(rows: int) -> str:
-    return f"""
-INSERT INTO {DOWNSTREAM_IDS_TABLE} (order_ref, downstream_id) VALUES {", ".join(["(?, ?)"] * rows)}
-ON CONFLICT (order_ref) DO UPDATE SET downstream_id = excluded.downstream_id
-"""  # noqa: S608 -- table name is a module constant, values are bound
-
-
-_UPSERT_BLOCK = f"""
-INSERT INTO {BLOCKED_ORDERS_TABLE} (order_ref, reason) VALUES (?, ?)
-ON CONFLICT (order_ref) DO UPDATE SET reason = excluded.reason
-"""  # noqa: S608 -- table name is a module constant, values are bound
-_DELETE_BLOCK = f"DELETE FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref = ?"  # noqa: S608 -- constant
-_SELECT_DOWNSTREAM_ID = f"SELECT order_ref, downstream_id FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref IN "  # noqa: S608
-_PRUNE_STATES = f"""
-DELETE FROM {DELIVERIES_TABLE} WHERE status <> 'in_flight' AND updated_at < ?
-"""  # noqa: S608 -- table name is a module constant, values are bound
-_PRUNE_DOWNSTREAM_IDS = f"""
-DELETE FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref NOT IN (SELECT order_ref FROM {DELIVERIES_TABLE})
-"""  # noqa: S608 -- table names are module constants
-
-# A checkpoint copies the WAL's pages back into the file; the idempotency keys come in no order, so a flush dirties
-# index pages all over the file, and fewer, larger checkpoints copy a page changed by many flushes once: 4,000
-# pages (~16 MB of WAL at most) instead of SQLite's 1,000 took a fifth off the CPU of a flush (tests/bench).
-_WAL_AUTOCHECKPOINT_PAGES: Final = 4000
-
-# Statements of many rows take only a few row counts (`consumers.sqlite_files.row_chunks`), so that a
-# connection's statement cache (128 statements) holds every one: any row count made a new statement text on most
-# flushes, and preparing an 83-row upsert (340 us) cost as much as running it.
-# A lookup pads its keys with NULLs (which match nothing) to a multiple of `_KEY_STEP`, up to `_MOST_KEYS` a query.
-_KEY_STEP: Final = 16
-_MOST_KEYS: Final = 512
-_SELECT_STATES = f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM {DELIVERIES_TABLE} WHERE key IN "  # noqa: S608 -- constant
-_SELECT_BLOCKED = f"SELECT order_ref FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref IN "  # noqa: S608 -- constant
-_SELECT_BLOCKING = f"SELECT order_ref, reason FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref IN "  # noqa: S608 -- constant
-_ANY_BLOCKED = f"SELECT EXISTS (SELECT 1 FROM {BLOCKED_ORDERS_TABLE})"  # noqa: S608 -- constant
-
-
-@functools.cache
-def _in(n: int) -> str:
-    """The ``(?, ?, ...)`` of an IN query for `n` bound values."""
-    return f"({', '.join('?' * n)})"
-
-
-def _row(s: DeliveryState) -> tuple[Any, ...]:
-    """`s` as a row in `DELIVERY_COLUMNS` order (spelled out: `dataclasses.astuple` deep-copies, slowly)."""
-    return (
-        s.key,
-        s.event_id,
-        s.order_ref,
-        s.status,
-        s.attempts,
-        s.last_status,
-        s.first_attempt_at,
-        s.last_attempt_at,
-        s.downstream_id,
-        s.reply_digest,
-        s.reason,
-        s.updated_at,
-    )
-
-
 class SqliteDedupStore:
     """The production `DedupStore`: one SQLite file per sink, one connection, one instance per file.
 
@@ -351,11 +190,11 @@ class SqliteDedupStore:
         # thread and back took ~50 ms under load, mostly waiting for turns of the loop, and a fetched batch
         # waited for it before any of its records could be sent.
         self._reader: sqlite3.Connection | None = None
-        self._buffer = _Buffer()
+        self._buffer = WriteBuffer()
         # Flushes handed to the writer's thread and not yet confirmed, oldest first. A read looks at the buffer,
         # then at these (newest first), then at the file, where a confirmed flush is committed: nothing put is
         # ever out of its sight. Flushes do not wait for each other.
-        self._flushing: list[_Buffer] = []
+        self._flushing: list[WriteBuffer] = []
         self._failed_flushes = 0
 
     async def open(self) -> None:
@@ -369,7 +208,7 @@ class SqliteDedupStore:
             return
         # Step 1.
         try:
-            await asyncio.to_thread(prepare_wal_file, self.path, _SCHEMA, "dedup store")
+            await asyncio.to_thread(prepare_wal_file, self.path, SCHEMA, "dedup store")
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         # Step 2. isolation_level=None: no implicit transactions; flush and prune open theirs explicitly.
@@ -380,7 +219,7 @@ class SqliteDedupStore:
         try:
             await db.execute_fetchall(f"PRAGMA synchronous = {self.synchronous}")
             await db.execute_fetchall("PRAGMA busy_timeout = 5000")
-            await db.execute_fetchall(f"PRAGMA wal_autocheckpoint = {_WAL_AUTOCHECKPOINT_PAGES}")
+            await db.execute_fetchall(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             reader.execute("PRAGMA query_only = ON")
         except BaseException as exc:
@@ -446,12 +285,12 @@ class SqliteDedupStore:
         failed one was under way, raise `StoreError`.
         """
         self._connection()
-        batch, self._buffer = self._buffer, _Buffer()
+        batch, self._buffer = self._buffer, WriteBuffer()
         failures = self._failed_flushes
         if batch:
             self._flushing.append(batch)
             try:
-                await self._on_thread(_write, batch)
+                await self._on_thread(write_batch, batch)
             except BaseException as exc:
                 self._buffer.requeue(batch)
                 if not isinstance(exc, asyncio.CancelledError):  # cancelled: the thread still writes it
@@ -462,12 +301,12 @@ class SqliteDedupStore:
             finally:
                 self._flushing.remove(batch)
         elif self._flushing:
-            await self._on_thread(_nothing)  # nothing new: returns once the flushes under way are done
+            await self._on_thread(nothing)  # nothing new: returns once the flushes under way are done
         if self._failed_flushes != failures:
             raise StoreError(f"dedup store {self.path}: flush failed: an earlier write failed; it is buffered again")
         return len(batch)
 
-    def _layers(self) -> list[_Buffer]:
+    def _layers(self) -> list[WriteBuffer]:
         """Writes not yet confirmed on disk, the newest first."""
         return [self._buffer, *reversed(self._flushing)]
 
@@ -482,7 +321,7 @@ class SqliteDedupStore:
                     found[key] = layer.states[key]
         wanted = list(dict.fromkeys(k for k in keys if k not in found))
         try:
-            rows = _select_in(self._read_connection(), _SELECT_STATES, wanted)
+            rows = select_in(self._read_connection(), SELECT_STATES, wanted)
         except sqlite3.Error as exc:
             raise self._error("get_many", exc) from exc
         for row in rows:
@@ -494,7 +333,7 @@ class SqliteDedupStore:
             if order_ref in layer.downstream_ids:
                 return layer.downstream_ids[order_ref]
         try:
-            rows = _select_in(self._read_connection(), _SELECT_DOWNSTREAM_ID, [order_ref])
+            rows = select_in(self._read_connection(), SELECT_DOWNSTREAM_ID, [order_ref])
         except sqlite3.Error as exc:
             raise self._error("downstream_id", exc) from exc
         return str(rows[0][1]) if rows else None
@@ -504,7 +343,7 @@ class SqliteDedupStore:
         blocked = {ref for ref, is_blocked in decided.items() if is_blocked}
         wanted = [ref for ref, is_blocked in decided.items() if is_blocked is None]
         try:
-            rows = _select_blocked(self._read_connection(), _SELECT_BLOCKED, wanted)
+            rows = select_blocked(self._read_connection(), SELECT_BLOCKED, wanted)
         except sqlite3.Error as exc:
             raise self._error("blocked_orders", exc) from exc
         blocked.update(str(row[0]) for row in rows)
@@ -524,7 +363,7 @@ class SqliteDedupStore:
                 elif (reason := layer.blocks[ref]) is not None:
                     result[ref] = reason
         try:
-            rows = _select_blocked(self._read_connection(), _SELECT_BLOCKING, wanted)
+            rows = select_blocked(self._read_connection(), SELECT_BLOCKING, wanted)
         except sqlite3.Error as exc:
             raise self._error("blocking", exc) from exc
         result.update((str(row[0]), str(row[1])) for row in rows)
@@ -553,14 +392,14 @@ class SqliteDedupStore:
     async def prune(self, older_than: float) -> int:
         await self.flush()
         try:
-            deleted: int = await self._on_thread(_prune, older_than)
+            deleted: int = await self._on_thread(delete_prunable, older_than)
         except sqlite3.Error as exc:
             raise self._error("prune", exc) from exc
         return deleted
 
     async def integrity_check(self) -> str:
         try:
-            rows = await self._on_thread(_fetch_all, "PRAGMA integrity_check")
+            rows = await self._on_thread(fetch_all, "PRAGMA integrity_check")
         except sqlite3.Error as exc:
             raise self._error("integrity_check", exc) from exc
         return "\n".join(str(row[0]) for row in rows)
@@ -579,184 +418,3 @@ class SqliteDedupStore:
 
     def _error(self, operation: str, exc: sqlite3.Error) -> StoreError:
         return StoreError(f"dedup store {self.path}: {operation} failed: {exc}")
-
-
-def _insert_many(db: sqlite3.Connection, sql: Callable[[int], str], values: list[Any], width: int) -> None:
-    """Rows of `width` values, laid end to end in `values`, by multi-row statements (see `_upsert_states`)."""
-    for start, size in row_chunks(len(values) // width, width):
-        db.execute(_statement(sql, size), values[start * width : (start + size) * width])
-
-
-def _nothing(db: sqlite3.Connection) -> None:
-    """A hop that does nothing: it returns once every hop queued before it is done."""
-
-
-def _fetch_all(db: sqlite3.Connection, sql: str) -> list[Any]:
-    return db.execute(sql).fetchall()
-
-
-def _prune(db: sqlite3.Connection, older_than: float) -> int:
-    """Delete terminal rows updated before `older_than`, and downstream ids no row needs, in one transaction."""
-    with transaction(db):
-        deleted: int = db.execute(_PRUNE_STATES, (older_than,)).rowcount
-        db.execute(_PRUNE_DOWNSTREAM_IDS)
-    return deleted
-
-
-def _select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:
-    """Rows of ``select IN (keys)``, `_MOST_KEYS` keys a query, padded (on the read-only connection)."""
-    rows: list[Any] = []
-    for start in range(0, len(keys), _MOST_KEYS):
-        chunk: list[str | None] = list(keys[start : start + _MOST_KEYS])
-        chunk += [None] * (-len(chunk) % _KEY_STEP)
-        rows.extend(db.execute(select + _in(len(chunk)), chunk).fetchall())
-    return rows
-
-
-def _select_blocked(db: sqlite3.Connection, select: str, order_refs: Sequence[str]) -> list[Any]:
-    """`_select_in` of the blocked orders, asked only if there is any: the table is nearly always empty, and the
-    lookup of a fetched batch's orders (up to 1,000) cost ~100 us of the event loop for nothing."""
-    if not order_refs or db.execute(_ANY_BLOCKED).fetchone()[0] == 0:
-        return []
-    return _select_in(db, select, order_refs)
-
-
-@functools.cache
-def _statement(sql: Callable[[int], str], rows: int) -> str:
-    return sql(rows)
-
-
-def _write(db: sqlite3.Connection, batch: _Buffer) -> None:
-    """Write `batch` in one transaction, on the connection's thread (blocking); on any failure, roll back."""
-    with transaction(db):
-        if batch.states:
-            states = [value for s in batch.states.values() for value in _row(s)]
-            _insert_many(db, _upsert_states, states, len(DELIVERY_COLUMNS))
-        if batch.downstream_ids:
-            ids = [value for pair in batch.downstream_ids.items() for value in pair]
-            _insert_many(db, _upsert_downstream_ids, ids, len(DOWNSTREAM_ID_COLUMNS))
-        blocks = [(ref, reason) for ref, reason in batch.blocks.items() if reason is not None]
-        if blocks:
-            db.executemany(_UPSERT_BLOCK, blocks)
-        unblocks = [(ref,) for ref, reason in batch.blocks.items() if reason is None]
-        if unblocks:
-            db.executemany(_DELETE_BLOCK, unblocks)
-
-
-# --- memory -----------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class MemoryTables:
-    """The "file" of a `MemoryDedupStore`: what a flush made durable. Share one between two stores to
-    model a restart (the second store sees only what the first flushed)."""
-
-    deliveries: dict[str, DeliveryState] = field(default_factory=dict)
-    downstream_ids: dict[str, str] = field(default_factory=dict)
-    blocked_orders: dict[str, str] = field(default_factory=dict)
-
-
-class MemoryDedupStore:
-    """The in-memory twin of `SqliteDedupStore` for unit tests: the same answers, and a `crash()`.
-
-    Every method runs without awaiting anything, so each is atomic on the event loop without a lock. It needs
-    no `open` (it has no file), but supports the same lifecycle; `close` flushes.
-    """
-
-    def __init__(self, tables: MemoryTables | None = None) -> None:
-        self.tables = MemoryTables() if tables is None else tables
-        self._buffer = _Buffer()
-
-    def crash(self) -> None:
-        """Drop every unflushed write, as a killed process would; the flushed tables stay."""
-        self._buffer = _Buffer()
-
-    async def open(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        await self.flush()
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    def put(self, state: DeliveryState) -> None:
-        self._buffer.states[state.key] = state
-
-    def put_downstream_id(self, order_ref: str, downstream_id: str) -> None:
-        self._buffer.downstream_ids[order_ref] = downstream_id
-
-    def block_order(self, order_ref: str, reason: str) -> None:
-        self._buffer.blocks[order_ref] = reason
-
-    def unblock_order(self, order_ref: str) -> None:
-        self._buffer.blocks[order_ref] = None
-
-    @property
-    def pending_writes(self) -> int:
-        return len(self._buffer)
-
-    async def flush(self) -> int:
-        written = len(self._buffer)
-        self.tables.deliveries.update(self._buffer.states)
-        self.tables.downstream_ids.update(self._buffer.downstream_ids)
-        for order_ref, reason in self._buffer.blocks.items():
-            if reason is None:
-                self.tables.blocked_orders.pop(order_ref, None)
-            else:
-                self.tables.blocked_orders[order_ref] = reason
-        self._buffer = _Buffer()
-        return written
-
-    async def get_many(self, keys: Sequence[str]) -> dict[str, DeliveryState]:
-        found: dict[str, DeliveryState] = {}
-        for key in keys:
-            if key in self._buffer.states:
-                found[key] = self._buffer.states[key]
-            elif key in self.tables.deliveries:
-                found[key] = self.tables.deliveries[key]
-        return found
-
-    async def downstream_id(self, order_ref: str) -> str | None:
-        if order_ref in self._buffer.downstream_ids:
-            return self._buffer.downstream_ids[order_ref]
-        return self.tables.downstream_ids.get(order_ref)
-
-    async def blocked_orders(self, order_refs: Sequence[str]) -> set[str]:
-        blocked: set[str] = set()
-        for order_ref in order_refs:
-            decided = self._buffer.blocked(order_ref)
-            if decided or (decided is None and order_ref in self.tables.blocked_orders):
-                blocked.add(order_ref)
-        return blocked
-
-    async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
-        result: dict[str, str] = {}
-        for order_ref in order_refs:
-            if order_ref in self._buffer.blocks:
-                reason = self._buffer.blocks[order_ref]
-                if reason is not None:
-                    result[order_ref] = reason
-            elif order_ref in self.tables.blocked_orders:
-                result[order_ref] = self.tables.blocked_orders[order_ref]
-        return result
-
-    async def prune(self, older_than: float) -> int:
-        await self.flush()
-        deliveries = self.tables.deliveries
-        old = [k for k, s in deliveries.items() if s.status != "in_flight" and s.updated_at < older_than]
-        for key in old:
-            del deliveries[key]
-        live_orders = {s.order_ref for s in deliveries.values()}
-        for order_ref in [ref for ref in self.tables.downstream_ids if ref not in live_orders]:
-            del self.tables.downstream_ids[order_ref]
-        return len(old)
-
-    async def integrity_check(self) -> str:
-        return "ok"

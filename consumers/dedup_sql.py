@@ -1,0 +1,206 @@
+"""What the SQLite dedup store (`consumers.dedup.SqliteDedupStore`) runs: the tables, their statements, a flush
+written on the writer connection's thread (`write`), and the lookups on the read-only connection (`select_in`).
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from consumers.delivery_state import (
+    BLOCKED_ORDERS_TABLE,
+    DELIVERIES_TABLE,
+    DELIVERY_COLUMNS,
+    DOWNSTREAM_ID_COLUMNS,
+    DOWNSTREAM_IDS_TABLE,
+    DeliveryState,
+    WriteBuffer,
+)
+from consumers.sqlite_files import row_chunks, transaction
+
+__all__ = [
+    "SCHEMA",
+    "SELECT_BLOCKED",
+    "SELECT_BLOCKING",
+    "SELECT_DOWNSTREAM_ID",
+    "SELECT_STATES",
+    "WAL_AUTOCHECKPOINT_PAGES",
+    "delete_prunable",
+    "fetch_all",
+    "nothing",
+    "select_blocked",
+    "select_in",
+    "write_batch",
+]
+
+# The deliveries table keeps its rowid, unlike the two small ones: idempotency keys are random (UUIDs), so a
+# table clustered by key takes each flush's rows at random places, dirtying a page per row; with a rowid the
+# rows are appended and only the narrow key index is written at random. A 5,000-row flush into a 200,000-row
+# table took 160 ms clustered by key and 70 ms this way (on the dev VM).
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {DELIVERIES_TABLE} (
+    key              TEXT NOT NULL PRIMARY KEY,
+    event_id         TEXT NOT NULL,
+    order_ref        TEXT NOT NULL,
+    status           TEXT NOT NULL CHECK (status IN ('in_flight', 'done', 'duplicate', 'dead')),
+    attempts         INTEGER NOT NULL,
+    last_status      INTEGER,
+    first_attempt_at REAL,
+    last_attempt_at  REAL,
+    downstream_id    TEXT,
+    reply_digest     TEXT,
+    reason           TEXT,
+    updated_at       REAL NOT NULL
+);
+-- No index on order_ref: with order numbers in no particular order it doubled the cost of every flush (a
+-- random page per row), for one query an hour (prune, which builds its own set of the orders). Earlier files had it.
+DROP INDEX IF EXISTS {DELIVERIES_TABLE}_order_ref;
+CREATE INDEX IF NOT EXISTS {DELIVERIES_TABLE}_prunable ON {DELIVERIES_TABLE} (updated_at)
+    WHERE status <> 'in_flight';
+CREATE TABLE IF NOT EXISTS {DOWNSTREAM_IDS_TABLE} (
+    order_ref     TEXT PRIMARY KEY,
+    downstream_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS {BLOCKED_ORDERS_TABLE} (
+    order_ref TEXT PRIMARY KEY,
+    reason    TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+# A flush writes many rows per statement (``VALUES (...), (...), ...``) rather than an executemany of one row each:
+# sqlite3 releases the GIL around every step, and beside a busy event loop each re-acquisition waits for the
+# loop's thread to give the GIL up (up to the 5 ms switch interval), so per-row steps made a flush of ~130 rows
+# take ~150 ms instead of ~2 ms (tests/bench/bench.py, CPU-bound scenario).
+def _upsert_states(rows: int) -> str:
+    values = ", ".join([f"({', '.join('?' * len(DELIVERY_COLUMNS))})"] * rows)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in DELIVERY_COLUMNS[1:])
+    return f"""
+INSERT INTO {DELIVERIES_TABLE} ({", ".join(DELIVERY_COLUMNS)}) VALUES {values}
+ON CONFLICT (key) DO UPDATE SET {updates}
+"""  # noqa: S608 -- table and column names are module constants, values are bound
+
+
+def _upsert_downstream_ids(rows: int) -> str:
+    return f"""
+INSERT INTO {DOWNSTREAM_IDS_TABLE} (order_ref, downstream_id) VALUES {", ".join(["(?, ?)"] * rows)}
+ON CONFLICT (order_ref) DO UPDATE SET downstream_id = excluded.downstream_id
+"""  # noqa: S608 -- table name is a module constant, values are bound
+
+
+_UPSERT_BLOCK = f"""
+INSERT INTO {BLOCKED_ORDERS_TABLE} (order_ref, reason) VALUES (?, ?)
+ON CONFLICT (order_ref) DO UPDATE SET reason = excluded.reason
+"""  # noqa: S608 -- table name is a module constant, values are bound
+_DELETE_BLOCK = f"DELETE FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref = ?"  # noqa: S608 -- constant
+SELECT_DOWNSTREAM_ID = f"SELECT order_ref, downstream_id FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref IN "  # noqa: S608
+_PRUNE_STATES = f"""
+DELETE FROM {DELIVERIES_TABLE} WHERE status <> 'in_flight' AND updated_at < ?
+"""  # noqa: S608 -- table name is a module constant, values are bound
+_PRUNE_DOWNSTREAM_IDS = f"""
+DELETE FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref NOT IN (SELECT order_ref FROM {DELIVERIES_TABLE})
+"""  # noqa: S608 -- table names are module constants
+
+# A checkpoint copies the WAL's pages back into the file; the idempotency keys come in no order, so a flush dirties
+# index pages all over the file, and fewer, larger checkpoints copy a page changed by many flushes once: 4,000
+# pages (~16 MB of WAL at most) instead of SQLite's 1,000 took a fifth off the CPU of a flush (tests/bench).
+WAL_AUTOCHECKPOINT_PAGES: Final = 4000
+
+# Statements of many rows take only a few row counts (`consumers.sqlite_files.row_chunks`), so that a
+# connection's statement cache (128 statements) holds every one: any row count made a new statement text on most
+# flushes, and preparing an 83-row upsert (340 us) cost as much as running it.
+# A lookup pads its keys with NULLs (which match nothing) to a multiple of `_KEY_STEP`, up to `_MOST_KEYS` a query.
+_KEY_STEP: Final = 16
+_MOST_KEYS: Final = 512
+SELECT_STATES = f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM {DELIVERIES_TABLE} WHERE key IN "  # noqa: S608 -- constant
+SELECT_BLOCKED = f"SELECT order_ref FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref IN "  # noqa: S608 -- constant
+SELECT_BLOCKING = f"SELECT order_ref, reason FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref IN "  # noqa: S608 -- constant
+_ANY_BLOCKED = f"SELECT EXISTS (SELECT 1 FROM {BLOCKED_ORDERS_TABLE})"  # noqa: S608 -- constant
+
+
+@functools.cache
+def _in(n: int) -> str:
+    """The ``(?, ?, ...)`` of an IN query for `n` bound values."""
+    return f"({', '.join('?' * n)})"
+
+
+def _row(s: DeliveryState) -> tuple[Any, ...]:
+    """`s` as a row in `DELIVERY_COLUMNS` order (spelled out: `dataclasses.astuple` deep-copies, slowly)."""
+    return (
+        s.key,
+        s.event_id,
+        s.order_ref,
+        s.status,
+        s.attempts,
+        s.last_status,
+        s.first_attempt_at,
+        s.last_attempt_at,
+        s.downstream_id,
+        s.reply_digest,
+        s.reason,
+        s.updated_at,
+    )
+
+
+def _insert_many(db: sqlite3.Connection, sql: Callable[[int], str], values: list[Any], width: int) -> None:
+    """Rows of `width` values, laid end to end in `values`, by multi-row statements (see `_upsert_states`)."""
+    for start, size in row_chunks(len(values) // width, width):
+        db.execute(_statement(sql, size), values[start * width : (start + size) * width])
+
+
+def nothing(db: sqlite3.Connection) -> None:
+    """A hop that does nothing: it returns once every hop queued before it is done."""
+
+
+def fetch_all(db: sqlite3.Connection, sql: str) -> list[Any]:
+    return db.execute(sql).fetchall()
+
+
+def delete_prunable(db: sqlite3.Connection, older_than: float) -> int:
+    """Delete terminal rows updated before `older_than`, and downstream ids no row needs, in one transaction."""
+    with transaction(db):
+        deleted: int = db.execute(_PRUNE_STATES, (older_than,)).rowcount
+        db.execute(_PRUNE_DOWNSTREAM_IDS)
+    return deleted
+
+
+def select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:
+    """Rows of ``select IN (keys)``, `_MOST_KEYS` keys a query, padded (on the read-only connection)."""
+    rows: list[Any] = []
+    for start in range(0, len(keys), _MOST_KEYS):
+        chunk: list[str | None] = list(keys[start : start + _MOST_KEYS])
+        chunk += [None] * (-len(chunk) % _KEY_STEP)
+        rows.extend(db.execute(select + _in(len(chunk)), chunk).fetchall())
+    return rows
+
+
+def select_blocked(db: sqlite3.Connection, select: str, order_refs: Sequence[str]) -> list[Any]:
+    """`select_in` of the blocked orders, asked only if there is any: the table is nearly always empty, and the
+    lookup of a fetched batch's orders (up to 1,000) cost ~100 us of the event loop for nothing."""
+    if not order_refs or db.execute(_ANY_BLOCKED).fetchone()[0] == 0:
+        return []
+    return select_in(db, select, order_refs)
+
+
+@functools.cache
+def _statement(sql: Callable[[int], str], rows: int) -> str:
+    return sql(rows)
+
+
+def write_batch(db: sqlite3.Connection, batch: WriteBuffer) -> None:
+    """Write `batch` in one transaction, on the connection's thread (blocking); on any failure, roll back."""
+    with transaction(db):
+        if batch.states:
+            states = [value for s in batch.states.values() for value in _row(s)]
+            _insert_many(db, _upsert_states, states, len(DELIVERY_COLUMNS))
+        if batch.downstream_ids:
+            ids = [value for pair in batch.downstream_ids.items() for value in pair]
+            _insert_many(db, _upsert_downstream_ids, ids, len(DOWNSTREAM_ID_COLUMNS))
+        blocks = [(ref, reason) for ref, reason in batch.blocks.items() if reason is not None]
+        if blocks:
+            db.executemany(_UPSERT_BLOCK, blocks)
+        unblocks = [(ref,) for ref, reason in batch.blocks.items() if reason is None]
+        if unblocks:
+            db.executemany(_DELETE_BLOCK, unblocks)

@@ -1,0 +1,94 @@
+"""A row of the per-sink delivery-state table (`consumers.dedup`), the table names, and the buffer of writes a
+store holds until a flush makes them durable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+__all__ = [
+    "BLOCKED_ORDERS_TABLE",
+    "BLOCKED_ORDER_COLUMNS",
+    "DELIVERIES_TABLE",
+    "DELIVERY_COLUMNS",
+    "DOWNSTREAM_IDS_TABLE",
+    "DOWNSTREAM_ID_COLUMNS",
+    "DeliveryState",
+    "DeliveryStatus",
+    "WriteBuffer",
+]
+
+DeliveryStatus = Literal["in_flight", "done", "duplicate", "dead"]
+
+DELIVERIES_TABLE: Final = "deliveries"
+DELIVERY_COLUMNS: Final = (
+    "key",
+    "event_id",
+    "order_ref",
+    "status",
+    "attempts",
+    "last_status",
+    "first_attempt_at",
+    "last_attempt_at",
+    "downstream_id",
+    "reply_digest",
+    "reason",
+    "updated_at",
+)
+DOWNSTREAM_IDS_TABLE: Final = "downstream_ids"
+DOWNSTREAM_ID_COLUMNS: Final = ("order_ref", "downstream_id")
+BLOCKED_ORDERS_TABLE: Final = "blocked_orders"
+BLOCKED_ORDER_COLUMNS: Final = ("order_ref", "reason")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryState:
+    """What happened to one event in one sink; the fields are the table's columns, in this order.
+
+    `order_ref` is the order number, a business reference (not personal data), so it may be stored and
+    logged. `last_status` is the last HTTP status seen; the ``*_at`` fields are unix seconds.
+    """
+
+    key: str
+    event_id: str
+    order_ref: str
+    status: DeliveryStatus
+    attempts: int
+    last_status: int | None
+    first_attempt_at: float | None
+    last_attempt_at: float | None
+    downstream_id: str | None
+    reply_digest: str | None
+    reason: str | None
+    updated_at: float
+
+
+@dataclass(slots=True)
+class WriteBuffer:
+    """Writes not yet flushed, one per key/order (later writes replace earlier ones).
+
+    In `blocks`, a reason means "block" and None means "unblock". A flush takes the whole buffer and leaves an
+    empty one; if its write fails, `requeue` puts back what no later write has replaced.
+    """
+
+    states: dict[str, DeliveryState] = field(default_factory=dict)
+    downstream_ids: dict[str, str] = field(default_factory=dict)
+    blocks: dict[str, str | None] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.states) + len(self.downstream_ids) + len(self.blocks)
+
+    def requeue(self, failed: WriteBuffer) -> None:
+        for mine, theirs in (
+            (self.states, failed.states),
+            (self.downstream_ids, failed.downstream_ids),
+            (self.blocks, failed.blocks),
+        ):
+            for key, value in theirs.items():
+                mine.setdefault(key, value)  # type: ignore[arg-type]  # each pair of dicts has one value type
+
+    def blocked(self, order_ref: str) -> bool | None:
+        """True/False if the buffer decides whether `order_ref` is blocked, None if the tables do."""
+        if order_ref not in self.blocks:
+            return None
+        return self.blocks[order_ref] is not None
