@@ -1,5 +1,5 @@
 """What the SQLite dedup store (`consumers.dedup.SqliteDedupStore`) runs: the tables, their statements, a flush
-written on the writer connection's thread (`write`), and the lookups on the read-only connection (`select_in`).
+written on the writer connection's thread (`write_batch`), and the lookups on the read-only connection (`select_in`).
 """
 
 from __future__ import annotations

@@ -215,12 +215,9 @@ class SqliteIngestKeyStore:
         held = self._held.get(key)
         if held is not None:
             return Busy() if held == body_sha256 else Conflict()
-        result: asyncio.Future[Claim | None] = asyncio.get_running_loop().create_future()
+        result: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
         self._enqueue(ClaimOp(key, body_sha256, now, result))
-        claim = await result
-        if claim is None:  # unreachable while one instance owns the file; see the module docstring
-            raise StoreError(f"ingest key store {self.path}: claim found neither a new nor an existing row")
-        return claim
+        return await result
 
     async def complete(self, key: str, status: int, body: bytes, now: float) -> None:
         self._connection()
@@ -318,7 +315,7 @@ class SqliteIngestKeyStore:
                 case ClaimOp(result=waiter):
                     if outcome == Claimed():
                         self._held[operation.key] = operation.body_sha256
-                    waiter.set_result(cast("Claim | None", outcome))
+                    waiter.set_result(cast(Claim, outcome))
                 case CompleteOp() if outcome != 1:  # a bug: only held keys are queued, and each once
                     log.error("ingest key store %s: an answer was stored for a key not held", self.path)
                 case PruneOp(result=rows) if not rows.done():

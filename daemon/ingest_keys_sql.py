@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ class ClaimOp:
     key: str
     body_sha256: str
     now: float
-    result: asyncio.Future[Claim | None]
+    result: asyncio.Future[Claim]
     name: ClassVar[str] = "claim"
 
 
@@ -142,7 +143,7 @@ Operation = ClaimOp | CompleteOp | ReleaseOp | PruneOp | FlushOp
 
 def write(db: sqlite3.Connection, owner: str, batch: Sequence[Operation]) -> list[object]:
     """Run `batch` in order in one transaction, on the connection's thread (blocking); on any failure, roll
-    back. Returns per operation: a claim's `Claim` (None if it found no row), else the rows it changed.
+    back. Returns per operation: a claim's `Claim`, else the rows it changed (an answer: see `_complete_all`).
 
     A run of claims, or of answers, is written by a few statements of many rows (`row_chunks`), not one each:
     sqlite3 lets go of the GIL for every statement it steps, and the writer's thread then waits for the busy event
@@ -150,20 +151,13 @@ def write(db: sqlite3.Connection, owner: str, batch: Sequence[Operation]) -> lis
     """
     results: list[object] = []
     with transaction(db):
-        start = 0
-        while start < len(batch):
-            kind = type(batch[start])
-            end = start + 1
-            while end < len(batch) and type(batch[end]) is kind:
-                end += 1
-            run = batch[start:end]
+        for kind, run in itertools.groupby(batch, key=type):  # consecutive operations of one kind
             if kind is ClaimOp:
-                results += _claim_all(db, owner, cast("Sequence[ClaimOp]", run))
+                results += _claim_all(db, owner, cast("list[ClaimOp]", list(run)))
             elif kind is CompleteOp:
-                results += _complete_all(db, owner, cast("Sequence[CompleteOp]", run))
+                results += _complete_all(db, owner, cast("list[CompleteOp]", list(run)))
             else:
                 results += [_run(db, owner, operation) for operation in run]
-            start = end
     return results
 
 
