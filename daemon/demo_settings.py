@@ -119,7 +119,7 @@ def _sandbox_port(settings: Settings) -> int:
 
 
 def sandbox_auth(sink: SinkSettings) -> str | None:
-    """The sandbox's auth spec for the credentials a sink sends (`daemon.sandbox_faults.Auth`), or None."""
+    """The sandbox's auth spec for the credentials a sink sends (`daemon.sandbox.faults.Auth`), or None."""
     auth = sink.auth
     match auth:
         case BearerAuthSettings():

@@ -41,8 +41,8 @@ from consumers.delivery import Reply, TransportFailure
 from consumers.http_client import HttpClient
 from consumers.policy import DEFAULT_POLICY
 from daemon.sandbox import Sandbox, SandboxClient, build_sandbox_app
-from daemon.sandbox_faults import Auth as SandboxAuth
-from daemon.sandbox_faults import SystemConfig
+from daemon.sandbox.faults import Auth as SandboxAuth
+from daemon.sandbox.faults import SystemConfig
 from daemon.settings import load_settings
 from daemon.sinks import build_auth
 from topics.errors import ConfigError

@@ -25,11 +25,10 @@ from daemon.sandbox import (
     Sandbox,
     SandboxClient,
     SandboxError,
-    _auth_options,
-    _load_faults,
     build_sandbox_app,
 )
-from daemon.sandbox_faults import Auth, Faults, SystemConfig, parse_faults, parse_scripts
+from daemon.sandbox.faults import Auth, Faults, SystemConfig, parse_faults, parse_scripts
+from daemon.sandbox.process import _auth_options, _load_faults
 from topics.errors import ConfigError
 from topics.samples import sample_submission
 

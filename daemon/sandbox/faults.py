@@ -306,7 +306,7 @@ def _positive(text: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class SystemConfig:
-    """How a system treats well-formed requests; faults are separate (`daemon.sandbox_faults.Faults`)."""
+    """How a system treats well-formed requests; faults are separate (`daemon.sandbox.faults.Faults`)."""
 
     auth: Auth | None = None
     idempotency: bool = True  # off: a downstream without key support, so duplicates reach the ledger
