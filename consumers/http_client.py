@@ -4,9 +4,10 @@ Why not aiohttp's client, which the rest of orderbus uses: a profile put ~36 % o
 `ClientSession.request` (170-200 us on a 2-core machine), spent on what a delivery never needs (a URL object and a
 header multidict per request, redirects, cookies, proxies, compression, streaming). A delivery sends one small body
 and reads the status, the Retry-After header and at most `max_body` bytes of body. This client does that and no
-more, on one `asyncio.Protocol` per connection, parsing answers with httptools (llhttp, the parser of Node.js and
-uvicorn). Left out on purpose: timeouts (the caller bounds `request`: `consumers.deadlines`), redirects, proxies,
-compression, cookies, HTTP/2, ``Expect: 100-continue``, HEAD, and every answer header but Retry-After.
+more, on one `asyncio.Protocol` per connection (`consumers.http_connection`), parsing answers with httptools (llhttp,
+the parser of Node.js and uvicorn). Left out on purpose: timeouts (the caller bounds `request`:
+`consumers.deadlines`), redirects, proxies, compression, cookies, HTTP/2, ``Expect: 100-continue``, HEAD, and every
+answer header but Retry-After.
 
 Connections. At most `limit` exist at once over all origins (scheme, host, port); a request beyond that waits, first
 come first served, and is handed the next connection or slot given back. A finished connection returns to its
@@ -35,19 +36,15 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from ssl import CERT_NONE, SSLContext, create_default_context
-from typing import Final, cast
+from typing import Final
 from urllib.parse import quote, urlsplit
 
-import httptools
-
-from topics.errors import ConfigError, HttpClientError, HttpConnectionError, HttpProtocolError, InvalidRequestError
+from consumers.http_connection import DISCARD_LIMIT, MAX_HEAD, Connection, HttpAnswer, Origin
+from topics.errors import ConfigError, HttpConnectionError, InvalidRequestError
 
 __all__ = ["DISCARD_LIMIT", "MAX_HEAD", "HttpAnswer", "HttpClient"]
 
-DISCARD_LIMIT: Final = 1024 * 1024  # body bytes past max_body read and dropped to keep the connection; more: closed
-MAX_HEAD: Final = 64 * 1024  # bytes of an answer before its headers end
 CLOSE_GRACE: Final = 1.0  # seconds `close` waits for aborted connections to report closed
 _CACHED: Final = 256  # URL prefixes, header names and methods remembered as checked
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # these say Content-Length: 0 when they have no body
@@ -58,180 +55,7 @@ _UNSAFE_TARGET: Final = re.compile(r"[^!-~]|#")  # anything but printable ASCII,
 _TARGET_SAFE: Final = "".join(map(chr, range(0x21, 0x7F)))  # quote() keeps these ('%' too: escapes stay escapes)
 
 
-@dataclass(frozen=True, slots=True)
-class HttpAnswer:
-    """What a delivery reads of an answer: its status, Retry-After as sent, and at most `max_body` bytes of body."""
-
-    status: int
-    retry_after: str | None
-    body: bytes
-
-
-class _Stop(Exception):
-    """Raised from a parser callback to stop parsing: the answer is settled and the connection is being closed."""
-
-
-class _Origin:
-    """One (scheme, host, port): where to connect, the head lines every request to it carries, its idle connections."""
-
-    __slots__ = ("host", "idle", "lines", "name", "port", "ssl")
-
-    def __init__(self, name: str, host: str, port: int, ssl: SSLContext | None, lines: str) -> None:
-        self.name = name  # scheme://authority, for messages
-        self.host = host
-        self.port = port
-        self.ssl = ssl
-        self.lines = lines  # "Host: ...\r\nUser-Agent: ...\r\n"
-        self.idle: deque[_Connection] = deque()  # the oldest on the left; taken from the right
-
-
-class _Connection(asyncio.Protocol):
-    """One connection: writes a request, feeds the answer to httptools (which calls the ``on_*`` methods), and
-    settles the request's one future. `reusable` is True only between a whole kept-alive answer and the next request.
-    """
-
-    __slots__ = (
-        "alive", "answer", "body_size", "chunks", "client", "framed", "headers_done", "idle_since", "in_pool",
-        "keep_alive", "loop", "max_body", "origin", "parser", "received", "retry_after", "reusable", "status",
-        "transport", "uses",
-    )  # fmt: skip
-
-    transport: asyncio.Transport
-    retry_after: str | None
-    chunks: list[bytes]
-
-    def __init__(self, origin: _Origin, loop: asyncio.AbstractEventLoop, client: HttpClient) -> None:
-        self.origin = origin
-        self.loop = loop
-        self.client = client
-        self.parser = httptools.HttpResponseParser(self)
-        self.answer: asyncio.Future[HttpAnswer] | None = None  # the waiting request's
-        self.alive = True  # until the peer closes, or we do
-        self.reusable = False
-        self.in_pool = False
-        self.idle_since = 0.0
-        self.uses = 0
-        self.received = 0  # bytes of the current request's answer so far
-        self.max_body = 0
-        self.chunks = []  # the current answer's body, at most max_body bytes
-        self._begin()
-
-    def _begin(self) -> None:
-        self.status = 0
-        self.retry_after = None
-        self.chunks.clear()
-        self.body_size = 0
-        self.framed = False  # Content-Length or chunked; else the body ends when the server closes
-        self.headers_done = False
-        self.keep_alive = False
-
-    def exchange(self, data: bytes, max_body: int) -> asyncio.Future[HttpAnswer]:
-        self.uses += 1
-        self.reusable = False
-        self.received = 0
-        self.max_body = max_body
-        self.answer = answer = self.loop.create_future()
-        self.transport.write(data)
-        return answer
-
-    def abort(self, error: HttpClientError | None = None) -> None:
-        """Close now. A request still waiting fails with `error` (by default: closed by this client)."""
-        answer, self.answer = self.answer, None
-        self.reusable = False
-        if answer is not None and not answer.done():
-            answer.set_exception(error or HttpConnectionError(f"{self.origin.name}: connection closed by this client"))
-        self.transport.abort()
-
-    # ---- asyncio.Protocol ---------------------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.received += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.abort(HttpProtocolError(f"{self.origin.name}: not an HTTP/1.1 answer ({exc})"))
-            return
-        except httptools.HttpParserUpgrade:
-            self.abort(HttpProtocolError(f"{self.origin.name}: switched protocols unasked"))
-            return
-        if not self.headers_done and self.received > MAX_HEAD:
-            self.abort(HttpProtocolError(f"{self.origin.name}: answer head longer than {MAX_HEAD} bytes"))
-
-    def eof_received(self) -> bool:
-        self._ended(None)
-        return False  # close our side as well
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._ended(exc)
-        self.client._untrack(self)
-
-    def _ended(self, exc: Exception | None) -> None:
-        if self.alive:
-            self.alive = False
-            self.client._unpool(self)
-        self.reusable = False
-        answer = self.answer
-        if answer is None:
-            return
-        if exc is None and self.headers_done and not self.framed and self.status >= 200:
-            self._settle(keep_alive=False)  # a body delimited by the server closing, now whole
-            return
-        self.answer = None
-        if not answer.done():
-            cause = f"reset ({exc!r})" if exc is not None else "closed by the server"
-            when = "after part of the answer" if self.received else "before any answer"
-            answer.set_exception(HttpConnectionError(f"{self.origin.name}: connection {cause} {when}"))
-
-    # ---- httptools callbacks ------------------------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self.answer is None:
-            raise _Stop("bytes that answer no request")  # data_received closes the connection
-        self._begin()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        size = len(name)  # compare lengths first: most headers are none of these three
-        if size == 11:
-            if self.retry_after is None and name.lower() == b"retry-after":
-                self.retry_after = value.strip().decode("latin-1")
-        elif size == 14:
-            if name.lower() == b"content-length":
-                self.framed = True
-        elif size == 17 and name.lower() == b"transfer-encoding":
-            self.framed = value.rstrip().lower().endswith(b"chunked")
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
-        self.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()
-
-    def on_body(self, body: bytes) -> None:
-        room = self.max_body - self.body_size
-        if room > 0:
-            self.chunks.append(body if len(body) <= room else body[:room])
-        self.body_size += len(body)
-        if self.body_size > self.max_body + DISCARD_LIMIT:
-            self._settle(keep_alive=False)  # too much to read and drop: answer with what we kept, and close
-            raise _Stop("body over the discard limit")
-
-    def on_message_complete(self) -> None:
-        if self.status >= 200:  # 1xx (100 Continue, 103 Early Hints): the final answer follows
-            self._settle(self.keep_alive)
-
-    def _settle(self, keep_alive: bool) -> None:
-        answer, self.answer = self.answer, None
-        self.reusable = keep_alive and self.alive
-        if answer is not None and not answer.done():
-            chunks = self.chunks
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            chunks.clear()  # an idle connection holds no body
-            answer.set_result(HttpAnswer(self.status, self.retry_after, body))
-
-
-_Waiter = tuple["asyncio.Future[_Connection | None]", _Origin]  # handed a connection to its origin, or a free slot
+_Waiter = tuple["asyncio.Future[Connection | None]", Origin]  # handed a connection to its origin, or a free slot
 
 
 class HttpClient:
@@ -260,13 +84,13 @@ class HttpClient:
         self._idle_timeout = idle_timeout
         self._user_agent = user_agent
         self._clock = clock
-        self._origins: dict[tuple[str, str, int], _Origin] = {}
-        self._prefixes: dict[str, _Origin] = {}  # "scheme://authority" as written in URLs -> its origin
+        self._origins: dict[tuple[str, str, int], Origin] = {}
+        self._prefixes: dict[str, Origin] = {}  # "scheme://authority" as written in URLs -> its origin
         self._names: set[str] = set()  # header names known to be valid
         self._methods: set[str] = set()
         self._open = 0  # slots taken: connections dialling, in use or idle
         self._waiters: deque[_Waiter] = deque()
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
         self._closed = False
         self._drained: asyncio.Event | None = None
 
@@ -321,7 +145,7 @@ class HttpClient:
 
     # ---- slots and the pool -------------------------------------------------------------------------------------
 
-    async def _acquire(self, origin: _Origin) -> _Connection:
+    async def _acquire(self, origin: Origin) -> Connection:
         """A connection to `origin`. It holds one of the `limit` slots until `_release`."""
         if self._closed:
             raise HttpConnectionError("the HTTP client is closed")
@@ -334,7 +158,7 @@ class HttpClient:
                 return await self._dial_in_slot(origin)
             if self._evict_idle():
                 return await self._dial_in_slot(origin)
-        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
         entry = (waiter, origin)
         self._waiters.append(entry)
         try:
@@ -350,7 +174,7 @@ class HttpClient:
             return handed
         return await self._dial_in_slot(origin)  # a slot, or a connection lost since: its slot
 
-    def _take_idle(self, origin: _Origin) -> _Connection | None:
+    def _take_idle(self, origin: Origin) -> Connection | None:
         idle = origin.idle
         if not idle:
             return None
@@ -374,7 +198,7 @@ class HttpClient:
                 return True
         return False
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: Connection) -> None:
         """Give `conn`'s slot back: to the first waiter (with `conn` itself if it wants its origin), else the pool."""
         if not conn.reusable or self._closed:
             conn.abort()
@@ -397,13 +221,13 @@ class HttpClient:
         while now - idle[0].idle_since > self._idle_timeout:  # close lazily: the oldest, when one comes back
             self._drop_idle(idle.popleft())
 
-    def _pass_on(self, handed: _Connection | None) -> None:
+    def _pass_on(self, handed: Connection | None) -> None:
         if handed is None:
             self._free_slot()
         else:
             self._release(handed)
 
-    def _drop_idle(self, conn: _Connection) -> None:
+    def _drop_idle(self, conn: Connection) -> None:
         conn.in_pool = False
         conn.abort()
         self._free_slot()
@@ -416,30 +240,31 @@ class HttpClient:
                 return
         self._open -= 1
 
-    def _unpool(self, conn: _Connection) -> None:
+    def unpool(self, conn: Connection) -> None:
         """The server closed `conn` (or we did): if it was idle, it leaves the pool and frees its slot."""
         if conn.in_pool:
             conn.in_pool = False
             conn.origin.idle.remove(conn)
             self._free_slot()
 
-    def _untrack(self, conn: _Connection) -> None:
+    def untrack(self, conn: Connection) -> None:
+        """`conn` is closed for good (its connection_lost): `close` no longer waits for it."""
         self._connections.discard(conn)
         if self._drained is not None and not self._connections:
             self._drained.set()
 
-    async def _dial_in_slot(self, origin: _Origin) -> _Connection:
+    async def _dial_in_slot(self, origin: Origin) -> Connection:
         try:
             return await self._dial(origin)
         except BaseException:
             self._free_slot()
             raise
 
-    async def _dial(self, origin: _Origin) -> _Connection:
+    async def _dial(self, origin: Origin) -> Connection:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await loop.create_connection(
-                lambda: _Connection(origin, loop, self), origin.host, origin.port, ssl=origin.ssl
+                lambda: Connection(origin, loop, self), origin.host, origin.port, ssl=origin.ssl
             )
         except OSError as exc:  # refused, unreachable, DNS (gaierror), TLS (SSLError, certificate errors)
             raise HttpConnectionError(f"{origin.name}: cannot connect ({exc!r})") from exc
@@ -451,7 +276,7 @@ class HttpClient:
 
     # ---- URLs and request heads ---------------------------------------------------------------------------------
 
-    def _route(self, url: str) -> tuple[_Origin, str]:
+    def _route(self, url: str) -> tuple[Origin, str]:
         """The origin and request target of `url`. URLs differ in their paths, so their prefixes' parses are cached."""
         slash = url.find("/", 8)  # past "https://" and the first character of the host
         prefix, target = (url, "/") if slash < 0 else (url[:slash], url[slash:])
@@ -462,7 +287,7 @@ class HttpClient:
             target = quote(target.partition("#")[0], safe=_TARGET_SAFE)
         return origin, target
 
-    def _parse(self, url: str, prefix: str) -> tuple[_Origin, str]:
+    def _parse(self, url: str, prefix: str) -> tuple[Origin, str]:
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -480,7 +305,7 @@ class HttpClient:
         target = parts.path or "/"
         return origin, f"{target}?{parts.query}" if parts.query else target
 
-    def _origin(self, scheme: str, host: str, port: int | None, url: str) -> _Origin:
+    def _origin(self, scheme: str, host: str, port: int | None, url: str) -> Origin:
         if not host.isascii():
             try:
                 host = host.encode("idna").decode("ascii")
@@ -497,7 +322,7 @@ class HttpClient:
                 authority = f"{authority}:{port}"
             lines = f"Host: {authority}\r\nUser-Agent: {self._user_agent}\r\n"
             tls = self._ssl_context() if scheme == "https" else None
-            origin = self._origins[scheme, host, port] = _Origin(f"{scheme}://{authority}", host, port, tls, lines)
+            origin = self._origins[scheme, host, port] = Origin(f"{scheme}://{authority}", host, port, tls, lines)
         return origin
 
     def _ssl_context(self) -> SSLContext:
@@ -511,7 +336,7 @@ class HttpClient:
         return self._context
 
     def _serialize(
-        self, method: str, target: str, origin: _Origin, body: bytes | None, headers: Mapping[str, str]
+        self, method: str, target: str, origin: Origin, body: bytes | None, headers: Mapping[str, str]
     ) -> bytes:
         if method not in self._methods:
             self._check_method(method)
