@@ -1,8 +1,9 @@
 """A real Apache Kafka broker on this machine, without Docker: for tests, the demo and benchmarks.
 
 One combined broker+controller KRaft node on 127.0.0.1, run from jars that Maven resolves once into a cache
-outside the repository (`fetch_jars`). This is synchronous CLI and test tooling; the daemon never imports it.
-Background and pitfalls: /work/shared/design/kafka-local.md.
+outside the repository (`fetch_jars`, `daemon.kafka_jars`); `probe` (`daemon.kafka_wire`) tells when it answers.
+This is synchronous CLI and test tooling; the daemon never imports it. Background and pitfalls:
+/work/shared/design/kafka-local.md.
 
 A data dir holds everything of one broker::
 
@@ -20,30 +21,34 @@ so a restart on the same data dir reuses the recorded ports unless others are as
 from __future__ import annotations
 
 import base64
-import fcntl
-import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
-import struct
 import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from daemon.kafka_jars import (
+    DEPLOY_DIR,
+    KAFKA_VERSION,
+    POM_PATH,
+    REPO_ROOT,
+    Log,
+    default_cache_dir,
+    fetch_jars,
+    locked,
+    no_log,
+    require,
+)
+from daemon.kafka_wire import decode_api_versions_response, encode_api_versions_request, probe
 from topics.errors import LocalKafkaError
 
-KAFKA_VERSION = "4.1.1"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEPLOY_DIR = REPO_ROOT / "deploy" / "kafka"
-POM_PATH = DEPLOY_DIR / "pom.xml"
 TEMPLATE_PATH = DEPLOY_DIR / "server.properties.tmpl"
 LOG4J2_PATH = DEPLOY_DIR / "log4j2.properties"
 
@@ -54,22 +59,13 @@ LOGS_DIR = "logs"
 KRAFT_DIR = "kraft"
 HOST = "127.0.0.1"
 
-_MARKER = ".complete"  # written into libs/ last, holding the pom's hash
-_MVN_TIMEOUT = 900.0
 _POLL_INTERVAL = 0.1
 _KILL_WAIT = 15.0
 _HEAP_RE = re.compile(r"^[1-9][0-9]*[kKmMgG]?$")
-_API_VERSIONS_KEY = 18
-_CLIENT_ID = b"orderbus-kafka-local"
 
-Log = Callable[[str], None]
 
 # Brokers this process started, so their exit status is collected (no zombies, no ResourceWarning).
 _children: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def _no_log(message: str) -> None:
-    """The default `log`: the tooling never prints; callers pass `print` or a logger method."""
 
 
 @dataclass(frozen=True)
@@ -187,34 +183,6 @@ def jvm_options(data_dir: Path, heap: str) -> list[str]:
     ]
 
 
-def encode_api_versions_request(correlation_id: int) -> bytes:
-    """A size-prefixed ApiVersions v0 request (request header v1: key, version, correlation id, client id)."""
-    header = struct.pack(">hhih", _API_VERSIONS_KEY, 0, correlation_id, len(_CLIENT_ID)) + _CLIENT_ID
-    return struct.pack(">i", len(header)) + header
-
-
-def decode_api_versions_response(payload: bytes, correlation_id: int) -> int:
-    """The error code of an ApiVersions v0 response (without its size prefix); ValueError if malformed."""
-    if len(payload) < 6:
-        raise ValueError(f"ApiVersions response too short: {len(payload)} bytes")
-    got_id, error_code = struct.unpack_from(">ih", payload)
-    if got_id != correlation_id:
-        raise ValueError(f"correlation id {got_id} does not match the request's {correlation_id}")
-    if error_code == 0:
-        (count,) = struct.unpack_from(">i", payload, 6) if len(payload) >= 10 else (-1,)
-        if count <= 0 or len(payload) < 10 + 6 * count:
-            raise ValueError("ApiVersions response has no valid api_keys array")
-    return int(error_code)
-
-
-def default_cache_dir() -> Path:
-    """$ORDERBUS_KAFKA_CACHE, else $XDG_CACHE_HOME/orderbus/kafka-<version>, else ~/.cache/orderbus/..."""
-    if explicit := os.environ.get("ORDERBUS_KAFKA_CACHE"):
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "orderbus" / f"kafka-{KAFKA_VERSION}"
-
-
 # --- files, processes, sockets -----------------------------------------------------------------------------
 
 
@@ -293,30 +261,6 @@ def _ensure_port_free(port: int, role: str) -> None:
             raise LocalKafkaError(f"{role} port {HOST}:{port} is not free: {exc.strerror}") from exc
 
 
-def probe(port: int, *, timeout: float = 1.0) -> bool:
-    """Whether a Kafka broker on HOST:port answers an ApiVersions request without error."""
-    correlation_id = int.from_bytes(os.urandom(3), "big")
-    try:
-        with socket.create_connection((HOST, port), timeout=timeout) as sock:
-            sock.sendall(encode_api_versions_request(correlation_id))
-            (size,) = struct.unpack(">i", _recv_exact(sock, 4))
-            if not 0 < size <= 1 << 20:
-                return False
-            return decode_api_versions_response(_recv_exact(sock, size), correlation_id) == 0
-    except (OSError, ValueError):
-        return False
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("connection closed mid-response")
-        data += chunk
-    return bytes(data)
-
-
 def _is_broker(pid: int, data_dir: Path) -> bool:
     """Whether `pid` is a live broker of this data dir (a reused pid or a zombie is not)."""
     if (child := _children.get(pid)) is not None:
@@ -353,21 +297,6 @@ def _kill_and_wait(pid: int, data_dir: Path) -> None:
         raise LocalKafkaError(f"broker pid {pid} is still there {_KILL_WAIT:.0f} s after SIGKILL")
 
 
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Serialise start/stop (or jar downloads) of one directory across processes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / ".lock").open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def _require(tool: str) -> str:
-    if path := shutil.which(tool):
-        return path
-    raise LocalKafkaError(f"{tool!r} is not on PATH; the local Kafka broker needs Java 17+ and Maven")
-
-
 def _info(state: BrokerState, pid: int, data_dir: Path) -> BrokerInfo:
     return BrokerInfo(
         pid=pid,
@@ -383,54 +312,6 @@ def _info(state: BrokerState, pid: int, data_dir: Path) -> BrokerInfo:
 # --- public operations -------------------------------------------------------------------------------------
 
 
-def fetch_jars(cache_dir: Path | None = None, *, log: Log = _no_log) -> Path:
-    """Resolve the broker's jars with Maven into `cache_dir/libs` and return that directory.
-
-    Idempotent: nothing happens while libs/.complete holds the pom's hash. Maven writes into a temporary
-    sibling that is renamed into place only when complete: an interrupted download leaves no half-filled libs.
-    """
-    cache = (cache_dir or default_cache_dir()).resolve()
-    libs = cache / "libs"
-    digest = hashlib.sha256(POM_PATH.read_bytes()).hexdigest()
-
-    def current() -> bool:
-        with suppress(OSError):
-            return (libs / _MARKER).read_text().strip() == digest
-        return False
-
-    if current():
-        return libs
-    mvn = _require("mvn")
-    _require("java")
-    with _locked(cache):
-        if current():  # another process finished the download while we waited for the lock
-            return libs
-        for stale in cache.glob("libs.*-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        partial = Path(tempfile.mkdtemp(prefix="libs.partial-", dir=cache))
-        try:
-            log(f"resolving Apache Kafka {KAFKA_VERSION} jars with Maven into {libs}")
-            argv = [mvn, "-B", "-q", "-f", str(POM_PATH), "dependency:copy-dependencies"]
-            argv += [f"-DoutputDirectory={partial}", "-DincludeScope=runtime"]
-            try:
-                done = subprocess.run(argv, capture_output=True, text=True, timeout=_MVN_TIMEOUT, check=False)
-            except subprocess.TimeoutExpired as exc:
-                raise LocalKafkaError(f"mvn did not finish within {_MVN_TIMEOUT:.0f} s") from exc
-            output = "\n".join((done.stdout + done.stderr).splitlines()[-25:])
-            if done.returncode != 0:
-                raise LocalKafkaError(f"mvn failed (exit code {done.returncode}):\n{output}")
-            if not any(partial.glob("kafka_2.13-*.jar")):
-                raise LocalKafkaError(f"mvn succeeded but copied no kafka_2.13 jar:\n{output}")
-            (partial / _MARKER).write_text(digest + "\n")
-            if libs.exists():
-                libs.rename(cache / f"libs.old-{os.getpid()}")
-            partial.rename(libs)
-        finally:
-            for leftover in cache.glob("libs.*-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-    return libs
-
-
 def start(
     data_dir: Path,
     *,
@@ -439,7 +320,7 @@ def start(
     cache_dir: Path | None = None,
     heap: str = "512m",
     timeout: float = 90.0,
-    log: Log = _no_log,
+    log: Log = no_log,
 ) -> BrokerInfo:
     """Start the broker of `data_dir` (or find it running) and return once it answers ApiVersions.
 
@@ -449,8 +330,8 @@ def start(
     """
     data_dir = data_dir.resolve()
     deadline = time.monotonic() + timeout
-    java = _require("java")
-    with _locked(data_dir):
+    java = require("java")
+    with locked(data_dir):
         previous = read_state(data_dir)
         if previous is not None and previous.pid is not None and _is_broker(previous.pid, data_dir):
             wanted = (port or previous.port, controller_port or previous.controller_port)
@@ -521,7 +402,7 @@ def _wait_ready(pid: int, port: int, data_dir: Path, deadline: float) -> None:
         if not _is_broker(pid, data_dir):
             raise LocalKafkaError(f"the broker (pid {pid}) exited during start\n{log_tail(data_dir)}")
         remaining = deadline - time.monotonic()
-        if probe(port, timeout=max(0.1, min(1.0, remaining))):
+        if probe(port, host=HOST, timeout=max(0.1, min(1.0, remaining))):
             return
         if time.monotonic() >= deadline:
             raise LocalKafkaError(
@@ -538,18 +419,18 @@ def status(data_dir: Path) -> BrokerStatus:
         return BrokerStatus(False, False, None, f"no broker was started in {data_dir}")
     if state.pid is None or not _is_broker(state.pid, data_dir):
         return BrokerStatus(False, False, None, f"not running (last on {HOST}:{state.port})")
-    answering = probe(state.port)
+    answering = probe(state.port, host=HOST)
     how = "answering" if answering else "not answering (starting, stopping or stuck)"
     detail = f"running (pid {state.pid}), {how} on {HOST}:{state.port}"
     return BrokerStatus(True, answering, _info(state, state.pid, data_dir), detail)
 
 
-def stop(data_dir: Path, *, grace: float = 30.0, log: Log = _no_log) -> bool:
+def stop(data_dir: Path, *, grace: float = 30.0, log: Log = no_log) -> bool:
     """SIGTERM the broker (a controlled shutdown), SIGKILL it after `grace` s; whether one was running."""
     return _end(data_dir, grace=grace, log=log)
 
 
-def kill(data_dir: Path, *, log: Log = _no_log) -> None:
+def kill(data_dir: Path, *, log: Log = no_log) -> None:
     """SIGKILL the broker at once, as a crash would, and wait until it is gone."""
     _end(data_dir, grace=None, log=log)
 
@@ -559,7 +440,7 @@ def _end(data_dir: Path, *, grace: float | None, log: Log) -> bool:
     state = read_state(data_dir)
     if state is None or state.pid is None:
         return False
-    with _locked(data_dir):
+    with locked(data_dir):
         state = read_state(data_dir)
         if state is None or state.pid is None:
             return False
@@ -575,3 +456,33 @@ def _end(data_dir: Path, *, grace: float | None, log: Log) -> bool:
             _kill_and_wait(pid, data_dir)
         _write_state(data_dir, replace(state, pid=None))
         return running
+
+
+__all__ = [
+    "HOST",
+    "KAFKA_VERSION",
+    "POM_PATH",
+    "REPO_ROOT",
+    "STATE_FILE",
+    "TEMPLATE_PATH",
+    "BrokerInfo",
+    "BrokerState",
+    "BrokerStatus",
+    "decode_api_versions_response",
+    "default_cache_dir",
+    "encode_api_versions_request",
+    "fetch_jars",
+    "free_ports",
+    "jvm_options",
+    "kill",
+    "log_tail",
+    "new_cluster_id",
+    "plan_ports",
+    "probe",
+    "read_state",
+    "render_server_properties",
+    "start",
+    "status",
+    "stop",
+    "tail",
+]
