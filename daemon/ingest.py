@@ -17,7 +17,10 @@ event id and is deduplicated by every sink.
 
 Every answer is counted by status code (`daemon.ingest_metrics`) and logged as one event with its status, the
 problem code and, once the body is parsed, the event id and order number; never the body, its field values or
-the idempotency key, which a client may have built from personal data.
+the idempotency key, which a client may have built from personal data. A refusal is logged at INFO (WARNING when
+Kafka is unavailable), an accepted order at DEBUG, as the sinks log each delivery: one INFO line per order would,
+past a few hundred orders a second, exceed journald's default rate limit (10,000 messages in 30 s per service),
+and journald would then drop the service's messages, warnings and errors included, until the burst ends.
 """
 
 from __future__ import annotations
@@ -193,7 +196,7 @@ class Ingest:
         answer = _answer(ids["event_id"], published)
         if key is not None:
             await self._remember(key, answer)
-        log.info(
+        log.debug(
             "order published",
             extra={**ids, "status": 202, "partition": published.partition, "offset": published.offset},
         )

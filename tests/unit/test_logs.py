@@ -173,6 +173,21 @@ async def test_the_ingest_logs_every_answer_with_ids_and_never_personal_data(
     assert invalid_order["fields"] == 2
 
 
+async def test_at_info_an_accepted_order_is_not_logged_and_a_refusal_is(
+    json_logs: io.StringIO, signed_client: tuple[Client, Publisher]
+) -> None:
+    # One INFO line per accepted order would outrun journald's rate limit at a few hundred orders a second.
+    logs.configure("INFO", json_logs)
+    client, publisher = signed_client
+    publisher.gate.set()
+    body = personal_submission(0).model_dump_json().encode()
+    accepted = await client.post("/v1/orders", data=body, headers=signed("key-1", body))
+    refused = await client.post("/v1/orders", data=body, headers=signed("key-1", body, secret="whsec_" + "A" * 32))
+    assert (accepted.status, refused.status) == (202, 401)
+    ours = [(event["msg"], event["status"]) for event in events(json_logs) if event["logger"] == "daemon.ingest"]
+    assert ours == [("order refused", 401)]
+
+
 @pytest.mark.parametrize(
     "created",
     [
