@@ -13,6 +13,8 @@ import sys
 import time
 from typing import TextIO
 
+from daemon.log_limit import RepeatLimit
+
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 # json.dumps(event, default=str) builds an encoder per call; this one is the same, built once.
 _ENCODE = json.JSONEncoder(default=str).encode
@@ -105,8 +107,11 @@ QUIETED = {
 }
 
 
-def configure(level: str, stream: TextIO = sys.stderr) -> None:
+def configure(level: str, stream: TextIO = sys.stderr, limit: RepeatLimit | None = None) -> None:
     """Send every log event to `stream` as JSON lines at `level`; quiet the libraries in `QUIETED`.
+
+    `limit` (default: `RepeatLimit()`, 50 lines of one message per 10 s) keeps a flood of one message from
+    crossing journald's rate limit, which would drop every other line too (`daemon.log_limit`).
 
     A record no longer collects what no event shows: the caller's file, line and function (a walk up the stack
     per call), the thread and the process (see "Optimization" in the logging HOWTO).
@@ -117,6 +122,7 @@ def configure(level: str, stream: TextIO = sys.stderr) -> None:
     logging.logMultiprocessing = False
     handler = TickFlushingHandler(stream)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(limit if limit is not None else RepeatLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
