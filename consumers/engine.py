@@ -1,12 +1,11 @@
 """The delivery engine of one sink: consume, keep order per key, deduplicate, deliver, retry, dead-letter, commit.
 
 One `SinkEngine` per sink, each with its own consumer group, so a slow or broken system never holds back the
-others. Its run loop is a few named steps (fetch → dispatch → backpressure → report), with commits and lag measurements
-beside it on their own timers; the
-per-record work happens in *lanes*: one task per order key with records buffered, delivering them strictly in
-order, retries included. Lanes of different keys run concurrently, at most `max_in_flight` HTTP requests at a
-time, whatever the partition count. A failing key parks its own lane (its next attempt time); other keys flow
-and the poll loop never waits.
+others. Its run loop is a few named steps (fetch → dispatch → backpressure → report), with commits and lag
+measurements (`consumers.lag`) beside it on their own timers; the per-record work happens in *lanes*: one task per
+order key with records buffered, delivering them strictly in order, retries included. Lanes of different keys run
+concurrently, at most `max_in_flight` HTTP requests at a time, whatever the partition count. A failing key parks
+its own lane (its next attempt time); other keys flow and the poll loop never waits.
 
 Guarantees (see the brief's delivery invariants):
 - a record is finished only in a terminal state: delivered (2xx), duplicate (already done, or 409) or
@@ -23,18 +22,19 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from aiokafka.errors import KafkaError
 
 from consumers.backoff import Backoff
 from consumers.circuit import Circuit
 from consumers.clock import Clock
+from consumers.consumer_port import ConsumerPort
 from consumers.deadletter import DeadLetterWriter
 from consumers.deadlines import Deadlines
 from consumers.dedup import DedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.group_flush import GroupFlush
+from consumers.lag import LagMeter
 from consumers.lane import Lane, LaneContext
 from consumers.metrics import CIRCUIT_STATES, EngineMetrics
 from consumers.offsets import OffsetTracker
@@ -51,26 +51,6 @@ _RESUME_AT = 0.8  # partitions paused for a full buffer resume once it is down t
 
 Deliver = Callable[[HttpRequest, str], Awaitable[Reply | TransportFailure]]
 """One HTTP attempt: (request, idempotency key) → the answer or the transport failure. Never raises."""
-
-
-class ConsumerPort(Protocol):
-    """What the engine needs of a Kafka consumer; `consumers.kafka_io.KafkaConsumerPort` wraps aiokafka's."""
-
-    async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]: ...
-
-    async def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None: ...
-
-    def pause(self, tps: Iterable[TopicPartitionKey]) -> None: ...
-
-    def resume(self, tps: Iterable[TopicPartitionKey]) -> None: ...
-
-    def assignment(self) -> set[TopicPartitionKey]: ...
-
-    async def end_offsets(self, tps: Iterable[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]: ...
-
-    async def committed_offset(self, tp: TopicPartitionKey) -> int | None: ...
-
-    async def beginning_offsets(self, tps: Iterable[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]: ...
 
 
 @dataclass(frozen=True)
@@ -132,9 +112,8 @@ class SinkEngine:
         self._epochs: dict[TopicPartitionKey, int] = {}  # per partition, how many times it was revoked
         self._next_report = 0.0
         self._throttled_reported = 0.0
-        self._lag: dict[TopicPartitionKey, int] = {}
+        self._lag = LagMeter(consumer, self._offsets, clock, interval=self.config.lag_interval, sink=sink.name)
         self._lag_reported: set[int] = set()
-        self._kafka_seen = clock.now()  # the last time the broker answered a lag measurement
         self._group = GroupFlush(store)
         metrics.add_sink(sink.name)
         self._context = LaneContext(
@@ -175,7 +154,7 @@ class SinkEngine:
         quiet = asyncio.Event()  # set at the end: the background steps finish the step under way and stop
         background = [
             asyncio.create_task(self._every(self.config.commit_interval, self.commit, quiet), name="engine-commit"),
-            asyncio.create_task(self._every(self.config.lag_interval, self._measure_lag_now, quiet), name="engine-lag"),
+            asyncio.create_task(self._every(self.config.lag_interval, self._lag.measure, quiet), name="engine-lag"),
         ]
         try:
             while not stop.is_set() and (max_records is None or self._finished < max_records):
@@ -417,7 +396,7 @@ class SinkEngine:
         self._offsets.revoke(tps)
         self._paused -= tps
         for tp in tps:
-            self._lag.pop(tp, None)
+            self._lag.forget(tp)
         self._report()
 
     # ------------------------------------------------------------------ reporting
@@ -443,7 +422,7 @@ class SinkEngine:
         assigned = self._consumer.assignment()
         metrics.assigned_partitions.labels(name).set(len(assigned))
         # The orders topic's partitions; a replay topic's backlog shows in buffered and deliveries instead.
-        orders_lag = {tp: lag for tp, lag in self._lag.items() if tp[0] != self.replay_topic}
+        orders_lag = {tp: lag for tp, lag in self._lag.lag.items() if tp[0] != self.replay_topic}
         for tp, lag in orders_lag.items():
             metrics.lag.labels(name, str(tp[1])).set(lag)
         measured = {tp[1] for tp in orders_lag}
@@ -453,50 +432,6 @@ class SinkEngine:
         oldest = min((lane.oldest_timestamp for lane in self._lanes.values() if not lane.empty), default=None)
         age = 0.0 if oldest is None else max(0.0, self._clock.wall() - oldest / 1000)
         metrics.oldest_pending.labels(name).set(age)
-
-    async def _measure_lag_now(self) -> None:
-        """Lag per partition, measured in-process: the end offset minus where this sink stands.
-
-        End offsets are asked for (ListOffsets) every `lag_interval`, because paused partitions are not
-        fetched and so their high watermark would go stale exactly when the lag matters. A measurement is also
-        the engine's contact with the broker (`kafka_silence`, for /readyz); it may take at most twice
-        `lag_interval`, so that an unreachable broker makes the measurement fail rather than go quiet.
-        """
-        assigned = self._consumer.assignment()
-        if not assigned:
-            self._lag = {}
-            self._kafka_seen = self._clock.now()  # nothing to measure; /readyz reports the missing assignment
-            return
-        try:
-            async with asyncio.timeout(2 * self.config.lag_interval):
-                lag = await self._measure_lag(assigned)
-        except (KafkaError, TimeoutError) as exc:
-            log.debug("lag not measured", extra={"sink": self.sink.name, "error": repr(exc)})
-            return
-        self._lag = lag
-        self._kafka_seen = self._clock.now()
-
-    async def _measure_lag(self, assigned: set[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
-        ends = await self._consumer.end_offsets(assigned)
-        lag = {}
-        starts: Mapping[TopicPartitionKey, int] | None = None
-        for tp, end in ends.items():
-            position = await self._position(tp)
-            if position is None:  # nothing committed yet: the group starts from the beginning
-                starts = starts or await self._consumer.beginning_offsets(assigned)
-                position = starts.get(tp, 0)
-            lag[tp] = max(0, end - position)
-        return lag
-
-    async def _position(self, tp: TopicPartitionKey) -> int | None:
-        """Where this sink stands in `tp`: its oldest unfinished record, else its last commit."""
-        oldest = self._offsets.oldest_pending(tp)
-        if oldest is not None:
-            return oldest
-        committed = self._offsets.committed_position(tp)
-        if committed is not None:
-            return committed
-        return await self._consumer.committed_offset(tp)
 
     # ------------------------------------------------------------------ state, for /readyz and `orderbus status`
 
@@ -536,11 +471,11 @@ class SinkEngine:
             "auth_paused": self.auth_paused,
             "rate_limit": None if context.pacer.rate is None else context.pacer.current_rate,
             "held_for": max(0.0, context.pacer.held_until - self._clock.now()),
-            "lag": {str(tp[1]): lag for tp, lag in sorted(self._lag.items()) if tp[0] != self.replay_topic},
+            "lag": {str(tp[1]): lag for tp, lag in sorted(self._lag.lag.items()) if tp[0] != self.replay_topic},
             "finished": self._finished,
         }
 
     @property
     def kafka_silence(self) -> float:
         """Seconds since the broker last answered this sink's lag measurement (taken every `lag_interval`)."""
-        return max(0.0, self._clock.now() - self._kafka_seen)
+        return self._lag.silence

@@ -45,7 +45,7 @@ class FakeRecord:
 
 @dataclass
 class FakeConsumer:
-    """Implements `consumers.engine.ConsumerPort` over in-memory partitions."""
+    """Implements `consumers.consumer_port.ConsumerPort` over in-memory partitions."""
 
     clock: FakeClock
     partitions: dict[tuple[str, int], list[FakeRecord]] = field(default_factory=dict)

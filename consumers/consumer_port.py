@@ -1,0 +1,32 @@
+"""What the delivery engine needs of a Kafka consumer, as a protocol: aiokafka's behind it in production
+(`consumers.kafka_io.KafkaConsumerPort`), in-memory partitions in the unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+from consumers.work import TopicPartitionKey
+
+
+class ConsumerPort(Protocol):
+    """What the engine needs of a Kafka consumer; `consumers.kafka_io.KafkaConsumerPort` wraps aiokafka's."""
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]: ...
+
+    async def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None: ...
+
+    def pause(self, tps: Iterable[TopicPartitionKey]) -> None: ...
+
+    def resume(self, tps: Iterable[TopicPartitionKey]) -> None: ...
+
+    def assignment(self) -> set[TopicPartitionKey]: ...
+
+    async def end_offsets(self, tps: Iterable[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]: ...
+
+    async def committed_offset(self, tp: TopicPartitionKey) -> int | None: ...
+
+    async def beginning_offsets(self, tps: Iterable[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]: ...
+
+
+__all__ = ["ConsumerPort"]
