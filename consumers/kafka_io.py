@@ -1,4 +1,5 @@
-"""The engine's Kafka side: a consumer per sink group, the dead-letter producer, and the rebalance listener.
+"""The engine's Kafka side: a consumer per sink group, the dead-letter producer, the rebalance listener, and a
+restart of aiokafka's metadata task when it dies (`keep_metadata_synchronizer`).
 
 This is the one boundary where aiokafka's types and errors meet the engine's ports (`ConsumerPort`,
 `DeadLetterWriter`); the engine itself sees tuples and our errors.
@@ -6,6 +7,8 @@ This is the one boundary where aiokafka's types and errors meet the engine's por
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -56,6 +59,41 @@ class KafkaConsumerPort:
     async def committed_offset(self, tp: TopicPartitionKey) -> int | None:
         value: int | None = await self._consumer.committed(TopicPartition(*tp))
         return value
+
+
+# aiokafka's client refreshes the cluster metadata in one background task (`AIOKafkaClient._md_synchronizer`), and
+# whoever calls `force_metadata_update()` waits for a future only that task resolves; among them the group
+# coordinator's lookup, which holds the group's lookup lock meanwhile, so every commit and heartbeat of the consumer
+# queues behind it. The task survives a KafkaError or a timeout only. Under uvloop, writing to a connection the broker
+# has just reset raises RuntimeError ("... the handler is closed"; asyncio's own loop raises nothing), and aiokafka
+# still takes such a connection for connected until its reader task has run (aio-libs/aiokafka#1038). A metadata
+# request sent in that window ended the task, silently: after a broker restart a sink's commits then waited for ever.
+# So a synchronizer that ends other than by cancellation (the client's close) is logged and started again.
+METADATA_RESTART_DELAY = 0.1  # seconds: a synchronizer that keeps failing at once is restarted ten times a second
+
+
+def keep_metadata_synchronizer(client: Any, owner: str) -> None:
+    """Restart `client`'s metadata synchronizer (an `AIOKafkaClient`, started) whenever it dies of an error."""
+    task = client._sync_task
+    if task is not None:
+        task.add_done_callback(functools.partial(_synchronizer_ended, client, owner))
+
+
+def _synchronizer_ended(client: Any, owner: str, task: asyncio.Task[None]) -> None:
+    if task.cancelled() or client._sync_task is not task:  # closed, or already replaced
+        return
+    log.error("kafka metadata task died, restarting it", extra={"client": owner, "error": repr(task.exception())})
+    client._sync_task = asyncio.get_running_loop().create_task(
+        _synchronize_again(client), name=f"kafka-metadata-{owner}"
+    )
+    keep_metadata_synchronizer(client, owner)
+
+
+async def _synchronize_again(client: Any) -> None:
+    await asyncio.sleep(METADATA_RESTART_DELAY)
+    if client._md_update_fut is not None and not client._md_update_waiter.done():
+        client._md_update_waiter.set_result(None)  # an update is awaited: the new synchronizer makes it at once
+    await client._md_synchronizer()
 
 
 # A killed daemon cannot leave its groups: its partitions wait until its session times out (aiokafka's default,

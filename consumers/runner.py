@@ -29,7 +29,7 @@ from consumers.dedup import SqliteDedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.engine import EngineConfig, SinkEngine
 from consumers.http_client import HttpClient
-from consumers.kafka_io import KafkaConsumerPort, Rebalance, sink_consumer
+from consumers.kafka_io import KafkaConsumerPort, Rebalance, keep_metadata_synchronizer, sink_consumer
 from consumers.metrics import EngineMetrics
 from consumers.sink import HttpRequest, Sink
 from topics.errors import BrokerError
@@ -118,6 +118,7 @@ async def open_sink(
             await consumer.start()
         except KafkaError as exc:
             raise BrokerError(f"sink {sink.name}: cannot join the consumer group: {exc!r}") from exc
+        keep_metadata_synchronizer(consumer._client, f"sink {sink.name}")  # its death once hung commits for good
         # The sink also reads its replay topic: dead letters the operator sends back to this sink only.
         topics = [topic] if replay_topic is None else [topic, replay_topic]
         consumer.subscribe(topics, listener=Rebalance(engine))

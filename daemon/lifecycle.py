@@ -24,7 +24,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumers.engine import SinkEngine
-from consumers.kafka_io import KafkaDeadLetterWriter, dead_letter_producer
+from consumers.kafka_io import KafkaDeadLetterWriter, dead_letter_producer, keep_metadata_synchronizer
 from consumers.metrics import EngineMetrics
 from consumers.runner import HttpConfig, open_sink
 from daemon.app import build_app
@@ -161,6 +161,7 @@ async def _open_sinks(settings: Settings, stack: AsyncExitStack, metrics: Engine
     except KafkaError as exc:
         await producer.stop()
         raise BrokerError(f"cannot start the dead-letter producer: {exc!r}") from exc
+    keep_metadata_synchronizer(producer.client, "dead letters")
     stack.push_async_callback(producer.stop)
     dead_letters = KafkaDeadLetterWriter(producer, prefix=settings.topics.prefix)
     engines: dict[str, SinkEngine] = {}

@@ -1,0 +1,92 @@
+"""`keep_metadata_synchronizer` on a real `AIOKafkaClient` whose metadata request is faked (no broker).
+
+aiokafka's metadata synchronizer survives a KafkaError or a timeout only; under uvloop a write to a connection the
+broker has just reset raises RuntimeError instead (aio-libs/aiokafka#1038). That ended the task once after a broker
+restart, and every `force_metadata_update()` (the group coordinator's lookup, holding the lock every commit needs)
+then waited for ever: tests/integration/test_chaos_short.py timed out about one run in twenty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from aiokafka.client import AIOKafkaClient
+
+from consumers.kafka_io import keep_metadata_synchronizer
+
+RESET = RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False>; the handler is closed")
+
+
+class FakeMetadata:
+    """`AIOKafkaClient._metadata_update`: raises the scripted errors first, then answers True (updated)."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    async def __call__(self, cluster: object, topics: object) -> bool:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return True
+
+
+async def started(metadata: FakeMetadata, *, kept: bool = True) -> AIOKafkaClient:
+    """A client as `bootstrap()` leaves it: its synchronizer running (here without a broker)."""
+    client = AIOKafkaClient(bootstrap_servers="127.0.0.1:9")
+    client._metadata_update = metadata
+    client._sync_task = asyncio.create_task(client._md_synchronizer())
+    if kept:
+        keep_metadata_synchronizer(client, "test")
+    return client
+
+
+async def test_a_metadata_update_awaited_when_the_synchronizer_dies_is_made_by_its_replacement(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metadata = FakeMetadata(RESET)
+    client = await started(metadata)
+    try:
+        assert await asyncio.wait_for(client.force_metadata_update(), 2) is True
+        assert metadata.calls == 2
+        assert await asyncio.wait_for(client.force_metadata_update(), 2) is True  # and it goes on serving
+        assert metadata.calls == 3
+        died = [r for r in caplog.records if r.msg == "kafka metadata task died, restarting it"]
+        assert [(r.levelno, r.__dict__["client"], r.__dict__["error"]) for r in died] == [
+            (logging.ERROR, "test", repr(RESET))
+        ]
+    finally:
+        await client.close()
+    assert client._sync_task is None
+
+
+async def test_without_it_the_update_waits_for_ever() -> None:
+    """What the chaos run hit: aiokafka alone never answers the update the dead synchronizer was making."""
+    client = await started(FakeMetadata(RESET), kept=False)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(client.force_metadata_update(), 0.5)
+    assert isinstance(client._sync_task.exception(), RuntimeError)
+    client._sync_task = None  # its error is the point here, not something for close() to raise
+
+
+async def test_a_synchronizer_failing_again_is_restarted_again() -> None:
+    metadata = FakeMetadata(RESET, RuntimeError("again"), RESET)
+    client = await started(metadata)
+    try:
+        assert await asyncio.wait_for(client.force_metadata_update(), 2) is True
+        assert metadata.calls == 4
+    finally:
+        await client.close()
+
+
+async def test_a_closed_client_is_not_restarted() -> None:
+    metadata = FakeMetadata()
+    client = await started(metadata)
+    assert await asyncio.wait_for(client.force_metadata_update(), 2) is True
+    task = client._sync_task
+    await client.close()
+    await asyncio.sleep(0.2)  # past the restart delay
+    assert task.cancelled()
+    assert client._sync_task is None
