@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from consumers.clock import Clock, SystemClock
 from consumers.deadlines import Deadlines
@@ -231,7 +231,7 @@ class KafkaPublisher:
             if not self._available or self._producer is None:
                 continue  # the reconnect probe owns the gate until the broker answers again
             try:
-                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), self._request_timeout)
+                await asyncio.wait_for(_ask_for_metadata(self._producer), self._request_timeout)
             except (KafkaError, TimeoutError) as exc:
                 self._mark_unavailable(f"health check: {exc!r}")
 
@@ -243,9 +243,22 @@ class KafkaPublisher:
                 if self._producer is None:
                     await self._connect()
                 else:
-                    await self._producer.client.fetch_all_metadata()
+                    await _ask_for_metadata(self._producer)
                 self._reopen()
                 return
             except KafkaError as exc:
                 log.debug("kafka still unreachable: %r", exc)
                 delay = min(delay * 2, _PROBE_MAX)
+
+
+async def _ask_for_metadata(producer: AIOKafkaProducer) -> None:
+    """A metadata request over `producer`'s client: the broker answers, or a KafkaError says why not.
+
+    Under uvloop a request written to a connection the broker has just reset raises RuntimeError ("... the handler
+    is closed"), where on asyncio's loop the same request fails with a KafkaError (aio-libs/aiokafka#1038). Once,
+    after a broker kill, that ended the health check for good, and the SIGTERM after it exited with its error.
+    """
+    try:
+        await producer.client.fetch_all_metadata()
+    except RuntimeError as exc:
+        raise KafkaConnectionError(f"connection reset: {exc}") from exc

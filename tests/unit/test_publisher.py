@@ -173,3 +173,29 @@ async def test_a_publish_times_out_at_its_deadline_not_before() -> None:
             await publishing
     finally:
         await publisher.close(grace=1.0)
+
+
+async def test_a_connection_reset_in_a_metadata_request_closes_the_gate_until_the_probe_gets_an_answer() -> None:
+    """Under uvloop, a request written to a connection the broker just reset raises RuntimeError
+    (aio-libs/aiokafka#1038); it once ended the health check for good, and the SIGTERM after it failed on it."""
+    resets = [RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")] * 2
+    gate_when_asked: list[bool] = []
+    answered = asyncio.Event()
+
+    async def metadata() -> None:
+        gate_when_asked.append(publisher.available)
+        if resets:
+            raise resets.pop()
+        answered.set()
+
+    producer = FakeProducer({})
+    producer.client = SimpleNamespace(fetch_all_metadata=metadata)
+    publisher = KafkaPublisher("orders", {}, health_interval=0.01, producer_factory=lambda **_: producer)
+    await publisher.start()
+    try:
+        await asyncio.wait_for(answered.wait(), 5)
+        # The health check met the reset and closed the gate; the probe met the other one, then got its answer.
+        assert gate_when_asked[:3] == [True, False, False]
+        assert publisher.available
+    finally:
+        await publisher.close(grace=1.0)  # the health check is still there to cancel, not dead of an error
