@@ -72,25 +72,26 @@ class KafkaConsumerPort:
 METADATA_RESTART_DELAY = 0.1  # seconds: a synchronizer that keeps failing at once is restarted ten times a second
 
 
-def keep_metadata_synchronizer(client: Any, owner: str) -> None:
-    """Restart `client`'s metadata synchronizer (an `AIOKafkaClient`, started) whenever it dies of an error."""
-    task = client._sync_task
+def keep_metadata_synchronizer(client: Any, owner: str, *, delay: float = METADATA_RESTART_DELAY) -> None:
+    """Restart `client`'s metadata synchronizer (an `AIOKafkaClient`, started) `delay` seconds after it dies of an
+    error. A client without one (a test's fake) has nothing to keep."""
+    task = getattr(client, "_sync_task", None)
     if task is not None:
-        task.add_done_callback(functools.partial(_synchronizer_ended, client, owner))
+        task.add_done_callback(functools.partial(_synchronizer_ended, client, owner, delay))
 
 
-def _synchronizer_ended(client: Any, owner: str, task: asyncio.Task[None]) -> None:
+def _synchronizer_ended(client: Any, owner: str, delay: float, task: asyncio.Task[None]) -> None:
     if task.cancelled() or client._sync_task is not task:  # closed, or already replaced
         return
     log.error("kafka metadata task died, restarting it", extra={"client": owner, "error": repr(task.exception())})
     client._sync_task = asyncio.get_running_loop().create_task(
-        _synchronize_again(client), name=f"kafka-metadata-{owner}"
+        _synchronize_again(client, delay), name=f"kafka-metadata-{owner}"
     )
-    keep_metadata_synchronizer(client, owner)
+    keep_metadata_synchronizer(client, owner, delay=delay)
 
 
-async def _synchronize_again(client: Any) -> None:
-    await asyncio.sleep(METADATA_RESTART_DELAY)
+async def _synchronize_again(client: Any, delay: float) -> None:
+    await asyncio.sleep(delay)
     if client._md_update_fut is not None and not client._md_update_waiter.done():
         client._md_update_waiter.set_result(None)  # an update is awaited: the new synchronizer makes it at once
     await client._md_synchronizer()

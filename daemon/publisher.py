@@ -27,13 +27,14 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from consumers.clock import Clock, SystemClock
 from consumers.deadlines import Deadlines
+from consumers.kafka_io import keep_metadata_synchronizer
 from topics.codec import EncodedRecord
 from topics.errors import BrokerError, PublishError
 
 log = logging.getLogger(__name__)
 
-_PROBE_MIN = 0.5
-_PROBE_MAX = 5.0
+PROBE_MIN = 0.5  # seconds: the reconnect probe's first interval, doubled after each failure ...
+PROBE_MAX = 5.0  # ... up to this
 
 
 def _wake(woken: asyncio.Future[None], _: asyncio.Future[Any]) -> None:
@@ -81,6 +82,7 @@ class KafkaPublisher:
         *,
         request_timeout: float = 10.0,
         health_interval: float = 2.0,
+        probe_intervals: tuple[float, float] = (PROBE_MIN, PROBE_MAX),
         producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer,
         clock: Clock | None = None,
     ) -> None:
@@ -91,6 +93,7 @@ class KafkaPublisher:
         self._options = dict(client_options)
         self._request_timeout = request_timeout
         self._health_interval = health_interval
+        self._probe_intervals = probe_intervals
         self._producer: AIOKafkaProducer | None = None
         self._available = False
         self._probe: asyncio.Task[None] | None = None
@@ -209,6 +212,7 @@ class KafkaPublisher:
         except BaseException:
             await producer.stop()
             raise
+        keep_metadata_synchronizer(producer.client, "ingest")  # its death would hold every send after a reset
         self._producer = producer
 
     def _mark_unavailable(self, why: str) -> None:
@@ -236,7 +240,7 @@ class KafkaPublisher:
                 self._mark_unavailable(f"health check: {exc!r}")
 
     async def _reconnect(self) -> None:
-        delay = _PROBE_MIN
+        delay = self._probe_intervals[0]
         while True:
             await asyncio.sleep(delay)
             try:
@@ -248,7 +252,7 @@ class KafkaPublisher:
                 return
             except KafkaError as exc:
                 log.debug("kafka still unreachable: %r", exc)
-                delay = min(delay * 2, _PROBE_MAX)
+                delay = min(delay * 2, self._probe_intervals[1])
 
 
 async def _ask_for_metadata(producer: AIOKafkaProducer) -> None:

@@ -190,7 +190,9 @@ async def test_a_connection_reset_in_a_metadata_request_closes_the_gate_until_th
 
     producer = FakeProducer({})
     producer.client = SimpleNamespace(fetch_all_metadata=metadata)
-    publisher = KafkaPublisher("orders", {}, health_interval=0.01, producer_factory=lambda **_: producer)
+    publisher = KafkaPublisher(
+        "orders", {}, health_interval=0.01, probe_intervals=(0.01, 0.01), producer_factory=lambda **_: producer
+    )
     await publisher.start()
     try:
         await asyncio.wait_for(answered.wait(), 5)
