@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class KafkaConsumerPort:
-    """`consumers.engine.ConsumerPort` over an `AIOKafkaConsumer` in the sink's own group."""
+    """`consumers.consumer_port.ConsumerPort` over an `AIOKafkaConsumer` in the sink's own group."""
 
     def __init__(self, consumer: AIOKafkaConsumer) -> None:
         self._consumer = consumer
