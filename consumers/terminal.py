@@ -75,16 +75,17 @@ def _report_delivered(context: LaneContext, work: Work, attempt: int, http_statu
     if status == "done" and work.timestamp_ms > 0:
         latency = max(0.0, context.clock.wall() - work.timestamp_ms / 1000)
         context.hot.end_to_end_seconds.observe(latency)
-    log.debug(
-        "delivered",
-        extra={
-            "sink": context.sink.name,
-            "event_id": work.prepared.event_id,
-            "order": work.order_ref,
-            "attempt": attempt,
-            "status": http_status,
-        },
-    )
+    if log.isEnabledFor(logging.DEBUG):  # not even its fields are built per delivery at INFO
+        log.debug(
+            "delivered",
+            extra={
+                "sink": context.sink.name,
+                "event_id": work.prepared.event_id,
+                "order": work.order_ref,
+                "attempt": attempt,
+                "status": http_status,
+            },
+        )
 
 
 async def dead_letter(

@@ -196,10 +196,11 @@ class Ingest:
         answer = _answer(ids["event_id"], published)
         if key is not None:
             await self._remember(key, answer)
-        log.debug(
-            "order published",
-            extra={**ids, "status": 202, "partition": published.partition, "offset": published.offset},
-        )
+        if log.isEnabledFor(logging.DEBUG):  # not even its fields are built per request at INFO
+            log.debug(
+                "order published",
+                extra={**ids, "status": 202, "partition": published.partition, "offset": published.offset},
+            )
         return web.Response(status=202, body=answer, content_type="application/json")
 
     async def _remember(self, key: str, answer: bytes) -> None:
