@@ -82,23 +82,23 @@ class KafkaPublisher:
         *,
         request_timeout: float = 10.0,
         health_interval: float = 2.0,
-        probe_intervals: tuple[float, float] = (PROBE_MIN, PROBE_MAX),
         producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer,
         clock: Clock | None = None,
     ) -> None:
         """`producer_factory` takes `AIOKafkaProducer`'s arguments; unit tests pass a fake with its methods.
-        `clock` keeps the publish timeouts (`consumers.deadlines`: one sweeper, not a timer per request)."""
+        `clock` keeps the publish timeouts (`consumers.deadlines`: one sweeper, not a timer per request) and paces
+        the health check and the reconnect probe."""
         self._topic = topic
         self._producer_factory = producer_factory
         self._options = dict(client_options)
         self._request_timeout = request_timeout
         self._health_interval = health_interval
-        self._probe_intervals = probe_intervals
         self._producer: AIOKafkaProducer | None = None
         self._available = False
         self._probe: asyncio.Task[None] | None = None
         self._health: asyncio.Task[None] | None = None
-        self._deadlines = Deadlines(clock if clock is not None else SystemClock())
+        self._clock = clock if clock is not None else SystemClock()
+        self._deadlines = Deadlines(self._clock)
 
     @property
     def available(self) -> bool:
@@ -231,7 +231,7 @@ class KafkaPublisher:
 
     async def _check_health(self) -> None:
         while True:
-            await asyncio.sleep(self._health_interval)
+            await self._clock.sleep(self._health_interval)
             if not self._available or self._producer is None:
                 continue  # the reconnect probe owns the gate until the broker answers again
             try:
@@ -240,9 +240,9 @@ class KafkaPublisher:
                 self._mark_unavailable(f"health check: {exc!r}")
 
     async def _reconnect(self) -> None:
-        delay = self._probe_intervals[0]
+        delay = PROBE_MIN
         while True:
-            await asyncio.sleep(delay)
+            await self._clock.sleep(delay)
             try:
                 if self._producer is None:
                     await self._connect()
@@ -252,7 +252,7 @@ class KafkaPublisher:
                 return
             except KafkaError as exc:
                 log.debug("kafka still unreachable: %r", exc)
-                delay = min(delay * 2, self._probe_intervals[1])
+                delay = min(delay * 2, PROBE_MAX)
 
 
 async def _ask_for_metadata(producer: AIOKafkaProducer) -> None:

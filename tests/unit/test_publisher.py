@@ -7,6 +7,7 @@ acknowledge in time" happens without sleeping; the real broker's side is in test
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from consumers.clock import FakeClock
 from consumers.deadlines import DEFAULT_RESOLUTION
-from daemon.publisher import BrokerUnavailable, KafkaPublisher, Published, PublishPending
+from daemon.publisher import PROBE_MIN, BrokerUnavailable, KafkaPublisher, Published, PublishPending
 from topics.codec import EncodedRecord
 from topics.errors import PublishError
 
@@ -71,8 +72,9 @@ async def started() -> AsyncIterator[tuple[KafkaPublisher, list[FakeProducer]]]:
         return producers[-1]
 
     clock = FakeClock()
+    # No health check in these tests: the autojumping clock would run one at every idle moment.
     publisher = KafkaPublisher(
-        "orders", {"bootstrap_servers": "kafka:9092"}, health_interval=3600, producer_factory=factory, clock=clock
+        "orders", {"bootstrap_servers": "kafka:9092"}, health_interval=math.inf, producer_factory=factory, clock=clock
     )
     await publisher.start()
     async with clock.autojump():
@@ -161,7 +163,9 @@ async def test_a_pending_publish_stays_unknown_when_the_producer_is_closed(
 async def test_a_publish_times_out_at_its_deadline_not_before() -> None:
     clock = FakeClock()
     producer = FakeProducer({}, mode="hold")
-    publisher = KafkaPublisher("orders", {}, health_interval=3600, producer_factory=lambda **_: producer, clock=clock)
+    publisher = KafkaPublisher(
+        "orders", {}, health_interval=math.inf, producer_factory=lambda **_: producer, clock=clock
+    )
     await publisher.start()
     try:
         publishing = asyncio.create_task(publisher.publish(RECORD, timeout=5.0))
@@ -177,28 +181,27 @@ async def test_a_publish_times_out_at_its_deadline_not_before() -> None:
 
 async def test_a_metadata_request_no_broker_answers_closes_the_gate_until_the_probe_gets_an_answer() -> None:
     """The health check's metadata update fails (aiokafka answers False, it does not raise): the gate closes, and
-    the reconnect probe's updates reopen it once one succeeds."""
-    answers = [False, False]
-    gate_when_asked: list[bool] = []
-    answered = asyncio.Event()
+    the reconnect probe, at growing intervals, reopens it once an update succeeds."""
+    clock = FakeClock()
+    answers = iter([False, False])  # the health check's, the probe's first; then every update succeeds
+    asked: list[tuple[float, bool]] = []  # (seconds since start, gate open) at each metadata update
 
     async def metadata() -> bool:
-        gate_when_asked.append(publisher.available)
-        if answers:
-            return answers.pop()
-        answered.set()
-        return True
+        asked.append((clock.now() - start, publisher.available))
+        return next(answers, True)
 
     producer = FakeProducer({})
     producer.client = SimpleNamespace(force_metadata_update=metadata)
-    publisher = KafkaPublisher(
-        "orders", {}, health_interval=0.01, probe_intervals=(0.01, 0.01), producer_factory=lambda **_: producer
-    )
+    publisher = KafkaPublisher("orders", {}, health_interval=2.0, producer_factory=lambda **_: producer, clock=clock)
+    start = clock.now()
     await publisher.start()
     try:
-        await asyncio.wait_for(answered.wait(), 5)
-        # The health check's update failed and closed the gate; the probe's failed once, then got its answer.
-        assert gate_when_asked[:3] == [True, False, False]
+        await clock.advance(2.0)
+        assert not publisher.available  # the health check got no answer
+        await clock.advance(PROBE_MIN)
+        assert not publisher.available  # nor did the probe's first try
+        await clock.advance(2 * PROBE_MIN)
         assert publisher.available
+        assert asked == [(2.0, True), (2.0 + PROBE_MIN, False), (2.0 + 3 * PROBE_MIN, False)]
     finally:
         await publisher.close(grace=1.0)  # the health check is still there to cancel, not dead of an error
