@@ -234,6 +234,8 @@ class KafkaPublisher:
             await self._clock.sleep(self._health_interval)
             if not self._available or self._producer is None:
                 continue  # the reconnect probe owns the gate until the broker answers again
+            if await self._dropped_if_dead():
+                continue  # the probe it started builds a new producer
             try:
                 await asyncio.wait_for(_ask_for_metadata(self._producer), self._request_timeout)
             except (KafkaError, TimeoutError) as exc:
@@ -244,6 +246,7 @@ class KafkaPublisher:
         while True:
             await self._clock.sleep(delay)
             try:
+                await self._dropped_if_dead()
                 if self._producer is None:
                     await self._connect()
                 else:
@@ -253,6 +256,35 @@ class KafkaPublisher:
             except KafkaError as exc:
                 log.debug("kafka still unreachable: %r", exc)
                 delay = min(delay * 2, PROBE_MAX)
+
+    async def _dropped_if_dead(self) -> bool:
+        """Close and forget a producer whose sender task has died; True if it had.
+
+        aiokafka's sender ends only on an error it does not expect (under uvloop, a write to a connection the broker
+        has just reset raises RuntimeError: aio-libs/aiokafka#1038). The producer then fails every later record with
+        that error, for good, while its metadata requests still succeed: without this, the ingest would answer 503
+        to every order, and /readyz say ready, until a restart. The reconnect probe builds a new producer.
+        """
+        producer = self._producer
+        error = _sender_failure(producer) if producer is not None else None
+        if producer is None or error is None:
+            return False
+        log.error("kafka producer's sender died, replacing the producer: %r", error)
+        self._producer = None
+        self._mark_unavailable("the producer's sender died")
+        try:
+            await asyncio.wait_for(producer.stop(), self._request_timeout)  # its records were failed already
+        except Exception as exc:  # the producer is gone either way
+            log.warning("kafka producer with a dead sender did not close cleanly: %r", exc)
+        return True
+
+
+def _sender_failure(producer: AIOKafkaProducer) -> BaseException | None:
+    """Why `producer`'s sender task ended, or None while it runs (or was cancelled by `stop`)."""
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)  # no public way to ask aiokafka
+    if task is None or not task.done() or task.cancelled():
+        return None
+    return task.exception() or RuntimeError("the sender task returned")
 
 
 async def _ask_for_metadata(producer: AIOKafkaProducer) -> None:

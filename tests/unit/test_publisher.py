@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from consumers.clock import FakeClock
@@ -34,6 +35,7 @@ class FakeProducer:
     sent: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]] = field(default_factory=list)
     outcomes: list[asyncio.Future[Any]] = field(default_factory=list)
     handed_over: asyncio.Event = field(default_factory=asyncio.Event)
+    stopped: bool = False
 
     def __post_init__(self) -> None:
         self.client = SimpleNamespace(force_metadata_update=self._metadata)
@@ -43,7 +45,7 @@ class FakeProducer:
         return None
 
     async def stop(self) -> None:
-        return None
+        self.stopped = True
 
     async def partitions_for(self, topic: str) -> set[int]:
         return {0, 1, 2, 3}
@@ -205,3 +207,59 @@ async def test_a_metadata_request_no_broker_answers_closes_the_gate_until_the_pr
         assert asked == [(2.0, True), (2.0 + PROBE_MIN, False), (2.0 + 3 * PROBE_MIN, False)]
     finally:
         await publisher.close(grace=1.0)  # the health check is still there to cancel, not dead of an error
+
+
+async def test_a_producer_whose_sender_died_is_replaced_by_a_new_one() -> None:
+    """aiokafka's sender task can die of an error it does not expect (aio-libs/aiokafka#1038: under uvloop, a write
+    to a connection the broker just reset); the producer then fails every record for good while its metadata
+    requests still succeed. The health check closes it, and the reconnect probe builds a new one."""
+    clock = FakeClock()
+    producers: list[FakeProducer] = []
+
+    def factory(**options: Any) -> FakeProducer:
+        producers.append(FakeProducer(options))
+        return producers[-1]
+
+    publisher = KafkaPublisher("orders", {}, health_interval=2.0, producer_factory=factory, clock=clock)
+    await publisher.start()
+    try:
+        died: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        died.set_exception(KafkaError("Unexpected error during batch delivery"))
+        producers[0]._sender = SimpleNamespace(sender_task=died)
+        await clock.advance(2.0)
+        assert not publisher.available  # refused at once from here on, not handed to the dead producer
+        assert producers[0].stopped
+        with pytest.raises(BrokerUnavailable):
+            await publisher.publish(RECORD, timeout=1.0)
+        await clock.advance(PROBE_MIN)
+        assert publisher.available
+        assert len(producers) == 2
+        assert await publisher.publish(RECORD, timeout=1.0) == Published("orders", 3, 41)
+        assert (len(producers[0].sent), len(producers[1].sent)) == (0, 1)
+    finally:
+        await publisher.close(grace=1.0)
+
+
+async def test_a_stopped_producers_cancelled_sender_is_not_taken_for_dead() -> None:
+    clock = FakeClock()
+    producer = FakeProducer({})
+    publisher = KafkaPublisher("orders", {}, health_interval=2.0, producer_factory=lambda **_: producer, clock=clock)
+    await publisher.start()
+    try:
+        cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        cancelled.cancel()
+        producer._sender = SimpleNamespace(sender_task=cancelled)
+        await clock.advance(2.0)
+        assert publisher.available
+        assert not producer.stopped
+    finally:
+        await publisher.close(grace=1.0)
+
+
+async def test_aiokafka_still_keeps_its_sender_task_where_the_watch_looks() -> None:
+    """The watch reads a private attribute (aiokafka offers no public one); a rename would turn it off quietly."""
+    producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")  # never started: no connection is made
+    try:
+        assert producer._sender.sender_task is None
+    finally:
+        await producer.stop()
