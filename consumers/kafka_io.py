@@ -1,5 +1,6 @@
 """The engine's Kafka side: a consumer per sink group, the dead-letter producer, the rebalance listener, and a
-restart of aiokafka's metadata task when it dies (`keep_metadata_synchronizer`).
+restart of aiokafka's metadata task when it dies (`keep_metadata_synchronizer`), and the guard of aiokafka's connection
+writes against uvloop's RuntimeError (`guard_connection_writes`).
 
 This is the one boundary where aiokafka's types and errors meet the engine's ports (`ConsumerPort`,
 `DeadLetterWriter`); the engine itself sees tuples and our errors.
@@ -14,7 +15,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.conn import AIOKafkaConnection, CloseReason
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from consumers.deadletter import DeadLetter
 from consumers.work import TopicPartitionKey
@@ -59,6 +61,37 @@ class KafkaConsumerPort:
     async def committed_offset(self, tp: TopicPartitionKey) -> int | None:
         value: int | None = await self._consumer.committed(TopicPartition(*tp))
         return value
+
+
+# The root of the failures above and below: aiokafka's `AIOKafkaConnection.send` turns an OSError of the socket
+# write into KafkaConnectionError (and closes the connection), which every caller handles, but under uvloop the same
+# write raises RuntimeError (aio-libs/aiokafka#1038), which no caller expects: it ends whichever background task
+# sent the request, the metadata task, a producer's sender (which then fails every record for good), a consumer's
+# fetcher or its group coordination. `guard_connection_writes` makes that RuntimeError what aiokafka makes of an
+# OSError; the task-level guards stay, for what it does not cover.
+
+
+def guard_connection_writes() -> None:
+    """Once per process: a RuntimeError from `AIOKafkaConnection.send` closes the connection as broken and is
+    raised as `KafkaConnectionError`, as aiokafka does for an OSError. Called before any client is created."""
+    if getattr(AIOKafkaConnection.send, "_orderbus_guarded", False):
+        return
+    AIOKafkaConnection.send = _guarded_send(AIOKafkaConnection.send)
+
+
+def _guarded_send(send: Any) -> Any:
+    @functools.wraps(send)
+    def guarded(self: AIOKafkaConnection, request: Any, expect_response: bool = True) -> Any:
+        try:
+            return send(self, request, expect_response)
+        except KafkaError:  # aiokafka's own errors are RuntimeErrors too, and its callers handle them
+            raise
+        except RuntimeError as exc:
+            self.close(reason=CloseReason.CONNECTION_BROKEN)
+            raise KafkaConnectionError(f"connection broken: {exc}") from exc
+
+    guarded._orderbus_guarded = True  # type: ignore[attr-defined]
+    return guarded
 
 
 # aiokafka's client refreshes the cluster metadata in one background task (`AIOKafkaClient._md_synchronizer`), and
@@ -129,6 +162,7 @@ def sink_consumer(
     max_partition_fetch_bytes: int = MAX_PARTITION_FETCH_BYTES,
 ) -> AIOKafkaConsumer:
     """The consumer of one sink's group: manual commits only, committed reads only, from the beginning."""
+    guard_connection_writes()
     return AIOKafkaConsumer(
         **client_options,
         group_id=consumer_group(sink, prefix),
@@ -183,6 +217,7 @@ class KafkaDeadLetterWriter:
 
 
 def dead_letter_producer(client_options: Mapping[str, Any], *, request_timeout: float = 30.0) -> AIOKafkaProducer:
+    guard_connection_writes()
     return AIOKafkaProducer(
         **client_options, acks="all", enable_idempotence=True, request_timeout_ms=int(request_timeout * 1000)
     )

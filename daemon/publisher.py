@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from consumers.clock import Clock, SystemClock
 from consumers.deadlines import Deadlines
-from consumers.kafka_io import keep_metadata_synchronizer
+from consumers.kafka_io import guard_connection_writes, keep_metadata_synchronizer
 from topics.codec import EncodedRecord
 from topics.errors import BrokerError, PublishError
 
@@ -198,6 +198,7 @@ class KafkaPublisher:
             outcome.set_exception(exc)
 
     async def _connect(self) -> None:
+        guard_connection_writes()
         producer = self._producer_factory(
             **self._options,
             acks="all",
@@ -260,10 +261,11 @@ class KafkaPublisher:
     async def _dropped_if_dead(self) -> bool:
         """Close and forget a producer whose sender task has died; True if it had.
 
-        aiokafka's sender ends only on an error it does not expect (under uvloop, a write to a connection the broker
-        has just reset raises RuntimeError: aio-libs/aiokafka#1038). The producer then fails every later record with
-        that error, for good, while its metadata requests still succeed: without this, the ingest would answer 503
-        to every order, and /readyz say ready, until a restart. The reconnect probe builds a new producer.
+        aiokafka's sender ends only on an error it does not expect (uvloop's RuntimeError on a write to a reset
+        connection was one, aio-libs/aiokafka#1038, now made a connection error by `guard_connection_writes`). The
+        producer then fails every later record with that error, for good, while its metadata requests still
+        succeed: without this, the ingest would answer 503 to every order, and /readyz say ready, until a restart.
+        The reconnect probe builds a new producer.
         """
         producer = self._producer
         error = _sender_failure(producer) if producer is not None else None

@@ -1,4 +1,5 @@
-"""`keep_metadata_synchronizer` on a real `AIOKafkaClient` whose metadata request is faked (no broker).
+"""`keep_metadata_synchronizer` on a real `AIOKafkaClient` whose metadata request is faked (no broker), and
+`guard_connection_writes` on a real `AIOKafkaConnection` whose socket writer is faked.
 
 aiokafka's metadata synchronizer survives a KafkaError or a timeout only; under uvloop a write to a connection the
 broker has just reset raises RuntimeError instead (aio-libs/aiokafka#1038). That ended the task once after a broker
@@ -13,8 +14,11 @@ import logging
 
 import pytest
 from aiokafka.client import AIOKafkaClient
+from aiokafka.conn import AIOKafkaConnection, CloseReason
+from aiokafka.errors import IncompatibleBrokerVersion, KafkaConnectionError
+from aiokafka.protocol.metadata import MetadataRequest
 
-from consumers.kafka_io import keep_metadata_synchronizer
+from consumers.kafka_io import guard_connection_writes, keep_metadata_synchronizer
 
 RESET = RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False>; the handler is closed")
 
@@ -95,3 +99,47 @@ async def test_a_closed_client_is_not_restarted() -> None:
         await asyncio.sleep(0)
     assert task.cancelled()
     assert client._sync_task is None
+
+
+class ResetWriter:
+    """A stream writer over a transport the broker has reset, as uvloop's behaves: every write raises RESET."""
+
+    def write(self, data: bytes) -> None:
+        raise RESET
+
+    def close(self) -> None:
+        return None
+
+
+def connection_with(
+    writer: ResetWriter, closes: list[object], versions: dict[int, tuple[int, int]]
+) -> AIOKafkaConnection:
+    """A connection as `connect()` leaves it (reader, writer, read task, API versions), without a broker."""
+    conn = AIOKafkaConnection("127.0.0.1", 9, on_close=lambda _, reason: closes.append(reason))
+    reading: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    reading.set_result(None)
+    conn._reader, conn._writer, conn._read_task, conn._versions = object(), writer, reading, versions
+    return conn
+
+
+async def test_a_reset_connection_write_is_a_connection_error_and_closes_the_connection() -> None:
+    guard_connection_writes()
+    guard_connection_writes()  # once per process, however often it is called
+    assert not getattr(AIOKafkaConnection.send.__wrapped__, "_orderbus_guarded", False)
+    closes: list[object] = []
+    conn = connection_with(ResetWriter(), closes, {MetadataRequest.API_KEY: (0, 8)})
+    with pytest.raises(KafkaConnectionError, match="the handler is closed"):
+        conn.send(MetadataRequest(["orders"]))
+    assert closes == [CloseReason.CONNECTION_BROKEN]  # the client drops it and connects anew
+    assert conn._writer is None
+
+
+async def test_aiokafkas_own_errors_pass_the_guard_unchanged() -> None:
+    """aiokafka's errors are RuntimeErrors too; they are its callers' to handle, and the connection stays."""
+    guard_connection_writes()
+    closes: list[object] = []
+    conn = connection_with(ResetWriter(), closes, {})  # no API versions: the request cannot be prepared
+    with pytest.raises(IncompatibleBrokerVersion):
+        conn.send(MetadataRequest(["orders"]))
+    assert closes == []
+    conn.close()
