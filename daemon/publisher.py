@@ -295,9 +295,9 @@ async def _ask_for_metadata(producer: AIOKafkaProducer) -> None:
     The producer's own metadata update (its client's topics only), not a fetch of the whole cluster's: on a cluster
     of thousands of topics that one, every `health_interval`, cost the broker and the ingest's event loop more the
     more topics there were (1.4 % of the ingest's CPU under load against a test broker of a few hundred). It also
-    refreshes the producer's view of the partition leaders. Under uvloop a request written to a connection the
-    broker has just reset raises RuntimeError in the client's metadata task (aio-libs/aiokafka#1038), which
-    `keep_metadata_synchronizer` restarts; the update awaited here is then made by the new task.
+    refreshes the producer's view of the partition leaders. The update is made by the client's metadata task; should
+    that task die (uvloop's RuntimeError on a reset connection did, aio-libs/aiokafka#1038, before
+    `guard_connection_writes`), `keep_metadata_synchronizer` restarts it and the new task makes the update.
     """
     if not await producer.client.force_metadata_update():
         raise KafkaConnectionError("no broker answered a metadata request")
