@@ -132,7 +132,7 @@ class KafkaPublisher:
         done, _ = await asyncio.wait([stopping], timeout=grace)
         if not done:
             log.warning("kafka producer did not flush within %.0f s, closing anyway", grace)
-            sender = self._producer._sender.sender_task  # aiokafka offers no public way to abandon a flush
+            sender = _sender_task(self._producer)  # aiokafka offers no public way to abandon a flush
             if sender is not None:
                 sender.cancel()
             await stopping
@@ -268,8 +268,7 @@ class KafkaPublisher:
         The reconnect probe builds a new producer.
         """
         producer = self._producer
-        error = _sender_failure(producer) if producer is not None else None
-        if producer is None or error is None:
+        if producer is None or (error := _sender_failure(producer)) is None:
             return False
         log.error("kafka producer's sender died, replacing the producer: %r", error)
         self._producer = None
@@ -281,9 +280,15 @@ class KafkaPublisher:
         return True
 
 
+def _sender_task(producer: AIOKafkaProducer) -> asyncio.Task[None] | None:
+    """aiokafka's sender task of `producer`: private, and read in one place (a fake producer may have none)."""
+    task: asyncio.Task[None] | None = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    return task
+
+
 def _sender_failure(producer: AIOKafkaProducer) -> BaseException | None:
     """Why `producer`'s sender task ended, or None while it runs (or was cancelled by `stop`)."""
-    task = getattr(getattr(producer, "_sender", None), "sender_task", None)  # no public way to ask aiokafka
+    task = _sender_task(producer)
     if task is None or not task.done() or task.cancelled():
         return None
     return task.exception() or RuntimeError("the sender task returned")
