@@ -58,11 +58,9 @@ from typing import Protocol, Self, cast
 
 import aiosqlite
 
-from consumers.sqlite_files import prepare_wal_file
 from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
 from daemon.ingest_keys_sql import (
     MAX_BATCH,
-    SCHEMA,
     TABLE,
     ClaimOp,
     CompleteOp,
@@ -70,6 +68,7 @@ from daemon.ingest_keys_sql import (
     Operation,
     PruneOp,
     ReleaseOp,
+    prepare_file,
     write,
 )
 from topics.errors import StoreError
@@ -156,16 +155,17 @@ class SqliteIngestKeyStore:
     async def open(self) -> None:
         """Open (creating if needed) the file: WAL, the table, then the one connection.
 
-        Step 1 prepares the file with plain sqlite3 on a worker thread, so a bad path or a corrupt file fails
-        there, cleanly: a failed ``aiosqlite.connect()`` returns before its worker thread has stopped, and
-        that thread then reports into an event loop that may be closed by then (a traceback at exit).
+        Step 1 prepares the file (and rebuilds one of an earlier layout, `daemon.ingest_keys_sql.migrate`) with
+        plain sqlite3 on a worker thread, so a bad path or a corrupt file fails there, cleanly: a failed
+        ``aiosqlite.connect()`` returns before its worker thread has stopped, and that thread then reports into an
+        event loop that may be closed by then (a traceback at exit).
         Step 2 opens the aiosqlite connection and sets its per-connection pragmas.
         """
         if self._db is not None:
             return
         # Step 1.
         try:
-            await asyncio.to_thread(prepare_wal_file, self.path, SCHEMA, "ingest key store")
+            await asyncio.to_thread(prepare_file, self.path)
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         # Step 2. isolation_level=None: no implicit transactions; the writer opens its own, one per batch.

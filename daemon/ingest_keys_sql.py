@@ -10,16 +10,21 @@ slow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
+import logging
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, cast
 
-from consumers.sqlite_files import row_chunks, transaction
+from consumers.sqlite_files import prepare_wal_file, row_chunks, transaction
 from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
 from topics.errors import StoreError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_BATCH",
@@ -31,6 +36,8 @@ __all__ = [
     "Operation",
     "PruneOp",
     "ReleaseOp",
+    "migrate",
+    "prepare_file",
     "write",
 ]
 
@@ -39,9 +46,17 @@ TABLE = "ingest_keys"
 _IN_FLIGHT = "in_flight"
 _DONE = "done"
 
-SCHEMA = f"""
+# The table keeps its rowid, as the dedup store's deliveries table does (`consumers.dedup_sql`): idempotency keys are
+# random as a rule (UUIDs), so a table clustered by key took each transaction's claims at random places, dirtying a
+# page per claim, and the answers stored a transaction later dirtied the same pages again. With a rowid the rows are
+# appended and answered near the end; only the narrow key index is written at random. With UUID keys (ingest harness,
+# 128 clients, three alternating rounds) the writer's thread spent ~62 us a request clustered by key and ~37 us this
+# way, and the ingest answered 4,000 -> 5,050 requests/s; keys in order cost ~18 us either way. Files of the earlier
+# layout are rebuilt at open (`migrate`).
+_CREATE_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
-    key          TEXT PRIMARY KEY,
+    id           INTEGER PRIMARY KEY,
+    key          TEXT NOT NULL UNIQUE,
     body_sha256  TEXT NOT NULL,
     state        TEXT NOT NULL CHECK (state IN ('{_IN_FLIGHT}', '{_DONE}')),
     owner        TEXT,     -- store instance holding an in-flight row; NULL once done
@@ -49,9 +64,37 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     status       INTEGER,  -- the answer, once done
     response     BLOB,
     completed_at REAL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS {TABLE}_completed_at ON {TABLE} (completed_at) WHERE state = '{_DONE}';
-"""
+)"""
+_CREATE_INDEX = f"CREATE INDEX IF NOT EXISTS {TABLE}_completed_at ON {TABLE} (completed_at) WHERE state = '{_DONE}'"
+SCHEMA = f"{_CREATE_TABLE};\n{_CREATE_INDEX};\n"
+_COLUMNS = "key, body_sha256, state, owner, claimed_at, status, response, completed_at"
+
+
+def prepare_file(path: Path) -> None:
+    """Create the file (WAL, the table) or bring an existing one to the current layout; blocking."""
+    prepare_wal_file(path, SCHEMA, "ingest key store")
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        if migrate(db):
+            log.info("ingest key store %s: rebuilt in the current layout (rows appended, keys indexed)", path)
+
+
+def migrate(db: sqlite3.Connection) -> bool:
+    """Rebuild a table of the earlier layout (clustered by key, ``WITHOUT ROWID``) as `SCHEMA`'s, rows in the
+    order they were claimed, in one transaction; blocking. True if it did. A file of the current layout is left
+    as it is."""
+    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)).fetchone()
+    if "WITHOUT ROWID" not in sql.upper():
+        return False
+    with transaction(db):
+        db.execute(f"ALTER TABLE {TABLE} RENAME TO {TABLE}_clustered")
+        db.execute(f"DROP INDEX IF EXISTS {TABLE}_completed_at")  # it went with the renamed table
+        db.execute(_CREATE_TABLE)
+        db.execute(_CREATE_INDEX)
+        db.execute(
+            f"INSERT INTO {TABLE} ({_COLUMNS}) SELECT {_COLUMNS} FROM {TABLE}_clustered ORDER BY claimed_at"  # noqa: S608
+        )
+        db.execute(f"DROP TABLE {TABLE}_clustered")
+    return True
 
 
 @functools.cache

@@ -143,12 +143,13 @@ class SubmissionMaker:
             self._templates.append(submission.model_dump_json().encode())
 
     def make(self, index: int) -> tuple[str, bytes]:
-        """(webhook id, body) of submission `index`."""
+        """(webhook id, body) of submission `index`. The webhook id is random, as clients' keys are (UUIDs): ids in
+        order put every claim at the end of the ingest's key index, where random ones cost a page each."""
         body = self._templates[index % len(self._templates)]
         number = f"W{self.tag:x}-{index:08d}".encode()
         body = body.replace(_ORDER_PLACEHOLDER.encode(), number)
         body = body.replace(_EVENT_PLACEHOLDER.encode(), event_id(self.tag, index).encode())
-        return f"msg_{self.tag:x}_{index}", body
+        return f"msg_{uuid.uuid4().hex}", body
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -26,6 +26,7 @@ from daemon.ingest_keys import (
     SqliteIngestKeyStore,
     body_sha256,
 )
+from daemon.ingest_keys_sql import migrate
 from topics.errors import StoreError
 
 BODY_A = body_sha256(b'{"order": "A-1"}')
@@ -461,3 +462,61 @@ async def test_a_failing_statement_is_a_store_error_naming_the_path(tmp_path: Pa
         with pytest.raises(StoreError, match="claim failed") as exc:
             await store.claim("k", BODY_A, now=1.0)
         assert str(path) in str(exc.value)
+
+
+# The layout before the table kept its rowid: clustered by key.
+_CLUSTERED_SCHEMA = f"""
+CREATE TABLE {TABLE} (
+    key          TEXT PRIMARY KEY,
+    body_sha256  TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('in_flight', 'done')),
+    owner        TEXT,
+    claimed_at   REAL NOT NULL,
+    status       INTEGER,
+    response     BLOB,
+    completed_at REAL
+) WITHOUT ROWID;
+CREATE INDEX {TABLE}_completed_at ON {TABLE} (completed_at) WHERE state = 'done';
+"""
+
+
+async def test_a_file_of_the_clustered_layout_is_rebuilt_at_open_and_keeps_every_answer(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as old:
+        old.execute("PRAGMA journal_mode = WAL")
+        old.executescript(_CLUSTERED_SCHEMA)
+        old.execute(
+            f"INSERT INTO {TABLE} VALUES (?, ?, 'done', NULL, 1.0, 202, ?, 2.0)",  # noqa: S608 -- constant
+            ("answered", BODY_A, ANSWER),
+        )
+        old.execute(
+            f"INSERT INTO {TABLE} VALUES (?, ?, 'in_flight', 'crashed-owner', 3.0, NULL, NULL, NULL)",  # noqa: S608
+            ("orphaned", BODY_A),
+        )
+    async with SqliteIngestKeyStore(path) as store:
+        assert await store.claim("answered", BODY_A, now=5.0) == Replay(status=202, body=ANSWER)
+        assert await store.claim("answered", BODY_B, now=5.0) == Conflict()
+        assert await store.claim("orphaned", BODY_A, now=5.0) == Claimed()  # taken over, as before
+        assert await store.claim("new", BODY_A, now=5.0) == Claimed()
+        assert await store.prune(older_than=2.5) == 1  # the completed_at index is the new table's
+    with contextlib.closing(sqlite3.connect(path)) as plain:
+        (sql,) = plain.execute("SELECT sql FROM sqlite_master WHERE name = ?", (TABLE,)).fetchone()
+        columns = [row[1] for row in plain.execute(f"PRAGMA table_info({TABLE})")]
+        tables = {name for (name,) in plain.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        indexes = {name for (name,) in plain.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "WITHOUT ROWID" not in sql.upper()
+    assert columns[0] == "id"
+    assert tables == {TABLE}
+    assert f"{TABLE}_completed_at" in indexes
+    assert file_rows(path) == {"orphaned": "in_flight", "new": "in_flight"}
+
+
+async def test_a_file_of_the_current_layout_is_not_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as store:
+        await store.claim("k", BODY_A, now=1.0)
+    with contextlib.closing(sqlite3.connect(path)) as plain:
+        (before,) = plain.execute("SELECT rowid FROM ingest_keys WHERE key = 'k'").fetchone()
+        assert not migrate(plain)
+        (after,) = plain.execute("SELECT rowid FROM ingest_keys WHERE key = 'k'").fetchone()
+    assert before == after
