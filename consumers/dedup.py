@@ -64,7 +64,6 @@ from consumers.dedup_sql import (
     SELECT_BLOCKING,
     SELECT_DOWNSTREAM_ID,
     SELECT_STATES,
-    WAL_AUTOCHECKPOINT_PAGES,
     delete_prunable,
     fetch_all,
     nothing,
@@ -83,7 +82,7 @@ from consumers.delivery_state import (
     DeliveryStatus,
     WriteBuffer,
 )
-from consumers.sqlite_files import prepare_wal_file
+from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file
 from topics.errors import ConfigError, StoreError
 
 __all__ = [

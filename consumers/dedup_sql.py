@@ -26,7 +26,6 @@ __all__ = [
     "SELECT_BLOCKING",
     "SELECT_DOWNSTREAM_ID",
     "SELECT_STATES",
-    "WAL_AUTOCHECKPOINT_PAGES",
     "delete_prunable",
     "fetch_all",
     "nothing",
@@ -102,11 +101,6 @@ DELETE FROM {DELIVERIES_TABLE} WHERE status <> 'in_flight' AND updated_at < ?
 _PRUNE_DOWNSTREAM_IDS = f"""
 DELETE FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref NOT IN (SELECT order_ref FROM {DELIVERIES_TABLE})
 """  # noqa: S608 -- table names are module constants
-
-# A checkpoint copies the WAL's pages back into the file; the idempotency keys come in no order, so a flush dirties
-# index pages all over the file, and fewer, larger checkpoints copy a page changed by many flushes once: 4,000
-# pages (~16 MB of WAL at most) instead of SQLite's 1,000 took a fifth off the CPU of a flush (tests/bench).
-WAL_AUTOCHECKPOINT_PAGES: Final = 4000
 
 # Statements of many rows take only a few row counts (`consumers.sqlite_files.row_chunks`), so that a
 # connection's statement cache (128 statements) holds every one: any row count made a new statement text on most

@@ -58,6 +58,7 @@ from typing import Protocol, Self, cast
 
 import aiosqlite
 
+from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES
 from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
 from daemon.ingest_keys_sql import (
     MAX_BATCH,
@@ -176,6 +177,7 @@ class SqliteIngestKeyStore:
         try:
             await db.execute_fetchall("PRAGMA synchronous = NORMAL")
             await db.execute_fetchall("PRAGMA busy_timeout = 5000")
+            await db.execute_fetchall(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error):

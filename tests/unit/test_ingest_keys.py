@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES
 from daemon.ingest_keys import (
     TABLE,
     Busy,
@@ -520,3 +521,9 @@ async def test_a_file_of_the_current_layout_is_not_rebuilt(tmp_path: Path) -> No
         assert not migrate(plain)
         (after,) = plain.execute("SELECT rowid FROM ingest_keys WHERE key = 'k'").fetchone()
     assert before == after
+
+
+async def test_the_connection_checkpoints_the_wal_in_larger_steps(tmp_path: Path) -> None:
+    async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
+        pages = await store._connection().execute_fetchall("PRAGMA wal_autocheckpoint")
+    assert list(pages) == [(WAL_AUTOCHECKPOINT_PAGES,)]
