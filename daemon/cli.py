@@ -212,6 +212,12 @@ async def _serve_until_signal(settings: Settings, *, load: Callable[[], Settings
 
 
 def _run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine on uvloop (when installed), with aiokafka's connection writes guarded against
+    uvloop's RuntimeError (`consumers.kafka_io.guard_connection_writes`) for every client the command builds: the
+    daemon's, and the short-lived ones of `dlq replay`, `demo` and the topic tools."""
+    from consumers.kafka_io import guard_connection_writes
+
+    guard_connection_writes()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(coroutine)
 
