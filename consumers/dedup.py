@@ -1,13 +1,15 @@
 """The per-sink delivery-state table: what happened to each event, keyed by its idempotency key.
 
 Kafka redelivers; this table turns that into exactly-once *effect* per sink (brief, invariant 1). Before a
-record is sent, the engine looks its idempotency key up (`get_many`, one query per fetched batch); a key already
-``done``, ``duplicate`` or ``dead`` is skipped. Each sink has its own SQLite file, so sinks never share a lock.
+record is sent, the engine looks its idempotency key up under its order number (`get_many`, one query per fetched
+batch: every copy of an event carries its order number, the record key); a key already ``done``, ``duplicate`` or
+``dead`` is skipped. Each sink has its own SQLite file, so sinks never share a lock.
 
 Three tables, all in one file (names below, as module constants):
 
-- `DELIVERIES_TABLE`: one `DeliveryState` per idempotency key (``in_flight`` while attempts run, then a
-  terminal status). Its columns are `DELIVERY_COLUMNS`, in the order of `DeliveryState`'s fields.
+- `DELIVERIES_TABLE`: one `DeliveryState` per order number and idempotency key (``in_flight`` while attempts run,
+  then a terminal status); why it is unique by both and not by the key alone is in `consumers.dedup_sql`. Its
+  columns are `DELIVERY_COLUMNS`, in the order of `DeliveryState`'s fields.
 - `DOWNSTREAM_IDS_TABLE`: per order, the id the downstream create returned; the order's later updates and
   cancels address the downstream object by it.
 - `BLOCKED_ORDERS_TABLE`: orders with a dead-lettered record. Until a replay unblocks the order, its later
@@ -49,8 +51,10 @@ a killed process would. Every aiosqlite/sqlite3 error is raised as `StoreError` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, TypeVar
@@ -63,12 +67,13 @@ from consumers.dedup_sql import (
     SELECT_BLOCKED,
     SELECT_BLOCKING,
     SELECT_DOWNSTREAM_ID,
-    SELECT_STATES,
     delete_prunable,
     fetch_all,
+    migrate,
     nothing,
     select_blocked,
     select_in,
+    select_states,
     write_batch,
 )
 from consumers.delivery_state import (
@@ -84,6 +89,8 @@ from consumers.delivery_state import (
 )
 from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file
 from topics.errors import ConfigError, StoreError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BLOCKED_ORDERS_TABLE",
@@ -103,6 +110,14 @@ __all__ = [
 _T = TypeVar("_T")
 
 
+def _prepare_file(path: Path) -> None:
+    """Create the file (WAL, the tables) or bring an existing one to the current layout; blocking."""
+    prepare_wal_file(path, SCHEMA, "dedup store")
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        if migrate(db):
+            log.info("dedup store %s: rebuilt in the current layout (unique by order number and key)", path)
+
+
 class DedupStore(Protocol):
     """What the delivery engine needs from a sink's delivery-state table; see the module docstring."""
 
@@ -120,8 +135,9 @@ class DedupStore(Protocol):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, DeliveryState]:
-        """The states of those keys that have one (buffered or flushed); unknown keys are absent."""
+    async def get_many(self, keys: Mapping[str, str]) -> dict[str, DeliveryState]:
+        """The states of those keys (mapped to their order numbers) that have one for that order (buffered or
+        flushed); unknown keys are absent."""
         ...
 
     def put(self, state: DeliveryState) -> None:
@@ -207,7 +223,7 @@ class SqliteDedupStore:
             return
         # Step 1.
         try:
-            await asyncio.to_thread(prepare_wal_file, self.path, SCHEMA, "dedup store")
+            await asyncio.to_thread(_prepare_file, self.path)
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         # Step 2. isolation_level=None: no implicit transactions; flush and prune open theirs explicitly.
@@ -311,16 +327,16 @@ class SqliteDedupStore:
 
     # --- reads ------------------------------------------------------------------------------------------
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, DeliveryState]:
+    async def get_many(self, keys: Mapping[str, str]) -> dict[str, DeliveryState]:
         # What is not yet confirmed on disk is in the buffer or a flush under way; the rest is in the file.
         found: dict[str, DeliveryState] = {}
         for layer in self._layers():
-            for key in keys:
-                if key not in found and key in layer.states:
-                    found[key] = layer.states[key]
-        wanted = list(dict.fromkeys(k for k in keys if k not in found))
+            for key, order_ref in keys.items():
+                if key not in found and (state := layer.states.get(key)) is not None and state.order_ref == order_ref:
+                    found[key] = state
+        wanted = [(order_ref, key) for key, order_ref in keys.items() if key not in found]
         try:
-            rows = select_in(self._read_connection(), SELECT_STATES, wanted)
+            rows = select_states(self._read_connection(), wanted)
         except sqlite3.Error as exc:
             raise self._error("get_many", exc) from exc
         for row in rows:

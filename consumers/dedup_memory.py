@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -80,13 +80,12 @@ class MemoryDedupStore:
         self._buffer = WriteBuffer()
         return written
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, DeliveryState]:
+    async def get_many(self, keys: Mapping[str, str]) -> dict[str, DeliveryState]:
         found: dict[str, DeliveryState] = {}
-        for key in keys:
-            if key in self._buffer.states:
-                found[key] = self._buffer.states[key]
-            elif key in self.tables.deliveries:
-                found[key] = self.tables.deliveries[key]
+        for key, order_ref in keys.items():
+            state = self._buffer.states.get(key) or self.tables.deliveries.get(key)
+            if state is not None and state.order_ref == order_ref:
+                found[key] = state
         return found
 
     async def downstream_id(self, order_ref: str) -> str | None:

@@ -250,7 +250,7 @@ class SinkEngine:
         if not works:
             return
         states, blocked = await asyncio.gather(
-            self._store.get_many([work.idempotency_key for work in works]),
+            self._store.get_many({work.idempotency_key: work.order_ref for work in works}),
             self._store.blocking(sorted({work.order_ref for work in works})),
         )
         self._context.blocked.update(blocked)

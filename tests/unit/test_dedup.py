@@ -32,6 +32,11 @@ from topics.errors import ConfigError, StoreError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def of(*keys: str, order_ref: str = "SO-1001") -> dict[str, str]:
+    """What `get_many` takes: each key with the order number `state` gives it by default."""
+    return dict.fromkeys(keys, order_ref)
+
+
 def state(
     key: str = "crm:evt-1",
     *,
@@ -88,18 +93,18 @@ async def test_a_buffered_put_is_invisible_to_another_store_until_flushed(backen
     async with backend.new() as writer, backend.new() as reader:
         writer.put(state("k1"))
         assert writer.pending_writes == 1
-        assert await reader.get_many(["k1"]) == {}
+        assert await reader.get_many(of("k1")) == {}
         assert await writer.flush() == 1
         assert writer.pending_writes == 0
-        assert await reader.get_many(["k1"]) == {"k1": state("k1")}
+        assert await reader.get_many(of("k1")) == {"k1": state("k1")}
 
 
 async def test_reads_see_buffered_writes(store: DedupStore) -> None:
     store.put(state("k1", status="in_flight"))
-    assert await store.get_many(["k1", "unknown"]) == {"k1": state("k1", status="in_flight")}
+    assert await store.get_many(of("k1", "unknown")) == {"k1": state("k1", status="in_flight")}
     await store.flush()
     store.put(state("k1", status="done", updated_at=200.0))  # buffered over a flushed row
-    assert await store.get_many(["k1"]) == {"k1": state("k1", status="done", updated_at=200.0)}
+    assert await store.get_many(of("k1")) == {"k1": state("k1", status="done", updated_at=200.0)}
 
 
 async def test_the_last_put_per_key_wins_and_is_written_once(store: DedupStore) -> None:
@@ -109,7 +114,7 @@ async def test_the_last_put_per_key_wins_and_is_written_once(store: DedupStore) 
     store.put(state("k2"))
     assert store.pending_writes == 2
     assert await store.flush() == 2
-    got = await store.get_many(["k1", "k2"])
+    got = await store.get_many(of("k1", "k2"))
     assert got["k1"] == state("k1", status="dead", attempts=3)
 
 
@@ -117,11 +122,12 @@ async def test_flush_with_nothing_buffered_writes_nothing(store: DedupStore) -> 
     assert await store.flush() == 0
 
 
-async def test_get_many_of_no_keys_and_of_repeated_keys(store: DedupStore) -> None:
+async def test_get_many_of_no_keys_and_of_a_key_under_another_order(store: DedupStore) -> None:
     store.put(state("k1"))
-    assert await store.get_many([]) == {}
+    assert await store.get_many({}) == {}
     await store.flush()
-    assert await store.get_many(["k1", "k1"]) == {"k1": state("k1")}
+    assert await store.get_many(of("k1")) == {"k1": state("k1")}
+    assert await store.get_many({"k1": "SO-ANOTHER"}) == {}  # a key is looked up under its order number
 
 
 async def test_get_many_answers_a_batch_larger_than_sqlites_variable_limit(store: DedupStore) -> None:
@@ -132,7 +138,7 @@ async def test_get_many_answers_a_batch_larger_than_sqlites_variable_limit(store
         store.put(state(key))
     await store.flush()
     store.put(state("crm:evt-7"))
-    got = await store.get_many(keys)
+    got = await store.get_many(of(*keys))
     assert sorted(got) == sorted([*keys[::1000], "crm:evt-7"])
 
 
@@ -145,7 +151,7 @@ async def test_flushes_of_any_size_write_every_state_and_downstream_id(backend: 
                 writer.put_downstream_id(f"SO-{size}-{i}", f"crm-{size}-{i}")
             assert await writer.flush() == 2 * size
     async with backend.new() as reader:
-        keys = [f"crm:{size}-{i}" for size in sizes for i in range(size)]
+        keys = {f"crm:{size}-{i}": f"SO-{size}-{i}" for size in sizes for i in range(size)}
         got = await reader.get_many(keys)
         assert sorted(got) == sorted(keys)
         assert got["crm:140-139"] == state("crm:140-139", order_ref="SO-140-139")
@@ -212,7 +218,10 @@ async def test_every_field_round_trips(backend: Backend) -> None:
         writer.put(full)
         writer.put(empty)
     async with backend.new() as reader:
-        assert await reader.get_many([full.key, empty.key]) == {full.key: full, empty.key: empty}
+        assert await reader.get_many({full.key: full.order_ref, empty.key: empty.order_ref}) == {
+            full.key: full,
+            empty.key: empty,
+        }
 
 
 async def test_close_flushes(backend: Backend) -> None:
@@ -221,7 +230,7 @@ async def test_close_flushes(backend: Backend) -> None:
         writer.put_downstream_id("SO-1001", "crm-77")
         writer.block_order("SO-9", "dead-lettered: 422")
     async with backend.new() as reader:
-        assert await reader.get_many(["k1"]) == {"k1": state("k1")}
+        assert await reader.get_many(of("k1")) == {"k1": state("k1")}
         assert await reader.downstream_id("SO-1001") == "crm-77"
         assert await reader.blocked_orders(["SO-9"]) == {"SO-9"}
 
@@ -237,10 +246,10 @@ async def test_a_put_during_a_flush_stays_buffered(backend: Backend) -> None:
         written, _ = await asyncio.gather(writer.flush(), put_newer())
         assert written == 1
         assert writer.pending_writes == 1
-        assert (await writer.get_many(["k1"]))["k1"].status == "done"
-        assert (await reader.get_many(["k1"]))["k1"].status == "in_flight"
+        assert (await writer.get_many(of("k1")))["k1"].status == "done"
+        assert (await reader.get_many(of("k1")))["k1"].status == "in_flight"
         await writer.flush()
-        assert (await reader.get_many(["k1"]))["k1"].status == "done"
+        assert (await reader.get_many(of("k1")))["k1"].status == "done"
 
 
 # --- downstream ids and blocked orders --------------------------------------------------------------------
@@ -267,7 +276,7 @@ async def test_states_and_downstream_ids_flush_in_one_call(backend: Backend) -> 
         writer.block_order("SO-2", "dead-lettered")
         assert writer.pending_writes == 3
         assert await writer.flush() == 3
-        assert await reader.get_many(["k1"]) == {"k1": state("k1")}
+        assert await reader.get_many(of("k1")) == {"k1": state("k1")}
         assert await reader.downstream_id("SO-1001") == "crm-77"
         assert await reader.blocked_orders(["SO-2"]) == {"SO-2"}
 
@@ -325,14 +334,14 @@ async def test_prune_deletes_terminal_rows_updated_strictly_before_the_cutoff(st
     assert await store.prune(older_than=100.0) == 0
     assert await store.prune(older_than=100.5) == 3
     assert await store.prune(older_than=100.5) == 0
-    assert sorted(await store.get_many(["done", "dup", "dead", "newer"])) == ["newer"]
+    assert sorted(await store.get_many(of("done", "dup", "dead", "newer"))) == ["newer"]
 
 
 async def test_prune_never_deletes_in_flight_rows(store: DedupStore) -> None:
     store.put(state("k1", status="in_flight", updated_at=1.0))
     await store.flush()
     assert await store.prune(older_than=1e12) == 0
-    assert (await store.get_many(["k1"]))["k1"].status == "in_flight"
+    assert (await store.get_many(of("k1")))["k1"].status == "in_flight"
 
 
 async def test_prune_sees_buffered_writes(store: DedupStore) -> None:
@@ -340,7 +349,7 @@ async def test_prune_sees_buffered_writes(store: DedupStore) -> None:
     store.put(state("in-flight", status="in_flight", updated_at=10.0))
     assert await store.prune(older_than=50.0) == 1
     assert store.pending_writes == 0
-    assert sorted(await store.get_many(["old", "in-flight"])) == ["in-flight"]
+    assert sorted(await store.get_many(of("old", "in-flight"))) == ["in-flight"]
 
 
 async def test_prune_keeps_downstream_ids_of_orders_with_a_row_left(store: DedupStore) -> None:
@@ -385,7 +394,7 @@ async def test_memory_crash_drops_only_unflushed_writes() -> None:
     store.block_order("SO-3", "422")
     store.crash()
     assert store.pending_writes == 0
-    assert await store.get_many(["flushed", "lost"]) == {"flushed": state("flushed")}
+    assert await store.get_many(of("flushed", "lost")) == {"flushed": state("flushed")}
     assert await store.downstream_id("SO-2") is None
     assert await store.blocked_orders(["SO-3"]) == set()
     assert store.tables.deliveries == {"flushed": state("flushed")}
@@ -425,11 +434,76 @@ async def test_a_file_from_an_earlier_version_loses_its_order_ref_index(tmp_path
         plain.execute(f"CREATE INDEX {DELIVERIES_TABLE}_order_ref ON {DELIVERIES_TABLE} (order_ref)")
         plain.commit()
     async with SqliteDedupStore(path) as store:
-        assert (await store.get_many(["k1"]))["k1"].order_ref == "SO-1"
+        assert (await store.get_many({"k1": "SO-1"}))["k1"].order_ref == "SO-1"
     with contextlib.closing(sqlite3.connect(path)) as plain:
         indexes = {row[1] for row in plain.execute(f"PRAGMA index_list({DELIVERIES_TABLE})")}
     assert f"{DELIVERIES_TABLE}_order_ref" not in indexes
     assert f"{DELIVERIES_TABLE}_prunable" in indexes
+
+
+# The deliveries table as it was before its unique index moved to (order number, key): unique by key.
+_BY_KEY_SCHEMA = f"""
+CREATE TABLE {DELIVERIES_TABLE} (
+    key              TEXT NOT NULL PRIMARY KEY,
+    event_id         TEXT NOT NULL,
+    order_ref        TEXT NOT NULL,
+    status           TEXT NOT NULL CHECK (status IN ('in_flight', 'done', 'duplicate', 'dead')),
+    attempts         INTEGER NOT NULL,
+    last_status      INTEGER,
+    first_attempt_at REAL,
+    last_attempt_at  REAL,
+    downstream_id    TEXT,
+    reply_digest     TEXT,
+    reason           TEXT,
+    updated_at       REAL NOT NULL
+);
+CREATE INDEX {DELIVERIES_TABLE}_prunable ON {DELIVERIES_TABLE} (updated_at) WHERE status <> 'in_flight';
+"""
+
+
+def delivery_indexes(path: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (columns, origin) of the deliveries table's indexes, as another connection sees the file."""
+    with contextlib.closing(sqlite3.connect(path)) as plain:
+        listed = plain.execute(f"PRAGMA index_list({DELIVERIES_TABLE})").fetchall()
+        return {
+            name: ([row[2] for row in plain.execute(f"PRAGMA index_info({name})")], origin)
+            for _, name, _, origin, _ in listed
+        }
+
+
+async def test_the_unique_index_is_on_order_number_and_key_not_the_key_alone(tmp_path: Path) -> None:
+    path = tmp_path / "crm.dedup.sqlite3"
+    async with SqliteDedupStore(path):
+        pass
+    indexes = delivery_indexes(path)
+    assert indexes[f"{DELIVERIES_TABLE}_order_key"] == (["order_ref", "key"], "c")
+    assert all(columns != ["key"] for columns, _ in indexes.values())
+
+
+async def test_a_file_unique_by_key_is_rebuilt_at_open_and_keeps_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "crm.dedup.sqlite3"
+    rows = [state("k1", order_ref="SO-1"), state("k2", order_ref="SO-2", status="in_flight", updated_at=5.0)]
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as old:
+        old.execute("PRAGMA journal_mode = WAL")
+        old.executescript(_BY_KEY_SCHEMA)
+        marks = ", ".join("?" * len(DELIVERY_COLUMNS))
+        old.executemany(
+            f"INSERT INTO {DELIVERIES_TABLE} VALUES ({marks})",  # noqa: S608 -- constant
+            [dataclasses.astuple(row) for row in rows],
+        )
+    async with SqliteDedupStore(path) as store:
+        assert await store.get_many({"k1": "SO-1", "k2": "SO-2"}) == {"k1": rows[0], "k2": rows[1]}
+        assert await store.prune(older_than=200.0) == 1  # the done row; the in-flight one stays
+        store.put(state("k2", order_ref="SO-2"))  # an upsert on the new unique index
+        assert await store.flush() == 1
+        assert await store.get_many({"k2": "SO-2"}) == {"k2": state("k2", order_ref="SO-2")}
+    indexes = delivery_indexes(path)
+    assert indexes[f"{DELIVERIES_TABLE}_order_key"] == (["order_ref", "key"], "c")
+    assert f"{DELIVERIES_TABLE}_prunable" in indexes
+    assert all(origin != "pk" for _, origin in indexes.values())
+    with contextlib.closing(sqlite3.connect(path)) as plain:
+        tables = {name for (name,) in plain.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert f"{DELIVERIES_TABLE}_by_key" not in tables
 
 
 async def test_synchronous_full_is_accepted_and_anything_else_refused(tmp_path: Path) -> None:
@@ -448,7 +522,7 @@ async def test_open_and_close_are_idempotent(tmp_path: Path) -> None:
     await store.close()
     await store.close()
     async with SqliteDedupStore(tmp_path / "crm.dedup.sqlite3") as reopened:
-        assert await reopened.get_many(["k1"]) == {"k1": state("k1")}
+        assert await reopened.get_many(of("k1")) == {"k1": state("k1")}
 
 
 async def test_using_a_closed_store_is_a_store_error_naming_the_path(tmp_path: Path) -> None:
@@ -458,7 +532,7 @@ async def test_using_a_closed_store_is_a_store_error_naming_the_path(tmp_path: P
         store.put(state("k1"))  # refused at once: a write buffered in a closed store would be lost silently
     assert str(path) in str(exc.value)
     with pytest.raises(StoreError, match="not open"):
-        await store.get_many(["k1"])
+        await store.get_many(of("k1"))
 
 
 async def test_a_corrupt_file_is_a_store_error_naming_the_path(tmp_path: Path) -> None:
@@ -529,7 +603,7 @@ async def test_flushes_do_not_wait_for_each_other_and_reads_see_writes_under_way
         second = asyncio.ensure_future(store.flush())
         await asyncio.sleep(0)
         assert store.pending_writes == 3, "both batches under way, none confirmed yet"
-        found = await store.get_many(["k1", "k2"])
+        found = await store.get_many(of("k1", "k2"))
         assert sorted(found) == ["k1", "k2"]
         assert await store.downstream_id("SO-1001") == "crm-77"
         assert list(await asyncio.gather(first, second)) == [1, 2]
@@ -574,11 +648,13 @@ async def test_a_file_reopened_after_its_writer_was_killed_has_every_flushed_sta
     async with SqliteDedupStore(path) as reopened:
         assert await reopened.integrity_check() == "ok"
         for batch in range(last_reported + 1):
-            keys = [f"{batch}:{i}" for i in range(100)]
+            keys = of(*(f"{batch}:{i}" for i in range(100)), order_ref=f"SO-{batch}")
             got = await reopened.get_many(keys)
             assert sorted(got) == sorted(keys), f"batch {batch} was flushed but is not complete"
             assert {s.order_ref for s in got.values()} == {f"SO-{batch}"}
             assert await reopened.downstream_id(f"SO-{batch}") == f"d{batch}"
         # A batch whose flush the kill interrupted is all there or not there at all.
-        after = await reopened.get_many([f"{last_reported + 1}:{i}" for i in range(100)])
+        after = await reopened.get_many(
+            of(*(f"{last_reported + 1}:{i}" for i in range(100)), order_ref=f"SO-{last_reported + 1}")
+        )
         assert len(after) in (0, 100)

@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import json
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,7 +233,10 @@ async def test_every_record_is_delivered_and_the_offsets_committed(harness_facto
     assert h.consumer.committed == {TP0: 50, TP1: 1}
     assert h.metric("orderbus_deliveries_total", outcome="delivered") == 51
     assert h.dead.letters == []
-    states = await h.store.get_many([key for _, _, _, key in h.downstream.calls])
+    called = {key for _, _, _, key in h.downstream.calls}
+    rows = {s.key: s.order_ref for s in h.store.tables.deliveries.values() if s.key in called}
+    assert set(rows) == called
+    states = await h.store.get_many(rows)
     assert {state.status for state in states.values()} == {"done"}
 
 
@@ -610,7 +613,7 @@ async def test_records_of_a_partition_revoked_during_their_lookup_are_dropped(
     looking_up, release = asyncio.Event(), asyncio.Event()
     lookup = h.store.get_many
 
-    async def slow_get_many(keys: Sequence[str]) -> dict[str, DeliveryState]:
+    async def slow_get_many(keys: Mapping[str, str]) -> dict[str, DeliveryState]:
         looking_up.set()
         await release.wait()
         return await lookup(keys)
@@ -768,7 +771,7 @@ async def test_group_flush_shares_one_flush_and_reports_failures() -> None:
         store.put(DeliveryState(f"k{i}", "e", "o", "done", 1, 200, 1.0, 1.0, None, None, None, 1.0))
     await asyncio.gather(*(group.batch() for _ in range(10)))
     assert store.flushes == 1
-    assert len(await MemoryDedupStore(store.tables).get_many([f"k{i}" for i in range(10)])) == 10
+    assert len(await MemoryDedupStore(store.tables).get_many({f"k{i}": "o" for i in range(10)})) == 10
     store.fail = True
     with pytest.raises(StoreError):
         await group.batch()
