@@ -51,8 +51,6 @@ a killed process would. Every aiosqlite/sqlite3 error is raised as `StoreError` 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -90,8 +88,6 @@ from consumers.delivery_state import (
 from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file
 from topics.errors import ConfigError, StoreError
 
-log = logging.getLogger(__name__)
-
 __all__ = [
     "BLOCKED_ORDERS_TABLE",
     "BLOCKED_ORDER_COLUMNS",
@@ -108,14 +104,6 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-
-
-def _prepare_file(path: Path) -> None:
-    """Create the file (WAL, the tables) or bring an existing one to the current layout; blocking."""
-    prepare_wal_file(path, SCHEMA, "dedup store")
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-        if migrate(db):
-            log.info("dedup store %s: rebuilt in the current layout (unique by order number and key)", path)
 
 
 class DedupStore(Protocol):
@@ -223,7 +211,7 @@ class SqliteDedupStore:
             return
         # Step 1.
         try:
-            await asyncio.to_thread(_prepare_file, self.path)
+            await asyncio.to_thread(prepare_wal_file, self.path, SCHEMA, "dedup store", migrate)
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         # Step 2. isolation_level=None: no implicit transactions; flush and prune open theirs explicitly.

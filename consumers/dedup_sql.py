@@ -18,7 +18,7 @@ from consumers.delivery_state import (
     DeliveryState,
     WriteBuffer,
 )
-from consumers.sqlite_files import row_chunks, transaction
+from consumers.sqlite_files import rebuild_table, row_chunks, transaction
 
 __all__ = [
     "SCHEMA",
@@ -59,17 +59,13 @@ CREATE TABLE IF NOT EXISTS {DELIVERIES_TABLE} (
     reason           TEXT,
     updated_at       REAL NOT NULL
 )"""
-_CREATE_ORDER_KEY = (
-    f"CREATE UNIQUE INDEX IF NOT EXISTS {DELIVERIES_TABLE}_order_key ON {DELIVERIES_TABLE} (order_ref, key)"
-)
-_CREATE_PRUNABLE = f"""
-CREATE INDEX IF NOT EXISTS {DELIVERIES_TABLE}_prunable ON {DELIVERIES_TABLE} (updated_at)
-    WHERE status <> 'in_flight'"""
 SCHEMA = f"""
 {_CREATE_DELIVERIES};
+CREATE UNIQUE INDEX IF NOT EXISTS {DELIVERIES_TABLE}_order_key ON {DELIVERIES_TABLE} (order_ref, key);
 -- No index on order_ref alone: (order_ref, key) serves the hourly prune's NOT IN. Earlier files had one.
 DROP INDEX IF EXISTS {DELIVERIES_TABLE}_order_ref;
-{_CREATE_PRUNABLE};
+CREATE INDEX IF NOT EXISTS {DELIVERIES_TABLE}_prunable ON {DELIVERIES_TABLE} (updated_at)
+    WHERE status <> 'in_flight';
 CREATE TABLE IF NOT EXISTS {DOWNSTREAM_IDS_TABLE} (
     order_ref     TEXT PRIMARY KEY,
     downstream_id TEXT NOT NULL
@@ -82,27 +78,13 @@ CREATE TABLE IF NOT EXISTS {BLOCKED_ORDERS_TABLE} (
 
 
 def migrate(db: sqlite3.Connection) -> bool:
-    """Bring the deliveries table to the current layout, in one transaction; blocking. True if it rebuilt one of the
-    earlier layout, unique by key (its primary key), with its rows in the order they were written.
-
-    Run after `SCHEMA`; creates the (order number, key) index either way.
-    """
+    """Rebuild a deliveries table of the earlier layout, unique by key (its primary key), rows in the order they
+    were written; blocking. True if it did; a new file or one of the current layout is left as it is."""
     indexes = db.execute(f"PRAGMA index_list({DELIVERIES_TABLE})").fetchall()  # (seq, name, unique, origin, partial)
-    by_key = any(origin == "pk" for _, _, _, origin, _ in indexes)
-    with transaction(db):
-        if by_key:
-            db.execute(f"ALTER TABLE {DELIVERIES_TABLE} RENAME TO {DELIVERIES_TABLE}_by_key")
-            db.execute(f"DROP INDEX IF EXISTS {DELIVERIES_TABLE}_prunable")  # it went with the renamed table
-            db.execute(_CREATE_DELIVERIES)
-            db.execute(_CREATE_PRUNABLE)
-            columns = ", ".join(DELIVERY_COLUMNS)
-            db.execute(
-                f"INSERT INTO {DELIVERIES_TABLE} ({columns}) "  # noqa: S608 -- module constants
-                f"SELECT {columns} FROM {DELIVERIES_TABLE}_by_key ORDER BY rowid"
-            )
-            db.execute(f"DROP TABLE {DELIVERIES_TABLE}_by_key")
-        db.execute(_CREATE_ORDER_KEY)
-    return by_key
+    if not any(origin == "pk" for _, _, _, origin, _ in indexes):
+        return False
+    rebuild_table(db, DELIVERIES_TABLE, _CREATE_DELIVERIES, DELIVERY_COLUMNS, order_by="rowid")
+    return True
 
 
 # A flush writes many rows per statement (``VALUES (...), (...), ...``) rather than an executemany of one row each:

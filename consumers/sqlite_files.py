@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
 from topics.errors import StoreError
+
+log = logging.getLogger(__name__)
 
 # Bound values per statement: at most 999, the smallest SQLITE_MAX_VARIABLE_NUMBER a build may have.
 MAX_VARIABLES: Final = 999
@@ -22,16 +25,34 @@ ROW_STEP: Final = 8
 WAL_AUTOCHECKPOINT_PAGES: Final = 4000
 
 
-def prepare_wal_file(path: Path, schema: str, store: str) -> None:
+def prepare_wal_file(
+    path: Path, schema: str, store: str, migrate: Callable[[sqlite3.Connection], bool] | None = None
+) -> None:
     """Create the file and its tables and switch it to WAL (a persistent property of the file); blocking.
 
-    `store` names the store in the error of a file that cannot be in WAL mode.
+    `store` names the store in the error of a file that cannot be in WAL mode. `migrate`, run before `schema`,
+    brings a table of an earlier layout to the current one (returns True if it changed the file); `schema` then
+    creates what is missing.
     """
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
         (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode != "wal":
             raise StoreError(f"{store} {path}: journal mode is {mode!r}, WAL is not supported here")
+        if migrate is not None and migrate(db):
+            log.info("%s %s: rebuilt in the current layout", store, path)
         db.executescript(schema)
+
+
+def rebuild_table(db: sqlite3.Connection, table: str, create: str, columns: Sequence[str], order_by: str) -> None:
+    """Move `table`'s rows, in `order_by` order, into a new `table` made by `create` (a ``CREATE TABLE``), in one
+    transaction; blocking. The old table's indexes go with it: the schema run after creates the new ones."""
+    old = f"{table}_rebuilt_from"
+    listed = ", ".join(columns)
+    with transaction(db):
+        db.execute(f"ALTER TABLE {table} RENAME TO {old}")
+        db.execute(create)
+        db.execute(f"INSERT INTO {table} ({listed}) SELECT {listed} FROM {old} ORDER BY {order_by}")  # noqa: S608
+        db.execute(f"DROP TABLE {old}")
 
 
 @contextlib.contextmanager

@@ -58,10 +58,11 @@ from typing import Protocol, Self, cast
 
 import aiosqlite
 
-from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES
+from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file
 from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
 from daemon.ingest_keys_sql import (
     MAX_BATCH,
+    SCHEMA,
     TABLE,
     ClaimOp,
     CompleteOp,
@@ -69,7 +70,7 @@ from daemon.ingest_keys_sql import (
     Operation,
     PruneOp,
     ReleaseOp,
-    prepare_file,
+    migrate,
     write,
 )
 from topics.errors import StoreError
@@ -166,7 +167,7 @@ class SqliteIngestKeyStore:
             return
         # Step 1.
         try:
-            await asyncio.to_thread(prepare_file, self.path)
+            await asyncio.to_thread(prepare_wal_file, self.path, SCHEMA, "ingest key store", migrate)
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         # Step 2. isolation_level=None: no implicit transactions; the writer opens its own, one per batch.

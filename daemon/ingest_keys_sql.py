@@ -10,21 +10,16 @@ slow.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
-import logging
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, cast
 
-from consumers.sqlite_files import prepare_wal_file, row_chunks, transaction
+from consumers.sqlite_files import rebuild_table, row_chunks, transaction
 from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
 from topics.errors import StoreError
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_BATCH",
@@ -37,7 +32,6 @@ __all__ = [
     "PruneOp",
     "ReleaseOp",
     "migrate",
-    "prepare_file",
     "write",
 ]
 
@@ -65,35 +59,19 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     response     BLOB,
     completed_at REAL
 )"""
-_CREATE_INDEX = f"CREATE INDEX IF NOT EXISTS {TABLE}_completed_at ON {TABLE} (completed_at) WHERE state = '{_DONE}'"
-SCHEMA = f"{_CREATE_TABLE};\n{_CREATE_INDEX};\n"
-_COLUMNS = "key, body_sha256, state, owner, claimed_at, status, response, completed_at"
-
-
-def prepare_file(path: Path) -> None:
-    """Create the file (WAL, the table) or bring an existing one to the current layout; blocking."""
-    prepare_wal_file(path, SCHEMA, "ingest key store")
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-        if migrate(db):
-            log.info("ingest key store %s: rebuilt in the current layout (rows appended, keys indexed)", path)
+SCHEMA = f"""{_CREATE_TABLE};
+CREATE INDEX IF NOT EXISTS {TABLE}_completed_at ON {TABLE} (completed_at) WHERE state = '{_DONE}';
+"""
+_COLUMNS = ("key", "body_sha256", "state", "owner", "claimed_at", "status", "response", "completed_at")
 
 
 def migrate(db: sqlite3.Connection) -> bool:
-    """Rebuild a table of the earlier layout (clustered by key, ``WITHOUT ROWID``) as `SCHEMA`'s, rows in the
-    order they were claimed, in one transaction; blocking. True if it did. A file of the current layout is left
-    as it is."""
-    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)).fetchone()
-    if "WITHOUT ROWID" not in sql.upper():
+    """Rebuild a table of the earlier layout (clustered by key, ``WITHOUT ROWID``), rows in the order they were
+    claimed; blocking. True if it did; a new file or one of the current layout is left as it is."""
+    row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)).fetchone()
+    if row is None or "WITHOUT ROWID" not in str(row[0]).upper():
         return False
-    with transaction(db):
-        db.execute(f"ALTER TABLE {TABLE} RENAME TO {TABLE}_clustered")
-        db.execute(f"DROP INDEX IF EXISTS {TABLE}_completed_at")  # it went with the renamed table
-        db.execute(_CREATE_TABLE)
-        db.execute(_CREATE_INDEX)
-        db.execute(
-            f"INSERT INTO {TABLE} ({_COLUMNS}) SELECT {_COLUMNS} FROM {TABLE}_clustered ORDER BY claimed_at"  # noqa: S608
-        )
-        db.execute(f"DROP TABLE {TABLE}_clustered")
+    rebuild_table(db, TABLE, _CREATE_TABLE, _COLUMNS, order_by="claimed_at")
     return True
 
 
