@@ -9,7 +9,8 @@ The checks run cheapest first, and every answer has one cause:
 5. the key: a repeat gets the first answer and publishes nothing; another body under it is 422; a repeat while the
    first is still publishing is 409;
 6. publish with acks=all; 202 ``{event_id, topic, partition, offset}`` only after the broker acknowledged;
-   503 with Retry-After while Kafka is unreachable (nothing half-published: see `daemon.publisher`).
+   503 with Retry-After while Kafka is unreachable (nothing half-published: see `daemon.publisher`), or when the
+   key store fails to claim the key (nothing published either).
 
 The event id of a keyed submission is derived from the key, so even the one unavoidable republish (a crash
 between the broker's ack and the answer reaching the key store's file, see `daemon.ingest_keys`) carries the same
@@ -128,7 +129,12 @@ class Ingest:
         if key is None:
             return await self._publish(submission, None)
         # Claimed inline, not in a coroutine of its own: each await level is paid again at every resumption.
-        claim = await self._keys.claim(key, body_sha256(body), self._clock())
+        try:
+            claim = await self._keys.claim(key, body_sha256(body), self._clock())
+        except StoreError as exc:  # nothing published, the key not taken: a retry with it is safe
+            detail = "the idempotency key store failed; nothing was published"
+            context = {"order": submission.order.order_number, "error": str(exc)}
+            return self._unavailable(detail, context, "key-store-unavailable")
         if isinstance(claim, Claimed):
             return await self._publish(submission, key)
         return self._unclaimed(key, claim, submission.order.order_number)
@@ -231,9 +237,9 @@ class Ingest:
             task.cancel()
         await asyncio.gather(*self._pending.values(), return_exceptions=True)
 
-    def _unavailable(self, detail: str, context: Mapping[str, object]) -> web.Response:
+    def _unavailable(self, detail: str, context: Mapping[str, object], code: str = "kafka-unavailable") -> web.Response:
         retry = str(self._config.retry_after)
-        return _refused(503, "kafka-unavailable", detail, headers={"Retry-After": retry}, context=context)
+        return _refused(503, code, detail, headers={"Retry-After": retry}, context=context)
 
 
 def _refused(

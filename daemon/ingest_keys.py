@@ -20,12 +20,12 @@ absorbs). Because one instance owns the file, it needs no lock:
 
 1. It keeps the keys it holds in flight in memory, so a repeat of one is `Busy` (or `Conflict`) at once.
 2. Every other operation is queued to one writer task, which runs all the operations queued meanwhile in one
-   transaction, in the order they were called (group commit: one hop to SQLite's thread per batch, not two
-   round trips per request). A claim therefore sees every `complete` and `release` called before it. An idle
-   writer starts `claim_delay` (2 ms) after the first claim, so that claims arriving one by one (a moderate,
-   steady rate) still share transactions: started at once, it wrote one transaction per request at ~1,700
-   requests/s, and the daemon spent ~490 us of CPU per request instead of ~400 (~70 us of it on SQLite's
-   thread, then ~50). Under load the writer is busy and the delay never applies: what queues meanwhile is the
+   transaction, in the order they were called (group commit: one round trip to the store's process per batch,
+   not two per request; the process holds the file's connection, see `daemon.ingest_keys_process`). A claim
+   therefore sees every `complete` and `release` called before it. An idle writer starts `claim_delay` (2 ms)
+   after the first claim, so that claims arriving one by one (a moderate, steady rate) still share
+   transactions: started at once, it wrote one transaction per request at ~1,700 requests/s, and the daemon
+   spent ~490 us of CPU per request instead of ~400 (measured with the connection on a thread). Under load the writer is busy and the delay never applies: what queues meanwhile is the
    next batch.
 3. `claim` returns once its row is committed: the body's digest is in the file before anything is published,
    so after a crash the key still refuses another body.
@@ -54,12 +54,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self, cast
+from typing import Any, NamedTuple, Protocol, Self, cast
 
-import aiosqlite
-
-from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file
+from consumers.sqlite_files import prepare_wal_file
 from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
+from daemon.ingest_keys_process import KeyStoreProcess
 from daemon.ingest_keys_sql import (
     MAX_BATCH,
     SCHEMA,
@@ -71,7 +70,6 @@ from daemon.ingest_keys_sql import (
     PruneOp,
     ReleaseOp,
     migrate,
-    write,
 )
 from topics.errors import StoreError
 
@@ -146,50 +144,35 @@ class SqliteIngestKeyStore:
         self._answer_delay = answer_delay
         self._claim_delay = claim_delay
         self._owner = secrets.token_hex(8)
-        self._db: aiosqlite.Connection | None = None
+        self._process: KeyStoreProcess | None = None
         self._held: dict[str, str] = {}  # key -> body digest, for every in-flight row of ours
-        self._queue: list[Operation] = []
+        self._queue: list[Queued] = []
         self._awaited = 0  # operations in the queue that a caller awaits (claim, prune, flush)
         self._writer: asyncio.Task[None] | None = None
         self._delayed: asyncio.TimerHandle | None = None  # the writer's start, due at loop time `_delayed_due`
         self._delayed_due = 0.0
 
     async def open(self) -> None:
-        """Open (creating if needed) the file: WAL, the table, then the one connection.
-
-        Step 1 prepares the file (and rebuilds one of an earlier layout, `daemon.ingest_keys_sql.migrate`) with
-        plain sqlite3 on a worker thread, so a bad path or a corrupt file fails there, cleanly: a failed
-        ``aiosqlite.connect()`` returns before its worker thread has stopped, and that thread then reports into an
-        event loop that may be closed by then (a traceback at exit).
-        Step 2 opens the aiosqlite connection and sets its per-connection pragmas.
-        """
-        if self._db is not None:
+        """Prepare the file (WAL, the table; a file of an earlier layout is rebuilt, see
+        `daemon.ingest_keys_sql.migrate`) on a worker thread, then start the process that holds its connection
+        (`daemon.ingest_keys_process`). A bad path or a corrupt file fails in the first step, as `StoreError`."""
+        if self._process is not None:
             return
-        # Step 1.
         try:
             await asyncio.to_thread(prepare_wal_file, self.path, SCHEMA, "ingest key store", migrate)
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
-        # Step 2. isolation_level=None: no implicit transactions; the writer opens its own, one per batch.
+        process = KeyStoreProcess(self.path)
         try:
-            db = await aiosqlite.connect(self.path, isolation_level=None)
+            await process.start()
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
-        try:
-            await db.execute_fetchall("PRAGMA synchronous = NORMAL")
-            await db.execute_fetchall("PRAGMA busy_timeout = 5000")
-            await db.execute_fetchall(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
-        except BaseException as exc:
-            await db.close()
-            if isinstance(exc, sqlite3.Error):
-                raise self._error("open", exc) from exc
-            raise
-        self._db = db
+        self._process = process
 
     async def close(self) -> None:
-        """Write what is queued, then close the connection; in-flight rows stay and the next instance may take
+        """Write what is queued, then stop the process; in-flight rows stay and the next instance may take
         them over."""
-        if self._db is None:
+        if self._process is None:
             return
         try:
             while self._queue or (self._writer is not None and not self._writer.done()):
@@ -197,12 +180,14 @@ class SqliteIngestKeyStore:
         finally:
             if self._delayed is not None:
                 self._delayed.cancel()
-            db, self._db = self._db, None
+            process, self._process = self._process, None
             self._held.clear()
-            try:
-                await db.close()
-            except sqlite3.Error as exc:
-                raise self._error("close", exc) from exc
+            await process.stop()
+
+    @property
+    def process(self) -> KeyStoreProcess:
+        """The process holding the connection (`StoreError` if not open)."""
+        return self._connection()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -219,7 +204,7 @@ class SqliteIngestKeyStore:
         if held is not None:
             return Busy() if held == body_sha256 else Conflict()
         result: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
-        self._enqueue(ClaimOp(key, body_sha256, now, result))
+        self._enqueue(ClaimOp(key, body_sha256, now), result)
         return await result
 
     async def complete(self, key: str, status: int, body: bytes, now: float) -> None:
@@ -236,22 +221,23 @@ class SqliteIngestKeyStore:
     async def prune(self, older_than: float) -> int:
         self._connection()
         result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._enqueue(PruneOp(older_than, result))
+        self._enqueue(PruneOp(older_than), result)
         return await result
 
     async def flush(self) -> None:
         """Return once every operation queued before this call is written (or has failed)."""
         self._connection()
         result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueue(FlushOp(result))
+        self._enqueue(FlushOp(), result)
         await result
 
     # --- the writer -------------------------------------------------------------------------------------
 
-    def _enqueue(self, operation: Operation) -> None:
-        """Queue `operation`; start the writer within `claim_delay` if someone awaits it, else `answer_delay`."""
-        self._queue.append(operation)
-        if operation.result is not None:
+    def _enqueue(self, operation: Operation, waiter: asyncio.Future[Any] | None = None) -> None:
+        """Queue `operation` (and who awaits its outcome); start the writer within `claim_delay` if someone
+        awaits it, else `answer_delay`."""
+        self._queue.append(Queued(operation, waiter))
+        if waiter is not None:
             self._awaited += 1
         if self._writer is not None and not self._writer.done():
             return  # it takes the queue before it stops
@@ -290,61 +276,64 @@ class SqliteIngestKeyStore:
             first = False  # a delayed start writes what is queued, awaited or not
             batch = self._queue[:MAX_BATCH]
             del self._queue[:MAX_BATCH]
-            self._awaited -= sum(1 for operation in batch if operation.result is not None)
+            self._awaited -= sum(1 for queued in batch if queued.waiter is not None)
             try:
-                db = self._connection()
-                # One hop to the connection's thread for the whole transaction (as `consumers.dedup` does);
-                # aiosqlite has no public "run this on your thread" (and no types for its private one).
-                results = await db._execute(write, db._conn, self._owner, batch)  # type: ignore[no-untyped-call]
+                results = await self._connection().write(self._owner, [queued.operation for queued in batch])
             except Exception as exc:
                 self._fail(batch, exc)
                 continue
             except BaseException:
-                for operation in (*batch, *self._queue):
-                    if operation.result is not None:
-                        operation.result.cancel()
+                for queued in (*batch, *self._queue):
+                    if queued.waiter is not None:
+                        queued.waiter.cancel()
                 raise
             self.transactions += 1
             self._settle(batch, results)
         if self._queue:
             self._start_writer_within(self._answer_delay)
 
-    def _settle(self, batch: Sequence[Operation], results: Sequence[object]) -> None:
-        for operation, outcome in zip(batch, results, strict=True):
+    def _settle(self, batch: Sequence[Queued], results: Sequence[object]) -> None:
+        for (operation, waiter), outcome in zip(batch, results, strict=True):
             match operation:
-                case ClaimOp(result=waiter) if waiter.cancelled():
+                case ClaimOp() if waiter is not None and waiter.cancelled():
                     if outcome == Claimed():  # nobody will publish: give the key back at once
                         self._enqueue(ReleaseOp(operation.key))
-                case ClaimOp(result=waiter):
+                case ClaimOp():
                     if outcome == Claimed():
                         self._held[operation.key] = operation.body_sha256
-                    waiter.set_result(cast(Claim, outcome))
+                    if waiter is not None:
+                        waiter.set_result(cast(Claim, outcome))
                 case CompleteOp() if outcome != 1:  # a bug: only held keys are queued, and each once
                     log.error("ingest key store %s: an answer was stored for a key not held", self.path)
-                case PruneOp(result=rows) if not rows.done():
-                    rows.set_result(cast(int, outcome))
-                case FlushOp(result=flushed) if not flushed.done():
-                    flushed.set_result(None)
+                case PruneOp() | FlushOp() if waiter is not None and not waiter.done():
+                    waiter.set_result(outcome)
 
-    def _fail(self, batch: Sequence[Operation], exc: Exception) -> None:
+    def _fail(self, batch: Sequence[Queued], exc: Exception) -> None:
         unwritten = 0
-        for operation in batch:
+        for operation, waiter in batch:
             error = self._error(operation.name, exc) if isinstance(exc, sqlite3.Error) else exc
-            if operation.result is None:
+            if waiter is None:
                 unwritten += 1
-            elif not operation.result.done():
-                operation.result.set_exception(error)
+            elif not waiter.done():
+                waiter.set_exception(error)
         if unwritten:
             # Their rows stay in flight: this process answers 409 for those keys until a restart takes them over.
             log.error("ingest key store %s: %d answers or releases not stored: %s", self.path, unwritten, exc)
 
-    def _connection(self) -> aiosqlite.Connection:
-        if self._db is None:
+    def _connection(self) -> KeyStoreProcess:
+        if self._process is None:
             raise StoreError(f"ingest key store {self.path} is not open")
-        return self._db
+        return self._process
 
     def _error(self, operation: str, exc: sqlite3.Error) -> StoreError:
         return StoreError(f"ingest key store {self.path}: {operation} failed: {exc}")
+
+
+class Queued(NamedTuple):
+    """An operation in the writer's queue, and the future of the caller awaiting its outcome, if any."""
+
+    operation: Operation
+    waiter: asyncio.Future[Any] | None
 
 
 # --- memory -----------------------------------------------------------------------------------------------

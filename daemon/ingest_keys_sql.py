@@ -1,15 +1,14 @@
-"""What the SQLite idempotency store (`daemon.ingest_keys.SqliteIngestKeyStore`) runs on its connection's thread:
-the table, its statements, and one batch of queued operations written in one transaction (`write`).
+"""What the SQLite idempotency store (`daemon.ingest_keys.SqliteIngestKeyStore`) runs in its own process
+(`daemon.ingest_keys_process`): the table, its statements, the operations, and one batch of them written in one
+transaction (`write`).
 
 A run of claims, or of answers, is written by a few statements of many rows (`consumers.sqlite_files.row_chunks`),
-not one each: sqlite3 lets go of the GIL for every statement it steps, and the writer's thread then waits for the
-busy event loop to hand it back, so a statement per row made a batch's transaction, and the claims waiting for it,
-slow.
+not one each: a statement per row made a batch's transaction, and the claims waiting for it, slow (measured when
+this ran on a thread of the daemon, where every statement also had to win the GIL back from the event loop).
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
 import sqlite3
@@ -120,12 +119,15 @@ WHERE (state = '{_DONE}' AND completed_at < :cutoff)
 MAX_BATCH = 1000
 
 
+# The operations are plain data (no future to settle): `write` runs in the key store's own process
+# (`daemon.ingest_keys_process`), and they travel there pickled. The store keeps who waits for each.
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimOp:
     key: str
     body_sha256: str
     now: float
-    result: asyncio.Future[Claim]
     name: ClassVar[str] = "claim"
 
 
@@ -135,27 +137,23 @@ class CompleteOp:
     status: int
     body: bytes
     now: float
-    result: ClassVar[None] = None
     name: ClassVar[str] = "complete"
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseOp:
     key: str
-    result: ClassVar[None] = None
     name: ClassVar[str] = "release"
 
 
 @dataclass(frozen=True, slots=True)
 class PruneOp:
     cutoff: float
-    result: asyncio.Future[int]
     name: ClassVar[str] = "prune"
 
 
 @dataclass(frozen=True, slots=True)
 class FlushOp:
-    result: asyncio.Future[None]
     name: ClassVar[str] = "flush"
 
 
@@ -163,13 +161,8 @@ Operation = ClaimOp | CompleteOp | ReleaseOp | PruneOp | FlushOp
 
 
 def write(db: sqlite3.Connection, owner: str, batch: Sequence[Operation]) -> list[object]:
-    """Run `batch` in order in one transaction, on the connection's thread (blocking); on any failure, roll
-    back. Returns per operation: a claim's `Claim`, else the rows it changed (an answer: see `_complete_all`).
-
-    A run of claims, or of answers, is written by a few statements of many rows (`row_chunks`), not one each:
-    sqlite3 lets go of the GIL for every statement it steps, and the writer's thread then waits for the busy event
-    loop to hand it back, so a statement per row made a batch's transaction, and the claims waiting for it, slow.
-    """
+    """Run `batch` in order in one transaction (blocking); on any failure, roll back. Returns per operation: a
+    claim's `Claim`, else the rows it changed (an answer: see `_complete_all`)."""
     results: list[object] = []
     with transaction(db):
         for kind, run in itertools.groupby(batch, key=type):  # consecutive operations of one kind

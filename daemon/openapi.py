@@ -103,7 +103,10 @@ def document() -> dict[str, Any]:
                         "413": _problem_response("body too large"),
                         "415": _problem_response("not application/json"),
                         "422": _problem_response("this idempotency key was used with another body"),
-                        "503": _problem_response("Kafka unreachable; nothing was published", retry_after=True),
+                        "503": _problem_response(
+                            "Kafka unreachable, or the idempotency key store failed; nothing was published",
+                            retry_after=True,
+                        ),
                     },
                 }
             },

@@ -19,10 +19,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from daemon.app import build_app
 from daemon.ingest import EVENT_ID_NAMESPACE, Ingest, IngestConfig, _answer
-from daemon.ingest_keys import MemoryIngestKeyStore
+from daemon.ingest_keys import Claim, MemoryIngestKeyStore
 from daemon.publisher import BrokerUnavailable, Published, PublishPending
 from daemon.signature import WebhookVerifier, sign
 from topics.codec import EncodedRecord, decode
+from topics.errors import StoreError
 from topics.samples import sample_submission
 
 Client = TestClient[web.Request, web.Application]
@@ -209,6 +210,27 @@ async def test_kafka_down_is_503_with_retry_after_and_the_key_is_free_again(
     back = await client.post("/v1/orders", data=body(), headers=headers)
     assert back.status == 202
     assert len(publisher.records) == 1
+
+
+class FailingKeyStore(MemoryIngestKeyStore):
+    """Its claims fail, as the SQLite store's do while its file or its process fails."""
+
+    async def claim(self, key: str, body_sha256: str, now: float) -> Claim:
+        raise StoreError("ingest key store /state/ingest.sqlite3: claim failed: disk I/O error")
+
+
+async def test_a_failing_key_store_is_503_with_retry_after_and_nothing_published(publisher: FakePublisher) -> None:
+    ingest = Ingest(publisher, FailingKeyStore(), IngestConfig(retry_after=7), clock=lambda: NOW)
+    client: Client = TestClient(TestServer(build_app(ingest=ingest, readiness=lambda: {}, max_body_bytes=65536)))
+    await client.start_server()
+    try:
+        response = await client.post("/v1/orders", data=body(), headers={**JSON, "Idempotency-Key": "k"})
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "7"
+        assert (await response.json())["type"].endswith("key-store-unavailable")
+        assert publisher.records == []
+    finally:
+        await client.close()
 
 
 async def test_a_late_publish_keeps_its_key_until_the_outcome_is_known(

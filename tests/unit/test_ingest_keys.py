@@ -525,5 +525,5 @@ async def test_a_file_of_the_current_layout_is_not_rebuilt(tmp_path: Path) -> No
 
 async def test_the_connection_checkpoints_the_wal_in_larger_steps(tmp_path: Path) -> None:
     async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
-        pages = await store._connection().execute_fetchall("PRAGMA wal_autocheckpoint")
-    assert list(pages) == [(WAL_AUTOCHECKPOINT_PAGES,)]
+        pages = await store.process.pragma("wal_autocheckpoint")
+    assert pages == WAL_AUTOCHECKPOINT_PAGES

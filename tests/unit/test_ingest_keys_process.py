@@ -1,0 +1,109 @@
+"""The key store's own process: what it answers, and what the store does when it dies or is told to stop.
+
+The child's loop is tested on in-memory pipes; the rest with real child processes and real files.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import sqlite3
+import struct
+from pathlib import Path
+
+import pytest
+
+from consumers.sqlite_files import prepare_wal_file
+from daemon.ingest_keys import Claimed, Replay, SqliteIngestKeyStore, body_sha256
+from daemon.ingest_keys_process import _serve
+from daemon.ingest_keys_sql import SCHEMA, TABLE, ClaimOp, migrate
+from topics.errors import StoreError
+
+BODY = body_sha256(b'{"order": "A-1"}')
+ANSWER = b'{"status": "accepted"}'
+LENGTH = struct.Struct(">I")
+
+
+def frames(*requests: object) -> io.BytesIO:
+    out = io.BytesIO()
+    for request in requests:
+        frame = pickle.dumps(request)
+        out.write(LENGTH.pack(len(frame)) + frame)
+    out.seek(0)
+    return out
+
+
+def answers(out: io.BytesIO) -> list[tuple[str, object]]:
+    out.seek(0)
+    found = []
+    while head := out.read(LENGTH.size):
+        (length,) = LENGTH.unpack(head)
+        found.append(pickle.loads(out.read(length)))  # noqa: S301 -- what the test wrote
+    return found
+
+
+def test_the_child_answers_each_request_and_carries_on_after_a_failing_one(tmp_path: Path) -> None:
+    path = tmp_path / "keys.sqlite3"
+    prepare_wal_file(path, SCHEMA, "ingest key store", migrate)
+    db = sqlite3.connect(path, isolation_level=None)
+    requests = frames(
+        ("write", "owner-1", [ClaimOp("k1", BODY, 1.0)]),
+        ("pragma", "journal_mode"),
+        ("pragma", "journal_mode; DROP TABLE ingest_keys"),
+        ("reboot",),
+    )
+    out = io.BytesIO()
+    _serve(db, requests, out)
+    db.execute(f"ALTER TABLE {TABLE} RENAME TO elsewhere")
+    _serve(db, frames(("write", "owner-1", [ClaimOp("k2", BODY, 2.0)])), after := io.BytesIO())
+    db.close()
+    got = answers(out)
+    assert got[:2] == [("ok", [Claimed()]), ("ok", "wal")]
+    assert [kind for kind, _ in got[2:]] == ["failed", "failed"]
+    assert "unknown request" in str(got[3][1])
+    [(kind, message)] = answers(after)
+    assert kind == "sqlite-error"
+    assert "no such table" in str(message)
+
+
+async def test_a_killed_process_fails_the_batch_under_way_and_the_next_starts_another(tmp_path: Path) -> None:
+    path = tmp_path / "keys.sqlite3"
+    async with SqliteIngestKeyStore(path, claim_delay=0) as store:
+        assert await store.claim("held", BODY, now=1.0) == Claimed()
+        first = store.process.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(StoreError, match="process exited"):
+            await store.claim("k1", BODY, now=2.0)
+        # A new process, and the rows are still this store's: the held key's answer is stored.
+        assert await store.claim("k1", BODY, now=3.0) == Claimed()
+        assert store.process.pid not in (None, first)
+        await store.complete("held", 202, ANSWER, now=3.0)
+        assert await store.claim("held", BODY, now=4.0) == Replay(status=202, body=ANSWER)
+
+
+async def test_the_process_ignores_stop_signals_and_exits_when_the_store_closes(tmp_path: Path) -> None:
+    # systemd's SIGTERM (and a terminal's SIGINT) reach every process of the service: the daemon's shutdown
+    # still writes the store's queue through its process, so only the store stops it.
+    store = SqliteIngestKeyStore(tmp_path / "keys.sqlite3", answer_delay=60.0, claim_delay=0)
+    await store.open()
+    pid = store.process.pid
+    assert pid is not None
+    await store.claim("k", BODY, now=1.0)
+    await store.complete("k", 202, ANSWER, now=2.0)  # queued, for `answer_delay`
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGINT)  # both pending in the child before close() writes to it
+    await store.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone, and reaped
+    async with SqliteIngestKeyStore(tmp_path / "keys.sqlite3") as again:
+        assert await again.claim("k", BODY, now=3.0) == Replay(status=202, body=ANSWER)
+
+
+async def test_a_file_that_is_not_a_database_fails_open_with_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "keys.sqlite3"
+    path.write_bytes(b"not a database, " * 512)
+    with pytest.raises(StoreError, match=r"keys\.sqlite3"):
+        await SqliteIngestKeyStore(path).open()
