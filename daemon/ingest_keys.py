@@ -25,8 +25,8 @@ absorbs). Because one instance owns the file, it needs no lock:
    therefore sees every `complete` and `release` called before it. An idle writer starts `claim_delay` (2 ms)
    after the first claim, so that claims arriving one by one (a moderate, steady rate) still share
    transactions: started at once, it wrote one transaction per request at ~1,700 requests/s, and the daemon
-   spent ~490 us of CPU per request instead of ~400 (measured with the connection on a thread). Under load the writer is busy and the delay never applies: what queues meanwhile is the
-   next batch.
+   spent ~490 us of CPU per request instead of ~400 (measured with the connection on a thread). Under load the
+   writer is busy and the delay never applies: what queues meanwhile is the next batch.
 3. `claim` returns once its row is committed: the body's digest is in the file before anything is published,
    so after a crash the key still refuses another body.
 4. `complete` and `release` return once queued, not written: later claims see them (step 2). They ride with
