@@ -363,6 +363,14 @@ async def role_ingest_load(args: argparse.Namespace) -> dict[str, Any]:
             statuses[response.status] = statuses.get(response.status, 0) + 1
             latencies.append(done - scheduled)
 
+    async def own_cpu() -> float:
+        """This load generator's CPU (cores) over the measured window: near 1, it, not the server, set the pace."""
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        start = time.process_time()
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        return (time.process_time() - start) / float(args.duration)
+
+    cpu = asyncio.create_task(own_cpu())
     connector = aiohttp.TCPConnector(limit=max(args.concurrency, 512))
     async with aiohttp.ClientSession(connector=connector) as session:
         if args.rate:
@@ -389,6 +397,7 @@ async def role_ingest_load(args: argparse.Namespace) -> dict[str, Any]:
     ok = statuses.get(202, 0)
     return {
         "rate": ok / args.duration,
+        "load_cpu_cores": await cpu,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
@@ -1040,9 +1049,15 @@ class Bench:
             "p99_ms_at_half": paced["p99_ms"],
             "statuses_at_half": paced["statuses"],
             "daemon_cpu_cores": cpu / wall,
+            "load_cpu_cores_orderbus": statistics.fmean(result["load_cpu_cores"] for result in ours),
+            "load_cpu_cores_bare": statistics.fmean(result["load_cpu_cores"] for result in floors),
         }
         rounds = ", ".join(f"{a['rate']:.0f}/{b['rate']:.0f}" for a, b in zip(ours, floors, strict=True))
         self.log(f"  orderbus/bare by round: {rounds}; at {half:.0f}/s p99 {paced['p99_ms']:.1f} ms")
+        loads = ", ".join(
+            f"{a['load_cpu_cores']:.2f}/{b['load_cpu_cores']:.2f}" for a, b in zip(ours, floors, strict=True)
+        )
+        self.log(f"  the load generator's CPU (cores) against orderbus/bare by round: {loads}")
 
     @staticmethod
     def sample_ingest(pid: int) -> tuple[float, float]:
