@@ -5,9 +5,9 @@
 `daemon.ingest_keys_sql.write` for each batch it is sent. On a thread of the daemon, as before, every statement
 let go of the GIL while SQLite worked and then waited up to the switch interval to take it back from the busy
 event loop, and every such hand-over cost the loop a forced switch: a transaction took ~2.3 ms for ~0.9 ms of
-work, and claims waited for it. In its own process it runs at once; with 128 clients (ingest harness, three
-alternating pairs of 10 s runs) the ingest answered 5,075 -> 5,759 webhooks/s, its claims waited 9.6 -> 6.9 ms,
-and the daemon spent 192 -> 143 us of its own CPU a request (the child ~35 us on top).
+work, and claims waited for it. In its own process it runs at once. Ingest harness, 128 clients, alternating
+10 s runs against the thread (two sets of three pairs): a claim's wait ~9 -> ~7 ms, the daemon's own CPU ~190 ->
+~155 us a request (the child ~35 us on top), the rate +13 % in one set and +2 % in the other.
 
 The two talk over the child's stdin and stdout: frames of a 4-byte length and a pickle (both ends are this
 module, one program), one request and its answer at a time. The child:
