@@ -70,15 +70,18 @@ class KeyStoreProcess:
         return None if self._child is None or self._child.returncode is not None else self._child.pid
 
     async def start(self) -> None:
-        """Start the child and wait until its connection is open; `StoreError` if it cannot open the file."""
-        child = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            __name__,
-            str(self.path),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
+        """Start the child and wait until its connection is open; `StoreError` if it cannot start or open the file."""
+        try:
+            child = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                __name__,
+                str(self.path),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:  # no such interpreter, no process or file descriptor left
+            raise StoreError(f"ingest key store {self.path}: cannot start its process: {exc}") from exc
         self._child = child
         try:
             await self._answer(child)

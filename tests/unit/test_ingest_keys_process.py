@@ -107,3 +107,11 @@ async def test_a_file_that_is_not_a_database_fails_open_with_its_path(tmp_path: 
     path.write_bytes(b"not a database, " * 512)
     with pytest.raises(StoreError, match=r"keys\.sqlite3"):
         await SqliteIngestKeyStore(path).open()
+
+
+async def test_a_process_that_cannot_start_fails_open_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.executable", str(tmp_path / "no-python"))
+    with pytest.raises(StoreError, match="cannot start its process"):
+        await SqliteIngestKeyStore(tmp_path / "keys.sqlite3").open()
