@@ -17,11 +17,11 @@ log = logging.getLogger(__name__)
 MAX_VARIABLES: Final = 999
 # Rows per statement come in multiples of this, then the rest (see `row_chunks`).
 ROW_STEP: Final = 8
-# A checkpoint copies the WAL's pages back into the file. Both stores' keys come in no order (idempotency keys), so a
-# transaction dirties key-index pages all over the file, and fewer, larger checkpoints copy a page changed by many
-# transactions once: 4,000 pages (~16 MB of WAL at most) instead of SQLite's 1,000 took a fifth off the CPU of a
-# dedup flush (tests/bench), and an eighth off the ingest key store's transactions with UUID keys (their own
-# micro-benchmark; within the noise of the ingest harness).
+# A checkpoint copies the WAL's pages back into the file. The dedup stores' keys come in no order (idempotency keys),
+# so a transaction dirties key-index pages all over the file, and fewer, larger checkpoints copy a page changed by
+# many transactions once: 4,000 pages (~16 MB of WAL at most) instead of SQLite's 1,000 took a fifth off the CPU of
+# a dedup flush (tests/bench). The ingest's key store keeps SQLite's 1,000: there a checkpoint holds up the claims
+# waiting for the commit it runs in (`daemon.ingest_keys_process.CHECKPOINT_PAGES`).
 WAL_AUTOCHECKPOINT_PAGES: Final = 4000
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES
 from daemon.ingest_keys import (
     TABLE,
     Busy,
@@ -27,6 +26,7 @@ from daemon.ingest_keys import (
     SqliteIngestKeyStore,
     body_sha256,
 )
+from daemon.ingest_keys_process import CHECKPOINT_PAGES
 from daemon.ingest_keys_sql import migrate
 from topics.errors import StoreError
 
@@ -523,7 +523,7 @@ async def test_a_file_of_the_current_layout_is_not_rebuilt(tmp_path: Path) -> No
     assert before == after
 
 
-async def test_the_connection_checkpoints_the_wal_in_larger_steps(tmp_path: Path) -> None:
+async def test_the_connection_checkpoints_the_wal_in_small_steps(tmp_path: Path) -> None:
     async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
         pages = await store.process.pragma("wal_autocheckpoint")
-    assert pages == WAL_AUTOCHECKPOINT_PAGES
+    assert pages == CHECKPOINT_PAGES == 1000  # SQLite's default, said explicitly
