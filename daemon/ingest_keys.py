@@ -131,8 +131,8 @@ class IngestKeyStore(Protocol):
 class SqliteIngestKeyStore:
     """The production `IngestKeyStore`: one SQLite file, one connection, one instance per file, no lock.
 
-    Use ``async with SqliteIngestKeyStore(path) as store`` (or `open`/`close`). Every aiosqlite/sqlite3 error
-    is raised as `StoreError` naming the file. The module docstring says what is written when.
+    Use ``async with SqliteIngestKeyStore(path) as store`` (or `open`/`close`). Every sqlite3 error (the file's,
+    or its process's) is raised as `StoreError` naming the file. The module docstring says what is written when.
     """
 
     def __init__(self, path: Path | str, *, answer_delay: float = 0.05, claim_delay: float = 0.002) -> None:

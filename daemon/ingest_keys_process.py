@@ -89,17 +89,13 @@ class KeyStoreProcess:
         self._child = child
         try:
             await self._answer(child)
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            code = await child.wait()
-            self._child = None
-            raise StoreError(f"ingest key store {self.path}: its process exited at start (code {code})") from exc
         except BaseException:
             await self._abandon()
             raise
 
-    async def write(self, owner: str, batch: Sequence[Operation]) -> list[object]:
+    async def write(self, owner: str, batch: list[Operation]) -> list[object]:
         """Run `write` on the child's connection; a child that died is started again first."""
-        result = await self._call(("write", owner, list(batch)))
+        result = await self._call(("write", owner, batch))
         assert isinstance(result, list)
         return result
 
@@ -131,25 +127,28 @@ class KeyStoreProcess:
         assert child.stdin is not None
         frame = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            child.stdin.write(_LENGTH.pack(len(frame)) + frame)
-            await child.stdin.drain()
+            try:
+                child.stdin.write(_LENGTH.pack(len(frame)) + frame)
+                await child.stdin.drain()
+            except ConnectionError as exc:  # it had died: the answer would be the end of its stdout
+                raise await self._exited(child) from exc
             return await self._answer(child)
         except (sqlite3.Error, StoreError):
-            raise  # the child's answer: it carries on
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            code = await child.wait()
-            self._child = None
-            log.error("ingest key store %s: its process exited (code %s); the next batch starts one", self.path, code)
-            raise StoreError(f"ingest key store {self.path}: its process exited (code {code})") from exc
+            raise  # the child's answer, or its end: the next batch starts another
         except BaseException:
             # Cancelled between a request and its answer: the next answer on the pipe would be this one's.
             await self._abandon()
             raise
 
     async def _answer(self, child: asyncio.subprocess.Process) -> object:
+        """The child's next answer, raised again if it is an error; `StoreError` if the child ended instead."""
         assert child.stdout is not None
-        (length,) = _LENGTH.unpack(await child.stdout.readexactly(_LENGTH.size))
-        kind, value = pickle.loads(await child.stdout.readexactly(length))  # noqa: S301 -- our own child
+        try:
+            (length,) = _LENGTH.unpack(await child.stdout.readexactly(_LENGTH.size))
+            frame = await child.stdout.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            raise await self._exited(child) from exc
+        kind, value = pickle.loads(frame)  # noqa: S301 -- our own child
         if kind == _OK:
             return value
         if kind == _SQLITE_ERROR:
@@ -157,6 +156,14 @@ class KeyStoreProcess:
         if kind == _STORE_ERROR:
             raise StoreError(value)
         raise StoreError(f"ingest key store {self.path}: its process failed: {value}")
+
+    async def _exited(self, child: asyncio.subprocess.Process) -> StoreError:
+        """The error for a child that ended (killed, out of memory, or failing at start), once it is reaped."""
+        code = await child.wait()
+        if self._child is child:
+            self._child = None
+        log.error("ingest key store %s: its process exited (code %s); the next batch starts another", self.path, code)
+        return StoreError(f"ingest key store {self.path}: its process exited (code {code})")
 
     async def _abandon(self) -> None:
         child, self._child = self._child, None

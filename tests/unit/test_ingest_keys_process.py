@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import signal
 import sqlite3
 import struct
@@ -114,4 +115,12 @@ async def test_a_process_that_cannot_start_fails_open_with_the_reason(
 ) -> None:
     monkeypatch.setattr("sys.executable", str(tmp_path / "no-python"))
     with pytest.raises(StoreError, match="cannot start its process"):
+        await SqliteIngestKeyStore(tmp_path / "keys.sqlite3").open()
+
+
+async def test_a_process_that_ends_at_start_fails_open_with_its_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.executable", shutil.which("false"))
+    with pytest.raises(StoreError, match=r"process exited \(code 1\)"):
         await SqliteIngestKeyStore(tmp_path / "keys.sqlite3").open()
