@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 from decimal import Decimal
@@ -12,6 +13,17 @@ from pydantic import ValidationError
 from topics import ContractError, FieldError, decode, encode, field_errors, parse_submission
 from topics.envelope import OrderEvent
 from topics.samples import sample_event, sample_submission
+
+
+def test_every_name_of_the_package_is_its_module_s_and_an_unknown_one_is_an_attribute_error() -> None:
+    import topics
+
+    homes = [importlib.import_module(f"topics.{name}") for name in ("codec", "currency", "envelope", "errors", "order")]
+    for name in topics.__all__:
+        assert any(getattr(topics, name) is getattr(home, name, None) for home in homes), name
+    assert set(topics.__all__) <= set(dir(topics))
+    with pytest.raises(AttributeError, match="has no attribute 'Decoder'"):
+        topics.Decoder  # noqa: B018
 
 
 def event_json(seed: int = 1) -> dict[str, object]:

@@ -12,6 +12,8 @@ import shutil
 import signal
 import sqlite3
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,11 @@ async def test_a_process_that_ends_at_start_fails_open_with_its_exit_code(
     monkeypatch.setattr("sys.executable", shutil.which("false"))
     with pytest.raises(StoreError, match=r"process exited \(code 1\)"):
         await SqliteIngestKeyStore(tmp_path / "keys.sqlite3").open()
+
+
+def test_the_child_loads_neither_pydantic_nor_the_order_models() -> None:
+    # It needs `topics.errors` only; the package's names load on first use, so it starts in a third of the time.
+    code = "import sys, daemon.ingest_keys_process; print(sorted(m for m in sys.modules if m.startswith(LOADED)))"
+    code = code.replace("LOADED", repr(("pydantic", "topics.")))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['topics.errors']"
