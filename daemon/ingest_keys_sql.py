@@ -120,10 +120,13 @@ MAX_BATCH = 1000
 
 
 # The operations are plain data (no future to settle): `write` runs in the key store's own process
-# (`daemon.ingest_keys_process`), and they travel there pickled. The store keeps who waits for each.
+# (`daemon.ingest_keys_process`), and they travel there pickled. The store keeps who waits for each. Not slotted, as
+# the claims they come back as (`daemon.ingest_claims`): pickle copies an instance's __dict__ in C, but a slotted
+# dataclass's state through Python (`dataclasses.fields` per instance): the parent's CPU for a claim and its answer
+# fell from ~11.8 to ~9.8 us (a claim loop of 128 tasks, three runs each).
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ClaimOp:
     key: str
     body_sha256: str
@@ -131,7 +134,7 @@ class ClaimOp:
     name: ClassVar[str] = "claim"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class CompleteOp:
     key: str
     status: int
@@ -140,19 +143,19 @@ class CompleteOp:
     name: ClassVar[str] = "complete"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ReleaseOp:
     key: str
     name: ClassVar[str] = "release"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class PruneOp:
     cutoff: float
     name: ClassVar[str] = "prune"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class FlushOp:
     name: ClassVar[str] = "flush"
 
