@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -31,6 +30,7 @@ from consumers.engine import EngineConfig, SinkEngine
 from consumers.http_client import HttpClient
 from consumers.kafka_io import KafkaConsumerPort, Rebalance, keep_metadata_synchronizer, sink_consumer
 from consumers.metrics import EngineMetrics
+from consumers.pruning import prune_forever
 from consumers.sink import HttpRequest, Sink
 from topics.errors import BrokerError
 
@@ -86,7 +86,8 @@ async def open_sink(
         await store.open()
         stack.push_async_callback(store.close)
         if retention is not None:
-            pruner = asyncio.create_task(_prune_forever(store, retention, sink.name), name=f"prune-{sink.name}")
+            pruning = prune_forever(store.prune, retention, f"dedup-{sink.name}", clock or SystemClock())
+            pruner = asyncio.create_task(pruning, name=f"prune-{sink.name}")
             stack.push_async_callback(_cancel, pruner)
 
         client = HttpClient(limit=config.max_in_flight, ssl=http.ssl_context(), user_agent=USER_AGENT)
@@ -123,18 +124,6 @@ async def open_sink(
         topics = [topic] if replay_topic is None else [topic, replay_topic]
         consumer.subscribe(topics, listener=Rebalance(engine))
         yield engine
-
-
-PRUNE_INTERVAL = 3600.0
-
-
-async def _prune_forever(store: SqliteDedupStore, retention: float, sink: str) -> None:
-    """Every hour, forget delivery states older than `retention` seconds (the downstream's keys cover the rest)."""
-    while True:
-        removed = await store.prune(time.time() - retention)
-        if removed:
-            log.info("pruned delivery states", extra={"sink": sink, "rows": removed})
-        await asyncio.sleep(PRUNE_INTERVAL)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -15,7 +15,6 @@ import contextlib
 import gc
 import logging
 import sys
-import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
@@ -23,9 +22,11 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
+from consumers.clock import SystemClock
 from consumers.engine import SinkEngine
 from consumers.kafka_io import KafkaDeadLetterWriter, dead_letter_producer, keep_metadata_synchronizer
 from consumers.metrics import EngineMetrics
+from consumers.pruning import prune_forever
 from consumers.runner import HttpConfig, open_sink
 from daemon.app import build_app
 from daemon.ingest import Ingest, IngestConfig
@@ -68,7 +69,6 @@ def tune_runtime() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
 
 
-_PRUNE_INTERVAL = 3600.0
 # A sink whose lag measurement (every `lag_interval`, 2 s) has had no answer for this many intervals has lost the
 # broker; lenient enough that a loop slowed by a burst of work does not look like an outage.
 _SILENT_MEASUREMENTS = 5
@@ -193,7 +193,8 @@ async def _open_ingest(
     await keys.open()
     stack.push_async_callback(keys.close)
     retention = settings.ingest.idempotency_retention_hours * 3600
-    pruner = asyncio.create_task(_prune_forever(keys, retention), name="ingest-key-pruner")
+    pruning = prune_forever(keys.prune, retention, "ingest-keys", SystemClock())
+    pruner = asyncio.create_task(pruning, name="ingest-key-pruner")
     stack.push_async_callback(_cancel, pruner)
 
     publisher = KafkaPublisher(
@@ -326,14 +327,6 @@ def _reasons(publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -
         elif engine.circuit_state == "open":
             reasons[f"sink.{name}"] = "circuit open: the downstream keeps failing"
     return reasons
-
-
-async def _prune_forever(keys: SqliteIngestKeyStore, retention: float) -> None:
-    while True:
-        removed = await keys.prune(time.time() - retention)
-        if removed:
-            log.info("pruned %d ingest idempotency keys", removed)
-        await asyncio.sleep(_PRUNE_INTERVAL)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
