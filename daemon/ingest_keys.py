@@ -141,6 +141,7 @@ class SqliteIngestKeyStore:
         transaction (0: it starts at once)."""
         self.path = Path(path)
         self.transactions = 0  # written batches, for tests and benchmarks: how well operations share them
+        self.failing: str | None = None  # why the last batch failed, until one is written again (`orderbus status`)
         self._answer_delay = answer_delay
         self._claim_delay = claim_delay
         self._owner = secrets.token_hex(8)
@@ -280,6 +281,7 @@ class SqliteIngestKeyStore:
             try:
                 results = await self._connection().write(self._owner, [queued.operation for queued in batch])
             except Exception as exc:
+                self.failing = str(self._error("write", exc) if isinstance(exc, sqlite3.Error) else exc)
                 self._fail(batch, exc)
                 continue
             except BaseException:
@@ -288,6 +290,7 @@ class SqliteIngestKeyStore:
                         queued.waiter.cancel()
                 raise
             self.transactions += 1
+            self.failing = None
             self._settle(batch, results)
         if self._queue:
             self._start_writer_within(self._answer_delay)

@@ -99,15 +99,16 @@ async def serve(
         notifier.status("connecting to kafka")
         ingest: Ingest | None = None
         publisher: KafkaPublisher | None = None
+        keys: SqliteIngestKeyStore | None = None
         if settings.ingest.enabled:
-            ingest, publisher = await _open_ingest(settings, stack, IngestMetrics(registry))
+            ingest, publisher, keys = await _open_ingest(settings, stack, IngestMetrics(registry))
         engines = await _open_sinks(settings, stack, EngineMetrics(registry))
         app = build_app(
             ingest=ingest,
             readiness=lambda: _reasons(publisher, engines),
             max_body_bytes=settings.ingest.max_body_bytes,
             registry=registry,
-            status=lambda: _status(publisher, engines, registry),
+            status=lambda: _status(publisher, keys, engines, registry),
         )
         runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
         await runner.setup()
@@ -187,7 +188,7 @@ async def _open_sinks(settings: Settings, stack: AsyncExitStack, metrics: Engine
 
 async def _open_ingest(
     settings: Settings, stack: AsyncExitStack, metrics: IngestMetrics
-) -> tuple[Ingest, KafkaPublisher]:
+) -> tuple[Ingest, KafkaPublisher, SqliteIngestKeyStore]:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     keys = SqliteIngestKeyStore(ingest_keys_path(settings.state_dir))
     await keys.open()
@@ -221,7 +222,7 @@ async def _open_ingest(
         metrics=metrics,
     )
     stack.push_async_callback(ingest.close)
-    return ingest, publisher
+    return ingest, publisher, keys
 
 
 _READY_POLL = 0.25
@@ -277,9 +278,13 @@ _DEAD_LETTER_REASONS = ("invalid", "rejected", "retries-exhausted", "dead-letter
 
 
 def _status(
-    publisher: KafkaPublisher | None, engines: dict[str, SinkEngine], registry: CollectorRegistry
+    publisher: KafkaPublisher | None,
+    keys: SqliteIngestKeyStore | None,
+    engines: dict[str, SinkEngine],
+    registry: CollectorRegistry,
 ) -> dict[str, object]:
-    """The daemon's state for `orderbus status`: per sink what the engine knows plus its lifetime counters."""
+    """The daemon's state for `orderbus status`: per sink what the engine knows plus its lifetime counters; the
+    ingest's Kafka gate and why its key store's last batch failed, until one is written again."""
 
     def count(metric: str, labels: dict[str, str]) -> int:
         return int(registry.get_sample_value(metric, labels) or 0)
@@ -293,7 +298,9 @@ def _status(
                 r: count("orderbus_dead_letters_total", {"sink": name, "reason": r}) for r in _DEAD_LETTER_REASONS
             },
         }
-    ingest = None if publisher is None else {"kafka_available": publisher.available}
+    ingest = None
+    if publisher is not None and keys is not None:
+        ingest = {"kafka_available": publisher.available, "key_store_error": keys.failing}
     return {"ingest": ingest, "sinks": sinks, "not_ready": _reasons(publisher, engines)}
 
 

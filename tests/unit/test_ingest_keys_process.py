@@ -78,10 +78,14 @@ async def test_a_killed_process_fails_the_batch_under_way_and_the_next_starts_an
         first = store.process.pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
+        assert store.failing is None
         with pytest.raises(StoreError, match="process exited"):
             await store.claim("k1", BODY, now=2.0)
+        assert store.failing is not None
+        assert "process exited" in store.failing  # what `orderbus status` shows until a batch is written again
         # A new process, and the rows are still this store's: the held key's answer is stored.
         assert await store.claim("k1", BODY, now=3.0) == Claimed()
+        assert store.failing is None
         assert store.process.pid not in (None, first)
         await store.complete("held", 202, ANSWER, now=3.0)
         assert await store.claim("held", BODY, now=4.0) == Replay(status=202, body=ANSWER)
