@@ -281,7 +281,6 @@ class SqliteIngestKeyStore:
             try:
                 results = await self._connection().write(self._owner, [queued.operation for queued in batch])
             except Exception as exc:
-                self.failing = str(self._error("write", exc) if isinstance(exc, sqlite3.Error) else exc)
                 self._fail(batch, exc)
                 continue
             except BaseException:
@@ -312,6 +311,9 @@ class SqliteIngestKeyStore:
                     waiter.set_result(outcome)
 
     def _fail(self, batch: Sequence[Queued], exc: Exception) -> None:
+        """Fail the batch's callers with `exc` (a sqlite3 error as `StoreError`); `failing` says why until the next
+        batch is written."""
+        self.failing = str(self._error("write", exc) if isinstance(exc, sqlite3.Error) else exc)
         unwritten = 0
         for operation, waiter in batch:
             error = self._error(operation.name, exc) if isinstance(exc, sqlite3.Error) else exc

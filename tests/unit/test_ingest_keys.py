@@ -331,9 +331,11 @@ async def test_a_failed_transaction_fails_its_callers_and_the_writer_carries_on(
         )
         assert [type(r) for r in results] == [StoreError, StoreError]
         assert "claim failed" in str(results[0])
+        assert store.failing == f"ingest key store {path}: write failed: no such table: {TABLE}"
         with contextlib.closing(sqlite3.connect(path)) as mender:
             mender.execute(f"ALTER TABLE elsewhere RENAME TO {TABLE}")
         assert await store.claim("k1", BODY_A, now=3.0) == Claimed()
+        assert store.failing is None
         await store.complete("held", 202, ANSWER, now=3.0)
         await store.flush()
     assert file_rows(path) == {"held": "done", "k1": "in_flight"}
