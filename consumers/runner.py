@@ -32,6 +32,7 @@ from consumers.kafka_io import KafkaConsumerPort, Rebalance, keep_metadata_synch
 from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.sink import HttpRequest, Sink
+from consumers.tasks import cancel_and_wait
 from topics.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ async def open_sink(
         if retention is not None:
             pruning = prune_forever(store.prune, retention, f"dedup-{sink.name}", clock or SystemClock())
             pruner = asyncio.create_task(pruning, name=f"prune-{sink.name}")
-            stack.push_async_callback(_cancel, pruner)
+            stack.push_async_callback(cancel_and_wait, pruner)
 
         client = HttpClient(limit=config.max_in_flight, ssl=http.ssl_context(), user_agent=USER_AGENT)
         stack.push_async_callback(client.close)
@@ -124,9 +125,3 @@ async def open_sink(
         topics = [topic] if replay_topic is None else [topic, replay_topic]
         consumer.subscribe(topics, listener=Rebalance(engine))
         yield engine
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -39,6 +39,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumers.clock import SystemClock
+from consumers.tasks import cancel_and_wait
 from daemon import kafka_local
 from daemon.demo_settings import RUN_DIR, DemoLayout, DemoOptions, demo_layout, sandbox_auth
 from daemon.generator import Generator, GeneratorStats, Plan, http_poster
@@ -133,7 +134,7 @@ class _Demo:
             await self._apply_topics()
             daemon = await self._start_daemon(stack)
             first = {name: asyncio.create_task(self._first_delivery(sandbox, name)) for name in self.sinks}
-            stack.push_async_callback(_cancel, *first.values())
+            stack.push_async_callback(cancel_and_wait, *first.values())
             generator, generator_stop, generating = await self._start_generator(stack)
             if self.options.duration is not None:
                 stack.callback(asyncio.get_running_loop().call_later(self.options.duration, self.stop.set).cancel)
@@ -354,12 +355,6 @@ class _Demo:
 async def _finish(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
     stop.set()
     await task
-
-
-async def _cancel(*tasks: asyncio.Task[Any]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _program() -> str:

@@ -11,7 +11,6 @@ Every metric (the ingest's, the engines', the build info) lives on the one injec
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import sys
@@ -28,6 +27,7 @@ from consumers.kafka_io import KafkaDeadLetterWriter, dead_letter_producer, keep
 from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.runner import HttpConfig, open_sink
+from consumers.tasks import cancel_and_wait
 from daemon.app import build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import SqliteIngestKeyStore
@@ -95,7 +95,7 @@ async def serve(
     async with AsyncExitStack() as stack:
         stack.callback(notifier.close)
         # First in, last out: the loop pings systemd until the drain and every close are done.
-        stack.push_async_callback(_cancel, asyncio.create_task(watchdog_loop(notifier), name="sd-watchdog"))
+        stack.push_async_callback(cancel_and_wait, asyncio.create_task(watchdog_loop(notifier), name="sd-watchdog"))
         notifier.status("connecting to kafka")
         ingest: Ingest | None = None
         publisher: KafkaPublisher | None = None
@@ -124,10 +124,10 @@ async def serve(
         log.info("listening on http://%s:%d", settings.ingest.host, settings.ingest.port)
         tune_runtime()
         ready = asyncio.create_task(_notify_ready(notifier, publisher, engines), name="sd-ready")
-        stack.push_async_callback(_cancel, ready)
+        stack.push_async_callback(cancel_and_wait, ready)
         if reload is not None and load is not None:
             reloader = asyncio.create_task(_reload_on_request(reload, load, settings, engines), name="reload")
-            stack.push_async_callback(_cancel, reloader)
+            stack.push_async_callback(cancel_and_wait, reloader)
         await _run_sinks(engines, stop, notifier)
         log.info("stopped")
 
@@ -196,7 +196,7 @@ async def _open_ingest(
     retention = settings.ingest.idempotency_retention_hours * 3600
     pruning = prune_forever(keys.prune, retention, "ingest-keys", SystemClock())
     pruner = asyncio.create_task(pruning, name="ingest-key-pruner")
-    stack.push_async_callback(_cancel, pruner)
+    stack.push_async_callback(cancel_and_wait, pruner)
 
     publisher = KafkaPublisher(
         orders_topic(settings.topics.prefix),
@@ -334,9 +334,3 @@ def _reasons(publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -
         elif engine.circuit_state == "open":
             reasons[f"sink.{name}"] = "circuit open: the downstream keeps failing"
     return reasons
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
