@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -12,6 +13,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from daemon.ingest import Ingest
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+
+# How the daemon serves the application (`web.AppRunner` keywords). Bodies are not inflated: the ingest refuses a
+# Content-Encoding (415), because a webhook's signature and the body limit are about the bytes as sent; inflated by
+# aiohttp, a compressed body was read by its compressed length, and a mislabelled one failed in the parser.
+# Handlers are not cancelled when their client goes away: a claimed key is then published and answered all the same.
+RUNNER_OPTIONS: Final[dict[str, Any]] = {"access_log": None, "handler_cancellation": False, "auto_decompress": False}
 
 
 def build_app(

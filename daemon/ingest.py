@@ -12,8 +12,9 @@ The checks run cheapest first, and every answer has one cause:
    503 with Retry-After while Kafka is unreachable (nothing half-published: see `daemon.publisher`), or when the
    key store fails to claim the key (nothing published either).
 
-The event id of a keyed submission is derived from the key, so even the one unavoidable republish (a crash
-between the broker's ack and the answer reaching the key store's file, see `daemon.ingest_keys`) carries the same
+Without an event id of its own, a submission's is derived from its idempotency key and body (its body alone
+without a key), so even the one unavoidable republish (a crash between the broker's ack and the answer reaching
+the key store's file, see `daemon.ingest_keys`), or a retry after a publish that timed out, carries the same
 event id and is deduplicated by every sink.
 
 Every answer is counted by status code (`daemon.ingest_metrics`) and logged as one event with its status, the
@@ -49,7 +50,7 @@ from topics.errors import ContractError, FieldError, PublishError, StoreError
 
 log = logging.getLogger(__name__)
 
-# Event ids of keyed submissions: uuid5 in this namespace of the idempotency key.
+# Derived event ids (`_event_id`): uuid5 in this namespace of the idempotency key and the body's digest.
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c2a52-0a7e-4d0e-9a51-3f0f3c1c9b10")
 _KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
 _JSON_TYPES = ("application/json",)
@@ -104,7 +105,13 @@ class Ingest:
     async def _answer(self, request: web.Request) -> web.Response:
         if request.content_type not in _JSON_TYPES:
             return _refused(415, "unsupported-media-type", "send the order as Content-Type: application/json")
-        body = await self._read_body(request)
+        if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+            # aiohttp would inflate it, but the signature covers the bytes as sent and the limits the bytes read.
+            return _refused(415, "unsupported-content-encoding", "send the body uncompressed (no Content-Encoding)")
+        try:
+            body = await self._read_body(request)
+        except web.RequestPayloadError as exc:  # a malformed chunked body, for one
+            return _refused(400, "unreadable-body", f"the body could not be read: {exc}")
         if body is None:
             return _refused(413, "body-too-large", f"the body exceeds {self._config.max_body_bytes} bytes")
         if self._verifier is not None:
@@ -112,7 +119,9 @@ class Ingest:
                 self._verifier.verify(request.headers, body)
             except SignatureError as exc:
                 return _refused(401, "invalid-signature", str(exc))
-        key = request.headers.get("Idempotency-Key") or request.headers.get("webhook-id")
+        key = request.headers.get("Idempotency-Key")
+        if key is None:
+            key = request.headers.get("webhook-id")
         if key is not None and not _KEY_PATTERN.match(key):
             return _refused(400, "invalid-idempotency-key", "an idempotency key is 1-255 printable ASCII characters")
         try:
@@ -126,17 +135,18 @@ class Ingest:
                 errors=exc.errors,
                 context={"fields": len(exc.errors)},
             )
+        digest = body_sha256(body)
         if key is None:
-            return await self._publish(submission, None)
+            return await self._publish(submission, None, digest)
         # Claimed inline, not in a coroutine of its own: each await level is paid again at every resumption.
         try:
-            claim = await self._keys.claim(key, body_sha256(body), self._clock())
+            claim = await self._keys.claim(key, digest, self._clock())
         except StoreError as exc:  # nothing published, the key not taken: a retry with it is safe
             detail = "the idempotency key store failed; nothing was published"
             context = {"order": submission.order.order_number, "error": str(exc)}
             return self._unavailable(detail, context, "key-store-unavailable")
         if isinstance(claim, Claimed):
-            return await self._publish(submission, key)
+            return await self._publish(submission, key, digest)
         return self._unclaimed(key, claim, submission.order.order_number)
 
     async def _read_body(self, request: web.Request) -> bytes | None:
@@ -177,10 +187,10 @@ class Ingest:
                 return _refused(409, "request-in-progress", detail, context={"order": order})
         raise AssertionError(f"unexpected claim {claim!r}")  # pragma: no cover
 
-    async def _publish(self, submission: OrderSubmission, key: str | None) -> web.Response:
+    async def _publish(self, submission: OrderSubmission, key: str | None, digest: str) -> web.Response:
         event = to_event(
             submission,
-            event_id=_event_id(submission, key),
+            event_id=_event_id(submission, key, digest),
             source=self._config.source,
             now=datetime.fromtimestamp(self._clock(), UTC),
         )
@@ -192,12 +202,16 @@ class Ingest:
             self._metrics.publish_seconds.observe(self._monotonic() - started)
             if key is not None:
                 self._track(key, event.event_id, pending.future)
-            detail = "kafka did not acknowledge in time; retry with the same idempotency key"
+            detail = "kafka did not acknowledge in time; retry with the same body (and idempotency key, if any)"
             return self._unavailable(detail, {**ids, "error": "publish pending"})
         except (BrokerUnavailable, PublishError) as exc:
             if key is not None:
                 await self._keys.release(key)
             return self._unavailable("kafka is unreachable; nothing was published", {**ids, "error": str(exc)})
+        except BaseException:  # a bug (500) or a cancellation: the key must not stay held by a request that ended
+            if key is not None:
+                await self._keys.release(key)
+            raise
         self._metrics.publish_seconds.observe(self._monotonic() - started)
         answer = _answer(ids["event_id"], published)
         if key is not None:
@@ -229,6 +243,10 @@ class Ingest:
             log.warning("late publish failed", extra={"event_id": str(event_id), "error": str(exc)})
             await self._keys.release(key)
             return
+        except Exception:  # a bug: said with its traceback, and the key is free for a retry
+            log.exception("late publish ended with an unexpected error", extra={"event_id": str(event_id)})
+            await self._keys.release(key)
+            return
         await self._remember(key, _answer(str(event_id), published))
 
     async def close(self) -> None:
@@ -257,12 +275,17 @@ def _refused(
     return problem(status, code, detail, errors=errors, headers=headers)
 
 
-def _event_id(submission: OrderSubmission, key: str | None) -> uuid.UUID:
+def _event_id(submission: OrderSubmission, key: str | None, digest: str) -> uuid.UUID:
+    """The submission's own event id, else one derived from its key and body (`digest`), or its body alone.
+
+    Derived, so a retry of the same request -- after a 503, a lost answer, a crash -- is the same event, which every
+    sink recognises. The body is part of it because the key store forgets keys after its retention, shorter than the
+    sinks': a key used again later for another order must not make that order a duplicate of the first. The key's
+    characters are printable ASCII without a newline, so the two parts cannot run into each other.
+    """
     if submission.event_id is not None:
         return submission.event_id
-    if key is not None:
-        return uuid.uuid5(EVENT_ID_NAMESPACE, key)
-    return uuid.uuid4()
+    return uuid.uuid5(EVENT_ID_NAMESPACE, digest if key is None else f"{key}\n{digest}")
 
 
 def _answer(event_id: str, published: Published) -> bytes:

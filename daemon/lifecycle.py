@@ -28,7 +28,7 @@ from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.runner import HttpConfig, open_sink
 from consumers.tasks import cancel_and_wait
-from daemon.app import build_app
+from daemon.app import RUNNER_OPTIONS, build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.ingest_metrics import IngestMetrics, register_build_info
@@ -110,7 +110,7 @@ async def serve(
             registry=registry,
             status=lambda: _status(publisher, keys, engines, registry),
         )
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
+        runner = web.AppRunner(app, **RUNNER_OPTIONS)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, settings.ingest.host, settings.ingest.port)

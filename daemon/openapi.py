@@ -97,14 +97,16 @@ def document() -> dict[str, Any]:
                             "description": "published (acks=all); a repeat of the key returns this same answer",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
                         },
-                        "400": _problem_response("bad JSON, a bad order (field errors) or a bad idempotency key"),
+                        "400": _problem_response(
+                            "bad JSON, a bad order (field errors), a bad idempotency key, or an unreadable body"
+                        ),
                         "401": _problem_response("missing or invalid webhook signature"),
                         "409": _problem_response("a request with this idempotency key is still in progress"),
                         "413": _problem_response("body too large"),
-                        "415": _problem_response("not application/json"),
+                        "415": _problem_response("not application/json, or a compressed body (Content-Encoding)"),
                         "422": _problem_response("this idempotency key was used with another body"),
                         "503": _problem_response(
-                            "Kafka unreachable, or the idempotency key store failed; nothing was published",
+                            "Kafka unreachable or slow to answer, or the key store failed; retry the same request",
                             retry_after=True,
                         ),
                     },

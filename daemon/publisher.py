@@ -178,7 +178,9 @@ class KafkaPublisher:
         """The producer's outcome of a record as ours: where it landed, or `PublishError`."""
         exc = sent.exception()  # CancelledError if the producer was closed: the outcome stays unknown
         if exc is not None:
-            raise PublishError(f"kafka did not store the record: {exc!r}") if isinstance(exc, KafkaError) else exc
+            # Not only KafkaError: a producer whose sender task died fails every pending record with that task's
+            # error. Either way the record may not be on the topic, and the caller must be free to publish it again.
+            raise PublishError(f"kafka did not store the record: {exc!r}") from exc
         if not self._available:
             # A late publish was acknowledged: the broker is back, before the probe's next (backed-off) try.
             self._reopen()

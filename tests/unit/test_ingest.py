@@ -7,19 +7,23 @@ tests/integration/test_ingest_kafka.py.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
+from unittest import mock
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.streams import StreamReader
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
-from daemon.app import build_app
+from daemon.app import RUNNER_OPTIONS, build_app
 from daemon.ingest import EVENT_ID_NAMESPACE, Ingest, IngestConfig, _answer
-from daemon.ingest_keys import Claim, MemoryIngestKeyStore
+from daemon.ingest_keys import Claim, MemoryIngestKeyStore, body_sha256
 from daemon.publisher import BrokerUnavailable, Published, PublishPending
 from daemon.signature import WebhookVerifier, sign
 from topics.codec import EncodedRecord, decode
@@ -52,6 +56,8 @@ class FakePublisher:
             self.records.append(record)
             self.late = asyncio.get_running_loop().create_future()
             raise PublishPending(self.late)
+        if self.mode == "broken":  # a bug below the publisher's contract
+            raise RuntimeError("unexpected")
         if self.mode == "slow":
             self.entered.set()
             await self.gate.wait()
@@ -63,6 +69,15 @@ def body(seed: int = 1, *, event_id: bool = True) -> bytes:
     submission = sample_submission(random.Random(seed))
     exclude = None if event_id else {"event_id"}
     return submission.model_dump_json(exclude=exclude).encode()
+
+
+async def serve(app: web.Application) -> Client:
+    """A test client of `app`, served as the daemon serves it (aiohttp's test server always cancels handlers)."""
+    server = TestServer(app)
+    await server.start_server(
+        **{name: value for name, value in RUNNER_OPTIONS.items() if name != "handler_cancellation"}
+    )
+    return TestClient(server)
 
 
 @pytest.fixture
@@ -81,7 +96,7 @@ async def client_for(
         clock=lambda: NOW,
     )
     app = build_app(ingest=ingest, readiness=lambda: {}, max_body_bytes=max_body_bytes)
-    client: Client = TestClient(TestServer(app))
+    client: Client = await serve(app)
     await client.start_server()
     return client
 
@@ -160,9 +175,45 @@ async def test_money_that_does_not_add_up_names_the_field(client: Client) -> Non
     assert "order.gross_total" in [error["field"] for error in (await response.json())["errors"]]
 
 
-async def test_bad_idempotency_key_is_400(client: Client) -> None:
-    response = await client.post("/v1/orders", data=body(), headers={**JSON, "Idempotency-Key": "has space"})
+@pytest.mark.parametrize("key", ["has space", "", "é"])
+async def test_bad_idempotency_key_is_400(client: Client, publisher: FakePublisher, key: str) -> None:
+    # An empty key was taken for no key: two sends were two events.
+    response = await client.post("/v1/orders", data=body(), headers={**JSON, "Idempotency-Key": key})
     assert response.status == 400
+    assert (await response.json())["type"].endswith("invalid-idempotency-key")
+    assert publisher.records == []
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP"])
+async def test_a_compressed_body_is_415(client: Client, publisher: FakePublisher, encoding: str) -> None:
+    # aiohttp inflated it, but the body was then read by its compressed length: a 400 for a valid gzip order, and a
+    # 500 with a traceback for a plain body labelled gzip.
+    for payload in (gzip.compress(body()), body()):
+        response = await client.post("/v1/orders", data=payload, headers={**JSON, "Content-Encoding": encoding})
+        assert response.status == 415
+        assert (await response.json())["type"].endswith("unsupported-content-encoding")
+    assert publisher.records == []
+
+
+async def test_identity_encoding_is_a_plain_body(client: Client) -> None:
+    response = await client.post("/v1/orders", data=body(), headers={**JSON, "Content-Encoding": "identity"})
+    assert response.status == 202
+
+
+async def test_a_body_aiohttp_fails_to_read_is_400_not_a_traceback(publisher: FakePublisher) -> None:
+    # aiohttp fails a body's stream with RequestPayloadError (a broken chunk, a bad encoding): the handler let it
+    # out, so the answer was a 500 and a logged traceback, for anyone who can reach the port, before any signature.
+    ingest = Ingest(publisher, MemoryIngestKeyStore(), IngestConfig(), clock=lambda: NOW)
+    stream = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
+    stream.feed_data(b'{"order"')
+    stream.set_exception(web.RequestPayloadError("Not enough data to satisfy transfer length header."))
+    request = make_mocked_request("POST", "/v1/orders", headers={**JSON, "Content-Length": "64"}, payload=stream)
+
+    response = await ingest.post_order(request)
+
+    assert response.status == 400
+    assert b"unreadable-body" in cast(bytes, response.body)
+    assert publisher.records == []
 
 
 async def test_repeat_gets_the_first_answer_and_publishes_nothing(client: Client, publisher: FakePublisher) -> None:
@@ -173,9 +224,45 @@ async def test_repeat_gets_the_first_answer_and_publishes_nothing(client: Client
     assert await first.read() == await again.read()
     assert again.headers["Idempotent-Replayed"] == "true"
     assert len(publisher.records) == 1
-    # Without an event id of its own, the event id derives from the key: a republish carries the same one.
+    # Without an event id of its own, the event id derives from the key and the body: a republish carries the same.
     event = decode(publisher.records[0].value)
-    assert event.event_id == uuid.uuid5(EVENT_ID_NAMESPACE, "order-1-created")
+    assert event.event_id == uuid.uuid5(EVENT_ID_NAMESPACE, f"order-1-created\n{body_sha256(body(event_id=False))}")
+
+
+async def test_a_key_used_again_for_another_order_after_it_was_forgotten_makes_a_new_event(
+    publisher: FakePublisher,
+) -> None:
+    # The key store forgets keys after its retention (48 h), the sinks' dedup after theirs (168 h): with the event id
+    # derived from the key alone, the second order got the first one's id and every sink skipped it as a duplicate.
+    keys = MemoryIngestKeyStore()
+    ingest = Ingest(publisher, keys, IngestConfig(), clock=lambda: NOW)
+    client: Client = await serve(build_app(ingest=ingest, readiness=lambda: {}, max_body_bytes=65536))
+    await client.start_server()
+    try:
+        headers = {**JSON, "Idempotency-Key": "order-key"}
+        assert (await client.post("/v1/orders", data=body(1, event_id=False), headers=headers)).status == 202
+        assert await keys.prune(NOW + 1) == 1
+        assert (await client.post("/v1/orders", data=body(2, event_id=False), headers=headers)).status == 202
+        first, second = (decode(record.value) for record in publisher.records)
+        assert first.order.order_number != second.order.order_number
+        assert first.event_id != second.event_id
+    finally:
+        await client.close()
+
+
+async def test_a_request_without_a_key_retried_after_a_late_publish_is_the_same_event(
+    client: Client, publisher: FakePublisher
+) -> None:
+    publisher.mode = "pending"
+    pending = await client.post("/v1/orders", data=body(event_id=False), headers=JSON)
+    assert pending.status == 503
+    assert "retry with the same body" in (await pending.json())["detail"]
+    assert publisher.late is not None
+    publisher.late.set_result(Published("orders", 3, 0))  # it landed after all
+    publisher.mode = "ok"
+    assert (await client.post("/v1/orders", data=body(event_id=False), headers=JSON)).status == 202
+    late, retried = (decode(record.value) for record in publisher.records)
+    assert late.event_id == retried.event_id  # one event: every sink delivers it once
 
 
 async def test_same_key_other_body_is_422(client: Client, publisher: FakePublisher) -> None:
@@ -212,6 +299,32 @@ async def test_kafka_down_is_503_with_retry_after_and_the_key_is_free_again(
     assert len(publisher.records) == 1
 
 
+async def test_an_unexpected_publish_error_is_500_and_the_key_is_free_again(
+    client: Client, publisher: FakePublisher
+) -> None:
+    # The key stayed in flight after the 500: every retry with it got 409 until a restart.
+    publisher.mode = "broken"
+    headers = {**JSON, "Idempotency-Key": "k"}
+    assert (await client.post("/v1/orders", data=body(), headers=headers)).status == 500
+    publisher.mode = "ok"
+    assert (await client.post("/v1/orders", data=body(), headers=headers)).status == 202
+    assert len(publisher.records) == 1
+
+
+async def test_a_late_publish_that_ends_in_an_unexpected_error_frees_its_key(
+    client: Client, publisher: FakePublisher
+) -> None:
+    publisher.mode = "pending"
+    headers = {**JSON, "Idempotency-Key": "k"}
+    assert (await client.post("/v1/orders", data=body(), headers=headers)).status == 503
+    assert publisher.late is not None
+    publisher.late.set_exception(RuntimeError("unexpected"))
+    publisher.mode = "ok"
+    for _ in range(10):  # the settling task runs
+        await asyncio.sleep(0)
+    assert (await client.post("/v1/orders", data=body(), headers=headers)).status == 202
+
+
 class FailingKeyStore(MemoryIngestKeyStore):
     """Its claims fail, as the SQLite store's do while its file or its process fails."""
 
@@ -221,7 +334,7 @@ class FailingKeyStore(MemoryIngestKeyStore):
 
 async def test_a_failing_key_store_is_503_with_retry_after_and_nothing_published(publisher: FakePublisher) -> None:
     ingest = Ingest(publisher, FailingKeyStore(), IngestConfig(retry_after=7), clock=lambda: NOW)
-    client: Client = TestClient(TestServer(build_app(ingest=ingest, readiness=lambda: {}, max_body_bytes=65536)))
+    client: Client = await serve(build_app(ingest=ingest, readiness=lambda: {}, max_body_bytes=65536))
     await client.start_server()
     try:
         response = await client.post("/v1/orders", data=body(), headers={**JSON, "Idempotency-Key": "k"})

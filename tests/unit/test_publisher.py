@@ -108,14 +108,23 @@ async def test_a_record_the_producer_refuses_is_a_publish_error(
     assert publisher.available  # one bad record says nothing about the broker
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        KafkaError("NOT_ENOUGH_REPLICAS"),
+        # aiokafka fails every pending record with its sender task's error when that task dies (aio-libs/aiokafka#1038):
+        # let out as it was, the ingest answered 500 and kept the key in flight, so every retry got 409.
+        RuntimeError("the sender task died"),
+    ],
+)
 async def test_a_record_the_broker_does_not_store_is_a_publish_error(
-    started: tuple[KafkaPublisher, list[FakeProducer]],
+    started: tuple[KafkaPublisher, list[FakeProducer]], error: Exception
 ) -> None:
     publisher, [producer] = started
     producer.mode = "hold"
     publishing = asyncio.create_task(publisher.publish(RECORD, timeout=1.0))
     await producer.handed_over.wait()
-    producer.outcomes[0].set_exception(KafkaError("NOT_ENOUGH_REPLICAS"))
+    producer.outcomes[0].set_exception(error)
     with pytest.raises(PublishError, match="did not store"):
         await publishing
 
