@@ -306,11 +306,11 @@ class HttpClient:
         return origin, f"{target}?{parts.query}" if parts.query else target
 
     def _origin(self, scheme: str, host: str, port: int | None, url: str) -> Origin:
-        if not host.isascii():
-            try:
-                host = host.encode("idna").decode("ascii")
-            except UnicodeError:
-                raise InvalidRequestError(f"host is not a valid international domain name: {url!r}") from None
+        try:  # as getaddrinfo and ssl will (every label 1 to 63 characters), so that their UnicodeError never comes
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            problem = "has an empty label or one over 63 characters" if host.isascii() else "is not a valid IDN"
+            raise InvalidRequestError(f"host {problem}: {url!r}") from None
         if not _HOST.fullmatch(host):
             raise InvalidRequestError(f"no usable host in {url!r}")
         default = 443 if scheme == "https" else 80

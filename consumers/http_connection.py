@@ -32,7 +32,8 @@ class HttpAnswer:
 
 
 class _Stop(Exception):
-    """Raised from a parser callback to stop parsing: the answer is settled and the connection is being closed."""
+    """Raised from a parser callback to stop parsing: the answer is settled (or failed) and the connection is being
+    closed."""
 
 
 class Pool(Protocol):
@@ -105,6 +106,7 @@ class Connection(asyncio.Protocol):
         self.uses += 1
         self.reusable = False
         self.received = 0
+        self._begin()  # else, until a byte of this answer arrives, `_ended` would read the last answer's state
         self.max_body = max_body
         self.answer = answer = self.loop.create_future()
         self.transport.write(data)
@@ -180,8 +182,11 @@ class Connection(asyncio.Protocol):
             self.framed = value.rstrip().lower().endswith(b"chunked")
 
     def on_headers_complete(self) -> None:
+        self.status = status = self.parser.get_status_code()
+        if status < 100:  # llhttp takes any three digits; below 100 it would wait, as for a 1xx, for an answer
+            self.abort(HttpProtocolError(f"{self.origin.name}: status {status:03d} is not an HTTP status"))
+            raise _Stop("status below 100")
         self.headers_done = True
-        self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
