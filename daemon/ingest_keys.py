@@ -9,10 +9,12 @@ that was given. A request first *claims* its key:
 - `Busy`     -- the same key is being handled right now by this process: the client should retry later.
 
 A claimed row is *in flight* and carries the owner token of the store instance that claimed it (random per
-instance). After a crash the row would otherwise block its key forever, so a claim with the same body that
-finds an in-flight row of another owner takes it over. The order may then be published twice, by the dead
-process and now: that is Kafka's at-least-once, which the consumers' dedup absorbs. The consequence is that
-**one store instance owns a file**: two live processes on one file would steal each other's in-flight rows.
+instance). The instance knows which of its keys a request holds (below); any other row in flight is held by
+nobody: another owner's that crashed, or this owner's whose answer, release or claim result was lost with a
+failed batch. Such a row would otherwise block its key (409) forever, or until a restart, so a claim with the
+same body takes it over. The order may then be published twice: that is Kafka's at-least-once, and the same
+key and body make the same event id, which the consumers' dedup absorbs. The consequence is that **one store
+instance owns a file**: two live processes on one file would steal each other's in-flight rows.
 
 `SqliteIngestKeyStore` is the production store: one file, WAL, ``synchronous=NORMAL`` (a power cut may lose
 the last answers but never corrupts the file; a lost answer only means a retry is published again, which dedup
@@ -278,6 +280,9 @@ class SqliteIngestKeyStore:
             batch = self._queue[:MAX_BATCH]
             del self._queue[:MAX_BATCH]
             self._awaited -= sum(1 for queued in batch if queued.waiter is not None)
+            batch = self._unheld(batch)
+            if not batch:
+                continue
             try:
                 results = await self._connection().write(self._owner, [queued.operation for queued in batch])
             except Exception as exc:
@@ -293,6 +298,25 @@ class SqliteIngestKeyStore:
             self._settle(batch, results)
         if self._queue:
             self._start_writer_within(self._answer_delay)
+
+    def _unheld(self, batch: list[Queued]) -> list[Queued]:
+        """`batch` without the claims of keys held now, which are answered here (`Busy`, or `Conflict`).
+
+        A claim is queued only for a key not held, but one queued while an earlier claim of its key was being
+        written finds the key held once that batch is settled. It must not reach the file: a row in flight that
+        this batch did not claim is taken over there (`daemon.ingest_keys_sql._claim_all`)."""
+        held = self._held
+        if not held:
+            return batch
+        kept: list[Queued] = []
+        for queued in batch:
+            operation, waiter = queued
+            if isinstance(operation, ClaimOp) and (digest := held.get(operation.key)) is not None:
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(Busy() if digest == operation.body_sha256 else Conflict())
+                continue
+            kept.append(queued)
+        return kept
 
     def _settle(self, batch: Sequence[Queued], results: Sequence[object]) -> None:
         for (operation, waiter), outcome in zip(batch, results, strict=True):
@@ -322,7 +346,7 @@ class SqliteIngestKeyStore:
             elif not waiter.done():
                 waiter.set_exception(error)
         if unwritten:
-            # Their rows stay in flight: this process answers 409 for those keys until a restart takes them over.
+            # Their rows stay in flight, held by nobody: a retry with the same body takes its row over (see `_unheld`).
             log.error("ingest key store %s: %d answers or releases not stored: %s", self.path, unwritten, exc)
 
     def _connection(self) -> KeyStoreProcess:

@@ -84,13 +84,12 @@ def _existing_rows(n: int) -> str:
 @functools.cache
 def _claim_rows(n: int) -> str:
     """Insert `n` in-flight rows of (key, body_sha256, owner, claimed_at) that `_claim_all` found free to take,
-    or take over another owner's in-flight row with the same body; a row in any other state is left as it is."""
+    or take over an in-flight row with the same body that nobody holds; a row in any other state is left as it is."""
     values = ", ".join([f"(?, ?, '{_IN_FLIGHT}', ?, ?)"] * n)
     return f"""
 INSERT INTO {TABLE} (key, body_sha256, state, owner, claimed_at) VALUES {values}
 ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, claimed_at = excluded.claimed_at
-WHERE {TABLE}.state = '{_IN_FLIGHT}' AND {TABLE}.owner <> excluded.owner
-  AND {TABLE}.body_sha256 = excluded.body_sha256
+WHERE {TABLE}.state = '{_IN_FLIGHT}' AND {TABLE}.body_sha256 = excluded.body_sha256
 """  # noqa: S608 -- TABLE is a module constant, values are bound
 
 
@@ -180,21 +179,28 @@ def write(db: sqlite3.Connection, owner: str, batch: Sequence[Operation]) -> lis
 
 def _claim_all(db: sqlite3.Connection, owner: str, claims: Sequence[ClaimOp]) -> list[object]:
     """Each claim's `Claim`, in order, by two statements a chunk: the rows its keys already have (none, as a
-    rule), then one insert of the keys it takes: new ones, and those in flight for another owner (one that
-    crashed) with the same body. A row in flight for this owner is `Busy` (or `Conflict`): a key twice in one
-    batch, or a key whose answer could not be stored (see `SqliteIngestKeyStore._fail`)."""
+    rule), then one insert of the keys it takes: new ones, and those in flight with the same body that nobody holds.
+
+    Nobody holds a row in flight that this batch did not claim: the store sends no claim for a key it holds (see
+    `SqliteIngestKeyStore._unheld`), so such a row is another owner's that crashed, or this owner's whose answer,
+    release or claim's result was lost with a failed batch. A key claimed earlier in this batch is `Busy` (or
+    `Conflict`)."""
     results: list[object] = []
+    claimed: dict[str, str] = {}  # key -> body digest, of the keys this batch took
     for start, size in row_chunks(len(claims), 4):
         chunk = claims[start : start + size]
         rows = {row[0]: row[1:] for row in db.execute(_existing_rows(size), [c.key for c in chunk])}
         taken: list[ClaimOp] = []
         for claim in chunk:
-            row = rows.get(claim.key)
-            # (body_sha256, state, status, response, owner)
-            if row is None or (row[1] == _IN_FLIGHT and row[4] != owner and row[0] == claim.body_sha256):
+            digest = claimed.get(claim.key)
+            if digest is not None:
+                results.append(Busy() if digest == claim.body_sha256 else Conflict())
+                continue
+            row = rows.get(claim.key)  # (body_sha256, state, status, response, owner)
+            if row is None or (row[1] == _IN_FLIGHT and row[0] == claim.body_sha256):
                 taken.append(claim)
+                claimed[claim.key] = claim.body_sha256
                 results.append(Claimed())
-                rows[claim.key] = (claim.body_sha256, _IN_FLIGHT, None, None, owner)
             else:
                 results.append(_classify(row[:4], claim.body_sha256))
         if taken:

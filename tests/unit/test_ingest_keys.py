@@ -27,7 +27,7 @@ from daemon.ingest_keys import (
     body_sha256,
 )
 from daemon.ingest_keys_process import CHECKPOINT_PAGES
-from daemon.ingest_keys_sql import migrate
+from daemon.ingest_keys_sql import Operation, migrate
 from topics.errors import StoreError
 
 BODY_A = body_sha256(b'{"order": "A-1"}')
@@ -339,6 +339,78 @@ async def test_a_failed_transaction_fails_its_callers_and_the_writer_carries_on(
         await store.complete("held", 202, ANSWER, now=3.0)
         await store.flush()
     assert file_rows(path) == {"held": "done", "k1": "in_flight"}
+
+
+@pytest.mark.parametrize("lost", ["release", "complete"])
+async def test_a_key_whose_release_or_answer_was_lost_with_a_failed_batch_is_claimable_again(
+    tmp_path: Path, lost: str
+) -> None:
+    # The release (publish failed: 503) or the answer (202) was dropped with its failing batch, and the row stayed in
+    # flight under this store's owner: every retry with the key got 409 until a restart.
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as store:
+        assert await store.claim("k", BODY_A, now=1.0) == Claimed()
+        with contextlib.closing(sqlite3.connect(path)) as vandal:
+            vandal.execute(f"ALTER TABLE {TABLE} RENAME TO elsewhere")
+        if lost == "release":
+            await store.release("k")
+        else:
+            await store.complete("k", 202, ANSWER, now=2.0)
+        with pytest.raises(StoreError):
+            await store.flush()  # the batch with the release or the answer fails
+        with contextlib.closing(sqlite3.connect(path)) as mender:
+            mender.execute(f"ALTER TABLE elsewhere RENAME TO {TABLE}")
+        assert file_rows(path) == {"k": "in_flight"}
+
+        assert await store.claim("k", BODY_B, now=3.0) == Conflict()  # another body: still a client bug
+        assert await store.claim("k", BODY_A, now=3.0) == Claimed()  # the retry publishes, under the same event id
+        assert await store.claim("k", BODY_A, now=3.0) == Busy()  # and holds the key as any claim does
+
+
+async def test_a_claim_committed_before_its_answer_was_lost_is_claimable_again(tmp_path: Path) -> None:
+    # The process died after committing a claim, before answering: the caller got a StoreError (503, "nothing was
+    # published") and its retry found the row in flight under this store's owner: 409 until a restart.
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as store:
+        await store.flush()
+        insert = f"INSERT INTO {TABLE} (key, body_sha256, state, owner, claimed_at) VALUES (?, ?, 'in_flight', ?, 1)"  # noqa: S608
+        with contextlib.closing(sqlite3.connect(path)) as writer, writer:
+            writer.execute(insert, ("k", BODY_A, store._owner))
+        assert await store.claim("k", BODY_A, now=2.0) == Claimed()
+
+
+async def test_a_claim_queued_while_its_key_was_being_claimed_is_busy(tmp_path: Path) -> None:
+    # The second claim was queued before the first one's batch was settled, so the key was not held yet; it is
+    # written in the next batch, where a row in flight that the batch did not claim is taken over.
+    async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
+        writing = asyncio.Event()
+        write = store.process.write
+
+        async def spied(owner: str, batch: list[Operation]) -> list[object]:
+            writing.set()
+            return await write(owner, batch)
+
+        store.process.write = spied  # type: ignore[method-assign]
+        first = asyncio.create_task(store.claim("k", BODY_A, now=1.0))
+        await writing.wait()  # the first claim's batch is being written
+        again = asyncio.create_task(store.claim("k", BODY_A, now=1.0))
+        other = asyncio.create_task(store.claim("k", BODY_B, now=1.0))
+        assert await first == Claimed()
+        assert await again == Busy()
+        assert await other == Conflict()
+
+
+async def test_a_key_claimed_twice_in_one_batch_is_claimed_once_across_statement_chunks(tmp_path: Path) -> None:
+    async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
+        keys = [f"k{n}" for n in range(600)]  # more claims than one statement takes
+        results = await asyncio.gather(
+            *(store.claim(key, BODY_A, now=1.0) for key in keys),
+            store.claim("k0", BODY_A, now=1.0),
+            store.claim("k1", BODY_B, now=1.0),
+        )
+        assert store.transactions == 1
+        assert results[:600] == [Claimed()] * 600
+        assert results[600:] == [Busy(), Conflict()]
 
 
 async def test_operations_are_written_in_the_order_they_were_called(tmp_path: Path) -> None:
