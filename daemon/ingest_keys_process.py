@@ -19,9 +19,9 @@ module, one program), one request and its answer at a time. The child:
 - answers every request; a failing batch is rolled back and answered with its error, which the parent raises
   again as `sqlite3.Error` or `StoreError`, so the store fails that batch's callers and carries on.
 
-If the child dies (killed, out of memory), the batch under way fails with a `StoreError` and the next one starts a
-new child. Rows are owned by the store, not by the child (the owner token is sent with each batch), so claims in
-flight stay the store's.
+If the child dies (killed, out of memory), or does not answer a batch within `CALL_TIMEOUT` (then it is killed),
+the batch under way fails with a `StoreError` and the next one starts a new child. Rows are owned by the store,
+not by the child (the owner token is sent with each batch), so claims in flight stay the store's.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ _LENGTH: Final = struct.Struct(">I")
 # 20.0-53.7 ms); at full load the rate fell 1-4 % (two pairs) and the child's CPU rose from 0.18 to 0.20 cores.
 CHECKPOINT_PAGES: Final = 1000
 STOP_TIMEOUT: Final = 10.0  # seconds a child may take to finish its transaction and exit before it is killed
+# Seconds a child may take to answer a batch before it is taken for hung (a stalled disk, a stopped process) and
+# killed: far above any transaction (~1 ms; a checkpoint, tens of ms; SQLite's busy timeout, 5 s), and short enough
+# that the webhooks waiting for their claims get a 503 they can retry instead of hanging with them.
+CALL_TIMEOUT: Final = 30.0
 
 # Answers: (kind, value). "ok" carries the result; the others a message.
 _OK: Final = "ok"
@@ -66,6 +70,7 @@ class KeyStoreProcess:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.call_timeout = CALL_TIMEOUT
         self._child: asyncio.subprocess.Process | None = None
 
     @property
@@ -127,14 +132,20 @@ class KeyStoreProcess:
         assert child.stdin is not None
         frame = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            try:
-                child.stdin.write(_LENGTH.pack(len(frame)) + frame)
-                await child.stdin.drain()
-            except ConnectionError as exc:  # it had died: the answer would be the end of its stdout
-                raise await self._exited(child) from exc
-            return await self._answer(child)
+            async with asyncio.timeout(self.call_timeout):
+                try:
+                    child.stdin.write(_LENGTH.pack(len(frame)) + frame)
+                    await child.stdin.drain()
+                except ConnectionError as exc:  # it had died: the answer would be the end of its stdout
+                    raise await self._exited(child) from exc
+                return await self._answer(child)
         except (sqlite3.Error, StoreError):
             raise  # the child's answer, or its end: the next batch starts another
+        except TimeoutError:
+            await self._abandon()
+            message = f"its process did not answer in {self.call_timeout:g} s and was killed"
+            log.error("ingest key store %s: %s; the next batch starts another", self.path, message)
+            raise StoreError(f"ingest key store {self.path}: {message}") from None
         except BaseException:
             # Cancelled between a request and its answer: the next answer on the pipe would be this one's.
             await self._abandon()

@@ -91,6 +91,22 @@ async def test_a_killed_process_fails_the_batch_under_way_and_the_next_starts_an
         assert await store.claim("held", BODY, now=4.0) == Replay(status=202, body=ANSWER)
 
 
+async def test_a_hung_process_is_killed_its_batch_fails_and_the_next_starts_another(tmp_path: Path) -> None:
+    # A child that stops answering (a stalled disk, a stopped process) held every keyed webhook waiting for good.
+    async with SqliteIngestKeyStore(tmp_path / "keys.sqlite3", claim_delay=0) as store:
+        assert await store.claim("held", BODY, now=1.0) == Claimed()
+        hung = store.process.pid
+        assert hung is not None
+        store.process.call_timeout = 0.05  # it never answers: how long it is given does not change the outcome
+        os.kill(hung, signal.SIGSTOP)
+        with pytest.raises(StoreError, match=r"did not answer in 0\.05 s and was killed"):
+            await store.claim("k1", BODY, now=2.0)
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung, 0)  # killed, and reaped
+        assert await store.claim("k1", BODY, now=3.0) == Claimed()
+        assert store.process.pid not in (None, hung)
+
+
 async def test_the_process_ignores_stop_signals_and_exits_when_the_store_closes(tmp_path: Path) -> None:
     # systemd's SIGTERM (and a terminal's SIGINT) reach every process of the service: the daemon's shutdown
     # still writes the store's queue through its process, so only the store stops it.
