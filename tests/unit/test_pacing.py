@@ -120,12 +120,12 @@ async def test_after_a_hold_one_request_goes_at_once_and_the_rest_follow_at_the_
 
 async def test_throttled_time_counts_the_sink_once_not_each_caller_and_only_while_someone_waits() -> None:
     clock = FakeClock(start=START)
-    pacer = Pacer(None, clock=clock)
+    pacer = Pacer(1000, clock=clock)
     pacer.hold(5)
     await clock.advance(3)  # nobody waits during these 3 seconds
-    await acquire_all(pacer, clock, 20)
-    assert clock.now() == START + 5
-    assert pacer.throttled_seconds == pytest.approx(2.0)
+    times = await acquire_all(pacer, clock, 20)
+    assert times[0] == START + 5
+    assert pacer.throttled_seconds == pytest.approx(2.0)  # the hold only, not the tokens' pace after it
 
 
 async def test_a_shorter_hold_never_shortens_a_longer_one() -> None:
@@ -259,13 +259,29 @@ async def test_an_unlimited_pacer_returns_at_once(rate: float | None) -> None:
     assert clock.now() == START
 
 
-async def test_an_unlimited_pacer_still_obeys_a_hold_but_is_not_slowed() -> None:
+async def send_at(pacer: Pacer, clock: FakeClock, rate: float, seconds: float) -> None:
+    """Acquire at `rate` per second for `seconds`, as a sink's traffic does."""
+    for _ in range(round(rate * seconds)):
+        await pacer.acquire()
+        await clock.advance(1 / rate)
+
+
+async def test_a_hold_slows_an_unlimited_pacer_from_its_pace_which_then_recovers_to_unlimited() -> None:
+    # Unlimited pacers were only paused: every key the server had refused went again the moment the hold ended.
     clock = FakeClock(start=START)
-    pacer = Pacer(None, clock=clock)
+    pacer = Pacer(None, clock=clock, recovery_interval=1.0)
+    await send_at(pacer, clock, 100, 2.5)  # 100/s, as measured over the last whole second
+    held = clock.now()
     pacer.hold(3)
-    times = await acquire_all(pacer, clock, 10)
-    assert times == [START + 3] * 10
-    assert pacer.current_rate == math.inf
+    times = await acquire_all(pacer, clock, 11)
+    assert times[0] == pytest.approx(held + 3)  # one goes when the hold ends
+    assert [b - a for a, b in pairwise(times)] == pytest.approx([1 / 50] * 10)  # the rest at half the pace
+    assert pacer.current_rate == pytest.approx(50)
+    await clock.advance(1.0)
+    assert pacer.current_rate == pytest.approx(60)  # a tenth of the pace per recovery interval
+    await clock.advance(4.0)
+    assert pacer.current_rate == math.inf  # back at the pace: unlimited again
+    assert all(returns_without_waiting(pacer) for _ in range(1000))
 
 
 # --- cancellation -------------------------------------------------------------------------------------------
