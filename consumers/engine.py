@@ -114,6 +114,7 @@ class SinkEngine:
         self._throttled_reported = 0.0
         self._lag = LagMeter(consumer, self._offsets, clock, interval=self.config.lag_interval, sink=sink.name)
         self._lag_reported: set[int] = set()
+        self._failure: Exception | None = None  # the first error of a lane's task (`_lane_failed`)
         self._group = GroupFlush(store)
         metrics.add_sink(sink.name)
         self._context = LaneContext(
@@ -140,6 +141,7 @@ class SinkEngine:
             unsettled=asyncio.Semaphore(2 * self.config.max_in_flight),
             rng=rng or random.Random(),
             batch=self._group.batch,
+            failed=self._lane_failed,
         )
 
     # ------------------------------------------------------------------ the run loop
@@ -161,6 +163,7 @@ class SinkEngine:
                 for task in background:
                     if task.done():
                         task.result()  # a commit or a measurement failed for good (a StoreError): so does the run
+                self._raise_lane_failure()
                 works, epochs = await self._fetch()
                 await self._dispatched()  # the previous batch: records of one partition are queued in order
                 if works:
@@ -181,6 +184,21 @@ class SinkEngine:
                 self._dispatching.cancel()
                 await asyncio.gather(self._dispatching, return_exceptions=True)
             await self.drain(self._consumer.assignment())
+        self._raise_lane_failure()  # one that failed in the final drain
+
+    def _raise_lane_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _lane_failed(self, error: Exception) -> None:
+        """A lane's task raised (a store error, a bug): the run fails with the first such error at its next turn.
+
+        Its record stays unfinished, so the partition's commits stop before it; the daemon stops on a failed sink,
+        and the record comes again after the restart. Going on would only leave that partition frozen unseen.
+        """
+        if self._failure is None:
+            self._failure = error
+        self._progress.set()  # an idle run loop looks at once
 
     async def _dispatched(self) -> None:
         """Wait for the batch being dispatched, if any; its failure is the run loop's."""

@@ -64,6 +64,7 @@ class LaneContext:
     unsettled: asyncio.Semaphore  # records sent and not yet durably recorded: 2 x `max_in_flight`
     rng: random.Random
     batch: Callable[[], asyncio.Future[None]]  # the group flush's next batch (`consumers.group_flush.GroupFlush`)
+    failed: Callable[[Exception], None]  # a lane's task raised: the engine's run fails with that error
     blocked: dict[str, str] = field(default_factory=dict)  # order → idempotency key of the record that blocked it
     in_flight: int = 0
 
@@ -125,16 +126,26 @@ class Lane:
         self.task = asyncio.create_task(self._run(), name=f"lane-{self._context.sink.name}")
 
     async def _run(self) -> None:
-        while self._queue and not self._stopping:
-            work = self._queue[0]
-            if self._finished is not None and work.idempotency_key in self._finished and not work.replay:
-                self._count_duplicate()
-                self._queue.popleft()
-                self._on_finished(self, work)
-                continue
-            self._settling = await self._deliver(work)
-            self._context.batch().add_done_callback(self._settled)
-            return  # `_settled` goes on once the record is durable
+        try:
+            while self._queue and not self._stopping:
+                work = self._queue[0]
+                if self._finished is not None and work.idempotency_key in self._finished and not work.replay:
+                    self._count_duplicate()
+                    self._queue.popleft()
+                    self._on_finished(self, work)
+                    continue
+                self._settling = await self._deliver(work)
+                self._context.batch().add_done_callback(self._settled)
+                return  # `_settled` goes on once the record is durable
+        except Exception as exc:
+            # Nobody awaits a lane's task: unseen, its error would freeze the partition's commits with nothing
+            # said. The record stays unfinished (its offset is not committed) and the engine's run fails with it.
+            log.error(
+                "delivery failed unexpectedly; the record stays unfinished and the sink stops",
+                exc_info=exc,
+                extra={"sink": self._context.sink.name, "order": self._queue[0].order_ref if self._queue else None},
+            )
+            self._context.failed(exc)
 
     def _settled(self, batch: asyncio.Future[None]) -> None:
         """The flush of the settling record's state is over: finish the record, and go on with the next one.

@@ -649,6 +649,32 @@ async def test_a_commit_that_cannot_flush_the_dedup_table_fails_the_run(
         await h.engine.run(asyncio.Event())
 
 
+async def test_a_lane_that_fails_unexpectedly_fails_the_run_and_its_record_stays_unfinished(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    from topics.errors import StoreError
+
+    h = harness_factory({TP0: [record(0, "SO-1", "order.updated"), record(1, "SO-2")]})
+
+    async def broken_downstream_id(order_ref: str) -> str | None:
+        raise StoreError("dedup store crm: downstream_id failed: disk I/O error")
+
+    h.store.downstream_id = broken_downstream_id  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(5)
+    assert runner.done(), "the run fails without being stopped"
+    stop.set()
+    with pytest.raises(StoreError, match="disk I/O error"):
+        await runner
+    assert [method for _, method, _, _ in h.downstream.calls] == ["POST"], "SO-2's create; SO-1's update never left"
+    assert TP0 not in h.consumer.committed, "SO-1's update comes again after the restart"
+    failures = [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
+    assert [r.getMessage() for r in failures] == [
+        "delivery failed unexpectedly; the record stays unfinished and the sink stops"
+    ]
+
+
 def hold_flushes(h: Harness, *, first_only: bool = False) -> asyncio.Event:
     """Make the dedup store's flushes wait until the returned event is set (only its first flush, if `first_only`)."""
     release = asyncio.Event()
