@@ -18,6 +18,7 @@ Guarantees (see the brief's delivery invariants):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -392,7 +393,9 @@ class SinkEngine:
         # Step 2.
         tasks = [lane.task for lane in lanes if lane.task is not None and not lane.task.done()]
         if tasks:
-            _, late = await asyncio.wait(tasks, timeout=self.config.shutdown_grace)
+            with contextlib.suppress(TimeoutError), self._deadlines.within(self.config.shutdown_grace):
+                await asyncio.wait(tasks)  # on the engine's clock, as every other wait here
+            late = [task for task in tasks if not task.done()]
             for task in late:
                 task.cancel()
             if late:

@@ -502,6 +502,23 @@ async def test_stop_drains_requests_under_way_and_commits(harness_factory: Calla
     assert h.store.pending_writes == 0
 
 
+async def test_stop_cancels_the_requests_still_under_way_after_the_grace_period(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    h = harness_factory({TP0: [record(0, "SO-1")]}, shutdown_grace=5.0)
+    h.downstream.latency = 3600.0
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    while h.downstream.in_flight < 1:
+        await h.clock.sleep(0.01)
+    stopped = h.clock.now()
+    stop.set()
+    await runner
+    assert 5.0 <= h.clock.now() - stopped < 6.0, "the grace period is on the engine's clock, not the loop's"
+    assert h.downstream.calls == []
+    assert TP0 not in h.consumer.committed
+
+
 async def test_outcomes_and_attempts_are_counted_per_status_class(harness_factory: Callable[..., Harness]) -> None:
     def script(request: HttpRequest, nth: int) -> Reply:
         body = request.body or b""
