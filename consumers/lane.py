@@ -208,7 +208,12 @@ class Lane:
             # is being made durable; an `unsettled` place is held until the outcome is durable (the settling
             # record gives it back). After a crash, at most those records (2 x `max_in_flight`) can have been
             # applied downstream without being recorded here, and are sent once more under the same idempotency key.
-            await context.unsettled.acquire()
+            try:
+                await context.unsettled.acquire()
+            except BaseException:
+                if probe is not None:
+                    probe.release()  # stopped while waiting for a place (a drain): the probe was never sent
+                raise
             settling: Settling | None = None
             try:
                 try:

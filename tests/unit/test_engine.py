@@ -766,6 +766,41 @@ async def test_a_record_settling_after_its_partition_was_let_go_finishes_nothing
     assert h.consumer.committed == {TP1: 1}
 
 
+async def test_a_probe_stopped_while_it_waits_for_a_place_gives_its_slot_back(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if b"SO-DOWN" in (request.body or b"") else ok()
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-DOWN", seed=10)], TP1: [record(i, f"SO-{i}") for i in range(4)]},
+        script,
+        max_in_flight=2,  # 4 places for records sent and not yet durable
+        circuit_window=1,
+        circuit_min_calls=1,
+        circuit_failure_ratio=1.0,
+        circuit_open_for=5.0,
+        shutdown_grace=1.0,
+    )
+    release = hold_flushes(h)  # the 4 records answered while SO-DOWN's 503 opened the circuit hold every place
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(6)
+    assert len(h.downstream.calls) == 5
+    assert h.engine.circuit_state == "half_open", "SO-DOWN's lane took the probe and waits for a place"
+    revoke = asyncio.create_task(h.engine.on_revoked({TP0}))
+    await h.clock.sleep(1.5)  # past the grace period: SO-DOWN's lane was cancelled while it waited
+    assert h.engine.circuit_state == "half_open"
+    release.set()
+    await revoke
+    h.consumer.partitions[TP1].append(record(4, "SO-4"))
+    await h.clock.sleep(60)
+    assert h.engine.finished == 5, "SO-4 went out as the probe: the cancelled lane gave its slot back"
+    assert h.engine.circuit_state == "closed"
+    stop.set()
+    await runner
+
+
 async def test_a_record_whose_state_could_not_be_flushed_stays_unfinished(
     harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
