@@ -253,7 +253,7 @@ class Lane:
                     },
                 )
                 continue  # not counted against max attempts: it is our configuration, not this order
-            settling = await self._retry_or_give_up(work, attempts, outcome, decision)
+            settling = await self._retry_or_give_up(work, attempts, outcome, decision, probe)
             if settling is not None:
                 return settling
 
@@ -291,9 +291,17 @@ class Lane:
         return policy.decide_failure(outcome.kind)
 
     async def _retry_or_give_up(
-        self, work: Work, attempts: Attempts, outcome: Reply | TransportFailure, decision: Decision
+        self,
+        work: Work,
+        attempts: Attempts,
+        outcome: Reply | TransportFailure,
+        decision: Decision,
+        probe: Circuit | None,
     ) -> Settling | None:
-        """Park the lane until the next attempt; when retries are exhausted, dead-letter the record instead."""
+        """Park the lane until the next attempt; when retries are exhausted, dead-letter the record instead.
+
+        `probe` is the half-open gate whose probe slot this attempt held, if any (see `_wait_for_gates`).
+        """
         context = self._context
         context.auth.record(True)
         retry_after = None
@@ -305,9 +313,10 @@ class Lane:
             context.pacer.hold(retry_after or 0.0)
         if retry_after is None:
             context.circuit.record(False)
-        else:
+        elif probe is context.circuit:
             # The server set the pace and the pacer holds the sink: not a sign that it is unwell (a rate limiter
-            # answers a whole burst with 429s, which would open the circuit for far longer than it asked).
+            # answers a whole burst with 429s, which would open the circuit for far longer than it asked). Only
+            # this attempt's own probe slot is given back: another lane's probe is still out.
             context.circuit.release()
         assert attempts.first_mono is not None
         if context.backoff.exhausted(attempts.count, attempts.first_mono, context.clock.now()):

@@ -423,6 +423,48 @@ async def test_a_burst_of_429s_without_retry_after_still_opens_the_circuit(
     assert h.clock.now() - started >= 30.0
 
 
+async def test_a_paced_answer_leaves_another_lanes_half_open_probe_out(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # SO-Q's first request left while the circuit was closed and is answered, paced, while SO-X's probe is out:
+    # that answer must not free SO-X's probe slot, or SO-Q's retry probes beside it and SO-X's failed probe is
+    # ignored (a half-open circuit counts only the outcomes of the probes it let out).
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-Q" in (request.body or b""):
+            return answer(429, retry_after="1") if nth == 1 else ok()
+        return answer(503)
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-X")], TP1: [record(0, "SO-Q", seed=10)]},
+        script,
+        max_in_flight=2,
+        circuit_window=1,
+        circuit_min_calls=1,
+        circuit_failure_ratio=1.0,
+        circuit_open_for=5.0,
+    )
+    started: list[tuple[float, str]] = []
+
+    async def timed(request: HttpRequest, key: str) -> Reply | TransportFailure:
+        order = "SO-Q" if b"SO-Q" in (request.body or b"") else "SO-X"
+        started.append((h.clock.now(), order))
+        nth = sum(1 for _, seen in started if seen == order)
+        if (order, nth) in {("SO-Q", 1), ("SO-X", 2)}:  # SO-Q's first answer; SO-X's probe, from t+5 to t+10
+            await h.clock.sleep(7.0 if order == "SO-Q" else 5.0)
+        return await h.downstream(request, key)
+
+    h.engine._context.deliver = timed
+    begin = h.clock.now()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(12)
+    assert started[2][0] - begin < 7.0, "SO-X's probe was out when SO-Q's paced answer came"
+    assert [order for _, order in started] == ["SO-X", "SO-Q", "SO-X"], "SO-Q's retry waits for SO-X's probe"
+    assert h.engine.circuit_state == "open", "SO-X's failed probe opened the circuit again"
+    stop.set()
+    await runner
+
+
 async def test_401_pauses_the_sink_without_dead_letters_and_resumes(harness_factory: Callable[..., Harness]) -> None:
     def script(request: HttpRequest, nth: int) -> Reply:
         return answer(401) if nth == 1 else ok()
