@@ -42,6 +42,7 @@ from consumers.offsets import OffsetTracker
 from consumers.pacing import Pacer
 from consumers.sink import HttpRequest, Sink
 from consumers.work import TopicPartitionKey, Work, make_work
+from topics.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -371,8 +372,17 @@ class SinkEngine:
     async def on_revoked(self, revoked: Iterable[TopicPartitionKey]) -> None:
         """A rebalance takes partitions away: drain them the way a shutdown drains everything."""
         revoked = set(revoked)
-        log.info("partitions revoked", extra={"sink": self.sink.name, "partitions": sorted(p for _, p in revoked)})
-        await self.drain(revoked)
+        partitions = sorted(p for _, p in revoked)
+        log.info("partitions revoked", extra={"sink": self.sink.name, "partitions": partitions})
+        try:
+            await self.drain(revoked)
+        except StoreError as exc:
+            # Their unfinished records come again to whoever gets the partitions; a store that stays broken fails
+            # the next periodic commit, and with it the run.
+            log.error(
+                "revoked partitions could not be committed: the dedup table could not be flushed",
+                extra={"sink": self.sink.name, "partitions": partitions, "error": str(exc)},
+            )
 
     async def drain(self, tps: Iterable[TopicPartitionKey]) -> None:
         """Stop `tps`' lanes, wait up to the grace period for their requests under way, commit, forget them.
@@ -382,6 +392,8 @@ class SinkEngine:
                 long again at most) for the records settling: terminal, their states being made durable.
         Step 3. Commit what finished (flushing the dedup store first).
         Step 4. Forget those partitions: their unfinished records are redelivered to whoever owns them next.
+                Also when the commit failed (the dedup table could not be flushed): kept, their lanes and offsets
+                would hold `buffered` up, and the partition assigned back would be tracked again from the start.
         """
         tps = set(tps)
         for tp in tps:
@@ -407,18 +419,20 @@ class SinkEngine:
                     await self._group.settled()
             except TimeoutError:
                 log.warning("dedup writes still under way after the grace period", extra={"sink": self.sink.name})
-        # Step 3.
-        await self.commit(only=tps)
-        # Step 4.
-        for lane in lanes:
-            lane.forget()
-            self._buffered -= lane.size
-            self._lanes.pop(lane.id, None)
-        self._offsets.revoke(tps)
-        self._paused -= tps
-        for tp in tps:
-            self._lag.forget(tp)
-        self._report()
+        try:
+            # Step 3.
+            await self.commit(only=tps)
+        finally:
+            # Step 4.
+            for lane in lanes:
+                lane.forget()
+                self._buffered -= lane.size
+                self._lanes.pop(lane.id, None)
+            self._offsets.revoke(tps)
+            self._paused -= tps
+            for tp in tps:
+                self._lag.forget(tp)
+            self._report()
 
     # ------------------------------------------------------------------ reporting
 

@@ -665,6 +665,48 @@ async def test_a_revoke_drains_and_commits_only_those_partitions(harness_factory
     assert h.consumer.committed[TP1] == 1
 
 
+async def test_a_revoke_whose_commit_cannot_flush_still_lets_the_partition_go_and_it_can_come_back(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    from topics.errors import StoreError
+
+    down = True
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if down and b"SO-PARKED" in (request.body or b"") else ok()
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-PARKED"), record(1, "SO-PARKED", "order.updated")], TP1: [record(0, "SO-B", seed=10)]},
+        script,
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.wait_finished(1)
+    flush = h.store.flush
+    failures = 1
+
+    async def failing_once() -> int:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StoreError("dedup store crm: flush failed: database is locked")
+        return await flush()
+
+    h.store.flush = failing_once  # type: ignore[method-assign]
+    await h.engine.on_revoked({TP0})
+    assert "revoked partitions could not be committed" in caplog.text
+    assert h.engine.buffered == 0, "TP0's two records were let go all the same"
+    down = False
+    h.consumer.position[TP0] = h.consumer.committed.get(TP0, 0)  # assigned back: read again from its commit
+    h.engine.on_assigned({TP0})
+    await h.clock.sleep(30)
+    assert not runner.done(), "the run goes on"
+    assert h.engine.finished == 3
+    stop.set()
+    await runner
+    assert h.consumer.committed == {TP0: 2, TP1: 1}
+
+
 async def test_records_of_a_partition_revoked_during_their_lookup_are_dropped(
     harness_factory: Callable[..., Harness],
 ) -> None:
