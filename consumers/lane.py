@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _PROBE_WAIT = 0.5  # how often a lane looks again while another lane holds the half-open probe
 _PACED_STATUSES = (429, 503)
+_FLUSH_RETRY = 1.0  # first wait after a failed flush of a settling record's state; doubles up to the backoff cap
 
 
 @dataclass
@@ -150,15 +151,19 @@ class Lane:
     def _settled(self, batch: asyncio.Future[None]) -> None:
         """The flush of the settling record's state is over: finish the record, and go on with the next one.
 
-        If the flush failed, the record stays unfinished at the head of the lane, as when a waiting task got the
-        error: its offset is not committed, so it comes again after a restart or rebalance. A lasting failure also
-        fails the engine's next commit, which flushes too, and with it the run.
+        If the flush failed, the record stays unfinished at the head of the lane until a later flush makes its
+        state durable (`_flush_again`). A lane being stopped does not try again: the record stays unfinished, its
+        offset is not committed, and it comes again after a restart or rebalance (the dedup table skips it if
+        its state made it to disk after all).
         """
         settling, self._settling = self._settling, None
         assert settling is not None
+        error = batch.exception() if not batch.cancelled() else asyncio.CancelledError()
+        if error is not None and not self._stopping:
+            self._flush_again(settling, error)
+            return
         if settling.holds_unsettled:
             self._context.unsettled.release()
-        error = batch.exception() if not batch.cancelled() else asyncio.CancelledError()
         if self._forgotten:
             return
         work = settling.work
@@ -176,6 +181,34 @@ class Lane:
         self._on_finished(self, work)
         if self._queue and not self._stopping:
             self._start()
+
+    def _flush_again(self, settling: Settling, error: BaseException) -> None:
+        """The settling record's state could not be flushed: wait, then settle it with a later flush.
+
+        A failed flush's writes stay in the store for the next one (`SqliteDedupStore.flush` buffers them again).
+        Left unfinished instead, the record froze its partition's commits, and the key's next record restarted
+        the lane at it and sent it once more. It keeps its `unsettled` place meanwhile: it is sent and not yet
+        durable. A lasting failure also fails the engine's next commit, which flushes too, and with it the run.
+        """
+        settling.failed_flushes += 1
+        wait = min(_FLUSH_RETRY * 2 ** (settling.failed_flushes - 1), self._context.backoff.cap)
+        log.error(
+            "a finished record could not be recorded in the dedup table; trying again",
+            extra={
+                "sink": self._context.sink.name,
+                "order": settling.work.order_ref,
+                "error": repr(error),
+                "retry_in": wait,
+            },
+        )
+        self._settling = settling
+        self.task = asyncio.create_task(self._settle_later(wait), name=f"lane-{self._context.sink.name}")
+
+    async def _settle_later(self, seconds: float) -> None:
+        try:
+            await self._park(seconds)
+        finally:  # stopped by a drain too: the drain waits for that batch (`GroupFlush.settled`)
+            self._context.batch().add_done_callback(self._settled)
 
     def _count_duplicate(self) -> None:
         """As the engine counts a record whose key it finds terminal in the dedup table."""

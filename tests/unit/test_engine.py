@@ -885,32 +885,62 @@ async def test_a_probe_stopped_while_it_waits_for_a_place_gives_its_slot_back(
     await runner
 
 
-async def test_a_record_whose_state_could_not_be_flushed_stays_unfinished(
+async def test_a_record_whose_state_could_not_be_flushed_finishes_with_a_later_flush_and_is_sent_once(
     harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
     from topics.errors import StoreError
 
-    h = harness_factory({TP0: [record(0, "SO-1")]})
+    h = harness_factory({TP0: [record(0, "SO-1")]}, commit_interval=10.0)
     flush = h.store.flush
-    failures = 1
+    failures = 3  # its group flush and the next two tries (1 s, then 2 s later); the 4 s one passes
 
-    async def failing_once() -> int:
+    async def failing() -> int:
         nonlocal failures
         if failures:
             failures -= 1
-            raise StoreError("dedup store crm: flush failed: disk I/O error")
+            raise StoreError("dedup store crm: flush failed: database is locked")
         return await flush()
 
-    h.store.flush = failing_once  # type: ignore[method-assign]
+    h.store.flush = failing  # type: ignore[method-assign]
     stop = asyncio.Event()
     runner = asyncio.create_task(h.engine.run(stop))
     await h.clock.sleep(5)
+    assert h.engine.finished == 0, "not finished while its state is not durable"
+    h.consumer.partitions[TP0] += [record(1, "SO-1", "order.updated"), record(2, "SO-2")]
+    await h.clock.sleep(10)
+    assert [method for _, method, _, _ in h.downstream.calls] == ["POST", "POST", "PUT"], "SO-1's create went once"
+    assert h.engine.finished == 3
+    assert h.consumer.committed == {TP0: 3}, "the periodic commit moved past it"
     stop.set()
     await runner
+    assert "could not be recorded in the dedup table; trying again" in caplog.text
+
+
+async def test_a_record_whose_state_could_not_be_flushed_when_its_partition_is_drained_stays_unfinished(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    from topics.errors import StoreError
+
+    h = harness_factory({TP0: [record(0, "SO-1")]}, commit_interval=3600.0)
+    release = asyncio.Event()
+
+    async def failing() -> int:
+        await release.wait()
+        raise StoreError("dedup store crm: flush failed: disk I/O error")
+
+    h.store.flush = failing  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(1)
+    stop.set()
+    await h.clock.sleep(1)
+    release.set()  # the flush the drain waits for fails: the drain does not try again
+    with pytest.raises(StoreError):
+        await runner  # its commit flushes too
     assert len(h.downstream.calls) == 1
     assert h.engine.finished == 0
     assert TP0 not in h.consumer.committed, "its offset waits for a redelivery"
-    assert "could not be recorded in the dedup table" in caplog.text
+    assert "could not be recorded in the dedup table; it stays unfinished" in caplog.text
 
 
 async def test_group_flush_shares_one_flush_and_reports_failures() -> None:
