@@ -50,6 +50,7 @@ _DECODE_SLICE = 100  # records decoded between two turns of the event loop (see 
 # Gauges are set at most this often (seconds): `_report` walks every lane, and the loop may turn per record.
 _REPORT_INTERVAL = 0.1
 _RESUME_AT = 0.8  # partitions paused for a full buffer resume once it is down to this share of `max_buffered`
+_FETCH_SLACK = 1.0  # a fetch with no answer this long after its `fetch_wait` is cut off (see `_fetch`)
 
 Deliver = Callable[[HttpRequest, str], Awaitable[Reply | TransportFailure]]
 """One HTTP attempt: (request, idempotency key) → the answer or the transport failure. Never raises."""
@@ -101,6 +102,7 @@ class SinkEngine:
         self._store = store
         self._clock = clock
         self._deadlines = Deadlines(clock)  # bounds each offset commit and a drain's wait for settling records
+        self._fetch_deadlines = Deadlines(clock, resolution=_FETCH_SLACK / 2)  # bounds each fetch, coarsely
         self._metrics = metrics
         self._offsets = OffsetTracker()
         self._lanes: dict[tuple[TopicPartitionKey, str], Lane] = {}
@@ -229,7 +231,12 @@ class SinkEngine:
             await self._idle(self.config.fetch_wait)
             return [], {}
         try:
-            batch = await self._consumer.getmany(timeout_ms=int(self.config.fetch_wait * 1000), max_records=room)
+            # aiokafka waits with no timeout while its group rebalances: if the group cannot rejoin (the
+            # coordinator unreachable), an unbounded fetch never let the loop see `stop`, and a SIGTERM hung.
+            with self._fetch_deadlines.within(self.config.fetch_wait + _FETCH_SLACK):
+                batch = await self._consumer.getmany(timeout_ms=int(self.config.fetch_wait * 1000), max_records=room)
+        except TimeoutError:
+            return [], {}  # the loop looks at `stop`, then asks again
         except KafkaError as exc:
             log.warning("fetch failed, retrying", extra={"sink": self.sink.name, "error": repr(exc)})
             await self._clock.sleep(self.config.fetch_wait)

@@ -561,6 +561,30 @@ async def test_stop_cancels_the_requests_still_under_way_after_the_grace_period(
     assert TP0 not in h.consumer.committed
 
 
+async def test_stop_ends_the_run_while_a_fetch_never_returns(harness_factory: Callable[..., Harness]) -> None:
+    # As aiokafka's getmany while its group rebalances and cannot rejoin: it waits for the assignment, unbounded.
+    h = harness_factory({TP0: [record(0, "SO-1")]}, fetch_wait=0.2, shutdown_grace=5.0)
+    await h.run_until(1)
+    waiters: list[asyncio.Future[Mapping[tuple[str, int], list[Any]]]] = []
+
+    async def stuck(timeout_ms: int, max_records: int) -> Mapping[tuple[str, int], list[Any]]:
+        waiters.append(asyncio.get_running_loop().create_future())  # a new one each call, as aiokafka's
+        return await waiters[-1]
+
+    h.consumer.getmany = stuck  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(10)
+    stop.set()
+    await h.clock.sleep(0.2 + 2.0)  # fetch_wait, then the fetch's slack (up to 1.5 s) and a commit
+    ended = runner.done()
+    if not ended:
+        waiters[-1].set_result({})  # the rebalance ends after all: let the run finish
+    await runner
+    assert ended, "the run ended within fetch_wait and its slack after the stop"
+    assert h.consumer.committed == {TP0: 1}
+
+
 async def test_outcomes_and_attempts_are_counted_per_status_class(harness_factory: Callable[..., Harness]) -> None:
     def script(request: HttpRequest, nth: int) -> Reply:
         body = request.body or b""
