@@ -18,6 +18,7 @@ Guarantees (see the brief's delivery invariants):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -41,6 +42,7 @@ from consumers.offsets import OffsetTracker
 from consumers.pacing import Pacer
 from consumers.sink import HttpRequest, Sink
 from consumers.work import TopicPartitionKey, Work, make_work
+from topics.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ _DECODE_SLICE = 100  # records decoded between two turns of the event loop (see 
 # Gauges are set at most this often (seconds): `_report` walks every lane, and the loop may turn per record.
 _REPORT_INTERVAL = 0.1
 _RESUME_AT = 0.8  # partitions paused for a full buffer resume once it is down to this share of `max_buffered`
+_FETCH_SLACK = 1.0  # a fetch with no answer this long after its `fetch_wait` is cut off (see `_fetch`)
 
 Deliver = Callable[[HttpRequest, str], Awaitable[Reply | TransportFailure]]
 """One HTTP attempt: (request, idempotency key) → the answer or the transport failure. Never raises."""
@@ -99,6 +102,7 @@ class SinkEngine:
         self._store = store
         self._clock = clock
         self._deadlines = Deadlines(clock)  # bounds each offset commit and a drain's wait for settling records
+        self._fetch_deadlines = Deadlines(clock, resolution=_FETCH_SLACK / 2)  # bounds each fetch, coarsely
         self._metrics = metrics
         self._offsets = OffsetTracker()
         self._lanes: dict[tuple[TopicPartitionKey, str], Lane] = {}
@@ -114,6 +118,7 @@ class SinkEngine:
         self._throttled_reported = 0.0
         self._lag = LagMeter(consumer, self._offsets, clock, interval=self.config.lag_interval, sink=sink.name)
         self._lag_reported: set[int] = set()
+        self._failure: Exception | None = None  # the first error of a lane's task (`_lane_failed`)
         self._group = GroupFlush(store)
         metrics.add_sink(sink.name)
         self._context = LaneContext(
@@ -140,6 +145,7 @@ class SinkEngine:
             unsettled=asyncio.Semaphore(2 * self.config.max_in_flight),
             rng=rng or random.Random(),
             batch=self._group.batch,
+            failed=self._lane_failed,
         )
 
     # ------------------------------------------------------------------ the run loop
@@ -161,6 +167,7 @@ class SinkEngine:
                 for task in background:
                     if task.done():
                         task.result()  # a commit or a measurement failed for good (a StoreError): so does the run
+                self._raise_lane_failure()
                 works, epochs = await self._fetch()
                 await self._dispatched()  # the previous batch: records of one partition are queued in order
                 if works:
@@ -181,6 +188,21 @@ class SinkEngine:
                 self._dispatching.cancel()
                 await asyncio.gather(self._dispatching, return_exceptions=True)
             await self.drain(self._consumer.assignment())
+        self._raise_lane_failure()  # one that failed in the final drain
+
+    def _raise_lane_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _lane_failed(self, error: Exception) -> None:
+        """A lane's task raised (a store error, a bug): the run fails with the first such error at its next turn.
+
+        Its record stays unfinished, so the partition's commits stop before it; the daemon stops on a failed sink,
+        and the record comes again after the restart. Going on would only leave that partition frozen unseen.
+        """
+        if self._failure is None:
+            self._failure = error
+        self._progress.set()  # an idle run loop looks at once
 
     async def _dispatched(self) -> None:
         """Wait for the batch being dispatched, if any; its failure is the run loop's."""
@@ -209,7 +231,12 @@ class SinkEngine:
             await self._idle(self.config.fetch_wait)
             return [], {}
         try:
-            batch = await self._consumer.getmany(timeout_ms=int(self.config.fetch_wait * 1000), max_records=room)
+            # aiokafka waits with no timeout while its group rebalances: if the group cannot rejoin (the
+            # coordinator unreachable), an unbounded fetch never let the loop see `stop`, and a SIGTERM hung.
+            with self._fetch_deadlines.within(self.config.fetch_wait + _FETCH_SLACK):
+                batch = await self._consumer.getmany(timeout_ms=int(self.config.fetch_wait * 1000), max_records=room)
+        except TimeoutError:
+            return [], {}  # the loop looks at `stop`, then asks again
         except KafkaError as exc:
             log.warning("fetch failed, retrying", extra={"sink": self.sink.name, "error": repr(exc)})
             await self._clock.sleep(self.config.fetch_wait)
@@ -352,8 +379,17 @@ class SinkEngine:
     async def on_revoked(self, revoked: Iterable[TopicPartitionKey]) -> None:
         """A rebalance takes partitions away: drain them the way a shutdown drains everything."""
         revoked = set(revoked)
-        log.info("partitions revoked", extra={"sink": self.sink.name, "partitions": sorted(p for _, p in revoked)})
-        await self.drain(revoked)
+        partitions = sorted(p for _, p in revoked)
+        log.info("partitions revoked", extra={"sink": self.sink.name, "partitions": partitions})
+        try:
+            await self.drain(revoked)
+        except StoreError as exc:
+            # Their unfinished records come again to whoever gets the partitions; a store that stays broken fails
+            # the next periodic commit, and with it the run.
+            log.error(
+                "revoked partitions could not be committed: the dedup table could not be flushed",
+                extra={"sink": self.sink.name, "partitions": partitions, "error": str(exc)},
+            )
 
     async def drain(self, tps: Iterable[TopicPartitionKey]) -> None:
         """Stop `tps`' lanes, wait up to the grace period for their requests under way, commit, forget them.
@@ -363,6 +399,8 @@ class SinkEngine:
                 long again at most) for the records settling: terminal, their states being made durable.
         Step 3. Commit what finished (flushing the dedup store first).
         Step 4. Forget those partitions: their unfinished records are redelivered to whoever owns them next.
+                Also when the commit failed (the dedup table could not be flushed): kept, their lanes and offsets
+                would hold `buffered` up, and the partition assigned back would be tracked again from the start.
         """
         tps = set(tps)
         for tp in tps:
@@ -374,7 +412,9 @@ class SinkEngine:
         # Step 2.
         tasks = [lane.task for lane in lanes if lane.task is not None and not lane.task.done()]
         if tasks:
-            _, late = await asyncio.wait(tasks, timeout=self.config.shutdown_grace)
+            with contextlib.suppress(TimeoutError), self._deadlines.within(self.config.shutdown_grace):
+                await asyncio.wait(tasks)  # on the engine's clock, as every other wait here
+            late = [task for task in tasks if not task.done()]
             for task in late:
                 task.cancel()
             if late:
@@ -386,18 +426,20 @@ class SinkEngine:
                     await self._group.settled()
             except TimeoutError:
                 log.warning("dedup writes still under way after the grace period", extra={"sink": self.sink.name})
-        # Step 3.
-        await self.commit(only=tps)
-        # Step 4.
-        for lane in lanes:
-            lane.forget()
-            self._buffered -= lane.size
-            self._lanes.pop(lane.id, None)
-        self._offsets.revoke(tps)
-        self._paused -= tps
-        for tp in tps:
-            self._lag.forget(tp)
-        self._report()
+        try:
+            # Step 3.
+            await self.commit(only=tps)
+        finally:
+            # Step 4.
+            for lane in lanes:
+                lane.forget()
+                self._buffered -= lane.size
+                self._lanes.pop(lane.id, None)
+            self._offsets.revoke(tps)
+            self._paused -= tps
+            for tp in tps:
+                self._lag.forget(tp)
+            self._report()
 
     # ------------------------------------------------------------------ reporting
 

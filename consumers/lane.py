@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _PROBE_WAIT = 0.5  # how often a lane looks again while another lane holds the half-open probe
 _PACED_STATUSES = (429, 503)
+_FLUSH_RETRY = 1.0  # first wait after a failed flush of a settling record's state; doubles up to the backoff cap
 
 
 @dataclass
@@ -64,6 +65,7 @@ class LaneContext:
     unsettled: asyncio.Semaphore  # records sent and not yet durably recorded: 2 x `max_in_flight`
     rng: random.Random
     batch: Callable[[], asyncio.Future[None]]  # the group flush's next batch (`consumers.group_flush.GroupFlush`)
+    failed: Callable[[Exception], None]  # a lane's task raised: the engine's run fails with that error
     blocked: dict[str, str] = field(default_factory=dict)  # order → idempotency key of the record that blocked it
     in_flight: int = 0
 
@@ -125,29 +127,43 @@ class Lane:
         self.task = asyncio.create_task(self._run(), name=f"lane-{self._context.sink.name}")
 
     async def _run(self) -> None:
-        while self._queue and not self._stopping:
-            work = self._queue[0]
-            if self._finished is not None and work.idempotency_key in self._finished and not work.replay:
-                self._count_duplicate()
-                self._queue.popleft()
-                self._on_finished(self, work)
-                continue
-            self._settling = await self._deliver(work)
-            self._context.batch().add_done_callback(self._settled)
-            return  # `_settled` goes on once the record is durable
+        try:
+            while self._queue and not self._stopping:
+                work = self._queue[0]
+                if self._finished is not None and work.idempotency_key in self._finished and not work.replay:
+                    self._count_duplicate()
+                    self._queue.popleft()
+                    self._on_finished(self, work)
+                    continue
+                self._settling = await self._deliver(work)
+                self._context.batch().add_done_callback(self._settled)
+                return  # `_settled` goes on once the record is durable
+        except Exception as exc:
+            # Nobody awaits a lane's task: unseen, its error would freeze the partition's commits with nothing
+            # said. The record stays unfinished (its offset is not committed) and the engine's run fails with it.
+            log.error(
+                "delivery failed unexpectedly; the record stays unfinished and the sink stops",
+                exc_info=exc,
+                extra={"sink": self._context.sink.name, "order": self._queue[0].order_ref if self._queue else None},
+            )
+            self._context.failed(exc)
 
     def _settled(self, batch: asyncio.Future[None]) -> None:
         """The flush of the settling record's state is over: finish the record, and go on with the next one.
 
-        If the flush failed, the record stays unfinished at the head of the lane, as when a waiting task got the
-        error: its offset is not committed, so it comes again after a restart or rebalance. A lasting failure also
-        fails the engine's next commit, which flushes too, and with it the run.
+        If the flush failed, the record stays unfinished at the head of the lane until a later flush makes its
+        state durable (`_flush_again`). A lane being stopped does not try again: the record stays unfinished, its
+        offset is not committed, and it comes again after a restart or rebalance (the dedup table skips it if
+        its state made it to disk after all).
         """
         settling, self._settling = self._settling, None
         assert settling is not None
+        error = batch.exception() if not batch.cancelled() else asyncio.CancelledError()
+        if error is not None and not self._stopping:
+            self._flush_again(settling, error)
+            return
         if settling.holds_unsettled:
             self._context.unsettled.release()
-        error = batch.exception() if not batch.cancelled() else asyncio.CancelledError()
         if self._forgotten:
             return
         work = settling.work
@@ -165,6 +181,34 @@ class Lane:
         self._on_finished(self, work)
         if self._queue and not self._stopping:
             self._start()
+
+    def _flush_again(self, settling: Settling, error: BaseException) -> None:
+        """The settling record's state could not be flushed: wait, then settle it with a later flush.
+
+        A failed flush's writes stay in the store for the next one (`SqliteDedupStore.flush` buffers them again).
+        Left unfinished instead, the record froze its partition's commits, and the key's next record restarted
+        the lane at it and sent it once more. It keeps its `unsettled` place meanwhile: it is sent and not yet
+        durable. A lasting failure also fails the engine's next commit, which flushes too, and with it the run.
+        """
+        settling.failed_flushes += 1
+        wait = min(_FLUSH_RETRY * 2 ** (settling.failed_flushes - 1), self._context.backoff.cap)
+        log.error(
+            "a finished record could not be recorded in the dedup table; trying again",
+            extra={
+                "sink": self._context.sink.name,
+                "order": settling.work.order_ref,
+                "error": repr(error),
+                "retry_in": wait,
+            },
+        )
+        self._settling = settling
+        self.task = asyncio.create_task(self._settle_later(wait), name=f"lane-{self._context.sink.name}")
+
+    async def _settle_later(self, seconds: float) -> None:
+        try:
+            await self._park(seconds)
+        finally:  # stopped by a drain too: the drain waits for that batch (`GroupFlush.settled`)
+            self._context.batch().add_done_callback(self._settled)
 
     def _count_duplicate(self) -> None:
         """As the engine counts a record whose key it finds terminal in the dedup table."""
@@ -197,7 +241,12 @@ class Lane:
             # is being made durable; an `unsettled` place is held until the outcome is durable (the settling
             # record gives it back). After a crash, at most those records (2 x `max_in_flight`) can have been
             # applied downstream without being recorded here, and are sent once more under the same idempotency key.
-            await context.unsettled.acquire()
+            try:
+                await context.unsettled.acquire()
+            except BaseException:
+                if probe is not None:
+                    probe.release()  # stopped while waiting for a place (a drain): the probe was never sent
+                raise
             settling: Settling | None = None
             try:
                 try:
@@ -237,7 +286,7 @@ class Lane:
                     },
                 )
                 continue  # not counted against max attempts: it is our configuration, not this order
-            settling = await self._retry_or_give_up(work, attempts, outcome, decision)
+            settling = await self._retry_or_give_up(work, attempts, outcome, decision, probe)
             if settling is not None:
                 return settling
 
@@ -275,9 +324,17 @@ class Lane:
         return policy.decide_failure(outcome.kind)
 
     async def _retry_or_give_up(
-        self, work: Work, attempts: Attempts, outcome: Reply | TransportFailure, decision: Decision
+        self,
+        work: Work,
+        attempts: Attempts,
+        outcome: Reply | TransportFailure,
+        decision: Decision,
+        probe: Circuit | None,
     ) -> Settling | None:
-        """Park the lane until the next attempt; when retries are exhausted, dead-letter the record instead."""
+        """Park the lane until the next attempt; when retries are exhausted, dead-letter the record instead.
+
+        `probe` is the half-open gate whose probe slot this attempt held, if any (see `_wait_for_gates`).
+        """
         context = self._context
         context.auth.record(True)
         retry_after = None
@@ -289,9 +346,10 @@ class Lane:
             context.pacer.hold(retry_after or 0.0)
         if retry_after is None:
             context.circuit.record(False)
-        else:
+        elif probe is context.circuit:
             # The server set the pace and the pacer holds the sink: not a sign that it is unwell (a rate limiter
-            # answers a whole burst with 429s, which would open the circuit for far longer than it asked).
+            # answers a whole burst with 429s, which would open the circuit for far longer than it asked). Only
+            # this attempt's own probe slot is given back: another lane's probe is still out.
             context.circuit.release()
         assert attempts.first_mono is not None
         if context.backoff.exhausted(attempts.count, attempts.first_mono, context.clock.now()):

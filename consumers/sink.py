@@ -194,7 +194,7 @@ class RestSink:
             return None
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # deeply nested JSON exhausts the parser's stack
             return None
         value = document.get(self.id_field) if isinstance(document, dict) else None
         if isinstance(value, bool) or not isinstance(value, str | int):

@@ -38,6 +38,7 @@ class Settling:
     work: Work
     after: Callable[[], None]
     holds_unsettled: bool = False  # it holds a place of `LaneContext.unsettled`, given back once durable
+    failed_flushes: int = 0  # flushes of its state that failed so far (`Lane._flush_again`)
 
 
 @dataclass(slots=True)

@@ -423,6 +423,48 @@ async def test_a_burst_of_429s_without_retry_after_still_opens_the_circuit(
     assert h.clock.now() - started >= 30.0
 
 
+async def test_a_paced_answer_leaves_another_lanes_half_open_probe_out(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # SO-Q's first request left while the circuit was closed and is answered, paced, while SO-X's probe is out:
+    # that answer must not free SO-X's probe slot, or SO-Q's retry probes beside it and SO-X's failed probe is
+    # ignored (a half-open circuit counts only the outcomes of the probes it let out).
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-Q" in (request.body or b""):
+            return answer(429, retry_after="1") if nth == 1 else ok()
+        return answer(503)
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-X")], TP1: [record(0, "SO-Q", seed=10)]},
+        script,
+        max_in_flight=2,
+        circuit_window=1,
+        circuit_min_calls=1,
+        circuit_failure_ratio=1.0,
+        circuit_open_for=5.0,
+    )
+    started: list[tuple[float, str]] = []
+
+    async def timed(request: HttpRequest, key: str) -> Reply | TransportFailure:
+        order = "SO-Q" if b"SO-Q" in (request.body or b"") else "SO-X"
+        started.append((h.clock.now(), order))
+        nth = sum(1 for _, seen in started if seen == order)
+        if (order, nth) in {("SO-Q", 1), ("SO-X", 2)}:  # SO-Q's first answer; SO-X's probe, from t+5 to t+10
+            await h.clock.sleep(7.0 if order == "SO-Q" else 5.0)
+        return await h.downstream(request, key)
+
+    h.engine._context.deliver = timed
+    begin = h.clock.now()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(12)
+    assert started[2][0] - begin < 7.0, "SO-X's probe was out when SO-Q's paced answer came"
+    assert [order for _, order in started] == ["SO-X", "SO-Q", "SO-X"], "SO-Q's retry waits for SO-X's probe"
+    assert h.engine.circuit_state == "open", "SO-X's failed probe opened the circuit again"
+    stop.set()
+    await runner
+
+
 async def test_401_pauses_the_sink_without_dead_letters_and_resumes(harness_factory: Callable[..., Harness]) -> None:
     def script(request: HttpRequest, nth: int) -> Reply:
         return answer(401) if nth == 1 else ok()
@@ -500,6 +542,47 @@ async def test_stop_drains_requests_under_way_and_commits(harness_factory: Calla
     assert len(h.downstream.calls) == 10
     assert h.consumer.committed == {TP0: 10}
     assert h.store.pending_writes == 0
+
+
+async def test_stop_cancels_the_requests_still_under_way_after_the_grace_period(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    h = harness_factory({TP0: [record(0, "SO-1")]}, shutdown_grace=5.0)
+    h.downstream.latency = 3600.0
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    while h.downstream.in_flight < 1:
+        await h.clock.sleep(0.01)
+    stopped = h.clock.now()
+    stop.set()
+    await runner
+    assert 5.0 <= h.clock.now() - stopped < 6.0, "the grace period is on the engine's clock, not the loop's"
+    assert h.downstream.calls == []
+    assert TP0 not in h.consumer.committed
+
+
+async def test_stop_ends_the_run_while_a_fetch_never_returns(harness_factory: Callable[..., Harness]) -> None:
+    # As aiokafka's getmany while its group rebalances and cannot rejoin: it waits for the assignment, unbounded.
+    h = harness_factory({TP0: [record(0, "SO-1")]}, fetch_wait=0.2, shutdown_grace=5.0)
+    await h.run_until(1)
+    waiters: list[asyncio.Future[Mapping[tuple[str, int], list[Any]]]] = []
+
+    async def stuck(timeout_ms: int, max_records: int) -> Mapping[tuple[str, int], list[Any]]:
+        waiters.append(asyncio.get_running_loop().create_future())  # a new one each call, as aiokafka's
+        return await waiters[-1]
+
+    h.consumer.getmany = stuck  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(10)
+    stop.set()
+    await h.clock.sleep(0.2 + 2.0)  # fetch_wait, then the fetch's slack (up to 1.5 s) and a commit
+    ended = runner.done()
+    if not ended:
+        waiters[-1].set_result({})  # the rebalance ends after all: let the run finish
+    await runner
+    assert ended, "the run ended within fetch_wait and its slack after the stop"
+    assert h.consumer.committed == {TP0: 1}
 
 
 async def test_outcomes_and_attempts_are_counted_per_status_class(harness_factory: Callable[..., Harness]) -> None:
@@ -606,6 +689,48 @@ async def test_a_revoke_drains_and_commits_only_those_partitions(harness_factory
     assert h.consumer.committed[TP1] == 1
 
 
+async def test_a_revoke_whose_commit_cannot_flush_still_lets_the_partition_go_and_it_can_come_back(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    from topics.errors import StoreError
+
+    down = True
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if down and b"SO-PARKED" in (request.body or b"") else ok()
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-PARKED"), record(1, "SO-PARKED", "order.updated")], TP1: [record(0, "SO-B", seed=10)]},
+        script,
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.wait_finished(1)
+    flush = h.store.flush
+    failures = 1
+
+    async def failing_once() -> int:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StoreError("dedup store crm: flush failed: database is locked")
+        return await flush()
+
+    h.store.flush = failing_once  # type: ignore[method-assign]
+    await h.engine.on_revoked({TP0})
+    assert "revoked partitions could not be committed" in caplog.text
+    assert h.engine.buffered == 0, "TP0's two records were let go all the same"
+    down = False
+    h.consumer.position[TP0] = h.consumer.committed.get(TP0, 0)  # assigned back: read again from its commit
+    h.engine.on_assigned({TP0})
+    await h.clock.sleep(30)
+    assert not runner.done(), "the run goes on"
+    assert h.engine.finished == 3
+    stop.set()
+    await runner
+    assert h.consumer.committed == {TP0: 2, TP1: 1}
+
+
 async def test_records_of_a_partition_revoked_during_their_lookup_are_dropped(
     harness_factory: Callable[..., Harness],
 ) -> None:
@@ -647,6 +772,32 @@ async def test_a_commit_that_cannot_flush_the_dedup_table_fails_the_run(
     h.store.flush = broken_flush  # type: ignore[method-assign]
     with pytest.raises(StoreError, match="disk I/O error"):
         await h.engine.run(asyncio.Event())
+
+
+async def test_a_lane_that_fails_unexpectedly_fails_the_run_and_its_record_stays_unfinished(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    from topics.errors import StoreError
+
+    h = harness_factory({TP0: [record(0, "SO-1", "order.updated"), record(1, "SO-2")]})
+
+    async def broken_downstream_id(order_ref: str) -> str | None:
+        raise StoreError("dedup store crm: downstream_id failed: disk I/O error")
+
+    h.store.downstream_id = broken_downstream_id  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(5)
+    assert runner.done(), "the run fails without being stopped"
+    stop.set()
+    with pytest.raises(StoreError, match="disk I/O error"):
+        await runner
+    assert [method for _, method, _, _ in h.downstream.calls] == ["POST"], "SO-2's create; SO-1's update never left"
+    assert TP0 not in h.consumer.committed, "SO-1's update comes again after the restart"
+    failures = [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
+    assert [r.getMessage() for r in failures] == [
+        "delivery failed unexpectedly; the record stays unfinished and the sink stops"
+    ]
 
 
 def hold_flushes(h: Harness, *, first_only: bool = False) -> asyncio.Event:
@@ -723,32 +874,97 @@ async def test_a_record_settling_after_its_partition_was_let_go_finishes_nothing
     assert h.consumer.committed == {TP1: 1}
 
 
-async def test_a_record_whose_state_could_not_be_flushed_stays_unfinished(
+async def test_a_probe_stopped_while_it_waits_for_a_place_gives_its_slot_back(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if b"SO-DOWN" in (request.body or b"") else ok()
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-DOWN", seed=10)], TP1: [record(i, f"SO-{i}") for i in range(4)]},
+        script,
+        max_in_flight=2,  # 4 places for records sent and not yet durable
+        circuit_window=1,
+        circuit_min_calls=1,
+        circuit_failure_ratio=1.0,
+        circuit_open_for=5.0,
+        shutdown_grace=1.0,
+    )
+    release = hold_flushes(h)  # the 4 records answered while SO-DOWN's 503 opened the circuit hold every place
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(6)
+    assert len(h.downstream.calls) == 5
+    assert h.engine.circuit_state == "half_open", "SO-DOWN's lane took the probe and waits for a place"
+    revoke = asyncio.create_task(h.engine.on_revoked({TP0}))
+    await h.clock.sleep(1.5)  # past the grace period: SO-DOWN's lane was cancelled while it waited
+    assert h.engine.circuit_state == "half_open"
+    release.set()
+    await revoke
+    h.consumer.partitions[TP1].append(record(4, "SO-4"))
+    await h.clock.sleep(60)
+    assert h.engine.finished == 5, "SO-4 went out as the probe: the cancelled lane gave its slot back"
+    assert h.engine.circuit_state == "closed"
+    stop.set()
+    await runner
+
+
+async def test_a_record_whose_state_could_not_be_flushed_finishes_with_a_later_flush_and_is_sent_once(
     harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
     from topics.errors import StoreError
 
-    h = harness_factory({TP0: [record(0, "SO-1")]})
+    h = harness_factory({TP0: [record(0, "SO-1")]}, commit_interval=10.0)
     flush = h.store.flush
-    failures = 1
+    failures = 3  # its group flush and the next two tries (1 s, then 2 s later); the 4 s one passes
 
-    async def failing_once() -> int:
+    async def failing() -> int:
         nonlocal failures
         if failures:
             failures -= 1
-            raise StoreError("dedup store crm: flush failed: disk I/O error")
+            raise StoreError("dedup store crm: flush failed: database is locked")
         return await flush()
 
-    h.store.flush = failing_once  # type: ignore[method-assign]
+    h.store.flush = failing  # type: ignore[method-assign]
     stop = asyncio.Event()
     runner = asyncio.create_task(h.engine.run(stop))
     await h.clock.sleep(5)
+    assert h.engine.finished == 0, "not finished while its state is not durable"
+    h.consumer.partitions[TP0] += [record(1, "SO-1", "order.updated"), record(2, "SO-2")]
+    await h.clock.sleep(10)
+    assert [method for _, method, _, _ in h.downstream.calls] == ["POST", "POST", "PUT"], "SO-1's create went once"
+    assert h.engine.finished == 3
+    assert h.consumer.committed == {TP0: 3}, "the periodic commit moved past it"
     stop.set()
     await runner
+    assert "could not be recorded in the dedup table; trying again" in caplog.text
+
+
+async def test_a_record_whose_state_could_not_be_flushed_when_its_partition_is_drained_stays_unfinished(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    from topics.errors import StoreError
+
+    h = harness_factory({TP0: [record(0, "SO-1")]}, commit_interval=3600.0)
+    release = asyncio.Event()
+
+    async def failing() -> int:
+        await release.wait()
+        raise StoreError("dedup store crm: flush failed: disk I/O error")
+
+    h.store.flush = failing  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(1)
+    stop.set()
+    await h.clock.sleep(1)
+    release.set()  # the flush the drain waits for fails: the drain does not try again
+    with pytest.raises(StoreError):
+        await runner  # its commit flushes too
     assert len(h.downstream.calls) == 1
     assert h.engine.finished == 0
     assert TP0 not in h.consumer.committed, "its offset waits for a redelivery"
-    assert "could not be recorded in the dedup table" in caplog.text
+    assert "could not be recorded in the dedup table; it stays unfinished" in caplog.text
 
 
 async def test_group_flush_shares_one_flush_and_reports_failures() -> None:
