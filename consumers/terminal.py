@@ -24,7 +24,7 @@ from topics.errors import PublishError
 if TYPE_CHECKING:
     from consumers.lane import LaneContext
 
-__all__ = ["Attempts", "Settling", "dead_letter", "delivered", "put_state"]
+__all__ = ["Attempts", "Settling", "already_delivered", "dead_letter", "delivered", "put_state"]
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,36 @@ def delivered(
         context.store.put_downstream_id(work.order_ref, downstream_id)
     status: DeliveryStatus = "done" if decision.action == "done" else "duplicate"
     put_state(context, work, status, attempts, downstream_id=downstream_id, digest=outcome.digest)
-    return Settling(work, functools.partial(_report_delivered, context, work, attempts.count, outcome.status, status))
+    unblocks = context.blocked.delivered(work)  # a replayed dead letter: in the same flush as its state
+    report = functools.partial(_report_delivered, context, work, attempts.count, outcome.status, status, unblocks)
+    return Settling(work, report)
 
 
-def _report_delivered(context: LaneContext, work: Work, attempt: int, http_status: int, status: DeliveryStatus) -> None:
+def already_delivered(context: LaneContext, work: Work) -> Settling:
+    """A replayed record that the dedup table has as delivered: skipped, as the engine skips one it finds so.
+
+    A replay can hold two copies of a record (one dead-lettered again after an earlier replay); the engine
+    looked both up before the first was delivered. Nothing is written, but for its order's chain.
+    """
+    unblocks = context.blocked.delivered(work)
+    return Settling(work, functools.partial(_report_skipped, context, work, unblocks))
+
+
+def _report_skipped(context: LaneContext, work: Work, unblocks: bool) -> None:
+    """Once the writes of the flush it waited for are durable."""
+    if unblocks:
+        context.blocked.settled(work.order_ref)
+    context.hot.dedup_hits.inc()
+    context.hot.deliveries["duplicate"].inc()
+
+
+def _report_delivered(
+    context: LaneContext, work: Work, attempt: int, http_status: int, status: DeliveryStatus, unblocks: bool
+) -> None:
     """Once the ``done`` (or ``duplicate``) state is durable."""
     assert work.prepared is not None
+    if unblocks:
+        context.blocked.settled(work.order_ref)
     outcome_label = "delivered" if status == "done" else "duplicate"
     context.hot.deliveries[outcome_label].inc()
     if status == "done" and work.timestamp_ms > 0:
@@ -126,9 +150,7 @@ async def dead_letter(
             log.error("dead-letter write failed, retrying", extra={"sink": context.sink.name, "error": str(exc)})
             await park(wait)
             wait = min(wait * 2, context.backoff.cap)
-    if reason != "dead-lettered-predecessor":
-        context.blocked[work.order_ref] = work.idempotency_key
-        context.store.block_order(work.order_ref, work.idempotency_key)
+    context.blocked.dead_lettered(work)  # its order's later records follow it, whatever the reason
     put_state(context, work, "dead", attempts, reason=reason)
     return Settling(work, functools.partial(_report_dead_lettered, context, work, reason, rule, attempts.count, letter))
 
