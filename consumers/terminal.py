@@ -8,6 +8,7 @@ or dead-lettered before that, so a crash in between reports it again, never twic
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -64,9 +65,8 @@ def delivered(
         context.store.put_downstream_id(work.order_ref, downstream_id)
     status: DeliveryStatus = "done" if decision.action == "done" else "duplicate"
     put_state(context, work, status, attempts, downstream_id=downstream_id, digest=outcome.digest)
-    unblocks = context.blocked.delivered(work)  # a replayed dead letter: in the same flush as its state
-    report = functools.partial(_report_delivered, context, work, attempts.count, outcome.status, status, unblocks)
-    return Settling(work, report)
+    _off_the_chain(context, work)
+    return Settling(work, functools.partial(_report_delivered, context, work, attempts.count, outcome.status, status))
 
 
 def already_delivered(context: LaneContext, work: Work) -> Settling:
@@ -75,25 +75,33 @@ def already_delivered(context: LaneContext, work: Work) -> Settling:
     A replay can hold two copies of a record (one dead-lettered again after an earlier replay); the engine
     looked both up before the first was delivered. Nothing is written, but for its order's chain.
     """
-    unblocks = context.blocked.delivered(work)
-    return Settling(work, functools.partial(_report_skipped, context, work, unblocks))
+    _off_the_chain(context, work)
+    return Settling(work, functools.partial(_report_skipped, context))
 
 
-def _report_skipped(context: LaneContext, work: Work, unblocks: bool) -> None:
-    """Once the writes of the flush it waited for are durable."""
-    if unblocks:
-        context.blocked.settled(work.order_ref)
+def _report_skipped(context: LaneContext) -> None:
     context.hot.dedup_hits.inc()
     context.hot.deliveries["duplicate"].inc()
 
 
-def _report_delivered(
-    context: LaneContext, work: Work, attempt: int, http_status: int, status: DeliveryStatus, unblocks: bool
-) -> None:
+def _off_the_chain(context: LaneContext, work: Work) -> None:
+    """A delivered record leaves its order's dead-letter chain, if it is on one (`consumers.blocks`): in the same
+    write buffer as its state, so in the same flush. If that empties the chain, the order is unblocked for the other
+    lanes once that flush is done (told by the batch itself, so also if the lane is forgotten meanwhile)."""
+    if not context.blocked.delivered(work):
+        return
+    order_ref = work.order_ref
+
+    def settled(batch: asyncio.Future[None]) -> None:
+        if not batch.cancelled() and batch.exception() is None:
+            context.blocked.settled(order_ref)
+
+    context.batch().add_done_callback(settled)
+
+
+def _report_delivered(context: LaneContext, work: Work, attempt: int, http_status: int, status: DeliveryStatus) -> None:
     """Once the ``done`` (or ``duplicate``) state is durable."""
     assert work.prepared is not None
-    if unblocks:
-        context.blocked.settled(work.order_ref)
     outcome_label = "delivered" if status == "done" else "duplicate"
     context.hot.deliveries[outcome_label].inc()
     if status == "done" and work.timestamp_ms > 0:
