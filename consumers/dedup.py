@@ -12,8 +12,10 @@ Three tables, all in one file (names below, as module constants):
   columns are `DELIVERY_COLUMNS`, in the order of `DeliveryState`'s fields.
 - `DOWNSTREAM_IDS_TABLE`: per order, the id the downstream create returned; the order's later updates and
   cancels address the downstream object by it.
-- `BLOCKED_ORDERS_TABLE`: orders with a dead-lettered record. Until a replay unblocks the order, its later
-  records follow the dead one to the dead-letter topic, so a replay re-applies them in order (invariant 8).
+- `BLOCKED_ORDERS_TABLE`: orders with records in the dead-letter topic, each with the value the engine blocked it
+  with: its *chain*, the idempotency keys of those records, oldest first (`consumers.blocks`). Until a replay has
+  delivered the last of them, the order's later records follow them there, so a replay re-applies them in order
+  (invariant 8).
 
 **Writes are buffered.** `put`, `put_downstream_id`, `block_order` and `unblock_order` are plain calls that
 only remember the write (the last write per key or order wins); `flush` writes them all in one transaction. The
@@ -154,15 +156,16 @@ class DedupStore(Protocol):
         ...
 
     async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
-        """Those of `order_refs` that are blocked, with the reason each was blocked for."""
+        """Those of `order_refs` that are blocked, with the value each was last blocked with (`block_order`)."""
         ...
 
     def block_order(self, order_ref: str, reason: str) -> None:
-        """Buffer: this order's later records go to the dead-letter topic until it is unblocked."""
+        """Buffer: this order's later records go to the dead-letter topic until it is unblocked; `reason`
+        replaces the value the order was blocked with before (the engine writes the order's chain)."""
         ...
 
     def unblock_order(self, order_ref: str) -> None:
-        """Buffer: the order was replayed; its records are delivered again."""
+        """Buffer: the order's last dead letter was replayed and delivered; its records are delivered again."""
         ...
 
     async def prune(self, older_than: float) -> int:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from aiokafka.errors import KafkaError
 
 from consumers.backoff import Backoff
+from consumers.blocks import Blocks
 from consumers.circuit import Circuit
 from consumers.clock import Clock
 from consumers.consumer_port import ConsumerPort
@@ -146,6 +147,7 @@ class SinkEngine:
             rng=rng or random.Random(),
             batch=self._group.batch,
             failed=self._lane_failed,
+            blocked=Blocks(store),
         )
 
     # ------------------------------------------------------------------ the run loop
@@ -276,11 +278,12 @@ class SinkEngine:
     async def _queue_batch(self, works: list[Work], epochs: Mapping[TopicPartitionKey, int]) -> None:
         if not works:
             return
+        since = self._context.blocked.epoch
         states, blocked = await asyncio.gather(
             self._store.get_many({work.idempotency_key: work.order_ref for work in works}),
             self._store.blocking(sorted({work.order_ref for work in works})),
         )
-        self._context.blocked.update(blocked)
+        self._context.blocked.learn(blocked, since)
         for work in works:
             if self._epochs.get(work.tp, 0) != epochs[work.tp]:
                 continue

@@ -19,10 +19,11 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from consumers.backoff import Backoff
+from consumers.blocks import Blocks
 from consumers.circuit import Circuit
 from consumers.clock import Clock
 from consumers.deadletter import DeadLetterWriter
@@ -32,7 +33,7 @@ from consumers.metrics import EngineMetrics, HotSeries
 from consumers.pacing import Pacer
 from consumers.policy import Decision, parse_retry_after
 from consumers.sink import HttpRequest, Sink
-from consumers.terminal import Attempts, Settling, dead_letter, delivered, put_state
+from consumers.terminal import Attempts, Settling, already_delivered, dead_letter, delivered, put_state
 from consumers.work import TopicPartitionKey, Work
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class LaneContext:
     rng: random.Random
     batch: Callable[[], asyncio.Future[None]]  # the group flush's next batch (`consumers.group_flush.GroupFlush`)
     failed: Callable[[Exception], None]  # a lane's task raised: the engine's run fails with that error
-    blocked: dict[str, str] = field(default_factory=dict)  # order → idempotency key of the record that blocked it
+    blocked: Blocks  # orders with records in the dead-letter topic (`consumers.blocks`)
     in_flight: int = 0
 
 
@@ -223,13 +224,11 @@ class Lane:
         context = self._context
         if work.invalid is not None:
             return await dead_letter(context, work, "invalid", "contract", Attempts(), self._park, str(work.invalid))
-        root = context.blocked.get(work.order_ref)
-        if root is not None and work.replay and root == work.idempotency_key:
-            # The operator replays the record that blocked this order: the order is delivered again.
-            del context.blocked[work.order_ref]
-            context.store.unblock_order(work.order_ref)
-            root = None
-        if root is not None:
+        if work.replay and await self._delivered_before(work):
+            return already_delivered(context, work)
+        if not context.blocked.may_deliver(work):
+            # The order has records in the dead-letter topic, and this is not the oldest of them being replayed.
+            # Its block is lifted only once the last of them is delivered (`consumers.blocks`).
             detail = "an earlier event of this order is in the dead-letter topic; replay it first"
             rule = "order-survives-dead-letters"
             return await dead_letter(context, work, "dead-lettered-predecessor", rule, Attempts(), self._park, detail)
@@ -289,6 +288,12 @@ class Lane:
             settling = await self._retry_or_give_up(work, attempts, outcome, decision, probe)
             if settling is not None:
                 return settling
+
+    async def _delivered_before(self, work: Work) -> bool:
+        """True if the dedup table has the record as delivered (``done`` or ``duplicate``) by now."""
+        states = await self._context.store.get_many({work.idempotency_key: work.order_ref})
+        state = states.get(work.idempotency_key)
+        return state is not None and state.status in ("done", "duplicate")
 
     async def _attempt(self, work: Work, attempts: Attempts) -> Reply | TransportFailure:
         """One HTTP attempt; the caller holds a request slot."""

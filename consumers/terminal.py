@@ -8,6 +8,7 @@ or dead-lettered before that, so a crash in between reports it again, never twic
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ from topics.errors import PublishError
 if TYPE_CHECKING:
     from consumers.lane import LaneContext
 
-__all__ = ["Attempts", "Settling", "dead_letter", "delivered", "put_state"]
+__all__ = ["Attempts", "Settling", "already_delivered", "dead_letter", "delivered", "put_state"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,38 @@ def delivered(
         context.store.put_downstream_id(work.order_ref, downstream_id)
     status: DeliveryStatus = "done" if decision.action == "done" else "duplicate"
     put_state(context, work, status, attempts, downstream_id=downstream_id, digest=outcome.digest)
+    _off_the_chain(context, work)
     return Settling(work, functools.partial(_report_delivered, context, work, attempts.count, outcome.status, status))
+
+
+def already_delivered(context: LaneContext, work: Work) -> Settling:
+    """A replayed record that the dedup table has as delivered: skipped, as the engine skips one it finds so.
+
+    A replay can hold two copies of a record (one dead-lettered again after an earlier replay); the engine
+    looked both up before the first was delivered. Nothing is written, but for its order's chain.
+    """
+    _off_the_chain(context, work)
+    return Settling(work, functools.partial(_report_skipped, context))
+
+
+def _report_skipped(context: LaneContext) -> None:
+    context.hot.dedup_hits.inc()
+    context.hot.deliveries["duplicate"].inc()
+
+
+def _off_the_chain(context: LaneContext, work: Work) -> None:
+    """A delivered record leaves its order's dead-letter chain, if it is on one (`consumers.blocks`): in the same
+    write buffer as its state, so in the same flush. If that empties the chain, the order is unblocked for the other
+    lanes once that flush is done (told by the batch itself, so also if the lane is forgotten meanwhile)."""
+    if not context.blocked.delivered(work):
+        return
+    order_ref = work.order_ref
+
+    def settled(batch: asyncio.Future[None]) -> None:
+        if not batch.cancelled() and batch.exception() is None:
+            context.blocked.settled(order_ref)
+
+    context.batch().add_done_callback(settled)
 
 
 def _report_delivered(context: LaneContext, work: Work, attempt: int, http_status: int, status: DeliveryStatus) -> None:
@@ -127,9 +159,7 @@ async def dead_letter(
             log.error("dead-letter write failed, retrying", extra={"sink": context.sink.name, "error": str(exc)})
             await park(wait)
             wait = min(wait * 2, context.backoff.cap)
-    if reason != "dead-lettered-predecessor":
-        context.blocked[work.order_ref] = work.idempotency_key
-        context.store.block_order(work.order_ref, work.idempotency_key)
+    context.blocked.dead_lettered(work)  # its order's later records follow it, whatever the reason
     put_state(context, work, "dead", attempts, reason=reason)
     return Settling(work, functools.partial(_report_dead_lettered, context, work, reason, rule, attempts.count, letter))
 

@@ -1075,6 +1075,143 @@ async def test_a_replay_that_fails_again_returns_with_its_history(harness_factor
     assert again["topic"] == "orders.replay.crm"
 
 
+REPLAY = ("orders.replay.crm", 0)
+
+
+def replay_letters(h: Harness, letters: Iterable[DeadLetter]) -> None:
+    """What `orderbus dlq replay` does: the dead letters, unchanged, appended to the sink's replay topic."""
+    records = h.consumer.partitions[REPLAY]
+    for letter in letters:
+        records.append(FakeRecord(len(records), letter.key, letter.value, headers=tuple(letter.record_headers())))
+
+
+def bad_order(h: Harness) -> list[str]:
+    """The methods the downstream got for SO-BAD, in order (the other orders' calls left out)."""
+    return [method for _, method, _, key in h.downstream.calls if _order(h, key) == "SO-BAD"]
+
+
+def reasons(h: Harness) -> list[str]:
+    return [letter.reason for letter in h.dead.letters]
+
+
+async def blocked_by_a_400(harness_factory: Callable[..., Harness], script: Script) -> Harness:
+    """SO-BAD's create was refused (400) and its update followed it: both are in the dead-letter topic."""
+    h = harness_factory({TP0: [record(0, "SO-BAD"), record(1, "SO-BAD", "order.updated")], REPLAY: []}, script)
+    h.engine.replay_topic = REPLAY[0]
+    await h.run_until(2)
+    assert reasons(h) == ["rejected", "dead-lettered-predecessor"]
+    return h
+
+
+async def test_a_new_event_of_an_order_whose_replay_is_still_retrying_follows_it_to_the_dead_letter_topic(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Found in review: the replay of the record that blocked the order lifted the block before any attempt, so a
+    # cancel arriving while the replayed create was being retried went out (DELETE), and then the create was
+    # dead-lettered again: the downstream got the cancel while the create was still in the dead-letter topic.
+    phase = {"create": 400}
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-BAD" in (request.body or b"") and request.method == "POST":
+            return answer(phase["create"])
+        return ok()
+
+    h = await blocked_by_a_400(harness_factory, script)
+    phase["create"] = 503  # the downstream now fails the create for a while
+    replay_letters(h, h.dead.letters)
+    running = asyncio.create_task(h.run_until(3))
+    await h.clock.sleep(2)  # the replayed create is being retried
+    assert set(bad_order(h)[1:]) == {"POST"}
+    h.consumer.partitions[TP0].append(record(2, "SO-BAD", "order.cancelled", seed=99))
+    await running
+    assert set(bad_order(h)) == {"POST"}, "nothing of SO-BAD went out before its create was delivered"
+    assert reasons(h)[:3] == ["rejected", "dead-lettered-predecessor", "dead-lettered-predecessor"]  # the cancel
+    assert reasons(h)[3:] == ["retries-exhausted", "dead-lettered-predecessor"]  # the create again, its update
+    assert await h.store.blocked_orders(["SO-BAD"]) == {"SO-BAD"}
+
+    # Fixed for good: the operator replays every dead letter in their order; each is applied once, in order.
+    phase["create"] = 201
+    replay_letters(h, h.dead.letters)
+    await h.run_until(5)
+    assert bad_order(h)[-3:] == ["POST", "PUT", "DELETE"]
+    assert [method for method in bad_order(h) if method != "POST"] == ["PUT", "DELETE"], "each applied once"
+    assert len(h.dead.letters) == 5, "the second copies of the create and update were skipped, not dead-lettered"
+    assert await h.store.blocked_orders(["SO-BAD"]) == set()
+    assert h.consumer.committed[REPLAY] == 7
+
+
+async def test_an_order_stays_blocked_until_its_last_dead_letter_is_delivered(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Delivering the replayed create must not let a new event pass the replayed update queued behind it.
+    phase = {"create": 400, "update": 503}
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-BAD" in (request.body or b"") and request.method == "POST":
+            return answer(phase["create"])
+        if request.method == "PUT" and nth <= 2:
+            return answer(phase["update"])
+        return ok()
+
+    h = await blocked_by_a_400(harness_factory, script)
+    phase["create"] = 201
+    replay_letters(h, h.dead.letters)
+    running = asyncio.create_task(h.run_until(3))
+    while "PUT" not in bad_order(h):  # the create is delivered; the update is being retried
+        await h.clock.sleep(0.1)
+    h.consumer.partitions[TP0].append(record(2, "SO-BAD", "order.cancelled", seed=99))
+    await running
+    assert bad_order(h) == ["POST", "POST", "PUT", "PUT", "PUT"], "no DELETE while the update was still on its way"
+    assert reasons(h)[2:] == ["dead-lettered-predecessor"]
+    assert await h.store.blocked_orders(["SO-BAD"]) == {"SO-BAD"}, "the cancel is still in the dead-letter topic"
+    replay_letters(h, h.dead.letters[2:])
+    await h.run_until(1)
+    assert bad_order(h)[-1] == "DELETE"
+    assert await h.store.blocked_orders(["SO-BAD"]) == set()
+
+
+async def test_replaying_only_the_rejected_record_keeps_the_order_blocked_across_a_restart(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # `orderbus dlq replay --reason rejected` replays the record that blocked the order, not the events that
+    # followed it: those must still be applied before any newer event, after a restart too (the block is durable).
+    phase = {"create": 400}
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-BAD" in (request.body or b"") and request.method == "POST":
+            return answer(phase["create"])
+        return ok()
+
+    h = await blocked_by_a_400(harness_factory, script)
+    create, update = h.dead.letters
+    replay_letters(h, [update])  # the follower alone, before its predecessor: it follows again
+    await h.run_until(1)
+    assert reasons(h)[2:] == ["dead-lettered-predecessor"]
+    phase["create"] = 201
+    replay_letters(h, [create])
+    await h.run_until(1)
+    assert bad_order(h) == ["POST", "POST"]
+    assert await h.store.blocked_orders(["SO-BAD"]) == {"SO-BAD"}, "its update is still in the dead-letter topic"
+
+    # A restart: a new engine over what the first one made durable.
+    await h.store.flush()
+    again = harness_factory({TP0: [*h.consumer.partitions[TP0], record(2, "SO-BAD", "order.cancelled", seed=99)]})
+    again.store.tables = h.store.tables
+    again.consumer.committed = dict(h.consumer.committed)
+    again.consumer.position = {TP0: h.consumer.committed[TP0]}
+    again.consumer.partitions[REPLAY] = list(h.consumer.partitions[REPLAY])
+    again.consumer.position[REPLAY] = len(again.consumer.partitions[REPLAY])
+    again.engine.replay_topic = REPLAY[0]
+    again.downstream.script = script
+    await again.run_until(1)
+    assert again.downstream.calls == [], "the cancel did not pass the update still in the dead-letter topic"
+    assert reasons(again) == ["dead-lettered-predecessor"]
+    replay_letters(again, [h.dead.letters[2], *again.dead.letters])  # the update (its latest copy), the cancel
+    await again.run_until(2)
+    assert [method for _, method, _, _ in again.downstream.calls] == ["PUT", "DELETE"]
+    assert await again.store.blocked_orders(["SO-BAD"]) == set()
+
+
 async def test_a_commit_the_broker_never_answers_gives_up_after_its_timeout_and_the_stop_ends(
     harness_factory: Callable[..., Harness],
 ) -> None:

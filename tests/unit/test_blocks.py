@@ -1,0 +1,85 @@
+"""`consumers.blocks.Blocks`: the chains of blocked orders, kept in step with the in-memory dedup store."""
+
+from __future__ import annotations
+
+from consumers.blocks import Blocks, decode_chain, encode_chain
+from consumers.dedup import MemoryDedupStore
+from consumers.work import Work
+
+
+def work(key: str, *, replay: bool = False, order_ref: str = "SO-1") -> Work:
+    topic = "orders.replay.crm" if replay else "orders"
+    return Work((topic, 0), 0, 0, order_ref.encode(), None, (), None, None, order_ref, key, replay=replay)
+
+
+async def test_only_the_oldest_dead_letter_of_a_blocked_order_may_be_delivered_and_only_from_a_replay() -> None:
+    store = MemoryDedupStore()
+    blocks = Blocks(store)
+    assert blocks.may_deliver(work("k1"))
+    blocks.dead_lettered(work("k1"))
+    blocks.dead_lettered(work("k2"))
+    blocks.dead_lettered(work("k2", replay=True))  # a replayed follower that followed again: on the chain once
+    assert blocks.chain("SO-1") == ["k1", "k2"]
+    assert not blocks.may_deliver(work("k1")), "not from the orders topic"
+    assert not blocks.may_deliver(work("k2", replay=True)), "not before k1"
+    assert blocks.may_deliver(work("k1", replay=True))
+    assert blocks.may_deliver(work("k9", order_ref="SO-2"))
+    assert await store.blocking(["SO-1"]) == {"SO-1": encode_chain(["k1", "k2"])}
+
+
+async def test_the_order_is_unblocked_only_once_its_last_delivery_is_durable_and_nothing_followed() -> None:
+    store = MemoryDedupStore()
+    blocks = Blocks(store)
+    blocks.dead_lettered(work("k1"))
+    await store.flush()
+    assert blocks.delivered(work("k1", replay=True)), "the chain is empty: the unblock waits for its flush"
+    assert not blocks.may_deliver(work("k2")), "a new record does not pass a delivery that is not durable yet"
+    blocks.dead_lettered(work("k2"))  # so it follows, while the unblock is being flushed
+    await store.flush()
+    blocks.settled("SO-1")
+    assert blocks.chain("SO-1") == ["k2"]
+    assert await store.blocking(["SO-1"]) == {"SO-1": encode_chain(["k2"])}
+    assert blocks.delivered(work("k2", replay=True))
+    await store.flush()
+    blocks.settled("SO-1")
+    assert blocks.may_deliver(work("k3"))
+    assert await store.blocking(["SO-1"]) == {}
+
+
+async def test_a_chain_changes_durably_only_with_the_flush_of_the_deliveries_that_changed_it() -> None:
+    store = MemoryDedupStore()
+    blocks = Blocks(store)
+    blocks.dead_lettered(work("k1"))
+    blocks.dead_lettered(work("k2"))
+    await store.flush()
+    blocks.delivered(work("k1", replay=True))
+    blocks.delivered(work("k2", replay=True))
+    store.crash()  # killed before the flush of those deliveries
+    restarted = Blocks(MemoryDedupStore(store.tables))
+    restarted.learn(await store.blocking(["SO-1"]), restarted.epoch)
+    assert restarted.chain("SO-1") == ["k1", "k2"], "both are replayed again, in order"
+
+
+async def test_a_lookup_begun_before_an_unblock_does_not_block_the_order_again() -> None:
+    store = MemoryDedupStore()
+    blocks = Blocks(store)
+    blocks.dead_lettered(work("k1"))
+    await store.flush()
+    since = blocks.epoch
+    found = await store.blocking(["SO-1", "SO-2"])  # the engine's lookup of a fetched batch, under way
+    assert blocks.delivered(work("k1", replay=True))
+    await store.flush()
+    blocks.settled("SO-1")
+    blocks.learn({**found, "SO-2": encode_chain(["k7"])}, since)
+    assert blocks.may_deliver(work("k2")), "what the lookup read of SO-1 is older than its unblock"
+    assert blocks.chain("SO-2") == ["k7"]
+    blocks.learn(await store.blocking(["SO-1"]), blocks.epoch)
+    assert blocks.chain("SO-1") is None
+
+
+def test_a_block_of_the_earlier_layout_is_a_chain_of_the_record_that_blocked_the_order() -> None:
+    assert decode_chain("orderbus:crm:8c1f") == ["orderbus:crm:8c1f"]
+    assert decode_chain(encode_chain(["a", "b"])) == ["a", "b"]
+    blocks = Blocks(MemoryDedupStore())
+    blocks.learn({"SO-1": "orderbus:crm:8c1f"}, blocks.epoch)
+    assert blocks.may_deliver(work("orderbus:crm:8c1f", replay=True))
