@@ -31,6 +31,7 @@ from typing import Any, TypeVar, get_args
 from pydantic import SecretStr, ValidationError
 
 from daemon import kafka_local
+from daemon.dlq import REASONS, parse_position
 from daemon.kafka_options import client_options, topic_layout
 from daemon.lifecycle import serve
 from daemon.logs import configure
@@ -133,16 +134,20 @@ def _parser() -> argparse.ArgumentParser:
     dlq = commands.add_parser("dlq", help="dead letters per sink").add_subparsers(required=True, metavar="ACTION")
     listing = dlq.add_parser("list", help="one line per dead letter: where, order, reason, rule, status, attempts")
     show_one = dlq.add_parser("show", help="one dead letter with its HTTP exchange and history")
-    show_one.add_argument("position", help="PARTITION:OFFSET in the dead-letter topic, as `dlq list` prints it")
+    show_one.add_argument(
+        "position", type=_position, help="PARTITION:OFFSET in the dead-letter topic, as `dlq list` prints it"
+    )
     again = dlq.add_parser("replay", help="send dead letters back to their sink, with their idempotency keys")
-    again.add_argument("--position", action="append", default=[], help="PARTITION:OFFSET (repeatable)")
+    again.add_argument("--position", type=_position, action="append", default=[], help="PARTITION:OFFSET (repeatable)")
     again.add_argument("--all", action="store_true", help="every dead letter of the sink")
     for action, func in ((listing, _dlq_list), (show_one, _dlq_show), (again, _dlq_replay)):
         _config_option(action)
         action.add_argument("--sink", required=True, help="crm, accounting or shipping")
         action.set_defaults(func=func)
     for action in (listing, again):
-        action.add_argument("--reason", help="only this reason (invalid, rejected, retries-exhausted, ...)")
+        action.add_argument(
+            "--reason", choices=REASONS, metavar="REASON", help=f"only this reason: {', '.join(REASONS)}"
+        )
         action.add_argument("--order", help="only this order number")
 
     webhook = commands.add_parser("webhook", help="webhook helpers").add_subparsers(required=True, metavar="ACTION")
@@ -151,6 +156,13 @@ def _parser() -> argparse.ArgumentParser:
     signer.add_argument("body", type=Path)
     signer.set_defaults(func=_webhook_sign)
     return parser
+
+
+def _position(text: str) -> str:
+    try:
+        return parse_position(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _config_option(parser: argparse.ArgumentParser, default: Path | None = None) -> None:

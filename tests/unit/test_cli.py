@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aiokafka.conn import AIOKafkaConnection
 
+from consumers.deadletter import DeadLetter, read_headers
 from daemon import cli, dlq, status
 from daemon.dlq import DeadLetterView
 from daemon.kafka_local import REPO_ROOT
@@ -102,3 +103,50 @@ def test_the_daemon_and_config_check_still_require_every_sink_secret(
     assert "sinks.crm.auth.bearer.token: Field required" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"sinks\.shipping\.auth\.api_key\.key: Field required"):
         cli._settings(argparse.Namespace(config=SYSTEMD_CONFIG))
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["replay", "--position", "abc"], "argument --position: 'abc' is not PARTITION:OFFSET"),
+        (["replay", "--reason", "rejectd"], "argument --reason: invalid choice: 'rejectd' (choose from 'invalid', "),
+        (["show", "garbage"], "argument position: 'garbage' is not PARTITION:OFFSET"),
+    ],
+)
+def test_a_malformed_dlq_selector_is_bad_usage(argv: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["dlq", *argv, "--sink", "crm"])
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("selector", "said"),
+    [
+        (["--position", "0:99999"], "no dead letter at 0:99999 in sink crm"),
+        (["--order", "NOPE"], "no dead letter of sink crm matches --order NOPE"),
+        (["--reason", "invalid"], "no dead letter of sink crm matches --reason invalid"),
+    ],
+)
+def test_a_replay_that_finds_nothing_fails_and_sends_nothing(
+    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], selector: list[str], said: str
+) -> None:
+    # Regression: each of these printed "0 dead letter(s) sent back" and exited 0.
+    headers = DeadLetter("crm", "rejected", "bad-request", "orders", 3, 500, b"SO-1", b"{}").record_headers()
+    letter = DeadLetterView(0, 10, 1_800_000_000_000, b"SO-1", b"{}", headers, read_headers(headers))
+    sent: list[DeadLetterView] = []
+
+    async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterView]:
+        return [letter]
+
+    async def replay(settings: Settings, sink: str, letters: list[DeadLetterView]) -> int:
+        sent.extend(letters)
+        return len(letters)
+
+    no_orderbus_env.setattr(dlq, "read_dead_letters", read_dead_letters)
+    no_orderbus_env.setattr(dlq, "replay", replay)
+    assert cli.main(["dlq", "replay", "--sink", "crm", *selector]) == 1
+    assert said in capsys.readouterr().err
+    assert sent == []
+    assert cli.main(["dlq", "replay", "--sink", "crm", "--position", "0:10"]) == 0
+    assert sent == [letter]
