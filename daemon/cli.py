@@ -35,6 +35,7 @@ from daemon.dlq import REASONS, parse_position
 from daemon.kafka_options import client_options, topic_layout
 from daemon.lifecycle import serve
 from daemon.logs import configure
+from daemon.retention import MIN_DEDUP_RETENTION_HOURS, MIN_INGEST_KEY_RETENTION_HOURS
 
 # The loader's private steps: `_operator_settings` runs them with one step of its own in between.
 from daemon.settings import AuthSettings, Settings, _apply_env, _describe, _read_toml, load_settings
@@ -128,7 +129,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     prune = dedup.add_parser("prune", help="forget delivery states and ingest keys past their retention now")
     _config_option(prune)
-    prune.add_argument("--older-than-hours", type=float, help="override the configured retentions")
+    prune.add_argument(
+        "--older-than-hours",
+        type=float,
+        metavar="H",
+        help=f"override the configured retentions: at least {MIN_DEDUP_RETENTION_HOURS:g} hour(s); the ingest keys "
+        f"keep at least {MIN_INGEST_KEY_RETENTION_HOURS:g}",
+    )
     prune.set_defaults(func=_dedup_prune)
 
     dlq = commands.add_parser("dlq", help="dead letters per sink").add_subparsers(required=True, metavar="ACTION")
@@ -362,9 +369,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _dedup_prune(args: argparse.Namespace) -> int:
-    from daemon.retention import prune
+    from daemon.retention import check_older_than_hours, prune
 
-    for name, rows in _run_async(prune(_operator_settings(args), older_than_hours=args.older_than_hours)).items():
+    hours: float | None = args.older_than_hours
+    if hours is not None and check_older_than_hours(hours) < MIN_INGEST_KEY_RETENTION_HOURS:
+        print(f"ingest keys are kept for at least {MIN_INGEST_KEY_RETENTION_HOURS:g} hours", file=sys.stderr)
+    for name, rows in _run_async(prune(_operator_settings(args), older_than_hours=hours)).items():
         print(f"{name}: {rows} row(s) pruned")
     return 0
 

@@ -150,3 +150,21 @@ def test_a_replay_that_finds_nothing_fails_and_sends_nothing(
     assert sent == []
     assert cli.main(["dlq", "replay", "--sink", "crm", "--position", "0:10"]) == 0
     assert sent == [letter]
+
+
+@pytest.mark.parametrize("hours", ["-100", "nan", "0"])
+def test_dedup_prune_refuses_a_retention_below_the_least_of_the_settings(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], hours: str
+) -> None:
+    # Regression: `--older-than-hours -100` pruned every delivery state and ingest key; `nan` was accepted.
+    no_orderbus_env.setenv("ORDERBUS_STATE_DIR", str(tmp_path))
+    assert cli.main(["dedup", "prune", "--older-than-hours", hours]) == 2
+    assert "--older-than-hours: a number of hours, at least 1" in capsys.readouterr().err
+
+
+def test_dedup_prune_says_the_ingest_keys_keep_their_least(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no_orderbus_env.setenv("ORDERBUS_STATE_DIR", str(tmp_path))
+    assert cli.main(["dedup", "prune", "--older-than-hours", "2"]) == 0
+    assert "ingest keys are kept for at least 24 hours" in capsys.readouterr().err
