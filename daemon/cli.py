@@ -26,13 +26,19 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
+
+from pydantic import SecretStr, ValidationError
 
 from daemon import kafka_local
+from daemon.dlq import REASONS, parse_position
 from daemon.kafka_options import client_options, topic_layout
 from daemon.lifecycle import serve
 from daemon.logs import configure
-from daemon.settings import Settings, load_settings
+from daemon.retention import MIN_DEDUP_RETENTION_HOURS, MIN_INGEST_KEY_RETENTION_HOURS
+
+# The loader's private steps: `_operator_settings` runs them with one step of its own in between.
+from daemon.settings import AuthSettings, Settings, _apply_env, _describe, _read_toml, load_settings
 from daemon.signature import sign
 from topics.admin import apply_catalogue
 from topics.catalogue import catalogue
@@ -123,22 +129,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     prune = dedup.add_parser("prune", help="forget delivery states and ingest keys past their retention now")
     _config_option(prune)
-    prune.add_argument("--older-than-hours", type=float, help="override the configured retentions")
+    prune.add_argument(
+        "--older-than-hours",
+        type=float,
+        metavar="H",
+        help=f"override the configured retentions: at least {MIN_DEDUP_RETENTION_HOURS:g} hour(s); the ingest keys "
+        f"keep at least {MIN_INGEST_KEY_RETENTION_HOURS:g}",
+    )
     prune.set_defaults(func=_dedup_prune)
 
     dlq = commands.add_parser("dlq", help="dead letters per sink").add_subparsers(required=True, metavar="ACTION")
     listing = dlq.add_parser("list", help="one line per dead letter: where, order, reason, rule, status, attempts")
     show_one = dlq.add_parser("show", help="one dead letter with its HTTP exchange and history")
-    show_one.add_argument("position", help="PARTITION:OFFSET in the dead-letter topic, as `dlq list` prints it")
+    show_one.add_argument(
+        "position", type=_position, help="PARTITION:OFFSET in the dead-letter topic, as `dlq list` prints it"
+    )
     again = dlq.add_parser("replay", help="send dead letters back to their sink, with their idempotency keys")
-    again.add_argument("--position", action="append", default=[], help="PARTITION:OFFSET (repeatable)")
+    again.add_argument("--position", type=_position, action="append", default=[], help="PARTITION:OFFSET (repeatable)")
     again.add_argument("--all", action="store_true", help="every dead letter of the sink")
     for action, func in ((listing, _dlq_list), (show_one, _dlq_show), (again, _dlq_replay)):
         _config_option(action)
         action.add_argument("--sink", required=True, help="crm, accounting or shipping")
         action.set_defaults(func=func)
     for action in (listing, again):
-        action.add_argument("--reason", help="only this reason (invalid, rejected, retries-exhausted, ...)")
+        action.add_argument(
+            "--reason", choices=REASONS, metavar="REASON", help=f"only this reason: {', '.join(REASONS)}"
+        )
         action.add_argument("--order", help="only this order number")
 
     webhook = commands.add_parser("webhook", help="webhook helpers").add_subparsers(required=True, metavar="ACTION")
@@ -149,6 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _position(text: str) -> str:
+    try:
+        return parse_position(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _config_option(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
     parser.add_argument("--config", type=Path, default=default, help="TOML settings file (ORDERBUS_* env on top)")
 
@@ -156,6 +179,47 @@ def _config_option(parser: argparse.ArgumentParser, default: Path | None = None)
 def _settings(args: argparse.Namespace) -> Settings:
     path: Path | None = args.config
     return load_settings(path)
+
+
+# What an operator command's settings hold for a sink secret it was not given. Those commands never build a sink
+# or any other client of a downstream system, so nothing sends it; were one to, the system would refuse it.
+SECRET_NOT_LOADED = "not-loaded:orderbus-operator-command"  # noqa: S105 -- a marker, not a credential
+
+
+def _operator_settings(args: argparse.Namespace) -> Settings:
+    """The settings for a command that never talks to the downstream systems (status, dlq, topics, dedup, webhook).
+
+    Validated as `load_settings` validates them, except that a sink secret no file nor variable gives is filled
+    with `SECRET_NOT_LOADED`: on a systemd host the secrets are credentials only the unit can read, and an
+    operator at the shell must not need them to list dead letters. A secret that is given is checked as usual.
+    """
+    path: Path | None = args.config
+    data: dict[str, Any] = _read_toml(path) if path is not None else {}
+    origins = _apply_env(data, os.environ)
+    sinks = data.get("sinks")
+    for sink in sinks.values() if isinstance(sinks, dict) else ():
+        auth = sink.get("auth") if isinstance(sink, dict) else None
+        if isinstance(auth, dict) and isinstance(auth.get("type"), str):
+            for name in _SINK_SECRETS.get(auth["type"], ()):
+                auth.setdefault(name, SECRET_NOT_LOADED)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, origins)) from None
+
+
+def _sink_secrets() -> dict[str, tuple[str, ...]]:
+    """Per credential type (a sink's ``auth.type``), the names of its secrets, as `daemon.settings` declares them."""
+    schemes = get_args(get_args(AuthSettings)[0])
+    return {
+        get_args(scheme.model_fields["type"].annotation)[0]: tuple(
+            name for name, field in scheme.model_fields.items() if field.annotation is SecretStr
+        )
+        for scheme in schemes
+    }
+
+
+_SINK_SECRETS = _sink_secrets()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -237,7 +301,7 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _topics_apply(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _operator_settings(args)
     specs = catalogue(topic_layout(settings.topics))
     report = _run_async(apply_catalogue(specs, client_options(settings.kafka)))
     for name in report.created:
@@ -255,7 +319,7 @@ def _topics_apply(args: argparse.Namespace) -> int:
 def _topics_show(args: argparse.Namespace) -> int:
     from daemon.inspect import show_orders
 
-    settings = _settings(args)
+    settings = _operator_settings(args)
     for line in _run_async(show_orders(settings, limit=args.limit, full=args.full)):
         print(line)
     return 0
@@ -296,7 +360,7 @@ def _status(args: argparse.Namespace) -> int:
 
     url = args.url
     if url is None:
-        settings = _settings(args)
+        settings = _operator_settings(args)
         host = "127.0.0.1" if settings.ingest.host in ("0.0.0.0", "::") else settings.ingest.host  # noqa: S104
         url = f"http://{host}:{settings.ingest.port}"
     document = fetch_status(url)
@@ -305,9 +369,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _dedup_prune(args: argparse.Namespace) -> int:
-    from daemon.retention import prune
+    from daemon.retention import check_older_than_hours, prune
 
-    for name, rows in _run_async(prune(_settings(args), older_than_hours=args.older_than_hours)).items():
+    hours: float | None = args.older_than_hours
+    if hours is not None and check_older_than_hours(hours) < MIN_INGEST_KEY_RETENTION_HOURS:
+        print(f"ingest keys are kept for at least {MIN_INGEST_KEY_RETENTION_HOURS:g} hours", file=sys.stderr)
+    for name, rows in _run_async(prune(_operator_settings(args), older_than_hours=hours)).items():
         print(f"{name}: {rows} row(s) pruned")
     return 0
 
@@ -317,7 +384,9 @@ def _dlq_list(args: argparse.Namespace) -> int:
 
     selection = Selection(reason=args.reason, order=args.order, everything=True)
     letters = [
-        letter for letter in _run_async(read_dead_letters(_settings(args), args.sink)) if selection.matches(letter)
+        letter
+        for letter in _run_async(read_dead_letters(_operator_settings(args), args.sink))
+        if selection.matches(letter)
     ]
     for letter in letters:
         print(letter.line())
@@ -329,7 +398,9 @@ def _dlq_show(args: argparse.Namespace) -> int:
     from daemon.dlq import read_dead_letters
 
     found = [
-        letter for letter in _run_async(read_dead_letters(_settings(args), args.sink)) if letter.where == args.position
+        letter
+        for letter in _run_async(read_dead_letters(_operator_settings(args), args.sink))
+        if letter.where == args.position
     ]
     if not found:
         print(f"no dead letter at {args.position} in sink {args.sink}", file=sys.stderr)
@@ -342,7 +413,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     from daemon.dlq import Selection, replay_selected
 
     selection = Selection(tuple(args.position), args.reason, args.order, args.all)
-    replayed = _run_async(replay_selected(_settings(args), args.sink, selection))
+    replayed = _run_async(replay_selected(_operator_settings(args), args.sink, selection))
     for letter in replayed:
         print(f"replayed {letter.line()}")
     print(f"{len(replayed)} dead letter(s) sent back to sink {args.sink}", file=sys.stderr)
@@ -350,7 +421,7 @@ def _dlq_replay(args: argparse.Namespace) -> int:
 
 
 def _webhook_sign(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _operator_settings(args)
     if not settings.ingest.webhook_secrets:
         raise ConfigError("ingest.webhook_secrets: no secret configured, nothing to sign with")
     secret = settings.ingest.webhook_secrets[0].get_secret_value()

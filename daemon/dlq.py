@@ -14,17 +14,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final, get_args
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumers.deadletter import read_headers
+from consumers.deadletter import Reason, read_headers
 from daemon.kafka_options import client_options
 from daemon.settings import Settings
 from topics.admin import partition_ids
 from topics.catalogue import SINKS, dlq_topic, replay_topic
-from topics.errors import BrokerError, ConfigError
+from topics.errors import BrokerError, ConfigError, OrderbusError
+
+REASONS: Final[tuple[str, ...]] = get_args(Reason)
+
+
+class SelectionError(OrderbusError):
+    """A replay named a dead letter that is not there, or its selection matched none: nothing was replayed."""
+
+
+def parse_position(text: str) -> str:
+    """``PARTITION:OFFSET`` as `DeadLetterView.where` writes it (``"01:7"`` becomes ``"1:7"``); a `ValueError`
+    names the format."""
+    partition, sep, offset = text.partition(":")
+    if not (sep and _number(partition) and _number(offset)):
+        raise ValueError(f"{text!r} is not PARTITION:OFFSET: two numbers, such as 0:17, as `dlq list` prints them")
+    return f"{int(partition)}:{int(offset)}"
+
+
+def _number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +104,22 @@ class Selection:
     order: str | None = None
     everything: bool = False
 
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "positions", tuple(parse_position(position) for position in self.positions))
+        except ValueError as exc:
+            raise ConfigError(f"--position: {exc}") from None
+        if self.reason is not None and self.reason not in REASONS:
+            raise ConfigError(f"--reason: unknown reason {self.reason!r}; the reasons are {', '.join(REASONS)}")
+
     def empty(self) -> bool:
         return not (self.positions or self.reason or self.order or self.everything)
+
+    def describe(self) -> str:
+        """The selection as the options that made it: ``--position 0:17 --reason rejected``."""
+        parts = [f"--position {position}" for position in self.positions]
+        parts += [f"--{name} {value}" for name, value in (("reason", self.reason), ("order", self.order)) if value]
+        return " ".join(parts) or ("--all" if self.everything else "nothing")
 
     def matches(self, letter: DeadLetterView) -> bool:
         if self.positions and letter.where not in self.positions:
@@ -166,8 +199,26 @@ async def replay(settings: Settings, sink: str, letters: Sequence[DeadLetterView
 
 
 async def replay_selected(settings: Settings, sink: str, selection: Selection) -> list[DeadLetterView]:
+    """Replay the dead letters `selection` matches. A `SelectionError`, before anything is sent, when a position
+    it names holds no dead letter of the sink, or when it matches none."""
     if selection.empty():
         raise ConfigError("say which dead letters to replay: --position P:O, --reason R, --order N or --all")
-    chosen = [letter for letter in await read_dead_letters(settings, sink) if selection.matches(letter)]
+    chosen = choose(await read_dead_letters(settings, sink), sink, selection)
     await replay(settings, sink, chosen)
+    return chosen
+
+
+def choose(letters: Sequence[DeadLetterView], sink: str, selection: Selection) -> list[DeadLetterView]:
+    """The `letters` `selection` matches, in their order; a `SelectionError` if a position it names is not among
+    them or if it matches none."""
+    there = {letter.where for letter in letters}
+    missing = [position for position in selection.positions if position not in there]
+    if missing:
+        raise SelectionError(
+            f"no dead letter at {', '.join(missing)} in sink {sink} (see `orderbus dlq list --sink {sink}`); "
+            "nothing was replayed"
+        )
+    chosen = [letter for letter in letters if selection.matches(letter)]
+    if not chosen:
+        raise SelectionError(f"no dead letter of sink {sink} matches {selection.describe()}; nothing was replayed")
     return chosen

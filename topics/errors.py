@@ -24,6 +24,7 @@ aiosqlite, pydantic, httptools) are mapped to these at one boundary each, so cal
     │   └── InvalidRequestError     refused before sending: a URL or a header we will not put on the wire (a ValueError)
     ├── NotifyError                 (daemon.sdnotify) $NOTIFY_SOCKET is unusable
     ├── StatusError                 (daemon.status) a running daemon's status could not be read
+    ├── SelectionError              (daemon.dlq) a replay named a dead letter that is not there, or matched none
     └── SandboxError                (daemon.sandbox) the sandbox downstream could not start or answer
 
 Each subclass lives next to the code that raises it (the module in brackets); this tree is the map. The HTTP

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from support import make_events, orders_of, produce, running_daemon, settings_env, settings_for
 
 from daemon.kafka_local import BrokerInfo
+from daemon.retention import prune
 from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.status import fetch_status
 
@@ -71,9 +73,11 @@ async def test_a_pruned_delivery_state_is_redelivered_safely_through_the_idempot
     code, out, err = await cli("dedup", "prune", "--older-than-hours", "2", env=env)
     assert code == 0, err
     assert "dedup-crm: 0 row(s) pruned" in out.splitlines()  # nothing is that old yet
-    code, out, err = await cli("dedup", "prune", "--older-than-hours", "0", env=env)
-    assert code == 0, err
-    assert "dedup-crm: 20 row(s) pruned" in out.splitlines()
+    code, _, err = await cli("dedup", "prune", "--older-than-hours", "0", env=env)
+    assert code == 2  # below the least of the settings
+    assert "--older-than-hours: a number of hours, at least 1" in err
+    # Three hours later, by the retention's clock: the states are that old now.
+    assert (await prune(settings, older_than_hours=2, now=time.time() + 3 * 3600))["dedup-crm"] == 20
 
     # The same events again (an upstream producer retried): orderbus no longer remembers them ...
     async with running_daemon(settings):

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
 import pytest
 from aiokafka.conn import AIOKafkaConnection
 
-from daemon import cli
+from consumers.deadletter import DeadLetter, read_headers
+from daemon import cli, dlq, status
+from daemon.dlq import DeadLetterView
+from daemon.kafka_local import REPO_ROOT
+from daemon.settings import ApiKeyAuthSettings, BearerAuthSettings, OAuth2Settings, Settings
+from topics.errors import ConfigError
 
 
 def test_every_command_runs_with_kafka_connection_writes_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,3 +29,142 @@ def test_every_command_runs_with_kafka_connection_writes_guarded(monkeypatch: py
         return bool(getattr(AIOKafkaConnection.send, "_orderbus_guarded", False))
 
     assert cli._run_async(guarded_while_running())
+
+
+SYSTEMD_CONFIG = REPO_ROOT / "deploy" / "systemd" / "orderbus.toml"
+
+
+@pytest.fixture
+def no_orderbus_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """An operator's shell on the systemd host: the sink secrets are the unit's credentials, not in its env."""
+    for name in list(os.environ):
+        if name.startswith("ORDERBUS_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_operator_commands_need_no_sink_secrets(
+    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: `dlq list` and `status` with the systemd config exited 2 with
+    # "sinks.crm.auth.bearer.token: Field required; ...client_secret...; ...key..." at the operator's shell.
+    urls: list[str] = []
+
+    def fetch_status(url: str) -> dict[str, Any]:
+        urls.append(url)
+        return {"sinks": {}}
+
+    async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterView]:
+        assert settings.sinks[sink].auth.type == "bearer"
+        return []
+
+    no_orderbus_env.setattr(status, "fetch_status", fetch_status)
+    no_orderbus_env.setattr(dlq, "read_dead_letters", read_dead_letters)
+    config = ["--config", str(SYSTEMD_CONFIG)]
+    assert cli.main(["status", *config]) == 0
+    assert urls == ["http://127.0.0.1:8080"]
+    assert cli.main(["dlq", "list", "--sink", "crm", *config]) == 0, capsys.readouterr().err
+
+
+def test_operator_settings_fill_only_the_missing_sink_secrets_with_a_marker(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    token = tmp_path / "crm-token"
+    token.write_text("the-crm-token\n")
+    no_orderbus_env.setenv("ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE", str(token))
+    settings = cli._operator_settings(argparse.Namespace(config=SYSTEMD_CONFIG))
+    auths = {name: sink.auth for name, sink in settings.sinks.items()}
+    assert isinstance(auths["crm"], BearerAuthSettings)
+    assert auths["crm"].token.get_secret_value() == "the-crm-token"
+    assert isinstance(auths["accounting"], OAuth2Settings)
+    assert auths["accounting"].client_secret.get_secret_value() == cli.SECRET_NOT_LOADED
+    assert isinstance(auths["shipping"], ApiKeyAuthSettings)
+    assert auths["shipping"].key.get_secret_value() == cli.SECRET_NOT_LOADED
+
+
+def test_operator_settings_still_check_a_secret_that_is_given_and_everything_else(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    empty = tmp_path / "crm-token"
+    empty.write_text("\n")
+    no_orderbus_env.setenv("ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE", str(empty))
+    no_orderbus_env.setenv("ORDERBUS_INGEST__PORT", "99999")
+    with pytest.raises(ConfigError) as caught:
+        cli._operator_settings(argparse.Namespace(config=SYSTEMD_CONFIG))
+    assert "sinks.crm.auth.bearer: Value error, token must not be empty" in str(caught.value)
+    assert "ingest.port" in str(caught.value)
+    assert "set by ORDERBUS_INGEST__PORT" in str(caught.value)
+
+
+def test_the_daemon_and_config_check_still_require_every_sink_secret(
+    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["config", "check", str(SYSTEMD_CONFIG)]) == 2
+    assert "sinks.crm.auth.bearer.token: Field required" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"sinks\.shipping\.auth\.api_key\.key: Field required"):
+        cli._settings(argparse.Namespace(config=SYSTEMD_CONFIG))
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["replay", "--position", "abc"], "argument --position: 'abc' is not PARTITION:OFFSET"),
+        (["replay", "--reason", "rejectd"], "argument --reason: invalid choice: 'rejectd' (choose from 'invalid', "),
+        (["show", "garbage"], "argument position: 'garbage' is not PARTITION:OFFSET"),
+    ],
+)
+def test_a_malformed_dlq_selector_is_bad_usage(argv: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["dlq", *argv, "--sink", "crm"])
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("selector", "said"),
+    [
+        (["--position", "0:99999"], "no dead letter at 0:99999 in sink crm"),
+        (["--order", "NOPE"], "no dead letter of sink crm matches --order NOPE"),
+        (["--reason", "invalid"], "no dead letter of sink crm matches --reason invalid"),
+    ],
+)
+def test_a_replay_that_finds_nothing_fails_and_sends_nothing(
+    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], selector: list[str], said: str
+) -> None:
+    # Regression: each of these printed "0 dead letter(s) sent back" and exited 0.
+    headers = DeadLetter("crm", "rejected", "bad-request", "orders", 3, 500, b"SO-1", b"{}").record_headers()
+    letter = DeadLetterView(0, 10, 1_800_000_000_000, b"SO-1", b"{}", headers, read_headers(headers))
+    sent: list[DeadLetterView] = []
+
+    async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterView]:
+        return [letter]
+
+    async def replay(settings: Settings, sink: str, letters: list[DeadLetterView]) -> int:
+        sent.extend(letters)
+        return len(letters)
+
+    no_orderbus_env.setattr(dlq, "read_dead_letters", read_dead_letters)
+    no_orderbus_env.setattr(dlq, "replay", replay)
+    assert cli.main(["dlq", "replay", "--sink", "crm", *selector]) == 1
+    assert said in capsys.readouterr().err
+    assert sent == []
+    assert cli.main(["dlq", "replay", "--sink", "crm", "--position", "0:10"]) == 0
+    assert sent == [letter]
+
+
+@pytest.mark.parametrize("hours", ["-100", "nan", "0"])
+def test_dedup_prune_refuses_a_retention_below_the_least_of_the_settings(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], hours: str
+) -> None:
+    # Regression: `--older-than-hours -100` pruned every delivery state and ingest key; `nan` was accepted.
+    no_orderbus_env.setenv("ORDERBUS_STATE_DIR", str(tmp_path))
+    assert cli.main(["dedup", "prune", "--older-than-hours", hours]) == 2
+    assert "--older-than-hours: a number of hours, at least 1" in capsys.readouterr().err
+
+
+def test_dedup_prune_says_the_ingest_keys_keep_their_least(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no_orderbus_env.setenv("ORDERBUS_STATE_DIR", str(tmp_path))
+    assert cli.main(["dedup", "prune", "--older-than-hours", "2"]) == 0
+    assert "ingest keys are kept for at least 24 hours" in capsys.readouterr().err

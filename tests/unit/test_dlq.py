@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from consumers.deadletter import DeadLetter, Reason, read_headers
-from daemon.dlq import DeadLetterView, distinct
+from daemon.dlq import DeadLetterView, Selection, SelectionError, choose, distinct, parse_position
+from topics.errors import ConfigError
 
 
 def view(offset: int, source: tuple[str, int, int], *, reason: Reason = "rejected") -> DeadLetterView:
@@ -25,3 +28,43 @@ def test_a_record_dead_lettered_again_after_its_replay_is_kept() -> None:
     first = view(10, ("orders", 3, 500))
     again = view(20, ("orders.replay.crm", 0, 7), reason="retries-exhausted")
     assert distinct([first, again]) == [first, again]
+
+
+@pytest.mark.parametrize("text", ["abc", "0:", ":5", "0:x", "0:-1", "0:1:2", "0 :5", "٣:5", ""])
+def test_a_position_must_be_partition_colon_offset(text: str) -> None:
+    with pytest.raises(ValueError, match="is not PARTITION:OFFSET"):
+        parse_position(text)
+    with pytest.raises(ConfigError, match=r"--position: .* is not PARTITION:OFFSET"):
+        Selection(positions=(text,))
+
+
+def test_a_position_is_read_as_dlq_list_prints_it() -> None:
+    assert parse_position("01:007") == "1:7"
+    assert Selection(positions=("01:007",)).positions == ("1:7",)
+
+
+def test_a_reason_must_be_one_of_the_dead_letter_reasons() -> None:
+    with pytest.raises(ConfigError, match=r"unknown reason 'rejectd'; the reasons are invalid, rejected, retries-exh"):
+        Selection(reason="rejectd")
+
+
+def test_a_position_that_holds_no_dead_letter_replays_nothing() -> None:
+    letters = [view(10, ("orders", 3, 500)), view(11, ("orders", 3, 501))]
+    with pytest.raises(SelectionError, match=r"no dead letter at 0:99999, 7:1 in sink crm .* nothing was replayed"):
+        choose(letters, "crm", Selection(positions=("0:10", "0:99999", "7:1")))
+    assert choose(letters, "crm", Selection(positions=("0:11",))) == letters[1:]
+
+
+@pytest.mark.parametrize(
+    ("selection", "named"),
+    [
+        (Selection(order="NOPE"), "--order NOPE"),
+        (Selection(reason="retries-exhausted"), "--reason retries-exhausted"),
+        (Selection(positions=("0:10",), reason="invalid"), "--position 0:10 --reason invalid"),
+        (Selection(everything=True), "--all"),
+    ],
+)
+def test_a_selection_that_matches_nothing_names_itself(selection: Selection, named: str) -> None:
+    letters = [view(10, ("orders", 3, 500))] if not selection.everything else []
+    with pytest.raises(SelectionError, match=f"no dead letter of sink crm matches {named}; nothing was replayed"):
+        choose(letters, "crm", selection)
