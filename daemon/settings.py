@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -114,6 +117,42 @@ HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "idempotency-key", "x-event-id"})
 
 
+# What the sinks' HTTP client accepts as a host (consumers.http_client), after IDNA and lower-casing.
+_USABLE_HOST = re.compile(r"[a-z0-9.\-_:%]+")
+# The user info of a URL (``scheme://user:password@``), which error messages must never show.
+_USER_INFO = re.compile(r"(?<=://)[^/\s@]*@")
+
+
+def _usable_url(value: str) -> str:
+    """A URL the sinks' HTTP client will send to: no user info (it would refuse every request), a valid host.
+
+    Messages name the problem, never the URL: it may hold a password.
+    """
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ValueError("not a usable URL: the port must be a number from 0 to 65535") from None
+    if "@" in parts.netloc:
+        raise ValueError(
+            "a URL must not hold user info (user:password@): give credentials in the sink's auth settings "
+            '(auth.type = "basic", "bearer", ...)'
+        )
+    host = parts.hostname or ""
+    try:
+        ascii_host = host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise ValueError(
+            f"host {host!r} is not a valid host name (an empty label, or one over 63 characters)"
+        ) from None
+    if not _USABLE_HOST.fullmatch(ascii_host):
+        raise ValueError(f"no usable host in the URL (got host {host!r})")
+    return value
+
+
+HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$"), AfterValidator(_usable_url)]
+
+
 class _AuthSection(_Section):
     """A credential scheme. Secrets are checked here, after parsing, so no error message ever quotes one."""
 
@@ -180,7 +219,7 @@ class OAuth2Settings(_AuthSection):
     """OAuth2 client credentials: bearer tokens from `token_url`, renewed `refresh_margin` s before they expire."""
 
     type: Literal["oauth2"]
-    token_url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")
+    token_url: HttpUrl
     client_id: str = Field(min_length=1, max_length=256)
     client_secret: Secret
     scope: str | None = Field(None, min_length=1, max_length=1024)
@@ -216,7 +255,13 @@ class UrlSettings(_Section):
         try:
             self.templates()
         except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(_USER_INFO.sub("***@", str(exc))) from None
+        for name in ("create", "by_id", "by_number"):
+            example = getattr(self, name).format(base_url="http://example.invalid", id="1", order_number="SO-1")
+            try:
+                _usable_url(example)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         return self
 
     def templates(self) -> UrlTemplates:
@@ -235,7 +280,7 @@ class SinkSettings(_Section):
     """
 
     enabled: bool = False
-    base_url: str = Field("http://127.0.0.1:8090", pattern=r"^https?://[^\s/]+(/\S*)?$")
+    base_url: HttpUrl = "http://127.0.0.1:8090"
     max_in_flight: int = Field(256, ge=1, le=4096)
     max_buffered: int = Field(1000, ge=1, le=1_000_000)
     rate: float | None = Field(None, gt=0, description="requests per second; none: unlimited")
@@ -390,6 +435,6 @@ def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str
         shown = error.get("input")
         # Never echo what might be a secret; show short scalar inputs only.
         secret = any(word in key for word in ("secret", "password", "token", "key"))
-        bad = "" if secret or isinstance(shown, dict | list) else f" (got {shown!r})"
+        bad = "" if secret or isinstance(shown, dict | list) else f" (got {_USER_INFO.sub('***@', repr(shown))})"
         problems.append(f"{key}: {error['msg']}{bad}{source}")
     return f"invalid settings{where}: " + "; ".join(problems)

@@ -96,3 +96,44 @@ def test_settings_are_frozen() -> None:
 
 def test_other_tools_variables_are_not_settings() -> None:
     load_settings(None, env={"ORDERBUS_KAFKA_CACHE": "cache-dir"})
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[sinks.crm]\nbase_url = "https://orderbus:pa55w0rd-x@crm.example.com/api"\n', "sinks.crm.base_url"),
+        ('[sinks.crm]\nbase_url = "https://:pa55w0rd-x@crm.example.com"\n', "sinks.crm.base_url"),
+        (
+            '[sinks.accounting.auth]\ntype = "oauth2"\nclient_id = "ob"\nclient_secret = "s"\n'
+            'token_url = "https://ob:pa55w0rd-x@idp.example.com/token"\n',
+            "sinks.accounting.auth.oauth2.token_url",
+        ),
+        ('[sinks.crm.urls]\ncreate = "https://ob:pa55w0rd-x@crm.example.com/orders"\n', "sinks.crm.urls"),
+    ],
+)
+def test_a_url_with_user_info_is_refused_without_showing_the_password(tmp_path: Path, text: str, key: str) -> None:
+    # The sinks' HTTP client refuses such URLs: every order would be dead-lettered (rule invalid-request).
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), env={})
+    message = str(caught.value)
+    assert key in message
+    assert "user info" in message
+    assert "auth" in message
+    assert "pa55w0rd" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://crm..example.com/api", f"https://{'x' * 64}.example.com", "https://:8443/api", "https://crm:99999/api"],
+)
+def test_a_base_url_whose_host_the_client_refuses_is_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigError, match=r"sinks\.crm\.base_url"):
+        load_settings(write(tmp_path, f'[sinks.crm]\nbase_url = "{url}"\n'), env={})
+
+
+@pytest.mark.parametrize(
+    "url", ["https://crm.example.com/api", "http://127.0.0.1:8090", "http://[::1]:8090/x", "https://bücher.example"]
+)
+def test_usable_base_urls_pass(tmp_path: Path, url: str) -> None:
+    settings = load_settings(write(tmp_path, f'[sinks.crm]\nbase_url = "{url}"\n'), env={})
+    assert settings.sinks["crm"].base_url == url
