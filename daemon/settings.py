@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from consumers.policy import DEFAULT_POLICY, Action
 from consumers.sink import UrlTemplates
 from topics.catalogue import SINKS
 from topics.envelope import SOURCE_PATTERN
@@ -48,6 +50,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _ca_file(path: Path) -> Path:
+    """A CA bundle that can be read and loaded, checked now: at start-up its error was a traceback (exit 1)."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise ValueError(f"{path} is not a PEM CA bundle ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return path
+
+
+CaFile = Annotated[Path, AfterValidator(_ca_file)]
+_SASL = ("SASL_PLAINTEXT", "SASL_SSL")
+
+
 class KafkaSettings(_Section):
     """How to reach the Kafka cluster."""
 
@@ -57,8 +74,28 @@ class KafkaSettings(_Section):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
+    ssl_cafile: CaFile | None = None
     request_timeout: Seconds = 10.0
+
+    @model_validator(mode="after")
+    def _protocol_settings(self) -> KafkaSettings:
+        # Every mechanism orderbus offers (PLAIN, SCRAM) needs all three; settings the protocol ignores are
+        # refused rather than silently dropped.
+        given = [name for name in ("sasl_mechanism", "sasl_username", "sasl_password") if getattr(self, name)]
+        if self.security_protocol in _SASL:
+            missing = [name for name in ("sasl_mechanism", "sasl_username", "sasl_password") if name not in given]
+            if missing:
+                raise ValueError(f"security_protocol {self.security_protocol} needs {', '.join(missing)}")
+        elif given:
+            raise ValueError(
+                f"{', '.join(given)} set, but security_protocol is {self.security_protocol}: "
+                "SASL needs SASL_SSL or SASL_PLAINTEXT"
+            )
+        if self.ssl_cafile is not None and self.security_protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(
+                f"ssl_cafile set, but security_protocol is {self.security_protocol}: TLS needs SSL or SASL_SSL"
+            )
+        return self
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -298,9 +335,9 @@ class SinkSettings(_Section):
     circuit_min_calls: int = Field(10, ge=1)
     circuit_open_for: Seconds = 30.0
     auth_pause: Seconds = 60.0
-    response_policy: dict[str, Literal["done", "duplicate", "dead_letter", "pause_auth", "retry"]] = {}
+    response_policy: dict[str, Action] = {}
     tls_verify: bool = True
-    ca_bundle: Path | None = None
+    ca_bundle: CaFile | None = None
     dedup_retention_hours: float = Field(
         168,
         ge=1,
@@ -310,6 +347,16 @@ class SinkSettings(_Section):
     auth: AuthSettings = NoAuthSettings()
     urls: UrlSettings = UrlSettings()
     id_field: str = Field("id", pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+
+    @field_validator("response_policy")
+    @classmethod
+    def _policy_keys(cls, value: dict[str, Action]) -> dict[str, Action]:
+        # The keys ("404", "4xx") are parsed where the policy is built; parse them now, not when the sink starts.
+        try:
+            DEFAULT_POLICY.with_overrides(value, setting="response_policy")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("response_policy: ")) from None
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> SinkSettings:
