@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -154,7 +155,7 @@ async def _open_sinks(settings: Settings, stack: AsyncExitStack, metrics: Engine
     enabled = settings.enabled_sinks()
     if not enabled:
         return {}
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    _state_dir(settings)
     options = client_options(settings.kafka)
     producer = dead_letter_producer(options, request_timeout=settings.kafka.request_timeout)
     try:
@@ -186,10 +187,22 @@ async def _open_sinks(settings: Settings, stack: AsyncExitStack, metrics: Engine
     return engines
 
 
+def _state_dir(settings: Settings) -> None:
+    """Create `state_dir` if needed; a directory that cannot be made or written is a `ConfigError` (exit 2, which
+    systemd does not restart), not a traceback."""
+    path = settings.state_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"state_dir: cannot create {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_dir: {path} is not writable by this user")
+
+
 async def _open_ingest(
     settings: Settings, stack: AsyncExitStack, metrics: IngestMetrics
 ) -> tuple[Ingest, KafkaPublisher, SqliteIngestKeyStore]:
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    _state_dir(settings)
     keys = SqliteIngestKeyStore(ingest_keys_path(settings.state_dir))
     await keys.open()
     stack.push_async_callback(keys.close)
