@@ -11,6 +11,7 @@ Every metric (the ingest's, the engines', the build info) lives on the one injec
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import gc
 import logging
 import os
@@ -268,22 +269,27 @@ async def _reload_on_request(
 
 
 def _restart_needed(old: Settings, new: Settings) -> list[str]:
+    """The changed settings a reload does not apply, by key: ``ingest.port``, ``sinks.crm.auth``.
+
+    Secrets are compared by value (a JSON dump masks every one as ``**********``, so a rotated token looked
+    unchanged and "settings reloaded" was all the operator saw); only the keys are returned, never a value.
+    """
+    before, after = old.model_dump(), new.model_dump()  # SecretStr compares by its secret
     changed = []
-    old_doc, new_doc = old.model_dump(mode="json"), new.model_dump(mode="json")
-    for section in sorted(set(old_doc) | set(new_doc)):
-        if section == "log_level":
-            continue
-        before, after = old_doc.get(section), new_doc.get(section)
-        if section == "sinks" and isinstance(before, dict) and isinstance(after, dict):
-            for name in sorted(set(before) | set(after)):
-                keys = set(before.get(name, {})) | set(after.get(name, {}))
-                changed += [
-                    f"sinks.{name}.{key}" for key in sorted(keys - {"rate"})
-                    if before.get(name, {}).get(key) != after.get(name, {}).get(key)
-                ]  # fmt: skip
-        elif before != after:
-            changed.append(section)
-    return changed
+    for section in sorted(set(before) | set(after)):
+        depth = 3 if section == "sinks" else 2  # sinks.<name>.<key>, <section>.<key>
+        changed += _changed(before.get(section), after.get(section), section, depth)
+    return [key for key in changed if not any(fnmatch.fnmatchcase(key, live) for live in RELOADABLE)]
+
+
+def _changed(before: object, after: object, key: str, depth: int) -> list[str]:
+    if depth <= 1 or not isinstance(before, dict) or not isinstance(after, dict):
+        return [key] if before != after else []
+    return [
+        found
+        for name in sorted(set(before) | set(after))
+        for found in _changed(before.get(name), after.get(name), f"{key}.{name}", depth - 1)
+    ]
 
 
 _OUTCOMES = ("delivered", "duplicate", "dead_lettered")
