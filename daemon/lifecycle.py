@@ -41,7 +41,8 @@ from daemon.sdnotify import Notifier, watchdog_loop
 from daemon.settings import Settings
 from daemon.signature import WebhookVerifier
 from daemon.sinks import build_auth, build_sink, engine_config
-from topics.catalogue import orders_topic, replay_topic
+from topics.admin import missing_topics
+from topics.catalogue import dlq_topic, orders_topic, replay_topic
 from topics.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ async def serve(
         ingest: Ingest | None = None
         publisher: KafkaPublisher | None = None
         keys: SqliteIngestKeyStore | None = None
+        if settings.ingest.enabled or settings.enabled_sinks():
+            _state_dir(settings)
+            await _require_topics(settings)
         if settings.ingest.enabled:
             ingest, publisher, keys = await _open_ingest(settings, stack, IngestMetrics(registry))
         engines = await _open_sinks(settings, stack, EngineMetrics(registry))
@@ -156,7 +160,6 @@ async def _open_sinks(settings: Settings, stack: AsyncExitStack, metrics: Engine
     enabled = settings.enabled_sinks()
     if not enabled:
         return {}
-    _state_dir(settings)
     options = client_options(settings.kafka)
     producer = dead_letter_producer(options, request_timeout=settings.kafka.request_timeout)
     try:
@@ -200,10 +203,35 @@ def _state_dir(settings: Settings) -> None:
         raise ConfigError(f"state_dir: {path} is not writable by this user")
 
 
+async def _require_topics(settings: Settings) -> None:
+    """Refuse to start (`ConfigError`, exit 2) while a topic the daemon reads or writes is missing.
+
+    Otherwise the ingest's producer and the sinks' consumers would have the broker create them (Kafka's default
+    ``auto.create.topics.enable=true``) with its defaults, one partition and its retention, which `topics apply`
+    then only reports as drift. An unreachable Kafka stops the sinks as their producer would (`BrokerError`);
+    the ingest alone starts anyway and answers 503 until Kafka is back.
+    """
+    prefix = settings.topics.prefix
+    names = [orders_topic(prefix)]
+    for name in settings.enabled_sinks():
+        names += [dlq_topic(name, prefix), replay_topic(name, prefix)]
+    try:
+        missing = await missing_topics(names, client_options(settings.kafka), timeout=settings.kafka.request_timeout)
+    except BrokerError as exc:
+        if settings.enabled_sinks():
+            raise
+        log.warning("kafka unreachable at start, topics not checked", extra={"error": str(exc)})
+        return
+    if missing:
+        raise ConfigError(
+            f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"{'do' if len(missing) > 1 else 'does'} not exist: run `orderbus topics apply` with these settings"
+        )
+
+
 async def _open_ingest(
     settings: Settings, stack: AsyncExitStack, metrics: IngestMetrics
 ) -> tuple[Ingest, KafkaPublisher, SqliteIngestKeyStore]:
-    _state_dir(settings)
     keys = SqliteIngestKeyStore(ingest_keys_path(settings.state_dir))
     await keys.open()
     stack.push_async_callback(keys.close)
