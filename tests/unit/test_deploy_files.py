@@ -228,6 +228,20 @@ def test_every_credential_is_loaded_and_read_through_a_file_variable(options: di
     assert loaded == {name: f"/etc/orderbus/credentials/{name}" for name in CREDENTIALS}
 
 
+def test_the_readme_installs_every_credential_the_unit_loads(options: dict[str, list[str]]) -> None:
+    # A missing one fails the start (exit 243), so the README's steps must create each of them.
+    readme = (ROOT / "README.md").read_text()
+    steps = readme[readme.index("### systemd") : readme.index("### Container")]
+    created = set(re.findall(r"^install -m 0600 /dev/stdin /etc/orderbus/credentials/([\w-]+) ", steps, re.M))
+    assert created == {item.split(":", 1)[0] for item in options["Service.LoadCredential"]}
+    assert "orderbus topics apply --config /etc/orderbus/orderbus.toml" in steps
+
+
+def test_a_start_that_cannot_succeed_is_not_restarted(options: dict[str, list[str]]) -> None:
+    # 2: a bad setting (ConfigError); 243: systemd's EXIT_CREDENTIALS, a LoadCredential= file is missing.
+    assert one(options, "RestartPreventExitStatus").split() == ["2", "243"]
+
+
 def test_the_example_config_loads_with_the_units_credentials(
     options: dict[str, list[str]], unit_settings: Settings
 ) -> None:
