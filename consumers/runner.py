@@ -33,7 +33,7 @@ from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.sink import HttpRequest, Sink
 from consumers.tasks import cancel_and_wait
-from topics.errors import BrokerError
+from topics.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,11 @@ async def open_sink(
             pruner = asyncio.create_task(pruning, name=f"prune-{sink.name}")
             stack.push_async_callback(cancel_and_wait, pruner)
 
-        client = HttpClient(limit=config.max_in_flight, ssl=http.ssl_context(), user_agent=USER_AGENT)
+        try:
+            tls = http.ssl_context()
+        except OSError as exc:  # ssl.SSLError included; the settings checked the file, but it may have changed since
+            raise ConfigError(f"sinks.{sink.name}.ca_bundle: cannot load {http.ca_bundle}: {exc}") from None
+        client = HttpClient(limit=config.max_in_flight, ssl=tls, user_agent=USER_AGENT)
         stack.push_async_callback(client.close)
         credentials = auth if auth is not None else NoAuth()
         stack.push_async_callback(credentials.aclose)

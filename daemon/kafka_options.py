@@ -7,6 +7,7 @@ from typing import Any
 
 from daemon.settings import KafkaSettings, TopicSettings
 from topics.catalogue import TopicLayout
+from topics.errors import ConfigError
 
 
 def client_options(kafka: KafkaSettings) -> dict[str, Any]:
@@ -17,7 +18,12 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
         "security_protocol": kafka.security_protocol,
     }
     if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
+        try:
+            options["ssl_context"] = ssl.create_default_context(
+                cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None
+            )
+        except OSError as exc:  # ssl.SSLError included; the settings checked the file, but it may have changed since
+            raise ConfigError(f"kafka.ssl_cafile: cannot load {kafka.ssl_cafile}: {exc}") from None
     if kafka.sasl_mechanism is not None:
         options["sasl_mechanism"] = kafka.sasl_mechanism
         options["sasl_plain_username"] = kafka.sasl_username

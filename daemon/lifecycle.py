@@ -11,8 +11,10 @@ Every metric (the ingest's, the engines', the build info) lives on the one injec
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import gc
 import logging
+import os
 import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -39,7 +41,8 @@ from daemon.sdnotify import Notifier, watchdog_loop
 from daemon.settings import Settings
 from daemon.signature import WebhookVerifier
 from daemon.sinks import build_auth, build_sink, engine_config
-from topics.catalogue import orders_topic, replay_topic
+from topics.admin import missing_topics
+from topics.catalogue import dlq_topic, orders_topic, replay_topic
 from topics.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,9 @@ async def serve(
         ingest: Ingest | None = None
         publisher: KafkaPublisher | None = None
         keys: SqliteIngestKeyStore | None = None
+        if settings.ingest.enabled or settings.enabled_sinks():
+            _state_dir(settings)
+            await _require_topics(settings)
         if settings.ingest.enabled:
             ingest, publisher, keys = await _open_ingest(settings, stack, IngestMetrics(registry))
         engines = await _open_sinks(settings, stack, EngineMetrics(registry))
@@ -154,7 +160,6 @@ async def _open_sinks(settings: Settings, stack: AsyncExitStack, metrics: Engine
     enabled = settings.enabled_sinks()
     if not enabled:
         return {}
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
     options = client_options(settings.kafka)
     producer = dead_letter_producer(options, request_timeout=settings.kafka.request_timeout)
     try:
@@ -186,10 +191,47 @@ async def _open_sinks(settings: Settings, stack: AsyncExitStack, metrics: Engine
     return engines
 
 
+def _state_dir(settings: Settings) -> None:
+    """Create `state_dir` if needed; a directory that cannot be made or written is a `ConfigError` (exit 2, which
+    systemd does not restart), not a traceback."""
+    path = settings.state_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"state_dir: cannot create {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_dir: {path} is not writable by this user")
+
+
+async def _require_topics(settings: Settings) -> None:
+    """Refuse to start (`ConfigError`, exit 2) while a topic the daemon reads or writes is missing.
+
+    Otherwise the ingest's producer and the sinks' consumers would have the broker create them (Kafka's default
+    ``auto.create.topics.enable=true``) with its defaults, one partition and its retention, which `topics apply`
+    then only reports as drift. An unreachable Kafka stops the sinks as their producer would (`BrokerError`);
+    the ingest alone starts anyway and answers 503 until Kafka is back.
+    """
+    prefix = settings.topics.prefix
+    names = [orders_topic(prefix)]
+    for name in settings.enabled_sinks():
+        names += [dlq_topic(name, prefix), replay_topic(name, prefix)]
+    try:
+        missing = await missing_topics(names, client_options(settings.kafka), timeout=settings.kafka.request_timeout)
+    except BrokerError as exc:
+        if settings.enabled_sinks():
+            raise
+        log.warning("kafka unreachable at start, topics not checked", extra={"error": str(exc)})
+        return
+    if missing:
+        raise ConfigError(
+            f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"{'do' if len(missing) > 1 else 'does'} not exist: run `orderbus topics apply` with these settings"
+        )
+
+
 async def _open_ingest(
     settings: Settings, stack: AsyncExitStack, metrics: IngestMetrics
 ) -> tuple[Ingest, KafkaPublisher, SqliteIngestKeyStore]:
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
     keys = SqliteIngestKeyStore(ingest_keys_path(settings.state_dir))
     await keys.open()
     stack.push_async_callback(keys.close)
@@ -255,22 +297,27 @@ async def _reload_on_request(
 
 
 def _restart_needed(old: Settings, new: Settings) -> list[str]:
+    """The changed settings a reload does not apply, by key: ``ingest.port``, ``sinks.crm.auth``.
+
+    Secrets are compared by value (a JSON dump masks every one as ``**********``, so a rotated token looked
+    unchanged and "settings reloaded" was all the operator saw); only the keys are returned, never a value.
+    """
+    before, after = old.model_dump(), new.model_dump()  # SecretStr compares by its secret
     changed = []
-    old_doc, new_doc = old.model_dump(mode="json"), new.model_dump(mode="json")
-    for section in sorted(set(old_doc) | set(new_doc)):
-        if section == "log_level":
-            continue
-        before, after = old_doc.get(section), new_doc.get(section)
-        if section == "sinks" and isinstance(before, dict) and isinstance(after, dict):
-            for name in sorted(set(before) | set(after)):
-                keys = set(before.get(name, {})) | set(after.get(name, {}))
-                changed += [
-                    f"sinks.{name}.{key}" for key in sorted(keys - {"rate"})
-                    if before.get(name, {}).get(key) != after.get(name, {}).get(key)
-                ]  # fmt: skip
-        elif before != after:
-            changed.append(section)
-    return changed
+    for section in sorted(set(before) | set(after)):
+        depth = 3 if section == "sinks" else 2  # sinks.<name>.<key>, <section>.<key>
+        changed += _changed(before.get(section), after.get(section), section, depth)
+    return [key for key in changed if not any(fnmatch.fnmatchcase(key, live) for live in RELOADABLE)]
+
+
+def _changed(before: object, after: object, key: str, depth: int) -> list[str]:
+    if depth <= 1 or not isinstance(before, dict) or not isinstance(after, dict):
+        return [key] if before != after else []
+    return [
+        found
+        for name in sorted(set(before) | set(after))
+        for found in _changed(before.get(name), after.get(name), f"{key}.{name}", depth - 1)
+    ]
 
 
 _OUTCOMES = ("delivered", "duplicate", "dead_lettered")

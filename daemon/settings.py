@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -30,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from consumers.policy import DEFAULT_POLICY, Action
 from consumers.sink import UrlTemplates
 from topics.catalogue import SINKS
 from topics.envelope import SOURCE_PATTERN
@@ -45,6 +50,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _ca_file(path: Path) -> Path:
+    """A CA bundle that can be read and loaded, checked now: at start-up its error was a traceback (exit 1)."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise ValueError(f"{path} is not a PEM CA bundle ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return path
+
+
+CaFile = Annotated[Path, AfterValidator(_ca_file)]
+_SASL = ("SASL_PLAINTEXT", "SASL_SSL")
+
+
 class KafkaSettings(_Section):
     """How to reach the Kafka cluster."""
 
@@ -54,8 +74,28 @@ class KafkaSettings(_Section):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
+    ssl_cafile: CaFile | None = None
     request_timeout: Seconds = 10.0
+
+    @model_validator(mode="after")
+    def _protocol_settings(self) -> KafkaSettings:
+        # Every mechanism orderbus offers (PLAIN, SCRAM) needs all three; settings the protocol ignores are
+        # refused rather than silently dropped.
+        given = [name for name in ("sasl_mechanism", "sasl_username", "sasl_password") if getattr(self, name)]
+        if self.security_protocol in _SASL:
+            missing = [name for name in ("sasl_mechanism", "sasl_username", "sasl_password") if name not in given]
+            if missing:
+                raise ValueError(f"security_protocol {self.security_protocol} needs {', '.join(missing)}")
+        elif given:
+            raise ValueError(
+                f"{', '.join(given)} set, but security_protocol is {self.security_protocol}: "
+                "SASL needs SASL_SSL or SASL_PLAINTEXT"
+            )
+        if self.ssl_cafile is not None and self.security_protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(
+                f"ssl_cafile set, but security_protocol is {self.security_protocol}: TLS needs SSL or SASL_SSL"
+            )
+        return self
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -112,6 +152,42 @@ Secret = Annotated[SecretStr, BeforeValidator(_secret_text)]
 HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")]
 # Headers orderbus sets itself on every request; a credential must not replace them.
 _RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "idempotency-key", "x-event-id"})
+
+
+# What the sinks' HTTP client accepts as a host (consumers.http_client), after IDNA and lower-casing.
+_USABLE_HOST = re.compile(r"[a-z0-9.\-_:%]+")
+# The user info of a URL (``scheme://user:password@``), which error messages must never show.
+_USER_INFO = re.compile(r"(?<=://)[^/\s@]*@")
+
+
+def _usable_url(value: str) -> str:
+    """A URL the sinks' HTTP client will send to: no user info (it would refuse every request), a valid host.
+
+    Messages name the problem, never the URL: it may hold a password.
+    """
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ValueError("not a usable URL: the port must be a number from 0 to 65535") from None
+    if "@" in parts.netloc:
+        raise ValueError(
+            "a URL must not hold user info (user:password@): give credentials in the sink's auth settings "
+            '(auth.type = "basic", "bearer", ...)'
+        )
+    host = parts.hostname or ""
+    try:
+        ascii_host = host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise ValueError(
+            f"host {host!r} is not a valid host name (an empty label, or one over 63 characters)"
+        ) from None
+    if not _USABLE_HOST.fullmatch(ascii_host):
+        raise ValueError(f"no usable host in the URL (got host {host!r})")
+    return value
+
+
+HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$"), AfterValidator(_usable_url)]
 
 
 class _AuthSection(_Section):
@@ -180,7 +256,7 @@ class OAuth2Settings(_AuthSection):
     """OAuth2 client credentials: bearer tokens from `token_url`, renewed `refresh_margin` s before they expire."""
 
     type: Literal["oauth2"]
-    token_url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")
+    token_url: HttpUrl
     client_id: str = Field(min_length=1, max_length=256)
     client_secret: Secret
     scope: str | None = Field(None, min_length=1, max_length=1024)
@@ -216,7 +292,13 @@ class UrlSettings(_Section):
         try:
             self.templates()
         except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(_USER_INFO.sub("***@", str(exc))) from None
+        for name in ("create", "by_id", "by_number"):
+            example = getattr(self, name).format(base_url="http://example.invalid", id="1", order_number="SO-1")
+            try:
+                _usable_url(example)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         return self
 
     def templates(self) -> UrlTemplates:
@@ -235,7 +317,7 @@ class SinkSettings(_Section):
     """
 
     enabled: bool = False
-    base_url: str = Field("http://127.0.0.1:8090", pattern=r"^https?://[^\s/]+(/\S*)?$")
+    base_url: HttpUrl = "http://127.0.0.1:8090"
     max_in_flight: int = Field(256, ge=1, le=4096)
     max_buffered: int = Field(1000, ge=1, le=1_000_000)
     rate: float | None = Field(None, gt=0, description="requests per second; none: unlimited")
@@ -253,9 +335,9 @@ class SinkSettings(_Section):
     circuit_min_calls: int = Field(10, ge=1)
     circuit_open_for: Seconds = 30.0
     auth_pause: Seconds = 60.0
-    response_policy: dict[str, Literal["done", "duplicate", "dead_letter", "pause_auth", "retry"]] = {}
+    response_policy: dict[str, Action] = {}
     tls_verify: bool = True
-    ca_bundle: Path | None = None
+    ca_bundle: CaFile | None = None
     dedup_retention_hours: float = Field(
         168,
         ge=1,
@@ -265,6 +347,16 @@ class SinkSettings(_Section):
     auth: AuthSettings = NoAuthSettings()
     urls: UrlSettings = UrlSettings()
     id_field: str = Field("id", pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+
+    @field_validator("response_policy")
+    @classmethod
+    def _policy_keys(cls, value: dict[str, Action]) -> dict[str, Action]:
+        # The keys ("404", "4xx") are parsed where the policy is built; parse them now, not when the sink starts.
+        try:
+            DEFAULT_POLICY.with_overrides(value, setting="response_policy")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("response_policy: ")) from None
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> SinkSettings:
@@ -390,6 +482,6 @@ def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str
         shown = error.get("input")
         # Never echo what might be a secret; show short scalar inputs only.
         secret = any(word in key for word in ("secret", "password", "token", "key"))
-        bad = "" if secret or isinstance(shown, dict | list) else f" (got {shown!r})"
+        bad = "" if secret or isinstance(shown, dict | list) else f" (got {_USER_INFO.sub('***@', repr(shown))})"
         problems.append(f"{key}: {error['msg']}{bad}{source}")
     return f"invalid settings{where}: " + "; ".join(problems)

@@ -124,6 +124,26 @@ def _compare(spec: TopicSpec, partitions: int, configs: Mapping[str, str]) -> li
     return drift
 
 
+async def missing_topics(
+    names: Sequence[str], client_options: Mapping[str, Any], *, timeout: float = 30.0
+) -> list[str]:
+    """Those of `names` the cluster does not have, from a listing of every topic.
+
+    A metadata request that names a topic may create it (aiokafka asks for auto-creation, which brokers allow by
+    default), with the broker's defaults rather than the catalogue's; a listing names none, so it creates none.
+    Raises `BrokerError` when the cluster cannot be reached.
+    """
+    admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+    except KafkaError as exc:
+        raise BrokerError(f"cannot list topics at {client_options.get('bootstrap_servers')}: {exc!r}") from exc
+    finally:
+        await admin.close()
+    return [name for name in names if name not in existing]
+
+
 async def partition_ids(topic: str, client_options: Mapping[str, Any], *, timeout: float = 30.0) -> list[int]:
     """The partition ids of `topic` (empty when it does not exist), read from the cluster's metadata."""
     admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))

@@ -16,6 +16,8 @@ from daemon.kafka_local import BrokerInfo
 from daemon.retention import prune
 from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.status import fetch_status
+from topics.admin import missing_topics
+from topics.catalogue import dlq_topic, orders_topic, replay_topic
 
 pytestmark = pytest.mark.integration
 
@@ -92,3 +94,20 @@ async def test_a_pruned_delivery_state_is_redelivered_safely_through_the_idempot
     applied = Counter(entry["order_number"] for entry in await sandbox.ledger("crm"))
     assert len(applied) == 20
     assert set(applied.values()) == {1}
+
+
+async def test_the_daemon_refuses_to_start_without_its_topics_and_creates_none(
+    kafka_broker: BrokerInfo, unique_name: str, tmp_path: Path
+) -> None:
+    # The test broker, like Kafka by default, creates a topic a client asks metadata for: the daemon's own
+    # clients created one-partition topics that `topics apply` then only reported as drift.
+    env = settings_env(kafka_broker, f"{unique_name}.", tmp_path, sinks={"crm": {"base_url": "http://127.0.0.1:1"}})
+    settings = settings_for(
+        kafka_broker, f"{unique_name}.", tmp_path, sinks={"crm": {"base_url": "http://127.0.0.1:1"}}
+    )
+    names = [orders_topic(settings.topics.prefix), dlq_topic("crm", settings.topics.prefix)]
+    names.append(replay_topic("crm", settings.topics.prefix))
+    code, _, err = await cli("run", env=env)
+    assert code == 2, err
+    assert f"topics {', '.join(names)} do not exist: run `orderbus topics apply`" in err
+    assert await missing_topics(names, {"bootstrap_servers": kafka_broker.bootstrap}) == names, "none created"

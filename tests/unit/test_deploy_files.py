@@ -164,6 +164,44 @@ def test_systemd_analyze_security_rates_the_unit_ok(systemd_analyze: str, testab
     assert result.returncode == 0, result.stderr
 
 
+async def test_systemctl_reload_makes_the_daemon_reread_its_settings(
+    options: dict[str, list[str]], tmp_path: Path
+) -> None:
+    # The README documents `systemctl reload orderbus`; without ExecReload= systemd refuses it. The unit's own
+    # command goes to a real `orderbus run` (no ingest, no sinks: no Kafka needed), which must reload and live on.
+    reload = one(options, "ExecReload").split()
+    assert reload[0] == "/bin/kill"
+    config = tmp_path / "orderbus.toml"
+    config.write_text(f'state_dir = "{tmp_path}"\n[ingest]\nenabled = false\nport = 0\n')
+    daemon = await asyncio.create_subprocess_exec(
+        str(VENV_ORDERBUS),
+        "run",
+        "--config",
+        str(config),
+        stderr=subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},  # this checkout, not the one the venv installed
+    )
+    assert daemon.stderr is not None
+    try:
+        await asyncio.wait_for(log_line(daemon.stderr, "listening on"), timeout=30)
+        argv = [part.replace("$MAINPID", str(daemon.pid)) for part in reload]
+        kill = await asyncio.create_subprocess_exec(*argv)
+        assert await asyncio.wait_for(kill.wait(), timeout=10) == 0
+        await asyncio.wait_for(log_line(daemon.stderr, "settings reloaded"), timeout=30)
+    finally:
+        if daemon.returncode is None:
+            daemon.terminate()
+        code = await asyncio.wait_for(daemon.wait(), timeout=30)
+    assert code == 0, "the daemon did not survive the reload"
+
+
+async def log_line(stream: asyncio.StreamReader, text: str) -> None:
+    while line := await stream.readline():
+        if text in line.decode():
+            return
+    raise AssertionError(f"the daemon ended before logging {text!r}")
+
+
 CREDENTIALS = ("webhook-secret", "crm-token", "accounting-client-secret", "shipping-api-key")
 
 
@@ -188,6 +226,20 @@ def test_every_credential_is_loaded_and_read_through_a_file_variable(options: di
     }
     assert set(loaded) == read == set(CREDENTIALS)
     assert loaded == {name: f"/etc/orderbus/credentials/{name}" for name in CREDENTIALS}
+
+
+def test_the_readme_installs_every_credential_the_unit_loads(options: dict[str, list[str]]) -> None:
+    # A missing one fails the start (exit 243), so the README's steps must create each of them.
+    readme = (ROOT / "README.md").read_text()
+    steps = readme[readme.index("### systemd") : readme.index("### Container")]
+    created = set(re.findall(r"^install -m 0600 /dev/stdin /etc/orderbus/credentials/([\w-]+) ", steps, re.M))
+    assert created == {item.split(":", 1)[0] for item in options["Service.LoadCredential"]}
+    assert "orderbus topics apply --config /etc/orderbus/orderbus.toml" in steps
+
+
+def test_a_start_that_cannot_succeed_is_not_restarted(options: dict[str, list[str]]) -> None:
+    # 2: a bad setting (ConfigError); 243: systemd's EXIT_CREDENTIALS, a LoadCredential= file is missing.
+    assert one(options, "RestartPreventExitStatus").split() == ["2", "243"]
 
 
 def test_the_example_config_loads_with_the_units_credentials(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -68,5 +69,23 @@ async def test_sighup_applies_rate_and_log_level_and_names_what_needs_a_restart(
 def test_restart_needed_lists_changed_keys_except_the_live_ones() -> None:
     old = settings()
     new = settings(ORDERBUS_SINKS__CRM__RATE="3", ORDERBUS_LOG_LEVEL="ERROR", ORDERBUS_INGEST__PORT="9999")
-    assert _restart_needed(old, new) == ["ingest"]
+    assert _restart_needed(old, new) == ["ingest.port"]
     assert _restart_needed(old, old) == []
+
+
+def test_a_rotated_secret_is_named_as_needing_a_restart_without_its_value(tmp_path: Path) -> None:
+    # Every secret dumps as ********** in JSON: a rotated token looked unchanged, and the old one stayed in use.
+    token, webhook = tmp_path / "crm-token", tmp_path / "webhook-secret"
+    env = {
+        "ORDERBUS_SINKS__CRM__AUTH__TYPE": "bearer",
+        "ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE": str(token),
+        "ORDERBUS_INGEST__WEBHOOK_SECRETS_FILE": str(webhook),
+    }
+    token.write_text("old-t0ken\n")
+    webhook.write_text("whsec_b2xk\n")
+    old = settings(**env)
+    token.write_text("new-t0ken\n")
+    webhook.write_text("whsec_b2xk\nwhsec_bmV3\n")
+    changed = _restart_needed(old, settings(**env))
+    assert changed == ["ingest.webhook_secrets", "sinks.crm.auth"]
+    assert "t0ken" not in repr(changed)

@@ -39,7 +39,8 @@ def test_secret_from_a_credential_file_one_per_line(tmp_path: Path) -> None:
 def test_secrets_are_masked_when_printed(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        '[ingest]\nwebhook_secrets = ["whsec_dG9wc2VjcmV0"]\n[kafka]\nsasl_password = "hunter2"\n',
+        '[ingest]\nwebhook_secrets = ["whsec_dG9wc2VjcmV0"]\n[kafka]\nsasl_password = "hunter2"\n'
+        'security_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "PLAIN"\nsasl_username = "orderbus"\n',
     )
     settings = load_settings(path, env={})
     printed = settings.masked_json() + repr(settings) + str(settings)
@@ -96,3 +97,88 @@ def test_settings_are_frozen() -> None:
 
 def test_other_tools_variables_are_not_settings() -> None:
     load_settings(None, env={"ORDERBUS_KAFKA_CACHE": "cache-dir"})
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[sinks.crm]\nbase_url = "https://orderbus:pa55w0rd-x@crm.example.com/api"\n', "sinks.crm.base_url"),
+        ('[sinks.crm]\nbase_url = "https://:pa55w0rd-x@crm.example.com"\n', "sinks.crm.base_url"),
+        (
+            '[sinks.accounting.auth]\ntype = "oauth2"\nclient_id = "ob"\nclient_secret = "s"\n'
+            'token_url = "https://ob:pa55w0rd-x@idp.example.com/token"\n',
+            "sinks.accounting.auth.oauth2.token_url",
+        ),
+        ('[sinks.crm.urls]\ncreate = "https://ob:pa55w0rd-x@crm.example.com/orders"\n', "sinks.crm.urls"),
+    ],
+)
+def test_a_url_with_user_info_is_refused_without_showing_the_password(tmp_path: Path, text: str, key: str) -> None:
+    # The sinks' HTTP client refuses such URLs: every order would be dead-lettered (rule invalid-request).
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), env={})
+    message = str(caught.value)
+    assert key in message
+    assert "user info" in message
+    assert "auth" in message
+    assert "pa55w0rd" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://crm..example.com/api", f"https://{'x' * 64}.example.com", "https://:8443/api", "https://crm:99999/api"],
+)
+def test_a_base_url_whose_host_the_client_refuses_is_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigError, match=r"sinks\.crm\.base_url"):
+        load_settings(write(tmp_path, f'[sinks.crm]\nbase_url = "{url}"\n'), env={})
+
+
+@pytest.mark.parametrize(
+    "url", ["https://crm.example.com/api", "http://127.0.0.1:8090", "http://[::1]:8090/x", "https://bücher.example"]
+)
+def test_usable_base_urls_pass(tmp_path: Path, url: str) -> None:
+    settings = load_settings(write(tmp_path, f'[sinks.crm]\nbase_url = "{url}"\n'), env={})
+    assert settings.sinks["crm"].base_url == url
+
+
+# Settings that validated but could not be used crashed at start with a traceback (exit 1: systemd restarted them
+# forever) or, for response_policy, were refused by `run` only; now `config check` names them (exit 2).
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ('[sinks.crm]\nca_bundle = "/nonexistent/ca.pem"\n', ["sinks.crm.ca_bundle", "No such file"]),
+        ('[kafka]\nsecurity_protocol = "SSL"\nssl_cafile = "/nonexistent/ca.pem"\n', ["kafka.ssl_cafile"]),
+        (
+            '[kafka]\nsecurity_protocol = "SASL_SSL"\n',
+            ["kafka", "SASL_SSL needs sasl_mechanism, sasl_username, sasl_password"],
+        ),
+        (
+            '[kafka]\nsecurity_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "PLAIN"\nsasl_username = "ob"\n',
+            ["kafka", "needs sasl_password"],
+        ),
+        ('[kafka]\nsasl_mechanism = "PLAIN"\nsasl_username = "ob"\n', ["sasl_mechanism, sasl_username", "PLAINTEXT"]),
+        ('[kafka]\nssl_cafile = "/etc/ssl/certs/ca-certificates.crt"\n', ["ssl_cafile", "PLAINTEXT"]),
+        ('[sinks.crm]\nresponse_policy = {"4x4" = "done"}\n', ["sinks.crm.response_policy", "'4x4'", "class"]),
+    ],
+)
+def test_settings_that_cannot_be_used_are_refused_when_checked(tmp_path: Path, text: str, names: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), env={})
+    for name in names:
+        assert name in str(caught.value)
+
+
+def test_a_ca_bundle_must_be_pem(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"sinks\.crm\.ca_bundle: .*not a PEM CA bundle"):
+        load_settings(write(tmp_path, f'[sinks.crm]\nca_bundle = "{bundle}"\n'), env={})
+
+
+def test_complete_sasl_and_tls_settings_pass(tmp_path: Path) -> None:
+    system_cas = Path("/etc/ssl/certs/ca-certificates.crt")  # the Debian package ca-certificates
+    text = (
+        f'[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "SCRAM-SHA-512"\nsasl_username = "ob"\n'
+        f'ssl_cafile = "{system_cas}"\n[sinks.crm]\nca_bundle = "{system_cas}"\nresponse_policy = {{"404" = "done"}}\n'
+    )
+    settings = load_settings(write(tmp_path, text), env={"ORDERBUS_KAFKA__SASL_PASSWORD": "pw"})
+    assert settings.kafka.ssl_cafile == system_cas

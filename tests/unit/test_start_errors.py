@@ -1,0 +1,100 @@
+"""Resources that cannot be opened at start are configuration errors naming the setting (exit 2, which systemd
+does not restart), not tracebacks (exit 1, restarted every 10 s forever)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from consumers.engine import EngineConfig
+from consumers.metrics import EngineMetrics
+from consumers.runner import HttpConfig, open_sink
+from daemon import lifecycle
+from daemon.kafka_options import client_options
+from daemon.lifecycle import serve
+from daemon.settings import Settings, SinkSettings, load_settings
+from daemon.sinks import build_sink
+from topics.errors import BrokerError, ConfigError
+
+SYSTEM_CAS = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+@pytest.mark.parametrize("ingest", ["true", "false"])
+async def test_a_state_dir_that_cannot_be_created_is_a_config_error(tmp_path: Path, ingest: str) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    settings = load_settings(
+        None,
+        env={
+            "ORDERBUS_STATE_DIR": str(blocker / "state"),
+            "ORDERBUS_INGEST__ENABLED": ingest,
+            "ORDERBUS_SINKS__CRM__ENABLED": "true",
+        },
+    )
+    with pytest.raises(ConfigError, match=r"^state_dir: cannot create .*a-file/state"):
+        await serve(settings, asyncio.Event(), registry=CollectorRegistry())
+
+
+def test_a_kafka_ca_file_gone_since_the_check_is_a_config_error(tmp_path: Path) -> None:
+    cafile = tmp_path / "ca.pem"
+    shutil.copy(SYSTEM_CAS, cafile)
+    settings = load_settings(
+        None, env={"ORDERBUS_KAFKA__SECURITY_PROTOCOL": "SSL", "ORDERBUS_KAFKA__SSL_CAFILE": str(cafile)}
+    )
+    cafile.unlink()
+    with pytest.raises(ConfigError, match=r"^kafka\.ssl_cafile: cannot load"):
+        client_options(settings.kafka)
+
+
+async def test_a_sink_ca_bundle_gone_since_the_check_is_a_config_error(tmp_path: Path) -> None:
+    opening = open_sink(
+        build_sink("crm", SinkSettings()),
+        client_options={},
+        topic="orders",
+        prefix="",
+        dedup_path=tmp_path / "dedup-crm.sqlite",
+        dead_letters=cast(Any, None),  # never reached
+        metrics=EngineMetrics(CollectorRegistry()),
+        config=EngineConfig(),
+        http=HttpConfig(ca_bundle=tmp_path / "gone.pem"),
+    )
+    with pytest.raises(ConfigError, match=r"^sinks\.crm\.ca_bundle: cannot load"):
+        async with opening:
+            pass
+
+
+def sink_settings(**env: str) -> Settings:
+    return load_settings(None, env={"ORDERBUS_TOPICS__PREFIX": "t.", "ORDERBUS_SINKS__CRM__ENABLED": "true", **env})
+
+
+async def test_a_missing_topic_stops_start_up_before_any_client_could_create_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The consumers and the ingest's producer name their topics in metadata requests, which a broker with
+    # auto.create.topics.enable (Kafka's default) answers by creating them with one partition.
+    asked: list[str] = []
+
+    async def missing(names: list[str], options: object, *, timeout: float) -> list[str]:
+        asked.extend(names)
+        return [name for name in names if "dlq" in name]
+
+    monkeypatch.setattr(lifecycle, "missing_topics", missing)
+    settings = sink_settings(ORDERBUS_STATE_DIR=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^topic t\.orders\.dlq\.crm does not exist: run `orderbus topics apply`"):
+        await serve(settings, asyncio.Event(), registry=CollectorRegistry())
+    assert asked == ["t.orders", "t.orders.dlq.crm", "t.orders.replay.crm"]
+
+
+async def test_an_unreachable_kafka_stops_the_sinks_but_not_the_ingest_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def unreachable(names: list[str], options: object, *, timeout: float) -> list[str]:
+        raise BrokerError("cannot list topics")
+
+    monkeypatch.setattr(lifecycle, "missing_topics", unreachable)
+    with pytest.raises(BrokerError):
+        await lifecycle._require_topics(sink_settings())
+    await lifecycle._require_topics(sink_settings(ORDERBUS_SINKS__CRM__ENABLED="false"))  # 503 until Kafka is back
