@@ -28,7 +28,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from daemon import kafka_local
 from daemon.dlq import REASONS, parse_position
@@ -38,7 +38,7 @@ from daemon.logs import configure
 from daemon.retention import MIN_DEDUP_RETENTION_HOURS, MIN_INGEST_KEY_RETENTION_HOURS
 
 # The loader's private steps: `_operator_settings` runs them with one step of its own in between.
-from daemon.settings import AuthSettings, Settings, _apply_env, _describe, _read_toml, load_settings
+from daemon.settings import AuthSettings, Settings, load_settings
 from daemon.signature import sign
 from topics.admin import apply_catalogue
 from topics.catalogue import catalogue
@@ -194,18 +194,17 @@ def _operator_settings(args: argparse.Namespace) -> Settings:
     operator at the shell must not need them to list dead letters. A secret that is given is checked as usual.
     """
     path: Path | None = args.config
-    data: dict[str, Any] = _read_toml(path) if path is not None else {}
-    origins = _apply_env(data, os.environ)
+    return load_settings(path, complete=_fill_sink_secrets)
+
+
+def _fill_sink_secrets(data: dict[str, Any]) -> None:
+    """Give every sink secret that `data` (the raw settings document) lacks the value `SECRET_NOT_LOADED`."""
     sinks = data.get("sinks")
     for sink in sinks.values() if isinstance(sinks, dict) else ():
         auth = sink.get("auth") if isinstance(sink, dict) else None
         if isinstance(auth, dict) and isinstance(auth.get("type"), str):
             for name in _SINK_SECRETS.get(auth["type"], ()):
                 auth.setdefault(name, SECRET_NOT_LOADED)
-    try:
-        return Settings.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, path, origins)) from None
 
 
 def _sink_secrets() -> dict[str, tuple[str, ...]]:

@@ -17,7 +17,7 @@ import os
 import re
 import ssl
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -399,13 +399,21 @@ class Settings(_Section):
         return self.model_dump_json(indent=2)
 
 
-def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Read `path` (TOML, optional), apply ``ORDERBUS_*`` variables from `env`, validate.
+def load_settings(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    complete: Callable[[dict[str, Any]], None] | None = None,
+) -> Settings:
+    """Read `path` (TOML, optional), apply ``ORDERBUS_*`` variables from `env`, let `complete` fill in what it
+    may (the raw document, before validation), validate.
 
     Raises `ConfigError` naming the key (or variable, or file) and the problem.
     """
     data: dict[str, Any] = _read_toml(path) if path is not None else {}
     origins = _apply_env(data, os.environ if env is None else env)
+    if complete is not None:
+        complete(data)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
