@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -455,7 +456,7 @@ class SinkEngine:
         metrics.buffered.labels(name).set(self._buffered)
         metrics.parked.labels(name).set(sum(1 for lane in self._lanes.values() if lane.parked))
         metrics.in_flight.labels(name).set(context.in_flight)
-        metrics.rate.labels(name).set(context.pacer.current_rate)
+        metrics.rate.labels(name).set(_limit_or_zero(context.pacer.current_rate))
         metrics.auth_paused.labels(name).set(1 if context.auth.state != "closed" else 0)
         metrics.circuit.labels(name).set(CIRCUIT_STATES.get(context.circuit.state, 0))
         throttled = context.pacer.throttled_seconds
@@ -514,7 +515,7 @@ class SinkEngine:
             "parked": sum(1 for lane in self._lanes.values() if lane.parked),
             "circuit": context.circuit.state,
             "auth_paused": self.auth_paused,
-            "rate_limit": None if context.pacer.rate is None else context.pacer.current_rate,
+            "rate_limit": _limit_or_zero(context.pacer.current_rate) or None,
             "held_for": max(0.0, context.pacer.held_until - self._clock.now()),
             "lag": {str(tp[1]): lag for tp, lag in sorted(self._lag.lag.items()) if tp[0] != self.replay_topic},
             "finished": self._finished,
@@ -524,3 +525,8 @@ class SinkEngine:
     def kafka_silence(self) -> float:
         """Seconds since the broker last answered this sink's lag measurement (taken every `lag_interval`)."""
         return self._lag.silence
+
+
+def _limit_or_zero(rate: float) -> float:
+    """A pacer's current rate as the sink reports it: 0 for unlimited (`math.inf`), as the gauge's help says."""
+    return 0.0 if math.isinf(rate) else rate

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -583,6 +584,24 @@ async def test_stop_ends_the_run_while_a_fetch_never_returns(harness_factory: Ca
     await runner
     assert ended, "the run ended within fetch_wait and its slack after the stop"
     assert h.consumer.committed == {TP0: 1}
+
+
+async def test_the_rate_limit_is_reported_as_0_while_unlimited_and_as_the_rate_while_a_retry_after_slows_it(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # The gauge's help says 0 is unlimited; it was set to +Inf, and `orderbus status` showed no limit while a
+    # Retry-After slowed a sink without a configured rate.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(429, retry_after="1") if b"SO-19" in (request.body or b"") and nth == 1 else ok()
+
+    h = harness_factory({TP0: [record(n, f"SO-{n}") for n in range(20)]}, script)
+    h.engine._report()
+    assert h.metric("orderbus_sink_rate_limit") == 0
+    assert h.engine.status()["rate_limit"] is None
+    await h.run_until(20)  # the 20th request (all at once: ~20/s) was answered 429: the sink goes on slower
+    h.engine._report()
+    assert 0 < h.metric("orderbus_sink_rate_limit") < math.inf
+    assert h.engine.status()["rate_limit"] == h.metric("orderbus_sink_rate_limit")
 
 
 async def test_outcomes_and_attempts_are_counted_per_status_class(harness_factory: Callable[..., Harness]) -> None:
