@@ -287,7 +287,7 @@ class OAuth2ClientCredentials:
             raise self._refused(f"answered {status}{_error_code(body)}")
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser's stack
             document = None
         if not isinstance(document, dict):
             raise self._refused("answered 200 without a JSON object")
@@ -369,7 +369,7 @@ def _error_code(body: bytes) -> str:
     """`` (invalid_client)`` from an RFC 6749 §5.2 error answer; nothing else from the body is ever quoted."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     code = document.get("error") if isinstance(document, dict) else None
     return f" ({code})" if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else ""

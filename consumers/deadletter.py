@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 Reason = Literal[
     "invalid",  # not JSON, or breaks the contract: no attempt was made
@@ -81,9 +81,14 @@ def _history(headers: Sequence[tuple[str, bytes]]) -> list[dict[str, str]]:
     previous = read_headers(headers)
     if not previous:
         return []
-    history: list[dict[str, str]] = json.loads(previous.get("history", "[]"))
+    try:
+        history = json.loads(previous.get("history", "[]"))
+    except (ValueError, RecursionError):  # not ours: a header mangled on its way back through the replay topic
+        history = None
+    if not (isinstance(history, list) and all(isinstance(entry, dict) for entry in history)):
+        history = [{"detail": "an earlier history header could not be read"}]
     history.append({key: previous[key] for key in _HISTORY_FIELDS if key in previous})
-    return history
+    return cast(list[dict[str, str]], history)
 
 
 def read_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:

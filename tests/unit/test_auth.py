@@ -376,6 +376,8 @@ def client_of(token_url: str) -> OAuth2Client:
         ((400, {"error": "not a code: with spaces"}), "refused", "answered 400"),
         ((302, ""), "refused", "answered 302"),
         ((200, "<html>login</html>"), "refused", "without a JSON object"),
+        ((200, "[" * 100_000 + "]" * 100_000), "refused", "without a JSON object"),  # RecursionError
+        ((400, '{"error": ' + "[" * 100_000 + "]" * 100_000 + "}"), "refused", "answered 400"),
         ((200, {"token_type": "Bearer"}), "refused", "without a usable access_token"),
         (token("bad token\r\nX-Injected: 1"), "refused", "without a usable access_token"),
         ((200, {"access_token": "abc", "token_type": "mac"}), "refused", "not a bearer token"),

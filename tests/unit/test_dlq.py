@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from consumers.deadletter import DeadLetter, Reason, read_headers
@@ -68,3 +70,15 @@ def test_a_selection_that_matches_nothing_names_itself(selection: Selection, nam
     letters = [view(10, ("orders", 3, 500))] if not selection.everything else []
     with pytest.raises(SelectionError, match=f"no dead letter of sink crm matches {named}; nothing was replayed"):
         choose(letters, "crm", selection)
+
+
+@pytest.mark.parametrize("history", [b"not json", b"[" * 100_000 + b"]" * 100_000, b'{"a": 1}', b"[1, 2]"])
+def test_a_replayed_record_whose_history_header_is_unreadable_is_dead_lettered_with_a_note(history: bytes) -> None:
+    # The history header came back through the replay topic mangled: reading it raised, and the lane's error
+    # stopped the sink (with the record to come again after the restart, and again).
+    first = DeadLetter("crm", "rejected", "bad-request", "orders", 3, 500, b"SO-1", b"{}").record_headers()
+    mangled = [*first, ("orderbus.dlq.history", history)]
+    again = DeadLetter("crm", "rejected", "bad-request", "orders.replay.crm", 0, 7, b"SO-1", b"{}", mangled)
+    entries = json.loads(read_headers(again.record_headers())["history"])
+    assert entries[0] == {"detail": "an earlier history header could not be read"}
+    assert entries[-1]["reason"] == "rejected"
