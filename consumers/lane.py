@@ -347,8 +347,10 @@ class Lane:
             retry_after = parse_retry_after(
                 outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap
             )
-            # The whole sink slows down, not just this key; without a Retry-After only the rate is lowered.
-            context.pacer.hold(retry_after or 0.0)
+            if retry_after is not None or outcome.status == 429:
+                # The whole sink slows down, not just this key; a 429 without a Retry-After only lowers the rate.
+                # A 503 without one says nothing of a pace: it is an outage, for the circuit and the key's backoff.
+                context.pacer.hold(retry_after or 0.0)
         if retry_after is None:
             context.circuit.record(False)
         elif probe is context.circuit:

@@ -4,11 +4,14 @@ Two things decide when `Pacer.acquire()` returns:
 
 1. **The token bucket.** Tokens refill at the current rate up to `burst` (default 1, so requests are evenly
    spaced and the configured rate is never exceeded over any window, sliding or fixed). Each acquire takes one.
-2. **The server's pace.** `hold(seconds)` (a 429 or 503, with its Retry-After or 0) makes every acquire wait until
-   ``now + seconds`` (a shorter hold never shortens a longer one), and halves the current rate, never below
-   `min_rate`. The rate then recovers additively: `recovery_step` more for every `recovery_interval` seconds
-   after the hold ends without a new one, up to the configured rate and never above it. When a hold ends, one
-   request may go at once; the rest follow at the lowered rate (no burst right after the server said "slow down").
+2. **The server's pace.** `hold(seconds)` (a 429 with its Retry-After or 0, a 503 with its Retry-After) makes
+   every acquire wait until ``now + seconds`` (a shorter hold never shortens a longer one), and halves the current
+   rate, never below `min_rate` -- once per episode: not again while the hold lasts, nor within `DECREASE_GUARD`
+   of the last decrease. The answers to every request sent before the server's first "slow down" come back with
+   it, and a burst of 256 such answers is one signal, not 256 halvings down to `min_rate`. The rate then recovers
+   additively: `recovery_step` more for every `recovery_interval` seconds after the hold ends without a new one,
+   up to the configured rate and never above it. When a hold ends, one request may go at once; the rest follow at
+   the lowered rate (no burst right after the server said "slow down").
 
 Waiters are served first come, first served (an `asyncio.Lock` is FIFO), and a waiter cancelled while it waits
 takes no token. The rate is a function of the clock (piecewise constant between recovery steps), so nothing
@@ -34,6 +37,8 @@ __all__ = ["Pacer"]
 
 # What `hold` multiplies the current rate by.
 DECREASE_FACTOR = 0.5
+# Seconds after a decrease (or after the hold it came with, if longer) during which `hold` does not lower the rate.
+DECREASE_GUARD = 1.0
 # The default recovery step, as a share of the configured rate.
 DEFAULT_RECOVERY_SHARE = 0.1
 # Seconds over which an unlimited pacer measures the pace it sends at.
@@ -80,6 +85,7 @@ class Pacer:
         self._last_pace = 0.0  # and their rate in the last whole window
         self._recover_from = now  # the end of the last hold: recovery steps count from here
         self._held_until = now
+        self._lower_again_at = now  # `hold` lowers the rate only from this time on (`DECREASE_GUARD`)
         self._throttled = 0.0
         self._last_retry_after: float | None = None
         self._lock = asyncio.Lock()
@@ -144,22 +150,26 @@ class Pacer:
                 await self._sleep_or_reconfigured(self._time_until_token(now))
 
     def hold(self, seconds: float) -> None:
-        """The server set the pace (429/503): pause every acquire for `seconds` and halve the current rate.
+        """The server set the pace (429/503): pause every acquire for `seconds` and halve the current rate (once
+        per episode, see the module docstring).
 
         `hold(0)` (a 429 without Retry-After) only lowers the rate. Negative or NaN seconds count as 0.
         """
         seconds = seconds if seconds > 0 else 0.0
         now = self._clock.now()
         self._last_retry_after = seconds
-        if self._limit is None:  # unlimited: slowed from the pace it was sending at
+        lower = now >= self._lower_again_at
+        if lower and self._limit is None:  # unlimited: slowed from the pace it was sending at
             self._ceiling = self._limit = max(self._min_rate, self._pace(now))
             self._lowered = self._ceiling
             self._updated = now
-        if self._limit is not None:
+        if lower and self._limit is not None:
             self._refill(now)  # settle the bucket under the old rate before the rate changes
             lowered = max(self._min_rate, self._rate_at(now) * DECREASE_FACTOR)
             self._lowered = min(self._limit, lowered)
         self._held_until = max(self._held_until, now + seconds)
+        if lower:
+            self._lower_again_at = max(self._held_until, now + DECREASE_GUARD)
         self._recover_from = self._held_until
         if self._held_until > now:
             self._tokens = 1.0  # one request may go when the hold ends

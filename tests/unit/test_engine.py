@@ -604,6 +604,23 @@ async def test_the_rate_limit_is_reported_as_0_while_unlimited_and_as_the_rate_w
     assert h.engine.status()["rate_limit"] == h.metric("orderbus_sink_rate_limit")
 
 
+@pytest.mark.parametrize(
+    ("status", "retry_after", "slowed"),
+    [(429, None, True), (429, "1", True), (503, "1", True), (503, None, False)],
+)
+async def test_a_429_or_a_503_with_retry_after_slows_the_sink_and_a_bare_503_does_not(
+    harness_factory: Callable[..., Harness], status: int, retry_after: str | None, slowed: bool
+) -> None:
+    # A 503 without Retry-After is an outage (the circuit and the key's backoff): lowering the rate for each one
+    # took a sink to its least rate under 5 % of them.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(status, retry_after=retry_after) if nth == 1 else ok()
+
+    h = harness_factory({TP0: [record(0, "SO-1")]}, script, rate=100.0)
+    await h.run_until(1)
+    assert (h.engine._context.pacer.current_rate < 100.0) is slowed
+
+
 async def test_outcomes_and_attempts_are_counted_per_status_class(harness_factory: Callable[..., Harness]) -> None:
     def script(request: HttpRequest, nth: int) -> Reply:
         body = request.body or b""

@@ -11,7 +11,7 @@ from itertools import pairwise
 import pytest
 
 from consumers.clock import FakeClock
-from consumers.pacing import Pacer
+from consumers.pacing import DECREASE_GUARD, Pacer
 from topics.errors import ConfigError
 
 START = 1000.0
@@ -143,10 +143,11 @@ async def test_a_hold_of_zero_or_less_only_lowers_the_rate() -> None:
     pacer = Pacer(10, clock=clock)
     pacer.hold(0)
     assert pacer.current_rate == 5
+    await clock.advance(DECREASE_GUARD)
     pacer.hold(-3)
     assert pacer.last_retry_after == 0
     assert pacer.current_rate == 2.5
-    assert pacer.held_until == START
+    assert pacer.held_until == START + DECREASE_GUARD
     assert returns_without_waiting(pacer)
 
 
@@ -192,7 +193,23 @@ async def test_repeated_holds_halve_the_rate_down_to_min_rate_and_no_further() -
     for _ in range(6):
         pacer.hold(0)
         rates.append(pacer.current_rate)
-    assert rates == [5, 2.5, 1.25, 1.0, 1.0, 1.0]
+        await clock.advance(DECREASE_GUARD)
+    assert rates == pytest.approx([5, 2.5, 1.25, 1.0, 1.0, 1.0], abs=0.1)  # recovering a little between holds
+
+
+async def test_a_burst_of_paced_answers_lowers_the_rate_once() -> None:
+    # The answers to everything in flight when the server first said "slow down" come back together: 256 halvings
+    # took a sink to min_rate for one burst.
+    clock = FakeClock(start=START)
+    pacer = Pacer(100, clock=clock)
+    for _ in range(256):
+        pacer.hold(2)
+    assert pacer.current_rate == 50
+    await clock.advance(2)  # the hold is over, and so is DECREASE_GUARD (shorter)
+    pacer.hold(0)  # a "slow down" for a request sent after the hold lowers it again
+    assert pacer.current_rate == 25
+    pacer.hold(0)
+    assert pacer.current_rate == 25
 
 
 async def test_a_new_hold_during_recovery_halves_the_recovered_rate_and_restarts_the_steps() -> None:
