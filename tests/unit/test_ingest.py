@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from daemon.app import RUNNER_OPTIONS, build_app
 from daemon.ingest import EVENT_ID_NAMESPACE, Ingest, IngestConfig, _answer
-from daemon.ingest_keys import Claim, MemoryIngestKeyStore, body_sha256
+from daemon.ingest_keys import Claim, IngestKeyStore, MemoryIngestKeyStore, body_sha256
 from daemon.publisher import BrokerUnavailable, Published, PublishPending
 from daemon.signature import WebhookVerifier, sign
 from topics.codec import EncodedRecord, decode
@@ -86,11 +86,15 @@ def publisher() -> FakePublisher:
 
 
 async def client_for(
-    publisher: FakePublisher, *, secrets: tuple[str, ...] = (), max_body_bytes: int = 64 * 1024
+    publisher: FakePublisher,
+    *,
+    secrets: tuple[str, ...] = (),
+    max_body_bytes: int = 64 * 1024,
+    keys: IngestKeyStore | None = None,
 ) -> Client:
     ingest = Ingest(
         publisher,
-        MemoryIngestKeyStore(),
+        keys if keys is not None else MemoryIngestKeyStore(),
         IngestConfig(max_body_bytes=max_body_bytes, publish_timeout=1.0, retry_after=7),
         verifier=WebhookVerifier(secrets, clock=lambda: NOW) if secrets else None,
         clock=lambda: NOW,
@@ -235,9 +239,7 @@ async def test_a_key_used_again_for_another_order_after_it_was_forgotten_makes_a
     # The key store forgets keys after its retention (48 h), the sinks' dedup after theirs (168 h): with the event id
     # derived from the key alone, the second order got the first one's id and every sink skipped it as a duplicate.
     keys = MemoryIngestKeyStore()
-    ingest = Ingest(publisher, keys, IngestConfig(), clock=lambda: NOW)
-    client: Client = await serve(build_app(ingest=ingest, readiness=lambda: {}, max_body_bytes=65536))
-    await client.start_server()
+    client = await client_for(publisher, keys=keys)
     try:
         headers = {**JSON, "Idempotency-Key": "order-key"}
         assert (await client.post("/v1/orders", data=body(1, event_id=False), headers=headers)).status == 202
@@ -333,9 +335,7 @@ class FailingKeyStore(MemoryIngestKeyStore):
 
 
 async def test_a_failing_key_store_is_503_with_retry_after_and_nothing_published(publisher: FakePublisher) -> None:
-    ingest = Ingest(publisher, FailingKeyStore(), IngestConfig(retry_after=7), clock=lambda: NOW)
-    client: Client = await serve(build_app(ingest=ingest, readiness=lambda: {}, max_body_bytes=65536))
-    await client.start_server()
+    client = await client_for(publisher, keys=FailingKeyStore())
     try:
         response = await client.post("/v1/orders", data=body(), headers={**JSON, "Idempotency-Key": "k"})
         assert response.status == 503
