@@ -36,8 +36,6 @@ from daemon.kafka_options import client_options, topic_layout
 from daemon.lifecycle import serve
 from daemon.logs import configure
 from daemon.retention import MIN_DEDUP_RETENTION_HOURS, MIN_INGEST_KEY_RETENTION_HOURS
-
-# The loader's private steps: `_operator_settings` runs them with one step of its own in between.
 from daemon.settings import AuthSettings, Settings, load_settings
 from daemon.signature import sign
 from topics.admin import apply_catalogue

@@ -12,10 +12,10 @@ The checks run cheapest first, and every answer has one cause:
    503 with Retry-After while Kafka is unreachable (nothing half-published: see `daemon.publisher`), or when the
    key store fails to claim the key (nothing published either).
 
-Without an event id of its own, a submission's is derived from its idempotency key and body (its body alone
-without a key), so even the one unavoidable republish (a crash between the broker's ack and the answer reaching
-the key store's file, see `daemon.ingest_keys`), or a retry after a publish that timed out, carries the same
-event id and is deduplicated by every sink.
+Without an event id of its own, a submission's is derived from its idempotency key and body (without a key, from
+a body that carries its ``occurred_at``; see `_event_id`), so even the one unavoidable republish (a crash between
+the broker's ack and the answer reaching the key store's file, see `daemon.ingest_keys`), or a retry after a
+publish that timed out, carries the same event id and is deduplicated by every sink.
 
 Every answer is counted by status code (`daemon.ingest_metrics`) and logged as one event with its status, the
 problem code and, once the body is parsed, the event id and order number; never the body, its field values or
@@ -28,6 +28,7 @@ and journald would then drop the service's messages, warnings and errors include
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -202,7 +203,9 @@ class Ingest:
             self._metrics.publish_seconds.observe(self._monotonic() - started)
             if key is not None:
                 self._track(key, event.event_id, pending.future)
-            detail = "kafka did not acknowledge in time; retry with the same body (and idempotency key, if any)"
+            detail = "kafka did not acknowledge in time; it may still publish the order: retry with the same request"
+            if key is None and submission.event_id is None and submission.occurred_at is None:
+                detail += " and an Idempotency-Key, or a retry may be a second order"
             return self._unavailable(detail, {**ids, "error": "publish pending"})
         except (BrokerUnavailable, PublishError) as exc:
             if key is not None:
@@ -210,7 +213,8 @@ class Ingest:
             return self._unavailable("kafka is unreachable; nothing was published", {**ids, "error": str(exc)})
         except BaseException:  # a bug (500) or a cancellation: the key must not stay held by a request that ended
             if key is not None:
-                await self._keys.release(key)
+                with contextlib.suppress(StoreError):  # a store closed at shutdown must not hide the first error
+                    await self._keys.release(key)
             raise
         self._metrics.publish_seconds.observe(self._monotonic() - started)
         answer = _answer(ids["event_id"], published)
@@ -276,16 +280,23 @@ def _refused(
 
 
 def _event_id(submission: OrderSubmission, key: str | None, digest: str) -> uuid.UUID:
-    """The submission's own event id, else one derived from its key and body (`digest`), or its body alone.
+    """The submission's own event id, else one derived from its key and body (`digest`), or from a body that says
+    when it happened (``occurred_at``); a new one for a body without a key and without a time.
 
     Derived, so a retry of the same request -- after a 503, a lost answer, a crash -- is the same event, which every
     sink recognises. The body is part of it because the key store forgets keys after its retention, shorter than the
-    sinks': a key used again later for another order must not make that order a duplicate of the first. The key's
-    characters are printable ASCII without a newline, so the two parts cannot run into each other.
+    sinks': a key used again later for another order must not make that order a duplicate of the first. A body alone
+    says which event it is only with its time: ``order.updated`` to state A, then B, then A again, sent without keys
+    or times, are three events. The key's characters are printable ASCII without a newline, so the two parts of the
+    name cannot run into each other.
     """
     if submission.event_id is not None:
         return submission.event_id
-    return uuid.uuid5(EVENT_ID_NAMESPACE, digest if key is None else f"{key}\n{digest}")
+    if key is not None:
+        return uuid.uuid5(EVENT_ID_NAMESPACE, f"{key}\n{digest}")
+    if submission.occurred_at is not None:
+        return uuid.uuid5(EVENT_ID_NAMESPACE, digest)
+    return uuid.uuid4()
 
 
 def _answer(event_id: str, published: Published) -> bytes:

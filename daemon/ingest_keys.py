@@ -322,8 +322,10 @@ class SqliteIngestKeyStore:
         for (operation, waiter), outcome in zip(batch, results, strict=True):
             match operation:
                 case ClaimOp() if waiter is not None and waiter.cancelled():
-                    if outcome == Claimed():  # nobody will publish: give the key back at once
-                        self._enqueue(ReleaseOp(operation.key))
+                    if outcome == Claimed():
+                        # Nobody will publish: give the key back, first thing. Queued behind a retry's claim of the
+                        # key (queued meanwhile), the release would delete the row that claim has just taken over.
+                        self._queue.insert(0, Queued(ReleaseOp(operation.key), None))
                 case ClaimOp():
                     if outcome == Claimed():
                         self._held[operation.key] = operation.body_sha256

@@ -255,16 +255,35 @@ async def test_a_key_used_again_for_another_order_after_it_was_forgotten_makes_a
 async def test_a_request_without_a_key_retried_after_a_late_publish_is_the_same_event(
     client: Client, publisher: FakePublisher
 ) -> None:
+    timed = body(event_id=False)
+    assert json.loads(timed)["occurred_at"] is not None  # the sample says when it happened
     publisher.mode = "pending"
-    pending = await client.post("/v1/orders", data=body(event_id=False), headers=JSON)
+    pending = await client.post("/v1/orders", data=timed, headers=JSON)
     assert pending.status == 503
-    assert "retry with the same body" in (await pending.json())["detail"]
+    assert (await pending.json())["detail"].endswith("retry with the same request")
     assert publisher.late is not None
     publisher.late.set_result(Published("orders", 3, 0))  # it landed after all
     publisher.mode = "ok"
-    assert (await client.post("/v1/orders", data=body(event_id=False), headers=JSON)).status == 202
+    assert (await client.post("/v1/orders", data=timed, headers=JSON)).status == 202
     late, retried = (decode(record.value) for record in publisher.records)
     assert late.event_id == retried.event_id  # one event: every sink delivers it once
+
+
+async def test_the_same_body_without_a_key_or_a_time_is_a_new_event_each_time(
+    client: Client, publisher: FakePublisher
+) -> None:
+    # order.updated to A, then B, then A again: with its id from the body alone, the second A was the first one's
+    # duplicate, and every sink skipped it.
+    document = json.loads(body(event_id=False))
+    del document["occurred_at"]
+    untimed = json.dumps(document).encode()
+    for _ in range(2):
+        assert (await client.post("/v1/orders", data=untimed, headers=JSON)).status == 202
+    first, second = (decode(record.value) for record in publisher.records)
+    assert first.event_id != second.event_id
+    publisher.mode = "pending"
+    pending = await client.post("/v1/orders", data=untimed, headers=JSON)
+    assert "Idempotency-Key" in (await pending.json())["detail"]  # a retry cannot be told from a new order
 
 
 async def test_same_key_other_body_is_422(client: Client, publisher: FakePublisher) -> None:
@@ -311,6 +330,27 @@ async def test_an_unexpected_publish_error_is_500_and_the_key_is_free_again(
     publisher.mode = "ok"
     assert (await client.post("/v1/orders", data=body(), headers=headers)).status == 202
     assert len(publisher.records) == 1
+
+
+class ClosedOnReleaseKeyStore(MemoryIngestKeyStore):
+    """Its releases fail, as the SQLite store's do once it is closed at shutdown."""
+
+    async def release(self, key: str) -> None:
+        raise StoreError("ingest key store /state/ingest.sqlite3 is not open")
+
+
+async def test_a_release_that_fails_does_not_hide_the_error_that_ended_the_request(
+    publisher: FakePublisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher.mode = "broken"
+    client = await client_for(publisher, keys=ClosedOnReleaseKeyStore())
+    try:
+        response = await client.post("/v1/orders", data=body(), headers={**JSON, "Idempotency-Key": "k"})
+        assert response.status == 500
+    finally:
+        await client.close()
+    logged = [record.exc_info[1] for record in caplog.records if record.exc_info]
+    assert [type(error) for error in logged] == [RuntimeError]  # the cause, not the release's StoreError
 
 
 async def test_a_late_publish_that_ends_in_an_unexpected_error_frees_its_key(

@@ -400,6 +400,33 @@ async def test_a_claim_queued_while_its_key_was_being_claimed_is_busy(tmp_path: 
         assert await other == Conflict()
 
 
+async def test_a_cancelled_claims_release_does_not_delete_the_row_a_retry_took_over(tmp_path: Path) -> None:
+    # A claim cancelled while its batch was written is released when it turns out Claimed; the release was queued
+    # behind the retry's claim (queued meanwhile), which took the row over: the release deleted it, the answer was
+    # stored nowhere, and the key was free again for another body.
+    async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
+        writing, go = asyncio.Event(), asyncio.Event()
+        write = store.process.write
+
+        async def held_back(owner: str, batch: list[Operation]) -> list[object]:
+            if not writing.is_set():
+                writing.set()
+                await go.wait()
+            return await write(owner, batch)
+
+        store.process.write = held_back  # type: ignore[method-assign]
+        first = asyncio.create_task(store.claim("k", BODY_A, now=1.0))
+        await writing.wait()  # its batch is under way
+        first.cancel()
+        retry = asyncio.create_task(store.claim("k", BODY_A, now=2.0))
+        await asyncio.wait([first])
+        go.set()
+        assert await retry == Claimed()
+        await store.complete("k", 202, ANSWER, now=3.0)
+        assert await store.claim("k", BODY_B, now=4.0) == Conflict()
+        assert await store.claim("k", BODY_A, now=4.0) == Replay(status=202, body=ANSWER)
+
+
 async def test_a_key_claimed_twice_in_one_batch_is_claimed_once_across_statement_chunks(tmp_path: Path) -> None:
     async with SqliteIngestKeyStore(tmp_path / "ingest.sqlite3") as store:
         keys = [f"k{n}" for n in range(600)]  # more claims than one statement takes
