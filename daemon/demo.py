@@ -23,12 +23,14 @@ and Kafka stop; the summary is printed. A second Ctrl-C stops at once (exit code
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import random
 import signal
 import sys
 import time
-from collections.abc import Mapping
-from contextlib import AsyncExitStack, suppress
+from collections.abc import Iterator, Mapping
+from contextlib import AsyncExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -62,7 +64,43 @@ _FIRST_DELIVERY_WAIT = 600.0  # the sandbox's longest server-side wait
 
 
 async def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
-    """The whole demo; 0 after a clean stop, 130 after a second Ctrl-C. Signals: see the module docstring."""
+    """The whole demo; 0 after a clean stop, 130 after a second Ctrl-C, 1 if another demo runs on the same Kafka
+    data dir. Signals: see the module docstring."""
+    with _only_demo(options.kafka_dir) as holder:
+        if holder is not None:
+            print(
+                f"orderbus demo: another demo (pid {holder}) is running with {_shown(options.kafka_dir)}; stop it "
+                "first (Ctrl-C in its terminal), or give this one --kafka-dir and ports of its own",
+                file=out,
+            )
+            return 1
+        return await _run_demo(options, out)
+
+
+@contextmanager
+def _only_demo(kafka_dir: Path) -> Iterator[str | None]:
+    """Hold the demo lock of `kafka_dir` while the block runs; yields None, or the pid of the demo holding it.
+
+    A second demo on the same data dir found the first one's broker, failed on its busy ports, and on its way out
+    stopped that broker, which it had not started: the first demo went on drawing "ok" frames with Kafka gone. The
+    lock is the kernel's (flock), so a demo killed with -9 leaves none behind.
+    """
+    path = kafka_dir.parent / f"{kafka_dir.name}.demo.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            yield handle.read().strip() or "unknown"
+            return
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield None
+
+
+async def _run_demo(options: DemoOptions, out: TextIO) -> int:
     started = time.monotonic(), time.time()
     layout = demo_layout(options)
     options.log_dir.mkdir(parents=True, exist_ok=True)
