@@ -287,8 +287,9 @@ class SqliteDedupStore:
 
         Flushes do not wait for each other (group commit pipelines them): the thread runs them in the order they
         were called, and a flush returns once its own write and every write handed over before it are on disk.
-        On error, what failed is buffered again for a later flush, and this flush, and those called while the
-        failed one was under way, raise `StoreError`.
+        On error, what failed is buffered again for a later flush (except what a newer write, buffered or in a
+        flush under way, replaces), and this flush, and those called while the failed one was under way, raise
+        `StoreError`.
         """
         self._connection()
         batch, self._buffer = self._buffer, WriteBuffer()
@@ -298,7 +299,8 @@ class SqliteDedupStore:
             try:
                 await self._on_thread(write_batch, batch)
             except BaseException as exc:
-                self._buffer.requeue(batch)
+                # Not what a newer flush under way holds: if that one fails too, it puts back its own.
+                self._buffer.requeue(batch, self._flushing[self._flushing.index(batch) + 1 :])
                 if not isinstance(exc, asyncio.CancelledError):  # cancelled: the thread still writes it
                     self._failed_flushes += 1
                 if isinstance(exc, sqlite3.Error):
