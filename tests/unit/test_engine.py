@@ -1206,6 +1206,48 @@ async def test_an_order_stays_blocked_until_its_last_dead_letter_is_delivered(
     assert await h.store.blocked_orders(["SO-BAD"]) == set()
 
 
+async def test_an_order_whose_unblock_was_flushed_at_the_second_try_is_unblocked(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Found in review: the order was unblocked in memory only by the first flush of the replayed record's state;
+    # when that flush failed and a later one made it durable, the order stayed blocked in memory (an empty chain),
+    # and every new event of it was dead-lettered, and the order blocked again in the file.
+    from topics.errors import StoreError
+
+    phase = {"create": 400}
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-BAD" in (request.body or b"") and request.method == "POST":
+            return answer(phase["create"])
+        return ok()
+
+    h = harness_factory({TP0: [record(0, "SO-BAD")], REPLAY: []}, script)
+    h.engine.replay_topic = REPLAY[0]
+    await h.run_until(1)
+    assert reasons(h) == ["rejected"]
+    phase["create"] = 201
+    flush = h.store.flush
+    failures = 1  # the group flush of the replayed create's state; the lane's next try passes
+
+    async def failing() -> int:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StoreError("dedup store crm: flush failed: database is locked")
+        return await flush()
+
+    h.store.flush = failing  # type: ignore[method-assign]
+    replay_letters(h, h.dead.letters)
+    await h.run_until(1)
+    assert failures == 0
+    assert await h.store.blocked_orders(["SO-BAD"]) == set()
+    h.consumer.partitions[TP0].append(record(1, "SO-BAD", "order.updated", seed=99))
+    await h.run_until(1)
+    assert bad_order(h) == ["POST", "POST", "PUT"], "the update after the delivered replay went out"
+    assert reasons(h) == ["rejected"]
+    assert await h.store.blocked_orders(["SO-BAD"]) == set()
+
+
 async def test_replaying_only_the_rejected_record_keeps_the_order_blocked_across_a_restart(
     harness_factory: Callable[..., Harness],
 ) -> None:
