@@ -85,10 +85,10 @@ def _report_skipped(context: LaneContext) -> None:
 
 
 def _off_the_chain(context: LaneContext, work: Work) -> str | None:
-    """A delivered record leaves its order's dead-letter chain, if it is on one (`consumers.blocks`): in the same
-    write buffer as its state, so in the same flush. If that empties the chain, return the order: it is unblocked
-    for the other lanes once the record's state is durable (`Lane._settled`, with whichever flush makes it so: a
-    failed flush is tried again with a later one)."""
+    """A delivered (or unreadable) record leaves its order's dead-letter chain, if it is on one
+    (`consumers.blocks`): in the same write buffer as its state, so in the same flush. If that empties the chain,
+    return the order: it is unblocked for the other lanes once the record's state is durable (`Lane._settled`,
+    with whichever flush makes it so: a failed flush is tried again with a later one)."""
     return work.order_ref if context.blocked.delivered(work) else None
 
 
@@ -151,9 +151,16 @@ async def dead_letter(
             log.error("dead-letter write failed, retrying", extra={"sink": context.sink.name, "error": str(exc)})
             await park(wait)
             wait = min(wait * 2, context.backoff.cap)
-    context.blocked.dead_lettered(work)  # its order's later records follow it, whatever the reason
+    unblocks = None
+    if reason == "invalid":
+        # Unreadable: no replay can deliver it and its order number is not to be trusted, so it blocks nothing
+        # (`consumers.blocks`). One that blocked its order (an earlier version) leaves the chain when replayed.
+        unblocks = _off_the_chain(context, work)
+    else:
+        context.blocked.dead_lettered(work)  # its order's later records follow it
     put_state(context, work, "dead", attempts, reason=reason)
-    return Settling(work, functools.partial(_report_dead_lettered, context, work, reason, rule, attempts.count, letter))
+    report = functools.partial(_report_dead_lettered, context, work, reason, rule, attempts.count, letter)
+    return Settling(work, report, unblocks=unblocks)
 
 
 def _report_dead_lettered(
