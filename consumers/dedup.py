@@ -39,9 +39,10 @@ not per record.
 
 **Pruning.** `prune(older_than)` deletes terminal rows (``done``, ``duplicate``, ``dead``) updated strictly
 before `older_than`; an ``in_flight`` row is never pruned, whatever its age (its record is not finished). A
-downstream id is kept as long as its order has any delivery row left, so ids of orders with activity at or
-after the cutoff (or in flight) stay; retention must outlast the time an order can still change. Blocked
-orders are never pruned: only a replay unblocks them. `prune` flushes first, so it sees buffered writes.
+downstream id is kept as long as its order has any delivery row left or is blocked, so ids of orders with
+activity at or after the cutoff (or in flight) stay, and so do those of orders whose dead letters may still be
+replayed; retention must outlast the time an order can still change. Blocked orders are never pruned: only a
+replay unblocks them. `prune` flushes first, so it sees buffered writes.
 
 `SqliteDedupStore` is the production store (one instance per file; its statements are in `consumers.dedup_sql`, a
 row and the write buffer in `consumers.delivery_state`); `MemoryDedupStore` (`consumers.dedup_memory`, re-exported

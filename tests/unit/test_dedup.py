@@ -372,6 +372,24 @@ async def test_prune_keeps_downstream_ids_of_orders_with_a_row_left(store: Dedup
     assert await store.blocked_orders(["SO-BLOCKED"]) == {"SO-BLOCKED"}
 
 
+async def test_prune_keeps_the_downstream_id_of_a_blocked_order_whose_rows_are_all_pruned(store: DedupStore) -> None:
+    # Found in review: dead letters outlive delivery rows (720 h against 168 h), and an update replayed after its
+    # order's rows were pruned had no id to address the downstream object with.
+    store.put(state("create", order_ref="SO-1", updated_at=1.0))
+    store.put_downstream_id("SO-1", "crm-77")
+    store.put(state("update", order_ref="SO-1", status="dead", updated_at=2.0))
+    store.block_order("SO-1", '["update"]')
+    store.put(state("other", order_ref="SO-2", updated_at=1.0))
+    store.put_downstream_id("SO-2", "crm-78")
+    assert await store.prune(older_than=1000.0) == 3
+    assert await store.blocking(["SO-1"]) == {"SO-1": '["update"]'}
+    assert await store.downstream_id("SO-1") == "crm-77"
+    assert await store.downstream_id("SO-2") is None, "an order neither live nor blocked loses its id"
+    store.unblock_order("SO-1")  # replayed and delivered: the id goes with the next prune
+    assert await store.prune(older_than=1000.0) == 0
+    assert await store.downstream_id("SO-1") is None
+
+
 # --- integrity --------------------------------------------------------------------------------------------
 
 
