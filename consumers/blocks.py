@@ -9,6 +9,12 @@ empty and that is durable. So a replay of only the record that blocked the order
 blocked until the records that followed are replayed too, and an event arriving while a replay is under way
 (retried, or queued behind the head) follows it to the dead-letter topic instead of passing it.
 
+An ``invalid`` dead letter (a record that cannot be read: not JSON, not the contract) blocks nothing and goes on no
+chain: replayed unchanged, it fails as invalid again, so as a chain's head it would send every later event of the
+order to the dead-letter topic for good; and its order number is only the record key, which nothing vouches for.
+The order's later events are delivered; the unreadable one waits in the dead-letter topic for the operator. One
+that a version before this rule put on a chain leaves it when it is replayed (`consumers.terminal`).
+
 `Blocks` is the sink's view, shared by its lanes; every change is written to the dedup store (`block_order` with
 the chain, or `unblock_order`) in the same write buffer as the record's state, so both are durable in one
 flush. A chain is stored as a JSON list of keys; a row of the earlier layout holds one bare key (the record that

@@ -39,9 +39,10 @@ not per record.
 
 **Pruning.** `prune(older_than)` deletes terminal rows (``done``, ``duplicate``, ``dead``) updated strictly
 before `older_than`; an ``in_flight`` row is never pruned, whatever its age (its record is not finished). A
-downstream id is kept as long as its order has any delivery row left, so ids of orders with activity at or
-after the cutoff (or in flight) stay; retention must outlast the time an order can still change. Blocked
-orders are never pruned: only a replay unblocks them. `prune` flushes first, so it sees buffered writes.
+downstream id is kept as long as its order has any delivery row left or is blocked, so ids of orders with
+activity at or after the cutoff (or in flight) stay, and so do those of orders whose dead letters may still be
+replayed; retention must outlast the time an order can still change. Blocked orders are never pruned: only a
+replay unblocks them. `prune` flushes first, so it sees buffered writes.
 
 `SqliteDedupStore` is the production store (one instance per file; its statements are in `consumers.dedup_sql`, a
 row and the write buffer in `consumers.delivery_state`); `MemoryDedupStore` (`consumers.dedup_memory`, re-exported
@@ -287,8 +288,9 @@ class SqliteDedupStore:
 
         Flushes do not wait for each other (group commit pipelines them): the thread runs them in the order they
         were called, and a flush returns once its own write and every write handed over before it are on disk.
-        On error, what failed is buffered again for a later flush, and this flush, and those called while the
-        failed one was under way, raise `StoreError`.
+        On error, what failed is buffered again for a later flush (except what a newer write, buffered or in a
+        flush under way, replaces), and this flush, and those called while the failed one was under way, raise
+        `StoreError`.
         """
         self._connection()
         batch, self._buffer = self._buffer, WriteBuffer()
@@ -298,7 +300,8 @@ class SqliteDedupStore:
             try:
                 await self._on_thread(write_batch, batch)
             except BaseException as exc:
-                self._buffer.requeue(batch)
+                # Not what a newer flush under way holds: if that one fails too, it puts back its own.
+                self._buffer.requeue(batch, self._flushing[self._flushing.index(batch) + 1 :])
                 if not isinstance(exc, asyncio.CancelledError):  # cancelled: the thread still writes it
                     self._failed_flushes += 1
                 if isinstance(exc, sqlite3.Error):

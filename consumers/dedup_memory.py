@@ -118,7 +118,7 @@ class MemoryDedupStore:
         old = [k for k, s in deliveries.items() if s.status != "in_flight" and s.updated_at < older_than]
         for key in old:
             del deliveries[key]
-        live_orders = {s.order_ref for s in deliveries.values()}
+        live_orders = {s.order_ref for s in deliveries.values()} | set(self.tables.blocked_orders)
         for order_ref in [ref for ref in self.tables.downstream_ids if ref not in live_orders]:
             del self.tables.downstream_ids[order_ref]
         return len(old)

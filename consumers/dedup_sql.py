@@ -116,8 +116,11 @@ SELECT_DOWNSTREAM_ID = f"SELECT order_ref, downstream_id FROM {DOWNSTREAM_IDS_TA
 _PRUNE_STATES = f"""
 DELETE FROM {DELIVERIES_TABLE} WHERE status <> 'in_flight' AND updated_at < ?
 """  # noqa: S608 -- table name is a module constant, values are bound
+# A blocked order keeps its id: its dead letters (kept longer than delivery rows) may be replayed after its rows
+# are pruned, and an update or cancel replayed then must still address the downstream object.
 _PRUNE_DOWNSTREAM_IDS = f"""
 DELETE FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref NOT IN (SELECT order_ref FROM {DELIVERIES_TABLE})
+AND order_ref NOT IN (SELECT order_ref FROM {BLOCKED_ORDERS_TABLE})
 """  # noqa: S608 -- table names are module constants
 
 # Statements of many rows take only a few row counts (`consumers.sqlite_files.row_chunks`), so that a

@@ -3,6 +3,7 @@ store holds until a flush makes them durable."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -68,7 +69,8 @@ class WriteBuffer:
     """Writes not yet flushed, one per key/order (later writes replace earlier ones).
 
     In `blocks`, a reason means "block" and None means "unblock". A flush takes the whole buffer and leaves an
-    empty one; if its write fails, `requeue` puts back what no later write has replaced.
+    empty one; if its write fails, `requeue` puts back what no later write has replaced, in this buffer or in a
+    newer flush still under way.
     """
 
     states: dict[str, DeliveryState] = field(default_factory=dict)
@@ -78,14 +80,20 @@ class WriteBuffer:
     def __len__(self) -> int:
         return len(self.states) + len(self.downstream_ids) + len(self.blocks)
 
-    def requeue(self, failed: WriteBuffer) -> None:
-        for mine, theirs in (
-            (self.states, failed.states),
-            (self.downstream_ids, failed.downstream_ids),
-            (self.blocks, failed.blocks),
-        ):
-            for key, value in theirs.items():
-                mine.setdefault(key, value)  # type: ignore[arg-type]  # each pair of dicts has one value type
+    def requeue(self, failed: WriteBuffer, newer: Sequence[WriteBuffer] = ()) -> None:
+        """Put back the writes of `failed` that neither this buffer nor a batch in `newer` (flushes handed over
+        after `failed`, still under way) has a later write for: putting back an older write beside a newer one
+        would have the next flush write the older state over the newer (an ``in_flight`` over a ``done``)."""
+        layers = [self, *newer]
+        for key, state in failed.states.items():
+            if all(key not in layer.states for layer in layers):
+                self.states[key] = state
+        for order_ref, downstream_id in failed.downstream_ids.items():
+            if all(order_ref not in layer.downstream_ids for layer in layers):
+                self.downstream_ids[order_ref] = downstream_id
+        for order_ref, reason in failed.blocks.items():
+            if all(order_ref not in layer.blocks for layer in layers):
+                self.blocks[order_ref] = reason
 
     def blocked(self, order_ref: str) -> bool | None:
         """True/False if the buffer decides whether `order_ref` is blocked, None if the tables do."""

@@ -165,6 +165,8 @@ class Lane:
             return
         if settling.holds_unsettled:
             self._context.unsettled.release()
+        if error is None and settling.unblocks is not None:
+            self._context.blocked.settled(settling.unblocks)  # durable: also if the lane was forgotten meanwhile
         if self._forgotten:
             return
         work = settling.work

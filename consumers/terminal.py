@@ -8,7 +8,6 @@ or dead-lettered before that, so a crash in between reports it again, never twic
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -40,6 +39,7 @@ class Settling:
     after: Callable[[], None]
     holds_unsettled: bool = False  # it holds a place of `LaneContext.unsettled`, given back once durable
     failed_flushes: int = 0  # flushes of its state that failed so far (`Lane._flush_again`)
+    unblocks: str | None = None  # the order it took the last record off the chain of: `Blocks.settled` once durable
 
 
 @dataclass(slots=True)
@@ -66,8 +66,8 @@ def delivered(
         context.store.put_downstream_id(work.order_ref, downstream_id)
     status: DeliveryStatus = "done" if decision.action == "done" else "duplicate"
     put_state(context, work, status, attempts, downstream_id=downstream_id, digest=outcome.digest)
-    _off_the_chain(context, work)
-    return Settling(work, functools.partial(_report_delivered, context, work, attempts.count, outcome.status, status))
+    report = functools.partial(_report_delivered, context, work, attempts.count, outcome.status, status)
+    return Settling(work, report, unblocks=_off_the_chain(context, work))
 
 
 def already_delivered(context: LaneContext, work: Work) -> Settling:
@@ -76,8 +76,7 @@ def already_delivered(context: LaneContext, work: Work) -> Settling:
     A replay can hold two copies of a record (one dead-lettered again after an earlier replay); the engine
     looked both up before the first was delivered. Nothing is written, but for its order's chain.
     """
-    _off_the_chain(context, work)
-    return Settling(work, functools.partial(_report_skipped, context))
+    return Settling(work, functools.partial(_report_skipped, context), unblocks=_off_the_chain(context, work))
 
 
 def _report_skipped(context: LaneContext) -> None:
@@ -85,19 +84,12 @@ def _report_skipped(context: LaneContext) -> None:
     context.hot.deliveries["duplicate"].inc()
 
 
-def _off_the_chain(context: LaneContext, work: Work) -> None:
-    """A delivered record leaves its order's dead-letter chain, if it is on one (`consumers.blocks`): in the same
-    write buffer as its state, so in the same flush. If that empties the chain, the order is unblocked for the other
-    lanes once that flush is done (told by the batch itself, so also if the lane is forgotten meanwhile)."""
-    if not context.blocked.delivered(work):
-        return
-    order_ref = work.order_ref
-
-    def settled(batch: asyncio.Future[None]) -> None:
-        if not batch.cancelled() and batch.exception() is None:
-            context.blocked.settled(order_ref)
-
-    context.batch().add_done_callback(settled)
+def _off_the_chain(context: LaneContext, work: Work) -> str | None:
+    """A delivered (or unreadable) record leaves its order's dead-letter chain, if it is on one
+    (`consumers.blocks`): in the same write buffer as its state, so in the same flush. If that empties the chain,
+    return the order: it is unblocked for the other lanes once the record's state is durable (`Lane._settled`,
+    with whichever flush makes it so: a failed flush is tried again with a later one)."""
+    return work.order_ref if context.blocked.delivered(work) else None
 
 
 def _report_delivered(context: LaneContext, work: Work, attempt: int, http_status: int, status: DeliveryStatus) -> None:
@@ -159,9 +151,16 @@ async def dead_letter(
             log.error("dead-letter write failed, retrying", extra={"sink": context.sink.name, "error": str(exc)})
             await park(wait)
             wait = min(wait * 2, context.backoff.cap)
-    context.blocked.dead_lettered(work)  # its order's later records follow it, whatever the reason
+    unblocks = None
+    if reason == "invalid":
+        # Unreadable: no replay can deliver it and its order number is not to be trusted, so it blocks nothing
+        # (`consumers.blocks`). One that blocked its order (an earlier version) leaves the chain when replayed.
+        unblocks = _off_the_chain(context, work)
+    else:
+        context.blocked.dead_lettered(work)  # its order's later records follow it
     put_state(context, work, "dead", attempts, reason=reason)
-    return Settling(work, functools.partial(_report_dead_lettered, context, work, reason, rule, attempts.count, letter))
+    report = functools.partial(_report_dead_lettered, context, work, reason, rule, attempts.count, letter)
+    return Settling(work, report, unblocks=unblocks)
 
 
 def _report_dead_lettered(

@@ -27,6 +27,7 @@ from consumers.dedup import (
     MemoryTables,
     SqliteDedupStore,
 )
+from consumers.dedup_sql import SCHEMA
 from topics.errors import ConfigError, StoreError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -371,6 +372,24 @@ async def test_prune_keeps_downstream_ids_of_orders_with_a_row_left(store: Dedup
     assert await store.blocked_orders(["SO-BLOCKED"]) == {"SO-BLOCKED"}
 
 
+async def test_prune_keeps_the_downstream_id_of_a_blocked_order_whose_rows_are_all_pruned(store: DedupStore) -> None:
+    # Found in review: dead letters outlive delivery rows (720 h against 168 h), and an update replayed after its
+    # order's rows were pruned had no id to address the downstream object with.
+    store.put(state("create", order_ref="SO-1", updated_at=1.0))
+    store.put_downstream_id("SO-1", "crm-77")
+    store.put(state("update", order_ref="SO-1", status="dead", updated_at=2.0))
+    store.block_order("SO-1", '["update"]')
+    store.put(state("other", order_ref="SO-2", updated_at=1.0))
+    store.put_downstream_id("SO-2", "crm-78")
+    assert await store.prune(older_than=1000.0) == 3
+    assert await store.blocking(["SO-1"]) == {"SO-1": '["update"]'}
+    assert await store.downstream_id("SO-1") == "crm-77"
+    assert await store.downstream_id("SO-2") is None, "an order neither live nor blocked loses its id"
+    store.unblock_order("SO-1")  # replayed and delivered: the id goes with the next prune
+    assert await store.prune(older_than=1000.0) == 0
+    assert await store.downstream_id("SO-1") is None
+
+
 # --- integrity --------------------------------------------------------------------------------------------
 
 
@@ -628,6 +647,79 @@ async def test_a_flush_called_while_an_earlier_one_fails_fails_too_and_the_write
         assert await store.downstream_id("SO-1001") == "crm-77"
         with pytest.raises(StoreError):
             await store.close()
+
+
+def _file_rows(path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str]]]:
+    """(key, status) of the deliveries, the downstream ids and the blocks in the file, read with plain sqlite3."""
+    with sqlite3.connect(path) as plain:
+        states = plain.execute(f"SELECT key, status FROM {DELIVERIES_TABLE}").fetchall()  # noqa: S608 -- constant
+        ids = plain.execute(f"SELECT * FROM {DOWNSTREAM_IDS_TABLE}").fetchall()  # noqa: S608 -- constant
+        blocks = plain.execute(f"SELECT * FROM {BLOCKED_ORDERS_TABLE}").fetchall()  # noqa: S608 -- constant
+    plain.close()
+    return states, ids, blocks
+
+
+def _drop_downstream_ids(path: Path) -> None:
+    """Make every flush that writes a downstream id fail (its table is gone) until `_restore_downstream_ids`."""
+    with sqlite3.connect(path) as vandal:
+        vandal.execute(f"DROP TABLE {DOWNSTREAM_IDS_TABLE}")
+    vandal.close()
+
+
+def _restore_downstream_ids(path: Path) -> None:
+    with sqlite3.connect(path) as plain:
+        plain.executescript(SCHEMA)  # CREATE ... IF NOT EXISTS: only the dropped table is made again
+    plain.close()
+
+
+async def test_two_failed_flushes_put_back_the_newer_write_not_the_older(tmp_path: Path) -> None:
+    # A record's first attempt failed (in_flight, its order blocked); a retry was delivered (done, unblocked).
+    # Both flushes fail; the older must not be put back over the newer, or the next flush writes in_flight
+    # for a record whose offset is committed as done.
+    path = tmp_path / "crm.dedup.sqlite3"
+    async with SqliteDedupStore(path) as store:
+        _drop_downstream_ids(path)
+        store.put(state("k1", status="in_flight", updated_at=1.0))
+        store.put_downstream_id("SO-1001", "crm-old")
+        store.block_order("SO-1001", '["k1"]')
+        first = asyncio.ensure_future(store.flush())
+        await asyncio.sleep(0)  # the first batch is on the connection's thread
+        store.put(state("k1", status="done", updated_at=2.0))
+        store.put_downstream_id("SO-1001", "crm-new")
+        store.unblock_order("SO-1001")
+        second = asyncio.ensure_future(store.flush())
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        _restore_downstream_ids(path)
+        assert all(isinstance(result, StoreError) for result in results), results
+        assert (await store.get_many(of("k1")))["k1"].status == "done"
+        assert await store.downstream_id("SO-1001") == "crm-new"
+        assert await store.blocked_orders(["SO-1001"]) == set()
+        assert await store.flush() == 3, "the newer write of each key, once"
+    assert _file_rows(path) == ([("k1", "done")], [("SO-1001", "crm-new")], [])
+
+
+async def test_a_failed_flush_does_not_put_back_what_a_newer_flush_wrote(tmp_path: Path) -> None:
+    # The same, but the newer flush succeeds: the file says done and unblocked; the older batch, put back,
+    # would turn them back to in_flight and blocked at the next flush.
+    path = tmp_path / "crm.dedup.sqlite3"
+    async with SqliteDedupStore(path) as store:
+        _drop_downstream_ids(path)
+        store.put(state("k1", status="in_flight", updated_at=1.0))
+        store.put_downstream_id("SO-9", "crm-9")  # makes this batch fail
+        store.block_order("SO-1001", '["k1"]')
+        first = asyncio.ensure_future(store.flush())
+        await asyncio.sleep(0)
+        store.put(state("k1", status="done", updated_at=2.0))
+        store.unblock_order("SO-1001")
+        second = asyncio.ensure_future(store.flush())
+        await asyncio.gather(first, second, return_exceptions=True)
+        _restore_downstream_ids(path)
+        assert _file_rows(path) == ([("k1", "done")], [], [])
+        assert store.pending_writes == 1, "only the downstream id nothing newer replaced is put back"
+        assert await store.flush() == 1
+        assert (await store.get_many(of("k1")))["k1"].status == "done"
+        assert await store.blocked_orders(["SO-1001"]) == set()
+    assert _file_rows(path) == ([("k1", "done")], [("SO-9", "crm-9")], [])
 
 
 async def test_a_file_reopened_after_its_writer_was_killed_has_every_flushed_state(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaConnectionError
 from prometheus_client import CollectorRegistry
 
 from consumers.backoff import Backoff
+from consumers.blocks import encode_chain
 from consumers.clock import FakeClock
 from consumers.deadletter import DeadLetter, read_headers
 from consumers.dedup import DeliveryState, MemoryDedupStore
@@ -1204,6 +1205,87 @@ async def test_an_order_stays_blocked_until_its_last_dead_letter_is_delivered(
     await h.run_until(1)
     assert bad_order(h)[-1] == "DELETE"
     assert await h.store.blocked_orders(["SO-BAD"]) == set()
+
+
+async def test_an_order_whose_unblock_was_flushed_at_the_second_try_is_unblocked(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Found in review: the order was unblocked in memory only by the first flush of the replayed record's state;
+    # when that flush failed and a later one made it durable, the order stayed blocked in memory (an empty chain),
+    # and every new event of it was dead-lettered, and the order blocked again in the file.
+    from topics.errors import StoreError
+
+    phase = {"create": 400}
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-BAD" in (request.body or b"") and request.method == "POST":
+            return answer(phase["create"])
+        return ok()
+
+    h = harness_factory({TP0: [record(0, "SO-BAD")], REPLAY: []}, script)
+    h.engine.replay_topic = REPLAY[0]
+    await h.run_until(1)
+    assert reasons(h) == ["rejected"]
+    phase["create"] = 201
+    flush = h.store.flush
+    failures = 1  # the group flush of the replayed create's state; the lane's next try passes
+
+    async def failing() -> int:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StoreError("dedup store crm: flush failed: database is locked")
+        return await flush()
+
+    h.store.flush = failing  # type: ignore[method-assign]
+    replay_letters(h, h.dead.letters)
+    await h.run_until(1)
+    assert failures == 0
+    assert await h.store.blocked_orders(["SO-BAD"]) == set()
+    h.consumer.partitions[TP0].append(record(1, "SO-BAD", "order.updated", seed=99))
+    await h.run_until(1)
+    assert bad_order(h) == ["POST", "POST", "PUT"], "the update after the delivered replay went out"
+    assert reasons(h) == ["rejected"]
+    assert await h.store.blocked_orders(["SO-BAD"]) == set()
+
+
+async def test_an_unreadable_record_is_dead_lettered_without_blocking_its_order(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Found in review: an invalid record blocked its order, and its replay failed as invalid again, at the chain's
+    # head: every later event of the order was dead-lettered for good, with no way to unblock it.
+    h = harness_factory({TP0: [FakeRecord(0, b"SO-1", b"not json"), record(1, "SO-1")], REPLAY: []})
+    h.engine.replay_topic = REPLAY[0]
+    await h.run_until(2)
+    assert reasons(h) == ["invalid"]
+    assert [method for _, method, _, _ in h.downstream.calls] == ["POST"], "the order's valid event went out"
+    assert await h.store.blocked_orders(["SO-1"]) == set()
+    replay_letters(h, h.dead.letters)  # fails as invalid again, and still blocks nothing
+    h.consumer.partitions[TP0].append(record(2, "SO-1", "order.updated", seed=99))
+    await h.run_until(2)
+    assert reasons(h) == ["invalid", "invalid"]
+    assert [method for _, method, _, _ in h.downstream.calls] == ["POST", "PUT"]
+    assert await h.store.blocked_orders(["SO-1"]) == set()
+
+
+async def test_replaying_an_unreadable_record_that_blocked_its_order_before_unblocks_it(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # A block written by an earlier version, whose chain is the unreadable record: its replay takes it off.
+    h = harness_factory({TP0: [FakeRecord(0, b"SO-1", b"not json")], REPLAY: []})
+    h.engine.replay_topic = REPLAY[0]
+    await h.run_until(1)
+    [letter] = h.dead.letters
+    h.store.block_order("SO-1", encode_chain([letter.idempotency_key]))
+    await h.store.flush()
+    h.consumer.partitions[TP0].append(record(1, "SO-1"))
+    await h.run_until(1)
+    assert reasons(h) == ["invalid", "dead-lettered-predecessor"], "blocked, as that version left it"
+    replay_letters(h, h.dead.letters)  # the unreadable record, then the create that followed it
+    await h.run_until(2)
+    assert reasons(h) == ["invalid", "dead-lettered-predecessor", "invalid"]
+    assert [method for _, method, _, _ in h.downstream.calls] == ["POST"], "the create went out after it"
+    assert await h.store.blocked_orders(["SO-1"]) == set()
 
 
 async def test_replaying_only_the_rejected_record_keeps_the_order_blocked_across_a_restart(
