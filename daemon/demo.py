@@ -188,12 +188,12 @@ class _Demo:
     # --- start --------------------------------------------------------------------------------------------------
 
     async def _spawn_sandbox(self) -> asyncio.subprocess.Process:
-        argv = [sys.executable, "-m", "daemon.sandbox", "--port", str(self.layout.sandbox_port)]
+        argv = [sys.executable, "-m", "daemon.sandbox", "--port", str(self.layout.sandbox_port), "--stop-on-stdin-eof"]
         argv += ["--faults", str(self.options.faults), "--seed", str(random.SystemRandom().randrange(1 << 31))]
         with (self.options.log_dir / "sandbox.log").open("ab") as log:
             return await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE,  # never written: it ends with this process, and the sandbox with it
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
                 start_new_session=True,  # not in the terminal's process group: Ctrl-C is the demo's to handle

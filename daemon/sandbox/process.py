@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -151,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-request-log", type=int, default=20_000, help="requests kept per system")
     parser.add_argument("--no-bodies", action="store_true", help="keep no bodies (read-back: null); for benchmarks")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--stop-on-stdin-eof",
+        action="store_true",
+        help="stop when stdin closes: a parent holding a pipe to it stops it by ending, a kill -9 included",
+    )
     args = parser.parse_args(argv)
     configure(args.log_level)
     try:
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sandbox: {exc}", file=sys.stderr)
         return 2
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(_serve_until_signal(sandbox, args.host, args.port))
+        return runner.run(_serve_until_signal(sandbox, args.host, args.port, stdin_eof=args.stop_on_stdin_eof))
 
 
 def _load_faults(option: str | None) -> dict[str, Faults]:
@@ -191,11 +197,19 @@ def _auth_options(options: Sequence[str]) -> dict[str, SystemConfig]:
     return config
 
 
-async def _serve_until_signal(sandbox: Sandbox, host: str, port: int) -> int:
+async def _serve_until_signal(sandbox: Sandbox, host: str, port: int, *, stdin_eof: bool = False) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if stdin_eof:
+        # `orderbus demo` starts it in a session of its own (Ctrl-C is the demo's): killed with -9, the demo left
+        # it running for good, holding its port, and the next `make run` failed on it.
+        def wait_for_eof() -> None:
+            sys.stdin.buffer.read()
+            loop.call_soon_threadsafe(stop.set)
+
+        threading.Thread(target=wait_for_eof, name="stdin-eof", daemon=True).start()
     # Everything alive now (modules, classes) lives as long as the process: move it out of the collector's sight,
     # so that full collections during a benchmark walk only what requests create.
     gc.collect()

@@ -147,6 +147,27 @@ def test_start_up_options_set_faults_auth_and_port() -> None:
         assert asyncio.run(drive()) == (401, 503)
 
 
+def test_with_stop_on_stdin_eof_it_ends_with_the_process_holding_its_stdin() -> None:
+    # `orderbus demo` starts it in a session of its own; killed with -9, the demo left it running, on its port.
+    child = subprocess.Popen(
+        [sys.executable, "-m", "daemon.sandbox", "--port", "0", "--stop-on-stdin-eof"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
+    try:
+        assert child.stdout.readline().startswith(b"http://")  # it serves
+        child.stdin.close()  # what the kernel does to a parent's pipes when it dies
+        assert child.wait(timeout=20) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+
+
 def test_sigterm_stops_it_cleanly() -> None:
     process = start_sandbox_process()
     assert process.stop() == 0
