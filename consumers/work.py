@@ -12,9 +12,11 @@ from typing import Any
 
 from consumers.sink import Prepared, Sink
 from topics.codec import decode
-from topics.errors import ContractError
+from topics.errors import ContractError, FieldError
 
 TopicPartitionKey = tuple[str, int]
+
+KEY_MISMATCH = "must be the order number (order.order_number), or absent"
 
 
 @dataclass(slots=True)
@@ -47,7 +49,7 @@ def idempotency_key(sink: str, event_id: str) -> str:
 def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bool = False) -> Work:
     """Decode and prepare `record` (an aiokafka ConsumerRecord or a twin) for `sink`.
 
-    A poison record becomes `invalid`, never an error.
+    A poison record becomes `invalid`, never an error; so does one whose key is not its order number.
     """
     value: bytes | None = record.value
     key: bytes | None = record.key
@@ -58,12 +60,16 @@ def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bo
         prepared = sink.prepare(decode(value))
     except ContractError as exc:
         invalid = exc
-    if key:
+    order_ref = f"@{partition}:{record.offset}"  # unreadable without a key, or a wrong key: a lane of its own
+    if prepared is not None:
+        if key and key != prepared.order_number.encode():
+            # Lanes, blocks and downstream ids go by order number: a key shared by two orders would send one
+            # order's update or cancel to the other's downstream id. The key is not echoed: it may be personal data.
+            invalid, prepared = ContractError([FieldError("key", KEY_MISMATCH)]), None
+        else:
+            order_ref = prepared.order_number
+    elif key:
         order_ref = key.decode("utf-8", "replace")
-    elif prepared is not None:
-        order_ref = prepared.order_number
-    else:
-        order_ref = f"@{partition}:{record.offset}"  # no key and unreadable: a lane of its own
     if prepared is not None:
         idem = idempotency_key(sink.name, prepared.event_id)
     else:
