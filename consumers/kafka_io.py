@@ -208,11 +208,12 @@ class KafkaDeadLetterWriter:
 
     async def write(self, letter: DeadLetter) -> None:
         topic = dlq_topic(letter.sink, self._prefix)
+        # aiokafka refuses a record with neither key nor value (an AssertionError): a tombstone without a key,
+        # dead-lettered as invalid, is written with an empty key, which orderbus reads as no key, as it does on replay.
+        key = b"" if letter.key is None and letter.value is None else letter.key
         try:
-            await self._producer.send_and_wait(
-                topic, value=letter.value, key=letter.key, headers=letter.record_headers()
-            )
-        except KafkaError as exc:
+            await self._producer.send_and_wait(topic, value=letter.value, key=key, headers=letter.record_headers())
+        except Exception as exc:  # not only KafkaError: whatever the producer raises fails this write, not the sink
             raise PublishError(f"dead letter not stored in {topic}: {exc!r}") from exc
 
 
