@@ -74,8 +74,8 @@ def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bo
         idem = idempotency_key(sink.name, prepared.event_id)
     else:
         # An unreadable record has no event id; a replayed one keeps the key it was dead-lettered under.
-        original = dict(headers).get("orderbus.dlq.idempotency-key") if replay else None
-        idem = original.decode() if original else f"orderbus:{sink.name}:{topic}-{partition}-{record.offset}"
+        original = _dead_lettered_under(headers) if replay else None
+        idem = original or f"orderbus:{sink.name}:{topic}-{partition}-{record.offset}"
     return Work(
         tp=(topic, partition),
         offset=record.offset,
@@ -89,3 +89,13 @@ def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bo
         idempotency_key=idem,
         replay=replay,
     )
+
+
+def _dead_lettered_under(headers: Sequence[tuple[str, bytes]]) -> str | None:
+    """The idempotency key of a replayed record's dead letter; None if the header is missing or not ours (we write
+    UTF-8: one mangled on its way back through the replay topic must not stop the sink)."""
+    original = dict(headers).get("orderbus.dlq.idempotency-key")
+    try:
+        return original.decode() if original else None
+    except UnicodeDecodeError:
+        return None

@@ -49,3 +49,12 @@ def test_a_record_whose_key_is_not_its_order_number_is_invalid_and_the_key_is_no
     assert work.order_ref == "@3:7", "a lane of its own, not the key's nor the order's"
     assert work.key == b"jane@example.com", "the dead letter keeps the key as consumed"
     assert work.idempotency_key == "orderbus:crm:orders-3-7"
+
+
+def test_an_unreadable_replay_keeps_the_idempotency_key_of_its_dead_letter_or_one_of_its_own() -> None:
+    def replayed(key_header: bytes) -> str:
+        unreadable = FakeRecord(5, b"SO-1", b"junk", headers=(("orderbus.dlq.idempotency-key", key_header),))
+        return make_work(SINK, "orders.replay.crm", 0, unreadable, replay=True).idempotency_key
+
+    assert replayed(b"orderbus:crm:orders-3-7") == "orderbus:crm:orders-3-7"
+    assert replayed(b"\xff\xfe") == "orderbus:crm:orders.replay.crm-0-5", "not UTF-8: not ours"
