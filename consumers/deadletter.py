@@ -27,6 +27,7 @@ Reason = Literal[
 ]
 
 HEADER_PREFIX = "orderbus.dlq."
+Header = tuple[str, bytes | None]  # a Kafka record header: its value may be null, which is not b""
 EXCERPT_LIMIT = 1024  # characters of the body excerpt, and of the detail
 
 
@@ -40,7 +41,7 @@ class DeadLetter:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: Sequence[tuple[str, bytes]] = ()
+    headers: Sequence[Header] = ()
     idempotency_key: str = ""
     http_status: int | None = None
     body_excerpt: str = ""
@@ -50,7 +51,7 @@ class DeadLetter:
     last_attempt_at: float | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
-    def record_headers(self) -> list[tuple[str, bytes]]:
+    def record_headers(self) -> list[Header]:
         """The original headers (minus any older dead-letter headers) plus this dead letter's."""
         meta = {
             "sink": self.sink,
@@ -76,7 +77,8 @@ class DeadLetter:
         history = _history(self.headers)
         if history:
             meta["history"] = json.dumps(history, separators=(",", ":"))
-        return kept + [(HEADER_PREFIX + k, v.encode()) for k, v in meta.items() if v]
+        ours: list[Header] = [(HEADER_PREFIX + k, v.encode()) for k, v in meta.items() if v]
+        return kept + ours
 
     def without_value(self) -> DeadLetter:
         """This dead letter without the record's value, with the value's size and SHA-256 in its place."""
@@ -98,7 +100,7 @@ class DeadLetter:
 _HISTORY_FIELDS = ("reason", "rule", "http-status", "attempts", "last-attempt-at", "detail")
 
 
-def _history(headers: Sequence[tuple[str, bytes]]) -> list[dict[str, str]]:
+def _history(headers: Sequence[Header]) -> list[dict[str, str]]:
     """Earlier dead letterings of a replayed record, oldest first: its old history plus its last verdict."""
     previous = read_headers(headers)
     if not previous:
@@ -113,9 +115,13 @@ def _history(headers: Sequence[tuple[str, bytes]]) -> list[dict[str, str]]:
     return cast(list[dict[str, str]], history)
 
 
-def read_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:
-    """The ``orderbus.dlq.*`` headers of a dead-letter record, without the prefix."""
-    return {k[len(HEADER_PREFIX) :]: v.decode("utf-8", "replace") for k, v in headers if k.startswith(HEADER_PREFIX)}
+def read_headers(headers: Sequence[Header]) -> dict[str, str]:
+    """The ``orderbus.dlq.*`` headers of a dead-letter record, without the prefix (a null one reads as empty)."""
+    return {
+        k[len(HEADER_PREFIX) :]: (v or b"").decode("utf-8", "replace")
+        for k, v in headers
+        if k.startswith(HEADER_PREFIX)
+    }
 
 
 class DeadLetterWriter(Protocol):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from consumers.deadletter import Header
 from consumers.sink import Prepared, Sink
 from topics.codec import decode
 from topics.errors import ContractError, FieldError
@@ -28,7 +29,7 @@ class Work:
     timestamp_ms: int
     key: bytes | None
     value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
+    headers: Sequence[Header]
     prepared: Prepared | None
     invalid: ContractError | None
     order_ref: str
@@ -53,7 +54,7 @@ def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bo
     """
     value: bytes | None = record.value
     key: bytes | None = record.key
-    headers = tuple((str(k), bytes(v or b"")) for k, v in (record.headers or ()))
+    headers = tuple((str(k), None if v is None else bytes(v)) for k, v in (record.headers or ()))  # null stays null
     prepared: Prepared | None = None
     invalid: ContractError | None = None
     try:
@@ -91,7 +92,7 @@ def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bo
     )
 
 
-def _dead_lettered_under(headers: Sequence[tuple[str, bytes]]) -> str | None:
+def _dead_lettered_under(headers: Sequence[Header]) -> str | None:
     """The idempotency key of a replayed record's dead letter; None if the header is missing or not ours (we write
     UTF-8: one mangled on its way back through the replay topic must not stop the sink)."""
     original = dict(headers).get("orderbus.dlq.idempotency-key")

@@ -11,7 +11,7 @@ import pytest
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from consumers.deadletter import EXCERPT_LIMIT, DeadLetter, read_headers
+from consumers.deadletter import EXCERPT_LIMIT, DeadLetter, Header, read_headers
 from consumers.kafka_io import KafkaDeadLetterWriter
 from topics.errors import PublishError
 
@@ -21,7 +21,7 @@ class Sent:
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: list[Header]
 
 
 @dataclass
@@ -102,3 +102,11 @@ def test_the_detail_header_is_capped() -> None:
     meta = read_headers(letter(b"SO-1", b"{}", detail="order.line_items.0.sku: bad; " * 1000).record_headers())
     assert len(meta["detail"]) == EXCERPT_LIMIT
     assert meta["detail"].endswith("…")
+
+
+async def test_the_records_headers_are_copied_unchanged_a_null_value_too() -> None:
+    producer = FakeProducer()
+    original: list[Header] = [("trace", None), ("empty", b""), ("tenant", b"eu")]
+    await KafkaDeadLetterWriter(producer).write(letter(b"SO-1", b"{}", headers=original))
+    [sent] = producer.sent
+    assert sent.headers[:3] == original

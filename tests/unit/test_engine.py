@@ -40,7 +40,7 @@ class FakeRecord:
     key: bytes | None
     value: bytes | None
     timestamp: int = 1_799_999_999_000
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 @dataclass

@@ -58,3 +58,9 @@ def test_an_unreadable_replay_keeps_the_idempotency_key_of_its_dead_letter_or_on
 
     assert replayed(b"orderbus:crm:orders-3-7") == "orderbus:crm:orders-3-7"
     assert replayed(b"\xff\xfe") == "orderbus:crm:orders.replay.crm-0-5", "not UTF-8: not ours"
+
+
+def test_the_records_headers_are_kept_unchanged_a_null_value_too() -> None:
+    headers = (("trace", None), ("empty", b""), ("tenant", b"eu"))
+    work = make_work(SINK, "orders", 0, FakeRecord(5, b"SO-1", b"junk", headers=headers))
+    assert work.headers == headers
