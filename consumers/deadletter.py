@@ -4,10 +4,16 @@ The original key, value and headers are copied unchanged, so a replay sends exac
 happened is added as ``orderbus.dlq.*`` headers: sink, reason, the policy rule that fired, the HTTP status and a
 body excerpt, attempts, first and last attempt time, the idempotency key, and the original topic, partition and
 offset. A dead letter is written with acks=all before its offset may be committed.
+
+A dead letter too large for Kafka is written without its value (`without_value`), and if need be without the
+original headers too (`without_original_headers`): what was left out is named in headers (its size and SHA-256),
+and the original topic, partition and offset point to the record itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +27,8 @@ Reason = Literal[
 ]
 
 HEADER_PREFIX = "orderbus.dlq."
-EXCERPT_LIMIT = 1024
+Header = tuple[str, bytes | None]  # a Kafka record header: its value may be null, which is not b""
+EXCERPT_LIMIT = 1024  # characters of the body excerpt, and of the detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +41,7 @@ class DeadLetter:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: Sequence[tuple[str, bytes]] = ()
+    headers: Sequence[Header] = ()
     idempotency_key: str = ""
     http_status: int | None = None
     body_excerpt: str = ""
@@ -44,7 +51,7 @@ class DeadLetter:
     last_attempt_at: float | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
-    def record_headers(self) -> list[tuple[str, bytes]]:
+    def record_headers(self) -> list[Header]:
         """The original headers (minus any older dead-letter headers) plus this dead letter's."""
         meta = {
             "sink": self.sink,
@@ -55,7 +62,7 @@ class DeadLetter:
             "offset": str(self.offset),
             "idempotency-key": self.idempotency_key,
             "attempts": str(self.attempts),
-            "detail": self.detail,
+            "detail": self.detail if len(self.detail) <= EXCERPT_LIMIT else self.detail[: EXCERPT_LIMIT - 1] + "…",
             **self.extra,
         }
         if self.http_status is not None:
@@ -70,13 +77,30 @@ class DeadLetter:
         history = _history(self.headers)
         if history:
             meta["history"] = json.dumps(history, separators=(",", ":"))
-        return kept + [(HEADER_PREFIX + k, v.encode()) for k, v in meta.items() if v]
+        ours: list[Header] = [(HEADER_PREFIX + k, v.encode()) for k, v in meta.items() if v]
+        return kept + ours
+
+    def without_value(self) -> DeadLetter:
+        """This dead letter without the record's value, with the value's size and SHA-256 in its place."""
+        if self.value is None:
+            return self
+        omitted = {"value-omitted": str(len(self.value)), "value-sha256": hashlib.sha256(self.value).hexdigest()}
+        return dataclasses.replace(self, value=None, extra={**self.extra, **omitted})
+
+    def without_original_headers(self) -> DeadLetter:
+        """This dead letter without the record's own headers (its older dead-letter headers stay, for the history),
+        with their count in their place."""
+        own = [(k, v) for k, v in self.headers if not k.startswith(HEADER_PREFIX)]
+        if not own:
+            return self
+        kept = tuple((k, v) for k, v in self.headers if k.startswith(HEADER_PREFIX))
+        return dataclasses.replace(self, headers=kept, extra={**self.extra, "headers-omitted": str(len(own))})
 
 
 _HISTORY_FIELDS = ("reason", "rule", "http-status", "attempts", "last-attempt-at", "detail")
 
 
-def _history(headers: Sequence[tuple[str, bytes]]) -> list[dict[str, str]]:
+def _history(headers: Sequence[Header]) -> list[dict[str, str]]:
     """Earlier dead letterings of a replayed record, oldest first: its old history plus its last verdict."""
     previous = read_headers(headers)
     if not previous:
@@ -91,9 +115,13 @@ def _history(headers: Sequence[tuple[str, bytes]]) -> list[dict[str, str]]:
     return cast(list[dict[str, str]], history)
 
 
-def read_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:
-    """The ``orderbus.dlq.*`` headers of a dead-letter record, without the prefix."""
-    return {k[len(HEADER_PREFIX) :]: v.decode("utf-8", "replace") for k, v in headers if k.startswith(HEADER_PREFIX)}
+def read_headers(headers: Sequence[Header]) -> dict[str, str]:
+    """The ``orderbus.dlq.*`` headers of a dead-letter record, without the prefix (a null one reads as empty)."""
+    return {
+        k[len(HEADER_PREFIX) :]: (v or b"").decode("utf-8", "replace")
+        for k, v in headers
+        if k.startswith(HEADER_PREFIX)
+    }
 
 
 class DeadLetterWriter(Protocol):

@@ -16,7 +16,13 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.conn import AIOKafkaConnection, CloseReason
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 
 from consumers.deadletter import DeadLetter
 from consumers.work import TopicPartitionKey
@@ -207,13 +213,43 @@ class KafkaDeadLetterWriter:
         self._prefix = prefix
 
     async def write(self, letter: DeadLetter) -> None:
+        """Write `letter`; one too large for Kafka is written without its value, then also without the record's
+        own headers, so that it never holds its partition for ever."""
         topic = dlq_topic(letter.sink, self._prefix)
+        candidates = [letter]
+        for shrink in (DeadLetter.without_value, DeadLetter.without_original_headers):
+            if (smaller := shrink(candidates[-1])) is not candidates[-1]:
+                candidates.append(smaller)
+        for candidate in candidates:
+            try:
+                await self._send(topic, candidate)
+            except _TOO_LARGE as exc:
+                refused = exc
+                continue
+            if candidate is not letter:
+                log.warning(
+                    "dead letter too large for kafka, written without its value or headers",
+                    extra={"sink": letter.sink, "topic": topic, "error": repr(refused)},
+                )
+            return
+        raise PublishError(f"dead letter too large for {topic}, even without its value and headers: {refused!r}")
+
+    async def _send(self, topic: str, letter: DeadLetter) -> None:
+        # aiokafka refuses a record with neither key nor value (an AssertionError): a tombstone without a key,
+        # dead-lettered as invalid, is written with an empty key, which orderbus reads as no key, as it does on replay.
+        key = b"" if letter.key is None and letter.value is None else letter.key
         try:
-            await self._producer.send_and_wait(
-                topic, value=letter.value, key=letter.key, headers=letter.record_headers()
-            )
-        except KafkaError as exc:
+            await self._producer.send_and_wait(topic, value=letter.value, key=key, headers=letter.record_headers())
+        except _TOO_LARGE:
+            raise
+        except Exception as exc:  # not only KafkaError: whatever the producer raises fails this write, not the sink
             raise PublishError(f"dead letter not stored in {topic}: {exc!r}") from exc
+
+
+# A record too large for the producer's max_request_size (refused by the client) or for the broker's
+# max.message.bytes (MESSAGE_SIZE_TOO_LARGE), or a batch too large for a segment (RECORD_LIST_TOO_LARGE): retrying
+# the same record can only fail again.
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
 
 
 def dead_letter_producer(client_options: Mapping[str, Any], *, request_timeout: float = 30.0) -> AIOKafkaProducer:

@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from consumers.deadletter import Header
 from consumers.sink import Prepared, Sink
 from topics.codec import decode
-from topics.errors import ContractError
+from topics.errors import ContractError, FieldError
 
 TopicPartitionKey = tuple[str, int]
+
+KEY_MISMATCH = "must be the order number (order.order_number), or absent"
 
 
 @dataclass(slots=True)
@@ -26,7 +29,7 @@ class Work:
     timestamp_ms: int
     key: bytes | None
     value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
+    headers: Sequence[Header]
     prepared: Prepared | None
     invalid: ContractError | None
     order_ref: str
@@ -47,29 +50,33 @@ def idempotency_key(sink: str, event_id: str) -> str:
 def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bool = False) -> Work:
     """Decode and prepare `record` (an aiokafka ConsumerRecord or a twin) for `sink`.
 
-    A poison record becomes `invalid`, never an error.
+    A poison record becomes `invalid`, never an error; so does one whose key is not its order number.
     """
     value: bytes | None = record.value
     key: bytes | None = record.key
-    headers = tuple((str(k), bytes(v or b"")) for k, v in (record.headers or ()))
+    headers = tuple((str(k), None if v is None else bytes(v)) for k, v in (record.headers or ()))  # null stays null
     prepared: Prepared | None = None
     invalid: ContractError | None = None
     try:
         prepared = sink.prepare(decode(value))
     except ContractError as exc:
         invalid = exc
-    if key:
+    order_ref = f"@{partition}:{record.offset}"  # unreadable without a key, or a wrong key: a lane of its own
+    if prepared is not None:
+        if key and key != prepared.order_number.encode():
+            # Lanes, blocks and downstream ids go by order number: a key shared by two orders would send one
+            # order's update or cancel to the other's downstream id. The key is not echoed: it may be personal data.
+            invalid, prepared = ContractError([FieldError("key", KEY_MISMATCH)]), None
+        else:
+            order_ref = prepared.order_number
+    elif key:
         order_ref = key.decode("utf-8", "replace")
-    elif prepared is not None:
-        order_ref = prepared.order_number
-    else:
-        order_ref = f"@{partition}:{record.offset}"  # no key and unreadable: a lane of its own
     if prepared is not None:
         idem = idempotency_key(sink.name, prepared.event_id)
     else:
         # An unreadable record has no event id; a replayed one keeps the key it was dead-lettered under.
-        original = dict(headers).get("orderbus.dlq.idempotency-key") if replay else None
-        idem = original.decode() if original else f"orderbus:{sink.name}:{topic}-{partition}-{record.offset}"
+        original = _dead_lettered_under(headers) if replay else None
+        idem = original or f"orderbus:{sink.name}:{topic}-{partition}-{record.offset}"
     return Work(
         tp=(topic, partition),
         offset=record.offset,
@@ -83,3 +90,13 @@ def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bo
         idempotency_key=idem,
         replay=replay,
     )
+
+
+def _dead_lettered_under(headers: Sequence[Header]) -> str | None:
+    """The idempotency key of a replayed record's dead letter; None if the header is missing or not ours (we write
+    UTF-8: one mangled on its way back through the replay topic must not stop the sink)."""
+    original = dict(headers).get("orderbus.dlq.idempotency-key")
+    try:
+        return original.decode() if original else None
+    except UnicodeDecodeError:
+        return None

@@ -19,7 +19,7 @@ from typing import Any, Final, get_args
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumers.deadletter import Reason, read_headers
+from consumers.deadletter import Header, Reason, read_headers
 from daemon.kafka_options import client_options
 from daemon.settings import Settings
 from topics.admin import partition_ids
@@ -55,7 +55,7 @@ class DeadLetterView:
     timestamp_ms: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: list[Header]
     meta: dict[str, str]
 
     @property
@@ -177,7 +177,7 @@ def distinct(letters: Sequence[DeadLetterView]) -> list[DeadLetterView]:
 
 
 def _view(partition: int, record: Any) -> DeadLetterView:
-    headers = [(str(k), bytes(v or b"")) for k, v in (record.headers or ())]
+    headers: list[Header] = [(str(k), None if v is None else bytes(v)) for k, v in (record.headers or ())]
     return DeadLetterView(
         partition, record.offset, record.timestamp, record.key, record.value, headers, read_headers(headers)
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import decimal
 import re
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final, Self
 
@@ -26,11 +27,13 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
     PlainValidator,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     WithJsonSchema,
     model_validator,
@@ -207,8 +210,30 @@ Email = Annotated[
 ]
 Phone = Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{6,14}$")]
 VatId = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}[A-Z0-9+*.]{2,13}$")]
-# strict: a timestamp is an RFC 3339 string in JSON, never a number of seconds of unknown epoch and unit.
-Timestamp = Annotated[AwareDatetime, Field(strict=True)]
+# RFC 3339 section 5.6: a "T", seconds, a numeric offset with a colon (a missing offset is left to pydantic, whose
+# message for it is clearer). pydantic alone takes a number, or a string of digits, for seconds or milliseconds
+# since the epoch (guessing the unit), and a space for the "T".
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?", re.ASCII)
+_AWARE_FROM_TEXT: Final = TypeAdapter(AwareDatetime)
+
+
+def _rfc3339(value: object) -> object:
+    """An RFC 3339 string parsed as JSON's would be (a validator before the type sees Python values, not JSON)."""
+    if isinstance(value, datetime):  # built in Python (`topics.envelope`), not read from JSON
+        return value
+    if not (isinstance(value, str) and _RFC3339.fullmatch(value)):
+        raise PydanticCustomError(
+            "datetime_rfc3339", "must be an RFC 3339 date-time string with a UTC offset, e.g. 2026-11-29T10:15:00Z"
+        )
+    try:
+        return _AWARE_FROM_TEXT.validate_strings(value, strict=True)
+    except ValidationError as exc:  # out of range, or no offset: pydantic's reason, under its type
+        [error] = exc.errors(include_url=False, include_input=False)
+        raise PydanticCustomError(error["type"], "{reason}", {"reason": error["msg"]}) from None
+
+
+# A timestamp is an RFC 3339 string in JSON, never a number of seconds of unknown epoch and unit.
+Timestamp = Annotated[AwareDatetime, Field(strict=True), BeforeValidator(_rfc3339)]
 
 
 # --- the models ---------------------------------------------------------------------------------------------

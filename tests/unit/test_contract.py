@@ -339,10 +339,39 @@ def test_naive_datetimes_are_refused(field: str) -> None:
     assert message.startswith("must include a UTC offset")
 
 
-def test_timestamps_must_be_strings_not_epoch_numbers() -> None:
-    loc, message = only_error(order_json(created_at=1_764_411_300))
+@pytest.mark.parametrize(
+    "value",
+    [
+        1_764_411_300,
+        "1764411300",  # read as seconds since the epoch before
+        "1764411300000",  # read as milliseconds
+        "0",
+        "-1",
+        "2026-11-29 10:15:00Z",
+        "2026-11-29T10:15Z",
+        "2026-11-29T10:15:00+0100",
+        "2026-11-29",
+        " 2026-11-29T10:15:00Z",
+    ],
+)
+def test_timestamps_must_be_strings_not_epoch_numbers(value: object) -> None:
+    loc, message = only_error(order_json(created_at=value))
     assert loc == "created_at"
     assert message.startswith("must be an RFC 3339 date-time string")
+
+
+@pytest.mark.parametrize(
+    "value", ["2026-11-29t10:15:00z", "2026-11-29T10:15:00.1234567+01:00", "2026-11-29T10:15:00-00:00"]
+)
+def test_rfc_3339_timestamps_are_accepted(value: str) -> None:
+    Order.model_validate_json(json.dumps(order_json(created_at=value, updated_at="2026-11-30T00:00:00Z")))
+
+
+def test_a_timestamp_out_of_range_is_refused_with_the_reason() -> None:
+    assert only_error(order_json(created_at="2026-11-29T10:15:00+24:00")) == (
+        "created_at",
+        "Input should be a valid datetime, timezone offset must be less than 24 hours",
+    )
 
 
 def test_updated_at_must_not_precede_created_at() -> None:

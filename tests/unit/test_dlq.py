@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from consumers.deadletter import DeadLetter, Reason, read_headers
-from daemon.dlq import DeadLetterView, Selection, SelectionError, choose, distinct, parse_position
+from daemon.dlq import DeadLetterView, Selection, SelectionError, _view, choose, distinct, parse_position
 from topics.errors import ConfigError
 
 
@@ -82,3 +83,11 @@ def test_a_replayed_record_whose_history_header_is_unreadable_is_dead_lettered_w
     entries = json.loads(read_headers(again.record_headers())["history"])
     assert entries[0] == {"detail": "an earlier history header could not be read"}
     assert entries[-1]["reason"] == "rejected"
+
+
+def test_a_dead_letters_headers_are_kept_for_its_replay_unchanged_a_null_value_too() -> None:
+    headers = [("trace", None), ("empty", b""), ("orderbus.dlq.reason", b"invalid")]
+    record = SimpleNamespace(offset=7, timestamp=1_800_000_000_000, key=b"SO-1", value=b"{}", headers=headers)
+    letter = _view(0, record)
+    assert letter.headers == headers
+    assert letter.meta == {"reason": "invalid"}

@@ -41,7 +41,7 @@ class FakeRecord:
     key: bytes | None
     value: bytes | None
     timestamp: int = 1_799_999_999_000
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 @dataclass
@@ -1347,3 +1347,22 @@ async def test_a_commit_the_broker_never_answers_gives_up_after_its_timeout_and_
     assert h.clock.now() - started < 60
     assert h.metric("orderbus_commit_failures_total") >= 1
     assert h.consumer.committed == {}
+
+
+async def test_a_record_keyed_by_another_orders_number_is_dead_lettered_and_reaches_no_order(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # SO-X's create is keyed right; then an update of SO-X and a cancel of SO-Y come keyed by a customer.
+    x = dataclasses.replace(record(1, "SO-X", "order.updated"), key=b"CUST-1")
+    y = dataclasses.replace(record(2, "SO-Y", "order.cancelled"), key=b"CUST-1")
+    h = harness_factory({TP0: [record(0, "SO-X"), x, y]})
+    await h.run_until(3)
+    assert [call[1:3] for call in h.downstream.calls] == [("POST", "http://crm.test/orders")]
+    assert [(letter.reason, letter.offset, letter.key) for letter in h.dead.letters] == [
+        ("invalid", 1, b"CUST-1"),
+        ("invalid", 2, b"CUST-1"),
+    ]
+    detail = read_headers(h.dead.letters[1].record_headers())["detail"]
+    assert detail.startswith("key: must be the order number")
+    assert "CUST-1" not in detail
+    assert h.consumer.committed == {TP0: 3}
