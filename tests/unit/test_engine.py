@@ -729,7 +729,6 @@ async def test_a_revoke_drains_and_commits_only_those_partitions(harness_factory
 async def test_a_revoke_whose_commit_cannot_flush_still_lets_the_partition_go_and_it_can_come_back(
     harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from topics.errors import StoreError
 
     down = True
 
@@ -743,17 +742,7 @@ async def test_a_revoke_whose_commit_cannot_flush_still_lets_the_partition_go_an
     stop = asyncio.Event()
     runner = asyncio.create_task(h.engine.run(stop))
     await h.wait_finished(1)
-    flush = h.store.flush
-    failures = 1
-
-    async def failing_once() -> int:
-        nonlocal failures
-        if failures:
-            failures -= 1
-            raise StoreError("dedup store crm: flush failed: database is locked")
-        return await flush()
-
-    h.store.flush = failing_once  # type: ignore[method-assign]
+    fail_flushes(h, 1)
     await h.engine.on_revoked({TP0})
     assert "revoked partitions could not be committed" in caplog.text
     assert h.engine.buffered == 0, "TP0's two records were let go all the same"
@@ -949,20 +938,9 @@ async def test_a_probe_stopped_while_it_waits_for_a_place_gives_its_slot_back(
 async def test_a_record_whose_state_could_not_be_flushed_finishes_with_a_later_flush_and_is_sent_once(
     harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from topics.errors import StoreError
 
     h = harness_factory({TP0: [record(0, "SO-1")]}, commit_interval=10.0)
-    flush = h.store.flush
-    failures = 3  # its group flush and the next two tries (1 s, then 2 s later); the 4 s one passes
-
-    async def failing() -> int:
-        nonlocal failures
-        if failures:
-            failures -= 1
-            raise StoreError("dedup store crm: flush failed: database is locked")
-        return await flush()
-
-    h.store.flush = failing  # type: ignore[method-assign]
+    fail_flushes(h, 3)  # its group flush and the next two tries (1 s, then 2 s later); the 4 s one passes
     stop = asyncio.Event()
     runner = asyncio.create_task(h.engine.run(stop))
     await h.clock.sleep(5)
@@ -1131,6 +1109,34 @@ def reasons(h: Harness) -> list[str]:
     return [letter.reason for letter in h.dead.letters]
 
 
+def fail_flushes(h: Harness, times: int) -> list[int]:
+    """Make the store's next `times` flushes fail ("database is locked"); returns how many are left to fail, as a
+    one-item list the test can read."""
+    from topics.errors import StoreError
+
+    flush, left = h.store.flush, [times]
+
+    async def failing() -> int:
+        if left[0]:
+            left[0] -= 1
+            raise StoreError("dedup store crm: flush failed: database is locked")
+        return await flush()
+
+    h.store.flush = failing  # type: ignore[method-assign]
+    return left
+
+
+def bad_create(phase: dict[str, int]) -> Script:
+    """A downstream that answers SO-BAD's create with ``phase["create"]`` (the test changes it), everything else 2xx."""
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-BAD" in (request.body or b"") and request.method == "POST":
+            return answer(phase["create"])
+        return ok()
+
+    return script
+
+
 async def blocked_by_a_400(harness_factory: Callable[..., Harness], script: Script) -> Harness:
     """SO-BAD's create was refused (400) and its update followed it: both are in the dead-letter topic."""
     h = harness_factory({TP0: [record(0, "SO-BAD"), record(1, "SO-BAD", "order.updated")], REPLAY: []}, script)
@@ -1147,11 +1153,7 @@ async def test_a_new_event_of_an_order_whose_replay_is_still_retrying_follows_it
     # cancel arriving while the replayed create was being retried went out (DELETE), and then the create was
     # dead-lettered again: the downstream got the cancel while the create was still in the dead-letter topic.
     phase = {"create": 400}
-
-    def script(request: HttpRequest, nth: int) -> Reply:
-        if b"SO-BAD" in (request.body or b"") and request.method == "POST":
-            return answer(phase["create"])
-        return ok()
+    script = bad_create(phase)
 
     h = await blocked_by_a_400(harness_factory, script)
     phase["create"] = 503  # the downstream now fails the create for a while
@@ -1213,34 +1215,19 @@ async def test_an_order_whose_unblock_was_flushed_at_the_second_try_is_unblocked
     # Found in review: the order was unblocked in memory only by the first flush of the replayed record's state;
     # when that flush failed and a later one made it durable, the order stayed blocked in memory (an empty chain),
     # and every new event of it was dead-lettered, and the order blocked again in the file.
-    from topics.errors import StoreError
 
     phase = {"create": 400}
-
-    def script(request: HttpRequest, nth: int) -> Reply:
-        if b"SO-BAD" in (request.body or b"") and request.method == "POST":
-            return answer(phase["create"])
-        return ok()
+    script = bad_create(phase)
 
     h = harness_factory({TP0: [record(0, "SO-BAD")], REPLAY: []}, script)
     h.engine.replay_topic = REPLAY[0]
     await h.run_until(1)
     assert reasons(h) == ["rejected"]
     phase["create"] = 201
-    flush = h.store.flush
-    failures = 1  # the group flush of the replayed create's state; the lane's next try passes
-
-    async def failing() -> int:
-        nonlocal failures
-        if failures:
-            failures -= 1
-            raise StoreError("dedup store crm: flush failed: database is locked")
-        return await flush()
-
-    h.store.flush = failing  # type: ignore[method-assign]
+    left = fail_flushes(h, 1)  # the group flush of the replayed create's state; the lane's next try passes
     replay_letters(h, h.dead.letters)
     await h.run_until(1)
-    assert failures == 0
+    assert left == [0]
     assert await h.store.blocked_orders(["SO-BAD"]) == set()
     h.consumer.partitions[TP0].append(record(1, "SO-BAD", "order.updated", seed=99))
     await h.run_until(1)
@@ -1294,11 +1281,7 @@ async def test_replaying_only_the_rejected_record_keeps_the_order_blocked_across
     # `orderbus dlq replay --reason rejected` replays the record that blocked the order, not the events that
     # followed it: those must still be applied before any newer event, after a restart too (the block is durable).
     phase = {"create": 400}
-
-    def script(request: HttpRequest, nth: int) -> Reply:
-        if b"SO-BAD" in (request.body or b"") and request.method == "POST":
-            return answer(phase["create"])
-        return ok()
+    script = bad_create(phase)
 
     h = await blocked_by_a_400(harness_factory, script)
     create, update = h.dead.letters
