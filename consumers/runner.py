@@ -57,11 +57,17 @@ class HttpConfig:
     tls_verify: bool = True
     ca_bundle: Path | None = None
 
-    def ssl_context(self) -> ssl.SSLContext | bool:
-        """Certificates verified (against `ca_bundle` if set, else the system's CAs) unless `tls_verify` is off."""
+    def ssl_context(self, setting: str = "ca_bundle") -> ssl.SSLContext | bool:
+        """Certificates verified (against `ca_bundle` if set, else the system's CAs) unless `tls_verify` is off.
+
+        A bundle that cannot be loaded is a `ConfigError` naming `setting`: the settings checked the file, but it
+        may have changed since, and a traceback at start is what systemd restarts for ever."""
         if not self.tls_verify:
             return False
-        return ssl.create_default_context(cafile=str(self.ca_bundle) if self.ca_bundle else None)
+        try:
+            return ssl.create_default_context(cafile=str(self.ca_bundle) if self.ca_bundle else None)
+        except OSError as exc:  # ssl.SSLError included
+            raise ConfigError(f"{setting}: cannot load {self.ca_bundle}: {exc}") from None
 
 
 @contextlib.asynccontextmanager
@@ -91,10 +97,7 @@ async def open_sink(
             pruner = asyncio.create_task(pruning, name=f"prune-{sink.name}")
             stack.push_async_callback(cancel_and_wait, pruner)
 
-        try:
-            tls = http.ssl_context()
-        except OSError as exc:  # ssl.SSLError included; the settings checked the file, but it may have changed since
-            raise ConfigError(f"sinks.{sink.name}.ca_bundle: cannot load {http.ca_bundle}: {exc}") from None
+        tls = http.ssl_context(f"sinks.{sink.name}.ca_bundle")
         client = HttpClient(limit=config.max_in_flight, ssl=tls, user_agent=USER_AGENT)
         stack.push_async_callback(client.close)
         credentials = auth if auth is not None else NoAuth()

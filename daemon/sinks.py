@@ -78,7 +78,7 @@ def build_auth(name: str, settings: SinkSettings, *, clock: Clock | None = None)
                 name=name,
                 timeout=settings.request_timeout,
                 clock=clock,
-                tls=http_config(settings).ssl_context(),
+                tls=http_config(settings).ssl_context(f"sinks.{name}.ca_bundle"),
             )
 
 

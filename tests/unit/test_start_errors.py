@@ -18,7 +18,7 @@ from daemon import lifecycle
 from daemon.kafka_options import client_options
 from daemon.lifecycle import serve
 from daemon.settings import Settings, SinkSettings, load_settings
-from daemon.sinks import build_sink
+from daemon.sinks import build_auth, build_sink
 from topics.errors import BrokerError, ConfigError
 
 SYSTEM_CAS = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -66,6 +66,25 @@ async def test_a_sink_ca_bundle_gone_since_the_check_is_a_config_error(tmp_path:
     with pytest.raises(ConfigError, match=r"^sinks\.crm\.ca_bundle: cannot load"):
         async with opening:
             pass
+
+
+def test_an_oauth2_sinks_ca_bundle_gone_since_the_check_is_a_config_error(tmp_path: Path) -> None:
+    # Its token client's TLS is built before the sink opens: the sink's own check came too late for it.
+    bundle = tmp_path / "ca.pem"
+    shutil.copy(SYSTEM_CAS, bundle)
+    settings = load_settings(
+        None,
+        env={
+            "ORDERBUS_SINKS__CRM__CA_BUNDLE": str(bundle),
+            "ORDERBUS_SINKS__CRM__AUTH__TYPE": "oauth2",
+            "ORDERBUS_SINKS__CRM__AUTH__TOKEN_URL": "https://login.example.test/token",
+            "ORDERBUS_SINKS__CRM__AUTH__CLIENT_ID": "orderbus",
+            "ORDERBUS_SINKS__CRM__AUTH__CLIENT_SECRET": "s3cret",
+        },
+    )
+    bundle.unlink()
+    with pytest.raises(ConfigError, match=r"^sinks\.crm\.ca_bundle: cannot load"):
+        build_auth("crm", settings.sinks["crm"])
 
 
 def sink_settings(**env: str) -> Settings:
