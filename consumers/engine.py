@@ -294,8 +294,7 @@ class SinkEngine:
             retry_dead = work.replay and state is not None and state.status == "dead"
             if state is not None and state.status != "in_flight" and not retry_dead:
                 # Redelivered after a crash or rebalance, or a duplicate event from upstream: already terminal.
-                self._context.hot.dedup_hits.inc()
-                self._context.hot.deliveries["duplicate"].inc()
+                self._context.hot.skipped_duplicate()
                 self._offsets.finish(work.tp, work.offset)
                 self._finished += 1
                 continue

@@ -132,7 +132,7 @@ class Lane:
             while self._queue and not self._stopping:
                 work = self._queue[0]
                 if self._finished is not None and work.idempotency_key in self._finished and not work.replay:
-                    self._count_duplicate()
+                    self._context.hot.skipped_duplicate()
                     self._queue.popleft()
                     self._on_finished(self, work)
                     continue
@@ -212,12 +212,6 @@ class Lane:
             await self._park(seconds)
         finally:  # stopped by a drain too: the drain waits for that batch (`GroupFlush.settled`)
             self._context.batch().add_done_callback(self._settled)
-
-    def _count_duplicate(self) -> None:
-        """As the engine counts a record whose key it finds terminal in the dedup table."""
-        hot = self._context.hot
-        hot.dedup_hits.inc()
-        hot.deliveries["duplicate"].inc()
 
     # ------------------------------------------------------------------ one record to a terminal state
 

@@ -40,6 +40,11 @@ class HotSeries:
     http_responses: Mapping[str, Counter]  # by status class (`STATUS_CLASSES`)
     dedup_hits: Counter
 
+    def skipped_duplicate(self) -> None:
+        """A record found already terminal (the dedup table, a replay's second copy, a lane's repeat) is skipped."""
+        self.dedup_hits.inc()
+        self.deliveries["duplicate"].inc()
+
 
 class EngineMetrics:
     """Every metric of every sink's engine; one instance per registry."""

@@ -76,12 +76,7 @@ def already_delivered(context: LaneContext, work: Work) -> Settling:
     A replay can hold two copies of a record (one dead-lettered again after an earlier replay); the engine
     looked both up before the first was delivered. Nothing is written, but for its order's chain.
     """
-    return Settling(work, functools.partial(_report_skipped, context), unblocks=_off_the_chain(context, work))
-
-
-def _report_skipped(context: LaneContext) -> None:
-    context.hot.dedup_hits.inc()
-    context.hot.deliveries["duplicate"].inc()
+    return Settling(work, context.hot.skipped_duplicate, unblocks=_off_the_chain(context, work))
 
 
 def _off_the_chain(context: LaneContext, work: Work) -> str | None:
