@@ -43,7 +43,7 @@ from urllib.parse import quote, urlsplit
 from consumers.http_connection import DISCARD_LIMIT, MAX_HEAD, Connection, HttpAnswer, Origin
 from topics.errors import ConfigError, HttpConnectionError, InvalidRequestError
 
-__all__ = ["DISCARD_LIMIT", "MAX_HEAD", "HttpAnswer", "HttpClient"]
+__all__ = ["DISCARD_LIMIT", "MAX_HEAD", "HttpAnswer", "HttpClient", "ascii_host"]
 
 CLOSE_GRACE: Final = 1.0  # seconds `close` waits for aborted connections to report closed
 _CACHED: Final = 256  # URL prefixes, header names and methods remembered as checked
@@ -53,6 +53,20 @@ _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: h
 _HOST: Final = re.compile(r"[a-z0-9.\-_:%]+")  # after IDNA and lower-casing; ':' and '%' for IPv6 and its zones
 _UNSAFE_TARGET: Final = re.compile(r"[^!-~]|#")  # anything but printable ASCII, or a fragment
 _TARGET_SAFE: Final = "".join(map(chr, range(0x21, 0x7F)))  # quote() keeps these ('%' too: escapes stay escapes)
+
+
+def ascii_host(host: str) -> str:
+    """`host` (lower-case, as `urlsplit` gives it) as getaddrinfo and ssl will take it, IDNA-encoded with every
+    label 1 to 63 characters, so that their UnicodeError never comes; else `InvalidRequestError` naming the host
+    alone (the settings check URLs with it, and a URL may hold a password)."""
+    try:
+        encoded = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        problem = "has an empty label or one over 63 characters" if host.isascii() else "is not a valid IDN"
+        raise InvalidRequestError(f"host {host!r} {problem}") from None
+    if not _HOST.fullmatch(encoded):
+        raise InvalidRequestError(f"no usable host (got {host!r})")
+    return encoded
 
 
 _Waiter = tuple["asyncio.Future[Connection | None]", Origin]  # handed a connection to its origin, or a free slot
@@ -306,13 +320,10 @@ class HttpClient:
         return origin, f"{target}?{parts.query}" if parts.query else target
 
     def _origin(self, scheme: str, host: str, port: int | None, url: str) -> Origin:
-        try:  # as getaddrinfo and ssl will (every label 1 to 63 characters), so that their UnicodeError never comes
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            problem = "has an empty label or one over 63 characters" if host.isascii() else "is not a valid IDN"
-            raise InvalidRequestError(f"host {problem}: {url!r}") from None
-        if not _HOST.fullmatch(host):
-            raise InvalidRequestError(f"no usable host in {url!r}")
+        try:
+            host = ascii_host(host)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"{exc}: {url!r}") from None
         default = 443 if scheme == "https" else 80
         port = default if port is None else port
         origin = self._origins.get((scheme, host, port))
