@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, cast
+from typing import Final, Literal, Protocol, cast, get_args
 
 Reason = Literal[
     "invalid",  # not JSON, or breaks the contract: no attempt was made
@@ -25,6 +25,7 @@ Reason = Literal[
     "retries-exhausted",  # temporary failures until max attempts or max elapsed
     "dead-lettered-predecessor",  # an earlier event of the same order is in the dead-letter topic
 ]
+REASONS: Final[tuple[str, ...]] = get_args(Reason)  # for choices, metric labels and checks
 
 HEADER_PREFIX = "orderbus.dlq."
 Header = tuple[str, bytes | None]  # a Kafka record header: its value may be null, which is not b""

@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, get_args
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from consumers.deadletter import Reason
+from consumers.deadletter import REASONS
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
@@ -27,7 +27,6 @@ CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 OUTCOMES: Final = ("delivered", "duplicate", "dead_lettered")
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "connection_error")
 RETRY_REASONS: Final = ("throttled", "4xx", "5xx", "timeout", "connection_error")
-DEAD_LETTER_REASONS: Final[tuple[str, ...]] = get_args(Reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +142,7 @@ class EngineMetrics:
             self.http_responses.labels(sink, status_class)
         for reason in RETRY_REASONS:
             self.retries.labels(sink, reason)
-        for reason in DEAD_LETTER_REASONS:
+        for reason in REASONS:
             self.dead_letters.labels(sink, reason)
         for metric in (
             self.records_consumed,

@@ -30,8 +30,9 @@ from typing import Any, TypeVar, get_args
 
 from pydantic import SecretStr
 
+from consumers.deadletter import REASONS
 from daemon import kafka_local
-from daemon.dlq import REASONS, parse_position
+from daemon.dlq import parse_position
 from daemon.kafka_options import client_options, topic_layout
 from daemon.lifecycle import serve
 from daemon.logs import configure

@@ -14,19 +14,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, get_args
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumers.deadletter import Header, Reason, read_headers
+from consumers.deadletter import REASONS, Header, read_headers
 from daemon.kafka_options import client_options
 from daemon.settings import Settings
 from topics.admin import partition_ids
 from topics.catalogue import SINKS, dlq_topic, replay_topic
 from topics.errors import BrokerError, ConfigError, OrderbusError
-
-REASONS: Final[tuple[str, ...]] = get_args(Reason)
 
 
 class SelectionError(OrderbusError):

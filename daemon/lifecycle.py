@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumers.clock import SystemClock
+from consumers.deadletter import REASONS
 from consumers.engine import SinkEngine
 from consumers.kafka_io import KafkaDeadLetterWriter, dead_letter_producer, keep_metadata_synchronizer
 from consumers.metrics import EngineMetrics
@@ -321,7 +322,6 @@ def _changed(before: object, after: object, key: str, depth: int) -> list[str]:
 
 
 _OUTCOMES = ("delivered", "duplicate", "dead_lettered")
-_DEAD_LETTER_REASONS = ("invalid", "rejected", "retries-exhausted", "dead-lettered-predecessor")
 
 
 def _status(
@@ -341,9 +341,7 @@ def _status(
         sinks[name] = {
             **engine.status(),
             "outcomes": {o: count("orderbus_deliveries_total", {"sink": name, "outcome": o}) for o in _OUTCOMES},
-            "dead_letters": {
-                r: count("orderbus_dead_letters_total", {"sink": name, "reason": r}) for r in _DEAD_LETTER_REASONS
-            },
+            "dead_letters": {r: count("orderbus_dead_letters_total", {"sink": name, "reason": r}) for r in REASONS},
         }
     ingest = None
     if publisher is not None and keys is not None:

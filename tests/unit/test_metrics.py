@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.metrics import DEAD_LETTER_REASONS, OUTCOMES, RETRY_REASONS, STATUS_CLASSES, EngineMetrics
+from consumers.deadletter import REASONS as DEAD_LETTER_REASONS
+from consumers.metrics import OUTCOMES, RETRY_REASONS, STATUS_CLASSES, EngineMetrics
 from daemon.app import build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import MemoryIngestKeyStore
