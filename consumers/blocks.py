@@ -60,9 +60,6 @@ class Blocks:
         self.epoch = 0
         self._released: dict[str, int] = {}
 
-    def __contains__(self, order_ref: object) -> bool:
-        return order_ref in self._chains
-
     def chain(self, order_ref: str) -> list[str] | None:
         """The order's chain (a copy), or None if it is not blocked."""
         chain = self._chains.get(order_ref)

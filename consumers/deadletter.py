@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal, Protocol, cast, get_args
+from typing import Any, Final, Literal, Protocol, cast, get_args
 
 Reason = Literal[
     "invalid",  # not JSON, or breaks the contract: no attempt was made
@@ -29,6 +29,13 @@ REASONS: Final[tuple[str, ...]] = get_args(Reason)  # for choices, metric labels
 
 HEADER_PREFIX = "orderbus.dlq."
 Header = tuple[str, bytes | None]  # a Kafka record header: its value may be null, which is not b""
+
+
+def copy_headers(headers: Sequence[tuple[Any, Any]] | None) -> tuple[Header, ...]:
+    """A fetched record's headers as a dead letter and a replay keep them: unchanged, a null value still null."""
+    return tuple((str(name), None if value is None else bytes(value)) for name, value in (headers or ()))
+
+
 EXCERPT_LIMIT = 1024  # characters of the body excerpt, and of the detail
 
 

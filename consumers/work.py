@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from consumers.deadletter import Header
+from consumers.deadletter import HEADER_PREFIX, Header, copy_headers
 from consumers.sink import Prepared, Sink
 from topics.codec import decode
 from topics.errors import ContractError, FieldError
@@ -54,7 +54,7 @@ def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bo
     """
     value: bytes | None = record.value
     key: bytes | None = record.key
-    headers = tuple((str(k), None if v is None else bytes(v)) for k, v in (record.headers or ()))  # null stays null
+    headers = copy_headers(record.headers)
     prepared: Prepared | None = None
     invalid: ContractError | None = None
     try:
@@ -95,7 +95,7 @@ def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bo
 def _dead_lettered_under(headers: Sequence[Header]) -> str | None:
     """The idempotency key of a replayed record's dead letter; None if the header is missing or not ours (we write
     UTF-8: one mangled on its way back through the replay topic must not stop the sink)."""
-    original = dict(headers).get("orderbus.dlq.idempotency-key")
+    original = dict(headers).get(HEADER_PREFIX + "idempotency-key")
     try:
         return original.decode() if original else None
     except UnicodeDecodeError:

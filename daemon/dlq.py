@@ -19,7 +19,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumers.deadletter import REASONS, Header, read_headers
+from consumers.deadletter import REASONS, Header, copy_headers, read_headers
 from daemon.kafka_options import client_options
 from daemon.settings import Settings
 from topics.admin import partition_ids
@@ -175,7 +175,7 @@ def distinct(letters: Sequence[DeadLetterView]) -> list[DeadLetterView]:
 
 
 def _view(partition: int, record: Any) -> DeadLetterView:
-    headers: list[Header] = [(str(k), None if v is None else bytes(v)) for k, v in (record.headers or ())]
+    headers = list(copy_headers(record.headers))
     return DeadLetterView(
         partition, record.offset, record.timestamp, record.key, record.value, headers, read_headers(headers)
     )

@@ -76,9 +76,9 @@ def migrate(db: sqlite3.Connection) -> bool:
 
 @functools.cache
 def _existing_rows(n: int) -> str:
-    """The rows of `n` keys, with their owner."""
+    """The rows of `n` keys."""
     keys = ", ".join("?" * n)
-    return f"SELECT key, body_sha256, state, status, response, owner FROM {TABLE} WHERE key IN ({keys})"  # noqa: S608
+    return f"SELECT key, body_sha256, state, status, response FROM {TABLE} WHERE key IN ({keys})"  # noqa: S608
 
 
 @functools.cache
@@ -196,13 +196,13 @@ def _claim_all(db: sqlite3.Connection, owner: str, claims: Sequence[ClaimOp]) ->
             if digest is not None:
                 results.append(Busy() if digest == claim.body_sha256 else Conflict())
                 continue
-            row = rows.get(claim.key)  # (body_sha256, state, status, response, owner)
+            row = rows.get(claim.key)  # (body_sha256, state, status, response)
             if row is None or (row[1] == _IN_FLIGHT and row[0] == claim.body_sha256):
                 taken.append(claim)
                 claimed[claim.key] = claim.body_sha256
                 results.append(Claimed())
             else:
-                results.append(_classify(row[:4], claim.body_sha256))
+                results.append(_classify(row, claim.body_sha256))
         if taken:
             values = [value for c in taken for value in (c.key, c.body_sha256, owner, c.now)]
             if db.execute(_claim_rows(len(taken)), values).rowcount != len(taken):  # unreachable: one writer

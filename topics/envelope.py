@@ -51,8 +51,9 @@ class OrderSubmission(ContractModel):
     """A webhook body: the order and, optionally, the producer's own event id and time.
 
     A shop that retries a request with the same `event_id` produces the same event, which the sinks then
-    recognise as a duplicate. Without one, the event id is derived from the request's idempotency key and body (its
-    body alone without a key): the same request sent again is the same event.
+    recognise as a duplicate. Without one, the event id is derived from the request's idempotency key and body, or
+    without a key from a body that carries `occurred_at`: the same request sent again is the same event. A body with
+    neither a key nor a time is a new event each time.
     """
 
     event_type: EventType = "order.created"
