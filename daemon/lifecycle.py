@@ -16,8 +16,9 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
+from typing import Any
 
 from aiohttp import web
 from aiokafka.errors import KafkaError
@@ -104,12 +105,13 @@ async def serve(
         ingest: Ingest | None = None
         publisher: KafkaPublisher | None = None
         keys: SqliteIngestKeyStore | None = None
+        options = client_options(settings.kafka)  # once: with TLS, each build reads the CA file again
         if settings.ingest.enabled or settings.enabled_sinks():
             _state_dir(settings)
-            await _require_topics(settings)
+            await _require_topics(settings, options)
         if settings.ingest.enabled:
-            ingest, publisher, keys = await _open_ingest(settings, stack, IngestMetrics(registry))
-        engines = await _open_sinks(settings, stack, EngineMetrics(registry))
+            ingest, publisher, keys = await _open_ingest(settings, options, stack, IngestMetrics(registry))
+        engines = await _open_sinks(settings, options, stack, EngineMetrics(registry))
         app = build_app(
             ingest=ingest,
             readiness=lambda: _reasons(publisher, engines),
@@ -157,11 +159,12 @@ async def _run_sinks(engines: dict[str, SinkEngine], stop: asyncio.Event, notifi
             raise result
 
 
-async def _open_sinks(settings: Settings, stack: AsyncExitStack, metrics: EngineMetrics) -> dict[str, SinkEngine]:
+async def _open_sinks(
+    settings: Settings, options: Mapping[str, Any], stack: AsyncExitStack, metrics: EngineMetrics
+) -> dict[str, SinkEngine]:
     enabled = settings.enabled_sinks()
     if not enabled:
         return {}
-    options = client_options(settings.kafka)
     producer = dead_letter_producer(options, request_timeout=settings.kafka.request_timeout)
     try:
         await producer.start()
@@ -204,7 +207,7 @@ def _state_dir(settings: Settings) -> None:
         raise ConfigError(f"state_dir: {path} is not writable by this user")
 
 
-async def _require_topics(settings: Settings) -> None:
+async def _require_topics(settings: Settings, options: Mapping[str, Any]) -> None:
     """Refuse to start (`ConfigError`, exit 2) while a topic the daemon reads or writes is missing.
 
     Otherwise the ingest's producer and the sinks' consumers would have the broker create them (Kafka's default
@@ -217,7 +220,7 @@ async def _require_topics(settings: Settings) -> None:
     for name in settings.enabled_sinks():
         names += [dlq_topic(name, prefix), replay_topic(name, prefix)]
     try:
-        missing = await missing_topics(names, client_options(settings.kafka), timeout=settings.kafka.request_timeout)
+        missing = await missing_topics(names, options, timeout=settings.kafka.request_timeout)
     except BrokerError as exc:
         if settings.enabled_sinks():
             raise
@@ -231,7 +234,7 @@ async def _require_topics(settings: Settings) -> None:
 
 
 async def _open_ingest(
-    settings: Settings, stack: AsyncExitStack, metrics: IngestMetrics
+    settings: Settings, options: Mapping[str, Any], stack: AsyncExitStack, metrics: IngestMetrics
 ) -> tuple[Ingest, KafkaPublisher, SqliteIngestKeyStore]:
     keys = SqliteIngestKeyStore(ingest_keys_path(settings.state_dir))
     await keys.open()
@@ -243,7 +246,7 @@ async def _open_ingest(
 
     publisher = KafkaPublisher(
         orders_topic(settings.topics.prefix),
-        client_options(settings.kafka),
+        options,
         request_timeout=settings.kafka.request_timeout,
     )
     await publisher.start()

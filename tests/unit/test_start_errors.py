@@ -115,5 +115,5 @@ async def test_an_unreachable_kafka_stops_the_sinks_but_not_the_ingest_alone(mon
 
     monkeypatch.setattr(lifecycle, "missing_topics", unreachable)
     with pytest.raises(BrokerError):
-        await lifecycle._require_topics(sink_settings())
-    await lifecycle._require_topics(sink_settings(ORDERBUS_SINKS__CRM__ENABLED="false"))  # 503 until Kafka is back
+        await lifecycle._require_topics(sink_settings(), {})
+    await lifecycle._require_topics(sink_settings(ORDERBUS_SINKS__CRM__ENABLED="false"), {})  # 503 until Kafka is back
