@@ -128,9 +128,12 @@ def with_type(event: OrderEvent, event_type: EventType, seed: int) -> OrderEvent
     return event.model_copy(update={"event_type": event_type, "event_id": fresh.event_id})
 
 
-async def produce(bootstrap: str, topic: str, events: list[OrderEvent]) -> None:
-    """Publish `events` the way an upstream system would: keyed by order number, acks=all."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+async def produce(bootstrap: str, topic: str, events: list[OrderEvent], *, compression: str | None = None) -> None:
+    """Publish `events` the way an upstream system would: keyed by order number, acks=all, batches compressed with
+    `compression` (gzip, snappy, lz4, zstd) or not at all."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5, compression_type=compression
+    )
     await producer.start()
     try:
         sends = []

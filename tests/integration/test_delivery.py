@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from prometheus_client import CollectorRegistry
 from support import (
     committed_vs_end,
@@ -209,4 +211,34 @@ async def test_a_sink_down_for_the_whole_run_stays_bounded_then_catches_up(
                 break
             await asyncio.sleep(0.1)
         assert crm_lag() == 0
+    await settle_commits(settings, kafka_broker.bootstrap)
+
+
+async def test_batches_compressed_by_the_producer_or_the_broker_are_delivered(
+    kafka_broker: BrokerInfo,
+    sandbox_process: SandboxProcess,
+    sandbox: SandboxClient,
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    """Upstream producers compress their batches (Kafka's clients offer gzip, snappy, lz4 and zstd), and a topic's
+    ``compression.type`` makes the broker recompress whatever it is sent: a sink that could not decompress a codec
+    would stop at its partition's first such batch."""
+    codecs = ("gzip", "snappy", "lz4", "zstd")
+    events = make_events(200, seed=12)
+    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sandbox_sinks(sandbox_process))
+    async with running_daemon(settings):
+        for i, codec in enumerate(codecs):
+            await produce(kafka_broker.bootstrap, orders_of(settings), events[i * 40 : (i + 1) * 40], compression=codec)
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+        await admin.start()
+        try:  # the broker now compresses what it is sent (the last slice, sent uncompressed) with lz4
+            topic = ConfigResource(ConfigResourceType.TOPIC, orders_of(settings), {"compression.type": "lz4"})
+            await admin.alter_configs([topic])
+        finally:
+            await admin.close()
+        await produce(kafka_broker.bootstrap, orders_of(settings), events[160:])
+        for name in SINKS:
+            ledger = await sandbox.wait_ledger(name, 200, timeout=60)
+            assert sorted(e["order_number"] for e in ledger) == sorted(e.order.order_number for e in events), name
     await settle_commits(settings, kafka_broker.bootstrap)
