@@ -28,5 +28,10 @@ class ConsumerPort(Protocol):
 
     async def beginning_offsets(self, tps: Iterable[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]: ...
 
+    def unreadable(self) -> Mapping[TopicPartitionKey, int | None]:
+        """Partitions held because their records cannot be read (`consumers.unreadable`), with the offset each
+        stopped at (None: its committed offset)."""
+        ...
+
 
 __all__ = ["ConsumerPort"]

@@ -466,6 +466,7 @@ class SinkEngine:
             metrics.retry_after.labels(name).set(context.pacer.last_retry_after)
         assigned = self._consumer.assignment()
         metrics.assigned_partitions.labels(name).set(len(assigned))
+        metrics.unreadable.labels(name).set(len(self._consumer.unreadable()))
         # The orders topic's partitions; a replay topic's backlog shows in buffered and deliveries instead.
         orders_lag = {tp: lag for tp, lag in self._lag.lag.items() if tp[0] != self.replay_topic}
         for tp, lag in orders_lag.items():
@@ -497,6 +498,11 @@ class SinkEngine:
         return self._context.circuit.state
 
     @property
+    def unreadable(self) -> Mapping[TopicPartitionKey, int | None]:
+        """Partitions held at an offset whose records cannot be read (None: at the committed offset)."""
+        return self._consumer.unreadable()
+
+    @property
     def auth_paused(self) -> bool:
         return self._context.auth.state != "closed"
 
@@ -518,6 +524,7 @@ class SinkEngine:
             "held_for": max(0.0, context.pacer.held_until - self._clock.now()),
             "lag": {str(tp[1]): lag for tp, lag in sorted(self._lag.lag.items()) if tp[0] != self.replay_topic},
             "finished": self._finished,
+            "unreadable": {f"{t}:{p}": offset for (t, p), offset in sorted(self._consumer.unreadable().items())},
         }
 
     @property

@@ -25,6 +25,7 @@ from aiokafka.errors import (
 )
 
 from consumers.deadletter import DeadLetter
+from consumers.unreadable import ReadGuard
 from consumers.work import TopicPartitionKey
 from topics.catalogue import consumer_group, dlq_topic
 from topics.errors import PublishError
@@ -33,25 +34,27 @@ log = logging.getLogger(__name__)
 
 
 class KafkaConsumerPort:
-    """`consumers.consumer_port.ConsumerPort` over an `AIOKafkaConsumer` in the sink's own group."""
+    """`consumers.consumer_port.ConsumerPort` over an `AIOKafkaConsumer` in the sink's own group; its fetches and
+    pauses go through a `ReadGuard` (records the client cannot read)."""
 
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, guard: ReadGuard) -> None:
         self._consumer = consumer
+        self.guard = guard
 
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
-        batch: Mapping[TopicPartitionKey, list[Any]] = await self._consumer.getmany(
-            timeout_ms=timeout_ms, max_records=max_records
-        )
-        return batch
+        return await self.guard.getmany(timeout_ms, max_records)
 
     async def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         await self._consumer.commit({TopicPartition(topic, partition): o for (topic, partition), o in offsets.items()})
 
     def pause(self, tps: Iterable[TopicPartitionKey]) -> None:
-        self._consumer.pause(*(TopicPartition(*tp) for tp in tps))
+        self.guard.pause(TopicPartition(*tp) for tp in tps)
 
     def resume(self, tps: Iterable[TopicPartitionKey]) -> None:
-        self._consumer.resume(*(TopicPartition(*tp) for tp in tps))
+        self.guard.resume(TopicPartition(*tp) for tp in tps)
+
+    def unreadable(self) -> Mapping[TopicPartitionKey, int | None]:
+        return {(tp[0], tp[1]): held.offset for tp, held in self.guard.held.items()}
 
     def assignment(self) -> set[TopicPartitionKey]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -193,15 +196,21 @@ class RebalanceHandler(Protocol):
 
 
 class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no types
-    """Hands rebalances to the engine: a revoke drains and commits the partitions before they move."""
+    """Hands rebalances to the engine: a revoke drains and commits the partitions before they move. The fetch's
+    guard forgets what it knew of partitions that move (`ReadGuard.forget`)."""
 
-    def __init__(self, engine: RebalanceHandler) -> None:
+    def __init__(self, engine: RebalanceHandler, guard: ReadGuard | None = None) -> None:
         self._engine = engine
+        self._guard = guard
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         await self._engine.on_revoked({(tp.topic, tp.partition) for tp in revoked})
+        if self._guard is not None:
+            self._guard.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        if self._guard is not None:
+            self._guard.forget(assigned)
         self._engine.on_assigned({(tp.topic, tp.partition) for tp in assigned})
 
 

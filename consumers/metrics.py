@@ -130,6 +130,12 @@ class EngineMetrics:
             ["sink"],
             registry=registry,
         )
+        self.unreadable = Gauge(
+            "orderbus_unreadable_partitions",
+            "Partitions held because the Kafka client cannot read their next records (see the log)",
+            ["sink"],
+            registry=registry,
+        )
         self.assigned_partitions = Gauge(
             "orderbus_assigned_partitions", "Partitions assigned to the sink's consumer", ["sink"], registry=registry
         )
@@ -162,6 +168,7 @@ class EngineMetrics:
             self.auth_paused,
             self.oldest_pending,
             self.assigned_partitions,
+            self.unreadable,
         ):
             metric.labels(sink)
 

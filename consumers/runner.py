@@ -33,6 +33,7 @@ from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.sink import HttpRequest, Sink
 from consumers.tasks import cancel_and_wait
+from consumers.unreadable import ReadGuard
 from topics.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,10 @@ async def open_sink(
 
         consumer = sink_consumer(client_options, sink.name, prefix=prefix)
         stack.push_async_callback(consumer.stop)  # safe on a consumer that never started
+        guard = ReadGuard(consumer, sink.name, clock or SystemClock())
         engine = SinkEngine(
             sink,
-            KafkaConsumerPort(consumer),
+            KafkaConsumerPort(consumer, guard),
             deliver,
             store,
             dead_letters,
@@ -130,5 +132,5 @@ async def open_sink(
         keep_metadata_synchronizer(consumer._client, f"sink {sink.name}")  # its death once hung commits for good
         # The sink also reads its replay topic: dead letters the operator sends back to this sink only.
         topics = [topic] if replay_topic is None else [topic, replay_topic]
-        consumer.subscribe(topics, listener=Rebalance(engine))
+        consumer.subscribe(topics, listener=Rebalance(engine, guard))
         yield engine

@@ -381,4 +381,9 @@ def _reasons(publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -
             reasons[f"sink.{name}"] = "paused: the downstream refused our credentials (401/403)"
         elif engine.circuit_state == "open":
             reasons[f"sink.{name}"] = "circuit open: the downstream keeps failing"
+        elif held := engine.unreadable:
+            where = ", ".join(
+                f"{t}:{p} at {'its committed offset' if o is None else o}" for (t, p), o in sorted(held.items())
+            )
+            reasons[f"sink.{name}"] = f"held, the next records cannot be read (see the log): {where}"
     return reasons

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import socket
+import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,47 @@ async def produce_raw(bootstrap: str, topic: str, records: list[tuple[bytes | No
             await producer.send_and_wait(topic, value=value, key=key)
     finally:
         await producer.stop()
+
+
+# A producer that writes a header name that is not UTF-8, as a client sending raw bytes can (Kafka's Java clients
+# cannot): aiokafka's pure-Python record builder encodes header names with `str.encode`, which a subclass answers.
+_UNREADABLE_PRODUCER = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+
+class RawName(str):
+    def encode(self, *args, **kwargs):
+        return b"\\xff\\xfe"
+
+async def main(bootstrap, topic, partition, key):
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            topic, b"{}", key=key.encode(), partition=int(partition), headers=[(RawName("x"), b"1")]
+        )
+    finally:
+        await producer.stop()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def produce_unreadable(bootstrap: str, topic: str, partition: int, key: str) -> None:
+    """One record aiokafka's consumer cannot decode (its header name is not UTF-8) on `partition` of `topic`."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _UNREADABLE_PRODUCER,
+        bootstrap,
+        topic,
+        str(partition),
+        key,
+        env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
 
 
 async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]:

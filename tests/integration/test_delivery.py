@@ -11,9 +11,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry
 from support import (
     committed_vs_end,
@@ -21,6 +23,7 @@ from support import (
     orders_of,
     produce,
     produce_raw,
+    produce_unreadable,
     read_topic,
     running_daemon,
     sandbox_sinks,
@@ -242,3 +245,58 @@ async def test_batches_compressed_by_the_producer_or_the_broker_are_delivered(
             ledger = await sandbox.wait_ledger(name, 200, timeout=60)
             assert sorted(e["order_number"] for e in ledger) == sorted(e.order.order_number for e in events), name
     await settle_commits(settings, kafka_broker.bootstrap)
+
+
+async def test_a_record_the_client_cannot_read_holds_its_partition_and_nothing_else(
+    kafka_broker: BrokerInfo,
+    sandbox_process: SandboxProcess,
+    sandbox: SandboxClient,
+    unique_name: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A header name that is not UTF-8 makes aiokafka's `getmany` raise: the sinks deliver every other partition
+    and this one up to the record, hold it there, say where, and the daemon runs on."""
+    events = make_events(240, seed=13)
+    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sandbox_sinks(sandbox_process))
+    partitions = list(range(6))
+    partition_of = {
+        e.order.order_number: DefaultPartitioner()(e.order.order_number.encode(), partitions, partitions)
+        for e in events
+    }
+    before, after = events[:120], events[120:]
+    held = 2
+    expected = sorted(n for n in partition_of if partition_of[n] != held) + sorted(
+        e.order.order_number for e in before if partition_of[e.order.order_number] == held
+    )
+    offset = sum(1 for e in before if partition_of[e.order.order_number] == held)
+    registry = CollectorRegistry()
+    async with running_daemon(settings, registry) as base:
+        await produce(kafka_broker.bootstrap, orders_of(settings), before)
+        await produce_unreadable(kafka_broker.bootstrap, orders_of(settings), held, "SO-UNREADABLE")
+        await produce(kafka_broker.bootstrap, orders_of(settings), after)
+        for name in SINKS:
+            ledger = await sandbox.wait_ledger(name, len(expected), timeout=60)
+            assert sorted(e["order_number"] for e in ledger) == sorted(expected), name
+        for _ in range(100):
+            gauges = [registry.get_sample_value("orderbus_unreadable_partitions", {"sink": s}) for s in SINKS]
+            if gauges == [1.0] * 3:
+                break
+            await asyncio.sleep(0.1)
+        assert gauges == [1.0] * 3
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/healthz") as response:
+                assert response.status == 200, "the daemon runs on"
+            async with session.get(f"{base}/readyz") as response:
+                reasons = (await response.json())["reasons"]
+            async with session.get(f"{base}/status") as response:
+                status = await response.json()
+        where = f"{orders_of(settings)}:{held}"
+        for name in SINKS:
+            assert f"{where} at {offset}" in reasons[f"sink.{name}"]
+            assert status["sinks"][name]["unreadable"] == {where: offset}
+        for name in SINKS:
+            assert len(await sandbox.ledger(name)) == len(expected), f"{name}: nothing past the unreadable record"
+    holds = [r for r in caplog.records if r.getMessage() == "records cannot be read: partition held"]
+    assert {(r.sink, r.partition, r.offset) for r in holds} == {(s, held, offset) for s in SINKS}  # type: ignore[attr-defined]
+    assert all("UnicodeDecodeError" in r.error for r in holds)  # type: ignore[attr-defined]

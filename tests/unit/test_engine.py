@@ -88,6 +88,9 @@ class FakeConsumer:
     def assignment(self) -> set[tuple[str, int]]:
         return set(self.partitions)
 
+    def unreadable(self) -> Mapping[tuple[str, int], int | None]:
+        return {}
+
     async def end_offsets(self, tps: Iterable[tuple[str, int]]) -> Mapping[tuple[str, int], int]:
         return {tp: len(self.partitions.get(tp, [])) for tp in tps}
 

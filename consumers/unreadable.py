@@ -1,0 +1,240 @@
+"""Records the Kafka client cannot read: their partition found, held and said; nothing skipped, nothing lost.
+
+aiokafka decodes a fetched batch while `getmany` hands its records over. A batch it cannot decode -- a header name
+that is not UTF-8 (Kafka's Java clients cannot write one; a client that sends raw bytes can), a compression it
+cannot undo, a corrupt batch -- raises out of `getmany` without naming its partition, and that call has already
+taken records from partitions before it and moved their positions past them: they would never reach the sink.
+The sink then stopped, the daemon with it, and again after every restart.
+
+`ReadGuard` is the sink consumer's fetch, with the error handled:
+
+1. every partition's position goes back to just after the last record handed over (to its committed offset if
+   none was), so the records the failed call took are fetched again;
+2. for `ISOLATION` seconds each call takes one partition's records, so the next such error names its partition;
+   that partition is then read one record at a time, so the records before the unreadable one are handed over
+   (a failing call hands over none of those it decoded);
+3. when its next record fails, the partition is held: paused, its records left in Kafka (its commits stop
+   before them), while its other partitions, the other sinks and the ingest go on. Said at ERROR with the offset
+   it stops at and the client's error, counted in ``orderbus_unreadable_partitions``, shown by ``orderbus
+   status`` and the ``OrderbusRecordUnreadable`` alert, and tried again every `RETRY` seconds: a fetch corrupted
+   on its way reads at the next try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import cramjam
+from aiokafka.errors import CorruptRecordException, UnsupportedCodecError
+
+from consumers.clock import Clock
+from consumers.work import TopicPartitionKey
+
+__all__ = ["ISOLATION", "READ_ERRORS", "RETRY", "Held", "ReadGuard"]
+
+log = logging.getLogger(__name__)
+
+# What decoding a fetched batch raises: a header name or key that is not UTF-8, a batch that does not parse, a
+# codec aiokafka lacks, a compressed payload that does not decompress.
+READ_ERRORS: Final = (
+    UnicodeError,
+    CorruptRecordException,
+    UnsupportedCodecError,
+    cramjam.DecompressionError,
+    zlib.error,
+    gzip.BadGzipFile,
+    EOFError,
+)
+ISOLATION: Final = 60.0  # seconds of one-partition fetches after an unreadable batch with no partition named
+RETRY: Final = 300.0  # seconds a partition is held before it is read again
+POLL: Final = 0.05  # seconds between rounds of one-partition fetches that found nothing
+
+
+class FetchingConsumer(Protocol):
+    """What the guard uses of `aiokafka.AIOKafkaConsumer` (its topic-partitions are ``(topic, partition)`` tuples)."""
+
+    async def getmany(
+        self, *partitions: Any, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[Any, list[Any]]: ...
+
+    def assignment(self) -> set[Any]: ...
+
+    def paused(self) -> set[Any]: ...
+
+    def pause(self, *partitions: Any) -> None: ...
+
+    def resume(self, *partitions: Any) -> None: ...
+
+    def seek(self, partition: Any, offset: int) -> None: ...
+
+    async def seek_to_beginning(self, *partitions: Any) -> bool: ...
+
+    async def committed(self, partition: Any) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A partition held at `offset`: the first offset not handed over; the unreadable record is there or after."""
+
+    offset: int | None
+    error: str
+    retry_at: float
+
+
+class ReadGuard:
+    """`getmany` over a sink's consumer that survives unreadable batches (see the module)."""
+
+    def __init__(self, consumer: FetchingConsumer, sink: str, clock: Clock) -> None:
+        self._consumer = consumer
+        self._sink = sink
+        self._clock = clock
+        self._next: dict[TopicPartitionKey, int] = {}  # just after the last record handed over, per partition
+        self._held: dict[TopicPartitionKey, Held] = {}
+        self._paused: set[TopicPartitionKey] = set()  # what the engine paused (backpressure, an open circuit)
+        self._isolate_until: float | None = None
+        self._narrowing: set[TopicPartitionKey] = set()  # read one record a call, up to the one that fails
+        self._turn = 0
+        self._rewinding: asyncio.Task[None] | None = None
+
+    @property
+    def held(self) -> Mapping[TopicPartitionKey, Held]:
+        return self._held
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
+        if self._rewinding is not None:
+            # Not a fetch before the positions are back: a cancelled wait leaves the task running, awaited here.
+            await self._rewinding
+            self._rewinding = None
+        self._release_due()
+        if self._isolate_until is not None and self._clock.now() >= self._isolate_until:
+            self._isolate_until = None
+            self._narrowing.clear()
+        if self._isolate_until is not None:
+            return await self._one_partition(timeout_ms, max_records)
+        try:
+            batch = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except READ_ERRORS as exc:
+            log.warning(
+                "a fetched batch could not be read: finding its partition",
+                extra={"sink": self._sink, "error": _describe(exc)},
+            )
+            self._isolate_until = self._clock.now() + ISOLATION
+            await self._rewind(self._consumer.assignment())
+            return {}
+        self._handed_over(batch)
+        return batch
+
+    def pause(self, tps: Iterable[TopicPartitionKey]) -> None:
+        tps = list(tps)
+        self._paused.update(tps)
+        self._consumer.pause(*tps)
+
+    def resume(self, tps: Iterable[TopicPartitionKey]) -> None:
+        """Resume `tps`, but those held (a held one is resumed when its hold ends, if the engine wants it then)."""
+        tps = list(tps)
+        self._paused.difference_update(tps)
+        ready = [tp for tp in tps if tp not in self._held]
+        if ready:
+            self._consumer.resume(*ready)
+
+    def forget(self, tps: Iterable[TopicPartitionKey]) -> None:
+        """`tps` were revoked or assigned: what was handed over of them before, their holds and pauses no longer
+        count (aiokafka forgets a partition's pause with its assignment)."""
+        for tp in tps:
+            self._next.pop(tp, None)
+            self._held.pop(tp, None)
+            self._paused.discard(tp)
+            self._narrowing.discard(tp)
+
+    async def _one_partition(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
+        """The records of the first partition, in turn, that has some fetched. A partition that raises is read
+        one record a call from then on, and held when its next record raises.
+
+        One partition per call: aiokafka's `getmany` takes what is already fetched without waiting (timeout 0),
+        so a call cut off by a cancellation has taken nothing it did not return.
+        """
+        paused = self._consumer.paused()
+        tps = sorted(tp for tp in self._consumer.assignment() if tp not in paused)
+        for i in range(len(tps)):
+            tp = tps[(self._turn + i) % len(tps)]
+            limit = 1 if tp in self._narrowing else max_records
+            try:
+                batch = await self._consumer.getmany(tp, timeout_ms=0, max_records=limit)
+            except READ_ERRORS as exc:
+                await self._rewind([tp])
+                if limit == 1:
+                    self._narrowing.discard(tp)
+                    self._hold(tp, exc)
+                else:
+                    self._narrowing.add(tp)
+                continue
+            if batch:
+                self._turn = (self._turn + i + 1) % len(tps)
+                self._handed_over(batch)
+                return batch
+        await self._clock.sleep(min(timeout_ms / 1000, POLL))
+        return {}
+
+    def _handed_over(self, batch: Mapping[TopicPartitionKey, list[Any]]) -> None:
+        for tp, records in batch.items():
+            if records:
+                self._next[tp] = records[-1].offset + 1
+
+    async def _rewind(self, tps: Iterable[TopicPartitionKey]) -> None:
+        """Move `tps` back to just after what was handed over: a failed `getmany` had moved them past records it
+        never returned. In a task of its own, so that a cancelled fetch cannot leave it half done."""
+        task = asyncio.create_task(self._seek_back(list(tps)), name=f"rewind-{self._sink}")
+        self._rewinding = task
+        await task
+        self._rewinding = None
+
+    async def _seek_back(self, tps: list[TopicPartitionKey]) -> None:
+        for tp in tps:
+            offset = self._next.get(tp)
+            if offset is None:
+                offset = await self._consumer.committed(tp)
+            if offset is None:
+                await self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, offset)
+
+    def _hold(self, tp: TopicPartitionKey, exc: BaseException) -> None:
+        self._consumer.pause(tp)
+        offset = self._next.get(tp)
+        held = self._held[tp] = Held(offset, _describe(exc), self._clock.now() + RETRY)
+        log.error(
+            "records cannot be read: partition held",
+            extra={
+                "sink": self._sink,
+                "topic": tp[0],
+                "partition": tp[1],
+                "offset": "committed" if offset is None else offset,
+                "error": held.error,
+                "retry_in": RETRY,
+            },
+        )
+
+    def _release_due(self) -> None:
+        """Read held partitions again once their time has come, one partition at a time."""
+        now = self._clock.now()
+        due = [tp for tp, held in self._held.items() if held.retry_at <= now]
+        if not due:
+            return
+        assigned = self._consumer.assignment()
+        for tp in due:
+            del self._held[tp]
+            if tp in assigned and tp not in self._paused:
+                log.info("reading a held partition again", extra={"sink": self._sink, "partition": tp[1]})
+                self._consumer.resume(tp)
+        self._isolate_until = now + ISOLATION
+
+
+def _describe(exc: BaseException) -> str:
+    """The client's error, short: a UnicodeDecodeError's text names the bytes' position, not the record's content."""
+    return f"{type(exc).__name__}: {exc}"[:300]

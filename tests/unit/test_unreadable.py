@@ -1,0 +1,216 @@
+"""ReadGuard: a batch the Kafka client cannot read loses nothing, holds its partition only, and is tried again."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiokafka.errors import UnsupportedCodecError
+
+from consumers.clock import FakeClock
+from consumers.unreadable import ISOLATION, RETRY, ReadGuard
+
+TP = tuple[str, int]
+A, B, C = ("orders", 0), ("orders", 1), ("orders", 2)
+
+
+@dataclass(frozen=True)
+class Rec:
+    offset: int
+    readable: bool = True
+
+
+class FakeConsumer:
+    """aiokafka's consumer as the guard sees it, with its behaviour on a batch it cannot decode: `getmany` drains
+    partition after partition, moving each drained one's position, and raises at the unreadable record, returning
+    nothing, so what it had drained is gone unless the positions go back."""
+
+    def __init__(self, logs: Mapping[TP, list[Rec]], committed: Mapping[TP, int] | None = None) -> None:
+        self.logs = {tp: list(records) for tp, records in logs.items()}
+        self.committed_offsets = dict(committed or {})
+        self.positions = {tp: self.committed_offsets.get(tp, 0) for tp in self.logs}
+        self.assigned = set(self.logs)
+        self.paused_tps: set[TP] = set()
+        self.calls: list[tuple[TP, ...]] = []
+
+    async def getmany(
+        self, *partitions: TP, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TP, list[Any]]:
+        self.calls.append(partitions)
+        room = max_records if max_records is not None else 10**9
+        drained: dict[TP, list[Rec]] = {}
+        for tp in sorted(self.assigned - self.paused_tps):
+            if (partitions and tp not in partitions) or room == 0:
+                continue
+            position = self.positions[tp]
+            taken = [r for r in self.logs[tp] if r.offset >= position][:room]
+            for record in taken:
+                if not record.readable:
+                    raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+            if taken:
+                drained[tp] = taken
+                self.positions[tp] = taken[-1].offset + 1
+                room -= len(taken)
+        return drained
+
+    def assignment(self) -> set[TP]:
+        return set(self.assigned)
+
+    def paused(self) -> set[TP]:
+        return set(self.paused_tps)
+
+    def pause(self, *partitions: TP) -> None:
+        self.paused_tps.update(partitions)
+
+    def resume(self, *partitions: TP) -> None:
+        self.paused_tps.difference_update(partitions)
+
+    def seek(self, partition: TP, offset: int) -> None:
+        self.positions[partition] = offset
+
+    async def seek_to_beginning(self, *partitions: TP) -> bool:
+        for tp in partitions:
+            self.positions[tp] = 0
+        return True
+
+    async def committed(self, partition: TP) -> int | None:
+        return self.committed_offsets.get(partition)
+
+
+def log_of(count: int, *, bad: int | None = None, start: int = 0) -> list[Rec]:
+    return [Rec(offset, readable=offset != bad) for offset in range(start, start + count)]
+
+
+async def drain(guard: ReadGuard, clock: FakeClock, rounds: int, max_records: int = 4) -> dict[TP, list[int]]:
+    got: dict[TP, list[int]] = {}
+    async with clock.autojump():
+        for _ in range(rounds):
+            for tp, records in (await guard.getmany(100, max_records)).items():
+                got.setdefault(tp, []).extend(r.offset for r in records)
+    return got
+
+
+async def test_an_unreadable_batch_loses_nothing_and_holds_its_partition_only() -> None:
+    consumer = FakeConsumer({A: log_of(10), B: log_of(10, bad=6), C: log_of(10)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    got = await drain(guard, clock, 20, max_records=12)
+    # Every record of A and C once, in order, although the first failed call had drained A's before raising at B.
+    assert got[A] == list(range(10))
+    assert got[C] == list(range(10))
+    assert got[B] == list(range(6)), "B up to its unreadable record, and not past it"
+    assert guard.held.keys() == {B}
+    assert guard.held[B].offset == 6
+    assert "UnicodeDecodeError" in guard.held[B].error
+    assert B in consumer.paused_tps
+
+
+async def test_without_errors_a_fetch_is_one_call_over_every_partition() -> None:
+    consumer = FakeConsumer({A: log_of(3), B: log_of(3)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    assert await guard.getmany(100, 10) == {A: log_of(3), B: log_of(3)}
+    assert consumer.calls == [()]
+    assert guard.held == {}
+
+
+async def test_after_isolation_the_fetch_takes_every_partition_at_once_again() -> None:
+    consumer = FakeConsumer({A: log_of(4), B: log_of(4, bad=2)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    await drain(guard, clock, 20)
+    assert B in guard.held
+    consumer.logs[A].extend(log_of(2, start=4))
+    await clock.advance(ISOLATION)
+    consumer.calls.clear()
+    assert await guard.getmany(100, 10) == {A: log_of(2, start=4)}
+    assert consumer.calls == [()]
+
+
+async def test_a_held_partition_is_read_again_after_its_retry_time() -> None:
+    consumer = FakeConsumer({A: log_of(5, bad=3)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    assert (await drain(guard, clock, 20))[A] == [0, 1, 2]
+    assert A in guard.held
+    guard.resume([A])  # the engine resuming everything (its buffer drained) does not resume a held partition
+    assert A in consumer.paused_tps
+    consumer.logs[A][3] = Rec(3)  # a fetch corrupted on its way: the same offset reads this time
+    await clock.advance(RETRY)
+    assert (await drain(guard, clock, 20))[A] == [3, 4]
+    assert guard.held == {}
+
+
+async def test_a_partition_still_unreadable_at_its_retry_is_held_again() -> None:
+    consumer = FakeConsumer({A: log_of(5, bad=3), B: log_of(2)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    await drain(guard, clock, 20)
+    first = guard.held[A]
+    await clock.advance(RETRY)
+    got = await drain(guard, clock, 20)
+    assert A not in got, "nothing of A handed over twice, nothing past its unreadable record"
+    assert guard.held[A].offset == 3
+    assert guard.held[A].retry_at > first.retry_at
+
+
+async def test_a_partition_the_engine_paused_stays_paused_when_its_hold_ends() -> None:
+    consumer = FakeConsumer({A: log_of(5, bad=3)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    await drain(guard, clock, 20)
+    guard.pause([A])  # backpressure, or an open circuit
+    await clock.advance(RETRY)
+    await drain(guard, clock, 20)
+    assert A in consumer.paused_tps
+    guard.resume([A])
+    assert A not in consumer.paused_tps
+
+
+@pytest.mark.parametrize(("committed", "position"), [({A: 7}, 7), ({}, 0)])
+async def test_a_partition_nothing_was_handed_over_of_goes_back_to_its_committed_offset(
+    committed: Mapping[TP, int], position: int
+) -> None:
+    consumer = FakeConsumer({A: log_of(5, start=7), B: log_of(3, bad=0)}, committed=committed)
+    consumer.positions[A] = 7
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    assert await guard.getmany(100, 100) == {}  # A drained, then B raised
+    assert consumer.positions[A] == position
+    assert guard.held == {}, "the first error names no partition"
+
+
+async def test_a_revoked_or_reassigned_partition_is_not_held_and_not_rewound_to_what_it_was() -> None:
+    consumer = FakeConsumer({A: log_of(5, bad=3)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    await drain(guard, clock, 20)
+    assert A in guard.held
+    guard.forget([A])
+    assert guard.held == {}
+    consumer.paused_tps.clear()  # aiokafka forgets a pause with the assignment
+    consumer.committed_offsets[A] = 1  # the next owner committed less than this guard had handed over
+    consumer.positions[A] = 1
+    consumer.logs[A].append(Rec(5, readable=False))
+    got = await drain(guard, clock, 20, max_records=10)
+    assert got[A] == [1, 2], "read again from the committed offset, not skipped to the forgotten 3"
+    assert guard.held[A].offset == 3
+
+
+async def test_other_client_errors_are_read_errors_too() -> None:
+    class Codec(FakeConsumer):
+        async def getmany(
+            self, *partitions: TP, timeout_ms: int = 0, max_records: int | None = None
+        ) -> dict[TP, list[Any]]:
+            if not partitions or B in partitions:
+                raise UnsupportedCodecError("libraries for lz4 compression codec not found")
+            return await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+
+    consumer = Codec({A: log_of(2), B: log_of(2)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    got = await drain(guard, clock, 20)
+    assert got == {A: [0, 1]}
+    assert "lz4" in guard.held[B].error
