@@ -22,7 +22,6 @@ The sink then stopped, the daemon with it, and again after every restart.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import logging
 import zlib
@@ -100,17 +99,15 @@ class ReadGuard:
         self._isolate_until: float | None = None
         self._narrowing: set[TopicPartitionKey] = set()  # read one record a call, up to the one that fails
         self._turn = 0
-        self._rewinding: asyncio.Task[None] | None = None
+        self._to_rewind: set[TopicPartitionKey] = set()  # positions to put back before the next fetch
 
     @property
     def held(self) -> Mapping[TopicPartitionKey, Held]:
         return self._held
 
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
-        if self._rewinding is not None:
-            # Not a fetch before the positions are back: a cancelled wait leaves the task running, awaited here.
-            await self._rewinding
-            self._rewinding = None
+        if self._to_rewind:  # a rewind cut off (a cancelled fetch, an unanswered committed-offset request)
+            await self._rewind(())
         self._release_due()
         if self._isolate_until is not None and self._clock.now() >= self._isolate_until:
             self._isolate_until = None
@@ -151,6 +148,7 @@ class ReadGuard:
             self._held.pop(tp, None)
             self._paused.discard(tp)
             self._narrowing.discard(tp)
+            self._to_rewind.discard(tp)
 
     async def _one_partition(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
         """The records of the first partition, in turn, that has some fetched. A partition that raises is read
@@ -188,14 +186,10 @@ class ReadGuard:
 
     async def _rewind(self, tps: Iterable[TopicPartitionKey]) -> None:
         """Move `tps` back to just after what was handed over: a failed `getmany` had moved them past records it
-        never returned. In a task of its own, so that a cancelled fetch cannot leave it half done."""
-        task = asyncio.create_task(self._seek_back(list(tps)), name=f"rewind-{self._sink}")
-        self._rewinding = task
-        await task
-        self._rewinding = None
-
-    async def _seek_back(self, tps: list[TopicPartitionKey]) -> None:
-        for tp in tps:
+        never returned. Each stays due until it is done, so a rewind cut off is finished before the next fetch."""
+        self._to_rewind.update(tps)
+        self._to_rewind &= self._consumer.assignment()
+        for tp in sorted(self._to_rewind):
             offset = self._next.get(tp)
             if offset is None:
                 offset = await self._consumer.committed(tp)
@@ -203,6 +197,7 @@ class ReadGuard:
                 await self._consumer.seek_to_beginning(tp)
             else:
                 self._consumer.seek(tp, offset)
+            self._to_rewind.discard(tp)
 
     def _hold(self, tp: TopicPartitionKey, exc: BaseException) -> None:
         self._consumer.pause(tp)

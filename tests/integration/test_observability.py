@@ -91,6 +91,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
         "OrderbusSinkAuthFailing",
         "OrderbusSinkStalled",
         "OrderbusSinkUnassigned",
+        "OrderbusRecordUnreadable",
         "OrderbusIngestErrors",
     }
     cases = re.findall(r"alertname: (\w+)\n\s+exp_alerts:( \[\])?", (RULES / "rules_test.yml").read_text())
@@ -259,7 +260,7 @@ async def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_the_scr
             async with session.get(f"{prom}/api/v1/rules") as response:
                 groups = (await response.json())["data"]["groups"]
             rules = [rule for group in groups for rule in group["rules"]]
-            assert len(rules) == 8
+            assert len(rules) == 9
             assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
     assert {202, 400} <= set(statuses)
     for name in SINKS:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiokafka.errors import UnsupportedCodecError
+from aiokafka.errors import KafkaConnectionError, UnsupportedCodecError
 
 from consumers.clock import FakeClock
 from consumers.unreadable import ISOLATION, RETRY, ReadGuard
@@ -214,3 +214,23 @@ async def test_other_client_errors_are_read_errors_too() -> None:
     got = await drain(guard, clock, 20)
     assert got == {A: [0, 1]}
     assert "lz4" in guard.held[B].error
+
+
+async def test_a_rewind_cut_off_is_finished_before_the_next_fetch() -> None:
+    class Unanswered(FakeConsumer):
+        failures = 1
+
+        async def committed(self, partition: TP) -> int | None:
+            if self.failures:
+                self.failures -= 1
+                raise KafkaConnectionError("no answer from the coordinator")
+            return await super().committed(partition)
+
+    consumer = Unanswered({A: log_of(3), B: log_of(3, bad=0)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    with pytest.raises(KafkaConnectionError):  # the engine logs it and fetches again
+        await guard.getmany(100, 100)  # A drained, then B raised; A's committed offset unanswered
+    assert consumer.positions[A] == 3, "A still past the records the failed call took"
+    got = await drain(guard, clock, 20)
+    assert got[A] == [0, 1, 2]
