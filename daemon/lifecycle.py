@@ -114,7 +114,7 @@ async def serve(
         engines = await _open_sinks(settings, options, stack, EngineMetrics(registry))
         app = build_app(
             ingest=ingest,
-            readiness=lambda: _reasons(publisher, engines),
+            readiness=lambda: _reasons(publisher, engines, keys),
             max_body_bytes=settings.ingest.max_body_bytes,
             registry=registry,
             status=lambda: _status(publisher, keys, engines, registry),
@@ -349,7 +349,7 @@ def _status(
     ingest = None
     if publisher is not None and keys is not None:
         ingest = {"kafka_available": publisher.available, "key_store_error": keys.failing}
-    return {"ingest": ingest, "sinks": sinks, "not_ready": _reasons(publisher, engines)}
+    return {"ingest": ingest, "sinks": sinks, "not_ready": _reasons(publisher, engines, keys)}
 
 
 async def _notify_ready(notifier: Notifier, publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -> None:
@@ -366,11 +366,15 @@ async def _notify_ready(notifier: Notifier, publisher: KafkaPublisher | None, en
     notifier.ready(f"ready: ingest {'on' if publisher else 'off'}, sinks {', '.join(engines) or 'none'}")
 
 
-def _reasons(publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -> dict[str, str]:
+def _reasons(
+    publisher: KafkaPublisher | None, engines: dict[str, SinkEngine], keys: SqliteIngestKeyStore | None = None
+) -> dict[str, str]:
     """Why the daemon is not ready, by component ("ingest", "sink.<name>"); empty when it is ready."""
     reasons: dict[str, str] = {}
     if publisher is not None and not publisher.available:
         reasons["ingest"] = "kafka is unreachable: the ingest cannot publish"
+    elif keys is not None and keys.failing:  # a webhook with a key gets 503 until a batch is written again
+        reasons["ingest"] = f"the idempotency key store is failing: {keys.failing}"
     for name, engine in engines.items():
         silence = engine.kafka_silence
         if engine.assigned == 0:

@@ -7,7 +7,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from daemon.ingest_keys import SqliteIngestKeyStore
-from daemon.lifecycle import _status
+from daemon.lifecycle import _reasons, _status
 from daemon.publisher import KafkaPublisher
 from daemon.status import render_status
 
@@ -23,6 +23,16 @@ def test_a_failing_key_store_is_in_the_status_document_and_on_the_ingest_line(tm
         f"ingest: KAFKA UNREACHABLE; KEY STORE FAILING: {EXITED}",
         "NOT READY ingest: kafka is unreachable: the ingest cannot publish",
     ]
+
+
+def test_a_failing_key_store_makes_the_ingest_not_ready(tmp_path: Path) -> None:
+    keys = SqliteIngestKeyStore(tmp_path / "ingest-keys.sqlite")
+    keys.failing = EXITED
+    publisher = KafkaPublisher("orders", {})
+    publisher._available = True  # as its health check leaves it when the broker answers
+    assert _reasons(publisher, {}, keys) == {"ingest": f"the idempotency key store is failing: {EXITED}"}
+    keys.failing = None  # a batch was written again
+    assert _reasons(publisher, {}, keys) == {}
 
 
 def test_the_ingest_line_says_publishing_when_kafka_answers_and_the_key_store_writes() -> None:
