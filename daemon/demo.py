@@ -170,6 +170,7 @@ class _Demo:
             stack.push_async_callback(self._stop_sandbox, sandbox_process)
             sandbox = await self._sandbox_ready(stack, sandbox_process)
             await self._apply_topics()
+            await self._skip_leftovers()
             daemon = await self._start_daemon(stack)
             first = {name: asyncio.create_task(self._first_delivery(sandbox, name)) for name in self.sinks}
             stack.push_async_callback(cancel_and_wait, *first.values())
@@ -231,6 +232,16 @@ class _Demo:
         specs = catalogue(topic_layout(self.settings.topics))
         report = await apply_catalogue(specs, client_options(self.settings.kafka))
         self.say(f"topics: {len(report.created)} created, {len(report.unchanged)} already there")
+
+    async def _skip_leftovers(self) -> None:
+        """Orders a previous run sent and its sinks never delivered (it was stopped at once, or killed) were meant for
+        that run's sandbox, which is gone: this one knows none of those orders, and their updates and cancels would
+        come back 404 and be dead-lettered. The sinks start at the end of the topic instead, and the demo says so."""
+        async with _Progress(self.settings, self.sinks) as progress:
+            skipped = await progress.skip_to_end()
+        if any(skipped.values()):
+            counts = ", ".join(f"{name} {count}" for name, count in skipped.items() if count)
+            self.say(f"skipped the records the last run left undelivered (its sandbox is gone): {counts}")
 
     async def _start_daemon(self, stack: AsyncExitStack) -> asyncio.Task[None]:
         daemon = asyncio.create_task(serve(self.settings, self._daemon_stop, registry=self.registry), name="daemon")
@@ -445,6 +456,28 @@ class _Progress:
         except KafkaError as exc:
             raise BrokerError(f"cannot read the sinks' progress: {exc!r}") from exc
         return left
+
+    async def skip_to_end(self) -> dict[str, int]:
+        """Commit the end of the topic for every group that has not reached it; what each skipped."""
+        left = await self.unfinished()
+        try:
+            ends = await self._consumer.end_offsets(self._partitions)
+            for name, count in left.items():
+                if count:
+                    await self._commit(self._groups[name], ends)
+        except KafkaError as exc:
+            raise BrokerError(f"cannot move the sinks past the last run's records: {exc!r}") from exc
+        return left
+
+    async def _commit(self, group: str, offsets: Mapping[TopicPartition, int]) -> None:
+        """`offsets` as `group`'s committed offsets; no member of the group runs (the daemon starts after this)."""
+        consumer = AIOKafkaConsumer(**self._options, group_id=group, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            consumer.assign(list(offsets))
+            await consumer.commit(dict(offsets))
+        finally:
+            await consumer.stop()
 
     async def wait_done(self, timeout: float) -> None:
         """Until every sink has committed the whole topic, or `timeout` s; commits have no event, so this polls."""

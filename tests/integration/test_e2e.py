@@ -24,13 +24,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from support import free_port
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from support import apply_topics, committed_vs_end, free_port, make_events, orders_of, produce, settings_for
 
+from daemon.demo import _Progress
 from daemon.demo_settings import DEMO_CONFIG, DemoOptions, demo_layout, sandbox_auth
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.signature import sign
-from topics.catalogue import SINKS
+from topics.catalogue import SINKS, consumer_group
 from topics.envelope import EventType, OrderSubmission
 from topics.errors import ConfigError
 from topics.samples import sample_submission
@@ -383,3 +385,30 @@ def test_orderbus_demo_runs_delivers_to_all_three_systems_and_prints_the_summary
     print(
         f"orderbus demo --duration {DEMO_SECONDS}: {took:.1f} s; first deliveries (s): {[r[6] for r in rows.values()]}"
     )
+
+
+async def test_the_demo_starts_its_sinks_past_what_a_killed_run_left_undelivered(
+    kafka_broker: BrokerInfo, unique_name: str, tmp_path: Path
+) -> None:
+    """Leftovers were meant for the killed run's sandbox: the new one would answer their updates 404."""
+    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path)
+    await apply_topics(settings)
+    await produce(kafka_broker.bootstrap, orders_of(settings), make_events(30, seed=14))
+    group = consumer_group("crm", settings.topics.prefix)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_broker.bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:  # crm delivered part of it before the run was killed; the others nothing
+        tp = TopicPartition(orders_of(settings), 0)
+        consumer.assign([tp])
+        await consumer.commit({tp: 2})
+    finally:
+        await consumer.stop()
+    async with _Progress(settings, list(SINKS)) as progress:
+        assert await progress.skip_to_end() == {"crm": 28, "accounting": 30, "shipping": 30}
+        assert await progress.unfinished() == {"crm": 0, "accounting": 0, "shipping": 0}
+        assert await progress.skip_to_end() == {"crm": 0, "accounting": 0, "shipping": 0}
+    for name in SINKS:
+        committed, ends = await committed_vs_end(
+            kafka_broker.bootstrap, orders_of(settings), consumer_group(name, settings.topics.prefix)
+        )
+        assert committed == ends
