@@ -23,6 +23,7 @@ and Kafka stop; the summary is printed. A second Ctrl-C stops at once (exit code
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import random
@@ -53,12 +54,16 @@ from daemon.sandbox import SandboxClient, SandboxError
 from daemon.settings import Settings
 from topics.admin import apply_catalogue, partition_ids
 from topics.catalogue import catalogue, consumer_group, orders_topic
-from topics.errors import BrokerError
+from topics.errors import BrokerError, ConfigError, LocalKafkaError
 
 # SIGHUP too: the terminal closed. The sandbox, in a session of its own, would not get it and stay behind.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _REFRESH = 1.0  # seconds between frames of the live view
 _STARTUP_TIMEOUT = 60.0
+_PROBE_TIMEOUT = 1.0  # seconds for one /healthz probe during the start
+# Seconds to wait for the sinks' groups to take a commit: a broker just started, or a killed run's members not yet
+# timed out (`consumers.kafka_io.SESSION_TIMEOUT_MS`, then the rebalance).
+_COORDINATOR_WAIT = 30.0
 _CATCH_UP_POLL = 0.5  # committed offsets are looked at this often while the sinks catch up
 _FIRST_DELIVERY_WAIT = 600.0  # the sandbox's longest server-side wait
 
@@ -151,6 +156,7 @@ class _Demo:
         self.view = LiveView(out)
         self.generator: Generator | None = None
         self._daemon_stop = asyncio.Event()
+        self._start_failed = False  # the daemon ended during its start, and `_wait_listening` raised why
 
     def say(self, text: str) -> None:
         print(f"orderbus demo: {text}", file=self.out, flush=True)
@@ -207,7 +213,12 @@ class _Demo:
         # Pushed first: a second Ctrl-C during the start leaves the thread starting the broker, and `stop` waits
         # for the start (both take the data dir's lock), then stops what it started.
         stack.push_async_callback(self._stop_kafka)
-        await asyncio.to_thread(kafka_local.start, where, port=port)
+        try:
+            await asyncio.to_thread(kafka_local.start, where, port=port)
+        except LocalKafkaError as exc:
+            if _port_in_use(exc) and str(exc).startswith("broker port"):
+                raise LocalKafkaError(f"{exc}; run the demo on another port: --kafka-port N") from exc
+            raise
         self.say(f"Kafka ready in {time.monotonic() - began:.1f} s")
 
     async def _sandbox_ready(self, stack: AsyncExitStack, process: asyncio.subprocess.Process) -> SandboxClient:
@@ -225,7 +236,8 @@ class _Demo:
         log = kafka_local.tail(self.options.log_dir / "sandbox.log", 10)
         raise SandboxError(
             f"the sandbox did not start on port {self.layout.sandbox_port} (if an earlier demo was killed, its "
-            f"sandbox may still hold the port: `pgrep -af daemon.sandbox`); its log ends:\n{log}"
+            f"sandbox may still hold the port: `pgrep -af daemon.sandbox`; or run the demo on another port: "
+            f"--sandbox-port N); its log ends:\n{log}"
         )
 
     async def _apply_topics(self) -> None:
@@ -237,8 +249,18 @@ class _Demo:
         """Orders a previous run sent and its sinks never delivered (it was stopped at once, or killed) were meant for
         that run's sandbox, which is gone: this one knows none of those orders, and their updates and cancels would
         come back 404 and be dead-lettered. The sinks start at the end of the topic instead, and the demo says so."""
-        async with _Progress(self.settings, self.sinks) as progress:
-            skipped = await progress.skip_to_end()
+        deadline = time.monotonic() + _COORDINATOR_WAIT
+        while True:
+            try:
+                async with _Progress(self.settings, self.sinks) as progress:
+                    skipped = await progress.skip_to_end()
+                break
+            except BrokerError:
+                # A broker just started loads its group coordinator for a few seconds, and a killed run's members
+                # stay in their groups (which then refuse an outsider's commit) until their session times out.
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(_CATCH_UP_POLL)
         if any(skipped.values()):
             counts = ", ".join(f"{name} {count}" for name, count in skipped.items() if count)
             self.say(f"skipped the records the last run left undelivered (its sandbox is gone): {counts}")
@@ -253,14 +275,21 @@ class _Demo:
         return daemon
 
     async def _wait_listening(self, daemon: asyncio.Task[None]) -> None:
-        """Until /healthz answers; `serve` has no "listening" signal, so this one start-up wait polls."""
+        """Until /healthz answers; `serve` has no "listening" signal, so this one start-up wait polls. Each probe
+        is short: a process that holds the port and never answers must not hold the demo with it."""
         deadline = time.monotonic() + _STARTUP_TIMEOUT
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT)) as session:
             while time.monotonic() < deadline:
                 if daemon.done():
-                    await daemon  # raises what stopped it (a port in use, Kafka unreachable)
+                    self._start_failed = True
+                    try:
+                        await daemon  # raises what stopped it (a port in use, Kafka unreachable)
+                    except ConfigError as exc:
+                        if _port_in_use(exc):
+                            raise ConfigError(f"{exc}; run the demo on another port: --ingest-port N") from exc
+                        raise
                     raise BrokerError("the daemon stopped during start-up")
-                with suppress(aiohttp.ClientError):
+                with suppress(aiohttp.ClientError, TimeoutError):
                     async with session.get(f"{self.layout.ingest_url}/healthz") as response:
                         if response.status == 200:
                             return
@@ -326,7 +355,13 @@ class _Demo:
             return None
 
     async def _stop_daemon(self, daemon: asyncio.Task[None]) -> None:
-        """A clean stop (drain + commit); while the demo is being cancelled (a second Ctrl-C), a hard one."""
+        """A clean stop (drain + commit); while the demo is being cancelled (a second Ctrl-C), a hard one.
+
+        A daemon that failed to start has had its error raised by `_wait_listening`, with a hint where there is
+        one: raised again here, while the stack unwinds, it would replace that one.
+        """
+        if self._start_failed:
+            return
         self._daemon_stop.set()
         current = asyncio.current_task()
         if current is not None and current.cancelling():
@@ -412,6 +447,12 @@ def _program() -> str:
     return _shown(called) if called.name == "orderbus" else "orderbus"
 
 
+def _port_in_use(exc: BaseException) -> bool:
+    """Whether `exc` comes from a bind to a port another process holds."""
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
+
+
 def _shown(path: Path) -> str:
     """`path` relative to the working directory when it is under it, else absolute."""
     absolute = path.resolve()
@@ -459,9 +500,14 @@ class _Progress:
 
     async def skip_to_end(self) -> dict[str, int]:
         """Commit the end of the topic for every group that has not reached it; what each skipped."""
-        left = await self.unfinished()
         try:
             ends = await self._consumer.end_offsets(self._partitions)
+        except KafkaError as exc:
+            raise BrokerError(f"cannot read the end of {self._topic}: {exc!r}") from exc
+        if not any(ends.values()):  # an empty topic (a new broker): nothing to skip, no group to ask
+            return dict.fromkeys(self._groups, 0)
+        left = await self.unfinished()
+        try:
             for name, count in left.items():
                 if count:
                     await self._commit(self._groups[name], ends)

@@ -129,7 +129,7 @@ async def serve(
             raise ConfigError(
                 f"ingest.host/ingest.port: cannot listen on {settings.ingest.host}:{settings.ingest.port}: "
                 f"{exc.strerror}"
-            ) from None
+            ) from exc
         log.info("listening on http://%s:%d", settings.ingest.host, settings.ingest.port)
         tune_runtime()
         ready = asyncio.create_task(_notify_ready(notifier, publisher, engines), name="sd-ready")

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -204,12 +203,17 @@ async def _serve_until_signal(sandbox: Sandbox, host: str, port: int, *, stdin_e
         loop.add_signal_handler(signum, stop.set)
     if stdin_eof:
         # `orderbus demo` starts it in a session of its own (Ctrl-C is the demo's): killed with -9, the demo left
-        # it running for good, holding its port, and the next `make run` failed on it.
-        def wait_for_eof() -> None:
-            sys.stdin.buffer.read()
-            loop.call_soon_threadsafe(stop.set)
+        # it running for good, holding its port, and the next `make run` failed on it. Watched by the loop, not by a
+        # thread blocked in a read: that thread held stdin's lock at exit, and the interpreter died on it (SIGABRT,
+        # "could not acquire lock for <stdin> at interpreter shutdown") after a failed start.
+        fd = sys.stdin.fileno()
 
-        threading.Thread(target=wait_for_eof, name="stdin-eof", daemon=True).start()
+        def on_stdin() -> None:
+            if not os.read(fd, 4096):
+                loop.remove_reader(fd)
+                stop.set()
+
+        loop.add_reader(fd, on_stdin)
     # Everything alive now (modules, classes) lives as long as the process: move it out of the collector's sight,
     # so that full collections during a benchmark walk only what requests create.
     gc.collect()

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -412,3 +413,20 @@ async def test_the_demo_starts_its_sinks_past_what_a_killed_run_left_undelivered
             kafka_broker.bootstrap, orders_of(settings), consumer_group(name, settings.topics.prefix)
         )
         assert committed == ends
+
+
+@pytest.mark.parametrize("taken", ["kafka", "sandbox", "ingest"])
+def test_a_demo_port_in_use_is_said_with_the_option_that_moves_it(tmp_path: Path, taken: str) -> None:
+    ports = {"kafka": free_port(), "sandbox": free_port(), "ingest": free_port()}
+    argv = ["demo", "--duration", "3", "--kafka-dir", str(tmp_path / "kafka"), "--log-dir", str(tmp_path)]
+    for name, port in ports.items():
+        argv += [f"--{name}-port", str(port)]
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind, so the bind clashes
+        holder.bind(("127.0.0.1", ports[taken]))
+        holder.listen()
+        done = orderbus_done(*argv, env={"ORDERBUS_STATE_DIR": str(tmp_path / "state")}, timeout=120)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[0 if taken == "sandbox" else -1]
+    assert str(ports[taken]) in last
+    assert f"--{taken}-port N" in last, done.stderr[-2000:]

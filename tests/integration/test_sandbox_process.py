@@ -168,6 +168,36 @@ def test_with_stop_on_stdin_eof_it_ends_with_the_process_holding_its_stdin() -> 
         child.stdout.close()
 
 
+def test_with_stop_on_stdin_eof_a_port_in_use_is_one_line_and_exit_2() -> None:
+    # The stdin watcher once was a thread blocked in a read: at the exit after a failed start it held stdin's lock
+    # and the interpreter aborted ("could not acquire lock for <stdin> at interpreter shutdown").
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        child = subprocess.Popen(
+            [sys.executable, "-m", "daemon.sandbox", "--port", str(port), "--stop-on-stdin-eof"],
+            stdin=subprocess.PIPE,  # held open, as the demo holds it
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        assert child.stdin is not None
+        assert child.stderr is not None
+        try:
+            returncode = child.wait(timeout=30)
+            stderr = child.stderr.read().decode()
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            child.stdin.close()
+            child.stderr.close()
+    assert returncode == 2
+    [line] = stderr.splitlines()
+    assert line.startswith(f"sandbox: cannot listen on 127.0.0.1:{port}: ")
+    assert line.endswith("address already in use")
+
+
 def test_sigterm_stops_it_cleanly() -> None:
     process = start_sandbox_process()
     assert process.stop() == 0
