@@ -13,9 +13,11 @@ downstream working correctly on bad data, so it is recorded as a success (or not
 circuit. A 429 or 503 with a Retry-After is not recorded either: the server set the pace and the sink's pacer
 holds every request until then (a rate limiter answers a whole burst so; counted, it would open the circuit).
 
-`allow()` claims a probe slot in half_open; the caller must answer each allowed call with `record()`, or with
-`release()` when the call ended without an outcome (cancelled), or the slot stays taken. Outcomes that arrive
-while open (calls started before it opened) are ignored, and so are outcomes in half_open when no probe is out.
+`allow()` claims a probe slot in half_open; the caller must answer each allowed call with `record(...,
+probe=True)`, or with `release()` when the call ended without an outcome (cancelled), or the slot stays taken.
+Outcomes that arrive while open (calls started before it opened) are ignored, and so are outcomes in half_open
+of calls that are not probes: a call sent before the circuit opened and answered after its pause (a
+`request_timeout` longer than `open_for`) says nothing of the system now, and must not decide for the probe.
 The circuit reads the clock and never sleeps; it is not thread-safe (one event loop).
 """
 
@@ -111,14 +113,15 @@ class Circuit:
         self._probes_out += 1
         return True
 
-    def record(self, success: bool) -> None:
-        """The outcome of an allowed call. See the module docstring for what the caller counts as failure."""
+    def record(self, success: bool, *, probe: bool = False) -> None:
+        """The outcome of an allowed call; `probe`: the call held a probe slot (`allow()` in half_open). See the
+        module docstring for what the caller counts as failure."""
         state = self.state
         if state == "closed":
             self._add(failure=not success)
             if len(self._outcomes) >= self._min_calls and self.failure_ratio >= self._failure_ratio:
                 self._open()
-        elif state == "half_open" and self._probes_out > 0:
+        elif state == "half_open" and probe and self._probes_out > 0:
             self._probes_out -= 1
             if not success:
                 self._open_for = min(self._open_for * 2, self._max_open_for)

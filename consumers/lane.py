@@ -255,10 +255,12 @@ class Lane:
                 if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
                     probe.release()  # a 401 says nothing about the system's health
                 if decision.action in ("done", "duplicate"):
+                    _record(context.circuit, True, probe)
+                    _record(context.auth, True, probe)
                     settling = delivered(context, work, attempts, outcome, decision)
                 elif decision.action == "dead_letter":
-                    context.circuit.record(True)  # the system works; our data is what it refused
-                    context.auth.record(True)
+                    _record(context.circuit, True, probe)  # the system works; our data is what it refused
+                    _record(context.auth, True, probe)
                     settling = await dead_letter(context, work, "rejected", decision.rule, attempts, self._park)
             finally:
                 if settling is None:
@@ -268,7 +270,7 @@ class Lane:
             if settling is not None:
                 return settling
             if decision.action == "pause_auth":
-                context.auth.record(False)
+                _record(context.auth, False, probe)
                 context.metrics.auth_failures.labels(context.sink.name).inc()
                 log.error(
                     "downstream refused our credentials; sink paused",
@@ -337,7 +339,7 @@ class Lane:
         `probe` is the half-open gate whose probe slot this attempt held, if any (see `_wait_for_gates`).
         """
         context = self._context
-        context.auth.record(True)
+        _record(context.auth, True, probe)
         retry_after = None
         if isinstance(outcome, Reply) and outcome.status in _PACED_STATUSES:
             retry_after = parse_retry_after(
@@ -348,7 +350,7 @@ class Lane:
                 # A 503 without one says nothing of a pace: it is an outage, for the circuit and the key's backoff.
                 context.pacer.hold(retry_after or 0.0)
         if retry_after is None:
-            context.circuit.record(False)
+            _record(context.circuit, False, probe)
         elif probe is context.circuit:
             # The server set the pace and the pacer holds the sink: not a sign that it is unwell (a rate limiter
             # answers a whole burst with 429s, which would open the circuit for far longer than it asked). Only
@@ -408,6 +410,11 @@ class Lane:
             await self._context.clock.sleep(seconds)
         finally:
             self.parked = False
+
+
+def _record(gate: Circuit, success: bool, probe: Circuit | None) -> None:
+    """An attempt's outcome for `gate`; it decides a half-open gate only if the attempt held that gate's probe."""
+    gate.record(success, probe=probe is gate)
 
 
 def _status(outcome: Reply | TransportFailure) -> int | str:

@@ -59,8 +59,6 @@ def delivered(
     """The downstream took the record (``done``), or had it already (``duplicate``): put that state."""
     assert work.prepared is not None
     assert isinstance(outcome, Reply)
-    context.circuit.record(True)
-    context.auth.record(True)
     downstream_id = context.sink.downstream_id(work.prepared, outcome.status, outcome.body)
     if downstream_id is not None:
         context.store.put_downstream_id(work.order_ref, downstream_id)

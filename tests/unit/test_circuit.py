@@ -105,7 +105,7 @@ async def test_a_successful_probe_closes_it_with_a_fresh_window() -> None:
     circuit, changes = opened(clock)
     await clock.advance(30)
     assert circuit.allow()
-    circuit.record(True)
+    circuit.record(True, probe=True)
     assert state_of(circuit) == "closed"
     assert circuit.failure_ratio == 0.0
     feed(circuit, "f" * 9)  # the old failures are forgotten: min_calls counts again from zero
@@ -120,7 +120,7 @@ async def test_a_failed_probe_reopens_it_for_twice_as_long_up_to_the_maximum() -
     for _ in range(4):
         await clock.advance(circuit.open_for)
         assert circuit.allow()
-        circuit.record(False)
+        circuit.record(False, probe=True)
         assert state_of(circuit) == "open"
         pauses.append(circuit.open_for)
         assert circuit.opened_until == clock.now() + circuit.open_for
@@ -133,11 +133,11 @@ async def test_closing_resets_the_pause_to_its_start() -> None:
     circuit, _ = opened(clock)
     await clock.advance(30)
     assert circuit.allow()
-    circuit.record(False)
+    circuit.record(False, probe=True)
     assert circuit.open_for == 60
     await clock.advance(60)
     assert circuit.allow()
-    circuit.record(True)
+    circuit.record(True, probe=True)
     assert circuit.open_for == 30
     feed(circuit, "f" * 10)
     assert circuit.opened_until == clock.now() + 30
@@ -148,11 +148,11 @@ async def test_several_probes_must_all_succeed_to_close() -> None:
     circuit, _ = opened(clock, probes=3)
     await clock.advance(30)
     assert [circuit.allow() for _ in range(4)] == [True, True, True, False]
-    circuit.record(True)
-    circuit.record(True)
+    circuit.record(True, probe=True)
+    circuit.record(True, probe=True)
     assert state_of(circuit) == "half_open"
     assert not circuit.allow()  # two slots used up by successes, one probe still out
-    circuit.record(True)
+    circuit.record(True, probe=True)
     assert state_of(circuit) == "closed"
 
 
@@ -162,8 +162,8 @@ async def test_one_failed_probe_of_several_reopens_at_once() -> None:
     await clock.advance(30)
     assert circuit.allow()
     assert circuit.allow()
-    circuit.record(True)
-    circuit.record(False)
+    circuit.record(True, probe=True)
+    circuit.record(False, probe=True)
     assert state_of(circuit) == "open"
 
 
@@ -203,6 +203,19 @@ async def test_outcomes_in_half_open_without_a_probe_out_are_ignored() -> None:
     circuit.record(False)
     assert state_of(circuit) == "half_open"
     assert circuit.allow()
+
+
+async def test_a_late_call_answered_while_the_probe_is_out_decides_nothing() -> None:
+    clock = FakeClock(start=START)
+    circuit, changes = opened(clock)
+    await clock.advance(30)
+    assert circuit.allow()  # the probe is sent
+    circuit.record(False)  # a call sent before the circuit opened times out now (request_timeout > open_for)
+    assert state_of(circuit) == "half_open", "not reopened, nor open_for doubled, by an old call"
+    assert circuit.open_for == 30
+    circuit.record(True, probe=True)
+    assert state_of(circuit) == "closed"
+    assert changes.seen[-1] == ("half_open", "closed")
 
 
 async def test_no_callback_is_needed_and_a_callback_may_be_set_later() -> None:

@@ -427,6 +427,43 @@ async def test_a_burst_of_429s_without_retry_after_still_opens_the_circuit(
     assert h.clock.now() - started >= 30.0
 
 
+async def test_a_late_failure_of_a_request_sent_before_the_circuit_opened_does_not_decide_its_probe(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # SO-Q's request left while the circuit was closed and fails after the circuit's pause (a request timeout longer
+    # than circuit_open_for), while SO-X's probe is out: the probe decides, and it succeeds.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if nth == 1 else ok()  # each order's first request fails
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-X")], TP1: [record(0, "SO-Q", seed=10)]},
+        script,
+        max_in_flight=2,
+        circuit_window=1,
+        circuit_min_calls=1,
+        circuit_failure_ratio=1.0,
+        circuit_open_for=5.0,
+    )
+    started: list[tuple[float, str]] = []
+
+    async def timed(request: HttpRequest, key: str) -> Reply | TransportFailure:
+        order = "SO-Q" if b"SO-Q" in (request.body or b"") else "SO-X"
+        started.append((h.clock.now(), order))
+        nth = sum(1 for _, seen in started if seen == order)
+        if (order, nth) in {("SO-Q", 1), ("SO-X", 2)}:  # SO-Q's first answer at t+7; SO-X's probe, t+5 to t+10
+            await h.clock.sleep(7.0 if order == "SO-Q" else 5.0)
+        return await h.downstream(request, key)
+
+    h.engine._context.deliver = timed
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(10.5)
+    assert [order for _, order in started[:3]] == ["SO-X", "SO-Q", "SO-X"]
+    assert h.engine.circuit_state == "closed", "SO-X's successful probe closed it; SO-Q's old 503 did not reopen it"
+    stop.set()
+    await runner
+
+
 async def test_a_paced_answer_leaves_another_lanes_half_open_probe_out(
     harness_factory: Callable[..., Harness],
 ) -> None:
