@@ -28,9 +28,9 @@ class ConsumerPort(Protocol):
 
     async def beginning_offsets(self, tps: Iterable[TopicPartitionKey]) -> Mapping[TopicPartitionKey, int]: ...
 
-    def unreadable(self) -> Mapping[TopicPartitionKey, int | None]:
+    def unreadable(self) -> Mapping[TopicPartitionKey, int]:
         """Partitions held because their records cannot be read (`consumers.unreadable`), with the offset each
-        stopped at (None: its committed offset)."""
+        stopped at."""
         ...
 
 

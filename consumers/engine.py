@@ -498,8 +498,8 @@ class SinkEngine:
         return self._context.circuit.state
 
     @property
-    def unreadable(self) -> Mapping[TopicPartitionKey, int | None]:
-        """Partitions held at an offset whose records cannot be read (None: at the committed offset)."""
+    def unreadable(self) -> Mapping[TopicPartitionKey, int]:
+        """Partitions held at an offset whose records cannot be read."""
         return self._consumer.unreadable()
 
     @property

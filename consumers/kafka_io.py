@@ -53,7 +53,7 @@ class KafkaConsumerPort:
     def resume(self, tps: Iterable[TopicPartitionKey]) -> None:
         self.guard.resume(TopicPartition(*tp) for tp in tps)
 
-    def unreadable(self) -> Mapping[TopicPartitionKey, int | None]:
+    def unreadable(self) -> Mapping[TopicPartitionKey, int]:
         return {(tp[0], tp[1]): held.offset for tp, held in self.guard.held.items()}
 
     def assignment(self) -> set[TopicPartitionKey]:
@@ -204,9 +204,11 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka sh
         self._guard = guard
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self._engine.on_revoked({(tp.topic, tp.partition) for tp in revoked})
-        if self._guard is not None:
-            self._guard.forget(revoked)
+        try:
+            await self._engine.on_revoked({(tp.topic, tp.partition) for tp in revoked})
+        finally:
+            if self._guard is not None:
+                self._guard.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         if self._guard is not None:

@@ -17,42 +17,48 @@ The sink then stopped, the daemon with it, and again after every restart.
    before them), while its other partitions, the other sinks and the ingest go on. Said at ERROR with the offset
    it stops at and the client's error, counted in ``orderbus_unreadable_partitions``, shown by ``orderbus
    status`` and the ``OrderbusRecordUnreadable`` alert, and tried again every `RETRY` seconds: a fetch corrupted
-   on its way reads at the next try.
+   on its way reads at the next try. It stays reported while it is tried, until a record at or past its offset
+   is handed over.
+
+Which errors: any but those aiokafka raises before it takes a record (`passes_through`: a fetch or group error it
+stored for the partition, a stopped consumer), which go to the caller as before. What decoding raises is not one
+family (UnicodeDecodeError, CorruptRecordException, a codec's or struct's error, a bare KafkaError for an empty
+control batch), and treating an unexpected one as unreadable costs a rewind, where letting it through loses records.
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
-import zlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-import cramjam
-from aiokafka.errors import CorruptRecordException, UnsupportedCodecError
+from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaError, UnsupportedCodecError
 
 from consumers.clock import Clock
 from consumers.work import TopicPartitionKey
 
-__all__ = ["ISOLATION", "READ_ERRORS", "RETRY", "Held", "ReadGuard"]
+__all__ = ["ISOLATION", "RETRY", "Held", "ReadGuard", "passes_through"]
 
 log = logging.getLogger(__name__)
 
-# What decoding a fetched batch raises: a header name or key that is not UTF-8, a batch that does not parse, a
-# codec aiokafka lacks, a compressed payload that does not decompress.
-READ_ERRORS: Final = (
-    UnicodeError,
-    CorruptRecordException,
-    UnsupportedCodecError,
-    cramjam.DecompressionError,
-    zlib.error,
-    gzip.BadGzipFile,
-    EOFError,
-)
 ISOLATION: Final = 60.0  # seconds of one-partition fetches after an unreadable batch with no partition named
 RETRY: Final = 300.0  # seconds a partition is held before it is read again
 POLL: Final = 0.05  # seconds between rounds of one-partition fetches that found nothing
+
+
+def passes_through(exc: Exception) -> bool:
+    """An error `getmany` raises before it takes any record: the consumer stopped, or a fetch or group error
+    (a subclass of KafkaError) that aiokafka stored for a partition or its coordinator. A bare KafkaError and the
+    record errors come from decoding a batch, after other partitions' records were taken."""
+    if isinstance(exc, ConsumerStoppedError):
+        return True
+    return (
+        isinstance(exc, KafkaError)
+        and type(exc) is not KafkaError
+        and not isinstance(exc, (CorruptRecordException, UnsupportedCodecError))
+    )
 
 
 class FetchingConsumer(Protocol):
@@ -72,18 +78,23 @@ class FetchingConsumer(Protocol):
 
     def seek(self, partition: Any, offset: int) -> None: ...
 
-    async def seek_to_beginning(self, *partitions: Any) -> bool: ...
-
     async def committed(self, partition: Any) -> int | None: ...
+
+    async def beginning_offsets(self, partitions: list[Any]) -> Mapping[Any, int]: ...
 
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """A partition held at `offset`: the first offset not handed over; the unreadable record is there or after."""
+    """A partition held at `offset`, the first offset not handed over: the unreadable record is there or after.
+    `retry_at` is when it is read again (infinite while it is being read again)."""
 
-    offset: int | None
+    offset: int
     error: str
     retry_at: float
+
+    @property
+    def retrying(self) -> bool:
+        return math.isinf(self.retry_at)
 
 
 class ReadGuard:
@@ -93,7 +104,9 @@ class ReadGuard:
         self._consumer = consumer
         self._sink = sink
         self._clock = clock
-        self._next: dict[TopicPartitionKey, int] = {}  # just after the last record handed over, per partition
+        # Per partition, the next offset to hand over: just after the last record handed over, or where the
+        # partition started (its committed offset, else its beginning) once a rewind had to look that up.
+        self._next: dict[TopicPartitionKey, int] = {}
         self._held: dict[TopicPartitionKey, Held] = {}
         self._paused: set[TopicPartitionKey] = set()  # what the engine paused (backpressure, an open circuit)
         self._isolate_until: float | None = None
@@ -116,7 +129,9 @@ class ReadGuard:
             return await self._one_partition(timeout_ms, max_records)
         try:
             batch = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        except READ_ERRORS as exc:
+        except Exception as exc:
+            if passes_through(exc):
+                raise
             log.warning(
                 "a fetched batch could not be read: finding its partition",
                 extra={"sink": self._sink, "error": _describe(exc)},
@@ -136,7 +151,7 @@ class ReadGuard:
         """Resume `tps`, but those held (a held one is resumed when its hold ends, if the engine wants it then)."""
         tps = list(tps)
         self._paused.difference_update(tps)
-        ready = [tp for tp in tps if tp not in self._held]
+        ready = [tp for tp in tps if tp not in self._held or self._held[tp].retrying]
         if ready:
             self._consumer.resume(*ready)
 
@@ -164,8 +179,12 @@ class ReadGuard:
             limit = 1 if tp in self._narrowing else max_records
             try:
                 batch = await self._consumer.getmany(tp, timeout_ms=0, max_records=limit)
-            except READ_ERRORS as exc:
+            except Exception as exc:
+                if passes_through(exc):
+                    raise
                 await self._rewind([tp])
+                if tp not in self._consumer.assignment():
+                    continue  # revoked meanwhile: its next owner reads it
                 if limit == 1:
                     self._narrowing.discard(tp)
                     self._hold(tp, exc)
@@ -183,25 +202,37 @@ class ReadGuard:
         for tp, records in batch.items():
             if records:
                 self._next[tp] = records[-1].offset + 1
+                held = self._held.get(tp)
+                if held is not None and held.retrying and records[-1].offset >= held.offset:
+                    del self._held[tp]  # read past where it was held: it was the fetch, not the record
+                    log.info(
+                        "a held partition reads again", extra={"sink": self._sink, "topic": tp[0], "partition": tp[1]}
+                    )
 
     async def _rewind(self, tps: Iterable[TopicPartitionKey]) -> None:
-        """Move `tps` back to just after what was handed over: a failed `getmany` had moved them past records it
-        never returned. Each stays due until it is done, so a rewind cut off is finished before the next fetch."""
+        """Move `tps` back to the next offset to hand over: a failed `getmany` had moved them past records it never
+        returned. Each stays due until it is done, so a rewind cut off is finished before the next fetch."""
         self._to_rewind.update(tps)
-        self._to_rewind &= self._consumer.assignment()
         for tp in sorted(self._to_rewind):
             offset = self._next.get(tp)
             if offset is None:
-                offset = await self._consumer.committed(tp)
-            if offset is None:
-                await self._consumer.seek_to_beginning(tp)
-            else:
+                offset = await self._start_of(tp)
+            if tp in self._consumer.assignment():  # a rebalance may have taken it during the lookup
                 self._consumer.seek(tp, offset)
+                self._next.setdefault(tp, offset)
             self._to_rewind.discard(tp)
 
-    def _hold(self, tp: TopicPartitionKey, exc: BaseException) -> None:
+    async def _start_of(self, tp: TopicPartitionKey) -> int:
+        """Where a partition that has handed nothing over started: its committed offset, else its beginning (the
+        sinks' consumers reset to the earliest offset)."""
+        committed = await self._consumer.committed(tp)
+        if committed is not None:
+            return committed
+        return (await self._consumer.beginning_offsets([tp]))[tp]
+
+    def _hold(self, tp: TopicPartitionKey, exc: Exception) -> None:
         self._consumer.pause(tp)
-        offset = self._next.get(tp)
+        offset = self._next[tp]  # set by the rewind just before
         held = self._held[tp] = Held(offset, _describe(exc), self._clock.now() + RETRY)
         log.error(
             "records cannot be read: partition held",
@@ -209,23 +240,27 @@ class ReadGuard:
                 "sink": self._sink,
                 "topic": tp[0],
                 "partition": tp[1],
-                "offset": "committed" if offset is None else offset,
+                "offset": offset,
                 "error": held.error,
                 "retry_in": RETRY,
             },
         )
 
     def _release_due(self) -> None:
-        """Read held partitions again once their time has come, one partition at a time."""
+        """Read held partitions again once their time has come; each stays reported until it reads past its
+        offset, or is held again."""
         now = self._clock.now()
         due = [tp for tp, held in self._held.items() if held.retry_at <= now]
         if not due:
             return
         assigned = self._consumer.assignment()
         for tp in due:
-            del self._held[tp]
+            self._held[tp] = Held(self._held[tp].offset, self._held[tp].error, math.inf)
             if tp in assigned and tp not in self._paused:
-                log.info("reading a held partition again", extra={"sink": self._sink, "partition": tp[1]})
+                log.info(
+                    "reading a held partition again",
+                    extra={"sink": self._sink, "topic": tp[0], "partition": tp[1]},
+                )
                 self._consumer.resume(tp)
         self._isolate_until = now + ISOLATION
 

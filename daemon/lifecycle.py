@@ -386,8 +386,6 @@ def _reasons(
         elif engine.circuit_state == "open":
             reasons[f"sink.{name}"] = "circuit open: the downstream keeps failing"
         elif held := engine.unreadable:
-            where = ", ".join(
-                f"{t}:{p} at {'its committed offset' if o is None else o}" for (t, p), o in sorted(held.items())
-            )
+            where = ", ".join(f"{t}:{p} at {offset}" for (t, p), offset in sorted(held.items()))
             reasons[f"sink.{name}"] = f"held, the next records cannot be read (see the log): {where}"
     return reasons

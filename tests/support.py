@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -159,43 +160,67 @@ async def produce_raw(bootstrap: str, topic: str, records: list[tuple[bytes | No
 
 # A producer that writes a header name that is not UTF-8, as a client sending raw bytes can (Kafka's Java clients
 # cannot): aiokafka's pure-Python record builder encodes header names with `str.encode`, which a subclass answers.
+# The records (JSON on stdin) go to one partition in one batch; the one marked "bad" gets such a header.
 _UNREADABLE_PRODUCER = """
-import asyncio, sys
+import asyncio, base64, json, sys
 from aiokafka import AIOKafkaProducer
 
 class RawName(str):
     def encode(self, *args, **kwargs):
         return b"\\xff\\xfe"
 
-async def main(bootstrap, topic, partition, key):
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+async def main(job):
+    producer = AIOKafkaProducer(bootstrap_servers=job["bootstrap"], acks="all", linger_ms=200)
     await producer.start()
     try:
-        await producer.send_and_wait(
-            topic, b"{}", key=key.encode(), partition=int(partition), headers=[(RawName("x"), b"1")]
-        )
+        sent = []
+        for record in job["records"]:
+            headers = [(name, base64.b64decode(value)) for name, value in record["headers"]]
+            if record["bad"]:
+                headers.append((RawName("x"), b"1"))
+            value = base64.b64decode(record["value"])
+            sent.append(await producer.send(
+                job["topic"], value, key=record["key"].encode(), partition=job["partition"], headers=headers
+            ))
+        offsets = [(await future).offset for future in sent]
     finally:
         await producer.stop()
+    print(json.dumps(offsets))
 
-asyncio.run(main(*sys.argv[1:]))
+asyncio.run(main(json.load(sys.stdin)))
 """
 
 
-async def produce_unreadable(bootstrap: str, topic: str, partition: int, key: str) -> None:
-    """One record aiokafka's consumer cannot decode (its header name is not UTF-8) on `partition` of `topic`."""
+async def produce_unreadable(
+    bootstrap: str, topic: str, partition: int, events: list[OrderEvent], *, bad: int
+) -> list[int]:
+    """`events` to `partition` of `topic` in one batch, the one at index `bad` with a header name that is not UTF-8
+    (aiokafka's consumer cannot decode it); their offsets."""
+    records = []
+    for index, event in enumerate(events):
+        record = encode(event)
+        records.append(
+            {
+                "key": event.order.order_number,
+                "value": base64.b64encode(record.value).decode(),
+                "headers": [(name, base64.b64encode(value).decode()) for name, value in record.headers],
+                "bad": index == bad,
+            }
+        )
+    job = {"bootstrap": bootstrap, "topic": topic, "partition": partition, "records": records}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         _UNREADABLE_PRODUCER,
-        bootstrap,
-        topic,
-        str(partition),
-        key,
         env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, stderr = await process.communicate()
+    stdout, stderr = await process.communicate(json.dumps(job).encode())
     assert process.returncode == 0, stderr.decode()
+    offsets: list[int] = json.loads(stdout)
+    return offsets
 
 
 async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]:

@@ -256,8 +256,10 @@ async def test_a_record_the_client_cannot_read_holds_its_partition_and_nothing_e
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A header name that is not UTF-8 makes aiokafka's `getmany` raise: the sinks deliver every other partition
-    and this one up to the record, hold it there, say where, and the daemon runs on."""
+    and this one up to the record (the records before it in its own batch too), hold it there, say where, and the
+    daemon runs on."""
     events = make_events(240, seed=13)
+    batch = make_events(4, seed=15, prefix="SO-BATCH")  # one batch on the held partition: two, the bad one, one
     settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sandbox_sinks(sandbox_process))
     partitions = list(range(6))
     partition_of = {
@@ -267,13 +269,14 @@ async def test_a_record_the_client_cannot_read_holds_its_partition_and_nothing_e
     before, after = events[:120], events[120:]
     held = 2
     expected = sorted(n for n in partition_of if partition_of[n] != held) + sorted(
-        e.order.order_number for e in before if partition_of[e.order.order_number] == held
+        [e.order.order_number for e in before if partition_of[e.order.order_number] == held]
+        + [e.order.order_number for e in batch[:2]]
     )
-    offset = sum(1 for e in before if partition_of[e.order.order_number] == held)
     registry = CollectorRegistry()
     async with running_daemon(settings, registry) as base:
         await produce(kafka_broker.bootstrap, orders_of(settings), before)
-        await produce_unreadable(kafka_broker.bootstrap, orders_of(settings), held, "SO-UNREADABLE")
+        offsets = await produce_unreadable(kafka_broker.bootstrap, orders_of(settings), held, batch, bad=2)
+        offset = offsets[2]
         await produce(kafka_broker.bootstrap, orders_of(settings), after)
         for name in SINKS:
             ledger = await sandbox.wait_ledger(name, len(expected), timeout=60)
@@ -297,6 +300,7 @@ async def test_a_record_the_client_cannot_read_holds_its_partition_and_nothing_e
             assert status["sinks"][name]["unreadable"] == {where: offset}
         for name in SINKS:
             assert len(await sandbox.ledger(name)) == len(expected), f"{name}: nothing past the unreadable record"
+    assert offsets == list(range(offsets[0], offsets[0] + 4)), "one batch, in order"
     holds = [r for r in caplog.records if r.getMessage() == "records cannot be read: partition held"]
     assert {(r.sink, r.partition, r.offset) for r in holds} == {(s, held, offset) for s in SINKS}  # type: ignore[attr-defined]
     assert all("UnicodeDecodeError" in r.error for r in holds)  # type: ignore[attr-defined]

@@ -88,7 +88,7 @@ class FakeConsumer:
     def assignment(self) -> set[tuple[str, int]]:
         return set(self.partitions)
 
-    def unreadable(self) -> Mapping[tuple[str, int], int | None]:
+    def unreadable(self) -> Mapping[tuple[str, int], int]:
         return {}
 
     async def end_offsets(self, tps: Iterable[tuple[str, int]]) -> Mapping[tuple[str, int], int]:

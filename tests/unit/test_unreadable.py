@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaConnectionError, UnsupportedCodecError
+from aiokafka.errors import (
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+    TopicAuthorizationFailedError,
+    UnsupportedCodecError,
+)
 
 from consumers.clock import FakeClock
 from consumers.unreadable import ISOLATION, RETRY, ReadGuard
@@ -25,15 +31,24 @@ class Rec:
 class FakeConsumer:
     """aiokafka's consumer as the guard sees it, with its behaviour on a batch it cannot decode: `getmany` drains
     partition after partition, moving each drained one's position, and raises at the unreadable record, returning
-    nothing, so what it had drained is gone unless the positions go back."""
+    nothing, so what it had drained is gone unless the positions go back. The failing partition keeps a spent
+    buffer (aiokafka's closed record generator): its next `getmany` without a `seek` moves its position past the
+    records decoded before the error, and returns none of them."""
 
-    def __init__(self, logs: Mapping[TP, list[Rec]], committed: Mapping[TP, int] | None = None) -> None:
+    def __init__(
+        self, logs: Mapping[TP, list[Rec]], committed: Mapping[TP, int] | None = None, error: Exception | None = None
+    ) -> None:
         self.logs = {tp: list(records) for tp, records in logs.items()}
         self.committed_offsets = dict(committed or {})
-        self.positions = {tp: self.committed_offsets.get(tp, 0) for tp in self.logs}
+        self.positions = {tp: self.committed_offsets.get(tp, self.beginning(tp)) for tp in self.logs}
         self.assigned = set(self.logs)
         self.paused_tps: set[TP] = set()
+        self.spent: dict[TP, int] = {}  # a failing partition's buffer: where its position jumps at the next call
         self.calls: list[tuple[TP, ...]] = []
+        self.error = error or UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    def beginning(self, tp: TP) -> int:
+        return self.logs[tp][0].offset if self.logs[tp] else 0
 
     async def getmany(
         self, *partitions: TP, timeout_ms: int = 0, max_records: int | None = None
@@ -44,11 +59,15 @@ class FakeConsumer:
         for tp in sorted(self.assigned - self.paused_tps):
             if (partitions and tp not in partitions) or room == 0:
                 continue
+            if tp in self.spent:
+                self.positions[tp] = self.spent.pop(tp)
+                continue
             position = self.positions[tp]
             taken = [r for r in self.logs[tp] if r.offset >= position][:room]
             for record in taken:
                 if not record.readable:
-                    raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+                    self.spent[tp] = record.offset
+                    raise self.error
             if taken:
                 drained[tp] = taken
                 self.positions[tp] = taken[-1].offset + 1
@@ -61,22 +80,28 @@ class FakeConsumer:
     def paused(self) -> set[TP]:
         return set(self.paused_tps)
 
+    def _assigned(self, partitions: tuple[TP, ...]) -> None:
+        if not set(partitions) <= self.assigned:
+            raise IllegalStateError(f"not assigned: {set(partitions) - self.assigned}")
+
     def pause(self, *partitions: TP) -> None:
+        self._assigned(partitions)
         self.paused_tps.update(partitions)
 
     def resume(self, *partitions: TP) -> None:
+        self._assigned(partitions)
         self.paused_tps.difference_update(partitions)
 
     def seek(self, partition: TP, offset: int) -> None:
+        self._assigned((partition,))
         self.positions[partition] = offset
-
-    async def seek_to_beginning(self, *partitions: TP) -> bool:
-        for tp in partitions:
-            self.positions[tp] = 0
-        return True
+        self.spent.pop(partition, None)
 
     async def committed(self, partition: TP) -> int | None:
         return self.committed_offsets.get(partition)
+
+    async def beginning_offsets(self, partitions: list[TP]) -> dict[TP, int]:
+        return {tp: self.beginning(tp) for tp in partitions}
 
 
 def log_of(count: int, *, bad: int | None = None, start: int = 0) -> list[Rec]:
@@ -169,17 +194,71 @@ async def test_a_partition_the_engine_paused_stays_paused_when_its_hold_ends() -
     assert A not in consumer.paused_tps
 
 
-@pytest.mark.parametrize(("committed", "position"), [({A: 7}, 7), ({}, 0)])
-async def test_a_partition_nothing_was_handed_over_of_goes_back_to_its_committed_offset(
+@pytest.mark.parametrize(("committed", "position"), [({A: 7}, 7), ({}, 5)])
+async def test_a_partition_nothing_was_handed_over_of_goes_back_to_its_committed_offset_or_its_beginning(
     committed: Mapping[TP, int], position: int
 ) -> None:
-    consumer = FakeConsumer({A: log_of(5, start=7), B: log_of(3, bad=0)}, committed=committed)
-    consumer.positions[A] = 7
+    consumer = FakeConsumer({A: log_of(5, start=5), B: log_of(3, bad=0)}, committed=committed)
     clock = FakeClock()
     guard = ReadGuard(consumer, "crm", clock)
     assert await guard.getmany(100, 100) == {}  # A drained, then B raised
     assert consumer.positions[A] == position
     assert guard.held == {}, "the first error names no partition"
+
+
+async def test_a_partition_held_before_handing_anything_over_names_its_first_offset() -> None:
+    consumer = FakeConsumer({A: log_of(3, start=40, bad=40)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    await drain(guard, clock, 20)
+    assert guard.held[A].offset == 40
+
+
+async def test_a_held_partition_stays_reported_while_it_is_read_again() -> None:
+    consumer = FakeConsumer({A: log_of(5, bad=3)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    await drain(guard, clock, 20)
+    await clock.advance(RETRY)
+    guard.pause([A])  # the engine's backpressure: not read yet when the gauge is
+    async with clock.autojump():
+        assert await guard.getmany(100, 10) == {}
+    assert guard.held[A].offset == 3, "reported until it reads past offset 3"
+    assert guard.held[A].retrying
+    guard.resume([A])  # the engine's resume lets a partition being read again go
+    assert A not in consumer.paused_tps
+
+
+@pytest.mark.parametrize("error", [TopicAuthorizationFailedError(), KafkaConnectionError()])
+async def test_errors_raised_before_any_record_is_taken_go_to_the_caller_untouched(error: Exception) -> None:
+    class RefusingOnce(FakeConsumer):
+        async def getmany(
+            self, *partitions: TP, timeout_ms: int = 0, max_records: int | None = None
+        ) -> dict[TP, list[Any]]:
+            if not self.calls:
+                self.calls.append(partitions)
+                raise error
+            return await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+
+    consumer = RefusingOnce({A: log_of(2)})
+    guard = ReadGuard(consumer, "crm", FakeClock())
+    with pytest.raises(type(error)):
+        await guard.getmany(100, 10)
+    assert guard.held == {}
+    assert await guard.getmany(100, 10) == {A: log_of(2)}
+    assert consumer.calls == [(), ()], "no isolation: the engine retries as before"
+
+
+async def test_a_bare_kafka_error_from_decoding_is_handled_as_unreadable() -> None:
+    # aiokafka raises a bare KafkaError for a control batch without records, after other partitions were drained
+    consumer = FakeConsumer(
+        {A: log_of(3), B: log_of(3, bad=1)}, error=KafkaError("Control batch did not contain any records")
+    )
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    got = await drain(guard, clock, 20)
+    assert got == {A: [0, 1, 2], B: [0]}
+    assert "Control batch" in guard.held[B].error
 
 
 async def test_a_revoked_or_reassigned_partition_is_not_held_and_not_rewound_to_what_it_was() -> None:
