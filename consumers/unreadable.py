@@ -17,8 +17,8 @@ The sink then stopped, the daemon with it, and again after every restart.
    before them), while its other partitions, the other sinks and the ingest go on. Said at ERROR with the offset
    it stops at and the client's error, counted in ``orderbus_unreadable_partitions``, shown by ``orderbus
    status`` and the ``OrderbusRecordUnreadable`` alert, and tried again every `RETRY` seconds: a fetch corrupted
-   on its way reads at the next try. It stays reported while it is tried, until a record at or past its offset
-   is handed over.
+   on its way reads at the next try. It is tried alone, one record a call, beside the other partitions' usual
+   fetches, and stays reported until a record at or past its offset is handed over.
 
 Which errors: any but those aiokafka raises before it takes a record (`passes_through`: a fetch or group error it
 stored for the partition, a stopped consumer), which go to the caller as before. What decoding raises is not one
@@ -111,6 +111,7 @@ class ReadGuard:
         self._paused: set[TopicPartitionKey] = set()  # what the engine paused (backpressure, an open circuit)
         self._isolate_until: float | None = None
         self._narrowing: set[TopicPartitionKey] = set()  # read one record a call, up to the one that fails
+        self._probing: set[TopicPartitionKey] = set()  # held ones being read again: alone, one record a call
         self._turn = 0
         self._to_rewind: set[TopicPartitionKey] = set()  # positions to put back before the next fetch
 
@@ -127,8 +128,17 @@ class ReadGuard:
             self._narrowing.clear()
         if self._isolate_until is not None:
             return await self._one_partition(timeout_ms, max_records)
+        others: tuple[TopicPartitionKey, ...] = ()
+        if self._probing:
+            probed = await self._probe()
+            if probed:
+                return probed  # one drain a call: a cancellation cannot cut off records taken
+            others = tuple(self._consumer.assignment() - self._probing)
+            if not others:  # `getmany()` without partitions would take the probed ones too
+                await self._clock.sleep(min(timeout_ms / 1000, POLL))
+                return {}
         try:
-            batch = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            batch = await self._consumer.getmany(*others, timeout_ms=timeout_ms, max_records=max_records)
         except Exception as exc:
             if passes_through(exc):
                 raise
@@ -163,7 +173,29 @@ class ReadGuard:
             self._held.pop(tp, None)
             self._paused.discard(tp)
             self._narrowing.discard(tp)
+            self._probing.discard(tp)
             self._to_rewind.discard(tp)
+
+    async def _probe(self) -> Mapping[TopicPartitionKey, list[Any]]:
+        """One record of the first partition being read again that has one fetched; one that raises is held."""
+        paused = self._consumer.paused()
+        for tp in sorted(self._probing):
+            if tp in paused:
+                continue
+            try:
+                batch = await self._consumer.getmany(tp, timeout_ms=0, max_records=1)
+            except Exception as exc:
+                if passes_through(exc):
+                    raise
+                self._probing.discard(tp)
+                await self._rewind([tp])
+                if tp in self._consumer.assignment():
+                    self._hold(tp, exc)
+                continue
+            if batch:
+                self._handed_over(batch)
+                return batch
+        return {}
 
     async def _one_partition(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
         """The records of the first partition, in turn, that has some fetched. A partition that raises is read
@@ -205,6 +237,7 @@ class ReadGuard:
                 held = self._held.get(tp)
                 if held is not None and held.retrying and records[-1].offset >= held.offset:
                     del self._held[tp]  # read past where it was held: it was the fetch, not the record
+                    self._probing.discard(tp)
                     log.info(
                         "a held partition reads again", extra={"sink": self._sink, "topic": tp[0], "partition": tp[1]}
                     )
@@ -232,6 +265,7 @@ class ReadGuard:
 
     def _hold(self, tp: TopicPartitionKey, exc: Exception) -> None:
         self._consumer.pause(tp)
+        self._probing.discard(tp)
         offset = self._next[tp]  # set by the rewind just before
         held = self._held[tp] = Held(offset, _describe(exc), self._clock.now() + RETRY)
         log.error(
@@ -247,8 +281,8 @@ class ReadGuard:
         )
 
     def _release_due(self) -> None:
-        """Read held partitions again once their time has come; each stays reported until it reads past its
-        offset, or is held again."""
+        """Read held partitions again once their time has come (`_probe`); each stays reported until it reads
+        past its offset, or is held again."""
         now = self._clock.now()
         due = [tp for tp, held in self._held.items() if held.retry_at <= now]
         if not due:
@@ -256,13 +290,13 @@ class ReadGuard:
         assigned = self._consumer.assignment()
         for tp in due:
             self._held[tp] = Held(self._held[tp].offset, self._held[tp].error, math.inf)
+            self._probing.add(tp)
             if tp in assigned and tp not in self._paused:
                 log.info(
                     "reading a held partition again",
                     extra={"sink": self._sink, "topic": tp[0], "partition": tp[1]},
                 )
                 self._consumer.resume(tp)
-        self._isolate_until = now + ISOLATION
 
 
 def _describe(exc: BaseException) -> str:

@@ -181,6 +181,21 @@ async def test_a_partition_still_unreadable_at_its_retry_is_held_again() -> None
     assert guard.held[A].retry_at > first.retry_at
 
 
+async def test_a_held_partition_is_read_again_alone_while_the_others_are_fetched_as_usual() -> None:
+    consumer = FakeConsumer({A: log_of(5, bad=3), B: log_of(2)})
+    clock = FakeClock()
+    guard = ReadGuard(consumer, "crm", clock)
+    await drain(guard, clock, 20)
+    await clock.advance(RETRY)
+    consumer.logs[B].extend(log_of(3, start=2))
+    consumer.calls.clear()
+    assert await guard.getmany(100, 10) == {B: log_of(3, start=2)}
+    assert consumer.calls[0] == (A,), "A alone, one record"
+    assert set(consumer.calls[1]) == {A, B}, "the others in one fetch (A paused again): no one-partition mode"
+    assert guard.held[A].offset == 3
+    assert not guard.held[A].retrying
+
+
 async def test_a_partition_the_engine_paused_stays_paused_when_its_hold_ends() -> None:
     consumer = FakeConsumer({A: log_of(5, bad=3)})
     clock = FakeClock()
