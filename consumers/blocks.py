@@ -59,6 +59,9 @@ class Blocks:
         # of them is older than this process's view (see `learn`).
         self.epoch = 0
         self._released: dict[str, int] = {}
+        # Orders whose unblock was in a flush that failed while their lane stopped (a drain): the store writes it
+        # with its next flush, which `confirm` is told of; no lane is left to call `settled`.
+        self._unconfirmed: set[str] = set()
 
     def chain(self, order_ref: str) -> list[str] | None:
         """The order's chain (a copy), or None if it is not blocked."""
@@ -100,6 +103,20 @@ class Blocks:
             return False
         self._store.unblock_order(work.order_ref)
         return True
+
+    def unblock_unconfirmed(self, order_ref: str) -> None:
+        """The flush carrying `order_ref`'s unblock failed, and its lane stopped: `confirm` settles it later."""
+        self._unconfirmed.add(order_ref)
+
+    def unconfirmed(self) -> set[str]:
+        """Orders whose unblock waits for a flush (a copy: take it before the flush begins)."""
+        return set(self._unconfirmed)
+
+    def confirm(self, orders: set[str]) -> None:
+        """A flush begun after `orders` were taken from `unconfirmed` succeeded: their unblocks are durable."""
+        for order_ref in orders:
+            self._unconfirmed.discard(order_ref)
+            self.settled(order_ref)
 
     def settled(self, order_ref: str) -> None:
         """The unblock written by `delivered` is durable: the order is no longer blocked, unless a record

@@ -337,8 +337,10 @@ class SinkEngine:
         if only is not None:
             wanted = set(only)
             offsets = {tp: offset for tp, offset in offsets.items() if tp in wanted}
-        # Step 2.
+        # Step 2. Unblocks that a drain's failed flush left for a later one are durable once this one is.
+        unconfirmed = self._context.blocked.unconfirmed()
         await self._store.flush()
+        self._context.blocked.confirm(unconfirmed)
         if not offsets:
             return
         # Step 3. Bounded: aiokafka retries a commit until the group coordinator takes it, and after a broker

@@ -165,8 +165,11 @@ class Lane:
             return
         if settling.holds_unsettled:
             self._context.unsettled.release()
-        if error is None and settling.unblocks is not None:
-            self._context.blocked.settled(settling.unblocks)  # durable: also if the lane was forgotten meanwhile
+        if settling.unblocks is not None:
+            if error is None:
+                self._context.blocked.settled(settling.unblocks)  # durable: also if the lane was forgotten meanwhile
+            else:  # stopping: the failed flush's writes go with the next one, which the engine's commit confirms
+                self._context.blocked.unblock_unconfirmed(settling.unblocks)
         if self._forgotten:
             return
         work = settling.work

@@ -1112,6 +1112,57 @@ async def test_a_replayed_dead_letter_is_delivered_in_order_and_unblocks_its_ord
     assert len(h.dead.letters) == 2, "nothing new dead-lettered"
 
 
+async def test_an_unblock_whose_flush_failed_during_a_drain_is_settled_by_the_next_flush(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # The replayed head of an order's chain is delivered; the flush of its state (and the order's unblock) fails
+    # while a revoke drains the replay partition. The failed flush's writes go with the next one, the drain's
+    # commit: from then on the order is no longer blocked, and its next event is delivered, not dead-lettered.
+    from topics.errors import StoreError
+
+    fixed = asyncio.Event()
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-BAD" in (request.body or b"") and request.method == "POST" and not fixed.is_set():
+            return answer(400, body=b'{"error": "bad vat id"}')
+        return ok()
+
+    replay = ("orders.replay.crm", 0)
+    h = harness_factory({TP0: [record(0, "SO-BAD")], replay: []}, script, commit_interval=3600.0)
+    h.engine.replay_topic = "orders.replay.crm"
+    await h.run_until(1)
+    [letter] = h.dead.letters
+    fixed.set()
+    h.consumer.partitions[replay].append(
+        FakeRecord(0, letter.key, letter.value, headers=tuple(letter.record_headers()))
+    )
+    flush, release, flushes = h.store.flush, asyncio.Event(), [0]
+
+    async def first_fails_late() -> int:
+        flushes[0] += 1
+        if flushes[0] == 1:  # the group flush of the replayed record's state
+            await release.wait()
+            raise StoreError("dedup store crm: flush failed: disk I/O error")
+        return await flush()
+
+    h.store.flush = first_fails_late  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    while flushes[0] == 0:
+        await h.clock.sleep(0.01)
+    revoke = asyncio.create_task(h.engine.on_revoked({replay}))
+    await h.clock.sleep(0.1)
+    release.set()
+    await revoke
+    assert await h.store.blocked_orders(["SO-BAD"]) == set(), "the drain's commit flushed the unblock"
+    h.consumer.partitions[TP0].append(record(1, "SO-BAD", "order.updated"))
+    await h.clock.sleep(5)
+    stop.set()
+    await runner
+    assert [letter.reason for letter in h.dead.letters] == ["rejected"], "the update was delivered"
+    assert [method for _, method, _, _ in h.downstream.calls][-1] == "PUT"
+
+
 async def test_a_replay_that_fails_again_returns_with_its_history(harness_factory: Callable[..., Harness]) -> None:
     def script(request: HttpRequest, nth: int) -> Reply:
         return answer(422, body=b'{"error": "still wrong"}')
