@@ -248,18 +248,26 @@ class _Demo:
     async def _skip_leftovers(self) -> None:
         """Orders a previous run sent and its sinks never delivered (it was stopped at once, or killed) were meant for
         that run's sandbox, which is gone: this one knows none of those orders, and their updates and cancels would
-        come back 404 and be dead-lettered. The sinks start at the end of the topic instead, and the demo says so."""
+        come back 404 and be dead-lettered. The sinks start at the end of the topic instead, and the demo says so.
+        Bounded: if the groups do not take the commit in time, the demo says so and goes on with the leftovers."""
         deadline = time.monotonic() + _COORDINATOR_WAIT
+        waited = False
         while True:
             try:
-                async with _Progress(self.settings, self.sinks) as progress:
-                    skipped = await progress.skip_to_end()
+                # aiokafka retries some coordinator errors by itself, without end: each try has the time left.
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    async with _Progress(self.settings, self.sinks) as progress:
+                        skipped = await progress.skip_to_end()
                 break
-            except BrokerError:
+            except (BrokerError, TimeoutError) as exc:
                 # A broker just started loads its group coordinator for a few seconds, and a killed run's members
                 # stay in their groups (which then refuse an outsider's commit) until their session times out.
-                if time.monotonic() > deadline:
-                    raise
+                if time.monotonic() >= deadline:
+                    self.say(f"could not skip what the last run left undelivered ({exc or 'no answer'}): it follows")
+                    return
+                if not waited:
+                    self.say("waiting for the last run's consumers to leave their groups")
+                    waited = True
                 await asyncio.sleep(_CATCH_UP_POLL)
         if any(skipped.values()):
             counts = ", ".join(f"{name} {count}" for name, count in skipped.items() if count)
@@ -475,10 +483,12 @@ class _Progress:
         try:
             await self._admin.start()
             await self._consumer.start()
-        except KafkaError as exc:
+            ids = await partition_ids(self._topic, self._options)
+        except (KafkaError, BrokerError) as exc:
             await self.__aexit__()
+            if isinstance(exc, BrokerError):
+                raise
             raise BrokerError(f"cannot read the sinks' progress: {exc!r}") from exc
-        ids = await partition_ids(self._topic, self._options)
         self._partitions = [TopicPartition(self._topic, p) for p in ids]
         return self
 
@@ -518,8 +528,8 @@ class _Progress:
     async def _commit(self, group: str, offsets: Mapping[TopicPartition, int]) -> None:
         """`offsets` as `group`'s committed offsets; no member of the group runs (the daemon starts after this)."""
         consumer = AIOKafkaConsumer(**self._options, group_id=group, enable_auto_commit=False)
-        await consumer.start()
         try:
+            await consumer.start()
             consumer.assign(list(offsets))
             await consumer.commit(dict(offsets))
         finally:

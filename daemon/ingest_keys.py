@@ -48,6 +48,7 @@ caller (``now``), so the stores never read a clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -144,6 +145,7 @@ class SqliteIngestKeyStore:
         self.path = Path(path)
         self.transactions = 0  # written batches, for tests and benchmarks: how well operations share them
         self.failing: str | None = None  # why the last batch failed, until one is written again (`orderbus status`)
+        self._recheck: asyncio.Task[None] | None = None
         self._answer_delay = answer_delay
         self._claim_delay = claim_delay
         self._owner = secrets.token_hex(8)
@@ -226,6 +228,17 @@ class SqliteIngestKeyStore:
         result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._enqueue(PruneOp(older_than), result)
         return await result
+
+    def recheck(self) -> None:
+        """While `failing`, write an empty batch (one at a time): written, it clears `failing`. A store that healed
+        says so without waiting for a webhook with a key, which a load balancer that reads /readyz would not send."""
+        if self.failing is None or (self._recheck is not None and not self._recheck.done()):
+            return
+        self._recheck = asyncio.create_task(self._flush_quietly(), name="ingest-keys-recheck")
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(StoreError):  # `failing` says why
+            await self.flush()
 
     async def flush(self) -> None:
         """Return once every operation queued before this call is written (or has failed)."""

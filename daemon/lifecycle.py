@@ -375,6 +375,7 @@ def _reasons(
         reasons["ingest"] = "kafka is unreachable: the ingest cannot publish"
     elif keys is not None and keys.failing:  # a webhook with a key gets 503 until a batch is written again
         reasons["ingest"] = f"the idempotency key store is failing: {keys.failing}"
+        keys.recheck()  # an empty batch: written, the next probe finds the ingest ready
     for name, engine in engines.items():
         silence = engine.kafka_silence
         if engine.assigned == 0:

@@ -206,14 +206,22 @@ async def _serve_until_signal(sandbox: Sandbox, host: str, port: int, *, stdin_e
         # it running for good, holding its port, and the next `make run` failed on it. Watched by the loop, not by a
         # thread blocked in a read: that thread held stdin's lock at exit, and the interpreter died on it (SIGABRT,
         # "could not acquire lock for <stdin> at interpreter shutdown") after a failed start.
-        fd = sys.stdin.fileno()
-
         def on_stdin() -> None:
-            if not os.read(fd, 4096):
+            try:
+                ended = not os.read(fd, 4096)
+            except OSError:  # a terminal hung up (EIO): as good as closed
+                ended = True
+            if ended:
                 loop.remove_reader(fd)
                 stop.set()
 
-        loop.add_reader(fd, on_stdin)
+        try:
+            fd = sys.stdin.fileno()
+            loop.add_reader(fd, on_stdin)
+        except (AttributeError, ValueError, OSError):
+            # No stdin, or one the loop cannot watch (/dev/null, a regular file: EPERM): it has nothing more to
+            # give, which is what the option waits for.
+            stop.set()
     # Everything alive now (modules, classes) lives as long as the process: move it out of the collector's sight,
     # so that full collections during a benchmark walk only what requests create.
     gc.collect()

@@ -168,6 +168,19 @@ def test_with_stop_on_stdin_eof_it_ends_with_the_process_holding_its_stdin() -> 
         child.stdout.close()
 
 
+def test_with_stop_on_stdin_eof_a_stdin_that_cannot_be_watched_counts_as_ended() -> None:
+    # /dev/null (or a regular file) cannot be watched by the loop (EPERM): it has nothing more to give
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon.sandbox", "--port", "0", "--stop-on-stdin-eof"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.startswith(b"http://")
+
+
 def test_with_stop_on_stdin_eof_a_port_in_use_is_one_line_and_exit_2() -> None:
     # The stdin watcher once was a thread blocked in a read: at the exit after a failed start it held stdin's lock
     # and the interpreter aborted ("could not acquire lock for <stdin> at interpreter shutdown").

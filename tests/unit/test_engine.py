@@ -427,6 +427,25 @@ async def test_a_burst_of_429s_without_retry_after_still_opens_the_circuit(
     assert h.clock.now() - started >= 30.0
 
 
+async def test_a_half_open_probe_answered_400_closes_the_circuit(harness_factory: Callable[..., Harness]) -> None:
+    # A 400 is the downstream working on bad data: as a probe's answer it closes the circuit (the record is
+    # dead-lettered); recorded as no probe's, the circuit would stay half-open with its one slot taken for good.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if nth == 1 else answer(400, body=b'{"error": "bad vat id"}')
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-Q")]},
+        script,
+        circuit_window=1,
+        circuit_min_calls=1,
+        circuit_failure_ratio=1.0,
+        circuit_open_for=5.0,
+    )
+    await h.run_until(1, limit=60)
+    assert [letter.reason for letter in h.dead.letters] == ["rejected"]
+    assert h.engine.circuit_state == "closed"
+
+
 async def test_a_late_failure_of_a_request_sent_before_the_circuit_opened_does_not_decide_its_probe(
     harness_factory: Callable[..., Harness],
 ) -> None:

@@ -91,6 +91,23 @@ async def test_a_killed_process_fails_the_batch_under_way_and_the_next_starts_an
         assert await store.claim("held", BODY, now=4.0) == Replay(status=202, body=ANSWER)
 
 
+async def test_a_recheck_clears_failing_once_the_store_writes_again(tmp_path: Path) -> None:
+    # /readyz asks for it: with no webhook routed to a not-ready instance, nothing else would write a batch
+    async with SqliteIngestKeyStore(tmp_path / "keys.sqlite3", claim_delay=0) as store:
+        assert await store.claim("k0", BODY, now=1.0) == Claimed()
+        pid = store.process.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(StoreError, match="process exited"):
+            await store.claim("k1", BODY, now=2.0)
+        assert store.failing is not None
+        store.recheck()
+        store.recheck()  # one at a time
+        await store.flush()
+        assert store.failing is None
+        store.recheck()  # nothing to do once it writes
+
+
 async def test_a_hung_process_is_killed_its_batch_fails_and_the_next_starts_another(tmp_path: Path) -> None:
     # A child that stops answering (a stalled disk, a stopped process) held every keyed webhook waiting for good.
     async with SqliteIngestKeyStore(tmp_path / "keys.sqlite3", claim_delay=0) as store:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -25,12 +26,13 @@ def test_a_failing_key_store_is_in_the_status_document_and_on_the_ingest_line(tm
     ]
 
 
-def test_a_failing_key_store_makes_the_ingest_not_ready(tmp_path: Path) -> None:
-    keys = SqliteIngestKeyStore(tmp_path / "ingest-keys.sqlite")
+async def test_a_failing_key_store_makes_the_ingest_not_ready(tmp_path: Path) -> None:
+    keys = SqliteIngestKeyStore(tmp_path / "ingest-keys.sqlite")  # never opened: its recheck fails quietly
     keys.failing = EXITED
     publisher = KafkaPublisher("orders", {})
     publisher._available = True  # as its health check leaves it when the broker answers
     assert _reasons(publisher, {}, keys) == {"ingest": f"the idempotency key store is failing: {EXITED}"}
+    await asyncio.sleep(0)  # the recheck it asked for (tests/unit/test_ingest_keys_process.py) ends
     keys.failing = None  # a batch was written again
     assert _reasons(publisher, {}, keys) == {}
 
