@@ -166,10 +166,13 @@ def write(db: sqlite3.Connection, owner: str, batch: Sequence[Operation]) -> lis
     """Run `batch` in order in one transaction (blocking); on any failure, roll back. Returns per operation: a
     claim's `Claim`, else the rows it changed (an answer: see `_complete_all`)."""
     results: list[object] = []
+    # The keys this batch's claims took, over all its runs of claims: a key claimed in an earlier run (an answer
+    # or a release of another key between the two) is taken, not a row in flight to take over.
+    claimed: dict[str, str] = {}
     with transaction(db):
         for kind, run in itertools.groupby(batch, key=type):  # consecutive operations of one kind
             if kind is ClaimOp:
-                results += _claim_all(db, owner, cast("list[ClaimOp]", list(run)))
+                results += _claim_all(db, owner, cast("list[ClaimOp]", list(run)), claimed)
             elif kind is CompleteOp:
                 results += _complete_all(db, owner, cast("list[CompleteOp]", list(run)))
             else:
@@ -177,16 +180,16 @@ def write(db: sqlite3.Connection, owner: str, batch: Sequence[Operation]) -> lis
     return results
 
 
-def _claim_all(db: sqlite3.Connection, owner: str, claims: Sequence[ClaimOp]) -> list[object]:
+def _claim_all(db: sqlite3.Connection, owner: str, claims: Sequence[ClaimOp], claimed: dict[str, str]) -> list[object]:
     """Each claim's `Claim`, in order, by two statements a chunk: the rows its keys already have (none, as a
     rule), then one insert of the keys it takes: new ones, and those in flight with the same body that nobody holds.
 
     Nobody holds a row in flight that this batch did not claim: the store sends no claim for a key it holds (see
     `SqliteIngestKeyStore._unheld`), so such a row is another owner's that crashed, or this owner's whose answer,
-    release or claim's result was lost with a failed batch. A key claimed earlier in this batch is `Busy` (or
-    `Conflict`)."""
+    release or claim's result was lost with a failed batch. A key claimed earlier in this batch (`claimed`: key ->
+    body digest, added to here) is `Busy` (or `Conflict`): two claims of one key in two runs of claims of a batch,
+    with another key's answer between them, were once both `Claimed`, and the order was published twice."""
     results: list[object] = []
-    claimed: dict[str, str] = {}  # key -> body digest, of the keys this batch took
     for start, size in row_chunks(len(claims), 4):
         chunk = claims[start : start + size]
         rows = {row[0]: row[1:] for row in db.execute(_existing_rows(size), [c.key for c in chunk])}
