@@ -537,6 +537,41 @@ async def test_401_pauses_the_sink_without_dead_letters_and_resumes(harness_fact
     assert h.clock.now() - 1000.0 >= 30.0, "the probe came after the auth pause"
 
 
+async def test_a_credentials_probe_refused_again_pauses_the_sink_for_twice_as_long(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # The probe's own 401 decides the half-open pause: it reopens it, doubled (recorded as no probe's answer, the
+    # pause would stay half-open with its one probe slot taken, and the sink would never send again).
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(401) if nth <= 2 else ok()
+
+    h = harness_factory({TP0: [record(0, "SO-0")]}, script, auth_pause=30.0)
+    started: list[float] = []
+    original = h.engine._context.deliver
+
+    async def timed(request: HttpRequest, key: str) -> Reply | TransportFailure:
+        started.append(h.clock.now())
+        return await original(request, key)
+
+    h.engine._context.deliver = timed
+    await h.run_until(1, limit=600)
+    assert h.dead.letters == []
+    assert len(started) == 3
+    assert started[1] - started[0] >= 30.0
+    assert started[2] - started[1] >= 60.0, "the refused probe doubled the pause"
+
+
+async def test_a_credentials_probe_answered_503_ends_the_pause(harness_factory: Callable[..., Harness]) -> None:
+    # A 503 says nothing against the credentials: the probe's answer closes the pause, and the record is retried.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return {1: answer(401), 2: answer(503)}.get(nth, ok())
+
+    h = harness_factory({TP0: [record(0, "SO-0")]}, script, auth_pause=30.0)
+    await h.run_until(1, limit=600)
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 1
+    assert not h.engine.auth_paused
+
+
 async def test_buffer_stays_bounded_and_partitions_pause(harness_factory: Callable[..., Harness]) -> None:
     h = harness_factory(
         {TP0: [record(i, f"SO-{i}") for i in range(200)], TP1: [record(i, f"SO-B{i}") for i in range(200)]},
