@@ -1174,19 +1174,13 @@ async def test_an_unblock_whose_flush_failed_during_a_drain_is_settled_by_the_ne
     # commit: from then on the order is no longer blocked, and its next event is delivered, not dead-lettered.
     from topics.errors import StoreError
 
-    fixed = asyncio.Event()
-
-    def script(request: HttpRequest, nth: int) -> Reply:
-        if b"SO-BAD" in (request.body or b"") and request.method == "POST" and not fixed.is_set():
-            return answer(400, body=b'{"error": "bad vat id"}')
-        return ok()
-
+    phase = {"create": 400}
     replay = ("orders.replay.crm", 0)
-    h = harness_factory({TP0: [record(0, "SO-BAD")], replay: []}, script, commit_interval=3600.0)
+    h = harness_factory({TP0: [record(0, "SO-BAD")], replay: []}, bad_create(phase), commit_interval=3600.0)
     h.engine.replay_topic = "orders.replay.crm"
     await h.run_until(1)
     [letter] = h.dead.letters
-    fixed.set()
+    phase["create"] = 201  # fixed downstream
     h.consumer.partitions[replay].append(
         FakeRecord(0, letter.key, letter.value, headers=tuple(letter.record_headers()))
     )
