@@ -151,6 +151,7 @@ class SqliteIngestKeyStore:
         self._owner = secrets.token_hex(8)
         self._process: KeyStoreProcess | None = None
         self._held: dict[str, str] = {}  # key -> body digest, for every in-flight row of ours
+        self._closing: set[str] = set()  # held keys whose answer or release is queued, not yet written
         self._queue: list[Queued] = []
         self._awaited = 0  # operations in the queue that a caller awaits (claim, prune, flush)
         self._writer: asyncio.Task[None] | None = None
@@ -187,6 +188,7 @@ class SqliteIngestKeyStore:
                 self._delayed.cancel()
             process, self._process = self._process, None
             self._held.clear()
+            self._closing.clear()
             await process.stop()
 
     @property
@@ -206,21 +208,41 @@ class SqliteIngestKeyStore:
     async def claim(self, key: str, body_sha256: str, now: float) -> Claim:
         self._connection()
         held = self._held.get(key)
-        if held is not None:
+        if held is not None and key not in self._closing:  # a closing key's claim is queued behind its answer
             return Busy() if held == body_sha256 else Conflict()
         result: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
         self._enqueue(ClaimOp(key, body_sha256, now), result)
-        return await result
+        try:
+            return await result
+        except asyncio.CancelledError:
+            # Cancelled in the loop turn its batch was settled: the key was taken, and nobody will publish or
+            # answer (a cancellation before the settle is `_settle`'s to undo).
+            if result.done() and not result.cancelled() and result.result() == Claimed():
+                self._give_up(key)
+            raise
+
+    # A key stays held until its answer or release is written (`_settle`), or has failed (`_fail`). Given back at
+    # once, a claim of it queued *before* the answer or release (behind more than `MAX_BATCH` operations, so
+    # that it reached the file batches after the claim that took the key) found the row in flight and held by
+    # nobody, and took it over (`daemon.ingest_keys_sql._claim_all`): a second publish, and the release that
+    # followed deleted the new holder's row (a randomized stress test of the store found it). Such a claim is
+    # `Busy` (`_unheld`); one queued after the answer goes to the file behind it and gets `Replay`, as before.
 
     async def complete(self, key: str, status: int, body: bytes, now: float) -> None:
         self._connection()
-        if self._held.pop(key, None) is None:
+        if key not in self._held or key in self._closing:
             raise NotClaimedError(f"ingest key store {self.path}: complete() for a key not claimed by this store")
+        self._closing.add(key)
         self._enqueue(CompleteOp(key, status, bytes(body), now))
 
     async def release(self, key: str) -> None:
         self._connection()
-        if self._held.pop(key, None) is not None:
+        self._give_up(key)
+
+    def _give_up(self, key: str) -> None:
+        """Queue the release of a key this store holds (once)."""
+        if key in self._held and key not in self._closing:
+            self._closing.add(key)
             self._enqueue(ReleaseOp(key))
 
     async def prune(self, older_than: float) -> int:
@@ -261,10 +283,13 @@ class SqliteIngestKeyStore:
 
     def _start_writer_within(self, delay: float) -> None:
         """Start the writer in `delay` seconds, or at once for 0; a start due sooner already stays as it is."""
-        if delay <= 0:
-            self._start_writer()
-            return
         loop = asyncio.get_running_loop()
+        if delay <= 0:
+            if self._writer is not None and not self._writer.done() and asyncio.current_task() is self._writer:
+                loop.call_soon(self._start_writer)  # from the ending writer: once it has ended, not never
+            else:
+                self._start_writer()
+            return
         due = loop.time() + delay
         if self._delayed is not None:
             if self._delayed_due <= due:
@@ -322,9 +347,16 @@ class SqliteIngestKeyStore:
         if not held:
             return batch
         kept: list[Queued] = []
+        closed: set[str] = set()  # keys whose answer or release comes earlier in this batch: their rows are done
         for queued in batch:
             operation, waiter = queued
-            if isinstance(operation, ClaimOp) and (digest := held.get(operation.key)) is not None:
+            if isinstance(operation, (CompleteOp, ReleaseOp)):
+                closed.add(operation.key)
+            elif (
+                isinstance(operation, ClaimOp)
+                and operation.key not in closed
+                and (digest := held.get(operation.key)) is not None
+            ):
                 if waiter is not None and not waiter.done():
                     waiter.set_result(Busy() if digest == operation.body_sha256 else Conflict())
                 continue
@@ -344,8 +376,10 @@ class SqliteIngestKeyStore:
                         self._held[operation.key] = operation.body_sha256
                     if waiter is not None:
                         waiter.set_result(cast(Claim, outcome))
-                case CompleteOp() if outcome != 1:  # a bug: only held keys are queued, and each once
-                    log.error("ingest key store %s: an answer was stored for a key not held", self.path)
+                case CompleteOp() | ReleaseOp():
+                    self._give_back(operation.key)
+                    if isinstance(operation, CompleteOp) and outcome != 1:  # a bug: only held keys, each once
+                        log.error("ingest key store %s: an answer was stored for a key not held", self.path)
                 case PruneOp() | FlushOp() if waiter is not None and not waiter.done():
                     waiter.set_result(outcome)
 
@@ -355,6 +389,8 @@ class SqliteIngestKeyStore:
         self.failing = str(self._error("write", exc) if isinstance(exc, sqlite3.Error) else exc)
         unwritten = 0
         for operation, waiter in batch:
+            if isinstance(operation, (CompleteOp, ReleaseOp)):
+                self._give_back(operation.key)
             error = self._error(operation.name, exc) if isinstance(exc, sqlite3.Error) else exc
             if waiter is None:
                 unwritten += 1
@@ -363,6 +399,12 @@ class SqliteIngestKeyStore:
         if unwritten:
             # Their rows stay in flight, held by nobody: a retry with the same body takes its row over (see `_unheld`).
             log.error("ingest key store %s: %d answers or releases not stored: %s", self.path, unwritten, exc)
+
+    def _give_back(self, key: str) -> None:
+        """`key`'s answer or release was written, or failed: no request of this store holds it any more."""
+        if key in self._closing:
+            self._closing.discard(key)
+            self._held.pop(key, None)
 
     def _connection(self) -> KeyStoreProcess:
         if self._process is None:

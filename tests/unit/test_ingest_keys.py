@@ -10,6 +10,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ from daemon.ingest_keys import (
     body_sha256,
 )
 from daemon.ingest_keys_process import CHECKPOINT_PAGES
-from daemon.ingest_keys_sql import SCHEMA, ClaimOp, CompleteOp, Operation, migrate, write
+from daemon.ingest_keys_sql import MAX_BATCH, SCHEMA, ClaimOp, CompleteOp, Operation, migrate, write
 from topics.errors import StoreError
 
 BODY_A = body_sha256(b'{"order": "A-1"}')
@@ -643,3 +644,55 @@ def test_two_claims_of_one_key_in_one_batch_take_it_once_also_with_other_operati
             [ClaimOp("k", BODY_A, 2.0), CompleteOp("j", 202, ANSWER, 2.0), ClaimOp("k", BODY_A, 2.0)],
         )
     assert results == [Claimed(), 1, Busy()]
+
+
+async def test_a_claim_queued_behind_a_full_batch_does_not_take_over_its_keys_row(tmp_path: Path) -> None:
+    # A retry of "k" queued while k's first claim is being written, more than MAX_BATCH operations behind it,
+    # reaches the file batches later, after the holder's release: it found k's row in flight, held by nobody, took
+    # it over, and the release written next deleted it (found by a randomized stress test of the store).
+    async with SqliteIngestKeyStore(tmp_path / "keys.sqlite3", claim_delay=0.002) as store:
+        first = asyncio.create_task(store.claim("k", BODY_A, now=1.0))
+        fill = [asyncio.create_task(store.claim(f"f{i}", BODY_A, now=1.0)) for i in range(2 * MAX_BATCH - 1)]
+        retry = asyncio.create_task(store.claim("k", BODY_A, now=2.0))
+        assert await first == Claimed()
+        await store.release("k")  # the publish failed, while the retry waits two batches behind
+        assert await retry == Busy(), "k was held when the retry was sent"
+        await store.flush()
+        assert await store.claim("k", BODY_A, now=3.0) == Claimed(), "released: a later retry takes it"
+        await store.complete("k", 202, ANSWER, now=3.0)
+        assert await store.claim("k", BODY_B, now=4.0) == Conflict()
+        assert await store.claim("k", BODY_A, now=4.0) == Replay(status=202, body=ANSWER)
+        await asyncio.gather(*fill)
+
+
+async def test_a_claim_cancelled_in_the_turn_it_was_settled_gives_its_key_back(tmp_path: Path) -> None:
+    async with SqliteIngestKeyStore(tmp_path / "keys.sqlite3", claim_delay=0) as store:
+        task = asyncio.create_task(store.claim("k", BODY_A, now=1.0))
+        settle = store._settle
+
+        def settle_then_cancel(batch: Any, results: Any) -> None:
+            settle(batch, results)
+            task.cancel()  # the client went away in the loop turn the batch's answer arrived
+
+        store._settle = settle_then_cancel  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        store._settle = settle  # type: ignore[method-assign]
+        await store.flush()
+        assert await store.claim("k", BODY_A, now=2.0) == Claimed(), "not Busy until a restart"
+
+
+async def test_with_no_answer_delay_an_answer_queued_during_the_last_batch_is_written(tmp_path: Path) -> None:
+    async with SqliteIngestKeyStore(tmp_path / "keys.sqlite3", claim_delay=0, answer_delay=0) as store:
+        assert await store.claim("k", BODY_A, now=1.0) == Claimed()
+        other = asyncio.create_task(store.claim("o", BODY_A, now=1.0))
+        while store._writer is None or store._writer.done():  # noqa: ASYNC110 -- until the writer runs
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)  # it has taken "o"'s claim and sent its batch
+        await store.complete("k", 202, ANSWER, now=2.0)  # queued while that batch is written
+        await other
+        for _ in range(200):
+            if file_rows(tmp_path / "keys.sqlite3").get("k") == "done":
+                break
+            await asyncio.sleep(0.01)
+        assert file_rows(tmp_path / "keys.sqlite3")["k"] == "done", "written without waiting for another operation"
