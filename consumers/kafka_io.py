@@ -199,7 +199,7 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka sh
     """Hands rebalances to the engine: a revoke drains and commits the partitions before they move. The fetch's
     guard forgets what it knew of partitions that move (`ReadGuard.forget`)."""
 
-    def __init__(self, engine: RebalanceHandler, guard: ReadGuard | None = None) -> None:
+    def __init__(self, engine: RebalanceHandler, guard: ReadGuard) -> None:
         self._engine = engine
         self._guard = guard
 
@@ -207,12 +207,10 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka sh
         try:
             await self._engine.on_revoked({(tp.topic, tp.partition) for tp in revoked})
         finally:
-            if self._guard is not None:
-                self._guard.forget(revoked)
+            self._guard.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        if self._guard is not None:
-            self._guard.forget(assigned)
+        self._guard.forget(assigned)
         self._engine.on_assigned({(tp.topic, tp.partition) for tp in assigned})
 
 

@@ -182,19 +182,11 @@ class ReadGuard:
         for tp in sorted(self._probing):
             if tp in paused:
                 continue
-            try:
-                batch = await self._consumer.getmany(tp, timeout_ms=0, max_records=1)
-            except Exception as exc:
-                if passes_through(exc):
-                    raise
-                self._probing.discard(tp)
-                await self._rewind([tp])
-                if tp in self._consumer.assignment():
-                    self._hold(tp, exc)
-                continue
-            if batch:
-                self._handed_over(batch)
-                return batch
+            taken = await self._take(tp, 1)
+            if isinstance(taken, Exception):
+                self._hold(tp, taken)
+            elif taken:
+                return taken
         return {}
 
     async def _one_partition(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
@@ -209,26 +201,31 @@ class ReadGuard:
         for i in range(len(tps)):
             tp = tps[(self._turn + i) % len(tps)]
             limit = 1 if tp in self._narrowing else max_records
-            try:
-                batch = await self._consumer.getmany(tp, timeout_ms=0, max_records=limit)
-            except Exception as exc:
-                if passes_through(exc):
-                    raise
-                await self._rewind([tp])
-                if tp not in self._consumer.assignment():
-                    continue  # revoked meanwhile: its next owner reads it
+            taken = await self._take(tp, limit)
+            if isinstance(taken, Exception):
                 if limit == 1:
                     self._narrowing.discard(tp)
-                    self._hold(tp, exc)
+                    self._hold(tp, taken)
                 else:
                     self._narrowing.add(tp)
-                continue
-            if batch:
+            elif taken:
                 self._turn = (self._turn + i + 1) % len(tps)
-                self._handed_over(batch)
-                return batch
+                return taken
         await self._clock.sleep(min(timeout_ms / 1000, POLL))
         return {}
+
+    async def _take(self, tp: TopicPartitionKey, limit: int) -> Mapping[TopicPartitionKey, list[Any]] | Exception:
+        """Up to `limit` of `tp`'s records already fetched, handed over; or the error that reading them raised,
+        once `tp` is back where it was (a partition revoked meanwhile has no records: its next owner reads it)."""
+        try:
+            batch = await self._consumer.getmany(tp, timeout_ms=0, max_records=limit)
+        except Exception as exc:
+            if passes_through(exc):
+                raise
+            await self._rewind([tp])
+            return exc if tp in self._consumer.assignment() else {}
+        self._handed_over(batch)
+        return batch
 
     def _handed_over(self, batch: Mapping[TopicPartitionKey, list[Any]]) -> None:
         for tp, records in batch.items():

@@ -483,12 +483,13 @@ class _Progress:
         try:
             await self._admin.start()
             await self._consumer.start()
-            ids = await partition_ids(self._topic, self._options)
-        except (KafkaError, BrokerError) as exc:
+            ids = await partition_ids(self._topic, self._options)  # a BrokerError of its own
+        except KafkaError as exc:
             await self.__aexit__()
-            if isinstance(exc, BrokerError):
-                raise
             raise BrokerError(f"cannot read the sinks' progress: {exc!r}") from exc
+        except BrokerError:
+            await self.__aexit__()
+            raise
         self._partitions = [TopicPartition(self._topic, p) for p in ids]
         return self
 
@@ -496,9 +497,11 @@ class _Progress:
         await self._consumer.stop()
         await self._admin.close()
 
-    async def unfinished(self) -> dict[str, int]:
+    async def unfinished(self, ends: Mapping[TopicPartition, int] | None = None) -> dict[str, int]:
+        """Per sink, the records its group has not committed; `ends`: the topic's end offsets, if just read."""
         try:
-            ends = await self._consumer.end_offsets(self._partitions)
+            if ends is None:
+                ends = await self._consumer.end_offsets(self._partitions)
             left = {}
             for name, group in self._groups.items():
                 committed = await self._admin.list_consumer_group_offsets(group, partitions=self._partitions)
@@ -516,7 +519,7 @@ class _Progress:
             raise BrokerError(f"cannot read the end of {self._topic}: {exc!r}") from exc
         if not any(ends.values()):  # an empty topic (a new broker): nothing to skip, no group to ask
             return dict.fromkeys(self._groups, 0)
-        left = await self.unfinished()
+        left = await self.unfinished(ends)
         try:
             for name, count in left.items():
                 if count:

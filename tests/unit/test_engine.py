@@ -454,26 +454,7 @@ async def test_a_late_failure_of_a_request_sent_before_the_circuit_opened_does_n
     def script(request: HttpRequest, nth: int) -> Reply:
         return answer(503) if nth == 1 else ok()  # each order's first request fails
 
-    h = harness_factory(
-        {TP0: [record(0, "SO-X")], TP1: [record(0, "SO-Q", seed=10)]},
-        script,
-        max_in_flight=2,
-        circuit_window=1,
-        circuit_min_calls=1,
-        circuit_failure_ratio=1.0,
-        circuit_open_for=5.0,
-    )
-    started: list[tuple[float, str]] = []
-
-    async def timed(request: HttpRequest, key: str) -> Reply | TransportFailure:
-        order = "SO-Q" if b"SO-Q" in (request.body or b"") else "SO-X"
-        started.append((h.clock.now(), order))
-        nth = sum(1 for _, seen in started if seen == order)
-        if (order, nth) in {("SO-Q", 1), ("SO-X", 2)}:  # SO-Q's first answer at t+7; SO-X's probe, t+5 to t+10
-            await h.clock.sleep(7.0 if order == "SO-Q" else 5.0)
-        return await h.downstream(request, key)
-
-    h.engine._context.deliver = timed
+    h, started = probe_beside_a_late_answer(harness_factory, script)
     stop = asyncio.Event()
     runner = asyncio.create_task(h.engine.run(stop))
     await h.clock.sleep(10.5)
@@ -494,26 +475,7 @@ async def test_a_paced_answer_leaves_another_lanes_half_open_probe_out(
             return answer(429, retry_after="1") if nth == 1 else ok()
         return answer(503)
 
-    h = harness_factory(
-        {TP0: [record(0, "SO-X")], TP1: [record(0, "SO-Q", seed=10)]},
-        script,
-        max_in_flight=2,
-        circuit_window=1,
-        circuit_min_calls=1,
-        circuit_failure_ratio=1.0,
-        circuit_open_for=5.0,
-    )
-    started: list[tuple[float, str]] = []
-
-    async def timed(request: HttpRequest, key: str) -> Reply | TransportFailure:
-        order = "SO-Q" if b"SO-Q" in (request.body or b"") else "SO-X"
-        started.append((h.clock.now(), order))
-        nth = sum(1 for _, seen in started if seen == order)
-        if (order, nth) in {("SO-Q", 1), ("SO-X", 2)}:  # SO-Q's first answer; SO-X's probe, from t+5 to t+10
-            await h.clock.sleep(7.0 if order == "SO-Q" else 5.0)
-        return await h.downstream(request, key)
-
-    h.engine._context.deliver = timed
+    h, started = probe_beside_a_late_answer(harness_factory, script)
     begin = h.clock.now()
     stop = asyncio.Event()
     runner = asyncio.create_task(h.engine.run(stop))
@@ -1246,6 +1208,34 @@ def bad_order(h: Harness) -> list[str]:
 
 def reasons(h: Harness) -> list[str]:
     return [letter.reason for letter in h.dead.letters]
+
+
+def probe_beside_a_late_answer(
+    harness_factory: Callable[..., Harness], script: Script
+) -> tuple[Harness, list[tuple[float, str]]]:
+    """SO-X on TP0 and SO-Q on TP1, a circuit that one failure opens for 5 s; SO-Q's first request is answered at
+    t+7 and SO-X's second (the half-open probe, from t+5) at t+10. Returns the harness and the requests' starts."""
+    h = harness_factory(
+        {TP0: [record(0, "SO-X")], TP1: [record(0, "SO-Q", seed=10)]},
+        script,
+        max_in_flight=2,
+        circuit_window=1,
+        circuit_min_calls=1,
+        circuit_failure_ratio=1.0,
+        circuit_open_for=5.0,
+    )
+    started: list[tuple[float, str]] = []
+
+    async def timed(request: HttpRequest, key: str) -> Reply | TransportFailure:
+        order = "SO-Q" if b"SO-Q" in (request.body or b"") else "SO-X"
+        started.append((h.clock.now(), order))
+        nth = sum(1 for _, seen in started if seen == order)
+        if (order, nth) in {("SO-Q", 1), ("SO-X", 2)}:
+            await h.clock.sleep(7.0 if order == "SO-Q" else 5.0)
+        return await h.downstream(request, key)
+
+    h.engine._context.deliver = timed
+    return h, started
 
 
 def fail_flushes(h: Harness, times: int) -> list[int]:

@@ -689,10 +689,17 @@ async def test_with_no_answer_delay_an_answer_queued_during_the_last_batch_is_wr
         while store._writer is None or store._writer.done():  # noqa: ASYNC110 -- until the writer runs
             await asyncio.sleep(0)
         await asyncio.sleep(0)  # it has taken "o"'s claim and sent its batch
+        answered = asyncio.Event()
+        settle = store._settle
+
+        def settle_and_see(batch: Any, results: Any) -> None:
+            settle(batch, results)
+            if any(operation.name == "complete" for operation, _ in batch):
+                answered.set()
+
+        store._settle = settle_and_see  # type: ignore[method-assign]
         await store.complete("k", 202, ANSWER, now=2.0)  # queued while that batch is written
         await other
-        for _ in range(200):
-            if file_rows(tmp_path / "keys.sqlite3").get("k") == "done":
-                break
-            await asyncio.sleep(0.01)
-        assert file_rows(tmp_path / "keys.sqlite3")["k"] == "done", "written without waiting for another operation"
+        async with asyncio.timeout(5):  # without another operation: before, it waited for one for ever
+            await answered.wait()
+        assert file_rows(tmp_path / "keys.sqlite3")["k"] == "done"
