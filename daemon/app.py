@@ -28,10 +28,12 @@ def build_app(
     max_body_bytes: int = 1_048_576,
     registry: CollectorRegistry | None = None,
     status: Callable[[], dict[str, object]] | None = None,
+    degraded: Callable[[], dict[str, str]] = dict,
 ) -> web.Application:
     """The HTTP surface: the ingest (when enabled), the OpenAPI document, health and readiness.
 
-    `readiness` returns the reasons the daemon is not ready (empty when it is).
+    `readiness` returns the reasons the daemon is not ready (empty when it is); `degraded`, what is wrong downstream
+    of it, which /readyz reports without answering 503 (see `daemon.lifecycle`).
     """
     # The ingest reads the body itself against its own limit; leave aiohttp's a little above it.
     app = web.Application(client_max_size=max_body_bytes + 1)
@@ -49,7 +51,7 @@ def build_app(
     async def readyz(_: web.Request) -> web.Response:
         reasons = readiness()
         status = 200 if not reasons else 503
-        body = {"status": "ready" if not reasons else "not ready", "reasons": reasons}
+        body = {"status": "ready" if not reasons else "not ready", "reasons": reasons, "degraded": degraded()}
         return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
 
     async def metrics(_: web.Request) -> web.Response:

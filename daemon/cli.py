@@ -363,7 +363,7 @@ def _status(args: argparse.Namespace) -> int:
         url = f"http://{host}:{settings.ingest.port}"
     document = fetch_status(url)
     print(json.dumps(document, indent=2) if args.json else render_status(document))
-    return 0 if not document.get("not_ready") else 1
+    return 0 if not (document.get("not_ready") or document.get("degraded")) else 1
 
 
 def _dedup_prune(args: argparse.Namespace) -> int:

@@ -115,6 +115,7 @@ async def serve(
         app = build_app(
             ingest=ingest,
             readiness=lambda: _reasons(publisher, engines, keys),
+            degraded=lambda: _degraded(engines),
             max_body_bytes=settings.ingest.max_body_bytes,
             registry=registry,
             status=lambda: _status(publisher, keys, engines, registry),
@@ -349,11 +350,16 @@ def _status(
     ingest = None
     if publisher is not None and keys is not None:
         ingest = {"kafka_available": publisher.available, "key_store_error": keys.failing}
-    return {"ingest": ingest, "sinks": sinks, "not_ready": _reasons(publisher, engines, keys)}
+    return {
+        "ingest": ingest,
+        "sinks": sinks,
+        "not_ready": _reasons(publisher, engines, keys),
+        "degraded": _degraded(engines),
+    }
 
 
 async def _notify_ready(notifier: Notifier, publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -> None:
-    """READY=1 once Kafka answers and every enabled sink has partitions; downstream health is /readyz's business.
+    """READY=1 once Kafka answers and every enabled sink has partitions, as /readyz (`_reasons`) says.
 
     Neither the publisher nor the engines signal "connected" or "assigned", so this one start-up wait polls.
     """
@@ -369,7 +375,13 @@ async def _notify_ready(notifier: Notifier, publisher: KafkaPublisher | None, en
 def _reasons(
     publisher: KafkaPublisher | None, engines: dict[str, SinkEngine], keys: SqliteIngestKeyStore | None = None
 ) -> dict[str, str]:
-    """Why the daemon is not ready, by component ("ingest", "sink.<name>"); empty when it is ready."""
+    """Why this instance is not ready, by component ("ingest", "sink.<name>"); empty when it is.
+
+    Only what the instance itself lacks: Kafka, its key store, its sinks' partitions. A downstream system that
+    fails (`_degraded`) is not a reason: a load balancer or Kubernetes that reads /readyz would take every instance
+    out at once, since all see the same CRM, and the shop's webhooks would fail with it, when orders accepted now
+    are delivered once the CRM is back; that is what the topic between them is for.
+    """
     reasons: dict[str, str] = {}
     if publisher is not None and not publisher.available:
         reasons["ingest"] = "kafka is unreachable: the ingest cannot publish"
@@ -382,11 +394,20 @@ def _reasons(
             reasons[f"sink.{name}"] = "no partitions assigned (joining the group, or kafka unreachable)"
         elif silence > _SILENT_MEASUREMENTS * engine.config.lag_interval:
             reasons[f"sink.{name}"] = f"kafka is unreachable: no answer to the lag measurement for {silence:.0f} s"
-        elif engine.auth_paused:
-            reasons[f"sink.{name}"] = "paused: the downstream refused our credentials (401/403)"
+    return reasons
+
+
+def _degraded(engines: dict[str, SinkEngine]) -> dict[str, str]:
+    """What keeps a sink from delivering although the instance is ready, by component ("sink.<name>"): its
+    downstream refuses our credentials or keeps failing, or it holds a partition it cannot read. Said by /readyz
+    and `orderbus status`, alerted on; the sink's orders wait in Kafka meanwhile."""
+    degraded: dict[str, str] = {}
+    for name, engine in engines.items():
+        if engine.auth_paused:
+            degraded[f"sink.{name}"] = "paused: the downstream refused our credentials (401/403)"
         elif engine.circuit_state == "open":
-            reasons[f"sink.{name}"] = "circuit open: the downstream keeps failing"
+            degraded[f"sink.{name}"] = "circuit open: the downstream keeps failing"
         elif held := engine.unreadable:
             where = ", ".join(f"{t}:{p} at {offset}" for (t, p), offset in sorted(held.items()))
-            reasons[f"sink.{name}"] = f"held, the next records cannot be read (see the log): {where}"
-    return reasons
+            degraded[f"sink.{name}"] = f"held, the next records cannot be read (see the log): {where}"
+    return degraded

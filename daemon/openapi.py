@@ -120,7 +120,8 @@ def document() -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "summary": "ready to take and deliver orders; the body says why not",
+                    "summary": "this instance can take and deliver orders (Kafka, key store, partitions); the body "
+                    "says why not, and which sinks' downstream systems fail (degraded, still 200)",
                     "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
                 }
             },

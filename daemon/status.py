@@ -64,6 +64,8 @@ def render_status(document: dict[str, Any]) -> str:
         lines.append(line)
     for component, reason in sorted(document.get("not_ready", {}).items()):
         lines.append(f"NOT READY {component}: {reason}")
+    for component, reason in sorted(document.get("degraded", {}).items()):
+        lines.append(f"DEGRADED {component}: {reason}")
     return "\n".join(lines)
 
 

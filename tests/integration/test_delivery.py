@@ -187,10 +187,19 @@ async def test_a_sink_down_for_the_whole_run_stays_bounded_then_catches_up(
     def sample(name: str, **labels: str) -> float:
         return registry.get_sample_value(name, {"sink": "crm", **labels}) or 0.0
 
-    async with running_daemon(settings, registry):
+    async with running_daemon(settings, registry) as base:
         await produce(kafka_broker.bootstrap, orders_of(settings), events)
         await sandbox.wait_ledger("accounting", 1500, timeout=90)
         await sandbox.wait_ledger("shipping", 1500, timeout=90)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):  # the circuit is open between its probes
+                async with session.get(f"{base}/readyz") as response:
+                    assert response.status == 200, "ready: the CRM's outage is no reason to refuse webhooks"
+                    degraded = (await response.json())["degraded"]
+                if degraded:
+                    break
+                await asyncio.sleep(0.1)
+        assert degraded == {"sink.crm": "circuit open: the downstream keeps failing"}
 
         def crm_lag() -> float:
             return sum(sample("orderbus_consumer_lag", partition=str(p)) for p in range(6))
@@ -291,12 +300,13 @@ async def test_a_record_the_client_cannot_read_holds_its_partition_and_nothing_e
             async with session.get(f"{base}/healthz") as response:
                 assert response.status == 200, "the daemon runs on"
             async with session.get(f"{base}/readyz") as response:
-                reasons = (await response.json())["reasons"]
+                assert response.status == 200, "ready: the ingest and the other partitions work"
+                degraded = (await response.json())["degraded"]
             async with session.get(f"{base}/status") as response:
                 status = await response.json()
         where = f"{orders_of(settings)}:{held}"
         for name in SINKS:
-            assert f"{where} at {offset}" in reasons[f"sink.{name}"]
+            assert f"{where} at {offset}" in degraded[f"sink.{name}"]
             assert status["sinks"][name]["unreadable"] == {where: offset}
         for name in SINKS:
             assert len(await sandbox.ledger(name)) == len(expected), f"{name}: nothing past the unreadable record"

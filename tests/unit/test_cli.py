@@ -66,6 +66,22 @@ def test_operator_commands_need_no_sink_secrets(
     assert cli.main(["dlq", "list", "--sink", "crm", *config]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("document", "code"),
+    [
+        ({"sinks": {}, "not_ready": {}, "degraded": {}}, 0),
+        ({"sinks": {}, "not_ready": {"ingest": "kafka is unreachable"}, "degraded": {}}, 1),
+        ({"sinks": {}, "not_ready": {}, "degraded": {"sink.crm": "circuit open"}}, 1),
+    ],
+)
+def test_status_exits_1_when_anything_is_not_ready_or_degraded(
+    document: dict[str, Any], code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(status, "fetch_status", lambda url: document)
+    assert cli.main(["status", "--url", "http://127.0.0.1:8080"]) == code
+    assert ("DEGRADED sink.crm: circuit open" in capsys.readouterr().out) == bool(document["degraded"])
+
+
 def test_operator_settings_fill_only_the_missing_sink_secrets_with_a_marker(
     no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

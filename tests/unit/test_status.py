@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from prometheus_client import CollectorRegistry
 
+from consumers.engine import SinkEngine
 from daemon.ingest_keys import SqliteIngestKeyStore
-from daemon.lifecycle import _reasons, _status
+from daemon.lifecycle import _degraded, _reasons, _status
 from daemon.publisher import KafkaPublisher
 from daemon.status import render_status
 
@@ -44,3 +47,63 @@ def test_the_ingest_line_says_publishing_when_kafka_answers_and_the_key_store_wr
 
 def test_a_daemon_without_the_ingest_shows_no_ingest_line() -> None:
     assert "ingest" not in render_status({"sinks": {}, "ingest": None})
+
+
+@dataclass
+class _Config:
+    lag_interval: float = 15.0
+
+
+@dataclass
+class SinkView:
+    """What readiness reads of a `SinkEngine`, set as a running engine reports it."""
+
+    assigned: int = 4
+    kafka_silence: float = 0.0
+    auth_paused: bool = False
+    circuit_state: str = "closed"
+    unreadable: dict[tuple[str, int], int] = field(default_factory=dict)
+    config: _Config = field(default_factory=_Config)
+
+
+def engines(**views: SinkView) -> dict[str, SinkEngine]:
+    return {name: cast(SinkEngine, view) for name, view in views.items()}
+
+
+def test_a_failing_downstream_leaves_the_instance_ready_and_is_said_as_degraded() -> None:
+    # Every instance sees the same CRM: were it a readiness reason, a load balancer would take them all out and
+    # the shop's webhooks would fail with the CRM, although the topic keeps its orders until it is back.
+    sinks = engines(
+        crm=SinkView(circuit_state="open"),
+        accounting=SinkView(auth_paused=True, circuit_state="open"),
+        shipping=SinkView(unreadable={("orders", 2): 120, ("orders", 7): 5}),
+    )
+    assert _reasons(None, sinks) == {}
+    assert _degraded(sinks) == {
+        "sink.crm": "circuit open: the downstream keeps failing",
+        "sink.accounting": "paused: the downstream refused our credentials (401/403)",
+        "sink.shipping": "held, the next records cannot be read (see the log): orders:2 at 120, orders:7 at 5",
+    }
+
+
+def test_what_the_instance_lacks_makes_it_not_ready() -> None:
+    sinks = engines(crm=SinkView(assigned=0), shipping=SinkView(kafka_silence=76.0), accounting=SinkView())
+    assert _reasons(None, sinks) == {
+        "sink.crm": "no partitions assigned (joining the group, or kafka unreachable)",
+        "sink.shipping": "kafka is unreachable: no answer to the lag measurement for 76 s",
+    }
+    assert _degraded(sinks) == {}
+    assert _reasons(None, engines(shipping=SinkView(kafka_silence=74.0))) == {}  # five measurements missed: 75 s
+
+
+def test_status_shows_degraded_sinks_after_the_not_ready_ones() -> None:
+    document = {
+        "sinks": {},
+        "ingest": None,
+        "not_ready": {"sink.crm": "no partitions assigned (joining the group, or kafka unreachable)"},
+        "degraded": {"sink.shipping": "circuit open: the downstream keeps failing"},
+    }
+    assert render_status(document).splitlines()[-2:] == [
+        "NOT READY sink.crm: no partitions assigned (joining the group, or kafka unreachable)",
+        "DEGRADED sink.shipping: circuit open: the downstream keeps failing",
+    ]
