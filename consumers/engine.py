@@ -110,6 +110,7 @@ class SinkEngine:
         self._lanes: dict[tuple[TopicPartitionKey, str], Lane] = {}
         self._buffered = 0
         self._finished = 0
+        self._joined = False  # the group has given this instance an assignment, empty or not
         self._paused: set[TopicPartitionKey] = set()
         self._progress = asyncio.Event()
         self._committing = asyncio.Lock()
@@ -379,6 +380,7 @@ class SinkEngine:
             self._paused.clear()
 
     def on_assigned(self, assigned: Iterable[TopicPartitionKey]) -> None:
+        self._joined = True
         log.info("partitions assigned", extra={"sink": self.sink.name, "partitions": sorted(p for _, p in assigned)})
 
     async def on_revoked(self, revoked: Iterable[TopicPartitionKey]) -> None:
@@ -486,6 +488,12 @@ class SinkEngine:
     @property
     def assigned(self) -> int:
         return len(self._consumer.assignment())
+
+    @property
+    def joined(self) -> bool:
+        """The group has assigned this instance its partitions once, none included: with more instances than
+        partitions, or during a rebalance, an instance without partitions is a member waiting for work."""
+        return self._joined
 
     @property
     def buffered(self) -> int:

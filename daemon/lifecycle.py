@@ -90,7 +90,7 @@ async def serve(
 ) -> None:
     """Run the daemon until `stop` is set; a sink that fails stops the whole daemon with its error.
 
-    Under systemd (Type=notify) it says READY=1 once Kafka answers and every sink has partitions, pings
+    Under systemd (Type=notify) it says READY=1 once Kafka answers and every sink has joined its group, pings
     WATCHDOG=1 from the event loop until the last resource is closed, and says STOPPING=1 when it drains.
     """
     registry = registry if registry is not None else CollectorRegistry()
@@ -359,13 +359,13 @@ def _status(
 
 
 async def _notify_ready(notifier: Notifier, publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -> None:
-    """READY=1 once Kafka answers and every enabled sink has partitions, as /readyz (`_reasons`) says.
+    """READY=1 once Kafka answers and every enabled sink has joined its group, as /readyz (`_reasons`) says.
 
     Neither the publisher nor the engines signal "connected" or "assigned", so this one start-up wait polls.
     """
 
     def connected() -> bool:
-        return (publisher is None or publisher.available) and all(e.assigned > 0 for e in engines.values())
+        return (publisher is None or publisher.available) and all(e.joined for e in engines.values())
 
     while not connected():  # noqa: ASYNC110 - no event to wait on (see the docstring)
         await asyncio.sleep(_READY_POLL)
@@ -390,8 +390,8 @@ def _reasons(
         keys.recheck()  # an empty batch: written, the next probe finds the ingest ready
     for name, engine in engines.items():
         silence = engine.kafka_silence
-        if engine.assigned == 0:
-            reasons[f"sink.{name}"] = "no partitions assigned (joining the group, or kafka unreachable)"
+        if not engine.joined:  # not `assigned == 0`: every member has none during a rebalance, a spare one always
+            reasons[f"sink.{name}"] = "joining its consumer group (or kafka unreachable)"
         elif silence > _SILENT_MEASUREMENTS * engine.config.lag_interval:
             reasons[f"sink.{name}"] = f"kafka is unreachable: no answer to the lag measurement for {silence:.0f} s"
     return reasons

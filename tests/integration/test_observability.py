@@ -33,12 +33,14 @@ from support import (
     produce_raw,
     running_daemon,
     sandbox_sinks,
+    settings_env,
     settings_for,
 )
 
 from daemon import kafka_local
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
+from daemon.settings import load_settings
 from daemon.signature import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from topics.catalogue import SINKS
 from topics.samples import sample_submission
@@ -298,7 +300,7 @@ async def test_readyz_says_why_while_the_broker_is_down_and_recovers_when_it_is_
     expected = {"ingest", *(f"sink.{name}" for name in SINKS)}
     async with running_daemon(settings) as base, aiohttp.ClientSession() as session:
         status, body = await wait_for(session, base, lambda status, _: status == 200, 30)
-        assert (status, body) == (200, {"status": "ready", "reasons": {}})
+        assert (status, body) == (200, {"status": "ready", "reasons": {}, "degraded": {}})
 
         await asyncio.to_thread(kafka_local.stop, broker.data_dir)
         status, body = await wait_for(session, base, lambda _, body: set(body["reasons"]) >= expected, 20)
@@ -309,7 +311,41 @@ async def test_readyz_says_why_while_the_broker_is_down_and_recovers_when_it_is_
 
         await asyncio.to_thread(kafka_local.start, broker.data_dir)
         status, body = await wait_for(session, base, lambda status, _: status == 200, 45)
-        assert (status, body) == (200, {"status": "ready", "reasons": {}})
+        assert (status, body) == (200, {"status": "ready", "reasons": {}, "degraded": {}})
+
+
+async def test_an_instance_without_partitions_is_ready(
+    kafka_broker: BrokerInfo, sandbox_process: SandboxProcess, unique_name: str, tmp_path: Path
+) -> None:
+    # One partition of orders and one of crm's replay topic, three instances: the group gives two of them nothing
+    # (the range assignor gives both partitions 0 to the first member). A member without partitions waits for
+    # work, as every member does during a rebalance: not an instance to take out of a load balancer.
+    sinks = {"crm": sandbox_sinks(sandbox_process)["crm"]}
+    env = {"ORDERBUS_TOPICS__DLQ_PARTITIONS": "1"}
+    settings = [
+        load_settings(
+            None, env={**settings_env(kafka_broker, f"{unique_name}.", tmp_path / n, partitions=1, sinks=sinks), **env}
+        )
+        for n in "abc"
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        bases = [await stack.enter_async_context(running_daemon(s, CollectorRegistry())) for s in settings]
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+
+        async def assignments() -> list[list[int]]:
+            assigned = []
+            for base in bases:
+                async with session.get(f"{base}/status") as response:
+                    assigned.append((await response.json())["sinks"]["crm"]["assigned_partitions"])
+            return sorted(assigned)
+
+        deadline = time.monotonic() + 60
+        while (assigned := await assignments()) != [[], [], [0]] and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.25)  # each instance's join is a rebalance of all
+        assert assigned == [[], [], [0]]
+        for base in bases:  # those without a partition too, once their join is complete
+            ready = await wait_for(session, base, lambda status, _: status == 200, 30)
+            assert ready == (200, {"status": "ready", "reasons": {}, "degraded": {}}), ready
 
 
 # ---------------------------------------------------------------------------------------------------- logs

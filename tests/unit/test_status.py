@@ -58,7 +58,7 @@ class _Config:
 class SinkView:
     """What readiness reads of a `SinkEngine`, set as a running engine reports it."""
 
-    assigned: int = 4
+    joined: bool = True
     kafka_silence: float = 0.0
     auth_paused: bool = False
     circuit_state: str = "closed"
@@ -87,9 +87,9 @@ def test_a_failing_downstream_leaves_the_instance_ready_and_is_said_as_degraded(
 
 
 def test_what_the_instance_lacks_makes_it_not_ready() -> None:
-    sinks = engines(crm=SinkView(assigned=0), shipping=SinkView(kafka_silence=76.0), accounting=SinkView())
+    sinks = engines(crm=SinkView(joined=False), shipping=SinkView(kafka_silence=76.0), accounting=SinkView())
     assert _reasons(None, sinks) == {
-        "sink.crm": "no partitions assigned (joining the group, or kafka unreachable)",
+        "sink.crm": "joining its consumer group (or kafka unreachable)",
         "sink.shipping": "kafka is unreachable: no answer to the lag measurement for 76 s",
     }
     assert _degraded(sinks) == {}
@@ -100,10 +100,10 @@ def test_status_shows_degraded_sinks_after_the_not_ready_ones() -> None:
     document = {
         "sinks": {},
         "ingest": None,
-        "not_ready": {"sink.crm": "no partitions assigned (joining the group, or kafka unreachable)"},
+        "not_ready": {"sink.crm": "joining its consumer group (or kafka unreachable)"},
         "degraded": {"sink.shipping": "circuit open: the downstream keeps failing"},
     }
     assert render_status(document).splitlines()[-2:] == [
-        "NOT READY sink.crm: no partitions assigned (joining the group, or kafka unreachable)",
+        "NOT READY sink.crm: joining its consumer group (or kafka unreachable)",
         "DEGRADED sink.shipping: circuit open: the downstream keeps failing",
     ]
