@@ -106,11 +106,13 @@ async def serve(
         publisher: KafkaPublisher | None = None
         keys: SqliteIngestKeyStore | None = None
         options = client_options(settings.kafka)  # once: with TLS, each build reads the CA file again
+        checked = True
         if settings.ingest.enabled or settings.enabled_sinks():
             _state_dir(settings)
-            await _require_topics(settings, options)
+            checked = await _require_topics(settings, options)
         if settings.ingest.enabled:
-            ingest, publisher, keys = await _open_ingest(settings, options, stack, IngestMetrics(registry))
+            metrics = IngestMetrics(registry)
+            ingest, publisher, keys = await _open_ingest(settings, options, stack, metrics, topic_checked=checked)
         engines = await _open_sinks(settings, options, stack, EngineMetrics(registry))
         app = build_app(
             ingest=ingest,
@@ -208,34 +210,50 @@ def _state_dir(settings: Settings) -> None:
         raise ConfigError(f"state_dir: {path} is not writable by this user")
 
 
-async def _require_topics(settings: Settings, options: Mapping[str, Any]) -> None:
-    """Refuse to start (`ConfigError`, exit 2) while a topic the daemon reads or writes is missing.
+async def _require_topics(settings: Settings, options: Mapping[str, Any]) -> bool:
+    """Refuse to start (`ConfigError`, exit 2) while a topic the daemon reads or writes is missing; False if the
+    topics could not be checked.
 
     Otherwise the ingest's producer and the sinks' consumers would have the broker create them (Kafka's default
     ``auto.create.topics.enable=true``) with its defaults, one partition and its retention, which `topics apply`
     then only reports as drift. An unreachable Kafka stops the sinks as their producer would (`BrokerError`);
-    the ingest alone starts anyway and answers 503 until Kafka is back.
+    the ingest alone starts anyway and answers 503 until Kafka is back and its topic is found (`_open_ingest`).
     """
-    prefix = settings.topics.prefix
-    names = [orders_topic(prefix)]
-    for name in settings.enabled_sinks():
-        names += [dlq_topic(name, prefix), replay_topic(name, prefix)]
+    names = _topic_names(settings)
     try:
         missing = await missing_topics(names, options, timeout=settings.kafka.request_timeout)
     except BrokerError as exc:
         if settings.enabled_sinks():
             raise
-        log.warning("kafka unreachable at start, topics not checked", extra={"error": str(exc)})
-        return
+        log.warning("kafka unreachable at start, topics not checked yet", extra={"error": str(exc)})
+        return False
     if missing:
-        raise ConfigError(
-            f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-            f"{'do' if len(missing) > 1 else 'does'} not exist: run `orderbus topics apply` with these settings"
-        )
+        raise ConfigError(_missing_message(missing))
+    return True
+
+
+def _topic_names(settings: Settings) -> list[str]:
+    prefix = settings.topics.prefix
+    names = [orders_topic(prefix)]
+    for name in settings.enabled_sinks():
+        names += [dlq_topic(name, prefix), replay_topic(name, prefix)]
+    return names
+
+
+def _missing_message(missing: list[str]) -> str:
+    return (
+        f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+        f"{'do' if len(missing) > 1 else 'does'} not exist: run `orderbus topics apply` with these settings"
+    )
 
 
 async def _open_ingest(
-    settings: Settings, options: Mapping[str, Any], stack: AsyncExitStack, metrics: IngestMetrics
+    settings: Settings,
+    options: Mapping[str, Any],
+    stack: AsyncExitStack,
+    metrics: IngestMetrics,
+    *,
+    topic_checked: bool = True,
 ) -> tuple[Ingest, KafkaPublisher, SqliteIngestKeyStore]:
     keys = SqliteIngestKeyStore(ingest_keys_path(settings.state_dir))
     await keys.open()
@@ -245,10 +263,17 @@ async def _open_ingest(
     pruner = asyncio.create_task(pruning, name="ingest-key-pruner")
     stack.push_async_callback(cancel_and_wait, pruner)
 
+    async def topic_check() -> None:
+        """The start's check, when Kafka did not answer it: the publisher builds no producer before it passes."""
+        missing = await missing_topics(_topic_names(settings), options, timeout=settings.kafka.request_timeout)
+        if missing:
+            raise ConfigError(_missing_message(missing))
+
     publisher = KafkaPublisher(
         orders_topic(settings.topics.prefix),
         options,
         request_timeout=settings.kafka.request_timeout,
+        topic_check=None if topic_checked else topic_check,
     )
     await publisher.start()
     stack.push_async_callback(publisher.close)
@@ -383,7 +408,9 @@ def _reasons(
     are delivered once the CRM is back; that is what the topic between them is for.
     """
     reasons: dict[str, str] = {}
-    if publisher is not None and not publisher.available:
+    if publisher is not None and publisher.topic_missing:
+        reasons["ingest"] = publisher.topic_missing
+    elif publisher is not None and not publisher.available:
         reasons["ingest"] = "kafka is unreachable: the ingest cannot publish"
     elif keys is not None and keys.failing:  # a webhook with a key gets 503 until a batch is written again
         reasons["ingest"] = f"the idempotency key store is failing: {keys.failing}"

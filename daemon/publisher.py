@@ -10,6 +10,10 @@ the periodic health check found no broker), `publish` refuses at once with `Brok
 is handed to the producer: nothing is half-published. A background probe (a metadata request with growing
 intervals) reopens the gate. The health check (a metadata request every `health_interval` while the gate is
 open) is what lets an idle ingest, and /readyz, notice an outage before a client's publish times out.
+
+It refuses so, too, until `topic_check` has passed once (the daemon could not check its topic at start): the
+producer's first metadata request would have the broker create a missing topic with its own defaults (one
+partition), so no producer is built before the topic is known to exist.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,7 +33,7 @@ from consumers.clock import Clock, SystemClock
 from consumers.deadlines import Deadlines
 from consumers.kafka_io import guard_connection_writes, keep_metadata_synchronizer
 from topics.codec import EncodedRecord
-from topics.errors import BrokerError, PublishError
+from topics.errors import BrokerError, ConfigError, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +88,13 @@ class KafkaPublisher:
         health_interval: float = 2.0,
         producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer,
         clock: Clock | None = None,
+        topic_check: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """`producer_factory` takes `AIOKafkaProducer`'s arguments; unit tests pass a fake with its methods.
         `clock` keeps the publish timeouts (`consumers.deadlines`: one sweeper, not a timer per request) and paces
-        the health check and the reconnect probe."""
+        the health check and the reconnect probe. `topic_check`, if given, must pass (raise nothing) before the
+        producer is built: it raises `BrokerError` while the cluster cannot be reached, `ConfigError` while the
+        topic is missing, and is tried again with the reconnect probe."""
         self._topic = topic
         self._producer_factory = producer_factory
         self._options = dict(client_options)
@@ -99,10 +106,17 @@ class KafkaPublisher:
         self._health: asyncio.Task[None] | None = None
         self._clock = clock if clock is not None else SystemClock()
         self._deadlines = Deadlines(self._clock)
+        self._topic_check = topic_check
+        self._topic_missing: str | None = None
 
     @property
     def available(self) -> bool:
         return self._available
+
+    @property
+    def topic_missing(self) -> str | None:
+        """Why the ingest does not publish although the broker answers: its topic is missing (`topic_check`)."""
+        return self._topic_missing
 
     async def start(self) -> None:
         """Start the producer now if the broker answers, else keep trying in the background."""
@@ -110,8 +124,10 @@ class KafkaPublisher:
         try:
             await self._connect()
             self._available = True
-        except KafkaError as exc:
+        except (KafkaError, BrokerError) as exc:
             log.warning("kafka unreachable at start, ingest answers 503 until it is back: %r", exc)
+            self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
+        except ConfigError:  # said by `_check_topic`
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
 
     async def close(self, grace: float = 10.0) -> None:
@@ -200,6 +216,7 @@ class KafkaPublisher:
             outcome.set_exception(exc)
 
     async def _connect(self) -> None:
+        await self._check_topic()
         guard_connection_writes()
         producer = self._producer_factory(
             **self._options,
@@ -217,6 +234,21 @@ class KafkaPublisher:
             raise
         keep_metadata_synchronizer(producer.client, "ingest")  # its death would hold every send after a reset
         self._producer = producer
+
+    async def _check_topic(self) -> None:
+        """Run `topic_check` until it passes once; a missing topic is said at ERROR once, not at every probe."""
+        if self._topic_check is None:
+            return
+        try:
+            await self._topic_check()
+        except ConfigError as exc:
+            if self._topic_missing != str(exc):
+                log.error("the ingest answers 503 until its topic exists: %s", exc)
+            self._topic_missing = str(exc)
+            raise
+        if self._topic_missing is not None:
+            log.info("the ingest's topic exists now")
+        self._topic_check = self._topic_missing = None
 
     def _mark_unavailable(self, why: str) -> None:
         if self._available:
@@ -256,7 +288,7 @@ class KafkaPublisher:
                     await _ask_for_metadata(self._producer)
                 self._reopen()
                 return
-            except KafkaError as exc:
+            except (KafkaError, BrokerError, ConfigError) as exc:  # a missing topic: said by `_check_topic`
                 log.debug("kafka still unreachable: %r", exc)
                 delay = min(delay * 2, PROBE_MAX)
 

@@ -98,9 +98,13 @@ async def apply_topics(settings: Settings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(settings: Settings, registry: CollectorRegistry | None = None) -> AsyncIterator[str]:
-    """The whole daemon in this process until the block ends (then a clean stop); yields its base URL."""
-    await apply_topics(settings)
+async def running_daemon(
+    settings: Settings, registry: CollectorRegistry | None = None, *, apply: bool = True
+) -> AsyncIterator[str]:
+    """The whole daemon in this process until the block ends (then a clean stop); yields its base URL. `apply`:
+    create the topics first."""
+    if apply:
+        await apply_topics(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop, registry=registry))
     base = f"http://127.0.0.1:{settings.ingest.port}"

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from support import read_topic, running_daemon, settings_for
+from support import apply_topics, read_topic, running_daemon, settings_for
 
 from daemon import kafka_local
 from daemon.kafka_local import BrokerInfo
 from daemon.kafka_options import topic_layout
-from topics.admin import apply_catalogue
+from topics.admin import apply_catalogue, missing_topics, partition_ids
 from topics.catalogue import catalogue, orders_topic
 from topics.codec import decode
 from topics.samples import sample_submission
@@ -111,3 +111,43 @@ async def test_broker_down_gives_503_then_success_and_no_duplicate(
         str(decode(records[-1][1]).event_id) == answer["event_id"]
         or str(decode(records[0][1]).event_id) == answer["event_id"]
     )
+
+
+async def test_an_ingest_started_while_kafka_is_down_publishes_only_once_its_topic_exists(
+    private_broker: Callable[[], BrokerInfo], unique_name: str, tmp_path: Path
+) -> None:
+    # Kafka down at start: the topic check could not run. Had the producer asked for the topic's metadata once the
+    # broker was back, the broker would have created it with its own defaults: one partition, not the catalogue's.
+    broker = private_broker()
+    await asyncio.to_thread(kafka_local.stop, broker.data_dir)
+    settings = settings_for(broker, f"{unique_name}.", tmp_path / "state", retry_after=1)
+    topic = orders_topic(f"{unique_name}.")
+    options = {"bootstrap_servers": broker.bootstrap}
+    body = sample_submission(random.Random(5)).model_dump_json().encode()
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "while-no-topic"}
+
+    async def answers(session: aiohttp.ClientSession, base: str) -> tuple[int, dict[str, str]]:
+        async with session.post(f"{base}/v1/orders", data=body, headers=headers) as posted:
+            status = posted.status
+        async with session.get(f"{base}/readyz") as ready:
+            return status, (await ready.json())["reasons"]
+
+    async with running_daemon(settings, apply=False) as base, aiohttp.ClientSession() as session:
+        assert await answers(session, base) == (503, {"ingest": "kafka is unreachable: the ingest cannot publish"})
+        await asyncio.to_thread(kafka_local.start, broker.data_dir)
+        missing = {"ingest": f"topic {topic} does not exist: run `orderbus topics apply` with these settings"}
+        for _ in range(60):  # the reconnect probe's interval grows to 5 s
+            if (answer := await answers(session, base)) == (503, missing):
+                break
+            await asyncio.sleep(0.5)
+        assert answer == (503, missing)
+        assert await missing_topics([topic], options) == [topic], "not created by the broker on our behalf"
+
+        await apply_topics(settings)
+        for _ in range(60):
+            if (answer := await answers(session, base)) == (202, {}):
+                break
+            await asyncio.sleep(0.5)
+        assert answer == (202, {})
+    assert await partition_ids(topic, options) == list(range(settings.topics.orders_partitions))
+    assert len(await read_topic(broker.bootstrap, topic)) == 1

@@ -21,7 +21,7 @@ from consumers.clock import FakeClock
 from consumers.deadlines import DEFAULT_RESOLUTION
 from daemon.publisher import PROBE_MIN, BrokerUnavailable, KafkaPublisher, Published, PublishPending
 from topics.codec import EncodedRecord
-from topics.errors import PublishError
+from topics.errors import BrokerError, ConfigError, PublishError
 
 RECORD = EncodedRecord(key=b"SO-1", value=b'{"order": "SO-1"}', headers=[("event-type", b"order.created")])
 
@@ -216,6 +216,54 @@ async def test_a_metadata_request_no_broker_answers_closes_the_gate_until_the_pr
         assert asked == [(2.0, True), (2.0 + PROBE_MIN, False), (2.0 + 3 * PROBE_MIN, False)]
     finally:
         await publisher.close(grace=1.0)  # the health check is still there to cancel, not dead of an error
+
+
+async def test_no_producer_is_built_before_a_deferred_topic_check_passes(caplog: pytest.LogCaptureFixture) -> None:
+    """Kafka did not answer the start's topic check: the producer's first metadata request would have the broker
+    create a missing topic with its defaults (one partition). So the check runs first, with every probe, until it
+    passes: unreachable, then the topic missing (said once, and why the ingest is not ready), then there."""
+    clock = FakeClock()
+    producers: list[FakeProducer] = []
+    missing = "topic orders does not exist: run `orderbus topics apply` with these settings"
+    outcomes: list[Exception | None] = [
+        BrokerError("cannot list topics"),
+        ConfigError(missing),
+        ConfigError(missing),
+        None,
+    ]
+
+    async def topic_check() -> None:
+        if (outcome := outcomes.pop(0)) is not None:
+            raise outcome
+
+    def factory(**options: Any) -> FakeProducer:
+        producers.append(FakeProducer(options))
+        return producers[-1]
+
+    publisher = KafkaPublisher(
+        "orders", {}, health_interval=math.inf, producer_factory=factory, clock=clock, topic_check=topic_check
+    )
+
+    def state() -> tuple[bool, str | None, int]:
+        return publisher.available, publisher.topic_missing, len(producers)
+
+    await publisher.start()
+    try:
+        assert state() == (False, None, 0)
+        with pytest.raises(BrokerUnavailable):
+            await publisher.publish(RECORD, timeout=1.0)
+        await clock.advance(PROBE_MIN)
+        assert state() == (False, missing, 0)
+        await clock.advance(2 * PROBE_MIN)
+        assert state() == (False, missing, 0)
+        await clock.advance(4 * PROBE_MIN)
+        assert state() == (True, None, 1)
+        assert outcomes == []
+        assert await publisher.publish(RECORD, timeout=1.0) == Published("orders", 3, 41)
+    finally:
+        await publisher.close(grace=1.0)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said == [f"the ingest answers 503 until its topic exists: {missing}"]
 
 
 async def test_a_producer_whose_sender_died_is_replaced_by_a_new_one() -> None:
