@@ -4,7 +4,8 @@ The checks run cheapest first, and every answer has one cause:
 
 1. content type (415), body size (413);
 2. the Standard Webhooks signature, when secrets are configured (401);
-3. the idempotency key (``Idempotency-Key``, else ``webhook-id``) is well-formed (400);
+3. the idempotency key is well-formed (400): the signed ``webhook-id`` when signatures are on (an
+   ``Idempotency-Key`` beside it must be the same, or 400), else ``Idempotency-Key``, else ``webhook-id``;
 4. the body is a valid order submission (400 with field errors);
 5. the key: a repeat gets the first answer and publishes nothing; another body under it is 422; a repeat while the
    first is still publishing is 409;
@@ -120,11 +121,16 @@ class Ingest:
                 self._verifier.verify(request.headers, body)
             except SignatureError as exc:
                 return _refused(401, "invalid-signature", str(exc))
-        key = request.headers.get("Idempotency-Key")
-        if key is None:
-            key = request.headers.get("webhook-id")
+        key, header = _idempotency_key(request.headers, signed=self._verifier is not None)
         if key is not None and not _KEY_PATTERN.match(key):
-            return _refused(400, "invalid-idempotency-key", "an idempotency key is 1-255 printable ASCII characters")
+            detail = f"{header}: an idempotency key is 1-255 visible ASCII characters (no space or control character)"
+            return _refused(400, "invalid-idempotency-key", detail)
+        if key is not None and header == "webhook-id" and request.headers.get("Idempotency-Key", key) != key:
+            detail = (
+                "Idempotency-Key differs from webhook-id: with signed webhooks the key is the signed webhook-id, "
+                "which a replay cannot change; send the same value in both, or only webhook-id"
+            )
+            return _refused(400, "idempotency-key-mismatch", detail)
         try:
             submission = parse_submission(body)
         except ContractError as exc:
@@ -277,6 +283,23 @@ def _refused(
     level = logging.WARNING if status >= 500 else logging.INFO
     log.log(level, "order refused", extra={"status": status, "problem": code, **(context or {})})
     return problem(status, code, detail, errors=errors, headers=headers)
+
+
+def _idempotency_key(headers: Mapping[str, str], *, signed: bool) -> tuple[str | None, str]:
+    """The request's idempotency key and the header it came from.
+
+    Signed (``ingest.webhook_secrets`` set): the ``webhook-id`` the signature covers, which Standard Webhooks makes
+    the message's idempotency key. An ``Idempotency-Key`` header is not signed: had it won, anyone who captured a
+    signed request could send it again within the signature's 5 minutes under new keys, each a new event (an old
+    ``order.updated`` state applied again), so it must equal ``webhook-id`` (checked by the caller). Unsigned:
+    ``Idempotency-Key``, else ``webhook-id``.
+    """
+    if signed:
+        return headers.get("webhook-id"), "webhook-id"
+    key = headers.get("Idempotency-Key")
+    if key is not None:
+        return key, "Idempotency-Key"
+    return headers.get("webhook-id"), "webhook-id"
 
 
 def _event_id(submission: OrderSubmission, key: str | None, digest: str) -> uuid.UUID:

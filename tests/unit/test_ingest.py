@@ -431,6 +431,50 @@ async def test_signatures_are_required_when_secrets_are_set(publisher: FakePubli
         await client.close()
 
 
+async def test_a_signed_request_is_keyed_by_its_signed_webhook_id_not_an_unsigned_header(
+    publisher: FakePublisher,
+) -> None:
+    # Regression (walkthrough): Idempotency-Key won over webhook-id, and is not signed: a captured request sent again
+    # within the signature's 5 minutes with new Idempotency-Keys was published again each time, as a new event.
+    client = await client_for(publisher, secrets=(SECRET,))
+    try:
+        payload = body()
+        stamp = int(NOW)
+        signed = {
+            **JSON,
+            "webhook-id": "msg_7",
+            "webhook-timestamp": str(stamp),
+            "webhook-signature": sign(SECRET, "msg_7", stamp, payload),
+        }
+        first = await client.post("/v1/orders", data=payload, headers={**signed, "Idempotency-Key": "msg_7"})
+        assert first.status == 202
+        for forged in ("attacker-1", "attacker-2"):
+            replayed = await client.post("/v1/orders", data=payload, headers={**signed, "Idempotency-Key": forged})
+            assert replayed.status == 400
+            problem = await replayed.json()
+            assert problem["type"].endswith("idempotency-key-mismatch")
+            assert "Idempotency-Key differs from webhook-id" in problem["detail"]
+        again = await client.post("/v1/orders", data=payload, headers=signed)
+        assert (again.status, again.headers.get("Idempotent-Replayed")) == (202, "true")
+        assert len(publisher.records) == 1
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [({"Idempotency-Key": "has space"}, "Idempotency-Key"), ({"webhook-id": "msg h1"}, "webhook-id")],
+)
+async def test_a_bad_idempotency_key_is_refused_naming_its_header(
+    client: Client, headers: dict[str, str], named: str
+) -> None:
+    response = await client.post("/v1/orders", data=body(), headers={**JSON, **headers})
+    assert response.status == 400
+    assert (await response.json())["detail"] == (
+        f"{named}: an idempotency key is 1-255 visible ASCII characters (no space or control character)"
+    )
+
+
 async def test_a_body_that_arrives_in_pieces_is_read_whole(publisher: FakePublisher) -> None:
     # Regression (chaos run): only the first piece of a large body was read, so its signature never matched (401)
     # and an unsigned one was cut short (400). A body of 300 KB over loopback arrives in several pieces.
