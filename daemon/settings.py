@@ -37,6 +37,7 @@ from pydantic import (
 from consumers.http_client import ascii_host
 from consumers.policy import DEFAULT_POLICY, Action
 from consumers.sink import UrlTemplates
+from daemon.signature import secret_key
 from topics.catalogue import SINKS
 from topics.envelope import SOURCE_PATTERN
 from topics.errors import ConfigError
@@ -104,7 +105,8 @@ class KafkaSettings(_Section):
         for server in value.split(","):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"expected host:port[,host:port...], got {server.strip()!r}")
+                which = f"; {server.strip()!r} is not" if "," in value else ""  # the whole value is shown after
+                raise ValueError(f"expected host:port[,host:port...]{which}")
         return value
 
 
@@ -143,6 +145,17 @@ class IngestSettings(_Section):
             return tuple(line.strip() for line in value.splitlines() if line.strip())
         return value
 
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _usable_secrets(cls, secrets: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        # Checked here, not first by the verifier at start: `config check` must find what `run` would refuse.
+        for index, secret in enumerate(secrets):
+            try:
+                secret_key(secret.get_secret_value(), f"secret {index + 1} of {len(secrets)}")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return secrets
+
 
 def _secret_text(value: Any) -> Any:
     # A numeric key in TOML (key = 123456) is still a key; converting here also keeps it out of error messages.
@@ -155,8 +168,9 @@ HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "idempotency-key", "x-event-id"})
 
 
-# The user info of a URL (``scheme://user:password@``), which error messages must never show.
+# The user info of a URL (``scheme://user:password@``) and its query, which error messages must never show.
 _USER_INFO = re.compile(r"(?<=://)[^/\s@]*@")
+_QUERY = re.compile(r"(?<=\?)[^#'\s]+")
 
 
 def _usable_url(value: str) -> str:
@@ -166,6 +180,9 @@ def _usable_url(value: str) -> str:
     """
     try:
         parts = urlsplit(value)
+    except ValueError:  # urllib's reason: "Invalid IPv6 URL" for an unclosed bracket
+        raise ValueError("not a usable URL: an IPv6 host goes in brackets, [::1]") from None
+    try:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     except ValueError:
         raise ValueError("not a usable URL: the port must be a number from 0 to 65535") from None
@@ -179,6 +196,17 @@ def _usable_url(value: str) -> str:
 
 
 HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$"), AfterValidator(_usable_url)]
+
+
+def _base(value: str) -> str:
+    """A base URL the sinks append paths to (``{base_url}/orders``): a query or fragment would swallow them."""
+    parts = urlsplit(value)
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise ValueError("a base URL takes no query (?...) or fragment (#...): the paths are appended to it")
+    return value
+
+
+BaseUrl = Annotated[HttpUrl, AfterValidator(_base)]
 
 
 class _AuthSection(_Section):
@@ -260,6 +288,8 @@ class OAuth2Settings(_AuthSection):
         return self
 
 
+_AUTH_TYPES = frozenset({"none", "bearer", "basic", "api_key", "oauth2"})
+_SECRETS = frozenset({"token", "password", "key", "client_secret"})  # the auth keys a *_FILE variable may hold
 AuthSettings = Annotated[
     NoAuthSettings | BearerAuthSettings | BasicAuthSettings | ApiKeyAuthSettings | OAuth2Settings,
     Field(discriminator="type"),
@@ -308,7 +338,7 @@ class SinkSettings(_Section):
     """
 
     enabled: bool = False
-    base_url: HttpUrl = "http://127.0.0.1:8090"
+    base_url: BaseUrl = "http://127.0.0.1:8090"
     max_in_flight: int = Field(256, ge=1, le=4096)
     max_buffered: int = Field(1000, ge=1, le=1_000_000)
     rate: float | None = Field(None, gt=0, description="requests per second; none: unlimited")
@@ -439,6 +469,12 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
             if key in top_level:
                 data[key] = value
                 origins[key] = name
+            elif (meant := _one_underscore_too_few(key)) is not None:
+                suffix = "_FILE" if name.endswith("_FILE") else ""
+                raise ConfigError(
+                    f"environment variable {name}: no setting {key}; a section and its key are joined by two "
+                    f"underscores: {ENV_PREFIX}{meant.upper()}{suffix}"
+                )
             continue  # ORDERBUS_* variables of other tools (e.g. ORDERBUS_KAFKA_CACHE) are not settings
         if path[0] not in top_level or not all(path):
             raise ConfigError(f"environment variable {name}: no setting {'.'.join(path)}")
@@ -450,6 +486,22 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
         target[path[-1]] = _env_value(value)
         origins[".".join(path)] = name
     return origins
+
+
+def _one_underscore_too_few(key: str) -> str | None:
+    """``ingest_port`` → ``ingest__port``: a section's key written with one underscore, which would otherwise be
+    taken for another tool's variable and ignored; None for a name that is no setting that way either."""
+    sections: dict[str, Any] = {"kafka": KafkaSettings, "topics": TopicSettings, "ingest": IngestSettings}
+    for section, model in sections.items():
+        field = key.removeprefix(f"{section}_")
+        if field != key and field in model.model_fields:
+            return f"{section}__{field}"
+    for sink in SINKS:
+        rest = key.removeprefix(f"sinks_{sink}_")
+        if rest != key:
+            field = next((f for f in SinkSettings.model_fields if rest == f or rest.startswith(f"{f}_")), rest)
+            return f"sinks__{sink}__{field}{rest.removeprefix(field).replace('_', '__', 1)}"
+    return None
 
 
 def _read_secret_file(name: str, path: str) -> str:
@@ -469,11 +521,21 @@ def _env_value(value: str) -> Any:
     return value
 
 
+def _masked(text: str) -> str:
+    """A URL's user info and query (``?api_key=...``) masked: either may hold a credential."""
+    return _QUERY.sub("***", _USER_INFO.sub("***@", text))
+
+
+def _setting_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """`loc` without pydantic's tag of the auth union (``sinks.crm.auth.bearer.token``): not a key one can set."""
+    return tuple(part for i, part in enumerate(loc) if not (i and loc[i - 1] == "auth" and part in _AUTH_TYPES))
+
+
 def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str]) -> str:
     where = f" in {path}" if path is not None else ""
     problems = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(root)"
+        key = ".".join(str(part) for part in _setting_path(error["loc"])) or "(root)"
         source = next((f" (set by {var})" for dotted, var in origins.items() if key.startswith(dotted)), "")
         if error["type"] == "extra_forbidden":
             problems.append(f"{key}: unknown setting{source}")
@@ -481,6 +543,9 @@ def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str
         shown = error.get("input")
         # Never echo what might be a secret; show short scalar inputs only.
         secret = any(word in key for word in ("secret", "password", "token", "key"))
-        bad = "" if secret or isinstance(shown, dict | list) else f" (got {_USER_INFO.sub('***@', repr(shown))})"
-        problems.append(f"{key}: {error['msg']}{bad}{source}")
+        bad = "" if secret or isinstance(shown, dict | list) else f" (got {_masked(repr(shown))})"
+        hint = ""
+        if error["type"] == "missing" and key.rpartition(".")[2] in _SECRETS:  # where a secret can come from
+            hint = f" (in the file, or {ENV_PREFIX}{key.upper().replace('.', '__')}_FILE)"
+        problems.append(f"{key}: {error['msg'].removeprefix('Value error, ')}{bad}{hint}{source}")
     return f"invalid settings{where}: " + "; ".join(problems)

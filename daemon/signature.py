@@ -69,7 +69,7 @@ class SignatureError(OrderbusError):
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """The ``webhook-signature`` header value (one ``v1`` entry) for `body`, as a Standard Webhooks sender."""
-    key = _decode_secret(secret, "webhook secret")
+    key = secret_key(secret, "webhook secret")
     return f"{_VERSION},{base64.b64encode(_digest(key, msg_id, str(timestamp), body)).decode('ascii')}"
 
 
@@ -94,7 +94,7 @@ class WebhookVerifier:
             raise ConfigError("webhook_secrets: at least one secret is required to verify webhooks")
         if tolerance < 0:
             raise ConfigError(f"signature tolerance must be >= 0 seconds (got {tolerance})")
-        self._keys = tuple(_decode_secret(s, f"webhook_secrets[{i}]") for i, s in enumerate(secrets))
+        self._keys = tuple(secret_key(s, f"webhook_secrets[{i}]") for i, s in enumerate(secrets))
         self._tolerance = tolerance
         self._clock = clock
 
@@ -170,8 +170,8 @@ def _digest(key: bytes, msg_id: str, timestamp: str, body: bytes) -> bytes:
     return hmac.new(key, prefix + body, hashlib.sha256).digest()
 
 
-def _decode_secret(secret: str, label: str) -> bytes:
-    """The HMAC key for `secret`; errors name `label` and never echo the secret."""
+def secret_key(secret: str, label: str) -> bytes:
+    """The HMAC key for `secret`; errors (`ConfigError`) name `label` and never echo the secret."""
     if secret.startswith(SECRET_PREFIX):
         encoded = secret.removeprefix(SECRET_PREFIX)
         try:

@@ -593,12 +593,12 @@ def test_auth_settings_from_toml_and_credential_files(tmp_path: Path) -> None:
     [
         ({"TOKEN": "t"}, ["sinks.crm.auth", "discriminator 'type'"]),
         ({"TYPE": "kerberos"}, ["sinks.crm.auth", "kerberos", "oauth2"]),
-        ({"TYPE": "bearer", "TOKEN": "tok-Zq8\nX-Injected: 1"}, ["sinks.crm.auth.bearer", "control characters"]),
-        ({"TYPE": "bearer", "TOKEN": ""}, ["sinks.crm.auth.bearer", "token must not be empty"]),
-        ({"TYPE": "api_key", "HEADER": "Idempotency-Key", "KEY": "k"}, ["auth.api_key.header", "sets itself"]),
-        ({"TYPE": "api_key", "HEADER": "X Key", "KEY": "k"}, ["auth.api_key.header"]),
-        ({"TYPE": "basic", "USERNAME": "a:b", "PASSWORD": "p"}, ["auth.basic.username"]),
-        ({"TYPE": "oauth2", "TOKEN_URL": "login", "CLIENT_ID": "c"}, ["oauth2.token_url", "oauth2.client_secret"]),
+        ({"TYPE": "bearer", "TOKEN": "tok-Zq8\nX-Injected: 1"}, ["sinks.crm.auth", "control characters"]),
+        ({"TYPE": "bearer", "TOKEN": ""}, ["sinks.crm.auth", "token must not be empty"]),
+        ({"TYPE": "api_key", "HEADER": "Idempotency-Key", "KEY": "k"}, ["auth.header", "sets itself"]),
+        ({"TYPE": "api_key", "HEADER": "X Key", "KEY": "k"}, ["auth.header"]),
+        ({"TYPE": "basic", "USERNAME": "a:b", "PASSWORD": "p"}, ["auth.username"]),
+        ({"TYPE": "oauth2", "TOKEN_URL": "login", "CLIENT_ID": "c"}, ["auth.token_url", "auth.client_secret"]),
     ],
 )
 def test_bad_auth_settings_name_the_key_and_never_quote_a_secret(env: dict[str, str], names: list[str]) -> None:

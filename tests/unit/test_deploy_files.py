@@ -9,6 +9,7 @@ file keeps to plain block YAML and JSON-style flow lists, so a small reader belo
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import re
@@ -211,11 +212,16 @@ def credential_env(options: Mapping[str, list[str]], directory: str) -> dict[str
     return {name: value.replace("%d", directory) for name, _, value in assignments if name.startswith("ORDERBUS_")}
 
 
+def fake_secret(name: str) -> str:
+    """A credential file's content for `name`: a Standard Webhooks secret (base64 after its prefix)."""
+    return "whsec_" + base64.b64encode(name.encode()).decode()
+
+
 @pytest.fixture
 def unit_settings(options: dict[str, list[str]], tmp_path: Path) -> Settings:
     """deploy/systemd/orderbus.toml as the service reads it: the unit's variables, its credentials as files."""
     for name in CREDENTIALS:
-        (tmp_path / name).write_text(f"whsec_dGVzdA-{name}\n")
+        (tmp_path / name).write_text(f"{fake_secret(name)}\n")
     return load_settings(UNIT_CONFIG, env=credential_env(options, str(tmp_path)))
 
 
@@ -248,15 +254,15 @@ def test_the_example_config_loads_with_the_units_credentials(
     assert one(options, "ExecStart").endswith(" --config /etc/orderbus/orderbus.toml")  # where UNIT_CONFIG goes
     assert unit_settings.state_dir == Path("/var/lib") / one(options, "StateDirectory")
     secrets = [secret.get_secret_value() for secret in unit_settings.ingest.webhook_secrets]
-    assert secrets == ["whsec_dGVzdA-webhook-secret"]
+    assert secrets == [fake_secret("webhook-secret")]
     sinks = unit_settings.enabled_sinks()
     crm, accounting, shipping = sinks["crm"].auth, sinks["accounting"].auth, sinks["shipping"].auth
     assert isinstance(crm, BearerAuthSettings)
-    assert crm.token.get_secret_value() == "whsec_dGVzdA-crm-token"
+    assert crm.token.get_secret_value() == fake_secret("crm-token")
     assert isinstance(accounting, OAuth2Settings)
-    assert accounting.client_secret.get_secret_value() == "whsec_dGVzdA-accounting-client-secret"
+    assert accounting.client_secret.get_secret_value() == fake_secret("accounting-client-secret")
     assert isinstance(shipping, ApiKeyAuthSettings)
-    assert shipping.key.get_secret_value() == "whsec_dGVzdA-shipping-api-key"
+    assert shipping.key.get_secret_value() == fake_secret("shipping-api-key")
 
 
 def test_systemd_waits_longer_than_the_shutdown_drains(options: dict[str, list[str]], unit_settings: Settings) -> None:

@@ -100,6 +100,26 @@ def test_other_tools_variables_are_not_settings() -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("ORDERBUS_INGEST_PORT", "ORDERBUS_INGEST__PORT"),
+        ("ORDERBUS_KAFKA_BOOTSTRAP_SERVERS", "ORDERBUS_KAFKA__BOOTSTRAP_SERVERS"),
+        ("ORDERBUS_SINKS_CRM_BASE_URL", "ORDERBUS_SINKS__CRM__BASE_URL"),
+        ("ORDERBUS_SINKS_CRM_AUTH_TOKEN_FILE", "ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE"),
+    ],
+)
+def test_a_setting_written_with_one_underscore_is_refused_naming_the_right_variable(
+    name: str, meant: str, tmp_path: Path
+) -> None:
+    # Regression (walkthrough): ORDERBUS_INGEST_PORT=9 was taken for another tool's variable and ignored.
+    secret = tmp_path / "token"
+    secret.write_text("t0ken\n")
+    value = str(secret) if name.endswith("_FILE") else "9"
+    with pytest.raises(ConfigError, match=f"{name}: .*two underscores: {meant}$"):
+        load_settings(None, env={name: value})
+
+
+@pytest.mark.parametrize(
     ("text", "key"),
     [
         ('[sinks.crm]\nbase_url = "https://orderbus:pa55w0rd-x@crm.example.com/api"\n', "sinks.crm.base_url"),
@@ -107,7 +127,7 @@ def test_other_tools_variables_are_not_settings() -> None:
         (
             '[sinks.accounting.auth]\ntype = "oauth2"\nclient_id = "ob"\nclient_secret = "s"\n'
             'token_url = "https://ob:pa55w0rd-x@idp.example.com/token"\n',
-            "sinks.accounting.auth.oauth2.token_url",
+            "sinks.accounting.auth.token_url",
         ),
         ('[sinks.crm.urls]\ncreate = "https://ob:pa55w0rd-x@crm.example.com/orders"\n', "sinks.crm.urls"),
     ],
@@ -182,3 +202,44 @@ def test_complete_sasl_and_tls_settings_pass(tmp_path: Path) -> None:
     )
     settings = load_settings(write(tmp_path, text), env={"ORDERBUS_KAFKA__SASL_PASSWORD": "pw"})
     assert settings.kafka.ssl_cafile == system_cas
+
+
+def test_a_webhook_secret_the_verifier_would_refuse_is_refused_by_the_settings() -> None:
+    # Regression (walkthrough): `config check` passed it and `run` then exited 2; the message names the key and
+    # never the secret.
+    env = {"ORDERBUS_INGEST__WEBHOOK_SECRETS": '["whsec_dGVzdA==", "whsec_s3cr!t"]'}
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, env=env)
+    message = str(raised.value)
+    assert "ingest.webhook_secrets: secret 2 of 2: the part after 'whsec_' is not valid base64" in message
+    assert "s3cr!t" not in message
+
+
+def test_a_bad_bootstrap_server_is_named_once() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, env={"ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": "localhost"})
+    assert str(raised.value) == (
+        "invalid settings: kafka.bootstrap_servers: expected host:port[,host:port...] (got 'localhost') "
+        "(set by ORDERBUS_KAFKA__BOOTSTRAP_SERVERS)"
+    )
+    with pytest.raises(ConfigError, match=r"; 'kafka' is not \(got 'a:9092,kafka'\)"):
+        load_settings(None, env={"ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": "a:9092,kafka"})
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        # Regression (walkthrough): accepted, and the create URL became .../api?x=1#frag/orders.
+        ("https://crm.example.com/api?api_key=S3CRET", "takes no query (?...) or fragment (#...)"),
+        ("https://crm.example.com/api#orders", "takes no query (?...) or fragment (#...)"),
+        ("https://crm.example.com/api?", "takes no query (?...) or fragment (#...)"),
+        # Regression (walkthrough): reported as a bad port.
+        ("http://[::1/api", "an IPv6 host goes in brackets"),
+    ],
+)
+def test_a_base_url_the_paths_cannot_be_appended_to_is_refused(url: str, said: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, env={"ORDERBUS_SINKS__CRM__BASE_URL": url})
+    assert "sinks.crm.base_url: " in str(raised.value)
+    assert said in str(raised.value)
+    assert "S3CRET" not in str(raised.value), "a query may hold a credential"
