@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from daemon.ingest import Ingest
+from daemon.problems import problem
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
@@ -38,7 +39,7 @@ def build_app(
     # The ingest reads the body itself against its own limit; leave aiohttp's a little above it.
     app = web.Application(client_max_size=max_body_bytes + 1)
     if ingest is not None:
-        app.router.add_post("/v1/orders", ingest.post_order)
+        app.router.add_post("/v1/orders", ingest.post_order, expect_handler=ingest.expect)
     openapi = OPENAPI_PATH.read_bytes()
 
     async def openapi_document(_: web.Request) -> web.Response:
@@ -67,4 +68,14 @@ def build_app(
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    allowed = {resource.canonical: sorted({route.method for route in resource}) for resource in app.router.resources()}
+
+    async def unrouted(request: web.Request) -> web.Response:
+        # Matched only when no route is (the ingest's path resolves first): 404 and 405 as problem documents too.
+        if methods := allowed.get(request.path):
+            detail = f"{request.path} takes {', '.join(methods)}"
+            return problem(405, "method-not-allowed", detail, headers={"Allow": ", ".join(methods)})
+        return problem(404, "not-found", "no such resource; the API is described at /openapi.json")
+
+    app.router.add_route("*", "/{path:.*}", unrouted)
     return app

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CollectorRegistry
 
 from daemon.ingest_keys import Busy, Claim, Claimed, Conflict, IngestKeyStore, Replay, body_sha256
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c2a52-0a7e-4d0e-9a51-3f0f3c1c9b10")
 _KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
 _JSON_TYPES = ("application/json",)
+_UTF8 = ("utf-8", "utf8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +105,28 @@ class Ingest:
         self._metrics.answered(response.status)
         return response
 
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue``: a body declared larger than the limit is refused before the client sends it
+        (aiohttp's own handler asks for every body, then the 413 comes after the upload); otherwise as aiohttp's."""
+        if request.version != HttpVersion11:
+            return None
+        expect = request.headers.get(hdrs.EXPECT, "")
+        if expect.lower() != "100-continue":
+            self._metrics.answered(417)
+            return _refused(417, "expectation-failed", "the only Expect this server answers is 100-continue")
+        declared = request.content_length
+        if declared is not None and declared > self._config.max_body_bytes:
+            self._metrics.answered(413)
+            return _refused(413, "body-too-large", f"the body exceeds {self._config.max_body_bytes} bytes")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own bytes start after the interim response
+        return None
+
     async def _answer(self, request: web.Request) -> web.Response:
         if request.content_type not in _JSON_TYPES:
             return _refused(415, "unsupported-media-type", "send the order as Content-Type: application/json")
+        if (charset := request.charset) is not None and charset.lower() not in _UTF8:  # RFC 8259: JSON is UTF-8
+            return _refused(415, "unsupported-charset", "send the order as UTF-8 (charset=utf-8, or no charset)")
         if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
             # aiohttp would inflate it, but the signature covers the bytes as sent and the limits the bytes read.
             return _refused(415, "unsupported-content-encoding", "send the body uncompressed (no Content-Encoding)")

@@ -135,6 +135,21 @@ async def test_wrong_content_type_is_415(client: Client, publisher: FakePublishe
     assert publisher.records == []
 
 
+@pytest.mark.parametrize(
+    ("charset", "status"), [("latin-1", 415), ("utf-16", 415), ("UTF-8", 202), ('"utf-8"', 202), ("utf8", 202)]
+)
+async def test_a_body_declared_in_another_charset_than_utf8_is_415(
+    client: Client, publisher: FakePublisher, charset: str, status: int
+) -> None:
+    # Regression (walkthrough): accepted and read as UTF-8 whatever it said.
+    headers = {"Content-Type": f"application/json; charset={charset}"}
+    response = await client.post("/v1/orders", data=body(), headers=headers)
+    assert response.status == status
+    if status == 415:
+        assert (await response.json())["type"].endswith("unsupported-charset")
+        assert publisher.records == []
+
+
 async def test_oversized_body_is_413_declared_or_streamed(publisher: FakePublisher) -> None:
     client = await client_for(publisher, max_body_bytes=2048)
     try:
@@ -510,6 +525,53 @@ async def test_openapi_health_and_readiness(client: Client) -> None:
     }  # fmt: skip
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [("GET", "/nope", 404, None), ("GET", "/v1/orders", 405, "POST"), ("DELETE", "/healthz", 405, "GET, HEAD")],
+)
+async def test_unknown_paths_and_methods_are_answered_as_problems(
+    client: Client, method: str, path: str, status: int, allow: str | None
+) -> None:
+    # Regression (walkthrough): aiohttp's own plain-text "404: Not Found" and "405: Method Not Allowed".
+    response = await client.request(method, path)
+    assert (response.status, response.content_type) == (status, "application/problem+json")
+    assert (await response.json())["status"] == status
+    assert response.headers.get("Allow") == allow
+
+
+async def head_of_the_answer(client: Client, expect: str, length: int) -> bytes:
+    """Send only the headers of a POST with `expect` and a declared `length`; the first line of what comes back."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            f"POST /v1/orders HTTP/1.1\r\nHost: orderbus\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\nExpect: {expect}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+
+
+async def test_a_body_declared_too_large_is_refused_before_it_is_sent(publisher: FakePublisher) -> None:
+    # Regression (walkthrough): with Expect: 100-continue (curl sends it past 1 MB), aiohttp asked for the body
+    # ("100 Continue"), the client uploaded it all, and only then came the 413.
+    client = await client_for(publisher, max_body_bytes=2048)
+    try:
+        assert (
+            await head_of_the_answer(client, "100-continue", 10_000_000) == b"HTTP/1.1 413 Request Entity Too Large\r\n"
+        )
+        assert await head_of_the_answer(client, "100-continue", 2048) == b"HTTP/1.1 100 Continue\r\n"
+        assert await head_of_the_answer(client, "something-else", 10) == b"HTTP/1.1 417 Expectation Failed\r\n"
+        small = await client.post("/v1/orders", data=body(), headers=JSON, expect100=True)
+        assert small.status == 202
+        large = await client.post("/v1/orders", data=body() + b" " * 2048, headers=JSON, expect100=True)
+        assert large.status == 413
+        assert len(publisher.records) == 1
+    finally:
+        await client.close()
 
 
 @pytest.mark.parametrize(
