@@ -138,14 +138,20 @@ def _parser() -> argparse.ArgumentParser:
     prune.set_defaults(func=_dedup_prune)
 
     dlq = commands.add_parser("dlq", help="dead letters per sink").add_subparsers(required=True, metavar="ACTION")
-    listing = dlq.add_parser("list", help="one line per dead letter: where, order, reason, rule, status, attempts")
+    listing = dlq.add_parser(
+        "list", help="one line per dead letter: where, order, reason, rule, status, attempts, replay state"
+    )
     show_one = dlq.add_parser("show", help="one dead letter with its HTTP exchange and history")
     show_one.add_argument(
         "position", type=_position, help="PARTITION:OFFSET in the dead-letter topic, as `dlq list` prints it"
     )
     again = dlq.add_parser("replay", help="send dead letters back to their sink, with their idempotency keys")
     again.add_argument("--position", type=_position, action="append", default=[], help="PARTITION:OFFSET (repeatable)")
-    again.add_argument("--all", action="store_true", help="every dead letter of the sink")
+    again.add_argument("--all", action="store_true", help="every open dead letter of the sink")
+    again.add_argument(
+        "--again", action="store_true", help="with --reason, --order or --all: also those replayed before"
+    )
+    listing.add_argument("--open", action="store_true", help="only those not replayed yet (state=open)")
     for action, func in ((listing, _dlq_list), (show_one, _dlq_show), (again, _dlq_replay)):
         _config_option(action)
         action.add_argument("--sink", required=True, help="crm, accounting or shipping")
@@ -380,7 +386,7 @@ def _dedup_prune(args: argparse.Namespace) -> int:
 def _dlq_list(args: argparse.Namespace) -> int:
     from daemon.dlq import Selection, read_dead_letters
 
-    selection = Selection(reason=args.reason, order=args.order, everything=True)
+    selection = Selection(reason=args.reason, order=args.order, everything=True, again=not args.open)
     letters = [
         letter
         for letter in _run_async(read_dead_letters(_operator_settings(args), args.sink))
@@ -410,7 +416,7 @@ def _dlq_show(args: argparse.Namespace) -> int:
 def _dlq_replay(args: argparse.Namespace) -> int:
     from daemon.dlq import Selection, replay_selected
 
-    selection = Selection(tuple(args.position), args.reason, args.order, args.all)
+    selection = Selection(tuple(args.position), args.reason, args.order, args.all, args.again)
     replayed = _run_async(replay_selected(_operator_settings(args), args.sink, selection))
     for letter in replayed:
         print(f"replayed {letter.line()}")

@@ -7,23 +7,30 @@ skipped. Replay in the dead letters' order: one order's records then reach the s
 
 A sink killed between the broker's ack of a dead letter and recording the record as dead writes it again when
 the record is redelivered; both copies name the same consumed record, and the list and the replay show it once.
+
+Each dead letter has a state, read from the replay topic and the sink's committed offsets there: ``open`` (never
+replayed), ``replay-pending`` (replayed, the sink has not read it yet), ``replayed`` (the sink read it and did not
+dead-letter it again: delivered, or found delivered before), or ``failed-again@P:O`` (dead-lettered again, at
+P:O in the dead-letter topic: that one is open). A replay by reason, order or ``--all`` takes open ones only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from consumers.deadletter import REASONS, Header, copy_headers, read_headers
 from daemon.kafka_options import client_options
 from daemon.settings import Settings
 from topics.admin import partition_ids
-from topics.catalogue import SINKS, dlq_topic, replay_topic
+from topics.catalogue import SINKS, consumer_group, dlq_topic, replay_topic
 from topics.errors import BrokerError, ConfigError, OrderbusError
 
 
@@ -55,6 +62,7 @@ class DeadLetterView:
     value: bytes | None
     headers: list[Header]
     meta: dict[str, str]
+    state: str = "open"  # see the module's docstring
 
     @property
     def where(self) -> str:
@@ -70,7 +78,7 @@ class DeadLetterView:
         at = datetime.fromtimestamp(self.timestamp_ms / 1000, UTC).isoformat(timespec="seconds")
         return (
             f"{self.where:>8} {at} order={self.order} reason={meta.get('reason', '?')} rule={meta.get('rule', '?')} "
-            f"status={meta.get('http-status', '-')} attempts={meta.get('attempts', '0')}"
+            f"status={meta.get('http-status', '-')} attempts={meta.get('attempts', '0')} state={self.state}"
         )
 
     def details(self) -> str:
@@ -101,6 +109,7 @@ class Selection:
     reason: str | None = None
     order: str | None = None
     everything: bool = False
+    again: bool = False  # also those replayed before (a position named is taken whatever its state)
 
     def __post_init__(self) -> None:
         try:
@@ -117,10 +126,15 @@ class Selection:
         """The selection as the options that made it: ``--position 0:17 --reason rejected``."""
         parts = [f"--position {position}" for position in self.positions]
         parts += [f"--{name} {value}" for name, value in (("reason", self.reason), ("order", self.order)) if value]
-        return " ".join(parts) or ("--all" if self.everything else "nothing")
+        described = " ".join(parts) or ("--all" if self.everything else "nothing")
+        if not (self.positions or self.again):
+            described += " among the open ones (--again: those replayed before too)"
+        return described
 
     def matches(self, letter: DeadLetterView) -> bool:
         if self.positions and letter.where not in self.positions:
+            return False
+        if not (self.positions or self.again) and letter.state != "open":
             return False
         if self.reason is not None and letter.meta.get("reason") != self.reason:
             return False
@@ -134,14 +148,29 @@ def check_sink(sink: str) -> str:
 
 
 async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterView]:
-    """Every record of ``orders.dlq.<sink>``, oldest first per partition, ordered by time across partitions."""
-    topic = dlq_topic(check_sink(sink), settings.topics.prefix)
+    """Every record of ``orders.dlq.<sink>``, oldest first per partition, ordered by time across partitions, each
+    with its replay state."""
+    sink = check_sink(sink)
+    prefix = settings.topics.prefix
     options = client_options(settings.kafka)
+    letters = [_view(partition, record) for partition, record in await _records(dlq_topic(sink, prefix), options)]
+    letters.sort(key=lambda letter: (letter.timestamp_ms, letter.partition, letter.offset))
+    replays = replay_topic(sink, prefix)
+    sent = [
+        Replay(partition, record.offset, _source(_view(partition, record).meta))
+        for partition, record in await _records(replays, options)
+    ]
+    done = await _committed(consumer_group(sink, prefix), replays, options)
+    return with_states(distinct(letters), replays, sent, done)
+
+
+async def _records(topic: str, options: Mapping[str, Any]) -> list[tuple[int, Any]]:
+    """Every record of `topic` up to its end now, with its partition."""
     partitions = [TopicPartition(topic, p) for p in await partition_ids(topic, options)]
     if not partitions:
         raise BrokerError(f"topic {topic} does not exist; run `orderbus topics apply`")
     consumer = AIOKafkaConsumer(**options, enable_auto_commit=False, group_id=None)
-    letters: list[DeadLetterView] = []
+    found: list[tuple[int, Any]] = []
     try:
         await consumer.start()
         consumer.assign(partitions)
@@ -150,13 +179,67 @@ async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterVie
         while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
             batch = await consumer.getmany(timeout_ms=1000)
             for tp, records in batch.items():
-                letters.extend(_view(tp.partition, record) for record in records if record.offset < ends[tp])
+                found.extend((tp.partition, record) for record in records if record.offset < ends[tp])
     except KafkaError as exc:
         raise BrokerError(f"cannot read {topic}: {exc!r}") from exc
     finally:
         await consumer.stop()
-    letters.sort(key=lambda letter: (letter.timestamp_ms, letter.partition, letter.offset))
-    return distinct(letters)
+    return found
+
+
+async def _committed(group: str, topic: str, options: Mapping[str, Any]) -> dict[int, int]:
+    """`group`'s committed offsets on `topic`, by partition (none: nothing read yet)."""
+    admin = AIOKafkaAdminClient(**options)
+    try:
+        await admin.start()
+        offsets = await admin.list_consumer_group_offsets(group)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot read the committed offsets of group {group}: {exc!r}") from exc
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
+
+
+Source = tuple[str, str, str]  # the record a dead letter was made of: topic, partition, offset (from its headers)
+
+
+def _source(meta: Mapping[str, str]) -> Source:
+    return meta.get("topic", ""), meta.get("partition", ""), meta.get("offset", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A record of the replay topic: where it is, and which dead letter it is a copy of (`source`)."""
+
+    partition: int
+    offset: int
+    source: Source
+
+
+def with_states(
+    letters: Sequence[DeadLetterView], replays: str, sent: Sequence[Replay], done: Mapping[int, int]
+) -> list[DeadLetterView]:
+    """`letters` with their states (the module's docstring): `sent` are the records of the replay topic `replays`,
+    `done` the sink group's committed offsets there. A dead letter made of a replay record names it as its source.
+    """
+    last: dict[Source, Replay] = {}
+    for copy in sent:  # a dead letter's replays share its order number, so its partition: the last is the latest
+        if (earlier := last.get(copy.source)) is None or earlier.offset < copy.offset:
+            last[copy.source] = copy
+    again = {_source(letter.meta): letter.where for letter in letters}
+    stated = []
+    for letter in letters:
+        replay = last.get(_source(letter.meta))
+        if replay is None:
+            state = "open"
+        elif (where := again.get((replays, str(replay.partition), str(replay.offset)))) is not None:
+            state = f"failed-again@{where}"
+        elif done.get(replay.partition, 0) > replay.offset:
+            state = "replayed"
+        else:
+            state = "replay-pending"
+        stated.append(dataclasses.replace(letter, state=state))
+    return stated
 
 
 def distinct(letters: Sequence[DeadLetterView]) -> list[DeadLetterView]:

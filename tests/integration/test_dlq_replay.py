@@ -57,6 +57,7 @@ async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_k
         assert listed.returncode == 0, listed.stderr
         lines = listed.stdout.splitlines()
         assert len(lines) == 6
+        assert all(line.endswith(" state=open") for line in lines), lines
         assert Counter("reason=rejected" in line for line in lines) == {True: 5, False: 1}
         assert sum("reason=dead-lettered-predecessor" in line for line in lines) == 1
         shown = cli("dlq", "show", "--sink", "crm", lines[0].split()[0], env=env)
@@ -69,8 +70,20 @@ async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_k
         assert "6 dead letter(s) sent back" in replayed.stderr
         ledger = await sandbox.wait_ledger("crm", 61, timeout=60)
 
-        again = cli("dlq", "replay", "--sink", "crm", "--all", env=env)  # a second replay changes nothing
+        for _ in range(50):  # the sink commits what it read of the replay topic every 0.2 s
+            listed = cli("dlq", "list", "--sink", "crm", env=env)
+            if all(line.endswith(" state=replayed") for line in listed.stdout.splitlines()):
+                break
+            await asyncio.sleep(0.2)
+        assert [line.rsplit(" ", 1)[1] for line in listed.stdout.splitlines()] == ["state=replayed"] * 6
+        assert cli("dlq", "list", "--sink", "crm", "--open", env=env).stdout == ""
+
+        nothing = cli("dlq", "replay", "--sink", "crm", "--all", env=env)  # every one was replayed
+        assert nothing.returncode == 1
+        assert "matches --all among the open ones" in nothing.stderr
+        again = cli("dlq", "replay", "--sink", "crm", "--all", "--again", env=env)  # a second replay changes nothing
         assert again.returncode == 0, again.stderr
+        assert "6 dead letter(s) sent back" in again.stderr
         await asyncio.sleep(2.0)
         assert len(await sandbox.ledger("crm")) == 61
 

@@ -8,7 +8,17 @@ from types import SimpleNamespace
 import pytest
 
 from consumers.deadletter import DeadLetter, Reason, read_headers
-from daemon.dlq import DeadLetterView, Selection, SelectionError, _view, choose, distinct, parse_position
+from daemon.dlq import (
+    DeadLetterView,
+    Replay,
+    Selection,
+    SelectionError,
+    _view,
+    choose,
+    distinct,
+    parse_position,
+    with_states,
+)
 from topics.errors import ConfigError
 
 
@@ -61,10 +71,10 @@ def test_a_position_that_holds_no_dead_letter_replays_nothing() -> None:
 @pytest.mark.parametrize(
     ("selection", "named"),
     [
-        (Selection(order="NOPE"), "--order NOPE"),
-        (Selection(reason="retries-exhausted"), "--reason retries-exhausted"),
+        (Selection(order="NOPE"), r"--order NOPE among the open ones \(--again: those replayed before too\)"),
+        (Selection(reason="retries-exhausted", again=True), "--reason retries-exhausted"),
         (Selection(positions=("0:10",), reason="invalid"), "--position 0:10 --reason invalid"),
-        (Selection(everything=True), "--all"),
+        (Selection(everything=True), r"--all among the open ones \(--again: those replayed before too\)"),
     ],
 )
 def test_a_selection_that_matches_nothing_names_itself(selection: Selection, named: str) -> None:
@@ -91,3 +101,32 @@ def test_a_dead_letters_headers_are_kept_for_its_replay_unchanged_a_null_value_t
     letter = _view(0, record)
     assert letter.headers == headers
     assert letter.meta == {"reason": "invalid"}
+
+
+def test_each_dead_letter_says_whether_it_was_replayed_and_what_became_of_it() -> None:
+    # Regression (walkthrough): `dlq list` could not tell a dead letter replayed and delivered from an open one,
+    # and `dlq replay --all` sent every one again each time.
+    never = view(10, ("orders", 3, 500))
+    delivered = view(11, ("orders", 3, 501))
+    waiting = view(12, ("orders", 4, 9))
+    failed = view(13, ("orders", 5, 70))
+    again = view(14, ("orders.replay.crm", 1, 3), reason="retries-exhausted")  # failed's replay, dead again
+    sent = [
+        Replay(0, 0, ("orders", "3", "501")),
+        Replay(0, 1, ("orders", "3", "501")),  # replayed twice: the latest counts
+        Replay(2, 5, ("orders", "4", "9")),
+        Replay(1, 3, ("orders", "5", "70")),
+    ]
+    done = {0: 2, 1: 4, 2: 5}  # the sink has read partition 2 up to offset 5, not the record at 5
+    stated = with_states([never, delivered, waiting, failed, again], "orders.replay.crm", sent, done)
+    assert [letter.state for letter in stated] == [
+        "open",
+        "replayed",
+        "replay-pending",
+        "failed-again@0:14",
+        "open",
+    ]
+    assert stated[3].line().endswith("state=failed-again@0:14")
+    assert choose(stated, "crm", Selection(everything=True)) == [stated[0], stated[4]]
+    assert choose(stated, "crm", Selection(everything=True, again=True)) == stated
+    assert choose(stated, "crm", Selection(positions=("0:11",))) == [stated[1]]  # named: taken whatever its state
