@@ -1,6 +1,6 @@
 """The ``orderbus`` command line.
 
-    orderbus run [--config FILE]              the daemon (ingest now; the sinks join it later)
+    orderbus run [--config FILE]              the daemon: the webhook ingest and the enabled sinks
     orderbus demo [--rate N] [--duration S]   make run: Kafka, sandbox systems, the daemon, orders, a live view
     orderbus config check FILE                validate a config file, print the effective settings (masked)
     orderbus topics apply [--config FILE]     create missing topics, report drift, delete nothing
