@@ -348,8 +348,8 @@ def _kafka_stop(args: argparse.Namespace) -> int:
 
 
 def _kafka_kill(args: argparse.Namespace) -> int:
-    kafka_local.kill(args.data_dir)
-    print("kafka killed")
+    killed = kafka_local.kill(args.data_dir)
+    print("kafka killed" if killed else "kafka was not running")
     return 0
 
 

@@ -430,9 +430,9 @@ def stop(data_dir: Path, *, grace: float = 30.0, log: Log = no_log) -> bool:
     return _end(data_dir, grace=grace, log=log)
 
 
-def kill(data_dir: Path, *, log: Log = no_log) -> None:
-    """SIGKILL the broker at once, as a crash would, and wait until it is gone."""
-    _end(data_dir, grace=None, log=log)
+def kill(data_dir: Path, *, log: Log = no_log) -> bool:
+    """SIGKILL the broker at once, as a crash would, and wait until it is gone; whether one was running."""
+    return _end(data_dir, grace=None, log=log)
 
 
 def _end(data_dir: Path, *, grace: float | None, log: Log) -> bool:

@@ -149,7 +149,7 @@ def test_status_and_stop_are_safe_in_every_state(private_broker: Callable[[], Br
     assert (stopped.running, stopped.answering, stopped.info) == (False, False, None)
     assert str(broker.port) in stopped.detail
     assert kafka_local.stop(broker.data_dir) is False
-    kafka_local.kill(broker.data_dir)  # a no-op too
+    assert kafka_local.kill(broker.data_dir) is False  # a no-op too
     assert kafka_local.probe(broker.port) is False
 
 

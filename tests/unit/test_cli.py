@@ -11,9 +11,9 @@ import pytest
 from aiokafka.conn import AIOKafkaConnection
 
 from consumers.deadletter import DeadLetter, read_headers
-from daemon import cli, dlq, status
+from daemon import cli, dlq, kafka_local, status
 from daemon.dlq import DeadLetterView
-from daemon.kafka_local import REPO_ROOT
+from daemon.kafka_local import REPO_ROOT, BrokerState
 from daemon.settings import ApiKeyAuthSettings, BearerAuthSettings, OAuth2Settings, Settings
 from topics.errors import ConfigError
 
@@ -186,3 +186,14 @@ def test_dedup_prune_says_the_ingest_keys_keep_their_least(
     no_orderbus_env.setenv("ORDERBUS_STATE_DIR", str(tmp_path))
     assert cli.main(["dedup", "prune", "--older-than-hours", "2"]) == 0
     assert "ingest keys are kept for at least 24 hours" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("action", ["stop", "kill"])
+def test_kafka_stop_and_kill_say_when_no_broker_was_running(
+    action: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: `kafka kill` printed "kafka killed" where `kafka status` said "not running (last on ...)".
+    state = BrokerState(cluster_id="abc", port=4000, controller_port=4001, pid=os.getpid())  # a pid, not a broker
+    (tmp_path / kafka_local.STATE_FILE).write_text(state.to_json())
+    assert cli.main(["kafka", action, "--data-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == "kafka was not running\n"

@@ -217,5 +217,5 @@ def test_status_and_stop_ignore_a_pid_that_is_not_this_broker(tmp_path: Path) ->
     status = kafka_local.status(tmp_path)
     assert (status.running, status.info) == (False, None)
     assert kafka_local.stop(tmp_path) is False
-    kafka_local.kill(tmp_path)
+    assert kafka_local.kill(tmp_path) is False
     assert kafka_local.read_state(tmp_path) == BrokerState(cluster_id="abc", port=4000, controller_port=4001)
