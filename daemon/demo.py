@@ -17,7 +17,8 @@ Start, in dependency order (one `AsyncExitStack` closes everything in reverse):
 Stop (the first Ctrl-C, SIGTERM or SIGHUP): the generator stops and waits for its answers; the sinks get up to
 ``catch_up`` seconds to finish what was sent (their committed offsets reach the end of the topic), so that the
 next run starts with nothing left over; the daemon drains and commits; the sandbox's counts are read; the sandbox
-and Kafka stop; the summary is printed. A second Ctrl-C stops at once (exit code 130).
+stops, and Kafka too unless it was running before the demo (``orderbus kafka start``: that broker is left
+running); the summary is printed. A second Ctrl-C stops at once (exit code 130).
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ class _Demo:
         self.registry = CollectorRegistry()
         self.view = LiveView(out)
         self.generator: Generator | None = None
+        self.broker: kafka_local.BrokerInfo | None = None  # once Kafka answers
         self._daemon_stop = asyncio.Event()
         self._start_failed = False  # the daemon ended during its start, and `_wait_listening` raised why
 
@@ -187,7 +189,8 @@ class _Demo:
             await self._show_until(asyncio.ensure_future(self.stop.wait()), daemon, "Ctrl-C stops")
             await _finish(generator_stop, generating)
             left = await self._catch_up(daemon)
-            self.say("stopping the daemon (drain + commit), then the sandbox and Kafka")
+            then = "the sandbox and Kafka" if self._kafka_ours() else "the sandbox"
+            self.say(f"stopping the daemon (drain + commit), then {then}")
             await self._stop_daemon(daemon)
             sandbox_stats = await self._sandbox_stats(sandbox)
             return self._summary(generator.stats, sandbox_stats, left, first)
@@ -210,16 +213,20 @@ class _Demo:
         began = time.monotonic()
         where, port = self.options.kafka_dir, self.layout.kafka_port
         self.say(f"starting Kafka {kafka_local.KAFKA_VERSION} on 127.0.0.1:{port} (data in {_shown(where)})")
-        # Pushed first: a second Ctrl-C during the start leaves the thread starting the broker, and `stop` waits
-        # for the start (both take the data dir's lock), then stops what it started.
-        stack.push_async_callback(self._stop_kafka)
+        # Shielded and pushed first: a second Ctrl-C during the start leaves the thread starting the broker, and
+        # `_stop_kafka` waits for that start to learn whether it launched the broker or found it running.
+        starting = asyncio.ensure_future(asyncio.to_thread(kafka_local.start, where, port=port))
+        stack.push_async_callback(self._stop_kafka, starting)
         try:
-            await asyncio.to_thread(kafka_local.start, where, port=port)
+            self.broker = await asyncio.shield(starting)
         except LocalKafkaError as exc:
             if _port_in_use(exc) and str(exc).startswith("broker port"):
                 raise LocalKafkaError(f"{exc}; run the demo on another port: --kafka-port N") from exc
             raise
-        self.say(f"Kafka ready in {time.monotonic() - began:.1f} s")
+        if self.broker.launched:
+            self.say(f"Kafka ready in {time.monotonic() - began:.1f} s")
+        else:
+            self.say(f"Kafka was already running (pid {self.broker.pid}): the demo uses it and leaves it running")
 
     async def _sandbox_ready(self, stack: AsyncExitStack, process: asyncio.subprocess.Process) -> SandboxClient:
         """Wait for the sandbox's first stdout line (its URL, printed once it listens), then set its credentials."""
@@ -392,8 +399,21 @@ class _Demo:
                 process.kill()
                 await process.wait()
 
-    async def _stop_kafka(self) -> None:
-        await asyncio.to_thread(kafka_local.stop, self.options.kafka_dir)
+    async def _stop_kafka(self, starting: asyncio.Future[kafka_local.BrokerInfo]) -> None:
+        """Stop the broker the demo launched. One it found running was started by someone else (``orderbus kafka
+        start``, the README's flow without the demo), who is still using it; a start that failed has already
+        stopped what it launched (`kafka_local.start`)."""
+        await asyncio.wait([starting])  # after a second Ctrl-C the start goes on in its thread: wait for it
+        if starting.cancelled() or starting.exception() is not None:
+            return
+        if starting.result().launched:
+            await asyncio.to_thread(kafka_local.stop, self.options.kafka_dir)
+        else:
+            self.say(f"Kafka left running, as it was before the demo; `{self._kafka_command('stop')}` stops it")
+
+    def _kafka_ours(self) -> bool:
+        """Whether the demo launched the broker it uses, and so stops it at the end."""
+        return self.broker is not None and self.broker.launched
 
     def _summary(
         self,
@@ -419,21 +439,26 @@ class _Demo:
             )
         return Summary(self.elapsed(), stats, rows, self._hints(rows))
 
+    def _kafka_command(self, action: str) -> str:
+        """``orderbus kafka ACTION`` for the demo's data dir, to copy."""
+        data_dir = "" if self.options.kafka_dir == RUN_DIR / "kafka" else f" --data-dir {self.options.kafka_dir}"
+        return f"{_program()} kafka {action}{data_dir}"
+
     def _hints(self, rows: Mapping[str, SinkSummary]) -> list[str]:
         program = _program()
         config = _shown(self.options.config)
-        data_dir = "" if self.options.kafka_dir == RUN_DIR / "kafka" else f" --data-dir {self.options.kafka_dir}"
         # The port option is not in the file: say it again.
         port = self.options.kafka_port
         broker = "" if port is None else f"ORDERBUS_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:{port} "
         hints = []
         dead = [name for name, row in rows.items() if row.dead_lettered]
         if dead:
+            listings = [f"  {broker}{program} dlq list --sink {name} --config {config}" for name in dead]
+            if self._kafka_ours():  # stopped with the demo: started again to read them, and stopped again
+                listings = [f"  {self._kafka_command('start')}", *listings, f"  {self._kafka_command('stop')}"]
             hints += [
                 "Dead letters stay in Kafka with their reason and the whole HTTP exchange; to look at them:",
-                f"  {program} kafka start{data_dir}",
-                *(f"  {broker}{program} dlq list --sink {name} --config {config}" for name in dead),
-                f"  {program} kafka stop{data_dir}",
+                *listings,
             ]
         logs = self.options.log_dir
         kafka, state = _shown(self.options.kafka_dir), _shown(self.settings.state_dir)

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from daemon.kafka_jars import (
@@ -79,6 +79,9 @@ class BrokerInfo:
     data_dir: Path
     cluster_id: str
     log_file: Path
+    # Whether the `start` that returned this launched the process; False when it found the broker running (and
+    # from `status`). Whoever did not launch a broker must not stop it: someone else is using it.
+    launched: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -322,7 +325,8 @@ def start(
     timeout: float = 90.0,
     log: Log = no_log,
 ) -> BrokerInfo:
-    """Start the broker of `data_dir` (or find it running) and return once it answers ApiVersions.
+    """Start the broker of `data_dir` (or find it running) and return once it answers ApiVersions; the answer's
+    `launched` tells which.
 
     Steps: 1. jars; 2. ports and cluster id (reused from an earlier run of this data dir); 3. render
     server.properties; 4. format the storage unless already formatted; 5. launch `kafka.Kafka` detached and
@@ -384,7 +388,7 @@ def start(
             _write_state(data_dir, replace(state, pid=None))
             raise
         log(f"broker ready in {timeout - (deadline - time.monotonic()):.1f} s (pid {child.pid})")
-        return _info(state, child.pid, data_dir)
+        return replace(_info(state, child.pid, data_dir), launched=True)
 
 
 def _format_storage(java: str, classpath: str, data_dir: Path, cluster_id: str, log: Log) -> None:

@@ -142,7 +142,9 @@ def test_status_and_stop_are_safe_in_every_state(private_broker: Callable[[], Br
     broker = private_broker()
     running = kafka_local.status(broker.data_dir)
     assert (running.running, running.answering, running.info) == (True, True, broker)
-    assert kafka_local.start(broker.data_dir) == broker  # no second broker
+    assert broker.launched
+    found = kafka_local.start(broker.data_dir)
+    assert (found, found.launched) == (broker, False)  # no second broker, and the caller is told it found one
 
     assert kafka_local.stop(broker.data_dir) is True
     stopped = kafka_local.status(broker.data_dir)
