@@ -381,13 +381,13 @@ class SinkEngine:
 
     def on_assigned(self, assigned: Iterable[TopicPartitionKey]) -> None:
         self._joined = True
-        log.info("partitions assigned", extra={"sink": self.sink.name, "partitions": sorted(p for _, p in assigned)})
+        log.info("partitions assigned", extra={"sink": self.sink.name, **self._partition_fields(assigned)})
 
     async def on_revoked(self, revoked: Iterable[TopicPartitionKey]) -> None:
         """A rebalance takes partitions away: drain them the way a shutdown drains everything."""
         revoked = set(revoked)
-        partitions = sorted(p for _, p in revoked)
-        log.info("partitions revoked", extra={"sink": self.sink.name, "partitions": partitions})
+        partitions = self._partition_fields(revoked)
+        log.info("partitions revoked", extra={"sink": self.sink.name, **partitions})
         try:
             await self.drain(revoked)
         except StoreError as exc:
@@ -395,8 +395,17 @@ class SinkEngine:
             # the next periodic commit, and with it the run.
             log.error(
                 "revoked partitions could not be committed: the dedup table could not be flushed",
-                extra={"sink": self.sink.name, "partitions": partitions, "error": str(exc)},
+                extra={"sink": self.sink.name, **partitions, "error": str(exc)},
             )
+
+    def _partition_fields(self, tps: Iterable[TopicPartitionKey]) -> dict[str, list[int]]:
+        """Log fields for `tps`: the orders topic's partitions and the replay topic's apart. Both number from 0,
+        so one list of numbers (``[0, 0, 1, 1, ...]``) could not say which was which."""
+        tps = set(tps)
+        return {
+            "partitions": sorted(p for t, p in tps if t != self.replay_topic),
+            "replay_partitions": sorted(p for t, p in tps if t == self.replay_topic),
+        }
 
     async def drain(self, tps: Iterable[TopicPartitionKey]) -> None:
         """Stop `tps`' lanes, wait up to the grace period for their requests under way, commit, forget them.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -1478,3 +1479,20 @@ async def test_a_record_keyed_by_another_orders_number_is_dead_lettered_and_reac
     assert detail.startswith("key: must be the order number")
     assert "CUST-1" not in detail
     assert h.consumer.committed == {TP0: 3}
+
+
+async def test_assigned_and_revoked_partitions_are_logged_apart_per_topic(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Regression: one list of numbers, "partitions": [0, 0, 1, 1], mixed the orders topic's and the replay topic's.
+    h = harness_factory({TP0: [], TP1: [], REPLAY: []})
+    h.engine.replay_topic = REPLAY[0]
+    caplog.set_level(logging.INFO)
+    h.engine.on_assigned({TP0, TP1, REPLAY})
+    await h.engine.on_revoked({TP1, REPLAY})
+    logged = {
+        r.getMessage(): (getattr(r, "partitions", None), getattr(r, "replay_partitions", None))
+        for r in caplog.records
+        if r.getMessage() in ("partitions assigned", "partitions revoked")
+    }
+    assert logged == {"partitions assigned": ([0, 1], [0]), "partitions revoked": ([1], [0])}
