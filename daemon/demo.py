@@ -273,7 +273,10 @@ class _Demo:
                     self.say(f"could not skip what the last run left undelivered ({exc or 'no answer'}): it follows")
                     return
                 if not waited:
-                    self.say("waiting for the last run's consumers to leave their groups")
+                    self.say(
+                        "waiting for the sinks' consumer groups (Kafka loads them after its start; a killed run's "
+                        "consumers stay in them until their sessions time out)"
+                    )
                     waited = True
                 await asyncio.sleep(_CATCH_UP_POLL)
         if any(skipped.values()):
@@ -499,6 +502,10 @@ def _shown(path: Path) -> str:
     return str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else str(absolute)
 
 
+class _OffsetsUnknown(BrokerError):
+    """The broker answered without a group's committed offsets: not known yet, never "nothing committed"."""
+
+
 class _Progress:
     """How much of the orders topic each sink's group has not committed yet: end offsets - committed offsets."""
 
@@ -535,12 +542,28 @@ class _Progress:
                 ends = await self._consumer.end_offsets(self._partitions)
             left = {}
             for name, group in self._groups.items():
-                committed = await self._admin.list_consumer_group_offsets(group, partitions=self._partitions)
-                done = {tp: max(0, meta.offset) for tp, meta in committed.items()}
-                left[name] = sum(max(0, ends[tp] - done.get(tp, 0)) for tp in self._partitions)
+                done = await self._committed(group)
+                left[name] = sum(max(0, ends[tp] - done[tp]) for tp in self._partitions)
         except KafkaError as exc:
             raise BrokerError(f"cannot read the sinks' progress: {exc!r}") from exc
         return left
+
+    async def _committed(self, group: str) -> dict[TopicPartition, int]:
+        """`group`'s committed offset of every partition, 0 where it has committed none (the broker's -1).
+
+        While the broker cannot answer for a group (its coordinator still loads the groups after a start, or is
+        not available), OffsetFetch carries the error at the group level and no partition at all, and aiokafka's
+        `list_consumer_group_offsets` ignores that error: the answer reads as an empty dict. Taken as "nothing
+        committed", it made the whole topic the last run's leftovers. A partition missing from the answer is not
+        known: `_OffsetsUnknown`, to ask again.
+        """
+        answer = await self._admin.list_consumer_group_offsets(group, partitions=self._partitions)
+        if missing := [tp for tp in self._partitions if tp not in answer]:
+            raise _OffsetsUnknown(
+                f"the broker did not tell {group}'s committed offsets ({len(missing)} partition(s) missing): its "
+                "group coordinator is not ready"
+            )
+        return {tp: max(0, answer[tp].offset) for tp in self._partitions}
 
     async def skip_to_end(self) -> dict[str, int]:
         """Commit the end of the topic for every group that has not reached it; what each skipped."""
@@ -570,8 +593,13 @@ class _Progress:
             await consumer.stop()
 
     async def wait_done(self, timeout: float) -> None:
-        """Until every sink has committed the whole topic, or `timeout` s; commits have no event, so this polls."""
+        """Until every sink has committed the whole topic, or `timeout` s; commits have no event, so this polls.
+        An answer without the committed offsets counts as not done yet."""
         deadline = time.monotonic() + timeout
-        # Polls (ASYNC110): a commit sets no event anyone here could wait on.
-        while any((await self.unfinished()).values()) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while True:
+            with suppress(_OffsetsUnknown):
+                if not any((await self.unfinished()).values()):
+                    return
+            if time.monotonic() >= deadline:
+                return
             await asyncio.sleep(_CATCH_UP_POLL)
