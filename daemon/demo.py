@@ -466,7 +466,8 @@ class _Demo:
             if self._kafka_ours():  # stopped with the demo: started again to read them, and stopped again
                 listings = [f"  {self._kafka_command('start')}", *listings, f"  {self._kafka_command('stop')}"]
             hints += [
-                "Dead letters stay in Kafka with their reason and the whole HTTP exchange; to look at them:",
+                "Dead letters stay in Kafka with their reason, the answer (status, first KiB of its body) and "
+                "attempts; to look at them:",
                 *listings,
             ]
         logs = self.options.log_dir
