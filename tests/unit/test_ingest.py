@@ -105,6 +105,13 @@ async def client_for(
     return client
 
 
+def signed_headers(msg_id: str, payload: bytes) -> dict[str, str]:
+    """A JSON post's headers, signed with `SECRET` now (`NOW`) as Standard Webhooks says."""
+    stamp = int(NOW)
+    signature = sign(SECRET, msg_id, stamp, payload)
+    return {**JSON, "webhook-id": msg_id, "webhook-timestamp": str(stamp), "webhook-signature": signature}
+
+
 @pytest.fixture
 async def client(publisher: FakePublisher) -> AsyncIterator[Client]:
     client = await client_for(publisher)
@@ -427,13 +434,7 @@ async def test_signatures_are_required_when_secrets_are_set(publisher: FakePubli
         unsigned = await client.post("/v1/orders", data=payload, headers=JSON)
         assert unsigned.status == 401
         assert "webhook-id" in (await unsigned.json())["detail"]
-        stamp = int(NOW)
-        signed = {
-            **JSON,
-            "webhook-id": "msg_1",
-            "webhook-timestamp": str(stamp),
-            "webhook-signature": sign(SECRET, "msg_1", stamp, payload),
-        }
+        signed = signed_headers("msg_1", payload)
         tampered = await client.post("/v1/orders", data=payload + b" ", headers=signed)
         assert tampered.status == 401
         ok = await client.post("/v1/orders", data=payload, headers=signed)
@@ -454,13 +455,7 @@ async def test_a_signed_request_is_keyed_by_its_signed_webhook_id_not_an_unsigne
     client = await client_for(publisher, secrets=(SECRET,))
     try:
         payload = body()
-        stamp = int(NOW)
-        signed = {
-            **JSON,
-            "webhook-id": "msg_7",
-            "webhook-timestamp": str(stamp),
-            "webhook-signature": sign(SECRET, "msg_7", stamp, payload),
-        }
+        signed = signed_headers("msg_7", payload)
         first = await client.post("/v1/orders", data=payload, headers={**signed, "Idempotency-Key": "msg_7"})
         assert first.status == 202
         for forged in ("attacker-1", "attacker-2"):
@@ -496,13 +491,7 @@ async def test_a_body_that_arrives_in_pieces_is_read_whole(publisher: FakePublis
     client = await client_for(publisher, secrets=(SECRET,), max_body_bytes=1_048_576)
     try:
         payload = body()
-        stamp = int(NOW)
-        signed = {
-            **JSON,
-            "webhook-id": "msg_pieces",
-            "webhook-timestamp": str(stamp),
-            "webhook-signature": sign(SECRET, "msg_pieces", stamp, payload),
-        }
+        signed = signed_headers("msg_pieces", payload)
 
         async def pieces() -> AsyncIterator[bytes]:
             for start in range(0, len(payload), 64):
