@@ -119,7 +119,10 @@ class SinkEngine:
         self._epochs: dict[TopicPartitionKey, int] = {}  # per partition, how many times it was revoked
         self._next_report = 0.0
         self._throttled_reported = 0.0
-        self._lag = LagMeter(consumer, self._offsets, clock, interval=self.config.lag_interval, sink=sink.name)
+        contact = (replay_topic, 0) if replay_topic is not None else None  # a partition every sink's topics have
+        self._lag = LagMeter(
+            consumer, self._offsets, clock, interval=self.config.lag_interval, sink=sink.name, contact=contact
+        )
         self._lag_reported: set[int] = set()
         self._failure: Exception | None = None  # the first error of a lane's task (`_lane_failed`)
         self._group = GroupFlush(store)

@@ -27,9 +27,19 @@ class LagMeter:
     """One sink's lag per assigned partition (`lag`), and how long the broker has been silent (`silence`)."""
 
     def __init__(
-        self, consumer: ConsumerPort, offsets: OffsetTracker, clock: Clock, *, interval: float, sink: str
+        self,
+        consumer: ConsumerPort,
+        offsets: OffsetTracker,
+        clock: Clock,
+        *,
+        interval: float,
+        sink: str,
+        contact: TopicPartitionKey | None = None,
     ) -> None:
+        """`contact`: a partition whose end offset is asked for while none is assigned, so that an instance
+        without partitions (a spare member, or one in a rebalance) still notices an unreachable broker."""
         self._consumer = consumer
+        self._contact = contact
         self._offsets = offsets
         self._clock = clock
         self._interval = interval
@@ -40,15 +50,18 @@ class LagMeter:
     async def measure(self) -> None:
         """Measure every assigned partition now; on a failure or a timeout keep the last figures."""
         assigned = self._consumer.assignment()
-        if not assigned:
-            self.lag = {}
-            self._kafka_seen = self._clock.now()  # nothing to measure; /readyz reports the missing assignment
-            return
         try:
             async with asyncio.timeout(2 * self._interval):
-                lag = await self._measure(assigned)
+                if assigned:
+                    lag = await self._measure(assigned)
+                else:  # no lag to measure; the broker's answer is still the contact /readyz asks about
+                    lag = {}
+                    if self._contact is not None:
+                        await self._consumer.end_offsets([self._contact])
         except (KafkaError, TimeoutError) as exc:
             log.debug("lag not measured", extra={"sink": self._sink, "error": repr(exc)})
+            if not assigned:
+                self.lag = {}
             return
         self.lag = lag
         self._kafka_seen = self._clock.now()

@@ -23,7 +23,9 @@ from consumers.deadletter import DeadLetter, read_headers
 from consumers.dedup import DeliveryState, MemoryDedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.engine import EngineConfig, SinkEngine
+from consumers.lag import LagMeter
 from consumers.metrics import EngineMetrics
+from consumers.offsets import OffsetTracker
 from consumers.sink import HttpRequest, RestSink
 from consumers.work import idempotency_key
 from topics.codec import encode
@@ -760,6 +762,33 @@ async def test_kafka_silence_grows_while_the_lag_cannot_be_measured(harness_fact
     assert h.engine.kafka_silence <= 1.5
     stop.set()
     await runner
+
+
+async def test_an_instance_without_partitions_still_notices_an_unreachable_broker() -> None:
+    # Review: with no partition the meter took the broker as seen at every measurement, so a spare member (more
+    # instances than partitions), ready since it joined, stayed ready with Kafka gone.
+    clock = FakeClock()
+    consumer = FakeConsumer(clock)  # nothing assigned
+    asked: list[list[tuple[str, int]]] = []
+    down = False
+
+    async def end_offsets(tps: Iterable[tuple[str, int]]) -> Mapping[tuple[str, int], int]:
+        asked.append(list(tps))
+        if down:
+            raise KafkaConnectionError("broker gone")
+        return dict.fromkeys(asked[-1], 0)
+
+    consumer.end_offsets = end_offsets  # type: ignore[method-assign]
+    meter = LagMeter(consumer, OffsetTracker(), clock, interval=1.0, sink="crm", contact=("orders.replay.crm", 0))
+    await meter.measure()
+    assert (meter.silence, meter.lag, asked) == (0.0, {}, [[("orders.replay.crm", 0)]])
+    down = True
+    await clock.advance(5.0)
+    await meter.measure()
+    assert meter.silence == 5.0
+    down = False
+    await meter.measure()
+    assert meter.silence == 0.0
 
 
 async def test_a_revoke_drains_and_commits_only_those_partitions(harness_factory: Callable[..., Harness]) -> None:
