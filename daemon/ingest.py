@@ -5,7 +5,7 @@ The checks run cheapest first, and every answer has one cause:
 1. content type (415), body size (413);
 2. the Standard Webhooks signature, when secrets are configured (401);
 3. the idempotency key is well-formed (400): the signed ``webhook-id`` when signatures are on (an
-   ``Idempotency-Key`` beside it must be the same, or 400), else ``Idempotency-Key``, else ``webhook-id``;
+   ``Idempotency-Key`` is ignored then), else ``Idempotency-Key``, else ``webhook-id``;
 4. the body is a valid order submission (400 with field errors);
 5. the key: a repeat gets the first answer and publishes nothing; another body under it is 422; a repeat while the
    first is still publishing is 409;
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c2a52-0a7e-4d0e-9a51-3f0f3c1c9b10")
 _KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
 _JSON_TYPES = ("application/json",)
-_UTF8 = ("utf-8", "utf8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,21 +111,21 @@ class Ingest:
             return None
         expect = request.headers.get(hdrs.EXPECT, "")
         if expect.lower() != "100-continue":
-            self._metrics.answered(417)
-            return _refused(417, "expectation-failed", "the only Expect this server answers is 100-continue")
-        declared = request.content_length
-        if declared is not None and declared > self._config.max_body_bytes:
-            self._metrics.answered(413)
-            return _refused(413, "body-too-large", f"the body exceeds {self._config.max_body_bytes} bytes")
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the answer's own bytes start after the interim response
-        return None
+            refusal = _refused(417, "expectation-failed", "the only Expect this server answers is 100-continue")
+        elif (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
+            refusal = _refused(413, "body-too-large", f"the body exceeds {self._config.max_body_bytes} bytes")
+        else:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer's own bytes start after the interim response
+            return None
+        # The body was never sent: the connection closes, or its next request would be read as that body.
+        refusal.force_close()
+        self._metrics.answered(refusal.status)
+        return refusal
 
     async def _answer(self, request: web.Request) -> web.Response:
         if request.content_type not in _JSON_TYPES:
             return _refused(415, "unsupported-media-type", "send the order as Content-Type: application/json")
-        if (charset := request.charset) is not None and charset.lower() not in _UTF8:  # RFC 8259: JSON is UTF-8
-            return _refused(415, "unsupported-charset", "send the order as UTF-8 (charset=utf-8, or no charset)")
         if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
             # aiohttp would inflate it, but the signature covers the bytes as sent and the limits the bytes read.
             return _refused(415, "unsupported-content-encoding", "send the body uncompressed (no Content-Encoding)")
@@ -145,12 +144,7 @@ class Ingest:
         if key is not None and not _KEY_PATTERN.match(key):
             detail = f"{header}: an idempotency key is 1-255 visible ASCII characters (no space or control character)"
             return _refused(400, "invalid-idempotency-key", detail)
-        if key is not None and header == "webhook-id" and request.headers.get("Idempotency-Key", key) != key:
-            detail = (
-                "Idempotency-Key differs from webhook-id: with signed webhooks the key is the signed webhook-id, "
-                "which a replay cannot change; send the same value in both, or only webhook-id"
-            )
-            return _refused(400, "idempotency-key-mismatch", detail)
+
         try:
             submission = parse_submission(body)
         except ContractError as exc:
@@ -309,10 +303,10 @@ def _idempotency_key(headers: Mapping[str, str], *, signed: bool) -> tuple[str |
     """The request's idempotency key and the header it came from.
 
     Signed (``ingest.webhook_secrets`` set): the ``webhook-id`` the signature covers, which Standard Webhooks makes
-    the message's idempotency key. An ``Idempotency-Key`` header is not signed: had it won, anyone who captured a
-    signed request could send it again within the signature's 5 minutes under new keys, each a new event (an old
-    ``order.updated`` state applied again), so it must equal ``webhook-id`` (checked by the caller). Unsigned:
-    ``Idempotency-Key``, else ``webhook-id``.
+    the message's idempotency key (the same on every retry of a message). An ``Idempotency-Key`` header is not
+    signed and is ignored then: had it won, anyone who captured a signed request could send it again within the
+    signature's 5 minutes under new keys, each a new event (an old ``order.updated`` state applied again).
+    Unsigned: ``Idempotency-Key``, else ``webhook-id``.
     """
     if signed:
         return headers.get("webhook-id"), "webhook-id"

@@ -78,9 +78,14 @@ def document() -> dict[str, Any]:
                         {
                             **header,
                             "name": "Idempotency-Key",
-                            "description": "repeat-safe key (else webhook-id)",
+                            "description": "repeat-safe key when webhooks are not signed (else webhook-id); "
+                            "ignored when they are",
                         },
-                        {**header, "name": "webhook-id", "description": "Standard Webhooks message id"},
+                        {
+                            **header,
+                            "name": "webhook-id",
+                            "description": "Standard Webhooks message id; the idempotency key when webhooks are signed",
+                        },
                         {
                             **header,
                             "name": "webhook-timestamp",
