@@ -16,7 +16,9 @@ P:O in the dead-letter topic: that one is open). A replay by reason, order or ``
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -153,14 +155,16 @@ async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterVie
     sink = check_sink(sink)
     prefix = settings.topics.prefix
     options = client_options(settings.kafka)
-    letters = [_view(partition, record) for partition, record in await _records(dlq_topic(sink, prefix), options)]
-    letters.sort(key=lambda letter: (letter.timestamp_ms, letter.partition, letter.offset))
     replays = replay_topic(sink, prefix)
+    # In this order: a replay the sink has committed past was dead-lettered again, if at all, before that commit,
+    # so the dead-letter topic read last holds it (read first, a `failed-again` could show as `replayed`).
+    done = await _committed(consumer_group(sink, prefix), replays, options)
     sent = [
         Replay(partition, record.offset, _source(_view(partition, record).meta))
         for partition, record in await _records(replays, options)
     ]
-    done = await _committed(consumer_group(sink, prefix), replays, options)
+    letters = [_view(partition, record) for partition, record in await _records(dlq_topic(sink, prefix), options)]
+    letters.sort(key=lambda letter: (letter.timestamp_ms, letter.partition, letter.offset))
     return with_states(distinct(letters), replays, sent, done)
 
 
@@ -188,17 +192,28 @@ async def _records(topic: str, options: Mapping[str, Any]) -> list[tuple[int, An
 
 
 async def _committed(group: str, topic: str, options: Mapping[str, Any]) -> dict[int, int]:
-    """`group`'s committed offsets on `topic`, by partition (none: nothing read yet)."""
+    """`group`'s committed offsets on `topic`, by partition (absent: nothing committed there).
+
+    Asked for partition by partition: a broker still loading its groups (after a start) answers without any, which
+    aiokafka returns as no offsets, not as an error; those are asked for again for `_OFFSETS_PATIENCE` seconds,
+    never taken as nothing committed (every replay would show as pending)."""
+    partitions = [TopicPartition(topic, p) for p in await partition_ids(topic, options)]
     admin = AIOKafkaAdminClient(**options)
+    deadline = time.monotonic() + _OFFSETS_PATIENCE
     try:
         await admin.start()
-        offsets = await admin.list_consumer_group_offsets(group)
+        while len(offsets := await admin.list_consumer_group_offsets(group, partitions=partitions)) < len(partitions):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the broker did not tell the committed offsets of group {group}; try again")
+            await asyncio.sleep(0.5)
     except KafkaError as exc:
         raise BrokerError(f"cannot read the committed offsets of group {group}: {exc!r}") from exc
     finally:
         await admin.close()
-    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
 
+
+_OFFSETS_PATIENCE = 10.0  # seconds a group's committed offsets are asked for while the broker does not tell them
 
 Source = tuple[str, str, str]  # the record a dead letter was made of: topic, partition, offset (from its headers)
 
@@ -224,12 +239,14 @@ def with_states(
     """
     last: dict[Source, Replay] = {}
     for copy in sent:  # a dead letter's replays share its order number, so its partition: the last is the latest
+        if not all(copy.source):  # a record without our headers is no dead letter's copy
+            continue
         if (earlier := last.get(copy.source)) is None or earlier.offset < copy.offset:
             last[copy.source] = copy
     again = {_source(letter.meta): letter.where for letter in letters}
     stated = []
     for letter in letters:
-        replay = last.get(_source(letter.meta))
+        replay = last.get(_source(letter.meta)) if all(_source(letter.meta)) else None
         if replay is None:
             state = "open"
         elif (where := again.get((replays, str(replay.partition), str(replay.offset)))) is not None:

@@ -130,3 +130,11 @@ def test_each_dead_letter_says_whether_it_was_replayed_and_what_became_of_it() -
     assert choose(stated, "crm", Selection(everything=True)) == [stated[0], stated[4]]
     assert choose(stated, "crm", Selection(everything=True, again=True)) == stated
     assert choose(stated, "crm", Selection(positions=("0:11",))) == [stated[1]]  # named: taken whatever its state
+
+
+def test_records_without_dead_letter_headers_are_never_taken_for_each_others_replays() -> None:
+    # Review: every record without the orderbus.dlq.* headers has the same (empty) source; one replayed copy of such
+    # a record marked all of them replayed.
+    foreign = [DeadLetterView(0, offset, 1_800_000_000_000, b"SO-9", b"{}", [], {}) for offset in (1, 2)]
+    stated = with_states(foreign, "orders.replay.crm", [Replay(0, 0, ("", "", ""))], {0: 1})
+    assert [letter.state for letter in stated] == ["open", "open"]
