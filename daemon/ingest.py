@@ -230,7 +230,8 @@ class Ingest:
         except (BrokerUnavailable, PublishError) as exc:
             if key is not None:
                 await self._keys.release(key)
-            return self._unavailable("kafka is unreachable; nothing was published", {**ids, "error": str(exc)})
+            said = str(exc) if isinstance(exc, BrokerUnavailable) else "kafka is unreachable"
+            return self._unavailable(f"{said}; nothing was published", {**ids, "error": str(exc)})
         except BaseException:  # a bug (500) or a cancellation: the key must not stay held by a request that ended
             if key is not None:
                 with contextlib.suppress(StoreError):  # a store closed at shutdown must not hide the first error

@@ -374,7 +374,11 @@ def _status(
         }
     ingest = None
     if publisher is not None and keys is not None:
-        ingest = {"kafka_available": publisher.available, "key_store_error": keys.failing}
+        ingest = {
+            "kafka_available": publisher.available,
+            "topic_missing": publisher.topic_missing,
+            "key_store_error": keys.failing,
+        }
     return {
         "ingest": ingest,
         "sinks": sinks,

@@ -160,7 +160,9 @@ class KafkaPublisher:
         (the broker refused it, e.g. the record is too large).
         """
         if not self._available or self._producer is None:
-            raise BrokerUnavailable("kafka is unreachable")
+            raise BrokerUnavailable(
+                "the orders topic does not exist yet" if self._topic_missing else "kafka is unreachable"
+            )
         # One deadline over both steps, kept by the sweeper of `consumers.deadlines` (up to its resolution late):
         # no wait_for per step (on Python 3.11 it wraps its awaitable in a task: ~5 % of the ingest's CPU, py-spy),
         # and no asyncio.timeout with its timer per request (~4 us). The wait is on a future of our own that the
@@ -241,6 +243,9 @@ class KafkaPublisher:
             return
         try:
             await self._topic_check()
+        except BrokerError:
+            self._topic_missing = None  # not known while the broker does not answer: /readyz says unreachable
+            raise
         except ConfigError as exc:
             if self._topic_missing != str(exc):
                 log.error("the ingest answers 503 until its topic exists: %s", exc)

@@ -58,7 +58,10 @@ def render_status(document: dict[str, Any]) -> str:
         lines.append("(no sink enabled)")
     ingest = document.get("ingest")
     if ingest is not None:
-        line = f"ingest: {'publishing' if ingest.get('kafka_available') else 'KAFKA UNREACHABLE'}"
+        if ingest.get("topic_missing"):
+            line = f"ingest: TOPIC MISSING: {ingest['topic_missing']}"
+        else:
+            line = f"ingest: {'publishing' if ingest.get('kafka_available') else 'KAFKA UNREACHABLE'}"
         if ingest.get("key_store_error"):  # webhooks with a key get 503 until a batch is written again
             line += f"; KEY STORE FAILING: {ingest['key_store_error']}"
         lines.append(line)

@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from consumers.clock import FakeClock
 from consumers.deadlines import DEFAULT_RESOLUTION
-from daemon.publisher import PROBE_MIN, BrokerUnavailable, KafkaPublisher, Published, PublishPending
+from daemon.publisher import PROBE_MAX, PROBE_MIN, BrokerUnavailable, KafkaPublisher, Published, PublishPending
 from topics.codec import EncodedRecord
 from topics.errors import BrokerError, ConfigError, PublishError
 
@@ -225,12 +225,8 @@ async def test_no_producer_is_built_before_a_deferred_topic_check_passes(caplog:
     clock = FakeClock()
     producers: list[FakeProducer] = []
     missing = "topic orders does not exist: run `orderbus topics apply` with these settings"
-    outcomes: list[Exception | None] = [
-        BrokerError("cannot list topics"),
-        ConfigError(missing),
-        ConfigError(missing),
-        None,
-    ]
+    unreachable = BrokerError("cannot list topics")
+    outcomes: list[Exception | None] = [unreachable, ConfigError(missing), unreachable, ConfigError(missing), None]
 
     async def topic_check() -> None:
         if (outcome := outcomes.pop(0)) is not None:
@@ -254,16 +250,20 @@ async def test_no_producer_is_built_before_a_deferred_topic_check_passes(caplog:
             await publisher.publish(RECORD, timeout=1.0)
         await clock.advance(PROBE_MIN)
         assert state() == (False, missing, 0)
+        with pytest.raises(BrokerUnavailable, match="the orders topic does not exist yet"):
+            await publisher.publish(RECORD, timeout=1.0)
         await clock.advance(2 * PROBE_MIN)
-        assert state() == (False, missing, 0)
+        assert state() == (False, None, 0)  # unreachable again: whether the topic exists is not known then
         await clock.advance(4 * PROBE_MIN)
+        assert state() == (False, missing, 0)
+        await clock.advance(PROBE_MAX)
         assert state() == (True, None, 1)
         assert outcomes == []
         assert await publisher.publish(RECORD, timeout=1.0) == Published("orders", 3, 41)
     finally:
         await publisher.close(grace=1.0)
     said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert said == [f"the ingest answers 503 until its topic exists: {missing}"]
+    assert said == [f"the ingest answers 503 until its topic exists: {missing}"] * 2  # once, and after the outage
 
 
 async def test_a_producer_whose_sender_died_is_replaced_by_a_new_one() -> None:

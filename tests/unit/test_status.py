@@ -22,7 +22,7 @@ def test_a_failing_key_store_is_in_the_status_document_and_on_the_ingest_line(tm
     keys = SqliteIngestKeyStore(tmp_path / "ingest-keys.sqlite")  # its state only; nothing is opened
     keys.failing = EXITED  # as a batch that failed leaves it (tests/unit/test_ingest_keys_process.py)
     document = _status(KafkaPublisher("orders", {}), keys, {}, CollectorRegistry())
-    assert document["ingest"] == {"kafka_available": False, "key_store_error": EXITED}
+    assert document["ingest"] == {"kafka_available": False, "topic_missing": None, "key_store_error": EXITED}
     assert render_status(document).splitlines()[-2:] == [
         f"ingest: KAFKA UNREACHABLE; KEY STORE FAILING: {EXITED}",
         "NOT READY ingest: kafka is unreachable: the ingest cannot publish",
@@ -107,3 +107,9 @@ def test_status_shows_degraded_sinks_after_the_not_ready_ones() -> None:
         "NOT READY sink.crm: joining its consumer group (or kafka unreachable)",
         "DEGRADED sink.shipping: circuit open: the downstream keeps failing",
     ]
+
+
+def test_a_missing_topic_is_said_on_the_ingest_line_not_taken_for_an_unreachable_kafka() -> None:
+    missing = "topic orders does not exist: run `orderbus topics apply` with these settings"
+    document = {"sinks": {}, "ingest": {"kafka_available": False, "topic_missing": missing, "key_store_error": None}}
+    assert render_status(document).splitlines()[-1] == f"ingest: TOPIC MISSING: {missing}"
