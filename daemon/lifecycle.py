@@ -406,7 +406,7 @@ def _reasons(
 ) -> dict[str, str]:
     """Why this instance is not ready, by component ("ingest", "sink.<name>"); empty when it is.
 
-    Only what the instance itself lacks: Kafka, its key store, its sinks' partitions. A downstream system that
+    Only what the instance itself lacks: Kafka, its key store, its sinks' groups (joined once). A downstream system that
     fails (`_degraded`) is not a reason: a load balancer or Kubernetes that reads /readyz would take every instance
     out at once, since all see the same CRM, and the shop's webhooks would fail with it, when orders accepted now
     are delivered once the CRM is back; that is what the topic between them is for.

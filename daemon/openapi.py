@@ -125,7 +125,7 @@ def document() -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "summary": "this instance can take and deliver orders (Kafka, key store, partitions); the body "
+                    "summary": "this instance can take and deliver orders (Kafka, key store, groups joined); the body "
                     "says why not, and which sinks' downstream systems fail (degraded, still 200)",
                     "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
                 }

@@ -168,9 +168,11 @@ HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "idempotency-key", "x-event-id"})
 
 
-# The user info of a URL (``scheme://user:password@``) and its query, which error messages must never show.
-_USER_INFO = re.compile(r"(?<=://)[^/\s@]*@")
-_QUERY = re.compile(r"(?<=\?)[^#'\s]+")
+# The user info of a URL (``scheme://user:password@``, to the last ``@`` before the path: a password may hold one)
+# and its query and fragment, which error messages must never show.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+_USER_INFO = re.compile(r"(?<=://)[^/\s]*@")
+_QUERY = re.compile(r"(?<=[?#]).+")
 
 
 def _usable_url(value: str) -> str:
@@ -313,7 +315,7 @@ class UrlSettings(_Section):
         try:
             self.templates()
         except ConfigError as exc:
-            raise ValueError(_USER_INFO.sub("***@", str(exc))) from None
+            raise ValueError(_masked(str(exc))) from None
         for name in ("create", "by_id", "by_number"):
             example = getattr(self, name).format(base_url="http://example.invalid", id="1", order_number="SO-1")
             try:
@@ -460,22 +462,23 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
-        key, value = name[len(ENV_PREFIX) :].lower(), raw
-        if key.endswith("_file"):
-            key = key.removesuffix("_file")
-            value = _read_secret_file(name, raw)
+        key = name[len(ENV_PREFIX) :].lower()
+        from_file = key.endswith("_file")
+        key = key.removesuffix("_file")
         path = key.split("__")
         if len(path) == 1:
-            if key in top_level:
-                data[key] = value
-                origins[key] = name
-            elif (meant := _one_underscore_too_few(key)) is not None:
-                suffix = "_FILE" if name.endswith("_FILE") else ""
+            if (meant := _one_underscore_too_few(key)) is not None:  # said before its file is read
                 raise ConfigError(
                     f"environment variable {name}: no setting {key}; a section and its key are joined by two "
-                    f"underscores: {ENV_PREFIX}{meant.upper()}{suffix}"
+                    f"underscores: {ENV_PREFIX}{meant.upper()}{'_FILE' if from_file else ''}"
                 )
-            continue  # ORDERBUS_* variables of other tools (e.g. ORDERBUS_KAFKA_CACHE) are not settings
+            if key not in top_level:
+                continue  # ORDERBUS_* variables of other tools (e.g. ORDERBUS_KAFKA_CACHE) are not settings
+        value = _read_secret_file(name, raw) if from_file else raw
+        if len(path) == 1:
+            data[key] = value
+            origins[key] = name
+            continue
         if path[0] not in top_level or not all(path):
             raise ConfigError(f"environment variable {name}: no setting {'.'.join(path)}")
         target = data
@@ -498,9 +501,11 @@ def _one_underscore_too_few(key: str) -> str | None:
             return f"{section}__{field}"
     for sink in SINKS:
         rest = key.removeprefix(f"sinks_{sink}_")
-        if rest != key:
-            field = next((f for f in SinkSettings.model_fields if rest == f or rest.startswith(f"{f}_")), rest)
-            return f"sinks__{sink}__{field}{rest.removeprefix(field).replace('_', '__', 1)}"
+        if rest == key:
+            continue
+        for field in SinkSettings.model_fields:  # `auth_token`: a key of the sink's auth table
+            if rest == field or rest.startswith(f"{field}_"):
+                return f"sinks__{sink}__{field}{rest.removeprefix(field).replace('_', '__', 1)}"
     return None
 
 
@@ -522,8 +527,8 @@ def _env_value(value: str) -> Any:
 
 
 def _masked(text: str) -> str:
-    """A URL's user info and query (``?api_key=...``) masked: either may hold a credential."""
-    return _QUERY.sub("***", _USER_INFO.sub("***@", text))
+    """A URL's user info, query and fragment (``?api_key=...``) masked: each may hold a credential."""
+    return _URL.sub(lambda url: _QUERY.sub("***", _USER_INFO.sub("***@", url.group())), text)
 
 
 def _setting_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
@@ -547,5 +552,5 @@ def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str
         hint = ""
         if error["type"] == "missing" and key.rpartition(".")[2] in _SECRETS:  # where a secret can come from
             hint = f" (in the file, or {ENV_PREFIX}{key.upper().replace('.', '__')}_FILE)"
-        problems.append(f"{key}: {error['msg'].removeprefix('Value error, ')}{bad}{hint}{source}")
+        problems.append(f"{key}: {_masked(error['msg'].removeprefix('Value error, '))}{bad}{hint}{source}")
     return f"invalid settings{where}: " + "; ".join(problems)

@@ -96,7 +96,7 @@ def test_settings_are_frozen() -> None:
 
 
 def test_other_tools_variables_are_not_settings() -> None:
-    load_settings(None, env={"ORDERBUS_KAFKA_CACHE": "cache-dir"})
+    load_settings(None, env={"ORDERBUS_KAFKA_CACHE": "cache-dir", "ORDERBUS_SINKS_CRM_NOTES": "x"})
 
 
 @pytest.mark.parametrize(
@@ -112,9 +112,7 @@ def test_a_setting_written_with_one_underscore_is_refused_naming_the_right_varia
     name: str, meant: str, tmp_path: Path
 ) -> None:
     # Regression (walkthrough): ORDERBUS_INGEST_PORT=9 was taken for another tool's variable and ignored.
-    secret = tmp_path / "token"
-    secret.write_text("t0ken\n")
-    value = str(secret) if name.endswith("_FILE") else "9"
+    value = str(tmp_path / "no-such-file") if name.endswith("_FILE") else "9"  # said before the file is read
     with pytest.raises(ConfigError, match=f"{name}: .*two underscores: {meant}$"):
         load_settings(None, env={name: value})
 
@@ -243,3 +241,19 @@ def test_a_base_url_the_paths_cannot_be_appended_to_is_refused(url: str, said: s
     assert "sinks.crm.base_url: " in str(raised.value)
     assert said in str(raised.value)
     assert "S3CRET" not in str(raised.value), "a query may hold a credential"
+
+
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("BASE_URL", "https://crm.example.com/api?x=1#frag=S3CRET"),
+        ("BASE_URL", "https://crm.example.com/api#S3CRET"),
+        ("BASE_URL", "https://orderbus:pa@S3CRET@crm.example.com/api"),  # a password with an @
+        ("URLS__CREATE", "https://crm.example.com/?token=S3CRET x"),  # a template's own error message
+    ],
+)
+def test_settings_errors_mask_what_a_url_may_hide_a_credential_in(variable: str, url: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, env={f"ORDERBUS_SINKS__CRM__{variable}": url})
+    assert "S3CRET" not in str(raised.value)
+    assert "***" in str(raised.value)
