@@ -41,6 +41,8 @@ from datetime import UTC, datetime
 from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CollectorRegistry
 
+from consumers.clock import SystemClock
+from consumers.deadlines import Deadlines
 from daemon.ingest_keys import Busy, Claim, Claimed, Conflict, IngestKeyStore, Replay, body_sha256
 from daemon.ingest_metrics import IngestMetrics
 from daemon.problems import problem
@@ -63,6 +65,7 @@ class IngestConfig:
     """What the handler needs from `daemon.settings.IngestSettings`."""
 
     max_body_bytes: int = 1_048_576
+    body_timeout: float = 30.0
     publish_timeout: float = 10.0
     retry_after: int = 5
     source: str = "webhook"
@@ -81,8 +84,10 @@ class Ingest:
         clock: Callable[[], float] = time.time,
         metrics: IngestMetrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        deadlines: Deadlines | None = None,
     ) -> None:
-        """`metrics` defaults to a private registry (nothing scrapes it); `monotonic` times the publishes."""
+        """`metrics` defaults to a private registry (nothing scrapes it); `monotonic` times the publishes;
+        `deadlines` bounds the reading of a body that does not arrive at once."""
         self._publisher = publisher
         self._keys = keys
         self._config = config
@@ -91,6 +96,7 @@ class Ingest:
         self._metrics = metrics if metrics is not None else IngestMetrics(CollectorRegistry())
         self._monotonic = monotonic
         self._pending: dict[str, asyncio.Task[None]] = {}
+        self._deadlines = deadlines if deadlines is not None else Deadlines(SystemClock())
 
     async def post_order(self, request: web.Request) -> web.Response:
         try:
@@ -133,6 +139,12 @@ class Ingest:
             body = await self._read_body(request)
         except web.RequestPayloadError as exc:  # a malformed chunked body, for one
             return _refused(400, "unreadable-body", f"the body could not be read: {exc}")
+        except TimeoutError:
+            timeout = self._config.body_timeout
+            detail = f"the body did not arrive within {timeout:g} s; send it again"
+            response = _refused(408, "body-timeout", detail)
+            response.force_close()  # the rest of the body may still come, and would be read as the next request
+            return response
         if body is None:
             return _refused(413, "body-too-large", f"the body exceeds {self._config.max_body_bytes} bytes")
         if self._verifier is not None:
@@ -171,20 +183,28 @@ class Ingest:
         return self._unclaimed(key, claim, submission.order.order_number)
 
     async def _read_body(self, request: web.Request) -> bytes | None:
-        """The whole body, or None once it exceeds the limit (declared or streamed)."""
+        """The whole body, or None once it exceeds the limit (declared or streamed); `TimeoutError` if it has not
+        arrived within ``body_timeout`` (a stalled client would otherwise hold its request, and the memory of what
+        it sent, until TCP gives up on it: hours)."""
         limit = self._config.max_body_bytes
         declared = request.content_length
         if declared is not None:
             if declared > limit:
                 return None
+            # Mostly all there already: then no deadline to keep (one per request would cost the hot path).
+            head = request.content.read_nowait(declared)
+            if len(head) == declared:
+                return head
             try:
-                return await request.content.readexactly(declared)
+                with self._deadlines.within(self._config.body_timeout):
+                    return head + await request.content.readexactly(declared - len(head))
             except asyncio.IncompleteReadError as short:  # the stream ended early: the checks refuse what came
-                return short.partial
+                return head + short.partial
         # Chunked: read(n) returns what has arrived, up to n bytes, so a large body comes in several pieces.
         body = bytearray()
-        while len(body) <= limit and (piece := await request.content.read(limit + 1 - len(body))):
-            body += piece
+        with self._deadlines.within(self._config.body_timeout):
+            while len(body) <= limit and (piece := await request.content.read(limit + 1 - len(body))):
+                body += piece
         return None if len(body) > limit else bytes(body)
 
     def _unclaimed(self, key: str, claim: Claim, order: str) -> web.Response:

@@ -286,6 +286,7 @@ async def _open_ingest(
         keys,
         IngestConfig(
             max_body_bytes=settings.ingest.max_body_bytes,
+            body_timeout=settings.ingest.body_timeout,
             publish_timeout=settings.ingest.publish_timeout,
             retry_after=settings.ingest.retry_after,
             source=settings.ingest.source,

@@ -106,6 +106,7 @@ def document() -> dict[str, Any]:
                             "bad JSON, a bad order (field errors), a bad idempotency key, or an unreadable body"
                         ),
                         "401": _problem_response("missing or invalid webhook signature"),
+                        "408": _problem_response("the body did not arrive within ingest.body_timeout"),
                         "409": _problem_response("a request with this idempotency key is still in progress"),
                         "413": _problem_response("body too large"),
                         "415": _problem_response("not application/json, or a compressed body (Content-Encoding)"),

@@ -131,6 +131,7 @@ class IngestSettings(_Section):
     max_body_bytes: int = Field(1_048_576, ge=1024, le=16 * 1_048_576)
     webhook_secrets: tuple[SecretStr, ...] = ()
     signature_tolerance: Seconds = 300.0
+    body_timeout: Seconds = 30.0  # a body not in within this is 408: a stalled client holds nothing longer
     publish_timeout: Seconds = 10.0
     retry_after: int = Field(5, ge=1, le=3600)
     idempotency_retention_hours: float = Field(48, ge=24)

@@ -21,6 +21,8 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
+from consumers.clock import FakeClock
+from consumers.deadlines import Deadlines
 from daemon.app import RUNNER_OPTIONS, build_app
 from daemon.ingest import EVENT_ID_NAMESPACE, Ingest, IngestConfig, _answer
 from daemon.ingest_keys import Claim, IngestKeyStore, MemoryIngestKeyStore, body_sha256
@@ -491,7 +493,7 @@ async def test_openapi_health_and_readiness(client: Client) -> None:
     document = await (await client.get("/openapi.json")).json()
     assert document["openapi"].startswith("3.1")
     assert set(document["paths"]["/v1/orders"]["post"]["responses"]) == {
-        "202", "400", "401", "409", "413", "415", "422", "503",
+        "202", "400", "401", "408", "409", "413", "415", "422", "503",
     }  # fmt: skip
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200
@@ -528,6 +530,46 @@ async def head_of_the_answer(client: Client, expect: str, length: int) -> bytes:
         return status + (b" close" if b"Connection: close" in head else b"")
     finally:
         writer.close()
+
+
+async def test_a_body_that_stops_arriving_is_408_and_the_connection_closed(publisher: FakePublisher) -> None:
+    # A stalled client (its network gone, no FIN) held its request, and what it had sent, until TCP gave up: hours.
+    clock = FakeClock()
+    deadlines = Deadlines(clock)
+    ingest = Ingest(
+        publisher,
+        MemoryIngestKeyStore(),
+        IngestConfig(body_timeout=30.0),
+        clock=lambda: NOW,
+        deadlines=deadlines,
+    )
+    client: Client = await serve(build_app(ingest=ingest, readiness=dict))
+    await client.start_server()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        payload = body()
+        writer.write(
+            f"POST /v1/orders HTTP/1.1\r\nHost: orderbus\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload[:100]
+        )
+        await writer.drain()
+        for _ in range(10_000):  # until the handler waits for the rest (real sockets: no clock to wait on)
+            if deadlines.open:
+                break
+            await asyncio.sleep(0)
+        assert deadlines.open == 1
+        await clock.advance(29.0)
+        assert deadlines.open == 1, "not before its time"
+        await clock.advance(1.1)
+        status = await asyncio.wait_for(reader.readline(), 5)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert status == b"HTTP/1.1 408 Request Timeout\r\n"
+        assert b"Connection: close" in head
+        assert publisher.records == []
+    finally:
+        writer.close()
+        await client.close()
 
 
 async def test_a_body_declared_too_large_is_refused_before_it_is_sent(publisher: FakePublisher) -> None:
