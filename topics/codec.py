@@ -21,6 +21,7 @@ from pydantic_core import ErrorDetails
 
 from topics.envelope import OrderEvent, OrderSubmission
 from topics.errors import ContractError, FieldError
+from topics.order import PATTERN_RULES
 
 CONTENT_TYPE: Final = "application/json"
 
@@ -81,7 +82,13 @@ def field_errors(exc: ValidationError, prefix: str = "", *, root: str = "body") 
     broken, not the input value, which may hold personal data; so they are safe to log and to return.
     """
     errors = []
-    for error in exc.errors(include_url=False, include_input=False):
+    details = exc.errors(include_url=False, include_input=False)
+    # pydantic checks a list's length on the items that validated: every item wrong also says "at least 1 item,
+    # not 0", about a list that has them. Said only when no item of that list has an error of its own.
+    with_items = {error["loc"][:i] for error in details for i, part in enumerate(error["loc"]) if isinstance(part, int)}
+    for error in details:
+        if error["type"] == "too_short" and error["loc"] in with_items:
+            continue
         path = ".".join(str(part) for part in error["loc"])
         if prefix:
             path = f"{prefix}.{path}" if path else prefix
@@ -98,6 +105,14 @@ def _message(error: ErrorDetails) -> str:
         return f"must have at least {_items(ctx.get('min_length'))}, not {ctx.get('actual_length')}"
     if kind == "too_long":
         return f"must have at most {_items(ctx.get('max_length'))}, not {ctx.get('actual_length')}"
+    if kind == "greater_than":
+        return f"must be greater than {ctx.get('gt')}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx.get('le')}"
+    if kind == "string_pattern_mismatch" and (rule := PATTERN_RULES.get(str(ctx.get("pattern")))) is not None:
+        return rule
+    if kind == "string_too_short" and ctx.get("min_length") == 1:
+        return "must not be empty (spaces around the text are removed); leave an optional field out, or null"
     return _MESSAGES.get(kind, error["msg"]).removeprefix("Value error, ")
 
 

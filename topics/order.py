@@ -197,19 +197,30 @@ CurrencyCode = Annotated[
     AfterValidator(_check_currency),
     WithJsonSchema({"type": "string", "enum": list(CURRENCY_CODES), "description": "ISO 4217 code."}),
 ]
-OrderNumber = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-Sku = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")]
-CountryCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
-Email = Annotated[
-    str,
-    StringConstraints(
-        max_length=254,
-        pattern=r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$",
-    ),
-]
-Phone = Annotated[str, StringConstraints(pattern=r"^\+[1-9][0-9]{6,14}$")]
-VatId = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}[A-Z0-9+*.]{2,13}$")]
+_ORDER_NUMBER: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_SKU: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$"
+_COUNTRY: Final = r"^[A-Z]{2}$"
+_EMAIL: Final = (
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+_PHONE: Final = r"^\+[1-9][0-9]{6,14}$"
+_VAT_ID: Final = r"^[A-Z]{2}[A-Z0-9+*.]{2,13}$"
+OrderNumber = Annotated[str, StringConstraints(pattern=_ORDER_NUMBER)]
+Sku = Annotated[str, StringConstraints(pattern=_SKU)]
+CountryCode = Annotated[str, StringConstraints(pattern=_COUNTRY)]
+Email = Annotated[str, StringConstraints(max_length=254, pattern=_EMAIL)]
+Phone = Annotated[str, StringConstraints(pattern=_PHONE)]
+VatId = Annotated[str, StringConstraints(pattern=_VAT_ID)]
+# What each pattern asks for, in words: pydantic's message quotes the regular expression.
+PATTERN_RULES: Final[dict[str, str]] = {
+    _ORDER_NUMBER: "must be 1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit",
+    _SKU: "must be 1-64 characters: letters, digits, '.', '_', '/' or '-', starting with a letter or digit",
+    _COUNTRY: "must be an ISO 3166-1 alpha-2 country code in upper case, e.g. DE",
+    _EMAIL: "must be an e-mail address with a domain that has a dot (name@example.com), in ASCII",
+    _PHONE: "must be in E.164 form: + and the country code, then digits only, 8-16 characters (+4930123456)",
+    _VAT_ID: "must be a VAT id: the country prefix in upper case, then 2-13 letters or digits, no spaces",
+}
 # RFC 3339 section 5.6: a "T", seconds, a numeric offset with a colon (a missing offset is left to pydantic, whose
 # message for it is clearer). pydantic alone takes a number, or a string of digits, for seconds or milliseconds
 # since the epoch (guessing the unit), and a space for the "T".
