@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -72,6 +73,14 @@ class DeadLetterView:
 
     @property
     def order(self) -> str:
+        """The order number of the event in the value, else the record's key: a record sent without a key, or
+        with another, is found by its order (``--order``) all the same."""
+        try:
+            number = json.loads(self.value or b"")["order"]["order_number"]
+        except (ValueError, TypeError, KeyError):  # not JSON, not an object, not the contract
+            number = None
+        if isinstance(number, str) and number:
+            return number
         return (self.key or b"").decode("utf-8", "replace") or "-"
 
     def line(self) -> str:

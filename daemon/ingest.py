@@ -219,13 +219,17 @@ class Ingest:
                     headers={"Idempotent-Replayed": "true"},
                 )
             case Conflict():
-                detail = "this idempotency key was used with another body"
+                detail = (
+                    "this idempotency key was used with another body (compared byte for byte: a retry sends the "
+                    "same bytes); the first body's answer stands"
+                )
                 return _refused(422, "idempotency-key-reused", detail, context={"order": order})
             case Busy() if key in self._pending:
                 return self._unavailable("the first request with this key is still waiting for Kafka", {"order": order})
             case Busy():
-                detail = "a request with this idempotency key is in progress"
-                return _refused(409, "request-in-progress", detail, context={"order": order})
+                detail = "a request with this idempotency key is in progress; send it again in a moment"
+                headers = {"Retry-After": "1"}
+                return _refused(409, "request-in-progress", detail, headers=headers, context={"order": order})
         raise AssertionError(f"unexpected claim {claim!r}")  # pragma: no cover
 
     async def _publish(self, submission: OrderSubmission, key: str | None, digest: str) -> web.Response:

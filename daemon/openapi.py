@@ -14,6 +14,24 @@ from daemon.app import OPENAPI_PATH
 from topics.envelope import OrderSubmission
 
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
+# The last segment of every problem `type` the API answers with, for clients to branch on (a test keeps it whole).
+PROBLEM_CODES = (
+    "invalid-order",
+    "invalid-idempotency-key",
+    "unreadable-body",
+    "invalid-signature",
+    "body-timeout",
+    "request-in-progress",
+    "body-too-large",
+    "expectation-failed",
+    "unsupported-media-type",
+    "unsupported-content-encoding",
+    "idempotency-key-reused",
+    "kafka-unavailable",
+    "key-store-unavailable",
+    "not-found",
+    "method-not-allowed",
+)
 
 
 def _problem_response(description: str, retry_after: bool = False) -> dict[str, Any]:
@@ -47,7 +65,11 @@ def document() -> dict[str, Any]:
         "description": "RFC 9457 problem details",
         "required": ["type", "title", "status", "detail"],
         "properties": {
-            "type": {"type": "string", "format": "uri"},
+            "type": {
+                "type": "string",
+                "format": "uri",
+                "description": "https://orderbus.dev/problems/ and one of: " + ", ".join(PROBLEM_CODES),
+            },
             "title": {"type": "string"},
             "status": {"type": "integer"},
             "detail": {"type": "string"},
@@ -100,6 +122,12 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "202": {
                             "description": "published (acks=all); a repeat of the key returns this same answer",
+                            "headers": {
+                                "Idempotent-Replayed": {
+                                    "description": "true on a repeat answered from the key store (nothing published)",
+                                    "schema": {"type": "string", "enum": ["true"]},
+                                }
+                            },
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
                         },
                         "400": _problem_response(
@@ -107,7 +135,10 @@ def document() -> dict[str, Any]:
                         ),
                         "401": _problem_response("missing or invalid webhook signature"),
                         "408": _problem_response("the body did not arrive within ingest.body_timeout"),
-                        "409": _problem_response("a request with this idempotency key is still in progress"),
+                        "409": _problem_response(
+                            "a request with this idempotency key is still in progress; send it again after Retry-After",
+                            retry_after=True,
+                        ),
                         "413": _problem_response("body too large"),
                         "415": _problem_response("not application/json, or a compressed body (Content-Encoding)"),
                         "422": _problem_response("this idempotency key was used with another body"),

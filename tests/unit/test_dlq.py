@@ -138,3 +138,22 @@ def test_records_without_dead_letter_headers_are_never_taken_for_each_others_rep
     foreign = [DeadLetterView(0, offset, 1_800_000_000_000, b"SO-9", b"{}", [], {}) for offset in (1, 2)]
     stated = with_states(foreign, "orders.replay.crm", [Replay(0, 0, ("", "", ""))], {0: 1})
     assert [letter.state for letter in stated] == ["open", "open"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "order"),
+    [
+        (None, b'{"order": {"order_number": "SO-7"}}', "SO-7"),  # sent without a key
+        (b"WRONG", b'{"order": {"order_number": "SO-7"}}', "SO-7"),  # keyed otherwise: dead-lettered as invalid
+        (b"SO-8", b"not json", "SO-8"),
+        (b"SO-8", b'{"order": ["SO-9"]}', "SO-8"),
+        (None, None, "-"),
+    ],
+)
+def test_a_dead_letter_is_listed_under_its_events_order_number(
+    key: bytes | None, value: bytes | None, order: str
+) -> None:
+    # Review: a record sent without a key was listed as order=- and `dlq list --order` could not find it.
+    letter = DeadLetterView(0, 1, 1_800_000_000_000, key, value, [], {})
+    assert letter.order == order
+    assert Selection(order=order).matches(letter)

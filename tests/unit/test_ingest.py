@@ -10,9 +10,11 @@ import asyncio
 import gzip
 import json
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 from unittest import mock
 
@@ -26,6 +28,7 @@ from consumers.deadlines import Deadlines
 from daemon.app import RUNNER_OPTIONS, build_app
 from daemon.ingest import EVENT_ID_NAMESPACE, Ingest, IngestConfig, _answer
 from daemon.ingest_keys import Claim, IngestKeyStore, MemoryIngestKeyStore, body_sha256
+from daemon.openapi import PROBLEM_CODES
 from daemon.publisher import BrokerUnavailable, Published, PublishPending
 from daemon.signature import WebhookVerifier, sign
 from topics.codec import EncodedRecord, decode
@@ -309,7 +312,7 @@ async def test_same_key_in_flight_is_409(client: Client, publisher: FakePublishe
     first = asyncio.create_task(client.post("/v1/orders", data=body(), headers=headers))
     await publisher.entered.wait()
     second = await client.post("/v1/orders", data=body(), headers=headers)
-    assert second.status == 409
+    assert (second.status, second.headers.get("Retry-After")) == (409, "1")  # when to send it again
     publisher.gate.set()
     assert (await first).status == 202
     assert len(publisher.records) == 1
@@ -600,3 +603,10 @@ def test_the_202_body_is_what_json_dumps_writes(topic: str, partition: int, offs
     event_id = uuid.UUID("6f1c2a52-0a7e-4d0e-9a51-3f0f3c1c9b10")
     expected = {"event_id": str(event_id), "topic": topic, "partition": partition, "offset": offset}
     assert _answer(str(event_id), Published(topic, partition, offset)) == json.dumps(expected).encode()
+
+
+def test_the_openapi_document_lists_every_problem_code_the_server_answers_with() -> None:
+    sources = "".join((Path(__file__).parents[2] / "daemon" / name).read_text() for name in ("ingest.py", "app.py"))
+    used = set(re.findall(r'(?:_refused|problem)\(\s*\d{3},\s*"([a-z-]+)"', sources))
+    used |= set(re.findall(r'_unavailable\([^)]*"([a-z]+(?:-[a-z]+)+)"\)', sources)) | {"kafka-unavailable"}
+    assert used == set(PROBLEM_CODES)
