@@ -128,9 +128,14 @@ class WebhookVerifier:
         else:
             age = self._clock() - int(raw)
         if age > self._tolerance:
-            raise SignatureError(f"{TIMESTAMP_HEADER} is too old (more than {self._tolerance:g} s ago)")
+            raise SignatureError(
+                f"{TIMESTAMP_HEADER} is too old (more than {self._tolerance:g} s ago): a retry keeps its webhook-id "
+                "and is signed again with the current time"
+            )
         if -age > self._tolerance:
-            raise SignatureError(f"{TIMESTAMP_HEADER} is too new (more than {self._tolerance:g} s ahead)")
+            # Milliseconds (13 digits today) are the usual cause: a thousand times ahead.
+            unit = "; it is in seconds, not milliseconds" if -age > 100 * self._clock() else ""
+            raise SignatureError(f"{TIMESTAMP_HEADER} is too new (more than {self._tolerance:g} s ahead){unit}")
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:

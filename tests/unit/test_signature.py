@@ -224,6 +224,18 @@ def test_fractional_clock_just_before_the_tolerance_is_too_new() -> None:
     assert reason(exc).startswith("webhook-timestamp is too new")
 
 
+def test_a_timestamp_in_milliseconds_is_said_to_be_one() -> None:
+    with pytest.raises(SignatureError) as exc:
+        verifier().verify(headers(timestamp=NOW * 1000), b"{}")
+    assert reason(exc).endswith("; it is in seconds, not milliseconds")
+    with pytest.raises(SignatureError) as exc:
+        verifier(now=NOW - 301).verify(headers(), b"{}")
+    assert "milliseconds" not in reason(exc)
+    with pytest.raises(SignatureError) as exc:
+        verifier(now=NOW + 301).verify(headers(), b"{}")
+    assert reason(exc).endswith("a retry keeps its webhook-id and is signed again with the current time")
+
+
 def test_the_window_is_checked_before_the_signature() -> None:
     # A replayed capture must be refused for its age even though its signature is genuine.
     with pytest.raises(SignatureError, match="too old"):
