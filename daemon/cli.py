@@ -105,17 +105,20 @@ def _parser() -> argparse.ArgumentParser:
 
     kafka = commands.add_parser("kafka", help="the local Apache Kafka broker for development and tests")
     kafka_actions = kafka.add_subparsers(required=True, metavar="ACTION")
-    for name, func in (("fetch", _kafka_fetch), ("start", _kafka_start), ("stop", _kafka_stop)):
-        action = kafka_actions.add_parser(name)
+    kafka_commands = (
+        ("fetch", _kafka_fetch, "download the broker's jars from Maven Central (once)"),
+        ("start", _kafka_start, "start the broker of --data-dir, or find it running"),
+        ("stop", _kafka_stop, "stop it cleanly"),
+        ("status", _kafka_status, "whether it runs and answers, and on which port"),
+        ("kill", _kafka_kill, "SIGKILL it (tests of a broker crash)"),
+    )
+    for name, func, summary in kafka_commands:
+        action = kafka_actions.add_parser(name, help=summary)
         action.add_argument("--data-dir", type=Path, default=DEMO_KAFKA_DIR)
         action.set_defaults(func=func)
         if name == "start":
             action.add_argument("--port", type=int, default=0, help="broker port (0: free port or the last one)")
             action.add_argument("--controller-port", type=int, default=0)
-    for name, func in (("status", _kafka_status), ("kill", _kafka_kill)):
-        action = kafka_actions.add_parser(name)
-        action.add_argument("--data-dir", type=Path, default=DEMO_KAFKA_DIR)
-        action.set_defaults(func=func)
 
     status = commands.add_parser("status", help="per sink: lag, in flight, parked, circuit, dead letters")
     _config_option(status)
