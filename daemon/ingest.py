@@ -5,7 +5,8 @@ The checks run cheapest first, and every answer has one cause:
 1. content type (415), body size (413);
 2. the Standard Webhooks signature, when secrets are configured (401);
 3. the idempotency key is well-formed (400): the signed ``webhook-id`` when signatures are on (an
-   ``Idempotency-Key`` is ignored then), else ``Idempotency-Key``, else ``webhook-id``;
+   ``Idempotency-Key`` is ignored then), else ``Idempotency-Key``, else ``webhook-id``; a body with its own
+   ``event_id`` is keyed by that instead, once parsed;
 4. the body is a valid order submission (400 with field errors);
 5. the key: a repeat gets the first answer and publishes nothing; another body under it is 422; a repeat while the
    first is still publishing is 409;
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 # Derived event ids (`_event_id`): uuid5 in this namespace of the idempotency key and the body's digest.
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c2a52-0a7e-4d0e-9a51-3f0f3c1c9b10")
 _KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
+_EVENT_KEY = "event_id:"  # the key of a submission that carries its own event_id (a UUID), after this prefix
 _JSON_TYPES = ("application/json",)
 
 
@@ -169,6 +171,10 @@ class Ingest:
                 context={"fields": len(exc.errors)},
             )
         digest = body_sha256(body)
+        if submission.event_id is not None:
+            # The sender's own id of the event keys it: sent again under another webhook-id or Idempotency-Key with
+            # another body, it would be published, then skipped by every sink as the duplicate it claims to be.
+            key = f"{_EVENT_KEY}{submission.event_id}"
         if key is None:
             return await self._publish(submission, None, digest)
         # Claimed inline, not in a coroutine of its own: each await level is paid again at every resumption.
@@ -219,10 +225,13 @@ class Ingest:
                     headers={"Idempotent-Replayed": "true"},
                 )
             case Conflict():
+                used = "this event_id" if key.startswith(_EVENT_KEY) else "this idempotency key"
                 detail = (
-                    "this idempotency key was used with another body (compared byte for byte: a retry sends the "
-                    "same bytes); the first body's answer stands"
+                    f"{used} was used with another body (compared byte for byte: a retry sends the same bytes); "
+                    "the first body's answer stands"
                 )
+                if key.startswith(_EVENT_KEY):
+                    detail += "; a new event needs a new event_id"
                 return _refused(422, "idempotency-key-reused", detail, context={"order": order})
             case Busy() if key in self._pending:
                 return self._unavailable("the first request with this key is still waiting for Kafka", {"order": order})

@@ -300,9 +300,24 @@ async def test_the_same_body_without_a_key_or_a_time_is_a_new_event_each_time(
 
 async def test_same_key_other_body_is_422(client: Client, publisher: FakePublisher) -> None:
     headers = {**JSON, "Idempotency-Key": "k"}
-    assert (await client.post("/v1/orders", data=body(1), headers=headers)).status == 202
-    response = await client.post("/v1/orders", data=body(2), headers=headers)
+    assert (await client.post("/v1/orders", data=body(1, event_id=False), headers=headers)).status == 202
+    response = await client.post("/v1/orders", data=body(2, event_id=False), headers=headers)
     assert response.status == 422
+    assert len(publisher.records) == 1
+
+
+async def test_a_body_with_its_own_event_id_is_keyed_by_it(client: Client, publisher: FakePublisher) -> None:
+    # Review (shop team): the same event_id sent again under another key with another body (an update reusing the
+    # create's id) was published, then skipped by every sink as a duplicate: silently lost.
+    first = json.loads(body(1))
+    changed = {**first, "event_type": "order.updated", "order": {**first["order"], "paid": not first["order"]["paid"]}}
+    created = await client.post("/v1/orders", data=json.dumps(first), headers={**JSON, "Idempotency-Key": "a"})
+    assert created.status == 202
+    reused = await client.post("/v1/orders", data=json.dumps(changed), headers={**JSON, "Idempotency-Key": "b"})
+    assert reused.status == 422
+    assert (await reused.json())["detail"].startswith("this event_id was used with another body")
+    again = await client.post("/v1/orders", data=json.dumps(first), headers={**JSON, "Idempotency-Key": "c"})
+    assert (again.status, again.headers.get("Idempotent-Replayed")) == (202, "true")  # the same event: its answer
     assert len(publisher.records) == 1
 
 
