@@ -249,11 +249,14 @@ class Lane:
             try:
                 try:
                     async with context.slots:
-                        outcome = await self._attempt(work, attempts)
+                        sent = await self._attempt(work, attempts, probe)
                 except BaseException:
                     if probe is not None:
                         probe.release()  # a half-open probe slot taken but never answered must be given back
                     raise
+                if sent is None:
+                    continue  # a gate closed while this lane queued for a slot or the pace: wait for it again
+                outcome = sent
                 decision = self._decide(outcome)
                 if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
                     probe.release()  # a 401 says nothing about the system's health
@@ -273,6 +276,7 @@ class Lane:
             if settling is not None:
                 return settling
             if decision.action == "pause_auth":
+                _uncount(attempts)  # our configuration, not this order: no attempt of its budget, nor its time
                 _record(context.auth, False, probe)
                 context.metrics.auth_failures.labels(context.sink.name).inc()
                 log.error(
@@ -296,8 +300,9 @@ class Lane:
         state = states.get(work.idempotency_key)
         return state is not None and state.status in ("done", "duplicate")
 
-    async def _attempt(self, work: Work, attempts: Attempts) -> Reply | TransportFailure:
-        """One HTTP attempt; the caller holds a request slot."""
+    async def _attempt(self, work: Work, attempts: Attempts, probe: Circuit | None) -> Reply | TransportFailure | None:
+        """One HTTP attempt; the caller holds a request slot. None, and nothing sent, if a gate has opened while
+        this lane queued for the slot or the pace (a paused sink, an open circuit send nothing but their probe)."""
         context = self._context
         assert work.prepared is not None
         downstream_id = None
@@ -308,6 +313,8 @@ class Lane:
         await context.pacer.acquire()
         if self._stopping:
             raise asyncio.CancelledError  # stopped while waiting: the record stays unfinished
+        if probe is None and (context.auth.state != "closed" or context.circuit.state != "closed"):
+            return None
         context.in_flight += 1
         now_wall = context.clock.wall()
         if attempts.first_wall is None:
@@ -413,6 +420,13 @@ class Lane:
             await self._context.clock.sleep(seconds)
         finally:
             self.parked = False
+
+
+def _uncount(attempts: Attempts) -> None:
+    """Take back the last attempt: refused for our credentials, it is not one of the record's."""
+    attempts.count -= 1
+    if attempts.count == 0:
+        attempts.first_wall = attempts.first_mono = None
 
 
 def _record(gate: Circuit, success: bool, probe: Circuit | None) -> None:

@@ -502,6 +502,53 @@ async def test_401_pauses_the_sink_without_dead_letters_and_resumes(harness_fact
     assert h.clock.now() - 1000.0 >= 30.0, "the probe came after the auth pause"
 
 
+async def test_refused_credentials_count_against_no_records_retry_budget(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Review (downstream owner): every 401 counted as an attempt, so once the credentials were fixed a record used
+    # its budget up in two 503s, and an auth outage longer than max_elapsed dead-lettered at the first 5xx.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(401) if nth <= 3 else answer(503) if nth <= 5 else ok()
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-1")]},
+        script,
+        auth_pause=1.0,
+        backoff=Backoff(base=1.0, cap=8.0, max_attempts=3, max_elapsed=2.0),
+    )
+    await h.run_until(1)
+    assert h.dead.letters == []
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 1
+    assert len(h.downstream.calls) == 6  # three refused, then two 503s and the 201: the record's own three
+
+
+async def test_a_circuit_that_opens_stops_the_requests_queued_behind_it(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Review (downstream owner): lanes queued for a request slot or the pace sent all the same after the circuit
+    # opened, one request each: an open circuit protected nothing until that queue had drained.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if b"SO-DOWN" in (request.body or b"") else ok()
+
+    h = harness_factory(
+        {TP0: [record(0, "SO-DOWN", seed=10)], TP1: [record(i, f"SO-{i}") for i in range(6)]},
+        script,
+        max_in_flight=1,
+        circuit_window=1,
+        circuit_min_calls=1,
+        circuit_failure_ratio=1.0,
+        circuit_open_for=5.0,
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(4.9)
+    assert h.engine.circuit_state == "open"
+    assert len(h.downstream.calls) == 1, "only SO-DOWN's 503: the queued records wait for the probe"
+    await h.wait_finished(6)  # the probe (one of them) closes the circuit; SO-DOWN's retries are 503 still
+    stop.set()
+    await runner
+
+
 async def test_a_credentials_probe_refused_again_pauses_the_sink_for_twice_as_long(
     harness_factory: Callable[..., Harness],
 ) -> None:
@@ -996,9 +1043,11 @@ async def test_a_probe_stopped_while_it_waits_for_a_place_gives_its_slot_back(
         {TP0: [record(0, "SO-DOWN", seed=10)], TP1: [record(i, f"SO-{i}") for i in range(4)]},
         script,
         max_in_flight=2,  # 4 places for records sent and not yet durable
-        circuit_window=1,
-        circuit_min_calls=1,
-        circuit_failure_ratio=1.0,
+        # Opens at the fifth call, once the four records are out: a lane queued when the circuit opens sends
+        # nothing but a probe, and SO-DOWN's lane is to hold the probe here.
+        circuit_window=5,
+        circuit_min_calls=5,
+        circuit_failure_ratio=0.2,
         circuit_open_for=5.0,
         shutdown_grace=1.0,
     )
