@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -69,6 +70,7 @@ class LaneContext:
     failed: Callable[[Exception], None]  # a lane's task raised: the engine's run fails with that error
     blocked: Blocks  # orders with records in the dead-letter topic (`consumers.blocks`)
     in_flight: int = 0
+    certificate_said_at: float = -math.inf  # when a refused TLS certificate was last logged (`_say_certificate`)
 
 
 class Lane:
@@ -366,6 +368,8 @@ class Lane:
             # answers a whole burst with 429s, which would open the circuit for far longer than it asked). Only
             # this attempt's own probe slot is given back: another lane's probe is still out.
             context.circuit.release()
+        if isinstance(outcome, TransportFailure) and any(mark in outcome.detail for mark in _CERTIFICATE_REFUSED):
+            _say_certificate(context, outcome)
         assert attempts.first_mono is not None
         if context.backoff.exhausted(attempts.count, attempts.first_mono, context.clock.now()):
             return await dead_letter(context, work, "retries-exhausted", decision.rule, attempts, self._park)
@@ -420,6 +424,24 @@ class Lane:
             await self._context.clock.sleep(seconds)
         finally:
             self.parked = False
+
+
+# How a refused certificate shows in a connection failure's detail (`ssl.SSLCertVerificationError`'s repr).
+_CERTIFICATE_REFUSED = ("CERTIFICATE_VERIFY_FAILED", "SSLCertVerificationError")
+_CERTIFICATE_SAY_EVERY = 60.0  # seconds
+
+
+def _say_certificate(context: LaneContext, failure: TransportFailure) -> None:
+    """Say at ERROR, once a minute per sink, that the downstream's certificate is refused: it is configuration,
+    every attempt fails the same until it is fixed, and the retries alone would say it at DEBUG only."""
+    now = context.clock.now()
+    if now - context.certificate_said_at < _CERTIFICATE_SAY_EVERY:
+        return
+    context.certificate_said_at = now
+    log.error(
+        "the downstream's TLS certificate is refused: trust its CA (the sink's ca_bundle) or fix the certificate",
+        extra={"sink": context.sink.name, "error": failure.detail},
+    )
 
 
 def _uncount(attempts: Attempts) -> None:

@@ -522,6 +522,28 @@ async def test_refused_credentials_count_against_no_records_retry_budget(
     assert len(h.downstream.calls) == 6  # three refused, then two 503s and the 201: the record's own three
 
 
+async def test_a_refused_tls_certificate_is_said_at_error_once_a_minute(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review (downstream owner): a self-signed downstream without ca_bundle showed only DEBUG retries and then
+    # dead letters; the cause was in `dlq show` alone.
+    refused = (
+        "HttpConnectionError: https://crm.test: cannot connect (SSLCertVerificationError(1, '[SSL: "
+        "CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate (_ssl.c:1006)'))"
+    )
+
+    def script(request: HttpRequest, nth: int) -> Reply | TransportFailure:
+        return TransportFailure("connection", refused, 0.01) if nth <= 4 else ok()
+
+    h = harness_factory({TP0: [record(0, "SO-1")]}, script, circuit_min_calls=10)
+    with caplog.at_level(logging.ERROR, logger="consumers.lane"):
+        await h.run_until(1)
+    said = [r for r in caplog.records if r.getMessage().startswith("the downstream's TLS certificate is refused")]
+    assert len(h.downstream.calls) == 5
+    assert 1 <= len(said) < 4, "said, not at every attempt"
+    assert "CERTIFICATE_VERIFY_FAILED" in said[0].error  # type: ignore[attr-defined]
+
+
 async def test_a_circuit_that_opens_stops_the_requests_queued_behind_it(
     harness_factory: Callable[..., Harness],
 ) -> None:
