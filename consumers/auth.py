@@ -42,6 +42,7 @@ from consumers.clock import Clock, SystemClock
 from consumers.deadlines import Deadlines
 from consumers.delivery import Reply, TransportFailure, attempt
 from consumers.http_client import HttpClient
+from consumers.identity import USER_AGENT
 from consumers.sink import HttpRequest, canonical_json
 from topics.errors import OrderbusError
 
@@ -304,7 +305,9 @@ class OAuth2ClientCredentials:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2, ssl=self._tls))
+            # Named as the deliveries are: identity providers log who asks for tokens, too.
+            connector = aiohttp.TCPConnector(limit=2, ssl=self._tls)
+            self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT})
         return self._session
 
     def _unavailable(self, detail: str) -> TokenUnavailable:

@@ -14,7 +14,6 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from consumers.dedup import SqliteDedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.engine import EngineConfig, SinkEngine
 from consumers.http_client import HttpClient
+from consumers.identity import USER_AGENT
 from consumers.kafka_io import KafkaConsumerPort, Rebalance, keep_metadata_synchronizer, sink_consumer
 from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
@@ -37,17 +37,6 @@ from consumers.unreadable import ReadGuard
 from topics.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def _user_agent() -> str:
-    """``orderbus/<version>``: the downstream's owners see who calls them, and which build."""
-    try:
-        return f"orderbus/{version('orderbus')}"
-    except PackageNotFoundError:
-        return "orderbus"
-
-
-USER_AGENT = _user_agent()
 
 
 @dataclass(frozen=True)

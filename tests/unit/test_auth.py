@@ -39,6 +39,7 @@ from consumers.crm import CrmSink
 from consumers.deadlines import Deadlines
 from consumers.delivery import Reply, TransportFailure
 from consumers.http_client import HttpClient
+from consumers.identity import USER_AGENT
 from consumers.policy import DEFAULT_POLICY
 from daemon.sandbox import Sandbox, SandboxClient, build_sandbox_app
 from daemon.sandbox.faults import Auth as SandboxAuth
@@ -324,9 +325,11 @@ class TokenEndpoint:
     def __init__(self, *answers: tuple[int, Any]) -> None:
         self.answers = list(answers)
         self.requests = 0
+        self.user_agents: list[str | None] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests += 1
+        self.user_agents.append(request.headers.get("User-Agent"))
         status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if status == 302:
             return web.Response(status=302, headers={"Location": "https://elsewhere.example.test/token"})
@@ -406,6 +409,21 @@ async def test_token_endpoint_answers_become_the_right_outcome(
         assert isinstance(outcome, TransportFailure)
         assert (outcome.kind, detail in outcome.detail) == ("connection", True)
     assert fake.requests == 2
+
+
+async def test_token_requests_name_orderbus_as_the_deliveries_do(
+    endpoint: Callable[..., Any], clock: FakeClock
+) -> None:
+    # Review (downstream owner): they said "Python/3.11 aiohttp/3.x", so the identity provider's log did not show
+    # who asked.
+    fake, token_url = await endpoint(token("t-1"))
+    auth = OAuth2ClientCredentials(client_of(token_url), clock=clock)  # its own session, as in production
+    try:
+        await auth.headers()
+    finally:
+        await auth.aclose()
+    assert fake.user_agents == [USER_AGENT]
+    assert USER_AGENT.startswith("orderbus")
 
 
 async def test_an_unreachable_token_endpoint_is_temporary(
