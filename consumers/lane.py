@@ -278,7 +278,6 @@ class Lane:
             if settling is not None:
                 return settling
             if decision.action == "pause_auth":
-                _uncount(attempts)  # our configuration, not this order: no attempt of its budget, nor its time
                 _record(context.auth, False, probe)
                 context.metrics.auth_failures.labels(context.sink.name).inc()
                 log.error(
@@ -291,7 +290,8 @@ class Lane:
                         "status": _status(outcome),
                     },
                 )
-                continue  # not counted against max attempts: it is our configuration, not this order
+                _uncount(attempts)  # our configuration, not this order: no attempt of its budget, nor its time
+                continue
             settling = await self._retry_or_give_up(work, attempts, outcome, decision, probe)
             if settling is not None:
                 return settling
