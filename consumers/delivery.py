@@ -8,6 +8,7 @@ business, not this module's.
 from __future__ import annotations
 
 import hashlib
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +42,7 @@ class TransportFailure:
     kind: Literal["timeout", "connection", "invalid_request"]
     detail: str
     elapsed: float
+    certificate_refused: bool = False  # the server's TLS certificate was not trusted: configuration, not the network
 
 
 async def attempt(
@@ -67,5 +69,6 @@ async def attempt(
     except InvalidRequestError as exc:
         return TransportFailure("invalid_request", str(exc), time.perf_counter() - started)
     except HttpClientError as exc:
-        return TransportFailure("connection", f"{type(exc).__name__}: {exc}", time.perf_counter() - started)
+        refused = isinstance(exc.__cause__, ssl.SSLCertVerificationError)
+        return TransportFailure("connection", f"{type(exc).__name__}: {exc}", time.perf_counter() - started, refused)
     return Reply(answer.status, answer.retry_after, answer.body, time.perf_counter() - started)

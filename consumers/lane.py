@@ -315,7 +315,7 @@ class Lane:
         await context.pacer.acquire()
         if self._stopping:
             raise asyncio.CancelledError  # stopped while waiting: the record stays unfinished
-        if probe is None and (context.auth.state != "closed" or context.circuit.state != "closed"):
+        if probe is None and not _gates_closed(context):
             return None
         context.in_flight += 1
         now_wall = context.clock.wall()
@@ -368,7 +368,7 @@ class Lane:
             # answers a whole burst with 429s, which would open the circuit for far longer than it asked). Only
             # this attempt's own probe slot is given back: another lane's probe is still out.
             context.circuit.release()
-        if isinstance(outcome, TransportFailure) and any(mark in outcome.detail for mark in _CERTIFICATE_REFUSED):
+        if isinstance(outcome, TransportFailure) and outcome.certificate_refused:
             _say_certificate(context, outcome)
         assert attempts.first_mono is not None
         if context.backoff.exhausted(attempts.count, attempts.first_mono, context.clock.now()):
@@ -400,7 +400,7 @@ class Lane:
         `record` or `release`. Returns None when both are closed.
         """
         context = self._context
-        if context.auth.state == "closed" and context.circuit.state == "closed":
+        if _gates_closed(context):
             return None  # the common case, first and cheap
         while True:
             gates = (context.auth, context.circuit)
@@ -426,9 +426,12 @@ class Lane:
             self.parked = False
 
 
-# How a refused certificate shows in a connection failure's detail (`ssl.SSLCertVerificationError`'s repr).
-_CERTIFICATE_REFUSED = ("CERTIFICATE_VERIFY_FAILED", "SSLCertVerificationError")
 _CERTIFICATE_SAY_EVERY = 60.0  # seconds
+
+
+def _gates_closed(context: LaneContext) -> bool:
+    """Neither the credentials pause nor the circuit holds the sink: any lane may send."""
+    return context.auth.state == "closed" and context.circuit.state == "closed"
 
 
 def _say_certificate(context: LaneContext, failure: TransportFailure) -> None:

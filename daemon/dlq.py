@@ -21,7 +21,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,22 +66,22 @@ class DeadLetterView:
     headers: list[Header]
     meta: dict[str, str]
     state: str = "open"  # see the module's docstring
+    # The order number of the event in the value, else the record's key: a record sent without a key, or with
+    # another, is found by its order (``--order``) all the same. Read once: `line` and a selection both ask.
+    order: str = field(init=False)
 
-    @property
-    def where(self) -> str:
-        return f"{self.partition}:{self.offset}"
-
-    @property
-    def order(self) -> str:
-        """The order number of the event in the value, else the record's key: a record sent without a key, or
-        with another, is found by its order (``--order``) all the same."""
+    def __post_init__(self) -> None:
         try:
             number = json.loads(self.value or b"")["order"]["order_number"]
         except (ValueError, TypeError, KeyError):  # not JSON, not an object, not the contract
             number = None
-        if isinstance(number, str) and number:
-            return number
-        return (self.key or b"").decode("utf-8", "replace") or "-"
+        if not (isinstance(number, str) and number):
+            number = (self.key or b"").decode("utf-8", "replace") or "-"
+        object.__setattr__(self, "order", number)
+
+    @property
+    def where(self) -> str:
+        return f"{self.partition}:{self.offset}"
 
     def line(self) -> str:
         """One line without personal data: position, order number, reason, rule, status, attempts, time."""
@@ -169,7 +169,7 @@ async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterVie
     # so the dead-letter topic read last holds it (read first, a `failed-again` could show as `replayed`).
     done = await _committed(consumer_group(sink, prefix), replays, options)
     sent = [
-        Replay(partition, record.offset, _source(_view(partition, record).meta))
+        Replay(partition, record.offset, _source(read_headers(copy_headers(record.headers))))
         for partition, record in await _records(replays, options)
     ]
     letters = [_view(partition, record) for partition, record in await _records(dlq_topic(sink, prefix), options)]

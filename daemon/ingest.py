@@ -121,7 +121,7 @@ class Ingest:
         if expect.lower() != "100-continue":
             refusal = _refused(417, "expectation-failed", "the only Expect this server answers is 100-continue")
         elif (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
-            refusal = _refused(413, "body-too-large", f"the body exceeds {self._config.max_body_bytes} bytes")
+            refusal = self._too_large()
         else:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the answer's own bytes start after the interim response
@@ -148,7 +148,7 @@ class Ingest:
             response.force_close()  # the rest of the body may still come, and would be read as the next request
             return response
         if body is None:
-            return _refused(413, "body-too-large", f"the body exceeds {self._config.max_body_bytes} bytes")
+            return self._too_large()
         if self._verifier is not None:
             try:
                 self._verifier.verify(request.headers, body)
@@ -230,7 +230,7 @@ class Ingest:
                     f"{used} was used with another body (compared byte for byte: a retry sends the same bytes); "
                     "the first body's answer stands"
                 )
-                if key.startswith(_EVENT_KEY):
+                if used == "this event_id":
                     detail += "; a new event needs a new event_id"
                 return _refused(422, "idempotency-key-reused", detail, context={"order": order})
             case Busy() if key in self._pending:
@@ -312,6 +312,9 @@ class Ingest:
         for task in list(self._pending.values()):
             task.cancel()
         await asyncio.gather(*self._pending.values(), return_exceptions=True)
+
+    def _too_large(self) -> web.Response:
+        return _refused(413, "body-too-large", f"the body exceeds {self._config.max_body_bytes} bytes")
 
     def _unavailable(self, detail: str, context: Mapping[str, object], code: str = "kafka-unavailable") -> web.Response:
         retry = str(self._config.retry_after)

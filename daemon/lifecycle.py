@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import gc
 import logging
 import os
@@ -219,32 +220,28 @@ async def _require_topics(settings: Settings, options: Mapping[str, Any]) -> boo
     then only reports as drift. An unreachable Kafka stops the sinks as their producer would (`BrokerError`);
     the ingest alone starts anyway and answers 503 until Kafka is back and its topic is found (`_open_ingest`).
     """
-    names = _topic_names(settings)
     try:
-        missing = await missing_topics(names, options, timeout=settings.kafka.request_timeout)
+        await _check_topics(settings, options)
     except BrokerError as exc:
         if settings.enabled_sinks():
             raise
         log.warning("kafka unreachable at start, topics not checked yet", extra={"error": str(exc)})
         return False
-    if missing:
-        raise ConfigError(_missing_message(missing))
     return True
 
 
-def _topic_names(settings: Settings) -> list[str]:
+async def _check_topics(settings: Settings, options: Mapping[str, Any]) -> None:
+    """`ConfigError` if a topic the daemon reads or writes is missing; `BrokerError` if Kafka does not answer."""
     prefix = settings.topics.prefix
     names = [orders_topic(prefix)]
     for name in settings.enabled_sinks():
         names += [dlq_topic(name, prefix), replay_topic(name, prefix)]
-    return names
-
-
-def _missing_message(missing: list[str]) -> str:
-    return (
-        f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-        f"{'do' if len(missing) > 1 else 'does'} not exist: run `orderbus topics apply` with these settings"
-    )
+    missing = await missing_topics(names, options, timeout=settings.kafka.request_timeout)
+    if missing:
+        raise ConfigError(
+            f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"{'do' if len(missing) > 1 else 'does'} not exist: run `orderbus topics apply` with these settings"
+        )
 
 
 async def _open_ingest(
@@ -263,17 +260,12 @@ async def _open_ingest(
     pruner = asyncio.create_task(pruning, name="ingest-key-pruner")
     stack.push_async_callback(cancel_and_wait, pruner)
 
-    async def topic_check() -> None:
-        """The start's check, when Kafka did not answer it: the publisher builds no producer before it passes."""
-        missing = await missing_topics(_topic_names(settings), options, timeout=settings.kafka.request_timeout)
-        if missing:
-            raise ConfigError(_missing_message(missing))
-
     publisher = KafkaPublisher(
         orders_topic(settings.topics.prefix),
         options,
         request_timeout=settings.kafka.request_timeout,
-        topic_check=None if topic_checked else topic_check,
+        # The start's check, when Kafka did not answer it: the publisher builds no producer before it passes.
+        topic_check=None if topic_checked else functools.partial(_check_topics, settings, options),
     )
     await publisher.start()
     stack.push_async_callback(publisher.close)

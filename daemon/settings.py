@@ -19,7 +19,7 @@ import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -291,12 +291,15 @@ class OAuth2Settings(_AuthSection):
         return self
 
 
-_AUTH_TYPES = frozenset({"none", "bearer", "basic", "api_key", "oauth2"})
 _SECRETS = frozenset({"token", "password", "key", "client_secret"})  # the auth keys a *_FILE variable may hold
 AuthSettings = Annotated[
     NoAuthSettings | BearerAuthSettings | BasicAuthSettings | ApiKeyAuthSettings | OAuth2Settings,
     Field(discriminator="type"),
 ]
+# The union's tags, which pydantic puts in an error's location (``sinks.crm.auth.bearer.token``).
+_AUTH_TYPES = frozenset(
+    get_args(scheme.model_fields["type"].annotation)[0] for scheme in get_args(get_args(AuthSettings)[0])
+)
 _DEFAULT_URLS = UrlTemplates()
 
 
@@ -495,10 +498,10 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
 def _one_underscore_too_few(key: str) -> str | None:
     """``ingest_port`` → ``ingest__port``: a section's key written with one underscore, which would otherwise be
     taken for another tool's variable and ignored; None for a name that is no setting that way either."""
-    sections: dict[str, Any] = {"kafka": KafkaSettings, "topics": TopicSettings, "ingest": IngestSettings}
-    for section, model in sections.items():
+    for section, info in Settings.model_fields.items():
+        model = info.annotation
         field = key.removeprefix(f"{section}_")
-        if field != key and field in model.model_fields:
+        if field != key and isinstance(model, type) and issubclass(model, BaseModel) and field in model.model_fields:
             return f"{section}__{field}"
     for sink in SINKS:
         rest = key.removeprefix(f"sinks_{sink}_")

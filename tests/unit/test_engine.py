@@ -533,7 +533,7 @@ async def test_a_refused_tls_certificate_is_said_at_error_once_a_minute(
     )
 
     def script(request: HttpRequest, nth: int) -> Reply | TransportFailure:
-        return TransportFailure("connection", refused, 0.01) if nth <= 4 else ok()
+        return TransportFailure("connection", refused, 0.01, certificate_refused=True) if nth <= 4 else ok()
 
     h = harness_factory({TP0: [record(0, "SO-1")]}, script, circuit_min_calls=10)
     with caplog.at_level(logging.ERROR, logger="consumers.lane"):

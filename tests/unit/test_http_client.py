@@ -21,8 +21,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from support import free_port
 
+from consumers.clock import SystemClock
+from consumers.deadlines import Deadlines
+from consumers.delivery import TransportFailure, attempt
 from consumers.http_client import DISCARD_LIMIT, MAX_HEAD, HttpAnswer, HttpClient
+from consumers.sink import HttpRequest
 from topics.errors import HttpConnectionError, HttpProtocolError, InvalidRequestError
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -628,3 +633,26 @@ async def test_https_refuses_a_certificate_the_default_context_does_not_trust(tl
         with pytest.raises(HttpConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
             await post(client, tls_server.url)
     await client.close()  # again: nothing left to do
+
+
+async def test_a_delivery_to_an_untrusted_certificate_says_so_and_a_refused_connection_does_not(
+    tls_server: RawServer,
+) -> None:
+    # The lane logs a refused certificate at ERROR (configuration, not the network); it learns it from this flag.
+    deadlines = Deadlines(SystemClock())
+    async with HttpClient(limit=2) as client:
+        outcomes = [
+            await attempt(
+                client,
+                HttpRequest("POST", url, b"{}", JSON),
+                idempotency_key="k",
+                auth_headers={},
+                timeout=5.0,
+                deadlines=deadlines,
+            )
+            for url in (tls_server.url, f"http://127.0.0.1:{free_port()}/orders")
+        ]
+    assert [(o.kind, o.certificate_refused) for o in outcomes if isinstance(o, TransportFailure)] == [
+        ("connection", True),
+        ("connection", False),
+    ]
