@@ -9,9 +9,11 @@
     orderbus webhook sign [--config FILE] BODY                      Standard Webhooks headers for a body
     orderbus dlq list|show|replay --sink SINK [--config FILE]       dead letters: inspect, send back to one sink
     orderbus status [--config FILE | --url URL]                     a running daemon's sinks at a glance
+    orderbus trace ORDER [--config FILE]                            one order's events and what became of each
     orderbus dedup prune [--config FILE] [--older-than-hours H]     forget old delivery states now
 
-Exit codes: 0 done, 1 failed, 2 bad usage or bad configuration, 3 drift found with ``--strict``.
+Exit codes: 0 done, 1 failed (`trace`: no record of the order), 2 bad usage or bad configuration, 3 drift found
+with ``--strict``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import sys
@@ -164,6 +167,19 @@ def _parser() -> argparse.ArgumentParser:
             "--reason", choices=REASONS, metavar="REASON", help=f"only this reason: {', '.join(REASONS)}"
         )
         action.add_argument("--order", help="only this order number")
+
+    trace = commands.add_parser(
+        "trace", help="one order's events and, per sink, what became of each: delivered, pending, dead-lettered"
+    )
+    _config_option(trace)
+    trace.add_argument("order", metavar="ORDER", help="the order number, as the shop sent it")
+    trace.add_argument(
+        "--all-partitions",
+        action="store_true",
+        help="search every partition, not only the order's key's (for records a producer placed otherwise)",
+    )
+    trace.add_argument("--since-hours", type=_hours, metavar="H", help="only records of the last H hours")
+    trace.set_defaults(func=_trace)
 
     webhook = commands.add_parser("webhook", help="webhook helpers").add_subparsers(required=True, metavar="ACTION")
     signer = webhook.add_parser("sign", help="print Standard Webhooks headers for BODY (for curl -H @file)")
@@ -425,6 +441,28 @@ def _dlq_replay(args: argparse.Namespace) -> int:
         print(f"replayed {letter.line()}")
     print(f"{len(replayed)} dead letter(s) sent back to sink {args.sink}", file=sys.stderr)
     return 0
+
+
+def _hours(text: str) -> float:
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = math.nan
+    if not (math.isfinite(hours) and hours > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours above 0")
+    return hours
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from daemon.trace import explain, trace
+
+    since = None if args.since_hours is None else int((time.time() - args.since_hours * 3600) * 1000)
+    found, sinks = _run_async(
+        trace(_operator_settings(args), args.order, all_partitions=args.all_partitions, since_ms=since)
+    )
+    for line in explain(found, sinks):
+        print(line)
+    return 0 if found.events else 1
 
 
 def _webhook_sign(args: argparse.Namespace) -> int:

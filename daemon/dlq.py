@@ -167,9 +167,9 @@ async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterVie
     replays = replay_topic(sink, prefix)
     # In this order: a replay the sink has committed past was dead-lettered again, if at all, before that commit,
     # so the dead-letter topic read last holds it (read first, a `failed-again` could show as `replayed`).
-    done = await _committed(consumer_group(sink, prefix), replays, options)
+    done = await committed_offsets(consumer_group(sink, prefix), replays, options)
     sent = [
-        Replay(partition, record.offset, _source(read_headers(copy_headers(record.headers))))
+        Replay(partition, record.offset, source_of(read_headers(copy_headers(record.headers))))
         for partition, record in await _records(replays, options)
     ]
     letters = [_view(partition, record) for partition, record in await _records(dlq_topic(sink, prefix), options)]
@@ -200,7 +200,7 @@ async def _records(topic: str, options: Mapping[str, Any]) -> list[tuple[int, An
     return found
 
 
-async def _committed(group: str, topic: str, options: Mapping[str, Any]) -> dict[int, int]:
+async def committed_offsets(group: str, topic: str, options: Mapping[str, Any]) -> dict[int, int]:
     """`group`'s committed offsets on `topic`, by partition (absent: nothing committed there).
 
     Asked for partition by partition: a broker still loading its groups (after a start) answers without any, which
@@ -227,7 +227,8 @@ _OFFSETS_PATIENCE = 10.0  # seconds a group's committed offsets are asked for wh
 Source = tuple[str, str, str]  # the record a dead letter was made of: topic, partition, offset (from its headers)
 
 
-def _source(meta: Mapping[str, str]) -> Source:
+def source_of(meta: Mapping[str, str]) -> Source:
+    """The record a dead letter (its ``orderbus.dlq.*`` headers) was made of."""
     return meta.get("topic", ""), meta.get("partition", ""), meta.get("offset", "")
 
 
@@ -252,10 +253,10 @@ def with_states(
             continue
         if (earlier := last.get(copy.source)) is None or earlier.offset < copy.offset:
             last[copy.source] = copy
-    again = {_source(letter.meta): letter.where for letter in letters}
+    again = {source_of(letter.meta): letter.where for letter in letters}
     stated = []
     for letter in letters:
-        replay = last.get(_source(letter.meta)) if all(_source(letter.meta)) else None
+        replay = last.get(source_of(letter.meta)) if all(source_of(letter.meta)) else None
         if replay is None:
             state = "open"
         elif (where := again.get((replays, str(replay.partition), str(replay.offset)))) is not None:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import make_events, orders_of, produce, read_topic, running_daemon, settings_for, with_type
+from support import make_events, orders_of, produce, read_topic, running_daemon, settings_env, with_type
 
 from consumers.work import idempotency_key
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
+from daemon.settings import load_settings
 from topics.catalogue import dlq_topic
 
 pytestmark = pytest.mark.integration
@@ -39,11 +41,8 @@ async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_k
     await sandbox.faults("crm", reject_order_numbers=rejected)
     fast = {"backoff_base": 0.05, "backoff_cap": 0.2, "commit_interval": 0.2}
     sinks = {"crm": {"base_url": sandbox_process.system_url("crm"), **fast}}
-    settings = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=sinks)
-    env = {
-        "ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": kafka_broker.bootstrap,
-        "ORDERBUS_TOPICS__PREFIX": f"{unique_name}.",
-    }
+    env = settings_env(kafka_broker, f"{unique_name}.", tmp_path, sinks=sinks)  # the daemon's and the CLI's
+    settings = load_settings(None, env=env)
     dlq = dlq_topic("crm", settings.topics.prefix)
     async with running_daemon(settings):
         await produce(kafka_broker.bootstrap, orders_of(settings), [*events, update])
@@ -64,6 +63,30 @@ async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_k
         assert "response body:" in shown.stdout
         assert "idempotency key: orderbus:crm:" in shown.stdout
 
+        blocked = events[0].order.order_number
+        for _ in range(20):  # the dead letters are on their topic; the sink's file has the order's chain a flush later
+            traced = cli("trace", blocked, env=env)
+            if "2 of its events wait" in traced.stdout:
+                break
+            await asyncio.sleep(0.2)
+        assert traced.returncode == 0, traced.stderr
+        assert traced.stdout.startswith(f"order {blocked}: 2 event(s) in {orders_of(settings)} (partition ")
+        of_blocked = {line.split("reason=")[1].split()[0]: line.split()[0] for line in lines if f"={blocked} " in line}
+        crm_lines = [
+            line.split(maxsplit=1)[1] for line in traced.stdout.splitlines() if line.lstrip().startswith("crm ")
+        ]
+        assert crm_lines == [
+            f"dead-lettered: dlq {of_blocked['rejected']} (rejected, HTTP 400), state=open",
+            f"dead-lettered: dlq {of_blocked['dead-lettered-predecessor']} (dead-lettered-predecessor), state=open",
+        ]
+        assert "crm: the order is blocked (2 of its events wait in the dead letters" in traced.stdout
+        delivered = cli("trace", events[10].order.order_number, env=env)
+        assert delivered.returncode == 0, delivered.stderr
+        assert re.search(r"\n\s+crm\s+delivered, downstream id \S+: 1 attempt, ", delivered.stdout), delivered.stdout
+        missing = cli("trace", "SO-2026-999999", env=env)
+        assert missing.returncode == 1
+        assert missing.stdout.startswith("no record of order SO-2026-999999")
+
         await sandbox.faults("crm")  # the downstream was fixed
         replayed = cli("dlq", "replay", "--sink", "crm", "--all", env=env)
         assert replayed.returncode == 0, replayed.stderr
@@ -77,6 +100,10 @@ async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_k
             await asyncio.sleep(0.2)
         assert [line.rsplit(" ", 1)[1] for line in listed.stdout.splitlines()] == ["state=replayed"] * 6
         assert cli("dlq", "list", "--sink", "crm", "--open", env=env).stdout == ""
+
+        after = cli("trace", blocked, env=env).stdout
+        assert after.count("state=replayed; delivered") == 2, after
+        assert "blocked" not in after
 
         nothing = cli("dlq", "replay", "--sink", "crm", "--all", env=env)  # every one was replayed
         assert nothing.returncode == 1

@@ -1,0 +1,309 @@
+"""Where an order is (`orderbus trace ORDER`): its events on the orders topic and, per sink, what became of each.
+
+The question the shop's team asks ("did SO-2026-101414 reach accounting?") and the one an operator asks after an
+alert, answered from what orderbus keeps, without touching a downstream system:
+
+- the order's records on the orders topic, found in its key's partition (murmur2, as every Kafka client's default
+  partitioner and the ingest place them; ``--all-partitions`` for a producer that partitions otherwise);
+- per sink, its group's committed offsets there (a record below is handled), its dead letters with their replay
+  states (`daemon.dlq`), and the delivery states in this host's SQLite file (delivered, with the downstream's id;
+  being delivered; blocked behind a dead letter), read without writing to it, beside the running daemon.
+
+A line names order numbers, event ids and types, positions, HTTP statuses and downstream ids: no personal data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
+
+from consumers.blocks import decode_chain
+from consumers.dedup_sql import SELECT_BLOCKING, SELECT_DOWNSTREAM_ID, select_blocked, select_in, select_states
+from consumers.delivery_state import DeliveryState
+from consumers.work import idempotency_key
+from daemon.dlq import DeadLetterView, committed_offsets, read_dead_letters, source_of
+from daemon.kafka_options import client_options
+from daemon.retention import dedup_path
+from daemon.settings import Settings
+from topics.admin import partition_ids
+from topics.catalogue import consumer_group, orders_topic
+from topics.codec import decode
+from topics.errors import BrokerError, ConfigError, ContractError, StoreError
+
+__all__ = ["Found", "SinkRecord", "TracedEvent", "explain", "key_partition", "trace"]
+
+
+@dataclass(frozen=True, slots=True)
+class TracedEvent:
+    """One record of the order on the orders topic: where, when, and which event (or why it is not one)."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int
+    event_type: str  # "invalid" when the value breaks the contract
+    event_id: str  # "" when invalid
+    detail: str  # the source, or the first contract error of an invalid record
+
+    @property
+    def where(self) -> str:
+        return f"{self.partition}@{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class SinkRecord:
+    """What one sink holds about the order: its group's committed offsets on the orders topic, the order's dead
+    letters, and from this host's file (None: no file here) the delivery states by event id, the downstream's id
+    of the order and, if the order is blocked, its chain (`consumers.blocks`)."""
+
+    name: str
+    committed: Mapping[int, int]
+    letters: Sequence[DeadLetterView]
+    file: Path
+    states: Mapping[str, DeliveryState] | None
+    downstream_id: str | None = None
+    blocked: Sequence[str] | None = None  # the idempotency keys of its events waiting in the dead letters
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """The order's records and where they were searched: partition -> (first offset, end offset)."""
+
+    order: str
+    topic: str
+    events: Sequence[TracedEvent]
+    searched: Mapping[int, tuple[int, int]]
+    by_key: bool  # True: the key's partition only
+
+
+def key_partition(order: str, partitions: int) -> int:
+    """The partition a record keyed by `order` goes to with the default partitioner (Java's, aiokafka's)."""
+    hashed: int = murmur2(order.encode("utf-8"))
+    return (hashed & 0x7FFFFFFF) % partitions
+
+
+async def trace(
+    settings: Settings, order: str, *, all_partitions: bool = False, since_ms: int | None = None
+) -> tuple[Found, list[SinkRecord]]:
+    """The order's records and every enabled sink's record of them."""
+    if not order.strip():
+        raise ConfigError("ORDER: give an order number, as the shop sent it (e.g. SO-2026-101414)")
+    topic = orders_topic(settings.topics.prefix)
+    options = client_options(settings.kafka)
+    ids = await partition_ids(topic, options)
+    if not ids:
+        raise BrokerError(f"topic {topic} does not exist; run `orderbus topics apply`")
+    wanted = ids if all_partitions else [key_partition(order, len(ids))]
+    found = await _find(topic, wanted, order, options, since_ms)
+    sinks = []
+    for name in settings.enabled_sinks():
+        committed = await committed_offsets(consumer_group(name, settings.topics.prefix), topic, options)
+        letters = [letter for letter in await read_dead_letters(settings, name) if letter.order == order]
+        path = dedup_path(settings.state_dir, name)
+        sinks.append(_local_states(name, committed, letters, path, order, found.events))
+    return found, sinks
+
+
+async def _find(
+    topic: str, partitions: Sequence[int], order: str, options: Mapping[str, Any], since_ms: int | None
+) -> Found:
+    """The records keyed by `order` in `partitions` of `topic`, read up to their end now (one at a time in memory
+    beside those kept: a partition can hold millions)."""
+    key = order.encode("utf-8")
+    tps = [TopicPartition(topic, p) for p in partitions]
+    consumer = AIOKafkaConsumer(**options, enable_auto_commit=False, group_id=None)
+    events: list[TracedEvent] = []
+    try:
+        await consumer.start()
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps)
+        if since_ms is not None:
+            at = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
+            starts = {tp: ends[tp] if at[tp] is None else max(starts[tp], at[tp].offset) for tp in tps}
+        for tp in tps:
+            consumer.seek(tp, starts[tp])
+        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+            batch = await consumer.getmany(timeout_ms=1000)
+            for tp, records in batch.items():
+                events.extend(_event(record) for record in records if record.key == key and record.offset < ends[tp])
+    except KafkaError as exc:
+        raise BrokerError(f"cannot read {topic}: {exc!r}") from exc
+    finally:
+        await consumer.stop()
+    events.sort(key=lambda event: (event.timestamp_ms, event.partition, event.offset))
+    searched = {tp.partition: (starts[tp], ends[tp]) for tp in tps}
+    return Found(order, topic, events, searched, by_key=len(partitions) == 1)
+
+
+def _event(record: Any) -> TracedEvent:
+    try:
+        event = decode(record.value)
+    except ContractError as exc:
+        first = exc.errors[0]
+        return TracedEvent(
+            record.partition, record.offset, record.timestamp, "invalid", "", f"{first.loc} {first.message}"
+        )
+    return TracedEvent(
+        record.partition, record.offset, record.timestamp, event.event_type, str(event.event_id), event.source
+    )
+
+
+def _local_states(
+    name: str,
+    committed: Mapping[int, int],
+    letters: Sequence[DeadLetterView],
+    path: Path,
+    order: str,
+    events: Sequence[TracedEvent],
+) -> SinkRecord:
+    """The sink's record with what this host's file says of `events` (none when the file is not here)."""
+    if not path.exists():
+        return SinkRecord(name, committed, letters, path, None)
+    keys = {idempotency_key(name, event.event_id): event.event_id for event in events if event.event_id}
+    try:
+        with _read_only(path) as db:
+            rows = select_states(db, [(order, key) for key in keys])
+            downstream = select_in(db, SELECT_DOWNSTREAM_ID, [order])
+            blocking = select_blocked(db, SELECT_BLOCKING, [order])
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    states = {keys[row[0]]: DeliveryState(*row) for row in rows}
+    return SinkRecord(
+        name,
+        committed,
+        letters,
+        path,
+        states,
+        downstream_id=str(downstream[0][1]) if downstream else None,
+        blocked=decode_chain(str(blocking[0][1])) if blocking else None,
+    )
+
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection that cannot write, create or migrate the file (the daemon may have it open).
+
+    Without a ``-wal`` file beside it (no daemon has it open), read as immutable: a WAL-mode file opened read-only
+    gets a ``-wal`` and ``-shm`` created, and by root (``sudo orderbus trace``) they would be root's, which the
+    daemon's user could then not open at its next start."""
+    immutable = "" if path.with_name(f"{path.name}-wal").exists() else "&immutable=1"
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro{immutable}", uri=True, timeout=5.0)
+    try:
+        db.execute("PRAGMA query_only = ON")
+        yield db
+    finally:
+        db.close()
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+
+
+def explain(found: Found, sinks: Sequence[SinkRecord]) -> list[str]:
+    """The report's lines: the order's events, oldest first, each with one line per sink."""
+    searched = ", ".join(
+        f"partition {p} offsets {first}..{end - 1}" if end > first else f"partition {p} no records"
+        for p, (first, end) in found.searched.items()
+    )
+    if not found.events:
+        lines = [f"no record of order {found.order} in {found.topic} ({searched or 'nothing to search'})"]
+        if found.by_key:
+            lines.append(
+                "  searched its key's partition only: a record without a key, or from a producer that does not "
+                "partition by murmur2 (librdkafka's default does not), is elsewhere: --all-partitions"
+            )
+        return lines
+    lines = [f"order {found.order}: {len(found.events)} event(s) in {found.topic} ({searched})"]
+    for event in found.events:
+        at = datetime.fromtimestamp(event.timestamp_ms / 1000, UTC).isoformat(timespec="seconds")
+        what = f"event_id={event.event_id} source={event.detail}" if event.event_id else event.detail
+        lines.append(f"{event.where:>10} {at} {event.event_type} {what}")
+        lines.extend(f"{'':>12}{sink.name:<11} {_verdict(event, sink, found.topic)}" for sink in sinks)
+    for sink in sinks:
+        if sink.blocked is not None:
+            waiting = f"{len(sink.blocked)} of its events wait" if sink.blocked else "its unblocking is being written"
+            lines.append(
+                f"{sink.name}: the order is blocked ({waiting} in the dead letters; its new events follow them until "
+                f"they are replayed): orderbus dlq replay --sink {sink.name} --order {found.order}"
+            )
+        if sink.states is None:
+            lines.append(f"{sink.name}: no delivery-state file here ({sink.file}); states from Kafka only")
+    return lines
+
+
+def _verdict(event: TracedEvent, sink: SinkRecord, topic: str) -> str:
+    """What became of `event` in `sink`, from the strongest evidence: its dead letter, its delivery state, its
+    group's committed offset."""
+    state = sink.states.get(event.event_id) if sink.states is not None and event.event_id else None
+    letter = _letter_of(event, sink.letters, topic)
+    if letter is not None:
+        chain = [letter, *_failed_again(letter, sink.letters)]
+        text = "dead-lettered: " + "; replayed, dead-lettered again: ".join(_letter(each) for each in chain)
+        if chain[-1].state == "replayed" and state is not None and state.status in ("done", "duplicate"):
+            text += f"; {_delivered(state, sink.downstream_id)}"
+        return text
+    committed = sink.committed.get(event.partition)
+    if state is not None:
+        match state.status:
+            case "done" | "duplicate":
+                return _delivered(state, sink.downstream_id)
+            case "in_flight":
+                answer = f"last answer HTTP {state.last_status}" if state.last_status else "no answer yet"
+                return f"being delivered: {_attempts(state)} so far, {answer}"
+            case "dead":
+                return f"dead-lettered ({state.reason}); the dead letter is no longer on its topic (retention)"
+    if committed is not None and committed > event.offset:
+        where = "pruned after dedup_retention_hours, or kept by an instance on another host"
+        return f"handled: its group committed past it (no delivery state here: {where})"
+    if committed is None:
+        return f"not read yet: its group has committed nothing on partition {event.partition}"
+    return (
+        f"not delivered yet: its group is at offset {committed} of partition {event.partition}, "
+        f"{event.offset - committed} record(s) before this one"
+    )
+
+
+def _delivered(state: DeliveryState, downstream_id: str | None) -> str:
+    how = "delivered" if state.status == "done" else "delivered (the downstream already had it)"
+    known = f", downstream id {downstream_id}" if downstream_id else ""
+    return f"{how}{known}: {_attempts(state)}, {_time(state.last_attempt_at)}"
+
+
+def _attempts(state: DeliveryState) -> str:
+    return "1 attempt" if state.attempts == 1 else f"{state.attempts} attempts"
+
+
+def _time(stamp: float | None) -> str:
+    return "-" if stamp is None else datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
+
+
+def _letter(letter: DeadLetterView) -> str:
+    meta = letter.meta
+    status = f", HTTP {meta['http-status']}" if meta.get("http-status") else ""
+    return f"dlq {letter.where} ({meta.get('reason', '?')}{status}), state={letter.state}"
+
+
+def _letter_of(event: TracedEvent, letters: Sequence[DeadLetterView], topic: str) -> DeadLetterView | None:
+    source = (topic, str(event.partition), str(event.offset))
+    return next((letter for letter in letters if source_of(letter.meta) == source), None)
+
+
+def _failed_again(letter: DeadLetterView, letters: Sequence[DeadLetterView]) -> Iterator[DeadLetterView]:
+    """The dead letters a replay of `letter` became, in turn (``failed-again@P:O``)."""
+    by_where = {other.where: other for other in letters}
+    seen = {letter.where}
+    while letter.state.startswith("failed-again@"):
+        again = by_where.get(letter.state.removeprefix("failed-again@"))
+        if again is None or again.where in seen:
+            return
+        seen.add(again.where)
+        yield again
+        letter = again

@@ -1,0 +1,184 @@
+"""`orderbus trace`'s report (`daemon.trace.explain`) and its reading of a real delivery-state file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from consumers.blocks import encode_chain
+from consumers.deadletter import DeadLetter, Reason, read_headers
+from consumers.dedup import SqliteDedupStore
+from consumers.delivery_state import DeliveryState, DeliveryStatus
+from consumers.work import idempotency_key
+from daemon.dlq import DeadLetterView
+from daemon.trace import Found, SinkRecord, TracedEvent, _local_states, explain, key_partition
+
+ORDER = "SO-2026-000042"
+CREATED = TracedEvent(3, 57, 1_800_000_000_000, "order.created", "e-1", "webhook")
+UPDATED = TracedEvent(3, 90, 1_800_000_060_000, "order.updated", "e-2", "webhook")
+
+
+def found(*events: TracedEvent, by_key: bool = True) -> Found:
+    return Found(ORDER, "orders", list(events), {3: (0, 120)}, by_key=by_key)
+
+
+def state(event_id: str, status: DeliveryStatus, *, attempts: int = 1, last_status: int | None = 201) -> DeliveryState:
+    key = idempotency_key("crm", event_id)
+    return DeliveryState(key, event_id, ORDER, status, attempts, last_status, 1.8e9, 1.8e9, None, None, None, 1.8e9)
+
+
+def letter(
+    where: tuple[int, int], source: tuple[str, int, int], *, reason: Reason = "rejected", state: str = "open"
+) -> DeadLetterView:
+    topic, partition, offset = source
+    dead = DeadLetter("crm", reason, "bad-request", topic, partition, offset, ORDER.encode(), b"{}", http_status=400)
+    headers = dead.record_headers()
+    value = json.dumps({"order": {"order_number": ORDER}}).encode()
+    return DeadLetterView(*where, 1_800_000_000_000, ORDER.encode(), value, headers, read_headers(headers), state)
+
+
+def crm(**fields: object) -> SinkRecord:
+    record = SinkRecord("crm", {3: 120}, [], Path("state/dedup-crm.sqlite"), {})
+    return dataclasses.replace(record, **fields)  # type: ignore[arg-type]
+
+
+def verdicts(lines: list[str]) -> list[str]:
+    return [line.split("crm", 1)[1].strip() for line in lines if line.startswith(" " * 12 + "crm")]
+
+
+def test_a_delivered_event_names_the_downstream_id_and_its_attempts() -> None:
+    lines = explain(found(CREATED), [crm(states={"e-1": state("e-1", "done", attempts=2)}, downstream_id="C-7")])
+    assert lines[0] == f"order {ORDER}: 1 event(s) in orders (partition 3 offsets 0..119)"
+    assert lines[1].split() == ["3@57", "2027-01-15T08:00:00+00:00", "order.created", "event_id=e-1", "source=webhook"]
+    assert verdicts(lines) == ["delivered, downstream id C-7: 2 attempts, 2027-01-15T08:00:00+00:00"]
+    duplicate = explain(found(CREATED), [crm(states={"e-1": state("e-1", "duplicate")})])
+    assert verdicts(duplicate) == ["delivered (the downstream already had it): 1 attempt, 2027-01-15T08:00:00+00:00"]
+
+
+def test_a_dead_lettered_order_is_blocked_and_the_replay_command_is_given() -> None:
+    letters = [
+        letter((0, 17), ("orders", 3, 57)),
+        letter((0, 18), ("orders", 3, 90), reason="dead-lettered-predecessor"),
+    ]
+    chain = [idempotency_key("crm", "e-1"), idempotency_key("crm", "e-2")]
+    sink = crm(letters=letters, states={"e-1": state("e-1", "dead", last_status=400)}, blocked=chain)
+    lines = explain(found(CREATED, UPDATED), [sink])
+    assert verdicts(lines) == [
+        "dead-lettered: dlq 0:17 (rejected, HTTP 400), state=open",
+        "dead-lettered: dlq 0:18 (dead-lettered-predecessor, HTTP 400), state=open",
+    ]
+    assert lines[-1] == (
+        "crm: the order is blocked (2 of its events wait in the dead letters; its new events follow them until they "
+        f"are replayed): orderbus dlq replay --sink crm --order {ORDER}"
+    )
+
+
+def test_a_replay_that_failed_again_and_then_delivered_is_followed_to_the_end() -> None:
+    letters = [
+        letter((0, 17), ("orders", 3, 57), state="failed-again@1:4"),
+        letter((1, 4), ("orders.replay.crm", 0, 2), state="replayed"),
+    ]
+    lines = explain(found(CREATED), [crm(letters=letters, states={"e-1": state("e-1", "done", attempts=3)})])
+    assert verdicts(lines) == [
+        "dead-lettered: dlq 0:17 (rejected, HTTP 400), state=failed-again@1:4; replayed, dead-lettered again: "
+        "dlq 1:4 (rejected, HTTP 400), state=replayed; delivered: 3 attempts, 2027-01-15T08:00:00+00:00"
+    ]
+
+
+def test_what_is_not_delivered_yet_says_how_far_its_group_is() -> None:
+    in_flight = state("e-1", "in_flight", attempts=4, last_status=503)
+    sink = crm(committed={3: 50}, states={"e-1": in_flight})
+    assert verdicts(explain(found(CREATED, UPDATED), [sink])) == [
+        "being delivered: 4 attempts so far, last answer HTTP 503",
+        "not delivered yet: its group is at offset 50 of partition 3, 40 record(s) before this one",
+    ]
+    unread = crm(committed={}, states={})
+    assert verdicts(explain(found(CREATED), [unread])) == [
+        "not read yet: its group has committed nothing on partition 3"
+    ]
+
+
+def test_a_handled_event_without_a_state_here_says_why_that_can_be() -> None:
+    lines = explain(found(CREATED), [crm(states={})])
+    assert verdicts(lines) == [
+        "handled: its group committed past it (no delivery state here: pruned after dedup_retention_hours, or "
+        "kept by an instance on another host)"
+    ]
+    gone = explain(found(CREATED), [crm(states={"e-1": dataclasses.replace(state("e-1", "dead"), reason="rejected")})])
+    assert verdicts(gone) == ["dead-lettered (rejected); the dead letter is no longer on its topic (retention)"]
+
+
+def test_without_the_sinks_file_the_report_says_so_and_uses_kafka_alone() -> None:
+    lines = explain(found(CREATED), [crm(states=None)])
+    assert verdicts(lines)[0].startswith("handled: its group committed past it")
+    assert lines[-1] == "crm: no delivery-state file here (state/dedup-crm.sqlite); states from Kafka only"
+
+
+def test_an_order_not_found_points_at_the_other_partitions_only_when_one_was_searched() -> None:
+    assert explain(found(), [crm()]) == [
+        f"no record of order {ORDER} in orders (partition 3 offsets 0..119)",
+        "  searched its key's partition only: a record without a key, or from a producer that does not partition "
+        "by murmur2 (librdkafka's default does not), is elsewhere: --all-partitions",
+    ]
+    everywhere = Found(ORDER, "orders", [], {0: (5, 5), 1: (0, 3)}, by_key=False)
+    assert explain(everywhere, [crm()]) == [
+        f"no record of order {ORDER} in orders (partition 0 no records, partition 1 offsets 0..2)"
+    ]
+
+
+def test_an_invalid_record_is_shown_with_its_first_contract_error() -> None:
+    invalid = TracedEvent(3, 60, 1_800_000_000_000, "invalid", "", "value is not valid JSON: EOF")
+    letters = [letter((0, 3), ("orders", 3, 60), reason="invalid")]
+    lines = explain(found(invalid), [crm(letters=letters)])
+    assert lines[1].endswith("invalid value is not valid JSON: EOF")
+    assert verdicts(lines) == ["dead-lettered: dlq 0:3 (invalid, HTTP 400), state=open"]
+
+
+def test_the_key_partition_is_javas_murmur2() -> None:
+    # Kafka's own test vectors (UtilsTest.testMurmur2): the signed 32-bit hashes Java computes.
+    assert key_partition("21", 12) == (-973932308 & 0x7FFFFFFF) % 12
+    assert key_partition("foobar", 7) == (-790332482 & 0x7FFFFFFF) % 7
+
+
+def files(directory: Path) -> dict[str, int]:
+    """The files in `directory`, with when each was last written."""
+    return {file.name: file.stat().st_mtime_ns for file in directory.iterdir()}
+
+
+async def test_the_states_are_read_from_a_real_file_without_writing_to_it(tmp_path: Path) -> None:
+    path = tmp_path / "dedup-crm.sqlite"
+    async with SqliteDedupStore(path) as store:
+        store.put(state("e-1", "done"))
+        store.put(state("other", "done"))
+        store.put_downstream_id(ORDER, "C-7")
+        store.block_order(ORDER, encode_chain([idempotency_key("crm", "e-2")]))
+        await store.flush()
+    before = files(tmp_path)
+
+    record = _local_states("crm", {3: 120}, [], path, ORDER, [CREATED, UPDATED])
+
+    assert record.states is not None
+    assert set(record.states) == {"e-1"}
+    assert record.states["e-1"].status == "done"
+    assert record.downstream_id == "C-7"
+    assert record.blocked == [idempotency_key("crm", "e-2")]
+    assert files(tmp_path) == before
+    missing = _local_states("crm", {}, [], tmp_path / "dedup-shipping.sqlite", ORDER, [CREATED])
+    assert missing.states is None
+    assert set(files(tmp_path)) == set(before)
+
+
+async def test_the_states_of_a_file_the_daemon_has_open_are_read_as_they_change(tmp_path: Path) -> None:
+    path = tmp_path / "dedup-crm.sqlite"
+    async with SqliteDedupStore(path) as store:
+        store.put(state("e-1", "in_flight", last_status=None))
+        await store.flush()
+        first = _local_states("crm", {}, [], path, ORDER, [CREATED])
+        store.put(state("e-1", "done"))
+        await store.flush()
+        then = _local_states("crm", {}, [], path, ORDER, [CREATED])
+    assert first.states is not None
+    assert first.states["e-1"].status == "in_flight"
+    assert then.states is not None
+    assert then.states["e-1"].status == "done"
