@@ -42,6 +42,7 @@ from consumers.lane import Lane, LaneContext
 from consumers.metrics import CIRCUIT_STATES, EngineMetrics
 from consumers.offsets import OffsetTracker
 from consumers.pacing import Pacer
+from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
 from consumers.work import TopicPartitionKey, Work, make_work
 from topics.errors import StoreError
@@ -153,6 +154,7 @@ class SinkEngine:
             batch=self._group.batch,
             failed=self._lane_failed,
             blocked=Blocks(store),
+            ramp=Ramp(self.config.max_in_flight),
         )
 
     # ------------------------------------------------------------------ the run loop
@@ -464,6 +466,8 @@ class SinkEngine:
 
     def _circuit_changed(self, old: str, new: str) -> None:
         log.warning("circuit %s -> %s", old, new, extra={"sink": self.sink.name})
+        if new == "closed":
+            self._context.ramp.begin()
         self._metrics.circuit.labels(self.sink.name).set(CIRCUIT_STATES.get(new, 0))
 
     def _report(self) -> None:
@@ -541,6 +545,7 @@ class SinkEngine:
             "in_flight": context.in_flight,
             "parked": sum(1 for lane in self._lanes.values() if lane.parked),
             "circuit": context.circuit.state,
+            "ramp_limit": context.ramp.limit,  # requests in flight allowed while ramping up after an outage
             "auth_paused": self.auth_paused,
             "rate_limit": _limit_or_zero(context.pacer.current_rate) or None,
             "held_for": max(0.0, context.pacer.held_until - self._clock.now()),

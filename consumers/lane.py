@@ -33,6 +33,7 @@ from consumers.delivery import Reply, TransportFailure
 from consumers.metrics import EngineMetrics, HotSeries
 from consumers.pacing import Pacer
 from consumers.policy import Decision, parse_retry_after
+from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
 from consumers.terminal import Attempts, Settling, already_delivered, dead_letter, delivered, put_state
 from consumers.work import TopicPartitionKey, Work
@@ -69,6 +70,7 @@ class LaneContext:
     batch: Callable[[], asyncio.Future[None]]  # the group flush's next batch (`consumers.group_flush.GroupFlush`)
     failed: Callable[[Exception], None]  # a lane's task raised: the engine's run fails with that error
     blocked: Blocks  # orders with records in the dead-letter topic (`consumers.blocks`)
+    ramp: Ramp  # the slow start after the circuit closes (`consumers.ramp`)
     in_flight: int = 0
     certificate_said_at: float = -math.inf  # when a refused TLS certificate was last logged (`_say_certificate`)
 
@@ -263,10 +265,12 @@ class Lane:
                 if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
                     probe.release()  # a 401 says nothing about the system's health
                 if decision.action in ("done", "duplicate"):
+                    context.ramp.succeeded()  # before the circuit: a probe's success begins a new ramp
                     _record(context.circuit, True, probe)
                     _record(context.auth, True, probe)
                     settling = delivered(context, work, attempts, outcome, decision)
                 elif decision.action == "dead_letter":
+                    context.ramp.succeeded()
                     _record(context.circuit, True, probe)  # the system works; our data is what it refused
                     _record(context.auth, True, probe)
                     settling = await dead_letter(context, work, "rejected", decision.rule, attempts, self._park)
@@ -317,6 +321,14 @@ class Lane:
             raise asyncio.CancelledError  # stopped while waiting: the record stays unfinished
         if probe is None and not _gates_closed(context):
             return None
+        ticket = None
+        if probe is None and context.ramp.limit is not None:  # the circuit has just closed: a few at a time
+            ticket = await context.ramp.acquire()
+            if self._stopping or not _gates_closed(context):
+                context.ramp.release(ticket)
+                if self._stopping:
+                    raise asyncio.CancelledError
+                return None
         context.in_flight += 1
         now_wall = context.clock.wall()
         if attempts.first_wall is None:
@@ -327,6 +339,7 @@ class Lane:
             outcome = await context.deliver(request, work.idempotency_key)
         finally:
             context.in_flight -= 1
+            context.ramp.release(ticket)
         attempts.last = outcome
         context.hot.attempt_seconds.observe(outcome.elapsed)
         context.hot.http_responses[_status_class(outcome)].inc()
@@ -362,6 +375,7 @@ class Lane:
                 # A 503 without one says nothing of a pace: it is an outage, for the circuit and the key's backoff.
                 context.pacer.hold(retry_after or 0.0)
         if retry_after is None:
+            context.ramp.failed()
             _record(context.circuit, False, probe)
         elif probe is context.circuit:
             # The server set the pace and the pacer holds the sink: not a sign that it is unwell (a rate limiter

@@ -45,7 +45,7 @@ def render_status(document: dict[str, Any]) -> str:
                 str(sink.get("buffered", 0)),
                 str(sink.get("in_flight", 0)),
                 str(sink.get("parked", 0)),
-                str(sink.get("circuit", "?")),
+                _circuit(sink),
                 "PAUSED" if sink.get("auth_paused") else "ok",
                 str(outcomes.get("delivered", 0)),
                 str(outcomes.get("duplicate", 0)),
@@ -70,6 +70,13 @@ def render_status(document: dict[str, Any]) -> str:
     for component, reason in sorted(document.get("degraded", {}).items()):
         lines.append(f"DEGRADED {component}: {reason}")
     return "\n".join(lines)
+
+
+def _circuit(sink: dict[str, Any]) -> str:
+    """The circuit's state, and the ramp's limit while the sink ramps up after its circuit closed."""
+    state = str(sink.get("circuit", "?"))
+    limit = sink.get("ramp_limit")
+    return state if limit is None else f"{state}, ramping up: {limit} in flight"
 
 
 def _ranges(numbers: list[int]) -> str:

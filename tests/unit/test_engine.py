@@ -1596,3 +1596,36 @@ async def test_assigned_and_revoked_partitions_are_logged_apart_per_topic(
         if r.getMessage() in ("partitions assigned", "partitions revoked")
     }
     assert logged == {"partitions assigned": ([0, 1], [0]), "partitions revoked": ([1], [0])}
+
+
+async def test_after_an_outage_the_sink_ramps_up_instead_of_sending_everything_at_once(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Review (downstream owner): once the probe closed the circuit, every lane parked behind it sent at once,
+    # `max_in_flight` requests at a system just back from an outage. Now 2 at first, one more per success.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if h.clock.now() < recovered else ok()
+
+    records = {TP0: [record(i, f"SO-A{i}", seed=i) for i in range(150)]}
+    records[TP1] = [record(i, f"SO-B{i}", seed=1000 + i) for i in range(150)]
+    patient = Backoff(base=1.0, cap=8.0, max_attempts=100, max_elapsed=3600.0)
+    h = harness_factory(records, script, max_in_flight=64, backoff=patient, circuit_open_for=5.0)
+    recovered = h.clock.now() + 20.0
+    starts: list[tuple[float, int, int | None]] = []  # (when, requests under way with this one, the ramp's limit)
+    original = h.engine._context.deliver
+
+    async def counted(request: HttpRequest, key: str) -> Reply | TransportFailure:
+        starts.append((h.clock.now(), h.downstream.in_flight + 1, h.engine._context.ramp.limit))
+        return await original(request, key)
+
+    h.engine._context.deliver = counted
+    await h.run_until(300, limit=3600)
+    assert h.dead.letters == []
+    before = [under_way for at, under_way, _ in starts if at < recovered]
+    after = [(under_way, limit) for at, under_way, limit in starts if at >= recovered]
+    assert max(before) == 64, "before the outage was seen, the sink sent at full concurrency"
+    assert after[0][0] == 1, "the probe"
+    assert max(under_way for under_way, _ in after[:6]) <= 3, "then two, then one more per success"
+    assert all(limit is None or under_way <= limit for under_way, limit in after)
+    assert max(under_way for under_way, _ in after) == 64, "and back at full concurrency"
+    assert h.engine._context.ramp.limit is None

@@ -113,3 +113,11 @@ def test_a_missing_topic_is_said_on_the_ingest_line_not_taken_for_an_unreachable
     missing = "topic orders does not exist: run `orderbus topics apply` with these settings"
     document = {"sinks": {}, "ingest": {"kafka_available": False, "topic_missing": missing, "key_store_error": None}}
     assert render_status(document).splitlines()[-1] == f"ingest: TOPIC MISSING: {missing}"
+
+
+def test_a_sink_ramping_up_after_an_outage_says_how_many_requests_it_allows() -> None:
+    sink = {"assigned_partitions": [0, 1], "circuit": "closed", "in_flight": 9, "outcomes": {"delivered": 40}}
+    rows = render_status({"sinks": {"crm": {**sink, "ramp_limit": 9}, "shipping": {**sink, "ramp_limit": None}}})
+    crm, shipping = rows.splitlines()[1:3]
+    assert "  closed, ramping up: 9 in flight  " in crm
+    assert "ramping" not in shipping
