@@ -307,7 +307,8 @@ class OAuth2ClientCredentials:
         if self._session is None:
             # Named as the deliveries are: identity providers log who asks for tokens, too.
             connector = aiohttp.TCPConnector(limit=2, ssl=self._tls)
-            self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT})
+            headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}  # a token answer is JSON (RFC 6749)
+            self._session = aiohttp.ClientSession(connector=connector, headers=headers)
         return self._session
 
     def _unavailable(self, detail: str) -> TokenUnavailable:

@@ -48,7 +48,12 @@ __all__ = ["DISCARD_LIMIT", "MAX_HEAD", "HttpAnswer", "HttpClient", "ascii_host"
 CLOSE_GRACE: Final = 1.0  # seconds `close` waits for aborted connections to report closed
 _CACHED: Final = 256  # URL prefixes, header names and methods remembered as checked
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # these say Content-Length: 0 when they have no body
-_OWN_HEADERS: Final = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "user-agent"})
+_OWN_HEADERS: Final = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "user-agent", "accept"}
+)
+# Every downstream answers JSON (a create's id, an error's detail): asked for, so a server that negotiates does not
+# answer HTML or XML, which the sinks could not read the id from.
+_ACCEPT: Final = "application/json"
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: header names and methods
 _HOST: Final = re.compile(r"[a-z0-9.\-_:%]+")  # after IDNA and lower-casing; ':' and '%' for IPv6 and its zones
 _UNSAFE_TARGET: Final = re.compile(r"[^!-~]|#")  # anything but printable ASCII, or a fragment
@@ -119,7 +124,7 @@ class HttpClient:
     ) -> HttpAnswer:
         """Send one request and read its answer. No timeout of its own: bound it (`consumers.deadlines`).
 
-        `headers` follow the client's own Host, User-Agent and Content-Length lines; they may not set those, nor
+        `headers` follow the client's own Host, User-Agent, Accept and Content-Length lines; they may not set those, nor
         Transfer-Encoding, Connection or Upgrade. Raises `InvalidRequestError` (nothing sent), `HttpConnectionError`
         or `HttpProtocolError`.
         """
@@ -331,7 +336,7 @@ class HttpClient:
             authority = f"[{host}]" if ":" in host else host
             if port != default:
                 authority = f"{authority}:{port}"
-            lines = f"Host: {authority}\r\nUser-Agent: {self._user_agent}\r\n"
+            lines = f"Host: {authority}\r\nUser-Agent: {self._user_agent}\r\nAccept: {_ACCEPT}\r\n"
             tls = self._ssl_context() if scheme == "https" else None
             origin = self._origins[scheme, host, port] = Origin(f"{scheme}://{authority}", host, port, tls, lines)
         return origin

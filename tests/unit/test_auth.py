@@ -326,10 +326,12 @@ class TokenEndpoint:
         self.answers = list(answers)
         self.requests = 0
         self.user_agents: list[str | None] = []
+        self.accepts: list[str | None] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests += 1
         self.user_agents.append(request.headers.get("User-Agent"))
+        self.accepts.append(request.headers.get("Accept"))
         status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if status == 302:
             return web.Response(status=302, headers={"Location": "https://elsewhere.example.test/token"})
@@ -424,6 +426,7 @@ async def test_token_requests_name_orderbus_as_the_deliveries_do(
         await auth.aclose()
     assert fake.user_agents == [USER_AGENT]
     assert USER_AGENT.startswith("orderbus")
+    assert fake.accepts == ["application/json"], "some providers answer a form-encoded token without it"
 
 
 async def test_an_unreachable_token_endpoint_is_temporary(
