@@ -15,6 +15,7 @@ A line names order numbers, event ids and types, positions, HTTP statuses and do
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -115,8 +116,8 @@ async def trace(
 async def _find(
     topic: str, partitions: Sequence[int], order: str, options: Mapping[str, Any], since_ms: int | None
 ) -> Found:
-    """The records keyed by `order` in `partitions` of `topic`, read up to their end now (one at a time in memory
-    beside those kept: a partition can hold millions)."""
+    """The records of `order` in `partitions` of `topic` (keyed by it, or keyless with it in their value), read up
+    to their end now (one batch at a time in memory beside those kept: a partition can hold millions)."""
     key = order.encode("utf-8")
     tps = [TopicPartition(topic, p) for p in partitions]
     consumer = AIOKafkaConsumer(**options, enable_auto_commit=False, group_id=None)
@@ -134,7 +135,7 @@ async def _find(
         while any([await consumer.position(tp) < ends[tp] for tp in tps]):
             batch = await consumer.getmany(timeout_ms=1000)
             for tp, records in batch.items():
-                events.extend(_event(record) for record in records if record.key == key and record.offset < ends[tp])
+                events.extend(_event(r) for r in records if r.offset < ends[tp] and _of_order(r, key, order))
     except KafkaError as exc:
         raise BrokerError(f"cannot read {topic}: {exc!r}") from exc
     finally:
@@ -142,6 +143,21 @@ async def _find(
     events.sort(key=lambda event: (event.timestamp_ms, event.partition, event.offset))
     searched = {tp.partition: (starts[tp], ends[tp]) for tp in tps}
     return Found(order, topic, events, searched, by_key=len(partitions) == 1)
+
+
+def _of_order(record: Any, key: bytes, order: str) -> bool:
+    """Keyed by the order number, or without a key and the order's by its value (which takes a JSON parse, only
+    for a keyless record whose value holds the number's bytes)."""
+    if record.key is not None:
+        return bool(record.key == key)
+    value = record.value
+    if value is None or key not in value:
+        return False
+    try:
+        number = json.loads(value)["order"]["order_number"]
+    except (ValueError, TypeError, KeyError):  # not JSON, not an object, not the contract
+        return False
+    return bool(number == order)
 
 
 def _event(record: Any) -> TracedEvent:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from consumers.blocks import encode_chain
 from consumers.deadletter import DeadLetter, Reason, read_headers
@@ -12,7 +13,7 @@ from consumers.dedup import SqliteDedupStore
 from consumers.delivery_state import DeliveryState, DeliveryStatus
 from consumers.work import idempotency_key
 from daemon.dlq import DeadLetterView
-from daemon.trace import Found, SinkRecord, TracedEvent, _local_states, explain, key_partition
+from daemon.trace import Found, SinkRecord, TracedEvent, _local_states, _of_order, explain, key_partition
 
 ORDER = "SO-2026-000042"
 CREATED = TracedEvent(3, 57, 1_800_000_000_000, "order.created", "e-1", "webhook")
@@ -182,3 +183,19 @@ async def test_the_states_of_a_file_the_daemon_has_open_are_read_as_they_change(
     assert first.states["e-1"].status == "in_flight"
     assert then.states is not None
     assert then.states["e-1"].status == "done"
+
+
+def test_a_record_is_the_orders_by_its_key_or_without_one_by_its_values_order_number() -> None:
+    value = json.dumps({"order": {"order_number": ORDER}}).encode()
+    longer = json.dumps({"order": {"order_number": ORDER + "1"}}).encode()  # holds ORDER's bytes, another order
+    key = ORDER.encode()
+    cases = [
+        (key, b"not even JSON", True),  # the key decides; a bad value is shown as invalid
+        (b"SO-OTHER", value, False),
+        (None, value, True),
+        (None, longer, False),
+        (None, b"{" + key, False),
+        (None, None, False),
+    ]
+    for record_key, record_value, expected in cases:
+        assert _of_order(SimpleNamespace(key=record_key, value=record_value), key, ORDER) is expected, record_key
