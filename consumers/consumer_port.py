@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from consumers.work import TopicPartitionKey
@@ -31,6 +31,10 @@ class ConsumerPort(Protocol):
     def unreadable(self) -> Mapping[TopicPartitionKey, int]:
         """Partitions held because their records cannot be read (`consumers.unreadable`), with the offset each
         stopped at."""
+        ...
+
+    def skip_unreadable(self, skips: Mapping[TopicPartitionKey, Sequence[tuple[int, int]]]) -> None:
+        """Go on past a held partition's offset that `skips` names (`consumers.unreadable.ReadGuard.skip`)."""
         ...
 
 

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka.errors import KafkaError
@@ -531,6 +531,10 @@ class SinkEngine:
     @property
     def auth_paused(self) -> bool:
         return self._context.auth.state != "closed"
+
+    def skip_unreadable(self, skips: Mapping[TopicPartitionKey, Sequence[tuple[int, int]]]) -> None:
+        """Records the client cannot read that the operator skips: dead-lettered in their place (settings, reload)."""
+        self._consumer.skip_unreadable(skips)
 
     def set_rate(self, rate: float | None) -> None:
         """Live reload of the sink's rate limit (SIGHUP); the burst size is fixed until a restart."""

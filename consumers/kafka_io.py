@@ -25,7 +25,7 @@ from aiokafka.errors import (
 )
 
 from consumers.deadletter import DeadLetter
-from consumers.unreadable import ReadGuard
+from consumers.unreadable import ReadGuard, Skips
 from consumers.work import TopicPartitionKey
 from topics.catalogue import consumer_group, dlq_topic
 from topics.errors import PublishError
@@ -55,6 +55,9 @@ class KafkaConsumerPort:
 
     def unreadable(self) -> Mapping[TopicPartitionKey, int]:
         return {(tp[0], tp[1]): held.offset for tp, held in self.guard.held.items()}
+
+    def skip_unreadable(self, skips: Skips) -> None:
+        self.guard.skip(skips)
 
     def assignment(self) -> set[TopicPartitionKey]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}

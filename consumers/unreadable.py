@@ -20,6 +20,14 @@ The sink then stopped, the daemon with it, and again after every restart.
    on its way reads at the next try. It is tried alone, one record a call, beside the other partitions' usual
    fetches, and stays reported until a record at or past its offset is handed over.
 
+To go on without the record, the operator names it in the sink's settings (``skip_unreadable``, applied at a
+reload): a held partition whose offset is named is moved past it, and the guard hands over a `SkippedRecord` in
+its place, which the engine dead-letters (reason ``invalid``, without the bytes it could not read) and commits
+past as any record. aiokafka decodes a fetched batch whole, records before the position included, so the records
+after it in its batch cannot be read either: each is skipped in turn as the partition is held at it, until a
+record is handed over (they are in Kafka as they were: their dead letters say so). A named offset that is not held
+changes nothing.
+
 Which errors: any but those aiokafka raises before it takes a record (`passes_through`: a fetch or group error it
 stored for the partition, a stopped consumer), which go to the caller as before. What decoding raises is not one
 family (UnicodeDecodeError, CorruptRecordException, a codec's or struct's error, a bare KafkaError for an empty
@@ -30,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -39,7 +47,7 @@ from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaE
 from consumers.clock import Clock
 from consumers.work import TopicPartitionKey
 
-__all__ = ["ISOLATION", "RETRY", "Held", "ReadGuard", "passes_through"]
+__all__ = ["ISOLATION", "RETRY", "Held", "ReadGuard", "SkippedRecord", "Skips", "passes_through"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +105,25 @@ class Held:
         return math.isinf(self.retry_at)
 
 
+Skips = Mapping[TopicPartitionKey, Sequence[tuple[int, int]]]
+"""Offsets the operator skips, per partition: (first, last) ranges, both included."""
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedRecord:
+    """In place of a record the client cannot read, skipped as the settings say: what the engine dead-letters.
+    `unreadable` says why, for the dead letter; it has no key, value or headers (they could not be read)."""
+
+    topic: str
+    partition: int
+    offset: int
+    unreadable: str
+    key: None = None
+    value: None = None
+    headers: tuple[()] = ()
+    timestamp: int = -1
+
+
 class ReadGuard:
     """`getmany` over a sink's consumer that survives unreadable batches (see the module)."""
 
@@ -114,6 +141,14 @@ class ReadGuard:
         self._probing: set[TopicPartitionKey] = set()  # held ones being read again: alone, one record a call
         self._turn = 0
         self._to_rewind: set[TopicPartitionKey] = set()  # positions to put back before the next fetch
+        self._skips: Skips = {}
+        # Per partition, the offset after the last record skipped, while nothing past it was handed over: aiokafka
+        # decodes a fetched batch whole, so the records after a skipped one in its batch cannot be read either.
+        self._skipping: dict[TopicPartitionKey, int] = {}
+
+    def skip(self, skips: Skips) -> None:
+        """From now on, a held partition whose offset `skips` names goes on past it (see the module)."""
+        self._skips = skips
 
     @property
     def held(self) -> Mapping[TopicPartitionKey, Held]:
@@ -122,6 +157,8 @@ class ReadGuard:
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
         if self._to_rewind:  # a rewind cut off (a cancelled fetch, an unanswered committed-offset request)
             await self._rewind(())
+        if self._held and self._skips and (skipped := self._skip_held()):
+            return skipped
         self._release_due()
         if self._isolate_until is not None and self._clock.now() >= self._isolate_until:
             self._isolate_until = None
@@ -175,6 +212,7 @@ class ReadGuard:
             self._narrowing.discard(tp)
             self._probing.discard(tp)
             self._to_rewind.discard(tp)
+            self._skipping.pop(tp, None)
 
     async def _probe(self) -> Mapping[TopicPartitionKey, list[Any]]:
         """One record of the first partition being read again that has one fetched; one that raises is held."""
@@ -231,6 +269,7 @@ class ReadGuard:
         for tp, records in batch.items():
             if records:
                 self._next[tp] = records[-1].offset + 1
+                self._skipping.pop(tp, None)
                 held = self._held.get(tp)
                 if held is not None and held.retrying and records[-1].offset >= held.offset:
                     del self._held[tp]  # read past where it was held: it was the fetch, not the record
@@ -276,6 +315,30 @@ class ReadGuard:
                 "retry_in": RETRY,
             },
         )
+
+    def _skip_held(self) -> Mapping[TopicPartitionKey, list[Any]]:
+        """A held partition's stand-in record, once it is moved past the offset it is held at, if `skip` names it."""
+        assigned = self._consumer.assignment()
+        for tp, held in self._held.items():
+            named = any(first <= held.offset <= last for first, last in self._skips.get((tp[0], tp[1]), ()))
+            after_skipped = self._skipping.get(tp) == held.offset
+            if not (named or after_skipped) or tp not in assigned:
+                continue
+            del self._held[tp]
+            self._probing.discard(tp)
+            self._consumer.seek(tp, held.offset + 1)
+            self._next[tp] = self._skipping[tp] = held.offset + 1
+            if tp not in self._paused:
+                self._consumer.resume(tp)
+            where = {"sink": self._sink, "topic": tp[0], "partition": tp[1], "offset": held.offset}
+            log.warning("an unreadable record skipped as the settings say: dead-lettered", extra=where)
+            what = "the record at or after this offset" if named else "this record: its batch holds one it cannot"
+            why = (
+                f"the Kafka client cannot read {what} ({held.error}); skipped as sinks.{self._sink}.skip_unreadable "
+                f"says: its bytes stay on {tp[0]} until the topic's retention"
+            )
+            return {tp: [SkippedRecord(tp[0], tp[1], held.offset, why)]}
+        return {}
 
     def _release_due(self) -> None:
         """Read held partitions again once their time has come (`_probe`); each stays reported until it reads

@@ -50,17 +50,22 @@ def idempotency_key(sink: str, event_id: str) -> str:
 def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bool = False) -> Work:
     """Decode and prepare `record` (an aiokafka ConsumerRecord or a twin) for `sink`.
 
-    A poison record becomes `invalid`, never an error; so does one whose key is not its order number.
+    A poison record becomes `invalid`, never an error; so do one whose key is not its order number and the stand-in
+    of a record the client could not read, skipped by the operator.
     """
     value: bytes | None = record.value
     key: bytes | None = record.key
     headers = copy_headers(record.headers)
     prepared: Prepared | None = None
     invalid: ContractError | None = None
-    try:
-        prepared = sink.prepare(decode(value))
-    except ContractError as exc:
-        invalid = exc
+    unreadable: str | None = getattr(record, "unreadable", None)  # a `consumers.unreadable.SkippedRecord`
+    if unreadable is not None:
+        invalid = ContractError([FieldError("record", unreadable)])
+    else:
+        try:
+            prepared = sink.prepare(decode(value))
+        except ContractError as exc:
+            invalid = exc
     order_ref = f"@{partition}:{record.offset}"  # unreadable without a key, or a wrong key: a lane of its own
     if prepared is not None:
         if key and key != prepared.order_number.encode():

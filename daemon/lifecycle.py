@@ -196,6 +196,7 @@ async def _open_sinks(
                 retention=sink_settings.dedup_retention_hours * 3600,
             )
         )
+        engines[name].skip_unreadable(sink_settings.skips())
     return engines
 
 
@@ -292,14 +293,15 @@ async def _open_ingest(
 
 _READY_POLL = 0.25
 # What SIGHUP applies; everything else needs a restart (connections, pools, files and listeners are built once).
-RELOADABLE = ("log_level", "sinks.*.rate")
+RELOADABLE = ("log_level", "sinks.*.rate", "sinks.*.skip_unreadable")
 
 
 async def _reload_on_request(
     requested: asyncio.Event, load: Callable[[], Settings], current: Settings, engines: dict[str, SinkEngine]
 ) -> None:
-    """On each request (SIGHUP), re-read the settings and apply what can change live: the log level and the
-    sinks' rate limits. A bad file keeps the running settings; other changes are logged as needing a restart."""
+    """On each request (SIGHUP), re-read the settings and apply what can change live: the log level, the sinks'
+    rate limits and the unreadable records they skip. A bad file keeps the running settings; other changes are
+    logged as needing a restart."""
     while True:
         await requested.wait()
         requested.clear()
@@ -313,6 +315,7 @@ async def _reload_on_request(
         for name, engine in engines.items():
             sink = fresh.sinks[name]
             engine.set_rate(sink.rate)
+            engine.skip_unreadable(sink.skips())
         ignored = _restart_needed(current, fresh)
         if ignored:
             log.warning("changed settings that need a restart", extra={"settings": ignored})

@@ -374,6 +374,26 @@ class SinkSettings(_Section):
     auth: AuthSettings = NoAuthSettings()
     urls: UrlSettings = UrlSettings()
     id_field: str = Field("id", pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+    skip_unreadable: list[str] = Field(
+        [],
+        description="records the Kafka client cannot read that this sink goes on without, each dead-lettered in "
+        "its place: TOPIC:PARTITION@OFFSET or TOPIC:PARTITION@FIRST-LAST, as `orderbus status` names a held one",
+    )
+
+    @field_validator("skip_unreadable")
+    @classmethod
+    def _skip_positions(cls, value: list[str]) -> list[str]:
+        for position in value:
+            _skip_range(position)
+        return value
+
+    def skips(self) -> dict[tuple[str, int], list[tuple[int, int]]]:
+        """`skip_unreadable` by partition: (first, last) offsets, both included."""
+        skips: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for position in self.skip_unreadable:
+            topic, partition, first, last = _skip_range(position)
+            skips.setdefault((topic, partition), []).append((first, last))
+        return skips
 
     @field_validator("response_policy")
     @classmethod
@@ -394,6 +414,25 @@ class SinkSettings(_Section):
         if self.backoff_base > self.backoff_cap:
             raise ValueError(f"backoff_base ({self.backoff_base}) cannot exceed backoff_cap ({self.backoff_cap})")
         return self
+
+
+_SKIP = re.compile(r"([A-Za-z0-9._-]{1,249}):([0-9]{1,9})@([0-9]{1,19})(?:-([0-9]{1,19}))?")
+
+
+def _skip_range(position: str) -> tuple[str, int, int, int]:
+    """``orders:2@1234`` or ``orders:2@1234-1240`` as (topic, partition, first, last); a `ValueError` names the
+    form."""
+    match = _SKIP.fullmatch(position)
+    if match is None:
+        raise ValueError(
+            f"{position!r} is not TOPIC:PARTITION@OFFSET or TOPIC:PARTITION@FIRST-LAST (e.g. orders:2@1234: "
+            "`orderbus status` says `orders:2 at 1234` of a held partition)"
+        )
+    topic, partition, first = match.group(1), int(match.group(2)), int(match.group(3))
+    last = first if match.group(4) is None else int(match.group(4))
+    if last < first:
+        raise ValueError(f"{position!r}: the last offset is before the first")
+    return topic, partition, first, last
 
 
 def _default_sinks() -> dict[str, SinkSettings]:

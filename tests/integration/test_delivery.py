@@ -328,3 +328,32 @@ async def test_a_record_the_client_cannot_read_holds_its_partition_and_nothing_e
     holds = [r for r in caplog.records if r.getMessage() == "records cannot be read: partition held"]
     assert {(r.sink, r.partition, r.offset) for r in holds} == {(s, held, offset) for s in SINKS}  # type: ignore[attr-defined]
     assert all("UnicodeDecodeError" in r.error for r in holds)  # type: ignore[attr-defined]
+
+    # The operator skips it, as `orderbus status` named it: restarted with the setting (a reload applies it too), each
+    # sink dead-letters the record in its place and delivers the rest of the partition. The record after it in its
+    # batch goes too: aiokafka decodes a fetched batch whole, so it cannot be read past the bad record either.
+    skip = sandbox_sinks(sandbox_process, skip_unreadable=[f"{where}@{offset}"])
+    skipping = settings_for(kafka_broker, f"{unique_name}.", tmp_path, sinks=skip)
+    everything = sorted(e.order.order_number for e in [*events, batch[0], batch[1]])
+    registry = CollectorRegistry()
+    async with running_daemon(skipping, registry):
+        for name in SINKS:
+            ledger = await sandbox.wait_ledger(name, len(everything), timeout=60)
+            assert sorted(e["order_number"] for e in ledger) == everything, name
+        for _ in range(100):
+            gauges = [registry.get_sample_value("orderbus_unreadable_partitions", {"sink": s}) for s in SINKS]
+            if gauges == [0.0] * 3:
+                break
+            await asyncio.sleep(0.1)
+        assert gauges == [0.0] * 3
+    for name in SINKS:
+        letters = [
+            read_headers(headers)
+            for _, _, headers in await read_topic(kafka_broker.bootstrap, dlq_topic(name, settings.topics.prefix))
+        ]
+        assert [(m["reason"], m["topic"], m["partition"], m["offset"]) for m in letters] == [
+            ("invalid", orders_of(settings), str(held), str(offset)),
+            ("invalid", orders_of(settings), str(held), str(offset + 1)),
+        ], name
+        assert "cannot read the record at or after this offset (UnicodeDecodeError" in letters[0]["detail"]
+        assert "its batch holds one it cannot" in letters[1]["detail"]

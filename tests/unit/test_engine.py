@@ -8,7 +8,7 @@ import dataclasses
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,7 @@ class FakeConsumer:
     commits: int = 0
     position: dict[tuple[str, int], int] = field(default_factory=dict)
     max_paused: int = 0
+    skips: Mapping[tuple[str, int], Sequence[tuple[int, int]]] = field(default_factory=dict)
 
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[tuple[str, int], list[Any]]:
         batch: dict[tuple[str, int], list[Any]] = {}
@@ -90,6 +91,9 @@ class FakeConsumer:
 
     def assignment(self) -> set[tuple[str, int]]:
         return set(self.partitions)
+
+    def skip_unreadable(self, skips: Mapping[tuple[str, int], Sequence[tuple[int, int]]]) -> None:
+        self.skips = skips
 
     def unreadable(self) -> Mapping[tuple[str, int], int]:
         return {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,9 +19,13 @@ from topics.errors import ConfigError
 class RecordingEngine:
     def __init__(self) -> None:
         self.rates: list[float | None] = []
+        self.skips: list[Mapping[tuple[str, int], Sequence[tuple[int, int]]]] = []
 
     def set_rate(self, rate: float | None) -> None:
         self.rates.append(rate)
+
+    def skip_unreadable(self, skips: Mapping[tuple[str, int], Sequence[tuple[int, int]]]) -> None:
+        self.skips.append(skips)
 
 
 def settings(**env: str) -> Settings:
@@ -32,7 +37,12 @@ async def test_sighup_applies_rate_and_log_level_and_names_what_needs_a_restart(
 ) -> None:
     engine = RecordingEngine()
     loads: list[Settings | Exception] = [
-        settings(ORDERBUS_SINKS__CRM__RATE="5", ORDERBUS_LOG_LEVEL="DEBUG", ORDERBUS_SINKS__CRM__MAX_IN_FLIGHT="8"),
+        settings(
+            ORDERBUS_SINKS__CRM__RATE="5",
+            ORDERBUS_LOG_LEVEL="DEBUG",
+            ORDERBUS_SINKS__CRM__MAX_IN_FLIGHT="8",
+            ORDERBUS_SINKS__CRM__SKIP_UNREADABLE='["orders:2@40", "orders:2@50-52"]',
+        ),
         ConfigError("invalid settings: sinks.crm.rate: must be > 0"),
     ]
 
@@ -54,6 +64,7 @@ async def test_sighup_applies_rate_and_log_level_and_names_what_needs_a_restart(
             for _ in range(10):
                 await asyncio.sleep(0)
             assert engine.rates == [5.0]
+            assert engine.skips == [{("orders", 2): [(40, 40), (50, 52)]}]
             assert root.level == logging.DEBUG
             assert any(getattr(r, "settings", None) == ["sinks.crm.max_in_flight"] for r in caplog.records)
             requested.set()
@@ -68,7 +79,12 @@ async def test_sighup_applies_rate_and_log_level_and_names_what_needs_a_restart(
 
 def test_restart_needed_lists_changed_keys_except_the_live_ones() -> None:
     old = settings()
-    new = settings(ORDERBUS_SINKS__CRM__RATE="3", ORDERBUS_LOG_LEVEL="ERROR", ORDERBUS_INGEST__PORT="9999")
+    new = settings(
+        ORDERBUS_SINKS__CRM__RATE="3",
+        ORDERBUS_LOG_LEVEL="ERROR",
+        ORDERBUS_INGEST__PORT="9999",
+        ORDERBUS_SINKS__CRM__SKIP_UNREADABLE='["orders:2@40"]',
+    )
     assert _restart_needed(old, new) == ["ingest.port"]
     assert _restart_needed(old, old) == []
 

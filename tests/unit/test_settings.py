@@ -257,3 +257,21 @@ def test_settings_errors_mask_what_a_url_may_hide_a_credential_in(variable: str,
         load_settings(None, env={f"ORDERBUS_SINKS__CRM__{variable}": url})
     assert "S3CRET" not in str(raised.value)
     assert "***" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ('["orders:2 at 1234"]', "is not TOPIC:PARTITION@OFFSET or TOPIC:PARTITION@FIRST-LAST"),
+        ('["orders@1234"]', "is not TOPIC:PARTITION@OFFSET"),
+        ('["orders:2@1240-1234"]', "the last offset is before the first"),
+    ],
+)
+def test_a_skipped_position_is_written_as_status_names_a_held_partition(value: str, said: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, env={"ORDERBUS_SINKS__CRM__SKIP_UNREADABLE": value})
+    assert "sinks.crm.skip_unreadable" in str(raised.value)
+    assert said in str(raised.value)
+    good = '["shop.orders:2@1234", "shop.orders:2@1300-1302", "shop.orders.replay.crm:0@7"]'
+    skips = load_settings(None, env={"ORDERBUS_SINKS__CRM__SKIP_UNREADABLE": good}).sinks["crm"].skips()
+    assert skips == {("shop.orders", 2): [(1234, 1234), (1300, 1302)], ("shop.orders.replay.crm", 0): [(7, 7)]}

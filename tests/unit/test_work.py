@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 
 from consumers.sink import RestSink
+from consumers.unreadable import SkippedRecord
 from consumers.work import KEY_MISMATCH, make_work
 from topics.codec import encode
 from topics.errors import FieldError
@@ -64,3 +65,12 @@ def test_the_records_headers_are_kept_unchanged_a_null_value_too() -> None:
     headers = (("trace", None), ("empty", b""), ("tenant", b"eu"))
     work = make_work(SINK, "orders", 0, FakeRecord(5, b"SO-1", b"junk", headers=headers))
     assert work.headers == headers
+
+
+def test_the_stand_in_of_a_skipped_unreadable_record_is_invalid_with_its_reason_in_a_lane_of_its_own() -> None:
+    work = make_work(SINK, "orders", 2, SkippedRecord("orders", 2, 40, "the Kafka client cannot read it"))
+    assert work.prepared is None
+    assert work.invalid is not None
+    assert list(work.invalid.errors) == [FieldError("record", "the Kafka client cannot read it")]
+    assert (work.order_ref, work.idempotency_key) == ("@2:40", "orderbus:crm:orders-2-40")
+    assert (work.key, work.value, work.timestamp_ms) == (None, None, -1)
