@@ -436,5 +436,9 @@ def _degraded(engines: dict[str, SinkEngine]) -> dict[str, str]:
             degraded[f"sink.{name}"] = "circuit open: the downstream keeps failing"
         elif held := engine.unreadable:
             where = ", ".join(f"{t}:{p} at {offset}" for (t, p), offset in sorted(held.items()))
-            degraded[f"sink.{name}"] = f"held, the next records cannot be read (see the log): {where}"
+            named = ", ".join(f'"{t}:{p}@{offset}"' for (t, p), offset in sorted(held.items()))
+            degraded[f"sink.{name}"] = (
+                f"held, the next records cannot be read (see the log): {where}; to go on without them, "
+                f"sinks.{name}.skip_unreadable = [{named}] and reload"
+            )
     return degraded
