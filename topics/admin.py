@@ -7,7 +7,9 @@ per-order ordering) and retention changes deserve a human decision, so neither i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,7 @@ async def _apply(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout
     missing = [spec for spec in specs if spec.name not in existing]
     if missing:
         await _create(admin, missing, timeout)
+        await until_listed(admin, [spec.name for spec in missing], timeout)
         report.created.extend(spec.name for spec in missing)
     present = [spec for spec in specs if spec.name in existing]
     if present:
@@ -95,6 +98,26 @@ async def _create(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeou
         if code not in (0, _TOPIC_ALREADY_EXISTS):
             message = entry.get("error_message") or f"error code {code}"
             raise BrokerError(f"cannot create topic {entry['topic']}: {message}")
+
+
+async def until_listed(
+    admin: AIOKafkaAdminClient,
+    names: Sequence[str],
+    timeout: float,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Return once the broker lists every one of `names`, else a `BrokerError` after `timeout` seconds.
+
+    The controller answers a creation once it has recorded it; the brokers learn of the topic a moment later. Until
+    then a listing lacks it, and the daemon started right after `orderbus topics apply` (a deploy script, a test)
+    refused to start on a topic that "does not exist" -- exit 2, which systemd does not restart."""
+    deadline = clock() + timeout
+    while missing := sorted(set(names) - set(await admin.list_topics())):
+        if clock() >= deadline:
+            raise BrokerError(f"created, but the broker has not listed them after {timeout:g} s: {', '.join(missing)}")
+        await sleep(0.1)
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
