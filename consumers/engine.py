@@ -549,7 +549,9 @@ class SinkEngine:
             "in_flight": context.in_flight,
             "parked": sum(1 for lane in self._lanes.values() if lane.parked),
             "circuit": context.circuit.state,
-            "ramp_limit": context.ramp.limit,  # requests in flight allowed while ramping up after an outage
+            # Requests in flight allowed while ramping up after an outage (`consumers.ramp`); an open circuit's
+            # lanes wait for the probe, whatever a ramp of the last close says.
+            "ramp_limit": context.ramp.limit if context.circuit.state == "closed" else None,
             "auth_paused": self.auth_paused,
             "rate_limit": _limit_or_zero(context.pacer.current_rate) or None,
             "held_for": max(0.0, context.pacer.held_until - self._clock.now()),

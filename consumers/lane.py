@@ -91,6 +91,8 @@ class Lane:
         self._on_finished = on_finished
         self._queue: deque[Work] = deque()
         self._stopping = False
+        self._waiting = False  # queued in the ramp or for the pace in `_attempt`: nothing sent yet
+        self._ticket: int | None = None  # the ramp's ticket of the last attempt (`consumers.ramp`)
         self._settling: Settling | None = None  # the oldest record, terminal, waiting to be durable
         self._forgotten = False
         # Idempotency keys this lane finished while more records waited behind: a second copy of an event (in the
@@ -116,12 +118,13 @@ class Lane:
             self._start()
 
     def stop(self) -> None:
-        """Finish nothing new; a lane that is only waiting (parked, or held by a gate) stops at once.
+        """Finish nothing new; a lane that is only waiting (parked, held by a gate, queued in the ramp or for the
+        pace, nothing sent) stops at once.
 
         A record already settling still finishes once durable (the drain waits for that: `GroupFlush.settled`).
         """
         self._stopping = True
-        if self.parked and self.task is not None:
+        if (self.parked or self._waiting) and self.task is not None:
             self.task.cancel()
 
     def forget(self) -> None:
@@ -265,12 +268,12 @@ class Lane:
                 if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
                     probe.release()  # a 401 says nothing about the system's health
                 if decision.action in ("done", "duplicate"):
-                    context.ramp.succeeded()  # before the circuit: a probe's success begins a new ramp
+                    context.ramp.succeeded(self._ticket)  # before the circuit: a probe's success begins a new ramp
                     _record(context.circuit, True, probe)
                     _record(context.auth, True, probe)
                     settling = delivered(context, work, attempts, outcome, decision)
                 elif decision.action == "dead_letter":
-                    context.ramp.succeeded()
+                    context.ramp.succeeded(self._ticket)
                     _record(context.circuit, True, probe)  # the system works; our data is what it refused
                     _record(context.auth, True, probe)
                     settling = await dead_letter(context, work, "rejected", decision.rule, attempts, self._park)
@@ -315,31 +318,36 @@ class Lane:
         if work.prepared.event_type != "order.created":
             downstream_id = await context.store.downstream_id(work.order_ref)
         request = context.sink.request(work.prepared, downstream_id)
-        # Paced inside the slot: a Retry-After that arrived while this lane queued for a slot still holds it.
-        await context.pacer.acquire()
-        if self._stopping:
-            raise asyncio.CancelledError  # stopped while waiting: the record stays unfinished
-        if probe is None and not _gates_closed(context):
-            return None
         ticket = None
-        if probe is None and context.ramp.limit is not None:  # the circuit has just closed: a few at a time
-            ticket = await context.ramp.acquire()
-            if self._stopping or not _gates_closed(context):
-                context.ramp.release(ticket)
-                if self._stopping:
-                    raise asyncio.CancelledError
-                return None
-        context.in_flight += 1
-        now_wall = context.clock.wall()
-        if attempts.first_wall is None:
-            attempts.first_wall, attempts.first_mono = now_wall, context.clock.now()
-        attempts.last_wall = now_wall
-        attempts.count += 1
         try:
-            outcome = await context.deliver(request, work.idempotency_key)
+            # Nothing sent yet: a stop cancels the lane while it waits here (`stop`).
+            self._waiting = True
+            if self._stopping:
+                raise asyncio.CancelledError  # stopped while waiting: the record stays unfinished
+            if probe is None and context.ramp.limit is not None:  # the circuit has just closed: a few at a time
+                ticket = await context.ramp.acquire()
+            # Paced inside the slot and after the ramp: a Retry-After that arrived while this lane queued still
+            # holds it, and the rate spaces what the ramp lets go.
+            await context.pacer.acquire()
+            self._waiting = False
+            if self._stopping:
+                raise asyncio.CancelledError
+            if probe is None and not _gates_closed(context):
+                return None
+            context.in_flight += 1
+            now_wall = context.clock.wall()
+            if attempts.first_wall is None:
+                attempts.first_wall, attempts.first_mono = now_wall, context.clock.now()
+            attempts.last_wall = now_wall
+            attempts.count += 1
+            try:
+                outcome = await context.deliver(request, work.idempotency_key)
+            finally:
+                context.in_flight -= 1
         finally:
-            context.in_flight -= 1
+            self._waiting = False
             context.ramp.release(ticket)
+        self._ticket = ticket
         attempts.last = outcome
         context.hot.attempt_seconds.observe(outcome.elapsed)
         context.hot.http_responses[_status_class(outcome)].inc()
@@ -375,7 +383,6 @@ class Lane:
                 # A 503 without one says nothing of a pace: it is an outage, for the circuit and the key's backoff.
                 context.pacer.hold(retry_after or 0.0)
         if retry_after is None:
-            context.ramp.failed()
             _record(context.circuit, False, probe)
         elif probe is context.circuit:
             # The server set the pace and the pacer holds the sink: not a sign that it is unwell (a rate limiter

@@ -4,14 +4,17 @@ A circuit closes when its probe succeeds: the downstream answers again, and ever
 wants to send at once, up to `max_in_flight` (256 by default). A system just back from an outage (a restarted
 service with cold caches, a database catching up) can fall over again under that burst; the circuit opens again,
 and the sink flaps. So after each close the sink's requests in flight are limited: `start` at first, one more
-for each success (the limit doubles with each round of answers, as in TCP's slow start), halved by a failure
-(never below 1), until the limit reaches `ceiling` (`max_in_flight`) and the ramp ends. A downstream that answers
-in 20 ms is back at 256 in flight within ~8 rounds (~0.2 s); a slow one gets time in proportion. A `rate` still
-applies throughout (`consumers.pacing`), and a probe is never held by the ramp.
+for each success (the limit doubles with each round of answers, as in TCP's slow start), until the limit reaches
+`ceiling` (`max_in_flight`) and the ramp ends. A downstream that answers in 20 ms is back at 256 in flight within
+~8 rounds (~0.2 s); a slow one gets time in proportion. A failure does not widen the limit, nor narrow it: a
+downstream that still fails opens the circuit again (its window counts the failures), and one that fails now and
+then (a 503 in twenty) must not stay held below `max_in_flight` for good. A lane waits in the ramp before the
+pacer (`consumers.pacing`), so a `rate` and a Retry-After hold apply throughout; a probe is never held by it.
 
-Waiters are admitted first come, first served. `acquire` returns a ticket that `release` gives back: a request
-admitted before the ramp ended or began again (an earlier ramp's) is not counted against the new one. It reads
-no clock: the answers pace it.
+Waiters are admitted first come, first served. `acquire` returns a ticket that `release` gives back and
+`succeeded` names: a request admitted by an earlier ramp, or sent before the ramp began (no ticket), neither frees
+a place in this one nor widens it, as a circuit ignores the answers of calls it did not let out. It reads no
+clock: the answers pace it.
 """
 
 from __future__ import annotations
@@ -52,19 +55,14 @@ class Ramp:
         self._limit = self._start if self._start < self._ceiling else None
         self._wake()
 
-    def succeeded(self) -> None:
-        """An answer that says the downstream is well: one more request in flight allowed."""
-        if self._limit is None:
+    def succeeded(self, ticket: int | None) -> None:
+        """The request `ticket` admitted was answered well: one more request in flight allowed."""
+        if self._limit is None or ticket is None or ticket != self._epoch:
             return
         self._limit += 1
         if self._limit >= self._ceiling:
             self._limit = None
         self._wake()
-
-    def failed(self) -> None:
-        """An answer that says the downstream is unwell: half as many requests in flight allowed."""
-        if self._limit is not None:
-            self._limit = max(1, self._limit // 2)
 
     async def acquire(self) -> int | None:
         """Wait until one more request may go; the ticket is for `release` (None: not ramping, nothing counted)."""

@@ -1633,3 +1633,80 @@ async def test_after_an_outage_the_sink_ramps_up_instead_of_sending_everything_a
     assert all(limit is None or under_way <= limit for under_way, limit in after)
     assert max(under_way for under_way, _ in after) == 64, "and back at full concurrency"
     assert h.engine._context.ramp.limit is None
+
+
+def outage_then(after: Callable[[int], Reply], h_clock: Callable[[], float], recovered: float) -> Script:
+    """503 until `recovered`, then `after(n)` for the n-th call since (the probe is call 0)."""
+    since: list[int] = []
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if h_clock() < recovered:
+            return answer(503)
+        since.append(0)
+        return after(len(since) - 1)
+
+    return script
+
+
+def outage_records(count: int) -> dict[tuple[str, int], list[FakeRecord]]:
+    return {
+        TP0: [record(i, f"SO-A{i}", seed=i) for i in range(count)],
+        TP1: [record(i, f"SO-B{i}", seed=1000 + i) for i in range(count)],
+    }
+
+
+async def test_a_retry_after_while_the_sink_ramps_up_holds_every_lane_the_ramp_lets_go(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Review: lanes took their pacer token before queueing in the ramp, so a hold set meanwhile (a 429 with
+    # Retry-After: 30) did not stop them: 53 requests inside the 30 s. The ramp now comes before the pace.
+    patient = Backoff(base=1.0, cap=8.0, max_attempts=100, max_elapsed=3600.0)
+    clock_box: list[FakeClock] = []
+    recovered = 20.0
+
+    def after(n: int) -> Reply:
+        return answer(429, "30") if n == 1 else ok()
+
+    h = harness_factory(
+        outage_records(100),
+        outage_then(after, lambda: clock_box[0].now() - start, recovered),
+        max_in_flight=64,
+        backoff=patient,
+        circuit_open_for=5.0,
+    )
+    clock_box.append(h.clock)
+    start = h.clock.now()
+    sent: list[float] = []
+    original = h.engine._context.deliver
+
+    async def timed(request: HttpRequest, key: str) -> Reply | TransportFailure:
+        sent.append(h.clock.now() - start)
+        return await original(request, key)
+
+    h.engine._context.deliver = timed
+    await h.run_until(200, limit=3600)
+    after_recovery = [at for at in sent if at >= recovered]
+    hold_start = after_recovery[1] + h.downstream.latency  # the 429 arrives one latency after it was sent
+    inside = [at for at in after_recovery[2:] if hold_start + 0.001 < at < hold_start + 29.99]
+    assert inside == [], f"{len(inside)} requests inside the 30 s the downstream asked for"
+    assert len(after_recovery) > 100, "and the ramp went on after the hold"
+
+
+async def test_a_drain_does_not_wait_for_lanes_queued_in_the_ramp(harness_factory: Callable[..., Harness]) -> None:
+    # Review: a lane queued in the ramp was not parked, so a drain (a rebalance, a stop) waited out the whole
+    # shutdown_grace for lanes that had sent nothing.
+    patient = Backoff(base=1.0, cap=8.0, max_attempts=100, max_elapsed=3600.0)
+    h = harness_factory(outage_records(100), None, max_in_flight=64, backoff=patient, circuit_open_for=5.0)
+    start = h.clock.now()
+    h.downstream.script = outage_then(lambda n: ok(), lambda: h.clock.now() - start, 20.0)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    while not (h.engine._context.ramp.limit is not None and h.clock.now() - start > 20.0):
+        await h.clock.sleep(0.01)
+    h.downstream.latency = 1.0  # the ramp's few requests are slow: most lanes queue in the ramp
+    await h.clock.sleep(0.5)
+    began = h.clock.now()
+    await h.engine.drain({TP1})
+    assert h.clock.now() - began < 2.0, "the requests under way (1 s), not the 10 s grace"
+    stop.set()
+    await runner

@@ -21,8 +21,7 @@ async def test_a_sink_that_is_not_ramping_is_not_limited() -> None:
     assert ramp.limit is None
     assert [await ramp.acquire() for _ in range(20)] == [None] * 20
     ramp.release(None)
-    ramp.succeeded()
-    ramp.failed()
+    ramp.succeeded(None)
     assert ramp.limit is None
 
 
@@ -32,7 +31,7 @@ async def test_after_a_close_two_go_then_one_more_for_each_success_until_the_cei
     first, second = await ramp.acquire(), await ramp.acquire()
     third = await started(ramp)
     assert not third.done(), "the third waits: two in flight allowed"
-    ramp.succeeded()  # the limit is 3
+    ramp.succeeded(first)  # the limit is 3
     await asyncio.sleep(0)
     assert third.done()
     fourth, fifth = await started(ramp), await started(ramp)
@@ -40,12 +39,12 @@ async def test_after_a_close_two_go_then_one_more_for_each_success_until_the_cei
     await asyncio.sleep(0)
     assert fourth.done()
     assert not fifth.done(), "first come, first served, within the limit"
-    ramp.succeeded()  # 4
+    ramp.succeeded(second)  # 4
     await asyncio.sleep(0)
     assert fifth.done()
     sixth = await started(ramp)
     assert not sixth.done()
-    ramp.succeeded()  # 5: the ceiling, the ramp ends and every waiter goes uncounted
+    ramp.succeeded(third.result())  # 5: the ceiling, the ramp ends and every waiter goes uncounted
     assert ramp.limit is None
     await asyncio.sleep(0)
     assert sixth.result() is None
@@ -54,14 +53,16 @@ async def test_after_a_close_two_go_then_one_more_for_each_success_until_the_cei
     assert await ramp.acquire() is None
 
 
-async def test_a_failure_halves_the_limit_never_below_one() -> None:
-    ramp = Ramp(64, start=8)
+async def test_only_the_answers_of_requests_this_ramp_admitted_widen_it() -> None:
+    ramp = Ramp(64)
     ramp.begin()
-    ramp.failed()
-    assert ramp.limit == 4
-    for _ in range(5):
-        ramp.failed()
-    assert ramp.limit == 1
+    old = await ramp.acquire()
+    ramp.begin()  # the circuit opened and closed again while `old`'s request was under way
+    ramp.succeeded(old)
+    ramp.succeeded(None)  # a request sent before the ramp began (no ticket)
+    assert ramp.limit == 2
+    ramp.succeeded(await ramp.acquire())
+    assert ramp.limit == 3
 
 
 async def test_a_ticket_of_an_earlier_ramp_does_not_free_a_place_in_the_new_one() -> None:
