@@ -118,10 +118,10 @@ class SkippedRecord:
     partition: int
     offset: int
     unreadable: str
+    timestamp: int  # milliseconds: when it was skipped (it has no time of its own that could be read)
     key: None = None
     value: None = None
     headers: tuple[()] = ()
-    timestamp: int = -1
 
 
 class ReadGuard:
@@ -222,6 +222,8 @@ class ReadGuard:
                 continue
             taken = await self._take(tp, 1)
             if isinstance(taken, Exception):
+                if self._in_skipped_batch(tp):
+                    return self._skip(tp, self._next[tp], _describe(taken), named=False)
                 self._hold(tp, taken)
             elif taken:
                 return taken
@@ -238,9 +240,11 @@ class ReadGuard:
         tps = sorted(tp for tp in self._consumer.assignment() if tp not in paused)
         for i in range(len(tps)):
             tp = tps[(self._turn + i) % len(tps)]
-            limit = 1 if tp in self._narrowing else max_records
+            limit = 1 if tp in self._narrowing or tp in self._skipping else max_records
             taken = await self._take(tp, limit)
             if isinstance(taken, Exception):
+                if self._in_skipped_batch(tp):
+                    return self._skip(tp, self._next[tp], _describe(taken), named=False)
                 if limit == 1:
                     self._narrowing.discard(tp)
                     self._hold(tp, taken)
@@ -269,7 +273,8 @@ class ReadGuard:
         for tp, records in batch.items():
             if records:
                 self._next[tp] = records[-1].offset + 1
-                self._skipping.pop(tp, None)
+                if self._skipping.pop(tp, None) is not None:  # the skipped batch is over: read as usual again
+                    self._probing.discard(tp)
                 held = self._held.get(tp)
                 if held is not None and held.retrying and records[-1].offset >= held.offset:
                     del self._held[tp]  # read past where it was held: it was the fetch, not the record
@@ -317,28 +322,41 @@ class ReadGuard:
         )
 
     def _skip_held(self) -> Mapping[TopicPartitionKey, list[Any]]:
-        """A held partition's stand-in record, once it is moved past the offset it is held at, if `skip` names it."""
+        """A held partition's stand-in record, once it is moved past the offset it is held at, if `skip` names it
+        (or it is the next record of a batch being skipped, held before this guard knew: see `_skip`)."""
         assigned = self._consumer.assignment()
         for tp, held in self._held.items():
             named = any(first <= held.offset <= last for first, last in self._skips.get((tp[0], tp[1]), ()))
-            after_skipped = self._skipping.get(tp) == held.offset
-            if not (named or after_skipped) or tp not in assigned:
+            if not (named or (self._in_skipped_batch(tp) and self._next[tp] == held.offset)) or tp not in assigned:
                 continue
             del self._held[tp]
-            self._probing.discard(tp)
-            self._consumer.seek(tp, held.offset + 1)
-            self._next[tp] = self._skipping[tp] = held.offset + 1
             if tp not in self._paused:
                 self._consumer.resume(tp)
-            where = {"sink": self._sink, "topic": tp[0], "partition": tp[1], "offset": held.offset}
-            log.warning("an unreadable record skipped as the settings say: dead-lettered", extra=where)
-            what = "the record at or after this offset" if named else "this record: its batch holds one it cannot"
-            why = (
-                f"the Kafka client cannot read {what} ({held.error}); skipped as sinks.{self._sink}.skip_unreadable "
-                f"says: its bytes stay on {tp[0]} until the topic's retention"
-            )
-            return {tp: [SkippedRecord(tp[0], tp[1], held.offset, why)]}
+            return self._skip(tp, held.offset, held.error, named=named)
         return {}
+
+    def _in_skipped_batch(self, tp: TopicPartitionKey) -> bool:
+        """`tp`'s next record follows one skipped, with nothing handed over since: the batch's next record (such a
+        partition is read one record a call, so the one that failed is that one)."""
+        return tp in self._skipping and self._skipping[tp] == self._next.get(tp)
+
+    def _skip(
+        self, tp: TopicPartitionKey, offset: int, error: str, *, named: bool
+    ) -> dict[TopicPartitionKey, list[Any]]:
+        """Move `tp` past `offset` and hand over the stand-in of its record. Until a record of `tp` is handed over
+        again, `tp` is read alone, one record a call (`_probe`): the next record of the batch fails too, and is
+        skipped at once, without a hold, an ERROR or a rewind of every partition."""
+        self._consumer.seek(tp, offset + 1)
+        self._next[tp] = self._skipping[tp] = offset + 1
+        self._probing.add(tp)
+        where = {"sink": self._sink, "topic": tp[0], "partition": tp[1], "offset": offset}
+        log.warning("an unreadable record skipped as the settings say: dead-lettered", extra=where)
+        what = "the record at or after this offset" if named else "this record: its batch holds one it cannot"
+        why = (
+            f"the Kafka client cannot read {what} ({error}); skipped as sinks.{self._sink}.skip_unreadable says: "
+            f"its bytes stay on {tp[0]} until the topic's retention"
+        )
+        return {tp: [SkippedRecord(tp[0], tp[1], offset, why, int(self._clock.wall() * 1000))]}
 
     def _release_due(self) -> None:
         """Read held partitions again once their time has come (`_probe`); each stays reported until it reads

@@ -438,7 +438,7 @@ def _degraded(engines: dict[str, SinkEngine]) -> dict[str, str]:
             where = ", ".join(f"{t}:{p} at {offset}" for (t, p), offset in sorted(held.items()))
             named = ", ".join(f'"{t}:{p}@{offset}"' for (t, p), offset in sorted(held.items()))
             degraded[f"sink.{name}"] = (
-                f"held, the next records cannot be read (see the log): {where}; to go on without them, "
-                f"sinks.{name}.skip_unreadable = [{named}] and reload"
+                f"held, the next records cannot be read (see the log): {where}; to go on without them, add "
+                f"skip_unreadable = [{named}] to [sinks.{name}] and reload"
             )
     return degraded

@@ -83,7 +83,7 @@ def test_a_failing_downstream_leaves_the_instance_ready_and_is_said_as_degraded(
         "sink.crm": "circuit open: the downstream keeps failing",
         "sink.accounting": "paused: the downstream refused our credentials (401/403)",
         "sink.shipping": "held, the next records cannot be read (see the log): orders:2 at 120, orders:7 at 5; to go "
-        'on without them, sinks.shipping.skip_unreadable = ["orders:2@120", "orders:7@5"] and reload',
+        'on without them, add skip_unreadable = ["orders:2@120", "orders:7@5"] to [sinks.shipping] and reload',
     }
 
 

@@ -68,9 +68,11 @@ def test_the_records_headers_are_kept_unchanged_a_null_value_too() -> None:
 
 
 def test_the_stand_in_of_a_skipped_unreadable_record_is_invalid_with_its_reason_in_a_lane_of_its_own() -> None:
-    work = make_work(SINK, "orders", 2, SkippedRecord("orders", 2, 40, "the Kafka client cannot read it"))
+    work = make_work(
+        SINK, "orders", 2, SkippedRecord("orders", 2, 40, "the Kafka client cannot read it", 1_800_000_000_000)
+    )
     assert work.prepared is None
     assert work.invalid is not None
     assert list(work.invalid.errors) == [FieldError("record", "the Kafka client cannot read it")]
     assert (work.order_ref, work.idempotency_key) == ("@2:40", "orderbus:crm:orders-2-40")
-    assert (work.key, work.value, work.timestamp_ms) == (None, None, -1)
+    assert (work.key, work.value, work.timestamp_ms) == (None, None, 1_800_000_000_000)
