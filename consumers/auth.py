@@ -307,8 +307,7 @@ class OAuth2ClientCredentials:
         if self._session is None:
             # Named as the deliveries are: identity providers log who asks for tokens, too.
             connector = aiohttp.TCPConnector(limit=2, ssl=self._tls)
-            headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}  # a token answer is JSON (RFC 6749)
-            self._session = aiohttp.ClientSession(connector=connector, headers=headers)
+            self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT})
         return self._session
 
     def _unavailable(self, detail: str) -> TokenUnavailable:

@@ -96,9 +96,6 @@ def document() -> dict[str, Any]:
                 "post": {
                     "operationId": "submitOrder",
                     "summary": "Submit one order event",
-                    # Signed (ingest.webhook_secrets set) or not: the empty requirement says either is accepted,
-                    # as the daemon's settings decide; the scheme tells generators and readers how to sign.
-                    "security": [{"standardWebhooks": []}, {}],
                     "parameters": [
                         {
                             **header,
@@ -116,7 +113,17 @@ def document() -> dict[str, Any]:
                             "name": "webhook-timestamp",
                             "description": "unix seconds, within 5 minutes",
                         },
-                        {**header, "name": "webhook-signature", "description": "v1,<base64 HMAC-SHA256>"},
+                        {
+                            **header,
+                            "name": "webhook-signature",
+                            # Not a security scheme: an apiKey is a fixed value to generators, and this one is
+                            # computed for each request.
+                            "description": "Standard Webhooks (https://www.standardwebhooks.com), required when the "
+                            "daemon has ingest.webhook_secrets (then a request without a valid one is 401): `v1,` and "
+                            "the base64 HMAC-SHA256 of `{webhook-id}.{webhook-timestamp}.{body}` under the secret "
+                            "(`whsec_` + base64 key); several space-separated during a key rotation. "
+                            "`orderbus webhook sign BODY` prints the three headers",
+                        },
                     ],
                     "requestBody": {
                         "required": True,
@@ -166,21 +173,7 @@ def document() -> dict[str, Any]:
                 }
             },
         },
-        "components": {
-            "schemas": components,
-            "securitySchemes": {
-                "standardWebhooks": {
-                    "type": "apiKey",
-                    "in": "header",
-                    "name": "webhook-signature",
-                    "description": "Standard Webhooks (https://www.standardwebhooks.com): `v1,` and the base64 "
-                    "HMAC-SHA256 of `{webhook-id}.{webhook-timestamp}.{body}` under the secret (`whsec_` + base64 "
-                    "key), with the `webhook-id` and `webhook-timestamp` headers (unix seconds, within 5 minutes). "
-                    "Required when the daemon has `ingest.webhook_secrets`; then a request without a valid "
-                    "signature is 401. `orderbus webhook sign BODY` prints the three headers.",
-                }
-            },
-        },
+        "components": {"schemas": components},
     }
 
 

@@ -30,7 +30,8 @@ from aiokafka.partitioner import murmur2
 from consumers.blocks import decode_chain
 from consumers.dedup_sql import SELECT_BLOCKING, SELECT_DOWNSTREAM_ID, select_blocked, select_in, select_states
 from consumers.delivery_state import DeliveryState
-from consumers.work import idempotency_key
+from consumers.unreadable import passes_through
+from consumers.work import KEY_MISMATCH, idempotency_key
 from daemon.dlq import DeadLetterView, committed_offsets, read_dead_letters, source_of
 from daemon.kafka_options import client_options
 from daemon.retention import dedup_path
@@ -83,6 +84,7 @@ class Found:
     events: Sequence[TracedEvent]
     searched: Mapping[int, tuple[int, int]]
     by_key: bool  # True: the key's partition only
+    unreadable: str | None = None  # the client's error at a batch it cannot decode: the search stopped there
 
 
 def key_partition(order: str, partitions: int) -> int:
@@ -104,10 +106,16 @@ async def trace(
         raise BrokerError(f"topic {topic} does not exist; run `orderbus topics apply`")
     wanted = ids if all_partitions else [key_partition(order, len(ids))]
     found = await _find(topic, wanted, order, options, since_ms)
+    # A dead letter names its order by its value: one of the order's records keyed otherwise is found by position.
+    positions = {(topic, str(event.partition), str(event.offset)) for event in found.events}
     sinks = []
     for name in settings.enabled_sinks():
         committed = await committed_offsets(consumer_group(name, settings.topics.prefix), topic, options)
-        letters = [letter for letter in await read_dead_letters(settings, name) if letter.order == order]
+        letters = [
+            letter
+            for letter in await read_dead_letters(settings, name)
+            if letter.order == order or source_of(letter.meta) in positions
+        ]
         path = dedup_path(settings.state_dir, name)
         sinks.append(_local_states(name, committed, letters, path, order, found.events))
     return found, sinks
@@ -122,6 +130,7 @@ async def _find(
     tps = [TopicPartition(topic, p) for p in partitions]
     consumer = AIOKafkaConsumer(**options, enable_auto_commit=False, group_id=None)
     events: list[TracedEvent] = []
+    unreadable = None
     try:
         await consumer.start()
         consumer.assign(tps)
@@ -133,16 +142,22 @@ async def _find(
         for tp in tps:
             consumer.seek(tp, starts[tp])
         while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            batch = await consumer.getmany(timeout_ms=1000)
+            try:
+                batch = await consumer.getmany(timeout_ms=1000)
+            except Exception as exc:
+                if passes_through(exc):
+                    raise
+                unreadable = f"{type(exc).__name__}: {exc}"[:300]  # a batch it cannot decode (`consumers.unreadable`)
+                break
             for tp, records in batch.items():
-                events.extend(_event(r) for r in records if r.offset < ends[tp] and _of_order(r, key, order))
+                events.extend(_event(r, key) for r in records if r.offset < ends[tp] and _of_order(r, key, order))
     except KafkaError as exc:
         raise BrokerError(f"cannot read {topic}: {exc!r}") from exc
     finally:
         await consumer.stop()
     events.sort(key=lambda event: (event.timestamp_ms, event.partition, event.offset))
     searched = {tp.partition: (starts[tp], ends[tp]) for tp in tps}
-    return Found(order, topic, events, searched, by_key=len(partitions) == 1)
+    return Found(order, topic, events, searched, by_key=len(partitions) == 1, unreadable=unreadable)
 
 
 def _of_order(record: Any, key: bytes, order: str) -> bool:
@@ -160,7 +175,9 @@ def _of_order(record: Any, key: bytes, order: str) -> bool:
     return bool(number == order)
 
 
-def _event(record: Any) -> TracedEvent:
+def _event(record: Any, key: bytes) -> TracedEvent:
+    """The record as the sinks see it: one keyed by the order number whose value names another order is invalid
+    to them (`consumers.work.KEY_MISMATCH`), as a value that breaks the contract is."""
     try:
         event = decode(record.value)
     except ContractError as exc:
@@ -168,6 +185,8 @@ def _event(record: Any) -> TracedEvent:
         return TracedEvent(
             record.partition, record.offset, record.timestamp, "invalid", "", f"{first.loc} {first.message}"
         )
+    if record.key is not None and event.order.order_number.encode("utf-8") != key:
+        return TracedEvent(record.partition, record.offset, record.timestamp, "invalid", "", f"key {KEY_MISMATCH}")
     return TracedEvent(
         record.partition, record.offset, record.timestamp, event.event_type, str(event.event_id), event.source
     )
@@ -229,15 +248,21 @@ def explain(found: Found, sinks: Sequence[SinkRecord]) -> list[str]:
         f"partition {p} offsets {first}..{end - 1}" if end > first else f"partition {p} no records"
         for p, (first, end) in found.searched.items()
     )
+    stopped = []
+    if found.unreadable is not None:
+        stopped = [
+            f"  the search stopped at a batch the Kafka client cannot read ({found.unreadable}): later records are "
+            "not shown (`orderbus status` names where a sink holds it)"
+        ]
     if not found.events:
-        lines = [f"no record of order {found.order} in {found.topic} ({searched or 'nothing to search'})"]
+        lines = [f"no record of order {found.order} in {found.topic} ({searched or 'nothing to search'})", *stopped]
         if found.by_key:
             lines.append(
                 "  searched its key's partition only: a record without a key, or from a producer that does not "
                 "partition by murmur2 (librdkafka's default does not), is elsewhere: --all-partitions"
             )
         return lines
-    lines = [f"order {found.order}: {len(found.events)} event(s) in {found.topic} ({searched})"]
+    lines = [f"order {found.order}: {len(found.events)} event(s) in {found.topic} ({searched})", *stopped]
     for event in found.events:
         at = datetime.fromtimestamp(event.timestamp_ms / 1000, UTC).isoformat(timespec="seconds")
         what = f"event_id={event.event_id} source={event.detail}" if event.event_id else event.detail
@@ -271,9 +296,14 @@ def _verdict(event: TracedEvent, sink: SinkRecord, topic: str) -> str:
         match state.status:
             case "done" | "duplicate":
                 return _delivered(state, sink.downstream_id)
-            case "in_flight":
+            case "in_flight" if committed is None or committed <= event.offset:
                 answer = f"last answer HTTP {state.last_status}" if state.last_status else "no answer yet"
                 return f"being delivered: {_attempts(state)} so far, {answer}"
+            case "in_flight":  # the partition moved on: an instance on another host finished it
+                return (
+                    f"handled: its group committed past it (this host last tried it: {_attempts(state)}, "
+                    f"{_time(state.last_attempt_at)}; another instance finished it)"
+                )
             case "dead":
                 return f"dead-lettered ({state.reason}); the dead letter is no longer on its topic (retention)"
     if committed is not None and committed > event.offset:

@@ -34,6 +34,7 @@ from support import (
 from consumers.deadletter import read_headers
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
+from daemon.trace import trace
 from topics.catalogue import SINKS, consumer_group, dlq_topic
 
 pytestmark = pytest.mark.integration
@@ -357,3 +358,7 @@ async def test_a_record_the_client_cannot_read_holds_its_partition_and_nothing_e
         ], name
         assert "cannot read the record at or after this offset (UnicodeDecodeError" in letters[0]["detail"]
         assert "its batch holds one it cannot" in letters[1]["detail"]
+    # `orderbus trace` over the partition whose bytes are still there: it says where it stopped, not a traceback.
+    found, _ = await trace(skipping, batch[3].order.order_number, all_partitions=True)
+    assert found.unreadable is not None
+    assert "UnicodeDecodeError" in found.unreadable

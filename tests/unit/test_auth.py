@@ -426,7 +426,7 @@ async def test_token_requests_name_orderbus_as_the_deliveries_do(
         await auth.aclose()
     assert fake.user_agents == [USER_AGENT]
     assert USER_AGENT.startswith("orderbus")
-    assert fake.accepts == ["application/json"], "some providers answer a form-encoded token without it"
+    assert fake.accepts == ["application/json"]  # some providers answer a form-encoded token without it
 
 
 async def test_an_unreachable_token_endpoint_is_temporary(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,9 +12,11 @@ from consumers.blocks import encode_chain
 from consumers.deadletter import DeadLetter, Reason, read_headers
 from consumers.dedup import SqliteDedupStore
 from consumers.delivery_state import DeliveryState, DeliveryStatus
-from consumers.work import idempotency_key
+from consumers.work import KEY_MISMATCH, idempotency_key
 from daemon.dlq import DeadLetterView
-from daemon.trace import Found, SinkRecord, TracedEvent, _local_states, _of_order, explain, key_partition
+from daemon.trace import Found, SinkRecord, TracedEvent, _event, _local_states, _of_order, explain, key_partition
+from topics.codec import encode
+from topics.samples import sample_event
 
 ORDER = "SO-2026-000042"
 CREATED = TracedEvent(3, 57, 1_800_000_000_000, "order.created", "e-1", "webhook")
@@ -199,3 +202,30 @@ def test_a_record_is_the_orders_by_its_key_or_without_one_by_its_values_order_nu
     ]
     for record_key, record_value, expected in cases:
         assert _of_order(SimpleNamespace(key=record_key, value=record_value), key, ORDER) is expected, record_key
+
+
+def test_a_search_stopped_by_a_batch_the_client_cannot_read_says_so() -> None:
+    stopped = dataclasses.replace(found(CREATED), unreadable="UnicodeDecodeError: 'utf-8' codec can't decode")
+    lines = explain(stopped, [crm(states={"e-1": state("e-1", "done")})])
+    assert lines[1] == (
+        "  the search stopped at a batch the Kafka client cannot read (UnicodeDecodeError: 'utf-8' codec can't "
+        "decode): later records are not shown (`orderbus status` names where a sink holds it)"
+    )
+    assert explain(dataclasses.replace(stopped, events=[]), [crm()])[1].startswith("  the search stopped")
+
+
+def test_a_record_keyed_by_the_order_whose_value_names_another_is_shown_as_the_sinks_see_it() -> None:
+    other = encode(sample_event(random.Random(5), order_number="SO-OTHER"))
+    record = SimpleNamespace(partition=3, offset=9, timestamp=1_800_000_000_000, key=ORDER.encode(), value=other.value)
+    event = _event(record, ORDER.encode())
+    assert (event.event_type, event.event_id) == ("invalid", "")
+    assert event.detail == f"key {KEY_MISMATCH}"
+
+
+def test_a_row_in_flight_on_this_host_for_a_record_its_group_committed_past_is_not_taken_for_under_way() -> None:
+    # Review: a partition moved to another instance left this host's row `in_flight`; it read "being delivered".
+    stale = state("e-1", "in_flight", attempts=2, last_status=503)
+    assert verdicts(explain(found(CREATED), [crm(committed={3: 120}, states={"e-1": stale})])) == [
+        "handled: its group committed past it (this host last tried it: 2 attempts, 2027-01-15T08:00:00+00:00; "
+        "another instance finished it)"
+    ]
