@@ -231,7 +231,20 @@ async def test_a_sink_down_for_the_whole_run_stays_bounded_then_catches_up(
         assert max(buffered) <= 100
         assert min(lag) >= 1400, "the lag shows the outage"
         assert await sandbox.ledger("crm") == []
-        await sandbox.faults("crm")  # back
+        await sandbox.faults("crm", latency_ms=100)  # back, answering in 100 ms: the slow start lasts ~1 s
+        limits: list[int] = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(1800):  # the next probe comes after the circuit's pause, doubled by each failed probe
+                async with session.get(f"{base}/status") as response:
+                    limit = (await response.json())["sinks"]["crm"]["ramp_limit"]
+                if limit is not None:
+                    limits.append(limit)
+                elif limits:
+                    break
+                await asyncio.sleep(0.05)
+        assert limits, "the sink ramped up after its circuit closed"
+        assert limits[0] <= 8, limits
+        assert limits == sorted(limits), "no failures: it only widens"
         await sandbox.wait_ledger("crm", 1500, timeout=120)
         for _ in range(100):
             if crm_lag() == 0:
