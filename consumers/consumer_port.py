@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+from consumers.unreadable import Skips
 from consumers.work import TopicPartitionKey
 
 
@@ -33,7 +34,7 @@ class ConsumerPort(Protocol):
         stopped at."""
         ...
 
-    def skip_unreadable(self, skips: Mapping[TopicPartitionKey, Sequence[tuple[int, int]]]) -> None:
+    def skip_unreadable(self, skips: Skips) -> None:
         """Go on past a held partition's offset that `skips` names (`consumers.unreadable.ReadGuard.skip`)."""
         ...
 

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aiokafka.errors import KafkaError
@@ -44,6 +44,7 @@ from consumers.offsets import OffsetTracker
 from consumers.pacing import Pacer
 from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
+from consumers.unreadable import Skips
 from consumers.work import TopicPartitionKey, Work, make_work
 from topics.errors import StoreError
 
@@ -532,7 +533,7 @@ class SinkEngine:
     def auth_paused(self) -> bool:
         return self._context.auth.state != "closed"
 
-    def skip_unreadable(self, skips: Mapping[TopicPartitionKey, Sequence[tuple[int, int]]]) -> None:
+    def skip_unreadable(self, skips: Skips) -> None:
         """Records the client cannot read that the operator skips: dead-lettered in their place (settings, reload)."""
         self._consumer.skip_unreadable(skips)
 

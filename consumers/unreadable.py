@@ -24,9 +24,9 @@ To go on without the record, the operator names it in the sink's settings (``ski
 reload): a held partition whose offset is named is moved past it, and the guard hands over a `SkippedRecord` in
 its place, which the engine dead-letters (reason ``invalid``, without the bytes it could not read) and commits
 past as any record. aiokafka decodes a fetched batch whole, records before the position included, so the records
-after it in its batch cannot be read either: each is skipped in turn as the partition is held at it, until a
-record is handed over (they are in Kafka as they were: their dead letters say so). A named offset that is not held
-changes nothing.
+after it in its batch cannot be read either: the partition is then read alone, one record a call, and each record
+that fails is skipped the same way at once (no hold, no search), until a record is handed over (they are in Kafka
+as they were: their dead letters say so). A named offset that is not held changes nothing.
 
 Which errors: any but those aiokafka raises before it takes a record (`passes_through`: a fetch or group error it
 stored for the partition, a stopped consumer), which go to the caller as before. What decoding raises is not one
@@ -47,7 +47,7 @@ from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaE
 from consumers.clock import Clock
 from consumers.work import TopicPartitionKey
 
-__all__ = ["ISOLATION", "RETRY", "Held", "ReadGuard", "SkippedRecord", "Skips", "passes_through"]
+__all__ = ["ISOLATION", "RETRY", "Held", "ReadGuard", "SkippedRecord", "Skips", "describe", "passes_through"]
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,10 @@ class ReadGuard:
         self._turn = 0
         self._to_rewind: set[TopicPartitionKey] = set()  # positions to put back before the next fetch
         self._skips: Skips = {}
-        # Per partition, the offset after the last record skipped, while nothing past it was handed over: aiokafka
-        # decodes a fetched batch whole, so the records after a skipped one in its batch cannot be read either.
-        self._skipping: dict[TopicPartitionKey, int] = {}
+        # Partitions whose last record was skipped, with nothing handed over since (their next offset to hand over
+        # is the skipped one's + 1): aiokafka decodes a fetched batch whole, so the rest of that batch cannot be
+        # read either. Read alone, one record a call, until a record reads.
+        self._skipping: set[TopicPartitionKey] = set()
 
     def skip(self, skips: Skips) -> None:
         """From now on, a held partition whose offset `skips` names goes on past it (see the module)."""
@@ -181,7 +182,7 @@ class ReadGuard:
                 raise
             log.warning(
                 "a fetched batch could not be read: finding its partition",
-                extra={"sink": self._sink, "error": _describe(exc)},
+                extra={"sink": self._sink, "error": describe(exc)},
             )
             self._isolate_until = self._clock.now() + ISOLATION
             await self._rewind(self._consumer.assignment())
@@ -212,7 +213,7 @@ class ReadGuard:
             self._narrowing.discard(tp)
             self._probing.discard(tp)
             self._to_rewind.discard(tp)
-            self._skipping.pop(tp, None)
+            self._skipping.discard(tp)
 
     async def _probe(self) -> Mapping[TopicPartitionKey, list[Any]]:
         """One record of the first partition being read again that has one fetched; one that raises is held."""
@@ -222,8 +223,8 @@ class ReadGuard:
                 continue
             taken = await self._take(tp, 1)
             if isinstance(taken, Exception):
-                if self._in_skipped_batch(tp):
-                    return self._skip(tp, self._next[tp], _describe(taken), named=False)
+                if tp in self._skipping:  # the next record of the batch being skipped
+                    return self._skip(tp, self._next[tp], describe(taken), named=False)
                 self._hold(tp, taken)
             elif taken:
                 return taken
@@ -243,8 +244,8 @@ class ReadGuard:
             limit = 1 if tp in self._narrowing or tp in self._skipping else max_records
             taken = await self._take(tp, limit)
             if isinstance(taken, Exception):
-                if self._in_skipped_batch(tp):
-                    return self._skip(tp, self._next[tp], _describe(taken), named=False)
+                if tp in self._skipping:  # read one record a call: the one that failed is the batch's next
+                    return self._skip(tp, self._next[tp], describe(taken), named=False)
                 if limit == 1:
                     self._narrowing.discard(tp)
                     self._hold(tp, taken)
@@ -273,7 +274,8 @@ class ReadGuard:
         for tp, records in batch.items():
             if records:
                 self._next[tp] = records[-1].offset + 1
-                if self._skipping.pop(tp, None) is not None:  # the skipped batch is over: read as usual again
+                if tp in self._skipping:  # the skipped batch is over: read as usual again
+                    self._skipping.discard(tp)
                     self._probing.discard(tp)
                 held = self._held.get(tp)
                 if held is not None and held.retrying and records[-1].offset >= held.offset:
@@ -308,7 +310,7 @@ class ReadGuard:
         self._consumer.pause(tp)
         self._probing.discard(tp)
         offset = self._next[tp]  # set by the rewind just before
-        held = self._held[tp] = Held(offset, _describe(exc), self._clock.now() + RETRY)
+        held = self._held[tp] = Held(offset, describe(exc), self._clock.now() + RETRY)
         log.error(
             "records cannot be read: partition held",
             extra={
@@ -322,23 +324,16 @@ class ReadGuard:
         )
 
     def _skip_held(self) -> Mapping[TopicPartitionKey, list[Any]]:
-        """A held partition's stand-in record, once it is moved past the offset it is held at, if `skip` names it
-        (or it is the next record of a batch being skipped, held before this guard knew: see `_skip`)."""
+        """A held partition's stand-in record, once it is moved past the offset it is held at, if `skip` names it."""
         assigned = self._consumer.assignment()
         for tp, held in self._held.items():
-            named = any(first <= held.offset <= last for first, last in self._skips.get((tp[0], tp[1]), ()))
-            if not (named or (self._in_skipped_batch(tp) and self._next[tp] == held.offset)) or tp not in assigned:
-                continue
-            del self._held[tp]
-            if tp not in self._paused:
-                self._consumer.resume(tp)
-            return self._skip(tp, held.offset, held.error, named=named)
+            ranges = self._skips.get((tp[0], tp[1]), ())
+            if tp in assigned and any(first <= held.offset <= last for first, last in ranges):
+                del self._held[tp]
+                if tp not in self._paused:
+                    self._consumer.resume(tp)
+                return self._skip(tp, held.offset, held.error, named=True)
         return {}
-
-    def _in_skipped_batch(self, tp: TopicPartitionKey) -> bool:
-        """`tp`'s next record follows one skipped, with nothing handed over since: the batch's next record (such a
-        partition is read one record a call, so the one that failed is that one)."""
-        return tp in self._skipping and self._skipping[tp] == self._next.get(tp)
 
     def _skip(
         self, tp: TopicPartitionKey, offset: int, error: str, *, named: bool
@@ -347,7 +342,8 @@ class ReadGuard:
         again, `tp` is read alone, one record a call (`_probe`): the next record of the batch fails too, and is
         skipped at once, without a hold, an ERROR or a rewind of every partition."""
         self._consumer.seek(tp, offset + 1)
-        self._next[tp] = self._skipping[tp] = offset + 1
+        self._next[tp] = offset + 1
+        self._skipping.add(tp)
         self._probing.add(tp)
         where = {"sink": self._sink, "topic": tp[0], "partition": tp[1], "offset": offset}
         log.warning("an unreadable record skipped as the settings say: dead-lettered", extra=where)
@@ -377,6 +373,6 @@ class ReadGuard:
                 self._consumer.resume(tp)
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """The client's error, short: a UnicodeDecodeError's text names the bytes' position, not the record's content."""
     return f"{type(exc).__name__}: {exc}"[:300]
