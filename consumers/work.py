@@ -47,6 +47,11 @@ def idempotency_key(sink: str, event_id: str) -> str:
     return f"orderbus:{sink}:{event_id}"
 
 
+def key_mismatch(key: bytes | None, order_number: str) -> bool:
+    """A record key that is not its event's order number (no key, or an empty one, is fine): the sinks refuse it."""
+    return bool(key) and key != order_number.encode()
+
+
 def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bool = False) -> Work:
     """Decode and prepare `record` (an aiokafka ConsumerRecord or a twin) for `sink`.
 
@@ -68,7 +73,7 @@ def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bo
             invalid = exc
     order_ref = f"@{partition}:{record.offset}"  # unreadable without a key, or a wrong key: a lane of its own
     if prepared is not None:
-        if key and key != prepared.order_number.encode():
+        if key_mismatch(key, prepared.order_number):
             # Lanes, blocks and downstream ids go by order number: a key shared by two orders would send one
             # order's update or cancel to the other's downstream id. The key is not echoed: it may be personal data.
             invalid, prepared = ContractError([FieldError("key", KEY_MISMATCH)]), None

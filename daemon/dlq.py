@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from consumers.deadletter import REASONS, Header, copy_headers, read_headers
 from daemon.kafka_options import client_options
 from daemon.settings import Settings
+from daemon.topic_reader import batches, reading
 from topics.admin import partition_ids
 from topics.catalogue import SINKS, consumer_group, dlq_topic, replay_topic
 from topics.errors import BrokerError, ConfigError, OrderbusError
@@ -54,6 +55,16 @@ def _number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def order_number_in(value: bytes | None) -> str | None:
+    """The order number an event's JSON value names; None if it is not JSON, not an object or not the contract's
+    shape (read leniently: the record may be what made it a dead letter)."""
+    try:
+        number = json.loads(value or b"")["order"]["order_number"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return number if isinstance(number, str) and number else None
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetterView:
     """One dead-letter record as an operator sees it; `meta` holds the ``orderbus.dlq.*`` headers."""
@@ -71,12 +82,7 @@ class DeadLetterView:
     order: str = field(init=False)
 
     def __post_init__(self) -> None:
-        try:
-            number = json.loads(self.value or b"")["order"]["order_number"]
-        except (ValueError, TypeError, KeyError):  # not JSON, not an object, not the contract
-            number = None
-        if not (isinstance(number, str) and number):
-            number = (self.key or b"").decode("utf-8", "replace") or "-"
+        number = order_number_in(self.value) or (self.key or b"").decode("utf-8", "replace") or "-"
         object.__setattr__(self, "order", number)
 
     @property
@@ -179,39 +185,30 @@ async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterVie
 
 async def _records(topic: str, options: Mapping[str, Any]) -> list[tuple[int, Any]]:
     """Every record of `topic` up to its end now, with its partition."""
-    partitions = [TopicPartition(topic, p) for p in await partition_ids(topic, options)]
-    if not partitions:
-        raise BrokerError(f"topic {topic} does not exist; run `orderbus topics apply`")
-    consumer = AIOKafkaConsumer(**options, enable_auto_commit=False, group_id=None)
     found: list[tuple[int, Any]] = []
-    try:
-        await consumer.start()
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
-            batch = await consumer.getmany(timeout_ms=1000)
-            for tp, records in batch.items():
-                found.extend((tp.partition, record) for record in records if record.offset < ends[tp])
-    except KafkaError as exc:
-        raise BrokerError(f"cannot read {topic}: {exc!r}") from exc
-    finally:
-        await consumer.stop()
+    async with reading(topic, options) as (consumer, tps):
+        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+        async for partition, records in batches(consumer, starts, ends):
+            found.extend((partition, record) for record in records)
     return found
 
 
-async def committed_offsets(group: str, topic: str, options: Mapping[str, Any]) -> dict[int, int]:
-    """`group`'s committed offsets on `topic`, by partition (absent: nothing committed there).
+async def committed_offsets(
+    group: str, topic: str, options: Mapping[str, Any], partitions: Sequence[int] | None = None
+) -> dict[int, int]:
+    """`group`'s committed offsets on `topic`'s `partitions` (default: all), by partition (absent: nothing committed
+    there).
 
     Asked for partition by partition: a broker still loading its groups (after a start) answers without any, which
     aiokafka returns as no offsets, not as an error; those are asked for again for `_OFFSETS_PATIENCE` seconds,
     never taken as nothing committed (every replay would show as pending)."""
-    partitions = [TopicPartition(topic, p) for p in await partition_ids(topic, options)]
+    ids = partitions if partitions is not None else await partition_ids(topic, options)
+    tps = [TopicPartition(topic, p) for p in ids]
     admin = AIOKafkaAdminClient(**options)
     deadline = time.monotonic() + _OFFSETS_PATIENCE
     try:
         await admin.start()
-        while len(offsets := await admin.list_consumer_group_offsets(group, partitions=partitions)) < len(partitions):
+        while len(offsets := await admin.list_consumer_group_offsets(group, partitions=tps)) < len(tps):
             if time.monotonic() > deadline:
                 raise BrokerError(f"the broker did not tell the committed offsets of group {group}; try again")
             await asyncio.sleep(0.5)

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
-
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 
 from daemon.kafka_options import client_options
 from daemon.settings import Settings
-from topics.admin import partition_ids
+from daemon.topic_reader import batches, reading
 from topics.catalogue import orders_topic
 from topics.codec import decode
-from topics.errors import BrokerError, ContractError
+from topics.errors import ContractError
 
 
 async def show_orders(settings: Settings, *, limit: int, full: bool) -> list[str]:
@@ -23,32 +19,10 @@ async def show_orders(settings: Settings, *, limit: int, full: bool) -> list[str
     A line shows the order number, event and totals; personal data only with `full`.
     """
     topic = orders_topic(settings.topics.prefix)
-    options = client_options(settings.kafka)
-    partitions = [TopicPartition(topic, p) for p in await partition_ids(topic, options)]
-    if not partitions:
-        raise BrokerError(f"topic {topic} does not exist; run `orderbus topics apply`")
-    consumer = AIOKafkaConsumer(**options, enable_auto_commit=False, group_id=None)
-    try:
-        await consumer.start()
-        consumer.assign(partitions)
-        ends = await consumer.end_offsets(partitions)
-        starts = await consumer.beginning_offsets(partitions)
-        wanted = 0
-        for tp in partitions:
-            first = max(starts[tp], ends[tp] - limit)
-            consumer.seek(tp, first)
-            wanted += ends[tp] - first
-        records: list[Any] = []
-        while len(records) < wanted:
-            batch = await consumer.getmany(timeout_ms=2000)
-            if not batch:
-                break
-            for messages in batch.values():
-                records.extend(messages)
-    except KafkaError as exc:
-        raise BrokerError(f"cannot read {topic}: {exc!r}") from exc
-    finally:
-        await consumer.stop()
+    async with reading(topic, client_options(settings.kafka)) as (consumer, tps):
+        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+        newest = {tp: max(starts[tp], ends[tp] - limit) for tp in tps}
+        records = [record async for _, batch in batches(consumer, newest, ends) for record in batch]
     records.sort(key=lambda record: record.timestamp)
     return [_line(record, full) for record in records[-limit:]]
 

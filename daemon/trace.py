@@ -14,8 +14,8 @@ A line names order numbers, event ids and types, positions, HTTP statuses and do
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import json
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,19 +23,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
 from consumers.blocks import decode_chain
 from consumers.dedup_sql import SELECT_BLOCKING, SELECT_DOWNSTREAM_ID, select_blocked, select_in, select_states
 from consumers.delivery_state import DeliveryState
-from consumers.unreadable import passes_through
-from consumers.work import KEY_MISMATCH, idempotency_key
-from daemon.dlq import DeadLetterView, committed_offsets, read_dead_letters, source_of
+from consumers.unreadable import describe, passes_through
+from consumers.work import KEY_MISMATCH, idempotency_key, key_mismatch
+from daemon.dlq import DeadLetterView, committed_offsets, order_number_in, read_dead_letters, source_of
 from daemon.kafka_options import client_options
 from daemon.retention import dedup_path
 from daemon.settings import Settings
+from daemon.topic_reader import batches, reading
 from topics.admin import partition_ids
 from topics.catalogue import consumer_group, orders_topic
 from topics.codec import decode
@@ -108,17 +107,17 @@ async def trace(
     found = await _find(topic, wanted, order, options, since_ms)
     # A dead letter names its order by its value: one of the order's records keyed otherwise is found by position.
     positions = {(topic, str(event.partition), str(event.offset)) for event in found.events}
-    sinks = []
-    for name in settings.enabled_sinks():
-        committed = await committed_offsets(consumer_group(name, settings.topics.prefix), topic, options)
+
+    async def record_of(name: str) -> SinkRecord:
+        committed = await committed_offsets(consumer_group(name, settings.topics.prefix), topic, options, ids)
         letters = [
             letter
             for letter in await read_dead_letters(settings, name)
             if letter.order == order or source_of(letter.meta) in positions
         ]
-        path = dedup_path(settings.state_dir, name)
-        sinks.append(_local_states(name, committed, letters, path, order, found.events))
-    return found, sinks
+        return _local_states(name, committed, letters, dedup_path(settings.state_dir, name), order, found.events)
+
+    return found, list(await asyncio.gather(*(record_of(name) for name in settings.enabled_sinks())))
 
 
 async def _find(
@@ -127,57 +126,36 @@ async def _find(
     """The records of `order` in `partitions` of `topic` (keyed by it, or keyless with it in their value), read up
     to their end now (one batch at a time in memory beside those kept: a partition can hold millions)."""
     key = order.encode("utf-8")
-    tps = [TopicPartition(topic, p) for p in partitions]
-    consumer = AIOKafkaConsumer(**options, enable_auto_commit=False, group_id=None)
     events: list[TracedEvent] = []
     unreadable = None
-    try:
-        await consumer.start()
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        starts = await consumer.beginning_offsets(tps)
+    async with reading(topic, options, partitions) as (consumer, tps):
+        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
         if since_ms is not None:
             at = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
             starts = {tp: ends[tp] if at[tp] is None else max(starts[tp], at[tp].offset) for tp in tps}
-        for tp in tps:
-            consumer.seek(tp, starts[tp])
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            try:
-                batch = await consumer.getmany(timeout_ms=1000)
-            except Exception as exc:
-                if passes_through(exc):
-                    raise
-                unreadable = f"{type(exc).__name__}: {exc}"[:300]  # a batch it cannot decode (`consumers.unreadable`)
-                break
-            for tp, records in batch.items():
-                events.extend(_event(r, key) for r in records if r.offset < ends[tp] and _of_order(r, key, order))
-    except KafkaError as exc:
-        raise BrokerError(f"cannot read {topic}: {exc!r}") from exc
-    finally:
-        await consumer.stop()
+        try:
+            async for _, records in batches(consumer, starts, ends):
+                events.extend(_event(record) for record in records if _of_order(record, key, order))
+        except Exception as exc:
+            if passes_through(exc):
+                raise
+            unreadable = describe(exc)  # a batch it cannot decode (`consumers.unreadable`)
     events.sort(key=lambda event: (event.timestamp_ms, event.partition, event.offset))
     searched = {tp.partition: (starts[tp], ends[tp]) for tp in tps}
     return Found(order, topic, events, searched, by_key=len(partitions) == 1, unreadable=unreadable)
 
 
 def _of_order(record: Any, key: bytes, order: str) -> bool:
-    """Keyed by the order number, or without a key and the order's by its value (which takes a JSON parse, only
-    for a keyless record whose value holds the number's bytes)."""
-    if record.key is not None:
+    """Keyed by the order number, or without a key (or an empty one, as the sinks read it) and the order's by its
+    value (a JSON parse, only for a keyless record whose value holds the number's bytes)."""
+    if record.key:
         return bool(record.key == key)
-    value = record.value
-    if value is None or key not in value:
-        return False
-    try:
-        number = json.loads(value)["order"]["order_number"]
-    except (ValueError, TypeError, KeyError):  # not JSON, not an object, not the contract
-        return False
-    return bool(number == order)
+    return record.value is not None and key in record.value and order_number_in(record.value) == order
 
 
-def _event(record: Any, key: bytes) -> TracedEvent:
-    """The record as the sinks see it: one keyed by the order number whose value names another order is invalid
-    to them (`consumers.work.KEY_MISMATCH`), as a value that breaks the contract is."""
+def _event(record: Any) -> TracedEvent:
+    """The record as the sinks see it: one whose key is not the order number its value names is invalid to them
+    (`consumers.work.key_mismatch`), as a value that breaks the contract is."""
     try:
         event = decode(record.value)
     except ContractError as exc:
@@ -185,7 +163,7 @@ def _event(record: Any, key: bytes) -> TracedEvent:
         return TracedEvent(
             record.partition, record.offset, record.timestamp, "invalid", "", f"{first.loc} {first.message}"
         )
-    if record.key is not None and event.order.order_number.encode("utf-8") != key:
+    if key_mismatch(record.key, event.order.order_number):
         return TracedEvent(record.partition, record.offset, record.timestamp, "invalid", "", f"key {KEY_MISMATCH}")
     return TracedEvent(
         record.partition, record.offset, record.timestamp, event.event_type, str(event.event_id), event.source
@@ -264,7 +242,7 @@ def explain(found: Found, sinks: Sequence[SinkRecord]) -> list[str]:
         return lines
     lines = [f"order {found.order}: {len(found.events)} event(s) in {found.topic} ({searched})", *stopped]
     for event in found.events:
-        at = datetime.fromtimestamp(event.timestamp_ms / 1000, UTC).isoformat(timespec="seconds")
+        at = _time(event.timestamp_ms / 1000)
         what = f"event_id={event.event_id} source={event.detail}" if event.event_id else event.detail
         lines.append(f"{event.where:>10} {at} {event.event_type} {what}")
         lines.extend(f"{'':>12}{sink.name:<11} {_verdict(event, sink, found.topic)}" for sink in sinks)

@@ -83,6 +83,13 @@ async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_k
         delivered = cli("trace", events[10].order.order_number, env=env)
         assert delivered.returncode == 0, delivered.stderr
         assert re.search(r"\n\s+crm\s+delivered, downstream id \S+: 1 attempt, ", delivered.stdout), delivered.stdout
+        newest = cli("topics", "show", "--limit", "4", env=env)  # the newest records, read as trace and dlq read
+        assert newest.returncode == 0, newest.stderr
+        shown_lines = newest.stdout.splitlines()
+        assert len(shown_lines) == 4
+        numbers = {e.order.order_number for e in events}
+        assert all(re.fullmatch(r"\S+ p\d+@\d+ order\.\w+ order=(\S+) event_id=.*", line) for line in shown_lines)
+        assert {re.search(r"order=(\S+)", line)[1] for line in shown_lines} <= numbers  # type: ignore[index]
         missing = cli("trace", "SO-2026-999999", env=env)
         assert missing.returncode == 1
         assert missing.stdout.startswith("no record of order SO-2026-999999")

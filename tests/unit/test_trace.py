@@ -196,6 +196,7 @@ def test_a_record_is_the_orders_by_its_key_or_without_one_by_its_values_order_nu
         (key, b"not even JSON", True),  # the key decides; a bad value is shown as invalid
         (b"SO-OTHER", value, False),
         (None, value, True),
+        (b"", value, True),  # an empty key is no key to the sinks either
         (None, longer, False),
         (None, b"{" + key, False),
         (None, None, False),
@@ -217,7 +218,7 @@ def test_a_search_stopped_by_a_batch_the_client_cannot_read_says_so() -> None:
 def test_a_record_keyed_by_the_order_whose_value_names_another_is_shown_as_the_sinks_see_it() -> None:
     other = encode(sample_event(random.Random(5), order_number="SO-OTHER"))
     record = SimpleNamespace(partition=3, offset=9, timestamp=1_800_000_000_000, key=ORDER.encode(), value=other.value)
-    event = _event(record, ORDER.encode())
+    event = _event(record)
     assert (event.event_type, event.event_id) == ("invalid", "")
     assert event.detail == f"key {KEY_MISMATCH}"
 
