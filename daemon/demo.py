@@ -53,7 +53,7 @@ from daemon.live_view import LiveView, SinkSummary, Summary, render_summary, sna
 from daemon.logs import configure
 from daemon.sandbox import SandboxClient, SandboxError
 from daemon.settings import Settings
-from topics.admin import apply_catalogue, partition_ids
+from topics.admin import apply_catalogue, group_offsets, partition_ids
 from topics.catalogue import catalogue, consumer_group, orders_topic
 from topics.errors import BrokerError, ConfigError, LocalKafkaError
 
@@ -550,21 +550,15 @@ class _Progress:
         return left
 
     async def _committed(self, group: str) -> dict[TopicPartition, int]:
-        """`group`'s committed offset of every partition, 0 where it has committed none (the broker's -1).
-
-        While the broker cannot answer for a group (its coordinator still loads the groups after a start, or is
-        not available), OffsetFetch carries the error at the group level and no partition at all, and aiokafka's
-        `list_consumer_group_offsets` ignores that error: the answer reads as an empty dict. Taken as "nothing
-        committed", it made the whole topic the last run's leftovers. A partition missing from the answer is not
-        known: `_OffsetsUnknown`, to ask again.
-        """
-        answer = await self._admin.list_consumer_group_offsets(group, partitions=self._partitions)
-        if missing := [tp for tp in self._partitions if tp not in answer]:
+        """`group`'s committed offset of every partition, 0 where it has committed none (the broker's -1);
+        `_OffsetsUnknown`, to ask again, while the broker does not tell them (`topics.admin.group_offsets`: taken
+        as "nothing committed", they made the whole topic the last run's leftovers)."""
+        offsets = await group_offsets(self._admin, group, self._partitions)
+        if offsets is None:
             raise _OffsetsUnknown(
-                f"the broker did not tell {group}'s committed offsets ({len(missing)} partition(s) missing): its "
-                "group coordinator is not ready"
+                f"the broker did not tell {group}'s committed offsets: its group coordinator is not ready"
             )
-        return {tp: max(0, answer[tp].offset) for tp in self._partitions}
+        return {tp: max(0, offset) for tp, offset in offsets.items()}
 
     async def skip_to_end(self) -> dict[str, int]:
         """Commit the end of the topic for every group that has not reached it; what each skipped."""

@@ -33,7 +33,7 @@ from consumers.deadletter import REASONS, Header, copy_headers, read_headers
 from daemon.kafka_options import client_options
 from daemon.settings import Settings
 from daemon.topic_reader import batches, reading
-from topics.admin import partition_ids
+from topics.admin import group_offsets, partition_ids
 from topics.catalogue import SINKS, consumer_group, dlq_topic, replay_topic
 from topics.errors import BrokerError, ConfigError, OrderbusError
 
@@ -199,8 +199,7 @@ async def committed_offsets(
     """`group`'s committed offsets on `topic`'s `partitions` (default: all), by partition (absent: nothing committed
     there).
 
-    Asked for partition by partition: a broker still loading its groups (after a start) answers without any, which
-    aiokafka returns as no offsets, not as an error; those are asked for again for `_OFFSETS_PATIENCE` seconds,
+    Asked again for `_OFFSETS_PATIENCE` seconds while the broker does not tell them (`topics.admin.group_offsets`),
     never taken as nothing committed (every replay would show as pending)."""
     ids = partitions if partitions is not None else await partition_ids(topic, options)
     tps = [TopicPartition(topic, p) for p in ids]
@@ -208,7 +207,7 @@ async def committed_offsets(
     deadline = time.monotonic() + _OFFSETS_PATIENCE
     try:
         await admin.start()
-        while len(offsets := await admin.list_consumer_group_offsets(group, partitions=tps)) < len(tps):
+        while (offsets := await group_offsets(admin, group, tps)) is None:
             if time.monotonic() > deadline:
                 raise BrokerError(f"the broker did not tell the committed offsets of group {group}; try again")
             await asyncio.sleep(0.5)
@@ -216,7 +215,7 @@ async def committed_offsets(
         raise BrokerError(f"cannot read the committed offsets of group {group}: {exc!r}") from exc
     finally:
         await admin.close()
-    return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+    return {tp.partition: offset for tp, offset in offsets.items() if offset >= 0}
 
 
 _OFFSETS_PATIENCE = 10.0  # seconds a group's committed offsets are asked for while the broker does not tell them

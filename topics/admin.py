@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
@@ -165,6 +166,22 @@ async def missing_topics(
     finally:
         await admin.close()
     return [name for name in names if name not in existing]
+
+
+async def group_offsets(
+    admin: AIOKafkaAdminClient, group: str, partitions: Sequence[TopicPartition]
+) -> dict[TopicPartition, int] | None:
+    """`group`'s committed offset of each of `partitions` (-1: none committed there), or None while the broker does
+    not tell them.
+
+    While a broker's group coordinator is not ready (it loads the groups after a start), OffsetFetch carries the
+    error at the group level and no partition at all, and aiokafka's `list_consumer_group_offsets` ignores that
+    error: the answer reads as an empty dict. Taken as "nothing committed", it made every record look unread.
+    """
+    answer = await admin.list_consumer_group_offsets(group, partitions=list(partitions))
+    if any(tp not in answer for tp in partitions):
+        return None
+    return {tp: answer[tp].offset for tp in partitions}
 
 
 async def partition_ids(topic: str, client_options: Mapping[str, Any], *, timeout: float = 30.0) -> list[int]:
