@@ -115,9 +115,11 @@ async def until_listed(
     then a listing lacks it, and the daemon started right after `orderbus topics apply` (a deploy script, a test)
     refused to start on a topic that "does not exist" -- exit 2, which systemd does not restart."""
     deadline = clock() + timeout
-    while missing := sorted(set(names) - set(await admin.list_topics())):
+    while missing := await _unlisted(admin, names):
         if clock() >= deadline:
-            raise BrokerError(f"created, but the broker has not listed them after {timeout:g} s: {', '.join(missing)}")
+            raise BrokerError(
+                f"created, but the broker has not listed them after {timeout:g} s: {', '.join(sorted(missing))}"
+            )
         await sleep(0.1)
 
 
@@ -160,11 +162,16 @@ async def missing_topics(
     admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
     try:
         await admin.start()
-        existing = set(await admin.list_topics())
+        return await _unlisted(admin, names)
     except KafkaError as exc:
         raise BrokerError(f"cannot list topics at {client_options.get('bootstrap_servers')}: {exc!r}") from exc
     finally:
         await admin.close()
+
+
+async def _unlisted(admin: AIOKafkaAdminClient, names: Sequence[str]) -> list[str]:
+    """Those of `names` a listing of every topic lacks, in their order."""
+    existing = set(await admin.list_topics())
     return [name for name in names if name not in existing]
 
 
