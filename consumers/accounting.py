@@ -1,8 +1,11 @@
 """Accounting: the invoice. Who is billed, where, for what, at which tax, and whether it is paid.
 
 Purpose (GDPR Art. 6, data minimisation): accounting books the sale. It gets the billing party (name, company,
-VAT id, customer id) and billing address, the priced line items, net/tax/gross totals, currency, the paid flag,
-the order number and dates; no e-mail, no phone, no shipping address.
+VAT id, customer id) and billing address, the priced line items, the shipping charge, net/tax/gross totals,
+currency, the paid flag, the order number and dates; no e-mail, no phone, no shipping address.
+
+Every field is sent for every order, ``null`` or ``"0"`` when it has no value (a line's ``discount_amount``, the
+order's ``shipping``): an update is a full replace, and names what it clears.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any
 
 from consumers.sink import RestSink
 from topics.envelope import OrderEvent
+from topics.order import LineItem, ShippingCharge
 
 
 class AccountingSink(RestSink):
@@ -36,21 +40,30 @@ class AccountingSink(RestSink):
                 "region": billing.region,
                 "country": billing.country,
             },
-            "line_items": [
-                {
-                    "sku": line.sku,
-                    "name": line.name,
-                    "quantity": line.quantity,
-                    "unit_price": line.unit_price,
-                    "net_amount": line.net_amount,
-                    "tax_rate": line.tax_rate,
-                    "tax_amount": line.tax_amount,
-                }
-                for line in order.line_items
-            ],
+            "line_items": [_line(line) for line in order.line_items],
             "currency": order.currency,
             "net_total": order.net_total,
             "tax_total": order.tax_total,
             "gross_total": order.gross_total,
+            "shipping": _shipping(order.shipping),
             "paid": order.paid,
         }
+
+
+def _line(line: LineItem) -> dict[str, Any]:
+    return {
+        "sku": line.sku,
+        "name": line.name,
+        "quantity": line.quantity,
+        "unit_price": line.unit_price,
+        "discount_amount": line.discount_amount,
+        "net_amount": line.net_amount,
+        "tax_rate": line.tax_rate,
+        "tax_amount": line.tax_amount,
+    }
+
+
+def _shipping(charge: ShippingCharge | None) -> dict[str, Any] | None:
+    if charge is None:
+        return None
+    return {"net_amount": charge.net_amount, "tax_rate": charge.tax_rate, "tax_amount": charge.tax_amount}

@@ -1,8 +1,9 @@
 """Shipping: who receives the parcel, where, how to reach them, and what goes in it.
 
 Purpose (GDPR Art. 6, data minimisation): the carrier delivers the parcel. It gets the recipient's name and
-phone, the shipping address, the line items without prices, and the order number; no e-mail, no billing
-address, no amounts, no VAT id.
+phone, the shipping address, the line items without prices, the order number, and the delivery service the
+customer paid for (``method``: its shipping charge's, ``null`` when it names none); no e-mail, no billing address,
+no amounts, no VAT id.
 """
 
 from __future__ import annotations
@@ -32,4 +33,5 @@ class ShippingSink(RestSink):
             "line_items": [
                 {"sku": line.sku, "name": line.name, "quantity": line.quantity} for line in order.line_items
             ],
+            "method": order.shipping.method if order.shipping is not None else None,
         }

@@ -167,7 +167,7 @@ class Plan:
     def _create(self) -> Message:
         self._created += 1
         number = f"SO-{self.tag}-{self._created:06d}"
-        submission = sample_submission(self._rng, order_number=number)
+        submission = sample_submission(self._rng, order_number=number, charges=True)
         return self._message("create", submission)
 
     def _change(self, number: str, event_type: EventType) -> Message:

@@ -78,8 +78,9 @@ def unique_name(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def sandbox_process() -> Iterator[SandboxProcess]:
-    """One sandbox downstream process for the session (reset by `sandbox` before each test)."""
-    process = start_sandbox_process(keep_bodies=False)
+    """One sandbox downstream process for the session (reset by `sandbox` before each test). It keeps the bodies
+    of the orders it holds, so a test can read back what a system received (a few MB over the session)."""
+    process = start_sandbox_process()
     try:
         yield process
     finally:

@@ -8,8 +8,9 @@ than repairs:
   producers' JSON libraries turn them into binary floats, and 0.1 + 0.2 is not 0.3 in a float.
 - Amounts are non-negative, finite, and carry no more decimal places than the currency's minor units. That
   rule needs the currency, which lives on the order, so `Order` checks it for every amount it holds.
-- Totals add up: line net = quantity * unit price; line tax = net * rate within one minor unit (shops round
-  per line, half-up or half-even); order totals are the sums; gross = net + tax.
+- Totals add up: line net = quantity * unit price - the line's discount; line tax = net * rate within one minor
+  unit (shops round per line, half-up or half-even); the shipping charge's tax likewise; order totals are the
+  sums of the lines and the shipping charge; gross = net + tax.
 
 Every violation names its field (``line_items.0.unit_price``) and, for arithmetic, the expected and given
 values. Messages never echo names, e-mails or addresses: they are safe to log and to dead-letter.
@@ -272,6 +273,14 @@ class Customer(ContractModel):
     vat_id: Annotated[VatId, Field(description="Country prefix and number, no spaces.")] | None = None
 
 
+def _is_zero(amount: Decimal) -> bool:
+    return not amount
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 class LineItem(ContractModel):
     """One line of the order; `Order` checks its amounts against each other, as only it knows the currency."""
 
@@ -279,7 +288,27 @@ class LineItem(ContractModel):
     name: Annotated[str, _text(200)]
     quantity: Annotated[int, Field(strict=True, gt=0, le=MAX_QUANTITY)]
     unit_price: Money
-    net_amount: Annotated[Money, Field(description="quantity * unit_price")]
+    # Left out of the event's JSON when zero: a record of an order without discounts is what it was before the
+    # field existed, so a daemon of an earlier version still reads it.
+    discount_amount: Annotated[
+        Money,
+        Field(
+            description="Taken off quantity * unit_price before tax (a coupon shared out over the lines, or the "
+            "line's own reduction); 0 when left out.",
+            exclude_if=_is_zero,
+        ),
+    ] = _ZERO
+    net_amount: Annotated[Money, Field(description="quantity * unit_price - discount_amount")]
+    tax_rate: TaxRate
+    tax_amount: Annotated[Money, Field(description="net_amount * tax_rate, rounded to the minor unit")]
+
+
+class ShippingCharge(ContractModel):
+    """What the customer pays for delivery, with its tax; `method` is the service the shop sold (the carrier's
+    product, e.g. "express"), for the shipping system."""
+
+    method: Annotated[str, _text(100)] | None = None
+    net_amount: Money
     tax_rate: TaxRate
     tax_amount: Annotated[Money, Field(description="net_amount * tax_rate, rounded to the minor unit")]
 
@@ -292,9 +321,13 @@ class Order(ContractModel):
     billing_address: Address
     shipping_address: Address
     line_items: Annotated[tuple[LineItem, ...], Field(min_length=1, max_length=MAX_LINE_ITEMS)]
+    # Left out of the event's JSON when there is none, as a line's discount_amount when zero.
+    shipping: Annotated[
+        ShippingCharge | None, Field(description="The delivery charge, if the customer pays one.", exclude_if=_is_none)
+    ] = None
     currency: CurrencyCode
-    net_total: Annotated[Money, Field(description="Sum of the lines' net_amount.")]
-    tax_total: Annotated[Money, Field(description="Sum of the lines' tax_amount.")]
+    net_total: Annotated[Money, Field(description="Sum of the lines' and the shipping charge's net_amount.")]
+    tax_total: Annotated[Money, Field(description="Sum of the lines' and the shipping charge's tax_amount.")]
     gross_total: Annotated[Money, Field(description="net_total + tax_total.")]
     paid: Annotated[bool, Field(strict=True)]
     created_at: Timestamp
@@ -325,7 +358,8 @@ def _problem(loc: str | Loc, message: str, given: Any, kind: str = "order_incons
     )
 
 
-_LINE_AMOUNTS: Final = ("unit_price", "net_amount", "tax_amount")
+_LINE_AMOUNTS: Final = ("unit_price", "net_amount", "tax_amount")  # discount_amount: only when not zero
+_SHIPPING_AMOUNTS: Final = ("net_amount", "tax_amount")
 _ORDER_AMOUNTS: Final = ("net_total", "tax_total", "gross_total")
 # The minor unit of each number of decimal places a currency has (ISO 4217: 0 to 4): 1, 0.1, 0.01, ...
 _QUANTUM: Final = {places: Decimal(1).scaleb(-places) for places in {minor_units(c) for c in CURRENCY_CODES}}
@@ -350,6 +384,15 @@ def _precision_problems(order: Order) -> list[InitErrorDetails]:
             amount = getattr(line, field)
             if not amount.same_quantum(quantum) and -amount.as_tuple().exponent > allowed:
                 problems.append(_too_precise(("line_items", index, field), amount, order.currency, allowed))
+        # Zero, the default, is passed over: it has no places to check, and `as_tuple` is what costs.
+        discount = line.discount_amount
+        if discount and not discount.same_quantum(quantum) and _places(discount) > allowed:
+            problems.append(_too_precise(("line_items", index, "discount_amount"), discount, order.currency, allowed))
+    if (shipping := order.shipping) is not None:
+        for field in _SHIPPING_AMOUNTS:
+            amount = getattr(shipping, field)
+            if not amount.same_quantum(quantum) and -amount.as_tuple().exponent > allowed:
+                problems.append(_too_precise(("shipping", field), amount, order.currency, allowed))
     for field in _ORDER_AMOUNTS:
         amount = getattr(order, field)
         if not amount.same_quantum(quantum) and -amount.as_tuple().exponent > allowed:
@@ -376,27 +419,47 @@ def _arithmetic_problems(order: Order) -> list[InitErrorDetails]:
     net_sum = tax_sum = _ZERO
     for index, line in enumerate(order.line_items):
         net_amount, tax_amount = line.net_amount, line.tax_amount
-        net = multiply(line.quantity, line.unit_price)
-        if net_amount != net:
-            expected = f"{net:f} (quantity * unit_price)"
+        gross_price = multiply(line.quantity, line.unit_price)
+        if discount := line.discount_amount:
+            if discount > gross_price:
+                message = f"must not exceed quantity * unit_price ({gross_price:f})"
+                problems.append(_problem(("line_items", index, "discount_amount"), message, _decimal_text(discount)))
+            elif net_amount != (net := _EXACT.subtract(gross_price, discount)):
+                expected = f"{net:f} (quantity * unit_price - discount_amount)"
+                problems.append(_mismatch(("line_items", index, "net_amount"), expected, net_amount))
+        elif net_amount != gross_price:
+            expected = f"{gross_price:f} (quantity * unit_price)"
             problems.append(_mismatch(("line_items", index, "net_amount"), expected, net_amount))
         tax = multiply(net_amount, line.tax_rate)
         if _EXACT.subtract(tax_amount, tax).copy_abs() > unit:
-            shown = tax.quantize(unit, rounding=decimal.ROUND_HALF_EVEN)
-            expected = f"{shown:f} (net_amount * tax_rate = {tax:f}, give or take {unit:f})"
-            problems.append(_mismatch(("line_items", index, "tax_amount"), expected, tax_amount))
+            problems.append(_tax_mismatch(("line_items", index, "tax_amount"), tax, tax_amount, unit))
         net_sum = add(net_sum, net_amount)
         tax_sum = add(tax_sum, tax_amount)
+    summed = "line_items"
+    if (shipping := order.shipping) is not None:
+        tax = multiply(shipping.net_amount, shipping.tax_rate)
+        if _EXACT.subtract(shipping.tax_amount, tax).copy_abs() > unit:
+            problems.append(_tax_mismatch(("shipping", "tax_amount"), tax, shipping.tax_amount, unit))
+        net_sum = add(net_sum, shipping.net_amount)
+        tax_sum = add(tax_sum, shipping.tax_amount)
+        summed = "line_items and shipping"
     gross = add(order.net_total, order.tax_total)
     if order.net_total != net_sum:
-        expected = f"{net_sum:f} (sum of line_items net_amount)"
+        expected = f"{net_sum:f} (sum of {summed} net_amount)"
         problems.append(_mismatch(("net_total",), expected, order.net_total))
     if order.tax_total != tax_sum:
-        expected = f"{tax_sum:f} (sum of line_items tax_amount)"
+        expected = f"{tax_sum:f} (sum of {summed} tax_amount)"
         problems.append(_mismatch(("tax_total",), expected, order.tax_total))
     if order.gross_total != gross:
         problems.append(_mismatch(("gross_total",), f"{gross:f} (net_total + tax_total)", order.gross_total))
     return problems
+
+
+def _tax_mismatch(loc: Loc, tax: Decimal, tax_amount: Decimal, unit: Decimal) -> InitErrorDetails:
+    """`tax_amount` is more than one minor unit (`unit`) away from net * rate (`tax`): shops round per line, either
+    way, so only that far is refused."""
+    shown = tax.quantize(unit, rounding=decimal.ROUND_HALF_EVEN)
+    return _mismatch(loc, f"{shown:f} (net_amount * tax_rate = {tax:f}, give or take {unit:f})", tax_amount)
 
 
 __all__ = [
@@ -409,6 +472,7 @@ __all__ = [
     "LineItem",
     "Money",
     "Order",
+    "ShippingCharge",
     "TaxRate",
     "Timestamp",
 ]

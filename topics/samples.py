@@ -3,7 +3,8 @@
 Why here and not in tests: the demo generator, the benchmarks and the tests of every package need orders that
 pass the contract, and they should all exercise the same shapes (non-ASCII addresses, 1-5 lines, reduced
 and standard VAT rates, per-line rounding). Everything comes from `rng`, never from the clock or global
-random state, so a seed names one order forever.
+random state, so a seed names one order forever. Discounts and shipping charges are drawn only when asked for
+(``charges=True``, the demo's orders), so the orders of every seed stay what they were before they existed.
 
 People are placeholders (Mustermann, Doe), e-mails are at example.com/.org/.net (RFC 2606), phone numbers
 are in the UK range reserved for drama (+44 20 7946 0xxx).
@@ -20,7 +21,7 @@ from uuid import UUID
 
 from topics.currency import minor_units
 from topics.envelope import SCHEMA_VERSION, EventType, OrderEvent, OrderSubmission
-from topics.order import Address, Customer, LineItem, Order
+from topics.order import Address, Customer, LineItem, Order, ShippingCharge
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,30 +63,45 @@ _PRODUCTS: Final[tuple[_Product, ...]] = (
 )
 
 
-def sample_order(rng: random.Random, *, order_number: str | None = None, currency: str = "EUR") -> Order:
-    """A valid order (about 1 KB of JSON) drawn from `rng`; amounts respect `currency`'s minor units."""
+def sample_order(
+    rng: random.Random, *, order_number: str | None = None, currency: str = "EUR", charges: bool = False
+) -> Order:
+    """A valid order (about 1 KB of JSON) drawn from `rng`; amounts respect `currency`'s minor units.
+
+    `charges`: some lines carry a discount, and most orders a shipping charge (drawn after everything else)."""
     country = rng.choice(_COUNTRIES)
     customer = _customer(rng, country)
     billing = _address(rng, country)
-    shipping = billing if rng.random() < 0.7 else _address(rng, country)
+    address = billing if rng.random() < 0.7 else _address(rng, country)
     products = rng.sample(_PRODUCTS, rng.randint(1, 5))
     lines = tuple(_line_item(rng, product, country, currency) for product in products)
+    created_at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=rng.randrange(365 * 24 * 3600))
+    number = order_number or f"SO-2026-{rng.randrange(1_000_000):06d}"
+    paid = rng.random() < 0.8
+    updated_at = created_at + timedelta(seconds=rng.randrange(0, 3600))
+    shipping = None
+    if charges:
+        lines = tuple(_discounted(rng, line, currency) for line in lines)
+        shipping = _shipping_charge(rng, country, currency) if rng.random() < 0.7 else None
     net_total = sum((line.net_amount for line in lines), Decimal(0))
     tax_total = sum((line.tax_amount for line in lines), Decimal(0))
-    created_at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=rng.randrange(365 * 24 * 3600))
+    if shipping is not None:
+        net_total += shipping.net_amount
+        tax_total += shipping.tax_amount
     return Order(
-        order_number=order_number or f"SO-2026-{rng.randrange(1_000_000):06d}",
+        order_number=number,
         customer=customer,
         billing_address=billing,
-        shipping_address=shipping,
+        shipping_address=address,
         line_items=lines,
+        shipping=shipping,
         currency=currency,
         net_total=net_total,
         tax_total=tax_total,
         gross_total=net_total + tax_total,
-        paid=rng.random() < 0.8,
+        paid=paid,
         created_at=created_at,
-        updated_at=created_at + timedelta(seconds=rng.randrange(0, 3600)),
+        updated_at=updated_at,
     )
 
 
@@ -95,9 +111,10 @@ def sample_submission(
     order_number: str | None = None,
     currency: str = "EUR",
     event_type: EventType = "order.created",
+    charges: bool = False,
 ) -> OrderSubmission:
     """A webhook body for a sample order, with the producer's own event id and time."""
-    order = sample_order(rng, order_number=order_number, currency=currency)
+    order = sample_order(rng, order_number=order_number, currency=currency, charges=charges)
     return OrderSubmission(
         event_type=event_type,
         occurred_at=order.updated_at,
@@ -177,6 +194,27 @@ def _line_item(rng: random.Random, product: _Product, country: _Country, currenc
         tax_rate=rate,
         tax_amount=(net * rate).quantize(unit, rounding=ROUND_HALF_UP),
     )
+
+
+def _discounted(rng: random.Random, line: LineItem, currency: str) -> LineItem:
+    """`line`, or a third of the time the same line 10 % or 20 % off its price, its tax on what is left."""
+    if rng.random() >= 1 / 3:
+        return line
+    unit = Decimal(1).scaleb(-minor_units(currency))
+    discount = (line.quantity * line.unit_price * Decimal(rng.choice(("0.10", "0.20")))).quantize(unit)
+    net = line.quantity * line.unit_price - discount
+    tax = (net * line.tax_rate).quantize(unit, rounding=ROUND_HALF_UP)
+    return line.model_copy(update={"discount_amount": discount, "net_amount": net, "tax_amount": tax})
+
+
+def _shipping_charge(rng: random.Random, country: _Country, currency: str) -> ShippingCharge:
+    """Standard or express delivery at the country's standard rate, priced like the products (yen: 100 times)."""
+    places = minor_units(currency)
+    method, price = rng.choice((("standard", 490), ("standard", 590), ("express", 1290)))
+    net = (Decimal(price) / 100 * (100 if places == 0 else 1)).quantize(Decimal(1).scaleb(-places))
+    rate = Decimal(country.standard_rate)
+    tax = (net * rate).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    return ShippingCharge(method=method, net_amount=net, tax_rate=rate, tax_amount=tax)
 
 
 __all__ = ["sample_event", "sample_order", "sample_submission"]

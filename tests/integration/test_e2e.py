@@ -194,11 +194,16 @@ class Shop:
         assert event_id in {seen for events in self.events.values() for _, seen in events}
 
 
-async def send_orders(shop: Shop, rng: random.Random) -> tuple[list[str], dict[str, str]]:
+async def send_orders(
+    shop: Shop, rng: random.Random, created: dict[str, OrderSubmission] | None = None
+) -> tuple[list[str], dict[str, str]]:
     """Creates, then updates, then cancels (each phase once the previous was accepted), with repeats between."""
     numbers = [f"SO-E2E-{i:05d}" for i in range(ORDERS)]
-    creates = {n: sample_submission(random.Random(i), order_number=n) for i, n in enumerate(numbers)}
+    # With discounts and shipping charges: most orders have one or both (`topics.samples`).
+    creates = {n: sample_submission(random.Random(i), order_number=n, charges=True) for i, n in enumerate(numbers)}
     create_ids = {n: f"msg_create_{n}" for n in numbers}
+    if created is not None:
+        created.update(creates)
     limit = asyncio.Semaphore(16)
 
     async def one(submission: OrderSubmission, msg_id: str) -> None:
@@ -260,7 +265,8 @@ async def test_orders_through_the_signed_webhook_reach_each_system_exactly_once_
     await until_ready(base, daemon, log)
     async with aiohttp.ClientSession() as session:
         shop = Shop(session, f"{base}/v1/orders")
-        numbers, _ = await send_orders(shop, random.Random(4))
+        submitted: dict[str, OrderSubmission] = {}
+        numbers, _ = await send_orders(shop, random.Random(4), submitted)
     assert len(shop.answers) == ORDERS + UPDATED + CANCELLED + REPEATED + 5
     assert sum(replayed for _, replayed in shop.answers) == REPEATED + 5
 
@@ -287,6 +293,32 @@ async def test_orders_through_the_signed_webhook_reach_each_system_exactly_once_
         assert len(set(keys)) == len(keys)
         assert stats["systems"][name]["by_status"].get("503", 0) > 0, f"{name} really failed now and then"
     assert stats["total"]["duplicate_requests"] > 0, "lost answers were retried and absorbed by the keys"
+
+    # The discounts and shipping charges reached accounting as sent, and the delivery method shipping.
+    kept = set(numbers[UPDATED + CANCELLED // 2 :]) - set(rejected)  # created only: their bodies are the creates'
+    booked = {order["order_number"]: order["body"] for order in await sandbox.orders("accounting")}
+    shipped = {order["order_number"]: order["body"] for order in await sandbox.orders("shipping")}
+    charged = [n for n in sorted(kept) if submitted[n].order.shipping is not None]
+    discounted = [n for n in sorted(kept) if any(line.discount_amount for line in submitted[n].order.line_items)]
+    assert charged
+    assert discounted
+    for number in kept:
+        order = submitted[number].order
+        sent = order.shipping
+        assert booked[number]["shipping"] == (
+            None
+            if sent is None
+            else {
+                "net_amount": str(sent.net_amount),
+                "tax_rate": str(sent.tax_rate),
+                "tax_amount": str(sent.tax_amount),
+            }
+        )
+        assert [line["discount_amount"] for line in booked[number]["line_items"]] == [
+            str(line.discount_amount) for line in order.line_items
+        ]
+        assert booked[number]["gross_total"] == str(order.gross_total)
+        assert shipped[number]["method"] == (None if sent is None else sent.method)
     assert stats["systems"]["crm"]["by_status"].get("429", 0) > 0
 
     listed = orderbus_done("dlq", "list", "--sink", "accounting", "--config", str(config), env=env)

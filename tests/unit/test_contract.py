@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 from datetime import UTC, datetime
@@ -285,6 +286,106 @@ def test_gross_total_must_be_net_plus_tax() -> None:
     )
 
 
+# --- discounts and shipping charges ---------------------------------------------------------------------------
+
+# VALID_ORDER with 2.50 off its first line (net 22.50, tax 7 % = 1.575 -> 1.58) and standard delivery at 19 %.
+CHARGED_ORDER: Json = order_json(
+    line_items=[
+        {**VALID_ORDER["line_items"][0], "discount_amount": "2.50", "net_amount": "22.50", "tax_amount": "1.58"},
+        VALID_ORDER["line_items"][1],
+    ],
+    shipping={"method": "standard", "net_amount": "4.90", "tax_rate": "0.19", "tax_amount": "0.93"},
+    net_total="51.90",
+    tax_total="7.17",
+    gross_total="59.07",
+)
+
+
+def test_a_discounted_line_and_a_shipping_charge_add_up() -> None:
+    order = Order.model_validate_json(json.dumps(CHARGED_ORDER))
+    assert order.line_items[0].discount_amount == Decimal("2.50")
+    assert order.line_items[1].discount_amount == 0
+    assert order.shipping is not None
+    assert (order.shipping.method, order.shipping.net_amount, order.shipping.tax_amount) == (
+        "standard",
+        Decimal("4.90"),
+        Decimal("0.93"),
+    )
+    written = json.loads(order.model_dump_json())
+    assert written["shipping"] == CHARGED_ORDER["shipping"]
+    assert [line.get("discount_amount") for line in written["line_items"]] == ["2.50", None]  # zero: left out
+
+
+def test_an_order_without_discounts_or_shipping_is_written_as_before_they_existed() -> None:
+    # An event of such an order must stay readable by a daemon of an earlier version (unknown fields are refused).
+    explicit = with_line(0, discount_amount="0.00")
+    written = json.loads(Order.model_validate_json(json.dumps(explicit)).model_dump_json())
+    assert "shipping" not in written
+    assert all("discount_amount" not in line for line in written["line_items"])
+    assert written == json.loads(Order.model_validate_json(json.dumps(VALID_ORDER)).model_dump_json())
+
+
+def test_a_lines_net_is_its_price_less_its_discount() -> None:
+    errors = errors_of(with_line(0, CHARGED_ORDER, net_amount="25.00"))
+    assert errors["line_items.0.net_amount"] == "expected 22.50 (quantity * unit_price - discount_amount), got 25.00"
+
+
+def test_a_discount_above_the_lines_price_is_refused() -> None:
+    errors = errors_of(with_line(0, CHARGED_ORDER, discount_amount="25.01"))
+    assert errors["line_items.0.discount_amount"] == "must not exceed quantity * unit_price (25.00)"
+    assert "line_items.0.net_amount" not in errors  # one cause, said once
+
+
+def test_a_whole_line_may_be_given_away() -> None:
+    order = with_line(0, discount_amount="25.00", net_amount="0.00", tax_amount="0.00")
+    order.update(net_total="24.50", tax_total="4.66", gross_total="29.16")
+    assert Order.model_validate_json(json.dumps(order)).line_items[0].net_amount == 0
+
+
+@pytest.mark.parametrize(("value", "said"), [("-2.50", "must not be negative"), ("2.505", "has 3 decimal places")])
+def test_a_discount_is_money_like_every_amount(value: str, said: str) -> None:
+    errors = errors_of(with_line(0, CHARGED_ORDER, discount_amount=value))
+    assert errors["line_items.0.discount_amount"].startswith(said)
+
+
+def test_totals_include_the_shipping_charge() -> None:
+    errors = errors_of(order_json(CHARGED_ORDER, net_total="47.00", tax_total="6.24", gross_total="53.24"))
+    assert errors == {
+        "net_total": "expected 51.90 (sum of line_items and shipping net_amount), got 47.00",
+        "tax_total": "expected 7.17 (sum of line_items and shipping tax_amount), got 6.24",
+    }
+
+
+def test_the_shipping_charges_tax_is_checked_like_a_lines() -> None:
+    shipping = {**CHARGED_ORDER["shipping"], "tax_amount": "0.95"}
+    errors = errors_of(order_json(CHARGED_ORDER, shipping=shipping, tax_total="7.19", gross_total="59.09"))
+    assert errors == {
+        "shipping.tax_amount": "expected 0.93 (net_amount * tax_rate = 0.9310, give or take 0.01), got 0.95"
+    }
+
+
+@pytest.mark.parametrize(
+    ("changes", "loc", "said"),
+    [
+        ({"net_amount": "4.900"}, "shipping.net_amount", "has 3 decimal places; EUR allows at most 2"),
+        ({"net_amount": 4.9}, "shipping.net_amount", 'must be a decimal string such as "12.50"'),
+        ({"tax_rate": "19"}, "shipping.tax_rate", "must be between 0 and 1"),
+        ({"method": " "}, "shipping.method", "must not be empty"),
+        ({"carrier": "DHL"}, "shipping.carrier", "is not a field of the contract"),
+    ],
+)
+def test_a_bad_shipping_charge_names_its_field(changes: Json, loc: str, said: str) -> None:
+    errors = errors_of(order_json(CHARGED_ORDER, shipping={**CHARGED_ORDER["shipping"], **changes}))
+    assert errors[loc].startswith(said), errors
+
+
+def test_a_shipping_charge_without_a_method_is_valid() -> None:
+    shipping = {key: value for key, value in CHARGED_ORDER["shipping"].items() if key != "method"}
+    order = Order.model_validate_json(json.dumps(order_json(CHARGED_ORDER, shipping=shipping)))
+    assert order.shipping is not None
+    assert order.shipping.method is None
+
+
 def test_decimal_sums_are_exact() -> None:
     # As floats, 0.1 + 0.2 is 0.30000000000000004 and this order would not add up.
     order = order_json(
@@ -565,6 +666,26 @@ def test_samples_are_valid_for_200_seeds() -> None:
             "example.org",
             "example.net",
         }
+
+
+def test_samples_with_charges_are_valid_and_have_discounts_and_shipping() -> None:
+    orders = [sample_order(random.Random(seed), charges=True) for seed in range(200)]
+    for order in orders:
+        assert Order.model_validate_json(order.model_dump_json()) == order
+    assert 20 < sum(order.shipping is not None for order in orders) < 200
+    assert 20 < sum(any(line.discount_amount for line in order.line_items) for order in orders) < 200
+    jpy = sample_order(random.Random(5), currency="JPY", charges=True)
+    Order.model_validate_json(jpy.model_dump_json())
+
+
+SEED_42_DIGEST = "dc9b17ea34ee5287"  # sample_submission(Random(42))'s JSON before orders had charges
+
+
+def test_samples_without_charges_are_the_orders_they_were() -> None:
+    # The benchmarks and tests name orders by seed: drawing the charges must not move what a seed gives without them.
+    text = sample_submission(random.Random(42)).model_dump_json()
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == SEED_42_DIGEST
+    assert all(sample_order(random.Random(seed)).shipping is None for seed in range(50))
 
 
 def test_samples_are_deterministic_per_seed() -> None:

@@ -175,8 +175,13 @@ def test_bodies_are_valid_submissions_and_changes_keep_the_order_consistent() ->
             assert submission.order.created_at == first.created_at
             assert submission.order.updated_at > first.updated_at
             assert submission.order.line_items == first.line_items
+            assert submission.order.shipping == first.shipping
         plan.answered(message, Answer(202))
     assert plan.stats.updated > 50
+    # The demo's orders show the whole contract: discounts on some lines, a shipping charge on most orders.
+    orders = [submission.order for submission in created.values()]
+    assert sum(order.shipping is not None for order in orders) > len(orders) / 2
+    assert any(line.discount_amount for order in orders for line in order.line_items)
 
 
 def test_order_numbers_are_unique_and_a_seed_names_one_run() -> None:

@@ -24,7 +24,7 @@ from daemon.sinks import build_sink
 from topics.codec import decode, encode
 from topics.envelope import EventType, OrderEvent
 from topics.errors import ConfigError
-from topics.order import Address, Customer, LineItem, Order
+from topics.order import Address, Customer, LineItem, Order, ShippingCharge
 from topics.samples import sample_event
 
 BASE = "https://api.example.test/v1"
@@ -166,7 +166,7 @@ def paths(document: Any, prefix: str = "") -> set[str]:
     return set()
 
 
-LINE_WITH_PRICES = ["sku", "name", "quantity", "unit_price", "net_amount", "tax_rate", "tax_amount"]
+LINE_WITH_PRICES = ["sku", "name", "quantity", "unit_price", "discount_amount", "net_amount", "tax_rate", "tax_amount"]
 ADDRESS = ["line1", "line2", "postal_code", "city", "region", "country"]
 
 
@@ -178,11 +178,11 @@ EXPECTED_PATHS = {
     "crm": {"order_number", "gross_total", "currency"}
     | nested("customer", ["customer_id", "name", "email", "phone", "company"]),
     "accounting": {"order_number", "created_at", "updated_at", "currency", "net_total", "tax_total", "gross_total"}
-    | {"paid"}
+    | {"shipping", "paid"}
     | nested("billing_party", ["customer_id", "name", "company", "vat_id"])
     | nested("billing_address", ADDRESS)
     | nested("line_items", [f"[].{key}" for key in LINE_WITH_PRICES]),
-    "shipping": {"order_number"}
+    "shipping": {"order_number", "method"}
     | nested("recipient", ["name", "phone"])
     | nested("shipping_address", ADDRESS)
     | nested("line_items", ["[].sku", "[].name", "[].quantity"]),
@@ -236,6 +236,7 @@ def test_accounting_sends_the_invoice() -> None:
                 "name": "Alpha widget",
                 "quantity": 2,
                 "unit_price": "123.45",
+                "discount_amount": "0",
                 "net_amount": "246.90",
                 "tax_rate": "0.19",
                 "tax_amount": "46.91",
@@ -245,6 +246,7 @@ def test_accounting_sends_the_invoice() -> None:
                 "name": "Beta gadget",
                 "quantity": 3,
                 "unit_price": "7.77",
+                "discount_amount": "0",
                 "net_amount": "23.31",
                 "tax_rate": "0.07",
                 "tax_amount": "1.63",
@@ -254,8 +256,48 @@ def test_accounting_sends_the_invoice() -> None:
         "net_total": "270.21",
         "tax_total": "48.54",
         "gross_total": "318.75",
+        "shipping": None,
         "paid": True,
     }
+
+
+def charged_order() -> Order:
+    """`personal_order` with 10 % off its first line and an express delivery charge."""
+    order = personal_order()
+    alpha, beta = order.line_items
+    alpha = alpha.model_copy(
+        update={"discount_amount": Decimal("24.69"), "net_amount": Decimal("222.21"), "tax_amount": Decimal("42.22")}
+    )
+    shipping = ShippingCharge(
+        method="express", net_amount=Decimal("12.90"), tax_rate=Decimal("0.19"), tax_amount=Decimal("2.45")
+    )
+    order = order.model_copy(
+        update={
+            "line_items": (alpha, beta),
+            "shipping": shipping,
+            "net_total": Decimal("258.42"),
+            "tax_total": Decimal("46.30"),
+            "gross_total": Decimal("304.72"),
+        }
+    )
+    return Order.model_validate_json(order.model_dump_json())  # the contract's checks, as a record gets them
+
+
+def test_accounting_books_a_lines_discount_and_the_shipping_charge() -> None:
+    sent = body(request_of(sink("accounting"), event(order=charged_order()), None))
+    assert [line["discount_amount"] for line in sent["line_items"]] == ["24.69", "0"]
+    assert [line["net_amount"] for line in sent["line_items"]] == ["222.21", "23.31"]
+    assert sent["shipping"] == {"net_amount": "12.90", "tax_rate": "0.19", "tax_amount": "2.45"}
+    assert (sent["net_total"], sent["tax_total"], sent["gross_total"]) == ("258.42", "46.30", "304.72")
+    assert paths(sent) == EXPECTED_PATHS["accounting"] | nested("shipping", ["net_amount", "tax_rate", "tax_amount"])
+
+
+def test_shipping_gets_the_delivery_method_and_never_a_price() -> None:
+    sent = body(request_of(sink("shipping"), event(order=charged_order()), None))
+    assert sent["method"] == "express"
+    assert paths(sent) == EXPECTED_PATHS["shipping"]
+    for amount in ("12.90", "2.45", "24.69", "222.21"):
+        assert amount not in json.dumps(sent)
 
 
 def test_shipping_sends_recipient_shipping_address_and_lines_without_prices() -> None:
@@ -276,6 +318,7 @@ def test_shipping_sends_recipient_shipping_address_and_lines_without_prices() ->
             {"sku": "SKU-ALPHA", "name": "Alpha widget", "quantity": 2},
             {"sku": "SKU-BETA", "name": "Beta gadget", "quantity": 3},
         ],
+        "method": None,
     }
 
 
