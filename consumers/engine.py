@@ -148,7 +148,14 @@ class SinkEngine:
                 open_for=self.config.circuit_open_for,
                 on_change=self._circuit_changed,
             ),
-            auth=Circuit(clock, window=1, min_calls=1, failure_ratio=1.0, open_for=self.config.auth_pause),
+            auth=Circuit(
+                clock,
+                window=1,
+                min_calls=1,
+                failure_ratio=1.0,
+                open_for=self.config.auth_pause,
+                on_change=self._auth_changed,
+            ),
             slots=asyncio.Semaphore(self.config.max_in_flight),
             unsettled=asyncio.Semaphore(2 * self.config.max_in_flight),
             rng=rng or random.Random(),
@@ -470,6 +477,10 @@ class SinkEngine:
         if new == "closed":
             self._context.ramp.begin()
         self._metrics.circuit.labels(self.sink.name).set(CIRCUIT_STATES.get(new, 0))
+
+    def _auth_changed(self, old: str, new: str) -> None:
+        if new == "closed":  # the credentials work again: the lanes parked behind the pause start slowly too
+            self._context.ramp.begin()
 
     def _report(self) -> None:
         name, metrics, context = self.sink.name, self._metrics, self._context

@@ -1635,6 +1635,32 @@ async def test_after_an_outage_the_sink_ramps_up_instead_of_sending_everything_a
     assert h.engine._context.ramp.limit is None
 
 
+async def test_after_a_credentials_pause_the_sink_ramps_up_too(harness_factory: Callable[..., Harness]) -> None:
+    # Review (downstream owner): a 401 pause that ended (the credentials fixed, the probe answered 2xx) let every
+    # lane parked behind it send at once, as the circuit's close did before it had a slow start.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(401) if h.clock.now() < fixed else ok()
+
+    h = harness_factory(outage_records(150), script, max_in_flight=64, auth_pause=5.0)
+    fixed = h.clock.now() + 20.0
+    starts: list[tuple[float, int, int | None]] = []  # (when, requests under way with this one, the ramp's limit)
+    original = h.engine._context.deliver
+
+    async def counted(request: HttpRequest, key: str) -> Reply | TransportFailure:
+        starts.append((h.clock.now(), h.downstream.in_flight + 1, h.engine._context.ramp.limit))
+        return await original(request, key)
+
+    h.engine._context.deliver = counted
+    await h.run_until(300, limit=3600)
+    assert h.dead.letters == []
+    after = [(under_way, limit) for at, under_way, limit in starts if at >= fixed]
+    assert after[0][0] == 1, "the probe"
+    assert max(under_way for under_way, _ in after[:6]) <= 3, "then two, then one more per success"
+    assert all(limit is None or under_way <= limit for under_way, limit in after)
+    assert max(under_way for under_way, _ in after) == 64, "and back at full concurrency"
+    assert h.engine._context.ramp.limit is None
+
+
 def outage_then(after: Callable[[int], Reply], h_clock: Callable[[], float], recovered: float) -> Script:
     """503 until `recovered`, then `after(n)` for the n-th call since (the probe is call 0)."""
     since: list[int] = []
