@@ -7,13 +7,14 @@
     orderbus topics show [--config FILE]      print the newest records of the orders topic
     orderbus kafka fetch|start|stop|status|kill [--data-dir DIR]    the local Apache Kafka broker
     orderbus webhook sign [--config FILE] BODY                      Standard Webhooks headers for a body
+    orderbus webhook check [--record] BODY                          a body against the order contract, offline
     orderbus dlq list|show|replay --sink SINK [--config FILE]       dead letters: inspect, send back to one sink
     orderbus status [--config FILE | --url URL]                     a running daemon's sinks at a glance
     orderbus trace ORDER [--config FILE]                            one order's events and what became of each
     orderbus dedup prune [--config FILE] [--older-than-hours H]     forget old delivery states now
 
-Exit codes: 0 done, 1 failed (`trace`: no record of the order), 2 bad usage or bad configuration, 3 drift found
-with ``--strict``.
+Exit codes: 0 done, 1 failed (`trace`: no record of the order; `webhook check`: the body is invalid), 2 bad
+usage or bad configuration, 3 drift found with ``--strict``.
 """
 
 from __future__ import annotations
@@ -186,6 +187,14 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(signer)
     signer.add_argument("body", type=Path)
     signer.set_defaults(func=_webhook_sign)
+    checker = webhook.add_parser(
+        "check", help="check BODY against the order contract, offline: what the ingest would refuse, and why"
+    )
+    checker.add_argument("body", type=Path, help="a webhook body, or - for standard input")
+    checker.add_argument(
+        "--record", action="store_true", help="BODY is a record value for the orders topic (the event envelope)"
+    )
+    checker.set_defaults(func=_webhook_check)
     return parser
 
 
@@ -477,6 +486,19 @@ def _webhook_sign(args: argparse.Namespace) -> int:
     print(f"webhook-timestamp: {timestamp}")
     print(f"webhook-signature: {sign(secret, msg_id, timestamp, body)}")
     return 0
+
+
+def _webhook_check(args: argparse.Namespace) -> int:
+    from daemon.order_check import check
+
+    try:
+        body = sys.stdin.buffer.read() if str(args.body) == "-" else args.body.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {args.body}: {exc.strerror or exc}") from None
+    valid, lines = check(body, record=args.record)
+    for line in lines:
+        print(line)
+    return 0 if valid else 1
 
 
 if __name__ == "__main__":
