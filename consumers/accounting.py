@@ -4,15 +4,18 @@ Purpose (GDPR Art. 6, data minimisation): accounting books the sale. It gets the
 VAT id, customer id) and billing address, the priced line items, the shipping charge, net/tax/gross totals,
 currency, the paid flag, the order number and dates; no e-mail, no phone, no shipping address.
 
-Every field is sent for every order, ``null`` or ``"0"`` when it has no value (a line's ``discount_amount``, the
-order's ``shipping``): an update is a full replace, and names what it clears.
+Every field is sent for every order, ``null`` or zero when it has no value (the order's ``shipping``; a line's
+``discount_amount``, ``"0.00"`` in euros, at the currency's places as every amount): an update is a full replace,
+and names what it clears.
 """
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from consumers.sink import RestSink
+from topics.currency import minor_units
 from topics.envelope import OrderEvent
 from topics.order import LineItem, ShippingCharge
 
@@ -22,6 +25,7 @@ class AccountingSink(RestSink):
 
     def payload(self, event: OrderEvent) -> dict[str, Any]:
         order, customer, billing = event.order, event.order.customer, event.order.billing_address
+        zero = Decimal(0).scaleb(-minor_units(order.currency))  # "0.00" in euros
         return {
             "order_number": order.order_number,
             "created_at": order.created_at,
@@ -40,7 +44,7 @@ class AccountingSink(RestSink):
                 "region": billing.region,
                 "country": billing.country,
             },
-            "line_items": [_line(line) for line in order.line_items],
+            "line_items": [_line(line, zero) for line in order.line_items],
             "currency": order.currency,
             "net_total": order.net_total,
             "tax_total": order.tax_total,
@@ -50,13 +54,13 @@ class AccountingSink(RestSink):
         }
 
 
-def _line(line: LineItem) -> dict[str, Any]:
+def _line(line: LineItem, zero: Decimal) -> dict[str, Any]:
     return {
         "sku": line.sku,
         "name": line.name,
         "quantity": line.quantity,
         "unit_price": line.unit_price,
-        "discount_amount": line.discount_amount,
+        "discount_amount": line.discount_amount or zero,
         "net_amount": line.net_amount,
         "tax_rate": line.tax_rate,
         "tax_amount": line.tax_amount,

@@ -38,7 +38,7 @@ from consumers.dedup import DedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.group_flush import GroupFlush
 from consumers.lag import LagMeter
-from consumers.lane import Lane, LaneContext
+from consumers.lane import Lane, LaneContext, gates_closed
 from consumers.metrics import CIRCUIT_STATES, EngineMetrics
 from consumers.offsets import OffsetTracker
 from consumers.pacing import Pacer
@@ -561,9 +561,9 @@ class SinkEngine:
             "in_flight": context.in_flight,
             "parked": sum(1 for lane in self._lanes.values() if lane.parked),
             "circuit": context.circuit.state,
-            # Requests in flight allowed while ramping up after an outage (`consumers.ramp`); an open circuit's
-            # lanes wait for the probe, whatever a ramp of the last close says.
-            "ramp_limit": context.ramp.limit if context.circuit.state == "closed" else None,
+            # Requests in flight allowed while ramping up after an outage (`consumers.ramp`); the lanes of an open
+            # circuit or of a credentials pause wait for the probe, whatever a ramp of the last close says.
+            "ramp_limit": context.ramp.limit if gates_closed(context) else None,
             "auth_paused": self.auth_paused,
             "rate_limit": _limit_or_zero(context.pacer.current_rate) or None,
             "held_for": max(0.0, context.pacer.held_until - self._clock.now()),

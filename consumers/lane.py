@@ -332,7 +332,7 @@ class Lane:
             self._waiting = False
             if self._stopping:
                 raise asyncio.CancelledError
-            if probe is None and not _gates_closed(context):
+            if probe is None and not gates_closed(context):
                 return None
             context.in_flight += 1
             now_wall = context.clock.wall()
@@ -421,7 +421,7 @@ class Lane:
         `record` or `release`. Returns None when both are closed.
         """
         context = self._context
-        if _gates_closed(context):
+        if gates_closed(context):
             return None  # the common case, first and cheap
         while True:
             gates = (context.auth, context.circuit)
@@ -450,7 +450,7 @@ class Lane:
 _CERTIFICATE_SAY_EVERY = 60.0  # seconds
 
 
-def _gates_closed(context: LaneContext) -> bool:
+def gates_closed(context: LaneContext) -> bool:
     """Neither the credentials pause nor the circuit holds the sink: any lane may send."""
     return context.auth.state == "closed" and context.circuit.state == "closed"
 

@@ -17,14 +17,14 @@ if TYPE_CHECKING:
     from topics.currency import CURRENCY_CODES, is_currency, minor_units
     from topics.envelope import SCHEMA_VERSION, EventType, OrderEvent, OrderSubmission, to_event
     from topics.errors import ContractError, FieldError
-    from topics.order import Address, Customer, LineItem, Order
+    from topics.order import Address, Customer, LineItem, Order, ShippingCharge
 
 _HOME: Final = {
     **dict.fromkeys(("CONTENT_TYPE", "EncodedRecord", "decode", "encode", "field_errors", "parse_submission"), "codec"),
     **dict.fromkeys(("CURRENCY_CODES", "is_currency", "minor_units"), "currency"),
     **dict.fromkeys(("SCHEMA_VERSION", "EventType", "OrderEvent", "OrderSubmission", "to_event"), "envelope"),
     **dict.fromkeys(("ContractError", "FieldError"), "errors"),
-    **dict.fromkeys(("Address", "Customer", "LineItem", "Order"), "order"),
+    **dict.fromkeys(("Address", "Customer", "LineItem", "Order", "ShippingCharge"), "order"),
 }
 
 
@@ -55,6 +55,7 @@ __all__ = [
     "Order",
     "OrderEvent",
     "OrderSubmission",
+    "ShippingCharge",
     "decode",
     "encode",
     "field_errors",

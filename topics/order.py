@@ -144,24 +144,34 @@ def _decimal_text(value: Decimal) -> str:
     return format(value, "f")
 
 
-Money = Annotated[
-    Decimal,
-    PlainValidator(_to_money),
-    # str, not `_decimal_text`: no Python call per amount (a tenth of an order's serialization). Both write the
-    # same text for every amount an order can hold: `_to_money` builds it from plain digits (exponent <= 0), and
-    # the currency's minor units (at most 4) keep it above 1e-6, where str would switch to exponent notation.
-    PlainSerializer(str, return_type=str, when_used="json"),
-    WithJsonSchema(
-        {
-            "type": "string",
-            "pattern": r"^[0-9]{1,18}(\.[0-9]{1,18})?$",
-            "description": 'Non-negative amount as a decimal string, e.g. "12.50"; no more decimal places '
-            "than the currency's minor units (EUR 2, JPY 0, KWD 3).",
-            "examples": ["12.50"],
-        }
-    ),
-]
+_MONEY_SCHEMA: Final = {
+    "type": "string",
+    "pattern": r"^[0-9]{1,18}(\.[0-9]{1,18})?$",
+    "description": 'Non-negative amount as a decimal string, e.g. "12.50"; no more decimal places '
+    "than the currency's minor units (EUR 2, JPY 0, KWD 3).",
+    "examples": ["12.50"],
+}
+# str, not `_decimal_text`: no Python call per amount (a tenth of an order's serialization). Both write the same text
+# for every amount an order can hold: `_to_money` builds it from plain digits (exponent <= 0), and the currency's
+# minor units (at most 4) keep it above 1e-6, where str would switch to exponent notation.
+_MONEY_TEXT: Final = PlainSerializer(str, return_type=str, when_used="json")
+
+Money = Annotated[Decimal, PlainValidator(_to_money), _MONEY_TEXT, WithJsonSchema(_MONEY_SCHEMA)]
 """An amount of money: `Decimal` in Python, a decimal string in JSON."""
+
+
+def _to_discount(value: object) -> Decimal:
+    # null is no discount, as leaving it out is: a shop's serializer may write every absent amount as null.
+    return _ZERO if value is None else _to_money(value)
+
+
+Discount = Annotated[
+    Decimal,
+    PlainValidator(_to_discount),
+    _MONEY_TEXT,
+    WithJsonSchema({"anyOf": [_MONEY_SCHEMA, {"type": "null"}]}),
+]
+"""A line's discount: money, and null (or left out) for none, which is `Decimal(0)`."""
 
 TaxRate = Annotated[
     Decimal,
@@ -291,10 +301,11 @@ class LineItem(ContractModel):
     # Left out of the event's JSON when zero: a record of an order without discounts is what it was before the
     # field existed, so a daemon of an earlier version still reads it.
     discount_amount: Annotated[
-        Money,
+        Discount,
         Field(
             description="Taken off quantity * unit_price before tax (a coupon shared out over the lines, or the "
-            "line's own reduction); 0 when left out.",
+            "line's own reduction), as a decimal string (\"2.50\") with no more decimal places than the currency's "
+            "minor units; none when left out or null.",
             exclude_if=_is_zero,
         ),
     ] = _ZERO
@@ -358,7 +369,7 @@ def _problem(loc: str | Loc, message: str, given: Any, kind: str = "order_incons
     )
 
 
-_LINE_AMOUNTS: Final = ("unit_price", "net_amount", "tax_amount")  # discount_amount: only when not zero
+_LINE_AMOUNTS: Final = ("unit_price", "net_amount", "tax_amount")  # and discount_amount, when given
 _SHIPPING_AMOUNTS: Final = ("net_amount", "tax_amount")
 _ORDER_AMOUNTS: Final = ("net_total", "tax_total", "gross_total")
 # The minor unit of each number of decimal places a currency has (ISO 4217: 0 to 4): 1, 0.1, 0.01, ...
@@ -384,9 +395,9 @@ def _precision_problems(order: Order) -> list[InitErrorDetails]:
             amount = getattr(line, field)
             if not amount.same_quantum(quantum) and -amount.as_tuple().exponent > allowed:
                 problems.append(_too_precise(("line_items", index, field), amount, order.currency, allowed))
-        # Zero, the default, is passed over: it has no places to check, and `as_tuple` is what costs.
+        # The default (left out, or null) is passed over: it has no places to check, and `as_tuple` is what costs.
         discount = line.discount_amount
-        if discount and not discount.same_quantum(quantum) and _places(discount) > allowed:
+        if discount is not _ZERO and not discount.same_quantum(quantum) and _places(discount) > allowed:
             problems.append(_too_precise(("line_items", index, "discount_amount"), discount, order.currency, allowed))
     if (shipping := order.shipping) is not None:
         for field in _SHIPPING_AMOUNTS:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from topics import ContractError, FieldError, decode, encode, field_errors, parse_submission
 from topics.envelope import OrderEvent
-from topics.samples import sample_event, sample_submission
+from topics.samples import sample_event, sample_order, sample_submission
 
 
 def test_every_name_of_the_package_is_its_module_s_and_an_unknown_one_is_an_attribute_error() -> None:
@@ -71,6 +71,25 @@ def test_a_sample_round_trips_through_encode_and_decode(currency: str) -> None:
     for seed in range(20):
         event = sample_event(random.Random(seed), currency=currency)
         assert decode(encode(event).value) == event
+
+
+@pytest.mark.parametrize("currency", ["EUR", "JPY", "KWD"])
+def test_discounts_and_shipping_charges_round_trip_through_encode_and_decode(currency: str) -> None:
+    events = [
+        sample_event(random.Random(seed), currency=currency).model_copy(
+            update={"order": sample_order(random.Random(seed), currency=currency, charges=True)}
+        )
+        for seed in range(20)
+    ]
+    assert any(event.order.shipping is not None for event in events)
+    assert any(line.discount_amount for event in events for line in event.order.line_items)
+    for event in events:
+        value = encode(event).value
+        assert decode(value) == event
+        document = json.loads(value)
+        assert ("shipping" in document["order"]) == (event.order.shipping is not None)
+        for line, written in zip(event.order.line_items, document["order"]["line_items"], strict=True):
+            assert ("discount_amount" in written) == bool(line.discount_amount)
 
 
 def test_non_ascii_text_survives_as_utf8() -> None:

@@ -342,10 +342,43 @@ def test_a_whole_line_may_be_given_away() -> None:
     assert Order.model_validate_json(json.dumps(order)).line_items[0].net_amount == 0
 
 
-@pytest.mark.parametrize(("value", "said"), [("-2.50", "must not be negative"), ("2.505", "has 3 decimal places")])
-def test_a_discount_is_money_like_every_amount(value: str, said: str) -> None:
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("-2.50", "must not be negative"),
+        ("2.505", "has 3 decimal places; EUR allows at most 2"),
+        ("0.000", "has 3 decimal places; EUR allows at most 2"),  # zero, but written as no euro amount is
+        (2.5, 'must be a decimal string such as "12.50", not a number'),
+    ],
+)
+def test_a_discount_is_money_like_every_amount(value: object, said: str) -> None:
     errors = errors_of(with_line(0, CHARGED_ORDER, discount_amount=value))
     assert errors["line_items.0.discount_amount"].startswith(said)
+
+
+@pytest.mark.parametrize(
+    ("currency", "discount", "net", "tax", "refused"),
+    [("JPY", "250", "2250", "180", "250.0"), ("KWD", "2.125", "2497.875", "199.830", "2.1250")],
+)
+def test_a_discount_has_its_currencys_places(currency: str, discount: str, net: str, tax: str, refused: str) -> None:
+    # VALID_JPY_ORDER's line: 2 x 1250 at 8 %.
+    order = order_json(VALID_JPY_ORDER, currency=currency, net_total=net, tax_total=tax)
+    order["gross_total"] = str(Decimal(net) + Decimal(tax))
+    order["line_items"][0] |= {"discount_amount": discount, "net_amount": net, "tax_amount": tax}
+    assert Order.model_validate_json(json.dumps(order)).line_items[0].discount_amount == Decimal(discount)
+    order["line_items"][0]["discount_amount"] = refused
+    places = len(refused.partition(".")[2])
+    assert errors_of(order)["line_items.0.discount_amount"].startswith(f"has {places} decimal places; {currency}")
+
+
+@pytest.mark.parametrize("absent", [None, "left out"])
+def test_a_null_discount_is_no_discount_as_leaving_it_out_is(absent: str | None) -> None:
+    line = {**VALID_ORDER["line_items"][0]}
+    if absent is None:
+        line["discount_amount"] = None
+    order = Order.model_validate_json(json.dumps(order_json(line_items=[line, VALID_ORDER["line_items"][1]])))
+    assert order.line_items[0].discount_amount == 0
+    assert "discount_amount" not in order.model_dump_json()
 
 
 def test_totals_include_the_shipping_charge() -> None:

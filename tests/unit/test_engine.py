@@ -10,7 +10,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiokafka.errors import KafkaConnectionError
@@ -1659,6 +1659,46 @@ async def test_after_a_credentials_pause_the_sink_ramps_up_too(harness_factory: 
     assert all(limit is None or under_way <= limit for under_way, limit in after)
     assert max(under_way for under_way, _ in after) == 64, "and back at full concurrency"
     assert h.engine._context.ramp.limit is None
+
+
+async def test_status_shows_no_ramp_while_a_credentials_pause_holds_the_sink(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Review: a 401 in the middle of a ramp left its limit in the status, which `orderbus status` showed as
+    # "closed, ramping up: 4 in flight" beside "auth: PAUSED", with nothing in flight.
+    answered: list[float] = []  # when each request after the outage came
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if h.clock.now() < recovered:
+            return answer(503)
+        answered.append(h.clock.now())
+        if len(answered) <= 7:  # the probe, then the ramp's first rounds (2, then 4 in flight)
+            return ok()
+        return answer(401) if h.clock.now() < answered[7] + 30.0 else ok()  # the credentials fixed 30 s later
+
+    patient = Backoff(base=1.0, cap=8.0, max_attempts=100, max_elapsed=3600.0)
+    h = harness_factory(
+        outage_records(150), script, max_in_flight=64, backoff=patient, circuit_open_for=5.0, auth_pause=5.0
+    )
+    h.downstream.latency = 0.2  # rounds of answers take time: the ramp is under way when the 401s come
+    recovered = h.clock.now() + 20.0
+    seen: list[tuple[bool, int | None]] = []
+
+    async def sample() -> None:
+        while True:
+            status = h.engine.status()
+            seen.append((bool(status["auth_paused"]), cast(int | None, status["ramp_limit"])))
+            await h.clock.sleep(0.25)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        await h.run_until(300, limit=3600)
+    finally:
+        sampler.cancel()
+    assert h.dead.letters == []
+    assert any(paused for paused, _ in seen), "the 401s paused the sink"
+    assert [limit for paused, limit in seen if paused and limit is not None] == []
+    assert any(limit is not None for paused, limit in seen if not paused), "a ramp is shown when it holds lanes"
 
 
 def outage_then(after: Callable[[int], Reply], h_clock: Callable[[], float], recovered: float) -> Script:

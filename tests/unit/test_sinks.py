@@ -236,7 +236,7 @@ def test_accounting_sends_the_invoice() -> None:
                 "name": "Alpha widget",
                 "quantity": 2,
                 "unit_price": "123.45",
-                "discount_amount": "0",
+                "discount_amount": "0.00",
                 "net_amount": "246.90",
                 "tax_rate": "0.19",
                 "tax_amount": "46.91",
@@ -246,7 +246,7 @@ def test_accounting_sends_the_invoice() -> None:
                 "name": "Beta gadget",
                 "quantity": 3,
                 "unit_price": "7.77",
-                "discount_amount": "0",
+                "discount_amount": "0.00",
                 "net_amount": "23.31",
                 "tax_rate": "0.07",
                 "tax_amount": "1.63",
@@ -285,7 +285,7 @@ def charged_order() -> Order:
 
 def test_accounting_books_a_lines_discount_and_the_shipping_charge() -> None:
     sent = body(request_of(sink("accounting"), event(order=charged_order()), None))
-    assert [line["discount_amount"] for line in sent["line_items"]] == ["24.69", "0"]
+    assert [line["discount_amount"] for line in sent["line_items"]] == ["24.69", "0.00"]
     assert [line["net_amount"] for line in sent["line_items"]] == ["222.21", "23.31"]
     assert sent["shipping"] == {"net_amount": "12.90", "tax_rate": "0.19", "tax_amount": "2.45"}
     assert (sent["net_total"], sent["tax_total"], sent["gross_total"]) == ("258.42", "46.30", "304.72")
