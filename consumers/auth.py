@@ -322,7 +322,7 @@ async def authorized_attempt(
     request: HttpRequest,
     auth: Auth,
     *,
-    idempotency_key: str,
+    idempotency_key: str | None,
     timeout: float,
     deadlines: Deadlines,
 ) -> Reply | TransportFailure:

@@ -24,6 +24,7 @@ __all__ = [
     "SCHEMA",
     "SELECT_BLOCKED",
     "SELECT_BLOCKING",
+    "SELECT_DELIVERED_SINCE",
     "SELECT_DOWNSTREAM_ID",
     "delete_prunable",
     "fetch_all",
@@ -113,6 +114,14 @@ ON CONFLICT (order_ref) DO UPDATE SET reason = excluded.reason
 """  # noqa: S608 -- table name is a module constant, values are bound
 _DELETE_BLOCK = f"DELETE FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref = ?"  # noqa: S608 -- constant
 SELECT_DOWNSTREAM_ID = f"SELECT order_ref, downstream_id FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref IN "  # noqa: S608
+# Per order with an event the downstream accepted (or had) since ?: its latest such time and its downstream id, if
+# known; the oldest first (`orderbus reconcile`).
+SELECT_DELIVERED_SINCE = f"""
+SELECT d.order_ref, MAX(d.updated_at), i.downstream_id FROM {DELIVERIES_TABLE} AS d
+LEFT JOIN {DOWNSTREAM_IDS_TABLE} AS i ON i.order_ref = d.order_ref
+WHERE d.status IN ('done', 'duplicate') AND d.updated_at >= ?
+GROUP BY d.order_ref ORDER BY MAX(d.updated_at), d.order_ref
+"""  # noqa: S608 -- table names are module constants, values are bound
 _PRUNE_STATES = f"""
 DELETE FROM {DELIVERIES_TABLE} WHERE status <> 'in_flight' AND updated_at < ?
 """  # noqa: S608 -- table name is a module constant, values are bound

@@ -49,15 +49,17 @@ async def attempt(
     client: HttpClient,
     request: HttpRequest,
     *,
-    idempotency_key: str,
+    idempotency_key: str | None,
     auth_headers: dict[str, str],
     timeout: float,
     deadlines: Deadlines,
     max_body: int = 64 * 1024,
 ) -> Reply | TransportFailure:
-    """Send `request` once with its idempotency key, within `timeout` (kept by `deadlines`); never raises for
-    network trouble."""
-    headers = {**request.headers, **auth_headers, "Idempotency-Key": idempotency_key}
+    """Send `request` once with its idempotency key (None: a read, which has none), within `timeout` (kept by
+    `deadlines`); never raises for network trouble."""
+    headers = {**request.headers, **auth_headers}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
     started = time.perf_counter()
     try:
         with deadlines.within(timeout):

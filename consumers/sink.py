@@ -77,6 +77,10 @@ class Sink(Protocol):
         """The id this system gave the order in its answer to a create, if any."""
         ...
 
+    def read(self, order_number: str, downstream_id: str | None) -> HttpRequest:
+        """A GET of the order as this system has it: by its downstream id if known, else by its number."""
+        ...
+
 
 def canonical_json(document: Mapping[str, Any]) -> bytes:
     """`document` as UTF-8 JSON with sorted keys and no spaces: the same document always gives the same bytes.
@@ -187,6 +191,15 @@ class RestSink:
             id=quote(downstream_id or "", safe=""),
             order_number=quote(prepared.order_number, safe=""),
         )
+
+    def read(self, order_number: str, downstream_id: str | None) -> HttpRequest:
+        template = self.urls.by_id if downstream_id is not None else self.urls.by_number
+        url = template.format(
+            base_url=self.base_url.rstrip("/"),
+            id=quote(downstream_id or "", safe=""),
+            order_number=quote(order_number, safe=""),
+        )
+        return HttpRequest("GET", url)
 
     def downstream_id(self, prepared: Prepared, status: int, body: bytes) -> str | None:
         """`id_field` of the answer to a create: a 2xx, or a 409 that names the order already there."""

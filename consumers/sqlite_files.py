@@ -88,3 +88,19 @@ def row_chunks(count: int, width: int) -> Iterator[tuple[int, int]]:
         if size:
             yield start, size
             start += size
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection that cannot write, create or migrate the file (the daemon may have it open).
+
+    Without a ``-wal`` file beside it (no daemon has it open), read as immutable: a WAL-mode file opened read-only
+    gets a ``-wal`` and ``-shm`` created, and by root (``sudo orderbus trace``) they would be root's, which the
+    daemon's user could then not open at its next start."""
+    immutable = "" if path.with_name(f"{path.name}-wal").exists() else "&immutable=1"
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro{immutable}", uri=True, timeout=5.0)
+    try:
+        db.execute("PRAGMA query_only = ON")
+        yield db
+    finally:
+        db.close()

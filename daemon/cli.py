@@ -12,9 +12,11 @@
     orderbus status [--config FILE | --url URL]                     a running daemon's sinks at a glance
     orderbus trace ORDER [--config FILE]                            one order's events and what became of each
     orderbus dedup prune [--config FILE] [--older-than-hours H]     forget old delivery states now
+    orderbus reconcile --sink SINK [--config FILE] [--since-hours H]  ask a system for what was delivered to it
 
-Exit codes: 0 done, 1 failed (`trace`: no record of the order; `webhook check`: the body is invalid), 2 bad
-usage or bad configuration, 3 drift found with ``--strict``.
+Exit codes: 0 done, 1 failed (`trace`: no record of the order; `webhook check`: the body is invalid; `reconcile`:
+an order missing or unknown), 2 bad usage or bad configuration (`reconcile`: the credentials refused), 3 drift
+found with ``--strict``.
 """
 
 from __future__ import annotations
@@ -181,6 +183,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     trace.add_argument("--since-hours", type=_hours, metavar="H", help="only records of the last H hours")
     trace.set_defaults(func=_trace)
+
+    recon = commands.add_parser(
+        "reconcile", help="ask a system for each order delivered to it from this host lately: is it still there?"
+    )
+    _config_option(recon)
+    recon.add_argument("--sink", required=True, help="the sink whose system to ask")
+    recon.add_argument(
+        "--since-hours", type=_hours, default=24.0, metavar="H", help="orders delivered in the last H hours (24)"
+    )
+    recon.add_argument("--concurrency", type=_concurrency, default=4, help="requests at once, 1-64 (4)")
+    recon.set_defaults(func=_reconcile)
 
     webhook = commands.add_parser("webhook", help="webhook helpers").add_subparsers(required=True, metavar="ACTION")
     signer = webhook.add_parser("sign", help="print Standard Webhooks headers for BODY (for curl -H @file)")
@@ -472,6 +485,39 @@ def _trace(args: argparse.Namespace) -> int:
     for line in explain(found, sinks):
         print(line)
     return 0 if found.events else 1
+
+
+def _require_sink_secrets(settings: Settings, name: str) -> None:
+    """`ConfigError` naming the variable to set if sink `name`'s secret was not given (`SECRET_NOT_LOADED`)."""
+    sink = settings.sinks.get(name)
+    auth = None if sink is None else sink.auth
+    for field in _SINK_SECRETS.get(getattr(auth, "type", ""), ()):
+        secret = getattr(auth, field)
+        if isinstance(secret, SecretStr) and secret.get_secret_value() == SECRET_NOT_LOADED:
+            variable = f"ORDERBUS_SINKS__{name.upper()}__AUTH__{field.upper()}"
+            raise ConfigError(
+                f"sinks.{name}.auth.{field}: not given, and this command asks the system with it "
+                f"(set {variable}_FILE to the file that holds it, or {variable})"
+            )
+
+
+def _concurrency(text: str) -> int:
+    if not (text.isdigit() and 1 <= int(text) <= 64):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests from 1 to 64")
+    return int(text)
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from daemon.reconcile import explain, reconcile
+
+    since = time.time() - args.since_hours * 3600
+    settings = _operator_settings(args)  # the other sinks' secrets are not needed, only this one's
+    _require_sink_secrets(settings, args.sink)
+    checked = _run_async(reconcile(settings, args.sink, since=since, concurrency=args.concurrency))
+    config = "" if args.config is None else f" --config {args.config}"
+    for line in explain(args.sink, since, checked, config):
+        print(line)
+    return 0 if all(c.verdict == "present" for c in checked) else 1
 
 
 def _webhook_sign(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ A line names order numbers, event ids and types, positions, HTTP statuses and do
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from aiokafka.partitioner import murmur2
 from consumers.blocks import decode_chain
 from consumers.dedup_sql import SELECT_BLOCKING, SELECT_DOWNSTREAM_ID, select_blocked, select_in, select_states
 from consumers.delivery_state import DeliveryState
+from consumers.sqlite_files import read_only
 from consumers.unreadable import describe, passes_through
 from consumers.work import KEY_MISMATCH, idempotency_key, key_mismatch
 from daemon.dlq import DeadLetterView, committed_offsets, order_number_in, read_dead_letters, source_of
@@ -183,7 +183,7 @@ def _local_states(
         return SinkRecord(name, committed, letters, path, None)
     keys = {idempotency_key(name, event.event_id): event.event_id for event in events if event.event_id}
     try:
-        with _read_only(path) as db:
+        with read_only(path) as db:
             rows = select_states(db, [(order, key) for key in keys])
             downstream = select_in(db, SELECT_DOWNSTREAM_ID, [order])
             blocking = select_blocked(db, SELECT_BLOCKING, [order])
@@ -199,22 +199,6 @@ def _local_states(
         downstream_id=str(downstream[0][1]) if downstream else None,
         blocked=decode_chain(str(blocking[0][1])) if blocking else None,
     )
-
-
-@contextlib.contextmanager
-def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
-    """A connection that cannot write, create or migrate the file (the daemon may have it open).
-
-    Without a ``-wal`` file beside it (no daemon has it open), read as immutable: a WAL-mode file opened read-only
-    gets a ``-wal`` and ``-shm`` created, and by root (``sudo orderbus trace``) they would be root's, which the
-    daemon's user could then not open at its next start."""
-    immutable = "" if path.with_name(f"{path.name}-wal").exists() else "&immutable=1"
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro{immutable}", uri=True, timeout=5.0)
-    try:
-        db.execute("PRAGMA query_only = ON")
-        yield db
-    finally:
-        db.close()
 
 
 # --- the report ---------------------------------------------------------------------------------------------

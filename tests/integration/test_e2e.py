@@ -321,6 +321,17 @@ async def test_orders_through_the_signed_webhook_reach_each_system_exactly_once_
         ]
         assert booked[number]["gross_total"] == str(order.gross_total)
         assert shipped[number]["method"] == (None if sent is None else sent.method)
+
+    # Each system still has every order delivered to it: asked by GET with the sink's credentials (a flaky 503
+    # asked again), cancelled ones included (the sandbox keeps them, cancelled).
+    for name in SINKS:
+        reconciled = orderbus_done(
+            "reconcile", "--sink", name, "--concurrency", "16", "--config", str(config), env=env, timeout=120
+        )
+        assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
+        delivered = len(expected[name])
+        assert f"{name}: {delivered} order(s) delivered from this host" in reconciled.stdout
+        assert f"  present  {delivered}\n  missing  0\n  unknown  0\n" in reconciled.stdout
     assert stats["systems"]["crm"]["by_status"].get("429", 0) > 0
 
     listed = orderbus_done("dlq", "list", "--sink", "accounting", "--config", str(config), env=env)

@@ -66,6 +66,22 @@ def test_operator_commands_need_no_sink_secrets(
     assert cli.main(["dlq", "list", "--sink", "crm", *config]) == 0, capsys.readouterr().err
 
 
+def test_reconcile_needs_the_secret_of_the_sink_it_asks_only(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = ["--config", str(SYSTEMD_CONFIG)]
+    assert cli.main(["reconcile", "--sink", "crm", *config]) == 2
+    err = capsys.readouterr().err
+    assert "sinks.crm.auth.token: not given, and this command asks the system with it" in err
+    assert "ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE" in err
+    token = tmp_path / "crm-token"
+    token.write_text("the-crm-token\n")
+    no_orderbus_env.setenv("ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE", str(token))
+    no_orderbus_env.setenv("ORDERBUS_STATE_DIR", str(tmp_path))  # no state file: said, after the secrets passed
+    assert cli.main(["reconcile", "--sink", "crm", *config]) == 1
+    assert "no delivery-state file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("document", "code"),
     [
