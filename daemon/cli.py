@@ -12,11 +12,13 @@
     orderbus status [--config FILE | --url URL]                     a running daemon's sinks at a glance
     orderbus trace ORDER [--config FILE]                            one order's events and what became of each
     orderbus dedup prune [--config FILE] [--older-than-hours H]     forget old delivery states now
-    orderbus reconcile --sink SINK [--config FILE] [--since-hours H]  ask a system for what was delivered to it
+    orderbus reconcile --sink SINK [--config FILE] [--since-hours H] [--concurrency N] [--rate R]
+                                                                    does a system still have what it was sent?
 
 Exit codes: 0 done, 1 failed (`trace`: no record of the order; `webhook check`: the body is invalid; `reconcile`:
-an order missing or unknown), 2 bad usage or bad configuration (`reconcile`: the credentials refused), 3 drift
-found with ``--strict``.
+an order missing or unknown, or no verdict for 10 in a row), 2 bad usage or bad configuration (`reconcile`: the
+credentials or the certificate refused), 3 drift found with ``--strict``, 130 interrupted (`reconcile`, after its
+report so far).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from topics.errors import ConfigError, OrderbusError
 
 T = TypeVar("T")
 
+DEFAULT_RECONCILE_RATE = 20.0  # daemon.reconcile.DEFAULT_RATE, without loading it for --help
 DEMO_CONFIG = kafka_local.REPO_ROOT / "deploy" / "dev" / "orderbus.toml"
 DEMO_KAFKA_DIR = kafka_local.REPO_ROOT / ".run" / "kafka"
 
@@ -193,6 +196,9 @@ def _parser() -> argparse.ArgumentParser:
         "--since-hours", type=_hours, default=24.0, metavar="H", help="orders delivered in the last H hours (24)"
     )
     recon.add_argument("--concurrency", type=_concurrency, default=4, help="requests at once, 1-64 (4)")
+    recon.add_argument(
+        "--rate", type=_rate, help=f"requests a second (the sink's rate, else {DEFAULT_RECONCILE_RATE:g})"
+    )
     recon.set_defaults(func=_reconcile)
 
     webhook = commands.add_parser("webhook", help="webhook helpers").add_subparsers(required=True, metavar="ACTION")
@@ -206,6 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     checker.add_argument("body", type=Path, help="a webhook body, or - for standard input")
     checker.add_argument(
         "--record", action="store_true", help="BODY is a record value for the orders topic (the event envelope)"
+    )
+    checker.add_argument(
+        "--max-body-bytes", type=int, default=1_048_576, metavar="N", help="the ingest's limit (1048576)"
     )
     checker.set_defaults(func=_webhook_check)
     return parser
@@ -501,6 +510,16 @@ def _require_sink_secrets(settings: Settings, name: str) -> None:
             )
 
 
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests a second above 0")
+    return rate
+
+
 def _concurrency(text: str) -> int:
     if not (text.isdigit() and 1 <= int(text) <= 64):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests from 1 to 64")
@@ -508,16 +527,36 @@ def _concurrency(text: str) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    from daemon.reconcile import explain, reconcile
+    from daemon.reconcile import RunStopped, explain, prepare, reconcile
 
-    since = time.time() - args.since_hours * 3600
     settings = _operator_settings(args)  # the other sinks' secrets are not needed, only this one's
     _require_sink_secrets(settings, args.sink)
-    checked = _run_async(reconcile(settings, args.sink, since=since, concurrency=args.concurrency))
+    now = time.time()
+    since = now - args.since_hours * 3600
+    run = prepare(settings, args.sink, since, now=now)
+    if run.since > since:
+        kept = settings.sinks[args.sink].dedup_retention_hours
+        print(f"orderbus: states are kept {kept:g} hours (dedup_retention_hours): asking since then", file=sys.stderr)
+
+    def progress(done: int) -> None:
+        if done % 1000 == 0:
+            print(f"orderbus reconcile: {done} of {len(run.orders)} asked", file=sys.stderr, flush=True)
+
+    code = None
+    try:
+        _run_async(reconcile(settings, args.sink, run, concurrency=args.concurrency, rate=args.rate, progress=progress))
+    except RunStopped as stopped:
+        print(f"orderbus: {stopped}", file=sys.stderr)
+        code = 2 if stopped.configuration else 1
+    except KeyboardInterrupt:
+        print("orderbus: interrupted; what was asked so far:", file=sys.stderr)
+        code = 130
     config = "" if args.config is None else f" --config {args.config}"
-    for line in explain(args.sink, since, checked, config):
+    for line in explain(args.sink, run, config):
         print(line)
-    return 0 if all(c.verdict == "present" for c in checked) else 1
+    if code is not None:
+        return code
+    return 0 if all(c.verdict == "present" for c in run.checked) else 1
 
 
 def _webhook_sign(args: argparse.Namespace) -> int:
@@ -541,7 +580,7 @@ def _webhook_check(args: argparse.Namespace) -> int:
         body = sys.stdin.buffer.read() if str(args.body) == "-" else args.body.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {args.body}: {exc.strerror or exc}") from None
-    valid, lines = check(body, record=args.record)
+    valid, lines = check(body, record=args.record, max_body_bytes=args.max_body_bytes)
     for line in lines:
         print(line)
     return 0 if valid else 1

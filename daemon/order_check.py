@@ -14,10 +14,17 @@ from topics.envelope import OrderEvent, OrderSubmission
 from topics.errors import ContractError
 from topics.order import Order
 
+MAX_BODY_BYTES = 1_048_576  # the ingest's default limit (`daemon.settings.IngestSettings.max_body_bytes`)
 
-def check(body: bytes, *, record: bool = False) -> tuple[bool, list[str]]:
-    """Whether `body` is a valid webhook body (`record`: a valid value of a record on the orders topic), and the
-    lines that say why not, or what it holds."""
+
+def check(body: bytes, *, record: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[bool, list[str]]:
+    """Whether `body` is a valid webhook body of at most `max_body_bytes` (`record`: a valid value of a record on
+    the orders topic), and the lines that say why not, or what it holds and how to send it."""
+    if not record and len(body) > max_body_bytes:
+        return False, [
+            f"invalid webhook body (the ingest answers 413): {len(body)} bytes, more than the {max_body_bytes} "
+            "it takes (ingest.max_body_bytes)"
+        ]
     try:
         parsed: OrderSubmission | OrderEvent = decode(body) if record else parse_submission(body)
     except ContractError as exc:
@@ -42,7 +49,12 @@ def _summary(parsed: OrderSubmission | OrderEvent) -> list[str]:
         ]
     else:
         own = f"event_id {parsed.event_id}" if parsed.event_id is not None else "event_id derived by the ingest"
-        lines = [f"valid webhook body: {parsed.event_type} of order {order.order_number}, {own}"]
+        lines = [
+            f"valid webhook body: {parsed.event_type} of order {order.order_number}, {own}",
+            "  send it as it is: Content-Type: application/json, uncompressed, signed or with an Idempotency-Key",
+        ]
+        if parsed.event_id is None and parsed.occurred_at is None:
+            lines.append("  without event_id or occurred_at, only that key makes a retry the same event: send one")
     return [*lines, *_amounts(order)]
 
 

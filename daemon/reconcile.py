@@ -5,27 +5,32 @@ night's backup, an order deleted by hand, a migration that dropped some. This as
 sink's delivery-state file on this host (`consumers.dedup`): every order with an event the system accepted (or
 already had) within the window. For each, one GET of the order as the system has it, by the id its create
 returned, else by number (`consumers.sink.RestSink.read`), with the sink's credentials, TLS settings and timeout,
-at most `concurrency` at once and at most the sink's ``rate`` per second:
+``User-Agent: orderbus/<version> reconcile``, at most `concurrency` at once and `rate` a second:
 
-- 2xx: present;
+- a 2xx with a JSON object: present (a 2xx with anything else, a sign-in page of a proxy for one, is no verdict);
 - 404 or 410: missing. The system lost it, or removed it on a cancel (some systems do; `orderbus trace ORDER`
   shows the order's events);
-- 429, 408, 5xx, a timeout or a connection error: asked again, after the Retry-After (at most `RETRY_CAP`) or
-  1, 2, 4 s, `TRIES` times in all; then unknown;
-- 401 or 403: the credentials are refused: it stops (`CredentialsRefusedError`) rather than ask every order in vain;
-- any other status: unknown, with that status.
+- 429 or 503 with Retry-After: every request waits as told (at most the sink's ``retry_after_cap``) and the pace
+  halves, as the sink's own does; 408, 5xx, a timeout or a connection error: asked again after 1, 2, 4 s; `TRIES`
+  times in all, then no verdict (unknown);
+- 401 or 403, or a TLS certificate the sink does not trust: it stops (`RunStopped`, a configuration matter:
+  every other order would get the same);
+- any other status: unknown. `STOP_AFTER` orders in a row without a verdict stop the run too: that is the
+  system (down, or not at that URL), not the orders.
 
-It changes nothing anywhere: GETs without an idempotency key, and the state file opened read-only beside the
-running daemon. Each host keeps the states of the partitions it handled: run it on each. States older than
-``dedup_retention_hours`` are pruned, so the window reaches back at most that far.
+What was found before a stop is reported all the same (`Run.checked`). It changes nothing anywhere: GETs without
+an idempotency key, and the state file opened read-only beside the running daemon. Each host keeps the states of
+the partitions it handled: run it on each. States older than ``dedup_retention_hours`` are pruned, so the window
+reaches back at most that far.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal
@@ -41,19 +46,25 @@ from consumers.pacing import Pacer
 from consumers.policy import parse_retry_after
 from consumers.sqlite_files import read_only
 from daemon.retention import dedup_path
-from daemon.settings import Settings
+from daemon.settings import Settings, SinkSettings
 from daemon.sinks import build_auth, build_sink, http_config
 from topics.errors import ConfigError, OrderbusError
 
 TRIES: Final = 4
-RETRY_CAP: Final = 60.0  # seconds: the longest Retry-After it waits for one order
+STOP_AFTER: Final = 10  # orders in a row without a verdict
+DEFAULT_RATE: Final = 20.0  # GETs a second for a sink without a `rate`
 
 Verdict = Literal["present", "missing", "unknown"]
 Read = Callable[["Delivered"], Awaitable[Reply | TransportFailure]]
 
 
-class CredentialsRefusedError(ConfigError):
-    """The system answered 401 or 403: every other order would get the same."""
+class RunStopped(OrderbusError):
+    """The run stopped before every order was asked: the credentials or the certificate refused (`configuration`),
+    or no verdict for `STOP_AFTER` orders in a row."""
+
+    def __init__(self, message: str, *, configuration: bool) -> None:
+        super().__init__(message)
+        self.configuration = configuration
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +83,29 @@ class Checked:
     detail: str  # "HTTP 404", "timeout: no answer within 10 s, 4 tries"
 
 
+@dataclass
+class Run:
+    """One reconcile run: what it will ask, what it has found so far (in `orders`' order), and its window."""
+
+    orders: Sequence[Delivered] = ()
+    since: float = 0.0
+    found: dict[int, Checked] = field(default_factory=dict)
+
+    @property
+    def checked(self) -> list[Checked]:
+        return [self.found[index] for index in sorted(self.found)]
+
+
 def delivered_orders(path: Path, since: float) -> list[Delivered]:
     """The orders with an event delivered (``done``) or found there (``duplicate``) at or after `since`, the
-    oldest delivery first; `OrderbusError` if there is no such file."""
+    oldest delivery first; `OrderbusError` if the file is missing or cannot be read."""
     if not path.is_file():
         raise OrderbusError(f"no delivery-state file {path}: this host has delivered nothing to this sink yet")
-    with read_only(path) as db:
-        rows = db.execute(SELECT_DELIVERED_SINCE, (since,)).fetchall()
+    try:
+        with read_only(path) as db:
+            rows = db.execute(SELECT_DELIVERED_SINCE, (since,)).fetchall()
+    except (sqlite3.Error, OSError) as exc:
+        raise OrderbusError(f"cannot read {path}: {exc} (run it as the daemon's user, or with sudo)") from None
     # An order_ref of "@P:O" is a record without a readable key: never delivered, but guarded all the same.
     return [
         Delivered(str(ref), None if id_ is None else str(id_), float(at)) for ref, at, id_ in rows if ref[:1] != "@"
@@ -86,35 +113,49 @@ def delivered_orders(path: Path, since: float) -> list[Delivered]:
 
 
 async def check_all(
-    orders: Sequence[Delivered],
+    run: Run,
     read: Read,
     *,
     concurrency: int,
     pacer: Pacer,
+    retry_after_cap: float = 300.0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     wall: Callable[[], float] = time.time,
+    progress: Callable[[int], None] = lambda done: None,
 ) -> list[Checked]:
-    """Ask for every order (`read`), `concurrency` at a time, each request paced by `pacer`; in `orders`' order."""
-    results: list[Checked | None] = [None] * len(orders)
-    queue: Iterator[int] = iter(range(len(orders)))
+    """Ask for every order of `run` (`read`), `concurrency` at a time, each request paced by `pacer`; what is found
+    goes into `run` as it comes (`progress` gets the count), so a stop (`RunStopped`) or an interrupt keeps it."""
+    queue: Iterator[int] = iter(range(len(run.orders)))
+    without_verdict = 0
 
     async def worker() -> None:
+        nonlocal without_verdict
         for index in queue:  # shared: each index is taken by one worker
-            results[index] = await _check(orders[index], read, pacer, sleep, wall)
+            checked = await _check(run.orders[index], read, pacer, retry_after_cap, sleep, wall)
+            run.found[index] = checked
+            progress(len(run.found))
+            without_verdict = without_verdict + 1 if checked.verdict == "unknown" else 0
+            if without_verdict >= STOP_AFTER:
+                raise RunStopped(
+                    f"no verdict for {STOP_AFTER} orders in a row, the last: {checked.detail}; the system is down, "
+                    "or does not answer GETs at these URLs (urls.by_id, urls.by_number)",
+                    configuration=False,
+                )
 
     try:
         async with asyncio.TaskGroup() as group:
-            for _ in range(min(concurrency, len(orders))):
+            for _ in range(min(concurrency, len(run.orders))):
                 group.create_task(worker())
-    except* CredentialsRefusedError as refused:
-        raise refused.exceptions[0] from None
-    return [result for result in results if result is not None]
+    except* RunStopped as stopped:
+        raise stopped.exceptions[0] from None
+    return run.checked
 
 
 async def _check(
     order: Delivered,
     read: Read,
     pacer: Pacer,
+    retry_after_cap: float,
     sleep: Callable[[float], Awaitable[None]],
     wall: Callable[[], float],
 ) -> Checked:
@@ -122,38 +163,57 @@ async def _check(
     for attempt in range(1, TRIES + 1):
         await pacer.acquire()
         outcome = await read(order)
-        wait = float(2 ** (attempt - 1))
+        wait: float | None = float(2 ** (attempt - 1))
         if isinstance(outcome, TransportFailure):
+            if outcome.certificate_refused:
+                raise RunStopped(
+                    f"the system's TLS certificate is not trusted ({outcome.detail}): set the sink's ca_bundle to "
+                    "the CA that signed it",
+                    configuration=True,
+                )
             detail = f"{outcome.kind}: {outcome.detail}"
         elif 200 <= outcome.status < 300:
-            return Checked(order, "present", f"HTTP {outcome.status}")
+            if outcome.body.lstrip()[:1] == b"{":
+                return Checked(order, "present", f"HTTP {outcome.status}")
+            return Checked(order, "unknown", f"HTTP {outcome.status} without a JSON object: not the order")
         elif outcome.status in (404, 410):
             return Checked(order, "missing", f"HTTP {outcome.status}")
         elif outcome.status in (401, 403):
-            raise CredentialsRefusedError(
-                f"the system refused the credentials (HTTP {outcome.status}) for order {order.order_number}; "
-                "nothing more was asked"
+            said = f": {outcome.excerpt}" if b"credentials_refused" in outcome.body else ""  # our own, see auth
+            raise RunStopped(
+                f"the credentials were refused (HTTP {outcome.status}{said}) when asking for order "
+                f"{order.order_number}: check the sink's auth settings; nothing more was asked",
+                configuration=True,
             )
         elif outcome.status in (408, 429) or outcome.status >= 500:
             detail = f"HTTP {outcome.status}"
-            told = parse_retry_after(outcome.retry_after, wall_now=wall(), cap=RETRY_CAP)
-            wait = told if told is not None else wait
+            told = parse_retry_after(outcome.retry_after, wall_now=wall(), cap=retry_after_cap)
+            if told is not None or outcome.status == 429:
+                pacer.hold(told or 0.0)  # every request waits, and the pace halves: as the sink's own
+                wait = None
         else:
             return Checked(order, "unknown", f"HTTP {outcome.status}")
-        if attempt < TRIES:
+        if attempt < TRIES and wait is not None:
             await sleep(wait)
     return Checked(order, "unknown", f"{detail}, {TRIES} tries")
 
 
-async def reconcile(settings: Settings, name: str, *, since: float, concurrency: int) -> list[Checked]:
-    """Ask sink `name`'s system for each order delivered to it from this host since `since` (unix s)."""
-    config = settings.sinks.get(name)
-    if config is None:
-        raise ConfigError(f"sinks.{name}: no such sink in the settings; the sinks are {', '.join(settings.sinks)}")
-    orders = delivered_orders(dedup_path(settings.state_dir, name), since)
+async def reconcile(
+    settings: Settings,
+    name: str,
+    run: Run,
+    *,
+    concurrency: int,
+    rate: float | None,
+    progress: Callable[[int], None] = lambda done: None,
+) -> list[Checked]:
+    """Ask sink `name`'s system for each order of `run` (see `prepare`), at most `rate` a second (None: the sink's
+    `rate`, else `DEFAULT_RATE`)."""
+    config = _sink(settings, name)
     sink = build_sink(name, config)
     http = http_config(config)
-    client = HttpClient(limit=concurrency, ssl=http.ssl_context(f"sinks.{name}.ca_bundle"), user_agent=USER_AGENT)
+    tls = http.ssl_context(f"sinks.{name}.ca_bundle")
+    client = HttpClient(limit=concurrency, ssl=tls, user_agent=f"{USER_AGENT} reconcile")
     auth = build_auth(name, config)
     deadlines = Deadlines(SystemClock())
 
@@ -164,18 +224,45 @@ async def reconcile(settings: Settings, name: str, *, since: float, concurrency:
         )
 
     try:
-        pacer = Pacer(config.rate, clock=SystemClock(), burst=config.burst)
-        return await check_all(orders, read, concurrency=concurrency, pacer=pacer)
+        pacer = Pacer(pace(rate, config.rate), clock=SystemClock(), burst=concurrency)
+        return await check_all(
+            run, read, concurrency=concurrency, pacer=pacer, retry_after_cap=config.retry_after_cap, progress=progress
+        )
+    except RunStopped as stopped:
+        raise RunStopped(f"sinks.{name}: {stopped}", configuration=stopped.configuration) from None
     finally:
         await auth.aclose()
         await client.close()
 
 
-def explain(sink: str, since: float, checked: Sequence[Checked], config: str) -> list[str]:
+def pace(asked: float | None, sink_rate: float | None) -> float:
+    """Requests a second: as asked (``--rate``), else the sink's `rate`, else `DEFAULT_RATE`: never unlimited, as
+    the sink without a rate may be, because these requests come on top of the running daemon's."""
+    return asked if asked is not None else sink_rate or DEFAULT_RATE
+
+
+def prepare(settings: Settings, name: str, since: float, *, now: float) -> Run:
+    """The run over sink `name`'s orders delivered since `since` (unix s), which is moved up to the oldest state kept
+    (``dedup_retention_hours`` before `now`): older ones are pruned."""
+    config = _sink(settings, name)
+    since = max(since, now - config.dedup_retention_hours * 3600)
+    return Run(delivered_orders(dedup_path(settings.state_dir, name), since), since)
+
+
+def _sink(settings: Settings, name: str) -> SinkSettings:
+    config = settings.sinks.get(name)
+    if config is None:
+        raise ConfigError(f"sinks.{name}: no such sink in the settings; the sinks are {', '.join(settings.sinks)}")
+    return config
+
+
+def explain(sink: str, run: Run, config: str) -> list[str]:
     """The report: the counts, then every order that is not present, with what the system answered."""
+    checked = run.checked
     counts = {verdict: sum(1 for c in checked if c.verdict == verdict) for verdict in ("present", "missing", "unknown")}
+    asked = "the system was asked for each" if len(checked) == len(run.orders) else f"{len(checked)} asked"
     lines = [
-        f"{sink}: {len(checked)} order(s) delivered from this host since {_when(since)}; the system was asked for each",
+        f"{sink}: {len(run.orders)} order(s) delivered from this host since {_when(run.since)}; {asked}",
         *(f"  {verdict:<8} {count}" for verdict, count in counts.items()),
     ]
     for verdict, heading in (
@@ -197,4 +284,15 @@ def _when(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds")
 
 
-__all__ = ["Checked", "CredentialsRefusedError", "Delivered", "check_all", "delivered_orders", "explain", "reconcile"]
+__all__ = [
+    "Checked",
+    "Delivered",
+    "Run",
+    "RunStopped",
+    "check_all",
+    "delivered_orders",
+    "explain",
+    "pace",
+    "prepare",
+    "reconcile",
+]

@@ -326,7 +326,17 @@ async def test_orders_through_the_signed_webhook_reach_each_system_exactly_once_
     # asked again), cancelled ones included (the sandbox keeps them, cancelled).
     for name in SINKS:
         reconciled = orderbus_done(
-            "reconcile", "--sink", name, "--concurrency", "16", "--config", str(config), env=env, timeout=120
+            "reconcile",
+            "--sink",
+            name,
+            "--concurrency",
+            "16",
+            "--rate",
+            "2000",
+            "--config",
+            str(config),
+            env=env,
+            timeout=120,
         )
         assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
         delivered = len(expected[name])

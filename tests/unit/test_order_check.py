@@ -29,8 +29,24 @@ def test_the_example_body_is_valid_and_summed_up() -> None:
     assert valid
     assert lines == [
         "valid webhook body: order.created of order SO-2026-101414, event_id derived by the ingest",
+        "  send it as it is: Content-Type: application/json, uncompressed, signed or with an Idempotency-Key",
+        "  without event_id or occurred_at, only that key makes a retry the same event: send one",
         "  2 lines; net 12.44 + tax 1.94 = gross 14.38 EUR",
     ]
+
+
+def test_a_body_larger_than_the_ingest_takes_is_refused_as_the_ingest_would() -> None:
+    body = EXAMPLE.read_bytes() + b" " * 1_048_576
+    assert check(body) == (
+        False,
+        [
+            f"invalid webhook body (the ingest answers 413): {len(body)} bytes, more than the 1048576 it takes"
+            " (ingest.max_body_bytes)"
+        ],
+    )
+    assert check(body, max_body_bytes=4 * 1_048_576)[0]
+    record = encode(sample_event(random.Random(4))).value + b" " * 1_048_576
+    assert check(record, record=True)[0], "a record's size is the topic's business, not the ingest's limit"
 
 
 def test_every_problem_is_named_by_its_field_as_the_400_names_it() -> None:
@@ -66,8 +82,9 @@ def test_a_submission_with_its_own_event_id_discounts_and_shipping() -> None:
     valid, lines = check(body)
     assert valid
     assert lines[0] == f"valid webhook body: order.created of order SO-CHECK-1, event_id {submission.event_id}"
-    assert "discounted" in lines[1]
-    assert lines[2].startswith(f"  shipping ({order.shipping.method}): net {order.shipping.net_amount}")
+    assert lines[1].startswith("  send it as it is")
+    assert "discounted" in lines[2]  # its own event_id: no word about keys
+    assert lines[3].startswith(f"  shipping ({order.shipping.method}): net {order.shipping.net_amount}")
 
 
 def test_a_record_value_is_checked_as_the_sinks_decode_it() -> None:

@@ -17,7 +17,19 @@ from consumers.delivery import Reply, TransportFailure
 from consumers.delivery_state import DeliveryState, DeliveryStatus
 from consumers.pacing import Pacer
 from consumers.work import idempotency_key
-from daemon.reconcile import Checked, CredentialsRefusedError, Delivered, check_all, delivered_orders, explain
+from daemon.reconcile import (
+    DEFAULT_RATE,
+    STOP_AFTER,
+    Checked,
+    Delivered,
+    Run,
+    RunStopped,
+    check_all,
+    delivered_orders,
+    explain,
+    pace,
+    prepare,
+)
 from daemon.reconcile import reconcile as reconcile_sink
 from daemon.settings import Settings
 from topics.errors import ConfigError, OrderbusError
@@ -61,56 +73,72 @@ async def test_the_orders_delivered_in_the_window_come_from_the_state_file_read_
         delivered_orders(tmp_path / "dedup-crm.sqlite", 0)
 
 
-def ok(status: int = 200, retry_after: str | None = None) -> Reply:
-    return Reply(status, retry_after, b"{}", 0.01)
+def ok(status: int = 200, retry_after: str | None = None, body: bytes = b'{"id": "x"}') -> Reply:
+    return Reply(status, retry_after, body, 0.01)
 
 
 ORDERS = [Delivered(f"SO-{i}", f"acc-{i}", T0 + i) for i in range(6)]
+Answers = Callable[[Delivered, int], Reply | TransportFailure]
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(start=1000.0, wall_start=T0 + 100)
-
-
-def run(
-    clock: FakeClock, answers: Callable[[Delivered, int], Reply | TransportFailure], concurrency: int = 2
-) -> tuple[list[Checked], list[float], dict[str, int]]:
-    """check_all over ORDERS with `answers(order, nth call for it)`; the results, the sleeps, the calls per order."""
-    slept: list[float] = []
-    calls: dict[str, int] = {}
+def run_checks(
+    answers: Answers, *, concurrency: int = 1, orders: list[Delivered] = ORDERS, cap: float = 300.0
+) -> tuple[Run, list[tuple[str, float]], RunStopped | None]:
+    """check_all over `orders` with `answers(order, nth call for it)` on virtual time: the run, every call as
+    (order, seconds since the start), and the stop, if any."""
+    clock = FakeClock(start=1000.0, wall_start=T0 + 100)
+    calls: list[tuple[str, float]] = []
 
     async def read(order: Delivered) -> Reply | TransportFailure:
-        calls[order.order_number] = calls.get(order.order_number, 0) + 1
+        calls.append((order.order_number, clock.now() - 1000.0))
         await asyncio.sleep(0)
-        return answers(order, calls[order.order_number])
+        return answers(order, sum(1 for number, _ in calls if number == order.order_number))
 
-    async def sleep(seconds: float) -> None:
-        slept.append(seconds)
-
-    async def main() -> list[Checked]:
+    async def main() -> tuple[Run, RunStopped | None]:
+        run = Run(orders, T0)
         pacer = Pacer(None, clock=clock)
-        return await check_all(ORDERS, read, concurrency=concurrency, pacer=pacer, sleep=sleep, wall=clock.wall)
+        async with clock.autojump():
+            try:
+                await check_all(
+                    run,
+                    read,
+                    concurrency=concurrency,
+                    pacer=pacer,
+                    retry_after_cap=cap,
+                    sleep=clock.sleep,
+                    wall=clock.wall,
+                )
+            except RunStopped as stopped:
+                return run, stopped
+        return run, None
 
-    return asyncio.run(main()), slept, calls
+    run, stopped = asyncio.run(main())
+    return run, calls, stopped
 
 
-def test_each_answer_is_a_verdict_in_the_orders_order(clock: FakeClock) -> None:
-    statuses = {"SO-0": 200, "SO-1": 404, "SO-2": 410, "SO-3": 204, "SO-4": 400, "SO-5": 301}
-    checked, slept, calls = run(clock, lambda order, _: ok(statuses[order.order_number]))
-    assert [(c.order.order_number, c.verdict, c.detail) for c in checked] == [
+def test_each_answer_is_a_verdict_in_the_orders_order() -> None:
+    replies = {
+        "SO-0": ok(),
+        "SO-1": ok(404),
+        "SO-2": ok(410),
+        "SO-3": ok(204, body=b""),
+        "SO-4": ok(200, body=b"<html>Sign in</html>"),  # a proxy's page, not the order
+        "SO-5": ok(301, body=b""),
+    }
+    run, calls, stopped = run_checks(lambda order, _: replies[order.order_number], concurrency=2)
+    assert stopped is None
+    assert [(c.order.order_number, c.verdict, c.detail) for c in run.checked] == [
         ("SO-0", "present", "HTTP 200"),
         ("SO-1", "missing", "HTTP 404"),
         ("SO-2", "missing", "HTTP 410"),
-        ("SO-3", "present", "HTTP 204"),
-        ("SO-4", "unknown", "HTTP 400"),
+        ("SO-3", "unknown", "HTTP 204 without a JSON object: not the order"),
+        ("SO-4", "unknown", "HTTP 200 without a JSON object: not the order"),
         ("SO-5", "unknown", "HTTP 301"),
     ]
-    assert slept == []
-    assert set(calls.values()) == {1}
+    assert len(calls) == 6
 
 
-def test_a_busy_or_failing_system_is_asked_again_as_it_says_then_the_order_is_unknown(clock: FakeClock) -> None:
+def test_a_busy_or_failing_system_is_asked_again_as_it_says_then_the_order_is_unknown() -> None:
     def answers(order: Delivered, nth: int) -> Reply | TransportFailure:
         match order.order_number:
             case "SO-0":
@@ -118,22 +146,63 @@ def test_a_busy_or_failing_system_is_asked_again_as_it_says_then_the_order_is_un
             case "SO-1":
                 return TransportFailure("timeout", "no answer within 10 s", 10.0) if nth < 3 else ok(404)
             case "SO-2":
-                return ok(503)  # never better
+                return ok(500)  # never better
         return ok()
 
-    checked, slept, calls = run(clock, answers, concurrency=1)
-    assert [c.verdict for c in checked[:3]] == ["present", "missing", "unknown"]
-    assert checked[2].detail == "HTTP 503, 4 tries"
-    assert (calls["SO-0"], calls["SO-1"], calls["SO-2"]) == (2, 3, 4)
-    assert slept == [7.0, 1.0, 2.0, 1.0, 2.0, 4.0]
+    run, calls, stopped = run_checks(answers)
+    assert stopped is None
+    assert [c.verdict for c in run.checked[:3]] == ["present", "missing", "unknown"]
+    assert run.checked[2].detail == "HTTP 500, 4 tries"
+    assert [at for number, at in calls if number == "SO-0"] == [0.0, 7.0]
+    assert [at for number, at in calls if number == "SO-1"] == [7.0, 8.0, 10.0]  # after 1 s, then 2 s
+    assert [at for number, at in calls if number == "SO-2"] == [10.0, 11.0, 13.0, 17.0]
 
 
-def test_refused_credentials_stop_the_run(clock: FakeClock) -> None:
-    with pytest.raises(CredentialsRefusedError, match=r"refused the credentials \(HTTP 401\) for order SO-"):
-        run(clock, lambda order, _: ok(401 if order.order_number == "SO-1" else 200), concurrency=1)
+def test_a_retry_after_holds_every_request_up_to_the_sinks_cap() -> None:
+    def answers(order: Delivered, nth: int) -> Reply:
+        return ok(503, "120") if (order.order_number, nth) == ("SO-0", 1) else ok()
+
+    run, calls, _ = run_checks(answers, concurrency=3, cap=30.0)
+    assert all(c.verdict == "present" for c in run.checked)
+    assert sorted(at for _, at in calls)[3:] == [30.0] * 4  # the other workers waited too, 30 s, not 120
 
 
-def test_no_more_requests_at_once_than_asked_for(clock: FakeClock) -> None:
+def test_refused_credentials_stop_the_run_and_keep_what_was_found() -> None:
+    refused = Reply(
+        401,
+        None,
+        b'{"detail":"the token endpoint refused the client (invalid_client)","error":"credentials_refused"}',
+        0.01,
+    )
+    run, _, stopped = run_checks(lambda order, _: refused if order.order_number == "SO-2" else ok())
+    assert stopped is not None
+    assert stopped.configuration
+    assert "the credentials were refused (HTTP 401: " in str(stopped)
+    assert "invalid_client" in str(stopped)
+    assert "order SO-2" in str(stopped)
+    assert [c.order.order_number for c in run.checked] == ["SO-0", "SO-1"]
+
+
+def test_an_untrusted_certificate_stops_the_run() -> None:
+    failure = TransportFailure("connection", "ClientConnectorCertificateError: self-signed", 0.01, True)
+    _, calls, stopped = run_checks(lambda order, _: failure)
+    assert stopped is not None
+    assert stopped.configuration
+    assert "TLS certificate is not trusted" in str(stopped)
+    assert len(calls) == 1, "not asked again, nor any other order"
+
+
+def test_no_verdict_for_many_orders_in_a_row_stops_the_run() -> None:
+    orders = [Delivered(f"SO-{i}", None, T0 + i) for i in range(30)]
+    run, calls, stopped = run_checks(lambda order, _: ok(405, body=b""), orders=orders)
+    assert stopped is not None
+    assert not stopped.configuration
+    assert f"no verdict for {STOP_AFTER} orders in a row, the last: HTTP 405" in str(stopped)
+    assert len(run.checked) == len(calls) == STOP_AFTER
+
+
+def test_no_more_requests_at_once_than_asked_for() -> None:
+    clock = FakeClock()
     under_way = peak = 0
 
     async def read(order: Delivered) -> Reply:
@@ -146,19 +215,27 @@ def test_no_more_requests_at_once_than_asked_for(clock: FakeClock) -> None:
         return ok()
 
     async def main() -> list[Checked]:
-        return await check_all(ORDERS * 5, read, concurrency=3, pacer=Pacer(None, clock=clock))
+        return await check_all(Run(ORDERS * 5, T0), read, concurrency=3, pacer=Pacer(None, clock=clock))
 
     assert len(asyncio.run(main())) == 30
     assert peak == 3
 
 
+def test_the_pace_is_never_unlimited() -> None:
+    assert pace(None, None) == DEFAULT_RATE
+    assert pace(None, 5.0) == 5.0
+    assert pace(2.0, 5.0) == 2.0
+
+
 def test_the_report_lists_what_is_not_present() -> None:
-    checked = [
-        Checked(Delivered("SO-1", "acc-1", T0), "present", "HTTP 200"),
-        Checked(Delivered("SO-2", None, T0 + 60), "missing", "HTTP 404"),
-        Checked(Delivered("SO-3", "acc-3", T0 + 120), "unknown", "HTTP 503, 4 tries"),
-    ]
-    assert explain("accounting", T0 - 3600, checked, " --config my.toml") == [
+    run = Run([Delivered("SO-1", "acc-1", T0), Delivered("SO-2", None, T0 + 60), Delivered("SO-3", "acc-3", T0 + 120)])
+    run.since = T0 - 3600
+    run.found = {
+        0: Checked(run.orders[0], "present", "HTTP 200"),
+        1: Checked(run.orders[1], "missing", "HTTP 404"),
+        2: Checked(run.orders[2], "unknown", "HTTP 503, 4 tries"),
+    }
+    assert explain("accounting", run, " --config my.toml") == [
         "accounting: 3 order(s) delivered from this host since 2027-01-15T07:00:00+00:00;"
         " the system was asked for each",
         "  present  1",
@@ -170,6 +247,8 @@ def test_the_report_lists_what_is_not_present() -> None:
         "  SO-3, downstream id acc-3, delivered 2027-01-15T08:02:00+00:00: HTTP 503, 4 tries",
         "what orderbus has of an order: orderbus trace ORDER --config my.toml",
     ]
+    del run.found[2]
+    assert explain("accounting", run, "")[0].endswith("; 2 asked")
 
 
 # --- against a real HTTP server, with the sink's settings --------------------------------------------------------
@@ -203,16 +282,28 @@ async def test_reconcile_asks_the_system_by_id_or_number_with_the_sinks_credenti
     async with TestServer(app) as server:
         base = str(server.make_url("")).rstrip("/")
 
-        def settings(token: str) -> Settings:
-            sink = {"base_url": base, "auth": {"type": "bearer", "token": token}}
+        def settings(token: str, **more: object) -> Settings:
+            sink = {"base_url": base, "auth": {"type": "bearer", "token": token}, **more}
             return Settings.model_validate({"state_dir": str(tmp_path), "sinks": {"accounting": sink}})
 
-        checked = await reconcile_sink(settings("s3cret"), "accounting", since=T0 - 60, concurrency=2)
+        run = prepare(settings("s3cret"), "accounting", T0 - 60, now=T0 + 100)
+        checked = await reconcile_sink(settings("s3cret"), "accounting", run, concurrency=2, rate=None)
         assert [(c.order.order_number, c.verdict) for c in checked] == [("SO-2", "missing"), ("SO-1", "present")]
         assert sorted(request.path for request in seen) == ["/orders/acc-1", "/orders/by-number/SO-2"]
         assert all(request.method == "GET" and "Idempotency-Key" not in request.headers for request in seen)
+        assert all(request.headers["User-Agent"].endswith(" reconcile") for request in seen)
 
-        with pytest.raises(CredentialsRefusedError):
-            await reconcile_sink(settings("wrong"), "accounting", since=T0 + 20, concurrency=1)
+        with pytest.raises(RunStopped, match=r"sinks\.accounting: the credentials were refused") as refused:
+            await reconcile_sink(settings("wrong"), "accounting", run, concurrency=1, rate=None)
+        assert refused.value.configuration
         with pytest.raises(ConfigError, match=r"sinks\.billing: no such sink"):
-            await reconcile_sink(settings("s3cret"), "billing", since=0, concurrency=1)
+            prepare(settings("s3cret"), "billing", 0, now=T0)
+        # States are kept dedup_retention_hours: the window starts there at the earliest.
+        kept = prepare(settings("s3cret", dedup_retention_hours=1), "accounting", 0, now=T0 + 100)
+        assert kept.since == T0 + 100 - 3600
+        assert [order.order_number for order in kept.orders] == ["SO-2", "SO-1"]
+        assert [order.order_number for order in prepare(settings("s3cret"), "accounting", 0, now=T0).orders] == [
+            "SO-5",
+            "SO-2",
+            "SO-1",
+        ]
