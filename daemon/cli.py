@@ -474,14 +474,18 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hours(text: str) -> float:
+def _positive(text: str, what: str) -> float:
     try:
-        hours = float(text)
+        number = float(text)
     except ValueError:
-        hours = math.nan
-    if not (math.isfinite(hours) and hours > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours above 0")
-    return hours
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of {what} above 0")
+    return number
+
+
+def _hours(text: str) -> float:
+    return _positive(text, "hours")
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -511,13 +515,7 @@ def _require_sink_secrets(settings: Settings, name: str) -> None:
 
 
 def _rate(text: str) -> float:
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = math.nan
-    if not (math.isfinite(rate) and rate > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests a second above 0")
-    return rate
+    return _positive(text, "requests a second")
 
 
 def _concurrency(text: str) -> int:

@@ -1615,7 +1615,18 @@ async def test_after_an_outage_the_sink_ramps_up_instead_of_sending_everything_a
     patient = Backoff(base=1.0, cap=8.0, max_attempts=100, max_elapsed=3600.0)
     h = harness_factory(records, script, max_in_flight=64, backoff=patient, circuit_open_for=5.0)
     recovered = h.clock.now() + 20.0
-    starts: list[tuple[float, int, int | None]] = []  # (when, requests under way with this one, the ramp's limit)
+    starts = record_starts(h)
+    await h.run_until(300, limit=3600)
+    assert h.dead.letters == []
+    before = [under_way for at, under_way, _ in starts if at < recovered]
+    assert max(before) == 64, "before the outage was seen, the sink sent at full concurrency"
+    assert_ramped_up([(under_way, limit) for at, under_way, limit in starts if at >= recovered])
+    assert h.engine._context.ramp.limit is None
+
+
+def record_starts(h: Harness) -> list[tuple[float, int, int | None]]:
+    """Every request's (start, requests under way with it, the ramp's limit then), as the harness runs."""
+    starts: list[tuple[float, int, int | None]] = []
     original = h.engine._context.deliver
 
     async def counted(request: HttpRequest, key: str) -> Reply | TransportFailure:
@@ -1623,16 +1634,15 @@ async def test_after_an_outage_the_sink_ramps_up_instead_of_sending_everything_a
         return await original(request, key)
 
     h.engine._context.deliver = counted
-    await h.run_until(300, limit=3600)
-    assert h.dead.letters == []
-    before = [under_way for at, under_way, _ in starts if at < recovered]
-    after = [(under_way, limit) for at, under_way, limit in starts if at >= recovered]
-    assert max(before) == 64, "before the outage was seen, the sink sent at full concurrency"
+    return starts
+
+
+def assert_ramped_up(after: list[tuple[int, int | None]]) -> None:
+    """The requests after a gate closed, as (under way, the ramp's limit): the probe alone, then a slow start."""
     assert after[0][0] == 1, "the probe"
     assert max(under_way for under_way, _ in after[:6]) <= 3, "then two, then one more per success"
     assert all(limit is None or under_way <= limit for under_way, limit in after)
     assert max(under_way for under_way, _ in after) == 64, "and back at full concurrency"
-    assert h.engine._context.ramp.limit is None
 
 
 async def test_after_a_credentials_pause_the_sink_ramps_up_too(harness_factory: Callable[..., Harness]) -> None:
@@ -1643,21 +1653,10 @@ async def test_after_a_credentials_pause_the_sink_ramps_up_too(harness_factory: 
 
     h = harness_factory(outage_records(150), script, max_in_flight=64, auth_pause=5.0)
     fixed = h.clock.now() + 20.0
-    starts: list[tuple[float, int, int | None]] = []  # (when, requests under way with this one, the ramp's limit)
-    original = h.engine._context.deliver
-
-    async def counted(request: HttpRequest, key: str) -> Reply | TransportFailure:
-        starts.append((h.clock.now(), h.downstream.in_flight + 1, h.engine._context.ramp.limit))
-        return await original(request, key)
-
-    h.engine._context.deliver = counted
+    starts = record_starts(h)
     await h.run_until(300, limit=3600)
     assert h.dead.letters == []
-    after = [(under_way, limit) for at, under_way, limit in starts if at >= fixed]
-    assert after[0][0] == 1, "the probe"
-    assert max(under_way for under_way, _ in after[:6]) <= 3, "then two, then one more per success"
-    assert all(limit is None or under_way <= limit for under_way, limit in after)
-    assert max(under_way for under_way, _ in after) == 64, "and back at full concurrency"
+    assert_ramped_up([(under_way, limit) for at, under_way, limit in starts if at >= fixed])
     assert h.engine._context.ramp.limit is None
 
 
