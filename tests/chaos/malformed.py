@@ -2,8 +2,9 @@
 
 Every case is checked against the contract as it is made: `parse_submission` (webhooks) or `decode` (records)
 must refuse it, else another draw is taken. So "each gets a clear 4xx or a dead letter" tests the daemon, not the
-generator's luck. The kinds cover bad JSON, wrong types, broken money, wrong encodings, huge values, deep
-nesting, missing and extra fields, wrong shapes, bad dates and envelopes, oversized bodies and wrong media types.
+generator's luck. The kinds cover bad JSON, wrong types, broken money and charges (discounts, shipping), wrong
+encodings, huge values, deep nesting, missing and extra fields, wrong shapes, bad dates and envelopes, oversized
+bodies and wrong media types.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Final
 
 from topics.codec import decode, parse_submission
@@ -158,6 +160,25 @@ def _broken_money(rng: random.Random, data: Json) -> bytes:
     return _dump(data)
 
 
+def _broken_charges(rng: random.Random, data: Json) -> bytes:
+    order, line = _order(data), _line(rng, data)
+    price = Decimal(line["unit_price"]) * line["quantity"]
+    case = rng.randrange(6)
+    if case == 0:
+        line["discount_amount"] = str(price + Decimal("0.01"))  # more than the line's price
+    elif case == 1:
+        line["discount_amount"] = rng.choice(["0.001", "-1.00", "1,00", 1.5])  # places, sign, notation, a number
+    elif case == 2:
+        line["discount_amount"] = "0.01"  # the net left as if undiscounted
+    elif case == 3:  # a charge the totals leave out
+        order["shipping"] = {"method": "standard", "net_amount": "4.90", "tax_rate": "0.19", "tax_amount": "0.93"}
+    elif case == 4:
+        order["shipping"] = {"net_amount": "4.90", "tax_rate": "0.19", "tax_amount": "1.50"}  # its tax wrong
+    else:
+        order["shipping"] = {"net_amount": 4.9, "tax_rate": "19%", "tax_amount": "0.93", "carrier": "DHL"}
+    return _dump(data)
+
+
 def _huge(rng: random.Random, data: Json) -> bytes:
     order, line = _order(data), _line(rng, data)
     case = rng.randrange(6)
@@ -269,6 +290,7 @@ MUTATIONS: Final[dict[str, Mutation]] = {
     "encoding/invalid-utf-8": _invalid_utf8,
     "wrong-type": _wrong_type,
     "broken-money": _broken_money,
+    "broken-charges": _broken_charges,
     "huge-value": _huge,
     "deep-nesting": _deep,
     "missing-field": _missing,
