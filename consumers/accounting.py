@@ -11,6 +11,7 @@ and names what it clears.
 
 from __future__ import annotations
 
+import functools
 from decimal import Decimal
 from typing import Any
 
@@ -25,7 +26,7 @@ class AccountingSink(RestSink):
 
     def payload(self, event: OrderEvent) -> dict[str, Any]:
         order, customer, billing = event.order, event.order.customer, event.order.billing_address
-        zero = Decimal(0).scaleb(-minor_units(order.currency))  # "0.00" in euros
+        zero = _zero(order.currency)
         return {
             "order_number": order.order_number,
             "created_at": order.created_at,
@@ -52,6 +53,12 @@ class AccountingSink(RestSink):
             "shipping": _shipping(order.shipping),
             "paid": order.paid,
         }
+
+
+@functools.cache
+def _zero(currency: str) -> Decimal:
+    """Zero at `currency`'s places: "0.00" in euros, "0" in yen (made once per currency, not per request)."""
+    return Decimal(0).scaleb(-minor_units(currency))
 
 
 def _line(line: LineItem, zero: Decimal) -> dict[str, Any]:

@@ -44,6 +44,8 @@ from daemon.dlq import parse_position
 from daemon.kafka_options import client_options, topic_layout
 from daemon.lifecycle import serve
 from daemon.logs import configure
+from daemon.order_check import MAX_BODY_BYTES
+from daemon.reconcile import DEFAULT_RATE
 from daemon.retention import MIN_DEDUP_RETENTION_HOURS, MIN_INGEST_KEY_RETENTION_HOURS
 from daemon.settings import AuthSettings, Settings, load_settings
 from daemon.signature import sign
@@ -53,7 +55,6 @@ from topics.errors import ConfigError, OrderbusError
 
 T = TypeVar("T")
 
-DEFAULT_RECONCILE_RATE = 20.0  # daemon.reconcile.DEFAULT_RATE, without loading it for --help
 DEMO_CONFIG = kafka_local.REPO_ROOT / "deploy" / "dev" / "orderbus.toml"
 DEMO_KAFKA_DIR = kafka_local.REPO_ROOT / ".run" / "kafka"
 
@@ -196,15 +197,13 @@ def _parser() -> argparse.ArgumentParser:
         "--since-hours", type=_hours, default=24.0, metavar="H", help="orders delivered in the last H hours (24)"
     )
     recon.add_argument("--concurrency", type=_concurrency, default=4, help="requests at once, 1-64 (4)")
-    recon.add_argument(
-        "--rate", type=_rate, help=f"requests a second (the sink's rate, else {DEFAULT_RECONCILE_RATE:g})"
-    )
+    recon.add_argument("--rate", type=_rate, help=f"requests a second (the sink's rate, else {DEFAULT_RATE:g})")
     recon.set_defaults(func=_reconcile)
 
     webhook = commands.add_parser("webhook", help="webhook helpers").add_subparsers(required=True, metavar="ACTION")
     signer = webhook.add_parser("sign", help="print Standard Webhooks headers for BODY (for curl -H @file)")
     _config_option(signer)
-    signer.add_argument("body", type=Path)
+    signer.add_argument("body", type=Path, help="the body to sign, or - for standard input")
     signer.set_defaults(func=_webhook_sign)
     checker = webhook.add_parser(
         "check", help="check BODY against the order contract, offline: what the ingest would refuse, and why"
@@ -214,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
         "--record", action="store_true", help="BODY is a record value for the orders topic (the event envelope)"
     )
     checker.add_argument(
-        "--max-body-bytes", type=int, default=1_048_576, metavar="N", help="the ingest's limit (1048576)"
+        "--max-body-bytes", type=int, default=MAX_BODY_BYTES, metavar="N", help=f"the ingest's limit ({MAX_BODY_BYTES})"
     )
     checker.set_defaults(func=_webhook_check)
     return parser
@@ -557,6 +556,14 @@ def _reconcile(args: argparse.Namespace) -> int:
     return 0 if all(c.verdict == "present" for c in run.checked) else 1
 
 
+def _read_input(path: Path) -> bytes:
+    """The bytes of `path`, or of standard input for ``-``; `ConfigError` naming the file if it cannot be read."""
+    try:
+        return sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _webhook_sign(args: argparse.Namespace) -> int:
     settings = _operator_settings(args)
     if not settings.ingest.webhook_secrets:
@@ -564,7 +571,7 @@ def _webhook_sign(args: argparse.Namespace) -> int:
     secret = settings.ingest.webhook_secrets[0].get_secret_value()
     msg_id = f"msg_{uuid.uuid4().hex}"
     timestamp = int(time.time())
-    body = args.body.read_bytes()
+    body = _read_input(args.body)
     print(f"webhook-id: {msg_id}")
     print(f"webhook-timestamp: {timestamp}")
     print(f"webhook-signature: {sign(secret, msg_id, timestamp, body)}")
@@ -574,10 +581,7 @@ def _webhook_sign(args: argparse.Namespace) -> int:
 def _webhook_check(args: argparse.Namespace) -> int:
     from daemon.order_check import check
 
-    try:
-        body = sys.stdin.buffer.read() if str(args.body) == "-" else args.body.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {args.body}: {exc.strerror or exc}") from None
+    body = _read_input(args.body)
     valid, lines = check(body, record=args.record, max_body_bytes=args.max_body_bytes)
     for line in lines:
         print(line)

@@ -9,12 +9,15 @@ It reads no settings and talks to nothing: a shop's CI can run it on its fixture
 
 from __future__ import annotations
 
+from typing import Final
+
+from daemon.settings import IngestSettings
 from topics.codec import decode, parse_submission
 from topics.envelope import OrderEvent, OrderSubmission
 from topics.errors import ContractError
 from topics.order import Order
 
-MAX_BODY_BYTES = 1_048_576  # the ingest's default limit (`daemon.settings.IngestSettings.max_body_bytes`)
+MAX_BODY_BYTES: Final[int] = IngestSettings.model_fields["max_body_bytes"].default  # the ingest's default limit
 
 
 def check(body: bytes, *, record: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[bool, list[str]]:

@@ -11,8 +11,8 @@ returned, else by number (`consumers.sink.RestSink.read`), with the sink's crede
 - 404 or 410: missing. The system lost it, or removed it on a cancel (some systems do; `orderbus trace ORDER`
   shows the order's events);
 - 429 or 503 with Retry-After: every request waits as told (at most the sink's ``retry_after_cap``) and the pace
-  halves, as the sink's own does; 408, 5xx, a timeout or a connection error: asked again after 1, 2, 4 s; `TRIES`
-  times in all, then no verdict (unknown);
+  halves, as the sink's own does; 408, 5xx, a timeout or a connection error: asked again after 1, 2, 4 s (`RETRY`'s
+  ceilings, without jitter: a few requests at a time need none), 4 times in all, then no verdict (unknown);
 - 401 or 403, or a TLS certificate the sink does not trust: it stops (`RunStopped`, a configuration matter:
   every other order would get the same);
 - any other status: unknown. `STOP_AFTER` orders in a row without a verdict stop the run too: that is the
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from consumers.auth import authorized_attempt
+from consumers.backoff import Backoff
 from consumers.clock import SystemClock
 from consumers.deadlines import Deadlines
 from consumers.dedup_sql import SELECT_DELIVERED_SINCE
@@ -50,7 +51,7 @@ from daemon.settings import Settings, SinkSettings
 from daemon.sinks import build_auth, build_sink, http_config
 from topics.errors import ConfigError, OrderbusError
 
-TRIES: Final = 4
+RETRY: Final = Backoff(base=1.0, cap=4.0, max_attempts=4)
 STOP_AFTER: Final = 10  # orders in a row without a verdict
 DEFAULT_RATE: Final = 20.0  # GETs a second for a sink without a `rate`
 
@@ -106,10 +107,7 @@ def delivered_orders(path: Path, since: float) -> list[Delivered]:
             rows = db.execute(SELECT_DELIVERED_SINCE, (since,)).fetchall()
     except (sqlite3.Error, OSError) as exc:
         raise OrderbusError(f"cannot read {path}: {exc} (run it as the daemon's user, or with sudo)") from None
-    # An order_ref of "@P:O" is a record without a readable key: never delivered, but guarded all the same.
-    return [
-        Delivered(str(ref), None if id_ is None else str(id_), float(at)) for ref, at, id_ in rows if ref[:1] != "@"
-    ]
+    return [Delivered(str(ref), None if id_ is None else str(id_), float(at)) for ref, at, id_ in rows]
 
 
 async def check_all(
@@ -160,10 +158,11 @@ async def _check(
     wall: Callable[[], float],
 ) -> Checked:
     detail = ""
-    for attempt in range(1, TRIES + 1):
+    tries = RETRY.max_attempts
+    for attempt in range(1, tries + 1):
         await pacer.acquire()
         outcome = await read(order)
-        wait: float | None = float(2 ** (attempt - 1))
+        wait: float | None = RETRY.ceiling(attempt)
         if isinstance(outcome, TransportFailure):
             if outcome.certificate_refused:
                 raise RunStopped(
@@ -193,9 +192,9 @@ async def _check(
                 wait = None
         else:
             return Checked(order, "unknown", f"HTTP {outcome.status}")
-        if attempt < TRIES and wait is not None:
+        if attempt < tries and wait is not None:
             await sleep(wait)
-    return Checked(order, "unknown", f"{detail}, {TRIES} tries")
+    return Checked(order, "unknown", f"{detail}, {tries} tries")
 
 
 async def reconcile(

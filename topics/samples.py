@@ -178,10 +178,8 @@ def _postal_code(rng: random.Random, template: str) -> str:
 
 def _line_item(rng: random.Random, product: _Product, country: _Country, currency: str) -> LineItem:
     sku, name, price, reduced = product
-    places = minor_units(currency)
-    unit = Decimal(1).scaleb(-places)
-    # Currencies without minor units get a 100 times the price, as yen prices are to euro prices.
-    unit_price = (Decimal(price) / 100 * (100 if places == 0 else 1)).quantize(unit)
+    unit = _unit(currency)
+    unit_price = _price(price, currency)
     quantity = rng.choice((1, 1, 1, 2, 2, 3, 5))
     net = unit_price * quantity
     rate = Decimal(country.reduced_rate if reduced else country.standard_rate)
@@ -200,7 +198,7 @@ def _discounted(rng: random.Random, line: LineItem, currency: str) -> LineItem:
     """`line`, or a third of the time the same line 10 % or 20 % off its price, its tax on what is left."""
     if rng.random() >= 1 / 3:
         return line
-    unit = Decimal(1).scaleb(-minor_units(currency))
+    unit = _unit(currency)
     discount = (line.quantity * line.unit_price * Decimal(rng.choice(("0.10", "0.20")))).quantize(unit)
     net = line.quantity * line.unit_price - discount
     tax = (net * line.tax_rate).quantize(unit, rounding=ROUND_HALF_UP)
@@ -209,12 +207,22 @@ def _discounted(rng: random.Random, line: LineItem, currency: str) -> LineItem:
 
 def _shipping_charge(rng: random.Random, country: _Country, currency: str) -> ShippingCharge:
     """Standard or express delivery at the country's standard rate, priced like the products (yen: 100 times)."""
-    places = minor_units(currency)
     method, price = rng.choice((("standard", 490), ("standard", 590), ("express", 1290)))
-    net = (Decimal(price) / 100 * (100 if places == 0 else 1)).quantize(Decimal(1).scaleb(-places))
+    net = _price(price, currency)
     rate = Decimal(country.standard_rate)
-    tax = (net * rate).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    tax = (net * rate).quantize(_unit(currency), rounding=ROUND_HALF_UP)
     return ShippingCharge(method=method, net_amount=net, tax_rate=rate, tax_amount=tax)
+
+
+def _unit(currency: str) -> Decimal:
+    """The minor unit of `currency`: 0.01 for euros, 1 for yen."""
+    return Decimal(1).scaleb(-minor_units(currency))
+
+
+def _price(hundredths: int, currency: str) -> Decimal:
+    """A list price in hundredths of a major unit, in `currency`: a currency without minor units gets 100 times it,
+    as yen prices are to euro prices."""
+    return (Decimal(hundredths) / 100 * (100 if minor_units(currency) == 0 else 1)).quantize(_unit(currency))
 
 
 __all__ = ["sample_event", "sample_order", "sample_submission"]

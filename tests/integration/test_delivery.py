@@ -63,6 +63,16 @@ async def until_committed(settings: Any, bootstrap: str, timeout: float = 60.0) 
             await asyncio.sleep(0.3)
 
 
+async def unreadable_gauges(registry: CollectorRegistry, expected: float) -> list[float | None]:
+    """Every sink's `orderbus_unreadable_partitions` once all show `expected`, or as they are after 10 s."""
+    for _ in range(100):
+        gauges = [registry.get_sample_value("orderbus_unreadable_partitions", {"sink": s}) for s in SINKS]
+        if gauges == [expected] * len(SINKS):
+            break
+        await asyncio.sleep(0.1)
+    return gauges
+
+
 async def test_mixed_faults_over_5000_orders_apply_each_exactly_once_per_sink(
     kafka_broker: BrokerInfo,
     sandbox_process: SandboxProcess,
@@ -318,12 +328,7 @@ async def test_a_record_the_client_cannot_read_holds_its_partition_and_nothing_e
         for name in SINKS:
             ledger = await sandbox.wait_ledger(name, len(expected), timeout=60)
             assert sorted(e["order_number"] for e in ledger) == sorted(expected), name
-        for _ in range(100):
-            gauges = [registry.get_sample_value("orderbus_unreadable_partitions", {"sink": s}) for s in SINKS]
-            if gauges == [1.0] * 3:
-                break
-            await asyncio.sleep(0.1)
-        assert gauges == [1.0] * 3
+        assert await unreadable_gauges(registry, 1.0) == [1.0] * 3
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{base}/healthz") as response:
                 assert response.status == 200, "the daemon runs on"
@@ -354,12 +359,7 @@ async def test_a_record_the_client_cannot_read_holds_its_partition_and_nothing_e
         for name in SINKS:
             ledger = await sandbox.wait_ledger(name, len(everything), timeout=60)
             assert sorted(e["order_number"] for e in ledger) == everything, name
-        for _ in range(100):
-            gauges = [registry.get_sample_value("orderbus_unreadable_partitions", {"sink": s}) for s in SINKS]
-            if gauges == [0.0] * 3:
-                break
-            await asyncio.sleep(0.1)
-        assert gauges == [0.0] * 3
+        assert await unreadable_gauges(registry, 0.0) == [0.0] * 3
     for name in SINKS:
         letters = [
             read_headers(headers)

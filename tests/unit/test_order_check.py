@@ -117,6 +117,17 @@ def test_the_command_exits_0_for_a_valid_body_1_for_an_invalid_one_and_2_for_no_
     assert cli.main(["webhook", "check", "-"]) == 0
 
 
+def test_webhook_sign_reads_its_body_as_check_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = ["--config", str(EXAMPLE.parents[1] / "dev" / "orderbus.toml")]
+    assert cli.main(["webhook", "sign", *config, str(tmp_path / "missing.json")]) == 2  # was a traceback
+    assert "cannot read" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(EXAMPLE.read_bytes())))
+    assert cli.main(["webhook", "sign", *config, "-"]) == 0
+    assert capsys.readouterr().out.count("webhook-") == 3
+
+
 def test_messages_never_echo_the_bodys_personal_data() -> None:
     valid, lines = check(example(customer={"name": "Erika Beispiel", "email": "erika at example"}))
     assert not valid
