@@ -19,6 +19,7 @@ from consumers.delivery_state import (
     WriteBuffer,
 )
 from consumers.sqlite_files import rebuild_table, row_chunks, transaction
+from topics.errors import StoreError
 
 __all__ = [
     "SCHEMA",
@@ -26,6 +27,7 @@ __all__ = [
     "SELECT_BLOCKING",
     "SELECT_DELIVERED_SINCE",
     "SELECT_DOWNSTREAM_ID",
+    "check_layout",
     "delete_prunable",
     "fetch_all",
     "migrate",
@@ -44,7 +46,7 @@ __all__ = [
 # table: 14 -> 21 us a row, against 5 us with keys in order), while order numbers come in order (a shop counts them
 # up), so new orders' rows land on the index's last pages (6.7 us a row, flat). An event's duplicates carry its
 # order number (the record key), so every lookup names both (`select_states`). Files of the earlier layout, unique
-# by key, are rebuilt at open (`migrate`).
+# by key, are rebuilt at open (`migrate`), and files without `event_type` gain it (`NULL` in their rows).
 _CREATE_DELIVERIES = f"""
 CREATE TABLE IF NOT EXISTS {DELIVERIES_TABLE} (
     key              TEXT NOT NULL,
@@ -58,7 +60,8 @@ CREATE TABLE IF NOT EXISTS {DELIVERIES_TABLE} (
     downstream_id    TEXT,
     reply_digest     TEXT,
     reason           TEXT,
-    updated_at       REAL NOT NULL
+    updated_at       REAL NOT NULL,
+    event_type       TEXT
 )"""
 SCHEMA = f"""
 {_CREATE_DELIVERIES};
@@ -79,13 +82,36 @@ CREATE TABLE IF NOT EXISTS {BLOCKED_ORDERS_TABLE} (
 
 
 def migrate(db: sqlite3.Connection) -> bool:
-    """Rebuild a deliveries table of the earlier layout, unique by key (its primary key), rows in the order they
-    were written; blocking. True if it did; a new file or one of the current layout is left as it is."""
-    indexes = db.execute(f"PRAGMA index_list({DELIVERIES_TABLE})").fetchall()  # (seq, name, unique, origin, partial)
-    if not any(origin == "pk" for _, _, _, origin, _ in indexes):
+    """Bring a deliveries table of an earlier layout to the current one; blocking. Unique by key (its primary key):
+    rebuilt, rows in the order they were written; without `event_type`: the column added (``NULL`` in its rows,
+    at once: SQLite changes only the schema). True if it changed the file; a new file is left as it is."""
+    columns = _columns(db)
+    if not columns:
         return False
-    rebuild_table(db, DELIVERIES_TABLE, _CREATE_DELIVERIES, DELIVERY_COLUMNS, order_by="rowid")
-    return True
+    indexes = db.execute(f"PRAGMA index_list({DELIVERIES_TABLE})").fetchall()  # (seq, name, unique, origin, partial)
+    if any(origin == "pk" for _, _, _, origin, _ in indexes):
+        kept = [column for column in DELIVERY_COLUMNS if column in columns]
+        rebuild_table(db, DELIVERIES_TABLE, _CREATE_DELIVERIES, kept, order_by="rowid")
+        return True
+    if "event_type" not in columns:
+        db.execute(f"ALTER TABLE {DELIVERIES_TABLE} ADD COLUMN event_type TEXT")
+        return True
+    return False
+
+
+def check_layout(db: sqlite3.Connection) -> None:
+    """`StoreError` if the file's deliveries table predates the current layout: a read-only reader (`orderbus
+    trace`, `orderbus reconcile`) cannot bring it up to date, the daemon does at its start (`migrate`)."""
+    columns = _columns(db)
+    if columns and not set(DELIVERY_COLUMNS) <= columns:
+        raise StoreError(
+            "the file is of an earlier orderbus version, which the daemon brings up to date when it starts: "
+            "restart it, then run this again"
+        )
+
+
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({DELIVERIES_TABLE})")}  # (cid, name, type, ...)
 
 
 # A flush writes many rows per statement (``VALUES (...), (...), ...``) rather than an executemany of one row each:
@@ -117,7 +143,7 @@ SELECT_DOWNSTREAM_ID = f"SELECT order_ref, downstream_id FROM {DOWNSTREAM_IDS_TA
 # Per order with an event the downstream accepted (or had) since ?: its latest such time and its downstream id, if
 # known; the oldest first (`orderbus reconcile`).
 SELECT_DELIVERED_SINCE = f"""
-SELECT d.order_ref, MAX(d.updated_at), i.downstream_id FROM {DELIVERIES_TABLE} AS d
+SELECT d.order_ref, MAX(d.updated_at), i.downstream_id, d.event_type FROM {DELIVERIES_TABLE} AS d
 LEFT JOIN {DOWNSTREAM_IDS_TABLE} AS i ON i.order_ref = d.order_ref
 WHERE d.status IN ('done', 'duplicate') AND d.updated_at >= ?
 GROUP BY d.order_ref ORDER BY MAX(d.updated_at), d.order_ref
@@ -190,6 +216,7 @@ def _row(s: DeliveryState) -> tuple[Any, ...]:
         s.reply_digest,
         s.reason,
         s.updated_at,
+        s.event_type,
     )
 
 

@@ -35,6 +35,7 @@ DELIVERY_COLUMNS: Final = (
     "reply_digest",
     "reason",
     "updated_at",
+    "event_type",
 )
 DOWNSTREAM_IDS_TABLE: Final = "downstream_ids"
 DOWNSTREAM_ID_COLUMNS: Final = ("order_ref", "downstream_id")
@@ -47,7 +48,9 @@ class DeliveryState:
     """What happened to one event in one sink; the fields are the table's columns, in this order.
 
     `order_ref` is the order number, a business reference (not personal data), so it may be stored and
-    logged. `last_status` is the last HTTP status seen; the ``*_at`` fields are unix seconds.
+    logged. `last_status` is the last HTTP status seen; the ``*_at`` fields are unix seconds. `event_type` is the
+    event's (``order.cancelled``: `orderbus reconcile` expects the order gone); None for a record that could not be
+    decoded, and in rows written before orderbus kept it.
     """
 
     key: str
@@ -62,6 +65,7 @@ class DeliveryState:
     reply_digest: str | None
     reason: str | None
     updated_at: float
+    event_type: str | None = None
 
 
 @dataclass(slots=True)

@@ -39,7 +39,7 @@ def prepare_wal_file(
         if mode != "wal":
             raise StoreError(f"{store} {path}: journal mode is {mode!r}, WAL is not supported here")
         if migrate is not None and migrate(db):
-            log.info("%s %s: rebuilt in the current layout", store, path)
+            log.info("%s %s: brought to the current layout", store, path)
         db.executescript(schema)
 
 

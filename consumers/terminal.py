@@ -202,5 +202,6 @@ def put_state(
             reply_digest=digest,
             reason=reason,
             updated_at=context.clock.wall(),
+            event_type=work.prepared.event_type if work.prepared else None,
         )
     )

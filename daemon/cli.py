@@ -524,7 +524,7 @@ def _concurrency(text: str) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    from daemon.reconcile import RunStopped, explain, prepare, reconcile
+    from daemon.reconcile import RunStopped, accounted_for, explain, prepare, reconcile
 
     settings = _operator_settings(args)  # the other sinks' secrets are not needed, only this one's
     _require_sink_secrets(settings, args.sink)
@@ -553,7 +553,7 @@ def _reconcile(args: argparse.Namespace) -> int:
         print(line)
     if code is not None:
         return code
-    return 0 if all(c.verdict == "present" for c in run.checked) else 1
+    return 0 if accounted_for(run.checked) else 1
 
 
 def _read_input(path: Path) -> bytes:

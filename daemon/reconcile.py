@@ -8,8 +8,8 @@ returned, else by number (`consumers.sink.RestSink.read`), with the sink's crede
 ``User-Agent: orderbus/<version> reconcile``, at most `concurrency` at once and `rate` a second:
 
 - a 2xx with a JSON object: present (a 2xx with anything else, a sign-in page of a proxy for one, is no verdict);
-- 404 or 410: missing. The system lost it, or removed it on a cancel (some systems do; `orderbus trace ORDER`
-  shows the order's events);
+- 404 or 410: missing, lost by the system; or removed, when the last event delivered was the order's cancel (the
+  sinks send a cancel as a DELETE). A cancelled order still there is present: some systems keep them, marked;
 - 429 or 503 with Retry-After: every request waits as told (at most the sink's ``retry_after_cap``) and the pace
   halves, as the sink's own does; 408, 5xx, a timeout or a connection error: asked again after 1, 2, 4 s (`RETRY`'s
   ceilings, without jitter: a few requests at a time need none), 4 times in all, then no verdict (unknown);
@@ -39,7 +39,7 @@ from consumers.auth import authorized_attempt
 from consumers.backoff import Backoff
 from consumers.clock import SystemClock
 from consumers.deadlines import Deadlines
-from consumers.dedup_sql import SELECT_DELIVERED_SINCE
+from consumers.dedup_sql import SELECT_DELIVERED_SINCE, check_layout
 from consumers.delivery import Reply, TransportFailure
 from consumers.http_client import HttpClient
 from consumers.identity import USER_AGENT
@@ -49,13 +49,15 @@ from consumers.sqlite_files import read_only
 from daemon.retention import dedup_path
 from daemon.settings import Settings, SinkSettings
 from daemon.sinks import build_auth, build_sink, http_config
-from topics.errors import ConfigError, OrderbusError
+from topics.errors import ConfigError, OrderbusError, StoreError
 
 RETRY: Final = Backoff(base=1.0, cap=4.0, max_attempts=4)
 STOP_AFTER: Final = 10  # orders in a row without a verdict
 DEFAULT_RATE: Final = 20.0  # GETs a second for a sink without a `rate`
 
-Verdict = Literal["present", "missing", "unknown"]
+Verdict = Literal["present", "removed", "missing", "unknown"]
+VERDICTS: Final[tuple[Verdict, ...]] = ("present", "removed", "missing", "unknown")
+CANCELLED: Final = "order.cancelled"
 Read = Callable[["Delivered"], Awaitable[Reply | TransportFailure]]
 
 
@@ -70,11 +72,13 @@ class RunStopped(OrderbusError):
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """An order the system accepted an event of: its number, the id the system gave it, and when (unix s)."""
+    """An order the system accepted an event of: its number, the id the system gave it, when (unix s), and whether
+    that last event was its cancel (None: delivered before orderbus kept event types)."""
 
     order_number: str
     downstream_id: str | None
     at: float
+    cancelled: bool | None = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +108,16 @@ def delivered_orders(path: Path, since: float) -> list[Delivered]:
         raise OrderbusError(f"no delivery-state file {path}: this host has delivered nothing to this sink yet")
     try:
         with read_only(path) as db:
+            check_layout(db)
             rows = db.execute(SELECT_DELIVERED_SINCE, (since,)).fetchall()
+    except StoreError as exc:
+        raise OrderbusError(f"cannot read {path}: {exc}") from None
     except (sqlite3.Error, OSError) as exc:
         raise OrderbusError(f"cannot read {path}: {exc} (run it as the daemon's user, or with sudo)") from None
-    return [Delivered(str(ref), None if id_ is None else str(id_), float(at)) for ref, at, id_ in rows]
+    return [
+        Delivered(str(ref), None if id_ is None else str(id_), float(at), None if kind is None else kind == CANCELLED)
+        for ref, at, id_, kind in rows
+    ]
 
 
 async def check_all(
@@ -176,7 +186,7 @@ async def _check(
                 return Checked(order, "present", f"HTTP {outcome.status}")
             return Checked(order, "unknown", f"HTTP {outcome.status} without a JSON object: not the order")
         elif outcome.status in (404, 410):
-            return Checked(order, "missing", f"HTTP {outcome.status}")
+            return Checked(order, "removed" if order.cancelled else "missing", f"HTTP {outcome.status}")
         elif outcome.status in (401, 403):
             said = f": {outcome.excerpt}" if b"credentials_refused" in outcome.body else ""  # our own, see auth
             raise RunStopped(
@@ -255,26 +265,42 @@ def _sink(settings: Settings, name: str) -> SinkSettings:
     return config
 
 
+def accounted_for(checked: Sequence[Checked]) -> bool:
+    """Every order as orderbus left it: there, or gone on its cancel (the exit status's 0)."""
+    return all(c.verdict in ("present", "removed") for c in checked)
+
+
 def explain(sink: str, run: Run, config: str) -> list[str]:
-    """The report: the counts, then every order that is not present, with what the system answered."""
+    """The report: the counts, then every order that is not present (or removed on its cancel), with what the
+    system answered."""
     checked = run.checked
-    counts = {verdict: sum(1 for c in checked if c.verdict == verdict) for verdict in ("present", "missing", "unknown")}
+    counts = {verdict: sum(1 for c in checked if c.verdict == verdict) for verdict in VERDICTS}
     asked = "the system was asked for each" if len(checked) == len(run.orders) else f"{len(checked)} asked"
     lines = [
         f"{sink}: {len(run.orders)} order(s) delivered from this host since {_when(run.since)}; {asked}",
-        *(f"  {verdict:<8} {count}" for verdict, count in counts.items()),
+        *(f"  {verdict:<8} {count}" for verdict, count in counts.items() if verdict != "removed" or count),
     ]
-    for verdict, heading in (
-        ("missing", "missing (the system answers that it has no such order; lost, or removed on a cancel):"),
+    missing = [c for c in checked if c.verdict == "missing"]
+    heading = "missing (the system answers that it has no such order, and orderbus did not cancel it there):"
+    if any(c.order.cancelled is None for c in missing):
+        heading = (
+            "missing (the system answers that it has no such order; lost, or, for those delivered before "
+            "orderbus kept event types, removed on a cancel):"
+        )
+    listed: tuple[tuple[Verdict, str], ...] = (
+        ("missing", heading),
         ("unknown", "unknown (no answer that says; ask again later):"),
-    ):
+    )
+    for verdict, title in listed:
         if counts[verdict]:
-            lines.append(heading)
+            lines.append(title)
             for c in checked:
                 if c.verdict == verdict:
                     known = f", downstream id {c.order.downstream_id}" if c.order.downstream_id else ", by number"
                     lines.append(f"  {c.order.order_number}{known}, delivered {_when(c.order.at)}: {c.detail}")
-    if counts["missing"]:
+    if counts["removed"]:
+        lines.append("removed: cancelled orders the system deleted, as orderbus's cancel asked")
+    if missing:
         lines.append(f"what orderbus has of an order: orderbus trace ORDER{config}")
     return lines
 
@@ -284,10 +310,12 @@ def _when(unix: float) -> str:
 
 
 __all__ = [
+    "VERDICTS",
     "Checked",
     "Delivered",
     "Run",
     "RunStopped",
+    "accounted_for",
     "check_all",
     "delivered_orders",
     "explain",

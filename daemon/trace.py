@@ -25,7 +25,14 @@ from typing import Any
 from aiokafka.partitioner import murmur2
 
 from consumers.blocks import decode_chain
-from consumers.dedup_sql import SELECT_BLOCKING, SELECT_DOWNSTREAM_ID, select_blocked, select_in, select_states
+from consumers.dedup_sql import (
+    SELECT_BLOCKING,
+    SELECT_DOWNSTREAM_ID,
+    check_layout,
+    select_blocked,
+    select_in,
+    select_states,
+)
 from consumers.delivery_state import DeliveryState
 from consumers.sqlite_files import read_only
 from consumers.unreadable import describe, passes_through
@@ -184,10 +191,11 @@ def _local_states(
     keys = {idempotency_key(name, event.event_id): event.event_id for event in events if event.event_id}
     try:
         with read_only(path) as db:
+            check_layout(db)
             rows = select_states(db, [(order, key) for key in keys])
             downstream = select_in(db, SELECT_DOWNSTREAM_ID, [order])
             blocking = select_blocked(db, SELECT_BLOCKING, [order])
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, StoreError) as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc
     states = {keys[row[0]]: DeliveryState(*row) for row in rows}
     return SinkRecord(

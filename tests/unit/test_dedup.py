@@ -27,7 +27,8 @@ from consumers.dedup import (
     MemoryTables,
     SqliteDedupStore,
 )
-from consumers.dedup_sql import SCHEMA
+from consumers.dedup_sql import SCHEMA, check_layout
+from consumers.sqlite_files import MAX_VARIABLES, ROW_STEP
 from topics.errors import ConfigError, StoreError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -178,14 +179,15 @@ async def test_flushes_of_every_size_use_few_statement_texts(tmp_path: Path) -> 
             if text.lstrip().startswith(f"INSERT INTO {table} "):
                 counts.append(text.count("), (") + 1)
     assert len(per_flush) == 300
+    most = MAX_VARIABLES // len(DELIVERY_COLUMNS) // ROW_STEP * ROW_STEP  # 72 rows of 13 columns
     for size, flush in enumerate(per_flush, start=1):
         assert sum(flush[DELIVERIES_TABLE]) == sum(flush[DOWNSTREAM_IDS_TABLE]) == size
-        assert len(flush[DELIVERIES_TABLE]) <= size // 80 + 2, "as many rows as fit, then two statements at most"
+        assert len(flush[DELIVERIES_TABLE]) <= size // most + 2, "as many rows as fit, then two statements at most"
         assert len(flush[DOWNSTREAM_IDS_TABLE]) <= 2
     texts = {
         table: {n for flush in per_flush for n in flush[table]} for table in (DELIVERIES_TABLE, DOWNSTREAM_IDS_TABLE)
     }
-    assert texts[DELIVERIES_TABLE] == {80, *range(8, 80, 8), *range(1, 8)}
+    assert texts[DELIVERIES_TABLE] == {most, *range(8, most, 8), *range(1, 8)}
     assert texts[DOWNSTREAM_IDS_TABLE] == {*range(8, 301, 8), *range(1, 8)}
 
 
@@ -505,10 +507,10 @@ async def test_a_file_unique_by_key_is_rebuilt_at_open_and_keeps_every_row(tmp_p
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as old:
         old.execute("PRAGMA journal_mode = WAL")
         old.executescript(_BY_KEY_SCHEMA)
-        marks = ", ".join("?" * len(DELIVERY_COLUMNS))
+        marks = ", ".join("?" * len(_EARLIER_COLUMNS))
         old.executemany(
             f"INSERT INTO {DELIVERIES_TABLE} VALUES ({marks})",  # noqa: S608 -- constant
-            [dataclasses.astuple(row) for row in rows],
+            [dataclasses.astuple(row)[: len(_EARLIER_COLUMNS)] for row in rows],
         )
     async with SqliteDedupStore(path) as store:
         assert await store.get_many({"k1": "SO-1", "k2": "SO-2"}) == {"k1": rows[0], "k2": rows[1]}
@@ -523,6 +525,31 @@ async def test_a_file_unique_by_key_is_rebuilt_at_open_and_keeps_every_row(tmp_p
     with contextlib.closing(sqlite3.connect(path)) as plain:
         tables = {name for (name,) in plain.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert f"{DELIVERIES_TABLE}_by_key" not in tables
+
+
+# The layout before the event type was kept: the current one without its last column.
+_EARLIER_COLUMNS = DELIVERY_COLUMNS[: DELIVERY_COLUMNS.index("event_type")]
+
+
+async def test_a_file_without_event_types_gains_the_column_at_open_and_keeps_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "crm.dedup.sqlite3"
+    async with SqliteDedupStore(path):
+        pass
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as old:
+        old.execute(f"ALTER TABLE {DELIVERIES_TABLE} DROP COLUMN event_type")
+        marks = ", ".join("?" * len(_EARLIER_COLUMNS))
+        row = dataclasses.astuple(state("k1", order_ref="SO-1"))[: len(_EARLIER_COLUMNS)]
+        old.execute(f"INSERT INTO {DELIVERIES_TABLE} VALUES ({marks})", row)  # noqa: S608 -- constant
+    with contextlib.closing(sqlite3.connect(path)) as plain, pytest.raises(StoreError, match="earlier orderbus"):
+        check_layout(plain)  # what a read-only reader says of it
+    async with SqliteDedupStore(path) as store:
+        assert await store.get_many({"k1": "SO-1"}) == {"k1": state("k1", order_ref="SO-1")}  # event_type None
+        cancelled = dataclasses.replace(state("k2", order_ref="SO-1"), event_type="order.cancelled")
+        store.put(cancelled)
+        assert await store.flush() == 1
+        assert await store.get_many({"k2": "SO-1"}) == {"k2": cancelled}
+    with contextlib.closing(sqlite3.connect(path)) as plain:
+        check_layout(plain)
 
 
 async def test_synchronous_full_is_accepted_and_anything_else_refused(tmp_path: Path) -> None:

@@ -251,6 +251,15 @@ async def test_every_record_is_delivered_and_the_offsets_committed(harness_facto
     assert {state.status for state in states.values()} == {"done"}
 
 
+async def test_each_state_keeps_its_events_type(harness_factory: Callable[..., Harness]) -> None:
+    # `orderbus reconcile` expects an order whose cancel was delivered last to be gone, not lost.
+    records = [record(0, "SO-1"), record(1, "SO-1", "order.cancelled", seed=1), FakeRecord(2, b"SO-2", b"not json")]
+    h = harness_factory({TP0: records})
+    await h.run_until(3)
+    kinds = sorted((s.order_ref, s.status, s.event_type) for s in h.store.tables.deliveries.values())
+    assert kinds == [("SO-1", "done", "order.cancelled"), ("SO-1", "done", "order.created"), ("SO-2", "dead", None)]
+
+
 async def test_one_keys_records_arrive_in_order_across_retries_while_other_keys_flow(
     harness_factory: Callable[..., Harness],
 ) -> None:

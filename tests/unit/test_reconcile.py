@@ -4,6 +4,8 @@ fake reader), and the verdicts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from daemon.reconcile import (
     Delivered,
     Run,
     RunStopped,
+    accounted_for,
     check_all,
     delivered_orders,
     explain,
@@ -37,21 +40,26 @@ from topics.errors import ConfigError, OrderbusError
 T0 = 1.8e9
 
 
-def state(order: str, event: str, status: DeliveryStatus, at: float) -> DeliveryState:
+def state(
+    order: str, event: str, status: DeliveryStatus, at: float, kind: str | None = "order.created"
+) -> DeliveryState:
     return DeliveryState(
-        idempotency_key("accounting", event), event, order, status, 1, 201, at, at, None, None, None, at
+        idempotency_key("accounting", event), event, order, status, 1, 201, at, at, None, None, None, at, kind
     )
 
 
 async def write_states(path: Path) -> None:
     async with SqliteDedupStore(path) as store:
         store.put(state("SO-1", "e-1", "done", T0))
-        store.put(state("SO-1", "e-2", "done", T0 + 50))  # its latest delivery counts
+        store.put(state("SO-1", "e-2", "done", T0 + 50, "order.updated"))  # its latest delivery counts
         store.put_downstream_id("SO-1", "acc-1")
         store.put(state("SO-2", "e-3", "duplicate", T0 + 10))  # the system had it: it should have it still
         store.put(state("SO-3", "e-4", "in_flight", T0 + 20))  # not delivered (yet)
         store.put(state("SO-4", "e-5", "dead", T0 + 30))  # never accepted
         store.put(state("SO-5", "e-6", "done", T0 - 3600))  # before the window
+        store.put(state("SO-6", "e-7", "done", T0 + 30))
+        store.put(state("SO-6", "e-8", "done", T0 + 40, "order.cancelled"))  # its last event: the cancel
+        store.put(state("SO-7", "e-9", "done", T0 + 45, None))  # written before event types were kept
         await store.flush()
 
 
@@ -64,11 +72,13 @@ async def test_the_orders_delivered_in_the_window_come_from_the_state_file_read_
     await write_states(path)
     before = files(tmp_path)
     assert delivered_orders(path, T0 - 60) == [
-        Delivered("SO-2", None, T0 + 10),
-        Delivered("SO-1", "acc-1", T0 + 50),
+        Delivered("SO-2", None, T0 + 10, cancelled=False),
+        Delivered("SO-6", None, T0 + 40, cancelled=True),
+        Delivered("SO-7", None, T0 + 45, cancelled=None),
+        Delivered("SO-1", "acc-1", T0 + 50, cancelled=False),
     ]
     assert files(tmp_path) == before
-    assert [d.order_number for d in delivered_orders(path, 0)] == ["SO-5", "SO-2", "SO-1"]
+    assert [d.order_number for d in delivered_orders(path, 0)] == ["SO-5", "SO-2", "SO-6", "SO-7", "SO-1"]
     with pytest.raises(OrderbusError, match=r"no delivery-state file .*dedup-crm\.sqlite"):
         delivered_orders(tmp_path / "dedup-crm.sqlite", 0)
 
@@ -241,7 +251,7 @@ def test_the_report_lists_what_is_not_present() -> None:
         "  present  1",
         "  missing  1",
         "  unknown  1",
-        "missing (the system answers that it has no such order; lost, or removed on a cancel):",
+        "missing (the system answers that it has no such order, and orderbus did not cancel it there):",
         "  SO-2, by number, delivered 2027-01-15T08:01:00+00:00: HTTP 404",
         "unknown (no answer that says; ask again later):",
         "  SO-3, downstream id acc-3, delivered 2027-01-15T08:02:00+00:00: HTTP 503, 4 tries",
@@ -249,6 +259,47 @@ def test_the_report_lists_what_is_not_present() -> None:
     ]
     del run.found[2]
     assert explain("accounting", run, "")[0].endswith("; 2 asked")
+
+
+def test_the_report_counts_cancelled_orders_gone_apart_and_warns_of_rows_without_event_types() -> None:
+    gone, old = Delivered("SO-1", "acc-1", T0, cancelled=True), Delivered("SO-2", None, T0 + 60, cancelled=None)
+    run = Run([gone, old], since=T0 - 3600)
+    run.found = {0: Checked(gone, "removed", "HTTP 404"), 1: Checked(old, "missing", "HTTP 404")}
+    assert explain("accounting", run, "")[1:] == [
+        "  present  0",
+        "  removed  1",
+        "  missing  1",
+        "  unknown  0",
+        "missing (the system answers that it has no such order; lost, or, for those delivered before orderbus kept"
+        " event types, removed on a cancel):",
+        "  SO-2, by number, delivered 2027-01-15T08:01:00+00:00: HTTP 404",
+        "removed: cancelled orders the system deleted, as orderbus's cancel asked",
+        "what orderbus has of an order: orderbus trace ORDER",
+    ]
+
+
+def test_a_cancelled_order_gone_is_removed_and_one_still_there_present() -> None:
+    orders = [
+        Delivered("SO-0", None, T0, cancelled=True),
+        Delivered("SO-1", None, T0, cancelled=True),
+        Delivered("SO-2", None, T0, cancelled=False),
+        Delivered("SO-3", None, T0, cancelled=None),
+    ]
+    replies = {"SO-0": ok(404), "SO-1": ok(), "SO-2": ok(404), "SO-3": ok(410)}
+    run, _, stopped = run_checks(lambda order, _: replies[order.order_number], orders=orders)
+    assert stopped is None
+    assert [c.verdict for c in run.checked] == ["removed", "present", "missing", "missing"]
+    assert accounted_for(run.checked[:2])  # the exit status's 0
+    assert not accounted_for(run.checked[:3])
+
+
+async def test_a_state_file_of_an_earlier_version_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "dedup-accounting.sqlite"
+    await write_states(path)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("ALTER TABLE deliveries DROP COLUMN event_type")
+    with pytest.raises(OrderbusError, match=r"earlier orderbus version.*restart it"):
+        delivered_orders(path, 0)
 
 
 # --- against a real HTTP server, with the sink's settings --------------------------------------------------------
@@ -288,8 +339,18 @@ async def test_reconcile_asks_the_system_by_id_or_number_with_the_sinks_credenti
 
         run = prepare(settings("s3cret"), "accounting", T0 - 60, now=T0 + 100)
         checked = await reconcile_sink(settings("s3cret"), "accounting", run, concurrency=2, rate=None)
-        assert [(c.order.order_number, c.verdict) for c in checked] == [("SO-2", "missing"), ("SO-1", "present")]
-        assert sorted(request.path for request in seen) == ["/orders/acc-1", "/orders/by-number/SO-2"]
+        assert [(c.order.order_number, c.verdict) for c in checked] == [
+            ("SO-2", "missing"),
+            ("SO-6", "removed"),  # cancelled: gone as the cancel asked
+            ("SO-7", "missing"),
+            ("SO-1", "present"),
+        ]
+        assert sorted(request.path for request in seen) == [
+            "/orders/acc-1",
+            "/orders/by-number/SO-2",
+            "/orders/by-number/SO-6",
+            "/orders/by-number/SO-7",
+        ]
         assert all(request.method == "GET" and "Idempotency-Key" not in request.headers for request in seen)
         assert all(request.headers["User-Agent"].endswith(" reconcile") for request in seen)
 
@@ -301,9 +362,11 @@ async def test_reconcile_asks_the_system_by_id_or_number_with_the_sinks_credenti
         # States are kept dedup_retention_hours: the window starts there at the earliest.
         kept = prepare(settings("s3cret", dedup_retention_hours=1), "accounting", 0, now=T0 + 100)
         assert kept.since == T0 + 100 - 3600
-        assert [order.order_number for order in kept.orders] == ["SO-2", "SO-1"]
+        assert [order.order_number for order in kept.orders] == ["SO-2", "SO-6", "SO-7", "SO-1"]
         assert [order.order_number for order in prepare(settings("s3cret"), "accounting", 0, now=T0).orders] == [
             "SO-5",
             "SO-2",
+            "SO-6",
+            "SO-7",
             "SO-1",
         ]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
+import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from consumers.blocks import encode_chain
 from consumers.deadletter import DeadLetter, Reason, read_headers
@@ -16,6 +20,7 @@ from consumers.work import KEY_MISMATCH, idempotency_key
 from daemon.dlq import DeadLetterView
 from daemon.trace import Found, SinkRecord, TracedEvent, _event, _local_states, _of_order, explain, key_partition
 from topics.codec import encode
+from topics.errors import StoreError
 from topics.samples import sample_event
 
 ORDER = "SO-2026-000042"
@@ -171,6 +176,17 @@ async def test_the_states_are_read_from_a_real_file_without_writing_to_it(tmp_pa
     missing = _local_states("crm", {}, [], tmp_path / "dedup-shipping.sqlite", ORDER, [CREATED])
     assert missing.states is None
     assert set(files(tmp_path)) == set(before)
+
+
+async def test_a_file_of_an_earlier_version_asks_for_the_daemons_restart(tmp_path: Path) -> None:
+    path = tmp_path / "dedup-crm.sqlite"
+    async with SqliteDedupStore(path) as store:
+        store.put(state("e-1", "done"))
+        await store.flush()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("ALTER TABLE deliveries DROP COLUMN event_type")  # as an earlier orderbus wrote it
+    with pytest.raises(StoreError, match=r"dedup-crm\.sqlite: the file is of an earlier orderbus version.*restart"):
+        _local_states("crm", {3: 120}, [], path, ORDER, [CREATED])
 
 
 async def test_the_states_of_a_file_the_daemon_has_open_are_read_as_they_change(tmp_path: Path) -> None:
