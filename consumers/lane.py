@@ -32,7 +32,7 @@ from consumers.dedup import DedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.metrics import EngineMetrics, HotSeries
 from consumers.pacing import Pacer
-from consumers.policy import Decision, parse_retry_after
+from consumers.policy import IN_PROGRESS, Decision, parse_retry_after
 from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
 from consumers.terminal import Attempts, Settling, already_delivered, dead_letter, delivered, put_state
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PROBE_WAIT = 0.5  # how often a lane looks again while another lane holds the half-open probe
-_PACED_STATUSES = (429, 503)
+_TIMED_STATUSES = (409, 429, 503)  # the answers whose Retry-After orderbus follows (a 409's: `IN_PROGRESS`)
 _FLUSH_RETRY = 1.0  # first wait after a failed flush of a settling record's state; doubles up to the backoff cap
 
 
@@ -354,9 +354,17 @@ class Lane:
         return outcome
 
     def _decide(self, outcome: Reply | TransportFailure) -> Decision:
-        policy = self._context.sink.policy
+        context = self._context
+        policy = context.sink.policy
         if isinstance(outcome, Reply):
-            return policy.decide(outcome.status)
+            decision = policy.decide(outcome.status)
+            if outcome.status == 409 and decision.action == "duplicate" and outcome.retry_after is not None:
+                wait = parse_retry_after(
+                    outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap
+                )
+                if wait is not None:
+                    return IN_PROGRESS  # not there yet: counted done, the order would be lost if that request fails
+            return decision
         return policy.decide_failure(outcome.kind)
 
     async def _retry_or_give_up(
@@ -374,14 +382,15 @@ class Lane:
         context = self._context
         _record(context.auth, True, probe)
         retry_after = None
-        if isinstance(outcome, Reply) and outcome.status in _PACED_STATUSES:
+        if isinstance(outcome, Reply) and outcome.status in _TIMED_STATUSES:
             retry_after = parse_retry_after(
                 outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap
             )
-            if retry_after is not None or outcome.status == 429:
+            if outcome.status != 409 and (retry_after is not None or outcome.status == 429):
                 # The whole sink slows down, not just this key; a 429 without a Retry-After only lowers the rate.
                 # A 503 without one says nothing of a pace: it is an outage, for the circuit and the key's backoff.
-                context.pacer.hold(retry_after or 0.0)
+                # (A 409's Retry-After is about this key's first request only: it waits alone.)
+                self._hold(retry_after or 0.0)
         if retry_after is None:
             _record(context.circuit, False, probe)
         elif probe is context.circuit:
@@ -413,6 +422,16 @@ class Lane:
         )
         await self._park(delay)
         return None
+
+    def _hold(self, seconds: float) -> None:
+        """The server set the sink's pace. A sink without a `rate` is not slowed by the pacer once the hold ends
+        (see `consumers.pacing`), so a hold that begins begins a slow start too (`consumers.ramp`): else every lane
+        parked meanwhile, up to `max_in_flight`, would send the moment it ends, at a system that just said "wait"."""
+        pacer, now = self._context.pacer, self._context.clock.now()
+        was_held = pacer.held_until > now
+        pacer.hold(seconds)
+        if pacer.rate is None and not was_held and pacer.held_until > now:
+            self._context.ramp.begin()
 
     async def _wait_for_gates(self) -> Circuit | None:
         """Wait while the circuit is open or the sink is paused for its credentials.

@@ -21,7 +21,8 @@ An unlimited pacer (rate None or 0) never waits for tokens and is never slowed, 
 it from the pace it was sending at was tried: a downstream whose 429s are not about our pace (the chaos runs'
 sandboxes answer 2 % of requests 429 in short episodes, whatever the rate) kept it far below that pace (halved at
 every episode, a tenth back every 5 s): the short chaos run took 109 s instead of ~60. A sink that must respect a
-rate limit gets a `rate`.
+rate limit gets a `rate`. Its lanes start slowly after a hold instead (`consumers.ramp`, begun by the lane that
+met the answer), or every one parked meanwhile would send the moment it ends.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from topics.errors import ConfigError
 __all__ = [
     "ACTIONS",
     "DEFAULT_POLICY",
+    "IN_PROGRESS",
     "Action",
     "Decision",
     "FailureKind",
@@ -107,6 +108,9 @@ class Decision:
 
 
 UNMATCHED: Final = Decision("dead_letter", "unmatched")
+# A 409 with a Retry-After: "a request with this key is still in progress, come back" (the IETF Idempotency-Key
+# draft's answer to a retry that overtook its first request, and orderbus's own ingest's), not "it exists".
+IN_PROGRESS: Final = Decision("retry", "409-in-progress")
 _FAILURES: Final[Mapping[str, Decision]] = {
     "timeout": Decision("retry", "timeout"),
     "connection": Decision("retry", "connection-error"),
@@ -181,9 +185,12 @@ def parse_retry_after(value: str | None, *, wall_now: float, cap: float) -> floa
       accepted: the server's intent is unambiguous, and waiting as asked is the safe side. Signs, exponents,
       "inf" and "nan" are rejected.
     - an HTTP-date in any of the three RFC 9110 forms (IMF-fixdate, RFC 850, asctime), taken as UTC when it
-      names no zone. A date in the past means "now" (0.0).
+      names no zone.
 
-    Anything else is ignored (None): the caller then falls back to its own backoff.
+    Anything else is ignored (None): the caller then falls back to its own backoff. So is a wait of zero ("0", a
+    date now or in the past, as a server whose clock is behind ours sends): it sets no pace, and taken as one it
+    would have every request sent again at once, for as long as the server answers so, with no backoff and no
+    circuit breaker (they count only failures without a pace).
     """
     if not math.isfinite(cap) or cap < 0:
         raise ValueError(f"the Retry-After cap must be a finite number >= 0, got {cap}")
@@ -193,11 +200,13 @@ def parse_retry_after(value: str | None, *, wall_now: float, cap: float) -> floa
     if not text:
         return None
     if _DELAY_SECONDS.fullmatch(text):
-        return min(float(text), cap)
+        seconds = float(text)
+        return min(seconds, cap) if seconds > 0 else None
     try:
         date = parsedate_to_datetime(text)
     except (ValueError, TypeError, OverflowError, IndexError):
         return None
     if date.tzinfo is None:
         date = date.replace(tzinfo=UTC)
-    return min(max(date.timestamp() - wall_now, 0.0), cap)
+    seconds = date.timestamp() - wall_now
+    return min(seconds, cap) if seconds > 0 else None

@@ -10,7 +10,8 @@ for each success (the limit doubles with each round of answers, as in TCP's slow
 downstream that still fails opens the circuit again (its window counts the failures), and one that fails now and
 then (a 503 in twenty) must not stay held below `max_in_flight` for good. A lane waits in the ramp before the
 pacer (`consumers.pacing`), so a `rate` and a Retry-After hold apply throughout; a probe is never held by it.
-A credentials pause (401/403) that ends begins a ramp too: its lanes were parked behind it just the same.
+A credentials pause (401/403) that ends begins a ramp too: its lanes were parked behind it just the same; and so
+does a Retry-After hold on a sink without a `rate` (`consumers.pacing` does not slow such a sink after the hold).
 
 Waiters are admitted first come, first served. `acquire` returns a ticket that `release` gives back and
 `succeeded` names: a request admitted by an earlier ramp, or sent before the ramp began (no ticket), neither frees

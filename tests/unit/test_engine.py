@@ -1669,6 +1669,54 @@ async def test_after_a_credentials_pause_the_sink_ramps_up_too(harness_factory: 
     assert h.engine._context.ramp.limit is None
 
 
+async def test_a_retry_after_hold_of_a_sink_without_a_rate_ends_in_a_slow_start(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Review (downstream owner): a sink without a `rate` held by a 503's Retry-After sent every lane parked meanwhile,
+    # up to max_in_flight, the moment the hold ended, at a system that had just said "wait" (and at each hold's end).
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503, "30") if h.clock.now() < back else ok()
+
+    h = harness_factory(outage_records(150), script, max_in_flight=64)
+    back = h.clock.now() + 10.0
+    starts = record_starts(h)
+    await h.run_until(300, limit=3600)
+    assert h.dead.letters == []
+    held = h.engine._context.pacer.held_until
+    assert held > back, "the hold outlasted the outage: everything after it waited for its end"
+    before = [under_way for at, under_way, _ in starts if at < back]
+    assert max(before) == 64, "before the first answer, the sink sent at full concurrency"
+    after = [(under_way, limit) for at, under_way, limit in starts if at >= back]
+    assert [under_way for under_way, _ in after[:6]] == [1, 2, 1, 2, 3, 4], "two at first, then one more per success"
+    assert all(limit is None or under_way <= limit for under_way, limit in after)
+    assert max(under_way for under_way, _ in after) == 64, "and back at full concurrency"
+
+
+async def test_a_409_with_retry_after_is_a_request_still_in_progress_and_is_sent_again(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Review (downstream owner): a retry that overtook its first request (a timeout, a reset connection) gets
+    # "409, in progress, Retry-After" from a system that follows the IETF Idempotency-Key draft; counted done, the
+    # order was lost if that first request then failed. A 409 without Retry-After still means "it exists".
+    so_1: list[float] = []
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b'"SO-1"' in (request.body or b""):
+            so_1.append(h.clock.now())
+            return answer(409, "2") if nth == 1 else ok()
+        return answer(409)
+
+    h = harness_factory({TP0: [record(0, "SO-1"), record(1, "SO-2")]}, script)
+    await h.run_until(2)
+    assert len(h.downstream.calls) == 3, "SO-1 twice, SO-2 once"
+    first, again = so_1
+    assert again - first >= 2.0, "sent again no sooner than the Retry-After"
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 1
+    assert h.metric("orderbus_deliveries_total", outcome="duplicate") == 1
+    assert h.dead.letters == []
+    assert h.engine._context.pacer.held_until <= first, "a key's 409 does not hold the whole sink"
+
+
 async def test_status_shows_no_ramp_while_a_credentials_pause_holds_the_sink(
     harness_factory: Callable[..., Harness],
 ) -> None:
