@@ -143,7 +143,9 @@ class Ingest:
             return _refused(400, "unreadable-body", f"the body could not be read: {exc}")
         except TimeoutError:
             timeout = self._config.body_timeout
-            detail = f"the body did not arrive within {timeout:g} s; send it again"
+            detail = (
+                f"the body did not arrive whole within {timeout:g} s (or its chunked encoding broke); send it again"
+            )
             response = _refused(408, "body-timeout", detail)
             response.force_close()  # the rest of the body may still come, and would be read as the next request
             return response

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from daemon.app import OPENAPI_PATH
+from daemon.problems import MAX_LISTED_ERRORS
 from topics.envelope import OrderSubmission
 
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
@@ -75,6 +76,8 @@ def document() -> dict[str, Any]:
             "detail": {"type": "string"},
             "errors": {
                 "type": "array",
+                "maxItems": MAX_LISTED_ERRORS,
+                "description": f"the first {MAX_LISTED_ERRORS} problems (detail says how many there were)",
                 "items": {
                     "type": "object",
                     "required": ["field", "message"],
@@ -144,13 +147,17 @@ def document() -> dict[str, Any]:
                             "bad JSON, a bad order (field errors), a bad idempotency key, or an unreadable body"
                         ),
                         "401": _problem_response("missing or invalid webhook signature"),
-                        "408": _problem_response("the body did not arrive within ingest.body_timeout"),
+                        "408": _problem_response(
+                            "the body did not arrive within ingest.body_timeout (a body whose chunked encoding "
+                            "breaks after it began may end so too)"
+                        ),
                         "409": _problem_response(
                             "a request with this idempotency key is still in progress; send it again after Retry-After",
                             retry_after=True,
                         ),
                         "413": _problem_response("body too large"),
                         "415": _problem_response("not application/json, or a compressed body (Content-Encoding)"),
+                        "417": _problem_response("an Expect header other than 100-continue"),
                         "422": _problem_response("this idempotency key was used with another body"),
                         "503": _problem_response(
                             "Kafka unreachable or slow to answer, or the key store failed; retry the same request",

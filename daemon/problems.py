@@ -10,6 +10,9 @@ from aiohttp import web
 from topics.errors import FieldError
 
 PROBLEM_TYPE = "application/problem+json"
+# Field errors listed in one answer at most: a body of 1 MiB can hold 100,000 unknown keys, whose list would be a
+# 9 MB answer that nobody reads past its first screen.
+MAX_LISTED_ERRORS = 100
 
 
 def problem(
@@ -20,7 +23,11 @@ def problem(
     errors: Sequence[FieldError] = (),
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    """A problem answer. `code` is a stable machine-readable name (also the ``type`` URI's last segment)."""
+    """A problem answer. `code` is a stable machine-readable name (also the ``type`` URI's last segment). Of
+    `errors`, the first `MAX_LISTED_ERRORS` are listed, and `detail` says how many there were."""
+    if len(errors) > MAX_LISTED_ERRORS:
+        detail = f"{detail} ({len(errors)} problems; the first {MAX_LISTED_ERRORS} are listed)"
+        errors = errors[:MAX_LISTED_ERRORS]
     body: dict[str, object] = {
         "type": f"https://orderbus.dev/problems/{code}",
         "title": code.replace("-", " "),

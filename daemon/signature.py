@@ -109,7 +109,7 @@ class WebhookVerifier:
         """
         msg_id = _header(headers, ID_HEADER)
         raw_timestamp = _header(headers, TIMESTAMP_HEADER)
-        raw_signatures = _header(headers, SIGNATURE_HEADER)
+        raw_signatures = " ".join(_every_line(headers, SIGNATURE_HEADER)) or _header(headers, SIGNATURE_HEADER)
         self._check_timestamp(raw_timestamp)
         offered = _v1_signatures(raw_signatures)
         # The timestamp is signed as sent (not re-formatted), exactly the bytes the sender hashed.
@@ -148,12 +148,21 @@ def _header(headers: Mapping[str, str], name: str) -> str:
     return value
 
 
+def _every_line(headers: Mapping[str, str], name: str) -> list[str]:
+    """Every line of header `name` when `headers` keeps them all (aiohttp's do): a sender rotating its secret may
+    put each signature on a line of its own, where ``get`` reads the first only."""
+    getall = getattr(headers, "getall", None)
+    return [] if getall is None else list(getall(name, []))
+
+
 def _v1_signatures(raw: str) -> list[bytes]:
-    """The decoded ``v1`` entries; other versions are skipped, as the spec asks, and so is bad base64."""
+    """The decoded ``v1`` entries; other versions are skipped, as the spec asks, and so is bad base64. Entries are
+    separated by spaces; a proxy that joins two lines of the header into one puts ``, `` between them, so a comma
+    ending an entry is the separator's (base64 has none)."""
     decoded: list[bytes] = []
     seen_v1 = False
     for entry in raw.split():
-        version, comma, value = entry.partition(",")
+        version, comma, value = entry.rstrip(",").partition(",")
         if not comma or version != _VERSION:
             continue
         seen_v1 = True

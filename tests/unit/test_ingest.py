@@ -29,6 +29,7 @@ from daemon.app import RUNNER_OPTIONS, build_app
 from daemon.ingest import EVENT_ID_NAMESPACE, Ingest, IngestConfig, _answer
 from daemon.ingest_keys import Claim, IngestKeyStore, MemoryIngestKeyStore, body_sha256
 from daemon.openapi import PROBLEM_CODES
+from daemon.problems import MAX_LISTED_ERRORS
 from daemon.publisher import BrokerUnavailable, Published, PublishPending
 from daemon.signature import WebhookVerifier, sign
 from topics.codec import EncodedRecord, decode
@@ -181,6 +182,18 @@ async def test_bad_json_or_bad_order_is_400_with_field_errors(
     problem = await response.json()
     assert field_name in [error["field"] for error in problem["errors"]]
     assert publisher.records == []
+
+
+async def test_a_body_with_thousands_of_problems_lists_the_first_hundred(client: Client) -> None:
+    # Review (sender): 120,000 unknown keys in a 1 MiB body made a 9 MB answer.
+    document = json.loads(body())
+    document["order"].update({f"x{i}": 1 for i in range(5000)})
+    response = await client.post("/v1/orders", data=json.dumps(document), headers=JSON)
+    assert response.status == 400
+    problem = await response.json()
+    assert len(problem["errors"]) == MAX_LISTED_ERRORS
+    assert problem["detail"] == "the order breaks the contract (5000 problems; the first 100 are listed)"
+    assert len(await response.read()) < 20_000
 
 
 async def test_money_that_does_not_add_up_names_the_field(client: Client) -> None:
@@ -511,7 +524,7 @@ async def test_openapi_health_and_readiness(client: Client) -> None:
     document = await (await client.get("/openapi.json")).json()
     assert document["openapi"].startswith("3.1")
     assert set(document["paths"]["/v1/orders"]["post"]["responses"]) == {
-        "202", "400", "401", "408", "409", "413", "415", "422", "503",
+        "202", "400", "401", "408", "409", "413", "415", "417", "422", "503",
     }  # fmt: skip
     # How to sign, where a reader and a generator look: the header's description (no apiKey scheme: a fixed value).
     signature = next(

@@ -6,6 +6,7 @@ import base64
 import re
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from daemon.signature import SignatureError, WebhookVerifier, sign
 from topics.errors import ConfigError, OrderbusError
@@ -154,6 +155,18 @@ def test_multiple_signatures_any_valid_v1_entry_is_enough() -> None:
     junk = "Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc="
     header = f"v1,{junk} v2,{junk}  {good} v1,not-base64!! v1a,{junk}"
     assert verifier().verify(headers(signature=header), b"{}") == VECTOR_ID
+
+
+def test_signatures_on_lines_of_their_own_or_joined_by_a_proxy_are_each_tried() -> None:
+    # Review (sender rotating its secret): the valid one on a second line, or first of a comma-joined pair, was a 401.
+    good, wrong = sign(VECTOR_SECRET, VECTOR_ID, NOW, b"{}"), sign(OTHER_SECRET, VECTOR_ID, NOW, b"{}")
+    lines = CIMultiDict(headers(signature=wrong))
+    lines.add("webhook-signature", good)
+    assert verifier().verify(CIMultiDictProxy(lines), b"{}") == VECTOR_ID
+    for joined in (f"{good}, {wrong}", f"{wrong}, {good}", f"{good}, v1a,x"):
+        assert verifier().verify(headers(signature=joined), b"{}") == VECTOR_ID
+    with pytest.raises(SignatureError, match="matches"):
+        verifier().verify(headers(signature=f"{wrong}, {wrong}"), b"{}")
 
 
 def test_other_versions_are_ignored_even_if_their_value_would_match() -> None:
