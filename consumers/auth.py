@@ -221,15 +221,20 @@ class OAuth2ClientCredentials:
             self._session = None
 
     async def _renew_early(self, token: _Token | None, now: float) -> _Token:
-        """A new token; if that fails while `token` is still valid, `token`, and try again later."""
+        """A new token; if that fails while `token` is still valid, `token`, and try again later. A refusal too (a
+        client secret revoked or rotated at the endpoint): the system still takes the token it gave, so the sink
+        goes on until it expires (said as an error: then the sink pauses) rather than pausing at once."""
         try:
             return await self._fetch_once("first" if token is None else "expiring")
-        except TokenUnavailable as exc:
+        except (TokenUnavailable, CredentialsRefused) as exc:
             if token is None or token.expired(now) or token.expires_at is None:
                 raise
             self._token = replace(token, refresh_at=now + max(1.0, (token.expires_at - now) / 2))
-            log.warning(
-                "oauth2 token renewal failed; using the current token until it expires",
+            refused = isinstance(exc, CredentialsRefused)
+            log.log(
+                logging.ERROR if refused else logging.WARNING,
+                "oauth2 token renewal %s; using the current token until it expires",
+                "refused" if refused else "failed",
                 extra={"sink": self._name, "error": str(exc)},
             )
             return token

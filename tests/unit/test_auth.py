@@ -458,6 +458,22 @@ async def test_a_failed_early_renewal_keeps_the_valid_token_until_it_expires(
     assert fake.requests == 4
 
 
+async def test_a_refused_early_renewal_keeps_the_valid_token_too_and_says_so_as_an_error(
+    endpoint: Callable[..., Any], session: aiohttp.ClientSession, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review (downstream owner): a refusal at the early renewal paused the sink while its token was still good.
+    refusal = (401, '{"error": "invalid_client"}')
+    _, token_url = await endpoint(token("first"), refusal, refusal)
+    auth = OAuth2ClientCredentials(client_of(token_url), clock=clock, session=session)
+    assert await auth.headers() == {"Authorization": "Bearer first"}
+    await clock.advance(55)  # due at 50, expires at 60
+    assert await auth.headers() == {"Authorization": "Bearer first"}
+    assert [r.levelname for r in caplog.records if "renewal refused" in r.getMessage()] == ["ERROR"]
+    await clock.advance(10)  # expired: the refusal stands
+    with pytest.raises(CredentialsRefused):
+        await auth.headers()
+
+
 async def test_an_expired_token_is_never_sent(
     endpoint: Callable[..., Any], session: aiohttp.ClientSession, clock: FakeClock
 ) -> None:
