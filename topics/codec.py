@@ -19,7 +19,7 @@ from typing import Any, Final, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from topics.envelope import OrderEvent, OrderSubmission
+from topics.envelope import SCHEMA_VERSION, SOURCE_PATTERN, OrderEvent, OrderSubmission
 from topics.errors import ContractError, FieldError
 from topics.order import PATTERN_RULES
 
@@ -27,6 +27,10 @@ CONTENT_TYPE: Final = "application/json"
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
+_PATTERN_RULES: Final[Mapping[str, str]] = {
+    **PATTERN_RULES,
+    SOURCE_PATTERN: "must be 1-32 characters: lower-case letters, digits or '-', starting with a letter (shop-eu)",
+}
 # pydantic's wording for the errors producers meet most, rephrased to say what to send instead.
 _MESSAGES: Final[Mapping[str, str]] = {
     "missing": "is required",
@@ -109,8 +113,10 @@ def _message(error: ErrorDetails) -> str:
         return f"must be greater than {ctx.get('gt')}"
     if kind == "less_than_equal":
         return f"must be at most {ctx.get('le')}"
-    if kind == "string_pattern_mismatch" and (rule := PATTERN_RULES.get(str(ctx.get("pattern")))) is not None:
+    if kind == "string_pattern_mismatch" and (rule := _PATTERN_RULES.get(str(ctx.get("pattern")))) is not None:
         return rule
+    if kind == "literal_error" and error["loc"][-1:] == ("schema_version",):
+        return f"must be {SCHEMA_VERSION}: this orderbus reads version {SCHEMA_VERSION} of the contract only"
     if kind == "string_too_short" and ctx.get("min_length") == 1:
         return "must not be empty (spaces around the text are removed); leave an optional field out, or null"
     return _MESSAGES.get(kind, error["msg"]).removeprefix("Value error, ")
@@ -132,6 +138,10 @@ def _validate(model: type[_Model], data: bytes | None, *, root: str) -> _Model:
     try:
         return model.model_validate_json(text)
     except ValidationError as exc:
+        if text.startswith("\ufeff"):  # pydantic's "expected value at line 1 column 1" does not say why
+            raise ContractError(
+                [FieldError(root, "starts with a byte order mark (BOM); send UTF-8 without one")]
+            ) from None
         # `from None`: the ValidationError's text contains input values (personal data) and must not reach
         # a log through exception chaining.
         raise ContractError(field_errors(exc, root=root)) from None

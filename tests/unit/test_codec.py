@@ -183,6 +183,23 @@ def test_a_minimal_submission_gets_defaults() -> None:
     )
 
 
+def test_a_byte_order_mark_an_unknown_version_and_a_bad_source_are_said_plainly() -> None:
+    # Review (sender): "expected value at line 1 column 1", "Input should be 1", and the source's bare regex.
+    submission = sample_submission(random.Random(3)).model_dump_json().encode()
+    with pytest.raises(ContractError) as bom:
+        parse_submission(b"\xef\xbb\xbf" + submission)
+    assert list(bom.value.errors) == [FieldError("body", "starts with a byte order mark (BOM); send UTF-8 without one")]
+    event = json.loads(encode(sample_event(random.Random(3))).value)
+    with pytest.raises(ContractError) as versioned:
+        decode(json.dumps({**event, "schema_version": 2, "source": "Shop EU"}).encode())
+    assert sorted(versioned.value.errors, key=lambda error: error.loc) == [
+        FieldError("schema_version", "must be 1: this orderbus reads version 1 of the contract only"),
+        FieldError(
+            "source", "must be 1-32 characters: lower-case letters, digits or '-', starting with a letter (shop-eu)"
+        ),
+    ]
+
+
 def test_a_json_syntax_error_names_body_line_and_column() -> None:
     body = b'{\n  "order": {\n    "currency": "EUR",,\n  }\n}'
     [error] = submission_errors(body)
