@@ -311,6 +311,9 @@ async def _reload_on_request(
         except ConfigError as exc:
             log.error("reload refused, the running settings stay", extra={"error": str(exc)})
             continue
+        except Exception:  # a bug: said with its traceback, and the next SIGHUP is still heard
+            log.exception("reload failed, the running settings stay")
+            continue
         logging.getLogger().setLevel(fresh.log_level)
         for name, engine in engines.items():
             sink = fresh.sinks[name]
@@ -390,11 +393,15 @@ async def _notify_ready(notifier: Notifier, publisher: KafkaPublisher | None, en
     """
 
     def connected() -> bool:
-        return (publisher is None or publisher.available) and all(e.joined for e in engines.values())
+        # The ingest alone is up once it listens: it answers 503 while Kafka is away (/readyz says why). Waiting
+        # for Kafka here, systemd would kill it at TimeoutStartSec and start it again, for as long as Kafka is away.
+        kafka = publisher is None or publisher.available or not engines
+        return kafka and all(e.joined for e in engines.values())
 
     while not connected():  # noqa: ASYNC110 - no event to wait on (see the docstring)
         await asyncio.sleep(_READY_POLL)
-    notifier.ready(f"ready: ingest {'on' if publisher else 'off'}, sinks {', '.join(engines) or 'none'}")
+    ingest = "off" if publisher is None else "on" if publisher.available else "on (kafka unreachable: 503s)"
+    notifier.ready(f"ready: ingest {ingest}, sinks {', '.join(engines) or 'none'}")
 
 
 def _reasons(

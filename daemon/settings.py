@@ -118,8 +118,8 @@ class TopicSettings(_Section):
     dlq_partitions: int = Field(3, ge=1, le=1000)
     replication_factor: int = Field(1, ge=1, le=10)
     min_insync_replicas: int = Field(1, ge=1, le=10)
-    orders_retention_hours: float = Field(168, gt=0)
-    dlq_retention_hours: float = Field(720, gt=0)
+    orders_retention_hours: float = Field(168, gt=0, allow_inf_nan=False)
+    dlq_retention_hours: float = Field(720, gt=0, allow_inf_nan=False)
 
 
 class IngestSettings(_Section):
@@ -134,7 +134,7 @@ class IngestSettings(_Section):
     body_timeout: Seconds = 30.0  # a body not in within this is 408: a stalled client holds nothing longer
     publish_timeout: Seconds = 10.0
     retry_after: int = Field(5, ge=1, le=3600)
-    idempotency_retention_hours: float = Field(48, ge=24)
+    idempotency_retention_hours: float = Field(48, ge=24, allow_inf_nan=False)
     # The envelope's own rule: a source it would refuse failed every request with a 500 (the webhook's slug).
     source: str = Field("webhook", pattern=SOURCE_PATTERN)
 
@@ -368,6 +368,7 @@ class SinkSettings(_Section):
     dedup_retention_hours: float = Field(
         168,
         ge=1,
+        allow_inf_nan=False,
         description="delivery states older than this are pruned; redeliveries after that rely on the "
         "downstream's idempotency keys",
     )
@@ -496,6 +497,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}), as TOML must be") from None
 
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
@@ -557,6 +560,8 @@ def _read_secret_file(name: str, path: str) -> str:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"environment variable {name}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"environment variable {name}: {path} is not UTF-8 text (byte {exc.start})") from None
 
 
 def _env_value(value: str) -> Any:

@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 
 from consumers.engine import SinkEngine
-from daemon.lifecycle import _reload_on_request, _restart_needed
+from daemon.lifecycle import _notify_ready, _reload_on_request, _restart_needed
 from daemon.settings import Settings, load_settings
 from topics.errors import ConfigError
 
@@ -105,3 +105,55 @@ def test_a_rotated_secret_is_named_as_needing_a_restart_without_its_value(tmp_pa
     changed = _restart_needed(old, settings(**env))
     assert changed == ["ingest.webhook_secrets", "sinks.crm.auth"]
     assert "t0ken" not in repr(changed)
+
+
+async def test_a_reload_that_fails_unexpectedly_is_logged_and_the_next_one_still_heard(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Review (operator): an error other than ConfigError ended the reload task in silence; later SIGHUPs did nothing.
+    engine = RecordingEngine()
+    loads: list[Settings | Exception] = [RuntimeError("a bug"), settings(ORDERBUS_SINKS__CRM__RATE="7")]
+
+    def load() -> Settings:
+        item = loads.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    requested = asyncio.Event()
+    task = asyncio.create_task(
+        _reload_on_request(requested, load, settings(), cast(dict[str, SinkEngine], {"crm": cast(Any, engine)}))
+    )
+    try:
+        with caplog.at_level(logging.INFO, logger="daemon.lifecycle"):
+            for _ in range(2):
+                requested.set()
+                for _ in range(10):
+                    await asyncio.sleep(0)
+        assert any(r.getMessage() == "reload failed, the running settings stay" and r.exc_info for r in caplog.records)
+        assert engine.rates == [7.0]
+    finally:
+        task.cancel()
+
+
+class RecordingNotifier:
+    def __init__(self) -> None:
+        self.said: list[str | None] = []
+
+    def ready(self, status: str | None = None) -> bool:
+        self.said.append(status)
+        return True
+
+
+async def test_the_ingest_alone_is_ready_while_kafka_is_away() -> None:
+    # Review (operator): READY=1 waited for Kafka, so systemd killed the ingest at TimeoutStartSec, for ever.
+    notifier = RecordingNotifier()
+    publisher = cast(Any, type("Away", (), {"available": False})())
+    await asyncio.wait_for(_notify_ready(cast(Any, notifier), publisher, {}), timeout=5)
+    assert notifier.said == ["ready: ingest on (kafka unreachable: 503s), sinks none"]
+    sink = cast(Any, type("Joined", (), {"joined": True})())
+    waiting = asyncio.create_task(_notify_ready(cast(Any, notifier), publisher, {"crm": sink}))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not waiting.done(), "with sinks it waits for Kafka: they cannot start without it"
+    waiting.cancel()

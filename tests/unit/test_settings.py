@@ -60,6 +60,8 @@ def test_secrets_are_masked_when_printed(tmp_path: Path) -> None:
         ("", {"ORDERBUS_INGEST__NOPE": "1"}, ["ORDERBUS_INGEST__NOPE", "ingest.nope"]),
         ("", {"ORDERBUS_NOSECTION__PORT": "1"}, ["ORDERBUS_NOSECTION__PORT"]),
         ("[ingest\n", {}, ["not valid TOML"]),
+        ("[topics]\norders_retention_hours = inf\n", {}, ["topics.orders_retention_hours", "finite"]),
+        ("[sinks.crm]\ndedup_retention_hours = nan\n", {}, ["sinks.crm.dedup_retention_hours"]),
         # A source the event envelope refuses would fail every webhook with a 500: refused at start instead.
         ('[ingest]\nsource = "shop.eu"\n', {}, ["ingest.source", "shop.eu"]),
         ('[ingest]\nsource = "1shop"\n', {}, ["ingest.source"]),
@@ -72,6 +74,19 @@ def test_a_bad_value_names_the_key_and_the_problem(
         load_settings(write(tmp_path, text), env=env)
     for name in names:
         assert name in str(caught.value)
+
+
+def test_files_that_are_not_utf8_are_named_not_a_traceback(tmp_path: Path) -> None:
+    # Review (operator): a UnicodeDecodeError traceback and exit 1, which systemd restarts for ever.
+    config = tmp_path / "orderbus.toml"
+    config.write_bytes(b'log_level = "\xff\xfe"\n')
+    with pytest.raises(ConfigError, match=r"orderbus\.toml is not UTF-8 text \(byte 13\)"):
+        load_settings(config, env={})
+    secret = tmp_path / "token"
+    secret.write_bytes(b"\xff\x00")
+    env = {"ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE": str(secret)}
+    with pytest.raises(ConfigError, match=r"ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE: .*token is not UTF-8 text"):
+        load_settings(write(tmp_path, ""), env=env)
 
 
 def test_a_bad_secret_value_is_not_echoed(tmp_path: Path) -> None:
