@@ -32,7 +32,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
@@ -226,8 +226,33 @@ def _position(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# Where the packaged unit reads its settings (deploy/systemd/orderbus.service): the operator's commands on that host
+# read the same file without being told (`default_config`).
+SYSTEM_CONFIG = Path("/etc/orderbus/orderbus.toml")
+CONFIG_VARIABLE = "ORDERBUS_CONFIG"
+
+
+def default_config(env: Mapping[str, str] = os.environ, system: Path = SYSTEM_CONFIG) -> Path | None:
+    """The settings file of a command run without ``--config``: ``$ORDERBUS_CONFIG`` (empty: none), else the
+    system's file when there is one, else none (the built-in defaults). At 3 a.m. on a systemd host, `orderbus
+    dlq list --sink crm` as the runbook writes it must ask the daemon's Kafka, not 127.0.0.1:9092."""
+    named = env.get(CONFIG_VARIABLE)
+    if named is not None:
+        return Path(named) if named else None
+    return system if system.is_file() else None
+
+
 def _config_option(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
-    parser.add_argument("--config", type=Path, default=default, help="TOML settings file (ORDERBUS_* env on top)")
+    if default is None:
+        parser.add_argument(
+            "--config",
+            type=Path,
+            default=default_config(),
+            help=f"TOML settings file (ORDERBUS_* env on top); default ${CONFIG_VARIABLE}, else {SYSTEM_CONFIG} "
+            "if it exists, else the built-in defaults",
+        )
+    else:
+        parser.add_argument("--config", type=Path, default=default, help="TOML settings file (ORDERBUS_* env on top)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -66,6 +66,27 @@ def test_operator_commands_need_no_sink_secrets(
     assert cli.main(["dlq", "list", "--sink", "crm", *config]) == 0, capsys.readouterr().err
 
 
+def test_without_config_a_command_reads_orderbus_config_else_the_systems_file(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Review (operator): the runbooks' commands, run as written on a systemd host, read the built-in defaults
+    # (Kafka at 127.0.0.1:9092, no sinks) and failed or showed nothing.
+    system = tmp_path / "orderbus.toml"
+    assert cli.default_config({}, system) is None, "no file: the built-in defaults"
+    system.write_text("")
+    assert cli.default_config({}, system) == system
+    assert cli.default_config({"ORDERBUS_CONFIG": "/srv/ob.toml"}, system) == Path("/srv/ob.toml")
+    assert cli.default_config({"ORDERBUS_CONFIG": ""}, system) is None, "set empty: the built-in defaults"
+    asked: list[str] = []
+    no_orderbus_env.setattr(status, "fetch_status", lambda url: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
+    no_orderbus_env.setenv("ORDERBUS_CONFIG", str(SYSTEMD_CONFIG))
+    assert cli.main(["status"]) == 0
+    own = tmp_path / "own.toml"
+    own.write_text("[ingest]\nport = 9191\n")
+    assert cli.main(["status", "--config", str(own)]) == 0
+    assert asked == ["http://127.0.0.1:8080", "http://127.0.0.1:9191"]
+
+
 def test_reconcile_needs_the_secret_of_the_sink_it_asks_only(
     no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
