@@ -39,6 +39,7 @@ from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.ingest_metrics import IngestMetrics, register_build_info
 from daemon.kafka_options import client_options
 from daemon.publisher import KafkaPublisher
+from daemon.ready_metric import register_readiness
 from daemon.retention import dedup_path, ingest_keys_path
 from daemon.sdnotify import Notifier, watchdog_loop
 from daemon.settings import Settings
@@ -115,6 +116,10 @@ async def serve(
             metrics = IngestMetrics(registry)
             ingest, publisher, keys = await _open_ingest(settings, options, stack, metrics, topic_checked=checked)
         engines = await _open_sinks(settings, options, stack, EngineMetrics(registry))
+        components = ["ingest"] if publisher is not None else []
+        register_readiness(
+            registry, [*components, *(f"sink.{name}" for name in engines)], lambda: _reasons(publisher, engines, keys)
+        )
         app = build_app(
             ingest=ingest,
             readiness=lambda: _reasons(publisher, engines, keys),

@@ -95,6 +95,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
         "OrderbusSinkUnassigned",
         "OrderbusRecordUnreadable",
         "OrderbusIngestErrors",
+        "OrderbusNotReady",
     }
     cases = re.findall(r"alertname: (\w+)\n\s+exp_alerts:( \[\])?", (RULES / "rules_test.yml").read_text())
     firing = {name for name, empty in cases if not empty}
@@ -308,10 +309,15 @@ async def test_readyz_says_why_while_the_broker_is_down_and_recovers_when_it_is_
         assert body["status"] == "not ready"
         assert set(body["reasons"]) == expected, body
         assert all("kafka" in reason for reason in body["reasons"].values()), body
+        scraped = await (await session.get(f"{base}/metrics")).text()
+        for component in expected:  # what OrderbusNotReady reads: the lag gauges keep their last figures
+            assert f'orderbus_ready{{component="{component}"}} 0.0' in scraped, component
 
         await asyncio.to_thread(kafka_local.start, broker.data_dir)
         status, body = await wait_for(session, base, lambda status, _: status == 200, 45)
         assert (status, body) == (200, {"status": "ready", "reasons": {}, "degraded": {}})
+        scraped = await (await session.get(f"{base}/metrics")).text()
+        assert all(f'orderbus_ready{{component="{component}"}} 1.0' in scraped for component in expected)
 
 
 async def test_an_instance_without_partitions_is_ready(

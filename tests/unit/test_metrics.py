@@ -25,6 +25,7 @@ from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import MemoryIngestKeyStore
 from daemon.ingest_metrics import INGEST_CODES, IngestMetrics, package_version, register_build_info
 from daemon.publisher import BrokerUnavailable, Published
+from daemon.ready_metric import register_readiness
 from daemon.signature import WebhookVerifier
 from topics.codec import EncodedRecord
 from topics.samples import sample_submission
@@ -58,7 +59,18 @@ BRIEF_METRICS = {
     "orderbus_build_info": "gauge",
 }
 # Label names whose values are bounded (never an order number, an email or a URL).
-BOUNDED_LABELS = {"sink", "outcome", "status_class", "reason", "partition", "code", "version", "python", "le"}
+BOUNDED_LABELS = {
+    "sink",
+    "outcome",
+    "status_class",
+    "reason",
+    "partition",
+    "code",
+    "version",
+    "python",
+    "le",
+    "component",
+}
 
 
 @dataclass
@@ -229,6 +241,7 @@ def full_registry() -> CollectorRegistry:
     EngineMetrics(registry).add_sink("crm")
     IngestMetrics(registry)
     register_build_info(registry)
+    register_readiness(registry, ["ingest", "sink.crm"], dict)
     return registry
 
 
