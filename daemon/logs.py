@@ -107,6 +107,13 @@ QUIETED = {
 }
 
 
+# aiokafka's loggers that say, at ERROR, every retry to reach a broker that is away (every 5 s of an outage: 17,000
+# lines a day). Once per message in `RECONNECT_INTERVAL`, the next one with the count of those left out: orderbus's
+# own events, /readyz and `orderbus_ready` say the outage already.
+RECONNECTING = ("aiokafka.client", "aiokafka.conn")
+RECONNECT_INTERVAL = 300.0
+
+
 def configure(level: str, stream: TextIO = sys.stderr, limit: RepeatLimit | None = None) -> None:
     """Send every log event to `stream` as JSON lines at `level`; quiet the libraries in `QUIETED`.
 
@@ -128,3 +135,5 @@ def configure(level: str, stream: TextIO = sys.stderr, limit: RepeatLimit | None
     root.setLevel(level)
     for name, least in QUIETED.items():
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), least))
+    for name in RECONNECTING:
+        logging.getLogger(name).filters[:] = [RepeatLimit(burst=1, interval=RECONNECT_INTERVAL)]

@@ -77,6 +77,21 @@ def test_configure_takes_the_level_and_quiets_chatty_libraries(json_logs: io.Str
     assert logging.getLogger("aiokafka").level == logging.ERROR
 
 
+def test_kafkas_reconnection_errors_are_said_once_per_five_minutes_with_the_count(json_logs: io.StringIO) -> None:
+    # Review (operator): aiokafka's "Unable connect" at ERROR every 5 s of an outage, 17,000 lines a day.
+    stream = io.StringIO()
+    logs.configure("INFO", stream)
+    client = logging.getLogger("aiokafka.client")
+    for _ in range(60):
+        client.error('Unable connect to "%s:%s": %s', "kafka-1", 9092, "refused")
+    lines = events(stream)
+    assert [line["msg"] for line in lines] == ['Unable connect to "kafka-1:9092": refused']
+    assert "limited" in lines[0]
+    logging.getLogger("orderbus.test").error("ours")
+    assert events(stream)[-1]["msg"] == "ours", "only aiokafka's reconnection loggers are limited so"
+    logs.configure("INFO", json_logs)
+
+
 @dataclass
 class Publisher:
     """`daemon.publisher.Publisher`: holds publishes while `gate` is clear; refuses all while `down`."""
