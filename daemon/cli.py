@@ -452,8 +452,14 @@ def _dedup_prune(args: argparse.Namespace) -> int:
     hours: float | None = args.older_than_hours
     if hours is not None and check_older_than_hours(hours) < MIN_INGEST_KEY_RETENTION_HOURS:
         print(f"ingest keys are kept for at least {MIN_INGEST_KEY_RETENTION_HOURS:g} hours", file=sys.stderr)
-    for name, rows in _run_async(prune(_operator_settings(args), older_than_hours=hours)).items():
+    settings = _operator_settings(args)
+    pruned = _run_async(prune(settings, older_than_hours=hours))
+    for name, rows in pruned.items():
         print(f"{name}: {rows} row(s) pruned")
+    if not pruned:  # the wrong state_dir (no --config?) must not look like a prune that found nothing old
+        sinks = ", ".join(settings.sinks)
+        print(f"orderbus: no state files in {settings.state_dir} (sinks in the settings: {sinks})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,11 @@ import pytest
 from aiokafka.conn import AIOKafkaConnection
 
 from consumers.deadletter import DeadLetter, read_headers
+from consumers.dedup import SqliteDedupStore
 from daemon import cli, dlq, kafka_local, status
 from daemon.dlq import DeadLetterView
 from daemon.kafka_local import REPO_ROOT, BrokerState
+from daemon.retention import dedup_path
 from daemon.settings import ApiKeyAuthSettings, BearerAuthSettings, OAuth2Settings, Settings
 from topics.errors import ConfigError
 
@@ -221,8 +224,21 @@ def test_dedup_prune_says_the_ingest_keys_keep_their_least(
     no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     no_orderbus_env.setenv("ORDERBUS_STATE_DIR", str(tmp_path))
+    assert cli.main(["dedup", "prune", "--older-than-hours", "2"]) == 1, "no state file there"
+    err = capsys.readouterr().err
+    assert "ingest keys are kept for at least 24 hours" in err
+    # Review (operator): with the wrong state_dir it printed nothing and exited 0, as if nothing were old.
+    assert f"orderbus: no state files in {tmp_path} (sinks in the settings: crm, accounting, shipping)" in err
+    no_orderbus_env.setenv("ORDERBUS_SINKS__CRM__ENABLED", "true")
+    no_orderbus_env.setenv("ORDERBUS_SINKS__CRM__BASE_URL", "http://crm.test")
+    asyncio.run(_open_and_close(SqliteDedupStore(dedup_path(tmp_path, "crm"))))
     assert cli.main(["dedup", "prune", "--older-than-hours", "2"]) == 0
-    assert "ingest keys are kept for at least 24 hours" in capsys.readouterr().err
+    assert capsys.readouterr().out == "dedup-crm: 0 row(s) pruned\n"
+
+
+async def _open_and_close(store: SqliteDedupStore) -> None:
+    async with store:
+        pass
 
 
 @pytest.mark.parametrize("action", ["stop", "kill"])
