@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=20.0, help="orders per second the generator posts (20)")
     demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop by itself after sending that long")
     for name, where in (("kafka", "the local broker"), ("sandbox", "the sandbox systems"), ("ingest", "the webhook")):
-        demo.add_argument(f"--{name}-port", type=int, help=f"port of {where} (default: from the config)")
+        demo.add_argument(f"--{name}-port", type=_port, help=f"port of {where} (default: from the config)")
     demo.set_defaults(func=_demo)
 
     config = commands.add_parser("config", help="configuration").add_subparsers(required=True, metavar="ACTION")
@@ -127,8 +127,8 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("--data-dir", type=Path, default=DEMO_KAFKA_DIR)
         action.set_defaults(func=func)
         if name == "start":
-            action.add_argument("--port", type=int, default=0, help="broker port (0: free port or the last one)")
-            action.add_argument("--controller-port", type=int, default=0)
+            action.add_argument("--port", type=_port_or_0, default=0, help="broker port (0: free port or the last one)")
+            action.add_argument("--controller-port", type=_port_or_0, default=0)
 
     status = commands.add_parser("status", help="per sink: lag, in flight, parked, circuit, dead letters")
     _config_option(status)
@@ -546,6 +546,16 @@ def _require_sink_secrets(settings: Settings, name: str) -> None:
 
 def _rate(text: str) -> float:
     return _positive(text, "requests a second")
+
+
+def _port(text: str) -> int:
+    if not (text.isdigit() and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
+def _port_or_0(text: str) -> int:
+    return 0 if text == "0" else _port(text)
 
 
 def _concurrency(text: str) -> int:

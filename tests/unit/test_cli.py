@@ -241,6 +241,18 @@ async def _open_and_close(store: SqliteDedupStore) -> None:
         pass
 
 
+@pytest.mark.parametrize(
+    "argv", [["demo", "--kafka-port", "70000"], ["demo", "--ingest-port", "x"], ["kafka", "start", "--port", "-1"]]
+)
+def test_a_port_option_out_of_range_is_named_as_the_option(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # Review (operator): `demo --kafka-port 70000` blamed ORDERBUS_KAFKA__BOOTSTRAP_SERVERS, which nobody had set.
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[-2]}: {argv[-1]!r} is not a TCP port (1-65535)" in err
+
+
 @pytest.mark.parametrize("action", ["stop", "kill"])
 def test_kafka_stop_and_kill_say_when_no_broker_was_running(
     action: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
