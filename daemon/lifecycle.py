@@ -17,7 +17,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -141,7 +141,8 @@ async def serve(
             ) from exc
         log.info("listening on http://%s:%d", settings.ingest.host, settings.ingest.port)
         tune_runtime()
-        ready = asyncio.create_task(_notify_ready(notifier, publisher, engines), name="sd-ready")
+        state = lambda: (_reasons(publisher, engines, keys), _degraded(engines))  # noqa: E731
+        ready = asyncio.create_task(_notify_ready(notifier, publisher, engines, state), name="sd-status")
         stack.push_async_callback(cancel_and_wait, ready)
         if reload is not None and load is not None:
             reloader = asyncio.create_task(_reload_on_request(reload, load, settings, engines), name="reload")
@@ -297,6 +298,7 @@ async def _open_ingest(
 
 
 _READY_POLL = 0.25
+_STATUS_INTERVAL = 5.0  # how often the systemd status line is brought up to date
 # What SIGHUP applies; everything else needs a restart (connections, pools, files and listeners are built once).
 RELOADABLE = ("log_level", "sinks.*.rate", "sinks.*.skip_unreadable")
 
@@ -391,8 +393,17 @@ def _status(
     }
 
 
-async def _notify_ready(notifier: Notifier, publisher: KafkaPublisher | None, engines: dict[str, SinkEngine]) -> None:
-    """READY=1 once Kafka answers and every enabled sink has joined its group, as /readyz (`_reasons`) says.
+async def _notify_ready(
+    notifier: Notifier,
+    publisher: KafkaPublisher | None,
+    engines: dict[str, SinkEngine],
+    state: Callable[[], tuple[Mapping[str, str], Mapping[str, str]]],
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """READY=1 once Kafka answers and every enabled sink has joined its group, as /readyz (`_reasons`) says; then
+    the STATUS= line that ``systemctl status`` shows follows the instance's state (`state`: its not-ready reasons
+    and its degraded components), checked every `_STATUS_INTERVAL`, rather than saying "ready" through an outage.
 
     Neither the publisher nor the engines signal "connected" or "assigned", so this one start-up wait polls.
     """
@@ -403,10 +414,27 @@ async def _notify_ready(notifier: Notifier, publisher: KafkaPublisher | None, en
         kafka = publisher is None or publisher.available or not engines
         return kafka and all(e.joined for e in engines.values())
 
-    while not connected():  # noqa: ASYNC110 - no event to wait on (see the docstring)
-        await asyncio.sleep(_READY_POLL)
-    ingest = "off" if publisher is None else "on" if publisher.available else "on (kafka unreachable: 503s)"
-    notifier.ready(f"ready: ingest {ingest}, sinks {', '.join(engines) or 'none'}")
+    while not connected():
+        await sleep(_READY_POLL)
+    parts = f"ingest {'off' if publisher is None else 'on'}, sinks {', '.join(engines) or 'none'}"
+    line = _status_line(parts, *state())
+    notifier.ready(line)
+    while True:
+        await sleep(_STATUS_INTERVAL)
+        if (now := _status_line(parts, *state())) != line:
+            notifier.status(now)
+            line = now
+
+
+def _status_line(parts: str, reasons: Mapping[str, str], degraded: Mapping[str, str]) -> str:
+    """``ready: ingest on, sinks crm``, or what is wrong first: ``NOT READY: ingest: kafka is unreachable ...;
+    DEGRADED: sink.crm: circuit open ... (ingest on, sinks crm)``."""
+    said = [
+        f"{label}: {'; '.join(f'{k}: {v}' for k, v in found.items())}"
+        for label, found in (("NOT READY", reasons), ("DEGRADED", degraded))
+        if found
+    ]
+    return f"{' '.join(said)} ({parts})" if said else f"ready: {parts}"
 
 
 def _reasons(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,6 +21,10 @@ from daemon import kafka_local, logs
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess, start_sandbox_process
 from topics.errors import LocalKafkaError
+
+# Commands and daemons the tests start without --config read the built-in defaults, not a settings file this host
+# may have at /etc/orderbus/orderbus.toml (`daemon.cli.default_config`); subprocesses inherit it.
+os.environ["ORDERBUS_CONFIG"] = ""
 
 # Two brokers may run at once (session + private) on a shared 2-core machine: keep each heap small.
 TEST_BROKER_HEAP = "384m"

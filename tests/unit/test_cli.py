@@ -43,6 +43,7 @@ def no_orderbus_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name in list(os.environ):
         if name.startswith("ORDERBUS_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("ORDERBUS_CONFIG", "")  # not this host's /etc/orderbus/orderbus.toml
     return monkeypatch
 
 

@@ -138,22 +138,55 @@ async def test_a_reload_that_fails_unexpectedly_is_logged_and_the_next_one_still
 
 class RecordingNotifier:
     def __init__(self) -> None:
-        self.said: list[str | None] = []
+        self.said: list[tuple[str, str | None]] = []
 
     def ready(self, status: str | None = None) -> bool:
-        self.said.append(status)
+        self.said.append(("READY", status))
+        return True
+
+    def status(self, text: str) -> bool:
+        self.said.append(("STATUS", text))
         return True
 
 
-async def test_the_ingest_alone_is_ready_while_kafka_is_away() -> None:
-    # Review (operator): READY=1 waited for Kafka, so systemd killed the ingest at TimeoutStartSec, for ever.
+async def test_the_ingest_alone_is_ready_while_kafka_is_away_and_the_status_line_follows_the_state() -> None:
+    # Review (operator): READY=1 waited for Kafka, so systemd killed the ingest at TimeoutStartSec, for ever; and the
+    # status line said "ready" from the start on, through any outage.
     notifier = RecordingNotifier()
     publisher = cast(Any, type("Away", (), {"available": False})())
-    await asyncio.wait_for(_notify_ready(cast(Any, notifier), publisher, {}), timeout=5)
-    assert notifier.said == ["ready: ingest on (kafka unreachable: 503s), sinks none"]
+    reasons = {"ingest": "kafka is unreachable: the ingest cannot publish"}
+    degraded: dict[str, str] = {}
+    steps = [
+        lambda: reasons.clear(),
+        lambda: None,  # unchanged: nothing sent
+        lambda: degraded.update({"sink.crm": "circuit open"}),
+    ]
+
+    async def sleep(_: float) -> None:
+        if not steps:
+            raise asyncio.CancelledError
+        steps.pop(0)()
+
+    with pytest.raises(asyncio.CancelledError):
+        await _notify_ready(cast(Any, notifier), publisher, {}, lambda: (reasons, degraded), sleep=sleep)
+    assert notifier.said == [
+        ("READY", "NOT READY: ingest: kafka is unreachable: the ingest cannot publish (ingest on, sinks none)"),
+        ("STATUS", "ready: ingest on, sinks none"),
+        ("STATUS", "DEGRADED: sink.crm: circuit open (ingest on, sinks none)"),
+    ]
+
+
+async def test_with_sinks_ready_waits_for_kafka_they_cannot_start_without_it() -> None:
+    notifier = RecordingNotifier()
+    publisher = cast(Any, type("Away", (), {"available": False})())
     sink = cast(Any, type("Joined", (), {"joined": True})())
-    waiting = asyncio.create_task(_notify_ready(cast(Any, notifier), publisher, {"crm": sink}))
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert not waiting.done(), "with sinks it waits for Kafka: they cannot start without it"
-    waiting.cancel()
+    polls: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 3:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await _notify_ready(cast(Any, notifier), publisher, {"crm": sink}, lambda: ({}, {}), sleep=sleep)
+    assert notifier.said == []
