@@ -178,7 +178,7 @@ def finite(result: list[dict[str, Any]]) -> list[float]:
 MUST_MOVE = {
     "Ingest requests/s by status code",
     "Ingest publish latency (acks=all)",
-    "Daemons up and their build",
+    "Daemons up, ready, and their build",
     "Throughput (records/s)",
     "Outcomes (records/s)",
     "HTTP responses by status class (/s)",
