@@ -11,12 +11,11 @@ and names what it clears.
 
 from __future__ import annotations
 
-import functools
 from decimal import Decimal
 from typing import Any
 
 from consumers.sink import RestSink
-from topics.currency import minor_units
+from topics.currency import at_places, zero
 from topics.envelope import OrderEvent
 from topics.order import LineItem, ShippingCharge
 
@@ -26,7 +25,7 @@ class AccountingSink(RestSink):
 
     def payload(self, event: OrderEvent) -> dict[str, Any]:
         order, customer, billing = event.order, event.order.customer, event.order.billing_address
-        zero = _zero(order.currency)
+        places = zero(order.currency)
         return {
             "order_number": order.order_number,
             "created_at": order.created_at,
@@ -45,36 +44,34 @@ class AccountingSink(RestSink):
                 "region": billing.region,
                 "country": billing.country,
             },
-            "line_items": [_line(line, zero) for line in order.line_items],
+            "line_items": [_line(line, places) for line in order.line_items],
             "currency": order.currency,
-            "net_total": order.net_total,
-            "tax_total": order.tax_total,
-            "gross_total": order.gross_total,
-            "shipping": _shipping(order.shipping),
+            "net_total": at_places(order.net_total, places),
+            "tax_total": at_places(order.tax_total, places),
+            "gross_total": at_places(order.gross_total, places),
+            "shipping": _shipping(order.shipping, places),
             "paid": order.paid,
         }
 
 
-@functools.cache
-def _zero(currency: str) -> Decimal:
-    """Zero at `currency`'s places: "0.00" in euros, "0" in yen (made once per currency, not per request)."""
-    return Decimal(0).scaleb(-minor_units(currency))
-
-
-def _line(line: LineItem, zero: Decimal) -> dict[str, Any]:
+def _line(line: LineItem, places: Decimal) -> dict[str, Any]:
     return {
         "sku": line.sku,
         "name": line.name,
         "quantity": line.quantity,
-        "unit_price": line.unit_price,
-        "discount_amount": line.discount_amount or zero,
-        "net_amount": line.net_amount,
+        "unit_price": at_places(line.unit_price, places),
+        "discount_amount": at_places(line.discount_amount, places) if line.discount_amount else places,
+        "net_amount": at_places(line.net_amount, places),
         "tax_rate": line.tax_rate,
-        "tax_amount": line.tax_amount,
+        "tax_amount": at_places(line.tax_amount, places),
     }
 
 
-def _shipping(charge: ShippingCharge | None) -> dict[str, Any] | None:
+def _shipping(charge: ShippingCharge | None, places: Decimal) -> dict[str, Any] | None:
     if charge is None:
         return None
-    return {"net_amount": charge.net_amount, "tax_rate": charge.tax_rate, "tax_amount": charge.tax_amount}
+    return {
+        "net_amount": at_places(charge.net_amount, places),
+        "tax_rate": charge.tax_rate,
+        "tax_amount": at_places(charge.tax_amount, places),
+    }

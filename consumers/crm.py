@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from consumers.sink import RestSink
+from topics.currency import at_places, zero
 from topics.envelope import OrderEvent
 
 
@@ -26,6 +27,6 @@ class CrmSink(RestSink):
                 "phone": customer.phone,
                 "company": customer.company,
             },
-            "gross_total": order.gross_total,
+            "gross_total": at_places(order.gross_total, zero(order.currency)),
             "currency": order.currency,
         }

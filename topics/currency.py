@@ -12,7 +12,9 @@ Grouped by minor units, because the exceptions to "2" are what a reader needs to
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Final
 
@@ -50,3 +52,15 @@ def minor_units(code: str) -> int:
         return MINOR_UNITS[code]
     except KeyError:
         raise KeyError(f"{code!r} is not an active ISO 4217 currency code") from None
+
+
+@functools.cache
+def zero(code: str) -> Decimal:
+    """Zero at `code`'s places ("0.00" in euros, "0" in yen), made once per currency; the quantum of `at_places`."""
+    return Decimal(0).scaleb(-minor_units(code))
+
+
+def at_places(amount: Decimal, quantum: Decimal) -> Decimal:
+    """`amount` written at the places of `quantum` (`zero(currency)`): a shop may write "10" for 10.00 euros, which
+    the contract accepts (never more places than the currency has), and a system may expect "10.00"."""
+    return amount if amount.same_quantum(quantum) else amount.quantize(quantum)

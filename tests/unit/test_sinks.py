@@ -292,6 +292,24 @@ def test_accounting_books_a_lines_discount_and_the_shipping_charge() -> None:
     assert paths(sent) == EXPECTED_PATHS["accounting"] | nested("shipping", ["net_amount", "tax_rate", "tax_amount"])
 
 
+def test_accounting_and_crm_write_every_amount_at_the_currencys_places() -> None:
+    # Review (downstream owner): "12.9", "46.3" as the shop wrote them went out beside "0.00": an API that checks
+    # for two places in euros answered 400, and the order was dead-lettered.
+    order = charged_order()
+    assert order.shipping is not None
+    short = {
+        "shipping": order.shipping.model_copy(update={"net_amount": Decimal("12.9")}),
+        "tax_total": Decimal("46.3"),
+    }
+    sent = body(request_of(sink("accounting"), event(order=order.model_copy(update=short)), None))
+    assert sent["shipping"]["net_amount"] == "12.90"
+    assert sent["tax_total"] == "46.30"
+    for currency, total, written in (("EUR", "304", "304.00"), ("KWD", "1.5", "1.500"), ("JPY", "1500", "1500")):
+        changed = order.model_copy(update={"currency": currency, "gross_total": Decimal(total)})
+        unchecked = OrderEvent.model_construct(**{**dict(event()), "order": changed})  # the amounts alone matter
+        assert str(sink("crm").payload(unchecked)["gross_total"]) == written
+
+
 def test_shipping_gets_the_delivery_method_and_never_a_price() -> None:
     sent = body(request_of(sink("shipping"), event(order=charged_order()), None))
     assert sent["method"] == "express"
