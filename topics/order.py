@@ -296,7 +296,16 @@ class LineItem(ContractModel):
 
     sku: Sku
     name: Annotated[str, _text(200)]
-    quantity: Annotated[int, Field(strict=True, gt=0, le=MAX_QUANTITY)]
+    quantity: Annotated[
+        int,
+        Field(
+            strict=True,
+            gt=0,
+            le=MAX_QUANTITY,
+            description="A JSON integer written without a fraction: 2, not 2.0 (which JSON Schema would also call an "
+            "integer)",
+        ),
+    ]
     unit_price: Money
     # Left out of the event's JSON when zero: a record of an order without discounts is what it was before the
     # field existed, so a daemon of an earlier version still reads it.
