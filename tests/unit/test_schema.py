@@ -46,6 +46,8 @@ def test_schema_says_what_producers_must_send() -> None:
     line = schema["$defs"]["LineItem"]["properties"]
     assert line["unit_price"]["pattern"] == r"^[0-9]{1,18}(\.[0-9]{1,18})?$"
     assert line["quantity"] == {
+        "description": "A JSON integer written without a fraction: 2, not 2.0 (which JSON Schema would also call an "
+        "integer)",
         "exclusiveMinimum": 0,
         "maximum": 1_000_000,
         "title": "Quantity",
