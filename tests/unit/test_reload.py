@@ -32,6 +32,21 @@ def settings(**env: str) -> Settings:
     return load_settings(None, env={"ORDERBUS_SINKS__CRM__ENABLED": "true", **env})
 
 
+def reloading(
+    requested: asyncio.Event, loads: list[Settings | Exception], engine: RecordingEngine
+) -> asyncio.Task[None]:
+    """The reload task over one sink `engine`, each reload taking the next of `loads` (raised if an exception)."""
+
+    def load() -> Settings:
+        item = loads.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    engines = cast(dict[str, SinkEngine], {"crm": cast(Any, engine)})
+    return asyncio.create_task(_reload_on_request(requested, load, settings(), engines))
+
+
 async def test_sighup_applies_rate_and_log_level_and_names_what_needs_a_restart(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -46,18 +61,10 @@ async def test_sighup_applies_rate_and_log_level_and_names_what_needs_a_restart(
         ConfigError("invalid settings: sinks.crm.rate: must be > 0"),
     ]
 
-    def load() -> Settings:
-        item = loads.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
     requested = asyncio.Event()
     root = logging.getLogger()
     level = root.level
-    task = asyncio.create_task(
-        _reload_on_request(requested, load, settings(), cast(dict[str, SinkEngine], {"crm": cast(Any, engine)}))
-    )
+    task = reloading(requested, loads, engine)
     try:
         with caplog.at_level(logging.INFO, logger="daemon.lifecycle"):
             requested.set()
@@ -114,16 +121,8 @@ async def test_a_reload_that_fails_unexpectedly_is_logged_and_the_next_one_still
     engine = RecordingEngine()
     loads: list[Settings | Exception] = [RuntimeError("a bug"), settings(ORDERBUS_SINKS__CRM__RATE="7")]
 
-    def load() -> Settings:
-        item = loads.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
     requested = asyncio.Event()
-    task = asyncio.create_task(
-        _reload_on_request(requested, load, settings(), cast(dict[str, SinkEngine], {"crm": cast(Any, engine)}))
-    )
+    task = reloading(requested, loads, engine)
     try:
         with caplog.at_level(logging.INFO, logger="daemon.lifecycle"):
             for _ in range(2):
