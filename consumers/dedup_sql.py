@@ -106,7 +106,8 @@ def check_layout(db: sqlite3.Connection) -> None:
     if columns and not set(DELIVERY_COLUMNS) <= columns:
         raise StoreError(
             "the file is of an earlier orderbus version, which the daemon brings up to date when it starts: "
-            "restart it, then run this again"
+            "restart it (or, for a sink it does not run, `orderbus dedup prune`, which opens it to write), then run "
+            "this again"
         )
 
 

@@ -386,6 +386,8 @@ class Lane:
             retry_after = parse_retry_after(
                 outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap
             )
+            if decision is IN_PROGRESS and retry_after is None:
+                retry_after = 0.0  # its date passed since `_decide` read it: still this key's wait, not an outage
             if outcome.status != 409 and (retry_after is not None or outcome.status == 429):
                 # The whole sink slows down, not just this key; a 429 without a Retry-After only lowers the rate.
                 # A 503 without one says nothing of a pace: it is an outage, for the circuit and the key's backoff.

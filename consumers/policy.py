@@ -5,6 +5,7 @@ brief's table::
 
     2xx                       done         "2xx"
     409                       duplicate    "409-already-exists"
+    409 with a Retry-After    retry        "409-in-progress"  (`IN_PROGRESS`, decided by the lane: a wait to keep)
     401, 403                  pause_auth   "auth"
     408, 425, 429, 5xx        retry        "temporary"
     400, 422, other 4xx       dead_letter  "bad-request"

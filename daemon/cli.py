@@ -232,22 +232,31 @@ SYSTEM_CONFIG = Path("/etc/orderbus/orderbus.toml")
 CONFIG_VARIABLE = "ORDERBUS_CONFIG"
 
 
-def default_config(env: Mapping[str, str] = os.environ, system: Path = SYSTEM_CONFIG) -> Path | None:
+def default_config(env: Mapping[str, str] | None = None, system: Path | None = None) -> Path | None:
     """The settings file of a command run without ``--config``: ``$ORDERBUS_CONFIG`` (empty: none), else the
     system's file when there is one, else none (the built-in defaults). At 3 a.m. on a systemd host, `orderbus
     dlq list --sink crm` as the runbook writes it must ask the daemon's Kafka, not 127.0.0.1:9092."""
+    env = os.environ if env is None else env
+    system = SYSTEM_CONFIG if system is None else system
     named = env.get(CONFIG_VARIABLE)
     if named is not None:
         return Path(named) if named else None
-    return system if system.is_file() else None
+    try:
+        return system if system.is_file() else None
+    except OSError as exc:  # a directory the operator may not search (a hardened /etc/orderbus)
+        raise ConfigError(
+            f"cannot look for {system}: {exc.strerror}; give --config FILE (or set {CONFIG_VARIABLE})"
+        ) from None
 
 
 def _config_option(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
+    """``--config``; without a `default`, `default_config` decides when the settings are loaded (`_config_path`),
+    not when the parser is built: ``--help`` and the commands that load none never look at /etc."""
     if default is None:
         parser.add_argument(
             "--config",
             type=Path,
-            default=default_config(),
+            default=None,
             help=f"TOML settings file (ORDERBUS_* env on top); default ${CONFIG_VARIABLE}, else {SYSTEM_CONFIG} "
             "if it exists, else the built-in defaults",
         )
@@ -255,9 +264,14 @@ def _config_option(parser: argparse.ArgumentParser, default: Path | None = None)
         parser.add_argument("--config", type=Path, default=default, help="TOML settings file (ORDERBUS_* env on top)")
 
 
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """The settings file the command reads: ``--config``, else `default_config`'s."""
+    given: Path | None = args.config
+    return given if given is not None else default_config()
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    path: Path | None = args.config
-    return load_settings(path)
+    return load_settings(_config_path(args))
 
 
 # What an operator command's settings hold for a sink secret it was not given. Those commands never build a sink
@@ -272,8 +286,7 @@ def _operator_settings(args: argparse.Namespace) -> Settings:
     with `SECRET_NOT_LOADED`: on a systemd host the secrets are credentials only the unit can read, and an
     operator at the shell must not need them to list dead letters. A secret that is given is checked as usual.
     """
-    path: Path | None = args.config
-    return load_settings(path, complete=_fill_sink_secrets)
+    return load_settings(_config_path(args), complete=_fill_sink_secrets)
 
 
 def _fill_sink_secrets(data: dict[str, Any]) -> None:
@@ -301,9 +314,9 @@ _SINK_SECRETS = _sink_secrets()
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    path = _config_path(args)
+    settings = load_settings(path)
     configure(settings.log_level)
-    path: Path | None = args.config
     return _run_async(_serve_until_signal(settings, load=lambda: load_settings(path)))
 
 
@@ -459,7 +472,7 @@ def _dedup_prune(args: argparse.Namespace) -> int:
     if not pruned:  # the wrong state_dir (no --config?) must not look like a prune that found nothing old
         sinks = ", ".join(settings.sinks)
         print(f"orderbus: no state files in {settings.state_dir} (sinks in the settings: {sinks})", file=sys.stderr)
-        return 1
+        return 0 if settings.state_dir.is_dir() else 1  # a host that has delivered nothing yet is not a failure
     return 0
 
 
@@ -549,7 +562,7 @@ def _rate(text: str) -> float:
 
 
 def _port(text: str) -> int:
-    if not (text.isdigit() and 1 <= int(text) <= 65535):
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
     return int(text)
 
@@ -559,7 +572,7 @@ def _port_or_0(text: str) -> int:
 
 
 def _concurrency(text: str) -> int:
-    if not (text.isdigit() and 1 <= int(text) <= 64):
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 64):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests from 1 to 64")
     return int(text)
 
@@ -589,7 +602,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("orderbus: interrupted; what was asked so far:", file=sys.stderr)
         code = 130
-    config = "" if args.config is None else f" --config {args.config}"
+    config = "" if args.config is None else f" --config {args.config}"  # as the operator ran it
     for line in explain(args.sink, run, config):
         print(line)
     if code is not None:

@@ -117,13 +117,18 @@ async def serve(
             ingest, publisher, keys = await _open_ingest(settings, options, stack, metrics, topic_checked=checked)
         engines = await _open_sinks(settings, options, stack, EngineMetrics(registry))
         components = ["ingest"] if publisher is not None else []
-        register_readiness(
-            registry, [*components, *(f"sink.{name}" for name in engines)], lambda: _reasons(publisher, engines, keys)
-        )
+
+        def readiness() -> dict[str, str]:
+            return _reasons(publisher, engines, keys)
+
+        def degraded() -> dict[str, str]:
+            return _degraded(engines)
+
+        register_readiness(registry, [*components, *(f"sink.{name}" for name in engines)], readiness)
         app = build_app(
             ingest=ingest,
-            readiness=lambda: _reasons(publisher, engines, keys),
-            degraded=lambda: _degraded(engines),
+            readiness=readiness,
+            degraded=degraded,
             max_body_bytes=settings.ingest.max_body_bytes,
             registry=registry,
             status=lambda: _status(publisher, keys, engines, registry),
@@ -141,8 +146,9 @@ async def serve(
             ) from exc
         log.info("listening on http://%s:%d", settings.ingest.host, settings.ingest.port)
         tune_runtime()
-        state = lambda: (_reasons(publisher, engines, keys), _degraded(engines))  # noqa: E731
-        ready = asyncio.create_task(_notify_ready(notifier, publisher, engines, state), name="sd-status")
+        ready = asyncio.create_task(
+            _notify_ready(notifier, publisher, engines, lambda: (readiness(), degraded()), stop), name="sd-status"
+        )
         stack.push_async_callback(cancel_and_wait, ready)
         if reload is not None and load is not None:
             reloader = asyncio.create_task(_reload_on_request(reload, load, settings, engines), name="reload")
@@ -398,12 +404,15 @@ async def _notify_ready(
     publisher: KafkaPublisher | None,
     engines: dict[str, SinkEngine],
     state: Callable[[], tuple[Mapping[str, str], Mapping[str, str]]],
+    stop: asyncio.Event,
     *,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
     """READY=1 once Kafka answers and every enabled sink has joined its group, as /readyz (`_reasons`) says; then
     the STATUS= line that ``systemctl status`` shows follows the instance's state (`state`: its not-ready reasons
-    and its degraded components), checked every `_STATUS_INTERVAL`, rather than saying "ready" through an outage.
+    and its degraded components), checked every `_STATUS_INTERVAL`, rather than saying "ready" through an outage;
+    until `stop`, when the drain's STOPPING=1 line is the one to show (the lag measurements stop with the sinks, and
+    would soon read as "kafka is unreachable").
 
     Neither the publisher nor the engines signal "connected" or "assigned", so this one start-up wait polls.
     """
@@ -417,11 +426,28 @@ async def _notify_ready(
     while not connected():
         await sleep(_READY_POLL)
     parts = f"ingest {'off' if publisher is None else 'on'}, sinks {', '.join(engines) or 'none'}"
-    line = _status_line(parts, *state())
+    failing = False
+
+    def current() -> str | None:
+        """The line now; None if `state` failed (a bug: logged once until it works again, the line kept)."""
+        nonlocal failing
+        try:
+            line = _status_line(parts, *state())
+        except Exception:
+            if not failing:
+                log.exception("the status line for systemd could not be made")
+            failing = True
+            return None
+        failing = False
+        return line
+
+    line = current() or f"ready: {parts}"
     notifier.ready(line)
     while True:
         await sleep(_STATUS_INTERVAL)
-        if (now := _status_line(parts, *state())) != line:
+        if stop.is_set():
+            return
+        if (now := current()) is not None and now != line:
             notifier.status(now)
             line = now
 

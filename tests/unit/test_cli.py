@@ -83,12 +83,32 @@ def test_without_config_a_command_reads_orderbus_config_else_the_systems_file(
     assert cli.default_config({"ORDERBUS_CONFIG": ""}, system) is None, "set empty: the built-in defaults"
     asked: list[str] = []
     no_orderbus_env.setattr(status, "fetch_status", lambda url: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
-    no_orderbus_env.setenv("ORDERBUS_CONFIG", str(SYSTEMD_CONFIG))
+    named, given = tmp_path / "named.toml", tmp_path / "given.toml"
+    named.write_text("[ingest]\nport = 9292\n")
+    given.write_text("[ingest]\nport = 9191\n")
+    no_orderbus_env.setenv("ORDERBUS_CONFIG", str(named))
     assert cli.main(["status"]) == 0
-    own = tmp_path / "own.toml"
-    own.write_text("[ingest]\nport = 9191\n")
-    assert cli.main(["status", "--config", str(own)]) == 0
-    assert asked == ["http://127.0.0.1:8080", "http://127.0.0.1:9191"]
+    assert cli.main(["status", "--config", str(given)]) == 0
+    assert asked == ["http://127.0.0.1:9292", "http://127.0.0.1:9191"]
+
+
+class Unsearchable(type(Path())):  # type: ignore[misc]
+    def is_file(self) -> bool:
+        raise PermissionError(13, "Permission denied")
+
+
+def test_a_system_config_that_cannot_be_looked_for_is_a_settings_error_not_a_traceback(
+    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Review: a hardened /etc/orderbus (0700) made every command, --help included, end in a PermissionError.
+    hidden = Unsearchable("/etc/orderbus/orderbus.toml")
+    with pytest.raises(ConfigError, match=r"cannot look for /etc/orderbus/orderbus\.toml: Permission denied; give"):
+        cli.default_config({}, hidden)
+    no_orderbus_env.delenv("ORDERBUS_CONFIG")
+    no_orderbus_env.setattr(cli, "SYSTEM_CONFIG", hidden)
+    assert cli.main(["kafka", "status", "--data-dir", "/nonexistent"]) in (0, 1), "loads no settings: never looks"
+    assert cli.main(["status"]) == 2
+    assert "cannot look for /etc/orderbus/orderbus.toml" in capsys.readouterr().err
 
 
 def test_reconcile_needs_the_secret_of_the_sink_it_asks_only(
@@ -225,13 +245,17 @@ def test_dedup_prune_says_the_ingest_keys_keep_their_least(
     no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     no_orderbus_env.setenv("ORDERBUS_STATE_DIR", str(tmp_path))
-    assert cli.main(["dedup", "prune", "--older-than-hours", "2"]) == 1, "no state file there"
+    assert cli.main(["dedup", "prune", "--older-than-hours", "2"]) == 0, "a host that has delivered nothing yet"
     err = capsys.readouterr().err
     assert "ingest keys are kept for at least 24 hours" in err
     # Review (operator): with the wrong state_dir it printed nothing and exited 0, as if nothing were old.
     assert f"orderbus: no state files in {tmp_path} (sinks in the settings: crm, accounting, shipping)" in err
     no_orderbus_env.setenv("ORDERBUS_SINKS__CRM__ENABLED", "true")
     no_orderbus_env.setenv("ORDERBUS_SINKS__CRM__BASE_URL", "http://crm.test")
+    no_orderbus_env.setenv("ORDERBUS_STATE_DIR", str(tmp_path / "elsewhere"))
+    assert cli.main(["dedup", "prune"]) == 1, "no such directory: the wrong settings"
+    assert f"no state files in {tmp_path / 'elsewhere'}" in capsys.readouterr().err
+    no_orderbus_env.setenv("ORDERBUS_STATE_DIR", str(tmp_path))
     asyncio.run(_open_and_close(SqliteDedupStore(dedup_path(tmp_path, "crm"))))
     assert cli.main(["dedup", "prune", "--older-than-hours", "2"]) == 0
     assert capsys.readouterr().out == "dedup-crm: 0 row(s) pruned\n"

@@ -1717,6 +1717,20 @@ async def test_a_409_with_retry_after_is_a_request_still_in_progress_and_is_sent
     assert h.engine._context.pacer.held_until <= first, "a key's 409 does not hold the whole sink"
 
 
+async def test_a_409_in_progress_for_ever_ends_as_retries_exhausted_and_one_with_retry_after_0_is_done(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(409, "1" if b'"SO-1"' in (request.body or b"") else "0")
+
+    h = harness_factory({TP0: [record(0, "SO-1"), record(1, "SO-2")]}, script)
+    await h.run_until(2)
+    [letter] = h.dead.letters
+    assert (letter.rule, letter.attempts) == ("409-in-progress", 5), "the backoff's max_attempts, then a dead letter"
+    assert h.metric("orderbus_deliveries_total", outcome="duplicate") == 1, "Retry-After 0 sets no wait: it exists"
+    assert h.engine._context.circuit.state == "closed", "a key's wait is not an outage"
+
+
 async def test_status_shows_no_ramp_while_a_credentials_pause_holds_the_sink(
     harness_factory: Callable[..., Harness],
 ) -> None:

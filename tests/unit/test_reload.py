@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -148,26 +148,48 @@ class RecordingNotifier:
         return True
 
 
-async def test_the_ingest_alone_is_ready_while_kafka_is_away_and_the_status_line_follows_the_state() -> None:
+def draining(stop: asyncio.Event, reasons: dict[str, str]) -> None:
+    """The daemon stops: the lag measurements stop with the sinks, and would soon read as Kafka unreachable."""
+    stop.set()
+    reasons["sink.crm"] = "kafka is unreachable"
+
+
+async def test_the_ingest_alone_is_ready_while_kafka_is_away_and_the_status_line_follows_the_state(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # Review (operator): READY=1 waited for Kafka, so systemd killed the ingest at TimeoutStartSec, for ever; and the
     # status line said "ready" from the start on, through any outage.
     notifier = RecordingNotifier()
     publisher = cast(Any, type("Away", (), {"available": False})())
     reasons = {"ingest": "kafka is unreachable: the ingest cannot publish"}
     degraded: dict[str, str] = {}
-    steps = [
+    stop = asyncio.Event()
+    broken = False
+
+    def state() -> tuple[dict[str, str], dict[str, str]]:
+        if broken:
+            raise RuntimeError("a bug")
+        return reasons, degraded
+
+    def fail() -> None:
+        nonlocal broken
+        broken = True
+
+    steps: list[Callable[[], object]] = [
         lambda: reasons.clear(),
         lambda: None,  # unchanged: nothing sent
         lambda: degraded.update({"sink.crm": "circuit open"}),
+        fail,  # logged, the line stays, the task goes on
+        lambda: None,
+        lambda: draining(stop, reasons),
     ]
 
     async def sleep(_: float) -> None:
-        if not steps:
-            raise asyncio.CancelledError
         steps.pop(0)()
 
-    with pytest.raises(asyncio.CancelledError):
-        await _notify_ready(cast(Any, notifier), publisher, {}, lambda: (reasons, degraded), sleep=sleep)
+    await _notify_ready(cast(Any, notifier), publisher, {}, state, stop, sleep=sleep)
+    assert steps == []
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == ["the status line for systemd could not be made"]
     assert notifier.said == [
         ("READY", "NOT READY: ingest: kafka is unreachable: the ingest cannot publish (ingest on, sinks none)"),
         ("STATUS", "ready: ingest on, sinks none"),
@@ -187,5 +209,7 @@ async def test_with_sinks_ready_waits_for_kafka_they_cannot_start_without_it() -
             raise asyncio.CancelledError
 
     with pytest.raises(asyncio.CancelledError):
-        await _notify_ready(cast(Any, notifier), publisher, {"crm": sink}, lambda: ({}, {}), sleep=sleep)
+        await _notify_ready(
+            cast(Any, notifier), publisher, {"crm": sink}, lambda: ({}, {}), asyncio.Event(), sleep=sleep
+        )
     assert notifier.said == []
