@@ -18,6 +18,8 @@ from topics.errors import ContractError, FieldError
 TopicPartitionKey = tuple[str, int]
 
 KEY_MISMATCH = "must be the order number (order.order_number), or absent"
+# The same, for a key that is the order number with spaces around it, which the contract removes from the value's.
+KEY_PADDED = "must be the order number without the spaces around it (removed from order.order_number), or absent"
 
 
 @dataclass(slots=True)
@@ -52,6 +54,11 @@ def key_mismatch(key: bytes | None, order_number: str) -> bool:
     return bool(key) and key != order_number.encode()
 
 
+def key_problem(key: bytes, order_number: str) -> str:
+    """What is wrong with a key `key_mismatch` refused, said without echoing it (it may be personal data)."""
+    return KEY_PADDED if key.strip() == order_number.encode() else KEY_MISMATCH
+
+
 def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bool = False) -> Work:
     """Decode and prepare `record` (an aiokafka ConsumerRecord or a twin) for `sink`.
 
@@ -76,7 +83,8 @@ def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bo
         if key_mismatch(key, prepared.order_number):
             # Lanes, blocks and downstream ids go by order number: a key shared by two orders would send one
             # order's update or cancel to the other's downstream id. The key is not echoed: it may be personal data.
-            invalid, prepared = ContractError([FieldError("key", KEY_MISMATCH)]), None
+            assert key is not None  # `key_mismatch` refuses keys only
+            invalid, prepared = ContractError([FieldError("key", key_problem(key, prepared.order_number))]), None
         else:
             order_ref = prepared.order_number
     elif key:

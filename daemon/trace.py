@@ -36,7 +36,7 @@ from consumers.dedup_sql import (
 from consumers.delivery_state import DeliveryState
 from consumers.sqlite_files import read_only
 from consumers.unreadable import describe, passes_through
-from consumers.work import KEY_MISMATCH, idempotency_key, key_mismatch
+from consumers.work import idempotency_key, key_mismatch, key_problem
 from daemon.dlq import DeadLetterView, committed_offsets, order_number_in, read_dead_letters, source_of
 from daemon.kafka_options import client_options
 from daemon.retention import dedup_path
@@ -170,8 +170,9 @@ def _event(record: Any) -> TracedEvent:
         return TracedEvent(
             record.partition, record.offset, record.timestamp, "invalid", "", f"{first.loc} {first.message}"
         )
-    if key_mismatch(record.key, event.order.order_number):
-        return TracedEvent(record.partition, record.offset, record.timestamp, "invalid", "", f"key {KEY_MISMATCH}")
+    if record.key and key_mismatch(record.key, event.order.order_number):
+        problem = key_problem(record.key, event.order.order_number)
+        return TracedEvent(record.partition, record.offset, record.timestamp, "invalid", "", f"key {problem}")
     return TracedEvent(
         record.partition, record.offset, record.timestamp, event.event_type, str(event.event_id), event.source
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from consumers.sink import RestSink
 from consumers.unreadable import SkippedRecord
-from consumers.work import KEY_MISMATCH, make_work
+from consumers.work import KEY_MISMATCH, KEY_PADDED, make_work
 from topics.codec import encode
 from topics.errors import FieldError
 from topics.samples import sample_event
@@ -50,6 +50,14 @@ def test_a_record_whose_key_is_not_its_order_number_is_invalid_and_the_key_is_no
     assert work.order_ref == "@3:7", "a lane of its own, not the key's nor the order's"
     assert work.key == b"jane@example.com", "the dead letter keeps the key as consumed"
     assert work.idempotency_key == "orderbus:crm:orders-3-7"
+
+
+def test_a_key_with_spaces_around_the_order_number_is_said_to_have_them() -> None:
+    # Review (sender): " SO-1 " in the key and the value alike was refused as "must be the order number": the
+    # contract removes the spaces from the value's order number, not from the key.
+    work = make_work(SINK, "orders", 3, dataclasses.replace(record(7, "SO-1"), key=b" SO-1 "))
+    assert work.invalid is not None
+    assert work.invalid.errors == (FieldError("key", KEY_PADDED),)
 
 
 def test_an_unreadable_replay_keeps_the_idempotency_key_of_its_dead_letter_or_one_of_its_own() -> None:
