@@ -199,8 +199,14 @@ def _check_currency(code: str) -> str:
     return code
 
 
+# Free text without control characters but tab and line breaks: a NUL (which PostgreSQL, for one, refuses in any
+# text), an escape sequence or a backspace in a name is a sender's bug, better named here than dead-lettered by
+# a downstream system's 400.
+_NO_CONTROLS: Final = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+
+
 def _text(max_length: int) -> StringConstraints:
-    return StringConstraints(min_length=1, max_length=max_length)
+    return StringConstraints(min_length=1, max_length=max_length, pattern=_NO_CONTROLS)
 
 
 CurrencyCode = Annotated[
@@ -231,6 +237,7 @@ PATTERN_RULES: Final[dict[str, str]] = {
     _EMAIL: "must be an e-mail address with a domain that has a dot (name@example.com), in ASCII",
     _PHONE: "must be in E.164 form: + and the country code, then digits only, 8-16 characters (+4930123456)",
     _VAT_ID: "must be a VAT id: the country prefix in upper case, then 2-13 letters or digits, no spaces",
+    _NO_CONTROLS: "must not contain control characters (NUL, escape, backspace, ...); tabs and line breaks are fine",
 }
 # RFC 3339 section 5.6: a "T", seconds, a numeric offset with a colon (a missing offset is left to pydantic, whose
 # message for it is clearer). pydantic alone takes a number, or a string of digits, for seconds or milliseconds

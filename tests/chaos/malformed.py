@@ -3,8 +3,8 @@
 Every case is checked against the contract as it is made: `parse_submission` (webhooks) or `decode` (records)
 must refuse it, else another draw is taken. So "each gets a clear 4xx or a dead letter" tests the daemon, not the
 generator's luck. The kinds cover bad JSON, wrong types, broken money and charges (discounts, shipping), wrong
-encodings, huge values, deep nesting, missing and extra fields, wrong shapes, bad dates and envelopes, oversized
-bodies and wrong media types.
+encodings and control characters, huge values, deep nesting, missing and extra fields, wrong shapes, bad dates and
+envelopes, oversized bodies and wrong media types.
 """
 
 from __future__ import annotations
@@ -108,6 +108,14 @@ def _bom(rng: random.Random, data: Json) -> bytes:
 def _lone_surrogate(rng: random.Random, data: Json) -> bytes:
     _order(data)["customer"]["name"] = "X" + chr(rng.randrange(0xD800, 0xE000)) + "Y"
     return json.dumps(data).encode()  # ensure_ascii: the surrogate travels as a \\udXXX escape
+
+
+def _control_character(rng: random.Random, data: Json) -> bytes:
+    order = _order(data)
+    text = rng.choice([order["customer"], order["billing_address"], _line(rng, data)])
+    field = rng.choice([key for key in ("name", "line1", "city") if key in text])
+    text[field] = str(text[field]) + chr(rng.choice([0, 8, 27, 127]))
+    return _dump(data)
 
 
 def _invalid_utf8(rng: random.Random, data: Json) -> bytes:
@@ -288,6 +296,7 @@ MUTATIONS: Final[dict[str, Mutation]] = {
     "encoding/bom": _bom,
     "encoding/lone-surrogate": _lone_surrogate,
     "encoding/invalid-utf-8": _invalid_utf8,
+    "encoding/control-character": _control_character,
     "wrong-type": _wrong_type,
     "broken-money": _broken_money,
     "broken-charges": _broken_charges,

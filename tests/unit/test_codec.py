@@ -200,6 +200,21 @@ def test_a_byte_order_mark_an_unknown_version_and_a_bad_source_are_said_plainly(
     ]
 
 
+def test_control_characters_in_free_text_are_refused_by_field_and_line_breaks_are_not() -> None:
+    # Review (sender): a NUL in a name was accepted and sent on, for a downstream's database to refuse (dead letter).
+    document = json.loads(sample_submission(random.Random(4)).model_dump_json())
+    document["order"]["customer"]["name"] = "Jane\u0000Doe"
+    document["order"]["line_items"][0]["name"] = "Chocolate\u001b[31m"
+    document["order"]["shipping_address"]["line1"] = "Main St 1\nBack door\tleft"
+    with pytest.raises(ContractError) as caught:
+        parse_submission(json.dumps(document).encode())
+    rule = "must not contain control characters (NUL, escape, backspace, ...); tabs and line breaks are fine"
+    assert sorted(caught.value.errors, key=lambda error: error.loc) == [
+        FieldError("order.customer.name", rule),
+        FieldError("order.line_items.0.name", rule),
+    ]
+
+
 def test_a_json_syntax_error_names_body_line_and_column() -> None:
     body = b'{\n  "order": {\n    "currency": "EUR",,\n  }\n}'
     [error] = submission_errors(body)
