@@ -252,16 +252,10 @@ def default_config(env: Mapping[str, str] | None = None, system: Path | None = N
 def _config_option(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
     """``--config``; without a `default`, `default_config` decides when the settings are loaded (`_config_path`),
     not when the parser is built: ``--help`` and the commands that load none never look at /etc."""
-    if default is None:
-        parser.add_argument(
-            "--config",
-            type=Path,
-            default=None,
-            help=f"TOML settings file (ORDERBUS_* env on top); default ${CONFIG_VARIABLE}, else {SYSTEM_CONFIG} "
-            "if it exists, else the built-in defaults",
-        )
-    else:
-        parser.add_argument("--config", type=Path, default=default, help="TOML settings file (ORDERBUS_* env on top)")
+    fallback = "" if default else f"; default ${CONFIG_VARIABLE}, else {SYSTEM_CONFIG} if it exists, else built-in"
+    parser.add_argument(
+        "--config", type=Path, default=default, help=f"TOML settings file (ORDERBUS_* env on top){fallback}"
+    )
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:

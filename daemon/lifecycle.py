@@ -45,6 +45,7 @@ from daemon.sdnotify import Notifier, watchdog_loop
 from daemon.settings import Settings
 from daemon.signature import WebhookVerifier
 from daemon.sinks import build_auth, build_sink, engine_config
+from daemon.status import problems
 from topics.admin import missing_topics
 from topics.catalogue import dlq_topic, orders_topic, replay_topic
 from topics.errors import BrokerError, ConfigError
@@ -453,14 +454,10 @@ async def _notify_ready(
 
 
 def _status_line(parts: str, reasons: Mapping[str, str], degraded: Mapping[str, str]) -> str:
-    """``ready: ingest on, sinks crm``, or what is wrong first: ``NOT READY: ingest: kafka is unreachable ...;
-    DEGRADED: sink.crm: circuit open ... (ingest on, sinks crm)``."""
-    said = [
-        f"{label}: {'; '.join(f'{k}: {v}' for k, v in found.items())}"
-        for label, found in (("NOT READY", reasons), ("DEGRADED", degraded))
-        if found
-    ]
-    return f"{' '.join(said)} ({parts})" if said else f"ready: {parts}"
+    """``ready: ingest on, sinks crm``, or what is wrong first, as `orderbus status` says it: ``NOT READY ingest:
+    kafka is unreachable ...; DEGRADED sink.crm: circuit open ... (ingest on, sinks crm)``."""
+    said = problems(reasons, degraded)
+    return f"{'; '.join(said)} ({parts})" if said else f"ready: {parts}"
 
 
 def _reasons(

@@ -49,7 +49,8 @@ Seconds = Annotated[float, Field(gt=0, le=86_400)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No number is infinite or NaN: `inf` hours of retention passed every bound and failed later, in a traceback.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def _ca_file(path: Path) -> Path:
@@ -118,8 +119,8 @@ class TopicSettings(_Section):
     dlq_partitions: int = Field(3, ge=1, le=1000)
     replication_factor: int = Field(1, ge=1, le=10)
     min_insync_replicas: int = Field(1, ge=1, le=10)
-    orders_retention_hours: float = Field(168, gt=0, allow_inf_nan=False)
-    dlq_retention_hours: float = Field(720, gt=0, allow_inf_nan=False)
+    orders_retention_hours: float = Field(168, gt=0)
+    dlq_retention_hours: float = Field(720, gt=0)
 
 
 class IngestSettings(_Section):
@@ -134,7 +135,7 @@ class IngestSettings(_Section):
     body_timeout: Seconds = 30.0  # a body not in within this is 408: a stalled client holds nothing longer
     publish_timeout: Seconds = 10.0
     retry_after: int = Field(5, ge=1, le=3600)
-    idempotency_retention_hours: float = Field(48, ge=24, allow_inf_nan=False)
+    idempotency_retention_hours: float = Field(48, ge=24)
     # The envelope's own rule: a source it would refuse failed every request with a 500 (the webhook's slug).
     source: str = Field("webhook", pattern=SOURCE_PATTERN)
 
@@ -368,7 +369,6 @@ class SinkSettings(_Section):
     dedup_retention_hours: float = Field(
         168,
         ge=1,
-        allow_inf_nan=False,
         description="delivery states older than this are pruned; redeliveries after that rely on the "
         "downstream's idempotency keys",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 from topics.errors import OrderbusError
@@ -65,11 +66,18 @@ def render_status(document: dict[str, Any]) -> str:
         if ingest.get("key_store_error"):  # webhooks with a key get 503 until a batch is written again
             line += f"; KEY STORE FAILING: {ingest['key_store_error']}"
         lines.append(line)
-    for component, reason in sorted(document.get("not_ready", {}).items()):
-        lines.append(f"NOT READY {component}: {reason}")
-    for component, reason in sorted(document.get("degraded", {}).items()):
-        lines.append(f"DEGRADED {component}: {reason}")
+    lines += problems(document.get("not_ready", {}), document.get("degraded", {}))
     return "\n".join(lines)
+
+
+def problems(not_ready: Mapping[str, str], degraded: Mapping[str, str]) -> list[str]:
+    """``NOT READY <component>: <reason>``, then ``DEGRADED ...``, by component: as `orderbus status` prints them
+    and the systemd status line (`daemon.lifecycle`) joins them."""
+    return [
+        f"{label} {component}: {reason}"
+        for label, found in (("NOT READY", not_ready), ("DEGRADED", degraded))
+        for component, reason in sorted(found.items())
+    ]
 
 
 def _circuit(sink: dict[str, Any]) -> str:

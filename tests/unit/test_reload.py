@@ -191,9 +191,9 @@ async def test_the_ingest_alone_is_ready_while_kafka_is_away_and_the_status_line
     assert steps == []
     assert [r.getMessage() for r in caplog.records if r.exc_info] == ["the status line for systemd could not be made"]
     assert notifier.said == [
-        ("READY", "NOT READY: ingest: kafka is unreachable: the ingest cannot publish (ingest on, sinks none)"),
+        ("READY", "NOT READY ingest: kafka is unreachable: the ingest cannot publish (ingest on, sinks none)"),
         ("STATUS", "ready: ingest on, sinks none"),
-        ("STATUS", "DEGRADED: sink.crm: circuit open (ingest on, sinks none)"),
+        ("STATUS", "DEGRADED sink.crm: circuit open (ingest on, sinks none)"),
     ]
 
 

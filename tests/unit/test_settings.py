@@ -62,6 +62,7 @@ def test_secrets_are_masked_when_printed(tmp_path: Path) -> None:
         ("[ingest\n", {}, ["not valid TOML"]),
         ("[topics]\norders_retention_hours = inf\n", {}, ["topics.orders_retention_hours", "finite"]),
         ("[sinks.crm]\ndedup_retention_hours = nan\n", {}, ["sinks.crm.dedup_retention_hours"]),
+        ("[sinks.crm]\nrate = inf\n", {}, ["sinks.crm.rate", "finite"]),
         # A source the event envelope refuses would fail every webhook with a 500: refused at start instead.
         ('[ingest]\nsource = "shop.eu"\n', {}, ["ingest.source", "shop.eu"]),
         ('[ingest]\nsource = "1shop"\n', {}, ["ingest.source"]),
