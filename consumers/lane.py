@@ -264,7 +264,7 @@ class Lane:
                 if sent is None:
                     continue  # a gate closed while this lane queued for a slot or the pace: wait for it again
                 outcome = sent
-                decision = self._decide(outcome)
+                decision = self._decide(outcome, work.prepared.method)
                 if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
                     probe.release()  # a 401 says nothing about the system's health
                 if decision.action in ("done", "duplicate"):
@@ -353,11 +353,11 @@ class Lane:
         context.hot.http_responses[_status_class(outcome)].inc()
         return outcome
 
-    def _decide(self, outcome: Reply | TransportFailure) -> Decision:
+    def _decide(self, outcome: Reply | TransportFailure, method: str) -> Decision:
         context = self._context
         policy = context.sink.policy
         if isinstance(outcome, Reply):
-            decision = policy.decide(outcome.status)
+            decision = policy.decide(outcome.status, method)
             if outcome.status == 409 and decision.action == "duplicate" and outcome.retry_after is not None:
                 wait = parse_retry_after(
                     outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap

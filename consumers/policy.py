@@ -13,8 +13,10 @@ brief's table::
     timeout / connection      retry        "timeout" / "connection-error"   (`decide_failure`)
     request not sendable      dead_letter  "invalid-request"                (`decide_failure`)
 
-A sink's settings change single codes or whole classes with `with_overrides({"409": "dead_letter"})`. Overrides
-come before every existing rule, and a single code before a class, whatever the order of the mapping.
+A sink's settings change single codes or whole classes with `with_overrides({"409": "dead_letter"})`, for every
+request or for one method (``"DELETE 409"``: a cancel the system refuses with 409, "already shipped", is not a
+duplicate). Overrides come before every existing rule, whatever the order of the mapping: a single code before a
+class, and the same key with a method before it without one.
 The rule name of each `Decision` is meant for logs, metrics and dead-letter headers: it is bounded and never
 contains data from the request.
 """
@@ -35,6 +37,7 @@ __all__ = [
     "ACTIONS",
     "DEFAULT_POLICY",
     "IN_PROGRESS",
+    "METHODS",
     "Action",
     "Decision",
     "FailureKind",
@@ -51,6 +54,8 @@ _LOWEST_STATUS = 100
 _HIGHEST_STATUS = 599
 _CODE_KEY = re.compile(r"[1-5][0-9][0-9]")
 _CLASS_KEY = re.compile(r"([1-5])xx")
+# The methods a sink sends (order.created, .updated, .cancelled), which an override may name before its status.
+METHODS: Final = ("POST", "PUT", "DELETE")
 # RFC 9110 delay-seconds is 1*DIGIT; a decimal fraction is accepted on purpose (see `parse_retry_after`).
 _DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
@@ -63,11 +68,13 @@ def _valid_status(value: object) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """Statuses that lead to one action: single codes, or inclusive ranges such as ``(500, 599)``."""
+    """Statuses that lead to one action: single codes, or inclusive ranges such as ``(500, 599)``; for the
+    answers to one HTTP method only when `method` names it."""
 
     name: str
     action: Action
     statuses: tuple[StatusSpec, ...]
+    method: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -78,6 +85,8 @@ class Rule:
             )
         if not self.statuses:
             raise ConfigError(f"response policy rule {self.name!r} covers no status")
+        if self.method is not None and self.method not in METHODS:
+            raise ConfigError(f"response policy rule {self.name!r}: method {self.method!r} is not one of {METHODS}")
         for spec in self.statuses:
             if isinstance(spec, tuple):
                 low, high = spec
@@ -90,7 +99,10 @@ class Rule:
                 f"of them ({_LOWEST_STATUS}-{_HIGHEST_STATUS})"
             )
 
-    def covers(self, status: int) -> bool:
+    def covers(self, status: int, method: str | None = None) -> bool:
+        """True if this rule decides `status` (the answer to a `method` request, when known)."""
+        if self.method is not None and method != self.method:
+            return False
         for spec in self.statuses:
             if isinstance(spec, tuple):
                 if spec[0] <= status <= spec[1]:
@@ -125,10 +137,11 @@ class ResponsePolicy:
 
     rules: tuple[Rule, ...]
 
-    def decide(self, status: int) -> Decision:
-        """The decision for an HTTP status; a status no rule covers is dead-lettered by the rule "unmatched"."""
+    def decide(self, status: int, method: str | None = None) -> Decision:
+        """The decision for an HTTP status, the answer to a `method` request; a status no rule covers is
+        dead-lettered by the rule "unmatched". Rules for one method apply only when `method` is that one."""
         for rule in self.rules:
-            if rule.covers(status):
+            if rule.covers(status, method):
                 return Decision(rule.action, rule.name)
         return UNMATCHED
 
@@ -141,29 +154,42 @@ class ResponsePolicy:
             raise ValueError(f"unknown delivery failure {kind!r}; expected one of {sorted(_FAILURES)}") from None
 
     def with_overrides(self, overrides: Mapping[str, Action], *, setting: str = "response_policy") -> ResponsePolicy:
-        """A copy in which `overrides` ("409" -> "dead_letter", "4xx" -> "retry") win over every existing rule.
+        """A copy in which `overrides` ("409" -> "dead_letter", "4xx" -> "retry", "DELETE 409" -> "dead_letter") win
+        over every existing rule.
 
-        Keys are a single status ("404") or a class ("4xx"); codes come before classes. Each override becomes a
-        rule named ``override-<key>``. A bad key or action raises `ConfigError` naming `setting` and the key.
+        Keys are a single status ("404") or a class ("4xx"), optionally after a method the sinks send (POST, PUT,
+        DELETE) and a space. The most specific key decides: a code with a method, a code, a class with a method, a
+        class. Each override becomes a rule named ``override-<key>`` (``override-delete-409``). A bad key or
+        action raises `ConfigError` naming `setting` and the key.
         """
-        codes: list[Rule] = []
-        classes: list[Rule] = []
+        ranked: tuple[list[Rule], list[Rule], list[Rule], list[Rule]] = ([], [], [], [])
         for key, action in overrides.items():
             if not isinstance(key, str):
-                raise ConfigError(f"{setting}: key {key!r} must be a string such as '404' or '4xx'")
-            normalized = key.strip().lower()
+                raise ConfigError(f"{setting}: key {key!r} must be a string such as '404', '4xx' or 'DELETE 409'")
             if action not in ACTIONS:
                 raise ConfigError(f"{setting}.{key}: action {action!r} is not one of {sorted(ACTIONS)}")
-            if _CODE_KEY.fullmatch(normalized):
-                codes.append(Rule(f"override-{normalized}", action, (int(normalized),)))
-            elif match := _CLASS_KEY.fullmatch(normalized):
+            method, _, status = key.strip().upper().rpartition(" ")
+            method = method.strip()
+            if method and method not in METHODS:
+                raise ConfigError(
+                    f"{setting}: key {key!r} names the method {method!r}; the sinks send {', '.join(METHODS)} "
+                    "(e.g. 'DELETE 409')"
+                )
+            status = status.lower()
+            name = f"override-{method.lower()}-{status}" if method else f"override-{status}"
+            statuses: tuple[StatusSpec, ...]
+            if _CODE_KEY.fullmatch(status):
+                rank, statuses = (0 if method else 1), (int(status),)
+            elif match := _CLASS_KEY.fullmatch(status):
                 low = int(match.group(1)) * 100
-                classes.append(Rule(f"override-{normalized}", action, ((low, low + 99),)))
+                rank, statuses = (2 if method else 3), ((low, low + 99),)
             else:
                 raise ConfigError(
-                    f"{setting}: key {key!r} is neither a status code (100-599, e.g. '404') nor a class (e.g. '4xx')"
+                    f"{setting}: key {key!r} is neither a status code (100-599, e.g. '404') nor a class (e.g. '4xx'), "
+                    "with or without a method before it ('DELETE 409')"
                 )
-        return ResponsePolicy((*codes, *classes, *self.rules))
+            ranked[rank].append(Rule(name, action, statuses, method or None))
+        return ResponsePolicy((*(rule for rules in ranked for rule in rules), *self.rules))
 
 
 DEFAULT_POLICY: Final = ResponsePolicy(

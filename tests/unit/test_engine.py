@@ -26,6 +26,7 @@ from consumers.engine import EngineConfig, SinkEngine
 from consumers.lag import LagMeter
 from consumers.metrics import EngineMetrics
 from consumers.offsets import OffsetTracker
+from consumers.policy import DEFAULT_POLICY
 from consumers.sink import HttpRequest, RestSink
 from consumers.work import idempotency_key
 from topics.codec import encode
@@ -210,7 +211,11 @@ async def harness_factory() -> AsyncIterator[Callable[..., Harness]]:
     made: list[Harness] = []
 
     def make(
-        partitions: dict[tuple[str, int], list[FakeRecord]], script: Script | None = None, **config: Any
+        partitions: dict[tuple[str, int], list[FakeRecord]],
+        script: Script | None = None,
+        *,
+        sink: RestSink | None = None,
+        **config: Any,
     ) -> Harness:
         consumer = FakeConsumer(clock, partitions)
         downstream = Downstream(clock, script)
@@ -219,7 +224,7 @@ async def harness_factory() -> AsyncIterator[Callable[..., Harness]]:
         registry = CollectorRegistry()
         settings = {"backoff": Backoff(base=1.0, cap=8.0, max_attempts=5, max_elapsed=600.0), **config}
         engine = SinkEngine(
-            RestSink("crm", "http://crm.test"),
+            sink if sink is not None else RestSink("crm", "http://crm.test"),
             consumer,
             downstream,
             store,
@@ -1729,6 +1734,26 @@ async def test_a_409_in_progress_for_ever_ends_as_retries_exhausted_and_one_with
     assert (letter.rule, letter.attempts) == ("409-in-progress", 5), "the backoff's max_attempts, then a dead letter"
     assert h.metric("orderbus_deliveries_total", outcome="duplicate") == 1, "Retry-After 0 sets no wait: it exists"
     assert h.engine._context.circuit.state == "closed", "a key's wait is not an outage"
+
+
+async def test_a_409_to_a_cancel_is_a_dead_letter_when_the_sink_says_so_and_a_create_s_409_stays_a_duplicate(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Review (downstream owner): a system that cannot cancel an order it has shipped answers the DELETE with 409;
+    # the policy is per status, so the cancel counted as done ("already exists") and was silently lost.
+    policy = DEFAULT_POLICY.with_overrides({"DELETE 409": "dead_letter"})
+    sink = RestSink("crm", "http://crm.test", policy=policy)
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return ok() if request.method == "PUT" else answer(409)
+
+    records = [record(0, "SO-1"), record(1, "SO-1", "order.updated"), record(2, "SO-1", "order.cancelled")]
+    h = harness_factory({TP0: records}, script, sink=sink)
+    await h.run_until(3)
+    assert [method for _, method, _, _ in h.downstream.calls] == ["POST", "PUT", "DELETE"]
+    assert h.metric("orderbus_deliveries_total", outcome="duplicate") == 1, "the create's 409: it exists"
+    [letter] = h.dead.letters
+    assert (letter.reason, letter.rule, letter.attempts) == ("rejected", "override-delete-409", 1)
 
 
 async def test_status_shows_no_ramp_while_a_credentials_pause_holds_the_sink(

@@ -141,6 +141,48 @@ def test_a_class_override_covers_the_whole_class_but_codes_still_win() -> None:
     assert policy.decide(500) == Decision("retry", "temporary")
 
 
+def test_an_override_can_name_the_method_whose_answers_it_decides() -> None:
+    # A 409 to a cancel is "cannot, already shipped" at some systems, "already exists" to a create everywhere.
+    policy = DEFAULT_POLICY.with_overrides({"DELETE 409": "dead_letter", "put 404": "duplicate"})
+    assert policy.decide(409, "DELETE") == Decision("dead_letter", "override-delete-409")
+    assert policy.decide(409, "POST") == Decision("duplicate", "409-already-exists")
+    assert policy.decide(409) == Decision("duplicate", "409-already-exists"), "no method: only rules for all"
+    assert policy.decide(404, "PUT") == Decision("duplicate", "override-put-404")
+    assert policy.decide(404, "DELETE") == Decision("dead_letter", "bad-request")
+
+
+def test_the_most_specific_override_decides_whatever_the_order_of_the_keys() -> None:
+    overrides: Mapping[str, Action] = {
+        "4xx": "retry",
+        "DELETE 4xx": "duplicate",
+        "409": "dead_letter",
+        "DELETE 409": "done",
+    }
+    for keys in (overrides, dict(reversed(list(overrides.items())))):
+        policy = DEFAULT_POLICY.with_overrides(keys)
+        assert policy.decide(409, "DELETE") == Decision("done", "override-delete-409")
+        assert policy.decide(409, "PUT") == Decision("dead_letter", "override-409")
+        assert policy.decide(404, "DELETE") == Decision("duplicate", "override-delete-4xx")
+        assert policy.decide(404, "PUT") == Decision("retry", "override-4xx")
+
+
+@pytest.mark.parametrize("key", ["PATCH 409", "GET 404", "DEL 409", "POST PUT 409"])
+def test_an_override_naming_a_method_the_sinks_do_not_send_is_a_config_error(key: str) -> None:
+    with pytest.raises(ConfigError, match=r"names the method '.+'; the sinks send POST, PUT, DELETE"):
+        DEFAULT_POLICY.with_overrides({key: "retry"}, setting="sinks.crm.response_policy")
+
+
+@pytest.mark.parametrize("key", ["DELETE", "DELETE 40", "DELETE409", "DELETE 6xx"])
+def test_a_method_override_without_a_status_is_a_config_error(key: str) -> None:
+    with pytest.raises(ConfigError, match="is neither a status code"):
+        DEFAULT_POLICY.with_overrides({key: "retry"}, setting="sinks.crm.response_policy")
+
+
+def test_a_rule_for_an_unknown_method_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="method 'PATCH' is not one of"):
+        Rule("r", "retry", (409,), "PATCH")
+
+
 def test_override_keys_are_trimmed_and_case_insensitive() -> None:
     policy = DEFAULT_POLICY.with_overrides({" 5XX ": "dead_letter"})
     assert policy.decide(503) == Decision("dead_letter", "override-5xx")

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from consumers.policy import Decision
 from daemon.settings import load_settings
+from daemon.sinks import build_sink
 from topics.errors import ConfigError
 
 
@@ -192,6 +194,7 @@ def test_usable_base_urls_pass(tmp_path: Path, url: str) -> None:
         ('[kafka]\nsasl_mechanism = "PLAIN"\nsasl_username = "ob"\n', ["sasl_mechanism, sasl_username", "PLAINTEXT"]),
         ('[kafka]\nssl_cafile = "/etc/ssl/certs/ca-certificates.crt"\n', ["ssl_cafile", "PLAINTEXT"]),
         ('[sinks.crm]\nresponse_policy = {"4x4" = "done"}\n', ["sinks.crm.response_policy", "'4x4'", "class"]),
+        ('[sinks.crm]\nresponse_policy = {"PATCH 409" = "done"}\n', ["sinks.crm.response_policy", "'PATCH'", "DELETE"]),
     ],
 )
 def test_settings_that_cannot_be_used_are_refused_when_checked(tmp_path: Path, text: str, names: list[str]) -> None:
@@ -199,6 +202,15 @@ def test_settings_that_cannot_be_used_are_refused_when_checked(tmp_path: Path, t
         load_settings(write(tmp_path, text), env={})
     for name in names:
         assert name in str(caught.value)
+
+
+def test_a_response_policy_override_may_name_a_method(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(tmp_path, '[sinks.shipping]\nresponse_policy = {"DELETE 409" = "dead_letter"}\n'), env={}
+    )
+    policy = build_sink("shipping", settings.sinks["shipping"]).policy
+    assert policy.decide(409, "DELETE") == Decision("dead_letter", "override-delete-409")
+    assert policy.decide(409, "POST") == Decision("duplicate", "409-already-exists")
 
 
 def test_a_ca_bundle_must_be_pem(tmp_path: Path) -> None:
