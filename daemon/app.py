@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -14,6 +14,8 @@ from daemon.ingest import Ingest
 from daemon.problems import problem
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+# What one listener serves: everything (no admin port), or its half of it.
+Listener = Literal["all", "webhook", "admin"]
 
 # How the daemon serves the application (`web.AppRunner` keywords). Bodies are not inflated: the ingest refuses a
 # Content-Encoding (415), because a webhook's signature and the body limit are about the bytes as sent; inflated by
@@ -30,15 +32,18 @@ def build_app(
     registry: CollectorRegistry | None = None,
     status: Callable[[], dict[str, object]] | None = None,
     degraded: Callable[[], dict[str, str]] = dict,
+    serves: Listener = "all",
 ) -> web.Application:
-    """The HTTP surface: the ingest (when enabled), the OpenAPI document, health and readiness.
+    """The HTTP surface: the ingest (when enabled), the OpenAPI document, health and readiness, metrics and status.
 
     `readiness` returns the reasons the daemon is not ready (empty when it is); `degraded`, what is wrong downstream
-    of it, which /readyz reports without answering 503 (see `daemon.lifecycle`).
+    of it, which /readyz reports without answering 503 (see `daemon.lifecycle`). `serves` splits it between two
+    listeners (``admin.port``): "webhook" leaves out /metrics and /status, "admin" the ingest and the OpenAPI
+    document; both answer /healthz and /readyz.
     """
     # The ingest reads the body itself against its own limit; leave aiohttp's a little above it.
     app = web.Application(client_max_size=max_body_bytes + 1)
-    if ingest is not None:
+    if ingest is not None and serves != "admin":
         app.router.add_post("/v1/orders", ingest.post_order, expect_handler=ingest.expect)
     openapi = OPENAPI_PATH.read_bytes()
 
@@ -63,9 +68,11 @@ def build_app(
         # For `orderbus status`: counts and states only, never order data.
         return web.json_response(status() if status is not None else {})
 
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/status", status_document)
-    app.router.add_get("/openapi.json", openapi_document)
+    if serves != "webhook":
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/status", status_document)
+    if serves != "admin":
+        app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     allowed = {resource.canonical: sorted({route.method for route in resource}) for resource in app.router.resources()}
@@ -75,6 +82,8 @@ def build_app(
         if methods := allowed.get(request.path):
             detail = f"{request.path} takes {', '.join(methods)}"
             return problem(405, "method-not-allowed", detail, headers={"Allow": ", ".join(methods)})
+        if serves == "admin":
+            return problem(404, "not-found", "no such resource; this listener serves /metrics, /status and health")
         return problem(404, "not-found", "no such resource; the API is described at /openapi.json")
 
     app.router.add_route("*", "/{path:.*}", unrouted)

@@ -132,7 +132,9 @@ def _parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="per sink: lag, in flight, parked, circuit, dead letters")
     _config_option(status)
-    status.add_argument("--url", help="the daemon's base URL (default: from ingest.host/port in the settings)")
+    status.add_argument(
+        "--url", help="the daemon's base URL (default: admin.host/port in the settings, else ingest.host/port)"
+    )
     status.add_argument("--json", action="store_true", help="print the raw status document")
     status.set_defaults(func=_status)
 
@@ -445,9 +447,7 @@ def _status(args: argparse.Namespace) -> int:
 
     url = args.url
     if url is None:
-        settings = _operator_settings(args)
-        host = "127.0.0.1" if settings.ingest.host in ("0.0.0.0", "::") else settings.ingest.host  # noqa: S104
-        url = f"http://{host}:{settings.ingest.port}"
+        url = _operator_settings(args).admin_url()
     document = fetch_status(url)
     print(json.dumps(document, indent=2) if args.json else render_status(document))
     return 0 if not (document.get("not_ready") or document.get("degraded")) else 1

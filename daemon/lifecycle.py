@@ -33,7 +33,7 @@ from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.runner import HttpConfig, open_sink
 from consumers.tasks import cancel_and_wait
-from daemon.app import RUNNER_OPTIONS, build_app
+from daemon.app import RUNNER_OPTIONS, Listener, build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.ingest_metrics import IngestMetrics, register_build_info
@@ -126,26 +126,24 @@ async def serve(
             return _degraded(engines)
 
         register_readiness(registry, [*components, *(f"sink.{name}" for name in engines)], readiness)
-        app = build_app(
-            ingest=ingest,
-            readiness=readiness,
-            degraded=degraded,
-            max_body_bytes=settings.ingest.max_body_bytes,
-            registry=registry,
-            status=lambda: _status(publisher, keys, engines, registry),
-        )
-        runner = web.AppRunner(app, **RUNNER_OPTIONS)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, settings.ingest.host, settings.ingest.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ConfigError(
-                f"ingest.host/ingest.port: cannot listen on {settings.ingest.host}:{settings.ingest.port}: "
-                f"{exc.strerror}"
-            ) from exc
-        log.info("listening on http://%s:%d", settings.ingest.host, settings.ingest.port)
+
+        def app(serves: Listener) -> web.Application:
+            return build_app(
+                ingest=ingest,
+                readiness=readiness,
+                degraded=degraded,
+                max_body_bytes=settings.ingest.max_body_bytes,
+                registry=registry,
+                status=lambda: _status(publisher, keys, engines, registry),
+                serves=serves,
+            )
+
+        admin = settings.admin
+        if admin.port is None:
+            await _listen(stack, app("all"), "ingest", settings.ingest.host, settings.ingest.port)
+        else:
+            await _listen(stack, app("webhook"), "ingest", settings.ingest.host, settings.ingest.port)
+            await _listen(stack, app("admin"), "admin", admin.host, admin.port)
         tune_runtime()
         ready = asyncio.create_task(
             _notify_ready(notifier, publisher, engines, lambda: (readiness(), degraded()), stop), name="sd-status"
@@ -156,6 +154,19 @@ async def serve(
             stack.push_async_callback(cancel_and_wait, reloader)
         await _run_sinks(engines, stop, notifier)
         log.info("stopped")
+
+
+async def _listen(stack: AsyncExitStack, app: web.Application, section: str, host: str, port: int) -> None:
+    """Serve `app` on host:port until `stack` closes; `ConfigError` naming `section`'s keys if it cannot listen."""
+    runner = web.AppRunner(app, **RUNNER_OPTIONS)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ConfigError(f"{section}.host/{section}.port: cannot listen on {host}:{port}: {exc.strerror}") from exc
+    log.info("listening on http://%s:%d", host, port, extra={"listener": section})
 
 
 async def _run_sinks(engines: dict[str, SinkEngine], stop: asyncio.Event, notifier: Notifier) -> None:

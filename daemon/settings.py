@@ -159,6 +159,18 @@ class IngestSettings(_Section):
         return secrets
 
 
+class AdminSettings(_Section):
+    """A listener of its own for ``/metrics`` and ``/status`` (with ``/healthz`` and ``/readyz``), when `port` is set.
+
+    Without it they are served on the ingest's port, beside the webhook: whoever can post an order can then read
+    the counters and the sinks' states too. With it, the ingest's port serves the webhook, ``/openapi.json``,
+    ``/healthz`` and ``/readyz`` only, and this one is for Prometheus and the operator's commands.
+    """
+
+    host: str = "127.0.0.1"
+    port: Port | None = None
+
+
 def _secret_text(value: Any) -> Any:
     # A numeric key in TOML (key = 123456) is still a key; converting here also keeps it out of error messages.
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
@@ -448,6 +460,7 @@ class Settings(_Section):
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     ingest: IngestSettings = IngestSettings()
+    admin: AdminSettings = AdminSettings()
     sinks: dict[str, SinkSettings] = Field(default_factory=_default_sinks)
 
     @field_validator("sinks")
@@ -458,8 +471,24 @@ class Settings(_Section):
             raise ValueError(f"unknown sink {unknown[0]!r}; the sinks are {', '.join(SINKS)}")
         return {**_default_sinks(), **value}
 
+    @model_validator(mode="after")
+    def _listeners_apart(self) -> Settings:
+        admin, ingest = self.admin, self.ingest
+        wildcard = ("0.0.0.0", "::", "")  # noqa: S104 - compared, not bound
+        overlap = admin.host == ingest.host or admin.host in wildcard or ingest.host in wildcard
+        if admin.port and admin.port == ingest.port and overlap:
+            raise ValueError(f"admin.port: {admin.port} is ingest.port too; the admin listener needs a port of its own")
+        return self
+
     def enabled_sinks(self) -> dict[str, SinkSettings]:
         return {name: sink for name, sink in self.sinks.items() if sink.enabled}
+
+    def admin_url(self) -> str:
+        """Where this daemon serves ``/status`` and ``/metrics``: the admin listener when it has one, else the
+        ingest's port (a wildcard host asked on 127.0.0.1)."""
+        host, port = (self.admin.host, self.admin.port) if self.admin.port else (self.ingest.host, self.ingest.port)
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - compared, not bound
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def masked_json(self) -> str:
         """The effective settings as JSON, secrets shown as ``**********``."""

@@ -40,7 +40,7 @@ from support import (
 from daemon import kafka_local
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
-from daemon.settings import load_settings
+from daemon.settings import AdminSettings, load_settings
 from daemon.signature import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from topics.catalogue import SINKS
 from topics.samples import sample_submission
@@ -233,17 +233,23 @@ async def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_the_scr
         tmp_path / "state",
         sinks=sandbox_sinks(sandbox_process, backoff_cap=0.3, auth_pause=0.5),
     )
+    # The metrics on a listener of their own (admin.port), as a host that takes webhooks from the internet has them.
+    settings = settings.model_copy(update={"admin": AdminSettings(port=free_port())})
+    admin = f"127.0.0.1:{settings.admin.port}"
     registry = CollectorRegistry()
     async with (
         running_daemon(settings, registry) as base,
         order_traffic(base, 40, prefix=prefix) as statuses,
         aiohttp.ClientSession() as session,
     ):
-        with prometheus(tmp_path / "prometheus", f"127.0.0.1:{settings.ingest.port}") as prom:
+        with prometheus(tmp_path / "prometheus", admin) as prom:
             for name in SINKS:
                 await sandbox.wait_ledger(name, 20, timeout=30)
 
-            async with session.get(f"{base}/metrics") as response:
+            for path in ("/metrics", "/status"):
+                async with session.get(f"{base}{path}") as response:
+                    assert response.status == 404, f"{path} on the webhook's port"
+            async with session.get(f"http://{admin}/metrics") as response:
                 scrape = await response.read()
             lint = run(tool("promtool"), "check", "metrics", stdin=scrape)
             assert (lint.returncode, lint.stdout + lint.stderr) == (0, ""), "promtool check metrics"

@@ -66,7 +66,7 @@ def test_operator_commands_need_no_sink_secrets(
     no_orderbus_env.setattr(dlq, "read_dead_letters", read_dead_letters)
     config = ["--config", str(SYSTEMD_CONFIG)]
     assert cli.main(["status", *config]) == 0
-    assert urls == ["http://127.0.0.1:8080"]
+    assert urls == ["http://127.0.0.1:8081"], "the unit's config has an admin listener"
     assert cli.main(["dlq", "list", "--sink", "crm", *config]) == 0, capsys.readouterr().err
 
 
@@ -90,6 +90,24 @@ def test_without_config_a_command_reads_orderbus_config_else_the_systems_file(
     assert cli.main(["status"]) == 0
     assert cli.main(["status", "--config", str(given)]) == 0
     assert asked == ["http://127.0.0.1:9292", "http://127.0.0.1:9191"]
+
+
+def test_status_asks_the_admin_listener_when_the_settings_have_one(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    asked: list[str] = []
+    no_orderbus_env.setattr(status, "fetch_status", lambda url: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
+    for n, text in enumerate(
+        [
+            '[ingest]\nhost = "0.0.0.0"\nport = 8080\n[admin]\nport = 9464\n',
+            '[ingest]\nhost = "0.0.0.0"\n[admin]\nhost = "::1"\nport = 9464\n',
+            '[ingest]\nhost = "::1"\nport = 8081\n',
+        ]
+    ):
+        config = tmp_path / f"{n}.toml"
+        config.write_text(text)
+        assert cli.main(["status", "--config", str(config)]) == 0
+    assert asked == ["http://127.0.0.1:9464", "http://[::1]:9464", "http://[::1]:8081"]
 
 
 class Unsearchable(type(Path())):  # type: ignore[misc]

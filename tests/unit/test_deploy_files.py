@@ -269,6 +269,13 @@ def test_systemd_waits_longer_than_the_shutdown_drains(options: dict[str, list[s
     assert int(one(options, "TimeoutStopSec")) > longest_shutdown(unit_settings)
 
 
+def test_prometheus_scrapes_the_systemd_hosts_admin_listener_not_its_webhook(unit_settings: Settings) -> None:
+    scrape = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    [targets] = re.findall(r"^ +- targets: (\[.*\])", scrape, re.MULTILINE)
+    assert unit_settings.admin.port not in (None, unit_settings.ingest.port)
+    assert json.loads(targets) == [f"{unit_settings.admin.host}:{unit_settings.admin.port}"]
+
+
 def longest_shutdown(settings: Settings) -> float:
     """Drain (the sinks drain at once, each up to its grace), then the final commit and producer close."""
     return max(sink.shutdown_grace for sink in settings.enabled_sinks().values()) + settings.kafka.request_timeout
@@ -572,7 +579,11 @@ def test_orderbus_starts_after_its_dependencies_and_keeps_its_state(
     assert f"orderbus-state:{json.loads(last(dockerfile, 'VOLUME'))[0]}" in volumes
     assert "  orderbus-state:" in yaml_block(compose, "volumes")
     assert str(container_settings.state_dir) == json.loads(last(dockerfile, "VOLUME"))[0]
-    assert yaml_items(yaml_block(orderbus, "ports")) == [f"127.0.0.1:{container_settings.ingest.port}:8080"]
+    ports = yaml_items(yaml_block(orderbus, "ports"))
+    assert ports == [
+        f"127.0.0.1:{port}:{port}" for port in (container_settings.ingest.port, container_settings.admin.port)
+    ]
+    assert ipaddress.ip_address(container_settings.admin.host).is_unspecified
     assert ipaddress.ip_address(container_settings.ingest.host).is_unspecified  # inside the container: all
     topics = json.loads(yaml_value(service(compose, "topics"), "command"))
     assert topics == ["topics", "apply", "--config", config_path]
@@ -600,7 +611,7 @@ def test_the_sinks_deliver_to_the_sandbox_service(compose: list[str], container_
     }
 
 
-def test_prometheus_scrapes_orderbus_with_the_shared_rules(compose: list[str]) -> None:
+def test_prometheus_scrapes_orderbus_with_the_shared_rules(compose: list[str], container_settings: Settings) -> None:
     prometheus = service(compose, "prometheus")
     assert "./prometheus/rules.yml:/etc/prometheus/rules.yml:ro" in yaml_items(yaml_block(prometheus, "volumes"))
     assert yaml_value(yaml_block(prometheus, "configs"), "- source") == "prometheus-config"
@@ -608,7 +619,8 @@ def test_prometheus_scrapes_orderbus_with_the_shared_rules(compose: list[str]) -
     assert yaml_items(yaml_block(config, "rule_files")) == ["rules.yml"]
     scrape = yaml_block(config, "scrape_configs")
     assert "job_name: orderbus" in "\n".join(scrape)  # the alert rules select job="orderbus"
-    assert json.loads(yaml_value(yaml_block(scrape, "static_configs"), "- targets")) == ["orderbus:8080"]
+    targets = json.loads(yaml_value(yaml_block(scrape, "static_configs"), "- targets"))
+    assert targets == [f"orderbus:{container_settings.admin.port}"], "the admin listener: not the webhook's port"
     assert 'job="orderbus"' in (DEPLOY / "prometheus" / "rules.yml").read_text()
 
 
@@ -630,5 +642,5 @@ def test_every_host_path_compose_mounts_exists_and_ports_stay_local(compose: lis
     missing = [mount for mount in mounts if not (COMPOSE.parent / mount).exists()]
     assert not missing
     ports = [match.group(1) for line in compose if (match := re.match(r'^\s*- "([\d.:]+)"$', line))]
-    assert len(ports) == 5
+    assert len(ports) == 6
     assert all(port.startswith("127.0.0.1:") for port in ports), ports

@@ -10,6 +10,7 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from aiohttp import web
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.deadletter import REASONS as DEAD_LETTER_REASONS
 from consumers.metrics import OUTCOMES, RETRY_REASONS, STATUS_CLASSES, EngineMetrics
-from daemon.app import build_app
+from daemon.app import Listener, build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import MemoryIngestKeyStore
 from daemon.ingest_metrics import INGEST_CODES, IngestMetrics, package_version, register_build_info
@@ -315,3 +316,28 @@ async def test_metrics_endpoint_serves_the_registry(registry: CollectorRegistry)
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain;")
         assert "orderbus_build_info{" in await response.text()
+
+
+async def test_with_an_admin_listener_the_webhook_port_serves_no_metrics_or_status(registry: CollectorRegistry) -> None:
+    # Review (operator): a daemon that takes webhooks from the internet served its counters and its sinks' states
+    # to whoever could post an order. With `admin.port` they are served on that listener only.
+    ingest = Ingest(Publisher([0.0]), MemoryIngestKeyStore(), IngestConfig(), metrics=IngestMetrics(registry))
+    served: dict[Listener, dict[str, int]] = {}
+    for serves in get_args(Listener):
+        app = build_app(ingest=ingest, readiness=dict, registry=registry, status=dict, serves=serves)
+        async with TestClient(TestServer(app)) as client:
+            answers = {path: (await client.get(path)).status for path in ("/metrics", "/status", "/openapi.json")}
+            answers |= {path: (await client.get(path)).status for path in ("/healthz", "/readyz")}
+            answers["POST /v1/orders"] = (await client.post("/v1/orders", data=b"{}")).status
+            served[serves] = answers
+    webhook = {"/openapi.json": 200, "/healthz": 200, "/readyz": 200, "POST /v1/orders": 415}
+    assert served["all"] == {**webhook, "/metrics": 200, "/status": 200}
+    assert served["webhook"] == {**webhook, "/metrics": 404, "/status": 404}
+    assert served["admin"] == {
+        "/metrics": 200,
+        "/status": 200,
+        "/openapi.json": 404,
+        "/healthz": 200,
+        "/readyz": 200,
+        "POST /v1/orders": 404,
+    }

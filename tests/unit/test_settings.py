@@ -213,6 +213,21 @@ def test_a_response_policy_override_may_name_a_method(tmp_path: Path) -> None:
     assert policy.decide(409, "POST") == Decision("duplicate", "409-already-exists")
 
 
+@pytest.mark.parametrize(
+    ("ingest", "admin"),
+    [("port = 8080", "port = 8080"), ('host = "0.0.0.0"', 'host = "10.0.0.5"\nport = 8080')],
+)
+def test_the_admin_listener_needs_a_port_of_its_own(tmp_path: Path, ingest: str, admin: str) -> None:
+    with pytest.raises(ConfigError, match=r"admin\.port: 8080 is ingest\.port too"):
+        load_settings(write(tmp_path, f"[ingest]\n{ingest}\n[admin]\n{admin}\n"), env={})
+
+
+def test_the_admin_listener_may_share_a_port_number_on_another_address(tmp_path: Path) -> None:
+    text = '[ingest]\nhost = "10.0.0.5"\n[admin]\nhost = "127.0.0.1"\nport = 8080\n'
+    assert load_settings(write(tmp_path, text), env={}).admin.port == 8080
+    assert load_settings(None, env={"ORDERBUS_ADMIN__PORT": "9464"}).admin.port == 9464
+
+
 def test_a_ca_bundle_must_be_pem(tmp_path: Path) -> None:
     bundle = tmp_path / "ca.pem"
     bundle.write_text("not a certificate\n")
