@@ -383,6 +383,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def _config_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.file)
+    settings.ingest.require_signatures()
     print(settings.masked_json())
     return 0
 

@@ -96,6 +96,7 @@ async def serve(
     Under systemd (Type=notify) it says READY=1 once Kafka answers and every sink has joined its group, pings
     WATCHDOG=1 from the event loop until the last resource is closed, and says STOPPING=1 when it drains.
     """
+    settings.ingest.require_signatures()
     registry = registry if registry is not None else CollectorRegistry()
     notifier = notifier if notifier is not None else Notifier()  # a broken $NOTIFY_SOCKET stops start-up here
     register_build_info(registry)
@@ -297,7 +298,7 @@ async def _open_ingest(
 
     secrets = [secret.get_secret_value() for secret in settings.ingest.webhook_secrets]
     if not secrets:
-        log.warning("ingest.webhook_secrets is empty: unsigned webhooks are accepted")
+        log.warning("ingest.allow_unsigned: unsigned webhooks are accepted (no ingest.webhook_secrets)")
     ingest = Ingest(
         publisher,
         keys,

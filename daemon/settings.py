@@ -131,6 +131,8 @@ class IngestSettings(_Section):
     port: Port = 8080
     max_body_bytes: int = Field(1_048_576, ge=1024, le=16 * 1_048_576)
     webhook_secrets: tuple[SecretStr, ...] = ()
+    # Without secrets the ingest refuses to start, unless this says that only trusted senders can reach it.
+    allow_unsigned: bool = False
     signature_tolerance: Seconds = 300.0
     body_timeout: Seconds = 30.0  # a body not in within this is 408: a stalled client holds nothing longer
     publish_timeout: Seconds = 10.0
@@ -157,6 +159,18 @@ class IngestSettings(_Section):
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return secrets
+
+    def require_signatures(self) -> None:
+        """`ConfigError` for an enabled ingest without secrets unless `allow_unsigned` says so: checked by `run` and
+        `config check`, not by every command that reads the settings (an operator's shell cannot read the
+        credentials). Failing open was the old way: an empty credential file, or a container started without the
+        variable, left anyone who could reach the port free to post orders, with a warning in the log."""
+        if self.enabled and not self.webhook_secrets and not self.allow_unsigned:
+            raise ConfigError(
+                "ingest.webhook_secrets: none given, so anyone who can reach the port could post orders; give the "
+                "signing secret (ingest.webhook_secrets, or ORDERBUS_INGEST__WEBHOOK_SECRETS_FILE), set "
+                "ingest.allow_unsigned = true where only trusted senders reach it, or ingest.enabled = false"
+            )
 
 
 class AdminSettings(_Section):

@@ -44,6 +44,7 @@ def write_config(path: Path, broker: BrokerInfo, prefix: str, state: Path, sandb
         "orders_partitions = 6",
         "[ingest]",
         f"port = {free_port()}",
+        "allow_unsigned = true",
     ]
     for name in SINKS:
         lines += [

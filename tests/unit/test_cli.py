@@ -110,6 +110,19 @@ def test_status_asks_the_admin_listener_when_the_settings_have_one(
     assert asked == ["http://127.0.0.1:9464", "http://[::1]:9464", "http://[::1]:8081"]
 
 
+def test_config_check_refuses_an_ingest_without_secrets_and_status_does_not_need_them(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "orderbus.toml"
+    config.write_text("[ingest]\nport = 8089\n")
+    assert cli.main(["config", "check", str(config)]) == 2
+    assert "ingest.webhook_secrets: none given" in capsys.readouterr().err
+    no_orderbus_env.setattr(status, "fetch_status", lambda url: {"sinks": {}})
+    assert cli.main(["status", "--config", str(config)]) == 0, "an operator's command runs no ingest"
+    config.write_text("[ingest]\nport = 8089\nallow_unsigned = true\n")
+    assert cli.main(["config", "check", str(config)]) == 0
+
+
 class Unsearchable(type(Path())):  # type: ignore[misc]
     def is_file(self) -> bool:
         raise PermissionError(13, "Permission denied")

@@ -33,6 +33,7 @@ async def test_a_state_dir_that_cannot_be_created_is_a_config_error(tmp_path: Pa
         env={
             "ORDERBUS_STATE_DIR": str(blocker / "state"),
             "ORDERBUS_INGEST__ENABLED": ingest,
+            "ORDERBUS_INGEST__ALLOW_UNSIGNED": "true",
             "ORDERBUS_SINKS__CRM__ENABLED": "true",
         },
     )
@@ -88,7 +89,8 @@ def test_an_oauth2_sinks_ca_bundle_gone_since_the_check_is_a_config_error(tmp_pa
 
 
 def sink_settings(**env: str) -> Settings:
-    return load_settings(None, env={"ORDERBUS_TOPICS__PREFIX": "t.", "ORDERBUS_SINKS__CRM__ENABLED": "true", **env})
+    env = {"ORDERBUS_TOPICS__PREFIX": "t.", "ORDERBUS_SINKS__CRM__ENABLED": "true", **env}
+    return load_settings(None, env={"ORDERBUS_INGEST__ALLOW_UNSIGNED": "true", **env})
 
 
 async def test_a_missing_topic_stops_start_up_before_any_client_could_create_it(
@@ -117,3 +119,22 @@ async def test_an_unreachable_kafka_stops_the_sinks_but_not_the_ingest_alone(mon
     with pytest.raises(BrokerError):
         await lifecycle._require_topics(sink_settings(), {})
     await lifecycle._require_topics(sink_settings(ORDERBUS_SINKS__CRM__ENABLED="false"), {})  # 503 until Kafka is back
+
+
+@pytest.mark.parametrize("secrets", [None, "", "\n\n"])
+async def test_an_ingest_without_webhook_secrets_does_not_start_unless_told_to_accept_unsigned_orders(
+    tmp_path: Path, secrets: str | None
+) -> None:
+    # Review (security): an empty credential file, or a container started without the variable, gave an ingest
+    # that took unsigned orders from anyone who could reach its port, said by one warning in the log.
+    env = {"ORDERBUS_STATE_DIR": str(tmp_path / "state")}
+    if secrets is not None:
+        (tmp_path / "secret").write_text(secrets)
+        env["ORDERBUS_INGEST__WEBHOOK_SECRETS_FILE"] = str(tmp_path / "secret")
+    settings = load_settings(None, env=env)
+    with pytest.raises(ConfigError, match=r"^ingest\.webhook_secrets: none given, so anyone .*allow_unsigned = true"):
+        await serve(settings, asyncio.Event(), registry=CollectorRegistry())
+    assert not (tmp_path / "state").exists(), "refused before anything was opened"
+    told = load_settings(None, env={**env, "ORDERBUS_INGEST__ALLOW_UNSIGNED": "true"})
+    told.ingest.require_signatures()
+    load_settings(None, env={**env, "ORDERBUS_INGEST__ENABLED": "false"}).ingest.require_signatures()
