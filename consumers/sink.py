@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from consumers.policy import DEFAULT_POLICY, ResponsePolicy
 from topics.envelope import OrderEvent
@@ -27,6 +27,7 @@ from topics.errors import ConfigError
 
 _METHODS: Final = {"order.created": "POST", "order.updated": "PUT", "order.cancelled": "DELETE"}
 _ABSOLUTE: Final = re.compile(r"https?://[^\s/]+(/\S*)?")
+MAX_DOWNSTREAM_ID: Final = 255  # characters of a downstream id kept from an answer (`RestSink.downstream_id`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,10 @@ def _check_template(name: str, template: str, allowed: set[str], required: str |
     example = template.format(base_url="http://example.invalid", id="1", order_number="SO-1")
     if not _ABSOLUTE.fullmatch(example):
         raise ConfigError(f"{name}: {template!r} must give an absolute http(s) URL (start with {{base_url}})")
+    probed = template.format(base_url="http://example.invalid", id=".probe-id", order_number=".probe-number")
+    if "probe" in urlsplit(probed).netloc:
+        # "{base_url}{id}" with an answer's id ".attacker.example": the order and the credentials to that host.
+        raise ConfigError(f"{name}: {template!r}: {{id}} and {{order_number}} go after the host, behind a '/'")
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,11 @@ class RestSink:
         return HttpRequest("GET", url)
 
     def downstream_id(self, prepared: Prepared, status: int, body: bytes) -> str | None:
-        """`id_field` of the answer to a create: a 2xx, or a 409 that names the order already there."""
+        """`id_field` of the answer to a create: a 2xx, or a 409 that names the order already there.
+
+        None (the order is then addressed by its number) for an id that is no path segment: ``.`` or ``..``, which
+        percent-encoding leaves as they are and a proxy or framework resolves to another resource, one with
+        control characters, or one longer than `MAX_DOWNSTREAM_ID` characters."""
         if prepared.event_type != "order.created" or not body or not (200 <= status < 300 or status == 409):
             return None
         try:
@@ -212,4 +221,7 @@ class RestSink:
         value = document.get(self.id_field) if isinstance(document, dict) else None
         if isinstance(value, bool) or not isinstance(value, str | int):
             return None
-        return str(value) or None
+        text = str(value)
+        if text in ("", ".", "..") or len(text) > MAX_DOWNSTREAM_ID or not text.isprintable():
+            return None
+        return text

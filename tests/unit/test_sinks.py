@@ -420,6 +420,10 @@ def test_url_templates_are_filled_and_the_id_cannot_escape_its_segment() -> None
         ({"by_id": "{base_url}/{id!r}"}, "unknown placeholder"),
         ({"create": "/orders"}, "absolute http"),
         ({"create": "{base_url/orders"}, "not a URL template"),
+        # Review (security): an answer's id ".attacker.example" would have named the host, credentials and all.
+        ({"by_id": "{base_url}{id}"}, r"by_id: .*\{id\} and \{order_number\} go after the host"),
+        ({"by_number": "https://{order_number}.example.test/orders"}, "go after the host"),
+        ({"by_id": "{base_url}:{id}/orders"}, "go after the host"),
     ],
 )
 def test_bad_url_templates_are_refused(templates: dict[str, str], message: str) -> None:
@@ -442,6 +446,13 @@ def test_bad_url_templates_are_refused(templates: dict[str, str], message: str) 
         ("order.created", 201, b"[" * 100_000 + b"]" * 100_000, None),  # too deep for the parser: no id
         ("order.created", 201, b'{"id": true}', None),
         ("order.created", 201, b'{"id": ""}', None),
+        # Review (security): percent-encoding leaves "." and "..": /orders/.. is another resource to a proxy.
+        ("order.created", 201, b'{"id": ".."}', None),
+        ("order.created", 201, b'{"id": "."}', None),
+        ("order.created", 201, b'{"id": "crm\\n7"}', None),
+        ("order.created", 201, b'{"id": "' + b"7" * 256 + b'"}', None),
+        ("order.created", 201, b'{"id": "' + b"7" * 255 + b'"}', "7" * 255),
+        ("order.created", 201, b'{"id": "..crm-7"}', "..crm-7"),
         ("order.created", 500, b'{"id": "err-1"}', None),
         ("order.updated", 200, b'{"id": "crm-7"}', None),
     ],
