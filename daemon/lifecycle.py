@@ -11,14 +11,17 @@ Every metric (the ingest's, the engines', the build info) lives on the one injec
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import fnmatch
 import functools
 import gc
 import logging
 import os
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -113,6 +116,7 @@ async def serve(
         checked = True
         if settings.ingest.enabled or settings.enabled_sinks():
             _state_dir(settings)
+            stack.callback(os.close, _lock_state_dir(settings.state_dir))
             checked = await _require_topics(settings, options)
         if settings.ingest.enabled:
             metrics = IngestMetrics(registry)
@@ -230,11 +234,45 @@ def _state_dir(settings: Settings) -> None:
     systemd does not restart), not a traceback."""
     path = settings.state_dir
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)  # only its own user reads what it holds
     except OSError as exc:
         raise ConfigError(f"state_dir: cannot create {path}: {exc.strerror or exc}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"state_dir: {path} is not writable by this user")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning(
+            "state_dir %s can be read by other users (mode %04o): its files hold order numbers and idempotency "
+            "keys; chmod 700 it",
+            path,
+            mode,
+        )
+
+
+STATE_LOCK = "orderbus.lock"
+
+
+def _lock_state_dir(path: Path) -> int:
+    """Hold `STATE_LOCK` in `path` until the returned descriptor is closed (or the process ends, kill -9 included);
+    `ConfigError` if another daemon holds it. Two daemons on one state directory would each take the other's
+    idempotency keys and delivery states for their own (one SQLite writer each, no coordination between them)."""
+    lock = path / STATE_LOCK
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"state_dir: cannot open {lock}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"state_dir: {path} is in use by another orderbus daemon (process {holder} holds {lock}); "
+            "give each daemon a state directory of its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 async def _require_topics(settings: Settings, options: Mapping[str, Any]) -> bool:

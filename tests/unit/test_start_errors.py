@@ -4,7 +4,10 @@ does not restart), not tracebacks (exit 1, restarted every 10 s forever)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import stat
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -138,3 +141,48 @@ async def test_an_ingest_without_webhook_secrets_does_not_start_unless_told_to_a
     told = load_settings(None, env={**env, "ORDERBUS_INGEST__ALLOW_UNSIGNED": "true"})
     told.ingest.require_signatures()
     load_settings(None, env={**env, "ORDERBUS_INGEST__ENABLED": "false"}).ingest.require_signatures()
+
+
+async def test_a_state_dir_another_daemon_holds_is_refused_until_that_daemon_ends(tmp_path: Path) -> None:
+    # Review (operator): two daemons on one state directory both started, each writing the other's idempotency
+    # keys and delivery states as its own.
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    settings = load_settings(None, env={"ORDERBUS_STATE_DIR": str(state), "ORDERBUS_INGEST__ALLOW_UNSIGNED": "1"})
+    pipe = asyncio.subprocess.PIPE
+    holder = await asyncio.create_subprocess_exec(sys.executable, "-c", HOLD_LOCK, str(state), stdin=pipe, stdout=pipe)
+    try:
+        assert holder.stdout is not None
+        assert await holder.stdout.readline() == b"held\n"
+        message = rf"^state_dir: {state} is in use by another orderbus daemon \(process {holder.pid} holds"
+        with pytest.raises(ConfigError, match=message):
+            await serve(settings, asyncio.Event(), registry=CollectorRegistry())
+    finally:
+        holder.kill()  # as kill -9: the kernel lets go of the lock with the process
+        await holder.communicate()
+    os.close(lifecycle._lock_state_dir(state))
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from daemon.lifecycle import _lock_state_dir
+_lock_state_dir(Path(sys.argv[1]))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_state_dir_is_made_for_its_user_alone_and_one_open_to_others_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    made = tmp_path / "made" / "state"
+    lifecycle._state_dir(load_settings(None, env={"ORDERBUS_STATE_DIR": str(made)}))
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    assert not caplog.records
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o755)
+    lifecycle._state_dir(load_settings(None, env={"ORDERBUS_STATE_DIR": str(tmp_path / "open")}))
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert "can be read by other users (mode 0755)" in record.getMessage()
