@@ -55,6 +55,8 @@ _DECODE_SLICE = 100  # records decoded between two turns of the event loop (see 
 _REPORT_INTERVAL = 0.1
 _RESUME_AT = 0.8  # partitions paused for a full buffer resume once it is down to this share of `max_buffered`
 _FETCH_SLACK = 1.0  # a fetch with no answer this long after its `fetch_wait` is cut off (see `_fetch`)
+# At a stop, the records answered within the grace period get at least this long to be made durable.
+SETTLE_FLOOR = 1.0
 
 Deliver = Callable[[HttpRequest, str], Awaitable[Reply | TransportFailure]]
 """One HTTP attempt: (request, idempotency key) → the answer or the transport failure. Never raises."""
@@ -424,8 +426,10 @@ class SinkEngine:
         """Stop `tps`' lanes, wait up to the grace period for their requests under way, commit, forget them.
 
         Step 1. Every lane of those partitions stops before its next attempt; parked lanes stop at once.
-        Step 2. Wait at most `shutdown_grace` for the attempts under way; cancel what is left. Then wait (as
-                long again at most) for the records settling: terminal, their states being made durable.
+        Step 2. Wait at most `shutdown_grace` for the attempts under way; cancel what is left. Then wait for the
+                records settling (terminal, their states being made durable) for what is left of the grace
+                period, at least `SETTLE_FLOOR`: the whole stop stays within one grace period and the commit's
+                timeout, which is what systemd's TimeoutStopSec and a container's grace period are sized by.
         Step 3. Commit what finished (flushing the dedup store first).
         Step 4. Forget those partitions: their unfinished records are redelivered to whoever owns them next.
                 Also when the commit failed (the dedup table could not be flushed): kept, their lanes and offsets
@@ -439,6 +443,7 @@ class SinkEngine:
         for lane in lanes:
             lane.stop()
         # Step 2.
+        grace_ends = self._clock.now() + self.config.shutdown_grace
         tasks = [lane.task for lane in lanes if lane.task is not None and not lane.task.done()]
         if tasks:
             with contextlib.suppress(TimeoutError), self._deadlines.within(self.config.shutdown_grace):
@@ -451,7 +456,7 @@ class SinkEngine:
                 await asyncio.wait(late)
         if lanes:
             try:
-                with self._deadlines.within(self.config.shutdown_grace):
+                with self._deadlines.within(max(SETTLE_FLOOR, grace_ends - self._clock.now())):
                     await self._group.settled()
             except TimeoutError:
                 log.warning("dedup writes still under way after the grace period", extra={"sink": self.sink.name})

@@ -21,7 +21,18 @@ Listener = Literal["all", "webhook", "admin"]
 # Content-Encoding (415), because a webhook's signature and the body limit are about the bytes as sent; inflated by
 # aiohttp, a compressed body was read by its compressed length, and a mislabelled one failed in the parser.
 # Handlers are not cancelled when their client goes away: a claimed key is then published and answered all the same.
-RUNNER_OPTIONS: Final[dict[str, Any]] = {"access_log": None, "handler_cancellation": False, "auto_decompress": False}
+# An idle connection, or one whose request head never ends, is closed after `keepalive_timeout` (aiohttp's own
+# default is an hour: a client that opens connections and sends nothing held them that long); longer than a proxy's
+# or load balancer's idle timeout (60 s at most of them), so it is they who close a connection they keep. At a stop,
+# webhook requests under way get `shutdown_timeout` to be answered (a retry is safe under its key).
+INGEST_SHUTDOWN: Final = 5.0
+RUNNER_OPTIONS: Final[dict[str, Any]] = {
+    "access_log": None,
+    "handler_cancellation": False,
+    "auto_decompress": False,
+    "keepalive_timeout": 75.0,
+    "shutdown_timeout": INGEST_SHUTDOWN,
+}
 
 
 def build_app(

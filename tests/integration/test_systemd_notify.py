@@ -54,6 +54,7 @@ def test_ready_watchdog_and_stopping_over_a_real_notify_socket(
         "ORDERBUS_TOPICS__PREFIX": prefix,
         "ORDERBUS_STATE_DIR": str(tmp_path / "state"),
         "ORDERBUS_INGEST__PORT": str(free_port()),
+        "ORDERBUS_INGEST__ALLOW_UNSIGNED": "true",
         "ORDERBUS_SINKS__CRM": json.dumps({"enabled": True, "base_url": sandbox_process.system_url("crm")}),
     }
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

@@ -23,7 +23,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from daemon.app import build_app
+from consumers.engine import SETTLE_FLOOR, EngineConfig
+from daemon.app import INGEST_SHUTDOWN, build_app
 from daemon.settings import (
     ApiKeyAuthSettings,
     BearerAuthSettings,
@@ -277,8 +278,10 @@ def test_prometheus_scrapes_the_systemd_hosts_admin_listener_not_its_webhook(uni
 
 
 def longest_shutdown(settings: Settings) -> float:
-    """Drain (the sinks drain at once, each up to its grace), then the final commit and producer close."""
-    return max(sink.shutdown_grace for sink in settings.enabled_sinks().values()) + settings.kafka.request_timeout
+    """Drain (the sinks drain at once, each up to its grace), record the last outcomes, commit; then the webhook
+    requests under way (`consumers.engine.SinkEngine._revoke`, `daemon.app.RUNNER_OPTIONS`)."""
+    grace = max(sink.shutdown_grace for sink in settings.enabled_sinks().values())
+    return grace + SETTLE_FLOOR + EngineConfig().commit_timeout + INGEST_SHUTDOWN
 
 
 # MemoryDenyWriteExecute= is, in systemd 252, this seccomp filter: no mmap that is writable and executable, no

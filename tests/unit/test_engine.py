@@ -22,7 +22,7 @@ from consumers.clock import FakeClock
 from consumers.deadletter import DeadLetter, read_headers
 from consumers.dedup import DeliveryState, MemoryDedupStore
 from consumers.delivery import Reply, TransportFailure
-from consumers.engine import EngineConfig, SinkEngine
+from consumers.engine import SETTLE_FLOOR, EngineConfig, SinkEngine
 from consumers.lag import LagMeter
 from consumers.metrics import EngineMetrics
 from consumers.offsets import OffsetTracker
@@ -706,6 +706,42 @@ async def test_stop_cancels_the_requests_still_under_way_after_the_grace_period(
     assert 5.0 <= h.clock.now() - stopped < 6.0, "the grace period is on the engine's clock, not the loop's"
     assert h.downstream.calls == []
     assert TP0 not in h.consumer.committed
+
+
+async def test_a_stop_waits_for_settling_records_only_what_is_left_of_the_grace_period(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Review (operator): the settling wait had a grace period of its own after the requests' one, so a stop could
+    # take twice `shutdown_grace` before the commit, past the TimeoutStopSec sized for one.
+    h = harness_factory({TP0: [record(0, "SO-1")]}, shutdown_grace=5.0)
+    stalled = asyncio.Event()
+
+    async def flush_stalled() -> int:  # a disk that stalls for a minute
+        stalled.set()
+        await h.clock.sleep(60.0)
+        return 0
+
+    h.store.flush = flush_stalled  # type: ignore[method-assign]
+    commits: list[float] = []
+    commit = h.engine.commit
+
+    async def timed_commit(only: Iterable[tuple[str, int]] | None = None) -> None:
+        commits.append(h.clock.now())
+        await commit(only=only)
+
+    h.engine.commit = timed_commit  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await stalled.wait()  # SO-1 answered: its settling waits for the disk
+    h.downstream.latency = 3600.0
+    h.consumer.partitions[TP1] = [record(0, "SO-2")]  # and SO-2, sent now, stays under way
+    while h.downstream.in_flight < 1:
+        await h.clock.sleep(0.01)
+    stopped = h.clock.now()
+    stop.set()
+    await runner
+    assert commits, "the stop commits"
+    assert commits[0] - stopped <= 5.0 + SETTLE_FLOOR + 0.5, commits[0] - stopped  # 10.3 s before
 
 
 async def test_stop_ends_the_run_while_a_fetch_never_returns(harness_factory: Callable[..., Harness]) -> None:
