@@ -103,7 +103,7 @@ async def serve(
     registry = registry if registry is not None else CollectorRegistry()
     notifier = notifier if notifier is not None else Notifier()  # a broken $NOTIFY_SOCKET stops start-up here
     register_build_info(registry)
-    log.info("starting", extra={"settings": settings.model_dump(mode="json")})  # secrets show as **********
+    log.info("starting", extra={"settings": settings.masked()})
     async with AsyncExitStack() as stack:
         stack.callback(notifier.close)
         # First in, last out: the loop pings systemd until the drain and every close are done.

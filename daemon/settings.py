@@ -504,9 +504,15 @@ class Settings(_Section):
         host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - compared, not bound
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as JSON values, secrets shown as ``**********``, and a URL's user info, query
+        and fragment as ``***`` (``token_url = "https://login.example/token?client_secret=..."``)."""
+        masked: dict[str, Any] = _masked_values(self.model_dump(mode="json"))
+        return masked
+
     def masked_json(self) -> str:
-        """The effective settings as JSON, secrets shown as ``**********``."""
-        return self.model_dump_json(indent=2)
+        """`masked`, as `config check` prints it."""
+        return json.dumps(self.masked(), indent=2)
 
 
 def load_settings(
@@ -622,6 +628,32 @@ def _masked(text: str) -> str:
     return _URL.sub(lambda url: _QUERY.sub("***", _USER_INFO.sub("***@", url.group())), text)
 
 
+def mask_url(value: str) -> str:
+    """`value` (a setting's own text, not a message) with what may hold a credential masked: in a URL, everything
+    from ``scheme://`` up to its last ``@`` (a password may hold quotes, spaces or a ``/`` that a URL pattern
+    stops at); in a URL or a URL template (``{base_url}/...``), the query and the fragment. Other text is returned
+    as it is."""
+    scheme, sep, rest = value.partition("://")
+    if sep:
+        head = f"{scheme}://"
+        if "@" in rest:
+            rest = "***@" + rest.rpartition("@")[2]
+    elif value.startswith("{base_url}"):
+        head, rest = "{base_url}", value.removeprefix("{base_url}")
+    else:
+        return value
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    return head + (rest if cut < 0 else rest[: cut + 1] + "***")
+
+
+def _masked_values(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _masked_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked_values(item) for item in value]
+    return mask_url(value) if isinstance(value, str) else value
+
+
 def _setting_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
     """`loc` without pydantic's tag of the auth union (``sinks.crm.auth.bearer.token``): not a key one can set."""
     return tuple(part for i, part in enumerate(loc) if not (i and loc[i - 1] == "auth" and part in _AUTH_TYPES))
@@ -639,6 +671,8 @@ def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str
         shown = error.get("input")
         # Never echo what might be a secret; show short scalar inputs only.
         secret = any(word in key for word in ("secret", "password", "token", "key"))
+        if isinstance(shown, str):
+            shown = mask_url(shown)
         bad = "" if secret or isinstance(shown, dict | list) else f" (got {_masked(repr(shown))})"
         hint = ""
         if error["type"] == "missing" and key.rpartition(".")[2] in _SECRETS:  # where a secret can come from

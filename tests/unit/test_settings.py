@@ -293,6 +293,10 @@ def test_a_base_url_the_paths_cannot_be_appended_to_is_refused(url: str, said: s
         ("BASE_URL", "https://crm.example.com/api#S3CRET"),
         ("BASE_URL", "https://orderbus:pa@S3CRET@crm.example.com/api"),  # a password with an @
         ("URLS__CREATE", "https://crm.example.com/?token=S3CRET x"),  # a template's own error message
+        # Review (security): the pattern that found URLs in messages stopped at a quote or a space.
+        ("BASE_URL", "https://svc:pa'S3CRET@crm.example.com/api"),
+        ("BASE_URL", "https://svc:pa S3CRET@crm.example.com/api"),
+        ("BASE_URL", 'https://svc:pa"S3CRET@crm.example.com/api'),
     ],
 )
 def test_settings_errors_mask_what_a_url_may_hide_a_credential_in(variable: str, url: str) -> None:
@@ -300,6 +304,22 @@ def test_settings_errors_mask_what_a_url_may_hide_a_credential_in(variable: str,
         load_settings(None, env={f"ORDERBUS_SINKS__CRM__{variable}": url})
     assert "S3CRET" not in str(raised.value)
     assert "***" in str(raised.value)
+
+
+def test_printed_settings_mask_a_urls_query_and_user_info() -> None:
+    # Review (security): `config check` and the daemon's start line printed `?client_secret=...` in full.
+    env = {
+        "ORDERBUS_SINKS__ACCOUNTING__AUTH__TYPE": "oauth2",
+        "ORDERBUS_SINKS__ACCOUNTING__AUTH__TOKEN_URL": "https://login.example.test/token?client_secret=S3CRET",
+        "ORDERBUS_SINKS__ACCOUNTING__AUTH__CLIENT_ID": "orderbus",
+        "ORDERBUS_SINKS__ACCOUNTING__AUTH__CLIENT_SECRET": "S3CRET",
+        "ORDERBUS_SINKS__CRM__URLS__BY_ID": "{base_url}/orders/{id}?api_key=S3CRET",
+    }
+    settings = load_settings(None, env=env)
+    printed = settings.masked_json()
+    assert "S3CRET" not in printed
+    assert '"token_url": "https://login.example.test/token?***"' in printed
+    assert settings.masked()["sinks"]["crm"]["base_url"] == settings.sinks["crm"].base_url, "the rest as it is"
 
 
 @pytest.mark.parametrize(
