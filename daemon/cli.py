@@ -385,6 +385,8 @@ def _config_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.file)
     settings.ingest.require_signatures()
     print(settings.masked_json())
+    for weakness in settings.weaknesses():
+        print(f"warning: {weakness}", file=sys.stderr)
     return 0
 
 

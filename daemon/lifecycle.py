@@ -104,6 +104,8 @@ async def serve(
     notifier = notifier if notifier is not None else Notifier()  # a broken $NOTIFY_SOCKET stops start-up here
     register_build_info(registry)
     log.info("starting", extra={"settings": settings.masked()})
+    for weakness in settings.weaknesses():
+        log.warning("insecure setting: %s", weakness)
     async with AsyncExitStack() as stack:
         stack.callback(notifier.close)
         # First in, last out: the loop pings systemd until the drain and every close are done.

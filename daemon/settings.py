@@ -497,6 +497,23 @@ class Settings(_Section):
     def enabled_sinks(self) -> dict[str, SinkSettings]:
         return {name: sink for name, sink in self.sinks.items() if sink.enabled}
 
+    def weaknesses(self) -> list[str]:
+        """What these settings leave open on the wire, in words (allowed, said at start and by `config check`)."""
+        said = []
+        if self.kafka.security_protocol == "SASL_PLAINTEXT" and self.kafka.sasl_mechanism == "PLAIN":
+            said.append("kafka: SASL PLAIN over PLAINTEXT sends the Kafka password unencrypted; use SASL_SSL")
+        for name, sink in self.enabled_sinks().items():
+            if not sink.tls_verify:
+                said.append(
+                    f"sinks.{name}.tls_verify = false: neither the system's certificate nor its token endpoint's is "
+                    "checked, so anyone on the path can read the orders and the credentials"
+                )
+            if not isinstance(sink.auth, NoAuthSettings) and urlsplit(sink.base_url).scheme == "http":
+                said.append(f"sinks.{name}.base_url is plain http: its credentials and the orders travel unencrypted")
+            if isinstance(sink.auth, OAuth2Settings) and urlsplit(sink.auth.token_url).scheme == "http":
+                said.append(f"sinks.{name}.auth.token_url is plain http: the client secret travels unencrypted")
+        return said
+
     def admin_url(self) -> str:
         """Where this daemon serves ``/status`` and ``/metrics``: the admin listener when it has one, else the
         ingest's port (a wildcard host asked on 127.0.0.1)."""

@@ -123,6 +123,18 @@ def test_config_check_refuses_an_ingest_without_secrets_and_status_does_not_need
     assert cli.main(["config", "check", str(config)]) == 0
 
 
+def test_config_check_warns_of_what_the_settings_leave_open(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "orderbus.toml"
+    config.write_text(
+        '[ingest]\nallow_unsigned = true\n[sinks.crm]\nenabled = true\nbase_url = "https://crm.example.test"\n'
+        "tls_verify = false\n"
+    )
+    assert cli.main(["config", "check", str(config)]) == 0
+    assert "warning: sinks.crm.tls_verify = false: neither the system's certificate" in capsys.readouterr().err
+
+
 class Unsearchable(type(Path())):  # type: ignore[misc]
     def is_file(self) -> bool:
         raise PermissionError(13, "Permission denied")

@@ -338,3 +338,34 @@ def test_a_skipped_position_is_written_as_status_names_a_held_partition(value: s
     good = '["shop.orders:2@1234", "shop.orders:2@1300-1302", "shop.orders.replay.crm:0@7"]'
     skips = load_settings(None, env={"ORDERBUS_SINKS__CRM__SKIP_UNREADABLE": good}).sinks["crm"].skips()
     assert skips == {("shop.orders", 2): [(1234, 1234), (1300, 1302)], ("shop.orders.replay.crm", 0): [(7, 7)]}
+
+
+def test_what_settings_leave_open_on_the_wire_is_said() -> None:
+    # Review (security): each of these passed `config check` and started without a word.
+    env = {
+        "ORDERBUS_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "ORDERBUS_KAFKA__SASL_MECHANISM": "PLAIN",
+        "ORDERBUS_KAFKA__SASL_USERNAME": "ob",
+        "ORDERBUS_KAFKA__SASL_PASSWORD": "pw",
+        "ORDERBUS_SINKS__CRM__ENABLED": "true",
+        "ORDERBUS_SINKS__CRM__BASE_URL": "http://crm.example.test/api",
+        "ORDERBUS_SINKS__CRM__AUTH__TYPE": "bearer",
+        "ORDERBUS_SINKS__CRM__AUTH__TOKEN": "t",
+        "ORDERBUS_SINKS__ACCOUNTING__ENABLED": "true",
+        "ORDERBUS_SINKS__ACCOUNTING__BASE_URL": "https://acc.example.test/api",
+        "ORDERBUS_SINKS__ACCOUNTING__TLS_VERIFY": "false",
+        "ORDERBUS_SINKS__ACCOUNTING__AUTH__TYPE": "oauth2",
+        "ORDERBUS_SINKS__ACCOUNTING__AUTH__TOKEN_URL": "http://login.example.test/token",
+        "ORDERBUS_SINKS__ACCOUNTING__AUTH__CLIENT_ID": "ob",
+        "ORDERBUS_SINKS__ACCOUNTING__AUTH__CLIENT_SECRET": "s",
+        "ORDERBUS_SINKS__SHIPPING__ENABLED": "true",
+        "ORDERBUS_SINKS__SHIPPING__BASE_URL": "http://shipping.internal/api",  # no credentials: nothing to say
+    }
+    said = load_settings(None, env=env).weaknesses()
+    assert [line.split(" ", 1)[0] for line in said] == [
+        "kafka:",
+        "sinks.crm.base_url",
+        "sinks.accounting.tls_verify",
+        "sinks.accounting.auth.token_url",
+    ]
+    assert load_settings(None, env={}).weaknesses() == []
