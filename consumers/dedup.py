@@ -54,6 +54,7 @@ a killed process would. Every aiosqlite/sqlite3 error is raised as `StoreError` 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -64,6 +65,7 @@ import aiosqlite
 
 from consumers.dedup_memory import MemoryDedupStore, MemoryTables
 from consumers.dedup_sql import (
+    LAYOUT,
     SCHEMA,
     SELECT_BLOCKED,
     SELECT_BLOCKING,
@@ -215,7 +217,9 @@ class SqliteDedupStore:
             return
         # Step 1.
         try:
-            await asyncio.to_thread(prepare_wal_file, self.path, SCHEMA, "dedup store", migrate)
+            await asyncio.to_thread(
+                functools.partial(prepare_wal_file, self.path, SCHEMA, "dedup store", migrate, layout=LAYOUT)
+            )
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         # Step 2. isolation_level=None: no implicit transactions; flush and prune open theirs explicitly.

@@ -22,6 +22,7 @@ from consumers.sqlite_files import rebuild_table, row_chunks, transaction
 from topics.errors import StoreError
 
 __all__ = [
+    "LAYOUT",
     "SCHEMA",
     "SELECT_BLOCKED",
     "SELECT_BLOCKING",
@@ -63,6 +64,10 @@ CREATE TABLE IF NOT EXISTS {DELIVERIES_TABLE} (
     updated_at       REAL NOT NULL,
     event_type       TEXT
 )"""
+# The tables' layout, stamped in the file (`consumers.sqlite_files.prepare_wal_file`): one more with every change,
+# which `migrate` brings each earlier file to. 1: the first stamped (unique by order and key, with `event_type`).
+LAYOUT: Final = 1
+
 SCHEMA = f"""
 {_CREATE_DELIVERIES};
 CREATE UNIQUE INDEX IF NOT EXISTS {DELIVERIES_TABLE}_order_key ON {DELIVERIES_TABLE} (order_ref, key);
@@ -102,6 +107,12 @@ def migrate(db: sqlite3.Connection) -> bool:
 def check_layout(db: sqlite3.Connection) -> None:
     """`StoreError` if the file's deliveries table predates the current layout: a read-only reader (`orderbus
     trace`, `orderbus reconcile`) cannot bring it up to date, the daemon does at its start (`migrate`)."""
+    (found,) = db.execute("PRAGMA user_version").fetchone()
+    if found > LAYOUT:
+        raise StoreError(
+            f"the file has layout {found}, written by a later orderbus (this one reads up to {LAYOUT}): run this "
+            "command of that version"
+        )
     columns = _columns(db)
     if columns and not set(DELIVERY_COLUMNS) <= columns:
         raise StoreError(

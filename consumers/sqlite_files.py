@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
-from topics.errors import StoreError
+from topics.errors import ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +26,40 @@ WAL_AUTOCHECKPOINT_PAGES: Final = 4000
 
 
 def prepare_wal_file(
-    path: Path, schema: str, store: str, migrate: Callable[[sqlite3.Connection], bool] | None = None
+    path: Path,
+    schema: str,
+    store: str,
+    migrate: Callable[[sqlite3.Connection], bool] | None = None,
+    *,
+    layout: int = 1,
 ) -> None:
     """Create the file and its tables and switch it to WAL (a persistent property of the file); blocking.
 
     `store` names the store in the error of a file that cannot be in WAL mode. `migrate`, run before `schema`,
     brings a table of an earlier layout to the current one (returns True if it changed the file); `schema` then
-    creates what is missing.
+    creates what is missing. The file is stamped with `layout` (SQLite's ``user_version``), and one stamped by a
+    later orderbus is refused (`check_layout_version`).
     """
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        check_layout_version(db, path, store, layout)
         (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode != "wal":
             raise StoreError(f"{store} {path}: journal mode is {mode!r}, WAL is not supported here")
         if migrate is not None and migrate(db):
             log.info("%s %s: brought to the current layout", store, path)
         db.executescript(schema)
+        db.execute(f"PRAGMA user_version = {int(layout)}")
+
+
+def check_layout_version(db: sqlite3.Connection, path: Path, store: str, layout: int) -> None:
+    """`ConfigError` (exit 2: a restart cannot help) for a file a later orderbus wrote, whose layout this one does
+    not know: after a rollback to an earlier version, its writes would fail, or worse, succeed half."""
+    (found,) = db.execute("PRAGMA user_version").fetchone()
+    if found > layout:
+        raise ConfigError(
+            f"state_dir: {store} {path} has layout {found}, written by a later orderbus (this one reads up to "
+            f"{layout}): run that version, or restore the copy of the file from before the upgrade"
+        )
 
 
 def rebuild_table(db: sqlite3.Connection, table: str, create: str, columns: Sequence[str], order_by: str) -> None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import secrets
@@ -63,6 +64,7 @@ from consumers.sqlite_files import prepare_wal_file
 from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
 from daemon.ingest_keys_process import KeyStoreProcess
 from daemon.ingest_keys_sql import (
+    LAYOUT,
     MAX_BATCH,
     SCHEMA,
     TABLE,
@@ -165,7 +167,9 @@ class SqliteIngestKeyStore:
         if self._process is not None:
             return
         try:
-            await asyncio.to_thread(prepare_wal_file, self.path, SCHEMA, "ingest key store", migrate)
+            await asyncio.to_thread(
+                functools.partial(prepare_wal_file, self.path, SCHEMA, "ingest key store", migrate, layout=LAYOUT)
+            )
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         process = KeyStoreProcess(self.path)

@@ -14,13 +14,14 @@ import itertools
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Final, cast
 
 from consumers.sqlite_files import rebuild_table, row_chunks, transaction
 from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
 from topics.errors import StoreError
 
 __all__ = [
+    "LAYOUT",
     "MAX_BATCH",
     "SCHEMA",
     "TABLE",
@@ -58,6 +59,10 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     response     BLOB,
     completed_at REAL
 )"""
+# The table's layout, stamped in the file (`consumers.sqlite_files.prepare_wal_file`): one more with every change,
+# which `migrate` brings each earlier file to. 1: the first stamped.
+LAYOUT: Final = 1
+
 SCHEMA = f"""{_CREATE_TABLE};
 CREATE INDEX IF NOT EXISTS {TABLE}_completed_at ON {TABLE} (completed_at) WHERE state = '{_DONE}';
 """

@@ -27,7 +27,7 @@ from consumers.dedup import (
     MemoryTables,
     SqliteDedupStore,
 )
-from consumers.dedup_sql import SCHEMA, check_layout
+from consumers.dedup_sql import LAYOUT, SCHEMA, check_layout
 from consumers.sqlite_files import MAX_VARIABLES, ROW_STEP
 from topics.errors import ConfigError, StoreError
 
@@ -550,6 +550,31 @@ async def test_a_file_without_event_types_gains_the_column_at_open_and_keeps_eve
         assert await store.get_many({"k2": "SO-1"}) == {"k2": cancelled}
     with contextlib.closing(sqlite3.connect(path)) as plain:
         check_layout(plain)
+    assert user_version(path) == LAYOUT, "stamped once brought up to date"
+
+
+def user_version(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        return int(version)
+
+
+async def test_a_file_is_stamped_with_its_layout_and_one_a_later_orderbus_wrote_is_refused(tmp_path: Path) -> None:
+    # Review (operator): rolled back, an earlier orderbus opened a file of a later layout and every flush failed
+    # ("ON CONFLICT clause does not match"), the daemon restarting for ever; nothing said which version wrote it.
+    path = tmp_path / "crm.dedup.sqlite3"
+    async with SqliteDedupStore(path):
+        pass
+    assert user_version(path) == LAYOUT
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute(f"PRAGMA user_version = {LAYOUT + 1}")
+    message = rf"state_dir: dedup store {path} has layout {LAYOUT + 1}, written by a later orderbus"
+    with pytest.raises(ConfigError, match=message):
+        async with SqliteDedupStore(path):
+            pass
+    assert user_version(path) == LAYOUT + 1, "left as it was"
+    with contextlib.closing(sqlite3.connect(path)) as plain, pytest.raises(StoreError, match="later orderbus"):
+        check_layout(plain)  # `orderbus trace` and `reconcile`
 
 
 async def test_synchronous_full_is_accepted_and_anything_else_refused(tmp_path: Path) -> None:

@@ -28,8 +28,8 @@ from daemon.ingest_keys import (
     body_sha256,
 )
 from daemon.ingest_keys_process import CHECKPOINT_PAGES
-from daemon.ingest_keys_sql import MAX_BATCH, SCHEMA, ClaimOp, CompleteOp, Operation, migrate, write
-from topics.errors import StoreError
+from daemon.ingest_keys_sql import LAYOUT, MAX_BATCH, SCHEMA, ClaimOp, CompleteOp, Operation, migrate, write
+from topics.errors import ConfigError, StoreError
 
 BODY_A = body_sha256(b'{"order": "A-1"}')
 BODY_B = body_sha256(b'{"order": "B-2"}')
@@ -623,6 +623,18 @@ async def test_a_file_of_the_current_layout_is_not_rebuilt(tmp_path: Path) -> No
         assert not migrate(plain)
         (after,) = plain.execute("SELECT rowid FROM ingest_keys WHERE key = 'k'").fetchone()
     assert before == after
+
+
+async def test_a_key_store_file_of_a_later_layout_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path):
+        pass
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (LAYOUT,)
+        db.execute(f"PRAGMA user_version = {LAYOUT + 1}")
+    with pytest.raises(ConfigError, match=rf"ingest key store {path} has layout {LAYOUT + 1}, written by a later"):
+        async with SqliteIngestKeyStore(path):
+            pass
 
 
 async def test_the_connection_checkpoints_the_wal_in_small_steps(tmp_path: Path) -> None:
