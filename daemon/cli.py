@@ -99,7 +99,13 @@ def _parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="configuration").add_subparsers(required=True, metavar="ACTION")
     check = config.add_parser("check", help="validate FILE and print the effective settings, secrets masked")
-    check.add_argument("file", type=Path)
+    check.add_argument(
+        "file",
+        type=Path,
+        nargs="?",
+        help="the settings file (default: $ORDERBUS_CONFIG, else /etc/orderbus/orderbus.toml if it exists, else the "
+        "built-in defaults: settings given by ORDERBUS_* variables alone)",
+    )
     check.set_defaults(func=_config_check)
 
     topics = commands.add_parser("topics", help="the topic catalogue").add_subparsers(required=True, metavar="ACTION")
@@ -382,7 +388,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    settings = load_settings(args.file)
+    settings = load_settings(args.file if args.file is not None else default_config())
     settings.ingest.require_signatures()
     print(settings.masked_json())
     for weakness in settings.weaknesses():

@@ -135,6 +135,19 @@ def test_config_check_warns_of_what_the_settings_leave_open(
     assert "warning: sinks.crm.tls_verify = false: neither the system's certificate" in capsys.readouterr().err
 
 
+def test_config_check_without_a_file_checks_the_environments_settings(
+    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Review (operator): a container configured by ORDERBUS_* variables alone had to name /dev/null to check them.
+    no_orderbus_env.setenv("ORDERBUS_INGEST__ALLOW_UNSIGNED", "true")
+    no_orderbus_env.setenv("ORDERBUS_INGEST__PORT", "8123")
+    assert cli.main(["config", "check"]) == 0
+    assert '"port": 8123' in capsys.readouterr().out
+    no_orderbus_env.setenv("ORDERBUS_INGEST__PORT", "http")
+    assert cli.main(["config", "check"]) == 2
+    assert "ingest.port" in capsys.readouterr().err
+
+
 class Unsearchable(type(Path())):  # type: ignore[misc]
     def is_file(self) -> bool:
         raise PermissionError(13, "Permission denied")
