@@ -184,6 +184,10 @@ def _digest(key: bytes, msg_id: str, timestamp: str, body: bytes) -> bytes:
     return hmac.new(key, prefix + body, hashlib.sha256).digest()
 
 
+# Shorter keys are guessed offline from one signed request; Standard Webhooks' own secrets are 24 to 64 bytes.
+MIN_SECRET_BYTES: Final = 16
+
+
 def secret_key(secret: str, label: str) -> bytes:
     """The HMAC key for `secret`; errors (`ConfigError`) name `label` and never echo the secret."""
     if secret.startswith(SECRET_PREFIX):
@@ -199,4 +203,9 @@ def secret_key(secret: str, label: str) -> bytes:
             raise ConfigError(f"{label} is not valid text (UTF-8)") from None
     if not key:
         raise ConfigError(f"{label} is empty")
+    if len(key) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{label} is too short: {len(key)} bytes, at least {MIN_SECRET_BYTES} (a Standard Webhooks secret is "
+            f"{SECRET_PREFIX} and the base64 of 24 to 64 random bytes: `openssl rand -base64 32`)"
+        )
     return key

@@ -215,7 +215,7 @@ def credential_env(options: Mapping[str, list[str]], directory: str) -> dict[str
 
 def fake_secret(name: str) -> str:
     """A credential file's content for `name`: a Standard Webhooks secret (base64 after its prefix)."""
-    return "whsec_" + base64.b64encode(name.encode()).decode()
+    return "whsec_" + base64.b64encode(f"{name}, a credential for the tests".encode()).decode()
 
 
 @pytest.fixture

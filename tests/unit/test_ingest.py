@@ -446,7 +446,7 @@ async def test_a_late_publish_keeps_its_key_until_the_outcome_is_known(
 
 
 async def test_signatures_are_required_when_secrets_are_set(publisher: FakePublisher) -> None:
-    client = await client_for(publisher, secrets=("whsec_b2xkLXNlY3JldA==", SECRET))
+    client = await client_for(publisher, secrets=("whsec_b2xkLXNlY3JldC1vZi10aGUtc2hvcC0x", SECRET))
     try:
         payload = body()
         unsigned = await client.post("/v1/orders", data=payload, headers=JSON)

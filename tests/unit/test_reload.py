@@ -105,10 +105,10 @@ def test_a_rotated_secret_is_named_as_needing_a_restart_without_its_value(tmp_pa
         "ORDERBUS_INGEST__WEBHOOK_SECRETS_FILE": str(webhook),
     }
     token.write_text("old-t0ken\n")
-    webhook.write_text("whsec_b2xk\n")
+    webhook.write_text("whsec_b2xkLXNlY3JldC1vZi10aGUtc2hvcC0x\n")
     old = settings(**env)
     token.write_text("new-t0ken\n")
-    webhook.write_text("whsec_b2xk\nwhsec_bmV3\n")
+    webhook.write_text("whsec_b2xkLXNlY3JldC1vZi10aGUtc2hvcC0x\nwhsec_bmV3LXNlY3JldC1vZi10aGUtc2hvcC0y\n")
     changed = _restart_needed(old, settings(**env))
     assert changed == ["ingest.webhook_secrets", "sinks.crm.auth"]
     assert "t0ken" not in repr(changed)

@@ -33,20 +33,23 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
 
 def test_secret_from_a_credential_file_one_per_line(tmp_path: Path) -> None:
     secret_file = tmp_path / "webhook-secret"
-    secret_file.write_text("whsec_b2xk\nwhsec_bmV3\n")
+    secret_file.write_text("whsec_b2xkLXNlY3JldC1vZi10aGUtc2hvcC0x\nwhsec_bmV3LXNlY3JldC1vZi10aGUtc2hvcC0y\n")
     settings = load_settings(None, env={"ORDERBUS_INGEST__WEBHOOK_SECRETS_FILE": str(secret_file)})
-    assert [s.get_secret_value() for s in settings.ingest.webhook_secrets] == ["whsec_b2xk", "whsec_bmV3"]
+    assert [s.get_secret_value() for s in settings.ingest.webhook_secrets] == [
+        "whsec_b2xkLXNlY3JldC1vZi10aGUtc2hvcC0x",
+        "whsec_bmV3LXNlY3JldC1vZi10aGUtc2hvcC0y",
+    ]
 
 
 def test_secrets_are_masked_when_printed(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        '[ingest]\nwebhook_secrets = ["whsec_dG9wc2VjcmV0"]\n[kafka]\nsasl_password = "hunter2"\n'
+        '[ingest]\nwebhook_secrets = ["whsec_dG9wc2VjcmV0LW9mLXRoZS1zaG9wLTEyMw=="]\n[kafka]\nsasl_password = "hunter2"\n'
         'security_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "PLAIN"\nsasl_username = "orderbus"\n',
     )
     settings = load_settings(path, env={})
     printed = settings.masked_json() + repr(settings) + str(settings)
-    assert "dG9wc2VjcmV0" not in printed
+    assert "dG9wc2VjcmV0LW9mLXRoZS1zaG9wLTEyMw==" not in printed
     assert "hunter2" not in printed
     assert "**********" in printed
 
@@ -248,7 +251,7 @@ def test_complete_sasl_and_tls_settings_pass(tmp_path: Path) -> None:
 def test_a_webhook_secret_the_verifier_would_refuse_is_refused_by_the_settings() -> None:
     # Regression (walkthrough): `config check` passed it and `run` then exited 2; the message names the key and
     # never the secret.
-    env = {"ORDERBUS_INGEST__WEBHOOK_SECRETS": '["whsec_dGVzdA==", "whsec_s3cr!t"]'}
+    env = {"ORDERBUS_INGEST__WEBHOOK_SECRETS": '["whsec_YS10ZXN0LXNlY3JldC1sb25nLWVub3VnaA==", "whsec_s3cr!t"]'}
     with pytest.raises(ConfigError) as raised:
         load_settings(None, env=env)
     message = str(raised.value)

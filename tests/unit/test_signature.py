@@ -8,7 +8,7 @@ import re
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from daemon.signature import SignatureError, WebhookVerifier, sign
+from daemon.signature import SignatureError, WebhookVerifier, secret_key, sign
 from topics.errors import ConfigError, OrderbusError
 
 # The Standard Webhooks reference vector (standard-webhooks/standard-webhooks, libraries/*/tests).
@@ -64,7 +64,7 @@ def test_the_vector_key_is_the_base64_decoded_secret_not_its_text() -> None:
 
 
 def test_a_secret_without_prefix_is_used_as_raw_utf8_bytes() -> None:
-    raw = "plain-text-key"
+    raw = "plain-text-key-of-the-shop"
     as_whsec = "whsec_" + base64.b64encode(raw.encode()).decode()
     assert sign(raw, "m", NOW, b"{}") == sign(as_whsec, "m", NOW, b"{}")
     sent = headers(signature=sign(raw, VECTOR_ID, NOW, b"{}"))
@@ -276,3 +276,13 @@ def test_reasons_never_contain_the_expected_signature() -> None:
         verifier().verify(headers(body=b"fake"), b"real")
     assert expected not in reason(exc)
     assert "MfKQ9r8" not in reason(exc)
+
+
+@pytest.mark.parametrize("secret", ["whsec_" + base64.b64encode(b"k" * 15).decode(), "fifteen-bytes!!"])
+def test_a_secret_shorter_than_16_bytes_is_refused_by_name_never_shown(secret: str) -> None:
+    # Review (security): "x", or "whsec_eA" (one byte), passed `config check`: a key guessed offline from one
+    # signed request.
+    with pytest.raises(ConfigError, match=r"^webhook secret is too short: 15 bytes, at least 16") as raised:
+        secret_key(secret, "webhook secret")
+    assert secret not in str(raised.value)
+    assert len(secret_key("whsec_" + base64.b64encode(b"k" * 16).decode(), "webhook secret")) == 16
