@@ -31,6 +31,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Final
 
 from topics.errors import ConfigError, OrderbusError
 

@@ -44,7 +44,8 @@ def test_secret_from_a_credential_file_one_per_line(tmp_path: Path) -> None:
 def test_secrets_are_masked_when_printed(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        '[ingest]\nwebhook_secrets = ["whsec_dG9wc2VjcmV0LW9mLXRoZS1zaG9wLTEyMw=="]\n[kafka]\nsasl_password = "hunter2"\n'
+        '[ingest]\nwebhook_secrets = ["whsec_dG9wc2VjcmV0LW9mLXRoZS1zaG9wLTEyMw=="]\n'
+        '[kafka]\nsasl_password = "hunter2"\n'
         'security_protocol = "SASL_PLAINTEXT"\nsasl_mechanism = "PLAIN"\nsasl_username = "orderbus"\n',
     )
     settings = load_settings(path, env={})
