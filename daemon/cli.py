@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
 import signal
@@ -54,6 +55,7 @@ from topics.catalogue import catalogue
 from topics.errors import ConfigError, OrderbusError
 
 T = TypeVar("T")
+log = logging.getLogger("daemon.cli")
 
 DEMO_CONFIG = kafka_local.REPO_ROOT / "deploy" / "dev" / "orderbus.toml"
 DEMO_KAFKA_DIR = kafka_local.REPO_ROOT / ".run" / "kafka"
@@ -319,7 +321,19 @@ def _run(args: argparse.Namespace) -> int:
     path = _config_path(args)
     settings = load_settings(path)
     configure(settings.log_level)
-    return _run_async(_serve_until_signal(settings, load=lambda: load_settings(path)))
+    # From here on the daemon's end is a JSON line too, as every line before it: a container's log collector reads
+    # JSON, and an error as plain text, or a traceback line by line, would be its last lines a reader can't parse.
+    try:
+        return _run_async(_serve_until_signal(settings, load=lambda: load_settings(path)))
+    except ConfigError as exc:
+        log.critical("stopped: %s", exc, extra={"exit_code": 2})
+        return 2
+    except OrderbusError as exc:
+        log.critical("stopped: %s", exc, extra={"exit_code": 1})
+        return 1
+    except Exception:
+        log.critical("stopped by an unexpected error", exc_info=True, extra={"exit_code": 1})
+        return 1
 
 
 def _demo(args: argparse.Namespace) -> int:

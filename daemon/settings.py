@@ -577,6 +577,9 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
         key = name[len(ENV_PREFIX) :].lower()
         from_file = key.endswith("_file")
         key = key.removesuffix("_file")
+        if from_file and name.removesuffix("_FILE") in env:
+            # Which of the two wins was the sorting of their names: said, not guessed.
+            raise ConfigError(f"environment variables {name.removesuffix('_FILE')} and {name}: set one of them")
         path = key.split("__")
         if len(path) == 1:
             if (meant := _one_underscore_too_few(key)) is not None:  # said before its file is read

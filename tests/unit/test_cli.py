@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -343,3 +346,26 @@ def test_kafka_stop_and_kill_say_when_no_broker_was_running(
     (tmp_path / kafka_local.STATE_FILE).write_text(state.to_json())
     assert cli.main(["kafka", action, "--data-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == "kafka was not running\n"
+
+
+def test_a_run_that_fails_ends_with_a_json_line_naming_the_problem(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Review (operator): the daemon's last line before it died was plain text (`orderbus: ...`), or a traceback line
+    # by line, among JSON lines a container's log collector parses.
+    (tmp_path / "a-file").write_text("")
+    config = tmp_path / "orderbus.toml"
+    config.write_text(f'state_dir = "{tmp_path}/a-file/state"\n[ingest]\nallow_unsigned = true\nport = 0\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ORDERBUS_CONFIG": ""},
+        check=False,
+    )
+    assert done.returncode == 2
+    events = [json.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
+    assert events[-1]["level"] == "critical"
+    assert events[-1]["msg"].startswith("stopped: state_dir: cannot create")
+    assert events[-1]["exit_code"] == 2

@@ -479,6 +479,19 @@ async def healthcheck(argv: list[str], url: str) -> int:
     return await asyncio.wait_for(process.wait(), timeout=30)
 
 
+def test_the_build_context_holds_only_what_the_image_copies(dockerfile: list[tuple[str, str]]) -> None:
+    # Review (operator): without a .dockerignore the context carried .venv, .run (a Kafka's data) and .git.
+    copied = {
+        part.rstrip("/")
+        for kind, args in dockerfile
+        if kind == "COPY" and "--from" not in args
+        for part in args.split()[:-1]
+    }
+    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "*"
+    assert {line.removeprefix("!").rstrip("/") for line in lines if line.startswith("!")} == copied
+
+
 # --- compose.yaml -----------------------------------------------------------------------------------------------
 
 

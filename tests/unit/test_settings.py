@@ -373,3 +373,15 @@ def test_what_settings_leave_open_on_the_wire_is_said() -> None:
         "sinks.accounting.auth.token_url",
     ]
     assert load_settings(None, env={}).weaknesses() == []
+
+
+def test_a_setting_given_both_as_a_variable_and_from_a_file_is_refused(tmp_path: Path) -> None:
+    # Review (operator): the _FILE one won, without a word.
+    secret = tmp_path / "token"
+    secret.write_text("from-the-file\n")
+    env = {
+        "ORDERBUS_SINKS__CRM__AUTH__TOKEN": "from-the-variable",
+        "ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE": str(secret),
+    }
+    with pytest.raises(ConfigError, match="ORDERBUS_SINKS__CRM__AUTH__TOKEN and ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE"):
+        load_settings(None, env=env)
