@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -44,6 +44,7 @@ def build_app(
     status: Callable[[], dict[str, object]] | None = None,
     degraded: Callable[[], dict[str, str]] = dict,
     serves: Listener = "all",
+    components: Sequence[str] = (),
 ) -> web.Application:
     """The HTTP surface: the ingest (when enabled), the OpenAPI document, health and readiness, metrics and status.
 
@@ -65,8 +66,15 @@ def build_app(
         # Answering at all proves the process and its event loop are alive.
         return web.json_response({"status": "ok"})
 
-    async def readyz(_: web.Request) -> web.Response:
+    async def readyz(request: web.Request) -> web.Response:
         reasons = readiness()
+        if (component := request.query.get("component")) is not None:
+            # One part's readiness: a load balancer in front of the webhook asks for the ingest's alone, which takes
+            # orders while a sink still joins its group (and answers 503 with Retry-After itself while Kafka is away).
+            if component not in components:
+                detail = f"no component {component!r} here; the components are: {', '.join(components) or 'none'}"
+                return problem(400, "unknown-component", detail)
+            reasons = {name: reason for name, reason in reasons.items() if name == component}
         status = 200 if not reasons else 503
         body = {"status": "ready" if not reasons else "not ready", "reasons": reasons, "degraded": degraded()}
         return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")

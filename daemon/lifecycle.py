@@ -143,6 +143,7 @@ async def serve(
                 registry=registry,
                 status=lambda: _status(publisher, keys, engines, registry),
                 serves=serves,
+                components=[*components, *(f"sink.{name}" for name in engines)],
             )
 
         admin = settings.admin

@@ -176,7 +176,21 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "this instance can take and deliver orders (Kafka, key store, groups joined); the body "
                     "says why not, and which sinks' downstream systems fail (degraded, still 200)",
-                    "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
+                    "parameters": [
+                        {
+                            "name": "component",
+                            "in": "query",
+                            "required": False,
+                            "description": "one part's readiness only: ingest, sink.crm, sink.accounting, "
+                            "sink.shipping (a webhook load balancer asks for the ingest's)",
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "400": {"description": "no such component in this instance"},
+                        "503": {"description": "not ready"},
+                    },
                 }
             },
         },

@@ -341,3 +341,20 @@ async def test_with_an_admin_listener_the_webhook_port_serves_no_metrics_or_stat
         "/readyz": 200,
         "POST /v1/orders": 404,
     }
+
+
+async def test_readyz_answers_for_one_component_when_asked(registry: CollectorRegistry) -> None:
+    # Review (operator): a webhook load balancer reading /readyz took an instance out while one of its sinks was
+    # still joining its group, though the ingest took orders.
+    reasons = {"sink.crm": "joining its consumer group (or kafka unreachable)"}
+    app = build_app(ingest=None, readiness=lambda: dict(reasons), components=["ingest", "sink.crm"])
+    async with TestClient(TestServer(app)) as client:
+        whole = await client.get("/readyz")
+        assert (whole.status, (await whole.json())["reasons"]) == (503, reasons)
+        ingest = await client.get("/readyz", params={"component": "ingest"})
+        assert (ingest.status, (await ingest.json())["reasons"]) == (200, {})
+        crm = await client.get("/readyz", params={"component": "sink.crm"})
+        assert (crm.status, (await crm.json())["reasons"]) == (503, reasons)
+        unknown = await client.get("/readyz", params={"component": "sink.erp"})
+        assert unknown.status == 400
+        assert "the components are: ingest, sink.crm" in (await unknown.json())["detail"]
