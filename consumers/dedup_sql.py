@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from consumers.delivery_state import (
@@ -18,7 +19,7 @@ from consumers.delivery_state import (
     DeliveryState,
     WriteBuffer,
 )
-from consumers.sqlite_files import rebuild_table, row_chunks, transaction
+from consumers.sqlite_files import check_layout_version, rebuild_table, row_chunks, transaction
 from topics.errors import StoreError
 
 __all__ = [
@@ -107,12 +108,8 @@ def migrate(db: sqlite3.Connection) -> bool:
 def check_layout(db: sqlite3.Connection) -> None:
     """`StoreError` if the file's deliveries table predates the current layout: a read-only reader (`orderbus
     trace`, `orderbus reconcile`) cannot bring it up to date, the daemon does at its start (`migrate`)."""
-    (found,) = db.execute("PRAGMA user_version").fetchone()
-    if found > LAYOUT:
-        raise StoreError(
-            f"the file has layout {found}, written by a later orderbus (this one reads up to {LAYOUT}): run this "
-            "command of that version"
-        )
+    (_, _, file) = db.execute("PRAGMA database_list").fetchone()
+    check_layout_version(db, Path(file), "dedup store", LAYOUT)
     columns = _columns(db)
     if columns and not set(DELIVERY_COLUMNS) <= columns:
         raise StoreError(

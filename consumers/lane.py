@@ -358,7 +358,9 @@ class Lane:
         policy = context.sink.policy
         if isinstance(outcome, Reply):
             decision = policy.decide(outcome.status, method)
-            if outcome.status == 409 and decision.action == "duplicate" and outcome.retry_after is not None:
+            # Whatever a policy makes of a 409 ("DELETE 409" = "dead_letter": the cancel refused), one with a
+            # Retry-After says the first request with this key is still being processed: its outcome is not known.
+            if outcome.status == 409 and decision.action != "retry" and outcome.retry_after is not None:
                 wait = parse_retry_after(
                     outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap
                 )

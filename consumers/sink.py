@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import Any, Final, Protocol
 from urllib.parse import quote, urlsplit
 
+from consumers.masking import mask_url
 from consumers.policy import DEFAULT_POLICY, ResponsePolicy
 from topics.envelope import OrderEvent
 from topics.errors import ConfigError
@@ -127,27 +128,37 @@ class UrlTemplates:
 
 
 def _check_template(name: str, template: str, allowed: set[str], required: str | None) -> None:
+    shown = repr(mask_url(template))  # a template may hold a credential in its user info or query
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ConfigError(f"{name}: {template!r} is not a URL template: {exc}") from None
+        raise ConfigError(f"{name}: {shown} is not a URL template: {exc}") from None
     used = set()
     for _, placeholder, spec, conversion in parts:
         if placeholder is None:
             continue
         if placeholder not in allowed or spec or conversion:
-            shown = ", ".join("{" + known + "}" for known in sorted(allowed))
-            raise ConfigError(f"{name}: {template!r}: unknown placeholder {{{placeholder}}}; allowed: {shown}")
+            known = ", ".join("{" + known + "}" for known in sorted(allowed))
+            raise ConfigError(f"{name}: {shown}: unknown placeholder {{{placeholder}}}; allowed: {known}")
         used.add(placeholder)
     if required is not None and required not in used:
-        raise ConfigError(f"{name}: {template!r} must contain {{{required}}}")
+        raise ConfigError(f"{name}: {shown} must contain {{{required}}}")
     example = template.format(base_url="http://example.invalid", id="1", order_number="SO-1")
     if not _ABSOLUTE.fullmatch(example):
-        raise ConfigError(f"{name}: {template!r} must give an absolute http(s) URL (start with {{base_url}})")
-    probed = template.format(base_url="http://example.invalid", id=".probe-id", order_number=".probe-number")
-    if "probe" in urlsplit(probed).netloc:
+        raise ConfigError(f"{name}: {shown} must give an absolute http(s) URL (start with {{base_url}})")
+    probed = template.format(base_url="http://example.invalid", id=".other.example", order_number=".other.example")
+    if urlsplit(probed).netloc != urlsplit(example).netloc:
         # "{base_url}{id}" with an answer's id ".attacker.example": the order and the credentials to that host.
-        raise ConfigError(f"{name}: {template!r}: {{id}} and {{order_number}} go after the host, behind a '/'")
+        raise ConfigError(f"{name}: {shown}: {{id}} and {{order_number}} go after the host, behind a '/'")
+
+
+def usable_id(value: str | None) -> str | None:
+    """`value` if it can address an order in a URL; None for one that cannot: empty, ``.`` or ``..`` (which
+    percent-encoding leaves as they are and a proxy or framework resolves to another resource), with control
+    characters, or longer than `MAX_DOWNSTREAM_ID` characters."""
+    if value is None or value in ("", ".", "..") or len(value) > MAX_DOWNSTREAM_ID or not value.isprintable():
+        return None
+    return value
 
 
 @dataclass(frozen=True)
@@ -184,7 +195,9 @@ class RestSink:
         return HttpRequest(prepared.method, url, prepared.body, prepared.headers)
 
     def url(self, prepared: Prepared, downstream_id: str | None) -> str:
-        """Create: `urls.create`; otherwise the order by its downstream id, or by its number without one."""
+        """Create: `urls.create`; otherwise the order by its downstream id, or by its number without one (or with
+        one that is no path segment: kept before such ids were refused, see `usable_id`)."""
+        downstream_id = usable_id(downstream_id)
         if prepared.event_type == "order.created":
             template = self.urls.create
         elif downstream_id is not None:
@@ -198,6 +211,7 @@ class RestSink:
         )
 
     def read(self, order_number: str, downstream_id: str | None) -> HttpRequest:
+        downstream_id = usable_id(downstream_id)
         template = self.urls.by_id if downstream_id is not None else self.urls.by_number
         url = template.format(
             base_url=self.base_url.rstrip("/"),
@@ -209,9 +223,7 @@ class RestSink:
     def downstream_id(self, prepared: Prepared, status: int, body: bytes) -> str | None:
         """`id_field` of the answer to a create: a 2xx, or a 409 that names the order already there.
 
-        None (the order is then addressed by its number) for an id that is no path segment: ``.`` or ``..``, which
-        percent-encoding leaves as they are and a proxy or framework resolves to another resource, one with
-        control characters, or one longer than `MAX_DOWNSTREAM_ID` characters."""
+        None (the order is then addressed by its number) for an id `usable_id` refuses."""
         if prepared.event_type != "order.created" or not body or not (200 <= status < 300 or status == 409):
             return None
         try:
@@ -221,7 +233,4 @@ class RestSink:
         value = document.get(self.id_field) if isinstance(document, dict) else None
         if isinstance(value, bool) or not isinstance(value, str | int):
             return None
-        text = str(value)
-        if text in ("", ".", "..") or len(text) > MAX_DOWNSTREAM_ID or not text.isprintable():
-            return None
-        return text
+        return usable_id(str(value))

@@ -26,6 +26,7 @@ Listener = Literal["all", "webhook", "admin"]
 # or load balancer's idle timeout (60 s at most of them), so it is they who close a connection they keep. At a stop,
 # webhook requests under way get `shutdown_timeout` to be answered (a retry is safe under its key).
 INGEST_SHUTDOWN: Final = 5.0
+ADMIN_SHUTDOWN: Final = 1.0  # a scrape or a status under way at a stop: no one retries those
 RUNNER_OPTIONS: Final[dict[str, Any]] = {
     "access_log": None,
     "handler_cancellation": False,

@@ -288,7 +288,7 @@ class _Demo:
         stack.push_async_callback(self._stop_daemon, daemon)
         await self._wait_listening(daemon)
         url, log = self.layout.ingest_url, _shown(self.options.log_dir / "orderbus.log")
-        self.say(f"daemon: ingest {url}/v1/orders, metrics {url}/metrics")
+        self.say(f"daemon: ingest {url}/v1/orders, metrics {self.layout.settings.admin_url()}/metrics")
         self.say(f"daemon: sinks {', '.join(self.sinks)}; its JSON log goes to {log}")
         self.say(f"the sinks at a glance, from another terminal: {self._status_command()}")
         return daemon
@@ -296,7 +296,7 @@ class _Demo:
     def _status_command(self) -> str:
         """``orderbus status`` for this run's daemon, to copy: by its URL, since the config file does not know a
         port moved with --ingest-port (``status --config`` asked the file's port, another process's or none)."""
-        return f"{_program()} status --url {self.layout.ingest_url}"
+        return f"{_program()} status --url {self.layout.settings.admin_url()}"
 
     async def _wait_listening(self, daemon: asyncio.Task[None]) -> None:
         """Until /healthz answers; `serve` has no "listening" signal, so this one start-up wait polls. Each probe

@@ -70,8 +70,7 @@ class DemoLayout:
 
     @property
     def ingest_url(self) -> str:
-        host = self.settings.ingest.host
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.settings.ingest.port}"  # noqa: S104 - compared, not bound
+        return self.settings.ingest_url()
 
     @property
     def sandbox_url(self) -> str:

@@ -36,7 +36,7 @@ from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.runner import HttpConfig, open_sink
 from consumers.tasks import cancel_and_wait
-from daemon.app import RUNNER_OPTIONS, Listener, build_app
+from daemon.app import ADMIN_SHUTDOWN, RUNNER_OPTIONS, Listener, build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.ingest_metrics import IngestMetrics, register_build_info
@@ -151,7 +151,7 @@ async def serve(
             await _listen(stack, app("all"), "ingest", settings.ingest.host, settings.ingest.port)
         else:
             await _listen(stack, app("webhook"), "ingest", settings.ingest.host, settings.ingest.port)
-            await _listen(stack, app("admin"), "admin", admin.host, admin.port)
+            await _listen(stack, app("admin"), "admin", admin.host, admin.port, shutdown_timeout=ADMIN_SHUTDOWN)
         tune_runtime()
         ready = asyncio.create_task(
             _notify_ready(notifier, publisher, engines, lambda: (readiness(), degraded()), stop), name="sd-status"
@@ -164,9 +164,12 @@ async def serve(
         log.info("stopped")
 
 
-async def _listen(stack: AsyncExitStack, app: web.Application, section: str, host: str, port: int) -> None:
-    """Serve `app` on host:port until `stack` closes; `ConfigError` naming `section`'s keys if it cannot listen."""
-    runner = web.AppRunner(app, **RUNNER_OPTIONS)
+async def _listen(
+    stack: AsyncExitStack, app: web.Application, section: str, host: str, port: int, **options: Any
+) -> None:
+    """Serve `app` on host:port until `stack` closes (`RUNNER_OPTIONS`, `options` on top); `ConfigError` naming
+    `section`'s keys if it cannot listen."""
+    runner = web.AppRunner(app, **{**RUNNER_OPTIONS, **options})
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, host, port)

@@ -32,6 +32,7 @@ PROBLEM_CODES = (
     "key-store-unavailable",
     "not-found",
     "method-not-allowed",
+    "unknown-component",
 )
 
 

@@ -24,7 +24,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
@@ -44,6 +44,10 @@ PROBE_MAX = 5.0  # ... up to this
 def _wake(woken: asyncio.Future[None], _: asyncio.Future[Any]) -> None:
     if not woken.done():  # cancelled when the publish timed out
         woken.set_result(None)
+
+
+# How long a stop waits for the ingest's unacknowledged records to be flushed (`KafkaPublisher.close`).
+CLOSE_GRACE: Final = 10.0
 
 
 class BrokerUnavailable(BrokerError):
@@ -130,7 +134,7 @@ class KafkaPublisher:
         except ConfigError:  # said by `_check_topic`
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
 
-    async def close(self, grace: float = 10.0) -> None:
+    async def close(self, grace: float = CLOSE_GRACE) -> None:
         """Flush what is pending for at most `grace` seconds, then close.
 
         With the broker down an idempotent producer would wait forever; after `grace` its sender is cancelled.

@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from consumers.http_client import ascii_host
+from consumers.masking import mask_url
 from consumers.policy import DEFAULT_POLICY, Action
 from consumers.sink import UrlTemplates
 from daemon.signature import secret_key
@@ -182,7 +183,7 @@ class AdminSettings(_Section):
     """
 
     host: str = "127.0.0.1"
-    port: Port | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None  # not 0: a port chosen at random, no one finds it
 
 
 def _secret_text(value: Any) -> Any:
@@ -490,7 +491,7 @@ class Settings(_Section):
         admin, ingest = self.admin, self.ingest
         wildcard = ("0.0.0.0", "::", "")  # noqa: S104 - compared, not bound
         overlap = admin.host == ingest.host or admin.host in wildcard or ingest.host in wildcard
-        if admin.port and admin.port == ingest.port and overlap:
+        if admin.port is not None and admin.port == ingest.port and overlap:
             raise ValueError(f"admin.port: {admin.port} is ingest.port too; the admin listener needs a port of its own")
         return self
 
@@ -514,12 +515,16 @@ class Settings(_Section):
                 said.append(f"sinks.{name}.auth.token_url is plain http: the client secret travels unencrypted")
         return said
 
+    def ingest_url(self) -> str:
+        """Where a client on this host reaches the webhook's listener."""
+        return _local_url(self.ingest.host, self.ingest.port)
+
     def admin_url(self) -> str:
         """Where this daemon serves ``/status`` and ``/metrics``: the admin listener when it has one, else the
-        ingest's port (a wildcard host asked on 127.0.0.1)."""
-        host, port = (self.admin.host, self.admin.port) if self.admin.port else (self.ingest.host, self.ingest.port)
-        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - compared, not bound
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        webhook's."""
+        if self.admin.port is None:
+            return self.ingest_url()
+        return _local_url(self.admin.host, self.admin.port)
 
     def masked(self) -> dict[str, Any]:
         """The effective settings as JSON values, secrets shown as ``**********``, and a URL's user info, query
@@ -530,6 +535,13 @@ class Settings(_Section):
     def masked_json(self) -> str:
         """`masked`, as `config check` prints it."""
         return json.dumps(self.masked(), indent=2)
+
+
+def _local_url(host: str, port: int) -> str:
+    """The URL a client on this host asks a listener on host:port at: a wildcard host on 127.0.0.1, an IPv6 one in
+    brackets."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - compared, not bound
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def load_settings(
@@ -646,24 +658,6 @@ def _env_value(value: str) -> Any:
 def _masked(text: str) -> str:
     """A URL's user info, query and fragment (``?api_key=...``) masked: each may hold a credential."""
     return _URL.sub(lambda url: _QUERY.sub("***", _USER_INFO.sub("***@", url.group())), text)
-
-
-def mask_url(value: str) -> str:
-    """`value` (a setting's own text, not a message) with what may hold a credential masked: in a URL, everything
-    from ``scheme://`` up to its last ``@`` (a password may hold quotes, spaces or a ``/`` that a URL pattern
-    stops at); in a URL or a URL template (``{base_url}/...``), the query and the fragment. Other text is returned
-    as it is."""
-    scheme, sep, rest = value.partition("://")
-    if sep:
-        head = f"{scheme}://"
-        if "@" in rest:
-            rest = "***@" + rest.rpartition("@")[2]
-    elif value.startswith("{base_url}"):
-        head, rest = "{base_url}", value.removeprefix("{base_url}")
-    else:
-        return value
-    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
-    return head + (rest if cut < 0 else rest[: cut + 1] + "***")
 
 
 def _masked_values(value: Any) -> Any:

@@ -573,8 +573,8 @@ async def test_a_file_is_stamped_with_its_layout_and_one_a_later_orderbus_wrote_
         async with SqliteDedupStore(path):
             pass
     assert user_version(path) == LAYOUT + 1, "left as it was"
-    with contextlib.closing(sqlite3.connect(path)) as plain, pytest.raises(StoreError, match="later orderbus"):
-        check_layout(plain)  # `orderbus trace` and `reconcile`
+    with contextlib.closing(sqlite3.connect(path)) as plain, pytest.raises(ConfigError, match=message):
+        check_layout(plain)  # `orderbus trace` and `reconcile` say the same
 
 
 async def test_synchronous_full_is_accepted_and_anything_else_refused(tmp_path: Path) -> None:

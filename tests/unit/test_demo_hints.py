@@ -42,3 +42,20 @@ async def test_the_status_line_asks_the_daemon_on_the_ingest_port_the_demo_was_g
         "orderbus demo: the sinks at a glance, from another terminal: orderbus status --url http://127.0.0.1:18091"
         in said
     )
+
+
+async def test_with_an_admin_listener_the_demo_points_metrics_and_status_at_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review: the demo printed the webhook's port for /metrics and `orderbus status`, where both answer 404.
+    monkeypatch.setattr(demo_module, "serve", serve_until_stopped)
+    monkeypatch.setattr(_Demo, "_wait_listening", listening)
+    options = DemoOptions(kafka_dir=tmp_path / "kafka", log_dir=tmp_path / "logs", ingest_port=18091)
+    out = io.StringIO()
+    layout = demo_layout(options, env={"ORDERBUS_ADMIN__PORT": "18092"})
+    demo = _Demo(layout, options, out, asyncio.Event(), (time.monotonic(), time.time()))
+    async with AsyncExitStack() as stack:
+        await demo._start_daemon(stack)
+    said = out.getvalue()
+    assert "ingest http://127.0.0.1:18091/v1/orders, metrics http://127.0.0.1:18092/metrics" in said
+    assert "orderbus status --url http://127.0.0.1:18092" in said

@@ -24,7 +24,8 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from consumers.engine import SETTLE_FLOOR, EngineConfig
-from daemon.app import INGEST_SHUTDOWN, build_app
+from daemon.app import ADMIN_SHUTDOWN, INGEST_SHUTDOWN, build_app
+from daemon.publisher import CLOSE_GRACE
 from daemon.settings import (
     ApiKeyAuthSettings,
     BearerAuthSettings,
@@ -278,10 +279,12 @@ def test_prometheus_scrapes_the_systemd_hosts_admin_listener_not_its_webhook(uni
 
 
 def longest_shutdown(settings: Settings) -> float:
-    """Drain (the sinks drain at once, each up to its grace), record the last outcomes, commit; then the webhook
-    requests under way (`consumers.engine.SinkEngine._revoke`, `daemon.app.RUNNER_OPTIONS`)."""
+    """Drain (the sinks drain at once, each up to its grace), record the last outcomes, commit
+    (`consumers.engine.SinkEngine.drain`); then the webhook requests under way and the admin listener's
+    (`daemon.app`), and the ingest's unacknowledged records (`daemon.publisher.KafkaPublisher.close`)."""
     grace = max(sink.shutdown_grace for sink in settings.enabled_sinks().values())
-    return grace + SETTLE_FLOOR + EngineConfig().commit_timeout + INGEST_SHUTDOWN
+    listeners = INGEST_SHUTDOWN + (ADMIN_SHUTDOWN if settings.admin.port is not None else 0.0)
+    return grace + SETTLE_FLOOR + EngineConfig().commit_timeout + listeners + CLOSE_GRACE
 
 
 # MemoryDenyWriteExecute= is, in systemd 252, this seccomp filter: no mmap that is writable and executable, no

@@ -1792,6 +1792,22 @@ async def test_a_409_to_a_cancel_is_a_dead_letter_when_the_sink_says_so_and_a_cr
     assert (letter.reason, letter.rule, letter.attempts) == ("rejected", "override-delete-409", 1)
 
 
+async def test_a_409_with_retry_after_to_a_cancel_is_in_progress_also_when_the_sink_dead_letters_its_409s(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Review: the override made a cancel retried while its first attempt was still processed a dead letter at once.
+    sink = RestSink("crm", "http://crm.test", policy=DEFAULT_POLICY.with_overrides({"DELETE 409": "dead_letter"}))
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(409, "1") if request.method == "DELETE" and nth == 1 else ok()
+
+    h = harness_factory({TP0: [record(0, "SO-1"), record(1, "SO-1", "order.cancelled")]}, script, sink=sink)
+    await h.run_until(2)
+    assert [method for _, method, _, _ in h.downstream.calls] == ["POST", "DELETE", "DELETE"]
+    assert h.dead.letters == []
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 2
+
+
 async def test_status_shows_no_ramp_while_a_credentials_pause_holds_the_sink(
     harness_factory: Callable[..., Harness],
 ) -> None:

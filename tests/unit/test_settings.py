@@ -226,6 +226,12 @@ def test_the_admin_listener_needs_a_port_of_its_own(tmp_path: Path, ingest: str,
         load_settings(write(tmp_path, f"[ingest]\n{ingest}\n[admin]\n{admin}\n"), env={})
 
 
+def test_the_admin_listener_takes_no_port_chosen_at_random() -> None:
+    # Review: 0 gave a listener on a random port while `orderbus status` asked the webhook's.
+    with pytest.raises(ConfigError, match=r"admin\.port: Input should be greater than or equal to 1"):
+        load_settings(None, env={"ORDERBUS_ADMIN__PORT": "0"})
+
+
 def test_the_admin_listener_may_share_a_port_number_on_another_address(tmp_path: Path) -> None:
     text = '[ingest]\nhost = "10.0.0.5"\n[admin]\nhost = "127.0.0.1"\nport = 8080\n'
     assert load_settings(write(tmp_path, text), env={}).admin.port == 8080
@@ -301,6 +307,8 @@ def test_a_base_url_the_paths_cannot_be_appended_to_is_refused(url: str, said: s
         ("BASE_URL", "https://svc:pa'S3CRET@crm.example.com/api"),
         ("BASE_URL", "https://svc:pa S3CRET@crm.example.com/api"),
         ("BASE_URL", 'https://svc:pa"S3CRET@crm.example.com/api'),
+        ("URLS__BY_ID", "https://svc:pa S3CRET@crm.example.test/orders/{idd}"),  # a template's own messages
+        ("URLS__BY_ID", "https://svc:pa'S3CRET@crm.example.test/orders/{id"),
     ],
 )
 def test_settings_errors_mask_what_a_url_may_hide_a_credential_in(variable: str, url: str) -> None:

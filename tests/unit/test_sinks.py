@@ -431,6 +431,11 @@ def test_bad_url_templates_are_refused(templates: dict[str, str], message: str) 
         UrlTemplates(**templates)
 
 
+def test_a_template_whose_host_is_fixed_is_accepted_whatever_its_name() -> None:
+    urls = UrlTemplates(by_id="https://probe.other.example/orders/{id}", by_number="{base_url}/o?number={order_number}")
+    assert urls.by_id.startswith("https://probe.")
+
+
 # ---- downstream ids ----------------------------------------------------------------------------------------------
 
 
@@ -462,6 +467,14 @@ def test_the_downstream_id_comes_from_the_answer_to_a_create(
 ) -> None:
     for name in SINKS:
         assert id_of(sink(name), event(event_type), status, answer) == expected
+
+
+@pytest.mark.parametrize("stored", ["..", ".", "crm\n7", "7" * 256])
+def test_an_id_kept_before_such_ids_were_refused_is_not_used(stored: str) -> None:
+    # Review: the rule applied where an id was read from an answer only; one an earlier version had kept was used.
+    for name in SINKS:
+        assert request_of(sink(name), event("order.cancelled"), stored).url == f"{BASE}/orders/by-number/SO-PII-0001"
+        assert sink(name).read("SO-PII-0001", stored).url == f"{BASE}/orders/by-number/SO-PII-0001"
 
 
 def test_id_field_names_the_id_in_the_answer() -> None:
