@@ -197,28 +197,25 @@ class RestSink:
     def url(self, prepared: Prepared, downstream_id: str | None) -> str:
         """Create: `urls.create`; otherwise the order by its downstream id, or by its number without one (or with
         one that is no path segment: kept before such ids were refused, see `usable_id`)."""
-        downstream_id = usable_id(downstream_id)
         if prepared.event_type == "order.created":
-            template = self.urls.create
-        elif downstream_id is not None:
-            template = self.urls.by_id
-        else:
-            template = self.urls.by_number
-        return template.format(
-            base_url=self.base_url.rstrip("/"),
-            id=quote(downstream_id or "", safe=""),
-            order_number=quote(prepared.order_number, safe=""),
-        )
+            return self._format(self.urls.create, prepared.order_number, None)
+        return self._order_url(prepared.order_number, downstream_id)
 
     def read(self, order_number: str, downstream_id: str | None) -> HttpRequest:
+        return HttpRequest("GET", self._order_url(order_number, downstream_id))
+
+    def _order_url(self, order_number: str, downstream_id: str | None) -> str:
+        """The order's own URL: by its downstream id when it has a usable one, else by its number."""
         downstream_id = usable_id(downstream_id)
         template = self.urls.by_id if downstream_id is not None else self.urls.by_number
-        url = template.format(
+        return self._format(template, order_number, downstream_id)
+
+    def _format(self, template: str, order_number: str, downstream_id: str | None) -> str:
+        return template.format(
             base_url=self.base_url.rstrip("/"),
             id=quote(downstream_id or "", safe=""),
             order_number=quote(order_number, safe=""),
         )
-        return HttpRequest("GET", url)
 
     def downstream_id(self, prepared: Prepared, status: int, body: bytes) -> str | None:
         """`id_field` of the answer to a create: a 2xx, or a 409 that names the order already there.

@@ -31,7 +31,7 @@ def prepare_wal_file(
     store: str,
     migrate: Callable[[sqlite3.Connection], bool] | None = None,
     *,
-    layout: int = 1,
+    layout: int,
 ) -> None:
     """Create the file and its tables and switch it to WAL (a persistent property of the file); blocking.
 

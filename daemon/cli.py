@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="configuration").add_subparsers(required=True, metavar="ACTION")
     check = config.add_parser("check", help="validate FILE and print the effective settings, secrets masked")
     check.add_argument(
-        "file",
+        "config",  # `_config_path`'s, as --config is the other commands'
+        metavar="FILE",
         type=Path,
         nargs="?",
         help="the settings file (default: $ORDERBUS_CONFIG, else /etc/orderbus/orderbus.toml if it exists, else the "
@@ -402,7 +403,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    settings = load_settings(args.file if args.file is not None else default_config())
+    settings = _settings(args)
     settings.ingest.require_signatures()
     print(settings.masked_json())
     for weakness in settings.weaknesses():
@@ -578,10 +579,15 @@ def _rate(text: str) -> float:
     return _positive(text, "requests a second")
 
 
-def _port(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+def _whole(text: str, low: int, high: int, what: str) -> int:
+    """`text` as a whole number from `low` to `high` (ASCII digits only: int() takes "٣" as 3)."""
+    if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what} ({low}-{high})")
     return int(text)
+
+
+def _port(text: str) -> int:
+    return _whole(text, 1, 65535, "a TCP port")
 
 
 def _port_or_0(text: str) -> int:
@@ -589,9 +595,7 @@ def _port_or_0(text: str) -> int:
 
 
 def _concurrency(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 64):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests from 1 to 64")
-    return int(text)
+    return _whole(text, 1, 64, "a number of requests")
 
 
 def _reconcile(args: argparse.Namespace) -> int:

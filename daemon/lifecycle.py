@@ -124,7 +124,7 @@ async def serve(
             metrics = IngestMetrics(registry)
             ingest, publisher, keys = await _open_ingest(settings, options, stack, metrics, topic_checked=checked)
         engines = await _open_sinks(settings, options, stack, EngineMetrics(registry))
-        components = ["ingest"] if publisher is not None else []
+        components = [*(["ingest"] if publisher is not None else []), *(f"sink.{name}" for name in engines)]
 
         def readiness() -> dict[str, str]:
             return _reasons(publisher, engines, keys)
@@ -132,7 +132,7 @@ async def serve(
         def degraded() -> dict[str, str]:
             return _degraded(engines)
 
-        register_readiness(registry, [*components, *(f"sink.{name}" for name in engines)], readiness)
+        register_readiness(registry, components, readiness)
 
         def app(serves: Listener) -> web.Application:
             return build_app(
@@ -143,7 +143,7 @@ async def serve(
                 registry=registry,
                 status=lambda: _status(publisher, keys, engines, registry),
                 serves=serves,
-                components=[*components, *(f"sink.{name}" for name in engines)],
+                components=components,
             )
 
         admin = settings.admin

@@ -19,7 +19,7 @@ import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -199,9 +199,6 @@ _RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "idempo
 
 # The user info of a URL (``scheme://user:password@``, to the last ``@`` before the path: a password may hold one)
 # and its query and fragment, which error messages must never show.
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
-_USER_INFO = re.compile(r"(?<=://)[^/\s]*@")
-_QUERY = re.compile(r"(?<=[?#]).+")
 
 
 def _usable_url(value: str) -> str:
@@ -347,7 +344,7 @@ class UrlSettings(_Section):
         try:
             self.templates()
         except ConfigError as exc:
-            raise ValueError(_masked(str(exc))) from None
+            raise ValueError(str(exc)) from None  # it shows each template masked (`consumers.masking`)
         for name in ("create", "by_id", "by_number"):
             example = getattr(self, name).format(base_url="http://example.invalid", id="1", order_number="SO-1")
             try:
@@ -489,8 +486,7 @@ class Settings(_Section):
     @model_validator(mode="after")
     def _listeners_apart(self) -> Settings:
         admin, ingest = self.admin, self.ingest
-        wildcard = ("0.0.0.0", "::", "")  # noqa: S104 - compared, not bound
-        overlap = admin.host == ingest.host or admin.host in wildcard or ingest.host in wildcard
+        overlap = admin.host == ingest.host or admin.host in _ANY_HOST or ingest.host in _ANY_HOST
         if admin.port is not None and admin.port == ingest.port and overlap:
             raise ValueError(f"admin.port: {admin.port} is ingest.port too; the admin listener needs a port of its own")
         return self
@@ -537,10 +533,14 @@ class Settings(_Section):
         return json.dumps(self.masked(), indent=2)
 
 
+# A listener's host that means every interface.
+_ANY_HOST: Final = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - compared, not bound
+
+
 def _local_url(host: str, port: int) -> str:
     """The URL a client on this host asks a listener on host:port at: a wildcard host on 127.0.0.1, an IPv6 one in
     brackets."""
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - compared, not bound
+    host = "127.0.0.1" if host in _ANY_HOST else host
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
@@ -655,11 +655,6 @@ def _env_value(value: str) -> Any:
     return value
 
 
-def _masked(text: str) -> str:
-    """A URL's user info, query and fragment (``?api_key=...``) masked: each may hold a credential."""
-    return _URL.sub(lambda url: _QUERY.sub("***", _USER_INFO.sub("***@", url.group())), text)
-
-
 def _masked_values(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _masked_values(item) for key, item in value.items()}
@@ -687,9 +682,9 @@ def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str
         secret = any(word in key for word in ("secret", "password", "token", "key"))
         if isinstance(shown, str):
             shown = mask_url(shown)
-        bad = "" if secret or isinstance(shown, dict | list) else f" (got {_masked(repr(shown))})"
+        bad = "" if secret or isinstance(shown, dict | list) else f" (got {shown!r})"
         hint = ""
         if error["type"] == "missing" and key.rpartition(".")[2] in _SECRETS:  # where a secret can come from
             hint = f" (in the file, or {ENV_PREFIX}{key.upper().replace('.', '__')}_FILE)"
-        problems.append(f"{key}: {_masked(error['msg'].removeprefix('Value error, '))}{bad}{hint}{source}")
+        problems.append(f"{key}: {error['msg'].removeprefix('Value error, ')}{bad}{hint}{source}")
     return f"invalid settings{where}: " + "; ".join(problems)

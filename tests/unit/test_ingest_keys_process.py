@@ -21,7 +21,7 @@ import pytest
 from consumers.sqlite_files import prepare_wal_file
 from daemon.ingest_keys import Claimed, Replay, SqliteIngestKeyStore, body_sha256
 from daemon.ingest_keys_process import _serve
-from daemon.ingest_keys_sql import SCHEMA, TABLE, ClaimOp, migrate
+from daemon.ingest_keys_sql import LAYOUT, SCHEMA, TABLE, ClaimOp, migrate
 from topics.errors import StoreError
 
 BODY = body_sha256(b'{"order": "A-1"}')
@@ -49,7 +49,7 @@ def answers(out: io.BytesIO) -> list[tuple[str, object]]:
 
 def test_the_child_answers_each_request_and_carries_on_after_a_failing_one(tmp_path: Path) -> None:
     path = tmp_path / "keys.sqlite3"
-    prepare_wal_file(path, SCHEMA, "ingest key store", migrate)
+    prepare_wal_file(path, SCHEMA, "ingest key store", migrate, layout=LAYOUT)
     db = sqlite3.connect(path, isolation_level=None)
     requests = frames(
         ("write", "owner-1", [ClaimOp("k1", BODY, 1.0)]),
