@@ -11,18 +11,20 @@ Every metric (the ingest's, the engines', the build info) lives on the one injec
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import fnmatch
 import functools
 import gc
 import logging
 import os
+import socket
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from aiokafka.errors import KafkaError
@@ -51,7 +53,7 @@ from daemon.sinks import build_auth, build_sink, engine_config
 from daemon.status import problems
 from topics.admin import missing_topics
 from topics.catalogue import dlq_topic, orders_topic, replay_topic
-from topics.errors import BrokerError, ConfigError
+from topics.errors import BrokerError, ConfigError, NotYetError
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +166,19 @@ async def serve(
         log.info("stopped")
 
 
+# Why a listener may fail at start and work a moment later: an old instance or another service still holds the port
+# (a rolling restart, a container on the host's network), the address is not up yet at boot (DHCP, IPv6's duplicate
+# address detection), the resolver is not reachable yet. A port below 1024 without the capability, or a name that
+# does not exist, fails the same way every time.
+_LISTEN_NOT_YET: Final = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, socket.EAI_AGAIN})
+
+
 async def _listen(
     stack: AsyncExitStack, app: web.Application, section: str, host: str, port: int, **options: Any
 ) -> None:
-    """Serve `app` on host:port until `stack` closes (`RUNNER_OPTIONS`, `options` on top); `ConfigError` naming
-    `section`'s keys if it cannot listen."""
+    """Serve `app` on host:port until `stack` closes (`RUNNER_OPTIONS`, `options` on top). If it cannot listen, an
+    error naming `section`'s keys: `NotYetError` (exit 1, retried) while the port is held by another process, the
+    address is not on this host (yet) or its name does not resolve for now, else `ConfigError` (exit 2)."""
     runner = web.AppRunner(app, **{**RUNNER_OPTIONS, **options})
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
@@ -176,7 +186,10 @@ async def _listen(
     try:
         await site.start()
     except OSError as exc:
-        raise ConfigError(f"{section}.host/{section}.port: cannot listen on {host}:{port}: {exc.strerror}") from exc
+        problem = f"{section}.host/{section}.port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+        if exc.errno in _LISTEN_NOT_YET:
+            raise NotYetError(f"{problem} (the service manager starts it again)") from exc
+        raise ConfigError(problem) from exc
     log.info("listening on http://%s:%d", host, port, extra={"listener": section})
 
 

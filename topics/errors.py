@@ -46,6 +46,12 @@ class ConfigError(OrderbusError):
     """A setting is missing or invalid. The message names the key and the problem."""
 
 
+class NotYetError(OrderbusError):
+    """Something the daemon needs at start is not there yet, though its settings may be right: its port is held by
+    another process, or its address is not up on this host yet (a boot race). Exit 1, which systemd retries, where a
+    `ConfigError` (exit 2) would leave the daemon down after the cause has passed."""
+
+
 @dataclass(frozen=True, slots=True)
 class FieldError:
     """One problem with one field of a payload: `loc` is a dotted path such as ``order.line_items.0.quantity``."""

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import socket
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import free_port, make_events, orders_of, produce, running_daemon, settings_env, settings_for
+from support import (
+    apply_topics,
+    free_port,
+    make_events,
+    orders_of,
+    produce,
+    running_daemon,
+    settings_env,
+    settings_for,
+)
 
 from daemon import lifecycle
 from daemon.app import RUNNER_OPTIONS, build_app
@@ -131,3 +142,20 @@ async def test_a_connection_whose_request_head_never_ends_is_closed_by_the_liste
         assert await asyncio.wait_for(reader.read(), timeout=10) == b"", "closed without an answer"
         assert time.monotonic() - started < 5
         writer.close()
+
+
+async def test_a_port_held_by_another_process_ends_the_start_with_exit_1_which_systemd_retries(
+    kafka_broker: BrokerInfo, unique_name: str, tmp_path: Path
+) -> None:
+    # Exit 2 (a bad setting) is not restarted (RestartPreventExitStatus=2): a port held for a moment at a rolling
+    # restart, or an address not up yet at boot, left the daemon down for good.
+    env = settings_env(kafka_broker, f"{unique_name}.", tmp_path)
+    await apply_topics(settings_for(kafka_broker, f"{unique_name}.", tmp_path))
+    port = int(env["ORDERBUS_INGEST__PORT"])
+    with socket.create_server(("127.0.0.1", port)):
+        code, _, err = await cli("run", env={**env, "ORDERBUS_INGEST__HOST": "127.0.0.1"})
+    assert code == 1, err
+    last = json.loads(err.strip().splitlines()[-1])
+    assert last["exit_code"] == 1
+    assert last["msg"].startswith(f"stopped: ingest.host/ingest.port: cannot listen on 127.0.0.1:{port}: ")
+    assert last["msg"].endswith("(the service manager starts it again)")

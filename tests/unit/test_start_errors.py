@@ -1,17 +1,22 @@
 """Resources that cannot be opened at start are configuration errors naming the setting (exit 2, which systemd
-does not restart), not tracebacks (exit 1, restarted every 10 s forever)."""
+does not restart), not tracebacks (exit 1, restarted every 10 s forever); what may work a moment later (a port
+held by another process, an address not up yet) is `NotYetError`, exit 1, naming the setting too."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import shutil
+import socket
 import stat
 import sys
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from consumers.engine import EngineConfig
@@ -22,7 +27,7 @@ from daemon.kafka_options import client_options
 from daemon.lifecycle import serve
 from daemon.settings import Settings, SinkSettings, load_settings
 from daemon.sinks import build_auth, build_sink
-from topics.errors import BrokerError, ConfigError
+from topics.errors import BrokerError, ConfigError, NotYetError
 
 SYSTEM_CAS = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -186,3 +191,33 @@ def test_the_state_dir_is_made_for_its_user_alone_and_one_open_to_others_is_said
     [record] = caplog.records
     assert record.levelname == "WARNING"
     assert "can be read by other users (mode 0755)" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (errno.EADDRINUSE, NotYetError),  # another process has it: a rolling restart, another service for now
+        (errno.EADDRNOTAVAIL, NotYetError),  # the address is not up on this host yet: a boot race
+        (socket.EAI_AGAIN, NotYetError),  # the resolver does not answer yet
+        (errno.EACCES, ConfigError),  # a port below 1024 without the capability: the same at every start
+        (socket.EAI_NONAME, ConfigError),  # a host name that does not exist
+    ],
+)
+async def test_a_listener_that_may_work_a_moment_later_is_retried_and_one_that_cannot_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, code: int, error: type[Exception]
+) -> None:
+    async def refused(site: web.TCPSite) -> None:
+        raise OSError(code, os.strerror(code) if code > 0 else "name resolution")
+
+    monkeypatch.setattr(web.TCPSite, "start", refused)
+    async with contextlib.AsyncExitStack() as stack:
+        with pytest.raises(error, match=r"^admin\.host/admin\.port: cannot listen on 10\.0\.0\.7:8081: ") as caught:
+            await lifecycle._listen(stack, web.Application(), "admin", "10.0.0.7", 8081)
+    assert caught.type is error
+
+
+async def test_an_address_not_on_this_host_is_retried() -> None:
+    # A real bind (TEST-NET-1 is on no host): the errno the table above expects for a boot race is the kernel's.
+    async with contextlib.AsyncExitStack() as stack:
+        with pytest.raises(NotYetError, match=r"cannot listen on 192\.0\.2\.1:8080: .*starts it again\)$"):
+            await lifecycle._listen(stack, web.Application(), "ingest", "192.0.2.1", 8080)
