@@ -28,6 +28,7 @@ from consumers.delivery import Reply, TransportFailure
 from consumers.engine import EngineConfig, SinkEngine
 from consumers.http_client import HttpClient
 from consumers.identity import USER_AGENT
+from consumers.kafka_close import leave_group
 from consumers.kafka_io import KafkaConsumerPort, Rebalance, keep_metadata_synchronizer, sink_consumer
 from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
@@ -101,7 +102,8 @@ async def open_sink(
             )
 
         consumer = sink_consumer(client_options, sink.name, prefix=prefix)
-        stack.push_async_callback(consumer.stop)  # safe on a consumer that never started
+        # Safe on a consumer that never started; within `LEAVE_TIMEOUT` with the broker gone.
+        stack.push_async_callback(leave_group, consumer, f"sink {sink.name}")
         guard = ReadGuard(consumer, sink.name, clock or SystemClock())
         engine = SinkEngine(
             sink,

@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 from consumers.clock import SystemClock
 from consumers.deadletter import REASONS
 from consumers.engine import SinkEngine
+from consumers.kafka_close import DEAD_LETTER_CLOSE_GRACE, stop_producer
 from consumers.kafka_io import KafkaDeadLetterWriter, dead_letter_producer, keep_metadata_synchronizer
 from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
@@ -224,7 +225,8 @@ async def _open_sinks(
         await producer.stop()
         raise BrokerError(f"cannot start the dead-letter producer: {exc!r}") from exc
     keep_metadata_synchronizer(producer.client, "dead letters")
-    stack.push_async_callback(producer.stop)
+    # The sinks have waited for their dead letters' acks before committing: what is pending now was given up on.
+    stack.push_async_callback(stop_producer, producer, DEAD_LETTER_CLOSE_GRACE, "dead letters")
     dead_letters = KafkaDeadLetterWriter(producer, prefix=settings.topics.prefix)
     engines: dict[str, SinkEngine] = {}
     for name, sink_settings in enabled.items():

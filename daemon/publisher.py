@@ -31,6 +31,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from consumers.clock import Clock, SystemClock
 from consumers.deadlines import Deadlines
+from consumers.kafka_close import sender_task, stop_producer
 from consumers.kafka_io import guard_connection_writes, keep_metadata_synchronizer
 from topics.codec import EncodedRecord
 from topics.errors import BrokerError, ConfigError, PublishError
@@ -148,14 +149,7 @@ class KafkaPublisher:
                     await task
         if self._producer is None:
             return
-        stopping = asyncio.ensure_future(self._producer.stop())
-        done, _ = await asyncio.wait([stopping], timeout=grace)
-        if not done:
-            log.warning("kafka producer did not flush within %.0f s, closing anyway", grace)
-            sender = _sender_task(self._producer)  # aiokafka offers no public way to abandon a flush
-            if sender is not None:
-                sender.cancel()
-            await stopping
+        await stop_producer(self._producer, grace, "ingest")
 
     async def publish(self, record: EncodedRecord, *, timeout: float) -> Published:
         """Send `record` and wait for acks=all, both steps together at most `timeout` seconds.
@@ -323,15 +317,9 @@ class KafkaPublisher:
         return True
 
 
-def _sender_task(producer: AIOKafkaProducer) -> asyncio.Task[None] | None:
-    """aiokafka's sender task of `producer`: private, and read in one place (a fake producer may have none)."""
-    task: asyncio.Task[None] | None = getattr(getattr(producer, "_sender", None), "sender_task", None)
-    return task
-
-
 def _sender_failure(producer: AIOKafkaProducer) -> BaseException | None:
     """Why `producer`'s sender task ended, or None while it runs (or was cancelled by `stop`)."""
-    task = _sender_task(producer)
+    task = sender_task(producer)
     if task is None or not task.done() or task.cancelled():
         return None
     return task.exception() or RuntimeError("the sender task returned")

@@ -18,9 +18,13 @@ import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
+from consumers.engine import SETTLE_FLOOR, EngineConfig
+from consumers.kafka_close import DEAD_LETTER_CLOSE_GRACE, LEAVE_TIMEOUT
+from daemon.app import ADMIN_SHUTDOWN, INGEST_SHUTDOWN
 from daemon.kafka_local import BrokerInfo
 from daemon.kafka_options import client_options, topic_layout
 from daemon.lifecycle import serve
+from daemon.publisher import CLOSE_GRACE
 from daemon.sandbox import SandboxProcess
 from daemon.settings import Settings, load_settings
 from topics.admin import apply_catalogue, partition_ids
@@ -312,3 +316,15 @@ def personal_event(n: int, *, order_number: str | None = None) -> OrderEvent:
     """An order.created event whose customer and addresses are full of `PERSONAL_TOKENS`."""
     data = sample_event(random.Random(n), order_number=order_number).model_dump(mode="json")
     return OrderEvent.model_validate_json(json.dumps(_with_personal_data(data, n)))
+
+
+def longest_shutdown(settings: Settings) -> float:
+    """The longest stop `settings` allow, the broker gone included: drain (the sinks drain at once, each up to its
+    grace), record the last outcomes, commit (`consumers.engine.SinkEngine.drain`); then the webhook requests under
+    way and the admin listener's (`daemon.app`); each sink leaves its group, one after another, and the dead-letter
+    producer closes (`consumers.kafka_close`); the ingest's unacknowledged records (`daemon.publisher`)."""
+    sinks = settings.enabled_sinks()
+    grace = max((sink.shutdown_grace for sink in sinks.values()), default=0.0)
+    listeners = INGEST_SHUTDOWN + (ADMIN_SHUTDOWN if settings.admin.port is not None else 0.0)
+    kafka = len(sinks) * LEAVE_TIMEOUT + (DEAD_LETTER_CLOSE_GRACE if sinks else 0.0) + CLOSE_GRACE
+    return grace + SETTLE_FLOOR + EngineConfig().commit_timeout + listeners + kafka

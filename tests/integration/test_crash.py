@@ -8,21 +8,26 @@ are measured, not guessed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import os
 import random
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import committed_vs_end, free_port, make_events, produce
+from support import committed_vs_end, free_port, longest_shutdown, make_events, produce
 
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
+from daemon.settings import load_settings
 from topics.admin import apply_catalogue
 from topics.catalogue import SINKS, TopicLayout, catalogue, consumer_group, orders_topic
 
@@ -145,3 +150,42 @@ async def test_sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice
     report = {"kills": kills, "duplicate_requests_after_each_kill": per_kill, "total": total - marks[0]}
     print(json.dumps(report))
     assert total - marks[0] <= 2 * kills * len(SINKS) * MAX_IN_FLIGHT, report
+
+
+async def test_a_stop_with_the_broker_frozen_ends_within_the_shutdown_budget(
+    private_broker: Callable[[], BrokerInfo],
+    sandbox_process: SandboxProcess,
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    # aiokafka waits its request timeout (40 s) for a LeaveGroup answer, and the sinks leave one after another: with
+    # the broker frozen, a daemon with three sinks had not exited 120 s after SIGTERM (systemd kills at 45 s).
+    broker = private_broker()
+    prefix, state, config, log = f"{unique_name}.", tmp_path / "state", tmp_path / "orderbus.toml", tmp_path / "log"
+    write_config(config, broker, prefix, state, sandbox_process)
+    budget = longest_shutdown(load_settings(config))
+    await apply_catalogue(
+        catalogue(TopicLayout(prefix=prefix, orders_partitions=6)), {"bootstrap_servers": broker.bootstrap}
+    )
+    await produce(broker.bootstrap, orders_topic(prefix), make_events(300, seed=23))
+    daemon = start_daemon(config, log)
+    try:
+        while log.read_text().count("partitions assigned") < len(SINKS):
+            assert daemon.poll() is None, log.read_text()[-3000:]
+            await asyncio.sleep(0.1)
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            daemon.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(daemon.wait, budget + 10)
+            took = time.monotonic() - started
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert took < budget, f"stopped in {took:.1f} s or more, over the budget of {budget:.0f} s"
+    assert daemon.returncode == 0, log.read_text()[-3000:]
+    assert "kafka did not answer sink crm's leave of its group within 1 s" in log.read_text()

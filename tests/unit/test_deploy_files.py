@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
+from support import longest_shutdown
 
-from consumers.engine import SETTLE_FLOOR, EngineConfig
-from daemon.app import ADMIN_SHUTDOWN, INGEST_SHUTDOWN, build_app
-from daemon.publisher import CLOSE_GRACE
+from daemon.app import build_app
 from daemon.settings import (
     ApiKeyAuthSettings,
     BearerAuthSettings,
@@ -276,15 +275,6 @@ def test_prometheus_scrapes_the_systemd_hosts_admin_listener_not_its_webhook(uni
     [targets] = re.findall(r"^ +- targets: (\[.*\])", scrape, re.MULTILINE)
     assert unit_settings.admin.port not in (None, unit_settings.ingest.port)
     assert json.loads(targets) == [f"{unit_settings.admin.host}:{unit_settings.admin.port}"]
-
-
-def longest_shutdown(settings: Settings) -> float:
-    """Drain (the sinks drain at once, each up to its grace), record the last outcomes, commit
-    (`consumers.engine.SinkEngine.drain`); then the webhook requests under way and the admin listener's
-    (`daemon.app`), and the ingest's unacknowledged records (`daemon.publisher.KafkaPublisher.close`)."""
-    grace = max(sink.shutdown_grace for sink in settings.enabled_sinks().values())
-    listeners = INGEST_SHUTDOWN + (ADMIN_SHUTDOWN if settings.admin.port is not None else 0.0)
-    return grace + SETTLE_FLOOR + EngineConfig().commit_timeout + listeners + CLOSE_GRACE
 
 
 # MemoryDenyWriteExecute= is, in systemd 252, this seccomp filter: no mmap that is writable and executable, no

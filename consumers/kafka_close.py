@@ -1,0 +1,94 @@
+"""Closing aiokafka's clients within a bound, so that a stop with the broker gone stays within systemd's
+``TimeoutStopSec`` (or a container's stop grace period) instead of ending in SIGKILL.
+
+aiokafka waits for the broker as long as a request may take: a consumer's ``stop`` sends LeaveGroup and waits its
+request timeout (40 s) for the answer, and a producer's ``stop`` flushes its pending records for as long as that
+takes, for ever with idempotence on. A daemon with three sinks, its broker frozen (SIGSTOP), had not exited two
+minutes after SIGTERM: each sink left its group 40 s after the one before. Neither wait protects anything: the
+sinks committed what they delivered before their consumers stop, and a record that was not acknowledged keeps its
+source uncommitted (a dead letter) or its idempotency key in flight (the ingest), so it is sent again after the
+restart under the same ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Final
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+__all__ = ["DEAD_LETTER_CLOSE_GRACE", "LEAVE_TIMEOUT", "leave_group", "sender_task", "stop_producer"]
+
+log = logging.getLogger(__name__)
+
+# Seconds a consumer's stop may take. Leaving is a courtesy: the group moves the partitions at once instead of
+# after the session timeout (6 s, `consumers.kafka_io.SESSION_TIMEOUT_MS`); a broker that answers does so in
+# milliseconds. The sinks leave one after another, so a stop's budget counts this once per sink.
+LEAVE_TIMEOUT: Final = 1.0
+# Seconds the dead-letter producer may flush at a stop. The sinks wait for their dead letters' acks before they
+# commit, so what is pending then was given up on: its records stay uncommitted and are dead-lettered again.
+DEAD_LETTER_CLOSE_GRACE: Final = 1.0
+
+
+async def leave_group(consumer: AIOKafkaConsumer, owner: str, timeout: float = LEAVE_TIMEOUT) -> None:
+    """Stop `consumer` (leave its group, close its connections) within `timeout` seconds; after that, close its
+    fetcher and connections without the broker's answer (said once, naming `owner`)."""
+    stopping = asyncio.ensure_future(consumer.stop())
+    if await _within(stopping, timeout):
+        return
+    log.warning(
+        "kafka did not answer %s's leave of its group within %g s: its partitions move when its session times out",
+        owner,
+        timeout,
+    )
+    # What `stop` did not reach once cancelled (aiokafka has no public way): the fetch loop and the connections,
+    # whose tasks would otherwise run until the event loop closes. Neither waits for the broker.
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is not None:
+        await _quietly(fetcher.close(), timeout)
+    await _quietly(consumer._client.close(), timeout)
+
+
+async def stop_producer(producer: AIOKafkaProducer, grace: float, owner: str) -> None:
+    """Stop `producer`, flushing what is pending for at most `grace` seconds; then its sender is cancelled and
+    what it held is not sent (said, naming `owner`)."""
+    stopping = asyncio.ensure_future(producer.stop())
+    done, _ = await asyncio.wait([stopping], timeout=grace)
+    if done:
+        stopping.result()
+        return
+    log.warning("%s: kafka producer did not flush within %g s, closing anyway", owner, grace)
+    sender = sender_task(producer)
+    if sender is not None:
+        sender.cancel()
+    await stopping
+
+
+def sender_task(producer: AIOKafkaProducer) -> asyncio.Task[None] | None:
+    """aiokafka's sender task of `producer`: private, and read in one place (a fake producer may have none)."""
+    task: asyncio.Task[None] | None = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    return task
+
+
+async def _within(stopping: asyncio.Future[None], timeout: float) -> bool:
+    """Whether `stopping` ended within `timeout` (its error raised); if not, it is cancelled and waited for (never
+    longer than `timeout` again: a stop that ignores its cancellation is left to the event loop's end)."""
+    done, _ = await asyncio.wait([stopping], timeout=timeout)
+    if done:
+        stopping.result()
+        return True
+    stopping.cancel()
+    await asyncio.wait([stopping], timeout=timeout)
+    if stopping.done() and not stopping.cancelled():
+        stopping.exception()  # read, so that asyncio does not report it as never retrieved
+    return False
+
+
+async def _quietly(closing: Awaitable[None], timeout: float) -> None:
+    """Await the close `closing` for at most `timeout`; its failure is logged, not raised (the stop goes on)."""
+    try:
+        await _within(asyncio.ensure_future(closing), timeout)
+    except Exception as exc:  # the consumer is being abandoned; its close may fail any way
+        log.warning("kafka consumer did not close cleanly: %r", exc)
