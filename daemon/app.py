@@ -27,6 +27,12 @@ Listener = Literal["all", "webhook", "admin"]
 # webhook requests under way get `shutdown_timeout` to be answered (a retry is safe under its key).
 INGEST_SHUTDOWN: Final = 5.0
 ADMIN_SHUTDOWN: Final = 1.0  # a scrape or a status under way at a stop: no one retries those
+# Connections the kernel completes and queues for the listener while the event loop is busy (aiohttp's default, 128,
+# as `TCPSite` keyword): after a broker outage, the clients' retries of their 503s arrive at once, and the
+# connections beyond the queue are dropped at the handshake, which each client's kernel retries after 1, 3, 7, 15,
+# 31 s: webhooks waited a minute and more for an answer (a 90 s broker freeze, 100 orders/s). The kernel caps it at
+# net.core.somaxconn (4096 by default since Linux 5.4).
+LISTEN_BACKLOG: Final = 1024
 RUNNER_OPTIONS: Final[dict[str, Any]] = {
     "access_log": None,
     "handler_cancellation": False,

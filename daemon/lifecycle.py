@@ -30,6 +30,7 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
+from consumers import abandoned_commits
 from consumers.clock import SystemClock
 from consumers.deadletter import REASONS
 from consumers.engine import SinkEngine
@@ -39,7 +40,7 @@ from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.runner import HttpConfig, open_sink
 from consumers.tasks import cancel_and_wait
-from daemon.app import ADMIN_SHUTDOWN, RUNNER_OPTIONS, Listener, build_app
+from daemon.app import ADMIN_SHUTDOWN, LISTEN_BACKLOG, RUNNER_OPTIONS, Listener, build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.ingest_metrics import IngestMetrics, register_build_info
@@ -183,7 +184,7 @@ async def _listen(
     runner = web.AppRunner(app, **{**RUNNER_OPTIONS, **options})
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
     try:
         await site.start()
     except OSError as exc:
@@ -225,6 +226,7 @@ async def _open_sinks(
         await producer.stop()
         raise BrokerError(f"cannot start the dead-letter producer: {exc!r}") from exc
     keep_metadata_synchronizer(producer.client, "dead letters")
+    abandoned_commits.install(asyncio.get_running_loop())  # a commit past its deadline: one line, no traceback
     # The sinks have waited for their dead letters' acks before committing: what is pending now was given up on.
     stack.push_async_callback(stop_producer, producer, DEAD_LETTER_CLOSE_GRACE, "dead letters")
     dead_letters = KafkaDeadLetterWriter(producer, prefix=settings.topics.prefix)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import socket
 import sys
 import time
@@ -25,7 +26,7 @@ from support import (
 )
 
 from daemon import lifecycle
-from daemon.app import RUNNER_OPTIONS, build_app
+from daemon.app import LISTEN_BACKLOG, RUNNER_OPTIONS, build_app
 from daemon.kafka_local import BrokerInfo
 from daemon.retention import prune
 from daemon.sandbox import SandboxClient, SandboxProcess
@@ -125,6 +126,30 @@ async def test_the_daemon_refuses_to_start_without_its_topics_and_creates_none(
     assert code == 2, err
     assert f"topics {', '.join(names)} do not exist: run `orderbus topics apply`" in err
     assert await missing_topics(names, {"bootstrap_servers": kafka_broker.bootstrap}) == names, "none created"
+
+
+async def test_the_listener_queues_a_burst_of_connections_while_its_event_loop_is_busy() -> None:
+    # After a 90 s broker freeze, the clients' retries came at once: beyond aiohttp's default queue of 128 the
+    # handshakes were dropped, and the clients' kernels retried them after 1, 3, 7, 15, 31 s (webhooks waited a
+    # minute and more). Here the loop is kept busy (this test does not yield) while 300 clients connect.
+    assert LISTEN_BACKLOG >= 300
+    port = free_port()
+    async with contextlib.AsyncExitStack() as stack:
+        await lifecycle._listen(stack, build_app(ingest=None, readiness=dict), "ingest", "127.0.0.1", port)
+        clients = [socket.socket() for _ in range(300)]
+        try:
+            for client in clients:
+                client.setblocking(False)
+                client.connect_ex(("127.0.0.1", port))
+            deadline = time.monotonic() + 2.0
+            pending = list(clients)
+            while pending and (left := deadline - time.monotonic()) > 0:
+                _, writable, _ = select.select([], pending, [], left)  # connected: the kernel completed the handshake
+                pending = [client for client in pending if client not in writable]
+            assert not pending, f"{len(pending)} of 300 handshakes not completed while the loop was busy"
+        finally:
+            for client in clients:
+                client.close()
 
 
 async def test_a_connection_whose_request_head_never_ends_is_closed_by_the_listeners_keepalive_timeout() -> None:
