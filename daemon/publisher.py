@@ -9,7 +9,10 @@ While the broker is known to be unreachable (a publish timed out or failed, the 
 the periodic health check found no broker), `publish` refuses at once with `BrokerUnavailable`, before anything
 is handed to the producer: nothing is half-published. A background probe (a metadata request with growing
 intervals) reopens the gate. The health check (a metadata request every `health_interval` while the gate is
-open) is what lets an idle ingest, and /readyz, notice an outage before a client's publish times out.
+open) is what lets an idle ingest, and /readyz, notice an outage before a client's publish times out: a broker
+that refuses connections is noticed within `health_interval`. One that stops answering on open connections (frozen,
+or cut off by a network partition) is noticed when the check's own request times out (`request_timeout`, 10 s), as
+the publishes under way do: until then /readyz says ready and webhooks wait up to ``publish_timeout``.
 
 It refuses so, too, until `topic_check` has passed once (the daemon could not check its topic at start): the
 producer's first metadata request would have the broker create a missing topic with its own defaults (one
