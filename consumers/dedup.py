@@ -90,7 +90,7 @@ from consumers.delivery_state import (
     DeliveryStatus,
     WriteBuffer,
 )
-from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file
+from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file, space_note
 from topics.errors import ConfigError, StoreError
 
 __all__ = [
@@ -430,4 +430,4 @@ class SqliteDedupStore:
         return self._db
 
     def _error(self, operation: str, exc: sqlite3.Error) -> StoreError:
-        return StoreError(f"dedup store {self.path}: {operation} failed: {exc}")
+        return StoreError(f"dedup store {self.path}: {operation} failed: {exc}{space_note(self.path)}")

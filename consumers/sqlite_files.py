@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,22 @@ ROW_STEP: Final = 8
 # a dedup flush (tests/bench). The ingest's key store keeps SQLite's 1,000: there a checkpoint holds up the claims
 # waiting for the commit it runs in (`daemon.ingest_keys_process.CHECKPOINT_PAGES`).
 WAL_AUTOCHECKPOINT_PAGES: Final = 4000
+
+
+# Below this much free space, a store's error says how much is left: on a full disk SQLite fails the open of a file
+# with "disk I/O error" (its shared-memory index cannot grow), which points an operator at the hardware instead.
+LOW_SPACE: Final = 64 * 1024 * 1024
+
+
+def space_note(path: Path) -> str:
+    """`` (its file system has N bytes free)`` when less than `LOW_SPACE` is left where `path` lives (to this user),
+    else ``""``; for the message of a store's error."""
+    try:
+        stats = os.statvfs(path.parent)
+    except OSError:
+        return ""
+    free = stats.f_bavail * stats.f_frsize
+    return f" (its file system has {free:,} bytes free)" if free < LOW_SPACE else ""
 
 
 def prepare_wal_file(

@@ -60,7 +60,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, Self, cast
 
-from consumers.sqlite_files import prepare_wal_file
+from consumers.sqlite_files import prepare_wal_file, space_note
 from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
 from daemon.ingest_keys_process import KeyStoreProcess
 from daemon.ingest_keys_sql import (
@@ -256,8 +256,9 @@ class SqliteIngestKeyStore:
         return await result
 
     def recheck(self) -> None:
-        """While `failing`, write an empty batch (one at a time): written, it clears `failing`. A store that healed
-        says so without waiting for a webhook with a key, which a load balancer that reads /readyz would not send."""
+        """While `failing`, write a flush (one at a time), which writes a row as a claim does: written, it clears
+        `failing`. A store that healed says so without waiting for a webhook with a key, which a load balancer that
+        reads /readyz would not send."""
         if self.failing is None or (self._recheck is not None and not self._recheck.done()):
             return
         self._recheck = asyncio.create_task(self._flush_quietly(), name="ingest-keys-recheck")
@@ -267,7 +268,8 @@ class SqliteIngestKeyStore:
             await self.flush()
 
     async def flush(self) -> None:
-        """Return once every operation queued before this call is written (or has failed)."""
+        """Return once every operation queued before this call is written (or has failed); its transaction writes
+        a row (and deletes it), so it fails where a claim would (see `daemon.ingest_keys_sql.FlushOp`)."""
         self._connection()
         result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enqueue(FlushOp(), result)
@@ -416,7 +418,7 @@ class SqliteIngestKeyStore:
         return self._process
 
     def _error(self, operation: str, exc: sqlite3.Error) -> StoreError:
-        return StoreError(f"ingest key store {self.path}: {operation} failed: {exc}")
+        return StoreError(f"ingest key store {self.path}: {operation} failed: {exc}{space_note(self.path)}")
 
 
 class Queued(NamedTuple):

@@ -161,7 +161,20 @@ class PruneOp:
 
 @dataclass(frozen=True)
 class FlushOp:
+    """Written after the operations queued before it, as a row written and deleted in the same transaction: it
+    fails where a claim would. An empty transaction writes nothing, so on a full disk it committed while every
+    claim failed, and `SqliteIngestKeyStore.recheck` took that for a healed store (/readyz said ready while every
+    webhook with a key got 503)."""
+
     name: ClassVar[str] = "flush"
+
+
+# The flush's row: no client's key (those are visible ASCII), gone when its transaction commits.
+_PROBE_KEY: Final = "\x00flush"
+_PROBE_WRITE = f"""
+INSERT OR REPLACE INTO {TABLE} (key, body_sha256, state, claimed_at) VALUES (?, '', '{_IN_FLIGHT}', 0)
+"""  # noqa: S608 -- TABLE is a module constant, values are bound
+_PROBE_DELETE = f"DELETE FROM {TABLE} WHERE key = ?"  # noqa: S608 -- constant
 
 
 Operation = ClaimOp | CompleteOp | ReleaseOp | PruneOp | FlushOp
@@ -236,6 +249,8 @@ def _run(db: sqlite3.Connection, owner: str, operation: Operation) -> object:
         case PruneOp(cutoff=cutoff):
             return db.execute(_PRUNE, {"cutoff": cutoff, "owner": owner}).rowcount
         case FlushOp():
+            db.execute(_PROBE_WRITE, (_PROBE_KEY,))
+            db.execute(_PROBE_DELETE, (_PROBE_KEY,))
             return None
     raise AssertionError(f"unexpected operation {operation!r}")  # pragma: no cover
 

@@ -293,8 +293,11 @@ def _lock_state_dir(path: Path) -> int:
             f"state_dir: {path} is in use by another orderbus daemon (process {holder} holds {lock}); "
             "give each daemon a state directory of its own"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:  # a full disk: the lock holds all the same, only a second daemon's refusal lacks the id
+        log.warning("state_dir: cannot write this process's id into %s: %s", lock, exc.strerror or exc)
     return fd
 
 
@@ -550,7 +553,7 @@ def _reasons(
         reasons["ingest"] = "kafka is unreachable: the ingest cannot publish"
     elif keys is not None and keys.failing:  # a webhook with a key gets 503 until a batch is written again
         reasons["ingest"] = f"the idempotency key store is failing: {keys.failing}"
-        keys.recheck()  # an empty batch: written, the next probe finds the ingest ready
+        keys.recheck()  # a flush that writes a row: written, the next probe finds the ingest ready
     for name, engine in engines.items():
         silence = engine.kafka_silence
         if not engine.joined:  # not `assigned == 0`: every member has none during a rebalance, a spare one always

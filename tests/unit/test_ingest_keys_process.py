@@ -5,6 +5,7 @@ The child's loop is tested on in-memory pipes; the rest with real child processe
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -106,6 +107,31 @@ async def test_a_recheck_clears_failing_once_the_store_writes_again(tmp_path: Pa
         await store.flush()
         assert store.failing is None
         store.recheck()  # nothing to do once it writes
+
+
+async def test_a_recheck_clears_failing_only_once_a_row_can_be_written_again(tmp_path: Path) -> None:
+    # On a full disk an empty transaction commits (it writes nothing) while every claim fails: the recheck's empty
+    # batch cleared `failing`, and /readyz said ready while every webhook with a key got 503. Here a trigger makes
+    # every row written fail as the full disk did, and an empty transaction still commits.
+    path = tmp_path / "keys.sqlite3"
+    async with SqliteIngestKeyStore(path, claim_delay=0) as store:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute(f"CREATE TRIGGER full BEFORE INSERT ON {TABLE} BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
+            db.commit()
+            with pytest.raises(StoreError, match="disk is full"):
+                await store.claim("k1", BODY, now=1.0)
+            assert await store.process.write("owner", []) == []  # what the recheck wrote before: it commits
+            with pytest.raises(StoreError, match="disk is full"):
+                await store.flush()  # what the recheck writes now
+            assert store.failing is not None
+            assert "disk is full" in store.failing
+            db.execute("DROP TRIGGER full")
+            db.commit()
+        store.recheck()
+        await store.flush()
+        assert store.failing is None
+        assert await store.claim("k1", BODY, now=2.0) == Claimed()
+        assert await store.process.write("owner", [ClaimOp("\x00flush", BODY, 3.0)]) == [Claimed()], "no row left"
 
 
 async def test_a_hung_process_is_killed_its_batch_fails_and_the_next_starts_another(tmp_path: Path) -> None:

@@ -19,15 +19,17 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from consumers.dedup import SqliteDedupStore
 from consumers.engine import EngineConfig
 from consumers.metrics import EngineMetrics
 from consumers.runner import HttpConfig, open_sink
 from daemon import lifecycle
+from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.kafka_options import client_options
 from daemon.lifecycle import serve
 from daemon.settings import Settings, SinkSettings, load_settings
 from daemon.sinks import build_auth, build_sink
-from topics.errors import BrokerError, ConfigError, NotYetError
+from topics.errors import BrokerError, ConfigError, NotYetError, StoreError
 
 SYSTEM_CAS = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -166,6 +168,60 @@ async def test_a_state_dir_another_daemon_holds_is_refused_until_that_daemon_end
         holder.kill()  # as kill -9: the kernel lets go of the lock with the process
         await holder.communicate()
     os.close(lifecycle._lock_state_dir(state))
+
+
+def test_a_lock_whose_process_id_cannot_be_written_still_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full disk (helper's experiment): the id's write failed with ENOSPC, and the start ended as "an unexpected
+    # error" with a traceback. /dev/full refuses every write as a full disk does.
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / lifecycle.STATE_LOCK).symlink_to("/dev/full")
+    fd = lifecycle._lock_state_dir(state)
+    try:
+        [record] = caplog.records
+        assert record.levelname == "WARNING"
+        assert record.getMessage().startswith(
+            f"state_dir: cannot write this process's id into {state / 'orderbus.lock'}"
+        )
+        with pytest.raises(ConfigError, match="in use by another orderbus daemon"):
+            lifecycle._lock_state_dir(state)  # held all the same
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("store", ["dedup", "ingest keys"])
+async def test_a_store_failing_on_a_nearly_full_disk_says_how_much_space_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
+    # On a full disk SQLite opens a file that exists with "disk I/O error" (its shared-memory index cannot grow):
+    # the helper's experiment, whose operator would have looked at the hardware.
+    real = os.statvfs
+    left: dict[str, int] = {}
+
+    def statvfs(path: object) -> os.statvfs_result:
+        stats = real(cast(str, path))
+        if "blocks" not in left:
+            return stats
+        fields = list(stats)
+        fields[4] = left["blocks"]  # f_bavail, in units of f_frsize
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    (tmp_path / "store.sqlite").mkdir()  # a directory where the file should be: the open fails
+    opened = (
+        SqliteDedupStore(tmp_path / "store.sqlite")
+        if store == "dedup"
+        else SqliteIngestKeyStore(tmp_path / "store.sqlite")
+    )
+    with pytest.raises(StoreError) as plenty:
+        await opened.open()
+    assert "bytes free" not in str(plenty.value)
+    left["blocks"] = 3
+    with pytest.raises(StoreError, match=r"open failed: .* \(its file system has [0-9,]+ bytes free\)$") as full:
+        await opened.open()
+    assert f"{3 * real(tmp_path).f_frsize:,} bytes free" in str(full.value)
 
 
 HOLD_LOCK = """
