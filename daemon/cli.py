@@ -52,7 +52,7 @@ from daemon.settings import AuthSettings, Settings, load_settings
 from daemon.signature import sign
 from topics.admin import apply_catalogue
 from topics.catalogue import catalogue
-from topics.errors import ConfigError, OrderbusError
+from topics.errors import ConfigError, NotYetError, OrderbusError
 
 T = TypeVar("T")
 log = logging.getLogger("daemon.cli")
@@ -329,6 +329,9 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.critical("stopped: %s", exc, extra={"exit_code": 2})
         return 2
+    except NotYetError as exc:
+        log.critical("stopped: %s; a service manager starts it again (exit 1)", exc, extra={"exit_code": 1})
+        return 1
     except OrderbusError as exc:
         log.critical("stopped: %s", exc, extra={"exit_code": 1})
         return 1

@@ -55,7 +55,7 @@ from daemon.sandbox import SandboxClient, SandboxError
 from daemon.settings import Settings
 from topics.admin import apply_catalogue, group_offsets, partition_ids
 from topics.catalogue import catalogue, consumer_group, orders_topic
-from topics.errors import BrokerError, ConfigError, LocalKafkaError
+from topics.errors import BrokerError, ConfigError, LocalKafkaError, NotYetError
 
 # SIGHUP too: the terminal closed. The sandbox, in a session of its own, would not get it and stay behind.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -308,7 +308,7 @@ class _Demo:
                     self._start_failed = True
                     try:
                         await daemon  # raises what stopped it (a port in use, Kafka unreachable)
-                    except ConfigError as exc:
+                    except (ConfigError, NotYetError) as exc:
                         if _port_in_use(exc):
                             raise ConfigError(f"{exc}; run the demo on another port: --ingest-port N") from exc
                         raise

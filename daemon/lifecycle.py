@@ -190,7 +190,7 @@ async def _listen(
     except OSError as exc:
         problem = f"{section}.host/{section}.port: cannot listen on {host}:{port}: {exc.strerror or exc}"
         if exc.errno in _LISTEN_NOT_YET:
-            raise NotYetError(f"{problem} (the service manager starts it again)") from exc
+            raise NotYetError(problem) from exc
         raise ConfigError(problem) from exc
     log.info("listening on http://%s:%d", host, port, extra={"listener": section})
 

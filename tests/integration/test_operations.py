@@ -183,4 +183,4 @@ async def test_a_port_held_by_another_process_ends_the_start_with_exit_1_which_s
     last = json.loads(err.strip().splitlines()[-1])
     assert last["exit_code"] == 1
     assert last["msg"].startswith(f"stopped: ingest.host/ingest.port: cannot listen on 127.0.0.1:{port}: ")
-    assert last["msg"].endswith("(the service manager starts it again)")
+    assert last["msg"].endswith("; a service manager starts it again (exit 1)")
