@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
 from typing import Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-__all__ = ["DEAD_LETTER_CLOSE_GRACE", "LEAVE_TIMEOUT", "leave_group", "sender_task", "stop_producer"]
+__all__ = ["CLEANUP", "DEAD_LETTER_CLOSE_GRACE", "LEAVE_TIMEOUT", "leave_group", "sender_task", "stop_producer"]
 
 log = logging.getLogger(__name__)
 
@@ -30,30 +29,38 @@ LEAVE_TIMEOUT: Final = 1.0
 # Seconds the dead-letter producer may flush at a stop. The sinks wait for their dead letters' acks before they
 # commit, so what is pending then was given up on: its records stay uncommitted and are dead-lettered again.
 DEAD_LETTER_CLOSE_GRACE: Final = 1.0
+# Seconds for what follows a wait given up on: the cancelled stop's unwinding and the closes of what it left open.
+# Past them they are left to the event loop's end.
+CLEANUP: Final = 0.25
 
 
 async def leave_group(consumer: AIOKafkaConsumer, owner: str, timeout: float = LEAVE_TIMEOUT) -> None:
-    """Stop `consumer` (leave its group, close its connections) within `timeout` seconds; after that, close its
-    fetcher and connections without the broker's answer (said once, naming `owner`)."""
+    """Stop `consumer` (leave its group, close its connections) within `timeout` seconds; after that, give up the
+    leave and close its fetcher and connections within `CLEANUP` more (said once, naming `owner`)."""
     stopping = asyncio.ensure_future(consumer.stop())
-    if await _within(stopping, timeout):
+    done, _ = await asyncio.wait([stopping], timeout=timeout)
+    if done:
+        stopping.result()
         return
     log.warning(
         "kafka did not answer %s's leave of its group within %g s: its partitions move when its session times out",
         owner,
         timeout,
     )
+    ends = asyncio.get_running_loop().time() + CLEANUP
+    stopping.cancel()
+    await _until(stopping, ends)
     # What `stop` did not reach once cancelled (aiokafka has no public way): the fetch loop and the connections,
-    # whose tasks would otherwise run until the event loop closes. Neither waits for the broker.
+    # whose tasks would otherwise run until the event loop closes.
     fetcher = getattr(consumer, "_fetcher", None)
     if fetcher is not None:
-        await _quietly(fetcher.close(), timeout)
-    await _quietly(consumer._client.close(), timeout)
+        await _until(asyncio.ensure_future(fetcher.close()), ends)
+    await _until(asyncio.ensure_future(consumer._client.close()), ends)
 
 
 async def stop_producer(producer: AIOKafkaProducer, grace: float, owner: str) -> None:
-    """Stop `producer`, flushing what is pending for at most `grace` seconds; then its sender is cancelled and
-    what it held is not sent (said, naming `owner`)."""
+    """Stop `producer`, flushing what is pending for at most `grace` seconds; then its sender is cancelled, what it
+    held is not sent (said, naming `owner`), and the rest of the stop gets `CLEANUP` more."""
     stopping = asyncio.ensure_future(producer.stop())
     done, _ = await asyncio.wait([stopping], timeout=grace)
     if done:
@@ -63,7 +70,7 @@ async def stop_producer(producer: AIOKafkaProducer, grace: float, owner: str) ->
     sender = sender_task(producer)
     if sender is not None:
         sender.cancel()
-    await stopping
+    await _until(stopping, asyncio.get_running_loop().time() + CLEANUP)
 
 
 def sender_task(producer: AIOKafkaProducer) -> asyncio.Task[None] | None:
@@ -72,23 +79,14 @@ def sender_task(producer: AIOKafkaProducer) -> asyncio.Task[None] | None:
     return task
 
 
-async def _within(stopping: asyncio.Future[None], timeout: float) -> bool:
-    """Whether `stopping` ended within `timeout` (its error raised); if not, it is cancelled and waited for (never
-    longer than `timeout` again: a stop that ignores its cancellation is left to the event loop's end)."""
-    done, _ = await asyncio.wait([stopping], timeout=timeout)
-    if done:
-        stopping.result()
-        return True
-    stopping.cancel()
-    await asyncio.wait([stopping], timeout=timeout)
-    if stopping.done() and not stopping.cancelled():
-        stopping.exception()  # read, so that asyncio does not report it as never retrieved
-    return False
+async def _until(closing: asyncio.Future[None], ends: float) -> None:
+    """Wait for `closing` until loop time `ends`, then leave it to the event loop's end (with a frozen broker, a
+    connection's close waits for buffers the broker never reads). Its error, now or later, is logged, not raised:
+    the stop goes on."""
+    closing.add_done_callback(_said)
+    await asyncio.wait([closing], timeout=max(0.0, ends - asyncio.get_running_loop().time()))
 
 
-async def _quietly(closing: Awaitable[None], timeout: float) -> None:
-    """Await the close `closing` for at most `timeout`; its failure is logged, not raised (the stop goes on)."""
-    try:
-        await _within(asyncio.ensure_future(closing), timeout)
-    except Exception as exc:  # the consumer is being abandoned; its close may fail any way
-        log.warning("kafka consumer did not close cleanly: %r", exc)
+def _said(closing: asyncio.Future[None]) -> None:
+    if not closing.cancelled() and (exc := closing.exception()) is not None:
+        log.warning("kafka client did not close cleanly: %r", exc)

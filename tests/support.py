@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumers.engine import SETTLE_FLOOR, EngineConfig
-from consumers.kafka_close import DEAD_LETTER_CLOSE_GRACE, LEAVE_TIMEOUT
+from consumers.kafka_close import CLEANUP, DEAD_LETTER_CLOSE_GRACE, LEAVE_TIMEOUT
 from daemon.app import ADMIN_SHUTDOWN, INGEST_SHUTDOWN
 from daemon.kafka_local import BrokerInfo
 from daemon.kafka_options import client_options, topic_layout
@@ -326,5 +326,6 @@ def longest_shutdown(settings: Settings) -> float:
     sinks = settings.enabled_sinks()
     grace = max((sink.shutdown_grace for sink in sinks.values()), default=0.0)
     listeners = INGEST_SHUTDOWN + (ADMIN_SHUTDOWN if settings.admin.port is not None else 0.0)
-    kafka = len(sinks) * LEAVE_TIMEOUT + (DEAD_LETTER_CLOSE_GRACE if sinks else 0.0) + CLOSE_GRACE
+    leaves = len(sinks) * (LEAVE_TIMEOUT + CLEANUP)
+    kafka = leaves + (DEAD_LETTER_CLOSE_GRACE + CLEANUP if sinks else 0.0) + CLOSE_GRACE + CLEANUP
     return grace + SETTLE_FLOOR + EngineConfig().commit_timeout + listeners + kafka

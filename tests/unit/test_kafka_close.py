@@ -14,14 +14,18 @@ from typing import Any, cast
 
 import pytest
 
+from consumers import kafka_close
 from consumers.kafka_close import leave_group, stop_producer
 
 
 class Closable:
-    def __init__(self) -> None:
+    def __init__(self, *, hangs: bool = False) -> None:
         self.closed = False
+        self._hangs = hangs
 
     async def close(self) -> None:
+        if self._hangs:  # a connection whose close waits for buffers a frozen broker never reads
+            await asyncio.Event().wait()
         self.closed = True
 
 
@@ -29,10 +33,10 @@ class Consumer:
     """An AIOKafkaConsumer's shape: `stop` leaves the group (here: waits for an answer that never comes unless
     `answers`), then closes the fetcher and the client."""
 
-    def __init__(self, *, answers: bool) -> None:
+    def __init__(self, *, answers: bool, client_hangs: bool = False) -> None:
         self._answers = answers
         self._fetcher = Closable()
-        self._client = Closable()
+        self._client = Closable(hangs=client_hangs)
         self.stop_cancelled = False
 
     async def stop(self) -> None:
@@ -85,6 +89,14 @@ async def test_a_leave_the_broker_does_not_answer_is_given_up_and_the_connection
         "kafka did not answer sink crm's leave of its group within 0.01 s: "
         "its partitions move when its session times out"
     ]
+
+
+async def test_connections_that_do_not_close_are_left_to_the_loops_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kafka_close, "CLEANUP", 0.01)
+    consumer = Consumer(answers=False, client_hangs=True)
+    await asyncio.wait_for(leave_group(cast(Any, consumer), "sink crm", timeout=0.01), 5)  # returns
+    assert consumer._fetcher.closed
+    assert not consumer._client.closed
 
 
 async def test_a_producer_that_flushes_at_once_is_stopped_the_normal_way(caplog: pytest.LogCaptureFixture) -> None:
