@@ -478,7 +478,10 @@ class SinkEngine:
     # ------------------------------------------------------------------ reporting
 
     def _circuit_changed(self, old: str, new: str) -> None:
-        log.warning("circuit %s -> %s", old, new, extra={"sink": self.sink.name})
+        said: dict[str, object] = {"sink": self.sink.name}
+        if new == "open":  # why: the attempt that tipped it (the others of its window are in the retries' metrics)
+            said["last_failure"] = self._context.last_failure
+        log.warning("circuit %s -> %s", old, new, extra=said)
         if new == "closed":
             self._context.ramp.begin()
         self._metrics.circuit.labels(self.sink.name).set(CIRCUIT_STATES.get(new, 0))

@@ -183,9 +183,12 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = status = self.parser.get_status_code()
-        if status < 100:  # llhttp takes any three digits; below 100 it would wait, as for a 1xx, for an answer
+        # llhttp takes any three digits. Below 100 it would wait, as for a 1xx, for an answer; from 600 up there is
+        # no class to decide by (RFC 9110: 100-599), and the metrics' `http_responses` class had no "6xx": a 600
+        # from a downstream ended the whole daemon.
+        if not 100 <= status <= 599:
             self.abort(HttpProtocolError(f"{self.origin.name}: status {status:03d} is not an HTTP status"))
-            raise _Stop("status below 100")
+            raise _Stop("status outside 100-599")
         self.headers_done = True
         self.keep_alive = self.parser.should_keep_alive()
 

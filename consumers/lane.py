@@ -73,6 +73,9 @@ class LaneContext:
     ramp: Ramp  # the slow start after the circuit closes (`consumers.ramp`)
     in_flight: int = 0
     certificate_said_at: float = -math.inf  # when a refused TLS certificate was last logged (`_say_certificate`)
+    # The last attempt that counted against the circuit, said when it opens: "timeout", "status 503", or the
+    # client's words for a connection that failed ("answer head longer than 65536 bytes", "connection refused").
+    last_failure: str = ""
 
 
 class Lane:
@@ -396,6 +399,7 @@ class Lane:
                 # (A 409's Retry-After is about this key's first request only: it waits alone.)
                 self._hold(retry_after or 0.0)
         if retry_after is None:
+            context.last_failure = _failure(outcome)
             _record(context.circuit, False, probe)
         elif probe is context.circuit:
             # The server set the pace and the pacer holds the sink: not a sign that it is unwell (a rate limiter
@@ -422,6 +426,7 @@ class Lane:
                 "status": _status(outcome),
                 "rule": decision.rule,
                 "retry_in": round(delay, 3),
+                **({"error": outcome.detail} if isinstance(outcome, TransportFailure) else {}),
             },
         )
         await self._park(delay)
@@ -434,7 +439,13 @@ class Lane:
         pacer, now = self._context.pacer, self._context.clock.now()
         was_held = pacer.held_until > now
         pacer.hold(seconds)
-        if pacer.rate is None and not was_held and pacer.held_until > now:
+        if was_held or pacer.held_until <= now:
+            return
+        # Once a hold, not per answer that extends it: a throttled burst answers every request under way so.
+        log.info(
+            "sink held by the downstream's Retry-After", extra={"sink": self._context.sink.name, "seconds": seconds}
+        )
+        if pacer.rate is None:
             self._context.ramp.begin()
 
     async def _wait_for_gates(self) -> Circuit | None:
@@ -501,6 +512,11 @@ def _uncount(attempts: Attempts) -> None:
 def _record(gate: Circuit, success: bool, probe: Circuit | None) -> None:
     """An attempt's outcome for `gate`; it decides a half-open gate only if the attempt held that gate's probe."""
     gate.record(success, probe=probe is gate)
+
+
+def _failure(outcome: Reply | TransportFailure) -> str:
+    """A failed attempt in a few words: its status, or what the connection's failure was."""
+    return f"status {outcome.status}" if isinstance(outcome, Reply) else f"{outcome.kind}: {outcome.detail}"
 
 
 def _status(outcome: Reply | TransportFailure) -> int | str:

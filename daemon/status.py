@@ -81,8 +81,12 @@ def problems(not_ready: Mapping[str, str], degraded: Mapping[str, str]) -> list[
 
 
 def _circuit(sink: dict[str, Any]) -> str:
-    """The circuit's state, and the ramp's limit while the sink ramps up after its circuit closed."""
+    """The circuit's state; the downstream's hold (its Retry-After) while it lasts, else the ramp's limit while the
+    sink ramps up after its circuit closed or a hold ended."""
     state = str(sink.get("circuit", "?"))
+    held = sink.get("held_for") or 0.0
+    if held > 0:
+        return f"{state}, held by Retry-After: {held:.0f} s more"
     limit = sink.get("ramp_limit")
     return state if limit is None else f"{state}, ramping up: {limit} in flight"
 

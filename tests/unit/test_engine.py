@@ -415,7 +415,7 @@ async def test_a_429_with_retry_after_holds_the_whole_sink(harness_factory: Call
 
 
 async def test_a_burst_of_429s_with_retry_after_paces_the_sink_but_leaves_the_circuit_closed(
-    harness_factory: Callable[..., Harness],
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
     # Regression (chaos run): a rate limiter answers 429 to every request while over its limit. Each 429 counted as
     # a circuit failure, so one burst opened the circuit for `circuit_open_for` (30 s) instead of the 1 s asked.
@@ -424,6 +424,7 @@ async def test_a_burst_of_429s_with_retry_after_paces_the_sink_but_leaves_the_ci
             return answer(429, retry_after="1")
         return ok()
 
+    caplog.set_level(logging.INFO, logger="consumers.lane")
     records = [record(i, f"SO-BURST-{i}") for i in range(12)] + [record(i, f"SO-LATER-{i}") for i in range(12, 20)]
     h = harness_factory({TP0: records}, script, max_in_flight=20, circuit_open_for=30.0)
     started = h.clock.now()
@@ -431,6 +432,9 @@ async def test_a_burst_of_429s_with_retry_after_paces_the_sink_but_leaves_the_ci
     assert h.engine.circuit_state == "closed"
     assert h.metric("orderbus_retries_total", reason="throttled") == 12
     assert h.clock.now() - started < 10.0  # the 1 s hold plus backoff, not 30 s of an open circuit
+    # Said once for the burst's hold (it was said nowhere: a 60 s hold looked like a sink with nothing to do).
+    [held] = [r for r in caplog.records if r.getMessage() == "sink held by the downstream's Retry-After"]
+    assert held.seconds == 1.0  # type: ignore[attr-defined]
 
 
 async def test_a_burst_of_429s_without_retry_after_still_opens_the_circuit(
@@ -446,6 +450,30 @@ async def test_a_burst_of_429s_without_retry_after_still_opens_the_circuit(
     started = h.clock.now()
     await h.run_until(12)
     assert h.clock.now() - started >= 30.0
+
+
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        (TransportFailure("connection", "shipping: answer head longer than 65536 bytes", 0.01),
+         "connection: shipping: answer head longer than 65536 bytes"),
+        (TransportFailure("timeout", "no answer within 5 s", 5.0), "timeout: no answer within 5 s"),
+        (answer(503), "status 503"),
+    ],
+)  # fmt: skip
+async def test_the_circuits_opening_says_what_the_last_failure_was(
+    harness_factory: Callable[..., Harness],
+    caplog: pytest.LogCaptureFixture,
+    failure: Reply | TransportFailure,
+    said: str,
+) -> None:
+    # A downstream that hung, sent garbage or reset was said as "circuit closed -> open" alone: why, nowhere.
+    records = [record(i, f"SO-{i}") for i in range(12)]
+    h = harness_factory({TP0: records}, lambda request, nth: failure if nth == 1 else ok())
+    await h.run_until(12)
+    changes = {r.getMessage(): r for r in caplog.records if r.getMessage().startswith("circuit ")}
+    assert changes["circuit closed -> open"].last_failure == said  # type: ignore[attr-defined]
+    assert not hasattr(changes["circuit open -> half_open"], "last_failure"), "said once, at the opening"
 
 
 async def test_a_half_open_probe_answered_400_closes_the_circuit(harness_factory: Callable[..., Harness]) -> None:

@@ -368,6 +368,8 @@ async def test_a_body_past_the_discard_limit_closes_the_connection(
         OK + b"unasked",
         b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",  # llhttp takes it; no 1xx, yet no final answer
         b"HTTP/1.1 000 Zero\r\n\r\n",
+        b"HTTP/1.1 600 Beyond\r\nContent-Length: 0\r\n\r\n",  # a daemon ended on it (KeyError: '6xx')
+        b"HTTP/1.1 999 Beyond\r\nContent-Length: 0\r\n\r\n",
     ],
     ids=[
         "not-http",
@@ -378,6 +380,8 @@ async def test_a_body_past_the_discard_limit_closes_the_connection(
         "bytes-after-answer",
         "status-099",
         "status-000",
+        "status-600",
+        "status-999",
     ],
 )
 async def test_a_malformed_answer_is_a_protocol_error(

@@ -122,3 +122,12 @@ def test_a_sink_ramping_up_after_an_outage_says_how_many_requests_it_allows() ->
     crm, shipping = rows.splitlines()[1:3]
     assert "  closed, ramping up: 9 in flight  " in crm
     assert "ramping" not in shipping
+
+
+def test_a_sink_held_by_its_downstreams_retry_after_says_for_how_long() -> None:
+    # A 60 s Retry-After showed as "closed, ramping up: 2 in flight" with nothing in flight (`held_for` unshown).
+    sink = {"assigned_partitions": [0], "circuit": "closed", "in_flight": 0, "outcomes": {}, "ramp_limit": 2}
+    rows = render_status({"sinks": {"crm": {**sink, "held_for": 42.4}, "shipping": {**sink, "held_for": 0.0}}})
+    crm, shipping = rows.splitlines()[1:3]
+    assert "  closed, held by Retry-After: 42 s more  " in crm
+    assert "  closed, ramping up: 2 in flight  " in shipping
