@@ -59,18 +59,20 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self, TypeVar
+from typing import Any, Final, Literal, Protocol, Self, TypeVar
 
 import aiosqlite
 
 from consumers.dedup_memory import MemoryDedupStore, MemoryTables
 from consumers.dedup_sql import (
     LAYOUT,
+    PRUNE_CHUNK,
     SCHEMA,
     SELECT_BLOCKED,
     SELECT_BLOCKING,
     SELECT_DOWNSTREAM_ID,
-    delete_prunable,
+    delete_prunable_states,
+    delete_unneeded_ids,
     fetch_all,
     migrate,
     nothing,
@@ -180,6 +182,9 @@ class DedupStore(Protocol):
         ...
 
 
+PRUNE_PAUSE: Final = 0.1
+
+
 class SqliteDedupStore:
     """The production `DedupStore`: one SQLite file per sink, one connection, one instance per file.
 
@@ -193,6 +198,9 @@ class SqliteDedupStore:
             raise ConfigError(f"dedup store synchronous: {synchronous!r} is not 'NORMAL' or 'FULL'")
         self.path = Path(path)
         self.synchronous = synchronous
+        # Seconds between a prune's transactions: another process's writer, waiting on SQLite's busy handler (which
+        # sleeps up to 100 ms between tries), finds the file unlocked for most of them.
+        self.prune_pause = PRUNE_PAUSE
         self._db: aiosqlite.Connection | None = None
         # Reads run on the event loop's own thread, on a second, read-only connection (WAL lets it read beside
         # the writer): an index lookup in the page cache takes microseconds a key, while a hop to the writer's
@@ -403,9 +411,23 @@ class SqliteDedupStore:
     # --- maintenance ------------------------------------------------------------------------------------
 
     async def prune(self, older_than: float) -> int:
+        """Delete terminal rows older than `older_than` and the downstream ids no row needs, `PRUNE_CHUNK` rows a
+        transaction and `prune_pause` apart: the daemon's flushes (on this connection) and another process's
+        writes (the daemon's, beside `orderbus dedup prune`) come between."""
         await self.flush()
+        deleted = 0
         try:
-            deleted: int = await self._on_thread(delete_prunable, older_than)
+            while True:
+                chunk: int = await self._on_thread(delete_prunable_states, older_than, PRUNE_CHUNK)
+                deleted += chunk
+                if chunk < PRUNE_CHUNK:
+                    break
+                await asyncio.sleep(self.prune_pause)
+            after: str | None = ""
+            while after is not None:
+                after = await self._on_thread(delete_unneeded_ids, after, PRUNE_CHUNK)
+                if after is not None:
+                    await asyncio.sleep(self.prune_pause)
         except sqlite3.Error as exc:
             raise self._error("prune", exc) from exc
         return deleted

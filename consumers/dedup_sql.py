@@ -30,7 +30,8 @@ __all__ = [
     "SELECT_DELIVERED_SINCE",
     "SELECT_DOWNSTREAM_ID",
     "check_layout",
-    "delete_prunable",
+    "delete_prunable_states",
+    "delete_unneeded_ids",
     "fetch_all",
     "migrate",
     "nothing",
@@ -157,15 +158,25 @@ LEFT JOIN {DOWNSTREAM_IDS_TABLE} AS i ON i.order_ref = d.order_ref
 WHERE d.status IN ('done', 'duplicate') AND d.updated_at >= ?
 GROUP BY d.order_ref ORDER BY MAX(d.updated_at), d.order_ref
 """  # noqa: S608 -- table names are module constants, values are bound
+# A prune deletes in transactions of at most `PRUNE_CHUNK` rows: in one, `orderbus dedup prune` beside a running
+# daemon held the file's write lock for as long as it took (15-18 s for 5 million rows, a day at 50 orders/s under
+# the 7-day retention), the daemon's flush gave up after its 5 s busy timeout, and the daemon stopped.
+PRUNE_CHUNK: Final = 2000
 _PRUNE_STATES = f"""
-DELETE FROM {DELIVERIES_TABLE} WHERE status <> 'in_flight' AND updated_at < ?
+DELETE FROM {DELIVERIES_TABLE} WHERE rowid IN (
+    SELECT rowid FROM {DELIVERIES_TABLE} WHERE status <> 'in_flight' AND updated_at < ? LIMIT ?
+)"""  # noqa: S608 -- table name is a module constant, values are bound
+# The next order refs of the ids table, from after a given one: a chunk to prune, in order.
+_NEXT_ID_REFS = f"""
+SELECT order_ref FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref > ? ORDER BY order_ref LIMIT ?
 """  # noqa: S608 -- table name is a module constant, values are bound
 # A blocked order keeps its id: its dead letters (kept longer than delivery rows) may be replayed after its rows
 # are pruned, and an update or cancel replayed then must still address the downstream object.
 _PRUNE_DOWNSTREAM_IDS = f"""
-DELETE FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref NOT IN (SELECT order_ref FROM {DELIVERIES_TABLE})
+DELETE FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref > ? AND order_ref <= ?
+AND order_ref NOT IN (SELECT order_ref FROM {DELIVERIES_TABLE})
 AND order_ref NOT IN (SELECT order_ref FROM {BLOCKED_ORDERS_TABLE})
-"""  # noqa: S608 -- table names are module constants
+"""  # noqa: S608 -- table names are module constants, values are bound
 
 # Statements of many rows take only a few row counts (`consumers.sqlite_files.row_chunks`), so that a
 # connection's statement cache (128 statements) holds every one: any row count made a new statement text on most
@@ -243,12 +254,23 @@ def fetch_all(db: sqlite3.Connection, sql: str) -> list[Any]:
     return db.execute(sql).fetchall()
 
 
-def delete_prunable(db: sqlite3.Connection, older_than: float) -> int:
-    """Delete terminal rows updated before `older_than`, and downstream ids no row needs, in one transaction."""
+def delete_prunable_states(db: sqlite3.Connection, older_than: float, limit: int = PRUNE_CHUNK) -> int:
+    """Delete at most `limit` terminal rows updated before `older_than`, in one transaction; the number deleted."""
     with transaction(db):
-        deleted: int = db.execute(_PRUNE_STATES, (older_than,)).rowcount
-        db.execute(_PRUNE_DOWNSTREAM_IDS)
+        deleted: int = db.execute(_PRUNE_STATES, (older_than, limit)).rowcount
     return deleted
+
+
+def delete_unneeded_ids(db: sqlite3.Connection, after: str, limit: int = PRUNE_CHUNK) -> str | None:
+    """Of the next `limit` downstream ids after order ref `after`, delete those no row needs, in one transaction;
+    the last order ref looked at, or None once there are none left."""
+    with transaction(db):
+        refs = db.execute(_NEXT_ID_REFS, (after, limit)).fetchall()
+        if not refs:
+            return None
+        last: str = refs[-1][0]
+        db.execute(_PRUNE_DOWNSTREAM_IDS, (after, last))
+    return last
 
 
 def select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:

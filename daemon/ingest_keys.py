@@ -58,7 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Protocol, Self, cast
+from typing import Any, Final, NamedTuple, Protocol, Self, cast
 
 from consumers.sqlite_files import prepare_wal_file, space_note
 from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
@@ -66,6 +66,7 @@ from daemon.ingest_keys_process import KeyStoreProcess
 from daemon.ingest_keys_sql import (
     LAYOUT,
     MAX_BATCH,
+    PRUNE_CHUNK,
     SCHEMA,
     TABLE,
     ClaimOp,
@@ -133,6 +134,9 @@ class IngestKeyStore(Protocol):
         ...
 
 
+PRUNE_PAUSE: Final = 0.1  # as the dedup store's: another process's writer finds the file unlocked between chunks
+
+
 class SqliteIngestKeyStore:
     """The production `IngestKeyStore`: one SQLite file, one connection, one instance per file, no lock.
 
@@ -150,6 +154,7 @@ class SqliteIngestKeyStore:
         self._recheck: asyncio.Task[None] | None = None
         self._answer_delay = answer_delay
         self._claim_delay = claim_delay
+        self.prune_pause = PRUNE_PAUSE  # seconds between a prune's transactions (`prune`)
         self._owner = secrets.token_hex(8)
         self._process: KeyStoreProcess | None = None
         self._held: dict[str, str] = {}  # key -> body digest, for every in-flight row of ours
@@ -250,10 +255,18 @@ class SqliteIngestKeyStore:
             self._enqueue(ReleaseOp(key))
 
     async def prune(self, older_than: float) -> int:
-        self._connection()
-        result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._enqueue(PruneOp(older_than), result)
-        return await result
+        """Delete answered rows older than `older_than` and the rows in flight that nobody holds, `PRUNE_CHUNK`
+        rows a transaction and `prune_pause` apart (see `daemon.ingest_keys_sql.PruneOp`); the number deleted."""
+        deleted, first = 0, True
+        while True:
+            self._connection()
+            result: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+            self._enqueue(PruneOp(older_than, PRUNE_CHUNK, in_flight=first), result)
+            done, held = await result
+            deleted, first = deleted + done + held, False
+            if done < PRUNE_CHUNK:
+                return deleted
+            await asyncio.sleep(self.prune_pause)
 
     def recheck(self) -> None:
         """While `failing`, write a flush (one at a time), which writes a row as a claim does: written, it clears

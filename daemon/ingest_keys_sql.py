@@ -111,10 +111,17 @@ WHERE {TABLE}.key = v.column1 AND {TABLE}.state = '{_IN_FLIGHT}' AND {TABLE}.own
 
 
 _RELEASE = f"DELETE FROM {TABLE} WHERE key = ? AND state = '{_IN_FLIGHT}' AND owner = ?"  # noqa: S608 -- constant
-_PRUNE = f"""
-DELETE FROM {TABLE}
-WHERE (state = '{_DONE}' AND completed_at < :cutoff)
-   OR (state = '{_IN_FLIGHT}' AND owner <> :owner AND claimed_at < :cutoff)
+# A prune deletes at most `PRUNE_CHUNK` answered rows a transaction (by the completed_at index), so that a writer
+# of another process waits for one chunk, not for the whole prune: `orderbus dedup prune` beside a running daemon
+# (whose own key store then waits, 5 s at most, then fails its claims). In-flight rows held by nobody are few, and
+# go in the first chunk's transaction.
+PRUNE_CHUNK: Final = 2000
+_PRUNE_DONE = f"""
+DELETE FROM {TABLE} WHERE id IN (
+    SELECT id FROM {TABLE} WHERE state = '{_DONE}' AND completed_at < :cutoff LIMIT :limit
+)"""  # noqa: S608 -- TABLE is a module constant, values are bound
+_PRUNE_IN_FLIGHT = f"""
+DELETE FROM {TABLE} WHERE state = '{_IN_FLIGHT}' AND owner <> :owner AND claimed_at < :cutoff
 """  # noqa: S608 -- TABLE is a module constant, values are bound
 
 
@@ -155,7 +162,12 @@ class ReleaseOp:
 
 @dataclass(frozen=True)
 class PruneOp:
+    """Delete up to `limit` answered rows older than `cutoff` (and, with `in_flight`, the rows in flight that nobody
+    holds); the result is (answered rows deleted, in-flight rows deleted)."""
+
     cutoff: float
+    limit: int = PRUNE_CHUNK
+    in_flight: bool = True
     name: ClassVar[str] = "prune"
 
 
@@ -246,8 +258,10 @@ def _run(db: sqlite3.Connection, owner: str, operation: Operation) -> object:
     match operation:
         case ReleaseOp(key=key):
             return db.execute(_RELEASE, (key, owner)).rowcount
-        case PruneOp(cutoff=cutoff):
-            return db.execute(_PRUNE, {"cutoff": cutoff, "owner": owner}).rowcount
+        case PruneOp(cutoff=cutoff, limit=limit, in_flight=in_flight):
+            done = db.execute(_PRUNE_DONE, {"cutoff": cutoff, "limit": limit}).rowcount
+            held = db.execute(_PRUNE_IN_FLIGHT, {"cutoff": cutoff, "owner": owner}).rowcount if in_flight else 0
+            return (done, held)
         case FlushOp():
             db.execute(_PROBE_WRITE, (_PROBE_KEY,))
             db.execute(_PROBE_DELETE, (_PROBE_KEY,))

@@ -3,7 +3,8 @@
 The daemon prunes by itself every hour: delivery states after `sinks.<name>.dedup_retention_hours`, ingest
 idempotency keys after `ingest.idempotency_retention_hours`. A record redelivered after its state was pruned
 is sent again with the same Idempotency-Key, which the downstream answers from its own memory of the key.
-Pruning by hand is safe while the daemon runs: SQLite serialises the writers of a file, and a retention given by
+Pruning by hand is safe while the daemon runs: SQLite serialises the writers of a file, each store prunes in short
+transactions (the daemon's writes wait for one of them, not for the whole prune), and a retention given by
 hand is held to the least the settings allow (`MIN_DEDUP_RETENTION_HOURS`, `MIN_INGEST_KEY_RETENTION_HOURS`).
 The ingest keys keep that least even when a shorter one is given for the delivery states: a prune by hand runs a
 key store of its own, to which the running daemon's claims in flight belong to another owner, and the store

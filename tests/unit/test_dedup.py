@@ -8,11 +8,12 @@ import dataclasses
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from consumers import dedup, dedup_sql
 from consumers.dedup import (
     BLOCKED_ORDER_COLUMNS,
     BLOCKED_ORDERS_TABLE,
@@ -390,6 +391,40 @@ async def test_prune_keeps_the_downstream_id_of_a_blocked_order_whose_rows_are_a
     store.unblock_order("SO-1")  # replayed and delivered: the id goes with the next prune
     assert await store.prune(older_than=1000.0) == 0
     assert await store.downstream_id("SO-1") is None
+
+
+async def test_a_prune_deletes_a_chunk_a_transaction_and_another_writer_gets_in_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `orderbus dedup prune` beside a running daemon (operator's experiment): 5 million rows in one transaction
+    # held the write lock 15-18 s, the daemon's flush gave up after its 5 s busy timeout and the daemon stopped.
+    path = tmp_path / "dedup.sqlite"
+    monkeypatch.setattr(dedup, "PRUNE_CHUNK", 3)
+    chunks: list[object] = []
+    other = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)  # waits for no lock
+
+    def chunked(step: Callable[..., object]) -> Callable[..., object]:
+        def run(db: sqlite3.Connection, *args: object) -> object:
+            result = step(db, *args)
+            other.execute(f"INSERT INTO {BLOCKED_ORDERS_TABLE} VALUES (?, 'x')", (f"W-{len(chunks)}",))  # noqa: S608
+            chunks.append(result)
+            return result
+
+        return run
+
+    monkeypatch.setattr(dedup, "delete_prunable_states", chunked(dedup_sql.delete_prunable_states))
+    monkeypatch.setattr(dedup, "delete_unneeded_ids", chunked(dedup_sql.delete_unneeded_ids))
+    async with SqliteDedupStore(path) as store:
+        store.prune_pause = 0.0
+        for n in range(10):
+            store.put(state(f"k{n}", order_ref=f"SO-{n:02d}", updated_at=10.0))
+            store.put_downstream_id(f"SO-{n:02d}", f"id-{n}")
+        store.put(state("live", order_ref="SO-05", updated_at=500.0))
+        assert await store.prune(older_than=100.0) == 10
+        assert chunks == [3, 3, 3, 1, "SO-02", "SO-05", "SO-08", "SO-09", None]
+        assert await store.downstream_id("SO-05") == "id-5", "an order with a row left keeps its id"
+        assert [await store.downstream_id(f"SO-{n:02d}") for n in (0, 4, 9)] == [None, None, None]
+    other.close()
 
 
 # --- integrity --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from daemon import ingest_keys
 from daemon.ingest_keys import (
     TABLE,
     Busy,
@@ -508,6 +509,25 @@ async def test_prune_also_drops_crashed_owners_claims_made_before_the_cutoff(tmp
         assert await restarted.prune(older_than=10.0) == 0
         assert await restarted.prune(older_than=11.0) == 1
         assert await restarted.claim("k", BODY_B, now=12.0) == Claimed()
+
+
+async def test_a_prune_deletes_a_chunk_a_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # In one transaction, `orderbus dedup prune` beside a running daemon held the file's write lock for as long as
+    # the whole prune took, and the daemon's own key store gave up its claims after its 5 s busy timeout.
+    monkeypatch.setattr(ingest_keys, "PRUNE_CHUNK", 3)
+    path = tmp_path / "ingest.sqlite3"
+    async with SqliteIngestKeyStore(path) as crashed:
+        await crashed.claim("stale", BODY_A, now=10.0)  # in flight, held by nobody once this store is gone
+    async with SqliteIngestKeyStore(path, claim_delay=0) as store:
+        store.prune_pause = 0.0
+        for n in range(10):
+            assert await store.claim(f"k{n}", BODY_A, now=10.0) == Claimed()
+            await store.complete(f"k{n}", 202, ANSWER, now=10.0)
+        await store.flush()
+        before = store.transactions
+        assert await store.prune(older_than=100.0) == 11
+        assert store.transactions - before == 4, "3 + 3 + 3 + 1 answered rows, the stale claim with the first"
+        assert await store.claim("k0", BODY_B, now=101.0) == Claimed()
 
 
 async def test_the_file_is_in_wal_mode_with_the_named_table(tmp_path: Path) -> None:
