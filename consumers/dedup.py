@@ -59,14 +59,13 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol, Self, TypeVar
+from typing import Any, Literal, Protocol, Self, TypeVar
 
 import aiosqlite
 
 from consumers.dedup_memory import MemoryDedupStore, MemoryTables
 from consumers.dedup_sql import (
     LAYOUT,
-    PRUNE_CHUNK,
     SCHEMA,
     SELECT_BLOCKED,
     SELECT_BLOCKING,
@@ -92,7 +91,7 @@ from consumers.delivery_state import (
     DeliveryStatus,
     WriteBuffer,
 )
-from consumers.sqlite_files import WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file, space_note
+from consumers.sqlite_files import PRUNE_CHUNK, PRUNE_PAUSE, WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file, space_note
 from topics.errors import ConfigError, StoreError
 
 __all__ = [
@@ -182,9 +181,6 @@ class DedupStore(Protocol):
         ...
 
 
-PRUNE_PAUSE: Final = 0.1
-
-
 class SqliteDedupStore:
     """The production `DedupStore`: one SQLite file per sink, one connection, one instance per file.
 
@@ -198,9 +194,7 @@ class SqliteDedupStore:
             raise ConfigError(f"dedup store synchronous: {synchronous!r} is not 'NORMAL' or 'FULL'")
         self.path = Path(path)
         self.synchronous = synchronous
-        # Seconds between a prune's transactions: another process's writer, waiting on SQLite's busy handler (which
-        # sleeps up to 100 ms between tries), finds the file unlocked for most of them.
-        self.prune_pause = PRUNE_PAUSE
+        self.prune_pause = PRUNE_PAUSE  # seconds between a prune's transactions (`prune`)
         self._db: aiosqlite.Connection | None = None
         # Reads run on the event loop's own thread, on a second, read-only connection (WAL lets it read beside
         # the writer): an index lookup in the page cache takes microseconds a key, while a hop to the writer's

@@ -158,10 +158,7 @@ LEFT JOIN {DOWNSTREAM_IDS_TABLE} AS i ON i.order_ref = d.order_ref
 WHERE d.status IN ('done', 'duplicate') AND d.updated_at >= ?
 GROUP BY d.order_ref ORDER BY MAX(d.updated_at), d.order_ref
 """  # noqa: S608 -- table names are module constants, values are bound
-# A prune deletes in transactions of at most `PRUNE_CHUNK` rows: in one, `orderbus dedup prune` beside a running
-# daemon held the file's write lock for as long as it took (15-18 s for 5 million rows, a day at 50 orders/s under
-# the 7-day retention), the daemon's flush gave up after its 5 s busy timeout, and the daemon stopped.
-PRUNE_CHUNK: Final = 2000
+# A prune's statements take `limit` rows a transaction (`consumers.sqlite_files.PRUNE_CHUNK`).
 _PRUNE_STATES = f"""
 DELETE FROM {DELIVERIES_TABLE} WHERE rowid IN (
     SELECT rowid FROM {DELIVERIES_TABLE} WHERE status <> 'in_flight' AND updated_at < ? LIMIT ?
@@ -254,14 +251,14 @@ def fetch_all(db: sqlite3.Connection, sql: str) -> list[Any]:
     return db.execute(sql).fetchall()
 
 
-def delete_prunable_states(db: sqlite3.Connection, older_than: float, limit: int = PRUNE_CHUNK) -> int:
+def delete_prunable_states(db: sqlite3.Connection, older_than: float, limit: int) -> int:
     """Delete at most `limit` terminal rows updated before `older_than`, in one transaction; the number deleted."""
     with transaction(db):
         deleted: int = db.execute(_PRUNE_STATES, (older_than, limit)).rowcount
     return deleted
 
 
-def delete_unneeded_ids(db: sqlite3.Connection, after: str, limit: int = PRUNE_CHUNK) -> str | None:
+def delete_unneeded_ids(db: sqlite3.Connection, after: str, limit: int) -> str | None:
     """Of the next `limit` downstream ids after order ref `after`, delete those no row needs, in one transaction;
     the last order ref looked at, or None once there are none left."""
     with transaction(db):

@@ -38,9 +38,7 @@ async def leave_group(consumer: AIOKafkaConsumer, owner: str, timeout: float = L
     """Stop `consumer` (leave its group, close its connections) within `timeout` seconds; after that, give up the
     leave and close its fetcher and connections within `CLEANUP` more (said once, naming `owner`)."""
     stopping = asyncio.ensure_future(consumer.stop())
-    done, _ = await asyncio.wait([stopping], timeout=timeout)
-    if done:
-        stopping.result()
+    if await _ended(stopping, timeout):
         return
     log.warning(
         "kafka did not answer %s's leave of its group within %g s: its partitions move when its session times out",
@@ -62,9 +60,7 @@ async def stop_producer(producer: AIOKafkaProducer, grace: float, owner: str) ->
     """Stop `producer`, flushing what is pending for at most `grace` seconds; then its sender is cancelled, what it
     held is not sent (said, naming `owner`), and the rest of the stop gets `CLEANUP` more."""
     stopping = asyncio.ensure_future(producer.stop())
-    done, _ = await asyncio.wait([stopping], timeout=grace)
-    if done:
-        stopping.result()
+    if await _ended(stopping, grace):
         return
     log.warning("%s: kafka producer did not flush within %g s, closing anyway", owner, grace)
     sender = sender_task(producer)
@@ -77,6 +73,14 @@ def sender_task(producer: AIOKafkaProducer) -> asyncio.Task[None] | None:
     """aiokafka's sender task of `producer`: private, and read in one place (a fake producer may have none)."""
     task: asyncio.Task[None] | None = getattr(getattr(producer, "_sender", None), "sender_task", None)
     return task
+
+
+async def _ended(stopping: asyncio.Future[None], timeout: float) -> bool:
+    """Whether `stopping` ended within `timeout` seconds (its error raised if it failed)."""
+    done, _ = await asyncio.wait([stopping], timeout=timeout)
+    if done:
+        stopping.result()
+    return bool(done)
 
 
 async def _until(closing: asyncio.Future[None], ends: float) -> None:

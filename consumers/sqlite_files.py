@@ -24,6 +24,13 @@ ROW_STEP: Final = 8
 # a dedup flush (tests/bench). The ingest's key store keeps SQLite's 1,000: there a checkpoint holds up the claims
 # waiting for the commit it runs in (`daemon.ingest_keys_process.CHECKPOINT_PAGES`).
 WAL_AUTOCHECKPOINT_PAGES: Final = 4000
+# A prune deletes `PRUNE_CHUNK` rows a transaction at most, `PRUNE_PAUSE` seconds apart. In one transaction,
+# `orderbus dedup prune` beside a running daemon held a file's write lock as long as it took (15-18 s for 5 million
+# delivery states), the daemon's writer gave up after its 5 s busy timeout, and the daemon stopped. A writer of
+# another process, on SQLite's busy handler (it sleeps up to 100 ms between tries), finds the file unlocked for most
+# of the pauses.
+PRUNE_CHUNK: Final = 2000
+PRUNE_PAUSE: Final = 0.1
 
 
 # Below this much free space, a store's error says how much is left: on a full disk SQLite fails the open of a file

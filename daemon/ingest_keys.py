@@ -58,15 +58,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, NamedTuple, Protocol, Self, cast
+from typing import Any, NamedTuple, Protocol, Self, cast
 
-from consumers.sqlite_files import prepare_wal_file, space_note
+from consumers.sqlite_files import PRUNE_CHUNK, PRUNE_PAUSE, prepare_wal_file, space_note
 from daemon.ingest_claims import Busy, Claim, Claimed, Conflict, Replay
 from daemon.ingest_keys_process import KeyStoreProcess
 from daemon.ingest_keys_sql import (
     LAYOUT,
     MAX_BATCH,
-    PRUNE_CHUNK,
     SCHEMA,
     TABLE,
     ClaimOp,
@@ -132,9 +131,6 @@ class IngestKeyStore(Protocol):
     async def prune(self, older_than: float) -> int:
         """Delete answers completed before `older_than` (and crashed owners' claims made before it)."""
         ...
-
-
-PRUNE_PAUSE: Final = 0.1  # as the dedup store's: another process's writer finds the file unlocked between chunks
 
 
 class SqliteIngestKeyStore:

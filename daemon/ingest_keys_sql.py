@@ -111,11 +111,8 @@ WHERE {TABLE}.key = v.column1 AND {TABLE}.state = '{_IN_FLIGHT}' AND {TABLE}.own
 
 
 _RELEASE = f"DELETE FROM {TABLE} WHERE key = ? AND state = '{_IN_FLIGHT}' AND owner = ?"  # noqa: S608 -- constant
-# A prune deletes at most `PRUNE_CHUNK` answered rows a transaction (by the completed_at index), so that a writer
-# of another process waits for one chunk, not for the whole prune: `orderbus dedup prune` beside a running daemon
-# (whose own key store then waits, 5 s at most, then fails its claims). In-flight rows held by nobody are few, and
-# go in the first chunk's transaction.
-PRUNE_CHUNK: Final = 2000
+# A prune deletes `limit` answered rows a transaction at most (by the completed_at index; see
+# `consumers.sqlite_files.PRUNE_CHUNK`). In-flight rows held by nobody are few, and go in the first one.
 _PRUNE_DONE = f"""
 DELETE FROM {TABLE} WHERE id IN (
     SELECT id FROM {TABLE} WHERE state = '{_DONE}' AND completed_at < :cutoff LIMIT :limit
@@ -166,8 +163,8 @@ class PruneOp:
     holds); the result is (answered rows deleted, in-flight rows deleted)."""
 
     cutoff: float
-    limit: int = PRUNE_CHUNK
-    in_flight: bool = True
+    limit: int
+    in_flight: bool
     name: ClassVar[str] = "prune"
 
 
