@@ -54,7 +54,6 @@ a killed process would. Every aiosqlite/sqlite3 error is raised as `StoreError` 
 from __future__ import annotations
 
 import asyncio
-import functools
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -219,9 +218,7 @@ class SqliteDedupStore:
             return
         # Step 1.
         try:
-            await asyncio.to_thread(
-                functools.partial(prepare_wal_file, self.path, SCHEMA, "dedup store", migrate, layout=LAYOUT)
-            )
+            await asyncio.to_thread(prepare_wal_file, self.path, SCHEMA, "dedup store", migrate, layout=LAYOUT)
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         # Step 2. isolation_level=None: no implicit transactions; flush and prune open theirs explicitly.

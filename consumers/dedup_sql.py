@@ -260,14 +260,14 @@ def delete_prunable_states(db: sqlite3.Connection, older_than: float, limit: int
 
 def delete_unneeded_ids(db: sqlite3.Connection, after: str, limit: int) -> str | None:
     """Of the next `limit` downstream ids after order ref `after`, delete those no row needs, in one transaction;
-    the last order ref looked at, or None once there are none left."""
+    the last order ref looked at, or None once it looked at the last one."""
     with transaction(db):
         refs = db.execute(_NEXT_ID_REFS, (after, limit)).fetchall()
         if not refs:
             return None
         last: str = refs[-1][0]
         db.execute(_PRUNE_DOWNSTREAM_IDS, (after, last))
-    return last
+    return last if len(refs) == limit else None
 
 
 def select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:

@@ -38,7 +38,7 @@ from consumers.dedup import DedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.group_flush import GroupFlush
 from consumers.lag import LagMeter
-from consumers.lane import Lane, LaneContext, gates_closed
+from consumers.lane import Lane, LaneContext, failure_text, gates_closed
 from consumers.metrics import CIRCUIT_STATES, EngineMetrics
 from consumers.offsets import OffsetTracker
 from consumers.pacing import Pacer
@@ -428,8 +428,9 @@ class SinkEngine:
         Step 1. Every lane of those partitions stops before its next attempt; parked lanes stop at once.
         Step 2. Wait at most `shutdown_grace` for the attempts under way; cancel what is left. Then wait for the
                 records settling (terminal, their states being made durable) for what is left of the grace
-                period, at least `SETTLE_FLOOR`: the whole stop stays within one grace period and the commit's
-                timeout, which is what systemd's TimeoutStopSec and a container's grace period are sized by.
+                period, at least `SETTLE_FLOOR`: the whole stop stays within the grace period (plus `SETTLE_FLOOR` at
+                most) and the commit's timeout, which systemd's TimeoutStopSec and a container's grace period are
+                sized by.
         Step 3. Commit what finished (flushing the dedup store first).
         Step 4. Forget those partitions: their unfinished records are redelivered to whoever owns them next.
                 Also when the commit failed (the dedup table could not be flushed): kept, their lanes and offsets
@@ -480,7 +481,7 @@ class SinkEngine:
     def _circuit_changed(self, old: str, new: str) -> None:
         said: dict[str, object] = {"sink": self.sink.name}
         if new == "open":  # why: the attempt that tipped it (the others of its window are in the retries' metrics)
-            said["last_failure"] = self._context.last_failure
+            said["last_failure"] = failure_text(self._context.last_failure)
         log.warning("circuit %s -> %s", old, new, extra=said)
         if new == "closed":
             self._context.ramp.begin()

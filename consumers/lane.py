@@ -73,9 +73,8 @@ class LaneContext:
     ramp: Ramp  # the slow start after the circuit closes (`consumers.ramp`)
     in_flight: int = 0
     certificate_said_at: float = -math.inf  # when a refused TLS certificate was last logged (`_say_certificate`)
-    # The last attempt that counted against the circuit, said when it opens: "timeout", "status 503", or the
-    # client's words for a connection that failed ("answer head longer than 65536 bytes", "connection refused").
-    last_failure: str = ""
+    # The last attempt that counted against the circuit, said when it opens (`failure_text`).
+    last_failure: Reply | TransportFailure | None = None
 
 
 class Lane:
@@ -399,7 +398,7 @@ class Lane:
                 # (A 409's Retry-After is about this key's first request only: it waits alone.)
                 self._hold(retry_after or 0.0)
         if retry_after is None:
-            context.last_failure = _failure(outcome)
+            context.last_failure = outcome
             _record(context.circuit, False, probe)
         elif probe is context.circuit:
             # The server set the pace and the pacer holds the sink: not a sign that it is unwell (a rate limiter
@@ -514,8 +513,11 @@ def _record(gate: Circuit, success: bool, probe: Circuit | None) -> None:
     gate.record(success, probe=probe is gate)
 
 
-def _failure(outcome: Reply | TransportFailure) -> str:
-    """A failed attempt in a few words: its status, or what the connection's failure was."""
+def failure_text(outcome: Reply | TransportFailure | None) -> str:
+    """A failed attempt in a few words: its status, or the client's words for what the connection's failure was
+    ("timeout: ...", "connection: ... answer head longer than 65536 bytes")."""
+    if outcome is None:
+        return ""
     return f"status {outcome.status}" if isinstance(outcome, Reply) else f"{outcome.kind}: {outcome.detail}"
 
 

@@ -36,6 +36,7 @@ from topics.errors import ConfigError
 __all__ = [
     "ACTIONS",
     "DEFAULT_POLICY",
+    "EVENT_METHODS",
     "IN_PROGRESS",
     "METHODS",
     "Action",
@@ -54,8 +55,9 @@ _LOWEST_STATUS = 100
 _HIGHEST_STATUS = 599
 _CODE_KEY = re.compile(r"[1-5][0-9][0-9]")
 _CLASS_KEY = re.compile(r"([1-5])xx")
-# The methods a sink sends (order.created, .updated, .cancelled), which an override may name before its status.
-METHODS: Final = ("POST", "PUT", "DELETE")
+# The method a sink sends for each event type (`consumers.sink`), which an override may name before its status.
+EVENT_METHODS: Final = {"order.created": "POST", "order.updated": "PUT", "order.cancelled": "DELETE"}
+METHODS: Final = tuple(EVENT_METHODS.values())
 # RFC 9110 delay-seconds is 1*DIGIT; a decimal fraction is accepted on purpose (see `parse_retry_after`).
 _DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 

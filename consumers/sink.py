@@ -22,11 +22,10 @@ from typing import Any, Final, Protocol
 from urllib.parse import quote, urlsplit
 
 from consumers.masking import mask_url
-from consumers.policy import DEFAULT_POLICY, ResponsePolicy
+from consumers.policy import DEFAULT_POLICY, EVENT_METHODS, ResponsePolicy
 from topics.envelope import OrderEvent
 from topics.errors import ConfigError
 
-_METHODS: Final = {"order.created": "POST", "order.updated": "PUT", "order.cancelled": "DELETE"}
 _ABSOLUTE: Final = re.compile(r"https?://[^\s/]+(/\S*)?")
 MAX_DOWNSTREAM_ID: Final = 255  # characters of a downstream id kept from an answer (`RestSink.downstream_id`)
 
@@ -181,7 +180,7 @@ class RestSink:
         return {"order_number": event.order.order_number, "event_type": event.event_type}
 
     def prepare(self, event: OrderEvent) -> Prepared:
-        method = _METHODS[event.event_type]
+        method = EVENT_METHODS[event.event_type]
         event_id = str(event.event_id)
         headers = {"X-Event-Id": event_id}
         body = None

@@ -64,7 +64,7 @@ def build_app(
     app = web.Application(client_max_size=max_body_bytes + 1)
     if ingest is not None and serves != "admin":
         app.router.add_post("/v1/orders", ingest.post_order, expect_handler=ingest.expect)
-    openapi = OPENAPI_PATH.read_bytes()
+    openapi = OPENAPI_PATH.read_bytes() if serves != "admin" else b""  # the admin listener does not serve it
 
     async def openapi_document(_: web.Request) -> web.Response:
         return web.Response(body=openapi, content_type="application/json")

@@ -69,13 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         # `orderbus dlq list | head`: the reader went away; that is not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 0
-    except ConfigError as exc:
-        print(f"orderbus: {exc}", file=sys.stderr)
-        return 2
     except OrderbusError as exc:
         print(f"orderbus: {exc}", file=sys.stderr)
-        return 1
+        return _exit_code(exc)
     return result
+
+
+def _exit_code(exc: OrderbusError) -> int:
+    """2 for a bad setting or usage (a restart would fail the same way), 1 for anything else that failed."""
+    return 2 if isinstance(exc, ConfigError) else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -326,15 +328,11 @@ def _run(args: argparse.Namespace) -> int:
     # JSON, and an error as plain text, or a traceback line by line, would be its last lines a reader can't parse.
     try:
         return _run_async(_serve_until_signal(settings, load=lambda: load_settings(path)))
-    except ConfigError as exc:
-        log.critical("stopped: %s", exc, extra={"exit_code": 2})
-        return 2
-    except NotYetError as exc:
-        log.critical("stopped: %s; a service manager starts it again (exit 1)", exc, extra={"exit_code": 1})
-        return 1
     except OrderbusError as exc:
-        log.critical("stopped: %s", exc, extra={"exit_code": 1})
-        return 1
+        code = _exit_code(exc)
+        then = "; a service manager starts it again (exit 1)" if isinstance(exc, NotYetError) else ""
+        log.critical("stopped: %s%s", exc, then, extra={"exit_code": code})
+        return code
     except Exception:
         log.critical("stopped by an unexpected error", exc_info=True, extra={"exit_code": 1})
         return 1

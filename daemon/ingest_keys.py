@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
 import secrets
@@ -168,9 +167,7 @@ class SqliteIngestKeyStore:
         if self._process is not None:
             return
         try:
-            await asyncio.to_thread(
-                functools.partial(prepare_wal_file, self.path, SCHEMA, "ingest key store", migrate, layout=LAYOUT)
-            )
+            await asyncio.to_thread(prepare_wal_file, self.path, SCHEMA, "ingest key store", migrate, layout=LAYOUT)
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
         process = KeyStoreProcess(self.path)
@@ -401,12 +398,13 @@ class SqliteIngestKeyStore:
     def _fail(self, batch: Sequence[Queued], exc: Exception) -> None:
         """Fail the batch's callers with `exc` (a sqlite3 error as `StoreError`); `failing` says why until the next
         batch is written."""
-        self.failing = str(self._error("write", exc) if isinstance(exc, sqlite3.Error) else exc)
+        note = space_note(self.path) if isinstance(exc, sqlite3.Error) else ""  # once: the file system is asked
+        self.failing = str(self._error("write", exc, note) if isinstance(exc, sqlite3.Error) else exc)
         unwritten = 0
         for operation, waiter in batch:
             if isinstance(operation, (CompleteOp, ReleaseOp)):
                 self._give_back(operation.key)
-            error = self._error(operation.name, exc) if isinstance(exc, sqlite3.Error) else exc
+            error = self._error(operation.name, exc, note) if isinstance(exc, sqlite3.Error) else exc
             if waiter is None:
                 unwritten += 1
             elif not waiter.done():
@@ -426,8 +424,10 @@ class SqliteIngestKeyStore:
             raise StoreError(f"ingest key store {self.path} is not open")
         return self._process
 
-    def _error(self, operation: str, exc: sqlite3.Error) -> StoreError:
-        return StoreError(f"ingest key store {self.path}: {operation} failed: {exc}{space_note(self.path)}")
+    def _error(self, operation: str, exc: sqlite3.Error, note: str | None = None) -> StoreError:
+        """`exc` as a `StoreError` naming the file, and its free space when low (`note`: already asked)."""
+        note = space_note(self.path) if note is None else note
+        return StoreError(f"ingest key store {self.path}: {operation} failed: {exc}{note}")
 
 
 class Queued(NamedTuple):

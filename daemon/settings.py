@@ -197,10 +197,6 @@ HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
 _RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "idempotency-key", "x-event-id"})
 
 
-# The user info of a URL (``scheme://user:password@``, to the last ``@`` before the path: a password may hold one)
-# and its query and fragment, which error messages must never show.
-
-
 def _usable_url(value: str) -> str:
     """A URL the sinks' HTTP client will send to: no user info (it would refuse every request), a valid host.
 

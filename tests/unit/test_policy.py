@@ -8,11 +8,9 @@ from email.utils import format_datetime
 
 import pytest
 
-from consumers import sink as sink_module
 from consumers.policy import (
     ACTIONS,
     DEFAULT_POLICY,
-    METHODS,
     Action,
     Decision,
     ResponsePolicy,
@@ -278,8 +276,3 @@ def test_the_cap_must_be_a_finite_non_negative_number() -> None:
         parse_retry_after("10", wall_now=NOW, cap=-1.0)
     with pytest.raises(ValueError, match="cap"):
         parse_retry_after("10", wall_now=NOW, cap=float("inf"))
-
-
-def test_the_methods_an_override_may_name_are_those_the_sinks_send() -> None:
-    # Two tables of one fact: were an update sent as PATCH, a "PUT 409" key would never match, without a word.
-    assert set(sink_module._METHODS.values()) == set(METHODS)

@@ -432,8 +432,7 @@ def test_bad_url_templates_are_refused(templates: dict[str, str], message: str) 
 
 
 def test_a_template_whose_host_is_fixed_is_accepted_whatever_its_name() -> None:
-    urls = UrlTemplates(by_id="https://probe.other.example/orders/{id}", by_number="{base_url}/o?number={order_number}")
-    assert urls.by_id.startswith("https://probe.")
+    UrlTemplates(by_id="https://probe.other.example/orders/{id}", by_number="{base_url}/o?number={order_number}")
 
 
 # ---- downstream ids ----------------------------------------------------------------------------------------------
