@@ -18,6 +18,8 @@ from typing import Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from consumers.clock import Clock, SystemClock
+
 __all__ = ["CLEANUP", "DEAD_LETTER_CLOSE_GRACE", "LEAVE_TIMEOUT", "leave_group", "sender_task", "stop_producer"]
 
 log = logging.getLogger(__name__)
@@ -34,39 +36,45 @@ DEAD_LETTER_CLOSE_GRACE: Final = 1.0
 CLEANUP: Final = 0.25
 
 
-async def leave_group(consumer: AIOKafkaConsumer, owner: str, timeout: float = LEAVE_TIMEOUT) -> None:
+async def leave_group(
+    consumer: AIOKafkaConsumer, owner: str, timeout: float = LEAVE_TIMEOUT, *, clock: Clock | None = None
+) -> None:
     """Stop `consumer` (leave its group, close its connections) within `timeout` seconds; after that, give up the
-    leave and close its fetcher and connections within `CLEANUP` more (said once, naming `owner`)."""
+    leave and close its fetcher and connections within `CLEANUP` more (said once, naming `owner`). The waits follow
+    `clock` (the system's by default)."""
+    clock = clock if clock is not None else SystemClock()
     stopping = asyncio.ensure_future(consumer.stop())
-    if await _ended(stopping, timeout):
+    if await _ended(stopping, timeout, clock):
         return
     log.warning(
         "kafka did not answer %s's leave of its group within %g s: its partitions move when its session times out",
         owner,
         timeout,
     )
-    ends = asyncio.get_running_loop().time() + CLEANUP
+    ends = clock.now() + CLEANUP
     stopping.cancel()
-    await _until(stopping, ends)
+    await _until(stopping, ends, clock)
     # What `stop` did not reach once cancelled (aiokafka has no public way): the fetch loop and the connections,
     # whose tasks would otherwise run until the event loop closes.
     fetcher = getattr(consumer, "_fetcher", None)
     if fetcher is not None:
-        await _until(asyncio.ensure_future(fetcher.close()), ends)
-    await _until(asyncio.ensure_future(consumer._client.close()), ends)
+        await _until(asyncio.ensure_future(fetcher.close()), ends, clock)
+    await _until(asyncio.ensure_future(consumer._client.close()), ends, clock)
 
 
-async def stop_producer(producer: AIOKafkaProducer, grace: float, owner: str) -> None:
+async def stop_producer(producer: AIOKafkaProducer, grace: float, owner: str, *, clock: Clock | None = None) -> None:
     """Stop `producer`, flushing what is pending for at most `grace` seconds; then its sender is cancelled, what it
-    held is not sent (said, naming `owner`), and the rest of the stop gets `CLEANUP` more."""
+    held is not sent (said, naming `owner`), and the rest of the stop gets `CLEANUP` more. The waits follow `clock`
+    (the system's by default)."""
+    clock = clock if clock is not None else SystemClock()
     stopping = asyncio.ensure_future(producer.stop())
-    if await _ended(stopping, grace):
+    if await _ended(stopping, grace, clock):
         return
     log.warning("%s: kafka producer did not flush within %g s, closing anyway", owner, grace)
     sender = sender_task(producer)
     if sender is not None:
         sender.cancel()
-    await _until(stopping, asyncio.get_running_loop().time() + CLEANUP)
+    await _until(stopping, clock.now() + CLEANUP, clock)
 
 
 def sender_task(producer: AIOKafkaProducer) -> asyncio.Task[None] | None:
@@ -75,20 +83,31 @@ def sender_task(producer: AIOKafkaProducer) -> asyncio.Task[None] | None:
     return task
 
 
-async def _ended(stopping: asyncio.Future[None], timeout: float) -> bool:
+async def _ended(stopping: asyncio.Future[None], timeout: float, clock: Clock) -> bool:
     """Whether `stopping` ended within `timeout` seconds (its error raised if it failed)."""
-    done, _ = await asyncio.wait([stopping], timeout=timeout)
-    if done:
+    if await _within(stopping, timeout, clock):
         stopping.result()
-    return bool(done)
+        return True
+    return False
 
 
-async def _until(closing: asyncio.Future[None], ends: float) -> None:
-    """Wait for `closing` until loop time `ends`, then leave it to the event loop's end (with a frozen broker, a
+async def _until(closing: asyncio.Future[None], ends: float, clock: Clock) -> None:
+    """Wait for `closing` until `clock` reads `ends`, then leave it to the event loop's end (with a frozen broker, a
     connection's close waits for buffers the broker never reads). Its error, now or later, is logged, not raised:
     the stop goes on."""
     closing.add_done_callback(_said)
-    await asyncio.wait([closing], timeout=max(0.0, ends - asyncio.get_running_loop().time()))
+    await _within(closing, ends - clock.now(), clock)
+
+
+async def _within(future: asyncio.Future[None], seconds: float, clock: Clock) -> bool:
+    """Whether `future` is done within `seconds` of `clock`'s time (it is left running when not)."""
+    if not future.done():
+        timer = asyncio.ensure_future(clock.sleep(seconds))
+        try:
+            await asyncio.wait([future, timer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+    return future.done()
 
 
 def _said(closing: asyncio.Future[None]) -> None:

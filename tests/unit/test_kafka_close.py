@@ -1,7 +1,7 @@
 """Closing aiokafka's clients within a bound (`consumers.kafka_close`), with fakes that never hear from the broker.
 
-The timeouts are tiny: a fake's stop either returns at once or never, so no outcome depends on how long a wait
-really took. The real thing (a frozen broker, a daemon's SIGTERM) is in tests/integration/test_crash.py.
+The waits follow a fake clock that jumps ahead whenever every task waits (a fake's stop either returns at once or
+never). The real thing (a frozen broker, a daemon's SIGTERM) is in tests/integration/test_crash.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, cast
 
 import pytest
 
-from consumers import kafka_close
-from consumers.kafka_close import leave_group, stop_producer
+from consumers.clock import FakeClock
+from consumers.kafka_close import CLEANUP, leave_group, stop_producer
 
 
 class Closable:
@@ -69,7 +69,9 @@ class Producer:
 
 async def test_a_consumer_that_leaves_at_once_is_stopped_the_normal_way(caplog: pytest.LogCaptureFixture) -> None:
     consumer = Consumer(answers=True)
-    await leave_group(cast(Any, consumer), "sink crm", timeout=0.01)
+    clock = FakeClock()
+    await leave_group(cast(Any, consumer), "sink crm", timeout=1.0, clock=clock)
+    assert clock.now() == 1000.0, "no wait at all"
     assert consumer._fetcher.closed
     assert consumer._client.closed
     assert not consumer.stop_cancelled
@@ -80,28 +82,35 @@ async def test_a_leave_the_broker_does_not_answer_is_given_up_and_the_connection
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     consumer = Consumer(answers=False)
+    clock = FakeClock()
     with caplog.at_level(logging.WARNING):
-        await leave_group(cast(Any, consumer), "sink crm", timeout=0.01)
+        async with clock.autojump():
+            await leave_group(cast(Any, consumer), "sink crm", timeout=1.5, clock=clock)
+    assert clock.now() == 1001.5, "the leave given up after its timeout; the closes end at once"
     assert consumer.stop_cancelled
     assert consumer._fetcher.closed, "what stop did not reach is closed"
     assert consumer._client.closed
     assert [record.getMessage() for record in caplog.records] == [
-        "kafka did not answer sink crm's leave of its group within 0.01 s: "
+        "kafka did not answer sink crm's leave of its group within 1.5 s: "
         "its partitions move when its session times out"
     ]
 
 
-async def test_connections_that_do_not_close_are_left_to_the_loops_end(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kafka_close, "CLEANUP", 0.01)
+async def test_connections_that_do_not_close_are_left_to_the_loops_end() -> None:
     consumer = Consumer(answers=False, client_hangs=True)
-    await asyncio.wait_for(leave_group(cast(Any, consumer), "sink crm", timeout=0.01), 5)  # returns
+    clock = FakeClock()
+    async with clock.autojump():
+        await leave_group(cast(Any, consumer), "sink crm", timeout=1.0, clock=clock)  # returns
+    assert clock.now() == 1001.0 + CLEANUP
     assert consumer._fetcher.closed
     assert not consumer._client.closed
 
 
 async def test_a_producer_that_flushes_at_once_is_stopped_the_normal_way(caplog: pytest.LogCaptureFixture) -> None:
     producer = Producer(flushes=True)
-    await stop_producer(cast(Any, producer), 0.01, "dead letters")
+    clock = FakeClock()
+    await stop_producer(cast(Any, producer), 1.0, "dead letters", clock=clock)
+    assert clock.now() == 1000.0
     assert not producer._sender.sender_task.cancelled()
     assert not caplog.records
 
@@ -110,9 +119,12 @@ async def test_a_producer_that_cannot_flush_has_its_sender_cancelled_after_the_g
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     producer = Producer(flushes=False)
+    clock = FakeClock()
     with caplog.at_level(logging.WARNING):
-        await stop_producer(cast(Any, producer), 0.01, "dead letters")
+        async with clock.autojump():
+            await stop_producer(cast(Any, producer), 2.0, "dead letters", clock=clock)
+    assert clock.now() == 1002.0, "the flush given up after the grace; the cancelled stop ends at once"
     assert producer._sender.sender_task.cancelled()
     assert [record.getMessage() for record in caplog.records] == [
-        "dead letters: kafka producer did not flush within 0.01 s, closing anyway"
+        "dead letters: kafka producer did not flush within 2 s, closing anyway"
     ]
