@@ -344,7 +344,8 @@ class SqliteIngestKeyStore:
                         queued.waiter.cancel()
                 raise
             self.transactions += 1
-            self.failing = None
+            if _wrote(batch, results):
+                self.failing = None
             self._settle(batch, results)
         if self._queue:
             self._start_writer_within(self._answer_delay)
@@ -428,6 +429,15 @@ class SqliteIngestKeyStore:
         """`exc` as a `StoreError` naming the file, and its free space when low (`note`: already asked)."""
         note = space_note(self.path) if note is None else note
         return StoreError(f"ingest key store {self.path}: {operation} failed: {exc}{note}")
+
+
+def _wrote(batch: Sequence[Queued], results: Sequence[object]) -> bool:
+    """Whether a written batch wrote a row, so the file takes writes again: every operation writes but a prune that
+    found nothing to delete, whose transaction commits even on a full disk (hourly: it cleared `failing`)."""
+    return any(
+        not isinstance(queued.operation, PruneOp) or result != (0, 0)
+        for queued, result in zip(batch, results, strict=True)
+    )
 
 
 class Queued(NamedTuple):

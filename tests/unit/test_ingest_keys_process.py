@@ -134,6 +134,28 @@ async def test_a_recheck_clears_failing_only_once_a_row_can_be_written_again(tmp
         assert await store.process.write("owner", [ClaimOp("\x00flush", BODY, 3.0)]) == [Claimed()], "no row left"
 
 
+async def test_a_prune_that_deletes_nothing_does_not_clear_failing(tmp_path: Path) -> None:
+    # The hourly prune commits on a full disk when there is nothing to delete: it said the store wrote again.
+    path = tmp_path / "keys.sqlite3"
+    async with SqliteIngestKeyStore(path, claim_delay=0) as store:
+        store.prune_pause = 0
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute(f"CREATE TRIGGER full BEFORE INSERT ON {TABLE} BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
+            db.commit()
+            with pytest.raises(StoreError, match="disk is full"):
+                await store.claim("k1", BODY, now=1.0)
+            assert await store.prune(older_than=10.0) == 0
+            assert store.failing is not None
+            assert "disk is full" in store.failing
+            db.execute("DROP TRIGGER full")
+            db.commit()
+        assert await store.claim("k2", BODY, now=2.0) == Claimed()
+        await store.complete("k2", 202, ANSWER, now=3.0)
+        await store.flush()
+        assert await store.prune(older_than=10.0) == 1
+        assert store.failing is None
+
+
 async def test_a_hung_process_is_killed_its_batch_fails_and_the_next_starts_another(tmp_path: Path) -> None:
     # A child that stops answering (a stalled disk, a stopped process) held every keyed webhook waiting for good.
     async with SqliteIngestKeyStore(tmp_path / "keys.sqlite3", claim_delay=0) as store:
