@@ -391,7 +391,8 @@ async def _reload_on_request(
 ) -> None:
     """On each request (SIGHUP), re-read the settings and apply what can change live: the log level, the sinks'
     rate limits and the unreadable records they skip. A bad file keeps the running settings; other changes are
-    logged as needing a restart."""
+    logged as needing a restart. The ``settings reloaded`` line names the live keys that changed (``applied``)."""
+    running = current  # what the live keys were set to last
     while True:
         await requested.wait()
         requested.clear()
@@ -412,11 +413,22 @@ async def _reload_on_request(
         ignored = _restart_needed(current, fresh)
         if ignored:
             log.warning("changed settings that need a restart", extra={"settings": ignored})
-        log.info("settings reloaded", extra={"log_level": fresh.log_level})
+        applied = [key for key in _changed_keys(running, fresh) if _reloadable(key)]
+        running = fresh
+        log.info("settings reloaded", extra={"applied": applied, "log_level": fresh.log_level})
 
 
 def _restart_needed(old: Settings, new: Settings) -> list[str]:
-    """The changed settings a reload does not apply, by key: ``ingest.port``, ``sinks.crm.auth``.
+    """The changed settings a reload does not apply, by key: ``ingest.port``, ``sinks.crm.auth``."""
+    return [key for key in _changed_keys(old, new) if not _reloadable(key)]
+
+
+def _reloadable(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, live) for live in RELOADABLE)
+
+
+def _changed_keys(old: Settings, new: Settings) -> list[str]:
+    """The settings that differ, by key: ``log_level``, ``sinks.crm.rate``.
 
     Secrets are compared by value (a JSON dump masks every one as ``**********``, so a rotated token looked
     unchanged and "settings reloaded" was all the operator saw); only the keys are returned, never a value.
@@ -426,7 +438,7 @@ def _restart_needed(old: Settings, new: Settings) -> list[str]:
     for section in sorted(set(before) | set(after)):
         depth = 3 if section == "sinks" else 2  # sinks.<name>.<key>, <section>.<key>
         changed += _changed(before.get(section), after.get(section), section, depth)
-    return [key for key in changed if not any(fnmatch.fnmatchcase(key, live) for live in RELOADABLE)]
+    return changed
 
 
 def _changed(before: object, after: object, key: str, depth: int) -> list[str]:

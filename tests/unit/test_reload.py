@@ -74,6 +74,8 @@ async def test_sighup_applies_rate_and_log_level_and_names_what_needs_a_restart(
             assert engine.skips == [{("orders", 2): [(40, 40), (50, 52)]}]
             assert root.level == logging.DEBUG
             assert any(getattr(r, "settings", None) == ["sinks.crm.max_in_flight"] for r in caplog.records)
+            [reloaded] = [r for r in caplog.records if r.getMessage() == "settings reloaded"]
+            assert getattr(reloaded, "applied", None) == ["log_level", "sinks.crm.rate", "sinks.crm.skip_unreadable"]
             requested.set()
             for _ in range(10):
                 await asyncio.sleep(0)
@@ -82,6 +84,28 @@ async def test_sighup_applies_rate_and_log_level_and_names_what_needs_a_restart(
     finally:
         task.cancel()
         root.setLevel(level)
+
+
+async def test_the_reloaded_line_names_the_live_keys_changed_since_the_last_reload(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It named the log level alone: an operator who raised a rate saw no sign that it took.
+    engine = RecordingEngine()
+    faster = settings(ORDERBUS_SINKS__CRM__RATE="9")
+    loads: list[Settings | Exception] = [faster, faster, settings()]
+    requested = asyncio.Event()
+    task = reloading(requested, loads, engine)
+    try:
+        with caplog.at_level(logging.INFO, logger="daemon.lifecycle"):
+            for _ in range(3):
+                requested.set()
+                for _ in range(10):
+                    await asyncio.sleep(0)
+    finally:
+        task.cancel()
+    reloaded = [getattr(r, "applied", None) for r in caplog.records if r.getMessage() == "settings reloaded"]
+    assert reloaded == [["sinks.crm.rate"], [], ["sinks.crm.rate"]]
+    assert engine.rates == [9.0, 9.0, None]
 
 
 def test_restart_needed_lists_changed_keys_except_the_live_ones() -> None:
