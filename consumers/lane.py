@@ -266,7 +266,7 @@ class Lane:
                 if sent is None:
                     continue  # a gate closed while this lane queued for a slot or the pace: wait for it again
                 outcome = sent
-                decision = self._decide(outcome, work.prepared.method)
+                decision, told = self._decide(outcome, work.prepared.method)
                 if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
                     probe.release()  # a 401 says nothing about the system's health
                 if decision.action in ("done", "duplicate"):
@@ -301,7 +301,7 @@ class Lane:
                 )
                 _uncount(attempts)  # our configuration, not this order: no attempt of its budget, nor its time
                 continue
-            settling = await self._retry_or_give_up(work, attempts, outcome, decision, probe)
+            settling = await self._retry_or_give_up(work, attempts, outcome, decision, told, probe)
             if settling is not None:
                 return settling
 
@@ -355,21 +355,22 @@ class Lane:
         context.hot.http_responses[_status_class(outcome)].inc()
         return outcome
 
-    def _decide(self, outcome: Reply | TransportFailure, method: str) -> Decision:
+    def _decide(self, outcome: Reply | TransportFailure, method: str) -> tuple[Decision, float | None]:
+        """What to do with `outcome`, and the wait its Retry-After asks for (read once, here: an HTTP-date's wait
+        shrinks as time passes) when it is an answer whose Retry-After orderbus follows."""
         context = self._context
         policy = context.sink.policy
-        if isinstance(outcome, Reply):
-            decision = policy.decide(outcome.status, method)
-            # Whatever a policy makes of a 409 ("DELETE 409" = "dead_letter": the cancel refused), one with a
-            # Retry-After says the first request with this key is still being processed: its outcome is not known.
-            if outcome.status == 409 and decision.action != "retry" and outcome.retry_after is not None:
-                wait = parse_retry_after(
-                    outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap
-                )
-                if wait is not None:
-                    return IN_PROGRESS  # not there yet: counted done, the order would be lost if that request fails
-            return decision
-        return policy.decide_failure(outcome.kind)
+        if not isinstance(outcome, Reply):
+            return policy.decide_failure(outcome.kind), None
+        decision = policy.decide(outcome.status, method)
+        if outcome.status not in _TIMED_STATUSES:
+            return decision, None
+        wait = parse_retry_after(outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap)
+        # Whatever a policy makes of a 409 ("DELETE 409" = "dead_letter": the cancel refused), one with a Retry-After
+        # says the first request with this key is still being processed: its outcome is not known.
+        if outcome.status == 409 and decision.action != "retry" and wait is not None:
+            return IN_PROGRESS, wait  # not there yet: counted done, the order would be lost if that request fails
+        return decision, wait
 
     async def _retry_or_give_up(
         self,
@@ -377,26 +378,22 @@ class Lane:
         attempts: Attempts,
         outcome: Reply | TransportFailure,
         decision: Decision,
+        retry_after: float | None,
         probe: Circuit | None,
     ) -> Settling | None:
         """Park the lane until the next attempt; when retries are exhausted, dead-letter the record instead.
 
-        `probe` is the half-open gate whose probe slot this attempt held, if any (see `_wait_for_gates`).
+        `retry_after` is the wait the answer's Retry-After asks for (`_decide`); `probe` is the half-open gate whose
+        probe slot this attempt held, if any (see `_wait_for_gates`).
         """
         context = self._context
         _record(context.auth, True, probe)
-        retry_after = None
-        if isinstance(outcome, Reply) and outcome.status in _TIMED_STATUSES:
-            retry_after = parse_retry_after(
-                outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap
-            )
-            if decision is IN_PROGRESS and retry_after is None:
-                retry_after = 0.0  # its date passed since `_decide` read it: still this key's wait, not an outage
-            if outcome.status != 409 and (retry_after is not None or outcome.status == 429):
-                # The whole sink slows down, not just this key; a 429 without a Retry-After only lowers the rate.
-                # A 503 without one says nothing of a pace: it is an outage, for the circuit and the key's backoff.
-                # (A 409's Retry-After is about this key's first request only: it waits alone.)
-                self._hold(retry_after or 0.0)
+        status = outcome.status if isinstance(outcome, Reply) else None
+        if status == 429 or (status == 503 and retry_after is not None):
+            # The whole sink slows down, not just this key; a 429 without a Retry-After only lowers the rate.
+            # A 503 without one says nothing of a pace: it is an outage, for the circuit and the key's backoff.
+            # (A 409's Retry-After is about this key's first request only: it waits alone.)
+            self._hold(retry_after or 0.0)
         if retry_after is None:
             context.last_failure = outcome
             _record(context.circuit, False, probe)
