@@ -49,14 +49,13 @@ def idempotency_key(sink: str, event_id: str) -> str:
     return f"orderbus:{sink}:{event_id}"
 
 
-def key_mismatch(key: bytes | None, order_number: str) -> bool:
-    """A record key that is not its event's order number (no key, or an empty one, is fine): the sinks refuse it."""
-    return bool(key) and key != order_number.encode()
-
-
-def key_problem(key: bytes, order_number: str) -> str:
-    """What is wrong with a key `key_mismatch` refused, said without echoing it (it may be personal data)."""
-    return KEY_PADDED if key.strip() == order_number.encode() else KEY_MISMATCH
+def key_problem(key: bytes | None, order_number: str) -> str | None:
+    """What is wrong with a record key that is not its event's order number, which the sinks refuse (no key, or an
+    empty one, is fine: None); said without echoing it (it may be personal data)."""
+    expected = order_number.encode()
+    if not key or key == expected:
+        return None
+    return KEY_PADDED if key.strip() == expected else KEY_MISMATCH
 
 
 def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bool = False) -> Work:
@@ -80,11 +79,10 @@ def make_work(sink: Sink, topic: str, partition: int, record: Any, *, replay: bo
             invalid = exc
     order_ref = f"@{partition}:{record.offset}"  # unreadable without a key, or a wrong key: a lane of its own
     if prepared is not None:
-        if key_mismatch(key, prepared.order_number):
+        if (problem := key_problem(key, prepared.order_number)) is not None:
             # Lanes, blocks and downstream ids go by order number: a key shared by two orders would send one
             # order's update or cancel to the other's downstream id. The key is not echoed: it may be personal data.
-            assert key is not None  # `key_mismatch` refuses keys only
-            invalid, prepared = ContractError([FieldError("key", key_problem(key, prepared.order_number))]), None
+            invalid, prepared = ContractError([FieldError("key", problem)]), None
         else:
             order_ref = prepared.order_number
     elif key:

@@ -36,7 +36,7 @@ from consumers.dedup_sql import (
 from consumers.delivery_state import DeliveryState
 from consumers.sqlite_files import read_only
 from consumers.unreadable import describe, passes_through
-from consumers.work import idempotency_key, key_mismatch, key_problem
+from consumers.work import idempotency_key, key_problem
 from daemon.dlq import DeadLetterView, committed_offsets, order_number_in, read_dead_letters, source_of
 from daemon.kafka_options import client_options
 from daemon.retention import dedup_path
@@ -162,7 +162,7 @@ def _of_order(record: Any, key: bytes, order: str) -> bool:
 
 def _event(record: Any) -> TracedEvent:
     """The record as the sinks see it: one whose key is not the order number its value names is invalid to them
-    (`consumers.work.key_mismatch`), as a value that breaks the contract is."""
+    (`consumers.work.key_problem`), as a value that breaks the contract is."""
     try:
         event = decode(record.value)
     except ContractError as exc:
@@ -170,8 +170,7 @@ def _event(record: Any) -> TracedEvent:
         return TracedEvent(
             record.partition, record.offset, record.timestamp, "invalid", "", f"{first.loc} {first.message}"
         )
-    if record.key and key_mismatch(record.key, event.order.order_number):
-        problem = key_problem(record.key, event.order.order_number)
+    if (problem := key_problem(record.key, event.order.order_number)) is not None:
         return TracedEvent(record.partition, record.offset, record.timestamp, "invalid", "", f"key {problem}")
     return TracedEvent(
         record.partition, record.offset, record.timestamp, event.event_type, str(event.event_id), event.source
