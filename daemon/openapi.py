@@ -12,6 +12,7 @@ from typing import Any
 
 from daemon.app import OPENAPI_PATH
 from daemon.problems import MAX_LISTED_ERRORS
+from topics.catalogue import SINKS
 from topics.envelope import OrderSubmission
 
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
@@ -182,8 +183,8 @@ def document() -> dict[str, Any]:
                             "name": "component",
                             "in": "query",
                             "required": False,
-                            "description": "one part's readiness only: ingest, sink.crm, sink.accounting, "
-                            "sink.shipping (a webhook load balancer asks for the ingest's)",
+                            "description": f"one part's readiness only: ingest, {', '.join(f'sink.{s}' for s in SINKS)}"
+                            " (a webhook load balancer asks for the ingest's)",
                             "schema": {"type": "string"},
                         }
                     ],
