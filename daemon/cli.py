@@ -50,6 +50,7 @@ from daemon.reconcile import DEFAULT_RATE
 from daemon.retention import MIN_DEDUP_RETENTION_HOURS, MIN_INGEST_KEY_RETENTION_HOURS
 from daemon.settings import AuthSettings, Settings, load_settings
 from daemon.signature import sign
+from daemon.tls_listener import server_tls
 from topics.admin import apply_catalogue
 from topics.catalogue import catalogue
 from topics.errors import ConfigError, NotYetError, OrderbusError
@@ -406,6 +407,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def _config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.ingest.require_signatures()
+    server_tls(settings.ingest.tls_certfile, settings.ingest.tls_keyfile)  # the pair `run` would load
     print(settings.masked_json())
     for weakness in settings.weaknesses():
         print(f"warning: {weakness}", file=sys.stderr)
@@ -470,10 +472,13 @@ def _kafka_status(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from daemon.status import fetch_status, render_status
 
-    url = args.url
+    url, pinned = args.url, None
     if url is None:
-        url = _operator_settings(args).admin_url()
-    document = fetch_status(url)
+        settings = _operator_settings(args)
+        url = settings.admin_url()
+        if settings.admin.port is None:  # served by the webhook's listener: HTTPS with its certificate, if it has one
+            pinned = settings.ingest.tls_certfile
+    document = fetch_status(url, pinned=pinned)
     print(json.dumps(document, indent=2) if args.json else render_status(document))
     return 0 if not (document.get("not_ready") or document.get("degraded")) else 1
 

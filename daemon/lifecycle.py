@@ -19,6 +19,7 @@ import gc
 import logging
 import os
 import socket
+import ssl
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -53,6 +54,7 @@ from daemon.settings import Settings
 from daemon.signature import WebhookVerifier
 from daemon.sinks import build_auth, build_sink, engine_config
 from daemon.status import problems
+from daemon.tls_listener import ServerTls, server_tls
 from topics.admin import missing_topics
 from topics.catalogue import dlq_topic, orders_topic, replay_topic
 from topics.errors import BrokerError, ConfigError, NotYetError
@@ -104,6 +106,7 @@ async def serve(
     WATCHDOG=1 from the event loop until the last resource is closed, and says STOPPING=1 when it drains.
     """
     settings.ingest.require_signatures()
+    tls = server_tls(settings.ingest.tls_certfile, settings.ingest.tls_keyfile)  # a pair that does not load: exit 2
     registry = registry if registry is not None else CollectorRegistry()
     notifier = notifier if notifier is not None else Notifier()  # a broken $NOTIFY_SOCKET stops start-up here
     register_build_info(registry)
@@ -150,11 +153,11 @@ async def serve(
                 components=components,
             )
 
-        admin = settings.admin
+        admin, webhook_tls = settings.admin, tls.context if tls is not None else None
         if admin.port is None:
-            await _listen(stack, app("all"), "ingest", settings.ingest.host, settings.ingest.port)
+            await _listen(stack, app("all"), "ingest", settings.ingest.host, settings.ingest.port, webhook_tls)
         else:
-            await _listen(stack, app("webhook"), "ingest", settings.ingest.host, settings.ingest.port)
+            await _listen(stack, app("webhook"), "ingest", settings.ingest.host, settings.ingest.port, webhook_tls)
             await _listen(stack, app("admin"), "admin", admin.host, admin.port, shutdown_timeout=ADMIN_SHUTDOWN)
         tune_runtime()
         ready = asyncio.create_task(
@@ -162,7 +165,7 @@ async def serve(
         )
         stack.push_async_callback(cancel_and_wait, ready)
         if reload is not None and load is not None:
-            reloader = asyncio.create_task(_reload_on_request(reload, load, settings, engines), name="reload")
+            reloader = asyncio.create_task(_reload_on_request(reload, load, settings, engines, tls), name="reload")
             stack.push_async_callback(cancel_and_wait, reloader)
         await _run_sinks(engines, stop, notifier)
         log.info("stopped")
@@ -176,15 +179,22 @@ _LISTEN_NOT_YET: Final = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, socke
 
 
 async def _listen(
-    stack: AsyncExitStack, app: web.Application, section: str, host: str, port: int, **options: Any
+    stack: AsyncExitStack,
+    app: web.Application,
+    section: str,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+    **options: Any,
 ) -> None:
-    """Serve `app` on host:port until `stack` closes (`RUNNER_OPTIONS`, `options` on top). If it cannot listen, an
-    error naming `section`'s keys: `NotYetError` (exit 1, retried) while the port is held by another process, the
-    address is not on this host (yet) or its name does not resolve for now, else `ConfigError` (exit 2)."""
+    """Serve `app` on host:port (HTTPS with `tls`) until `stack` closes (`RUNNER_OPTIONS`, `options` on top). If it
+    cannot listen, an error naming `section`'s keys: `NotYetError` (exit 1, retried) while the port is held by
+    another process, the address is not on this host (yet) or its name does not resolve for now, else `ConfigError`
+    (exit 2)."""
     runner = web.AppRunner(app, **{**RUNNER_OPTIONS, **options})
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
+    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, ssl_context=tls)
     try:
         await site.start()
     except OSError as exc:
@@ -192,7 +202,7 @@ async def _listen(
         if exc.errno in _LISTEN_NOT_YET:
             raise NotYetError(problem) from exc
         raise ConfigError(problem) from exc
-    log.info("listening on http://%s:%d", host, port, extra={"listener": section})
+    log.info("listening on %s://%s:%d", "http" if tls is None else "https", host, port, extra={"listener": section})
 
 
 async def _run_sinks(engines: dict[str, SinkEngine], stop: asyncio.Event, notifier: Notifier) -> None:
@@ -387,11 +397,16 @@ RELOADABLE = ("log_level", "sinks.*.rate", "sinks.*.skip_unreadable")
 
 
 async def _reload_on_request(
-    requested: asyncio.Event, load: Callable[[], Settings], current: Settings, engines: dict[str, SinkEngine]
+    requested: asyncio.Event,
+    load: Callable[[], Settings],
+    current: Settings,
+    engines: dict[str, SinkEngine],
+    tls: ServerTls | None = None,
 ) -> None:
     """On each request (SIGHUP), re-read the settings and apply what can change live: the log level, the sinks'
-    rate limits and the unreadable records they skip. A bad file keeps the running settings; other changes are
-    logged as needing a restart. The ``settings reloaded`` line names the live keys that changed (``applied``)."""
+    rate limits and the unreadable records they skip; and read the webhook's certificate and key again (`tls`,
+    renewed in place). A bad file keeps the running settings; other changes are logged as needing a restart. The
+    ``settings reloaded`` line names the live keys that changed (``applied``)."""
     running = current  # what the live keys were set to last
     while True:
         await requested.wait()
@@ -413,6 +428,13 @@ async def _reload_on_request(
         ignored = _restart_needed(current, fresh)
         if ignored:
             log.warning("changed settings that need a restart", extra={"settings": ignored})
+        if tls is not None:
+            try:
+                tls.reload()
+            except ConfigError as exc:
+                log.error("certificate reload refused, the one in use stays", extra={"error": str(exc)})
+            else:
+                log.info("certificate reloaded", extra={"certfile": str(tls.cert_file)})
         applied = [key for key in _changed_keys(running, fresh) if _reloadable(key)]
         running = fresh
         log.info("settings reloaded", extra={"applied": applied, "log_level": fresh.log_level})

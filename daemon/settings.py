@@ -141,6 +141,11 @@ class IngestSettings(_Section):
     idempotency_retention_hours: float = Field(48, ge=24)
     # The envelope's own rule: a source it would refuse failed every request with a 500 (the webhook's slug).
     source: str = Field("webhook", pattern=SOURCE_PATTERN)
+    # HTTPS on this listener (`daemon.tls_listener`): a PEM certificate chain and its unencrypted key, read at start
+    # and again at each reload; neither for plain HTTP behind a TLS proxy. Named as `kafka.ssl_cafile` is: a
+    # ``*_FILE`` variable holds a setting's value, not its path.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
 
     @field_validator("webhook_secrets", mode="before")
     @classmethod
@@ -160,6 +165,19 @@ class IngestSettings(_Section):
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return secrets
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> IngestSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            given, missing = (
+                ("tls_certfile", "tls_keyfile") if self.tls_keyfile is None else ("tls_keyfile", "tls_certfile")
+            )
+            raise ValueError(f"{missing}: HTTPS needs it beside {given} (or neither, for plain HTTP)")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.tls_certfile is None else "https"
 
     def require_signatures(self) -> None:
         """`ConfigError` for an enabled ingest without secrets unless `allow_unsigned` says so: checked by `run` and
@@ -508,8 +526,8 @@ class Settings(_Section):
         return said
 
     def ingest_url(self) -> str:
-        """Where a client on this host reaches the webhook's listener."""
-        return _local_url(self.ingest.host, self.ingest.port)
+        """Where a client on this host reaches the webhook's listener (https with ``ingest.tls_certfile``)."""
+        return _local_url(self.ingest.host, self.ingest.port, self.ingest.scheme)
 
     def admin_url(self) -> str:
         """Where this daemon serves ``/status`` and ``/metrics``: the admin listener when it has one, else the
@@ -533,11 +551,11 @@ class Settings(_Section):
 _ANY_HOST: Final = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - compared, not bound
 
 
-def _local_url(host: str, port: int) -> str:
+def _local_url(host: str, port: int, scheme: str = "http") -> str:
     """The URL a client on this host asks a listener on host:port at: a wildcard host on 127.0.0.1, an IPv6 one in
     brackets."""
     host = "127.0.0.1" if host in _ANY_HOST else host
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def load_settings(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from topics.errors import OrderbusError
@@ -18,12 +20,22 @@ class StatusError(OrderbusError):
     """The daemon's status could not be read."""
 
 
-def fetch_status(base_url: str, *, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_status(base_url: str, *, timeout: float = 5.0, pinned: Path | None = None) -> dict[str, Any]:
+    """The daemon's ``/status`` document. `pinned`: the certificate file of this host's own HTTPS listener, which is
+    then the one certificate trusted (its name is not checked: the URL is a loopback address)."""
     url = base_url.rstrip("/") + "/status"
     if not url.startswith(("http://", "https://")):
         raise StatusError(f"--url must be an http(s) URL, got {base_url!r}")
+    context = None
+    if pinned is not None:
+        try:
+            context = ssl.create_default_context(cafile=str(pinned))
+        except (OSError, ssl.SSLError) as exc:
+            raise StatusError(f"cannot read the listener's certificate {pinned}: {exc}") from None
+        context.check_hostname = False
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the certificate itself, not only a CA, is trusted
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - scheme checked above
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310 - scheme checked
             document: dict[str, Any] = json.loads(response.read())
     except (urllib.error.URLError, OSError) as exc:
         raise StatusError(f"no orderbus daemon answers at {url}: {exc}") from None

@@ -120,3 +120,13 @@ def json_logs() -> Iterator[io.StringIO]:
         root.setLevel(saved[0])
         for name, level in saved[1].items():
             logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+def no_orderbus_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """An operator's shell on the systemd host: the sink secrets are the unit's credentials, not in its env."""
+    for name in list(os.environ):
+        if name.startswith("ORDERBUS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("ORDERBUS_CONFIG", "")  # not this host's /etc/orderbus/orderbus.toml
+    return monkeypatch

@@ -40,16 +40,6 @@ def test_every_command_runs_with_kafka_connection_writes_guarded(monkeypatch: py
 SYSTEMD_CONFIG = REPO_ROOT / "deploy" / "systemd" / "orderbus.toml"
 
 
-@pytest.fixture
-def no_orderbus_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """An operator's shell on the systemd host: the sink secrets are the unit's credentials, not in its env."""
-    for name in list(os.environ):
-        if name.startswith("ORDERBUS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("ORDERBUS_CONFIG", "")  # not this host's /etc/orderbus/orderbus.toml
-    return monkeypatch
-
-
 def test_operator_commands_need_no_sink_secrets(
     no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -57,7 +47,7 @@ def test_operator_commands_need_no_sink_secrets(
     # "sinks.crm.auth.bearer.token: Field required; ...client_secret...; ...key..." at the operator's shell.
     urls: list[str] = []
 
-    def fetch_status(url: str) -> dict[str, Any]:
+    def fetch_status(url: str, **_: object) -> dict[str, Any]:
         urls.append(url)
         return {"sinks": {}}
 
@@ -85,7 +75,7 @@ def test_without_config_a_command_reads_orderbus_config_else_the_systems_file(
     assert cli.default_config({"ORDERBUS_CONFIG": "/srv/ob.toml"}, system) == Path("/srv/ob.toml")
     assert cli.default_config({"ORDERBUS_CONFIG": ""}, system) is None, "set empty: the built-in defaults"
     asked: list[str] = []
-    no_orderbus_env.setattr(status, "fetch_status", lambda url: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
+    no_orderbus_env.setattr(status, "fetch_status", lambda url, **_: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
     named, given = tmp_path / "named.toml", tmp_path / "given.toml"
     named.write_text("[ingest]\nport = 9292\n")
     given.write_text("[ingest]\nport = 9191\n")
@@ -99,7 +89,7 @@ def test_status_asks_the_admin_listener_when_the_settings_have_one(
     no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     asked: list[str] = []
-    no_orderbus_env.setattr(status, "fetch_status", lambda url: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
+    no_orderbus_env.setattr(status, "fetch_status", lambda url, **_: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
     for n, text in enumerate(
         [
             '[ingest]\nhost = "0.0.0.0"\nport = 8080\n[admin]\nport = 9464\n',
@@ -120,7 +110,7 @@ def test_config_check_refuses_an_ingest_without_secrets_and_status_does_not_need
     config.write_text("[ingest]\nport = 8089\n")
     assert cli.main(["config", "check", str(config)]) == 2
     assert "ingest.webhook_secrets: none given" in capsys.readouterr().err
-    no_orderbus_env.setattr(status, "fetch_status", lambda url: {"sinks": {}})
+    no_orderbus_env.setattr(status, "fetch_status", lambda url, **_: {"sinks": {}})
     assert cli.main(["status", "--config", str(config)]) == 0, "an operator's command runs no ingest"
     config.write_text("[ingest]\nport = 8089\nallow_unsigned = true\n")
     assert cli.main(["config", "check", str(config)]) == 0
@@ -197,7 +187,7 @@ def test_reconcile_needs_the_secret_of_the_sink_it_asks_only(
 def test_status_exits_1_when_anything_is_not_ready_or_degraded(
     document: dict[str, Any], code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(status, "fetch_status", lambda url: document)
+    monkeypatch.setattr(status, "fetch_status", lambda url, **_: document)
     assert cli.main(["status", "--url", "http://127.0.0.1:8080"]) == code
     assert ("DEGRADED sink.crm: circuit open" in capsys.readouterr().out) == bool(document["degraded"])
 
