@@ -1,4 +1,4 @@
-"""The daemon's own Prometheus metrics: the webhook ingest's, and the build info.
+"""The daemon's own Prometheus metrics: the webhook ingest's, its certificate's expiry, and the build info.
 
 Registered on the injected registry the engine's metrics use (`consumers.metrics`), so one ``/metrics`` scrape
 shows everything and a test gets a fresh registry. Label values are bounded: the HTTP status codes the ingest
@@ -8,6 +8,7 @@ answers with, and the version strings of this build.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Final
 
@@ -44,6 +45,17 @@ class IngestMetrics:
         if counter is None:  # another code, from an aiohttp HTTPException raised inside the handler
             counter = self._by_status[status] = self.requests.labels(str(status))
         counter.inc()
+
+
+def register_certificate_expiry(registry: CollectorRegistry, not_after: Callable[[], float]) -> None:
+    """``orderbus_ingest_tls_certificate_expiry_timestamp_seconds``: when the webhook listener's certificate in use
+    expires (`not_after`, read at each scrape: a reload renews it), for an alert weeks ahead."""
+    expiry = Gauge(
+        "orderbus_ingest_tls_certificate_expiry_timestamp_seconds",
+        "When the certificate the webhook's HTTPS listener serves expires (unix seconds); absent without HTTPS",
+        registry=registry,
+    )
+    expiry.set_function(not_after)
 
 
 def register_build_info(registry: CollectorRegistry) -> None:

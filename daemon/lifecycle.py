@@ -22,6 +22,7 @@ import socket
 import ssl
 import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -44,7 +45,7 @@ from consumers.tasks import cancel_and_wait
 from daemon.app import ADMIN_SHUTDOWN, LISTEN_BACKLOG, RUNNER_OPTIONS, Listener, build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import SqliteIngestKeyStore
-from daemon.ingest_metrics import IngestMetrics, register_build_info
+from daemon.ingest_metrics import IngestMetrics, register_build_info, register_certificate_expiry
 from daemon.kafka_options import client_options
 from daemon.publisher import KafkaPublisher
 from daemon.ready_metric import register_readiness
@@ -110,6 +111,9 @@ async def serve(
     registry = registry if registry is not None else CollectorRegistry()
     notifier = notifier if notifier is not None else Notifier()  # a broken $NOTIFY_SOCKET stops start-up here
     register_build_info(registry)
+    if tls is not None:
+        register_certificate_expiry(registry, lambda: tls.not_after)
+        tls.say_expiry(time.time())
     log.info("starting", extra={"settings": settings.masked()})
     for weakness in settings.weaknesses():
         log.warning("insecure setting: %s", weakness)
@@ -435,6 +439,7 @@ async def _reload_on_request(
                 log.error("certificate reload refused, the one in use stays", extra={"error": str(exc)})
             else:
                 log.info("certificate reloaded", extra={"certfile": str(tls.cert_file)})
+                tls.say_expiry(time.time())
         applied = [key for key in _changed_keys(running, fresh) if _reloadable(key)]
         running = fresh
         log.info("settings reloaded", extra={"applied": applied, "log_level": fresh.log_level})

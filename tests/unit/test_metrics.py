@@ -24,7 +24,13 @@ from consumers.metrics import OUTCOMES, RETRY_REASONS, STATUS_CLASSES, EngineMet
 from daemon.app import Listener, build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import MemoryIngestKeyStore
-from daemon.ingest_metrics import INGEST_CODES, IngestMetrics, package_version, register_build_info
+from daemon.ingest_metrics import (
+    INGEST_CODES,
+    IngestMetrics,
+    package_version,
+    register_build_info,
+    register_certificate_expiry,
+)
 from daemon.publisher import BrokerUnavailable, Published
 from daemon.ready_metric import register_readiness
 from daemon.signature import WebhookVerifier
@@ -243,6 +249,7 @@ def full_registry() -> CollectorRegistry:
     IngestMetrics(registry)
     register_build_info(registry)
     register_readiness(registry, ["ingest", "sink.crm"], dict)
+    register_certificate_expiry(registry, lambda: NOW)
     return registry
 
 

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,17 +24,17 @@ from daemon import cli, status
 from daemon.app import build_app
 from daemon.lifecycle import _listen, _reload_on_request
 from daemon.settings import load_settings
-from daemon.tls_listener import ServerTls, server_tls
+from daemon.tls_listener import EXPIRY_WARNING, ServerTls, certificate_expiry, server_tls
 from topics.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _pair(directory: Path, name: str) -> tuple[Path, Path]:
+def _pair(directory: Path, name: str, days: int) -> tuple[Path, Path]:
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-         "-subj", f"/CN={name}.orderbus.test", "-addext", "subjectAltName=IP:127.0.0.1",
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-days", str(days), "-subj", f"/CN={name}.orderbus.test", "-addext", "subjectAltName=IP:127.0.0.1",
          "-keyout", str(key), "-out", str(cert)],
         check=True,
         capture_output=True,
@@ -51,7 +52,55 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pat
         check=True,
         capture_output=True,
     )  # fmt: skip
-    return {"a": _pair(directory, "a"), "b": _pair(directory, "b"), "encrypted": (encrypted, encrypted)}
+    return {"a": _pair(directory, "a", 2), "b": _pair(directory, "b", 3), "encrypted": (encrypted, encrypted)}
+
+
+def _openssl_end(cert: Path) -> float:
+    said = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-enddate"], capture_output=True, text=True)
+    end = said.stdout.strip().removeprefix("notAfter=")
+    return datetime.strptime(end, "%b %d %H:%M:%S %Y GMT").replace(tzinfo=UTC).timestamp()
+
+
+def test_the_expiry_is_read_from_the_certificate_as_openssl_reads_it(
+    pairs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    # UTCTime until 2049, GeneralizedTime after (RFC 5280); RSA's longer lengths; a chain names its first.
+    long_lived, rsa = tmp_path / "long.crt", tmp_path / "rsa.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days",
+         "12000", "-subj", "/CN=long", "-keyout", str(tmp_path / "long.key"), "-out", str(long_lived)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=rsa",
+         "-keyout", str(tmp_path / "rsa.key"), "-out", str(rsa)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    for cert in (pairs["a"][0], long_lived, rsa):
+        assert certificate_expiry(cert.read_text()) == _openssl_end(cert)
+    assert datetime.fromtimestamp(certificate_expiry(long_lived.read_text()), UTC).year > 2050
+    chain = tmp_path / "chain.pem"
+    chain.write_text(rsa.read_text() + long_lived.read_text())
+    assert certificate_expiry(chain.read_text()) == _openssl_end(rsa)
+    with pytest.raises(ValueError, match="no PEM certificate"):
+        certificate_expiry(pairs["a"][1].read_text())
+
+
+def test_the_expiry_is_said_at_the_level_it_deserves(
+    pairs: dict[str, tuple[Path, Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = ServerTls(*pairs["a"])
+    with caplog.at_level(logging.INFO, logger="daemon.tls_listener"):
+        tls.say_expiry(tls.not_after - EXPIRY_WARNING - 1)
+        tls.say_expiry(tls.not_after - 3 * 86400)
+        tls.say_expiry(tls.not_after)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "the webhook's certificate"),
+        ("WARNING", "the webhook's certificate expires in 3.0 days; renew it, then reload"),
+        ("ERROR", "the webhook's certificate has expired: clients refuse it; renew it, then reload"),
+    ]
+    expires = datetime.fromtimestamp(tls.not_after, UTC).isoformat(timespec="seconds")
+    assert all(getattr(r, "expires", None) == expires for r in caplog.records)
 
 
 def _der(cert: Path) -> bytes:
@@ -211,6 +260,17 @@ async def test_a_daemon_serves_https_renews_on_sighup_and_its_status_command_tru
         daemon.send_signal(signal.SIGHUP)
         await asyncio.wait_for(_log_line(daemon.stderr, "certificate reloaded"), timeout=30)
         assert await _peer_certificate(port, pairs["b"][0]) == _der(pairs["b"][0])
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"https://127.0.0.1:{port}/metrics", ssl=_client(pairs["b"][0])) as response,
+        ):
+            metrics = await response.text()
+        [expiry] = [
+            float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith("orderbus_ingest_tls_certificate_expiry_timestamp_seconds ")
+        ]
+        assert expiry == _openssl_end(pairs["b"][0]), "the renewed certificate's end"
     finally:
         if daemon.returncode is None:
             daemon.terminate()
