@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test check unit integration jars venv schemas clean system-tools bench bench-quick chaos
+.PHONY: run test check unit integration jars venv schemas clean system-tools bench bench-quick chaos lock
 
 run: $(INSTALLED) jars  ## local Kafka, sandbox systems, the daemon and an order generator, with a live view
 	$(BIN)/orderbus demo
@@ -57,11 +57,20 @@ system-tools:
 	  { $$SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; }; \
 	fi
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[dev]'
 	touch $@
 
+lock:  ## every dependency at the newest version pyproject.toml allows, into constraints.txt (then: make test)
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet '.[dev]'
+	{ grep '^#' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^orderbus'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .lock-venv
+
 clean:
-	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .lock-venv .run .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -16,11 +16,15 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 from prometheus_client import CollectorRegistry
 from support import longest_shutdown
 
@@ -406,7 +410,7 @@ def test_the_image_is_a_slim_multi_stage_build(dockerfile: list[tuple[str, str]]
     stages = [arguments for name, arguments in dockerfile if name == "FROM"]
     assert stages == ["${PYTHON_IMAGE} AS build", "${PYTHON_IMAGE}"]
     build_steps = " ".join(arguments for name, arguments in dockerfile[: dockerfile.index(("FROM", stages[1]))])
-    assert "pip wheel --wheel-dir /wheels ." in build_steps
+    assert "pip wheel --constraint constraints.txt --wheel-dir /wheels ." in build_steps
     runtime = runtime_stage(dockerfile)
     assert ("COPY", "--from=build /opt/orderbus /opt/orderbus") in runtime
     assert not [arguments for name, arguments in runtime if name == "RUN" and "pip" in arguments]
@@ -419,11 +423,31 @@ def test_the_build_copies_what_the_package_is_made_of(dockerfile: list[tuple[str
         if name == "COPY" and not arguments.startswith("--from")
         for part in arguments.split()[:-1]
     ]
-    assert sources == ["pyproject.toml", "README.md", "topics/", "consumers/", "daemon/"]
+    assert sources == ["pyproject.toml", "README.md", "constraints.txt", "topics/", "consumers/", "daemon/"]
     assert all((ROOT / source).exists() for source in sources)
     packages = re.search(r"include = \[(.*?)\]", (ROOT / "pyproject.toml").read_text())
     assert packages is not None
     assert set(re.findall(r'"(\w+)\*"', packages.group(1))) == {"daemon", "topics", "consumers"}
+
+
+def test_every_dependency_is_pinned_within_the_range_pyproject_allows() -> None:
+    # The venv of `make test` and the image install constraints.txt exactly: a release upstream changes nothing
+    # until `make lock` takes it in. A dependency added to pyproject.toml without a pin would float again.
+    pins: dict[str, Version] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not a pin (name==version)"
+            pins[canonicalize_name(name)] = Version(version)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(text) for text in [*project["dependencies"], *project["optional-dependencies"]["dev"]]]
+    for requirement in wanted:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} has no pin in constraints.txt (make lock)"
+        assert requirement.specifier.contains(pins[name]), f"{requirement.name}: {pins[name]} not in {requirement}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install --quiet --constraint constraints.txt -e '.[dev]'" in makefile
+    assert re.search(r"^\$\(INSTALLED\): pyproject.toml constraints.txt$", makefile, re.MULTILINE)
 
 
 def test_the_image_runs_orderbus_unprivileged_as_pid_1(dockerfile: list[tuple[str, str]]) -> None:
