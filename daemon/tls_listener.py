@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -71,7 +72,16 @@ def server_tls(cert_file: Path | None, key_file: Path | None) -> ServerTls | Non
     """The listener's TLS for the two settings (both or neither: the settings check that), None for plain HTTP."""
     if cert_file is None or key_file is None:
         return None
-    return ServerTls(cert_file, key_file)
+    tls = ServerTls(cert_file, key_file)
+    mode = stat.S_IMODE(key_file.stat().st_mode)
+    if mode & 0o004:  # group-readable is the ssl-cert group's way (0640); readable by all is not a key any more
+        log.warning(
+            "insecure setting: %s %s can be read by every user of this host (mode %04o); chmod o-r it",
+            _KEY_KEY,
+            key_file,
+            mode,
+        )
+    return tls
 
 
 def certificate_expiry(pem: str) -> float:

@@ -146,6 +146,21 @@ def test_a_pair_that_cannot_be_used_is_a_config_error_naming_the_setting_and_the
     assert server_tls(None, None) is None
 
 
+def test_a_key_every_user_can_read_is_said(
+    pairs: dict[str, tuple[Path, Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = tmp_path / "tls.key"
+    shutil.copy(pairs["a"][1], key)
+    with caplog.at_level(logging.WARNING, logger="daemon.tls_listener"):
+        key.chmod(0o640)  # the ssl-cert group's way: not said
+        assert server_tls(pairs["a"][0], key) is not None
+        key.chmod(0o644)
+        assert server_tls(pairs["a"][0], key) is not None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"insecure setting: ingest.tls_keyfile {key} can be read by every user of this host (mode 0644); chmod o-r it"
+    ]
+
+
 def test_the_settings_take_both_files_or_neither_and_the_listener_is_then_https(
     pairs: dict[str, tuple[Path, Path]],
 ) -> None:
