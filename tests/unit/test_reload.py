@@ -92,17 +92,7 @@ async def test_the_reloaded_line_names_the_live_keys_changed_since_the_last_relo
     # It named the log level alone: an operator who raised a rate saw no sign that it took.
     engine = RecordingEngine()
     faster = settings(ORDERBUS_SINKS__CRM__RATE="9")
-    loads: list[Settings | Exception] = [faster, faster, settings()]
-    requested = asyncio.Event()
-    task = reloading(requested, loads, engine)
-    try:
-        with caplog.at_level(logging.INFO, logger="daemon.lifecycle"):
-            for _ in range(3):
-                requested.set()
-                for _ in range(10):
-                    await asyncio.sleep(0)
-    finally:
-        task.cancel()
+    await reload_each([faster, faster, settings()], engine, caplog)
     reloaded = [getattr(r, "applied", None) for r in caplog.records if r.getMessage() == "settings reloaded"]
     assert reloaded == [["sinks.crm.rate"], [], ["sinks.crm.rate"]]
     assert engine.rates == [9.0, 9.0, None]
@@ -143,18 +133,23 @@ async def test_a_reload_that_fails_unexpectedly_is_logged_and_the_next_one_still
 ) -> None:
     # Review (operator): an error other than ConfigError ended the reload task in silence; later SIGHUPs did nothing.
     engine = RecordingEngine()
-    loads: list[Settings | Exception] = [RuntimeError("a bug"), settings(ORDERBUS_SINKS__CRM__RATE="7")]
+    await reload_each([RuntimeError("a bug"), settings(ORDERBUS_SINKS__CRM__RATE="7")], engine, caplog)
+    assert any(r.getMessage() == "reload failed, the running settings stay" and r.exc_info for r in caplog.records)
+    assert engine.rates == [7.0]
 
+
+async def reload_each(
+    loads: list[Settings | Exception], engine: RecordingEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One SIGHUP per item of `loads` (the reload task's lines captured at INFO), each given time to be handled."""
     requested = asyncio.Event()
     task = reloading(requested, loads, engine)
     try:
         with caplog.at_level(logging.INFO, logger="daemon.lifecycle"):
-            for _ in range(2):
+            for _ in range(len(loads)):
                 requested.set()
                 for _ in range(10):
                     await asyncio.sleep(0)
-        assert any(r.getMessage() == "reload failed, the running settings stay" and r.exc_info for r in caplog.records)
-        assert engine.rates == [7.0]
     finally:
         task.cancel()
 
