@@ -44,7 +44,7 @@ class ServerTls:
         """Load the pair; `ConfigError` naming the setting and the problem if it cannot be used."""
         self.cert_file, self.key_file = cert_file, key_file
         self._current, self.not_after = _load(cert_file, key_file)
-        self.context, _ = _load(cert_file, key_file)
+        self.context = self._current  # the listener's, for good; its callback moves each handshake to `_current`
         self.context.sni_callback = self._use_current
 
     def reload(self) -> None:
@@ -62,7 +62,7 @@ class ServerTls:
             days = (self.not_after - now) / 86400
             log.warning("the webhook's certificate expires in %.1f days; renew it, then reload", days, extra=fields)
         else:
-            log.info("the webhook's certificate", extra=fields)
+            log.info("the webhook's certificate in use", extra=fields)
 
     def _use_current(self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _: ssl.SSLContext) -> None:
         connection.context = self._current

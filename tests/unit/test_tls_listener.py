@@ -95,7 +95,7 @@ def test_the_expiry_is_said_at_the_level_it_deserves(
         tls.say_expiry(tls.not_after - 3 * 86400)
         tls.say_expiry(tls.not_after)
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
-        ("INFO", "the webhook's certificate"),
+        ("INFO", "the webhook's certificate in use"),
         ("WARNING", "the webhook's certificate expires in 3.0 days; renew it, then reload"),
         ("ERROR", "the webhook's certificate has expired: clients refuse it; renew it, then reload"),
     ]
