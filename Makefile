@@ -46,8 +46,9 @@ jars: $(INSTALLED)  ## resolve the Apache Kafka jars with Maven into ~/.cache/or
 
 venv: $(INSTALLED)
 
-# promtool and prometheus (Debian's prometheus) for the rule tests and a real scrape; systemd-analyze for the unit.
-SYSTEM_TOOLS := promtool:prometheus prometheus:prometheus systemd-analyze:systemd
+# promtool and prometheus (Debian's prometheus) for the rule tests and a real scrape; systemd-analyze for the unit;
+# openssl makes the certificates of the HTTPS listener's tests.
+SYSTEM_TOOLS := promtool:prometheus prometheus:prometheus systemd-analyze:systemd openssl:openssl
 system-tools:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
