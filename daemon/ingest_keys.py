@@ -432,12 +432,20 @@ class SqliteIngestKeyStore:
 
 
 def _wrote(batch: Sequence[Queued], results: Sequence[object]) -> bool:
-    """Whether a written batch wrote a row, so the file takes writes again: every operation writes but a prune that
-    found nothing to delete, whose transaction commits even on a full disk (hourly: it cleared `failing`)."""
-    return any(
-        not isinstance(queued.operation, PruneOp) or result != (0, 0)
-        for queued, result in zip(batch, results, strict=True)
-    )
+    """Whether a written batch wrote a row, so the file takes writes again: a claim that took its key, an answer or a
+    release or a prune that changed rows, a flush (its probe row). A batch of claims answered from the rows there (a
+    retried webhook's `Replay`) or a prune with nothing to delete commits without writing, on a full disk too."""
+    for queued, result in zip(batch, results, strict=True):
+        match queued.operation:
+            case FlushOp():
+                return True
+            case ClaimOp() if result == Claimed():
+                return True
+            case PruneOp() if result != (0, 0):
+                return True
+            case CompleteOp() | ReleaseOp() if result:
+                return True
+    return False
 
 
 class Queued(NamedTuple):

@@ -134,26 +134,28 @@ async def test_a_recheck_clears_failing_only_once_a_row_can_be_written_again(tmp
         assert await store.process.write("owner", [ClaimOp("\x00flush", BODY, 3.0)]) == [Claimed()], "no row left"
 
 
-async def test_a_prune_that_deletes_nothing_does_not_clear_failing(tmp_path: Path) -> None:
-    # The hourly prune commits on a full disk when there is nothing to delete: it said the store wrote again.
+async def test_only_a_batch_that_writes_a_row_clears_failing(tmp_path: Path) -> None:
+    # Batches that commit without writing, on a full disk too, said the store wrote again: the hourly prune with
+    # nothing to delete, and a retried webhook's claim answered from its row (Replay). /readyz then said ready.
     path = tmp_path / "keys.sqlite3"
     async with SqliteIngestKeyStore(path, claim_delay=0) as store:
         store.prune_pause = 0
+        assert await store.claim("answered", BODY, now=1.0) == Claimed()
+        await store.complete("answered", 202, ANSWER, now=1.0)
+        await store.flush()
         with contextlib.closing(sqlite3.connect(path)) as db:
             db.execute(f"CREATE TRIGGER full BEFORE INSERT ON {TABLE} BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
             db.commit()
             with pytest.raises(StoreError, match="disk is full"):
-                await store.claim("k1", BODY, now=1.0)
-            assert await store.prune(older_than=10.0) == 0
+                await store.claim("k1", BODY, now=2.0)
+            assert await store.prune(older_than=0.5) == 0
+            assert await store.claim("answered", BODY, now=3.0) == Replay(status=202, body=ANSWER)
             assert store.failing is not None
             assert "disk is full" in store.failing
             db.execute("DROP TRIGGER full")
             db.commit()
-        assert await store.claim("k2", BODY, now=2.0) == Claimed()
-        await store.complete("k2", 202, ANSWER, now=3.0)
-        await store.flush()
-        assert await store.prune(older_than=10.0) == 1
-        assert store.failing is None
+        assert await store.prune(older_than=10.0) == 1, "the answered key's row"
+        assert store.failing is None, "a prune that deleted a row wrote"
 
 
 async def test_a_hung_process_is_killed_its_batch_fails_and_the_next_starts_another(tmp_path: Path) -> None:
