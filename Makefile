@@ -69,7 +69,7 @@ lock:  ## every dependency at the newest version pyproject.toml allows, into con
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --upgrade pip
 	.lock-venv/bin/pip install --quiet '.[dev]'
-	{ grep '^#' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^orderbus'; } > constraints.txt.new
+	{ grep '^#' constraints.txt; .lock-venv/bin/pip freeze | grep -v '^orderbus'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf .lock-venv
 

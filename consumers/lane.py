@@ -266,7 +266,7 @@ class Lane:
                 if sent is None:
                     continue  # a gate closed while this lane queued for a slot or the pace: wait for it again
                 outcome = sent
-                decision, told = self._decide(outcome, work.prepared.method)
+                decision, retry_after = self._decide(outcome, work.prepared.method)
                 if probe is not None and decision.action == "pause_auth" and probe is context.circuit:
                     probe.release()  # a 401 says nothing about the system's health
                 if decision.action in ("done", "duplicate"):
@@ -301,7 +301,7 @@ class Lane:
                 )
                 _uncount(attempts)  # our configuration, not this order: no attempt of its budget, nor its time
                 continue
-            settling = await self._retry_or_give_up(work, attempts, outcome, decision, told, probe)
+            settling = await self._retry_or_give_up(work, attempts, outcome, decision, retry_after, probe)
             if settling is not None:
                 return settling
 

@@ -407,10 +407,12 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def _config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.ingest.require_signatures()
-    server_tls(settings.ingest.tls_certfile, settings.ingest.tls_keyfile)  # the pair `run` would load
+    tls = server_tls(settings.ingest.tls_certfile, settings.ingest.tls_keyfile)  # the pair `run` would load
     print(settings.masked_json())
     for weakness in settings.weaknesses():
         print(f"warning: {weakness}", file=sys.stderr)
+    if tls is not None and (problem := tls.expiry_problem(time.time())) is not None:
+        print(f"warning: {problem}", file=sys.stderr)
     return 0
 
 

@@ -406,6 +406,7 @@ async def _reload_on_request(
     current: Settings,
     engines: dict[str, SinkEngine],
     tls: ServerTls | None = None,
+    wall: Callable[[], float] = time.time,
 ) -> None:
     """On each request (SIGHUP), re-read the settings and apply what can change live: the log level, the sinks'
     rate limits and the unreadable records they skip; and read the webhook's certificate and key again (`tls`,
@@ -416,6 +417,8 @@ async def _reload_on_request(
         await requested.wait()
         requested.clear()
         log.info("reloading settings")
+        if tls is not None:  # first, and whatever becomes of the settings: a renewal must not wait for a fixed file
+            _reload_certificate(tls, wall())
         try:
             fresh = load()
         except ConfigError as exc:
@@ -432,17 +435,24 @@ async def _reload_on_request(
         ignored = _restart_needed(current, fresh)
         if ignored:
             log.warning("changed settings that need a restart", extra={"settings": ignored})
-        if tls is not None:
-            try:
-                tls.reload()
-            except ConfigError as exc:
-                log.error("certificate reload refused, the one in use stays", extra={"error": str(exc)})
-            else:
-                log.info("certificate reloaded", extra={"certfile": str(tls.cert_file)})
-                tls.say_expiry(time.time())
         applied = [key for key in _changed_keys(running, fresh) if _reloadable(key)]
         running = fresh
         log.info("settings reloaded", extra={"applied": applied, "log_level": fresh.log_level})
+
+
+def _reload_certificate(tls: ServerTls, now: float) -> None:
+    """Read the webhook's certificate and key again (renewed in place); what is wrong with them keeps the pair in
+    use and is said, and so is when the certificate in use expires."""
+    fields: dict[str, str] = {"certfile": str(tls.cert_file)}
+    try:
+        changed = tls.reload(now)
+    except ConfigError as exc:
+        log.error("certificate reload refused, the one in use stays", extra={**fields, "error": str(exc)})
+    except Exception:  # a bug: said with its traceback, and the next SIGHUP is still heard
+        log.exception("certificate reload failed, the one in use stays", extra=fields)
+    else:
+        log.info("certificate reloaded" if changed else "certificate unchanged", extra=fields)
+    tls.say_expiry(now)
 
 
 def _restart_needed(old: Settings, new: Settings) -> list[str]:

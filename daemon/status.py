@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import urllib.error
@@ -9,7 +10,9 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from daemon.tls_listener import certificate_validity
 from topics.errors import OrderbusError
 
 _COLUMNS = ("sink", "partitions", "lag", "buffered", "in-flight", "parked", "circuit", "auth", "delivered",
@@ -21,27 +24,53 @@ class StatusError(OrderbusError):
 
 
 def fetch_status(base_url: str, *, timeout: float = 5.0, pinned: Path | None = None) -> dict[str, Any]:
-    """The daemon's ``/status`` document. `pinned`: the certificate file of this host's own HTTPS listener, which is
-    then the one certificate trusted (its name is not checked: the URL is a loopback address)."""
+    """The daemon's ``/status`` document. `pinned`: the certificate file of this host's own HTTPS listener; the
+    listener must then show exactly that certificate (its name is not checked: the URL is a loopback address)."""
     url = base_url.rstrip("/") + "/status"
     if not url.startswith(("http://", "https://")):
         raise StatusError(f"--url must be an http(s) URL, got {base_url!r}")
-    context = None
-    if pinned is not None:
-        try:
-            context = ssl.create_default_context(cafile=str(pinned))
-        except (OSError, ssl.SSLError) as exc:
-            raise StatusError(f"cannot read the listener's certificate {pinned}: {exc}") from None
-        context.check_hostname = False
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the certificate itself, not only a CA, is trusted
     try:
-        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310 - scheme checked
-            document: dict[str, Any] = json.loads(response.read())
-    except (urllib.error.URLError, OSError) as exc:
+        if pinned is not None and url.startswith("https://"):
+            body = _pinned_get(url, pinned, timeout)
+        else:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - scheme checked above
+                body = response.read()
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise StatusError(f"no orderbus daemon answers at {url}: {exc}") from None
+    try:
+        document: dict[str, Any] = json.loads(body)
     except json.JSONDecodeError:
         raise StatusError(f"{url} did not answer with a status document; is that an orderbus daemon?") from None
     return document
+
+
+def _pinned_get(url: str, pinned: Path, timeout: float) -> bytes:
+    """GET `url` from a listener that must show the first certificate of `pinned` (compared byte for byte)."""
+    try:
+        expected, _, _ = certificate_validity(pinned.read_text("ascii", errors="replace"))
+    except (OSError, ValueError) as exc:
+        raise StatusError(f"cannot read the listener's certificate {pinned}: {exc}") from None
+    parts = urlsplit(url)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the comparison below is the check
+    connection = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, timeout=timeout, context=context)
+    try:
+        connection.connect()
+        assert isinstance(connection.sock, ssl.SSLSocket)
+        if connection.sock.getpeercert(binary_form=True) != expected:
+            raise StatusError(
+                f"{url} shows another certificate than {pinned}: not this host's orderbus, or one not reloaded since "
+                "the file was renewed"
+            )
+        connection.request("GET", parts.path)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise StatusError(f"no orderbus daemon answers at {url}: HTTP {response.status} {response.reason}")
+        return body
+    finally:
+        connection.close()
 
 
 def render_status(document: dict[str, Any]) -> str:

@@ -9,11 +9,12 @@ Certificates are renewed in place (certbot, cert-manager, an ACME client every 6
 reads both files again on SIGHUP (``systemctl reload orderbus``). The listener's context is built once, with the
 listening socket; each handshake is moved to the newest pair by the context's SNI callback, which OpenSSL calls
 for every ClientHello, with a server name or without one. A pair that does not load is refused with the running
-one kept: the files are checked as a whole before any handshake sees them.
+one kept: the files are checked as a whole before any handshake sees them; so is, while the one in use is valid,
+a certificate that is not (expired, or not valid yet: a clock or a renewal gone wrong would fail every handshake).
 
-When the certificate expires (`ServerTls.not_after`, read from the certificate itself: the ssl module says it of
-a peer's only) is a metric for an alert weeks ahead, and said at start and at each reload: a warning within
-`EXPIRY_WARNING`, an error once it has passed (every shop's webhook then fails its handshake).
+When the certificate expires (`ServerTls.not_after`, read from the certificate itself: the ssl module decodes a
+peer's only) is a metric for an alert weeks ahead, and said at start, at each reload and by ``config check``: a
+warning within `EXPIRY_WARNING`, an error once it has passed (every shop's webhook then fails its handshake).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import logging
 import re
 import ssl
 import stat
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
 from topics.errors import ConfigError
 
-__all__ = ["EXPIRY_WARNING", "ServerTls", "certificate_expiry", "server_tls"]
+__all__ = ["EXPIRY_WARNING", "ServerTls", "certificate_validity", "server_tls"]
 
 log = logging.getLogger(__name__)
 
@@ -43,29 +45,63 @@ class ServerTls:
     def __init__(self, cert_file: Path, key_file: Path) -> None:
         """Load the pair; `ConfigError` naming the setting and the problem if it cannot be used."""
         self.cert_file, self.key_file = cert_file, key_file
-        self._current, self.not_after = _load(cert_file, key_file)
-        self.context = self._current  # the listener's, for good; its callback moves each handshake to `_current`
+        self._current = _load(cert_file, key_file)
+        self.context = self._current.context  # the listener's, for good; its callback moves each handshake on
         self.context.sni_callback = self._use_current
 
-    def reload(self) -> None:
-        """Read both files again; the next handshakes use them. `ConfigError` (and the pair in use kept) if they do
-        not load."""
-        self._current, self.not_after = _load(self.cert_file, self.key_file)
+    @property
+    def not_after(self) -> float:
+        """When the certificate in use expires (unix seconds)."""
+        return self._current.not_after
+
+    def reload(self, now: float) -> bool:
+        """Read both files again; the next handshakes use them. Whether the certificate changed. `ConfigError`, and
+        the pair in use kept, if they do not load, or if their certificate is not valid at `now` while the one in
+        use is."""
+        fresh = _load(self.cert_file, self.key_file)
+        if not fresh.valid_at(now) and self._current.valid_at(now):
+            raise ConfigError(
+                f"{_CERT_KEY}: {self.cert_file} is valid from {_text(fresh.not_before)} to {_text(fresh.not_after)}, "
+                f"not now; the one in use is, until {_text(self._current.not_after)}"
+            )
+        changed = fresh.der != self._current.der
+        self._current = fresh
+        return changed
+
+    def expiry_problem(self, now: float) -> str | None:
+        """What is wrong with the certificate's end at `now`: expired, or within `EXPIRY_WARNING`; None if neither."""
+        left = self.not_after - now
+        if left <= 0:
+            return f"the webhook's certificate expired at {_text(self.not_after)}: clients refuse it"
+        if left <= EXPIRY_WARNING:
+            return f"the webhook's certificate expires in {left / 86400:.1f} days, at {_text(self.not_after)}"
+        return None
 
     def say_expiry(self, now: float) -> None:
         """Log when the certificate in use expires: INFO, WARNING within `EXPIRY_WARNING`, ERROR once past."""
-        expires = datetime.fromtimestamp(self.not_after, UTC).isoformat(timespec="seconds")
-        fields = {"certfile": str(self.cert_file), "expires": expires}
-        if self.not_after <= now:
-            log.error("the webhook's certificate has expired: clients refuse it; renew it, then reload", extra=fields)
-        elif self.not_after - now <= EXPIRY_WARNING:
-            days = (self.not_after - now) / 86400
-            log.warning("the webhook's certificate expires in %.1f days; renew it, then reload", days, extra=fields)
-        else:
+        fields = {"certfile": str(self.cert_file), "expires": _text(self.not_after)}
+        problem = self.expiry_problem(now)
+        if problem is None:
             log.info("the webhook's certificate in use", extra=fields)
+        else:
+            level = logging.ERROR if self.not_after <= now else logging.WARNING
+            log.log(level, "%s; renew it, then reload (restart, under systemd credentials)", problem, extra=fields)
 
     def _use_current(self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _: ssl.SSLContext) -> None:
-        connection.context = self._current
+        connection.context = self._current.context
+
+
+@dataclass(frozen=True, slots=True)
+class _Pair:
+    """A loaded pair: the context that serves it, and its certificate's DER and validity (unix seconds)."""
+
+    context: ssl.SSLContext
+    der: bytes
+    not_before: float
+    not_after: float
+
+    def valid_at(self, now: float) -> bool:
+        return self.not_before <= now < self.not_after
 
 
 def server_tls(cert_file: Path | None, key_file: Path | None) -> ServerTls | None:
@@ -84,32 +120,29 @@ def server_tls(cert_file: Path | None, key_file: Path | None) -> ServerTls | Non
     return tls
 
 
-def certificate_expiry(pem: str) -> float:
-    """The end of the validity (unix seconds) of the first certificate in `pem`; `ValueError` if it has none that
-    can be read. The ssl module decodes a peer's certificate only, so the DER is walked to its ``notAfter``:
+def certificate_validity(pem: str) -> tuple[bytes, float, float]:
+    """The first certificate in `pem`: its DER, and the start and end of its validity (unix seconds); `ValueError`
+    if it has none that can be read. The ssl module decodes a peer's certificate only, so the DER is walked:
     Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber, signature, issuer,
     validity SEQUENCE { notBefore, notAfter }, ... }, ... } (RFC 5280, 4.1)."""
     found = _PEM_CERTIFICATE.search(pem)
     if found is None:
         raise ValueError("no PEM certificate")
     der = ssl.PEM_cert_to_DER_cert(found.group(0))
-    _, certificate, _ = _element(der, 0)
-    _, field, _ = _element(der, certificate)  # tbsCertificate: its first element
-    at = field
-    if der[at] == 0xA0:  # the explicit version
-        _, _, at = _element(der, at)
-    for _ in range(3):  # serialNumber, signature, issuer
-        _, _, at = _element(der, at)
-    _, validity, _ = _element(der, at)
-    _, _, after = _element(der, validity)  # past notBefore
-    kind, start, end = _element(der, after)
-    text = der[start:end].decode("ascii")
-    if kind == 0x17:  # UTCTime: YYMMDDHHMMSSZ, years 1950-2049
-        year = int(text[:2])
-        text = f"{19 if year >= 50 else 20}{text}"
-    elif kind != 0x18:  # GeneralizedTime: YYYYMMDDHHMMSSZ
-        raise ValueError(f"notAfter of an unknown type 0x{kind:02x}")
-    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    try:
+        _, certificate, _ = _element(der, 0)
+        _, at, _ = _element(der, certificate)  # tbsCertificate: its first element
+        if der[at] == 0xA0:  # the explicit version
+            _, _, at = _element(der, at)
+        for _ in range(3):  # serialNumber, signature, issuer
+            _, _, at = _element(der, at)
+        _, validity, _ = _element(der, at)
+        kind, start, end = _element(der, validity)
+        not_before = _time(kind, der[start:end])
+        kind, start, end = _element(der, end)
+        return der, not_before, _time(kind, der[start:end])
+    except IndexError:
+        raise ValueError("the certificate ends inside an element") from None
 
 
 def _element(der: bytes, at: int) -> tuple[int, int, int]:
@@ -124,8 +157,22 @@ def _element(der: bytes, at: int) -> tuple[int, int, int]:
     return tag, start, start + length
 
 
-def _load(cert_file: Path, key_file: Path) -> tuple[ssl.SSLContext, float]:
-    """The pair as a server's context, and when its certificate expires."""
+def _time(kind: int, value: bytes) -> float:
+    """A UTCTime (YYMMDDHHMMSSZ, years 1950-2049) or GeneralizedTime (YYYYMMDDHHMMSSZ) as unix seconds."""
+    text = value.decode("ascii")
+    if kind == 0x17:
+        text = f"{19 if int(text[:2]) >= 50 else 20}{text}"
+    elif kind != 0x18:
+        raise ValueError(f"a validity time of an unknown type 0x{kind:02x}")
+    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def _text(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")
+
+
+def _load(cert_file: Path, key_file: Path) -> _Pair:
+    """The pair as a server's context, with its certificate's DER and validity."""
     cert_text = _read(cert_file, _CERT_KEY)
     key_text = _read(key_file, _KEY_KEY)
     if "-----BEGIN CERTIFICATE-----" not in cert_text:
@@ -144,11 +191,15 @@ def _load(cert_file: Path, key_file: Path) -> tuple[ssl.SSLContext, float]:
             raise ConfigError(f"{_KEY_KEY}: {key_file} is not the private key of {cert_file}") from None
         reason = exc.reason or exc
         raise ConfigError(f"{_CERT_KEY}/{_KEY_KEY}: {cert_file} and {key_file} do not load ({reason})") from None
+    except OSError as exc:  # gone or closed to us since it was read: a renewal swapping its files
+        raise ConfigError(f"{_CERT_KEY}/{_KEY_KEY}: cannot read {cert_file} or {key_file}: {exc}") from None
+    if _read(cert_file, _CERT_KEY) != cert_text:  # what OpenSSL loaded may not be what was read: said, not guessed
+        raise ConfigError(f"{_CERT_KEY}: {cert_file} changed while it was read (a renewal under way?); reload again")
     try:
-        not_after = certificate_expiry(cert_text)
-    except (ValueError, IndexError) as exc:  # loaded by OpenSSL, so not expected: said, not a traceback
+        der, not_before, not_after = certificate_validity(cert_text)
+    except ValueError as exc:  # loaded by OpenSSL, so not expected: said, not a traceback
         raise ConfigError(f"{_CERT_KEY}: {cert_file}: its validity cannot be read ({exc})") from None
-    return context, not_after
+    return _Pair(context, der, not_before, not_after)
 
 
 def _read(path: Path, key: str) -> str:

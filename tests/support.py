@@ -9,6 +9,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -329,3 +330,27 @@ def longest_shutdown(settings: Settings) -> float:
     leaves = len(sinks) * (LEAVE_TIMEOUT + CLEANUP)
     kafka = leaves + (DEAD_LETTER_CLOSE_GRACE + CLEANUP if sinks else 0.0) + CLOSE_GRACE + CLEANUP
     return grace + SETTLE_FLOOR + EngineConfig().commit_timeout + listeners + kafka
+
+
+def certificate(
+    directory: Path, name: str, *, days: int = 2, issuer: tuple[Path, Path] | None = None
+) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (EC P-256) and its unencrypted key, made by openssl as `name`.crt and `name`.key
+    in `directory`: self-signed, or signed by `issuer` (a certificate and its key)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subject = ["-subj", f"/CN={name}.orderbus.test", "-addext", "subjectAltName=IP:127.0.0.1"]
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key)]
+    if issuer is None:
+        _openssl("req", "-x509", *new_key, "-days", str(days), *subject, "-out", str(cert))
+    else:
+        request = directory / f"{name}.csr"
+        _openssl("req", *new_key, *subject, "-out", str(request))
+        _openssl(
+            "x509", "-req", "-in", str(request), "-CA", str(issuer[0]), "-CAkey", str(issuer[1]), "-CAcreateserial",
+            "-days", str(days), "-copy_extensions", "copy", "-out", str(cert),
+        )  # fmt: skip
+    return cert, key
+
+
+def _openssl(*argv: str) -> None:
+    subprocess.run(["openssl", *argv], check=True, capture_output=True)
