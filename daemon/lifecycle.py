@@ -435,7 +435,7 @@ async def _reload_on_request(
         ignored = _restart_needed(current, fresh)
         if ignored:
             log.warning("changed settings that need a restart", extra={"settings": ignored})
-        applied = [key for key in _changed_keys(running, fresh) if _reloadable(key)]
+        applied = [key for key in _changed_keys(running, fresh) if _reloadable(key) and _runs(key, engines)]
         running = fresh
         log.info("settings reloaded", extra={"applied": applied, "log_level": fresh.log_level})
 
@@ -458,6 +458,12 @@ def _reload_certificate(tls: ServerTls, now: float) -> None:
 def _restart_needed(old: Settings, new: Settings) -> list[str]:
     """The changed settings a reload does not apply, by key: ``ingest.port``, ``sinks.crm.auth``."""
     return [key for key in _changed_keys(old, new) if not _reloadable(key)]
+
+
+def _runs(key: str, engines: Mapping[str, SinkEngine]) -> bool:
+    """Whether `key` is applied to something running: a sink's only when it is enabled."""
+    section, _, rest = key.partition(".")
+    return section != "sinks" or rest.partition(".")[0] in engines
 
 
 def _reloadable(key: str) -> bool:

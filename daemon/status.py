@@ -35,6 +35,12 @@ def fetch_status(base_url: str, *, timeout: float = 5.0, pinned: Path | None = N
         else:
             with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - scheme checked above
                 body = response.read()
+    except (http.client.BadStatusLine, ConnectionResetError) as exc:
+        # What plain HTTP to a TLS port meets: under systemd credentials the operator's shell may not see the
+        # webhook's HTTPS settings, which the unit's environment gives.
+        hint = "; if that port speaks HTTPS (ingest.tls_certfile), pass --url https://..., or ask the admin port"
+        said = f"no orderbus daemon answers at {url}: {exc!r}{hint if url.startswith('http:') else ''}"
+        raise StatusError(said) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise StatusError(f"no orderbus daemon answers at {url}: {exc}") from None
     try:

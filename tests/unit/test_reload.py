@@ -91,7 +91,7 @@ async def test_the_reloaded_line_names_the_live_keys_changed_since_the_last_relo
 ) -> None:
     # It named the log level alone: an operator who raised a rate saw no sign that it took.
     engine = RecordingEngine()
-    faster = settings(ORDERBUS_SINKS__CRM__RATE="9")
+    faster = settings(ORDERBUS_SINKS__CRM__RATE="9", ORDERBUS_SINKS__ACCOUNTING__RATE="3")  # accounting: not enabled
     await reload_each([faster, faster, settings()], engine, caplog)
     reloaded = [getattr(r, "applied", None) for r in caplog.records if r.getMessage() == "settings reloaded"]
     assert reloaded == [["sinks.crm.rate"], [], ["sinks.crm.rate"]]

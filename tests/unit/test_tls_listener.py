@@ -305,3 +305,5 @@ async def test_status_trusts_exactly_the_listeners_own_certificate(pairs: dict[s
         for other in (pairs["d"][0], pairs["ca"][0]):
             with pytest.raises(StatusError, match="shows another certificate than"):
                 await asyncio.to_thread(status.fetch_status, url, pinned=other)
+        with pytest.raises(StatusError, match=r"if that port speaks HTTPS \(ingest.tls_certfile\), pass --url https"):
+            await asyncio.to_thread(status.fetch_status, f"http://127.0.0.1:{port}")
