@@ -152,7 +152,7 @@ async def serve(
                 degraded=degraded,
                 max_body_bytes=settings.ingest.max_body_bytes,
                 registry=registry,
-                status=lambda: _status(publisher, keys, engines, registry),
+                status=lambda: _status(publisher, keys, engines, registry, tls),
                 serves=serves,
                 components=components,
             )
@@ -502,9 +502,12 @@ def _status(
     keys: SqliteIngestKeyStore | None,
     engines: dict[str, SinkEngine],
     registry: CollectorRegistry,
+    tls: ServerTls | None = None,
+    now: float | None = None,
 ) -> dict[str, object]:
     """The daemon's state for `orderbus status`: per sink what the engine knows plus its lifetime counters; the
-    ingest's Kafka gate and why its key store's last batch failed, until one is written again."""
+    ingest's Kafka gate and why its key store's last batch failed, until one is written again; with HTTPS, when the
+    webhook's certificate expires (`now`: the wall clock's time, by default)."""
 
     def count(metric: str, labels: dict[str, str]) -> int:
         return int(registry.get_sample_value(metric, labels) or 0)
@@ -523,8 +526,13 @@ def _status(
             "topic_missing": publisher.topic_missing,
             "key_store_error": keys.failing,
         }
+    certificate = None
+    if tls is not None:
+        left = tls.not_after - (time.time() if now is None else now)
+        certificate = {"certfile": str(tls.cert_file), "expires": tls.expires, "seconds_left": round(left)}
     return {
         "ingest": ingest,
+        "certificate": certificate,
         "sinks": sinks,
         "not_ready": _reasons(publisher, engines, keys),
         "degraded": _degraded(engines),

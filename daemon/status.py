@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from daemon.tls_listener import certificate_validity
+from daemon.tls_listener import EXPIRY_WARNING, certificate_validity
 from topics.errors import OrderbusError
 
 _COLUMNS = ("sink", "partitions", "lag", "buffered", "in-flight", "parked", "circuit", "auth", "delivered",
@@ -113,8 +113,22 @@ def render_status(document: dict[str, Any]) -> str:
         if ingest.get("key_store_error"):  # webhooks with a key get 503 until a batch is written again
             line += f"; KEY STORE FAILING: {ingest['key_store_error']}"
         lines.append(line)
+    certificate = document.get("certificate")
+    if certificate is not None:
+        lines.append(_certificate_line(certificate))
     lines += problems(document.get("not_ready", {}), document.get("degraded", {}))
     return "\n".join(lines)
+
+
+def _certificate_line(certificate: Mapping[str, Any]) -> str:
+    """When the webhook's certificate expires; in capitals once it is within `EXPIRY_WARNING` or past."""
+    left, expires = float(certificate.get("seconds_left", 0)), certificate.get("expires", "?")
+    if left <= 0:
+        return f"certificate: EXPIRED at {expires}: webhooks fail their handshake; renew it, then reload"
+    days = left / 86400
+    if left <= EXPIRY_WARNING:
+        return f"certificate: EXPIRES IN {days:.1f} DAYS, at {expires}; renew it, then reload"
+    return f"certificate: expires at {expires} ({days:.0f} days)"
 
 
 def problems(not_ready: Mapping[str, str], degraded: Mapping[str, str]) -> list[str]:

@@ -54,6 +54,11 @@ class ServerTls:
         """When the certificate in use expires (unix seconds)."""
         return self._current.not_after
 
+    @property
+    def expires(self) -> str:
+        """`not_after` as an ISO 8601 time in UTC."""
+        return _text(self.not_after)
+
     def reload(self, now: float) -> bool:
         """Read both files again; the next handshakes use them. Whether the certificate changed. `ConfigError`, and
         the pair in use kept, if they do not load, or if their certificate is not valid at `now` while the one in
@@ -79,7 +84,7 @@ class ServerTls:
 
     def say_expiry(self, now: float) -> None:
         """Log when the certificate in use expires: INFO, WARNING within `EXPIRY_WARNING`, ERROR once past."""
-        fields = {"certfile": str(self.cert_file), "expires": _text(self.not_after)}
+        fields = {"certfile": str(self.cert_file), "expires": self.expires}
         problem = self.expiry_problem(now)
         if problem is None:
             log.info("the webhook's certificate in use", extra=fields)

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import cast
 
 from prometheus_client import CollectorRegistry
+from support import certificate
 
 from consumers.engine import SinkEngine
 from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.lifecycle import _degraded, _reasons, _status
 from daemon.publisher import KafkaPublisher
 from daemon.status import render_status
+from daemon.tls_listener import ServerTls
 
 EXITED = "ingest key store /var/lib/orderbus/ingest-keys.sqlite: its process exited (code -9)"
 
@@ -43,6 +45,22 @@ async def test_a_failing_key_store_makes_the_ingest_not_ready(tmp_path: Path) ->
 def test_the_ingest_line_says_publishing_when_kafka_answers_and_the_key_store_writes() -> None:
     document = {"sinks": {}, "ingest": {"kafka_available": True, "key_store_error": None}}
     assert render_status(document).splitlines()[-1] == "ingest: publishing"
+
+
+def test_the_webhooks_certificate_is_in_the_status_document_and_said_louder_as_its_end_nears(tmp_path: Path) -> None:
+    tls = ServerTls(*certificate(tmp_path, "webhook", days=30))
+    document = _status(None, None, {}, CollectorRegistry(), tls, now=tls.not_after - 20 * 86400)
+    assert document["certificate"] == {"certfile": str(tls.cert_file), "expires": tls.expires, "seconds_left": 1728000}
+    assert render_status(document).splitlines()[-1] == f"certificate: expires at {tls.expires} (20 days)"
+    document = _status(None, None, {}, CollectorRegistry(), tls, now=tls.not_after - 3 * 86400)
+    assert render_status(document).splitlines()[-1] == (
+        f"certificate: EXPIRES IN 3.0 DAYS, at {tls.expires}; renew it, then reload"
+    )
+    document = _status(None, None, {}, CollectorRegistry(), tls, now=tls.not_after + 1)
+    assert render_status(document).splitlines()[-1] == (
+        f"certificate: EXPIRED at {tls.expires}: webhooks fail their handshake; renew it, then reload"
+    )
+    assert _status(None, None, {}, CollectorRegistry())["certificate"] is None, "plain HTTP: nothing said"
 
 
 def test_a_daemon_without_the_ingest_shows_no_ingest_line() -> None:
