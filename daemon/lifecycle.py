@@ -528,8 +528,13 @@ def _status(
         }
     certificate = None
     if tls is not None:
-        left = tls.not_after - (time.time() if now is None else now)
-        certificate = {"certfile": str(tls.cert_file), "expires": tls.expires, "seconds_left": round(left)}
+        now = time.time() if now is None else now
+        certificate = {
+            "certfile": str(tls.cert_file),
+            "expires": tls.expires,
+            "seconds_left": round(tls.not_after - now),
+            "problem": tls.expiry_problem(now),  # expired, or within 14 days; None otherwise
+        }
     return {
         "ingest": ingest,
         "certificate": certificate,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from daemon.tls_listener import EXPIRY_WARNING, certificate_validity
+from daemon.tls_listener import certificate_validity
 from topics.errors import OrderbusError
 
 _COLUMNS = ("sink", "partitions", "lag", "buffered", "in-flight", "parked", "circuit", "auth", "delivered",
@@ -121,14 +121,11 @@ def render_status(document: dict[str, Any]) -> str:
 
 
 def _certificate_line(certificate: Mapping[str, Any]) -> str:
-    """When the webhook's certificate expires; in capitals once it is within `EXPIRY_WARNING` or past."""
-    left, expires = float(certificate.get("seconds_left", 0)), certificate.get("expires", "?")
-    if left <= 0:
-        return f"certificate: EXPIRED at {expires}: webhooks fail their handshake; renew it, then reload"
-    days = left / 86400
-    if left <= EXPIRY_WARNING:
-        return f"certificate: EXPIRES IN {days:.1f} DAYS, at {expires}; renew it, then reload"
-    return f"certificate: expires at {expires} ({days:.0f} days)"
+    """When the webhook's certificate expires; what is wrong with that (the daemon's words) in capitals."""
+    if (problem := certificate.get("problem")) is not None:
+        return f"{str(problem).upper()}; renew it, then reload"
+    days = float(certificate.get("seconds_left", 0)) / 86400
+    return f"certificate: expires at {certificate.get('expires', '?')} ({days:.0f} days)"
 
 
 def problems(not_ready: Mapping[str, str], degraded: Mapping[str, str]) -> list[str]:

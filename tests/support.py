@@ -9,6 +9,7 @@ import json
 import os
 import random
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -354,3 +355,30 @@ def certificate(
 
 def _openssl(*argv: str) -> None:
     subprocess.run(["openssl", *argv], check=True, capture_output=True)
+
+
+def tls_client(trusted: Path) -> ssl.SSLContext:
+    """A TLS client's context trusting `trusted` (our test certificates name 127.0.0.1; names are not checked)."""
+    context = ssl.create_default_context(cafile=str(trusted))
+    context.check_hostname = False
+    return context
+
+
+async def peer_certificate(port: int, trusted: Path, server_name: str | None = None) -> bytes:
+    """The certificate a new TLS connection to 127.0.0.1:`port` is shown (one the client trusts, or the handshake
+    fails); `server_name` is sent as SNI (a client connecting to an address sends none)."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls_client(trusted), server_hostname=server_name)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        assert isinstance(der, bytes)
+        return der
+    finally:
+        writer.close()
+
+
+async def log_line(stream: asyncio.StreamReader, text: str) -> str:
+    """The next line of a daemon's output (`stream`) that holds `text`; `AssertionError` if the output ends first."""
+    while line := await stream.readline():
+        if text in line.decode():
+            return line.decode()
+    raise AssertionError(f"the daemon ended before logging {text!r}")

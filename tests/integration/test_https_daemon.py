@@ -13,34 +13,11 @@ import sys
 from pathlib import Path
 
 import aiohttp
-from support import certificate, free_port
+from support import certificate, free_port, log_line, peer_certificate, tls_client
 
 from daemon.tls_listener import certificate_validity
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _client(trusted: Path) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(trusted))
-    context.check_hostname = False  # the certificates name 127.0.0.1
-    return context
-
-
-async def _peer_certificate(port: int, trusted: Path) -> bytes:
-    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_client(trusted))
-    try:
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        assert isinstance(der, bytes)
-        return der
-    finally:
-        writer.close()
-
-
-async def _log_line(stream: asyncio.StreamReader, text: str) -> str:
-    while line := await stream.readline():
-        if text in line.decode():
-            return line.decode()
-    raise AssertionError(f"the daemon ended before logging {text!r}")
 
 
 async def test_a_daemon_serves_https_renews_on_sighup_and_its_status_command_trusts_it(tmp_path: Path) -> None:
@@ -60,10 +37,10 @@ async def test_a_daemon_serves_https_renews_on_sighup_and_its_status_command_tru
     )
     assert daemon.stderr is not None
     try:
-        line = await asyncio.wait_for(_log_line(daemon.stderr, "the webhook's certificate expires in"), timeout=30)
+        line = await asyncio.wait_for(log_line(daemon.stderr, "the webhook's certificate expires in"), timeout=30)
         assert '"level": "warning"' in line, "2 days left: a warning"
-        await asyncio.wait_for(_log_line(daemon.stderr, f"listening on https://127.0.0.1:{port}"), timeout=30)
-        assert await _peer_certificate(port, a[0]) == ssl.PEM_cert_to_DER_cert(a[0].read_text())
+        await asyncio.wait_for(log_line(daemon.stderr, f"listening on https://127.0.0.1:{port}"), timeout=30)
+        assert await peer_certificate(port, a[0]) == ssl.PEM_cert_to_DER_cert(a[0].read_text())
         shown = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "daemon", "status", "--config", str(config), stdout=subprocess.PIPE, env=env
         )
@@ -74,11 +51,11 @@ async def test_a_daemon_serves_https_renews_on_sighup_and_its_status_command_tru
         shutil.copy(b[0], cert)
         shutil.copy(b[1], key)
         daemon.send_signal(signal.SIGHUP)
-        await asyncio.wait_for(_log_line(daemon.stderr, "certificate reloaded"), timeout=30)
-        assert await _peer_certificate(port, b[0]) == ssl.PEM_cert_to_DER_cert(b[0].read_text())
+        await asyncio.wait_for(log_line(daemon.stderr, "certificate reloaded"), timeout=30)
+        assert await peer_certificate(port, b[0]) == ssl.PEM_cert_to_DER_cert(b[0].read_text())
         async with (
             aiohttp.ClientSession() as session,
-            session.get(f"https://127.0.0.1:{port}/metrics", ssl=_client(b[0])) as response,
+            session.get(f"https://127.0.0.1:{port}/metrics", ssl=tls_client(b[0])) as response,
         ):
             metrics = await response.text()
         [expiry] = [

@@ -26,7 +26,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 from prometheus_client import CollectorRegistry
-from support import longest_shutdown
+from support import log_line, longest_shutdown
 
 from daemon.app import build_app
 from daemon.settings import (
@@ -199,13 +199,6 @@ async def test_systemctl_reload_makes_the_daemon_reread_its_settings(
             daemon.terminate()
         code = await asyncio.wait_for(daemon.wait(), timeout=30)
     assert code == 0, "the daemon did not survive the reload"
-
-
-async def log_line(stream: asyncio.StreamReader, text: str) -> None:
-    while line := await stream.readline():
-        if text in line.decode():
-            return
-    raise AssertionError(f"the daemon ended before logging {text!r}")
 
 
 CREDENTIALS = ("webhook-secret", "crm-token", "accounting-client-secret", "shipping-api-key")

@@ -50,15 +50,21 @@ def test_the_ingest_line_says_publishing_when_kafka_answers_and_the_key_store_wr
 def test_the_webhooks_certificate_is_in_the_status_document_and_said_louder_as_its_end_nears(tmp_path: Path) -> None:
     tls = ServerTls(*certificate(tmp_path, "webhook", days=30))
     document = _status(None, None, {}, CollectorRegistry(), tls, now=tls.not_after - 20 * 86400)
-    assert document["certificate"] == {"certfile": str(tls.cert_file), "expires": tls.expires, "seconds_left": 1728000}
+    assert document["certificate"] == {
+        "certfile": str(tls.cert_file),
+        "expires": tls.expires,
+        "seconds_left": 1728000,
+        "problem": None,
+    }
     assert render_status(document).splitlines()[-1] == f"certificate: expires at {tls.expires} (20 days)"
+    expires = tls.expires.upper()  # the same digits: a "T" between date and time
     document = _status(None, None, {}, CollectorRegistry(), tls, now=tls.not_after - 3 * 86400)
     assert render_status(document).splitlines()[-1] == (
-        f"certificate: EXPIRES IN 3.0 DAYS, at {tls.expires}; renew it, then reload"
+        f"THE WEBHOOK'S CERTIFICATE EXPIRES IN 3.0 DAYS, AT {expires}; renew it, then reload"
     )
     document = _status(None, None, {}, CollectorRegistry(), tls, now=tls.not_after + 1)
     assert render_status(document).splitlines()[-1] == (
-        f"certificate: EXPIRED at {tls.expires}: webhooks fail their handshake; renew it, then reload"
+        f"THE WEBHOOK'S CERTIFICATE EXPIRED AT {expires}: CLIENTS REFUSE IT; renew it, then reload"
     )
     assert _status(None, None, {}, CollectorRegistry())["certificate"] is None, "plain HTTP: nothing said"
 

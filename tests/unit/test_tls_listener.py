@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
-from support import certificate, free_port
+from support import certificate, free_port, peer_certificate, tls_client
 
 from consumers.engine import SinkEngine
 from daemon import cli, status
@@ -61,24 +61,6 @@ def _openssl_time(cert: Path, which: str) -> float:
 
 def _der(cert: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(cert.read_text())
-
-
-def _client(trusted: Path) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(trusted))
-    context.check_hostname = False  # the certificates name 127.0.0.1; a client that checks names is not the point
-    return context
-
-
-async def _peer_certificate(port: int, trusted: Path, server_name: str | None = None) -> bytes:
-    """The certificate a new connection is shown (one the client trusts, or the handshake fails); `server_name` is
-    sent as SNI (a client connecting to an address sends none)."""
-    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_client(trusted), server_hostname=server_name)
-    try:
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        assert isinstance(der, bytes)
-        return der
-    finally:
-        writer.close()
 
 
 def test_a_pair_that_cannot_be_used_is_a_config_error_naming_the_setting_and_the_problem(
@@ -257,22 +239,22 @@ async def test_the_listener_speaks_https_and_a_reload_renews_its_certificate(
         reloader = asyncio.create_task(_reload_on_request(requested, load, settings, engines, tls))
         try:
             async with aiohttp.ClientSession() as session:
-                async with session.get(f"https://127.0.0.1:{port}/healthz", ssl=_client(renewed[0])) as response:
+                async with session.get(f"https://127.0.0.1:{port}/healthz", ssl=tls_client(renewed[0])) as response:
                     assert response.status == 200
                 with pytest.raises(aiohttp.ClientError):
                     await session.get(f"http://127.0.0.1:{port}/healthz")  # plain HTTP is no request here
-            assert await _peer_certificate(port, pairs["a"][0]) == _der(pairs["a"][0])
+            assert await peer_certificate(port, pairs["a"][0]) == _der(pairs["a"][0])
 
             _renew(renewed, pairs["b"])
             await sighup(ConfigError("invalid settings: sinks.crm.rate: must be > 0"), "certificate reloaded")
-            assert await _peer_certificate(port, pairs["b"][0]) == _der(pairs["b"][0]), "a bad settings file as well"
-            assert await _peer_certificate(port, pairs["b"][0], "orders.example.test") == _der(pairs["b"][0]), "SNI"
+            assert await peer_certificate(port, pairs["b"][0]) == _der(pairs["b"][0]), "a bad settings file as well"
+            assert await peer_certificate(port, pairs["b"][0], "orders.example.test") == _der(pairs["b"][0]), "SNI"
             await sighup(settings, "certificate unchanged")
 
             shutil.copy(pairs["a"][0], renewed[0])  # half renewed: a's certificate beside b's key
             refused = await sighup(settings, "certificate reload refused, the one in use stays")
             assert f"{renewed[1]} is not the private key of {renewed[0]}" in getattr(refused, "error", "")
-            assert await _peer_certificate(port, pairs["b"][0]) == _der(pairs["b"][0]), "b's pair still serves"
+            assert await peer_certificate(port, pairs["b"][0]) == _der(pairs["b"][0]), "b's pair still serves"
 
             renewed[0].unlink()
             renewed[0].mkdir()  # swapped for a directory midway
