@@ -334,7 +334,7 @@ class SqliteIngestKeyStore:
             if not batch:
                 continue
             try:
-                results = await self._connection().write(self._owner, [queued.operation for queued in batch])
+                results, wrote = await self._connection().write(self._owner, [queued.operation for queued in batch])
             except Exception as exc:
                 self._fail(batch, exc)
                 continue
@@ -344,7 +344,7 @@ class SqliteIngestKeyStore:
                         queued.waiter.cancel()
                 raise
             self.transactions += 1
-            if _wrote(batch, results):
+            if wrote:  # a batch that changed no row commits on a full disk too
                 self.failing = None
             self._settle(batch, results)
         if self._queue:
@@ -429,23 +429,6 @@ class SqliteIngestKeyStore:
         """`exc` as a `StoreError` naming the file, and its free space when low (`note`: already asked)."""
         note = space_note(self.path) if note is None else note
         return StoreError(f"ingest key store {self.path}: {operation} failed: {exc}{note}")
-
-
-def _wrote(batch: Sequence[Queued], results: Sequence[object]) -> bool:
-    """Whether a written batch wrote a row, so the file takes writes again: a claim that took its key, an answer or a
-    release or a prune that changed rows, a flush (its probe row). A batch of claims answered from the rows there (a
-    retried webhook's `Replay`) or a prune with nothing to delete commits without writing, on a full disk too."""
-    for queued, result in zip(batch, results, strict=True):
-        match queued.operation:
-            case FlushOp():
-                return True
-            case ClaimOp() if result == Claimed():
-                return True
-            case PruneOp() if result != (0, 0):
-                return True
-            case CompleteOp() | ReleaseOp() if result:
-                return True
-    return False
 
 
 class Queued(NamedTuple):

@@ -37,7 +37,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, cast
 
 from daemon.ingest_keys_sql import Operation, write
 from topics.errors import StoreError
@@ -98,11 +98,11 @@ class KeyStoreProcess:
             await self._abandon()
             raise
 
-    async def write(self, owner: str, batch: list[Operation]) -> list[object]:
-        """Run `write` on the child's connection; a child that died is started again first."""
-        result = await self._call(("write", owner, batch))
-        assert isinstance(result, list)
-        return result
+    async def write(self, owner: str, batch: list[Operation]) -> tuple[list[object], bool]:
+        """Run `write` on the child's connection (per operation its result, and whether a row changed); a child
+        that died is started again first."""
+        results, changed = cast(tuple[list[object], bool], await self._call(("write", owner, batch)))
+        return results, changed
 
     async def pragma(self, name: str) -> object:
         """The value of ``PRAGMA name`` on the child's connection (for tests and diagnostics)."""

@@ -189,10 +189,13 @@ _PROBE_DELETE = f"DELETE FROM {TABLE} WHERE key = ?"  # noqa: S608 -- constant
 Operation = ClaimOp | CompleteOp | ReleaseOp | PruneOp | FlushOp
 
 
-def write(db: sqlite3.Connection, owner: str, batch: Sequence[Operation]) -> list[object]:
+def write(db: sqlite3.Connection, owner: str, batch: Sequence[Operation]) -> tuple[list[object], bool]:
     """Run `batch` in order in one transaction (blocking); on any failure, roll back. Returns per operation: a
-    claim's `Claim`, else the rows it changed (an answer: see `_complete_all`)."""
+    claim's `Claim`, else the rows it changed (an answer: see `_complete_all`); and whether the transaction changed
+    a row. One that changed none (claims answered from their rows, a prune with nothing to delete) commits on a full
+    disk too: it says nothing of whether the file takes writes (`SqliteIngestKeyStore.failing`)."""
     results: list[object] = []
+    changes = db.total_changes
     # The keys this batch's claims took, over all its runs of claims: a key claimed in an earlier run (an answer
     # or a release of another key between the two) is taken, not a row in flight to take over.
     claimed: dict[str, str] = {}
@@ -204,7 +207,7 @@ def write(db: sqlite3.Connection, owner: str, batch: Sequence[Operation]) -> lis
                 results += _complete_all(db, owner, cast("list[CompleteOp]", list(run)))
             else:
                 results += [_run(db, owner, operation) for operation in run]
-    return results
+    return results, db.total_changes > changes
 
 
 def _claim_all(db: sqlite3.Connection, owner: str, claims: Sequence[ClaimOp], claimed: dict[str, str]) -> list[object]:

@@ -388,7 +388,7 @@ async def test_a_claim_queued_while_its_key_was_being_claimed_is_busy(tmp_path: 
         writing = asyncio.Event()
         write = store.process.write
 
-        async def spied(owner: str, batch: list[Operation]) -> list[object]:
+        async def spied(owner: str, batch: list[Operation]) -> tuple[list[object], bool]:
             writing.set()
             return await write(owner, batch)
 
@@ -410,7 +410,7 @@ async def test_a_cancelled_claims_release_does_not_delete_the_row_a_retry_took_o
         writing, go = asyncio.Event(), asyncio.Event()
         write = store.process.write
 
-        async def held_back(owner: str, batch: list[Operation]) -> list[object]:
+        async def held_back(owner: str, batch: list[Operation]) -> tuple[list[object], bool]:
             if not writing.is_set():
                 writing.set()
                 await go.wait()
@@ -669,13 +669,13 @@ def test_two_claims_of_one_key_in_one_batch_take_it_once_also_with_other_operati
     # took it over, and both requests published the order (seen under 1,000 concurrent posts of 400 keys).
     with contextlib.closing(sqlite3.connect(tmp_path / "keys.sqlite3", isolation_level=None)) as db:
         db.executescript(SCHEMA)
-        assert write(db, "owner", [ClaimOp("j", BODY_B, 1.0)]) == [Claimed()]
+        assert write(db, "owner", [ClaimOp("j", BODY_B, 1.0)]) == ([Claimed()], True)
         results = write(
             db,
             "owner",
             [ClaimOp("k", BODY_A, 2.0), CompleteOp("j", 202, ANSWER, 2.0), ClaimOp("k", BODY_A, 2.0)],
         )
-    assert results == [Claimed(), 1, Busy()]
+    assert results == ([Claimed(), 1, Busy()], True)
 
 
 async def test_a_claim_queued_behind_a_full_batch_does_not_take_over_its_keys_row(tmp_path: Path) -> None:

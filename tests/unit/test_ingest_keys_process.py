@@ -64,7 +64,7 @@ def test_the_child_answers_each_request_and_carries_on_after_a_failing_one(tmp_p
     _serve(db, frames(("write", "owner-1", [ClaimOp("k2", BODY, 2.0)])), after := io.BytesIO())
     db.close()
     got = answers(out)
-    assert got[:2] == [("ok", [Claimed()]), ("ok", "wal")]
+    assert got[:2] == [("ok", ([Claimed()], True)), ("ok", "wal")]
     assert [kind for kind, _ in got[2:]] == ["failed", "failed"]
     assert "unknown request" in str(got[3][1])
     [(kind, message)] = answers(after)
@@ -120,7 +120,7 @@ async def test_a_recheck_clears_failing_only_once_a_row_can_be_written_again(tmp
             db.commit()
             with pytest.raises(StoreError, match="disk is full"):
                 await store.claim("k1", BODY, now=1.0)
-            assert await store.process.write("owner", []) == []  # what the recheck wrote before: it commits
+            assert await store.process.write("owner", []) == ([], False)  # what the recheck wrote before: it commits
             with pytest.raises(StoreError, match="disk is full"):
                 await store.flush()  # what the recheck writes now
             assert store.failing is not None
@@ -131,7 +131,9 @@ async def test_a_recheck_clears_failing_only_once_a_row_can_be_written_again(tmp
         await store.flush()
         assert store.failing is None
         assert await store.claim("k1", BODY, now=2.0) == Claimed()
-        assert await store.process.write("owner", [ClaimOp("\x00flush", BODY, 3.0)]) == [Claimed()], "no row left"
+        assert await store.process.write("owner", [ClaimOp("\x00flush", BODY, 3.0)]) == ([Claimed()], True), (
+            "no row left"
+        )
 
 
 async def test_only_a_batch_that_writes_a_row_clears_failing(tmp_path: Path) -> None:
