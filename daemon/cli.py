@@ -477,9 +477,7 @@ def _status(args: argparse.Namespace) -> int:
     url, pinned = args.url, None
     if url is None:
         settings = _operator_settings(args)
-        url = settings.admin_url()
-        if settings.admin.port is None:  # served by the webhook's listener: HTTPS with its certificate, if it has one
-            pinned = settings.ingest.tls_certfile
+        url, pinned = settings.admin_url(), settings.admin_certificate()
     document = fetch_status(url, pinned=pinned)
     print(json.dumps(document, indent=2) if args.json else render_status(document))
     return 0 if not (document.get("not_ready") or document.get("degraded")) else 1

@@ -536,6 +536,11 @@ class Settings(_Section):
             return self.ingest_url()
         return _local_url(self.admin.host, self.admin.port)
 
+    def admin_certificate(self) -> Path | None:
+        """The certificate `admin_url`'s listener shows: the webhook's (``ingest.tls_certfile``) when that listener
+        serves ``/status`` too; None for the admin listener's plain HTTP."""
+        return self.ingest.tls_certfile if self.admin.port is None else None
+
     def masked(self) -> dict[str, Any]:
         """The effective settings as JSON values, secrets shown as ``**********``, and a URL's user info, query
         and fragment as ``***`` (``token_url = "https://login.example/token?client_secret=..."``)."""

@@ -157,6 +157,10 @@ def test_the_settings_take_both_files_or_neither_and_the_listener_is_then_https(
     )
     assert settings.ingest_url() == "https://127.0.0.1:8080"
     assert settings.admin_url() == "https://127.0.0.1:8080"
+    assert settings.admin_certificate() == cert, "what `orderbus status` accepts there"
+    env = {"ORDERBUS_INGEST__TLS_CERTFILE": str(cert), "ORDERBUS_INGEST__TLS_KEYFILE": str(key)}
+    apart = load_settings(None, env={**env, "ORDERBUS_ADMIN__PORT": "8081"})
+    assert (apart.admin_url(), apart.admin_certificate()) == ("http://127.0.0.1:8081", None)
     assert load_settings(None, env={}).ingest_url() == "http://127.0.0.1:8080"
 
 
