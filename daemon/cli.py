@@ -41,17 +41,13 @@ from pydantic import SecretStr
 
 from consumers.deadletter import REASONS
 from daemon import kafka_local
-from daemon.dlq import parse_position
 from daemon.kafka_options import client_options, topic_layout
-from daemon.lifecycle import serve
 from daemon.logs import configure
 from daemon.order_check import MAX_BODY_BYTES
-from daemon.reconcile import DEFAULT_RATE
 from daemon.retention import MIN_DEDUP_RETENTION_HOURS, MIN_INGEST_KEY_RETENTION_HOURS
-from daemon.settings import AuthSettings, Settings, load_settings
+from daemon.settings import RECONCILE_RATE, AuthSettings, Settings, load_settings
 from daemon.signature import sign
 from daemon.tls_listener import server_tls
-from topics.admin import apply_catalogue
 from topics.catalogue import catalogue
 from topics.errors import ConfigError, NotYetError, OrderbusError
 
@@ -150,6 +146,18 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw status document")
     status.set_defaults(func=_status)
 
+    health = commands.add_parser(
+        "health", help="whether the daemon on this host is alive (/healthz), or ready (--ready): exit 0 or 1"
+    )
+    _config_option(health)
+    health.add_argument("--url", help="the daemon's base URL (default: as for status)")
+    health.add_argument("--ready", action="store_true", help="ask /readyz: Kafka, the key store, every sink")
+    health.add_argument(
+        "--component", help="ask /readyz for one part only: ingest, or sink.NAME (a webhook load balancer's question)"
+    )
+    health.add_argument("--timeout", type=_seconds, default=4.0, help="seconds to wait for the answer (4)")
+    health.set_defaults(func=_health)
+
     dedup = commands.add_parser("dedup", help="the delivery-state files").add_subparsers(
         required=True, metavar="ACTION"
     )
@@ -211,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
         "--since-hours", type=_hours, default=24.0, metavar="H", help="orders delivered in the last H hours (24)"
     )
     recon.add_argument("--concurrency", type=_concurrency, default=4, help="requests at once, 1-64 (4)")
-    recon.add_argument("--rate", type=_rate, help=f"requests a second (the sink's rate, else {DEFAULT_RATE:g})")
+    recon.add_argument("--rate", type=_rate, help=f"requests a second (the sink's rate, else {RECONCILE_RATE:g})")
     recon.set_defaults(func=_reconcile)
 
     webhook = commands.add_parser("webhook", help="webhook helpers").add_subparsers(required=True, metavar="ACTION")
@@ -234,6 +242,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _position(text: str) -> str:
+    from daemon.dlq import parse_position
+
     try:
         return parse_position(text)
     except ValueError as exc:
@@ -359,6 +369,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 async def _serve_until_signal(settings: Settings, *, load: Callable[[], Settings] | None = None) -> int:
     """Serve until SIGTERM or SIGINT; a second SIGINT stops at once; SIGHUP re-reads the settings with `load`."""
+    from daemon.lifecycle import serve
+
     stop = asyncio.Event()
     reload = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -417,6 +429,8 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _topics_apply(args: argparse.Namespace) -> int:
+    from topics.admin import apply_catalogue
+
     settings = _operator_settings(args)
     specs = catalogue(topic_layout(settings.topics))
     report = _run_async(apply_catalogue(specs, client_options(settings.kafka)))
@@ -481,6 +495,18 @@ def _status(args: argparse.Namespace) -> int:
     document = fetch_status(url, pinned=pinned)
     print(json.dumps(document, indent=2) if args.json else render_status(document))
     return 0 if not (document.get("not_ready") or document.get("degraded")) else 1
+
+
+def _health(args: argparse.Namespace) -> int:
+    from daemon.status import probe_health
+
+    url, pinned = args.url, None
+    if url is None:
+        settings = _operator_settings(args)
+        url, pinned = settings.admin_url(), settings.admin_certificate()
+    healthy, lines = probe_health(url, component=args.component, ready=args.ready, timeout=args.timeout, pinned=pinned)
+    print("\n".join(lines))
+    return 0 if healthy else 1
 
 
 def _dedup_prune(args: argparse.Namespace) -> int:
@@ -553,6 +579,10 @@ def _positive(text: str, what: str) -> float:
 
 def _hours(text: str) -> float:
     return _positive(text, "hours")
+
+
+def _seconds(text: str) -> float:
+    return _positive(text, "seconds")
 
 
 def _trace(args: argparse.Namespace) -> int:

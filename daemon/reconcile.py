@@ -47,13 +47,13 @@ from consumers.pacing import Pacer
 from consumers.policy import parse_retry_after
 from consumers.sqlite_files import read_only
 from daemon.retention import dedup_path
-from daemon.settings import Settings, SinkSettings
+from daemon.settings import RECONCILE_RATE, Settings, SinkSettings
 from daemon.sinks import build_auth, build_sink, http_config
 from topics.errors import ConfigError, OrderbusError, StoreError
 
 RETRY: Final = Backoff(base=1.0, cap=4.0, max_attempts=4)
 STOP_AFTER: Final = 10  # orders in a row without a verdict
-DEFAULT_RATE: Final = 20.0  # GETs a second for a sink without a `rate`
+DEFAULT_RATE: Final = RECONCILE_RATE  # GETs a second for a sink without a `rate`
 
 Verdict = Literal["present", "removed", "missing", "unknown"]
 VERDICTS: Final[tuple[Verdict, ...]] = ("present", "removed", "missing", "unknown")

@@ -371,6 +371,10 @@ class UrlSettings(_Section):
         return UrlTemplates(create=self.create, by_id=self.by_id, by_number=self.by_number)
 
 
+# `orderbus reconcile`'s requests a second to a sink without a `rate` (a reconcile is never unlimited).
+RECONCILE_RATE: Final = 20.0
+
+
 class SinkSettings(_Section):
     """One downstream system: where it is, how hard orderbus may push it, and what its answers mean.
 

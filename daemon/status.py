@@ -1,4 +1,5 @@
-"""`orderbus status`: a running daemon's sinks at a glance, read from its ``/status`` document."""
+"""`orderbus status` and `orderbus health`: a running daemon's sinks at a glance, read from its ``/status``
+document, and whether it is alive or ready, read from ``/healthz`` and ``/readyz``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from daemon.tls_listener import certificate_validity
 from topics.errors import OrderbusError
@@ -26,15 +27,59 @@ class StatusError(OrderbusError):
 def fetch_status(base_url: str, *, timeout: float = 5.0, pinned: Path | None = None) -> dict[str, Any]:
     """The daemon's ``/status`` document. `pinned`: the certificate file of this host's own HTTPS listener; the
     listener must then show exactly that certificate (its name is not checked: the URL is a loopback address)."""
-    url = base_url.rstrip("/") + "/status"
+    url, code, reason, body = _get(base_url, "/status", timeout, pinned)
+    if code != 200:
+        raise StatusError(f"no orderbus daemon answers at {url}: HTTP {code} {reason}")
+    try:
+        document: dict[str, Any] = json.loads(body)
+    except json.JSONDecodeError:
+        raise StatusError(f"{url} did not answer with a status document; is that an orderbus daemon?") from None
+    return document
+
+
+def probe_health(
+    base_url: str,
+    *,
+    component: str | None = None,
+    ready: bool = False,
+    timeout: float = 4.0,
+    pinned: Path | None = None,
+) -> tuple[bool, list[str]]:
+    """`orderbus health`: whether the daemon answers ``/healthz`` (alive), or with `ready` (or a `component`)
+    ``/readyz`` (ready for its part), and what it says, one line each. `StatusError` if nothing answers."""
+    if component is not None:
+        path, ready = f"/readyz?component={quote(component, safe='.')}", True
+    else:
+        path = "/readyz" if ready else "/healthz"
+    url, code, reason, body = _get(base_url, path, timeout, pinned)
+    try:
+        document = json.loads(body)
+    except json.JSONDecodeError:
+        document = None
+    if not isinstance(document, dict):
+        raise StatusError(f"{url} answered HTTP {code} {reason} without a health document; is that an orderbus daemon?")
+    if not ready:
+        return code == 200, [f"alive: {url}" if code == 200 else f"NOT ALIVE: {url} answered HTTP {code}"]
+    if code not in (200, 503):  # an unknown component (400): its problem document names the ones there are
+        raise StatusError(f"{url}: HTTP {code}: {document.get('detail', reason)}")
+    lines = problems(document.get("reasons") or {}, document.get("degraded") or {})
+    return code == 200, [f"{'ready' if code == 200 else 'not ready'}: {url}", *lines]
+
+
+def _get(base_url: str, path: str, timeout: float, pinned: Path | None) -> tuple[str, int, str, bytes]:
+    """GET `path` of the daemon at `base_url`, whatever the status: (url, status, reason, body)."""
+    url = base_url.rstrip("/") + path
     if not url.startswith(("http://", "https://")):
         raise StatusError(f"--url must be an http(s) URL, got {base_url!r}")
     try:
         if pinned is not None and url.startswith("https://"):
-            body = _pinned_get(url, pinned, timeout)
-        else:
+            return url, *_pinned_get(url, pinned, timeout)
+        try:
             with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - scheme checked above
-                body = response.read()
+                return url, response.status, response.reason, response.read()
+        except urllib.error.HTTPError as answer:  # an answer all the same
+            with answer:
+                return url, answer.code, answer.reason, answer.read()
     except (http.client.BadStatusLine, ConnectionResetError) as exc:
         # What plain HTTP to a TLS port meets: under systemd credentials the operator's shell may not see the
         # webhook's HTTPS settings, which the unit's environment gives.
@@ -43,14 +88,9 @@ def fetch_status(base_url: str, *, timeout: float = 5.0, pinned: Path | None = N
         raise StatusError(said) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         raise StatusError(f"no orderbus daemon answers at {url}: {exc}") from None
-    try:
-        document: dict[str, Any] = json.loads(body)
-    except json.JSONDecodeError:
-        raise StatusError(f"{url} did not answer with a status document; is that an orderbus daemon?") from None
-    return document
 
 
-def _pinned_get(url: str, pinned: Path, timeout: float) -> bytes:
+def _pinned_get(url: str, pinned: Path, timeout: float) -> tuple[int, str, bytes]:
     """GET `url` from a listener that must show the first certificate of `pinned` (compared byte for byte)."""
     try:
         expected, _, _ = certificate_validity(pinned.read_text("ascii", errors="replace"))
@@ -69,12 +109,9 @@ def _pinned_get(url: str, pinned: Path, timeout: float) -> bytes:
                 f"{url} shows another certificate than {pinned}: not this host's orderbus, or one not reloaded since "
                 "the file was renewed"
             )
-        connection.request("GET", parts.path)
+        connection.request("GET", f"{parts.path}?{parts.query}" if parts.query else parts.path)
         response = connection.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise StatusError(f"no orderbus daemon answers at {url}: HTTP {response.status} {response.reason}")
-        return body
+        return response.status, response.reason, response.read()
     finally:
         connection.close()
 

@@ -26,7 +26,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 from prometheus_client import CollectorRegistry
-from support import log_line, longest_shutdown
+from support import free_port, log_line, longest_shutdown
 
 from daemon.app import build_app
 from daemon.settings import (
@@ -462,31 +462,46 @@ def healthcheck_argv(dockerfile: list[tuple[str, str]]) -> list[str]:
     return argv
 
 
-def test_the_healthcheck_uses_python_on_healthz(dockerfile: list[tuple[str, str]]) -> None:
+def test_the_healthcheck_is_orderbus_health_within_the_checks_timeout(dockerfile: list[tuple[str, str]]) -> None:
+    # Review (operator): a fixed http://127.0.0.1:8080/healthz failed every check of a daemon whose webhook speaks
+    # HTTPS, or listens on another port, until HEALTHCHECK_URL was set by hand.
     argv = healthcheck_argv(dockerfile)
-    assert argv[:2] == ["/opt/orderbus/bin/python", "-c"]
-    assert "http://127.0.0.1:8080/healthz" in argv[2]
-    assert "curl" not in " ".join(argv)
+    assert argv[:2] == ["/opt/orderbus/bin/orderbus", "health"]
+    options = last(dockerfile, "HEALTHCHECK").partition(" CMD ")[0]
+    timeout = float(re.search(r"--timeout=(\d+)s", options).group(1))  # type: ignore[union-attr]
+    assert float(argv[argv.index("--timeout") + 1]) < timeout, "its own answer (an error line) before Docker's kill"
 
 
 async def test_the_healthcheck_command_passes_on_a_live_daemon_and_fails_on_a_dead_one(
-    dockerfile: list[tuple[str, str]],
+    dockerfile: list[tuple[str, str]], tmp_path: Path
 ) -> None:
-    argv = [sys.executable, *healthcheck_argv(dockerfile)[1:]]
-    app = build_app(ingest=None, readiness=dict, registry=CollectorRegistry())
-    async with TestServer(app) as server:
-        url = str(server.make_url("/healthz"))
-        assert await healthcheck(argv, url) == 0
-        missing = str(server.make_url("/nothing-here"))
-        assert await healthcheck(argv, missing) != 0
-    assert await healthcheck(argv, url) != 0  # nobody listens any more
+    # The image's own command, found where the settings say (no [admin]: the webhook's port), not at 8080.
+    argv = [sys.executable, "-m", "daemon", *healthcheck_argv(dockerfile)[1:]]
+    app = build_app(ingest=None, readiness=lambda: {"sink.crm": "joining its group"}, registry=CollectorRegistry())
+    async with TestServer(app, host="127.0.0.1") as server:
+        config = tmp_path / "orderbus.toml"
+        config.write_text(f'[ingest]\nenabled = false\nhost = "127.0.0.1"\nport = {server.port}\n')
+        url = f"http://127.0.0.1:{server.port}/healthz"
+        assert await healthcheck(argv, config) == (0, f"alive: {url}")
+        code, said = await healthcheck([*argv, "--ready"], config)
+        assert (code, said.splitlines()[-1]) == (1, "NOT READY sink.crm: joining its group")
+        elsewhere = tmp_path / "elsewhere.toml"
+        elsewhere_port = free_port()
+        elsewhere.write_text(f"[ingest]\nenabled = false\nport = {elsewhere_port}\n")
+        elsewhere_url = f"http://127.0.0.1:{elsewhere_port}"
+        code, said = await healthcheck(argv, elsewhere)
+        assert (code, said.split(": <")[0]) == (1, f"orderbus: no orderbus daemon answers at {elsewhere_url}/healthz")
+    code, said = await healthcheck(argv, config)
+    assert (code, said.split(": <")[0]) == (1, f"orderbus: no orderbus daemon answers at {url}"), "nobody listens"
 
 
-async def healthcheck(argv: list[str], url: str) -> int:
+async def healthcheck(argv: list[str], config: Path) -> tuple[int, str]:
+    """The exit status and output of `argv` run with `config` as its settings file (``ORDERBUS_CONFIG``)."""
     process = await asyncio.create_subprocess_exec(
-        *argv, env={"HEALTHCHECK_URL": url}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        *argv, env={"ORDERBUS_CONFIG": str(config)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT
     )
-    return await asyncio.wait_for(process.wait(), timeout=30)
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    return await process.wait(), output.decode().strip()
 
 
 def test_the_build_context_holds_only_what_the_image_copies(dockerfile: list[tuple[str, str]]) -> None:

@@ -1,4 +1,5 @@
-"""`orderbus status`: what the daemon's status document says about the ingest, and how the command shows it."""
+"""`orderbus status`: what the daemon's status document says about the ingest, and how the command shows it;
+`orderbus health`: what it asks and says."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from support import certificate
 
 from consumers.engine import SinkEngine
+from daemon.app import build_app
 from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.lifecycle import _degraded, _reasons, _status
 from daemon.publisher import KafkaPublisher
-from daemon.status import render_status
+from daemon.status import StatusError, probe_health, render_status
 from daemon.tls_listener import ServerTls
 
 EXITED = "ingest key store /var/lib/orderbus/ingest-keys.sqlite: its process exited (code -9)"
@@ -155,3 +160,54 @@ def test_a_sink_held_by_its_downstreams_retry_after_says_for_how_long() -> None:
     crm, shipping = rows.splitlines()[1:3]
     assert "  closed, held by Retry-After: 42 s more  " in crm
     assert "  closed, ramping up: 2 in flight  " in shipping
+
+
+# --- orderbus health ------------------------------------------------------------------------------------------
+
+
+async def test_health_says_alive_or_ready_and_names_what_is_not_ready() -> None:
+    reasons = {"ingest": "kafka unreachable", "sink.crm": "joining its group"}
+    app = build_app(
+        ingest=None,
+        readiness=lambda: dict(reasons),
+        degraded=lambda: {"sink.shipping": "circuit open"},
+        components=["ingest", "sink.crm", "sink.shipping"],
+    )
+    async with TestServer(app, host="127.0.0.1") as server:
+        base = f"http://127.0.0.1:{server.port}"
+        assert await asyncio.to_thread(probe_health, base) == (True, [f"alive: {base}/healthz"])
+        assert await asyncio.to_thread(probe_health, base, ready=True) == (
+            False,
+            [
+                f"not ready: {base}/readyz",
+                "NOT READY ingest: kafka unreachable",
+                "NOT READY sink.crm: joining its group",
+                "DEGRADED sink.shipping: circuit open",
+            ],
+        )
+        healthy, lines = await asyncio.to_thread(probe_health, base, component="sink.crm")
+        assert (healthy, lines[1:]) == (
+            False,
+            ["NOT READY sink.crm: joining its group", "DEGRADED sink.shipping: circuit open"],
+        )
+        reasons.clear()
+        assert await asyncio.to_thread(probe_health, base, component="ingest") == (
+            True,
+            [f"ready: {base}/readyz?component=ingest", "DEGRADED sink.shipping: circuit open"],
+        )
+        with pytest.raises(StatusError, match=r"no component 'sink\.erp' here; the components are: ingest, sink\.crm"):
+            await asyncio.to_thread(probe_health, base, component="sink.erp")
+
+
+async def test_health_refuses_an_answer_that_is_not_orderbuss() -> None:
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text="<html>it works</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/healthz", page)
+    async with TestServer(app, host="127.0.0.1") as server:
+        base = f"http://127.0.0.1:{server.port}"
+        with pytest.raises(StatusError, match=r"/healthz answered HTTP 200 OK without a health document"):
+            await asyncio.to_thread(probe_health, base)
+        with pytest.raises(StatusError, match=r"/readyz answered HTTP 404 Not Found without a health document"):
+            await asyncio.to_thread(probe_health, base, ready=True)

@@ -293,3 +293,22 @@ async def test_status_trusts_exactly_the_listeners_own_certificate(pairs: dict[s
                 await asyncio.to_thread(status.fetch_status, url, pinned=other)
         with pytest.raises(StatusError, match=r"if that port speaks HTTPS \(ingest.tls_certfile\), pass --url https"):
             await asyncio.to_thread(status.fetch_status, f"http://127.0.0.1:{port}")
+
+
+async def test_health_asks_the_https_listener_with_its_own_certificate(
+    pairs: dict[str, Pair], tmp_path: Path, no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `orderbus health` in the image, with the webhook on HTTPS and no [admin]: found where the settings say.
+    port = free_port()
+    app = build_app(ingest=None, readiness=dict)
+    config = tmp_path / "orderbus.toml"
+    cert, key = pairs["c"]
+    config.write_text(
+        f'[ingest]\nport = {port}\nallow_unsigned = true\ntls_certfile = "{cert}"\ntls_keyfile = "{key}"\n'
+    )
+    async with AsyncExitStack() as stack:
+        await _listen(stack, app, "ingest", "127.0.0.1", port, ServerTls(*pairs["c"]).context)
+        code = await asyncio.to_thread(cli.main, ["health", "--config", str(config), "--ready"])
+        assert (code, capsys.readouterr().out) == (0, f"ready: https://127.0.0.1:{port}/readyz\n")
+        with pytest.raises(StatusError, match="shows another certificate than"):
+            await asyncio.to_thread(status.probe_health, f"https://127.0.0.1:{port}", pinned=pairs["d"][0])
