@@ -420,6 +420,7 @@ def _config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.ingest.require_signatures()
     tls = server_tls(settings.ingest.tls_certfile, settings.ingest.tls_keyfile)  # the pair `run` would load
+    client_options(settings.kafka)  # the Kafka client's certificate and CA, as `run` loads them
     print(settings.masked_json())
     for weakness in settings.weaknesses():
         print(f"warning: {weakness}", file=sys.stderr)

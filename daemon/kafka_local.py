@@ -29,7 +29,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -141,13 +141,18 @@ def render_server_properties(template: str, *, port: int, controller_port: int, 
     if port == controller_port:
         raise LocalKafkaError(f"broker and controller need different ports, both are {port}")
     try:
-        return template.format(
-            BROKER_PORT=port, CONTROLLER_PORT=controller_port, LOG_DIRS=str(log_dirs).replace("\\", "\\\\")
-        )
+        return template.format(BROKER_PORT=port, CONTROLLER_PORT=controller_port, LOG_DIRS=_escaped(str(log_dirs)))
     except (KeyError, IndexError, ValueError) as exc:
         raise LocalKafkaError(
             f"server.properties template: bad placeholder {exc} (literal braces are doubled)"
         ) from exc
+
+
+def _escaped(value: str) -> str:
+    """`value` as a Java properties value: backslashes doubled; a line break cannot be one."""
+    if "\n" in value or "\r" in value:
+        raise LocalKafkaError(f"a server property cannot hold a line break: {value!r}")
+    return value.replace("\\", "\\\\")
 
 
 def plan_ports(
@@ -324,9 +329,16 @@ def start(
     heap: str = "512m",
     timeout: float = 90.0,
     log: Log = no_log,
+    extra_properties: Mapping[str, str] | None = None,
+    scram_users: Mapping[str, str] | None = None,
 ) -> BrokerInfo:
     """Start the broker of `data_dir` (or find it running) and return once it answers ApiVersions; the answer's
     `launched` tells which.
+
+    `extra_properties` are added to server.properties after the template's (a key given there wins: more
+    listeners, TLS, SASL, to try orderbus's Kafka security settings against a real broker); `scram_users` (name to
+    password) get SCRAM-SHA-256 and SCRAM-SHA-512 credentials when the storage is formatted, that is on a data dir's
+    first start. A broker found running keeps what it was started with.
 
     Steps: 1. jars; 2. ports and cluster id (reused from an earlier run of this data dir); 3. render
     server.properties; 4. format the storage unless already formatted; 5. launch `kafka.Kafka` detached and
@@ -364,11 +376,14 @@ def start(
         rendered = render_server_properties(
             TEMPLATE_PATH.read_text(), port=broker_port, controller_port=ctl_port, log_dirs=log_dir
         )
+        if extra_properties:
+            rendered += "\n# --- added by kafka_local.start(extra_properties=...) ---\n"
+            rendered += "".join(f"{key}={_escaped(value)}\n" for key, value in extra_properties.items())
         properties.write_text(rendered)
         classpath = f"{libs}/*"
         # Step 4.
         if formatted_id is None:
-            _format_storage(java, classpath, data_dir, cluster_id, log)
+            _format_storage(java, classpath, data_dir, cluster_id, log, scram_users or {})
         # Step 5.
         log(f"starting Apache Kafka {KAFKA_VERSION} on {HOST}:{broker_port} (data in {data_dir})")
         argv = [java, *jvm_options(data_dir, heap), "-cp", classpath, "kafka.Kafka", str(properties)]
@@ -391,10 +406,15 @@ def start(
         return replace(_info(state, child.pid, data_dir), launched=True)
 
 
-def _format_storage(java: str, classpath: str, data_dir: Path, cluster_id: str, log: Log) -> None:
+def _format_storage(
+    java: str, classpath: str, data_dir: Path, cluster_id: str, log: Log, scram_users: Mapping[str, str]
+) -> None:
     log(f"formatting {data_dir / KRAFT_DIR} for cluster {cluster_id}")
     argv = [java, *jvm_options(data_dir, "128m"), "-cp", classpath, "kafka.tools.StorageTool", "format"]
     argv += ["-t", cluster_id, "-c", str(data_dir / PROPERTIES_FILE), "--ignore-formatted"]
+    for name, password in scram_users.items():
+        for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+            argv += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0:
         output = "\n".join((done.stdout + done.stderr).splitlines()[-25:])

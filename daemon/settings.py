@@ -79,6 +79,11 @@ class KafkaSettings(_Section):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_cafile: CaFile | None = None
+    # A client certificate and its unencrypted key (PEM), for brokers that ask for one (ssl.client.auth=required:
+    # Aiven, MSK or Strimzi with TLS authentication). Read where a Kafka client is built (`run`, `config check`,
+    # the Kafka commands), not at every load: `orderbus status` on a systemd host needs no credential.
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
     request_timeout: Seconds = 10.0
 
     @model_validator(mode="after")
@@ -95,10 +100,16 @@ class KafkaSettings(_Section):
                 f"{', '.join(given)} set, but security_protocol is {self.security_protocol}: "
                 "SASL needs SASL_SSL or SASL_PLAINTEXT"
             )
-        if self.ssl_cafile is not None and self.security_protocol not in ("SSL", "SASL_SSL"):
+        tls = [name for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if getattr(self, name) is not None]
+        if tls and self.security_protocol not in ("SSL", "SASL_SSL"):
             raise ValueError(
-                f"ssl_cafile set, but security_protocol is {self.security_protocol}: TLS needs SSL or SASL_SSL"
+                f"{', '.join(tls)} set, but security_protocol is {self.security_protocol}: TLS needs SSL or SASL_SSL"
             )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            one, other = (
+                ("ssl_certfile", "ssl_keyfile") if self.ssl_keyfile is None else ("ssl_keyfile", "ssl_certfile")
+            )
+            raise ValueError(f"{one} set without {other}: a client certificate needs both (PEM files)")
         return self
 
     @field_validator("bootstrap_servers")

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from daemon.key_pairs import load_pair
 from topics.errors import ConfigError
 
 __all__ = ["EXPIRY_WARNING", "ServerTls", "certificate_validity", "server_tls"]
@@ -178,42 +179,16 @@ def _text(when: float) -> str:
 
 def _load(cert_file: Path, key_file: Path) -> _Pair:
     """The pair as a server's context, with its certificate's DER and validity."""
-    cert_text = _read(cert_file, _CERT_KEY)
-    key_text = _read(key_file, _KEY_KEY)
-    if "-----BEGIN CERTIFICATE-----" not in cert_text:
-        raise ConfigError(f"{_CERT_KEY}: {cert_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
-    if "PRIVATE KEY-----" not in key_text:
-        raise ConfigError(f"{_KEY_KEY}: {key_file} holds no PEM private key (-----BEGIN PRIVATE KEY-----)")
-    if "ENCRYPTED" in key_text:
-        raise ConfigError(
-            f"{_KEY_KEY}: {key_file} is encrypted; give the key unencrypted, in a file only the service's user can read"
-        )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert_text = load_pair(context, cert_file, key_file, cert_key=_CERT_KEY, key_key=_KEY_KEY)
     try:
-        context.load_cert_chain(cert_file, key_file, password=_no_password)
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            raise ConfigError(f"{_KEY_KEY}: {key_file} is not the private key of {cert_file}") from None
-        reason = exc.reason or exc
-        raise ConfigError(f"{_CERT_KEY}/{_KEY_KEY}: {cert_file} and {key_file} do not load ({reason})") from None
-    except OSError as exc:  # gone or closed to us since it was read: a renewal swapping its files
-        raise ConfigError(f"{_CERT_KEY}/{_KEY_KEY}: cannot read {cert_file} or {key_file}: {exc}") from None
-    if _read(cert_file, _CERT_KEY) != cert_text:  # what OpenSSL loaded may not be what was read: said, not guessed
+        reread = cert_file.read_text("ascii", errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"{_CERT_KEY}: cannot read {cert_file}: {exc.strerror or exc}") from None
+    if reread != cert_text:  # what OpenSSL loaded may not be what was read: said, not guessed
         raise ConfigError(f"{_CERT_KEY}: {cert_file} changed while it was read (a renewal under way?); reload again")
     try:
         der, not_before, not_after = certificate_validity(cert_text)
     except ValueError as exc:  # loaded by OpenSSL, so not expected: said, not a traceback
         raise ConfigError(f"{_CERT_KEY}: {cert_file}: its validity cannot be read ({exc})") from None
     return _Pair(context, der, not_before, not_after)
-
-
-def _read(path: Path, key: str) -> str:
-    try:
-        return path.read_text("ascii", errors="replace")
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _no_password() -> str:
-    # Never a prompt on the terminal: a key that asks for one is refused (`_load` says so first when it can).
-    raise ConfigError(f"{_KEY_KEY}: the key asks for a password; give it unencrypted")

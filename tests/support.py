@@ -62,7 +62,7 @@ def sandbox_sinks(sandbox: SandboxProcess, **extra: Any) -> dict[str, dict[str, 
 
 
 def settings_env(
-    broker: BrokerInfo,
+    broker: BrokerInfo | str,
     prefix: str,
     state_dir: Path,
     *,
@@ -70,9 +70,10 @@ def settings_env(
     sinks: Mapping[str, Mapping[str, Any]] | None = None,
     **ingest: object,
 ) -> dict[str, str]:
-    """The ORDERBUS_* variables of a daemon under test (the way an operator overrides a file)."""
+    """The ORDERBUS_* variables of a daemon under test (the way an operator overrides a file); `broker`, or its
+    bootstrap servers."""
     env = {
-        "ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+        "ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": broker if isinstance(broker, str) else broker.bootstrap,
         "ORDERBUS_TOPICS__PREFIX": prefix,
         "ORDERBUS_TOPICS__ORDERS_PARTITIONS": str(partitions),
         "ORDERBUS_STATE_DIR": str(state_dir),
