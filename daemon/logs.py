@@ -6,6 +6,7 @@ Personal data (names, emails, addresses) is never passed to a log call; events c
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import math
@@ -109,7 +110,8 @@ QUIETED = {
 
 # aiokafka's loggers that say, at ERROR, every retry to reach a broker that is away (every 5 s of an outage: 17,000
 # lines a day). Once per message in `RECONNECT_INTERVAL`, the next one with the count of those left out: orderbus's
-# own events, /readyz and `orderbus_ready` say the outage already.
+# own events, /readyz and `orderbus_ready` say the outage already. By the modules' own loggers: aiokafka.client logs
+# as "aiokafka", and a filter on a logger sees only what is logged through it, not what its children pass up.
 RECONNECTING = ("aiokafka.client", "aiokafka.conn")
 RECONNECT_INTERVAL = 300.0
 
@@ -135,5 +137,6 @@ def configure(level: str, stream: TextIO = sys.stderr, limit: RepeatLimit | None
     root.setLevel(level)
     for name, least in QUIETED.items():
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), least))
-    for name in RECONNECTING:
-        logging.getLogger(name).filters[:] = [RepeatLimit(burst=1, interval=RECONNECT_INTERVAL)]
+    for module in RECONNECTING:
+        reconnecting: logging.Logger = importlib.import_module(module).log  # imported here: not every command needs it
+        reconnecting.filters[:] = [RepeatLimit(burst=1, interval=RECONNECT_INTERVAL)]
