@@ -57,6 +57,7 @@ from daemon.sinks import build_auth, build_sink, engine_config
 from daemon.status import problems
 from daemon.tls_listener import ServerTls, server_tls
 from topics.admin import missing_topics
+from topics.broker_diagnosis import diagnose
 from topics.catalogue import dlq_topic, orders_topic, replay_topic
 from topics.errors import BrokerError, ConfigError, NotYetError
 
@@ -370,6 +371,7 @@ async def _open_ingest(
         request_timeout=settings.kafka.request_timeout,
         # The start's check, when Kafka did not answer it: the publisher builds no producer before it passes.
         topic_check=None if topic_checked else functools.partial(_check_topics, settings, options),
+        diagnose=functools.partial(diagnose, options, timeout=settings.kafka.request_timeout),
     )
     await publisher.start()
     stack.push_async_callback(publisher.close)
@@ -523,6 +525,7 @@ def _status(
     if publisher is not None and keys is not None:
         ingest = {
             "kafka_available": publisher.available,
+            "kafka_unreachable": publisher.unreachable,
             "topic_missing": publisher.topic_missing,
             "key_store_error": keys.failing,
         }
@@ -618,7 +621,8 @@ def _reasons(
     if publisher is not None and publisher.topic_missing:
         reasons["ingest"] = publisher.topic_missing
     elif publisher is not None and not publisher.available:
-        reasons["ingest"] = "kafka is unreachable: the ingest cannot publish"
+        why = publisher.unreachable
+        reasons["ingest"] = "kafka is unreachable: the ingest cannot publish" + (f" ({why})" if why else "")
     elif keys is not None and keys.failing:  # a webhook with a key gets 503 until a batch is written again
         reasons["ingest"] = f"the idempotency key store is failing: {keys.failing}"
         keys.recheck()  # a flush that writes a row: written, the next probe finds the ingest ready

@@ -97,12 +97,15 @@ class KafkaPublisher:
         producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer,
         clock: Clock | None = None,
         topic_check: Callable[[], Awaitable[None]] | None = None,
+        diagnose: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         """`producer_factory` takes `AIOKafkaProducer`'s arguments; unit tests pass a fake with its methods.
         `clock` keeps the publish timeouts (`consumers.deadlines`: one sweeper, not a timer per request) and paces
         the health check and the reconnect probe. `topic_check`, if given, must pass (raise nothing) before the
         producer is built: it raises `BrokerError` while the cluster cannot be reached, `ConfigError` while the
-        topic is missing, and is tried again with the reconnect probe."""
+        topic is missing, and is tried again with the reconnect probe. `diagnose` (`topics.broker_diagnosis`), if given,
+        says why the broker cannot be reached once the producer's start failed (aiokafka's error says "Unable to
+        bootstrap" for every cause)."""
         self._topic = topic
         self._producer_factory = producer_factory
         self._options = dict(client_options)
@@ -116,10 +119,18 @@ class KafkaPublisher:
         self._deadlines = Deadlines(self._clock)
         self._topic_check = topic_check
         self._topic_missing: str | None = None
+        self._diagnose = diagnose
+        self._unreachable: str | None = None
 
     @property
     def available(self) -> bool:
         return self._available
+
+    @property
+    def unreachable(self) -> str | None:
+        """Why Kafka cannot be reached, while it cannot and the cause is known: the credentials, a certificate, the
+        protocol, a refused connection (`diagnose`); None while it can, or nobody could say."""
+        return None if self._available else self._unreachable
 
     @property
     def topic_missing(self) -> str | None:
@@ -133,7 +144,8 @@ class KafkaPublisher:
             await self._connect()
             self._available = True
         except (KafkaError, BrokerError) as exc:
-            log.warning("kafka unreachable at start, ingest answers 503 until it is back: %r", exc)
+            why = await self._why(exc)
+            log.warning("kafka unreachable at start, ingest answers 503 until it is back: %s", why)
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
         except ConfigError:  # said by `_check_topic`
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
@@ -294,9 +306,24 @@ class KafkaPublisher:
                     await _ask_for_metadata(self._producer)
                 self._reopen()
                 return
-            except (KafkaError, BrokerError, ConfigError) as exc:  # a missing topic: said by `_check_topic`
-                log.debug("kafka still unreachable: %r", exc)
+            except ConfigError:  # a missing topic: said by `_check_topic`
                 delay = min(delay * 2, PROBE_MAX)
+            except (KafkaError, BrokerError) as exc:
+                said = self._unreachable
+                if (why := await self._why(exc)) != said:  # a new cause (a password fixed, a certificate not yet)
+                    log.warning("kafka still unreachable: %s", why)
+                else:
+                    log.debug("kafka still unreachable: %s", why)
+                delay = min(delay * 2, PROBE_MAX)
+
+    async def _why(self, exc: KafkaError | BrokerError) -> str:
+        """Why the broker could not be reached (`exc`, said better by `diagnose` for a failed bootstrap), kept for
+        `unreachable`. A `BrokerError` of the topic check carries its diagnosis already (`topics.admin`)."""
+        why = str(exc) if isinstance(exc, BrokerError) else None
+        if why is None and isinstance(exc, KafkaConnectionError) and self._diagnose is not None:
+            why = await self._diagnose()
+        self._unreachable = why or repr(exc)
+        return self._unreachable
 
     async def _dropped_if_dead(self) -> bool:
         """Close and forget a producer whose sender task has died; True if it had.

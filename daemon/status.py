@@ -147,6 +147,8 @@ def render_status(document: dict[str, Any]) -> str:
             line = f"ingest: TOPIC MISSING: {ingest['topic_missing']}"
         else:
             line = f"ingest: {'publishing' if ingest.get('kafka_available') else 'KAFKA UNREACHABLE'}"
+            if not ingest.get("kafka_available") and ingest.get("kafka_unreachable"):
+                line += f": {ingest['kafka_unreachable']}"  # the credentials, a certificate, the protocol, ...
         if ingest.get("key_store_error"):  # webhooks with a key get 503 until a batch is written again
             line += f"; KEY STORE FAILING: {ingest['key_store_error']}"
         lines.append(line)

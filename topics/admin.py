@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
+from topics.broker_diagnosis import unreachable
 from topics.catalogue import TopicSpec
 from topics.errors import BrokerError
 
@@ -57,7 +58,7 @@ async def apply_catalogue(
         await admin.start()
         return await _apply(admin, specs, timeout)
     except KafkaError as exc:
-        raise BrokerError(f"cannot apply topics at {client_options.get('bootstrap_servers')}: {exc!r}") from exc
+        raise BrokerError(await unreachable("apply topics", client_options, exc)) from exc
     finally:
         await admin.close()
 
@@ -164,7 +165,7 @@ async def missing_topics(
         await admin.start()
         return await _unlisted(admin, names)
     except KafkaError as exc:
-        raise BrokerError(f"cannot list topics at {client_options.get('bootstrap_servers')}: {exc!r}") from exc
+        raise BrokerError(await unreachable("list topics", client_options, exc)) from exc
     finally:
         await admin.close()
 

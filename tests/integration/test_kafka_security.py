@@ -5,6 +5,7 @@ the whole daemon runs through each listener, and a webhook's order reaches the C
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import uuid
@@ -17,8 +18,14 @@ import pytest
 from support import certificate, running_daemon, sandbox_sinks, settings_env
 
 from daemon import kafka_local
+from daemon.kafka_options import client_options, topic_layout
 from daemon.sandbox import SandboxClient, SandboxProcess
-from daemon.settings import load_settings
+from daemon.settings import TopicSettings, load_settings
+from daemon.status import fetch_status, render_status
+from topics.admin import apply_catalogue
+from topics.broker_diagnosis import diagnose
+from topics.catalogue import catalogue
+from topics.errors import BrokerError
 from topics.samples import sample_submission
 
 SCRAM_PASSWORD = "scram-secret-for-tests"  # the test broker's own user
@@ -29,6 +36,7 @@ PLAIN_PASSWORD = "plain-secret-for-tests"
 class SecureBroker:
     ssl_bootstrap: str  # TLS; the client shows a certificate the broker's CA signed
     sasl_bootstrap: str  # SASL_SSL: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    plain_bootstrap: str  # PLAINTEXT, no SASL
     ca: Path
     client: tuple[Path, Path]
 
@@ -73,9 +81,8 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBr
             extra_properties=extra,
             scram_users={"orderbus": SCRAM_PASSWORD},
         )
-        yield SecureBroker(
-            f"127.0.0.1:{ssl_port}", f"127.0.0.1:{sasl_port}", ca[0], certificate(pki, "client", issuer=ca)
-        )
+        client = certificate(pki, "client", issuer=ca)
+        yield SecureBroker(f"127.0.0.1:{ssl_port}", f"127.0.0.1:{sasl_port}", f"127.0.0.1:{ports[0]}", ca[0], client)
     finally:
         kafka_local.stop(data_dir, grace=20.0)
 
@@ -122,3 +129,100 @@ async def test_a_webhooks_order_reaches_the_crm_through_a_broker_that_asks_who_w
         assert published["topic"] == f"{prefix}orders"
         [effect] = await sandbox.wait_ledger("crm", 1, timeout=30)
         assert effect["order_number"] == submission.order.order_number
+
+
+# What each wrong setting meets, as `diagnose` says it: aiokafka says "Unable to bootstrap" for all of them.
+WRONG = {
+    "a wrong password": (
+        "sasl-scram-sha-512",
+        {"ORDERBUS_KAFKA__SASL_PASSWORD": "not-the-password"},
+        "the broker refused the SASL credentials (SCRAM-SHA-512): check kafka.sasl_username and kafka.sasl_password",
+    ),
+    "an unknown user": (
+        "sasl-plain",
+        {"ORDERBUS_KAFKA__SASL_USERNAME": "nobody"},
+        "the broker refused the SASL credentials (PLAIN)",
+    ),
+    "no CA for a private one": (
+        "sasl-plain",
+        {"ORDERBUS_KAFKA__SSL_CAFILE": ""},
+        "the broker's certificate is not trusted (unable to get local issuer certificate): set kafka.ssl_cafile",
+    ),
+    "no client certificate": (
+        "ssl-client-certificate",
+        {"ORDERBUS_KAFKA__SSL_CERTFILE": "", "ORDERBUS_KAFKA__SSL_KEYFILE": ""},
+        "the broker wants a client certificate it trusts",
+    ),
+    "a name the certificate lacks": (
+        "ssl-client-certificate",
+        {"ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": "localhost:{ssl_port}"},
+        "the broker's certificate does not name localhost",
+    ),
+    "plain text to TLS": (
+        "sasl-plain",
+        {"ORDERBUS_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT", "ORDERBUS_KAFKA__SSL_CAFILE": ""},
+        "this listener speaks TLS, and kafka.security_protocol is SASL_PLAINTEXT: use SSL or SASL_SSL",
+    ),
+    "TLS to plain text": (
+        "sasl-plain",
+        {"ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": "{plain}"},
+        "the connection was reset during the TLS handshake: is this a TLS listener? (SASL_SSL)",
+    ),
+    "no SASL where it is asked": (
+        "ssl-client-certificate",
+        {"ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": "{sasl}"},
+        "if its listener asks for SASL, kafka.security_protocol must be SASL_SSL (it is SSL)",
+    ),
+    "SASL where none is taken": (
+        "sasl-plain",
+        {
+            "ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": "{plain}",
+            "ORDERBUS_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "ORDERBUS_KAFKA__SSL_CAFILE": "",
+        },
+        "this listener takes no SASL, and kafka.security_protocol is SASL_PLAINTEXT: use PLAINTEXT",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG))
+async def test_a_wrong_setting_is_named_where_aiokafka_says_only_unable_to_bootstrap(
+    secure_broker: SecureBroker, case: str
+) -> None:
+    mode, changes, said = WRONG[case]
+    ports = {
+        "ssl_port": secure_broker.ssl_bootstrap.rpartition(":")[2],
+        "plain": secure_broker.plain_bootstrap,
+        "sasl": secure_broker.sasl_bootstrap,
+    }
+    env = {**security_env(secure_broker, mode), **{name: value.format(**ports) for name, value in changes.items()}}
+    options = client_options(load_settings(None, env={name: value for name, value in env.items() if value}).kafka)
+    found = await diagnose(options, timeout=10)
+    assert found is not None
+    assert said in found
+    with pytest.raises(BrokerError) as caught:
+        await apply_catalogue(list(catalogue(topic_layout(TopicSettings(prefix="never.")))), options, timeout=10)
+    assert str(caught.value) == f"cannot apply topics at {options['bootstrap_servers']}: {found}"
+
+
+async def test_the_right_settings_leave_nothing_to_diagnose(secure_broker: SecureBroker) -> None:
+    for mode in ("ssl-client-certificate", "sasl-plain", "sasl-scram-sha-256", "sasl-scram-sha-512"):
+        assert await diagnose(client_options(load_settings(None, env=security_env(secure_broker, mode)).kafka)) is None
+
+
+async def test_an_ingest_with_a_wrong_password_says_so_on_readyz_and_in_its_status(
+    secure_broker: SecureBroker, tmp_path: Path
+) -> None:
+    env = settings_env(secure_broker.sasl_bootstrap, "never.", tmp_path / "state")
+    wrong = {**security_env(secure_broker, "sasl-scram-sha-512"), "ORDERBUS_KAFKA__SASL_PASSWORD": "not-the-password"}
+    settings = load_settings(None, env={**env, **wrong})
+    async with running_daemon(settings, apply=False) as base, aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/readyz") as answer:
+            assert answer.status == 503
+            reason = (await answer.json())["reasons"]["ingest"]
+        assert reason.startswith("kafka is unreachable: the ingest cannot publish (cannot list topics at ")
+        assert "the broker refused the SASL credentials (SCRAM-SHA-512)" in reason
+        document = await asyncio.to_thread(fetch_status, base)
+        ingest_line = render_status(document).splitlines()[-2]
+        assert ingest_line.startswith("ingest: KAFKA UNREACHABLE: cannot list topics at ")
+        assert "not-the-password" not in json.dumps(document)

@@ -7,6 +7,7 @@ acknowledge in time" happens without sleeping; the real broker's side is in test
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
 
 from consumers.clock import FakeClock
 from consumers.deadlines import DEFAULT_RESOLUTION
@@ -320,3 +321,50 @@ async def test_aiokafka_still_keeps_its_sender_task_where_the_watch_looks() -> N
         assert producer._sender.sender_task is None
     finally:
         await producer.stop()
+
+
+async def test_why_kafka_cannot_be_reached_is_kept_and_said_when_it_changes(caplog: pytest.LogCaptureFixture) -> None:
+    """aiokafka fails a start with "Unable to bootstrap" whatever the cause: the publisher asks `diagnose` and keeps
+    its answer for /readyz and `orderbus status`, says it at start and again only when it changes, and forgets it
+    once the broker answers."""
+    clock = FakeClock()
+    causes = iter(["the broker refused the SASL credentials", "the broker refused the SASL credentials", "refused"])
+    starts = iter([KafkaConnectionError("Unable to bootstrap") for _ in range(3)])
+
+    class Failing(FakeProducer):
+        async def start(self) -> None:
+            if (error := next(starts, None)) is not None:
+                raise error
+
+    async def diagnose() -> str | None:
+        return next(causes)
+
+    publisher = KafkaPublisher(
+        "orders",
+        {},
+        health_interval=math.inf,
+        producer_factory=lambda **options: Failing(options),
+        clock=clock,
+        diagnose=diagnose,
+    )
+    with caplog.at_level(logging.DEBUG, "daemon.publisher"):
+        await publisher.start()
+        try:
+            assert publisher.unreachable == "the broker refused the SASL credentials"
+            await clock.advance(PROBE_MIN)  # the same cause
+            await clock.advance(2 * PROBE_MIN)  # another
+            assert publisher.unreachable == "refused"
+            await clock.advance(4 * PROBE_MIN)  # the fourth start succeeds
+            assert publisher.available
+            assert not publisher.unreachable, "forgotten once the broker answers"
+        finally:
+            await publisher.close(grace=1.0)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "unreachable" in r.getMessage()]
+    assert said == [
+        (
+            "WARNING",
+            "kafka unreachable at start, ingest answers 503 until it is back: the broker refused the SASL credentials",
+        ),
+        ("DEBUG", "kafka still unreachable: the broker refused the SASL credentials"),
+        ("WARNING", "kafka still unreachable: refused"),
+    ]

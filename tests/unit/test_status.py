@@ -29,7 +29,12 @@ def test_a_failing_key_store_is_in_the_status_document_and_on_the_ingest_line(tm
     keys = SqliteIngestKeyStore(tmp_path / "ingest-keys.sqlite")  # its state only; nothing is opened
     keys.failing = EXITED  # as a batch that failed leaves it (tests/unit/test_ingest_keys_process.py)
     document = _status(KafkaPublisher("orders", {}), keys, {}, CollectorRegistry())
-    assert document["ingest"] == {"kafka_available": False, "topic_missing": None, "key_store_error": EXITED}
+    assert document["ingest"] == {
+        "kafka_available": False,
+        "kafka_unreachable": None,
+        "topic_missing": None,
+        "key_store_error": EXITED,
+    }
     assert render_status(document).splitlines()[-2:] == [
         f"ingest: KAFKA UNREACHABLE; KEY STORE FAILING: {EXITED}",
         "NOT READY ingest: kafka is unreachable: the ingest cannot publish",
