@@ -297,14 +297,24 @@ def _settings(args: argparse.Namespace) -> Settings:
 SECRET_NOT_LOADED = "not-loaded:orderbus-operator-command"  # noqa: S105 -- a marker, not a credential
 
 
-def _operator_settings(args: argparse.Namespace) -> Settings:
+def _operator_settings(args: argparse.Namespace, *, kafka: bool = True) -> Settings:
     """The settings for a command that never talks to the downstream systems (status, dlq, topics, dedup, webhook).
 
     Validated as `load_settings` validates them, except that a sink secret no file nor variable gives is filled
     with `SECRET_NOT_LOADED`: on a systemd host the secrets are credentials only the unit can read, and an
     operator at the shell must not need them to list dead letters. A secret that is given is checked as usual.
+    Without `kafka` (a command that asks the daemon, not Kafka: status, health), the Kafka SASL password too.
     """
-    return load_settings(_config_path(args), complete=_fill_sink_secrets)
+    return load_settings(_config_path(args), complete=_fill_sink_secrets if kafka else _fill_every_secret)
+
+
+def _fill_every_secret(data: dict[str, Any]) -> None:
+    """`_fill_sink_secrets`, and the Kafka SASL password when SASL is on and none is given: the settings of a command
+    that builds no client of anything (the webhook's secrets are asked for by `run` and `config check` only)."""
+    _fill_sink_secrets(data)
+    kafka = data.get("kafka")
+    if isinstance(kafka, dict) and str(kafka.get("security_protocol", "")).startswith("SASL_"):
+        kafka.setdefault("sasl_password", SECRET_NOT_LOADED)
 
 
 def _fill_sink_secrets(data: dict[str, Any]) -> None:
@@ -491,7 +501,7 @@ def _status(args: argparse.Namespace) -> int:
 
     url, pinned = args.url, None
     if url is None:
-        settings = _operator_settings(args)
+        settings = _operator_settings(args, kafka=False)
         url, pinned = settings.admin_url(), settings.admin_certificate()
     document = fetch_status(url, pinned=pinned)
     print(json.dumps(document, indent=2) if args.json else render_status(document))
@@ -503,7 +513,7 @@ def _health(args: argparse.Namespace) -> int:
 
     url, pinned = args.url, None
     if url is None:
-        settings = _operator_settings(args)
+        settings = _operator_settings(args, kafka=False)
         url, pinned = settings.admin_url(), settings.admin_certificate()
     healthy, lines = probe_health(url, component=args.component, ready=args.ready, timeout=args.timeout, pinned=pinned)
     print("\n".join(lines))

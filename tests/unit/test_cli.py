@@ -63,6 +63,26 @@ def test_operator_commands_need_no_sink_secrets(
     assert cli.main(["dlq", "list", "--sink", "crm", *config]) == 0, capsys.readouterr().err
 
 
+def test_status_and_health_need_no_kafka_password_the_kafka_commands_do(
+    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # They ask the daemon, not Kafka: an operator's shell on a host whose Kafka password is the unit's credential.
+    config = tmp_path / "orderbus.toml"
+    config.write_text(
+        '[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "SCRAM-SHA-512"\nsasl_username = "orderbus"\n'
+        "[admin]\nport = 8081\n"
+    )
+    asked: list[str] = []
+    no_orderbus_env.setattr(status, "fetch_status", lambda url, **_: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
+    no_orderbus_env.setattr(status, "probe_health", lambda url, **_: asked.append(url) or (True, ["alive"]))  # type: ignore[func-returns-value]
+    assert cli.main(["status", "--config", str(config)]) == 0
+    assert cli.main(["health", "--config", str(config)]) == 0
+    assert asked == ["http://127.0.0.1:8081"] * 2
+    capsys.readouterr()
+    assert cli.main(["topics", "show", "--config", str(config)]) == 2
+    assert "needs sasl_password" in capsys.readouterr().err
+
+
 def test_without_config_a_command_reads_orderbus_config_else_the_systems_file(
     no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
