@@ -56,7 +56,7 @@ from daemon.signature import WebhookVerifier
 from daemon.sinks import build_auth, build_sink, engine_config
 from daemon.status import problems
 from daemon.tls_listener import ServerTls, server_tls
-from topics.admin import missing_topics
+from topics.admin import diagnosis, missing_topics
 from topics.broker_diagnosis import diagnose
 from topics.catalogue import dlq_topic, orders_topic, replay_topic
 from topics.errors import BrokerError, ConfigError, NotYetError
@@ -371,7 +371,7 @@ async def _open_ingest(
         request_timeout=settings.kafka.request_timeout,
         # The start's check, when Kafka did not answer it: the publisher builds no producer before it passes.
         topic_check=None if topic_checked else functools.partial(_check_topics, settings, options),
-        diagnose=functools.partial(diagnose, options, timeout=settings.kafka.request_timeout),
+        diagnose=functools.partial(diagnose, options, timeout=diagnosis(settings.kafka.request_timeout)),
     )
     await publisher.start()
     stack.push_async_callback(publisher.close)
@@ -621,8 +621,9 @@ def _reasons(
     if publisher is not None and publisher.topic_missing:
         reasons["ingest"] = publisher.topic_missing
     elif publisher is not None and not publisher.available:
-        why = publisher.unreachable
-        reasons["ingest"] = "kafka is unreachable: the ingest cannot publish" + (f" ({why})" if why else "")
+        # Not why (`publisher.unreachable`): /readyz is on the webhook's listener too, and the cause names the
+        # brokers and their security; /status and the log say it.
+        reasons["ingest"] = "kafka is unreachable: the ingest cannot publish"
     elif keys is not None and keys.failing:  # a webhook with a key gets 503 until a batch is written again
         reasons["ingest"] = f"the idempotency key store is failing: {keys.failing}"
         keys.recheck()  # a flush that writes a row: written, the next probe finds the ingest ready

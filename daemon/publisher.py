@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 PROBE_MIN = 0.5  # seconds: the reconnect probe's first interval, doubled after each failure ...
 PROBE_MAX = 5.0  # ... up to this
+# Seconds between two diagnoses of why the broker cannot be reached (`topics.broker_diagnosis`); the probe's tries
+# in between are said with the last one's answer.
+DIAGNOSIS_INTERVAL = 60.0
 
 
 def _wake(woken: asyncio.Future[None], _: asyncio.Future[Any]) -> None:
@@ -120,6 +123,7 @@ class KafkaPublisher:
         self._topic_check = topic_check
         self._topic_missing: str | None = None
         self._diagnose = diagnose
+        self._diagnosed: tuple[float, str | None] | None = None  # when `diagnose` was last asked, and its answer
         self._unreachable: str | None = None
 
     @property
@@ -144,7 +148,7 @@ class KafkaPublisher:
             await self._connect()
             self._available = True
         except (KafkaError, BrokerError) as exc:
-            why = await self._why(exc)
+            why = await self._note_unreachable(exc)
             log.warning("kafka unreachable at start, ingest answers 503 until it is back: %s", why)
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
         except ConfigError:  # said by `_check_topic`
@@ -271,6 +275,7 @@ class KafkaPublisher:
     def _mark_unavailable(self, why: str) -> None:
         if self._available:
             log.warning("kafka marked unavailable: %s", why)
+            self._unreachable = self._diagnosed = None  # an earlier outage's cause is not this one's
         self._available = False
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-probe")
@@ -310,18 +315,22 @@ class KafkaPublisher:
                 delay = min(delay * 2, PROBE_MAX)
             except (KafkaError, BrokerError) as exc:
                 said = self._unreachable
-                if (why := await self._why(exc)) != said:  # a new cause (a password fixed, a certificate not yet)
+                if (why := await self._note_unreachable(exc)) != said:  # a new cause: a password fixed, a new one
                     log.warning("kafka still unreachable: %s", why)
                 else:
                     log.debug("kafka still unreachable: %s", why)
                 delay = min(delay * 2, PROBE_MAX)
 
-    async def _why(self, exc: KafkaError | BrokerError) -> str:
-        """Why the broker could not be reached (`exc`, said better by `diagnose` for a failed bootstrap), kept for
-        `unreachable`. A `BrokerError` of the topic check carries its diagnosis already (`topics.admin`)."""
+    async def _note_unreachable(self, exc: KafkaError | BrokerError) -> str:
+        """Keep, for `unreachable`, and return why the broker could not be reached: `exc`, or for a failed bootstrap
+        what `diagnose` says, asked at most every `DIAGNOSIS_INTERVAL` (each asking is a login when SASL is on: a
+        wrong password must not count twice against the account, every few seconds). A `BrokerError` of the topic
+        check carries its diagnosis already (`topics.admin`)."""
         why = str(exc) if isinstance(exc, BrokerError) else None
         if why is None and isinstance(exc, KafkaConnectionError) and self._diagnose is not None:
-            why = await self._diagnose()
+            if self._diagnosed is None or self._clock.now() - self._diagnosed[0] >= DIAGNOSIS_INTERVAL:
+                self._diagnosed = (self._clock.now(), await self._diagnose())
+            why = self._diagnosed[1]
         self._unreachable = why or repr(exc)
         return self._unreachable
 

@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from topics.broker_diagnosis import unreachable
+from topics.broker_diagnosis import DIAGNOSIS_TIMEOUT, unreachable
 from topics.catalogue import TopicSpec
 from topics.errors import BrokerError
 
@@ -58,7 +58,7 @@ async def apply_catalogue(
         await admin.start()
         return await _apply(admin, specs, timeout)
     except KafkaError as exc:
-        raise BrokerError(await unreachable("apply topics", client_options, exc)) from exc
+        raise BrokerError(await unreachable("apply topics", client_options, exc, timeout=diagnosis(timeout))) from exc
     finally:
         await admin.close()
 
@@ -151,6 +151,11 @@ def _compare(spec: TopicSpec, partitions: int, configs: Mapping[str, str]) -> li
     return drift
 
 
+def diagnosis(timeout: float) -> float:
+    """How long the diagnosis of a failed bootstrap may take for a call allowed `timeout`."""
+    return min(timeout, DIAGNOSIS_TIMEOUT)
+
+
 async def missing_topics(
     names: Sequence[str], client_options: Mapping[str, Any], *, timeout: float = 30.0
 ) -> list[str]:
@@ -165,7 +170,7 @@ async def missing_topics(
         await admin.start()
         return await _unlisted(admin, names)
     except KafkaError as exc:
-        raise BrokerError(await unreachable("list topics", client_options, exc)) from exc
+        raise BrokerError(await unreachable("list topics", client_options, exc, timeout=diagnosis(timeout))) from exc
     finally:
         await admin.close()
 

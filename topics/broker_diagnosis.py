@@ -18,7 +18,7 @@ import ssl
 from collections.abc import Mapping
 from typing import Any, Final
 
-from aiokafka.conn import create_conn
+from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
     IllegalSaslStateError,
@@ -29,43 +29,50 @@ from aiokafka.errors import (
 )
 from aiokafka.protocol.metadata import MetadataRequest
 
-__all__ = ["diagnose", "unreachable"]
+__all__ = ["DIAGNOSIS_TIMEOUT", "diagnose", "explain", "unreachable"]
 
 _TLS_RECORDS: Final = (0x1503, 0x1603)  # a TLS alert or handshake record's first two bytes, read as a Kafka length
 _HOSTNAME_MISMATCH: Final = 62  # X509_V_ERR_HOSTNAME_MISMATCH
+# X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT, _SELF_SIGNED_CERT_IN_CHAIN, _UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
+# _UNABLE_TO_VERIFY_LEAF_SIGNATURE: a CA we were not given (an expired one, 10, is the cluster's to renew).
+_UNKNOWN_ISSUER: Final = frozenset({18, 19, 20, 21})
+# TLS alerts a broker sends for a client certificate missing, not signed by its CA, or refused otherwise.
+_CLIENT_CERTIFICATE_ALERTS: Final = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")
+# Seconds a diagnosis may take for each server (asked at once): it runs after a failure, before the failure is said.
+DIAGNOSIS_TIMEOUT: Final = 5.0
 
 
-async def diagnose(options: Mapping[str, Any], *, timeout: float = 10.0) -> str | None:
-    """What a connection to each bootstrap server meets, as one sentence (the first server's, named when there are
-    several); None when one of them answers, so the failure lies past the bootstrap (a broker it names, a timeout)."""
-    servers = [server.strip() for server in str(options.get("bootstrap_servers", "")).split(",") if server.strip()]
-    said = []
-    for server in servers:
-        host, _, port = server.rpartition(":")
-        try:
-            problem = await _connect(host, int(port), options, timeout)
-        except Exception as exc:  # a bug here must not hide the failure being diagnosed
-            problem = repr(exc)
-        if problem is None:
-            return None
-        said.append(f"{server}: {problem}" if len(servers) > 1 else problem)
-    return said[0] if said else None
+async def diagnose(options: Mapping[str, Any], *, timeout: float = DIAGNOSIS_TIMEOUT) -> str | None:
+    """What a connection to each bootstrap server meets, as one sentence per distinct cause (servers named when
+    there are several); None when one of them answers, so the failure lies past the bootstrap (a broker it names, a
+    timeout). The servers are asked at once, each within `timeout` in all."""
+    servers = collect_hosts(str(options.get("bootstrap_servers", "")), randomize=False)
+    problems = await asyncio.gather(*(_problem(host, port, options, timeout) for host, port, _ in servers))
+    if not problems or any(problem is None for problem in problems):
+        return None
+    if len(servers) == 1:
+        return problems[0]
+    causes: dict[str | None, list[str]] = {}
+    for (host, port, _), problem in zip(servers, problems, strict=True):
+        causes.setdefault(problem, []).append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return "; ".join(f"{', '.join(where)}: {problem}" for problem, where in causes.items())
 
 
-async def unreachable(doing: str, options: Mapping[str, Any], exc: KafkaError) -> str:
-    """``cannot <doing> at <servers>: <why>``: `exc`'s cause as `diagnose` finds it when the bootstrap failed (every
-    client says "Unable to bootstrap" alike), else `exc` itself."""
-    why = await diagnose(options) if isinstance(exc, KafkaConnectionError) else None
+async def unreachable(doing: str, options: Mapping[str, Any], exc: KafkaError, *, timeout: float) -> str:
+    """``cannot <doing> at <servers>: <why>``: `exc`'s cause as `diagnose` finds it (within `timeout`) when the
+    bootstrap failed (every client says "Unable to bootstrap" alike), else `exc` itself."""
+    why = await diagnose(options, timeout=timeout) if isinstance(exc, KafkaConnectionError) else None
     return f"cannot {doing} at {options.get('bootstrap_servers')}: {why or repr(exc)}"
 
 
-async def _connect(host: str, port: int, options: Mapping[str, Any], timeout: float) -> str | None:
+async def _problem(host: str, port: int, options: Mapping[str, Any], timeout: float) -> str | None:
+    """What one connection to `host`:`port` meets, None if it gets a metadata answer; never raises."""
     protocol = str(options.get("security_protocol", "PLAINTEXT"))
     mechanism = options.get("sasl_mechanism")
     conn = None
     try:
-        conn = await asyncio.wait_for(
-            create_conn(
+        async with asyncio.timeout(timeout):  # the connection, TLS, the SASL exchange and the request together
+            conn = await create_conn(
                 host,
                 port,
                 client_id=options.get("client_id", "orderbus"),
@@ -75,12 +82,12 @@ async def _connect(host: str, port: int, options: Mapping[str, Any], timeout: fl
                 sasl_mechanism=mechanism,
                 sasl_plain_username=options.get("sasl_plain_username"),
                 sasl_plain_password=options.get("sasl_plain_password"),
-            ),
-            timeout,
-        )
-        await asyncio.wait_for(conn.send(MetadataRequest([])), timeout)
+            )
+            await conn.send(MetadataRequest([]))
     except (OSError, KafkaError, TimeoutError, asyncio.IncompleteReadError) as exc:
-        return _explain(exc, protocol, mechanism, host)
+        return explain(exc, protocol=protocol, mechanism=mechanism, host=host)
+    except Exception as exc:  # a bug here must not hide the failure being diagnosed
+        return repr(exc)
     finally:
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -88,8 +95,9 @@ async def _connect(host: str, port: int, options: Mapping[str, Any], timeout: fl
     return None
 
 
-def _explain(exc: BaseException, protocol: str, mechanism: object, host: str) -> str:
-    """`exc` (or what it was raised from) in the operator's terms, naming the setting to fix."""
+def explain(exc: BaseException, *, protocol: str, mechanism: object = None, host: str = "") -> str:
+    """`exc` (or what it was raised from), met connecting to `host` with `protocol` (and SASL `mechanism`), in the
+    operator's terms, naming the setting to fix."""
     causes = _chain(exc)
     for cause in causes:
         if isinstance(cause, SaslAuthenticationFailed | AuthenticationFailedError):
@@ -103,20 +111,9 @@ def _explain(exc: BaseException, protocol: str, mechanism: object, host: str) ->
         if isinstance(cause, UnsupportedSaslMechanismError):
             return f"the broker does not offer SASL {mechanism}: set kafka.sasl_mechanism to one it does ({cause})"
         if isinstance(cause, ssl.SSLCertVerificationError):
-            if cause.verify_code == _HOSTNAME_MISMATCH:
-                return (
-                    f"the broker's certificate does not name {host}: list the brokers in kafka.bootstrap_servers by "
-                    "a name their certificates hold"
-                )
-            return (
-                f"the broker's certificate is not trusted ({cause.verify_message}): set kafka.ssl_cafile to the CA "
-                "that signed it"
-            )
-        if isinstance(cause, ssl.SSLError) and _refused_client_certificate(cause):
-            return (
-                f"the broker wants a client certificate it trusts ({cause.reason}): set kafka.ssl_certfile and "
-                "kafka.ssl_keyfile to a pair its CA signed, still valid"
-            )
+            return _untrusted(cause, host)
+        if isinstance(cause, ssl.SSLError) and (refusal := _client_certificate_refused(cause)) is not None:
+            return refusal
         if isinstance(cause, asyncio.IncompleteReadError) and _tls_record(cause):
             return f"this listener speaks TLS, and kafka.security_protocol is {protocol}: use SSL or SASL_SSL"
         if isinstance(cause, ssl.SSLError) and protocol in ("SSL", "SASL_SSL"):
@@ -133,12 +130,43 @@ def _explain(exc: BaseException, protocol: str, mechanism: object, host: str) ->
     if protocol in ("SSL", "SASL_SSL") and any(isinstance(c, ConnectionResetError | ssl.SSLEOFError) for c in causes):
         return f"the connection was reset during the TLS handshake: is this a TLS listener? ({protocol})"
     if protocol in ("PLAINTEXT", "SSL"):
-        # Connected (and through TLS), then closed at the first request other than ApiVersions: a SASL listener.
+        # Connected (and through TLS), then closed at the first request other than ApiVersions: a SASL listener, or
+        # no Kafka at all.
         return (
-            f"the broker closed the connection ({_first_line(exc)}): if its listener asks for SASL, "
-            f"kafka.security_protocol must be SASL_{'SSL' if protocol == 'SSL' else 'PLAINTEXT'} (it is {protocol})"
+            f"the connection was closed ({_first_line(exc)}): not a Kafka listener, or one that asks for SASL "
+            f"(then kafka.security_protocol must be SASL_{'SSL' if protocol == 'SSL' else 'PLAINTEXT'}, not {protocol})"
         )
     return _first_line(exc)
+
+
+def _untrusted(error: ssl.SSLCertVerificationError, host: str) -> str:
+    """The broker's certificate, refused by us."""
+    if error.verify_code == _HOSTNAME_MISMATCH:
+        return (
+            f"the broker's certificate does not name {host}: list the brokers in kafka.bootstrap_servers by a name "
+            "their certificates hold"
+        )
+    if error.verify_code in _UNKNOWN_ISSUER:
+        return (
+            f"the broker's certificate is not trusted ({error.verify_message}): set kafka.ssl_cafile to the CA "
+            "that signed it"
+        )
+    return f"the broker's certificate is refused ({error.verify_message}): the cluster's certificate needs mending"
+
+
+def _client_certificate_refused(error: ssl.SSLError) -> str | None:
+    """What the broker's alert says of our client certificate; None for another TLS failure."""
+    reason = error.reason or ""
+    if "CERTIFICATE_EXPIRED" in reason:
+        return f"the broker says our client certificate has expired ({reason}): renew kafka.ssl_certfile"
+    if "CERTIFICATE_REVOKED" in reason:
+        return f"the broker says our client certificate was revoked ({reason}): kafka.ssl_certfile needs a new one"
+    if any(alert in reason for alert in _CLIENT_CERTIFICATE_ALERTS):
+        return (
+            f"the broker wants a client certificate it trusts ({reason}): set kafka.ssl_certfile and "
+            "kafka.ssl_keyfile to a pair its CA signed"
+        )
+    return None
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -155,14 +183,6 @@ def _tls_record(short: asyncio.IncompleteReadError) -> bool:
     """A TLS listener's answer to plain Kafka: its record header (``15 03 03 00``, an alert) taken for a frame's
     length, and the stream ending long before that many bytes."""
     return short.expected is not None and short.expected >> 16 in _TLS_RECORDS
-
-
-def _refused_client_certificate(error: ssl.SSLError) -> bool:
-    """An alert the broker sends when a client certificate is missing, unknown or refused."""
-    reason = error.reason or ""
-    return any(
-        alert in reason for alert in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")
-    )
 
 
 def _first_line(exc: BaseException) -> str:

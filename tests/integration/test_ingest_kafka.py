@@ -133,11 +133,7 @@ async def test_an_ingest_started_while_kafka_is_down_publishes_only_once_its_top
             return status, (await ready.json())["reasons"]
 
     async with running_daemon(settings, apply=False) as base, aiohttp.ClientSession() as session:
-        down = (
-            f"kafka is unreachable: the ingest cannot publish (cannot list topics at {broker.bootstrap}: connection "
-            "refused: no broker listens there (kafka.bootstrap_servers), or it is down)"
-        )
-        assert await answers(session, base) == (503, {"ingest": down})
+        assert await answers(session, base) == (503, {"ingest": "kafka is unreachable: the ingest cannot publish"})
         await asyncio.to_thread(kafka_local.start, broker.data_dir)
         missing = {"ingest": f"topic {topic} does not exist: run `orderbus topics apply` with these settings"}
         for _ in range(60):  # the reconnect probe's interval grows to 5 s

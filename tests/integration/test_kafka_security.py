@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import uuid
 from collections.abc import Iterator
@@ -48,11 +49,11 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBr
     broker_cert, broker_key = certificate(pki, "broker", issuer=ca)
     keystore = pki / "broker.pem"  # Kafka's PEM key store: the key, then the certificate
     keystore.write_text(broker_key.read_text() + broker_cert.read_text())
-    ssl_port, sasl_port = kafka_local.free_ports(2)
+    broker_port, controller_port, ssl_port, sasl_port = kafka_local.free_ports(4)
     jaas = "org.apache.kafka.common.security"
     listeners = f"SSL://127.0.0.1:{ssl_port},SASL_SSL://127.0.0.1:{sasl_port}"
     data_dir = tmp_path_factory.mktemp("kafka-secure")
-    # The template's PLAINTEXT listener and controller stay; their ports are the broker's own, read after the start.
+    # The template's PLAINTEXT listener and controller stay, beside the two asking who we are.
     extra = {
         "ssl.keystore.type": "PEM",
         "ssl.keystore.location": str(keystore),
@@ -66,23 +67,22 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBr
         "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": f"{jaas}.scram.ScramLoginModule required;",
         "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": f"{jaas}.scram.ScramLoginModule required;",
     }
-    ports = kafka_local.free_ports(2)
     extra |= {
-        "listeners": f"PLAINTEXT://127.0.0.1:{ports[0]},CONTROLLER://127.0.0.1:{ports[1]},{listeners}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{ports[0]},{listeners}",
+        "listeners": f"PLAINTEXT://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port},{listeners}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{broker_port},{listeners}",
         "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL",
     }
     try:
         kafka_local.start(
             data_dir,
-            port=ports[0],
-            controller_port=ports[1],
+            port=broker_port,
+            controller_port=controller_port,
             heap="256m",
             extra_properties=extra,
             scram_users={"orderbus": SCRAM_PASSWORD},
         )
         client = certificate(pki, "client", issuer=ca)
-        yield SecureBroker(f"127.0.0.1:{ssl_port}", f"127.0.0.1:{sasl_port}", f"127.0.0.1:{ports[0]}", ca[0], client)
+        yield SecureBroker(f"127.0.0.1:{ssl_port}", f"127.0.0.1:{sasl_port}", f"127.0.0.1:{broker_port}", ca[0], client)
     finally:
         kafka_local.stop(data_dir, grace=20.0)
 
@@ -171,7 +171,7 @@ WRONG = {
     "no SASL where it is asked": (
         "ssl-client-certificate",
         {"ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": "{sasl}"},
-        "if its listener asks for SASL, kafka.security_protocol must be SASL_SSL (it is SSL)",
+        "not a Kafka listener, or one that asks for SASL (then kafka.security_protocol must be SASL_SSL, not SSL)",
     ),
     "SASL where none is taken": (
         "sasl-plain",
@@ -210,19 +210,29 @@ async def test_the_right_settings_leave_nothing_to_diagnose(secure_broker: Secur
         assert await diagnose(client_options(load_settings(None, env=security_env(secure_broker, mode)).kafka)) is None
 
 
-async def test_an_ingest_with_a_wrong_password_says_so_on_readyz_and_in_its_status(
-    secure_broker: SecureBroker, tmp_path: Path
+async def test_an_ingest_with_a_wrong_password_says_so_in_its_log_and_status_not_on_readyz(
+    secure_broker: SecureBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     env = settings_env(secure_broker.sasl_bootstrap, "never.", tmp_path / "state")
     wrong = {**security_env(secure_broker, "sasl-scram-sha-512"), "ORDERBUS_KAFKA__SASL_PASSWORD": "not-the-password"}
     settings = load_settings(None, env={**env, **wrong})
-    async with running_daemon(settings, apply=False) as base, aiohttp.ClientSession() as session:
-        async with session.get(f"{base}/readyz") as answer:
-            assert answer.status == 503
-            reason = (await answer.json())["reasons"]["ingest"]
-        assert reason.startswith("kafka is unreachable: the ingest cannot publish (cannot list topics at ")
-        assert "the broker refused the SASL credentials (SCRAM-SHA-512)" in reason
-        document = await asyncio.to_thread(fetch_status, base)
-        ingest_line = render_status(document).splitlines()[-2]
-        assert ingest_line.startswith("ingest: KAFKA UNREACHABLE: cannot list topics at ")
-        assert "not-the-password" not in json.dumps(document)
+    cause = "the broker refused the SASL credentials (SCRAM-SHA-512): check kafka.sasl_username and kafka.sasl_password"
+    with caplog.at_level(logging.WARNING, "daemon"):
+        async with running_daemon(settings, apply=False) as base, aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/readyz") as answer:
+                # On the webhook's listener too: the cause, which names the brokers and their security, is not.
+                assert (answer.status, await answer.json()) == (
+                    503,
+                    {
+                        "status": "not ready",
+                        "reasons": {"ingest": "kafka is unreachable: the ingest cannot publish"},
+                        "degraded": {},
+                    },
+                )
+            document = await asyncio.to_thread(fetch_status, base)
+    ingest_line = render_status(document).splitlines()[-2]
+    assert ingest_line.startswith(f"ingest: KAFKA UNREACHABLE: cannot list topics at {secure_broker.sasl_bootstrap}: ")
+    assert cause in ingest_line
+    said = [record.getMessage() for record in caplog.records if record.name.startswith("daemon")]
+    assert any(line.startswith("kafka unreachable at start, ingest answers 503") and cause in line for line in said)
+    assert "not-the-password" not in json.dumps(document) + "".join(said)

@@ -20,7 +20,15 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLarg
 
 from consumers.clock import FakeClock
 from consumers.deadlines import DEFAULT_RESOLUTION
-from daemon.publisher import PROBE_MAX, PROBE_MIN, BrokerUnavailable, KafkaPublisher, Published, PublishPending
+from daemon.publisher import (
+    DIAGNOSIS_INTERVAL,
+    PROBE_MAX,
+    PROBE_MIN,
+    BrokerUnavailable,
+    KafkaPublisher,
+    Published,
+    PublishPending,
+)
 from topics.codec import EncodedRecord
 from topics.errors import BrokerError, ConfigError, PublishError
 
@@ -324,47 +332,66 @@ async def test_aiokafka_still_keeps_its_sender_task_where_the_watch_looks() -> N
 
 
 async def test_why_kafka_cannot_be_reached_is_kept_and_said_when_it_changes(caplog: pytest.LogCaptureFixture) -> None:
-    """aiokafka fails a start with "Unable to bootstrap" whatever the cause: the publisher asks `diagnose` and keeps
-    its answer for /readyz and `orderbus status`, says it at start and again only when it changes, and forgets it
-    once the broker answers."""
+    """aiokafka fails a start with "Unable to bootstrap" whatever the cause: the publisher asks `diagnose` (at most
+    every `DIAGNOSIS_INTERVAL`: with SASL each asking is a login), keeps its answer for `orderbus status`, says it at
+    start and again only when it changes, and forgets it once the broker answers: a later outage's cause is not
+    the first one's."""
     clock = FakeClock()
-    causes = iter(["the broker refused the SASL credentials", "the broker refused the SASL credentials", "refused"])
-    starts = iter([KafkaConnectionError("Unable to bootstrap") for _ in range(3)])
+    causes = iter(["the broker refused the SASL credentials", "connection refused", "the broker's certificate expired"])
+    asked: list[float] = []
+    failing = True
 
     class Failing(FakeProducer):
         async def start(self) -> None:
-            if (error := next(starts, None)) is not None:
-                raise error
+            if failing:
+                raise KafkaConnectionError("Unable to bootstrap")
 
     async def diagnose() -> str | None:
+        asked.append(clock.now() - began)
         return next(causes)
 
+    async def metadata() -> bool:
+        return not failing
+
+    def factory(**options: Any) -> FakeProducer:
+        producer = Failing(options)
+        producer.client = SimpleNamespace(force_metadata_update=metadata)
+        return producer
+
     publisher = KafkaPublisher(
-        "orders",
-        {},
-        health_interval=math.inf,
-        producer_factory=lambda **options: Failing(options),
-        clock=clock,
-        diagnose=diagnose,
+        "orders", {}, health_interval=30.0, producer_factory=factory, clock=clock, diagnose=diagnose
     )
+    began = clock.now()
     with caplog.at_level(logging.DEBUG, "daemon.publisher"):
         await publisher.start()
         try:
             assert publisher.unreachable == "the broker refused the SASL credentials"
-            await clock.advance(PROBE_MIN)  # the same cause
-            await clock.advance(2 * PROBE_MIN)  # another
-            assert publisher.unreachable == "refused"
-            await clock.advance(4 * PROBE_MIN)  # the fourth start succeeds
+            await clock.advance(DIAGNOSIS_INTERVAL - 1)  # the probe's tries meanwhile: the same cause, not asked
+            assert asked == [0.0]
+            await clock.advance(PROBE_MAX)
+            assert publisher.unreachable == "connection refused"
+            assert len(asked) == 2
+            failing = False
+            await clock.advance(PROBE_MAX)
             assert publisher.available
-            assert not publisher.unreachable, "forgotten once the broker answers"
+            assert publisher.unreachable is None
+            failing = True  # the health check's metadata request gets no answer, then the probe's
+            await clock.advance(30.0 + PROBE_MAX)
+            assert not publisher.available
+            assert publisher.unreachable == "the broker's certificate expired", "this outage's, asked again"
+            assert len(asked) == 3
         finally:
             await publisher.close(grace=1.0)
     said = [(r.levelname, r.getMessage()) for r in caplog.records if "unreachable" in r.getMessage()]
-    assert said == [
-        (
-            "WARNING",
-            "kafka unreachable at start, ingest answers 503 until it is back: the broker refused the SASL credentials",
-        ),
-        ("DEBUG", "kafka still unreachable: the broker refused the SASL credentials"),
-        ("WARNING", "kafka still unreachable: refused"),
+    start_line = (
+        "kafka unreachable at start, ingest answers 503 until it is back: the broker refused the SASL credentials"
+    )
+    assert said[0] == ("WARNING", start_line)
+    assert {line for line in said[1:] if line[0] == "DEBUG"} == {
+        ("DEBUG", "kafka still unreachable: the broker refused the SASL credentials"),  # said once at WARNING
+        ("DEBUG", "kafka still unreachable: the broker's certificate expired"),
+    }
+    assert [line for line in said[1:] if line[0] == "WARNING"] == [
+        ("WARNING", "kafka still unreachable: connection refused"),
+        ("WARNING", "kafka still unreachable: the broker's certificate expired"),
     ]
