@@ -297,18 +297,20 @@ def _settings(args: argparse.Namespace) -> Settings:
 SECRET_NOT_LOADED = "not-loaded:orderbus-operator-command"  # noqa: S105 -- a marker, not a credential
 
 
-def _operator_settings(args: argparse.Namespace, *, kafka: bool = True) -> Settings:
+def _operator_settings(args: argparse.Namespace, *, asks_kafka: bool = True) -> Settings:
     """The settings for a command that never talks to the downstream systems (status, dlq, topics, dedup, webhook).
 
     Validated as `load_settings` validates them, except that a sink secret no file nor variable gives is filled
     with `SECRET_NOT_LOADED`: on a systemd host the secrets are credentials only the unit can read, and an
     operator at the shell must not need them to list dead letters. A secret that is given is checked as usual.
-    Without `kafka` (a command that asks the daemon, not Kafka: status, health), the Kafka SASL password too.
+    Unless it `asks_kafka` (status and health ask the daemon), the Kafka SASL password too.
     """
-    return load_settings(_config_path(args), complete=_fill_sink_secrets if kafka else _fill_every_secret)
+    return load_settings(
+        _config_path(args), complete=_fill_sink_secrets if asks_kafka else _fill_sink_and_kafka_secrets
+    )
 
 
-def _fill_every_secret(data: dict[str, Any]) -> None:
+def _fill_sink_and_kafka_secrets(data: dict[str, Any]) -> None:
     """`_fill_sink_secrets`, and the Kafka SASL password when SASL is on and none is given: the settings of a command
     that builds no client of anything (the webhook's secrets are asked for by `run` and `config check` only)."""
     _fill_sink_secrets(data)
@@ -499,11 +501,8 @@ def _kafka_status(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from daemon.status import fetch_status, render_status
 
-    url, pinned = args.url, None
-    if url is None:
-        settings = _operator_settings(args, kafka=False)
-        url, pinned = settings.admin_url(), settings.admin_certificate()
-    document = fetch_status(url, pinned=pinned)
+    url, certificate = _daemon(args)
+    document = fetch_status(url, pinned=certificate)
     print(json.dumps(document, indent=2) if args.json else render_status(document))
     return 0 if not (document.get("not_ready") or document.get("degraded")) else 1
 
@@ -511,13 +510,26 @@ def _status(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     from daemon.status import probe_health
 
-    url, pinned = args.url, None
-    if url is None:
-        settings = _operator_settings(args, kafka=False)
-        url, pinned = settings.admin_url(), settings.admin_certificate()
-    healthy, lines = probe_health(url, component=args.component, ready=args.ready, timeout=args.timeout, pinned=pinned)
+    try:
+        url, certificate = _daemon(args)
+        # Alive whichever certificate the listener shows: one renewed on disk and not reloaded yet is not a death.
+        healthy, lines = probe_health(
+            url, component=args.component, ready=args.ready, timeout=args.timeout, verify=certificate is None
+        )
+    except OrderbusError as exc:
+        print(f"orderbus: {exc}", file=sys.stderr)
+        return 1  # not 2 (a bad setting): a container health check's statuses are 0 and 1, 2 is reserved
     print("\n".join(lines))
     return 0 if healthy else 1
+
+
+def _daemon(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """Where `status` and `health` ask the daemon on this host: ``--url``, else the settings' `admin_url`, and the
+    certificate that listener shows when it is the webhook's over HTTPS."""
+    if args.url is not None:
+        return str(args.url), None
+    settings = _operator_settings(args, asks_kafka=False)
+    return settings.admin_url(), settings.admin_certificate()
 
 
 def _dedup_prune(args: argparse.Namespace) -> int:

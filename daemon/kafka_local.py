@@ -338,7 +338,8 @@ def start(
     `extra_properties` are added to server.properties after the template's (a key given there wins: more
     listeners, TLS, SASL, to try orderbus's Kafka security settings against a real broker); `scram_users` (name to
     password) get SCRAM-SHA-256 and SCRAM-SHA-512 credentials when the storage is formatted, that is on a data dir's
-    first start. A broker found running keeps what it was started with.
+    first start (on the format command's line, which `ps` shows: test users only). A broker found running keeps what
+    it was started with.
 
     Steps: 1. jars; 2. ports and cluster id (reused from an earlier run of this data dir); 3. render
     server.properties; 4. format the storage unless already formatted; 5. launch `kafka.Kafka` detached and
@@ -346,6 +347,10 @@ def start(
     """
     data_dir = data_dir.resolve()
     deadline = time.monotonic() + timeout
+    extra = {key: _escaped(value) for key, value in (extra_properties or {}).items()}  # refused before anything runs
+    for name, password in (scram_users or {}).items():
+        if not all(part and part.isprintable() and not set(part) & set(",=[]") for part in (name, password)):
+            raise LocalKafkaError(f"SCRAM user {name!r}: a name and password without , = [ ] (kafka-storage's syntax)")
     java = require("java")
     with locked(data_dir):
         previous = read_state(data_dir)
@@ -376,9 +381,9 @@ def start(
         rendered = render_server_properties(
             TEMPLATE_PATH.read_text(), port=broker_port, controller_port=ctl_port, log_dirs=log_dir
         )
-        if extra_properties:
+        if extra:
             rendered += "\n# --- added by kafka_local.start(extra_properties=...) ---\n"
-            rendered += "".join(f"{key}={_escaped(value)}\n" for key, value in extra_properties.items())
+            rendered += "".join(f"{key}={value}\n" for key, value in extra.items())
         properties.write_text(rendered)
         classpath = f"{libs}/*"
         # Step 4.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from topics.errors import ConfigError
 
-__all__ = ["load_pair"]
+__all__ = ["load_pair", "read_pem"]
 
 
 def load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path, *, cert_key: str, key_key: str) -> str:
@@ -21,8 +21,8 @@ def load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path, *, cert_
     `context`; the certificate file's text as read. `ConfigError` naming the setting (`cert_key`, `key_key`) if the
     pair cannot be used: a file that cannot be read, no PEM certificate or key, an encrypted key (never a password
     prompt), a key that is not the certificate's."""
-    cert_text = _read(cert_file, cert_key)
-    key_text = _read(key_file, key_key)
+    cert_text = read_pem(cert_file, cert_key)
+    key_text = read_pem(key_file, key_key)
     if "-----BEGIN CERTIFICATE-----" not in cert_text:
         raise ConfigError(f"{cert_key}: {cert_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
     if "PRIVATE KEY-----" not in key_text:
@@ -48,7 +48,8 @@ def load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path, *, cert_
     return cert_text
 
 
-def _read(path: Path, key: str) -> str:
+def read_pem(path: Path, key: str) -> str:
+    """The text of `path`; `ConfigError` naming the setting `key` if it cannot be read."""
     try:
         return path.read_text("ascii", errors="replace")
     except OSError as exc:

@@ -53,7 +53,6 @@ from topics.errors import ConfigError, OrderbusError, StoreError
 
 RETRY: Final = Backoff(base=1.0, cap=4.0, max_attempts=4)
 STOP_AFTER: Final = 10  # orders in a row without a verdict
-DEFAULT_RATE: Final = RECONCILE_RATE  # GETs a second for a sink without a `rate`
 
 Verdict = Literal["present", "removed", "missing", "unknown"]
 VERDICTS: Final[tuple[Verdict, ...]] = ("present", "removed", "missing", "unknown")
@@ -217,7 +216,7 @@ async def reconcile(
     progress: Callable[[int], None] = lambda done: None,
 ) -> list[Checked]:
     """Ask sink `name`'s system for each order of `run` (see `prepare`), at most `rate` a second (None: the sink's
-    `rate`, else `DEFAULT_RATE`)."""
+    `rate`, else `RECONCILE_RATE`)."""
     config = _sink(settings, name)
     sink = build_sink(name, config)
     http = http_config(config)
@@ -245,9 +244,9 @@ async def reconcile(
 
 
 def pace(asked: float | None, sink_rate: float | None) -> float:
-    """Requests a second: as asked (``--rate``), else the sink's `rate`, else `DEFAULT_RATE`: never unlimited, as
+    """Requests a second: as asked (``--rate``), else the sink's `rate`, else `RECONCILE_RATE`: never unlimited, as
     the sink without a rate may be, because these requests come on top of the running daemon's."""
-    return asked if asked is not None else sink_rate or DEFAULT_RATE
+    return asked if asked is not None else sink_rate or RECONCILE_RATE
 
 
 def prepare(settings: Settings, name: str, since: float, *, now: float) -> Run:

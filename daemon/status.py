@@ -38,20 +38,16 @@ def fetch_status(base_url: str, *, timeout: float = 5.0, pinned: Path | None = N
 
 
 def probe_health(
-    base_url: str,
-    *,
-    component: str | None = None,
-    ready: bool = False,
-    timeout: float = 4.0,
-    pinned: Path | None = None,
+    base_url: str, *, component: str | None = None, ready: bool = False, timeout: float = 4.0, verify: bool = True
 ) -> tuple[bool, list[str]]:
     """`orderbus health`: whether the daemon answers ``/healthz`` (alive), or with `ready` (or a `component`)
-    ``/readyz`` (ready for its part), and what it says, one line each. `StatusError` if nothing answers."""
+    ``/readyz`` (ready for its part), and what it says, one line each. `StatusError` if nothing answers. Without
+    `verify`, an HTTPS listener's certificate is not checked (this host's own, whichever it shows)."""
     if component is not None:
         path, ready = f"/readyz?component={quote(component, safe='.')}", True
     else:
         path = "/readyz" if ready else "/healthz"
-    url, code, reason, body = _get(base_url, path, timeout, pinned)
+    url, code, reason, body = _get(base_url, path, timeout, None, verify=verify)
     try:
         document = json.loads(body)
     except json.JSONDecodeError:
@@ -66,16 +62,24 @@ def probe_health(
     return code == 200, [f"{'ready' if code == 200 else 'not ready'}: {url}", *lines]
 
 
-def _get(base_url: str, path: str, timeout: float, pinned: Path | None) -> tuple[str, int, str, bytes]:
-    """GET `path` of the daemon at `base_url`, whatever the status: (url, status, reason, body)."""
+def _get(
+    base_url: str, path: str, timeout: float, pinned: Path | None, *, verify: bool = True
+) -> tuple[str, int, str, bytes]:
+    """GET `path` of the daemon at `base_url`, whatever the status: (url, status, reason, body); over HTTPS from a
+    listener that shows `pinned`'s certificate, else one the system trusts, or any without `verify`."""
     url = base_url.rstrip("/") + path
     if not url.startswith(("http://", "https://")):
         raise StatusError(f"--url must be an http(s) URL, got {base_url!r}")
     try:
         if pinned is not None and url.startswith("https://"):
             return url, *_pinned_get(url, pinned, timeout)
+        context = None
+        if not verify:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - scheme checked above
+            with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310 - checked
                 return url, response.status, response.reason, response.read()
         except urllib.error.HTTPError as answer:  # an answer all the same
             with answer:

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from daemon.key_pairs import load_pair
+from daemon.key_pairs import load_pair, read_pem
 from topics.errors import ConfigError
 
 __all__ = ["EXPIRY_WARNING", "ServerTls", "certificate_validity", "server_tls"]
@@ -181,11 +181,7 @@ def _load(cert_file: Path, key_file: Path) -> _Pair:
     """The pair as a server's context, with its certificate's DER and validity."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert_text = load_pair(context, cert_file, key_file, cert_key=_CERT_KEY, key_key=_KEY_KEY)
-    try:
-        reread = cert_file.read_text("ascii", errors="replace")
-    except OSError as exc:
-        raise ConfigError(f"{_CERT_KEY}: cannot read {cert_file}: {exc.strerror or exc}") from None
-    if reread != cert_text:  # what OpenSSL loaded may not be what was read: said, not guessed
+    if read_pem(cert_file, _CERT_KEY) != cert_text:  # what OpenSSL loaded may not be what was read: said, not guessed
         raise ConfigError(f"{_CERT_KEY}: {cert_file} changed while it was read (a renewal under way?); reload again")
     try:
         der, not_before, not_after = certificate_validity(cert_text)

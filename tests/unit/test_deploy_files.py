@@ -493,6 +493,10 @@ async def test_the_healthcheck_command_passes_on_a_live_daemon_and_fails_on_a_de
         assert (code, said.split(": <")[0]) == (1, f"orderbus: no orderbus daemon answers at {elsewhere_url}/healthz")
     code, said = await healthcheck(argv, config)
     assert (code, said.split(": <")[0]) == (1, f"orderbus: no orderbus daemon answers at {url}"), "nobody listens"
+    config.write_text("[ingest]\nport = 70000\n")
+    code, said = await healthcheck(argv, config)
+    assert (code, said.split(":")[0]) == (1, "orderbus"), "a bad setting: 1 too, Docker reserves 2"
+    assert "ingest.port" in said
 
 
 async def healthcheck(argv: list[str], config: Path) -> tuple[int, str]:

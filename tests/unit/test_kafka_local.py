@@ -62,6 +62,14 @@ def test_rendering_escapes_backslashes_and_rejects_one_port_for_both() -> None:
         kafka_local.render_server_properties("node.id={NODE_ID}", port=1, controller_port=2, log_dirs=Path("/d"))
 
 
+def test_extra_properties_and_scram_users_refuse_what_their_formats_cannot_hold(tmp_path: Path) -> None:
+    # Checked before any jar is fetched or process started.
+    with pytest.raises(LocalKafkaError, match="cannot hold a line break"):
+        kafka_local.start(tmp_path / "a", extra_properties={"listeners": "PLAINTEXT://x:1\nsasl.enabled=x"})
+    with pytest.raises(LocalKafkaError, match=r"SCRAM user 'ob': a name and password without , = \[ \]"):
+        kafka_local.start(tmp_path / "b", scram_users={"ob": "pass,word"})
+
+
 class FakeFreePorts:
     def __init__(self, *ports: int) -> None:
         self.ports = list(ports)

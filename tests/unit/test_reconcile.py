@@ -20,7 +20,6 @@ from consumers.delivery_state import DeliveryState, DeliveryStatus
 from consumers.pacing import Pacer
 from consumers.work import idempotency_key
 from daemon.reconcile import (
-    DEFAULT_RATE,
     STOP_AFTER,
     Checked,
     Delivered,
@@ -34,7 +33,7 @@ from daemon.reconcile import (
     prepare,
 )
 from daemon.reconcile import reconcile as reconcile_sink
-from daemon.settings import Settings
+from daemon.settings import RECONCILE_RATE, Settings
 from topics.errors import ConfigError, OrderbusError
 
 T0 = 1.8e9
@@ -232,7 +231,7 @@ def test_no_more_requests_at_once_than_asked_for() -> None:
 
 
 def test_the_pace_is_never_unlimited() -> None:
-    assert pace(None, None) == DEFAULT_RATE
+    assert pace(None, None) == RECONCILE_RATE
     assert pace(None, 5.0) == 5.0
     assert pace(2.0, 5.0) == 2.0
 
