@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
-from typing import Any
+from typing import Any, Final
 
-from daemon.key_pairs import load_pair
+from daemon.key_pairs import certificate_validity, expiry_problem, load_pair, read_pem, say_expiry
 from daemon.settings import KafkaSettings, TopicSettings
 from topics.catalogue import TopicLayout
 from topics.errors import ConfigError
+
+_CLIENT_CERTIFICATE: Final = "the Kafka client certificate"
+_REFUSED: Final = "the brokers refuse it: orderbus can neither publish nor deliver"
 
 
 def client_options(kafka: KafkaSettings) -> dict[str, Any]:
@@ -39,6 +43,30 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
         if kafka.sasl_password is not None:
             options["sasl_plain_password"] = kafka.sasl_password.get_secret_value()
     return options
+
+
+def client_certificate_end(kafka: KafkaSettings) -> float | None:
+    """When the Kafka client certificate (``kafka.ssl_certfile``) expires, unix seconds; None without one.
+    `ConfigError` naming the setting if it cannot be read."""
+    if kafka.ssl_certfile is None or kafka.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    try:
+        return certificate_validity(read_pem(kafka.ssl_certfile, "kafka.ssl_certfile"))[2]
+    except ValueError as exc:
+        raise ConfigError(f"kafka.ssl_certfile: {kafka.ssl_certfile}: its validity cannot be read ({exc})") from None
+
+
+def client_certificate_problem(kafka: KafkaSettings, now: float) -> str | None:
+    """What is wrong with the Kafka client certificate's end at `now` (expired, or within 14 days); None if nothing,
+    or without one (`config check` says it)."""
+    end = client_certificate_end(kafka)
+    return None if end is None else expiry_problem(_CLIENT_CERTIFICATE, end, now, _REFUSED)
+
+
+def say_client_certificate_expiry(logger: logging.Logger, kafka: KafkaSettings, end: float, now: float) -> None:
+    """Log when the Kafka client certificate (it expires at `end`) does, at the level it deserves (`run`'s start)."""
+    assert kafka.ssl_certfile is not None
+    say_expiry(logger, _CLIENT_CERTIFICATE, kafka.ssl_certfile, end, now, _REFUSED, "renew it, then restart orderbus")
 
 
 def topic_layout(topics: TopicSettings) -> TopicLayout:

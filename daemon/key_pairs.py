@@ -8,12 +8,28 @@ certificate, `daemon.tls_listener`) and the Kafka client's certificate for broke
 
 from __future__ import annotations
 
+import logging
+import re
 import ssl
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 from topics.errors import ConfigError
 
-__all__ = ["load_pair", "read_pem"]
+__all__ = [
+    "EXPIRY_WARNING",
+    "certificate_validity",
+    "expiry_problem",
+    "load_pair",
+    "read_pem",
+    "say_expiry",
+    "text_time",
+]
+
+
+EXPIRY_WARNING: Final = 14 * 86400.0  # seconds before its end from which a certificate is said at WARNING
+_PEM_CERTIFICATE: Final = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 def load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path, *, cert_key: str, key_key: str) -> str:
@@ -54,3 +70,79 @@ def read_pem(path: Path, key: str) -> str:
         return path.read_text("ascii", errors="replace")
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def expiry_problem(subject: str, not_after: float, now: float, consequence: str) -> str | None:
+    """What is wrong with `subject`'s end (`not_after`) at `now`: expired (then `consequence`), or within
+    `EXPIRY_WARNING`; None if neither."""
+    left = not_after - now
+    if left <= 0:
+        return f"{subject} expired at {text_time(not_after)}: {consequence}"
+    if left <= EXPIRY_WARNING:
+        return f"{subject} expires in {left / 86400:.1f} days, at {text_time(not_after)}"
+    return None
+
+
+def say_expiry(
+    logger: logging.Logger, subject: str, cert_file: Path, not_after: float, now: float, consequence: str, renewal: str
+) -> None:
+    """Log to `logger` when `subject` (in `cert_file`) expires: INFO, WARNING within `EXPIRY_WARNING`, ERROR once
+    past, with what to do (`renewal`)."""
+    fields = {"certfile": str(cert_file), "expires": text_time(not_after)}
+    problem = expiry_problem(subject, not_after, now, consequence)
+    if problem is None:
+        logger.info("%s in use", subject, extra=fields)
+    else:
+        logger.log(logging.ERROR if not_after <= now else logging.WARNING, "%s; %s", problem, renewal, extra=fields)
+
+
+def certificate_validity(pem: str) -> tuple[bytes, float, float]:
+    """The first certificate in `pem`: its DER, and the start and end of its validity (unix seconds); `ValueError`
+    if it has none that can be read. The ssl module decodes a peer's certificate only, so the DER is walked:
+    Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber, signature, issuer,
+    validity SEQUENCE { notBefore, notAfter }, ... }, ... } (RFC 5280, 4.1)."""
+    found = _PEM_CERTIFICATE.search(pem)
+    if found is None:
+        raise ValueError("no PEM certificate")
+    der = ssl.PEM_cert_to_DER_cert(found.group(0))
+    try:
+        _, certificate, _ = _element(der, 0)
+        _, at, _ = _element(der, certificate)  # tbsCertificate: its first element
+        if der[at] == 0xA0:  # the explicit version
+            _, _, at = _element(der, at)
+        for _ in range(3):  # serialNumber, signature, issuer
+            _, _, at = _element(der, at)
+        _, validity, _ = _element(der, at)
+        kind, start, end = _element(der, validity)
+        not_before = _time(kind, der[start:end])
+        kind, start, end = _element(der, end)
+        return der, not_before, _time(kind, der[start:end])
+    except IndexError:
+        raise ValueError("the certificate ends inside an element") from None
+
+
+def _element(der: bytes, at: int) -> tuple[int, int, int]:
+    """The DER element at `at`: its tag, where its content starts and where it ends."""
+    tag, length = der[at], der[at + 1]
+    start = at + 2
+    if length & 0x80:
+        size = length & 0x7F
+        length, start = int.from_bytes(der[start : start + size], "big"), start + size
+    if start + length > len(der):
+        raise ValueError("a DER element runs past the certificate's end")
+    return tag, start, start + length
+
+
+def _time(kind: int, value: bytes) -> float:
+    """A UTCTime (YYMMDDHHMMSSZ, years 1950-2049) or GeneralizedTime (YYYYMMDDHHMMSSZ) as unix seconds."""
+    text = value.decode("ascii")
+    if kind == 0x17:
+        text = f"{19 if int(text[:2]) >= 50 else 20}{text}"
+    elif kind != 0x18:
+        raise ValueError(f"a validity time of an unknown type 0x{kind:02x}")
+    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def text_time(when: float) -> str:
+    """`when` (unix seconds) as an ISO 8601 time in UTC."""
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")

@@ -45,8 +45,13 @@ from consumers.tasks import cancel_and_wait
 from daemon.app import ADMIN_SHUTDOWN, LISTEN_BACKLOG, RUNNER_OPTIONS, Listener, build_app
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import SqliteIngestKeyStore
-from daemon.ingest_metrics import IngestMetrics, register_build_info, register_certificate_expiry
-from daemon.kafka_options import client_options
+from daemon.ingest_metrics import (
+    IngestMetrics,
+    register_build_info,
+    register_certificate_expiry,
+    register_kafka_certificate_expiry,
+)
+from daemon.kafka_options import client_certificate_end, client_options, say_client_certificate_expiry
 from daemon.publisher import KafkaPublisher
 from daemon.ready_metric import register_readiness
 from daemon.retention import dedup_path, ingest_keys_path
@@ -115,6 +120,9 @@ async def serve(
     if tls is not None:
         register_certificate_expiry(registry, lambda: tls.not_after)
         tls.say_expiry(time.time())
+    if (kafka_end := client_certificate_end(settings.kafka)) is not None:
+        register_kafka_certificate_expiry(registry, kafka_end)
+        say_client_certificate_expiry(log, settings.kafka, kafka_end, time.time())
     log.info("starting", extra={"settings": settings.masked()})
     for weakness in settings.weaknesses():
         log.warning("insecure setting: %s", weakness)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from daemon.tls_listener import certificate_validity
+from daemon.key_pairs import certificate_validity
 from topics.errors import OrderbusError
 
 _COLUMNS = ("sink", "partitions", "lag", "buffered", "in-flight", "parked", "circuit", "auth", "delivered",

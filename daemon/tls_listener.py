@@ -20,15 +20,20 @@ warning within `EXPIRY_WARNING`, an error once it has passed (every shop's webho
 from __future__ import annotations
 
 import logging
-import re
 import ssl
 import stat
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
 
-from daemon.key_pairs import load_pair, read_pem
+from daemon.key_pairs import (
+    EXPIRY_WARNING,
+    certificate_validity,
+    expiry_problem,
+    load_pair,
+    read_pem,
+    say_expiry,
+    text_time,
+)
 from topics.errors import ConfigError
 
 __all__ = ["EXPIRY_WARNING", "ServerTls", "certificate_validity", "server_tls"]
@@ -36,8 +41,6 @@ __all__ = ["EXPIRY_WARNING", "ServerTls", "certificate_validity", "server_tls"]
 log = logging.getLogger(__name__)
 
 _CERT_KEY, _KEY_KEY = "ingest.tls_certfile", "ingest.tls_keyfile"
-EXPIRY_WARNING: Final = 14 * 86400.0  # seconds before its end from which a certificate is said at WARNING
-_PEM_CERTIFICATE: Final = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 class ServerTls:
@@ -58,7 +61,7 @@ class ServerTls:
     @property
     def expires(self) -> str:
         """`not_after` as an ISO 8601 time in UTC."""
-        return _text(self.not_after)
+        return text_time(self.not_after)
 
     def reload(self, now: float) -> bool:
         """Read both files again; the next handshakes use them. Whether the certificate changed. `ConfigError`, and
@@ -67,8 +70,8 @@ class ServerTls:
         fresh = _load(self.cert_file, self.key_file)
         if not fresh.valid_at(now) and self._current.valid_at(now):
             raise ConfigError(
-                f"{_CERT_KEY}: {self.cert_file} is valid from {_text(fresh.not_before)} to {_text(fresh.not_after)}, "
-                f"not now; the one in use is, until {_text(self._current.not_after)}"
+                f"{_CERT_KEY}: {self.cert_file} is valid from {text_time(fresh.not_before)} to "
+                f"{text_time(fresh.not_after)}, not now; the one in use is, until {text_time(self._current.not_after)}"
             )
         changed = fresh.der != self._current.der
         self._current = fresh
@@ -76,22 +79,14 @@ class ServerTls:
 
     def expiry_problem(self, now: float) -> str | None:
         """What is wrong with the certificate's end at `now`: expired, or within `EXPIRY_WARNING`; None if neither."""
-        left = self.not_after - now
-        if left <= 0:
-            return f"the webhook's certificate expired at {_text(self.not_after)}: clients refuse it"
-        if left <= EXPIRY_WARNING:
-            return f"the webhook's certificate expires in {left / 86400:.1f} days, at {_text(self.not_after)}"
-        return None
+        return expiry_problem("the webhook's certificate", self.not_after, now, "clients refuse it")
 
     def say_expiry(self, now: float) -> None:
         """Log when the certificate in use expires: INFO, WARNING within `EXPIRY_WARNING`, ERROR once past."""
-        fields = {"certfile": str(self.cert_file), "expires": self.expires}
-        problem = self.expiry_problem(now)
-        if problem is None:
-            log.info("the webhook's certificate in use", extra=fields)
-        else:
-            level = logging.ERROR if self.not_after <= now else logging.WARNING
-            log.log(level, "%s; renew it, then reload (restart, under systemd credentials)", problem, extra=fields)
+        say_expiry(
+            log, "the webhook's certificate", self.cert_file, self.not_after, now, "clients refuse it",
+            "renew it, then reload (restart, under systemd credentials)",
+        )  # fmt: skip
 
     def _use_current(self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _: ssl.SSLContext) -> None:
         connection.context = self._current.context
@@ -124,57 +119,6 @@ def server_tls(cert_file: Path | None, key_file: Path | None) -> ServerTls | Non
             mode,
         )
     return tls
-
-
-def certificate_validity(pem: str) -> tuple[bytes, float, float]:
-    """The first certificate in `pem`: its DER, and the start and end of its validity (unix seconds); `ValueError`
-    if it has none that can be read. The ssl module decodes a peer's certificate only, so the DER is walked:
-    Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber, signature, issuer,
-    validity SEQUENCE { notBefore, notAfter }, ... }, ... } (RFC 5280, 4.1)."""
-    found = _PEM_CERTIFICATE.search(pem)
-    if found is None:
-        raise ValueError("no PEM certificate")
-    der = ssl.PEM_cert_to_DER_cert(found.group(0))
-    try:
-        _, certificate, _ = _element(der, 0)
-        _, at, _ = _element(der, certificate)  # tbsCertificate: its first element
-        if der[at] == 0xA0:  # the explicit version
-            _, _, at = _element(der, at)
-        for _ in range(3):  # serialNumber, signature, issuer
-            _, _, at = _element(der, at)
-        _, validity, _ = _element(der, at)
-        kind, start, end = _element(der, validity)
-        not_before = _time(kind, der[start:end])
-        kind, start, end = _element(der, end)
-        return der, not_before, _time(kind, der[start:end])
-    except IndexError:
-        raise ValueError("the certificate ends inside an element") from None
-
-
-def _element(der: bytes, at: int) -> tuple[int, int, int]:
-    """The DER element at `at`: its tag, where its content starts and where it ends."""
-    tag, length = der[at], der[at + 1]
-    start = at + 2
-    if length & 0x80:
-        size = length & 0x7F
-        length, start = int.from_bytes(der[start : start + size], "big"), start + size
-    if start + length > len(der):
-        raise ValueError("a DER element runs past the certificate's end")
-    return tag, start, start + length
-
-
-def _time(kind: int, value: bytes) -> float:
-    """A UTCTime (YYMMDDHHMMSSZ, years 1950-2049) or GeneralizedTime (YYYYMMDDHHMMSSZ) as unix seconds."""
-    text = value.decode("ascii")
-    if kind == 0x17:
-        text = f"{19 if int(text[:2]) >= 50 else 20}{text}"
-    elif kind != 0x18:
-        raise ValueError(f"a validity time of an unknown type 0x{kind:02x}")
-    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC).timestamp()
-
-
-def _text(when: float) -> str:
-    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")
 
 
 def _load(cert_file: Path, key_file: Path) -> _Pair:

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
 from support import certificate, running_daemon, sandbox_sinks, settings_env
 
 from daemon import kafka_local
 from daemon.kafka_options import client_options, topic_layout
+from daemon.key_pairs import certificate_validity
 from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.settings import TopicSettings, load_settings
 from daemon.status import fetch_status, render_status
@@ -121,7 +123,8 @@ async def test_a_webhooks_order_reaches_the_crm_through_a_broker_that_asks_who_w
     env = settings_env(secure_broker.ssl_bootstrap, prefix, tmp_path / "state", partitions=3, sinks=crm)
     settings = load_settings(None, env={**env, **security_env(secure_broker, mode)})
     submission = sample_submission(random.Random(7), order_number=f"SEC-{uuid.uuid4().hex[:10]}")
-    async with running_daemon(settings) as base, aiohttp.ClientSession() as session:
+    registry = CollectorRegistry()
+    async with running_daemon(settings, registry) as base, aiohttp.ClientSession() as session:
         headers = {"Content-Type": "application/json", "Idempotency-Key": f"sec-{mode}"}
         async with session.post(f"{base}/v1/orders", data=submission.model_dump_json(), headers=headers) as answer:
             assert answer.status == 202, await answer.text()
@@ -129,6 +132,11 @@ async def test_a_webhooks_order_reaches_the_crm_through_a_broker_that_asks_who_w
         assert published["topic"] == f"{prefix}orders"
         [effect] = await sandbox.wait_ledger("crm", 1, timeout=30)
         assert effect["order_number"] == submission.order.order_number
+    expiry = registry.get_sample_value("orderbus_kafka_client_certificate_expiry_timestamp_seconds")
+    if mode == "ssl-client-certificate":  # for the alerts weeks ahead: once it has expired, no broker takes orderbus
+        assert expiry == certificate_validity(secure_broker.client[0].read_text())[2]
+    else:
+        assert expiry is None
 
 
 # What each wrong setting meets, as `diagnose` says it: aiokafka says "Unable to bootstrap" for all of them.

@@ -12,7 +12,8 @@ import pytest
 from support import certificate
 
 from daemon import cli
-from daemon.kafka_options import client_options
+from daemon.kafka_options import client_certificate_end, client_certificate_problem, client_options
+from daemon.key_pairs import certificate_validity, text_time
 from daemon.settings import load_settings
 from topics.errors import ConfigError
 
@@ -128,3 +129,29 @@ def test_config_check_loads_the_client_certificate_as_run_would(
     no_orderbus_env.setenv("ORDERBUS_KAFKA__SSL_KEYFILE", str(pki["client"][1]))
     assert cli.main(["config", "check"]) == 0
     assert f'"ssl_keyfile": "{pki["client"][1]}"' in capsys.readouterr().out
+
+
+def test_a_client_certificate_near_its_end_is_said_by_config_check(
+    tmp_path: Path, no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = certificate(tmp_path, "ca", days=30)
+    short = certificate(tmp_path, "short", days=2, issuer=ca)
+    env = {
+        "ORDERBUS_KAFKA__SECURITY_PROTOCOL": "SSL",
+        "ORDERBUS_KAFKA__SSL_CAFILE": str(ca[0]),
+        "ORDERBUS_KAFKA__SSL_CERTFILE": str(short[0]),
+        "ORDERBUS_KAFKA__SSL_KEYFILE": str(short[1]),
+        "ORDERBUS_INGEST__ALLOW_UNSIGNED": "true",
+    }
+    for name, value in env.items():
+        no_orderbus_env.setenv(name, value)
+    kafka = load_settings(None, env=env).kafka
+    end = client_certificate_end(kafka)
+    assert end == certificate_validity(short[0].read_text())[2]
+    assert client_certificate_problem(kafka, end - 30 * 86400) is None
+    assert client_certificate_problem(kafka, end + 1) == (
+        f"the Kafka client certificate expired at {text_time(end)}: the brokers refuse it: orderbus can neither "
+        "publish nor deliver"
+    )
+    assert cli.main(["config", "check"]) == 0
+    assert "warning: the Kafka client certificate expires in 2.0 days" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from daemon.ingest_metrics import (
     package_version,
     register_build_info,
     register_certificate_expiry,
+    register_kafka_certificate_expiry,
 )
 from daemon.publisher import BrokerUnavailable, Published
 from daemon.ready_metric import register_readiness
@@ -250,6 +251,7 @@ def full_registry() -> CollectorRegistry:
     register_build_info(registry)
     register_readiness(registry, ["ingest", "sink.crm"], dict)
     register_certificate_expiry(registry, lambda: NOW)
+    register_kafka_certificate_expiry(registry, NOW)
     return registry
 
 
