@@ -1,9 +1,12 @@
-"""A PEM certificate and its private key, loaded into a TLS context with an error that names the setting and why.
+"""PEM certificates and their keys: a pair loaded into a TLS context with an error that names the setting and why,
+a certificate's validity read from the certificate itself, and its end said at the level it deserves.
 
 Two settings take such a pair: the webhook's HTTPS listener (``ingest.tls_certfile``/``tls_keyfile``, a server's
 certificate, `daemon.tls_listener`) and the Kafka client's certificate for brokers that ask for one
 (``kafka.ssl_certfile``/``ssl_keyfile``, `daemon.kafka_options`). OpenSSL's own errors for a wrong file are
-"PEM lib" or "KEY_VALUES_MISMATCH"; these say which file, which setting, and what to give instead.
+"PEM lib" or "KEY_VALUES_MISMATCH"; these say which file, which setting, and what to give instead. Either
+certificate's end is a metric with alerts weeks ahead (`daemon.ingest_metrics`): once it has passed, the shops'
+webhooks, or every broker, refuse orderbus.
 """
 
 from __future__ import annotations
