@@ -49,7 +49,7 @@ from daemon.settings import RECONCILE_RATE, AuthSettings, Settings, load_setting
 from daemon.signature import sign
 from daemon.tls_listener import server_tls
 from topics.catalogue import catalogue
-from topics.errors import ConfigError, NotYetError, OrderbusError
+from topics.errors import BrokerError, ConfigError, NotYetError, OrderbusError
 
 T = TypeVar("T")
 log = logging.getLogger("daemon.cli")
@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
         nargs="?",
         help="the settings file (default: $ORDERBUS_CONFIG, else /etc/orderbus/orderbus.toml if it exists, else the "
         "built-in defaults: settings given by ORDERBUS_* variables alone)",
+    )
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach Kafka as run would: why it cannot be, or which topics are missing (exit 1)",
     )
     check.set_defaults(func=_config_check)
 
@@ -440,6 +445,19 @@ def _config_check(args: argparse.Namespace) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     if (problem := client_certificate_problem(settings.kafka, time.time())) is not None:
         print(f"warning: {problem}", file=sys.stderr)
+    return _check_connection(settings) if args.connect else 0
+
+
+def _check_connection(settings: Settings) -> int:
+    """`config check --connect`: Kafka reached with these settings, and the topics `run` needs there."""
+    from daemon.lifecycle import check_topics
+
+    try:
+        _run_async(check_topics(settings, client_options(settings.kafka)))
+    except (BrokerError, ConfigError) as exc:  # unreachable (and why), or topics missing: not the settings' fault
+        print(f"kafka: {exc}", file=sys.stderr)
+        return 1
+    print(f"kafka: reached at {settings.kafka.bootstrap_servers}; every topic run needs is there", file=sys.stderr)
     return 0
 
 

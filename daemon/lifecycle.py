@@ -334,7 +334,7 @@ async def _require_topics(settings: Settings, options: Mapping[str, Any]) -> boo
     the ingest alone starts anyway and answers 503 until Kafka is back and its topic is found (`_open_ingest`).
     """
     try:
-        await _check_topics(settings, options)
+        await check_topics(settings, options)
     except BrokerError as exc:
         if settings.enabled_sinks():
             raise
@@ -343,8 +343,9 @@ async def _require_topics(settings: Settings, options: Mapping[str, Any]) -> boo
     return True
 
 
-async def _check_topics(settings: Settings, options: Mapping[str, Any]) -> None:
-    """`ConfigError` if a topic the daemon reads or writes is missing; `BrokerError` if Kafka does not answer."""
+async def check_topics(settings: Settings, options: Mapping[str, Any]) -> None:
+    """`ConfigError` if a topic the daemon reads or writes is missing; `BrokerError` if Kafka does not answer (saying
+    why, `topics.broker_diagnosis`). `run`'s start, and `config check --connect`."""
     prefix = settings.topics.prefix
     names = [orders_topic(prefix)]
     for name in settings.enabled_sinks():
@@ -378,7 +379,7 @@ async def _open_ingest(
         options,
         request_timeout=settings.kafka.request_timeout,
         # The start's check, when Kafka did not answer it: the publisher builds no producer before it passes.
-        topic_check=None if topic_checked else functools.partial(_check_topics, settings, options),
+        topic_check=None if topic_checked else functools.partial(check_topics, settings, options),
         diagnose=functools.partial(diagnose, options, timeout=diagnosis(settings.kafka.request_timeout)),
     )
     await publisher.start()

@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -244,3 +247,34 @@ async def test_an_ingest_with_a_wrong_password_says_so_in_its_log_and_status_not
     said = [record.getMessage() for record in caplog.records if record.name.startswith("daemon")]
     assert any(line.startswith("kafka unreachable at start, ingest answers 503") and cause in line for line in said)
     assert "not-the-password" not in json.dumps(document) + "".join(said)
+
+
+def test_config_check_connect_reaches_kafka_as_run_would(secure_broker: SecureBroker, tmp_path: Path) -> None:
+    prefix = f"chk-{uuid.uuid4().hex[:8]}."
+    base = {
+        **security_env(secure_broker, "sasl-scram-sha-512"),
+        "ORDERBUS_TOPICS__PREFIX": prefix,
+        "ORDERBUS_INGEST__ALLOW_UNSIGNED": "true",
+        "ORDERBUS_STATE_DIR": str(tmp_path / "state"),
+        "ORDERBUS_CONFIG": "",
+    }
+
+    def check(**changes: str) -> tuple[int, str]:
+        env = {**os.environ, **base, **changes}
+        done = subprocess.run(
+            [sys.executable, "-m", "daemon", "config", "check", "--connect"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        return done.returncode, done.stderr.strip().splitlines()[-1]
+
+    code, said = check(ORDERBUS_KAFKA__SASL_PASSWORD="not-the-password")
+    assert code == 1
+    assert said.startswith(f"kafka: cannot list topics at {secure_broker.sasl_bootstrap}: the broker refused the SASL")
+    assert check() == (
+        1,
+        f"kafka: topic {prefix}orders does not exist: run `orderbus topics apply` with these settings",
+    )
+    settings = load_settings(None, env={name: value for name, value in base.items() if name != "ORDERBUS_CONFIG"})
+    asyncio.run(apply_catalogue(list(catalogue(topic_layout(settings.topics))), client_options(settings.kafka)))
+    reached = f"kafka: reached at {secure_broker.sasl_bootstrap}; every topic run needs is there"
+    assert check() == (0, reached)
