@@ -5,8 +5,9 @@ password the broker refused, a broker certificate nobody trusts, a client certif
 not get, a TLS listener spoken to in plain text, a broker that is down. The cause is logged by aiokafka's own
 logger, when at all, and not chained to what the caller gets. So after a failure, `diagnose` connects once more to
 each bootstrap server the way the clients do (``aiokafka.conn.create_conn``: TLS, ApiVersions, the SASL exchange,
-then a metadata request for no topic) and reads what that connection meets. It is asked only after a failure, at
-most at the pace of the callers' retries.
+then a metadata request for no topic) and reads what that connection meets. It is asked only after a failure: by
+`topics.admin` (the start's topic check, `topics apply`, `config check --connect`) and by the ingest's reconnect
+probe, at most once a minute (`daemon.publisher`: with SASL each asking is a login).
 """
 
 from __future__ import annotations
