@@ -179,6 +179,9 @@ def finite(result: list[dict[str, Any]]) -> list[float]:
 
 # Panels that must show something above zero once orders flow with the faults scripted below (others may be 0:
 # no lag, a closed circuit, no commit failures).
+# Panels whose series exist only with what this daemon runs without: HTTPS on the webhook, a Kafka client certificate
+# (their metrics are read in test_https_daemon.py and test_kafka_security.py). Their queries must still run.
+WITHOUT_DATA_HERE = {"Certificates: days left"}
 MUST_MOVE = {
     "Ingest requests/s by status code",
     "Ingest publish latency (acks=all)",
@@ -262,7 +265,9 @@ async def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_the_scr
             for _ in range(60):
                 missing = []
                 for title, sink, promql in dashboard_queries():
-                    values = finite(await query(session, prom, promql))
+                    values = finite(await query(session, prom, promql))  # a query that does not run fails here
+                    if title in WITHOUT_DATA_HERE:
+                        continue
                     if not values or (title in MUST_MOVE and max(values) <= 0):
                         missing.append(f"{title} [{sink}]: {promql} -> {values}")
                 if not missing:
