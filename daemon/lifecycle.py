@@ -52,6 +52,7 @@ from daemon.ingest_metrics import (
     register_kafka_certificate_expiry,
 )
 from daemon.kafka_options import client_certificate_end, client_options, say_client_certificate_expiry
+from daemon.kafka_watch import KafkaWatch
 from daemon.publisher import KafkaPublisher
 from daemon.ready_metric import register_readiness
 from daemon.retention import dedup_path, ingest_keys_path
@@ -153,6 +154,15 @@ async def serve(
             return _degraded(engines)
 
         register_readiness(registry, components, readiness)
+        watch = None
+        if publisher is None and engines:  # with the ingest, its publisher says why Kafka cannot be reached
+            watch = KafkaWatch(
+                engines.values(),
+                functools.partial(diagnose, options, timeout=diagnosis(settings.kafka.request_timeout)),
+                SystemClock(),
+                silent=_SILENT_MEASUREMENTS * max(engine.config.lag_interval for engine in engines.values()),
+            )
+            stack.push_async_callback(cancel_and_wait, asyncio.create_task(watch.run(), name="kafka-watch"))
 
         def app(serves: Listener) -> web.Application:
             return build_app(
@@ -161,7 +171,7 @@ async def serve(
                 degraded=degraded,
                 max_body_bytes=settings.ingest.max_body_bytes,
                 registry=registry,
-                status=lambda: _status(publisher, keys, engines, registry, tls),
+                status=lambda: _status(publisher, keys, engines, registry, tls, watch=watch),
                 serves=serves,
                 components=components,
             )
@@ -515,10 +525,12 @@ def _status(
     registry: CollectorRegistry,
     tls: ServerTls | None = None,
     now: float | None = None,
+    watch: KafkaWatch | None = None,
 ) -> dict[str, object]:
     """The daemon's state for `orderbus status`: per sink what the engine knows plus its lifetime counters; the
     ingest's Kafka gate and why its key store's last batch failed, until one is written again; with HTTPS, when the
-    webhook's certificate expires (`now`: the wall clock's time, by default)."""
+    webhook's certificate expires (`now`: the wall clock's time, by default); without the ingest, why the sinks'
+    Kafka cannot be reached (`watch`)."""
 
     def count(metric: str, labels: dict[str, str]) -> int:
         return int(registry.get_sample_value(metric, labels) or 0)
@@ -550,6 +562,7 @@ def _status(
     return {
         "ingest": ingest,
         "certificate": certificate,
+        "kafka_unreachable": watch.unreachable if watch is not None else None,
         "sinks": sinks,
         "not_ready": _reasons(publisher, engines, keys),
         "degraded": _degraded(engines),

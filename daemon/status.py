@@ -156,6 +156,8 @@ def render_status(document: dict[str, Any]) -> str:
         if ingest.get("key_store_error"):  # webhooks with a key get 503 until a batch is written again
             line += f"; KEY STORE FAILING: {ingest['key_store_error']}"
         lines.append(line)
+    if why := document.get("kafka_unreachable"):  # the sinks', without the ingest (whose line says it)
+        lines.append(f"kafka: UNREACHABLE: {why}")
     certificate = document.get("certificate")
     if certificate is not None:
         lines.append(_certificate_line(certificate))

@@ -42,6 +42,7 @@ from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.settings import AdminSettings, load_settings
 from daemon.signature import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from daemon.status import render_status
 from topics.catalogue import SINKS
 from topics.samples import sample_submission
 
@@ -335,6 +336,37 @@ async def test_readyz_says_why_while_the_broker_is_down_and_recovers_when_it_is_
         assert (status, body) == (200, {"status": "ready", "reasons": {}, "degraded": {}})
         scraped = await (await session.get(f"{base}/metrics")).text()
         assert all(f'orderbus_ready{{component="{component}"}} 1.0' in scraped for component in expected)
+
+
+async def test_without_the_ingest_the_status_says_why_the_sinks_kafka_is_unreachable(
+    private_broker: Callable[[], BrokerInfo], sandbox_process: SandboxProcess, unique_name: str, tmp_path: Path
+) -> None:
+    # A sinks-only daemon has no publisher to say it: `daemon.kafka_watch` asks once a sink hears nothing.
+    broker = private_broker()
+    settings = settings_for(broker, f"{unique_name}.", tmp_path, sinks=sandbox_sinks(sandbox_process), enabled=False)
+    async with running_daemon(settings) as base, aiohttp.ClientSession() as session:
+        status, _ = await wait_for(session, base, lambda status, _: status == 200, 30)
+        assert status == 200
+        assert (await (await session.get(f"{base}/status")).json())["kafka_unreachable"] is None
+        await asyncio.to_thread(kafka_local.stop, broker.data_dir)
+        document: dict[str, Any] = {}
+        for _ in range(120):  # silent for 10 s, then looked at every 2 s
+            document = await (await session.get(f"{base}/status")).json()
+            if document["kafka_unreachable"]:
+                break
+            await asyncio.sleep(0.25)
+        assert document["kafka_unreachable"] == (
+            "connection refused: no broker listens there (kafka.bootstrap_servers), or it is down"
+        )
+        assert f"kafka: UNREACHABLE: {document['kafka_unreachable']}" in render_status(document).splitlines()
+        await asyncio.to_thread(kafka_local.start, broker.data_dir)
+        status, _ = await wait_for(session, base, lambda status, _: status == 200, 45)
+        assert status == 200
+        for _ in range(40):
+            if (await (await session.get(f"{base}/status")).json())["kafka_unreachable"] is None:
+                break
+            await asyncio.sleep(0.25)
+        assert (await (await session.get(f"{base}/status")).json())["kafka_unreachable"] is None
 
 
 async def test_an_instance_without_partitions_is_ready(
