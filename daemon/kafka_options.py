@@ -60,7 +60,12 @@ def client_certificate_problem(kafka: KafkaSettings, now: float) -> str | None:
     """What is wrong with the Kafka client certificate's end at `now` (expired, or within 14 days); None if nothing,
     or without one (`config check` says it)."""
     end = client_certificate_end(kafka)
-    return None if end is None else expiry_problem(_CLIENT_CERTIFICATE, end, now, _REFUSED)
+    return None if end is None else client_certificate_expiry(end, now)
+
+
+def client_certificate_expiry(end: float, now: float) -> str | None:
+    """What is wrong at `now` with a Kafka client certificate that expires at `end`: expired, or within 14 days."""
+    return expiry_problem(_CLIENT_CERTIFICATE, end, now, _REFUSED)
 
 
 def say_client_certificate_expiry(logger: logging.Logger, kafka: KafkaSettings, end: float, now: float) -> None:

@@ -51,8 +51,14 @@ from daemon.ingest_metrics import (
     register_certificate_expiry,
     register_kafka_certificate_expiry,
 )
-from daemon.kafka_options import client_certificate_end, client_options, say_client_certificate_expiry
+from daemon.kafka_options import (
+    client_certificate_end,
+    client_certificate_expiry,
+    client_options,
+    say_client_certificate_expiry,
+)
 from daemon.kafka_watch import KafkaWatch
+from daemon.key_pairs import text_time
 from daemon.publisher import KafkaPublisher
 from daemon.ready_metric import register_readiness
 from daemon.retention import dedup_path, ingest_keys_path
@@ -121,7 +127,9 @@ async def serve(
     if tls is not None:
         register_certificate_expiry(registry, lambda: tls.not_after)
         tls.say_expiry(time.time())
-    if (kafka_end := client_certificate_end(settings.kafka)) is not None:
+    kafka_certificate = None
+    if (kafka_end := client_certificate_end(settings.kafka)) is not None and settings.kafka.ssl_certfile is not None:
+        kafka_certificate = (settings.kafka.ssl_certfile, kafka_end)
         register_kafka_certificate_expiry(registry, kafka_end)
         say_client_certificate_expiry(log, settings.kafka, kafka_end, time.time())
     log.info("starting", extra={"settings": settings.masked()})
@@ -171,7 +179,9 @@ async def serve(
                 degraded=degraded,
                 max_body_bytes=settings.ingest.max_body_bytes,
                 registry=registry,
-                status=lambda: _status(publisher, keys, engines, registry, tls, watch=watch),
+                status=lambda: _status(
+                    publisher, keys, engines, registry, tls, watch=watch, kafka_certificate=kafka_certificate
+                ),
                 serves=serves,
                 components=components,
             )
@@ -526,11 +536,12 @@ def _status(
     tls: ServerTls | None = None,
     now: float | None = None,
     watch: KafkaWatch | None = None,
+    kafka_certificate: tuple[Path, float] | None = None,
 ) -> dict[str, object]:
     """The daemon's state for `orderbus status`: per sink what the engine knows plus its lifetime counters; the
     ingest's Kafka gate and why its key store's last batch failed, until one is written again; with HTTPS, when the
-    webhook's certificate expires (`now`: the wall clock's time, by default); without the ingest, why the sinks'
-    Kafka cannot be reached (`watch`)."""
+    webhook's certificate expires (`now`: the wall clock's time, by default), and the Kafka client's (its file and
+    end, read at start: `kafka_certificate`); without the ingest, why the sinks' Kafka cannot be reached (`watch`)."""
 
     def count(metric: str, labels: dict[str, str]) -> int:
         return int(registry.get_sample_value(metric, labels) or 0)
@@ -550,18 +561,28 @@ def _status(
             "topic_missing": publisher.topic_missing,
             "key_store_error": keys.failing,
         }
+    now = time.time() if now is None else now
     certificate = None
     if tls is not None:
-        now = time.time() if now is None else now
         certificate = {
             "certfile": str(tls.cert_file),
             "expires": tls.expires,
             "seconds_left": round(tls.not_after - now),
             "problem": tls.expiry_problem(now),  # expired, or within 14 days; None otherwise
         }
+    kafka = None
+    if kafka_certificate is not None:
+        certfile, end = kafka_certificate
+        kafka = {
+            "certfile": str(certfile),
+            "expires": text_time(end),
+            "seconds_left": round(end - now),
+            "problem": client_certificate_expiry(end, now),
+        }
     return {
         "ingest": ingest,
         "certificate": certificate,
+        "kafka_certificate": kafka,
         "kafka_unreachable": watch.unreachable if watch is not None else None,
         "sinks": sinks,
         "not_ready": _reasons(publisher, engines, keys),

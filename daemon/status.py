@@ -158,19 +158,21 @@ def render_status(document: dict[str, Any]) -> str:
         lines.append(line)
     if why := document.get("kafka_unreachable"):  # the sinks', without the ingest (whose line says it)
         lines.append(f"kafka: UNREACHABLE: {why}")
-    certificate = document.get("certificate")
-    if certificate is not None:
-        lines.append(_certificate_line(certificate))
+    if (certificate := document.get("certificate")) is not None:
+        lines.append(_certificate_line(certificate, "certificate", "renew it, then reload"))
+    if (certificate := document.get("kafka_certificate")) is not None:
+        lines.append(_certificate_line(certificate, "kafka client certificate", "renew it, then restart"))
     lines += problems(document.get("not_ready", {}), document.get("degraded", {}))
     return "\n".join(lines)
 
 
-def _certificate_line(certificate: Mapping[str, Any]) -> str:
-    """When the webhook's certificate expires; what is wrong with that (the daemon's words) in capitals."""
+def _certificate_line(certificate: Mapping[str, Any], label: str, renewal: str) -> str:
+    """When a certificate (the webhook's, the Kafka client's) expires; what is wrong with that (the daemon's words)
+    in capitals, with what to do (`renewal`)."""
     if (problem := certificate.get("problem")) is not None:
-        return f"{str(problem).upper()}; renew it, then reload"
+        return f"{str(problem).upper()}; {renewal}"
     days = float(certificate.get("seconds_left", 0)) / 86400
-    return f"certificate: expires at {certificate.get('expires', '?')} ({days:.0f} days)"
+    return f"{label}: expires at {certificate.get('expires', '?')} ({days:.0f} days)"
 
 
 def problems(not_ready: Mapping[str, str], degraded: Mapping[str, str]) -> list[str]:

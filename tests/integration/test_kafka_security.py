@@ -24,7 +24,7 @@ from support import certificate, running_daemon, sandbox_sinks, settings_env
 
 from daemon import kafka_local
 from daemon.kafka_options import client_options, topic_layout
-from daemon.key_pairs import certificate_validity
+from daemon.key_pairs import certificate_validity, text_time
 from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.settings import TopicSettings, load_settings
 from daemon.status import fetch_status, render_status
@@ -135,11 +135,14 @@ async def test_a_webhooks_order_reaches_the_crm_through_a_broker_that_asks_who_w
         assert published["topic"] == f"{prefix}orders"
         [effect] = await sandbox.wait_ledger("crm", 1, timeout=30)
         assert effect["order_number"] == submission.order.order_number
+        document = await asyncio.to_thread(fetch_status, base)
     expiry = registry.get_sample_value("orderbus_kafka_client_certificate_expiry_timestamp_seconds")
     if mode == "ssl-client-certificate":  # for the alerts weeks ahead: once it has expired, no broker takes orderbus
-        assert expiry == certificate_validity(secure_broker.client[0].read_text())[2]
+        end = certificate_validity(secure_broker.client[0].read_text())[2]
+        assert expiry == end
+        assert document["kafka_certificate"]["expires"] == text_time(end), "and orderbus status says it"
     else:
-        assert expiry is None
+        assert (expiry, document["kafka_certificate"]) == (None, None)
 
 
 # What each wrong setting meets, as `diagnose` says it: aiokafka says "Unable to bootstrap" for all of them.

@@ -79,6 +79,27 @@ def test_the_webhooks_certificate_is_in_the_status_document_and_said_louder_as_i
     assert _status(None, None, {}, CollectorRegistry())["certificate"] is None, "plain HTTP: nothing said"
 
 
+def test_the_kafka_client_certificate_is_in_the_status_document_as_read_at_start(tmp_path: Path) -> None:
+    certfile, end = tmp_path / "kafka-client.crt", 1_900_000_000.0  # the file is not read again: its end at start
+    document = _status(None, None, {}, CollectorRegistry(), now=end - 20 * 86400, kafka_certificate=(certfile, end))
+    assert document["kafka_certificate"] == {
+        "certfile": str(certfile),
+        "expires": "2030-03-17T17:46:40+00:00",
+        "seconds_left": 1728000,
+        "problem": None,
+    }
+    assert (
+        render_status(document).splitlines()[-1]
+        == "kafka client certificate: expires at 2030-03-17T17:46:40+00:00 (20 days)"
+    )
+    document = _status(None, None, {}, CollectorRegistry(), now=end + 1, kafka_certificate=(certfile, end))
+    assert render_status(document).splitlines()[-1] == (
+        "THE KAFKA CLIENT CERTIFICATE EXPIRED AT 2030-03-17T17:46:40+00:00: THE BROKERS REFUSE IT: ORDERBUS CAN "
+        "NEITHER PUBLISH NOR DELIVER; renew it, then restart"
+    )
+    assert _status(None, None, {}, CollectorRegistry())["kafka_certificate"] is None, "without one: nothing said"
+
+
 def test_a_daemon_without_the_ingest_shows_no_ingest_line() -> None:
     assert "ingest" not in render_status({"sinks": {}, "ingest": None})
 
