@@ -62,6 +62,11 @@ Deliver = Callable[[HttpRequest, str], Awaitable[Reply | TransportFailure]]
 """One HTTP attempt: (request, idempotency key) → the answer or the transport failure. Never raises."""
 
 
+# A sink whose lag measurement (every `lag_interval`, 2 s) has had no answer for this many intervals has lost the
+# broker; lenient enough that a loop slowed by a burst of work does not look like an outage.
+SILENT_MEASUREMENTS = 5
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The engine's knobs (from `daemon.settings.SinkSettings`)."""
@@ -585,6 +590,18 @@ class SinkEngine:
     def kafka_silence(self) -> float:
         """Seconds since the broker last answered this sink's lag measurement (taken every `lag_interval`)."""
         return self._lag.silence
+
+    @property
+    def kafka_silent(self) -> bool:
+        """Whether the sink has lost its broker (`lost_broker`): its readiness says so, and `daemon.kafka_watch` asks
+        why."""
+        return lost_broker(self._lag.silence, self.config.lag_interval)
+
+
+def lost_broker(silence: float, lag_interval: float) -> bool:
+    """Whether a broker silent for `silence` seconds, asked every `lag_interval`, is lost: `SILENT_MEASUREMENTS`
+    measurements without an answer."""
+    return silence > SILENT_MEASUREMENTS * lag_interval
 
 
 def _limit_or_zero(rate: float) -> float:

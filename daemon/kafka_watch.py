@@ -1,54 +1,70 @@
-"""Why the sinks' Kafka cannot be reached, while it cannot: for a daemon without the ingest, whose publisher says it.
+"""Why Kafka cannot be reached, for one daemon: `Diagnosis`, asked at most once a minute, and `KafkaWatch`, which
+asks it for the sinks of a daemon without the ingest (whose publisher asks it itself).
+
+`topics.broker_diagnosis.diagnose` makes one connection to each bootstrap server, and with SASL each is a login: a
+wrong password must not count against the account every few seconds, from every retry of every part of the daemon.
+So the daemon holds one `Diagnosis` for its start's topic check, the ingest's reconnect probe and the sinks' watch,
+which asks at most every `DIAGNOSIS_INTERVAL` and gives its last answer in between, until the brokers answer again
+(`forget`).
 
 A sink's consumer that loses its brokers retries by itself, and aiokafka says why only in its own log lines (once in
 five minutes, `daemon.logs`): the sink's readiness says "kafka is unreachable" and no more. `KafkaWatch` notices
-that a sink has heard nothing from the broker for `silent` seconds (its lag measurement, every 2 s, gets no
-answer), asks `topics.broker_diagnosis` why, at most every `interval` (with SASL each asking is a login), and keeps
-the answer for the status document and `orderbus status` (``kafka: UNREACHABLE: ...``); the log says it when it
-changes, and when the brokers answer again. A cluster CA rotated under a stale ``kafka.ssl_cafile``, a password
+that a sink has lost its broker (`kafka_silent`: its lag measurement gets no answer), asks the `Diagnosis`, and
+keeps the answer for the status document and `orderbus status` (``kafka: UNREACHABLE: ...``); the log says it when
+it changes, and when the brokers answer again. A cluster CA rotated under a stale ``kafka.ssl_cafile``, a password
 changed on the brokers, a client certificate past its end: each is then named, not only "unreachable".
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol
+from collections.abc import Iterable
+from typing import Final, Protocol
 
 from consumers.clock import Clock
+from topics.broker_diagnosis import Diagnose
 
-__all__ = ["KafkaWatch"]
+__all__ = ["DIAGNOSIS_INTERVAL", "Diagnosis", "KafkaWatch"]
 
 log = logging.getLogger(__name__)
+
+DIAGNOSIS_INTERVAL: Final = 60.0  # seconds between two askings of why the brokers cannot be reached
+
+
+class Diagnosis:
+    """`ask` (a bound `topics.broker_diagnosis.diagnose`), asked at most every `interval`; its answer kept meanwhile."""
+
+    def __init__(self, ask: Diagnose, clock: Clock, *, interval: float = DIAGNOSIS_INTERVAL) -> None:
+        self._ask, self._clock, self._interval = ask, clock, interval
+        self._asked: tuple[float, str | None] | None = None  # when it was last asked, and what it said
+
+    async def __call__(self) -> str | None:
+        now = self._clock.now()
+        if self._asked is None or now - self._asked[0] >= self._interval:
+            self._asked = (now, await self._ask())
+        return self._asked[1]
+
+    def forget(self) -> None:
+        """The brokers answered: the next failure is asked about afresh."""
+        self._asked = None
 
 
 class Silent(Protocol):
     """What the watch reads of a sink (`consumers.engine.SinkEngine`)."""
 
     @property
-    def kafka_silence(self) -> float: ...
+    def kafka_silent(self) -> bool: ...
 
 
 class KafkaWatch:
     """Keeps `unreachable`: why the sinks' brokers do not answer, while one of the sinks hears nothing from them."""
 
-    def __init__(
-        self,
-        sinks: Iterable[Silent],
-        diagnose: Callable[[], Awaitable[str | None]],
-        clock: Clock,
-        *,
-        silent: float,
-        every: float = 2.0,
-        interval: float = 60.0,
-    ) -> None:
-        """`silent`: seconds without an answer that make a sink's broker unreachable (as its readiness says);
-        `every`: how often the sinks are looked at; `interval`: the least time between two diagnoses."""
+    def __init__(self, sinks: Iterable[Silent], diagnosis: Diagnosis, clock: Clock, *, every: float = 2.0) -> None:
+        """`every`: how often the sinks are looked at."""
         self._sinks = list(sinks)
-        self._diagnose = diagnose
+        self._diagnosis = diagnosis
         self._clock = clock
-        self._silent, self._every, self._interval = silent, every, interval
-        self._asked: float | None = None
+        self._every = every
         self.unreachable: str | None = None
 
     async def run(self) -> None:
@@ -58,17 +74,14 @@ class KafkaWatch:
             await self.look()
 
     async def look(self) -> None:
-        """One look: diagnose (when due) while a sink is silent; forget the cause once none is."""
-        if not any(sink.kafka_silence > self._silent for sink in self._sinks):
+        """One look: ask the diagnosis while a sink is silent; forget the cause once none is."""
+        if not any(sink.kafka_silent for sink in self._sinks):
             if self.unreachable is not None:
                 log.info("kafka answers the sinks again")
-            self.unreachable, self._asked = None, None
+                self._diagnosis.forget()
+            self.unreachable = None
             return
-        now = self._clock.now()
-        if self._asked is not None and now - self._asked < self._interval:
-            return
-        self._asked = now
-        why = await self._diagnose() or "the bootstrap servers answer; a broker they name does not"
+        why = await self._diagnosis() or "the bootstrap servers answer; a broker they name does not"
         if why != self.unreachable:
             log.warning("kafka unreachable for the sinks: %s", why)
         self.unreachable = why

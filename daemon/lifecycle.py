@@ -57,7 +57,7 @@ from daemon.kafka_options import (
     client_options,
     say_client_certificate_expiry,
 )
-from daemon.kafka_watch import KafkaWatch
+from daemon.kafka_watch import Diagnosis, KafkaWatch
 from daemon.key_pairs import text_time
 from daemon.publisher import KafkaPublisher
 from daemon.ready_metric import register_readiness
@@ -68,8 +68,8 @@ from daemon.signature import WebhookVerifier
 from daemon.sinks import build_auth, build_sink, engine_config
 from daemon.status import problems
 from daemon.tls_listener import ServerTls, server_tls
-from topics.admin import diagnosis, missing_topics
-from topics.broker_diagnosis import diagnose
+from topics.admin import missing_topics
+from topics.broker_diagnosis import Diagnose, diagnose
 from topics.catalogue import dlq_topic, orders_topic, replay_topic
 from topics.errors import BrokerError, ConfigError, NotYetError
 
@@ -98,11 +98,6 @@ def tune_runtime() -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     sys.setswitchinterval(SWITCH_INTERVAL)
-
-
-# A sink whose lag measurement (every `lag_interval`, 2 s) has had no answer for this many intervals has lost the
-# broker; lenient enough that a loop slowed by a burst of work does not look like an outage.
-_SILENT_MEASUREMENTS = 5
 
 
 async def serve(
@@ -144,14 +139,21 @@ async def serve(
         publisher: KafkaPublisher | None = None
         keys: SqliteIngestKeyStore | None = None
         options = client_options(settings.kafka)  # once: with TLS, each build reads the CA file again
+        # Why Kafka cannot be reached, asked by the start's topic check, the ingest's probe or the sinks' watch alike:
+        # once a minute at most (with SASL each asking is a login).
+        diagnosis = Diagnosis(
+            functools.partial(diagnose, options, timeout=settings.kafka.request_timeout), SystemClock()
+        )
         checked = True
         if settings.ingest.enabled or settings.enabled_sinks():
             _state_dir(settings)
             stack.callback(os.close, _lock_state_dir(settings.state_dir))
-            checked = await _require_topics(settings, options)
+            checked = await _require_topics(settings, options, diagnosis)
         if settings.ingest.enabled:
             metrics = IngestMetrics(registry)
-            ingest, publisher, keys = await _open_ingest(settings, options, stack, metrics, topic_checked=checked)
+            ingest, publisher, keys = await _open_ingest(
+                settings, options, stack, metrics, diagnosis, topic_checked=checked
+            )
         engines = await _open_sinks(settings, options, stack, EngineMetrics(registry))
         components = [*(["ingest"] if publisher is not None else []), *(f"sink.{name}" for name in engines)]
 
@@ -164,12 +166,7 @@ async def serve(
         register_readiness(registry, components, readiness)
         watch = None
         if publisher is None and engines:  # with the ingest, its publisher says why Kafka cannot be reached
-            watch = KafkaWatch(
-                engines.values(),
-                functools.partial(diagnose, options, timeout=diagnosis(settings.kafka.request_timeout)),
-                SystemClock(),
-                silent=_SILENT_MEASUREMENTS * max(engine.config.lag_interval for engine in engines.values()),
-            )
+            watch = KafkaWatch(engines.values(), diagnosis, SystemClock())
             stack.push_async_callback(cancel_and_wait, asyncio.create_task(watch.run(), name="kafka-watch"))
 
         def app(serves: Listener) -> web.Application:
@@ -344,7 +341,7 @@ def _lock_state_dir(path: Path) -> int:
     return fd
 
 
-async def _require_topics(settings: Settings, options: Mapping[str, Any]) -> bool:
+async def _require_topics(settings: Settings, options: Mapping[str, Any], diagnosis: Diagnose) -> bool:
     """Refuse to start (`ConfigError`, exit 2) while a topic the daemon reads or writes is missing; False if the
     topics could not be checked.
 
@@ -354,7 +351,7 @@ async def _require_topics(settings: Settings, options: Mapping[str, Any]) -> boo
     the ingest alone starts anyway and answers 503 until Kafka is back and its topic is found (`_open_ingest`).
     """
     try:
-        await check_topics(settings, options)
+        await check_topics(settings, options, diagnosis)
     except BrokerError as exc:
         if settings.enabled_sinks():
             raise
@@ -363,14 +360,15 @@ async def _require_topics(settings: Settings, options: Mapping[str, Any]) -> boo
     return True
 
 
-async def check_topics(settings: Settings, options: Mapping[str, Any]) -> None:
-    """`ConfigError` if a topic the daemon reads or writes is missing; `BrokerError` if Kafka does not answer (saying
-    why, `topics.broker_diagnosis`). `run`'s start, and `config check --connect`."""
+async def check_topics(settings: Settings, options: Mapping[str, Any], diagnosis: Diagnose | None = None) -> None:
+    """`ConfigError` if a topic the daemon reads or writes is missing; `BrokerError` if Kafka does not answer, saying
+    why (`diagnosis`, else `topics.broker_diagnosis.diagnose` asked at once). `run`'s start, and `config check
+    --connect`."""
     prefix = settings.topics.prefix
     names = [orders_topic(prefix)]
     for name in settings.enabled_sinks():
         names += [dlq_topic(name, prefix), replay_topic(name, prefix)]
-    missing = await missing_topics(names, options, timeout=settings.kafka.request_timeout)
+    missing = await missing_topics(names, options, timeout=settings.kafka.request_timeout, diagnosis=diagnosis)
     if missing:
         raise ConfigError(
             f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
@@ -383,6 +381,7 @@ async def _open_ingest(
     options: Mapping[str, Any],
     stack: AsyncExitStack,
     metrics: IngestMetrics,
+    diagnosis: Diagnosis,
     *,
     topic_checked: bool = True,
 ) -> tuple[Ingest, KafkaPublisher, SqliteIngestKeyStore]:
@@ -399,8 +398,8 @@ async def _open_ingest(
         options,
         request_timeout=settings.kafka.request_timeout,
         # The start's check, when Kafka did not answer it: the publisher builds no producer before it passes.
-        topic_check=None if topic_checked else functools.partial(check_topics, settings, options),
-        diagnose=functools.partial(diagnose, options, timeout=diagnosis(settings.kafka.request_timeout)),
+        topic_check=None if topic_checked else functools.partial(check_topics, settings, options, diagnosis),
+        diagnosis=diagnosis,
     )
     await publisher.start()
     stack.push_async_callback(publisher.close)
@@ -674,7 +673,7 @@ def _reasons(
         silence = engine.kafka_silence
         if not engine.joined:  # not `assigned == 0`: every member has none during a rebalance, a spare one always
             reasons[f"sink.{name}"] = "joining its consumer group (or kafka unreachable)"
-        elif silence > _SILENT_MEASUREMENTS * engine.config.lag_interval:
+        elif engine.kafka_silent:
             reasons[f"sink.{name}"] = f"kafka is unreachable: no answer to the lag measurement for {silence:.0f} s"
     return reasons
 

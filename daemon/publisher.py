@@ -36,6 +36,7 @@ from consumers.clock import Clock, SystemClock
 from consumers.deadlines import Deadlines
 from consumers.kafka_close import sender_task, stop_producer
 from consumers.kafka_io import guard_connection_writes, keep_metadata_synchronizer
+from daemon.kafka_watch import Diagnosis
 from topics.codec import EncodedRecord
 from topics.errors import BrokerError, ConfigError, PublishError
 
@@ -43,9 +44,6 @@ log = logging.getLogger(__name__)
 
 PROBE_MIN = 0.5  # seconds: the reconnect probe's first interval, doubled after each failure ...
 PROBE_MAX = 5.0  # ... up to this
-# Seconds between two diagnoses of why the broker cannot be reached (`topics.broker_diagnosis`); the probe's tries
-# in between are said with the last one's answer.
-DIAGNOSIS_INTERVAL = 60.0
 
 
 def _wake(woken: asyncio.Future[None], _: asyncio.Future[Any]) -> None:
@@ -100,13 +98,13 @@ class KafkaPublisher:
         producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer,
         clock: Clock | None = None,
         topic_check: Callable[[], Awaitable[None]] | None = None,
-        diagnose: Callable[[], Awaitable[str | None]] | None = None,
+        diagnosis: Diagnosis | None = None,
     ) -> None:
         """`producer_factory` takes `AIOKafkaProducer`'s arguments; unit tests pass a fake with its methods.
         `clock` keeps the publish timeouts (`consumers.deadlines`: one sweeper, not a timer per request) and paces
         the health check and the reconnect probe. `topic_check`, if given, must pass (raise nothing) before the
         producer is built: it raises `BrokerError` while the cluster cannot be reached, `ConfigError` while the
-        topic is missing, and is tried again with the reconnect probe. `diagnose` (`topics.broker_diagnosis`), if given,
+        topic is missing, and is tried again with the reconnect probe. `diagnosis` (`daemon.kafka_watch`), if given,
         says why the broker cannot be reached once the producer's start failed (aiokafka's error says "Unable to
         bootstrap" for every cause)."""
         self._topic = topic
@@ -122,8 +120,7 @@ class KafkaPublisher:
         self._deadlines = Deadlines(self._clock)
         self._topic_check = topic_check
         self._topic_missing: str | None = None
-        self._diagnose = diagnose
-        self._diagnosed: tuple[float, str | None] | None = None  # when `diagnose` was last asked, and its answer
+        self._diagnosis = diagnosis
         self._unreachable: str | None = None
 
     @property
@@ -133,7 +130,7 @@ class KafkaPublisher:
     @property
     def unreachable(self) -> str | None:
         """Why Kafka cannot be reached, while it cannot and the cause is known: the credentials, a certificate, the
-        protocol, a refused connection (`diagnose`); None while it can, or nobody could say."""
+        protocol, a refused connection (`diagnosis`); None while it can, or nobody could say."""
         return None if self._available else self._unreachable
 
     @property
@@ -275,7 +272,9 @@ class KafkaPublisher:
     def _mark_unavailable(self, why: str) -> None:
         if self._available:
             log.warning("kafka marked unavailable: %s", why)
-            self._unreachable = self._diagnosed = None  # an earlier outage's cause is not this one's
+            self._unreachable = None  # an earlier outage's cause is not this one's
+            if self._diagnosis is not None:
+                self._diagnosis.forget()
         self._available = False
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-probe")
@@ -323,14 +322,10 @@ class KafkaPublisher:
 
     async def _note_unreachable(self, exc: KafkaError | BrokerError) -> str:
         """Keep, for `unreachable`, and return why the broker could not be reached: `exc`, or for a failed bootstrap
-        what `diagnose` says, asked at most every `DIAGNOSIS_INTERVAL` (each asking is a login when SASL is on: a
-        wrong password must not count twice against the account, every few seconds). A `BrokerError` of the topic
-        check carries its diagnosis already (`topics.admin`)."""
+        what `diagnosis` says. A `BrokerError` of the topic check carries it already (`topics.admin`)."""
         why = str(exc) if isinstance(exc, BrokerError) else None
-        if why is None and isinstance(exc, KafkaConnectionError) and self._diagnose is not None:
-            if self._diagnosed is None or self._clock.now() - self._diagnosed[0] >= DIAGNOSIS_INTERVAL:
-                self._diagnosed = (self._clock.now(), await self._diagnose())
-            why = self._diagnosed[1]
+        if why is None and isinstance(exc, KafkaConnectionError) and self._diagnosis is not None:
+            why = await self._diagnosis()
         self._unreachable = why or repr(exc)
         return self._unreachable
 

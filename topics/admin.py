@@ -8,6 +8,7 @@ per-order ordering) and retention changes deserve a human decision, so neither i
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from topics.broker_diagnosis import DIAGNOSIS_TIMEOUT, unreachable
+from topics.broker_diagnosis import Diagnose, diagnose, unreachable
 from topics.catalogue import TopicSpec
 from topics.errors import BrokerError
 
@@ -58,7 +59,8 @@ async def apply_catalogue(
         await admin.start()
         return await _apply(admin, specs, timeout)
     except KafkaError as exc:
-        raise BrokerError(await unreachable("apply topics", client_options, exc, timeout=diagnosis(timeout))) from exc
+        ask = functools.partial(diagnose, client_options, timeout=timeout)
+        raise BrokerError(await unreachable("apply topics", client_options, exc, ask)) from exc
     finally:
         await admin.close()
 
@@ -151,26 +153,23 @@ def _compare(spec: TopicSpec, partitions: int, configs: Mapping[str, str]) -> li
     return drift
 
 
-def diagnosis(timeout: float) -> float:
-    """How long the diagnosis of a failed bootstrap may take for a call allowed `timeout`."""
-    return min(timeout, DIAGNOSIS_TIMEOUT)
-
-
 async def missing_topics(
-    names: Sequence[str], client_options: Mapping[str, Any], *, timeout: float = 30.0
+    names: Sequence[str], client_options: Mapping[str, Any], *, timeout: float = 30.0, diagnosis: Diagnose | None = None
 ) -> list[str]:
     """Those of `names` the cluster does not have, from a listing of every topic.
 
     A metadata request that names a topic may create it (aiokafka asks for auto-creation, which brokers allow by
     default), with the broker's defaults rather than the catalogue's; a listing names none, so it creates none.
-    Raises `BrokerError` when the cluster cannot be reached.
+    Raises `BrokerError` when the cluster cannot be reached, saying why (`diagnosis`: a daemon's, which asks at most
+    once a minute; else `topics.broker_diagnosis.diagnose`, asked at once).
     """
     admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
     try:
         await admin.start()
         return await _unlisted(admin, names)
     except KafkaError as exc:
-        raise BrokerError(await unreachable("list topics", client_options, exc, timeout=diagnosis(timeout))) from exc
+        ask = diagnosis or functools.partial(diagnose, client_options, timeout=timeout)
+        raise BrokerError(await unreachable("list topics", client_options, exc, ask)) from exc
     finally:
         await admin.close()
 

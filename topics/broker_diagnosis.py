@@ -5,9 +5,10 @@ password the broker refused, a broker certificate nobody trusts, a client certif
 not get, a TLS listener spoken to in plain text, a broker that is down. The cause is logged by aiokafka's own
 logger, when at all, and not chained to what the caller gets. So after a failure, `diagnose` connects once more to
 each bootstrap server the way the clients do (``aiokafka.conn.create_conn``: TLS, ApiVersions, the SASL exchange,
-then a metadata request for no topic) and reads what that connection meets. It is asked only after a failure: by
-`topics.admin` (the start's topic check, `topics apply`, `config check --connect`) and by the ingest's reconnect
-probe, at most once a minute (`daemon.publisher`: with SASL each asking is a login).
+then a metadata request for no topic) and reads what that connection meets. It is asked only after a failure, by
+`topics.admin` (`topics apply`, `config check --connect`: at once) and by the daemon, through one
+`daemon.kafka_watch.Diagnosis` for its start's topic check, the ingest's reconnect probe and the sinks' watch: at
+most once a minute, as with SASL each asking is a login.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from aiokafka.conn import collect_hosts, create_conn
@@ -30,7 +31,7 @@ from aiokafka.errors import (
 )
 from aiokafka.protocol.metadata import MetadataRequest
 
-__all__ = ["DIAGNOSIS_TIMEOUT", "diagnose", "explain", "unreachable"]
+__all__ = ["DIAGNOSIS_TIMEOUT", "Diagnose", "diagnose", "explain", "unreachable"]
 
 _TLS_RECORDS: Final = (0x1503, 0x1603)  # a TLS alert or handshake record's first two bytes, read as a Kafka length
 _HOSTNAME_MISMATCH: Final = 62  # X509_V_ERR_HOSTNAME_MISMATCH
@@ -43,10 +44,16 @@ _CLIENT_CERTIFICATE_ALERTS: Final = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", 
 DIAGNOSIS_TIMEOUT: Final = 5.0
 
 
+# Why a Kafka client's bootstrap failed, asked after the failure (`diagnose` with its options bound, or a daemon's
+# `daemon.kafka_watch.Diagnosis`, which asks it at most once a minute).
+Diagnose = Callable[[], Awaitable[str | None]]
+
+
 async def diagnose(options: Mapping[str, Any], *, timeout: float = DIAGNOSIS_TIMEOUT) -> str | None:
     """What a connection to each bootstrap server meets, as one sentence per distinct cause (servers named when
     there are several); None when one of them answers, so the failure lies past the bootstrap (a broker it names, a
-    timeout). The servers are asked at once, each within `timeout` in all."""
+    timeout). The servers are asked at once, each within `timeout` (`DIAGNOSIS_TIMEOUT` at most) in all."""
+    timeout = min(timeout, DIAGNOSIS_TIMEOUT)
     servers = collect_hosts(str(options.get("bootstrap_servers", "")), randomize=False)
     problems = await asyncio.gather(*(_problem(host, port, options, timeout) for host, port, _ in servers))
     if not problems or any(problem is None for problem in problems):
@@ -59,10 +66,10 @@ async def diagnose(options: Mapping[str, Any], *, timeout: float = DIAGNOSIS_TIM
     return "; ".join(f"{', '.join(where)}: {problem}" for problem, where in causes.items())
 
 
-async def unreachable(doing: str, options: Mapping[str, Any], exc: KafkaError, *, timeout: float) -> str:
-    """``cannot <doing> at <servers>: <why>``: `exc`'s cause as `diagnose` finds it (within `timeout`) when the
-    bootstrap failed (every client says "Unable to bootstrap" alike), else `exc` itself."""
-    why = await diagnose(options, timeout=timeout) if isinstance(exc, KafkaConnectionError) else None
+async def unreachable(doing: str, options: Mapping[str, Any], exc: KafkaError, diagnosis: Diagnose) -> str:
+    """``cannot <doing> at <servers>: <why>``: `exc`'s cause as `diagnosis` finds it when the bootstrap failed (every
+    client says "Unable to bootstrap" alike), else `exc` itself."""
+    why = await diagnosis() if isinstance(exc, KafkaConnectionError) else None
     return f"cannot {doing} at {options.get('bootstrap_servers')}: {why or repr(exc)}"
 
 

@@ -1,4 +1,5 @@
-"""`KafkaWatch`: why the sinks' Kafka cannot be reached, asked while a sink hears nothing, at most once a minute."""
+"""`Diagnosis`: why Kafka cannot be reached, asked at most once a minute; `KafkaWatch`: asked for the sinks while one
+hears nothing from its brokers."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from dataclasses import dataclass
 import pytest
 
 from consumers.clock import FakeClock
-from daemon.kafka_watch import KafkaWatch
+from daemon.kafka_watch import Diagnosis, KafkaWatch
 from daemon.status import render_status
 
 
 @dataclass
 class Sink:
-    kafka_silence: float = 0.0
+    kafka_silent: bool = False
 
 
 async def test_the_cause_is_asked_while_a_sink_is_silent_kept_and_forgotten_when_it_hears_again(
@@ -24,18 +25,18 @@ async def test_the_cause_is_asked_while_a_sink_is_silent_kept_and_forgotten_when
 ) -> None:
     clock = FakeClock()
     crm, shipping = Sink(), Sink()
-    answers = iter(["the broker's certificate is not trusted (...)", "connection refused", None])
+    answers = iter(["the broker's certificate is not trusted (...)", "connection refused", None, "connection refused"])
     asked: list[float] = []
 
     async def diagnose() -> str | None:
         asked.append(clock.now())
         return next(answers)
 
-    watch = KafkaWatch([crm, shipping], diagnose, clock, silent=10.0, interval=60.0)
+    watch = KafkaWatch([crm, shipping], Diagnosis(diagnose, clock), clock)
     with caplog.at_level(logging.INFO, "daemon.kafka_watch"):
         await watch.look()
         assert (asked, watch.unreachable) == ([], None), "every sink hears its broker: nothing asked"
-        shipping.kafka_silence = 12.0
+        shipping.kafka_silent = True
         await watch.look()
         assert watch.unreachable == "the broker's certificate is not trusted (...)"
         await clock.advance(59.0)
@@ -47,25 +48,29 @@ async def test_the_cause_is_asked_while_a_sink_is_silent_kept_and_forgotten_when
         await clock.advance(60.0)
         await watch.look()
         assert watch.unreachable == "the bootstrap servers answer; a broker they name does not"
-        shipping.kafka_silence = 0.0
+        shipping.kafka_silent = False
         await watch.look()
         assert watch.unreachable is None
+        crm.kafka_silent = True  # another outage, seconds later: asked afresh, not the last one's answer
+        await watch.look()
+        assert len(asked) == 4
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", "kafka unreachable for the sinks: the broker's certificate is not trusted (...)"),
         ("WARNING", "kafka unreachable for the sinks: connection refused"),
         ("WARNING", "kafka unreachable for the sinks: the bootstrap servers answer; a broker they name does not"),
         ("INFO", "kafka answers the sinks again"),
+        ("WARNING", "kafka unreachable for the sinks: connection refused"),
     ]
 
 
 async def test_it_looks_every_two_seconds_until_cancelled() -> None:
     clock = FakeClock()
-    sink = Sink(kafka_silence=30.0)
+    sink = Sink(kafka_silent=True)
 
     async def diagnose() -> str | None:
         return "connection refused"
 
-    watch = KafkaWatch([sink], diagnose, clock, silent=10.0)
+    watch = KafkaWatch([sink], Diagnosis(diagnose, clock), clock)
     task = asyncio.create_task(watch.run())
     try:
         await clock.advance(1.9)

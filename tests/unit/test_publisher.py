@@ -20,8 +20,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLarg
 
 from consumers.clock import FakeClock
 from consumers.deadlines import DEFAULT_RESOLUTION
+from daemon.kafka_watch import DIAGNOSIS_INTERVAL, Diagnosis
 from daemon.publisher import (
-    DIAGNOSIS_INTERVAL,
     PROBE_MAX,
     PROBE_MIN,
     BrokerUnavailable,
@@ -29,6 +29,7 @@ from daemon.publisher import (
     Published,
     PublishPending,
 )
+from topics.broker_diagnosis import unreachable
 from topics.codec import EncodedRecord
 from topics.errors import BrokerError, ConfigError, PublishError
 
@@ -332,7 +333,7 @@ async def test_aiokafka_still_keeps_its_sender_task_where_the_watch_looks() -> N
 
 
 async def test_why_kafka_cannot_be_reached_is_kept_and_said_when_it_changes(caplog: pytest.LogCaptureFixture) -> None:
-    """aiokafka fails a start with "Unable to bootstrap" whatever the cause: the publisher asks `diagnose` (at most
+    """aiokafka fails a start with "Unable to bootstrap" whatever the cause: the publisher asks its diagnosis (at most
     every `DIAGNOSIS_INTERVAL`: with SASL each asking is a login), keeps its answer for `orderbus status`, says it at
     start and again only when it changes, and forgets it once the broker answers: a later outage's cause is not
     the first one's."""
@@ -359,7 +360,7 @@ async def test_why_kafka_cannot_be_reached_is_kept_and_said_when_it_changes(capl
         return producer
 
     publisher = KafkaPublisher(
-        "orders", {}, health_interval=30.0, producer_factory=factory, clock=clock, diagnose=diagnose
+        "orders", {}, health_interval=30.0, producer_factory=factory, clock=clock, diagnosis=Diagnosis(diagnose, clock)
     )
     began = clock.now()
     with caplog.at_level(logging.DEBUG, "daemon.publisher"):
@@ -395,3 +396,32 @@ async def test_why_kafka_cannot_be_reached_is_kept_and_said_when_it_changes(capl
         ("WARNING", "kafka still unreachable: connection refused"),
         ("WARNING", "kafka still unreachable: the broker's certificate expired"),
     ]
+
+
+async def test_the_deferred_topic_checks_ask_why_at_most_once_a_minute_too() -> None:
+    """Kafka down at start: the probe retries the topic check every 5 s, and each failed check says why through the
+    daemon's one `Diagnosis` (each asking is a login with SASL), not a fresh diagnosis per try."""
+    clock = FakeClock()
+    asked: list[float] = []
+
+    async def diagnose() -> str | None:
+        asked.append(clock.now())
+        return "the broker refused the SASL credentials"
+
+    diagnosis = Diagnosis(diagnose, clock)
+
+    async def topic_check() -> None:  # as `topics.admin.missing_topics` fails
+        raise BrokerError(await unreachable("list topics", {}, KafkaConnectionError("Unable to bootstrap"), diagnosis))
+
+    publisher = KafkaPublisher(
+        "orders", {}, health_interval=math.inf, clock=clock, topic_check=topic_check, diagnosis=diagnosis
+    )
+    await publisher.start()
+    try:
+        await clock.advance(DIAGNOSIS_INTERVAL - 1)  # a dozen checks
+        assert len(asked) == 1
+        assert publisher.unreachable == "cannot list topics at None: the broker refused the SASL credentials"
+        await clock.advance(PROBE_MAX)
+        assert len(asked) == 2
+    finally:
+        await publisher.close(grace=1.0)

@@ -110,7 +110,7 @@ async def test_a_missing_topic_stops_start_up_before_any_client_could_create_it(
     # auto.create.topics.enable (Kafka's default) answers by creating them with one partition.
     asked: list[str] = []
 
-    async def missing(names: list[str], options: object, *, timeout: float) -> list[str]:
+    async def missing(names: list[str], options: object, *, timeout: float, diagnosis: object) -> list[str]:
         asked.extend(names)
         return [name for name in names if "dlq" in name]
 
@@ -122,13 +122,16 @@ async def test_a_missing_topic_stops_start_up_before_any_client_could_create_it(
 
 
 async def test_an_unreachable_kafka_stops_the_sinks_but_not_the_ingest_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def unreachable(names: list[str], options: object, *, timeout: float) -> list[str]:
+    async def unreachable(names: list[str], options: object, *, timeout: float, diagnosis: object) -> list[str]:
         raise BrokerError("cannot list topics")
+
+    async def diagnosis() -> str | None:
+        return "connection refused"
 
     monkeypatch.setattr(lifecycle, "missing_topics", unreachable)
     with pytest.raises(BrokerError):
-        await lifecycle._require_topics(sink_settings(), {})
-    await lifecycle._require_topics(sink_settings(ORDERBUS_SINKS__CRM__ENABLED="false"), {})  # 503 until Kafka is back
+        await lifecycle._require_topics(sink_settings(), {}, diagnosis)
+    await lifecycle._require_topics(sink_settings(ORDERBUS_SINKS__CRM__ENABLED="false"), {}, diagnosis)  # 503 for now
 
 
 @pytest.mark.parametrize("secrets", [None, "", "\n\n"])

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from support import certificate
 
-from consumers.engine import SinkEngine
+from consumers.engine import SinkEngine, lost_broker
 from daemon.app import build_app
 from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.lifecycle import _degraded, _reasons, _status
@@ -119,6 +119,10 @@ class SinkView:
     circuit_state: str = "closed"
     unreadable: dict[tuple[str, int], int] = field(default_factory=dict)
     config: _Config = field(default_factory=_Config)
+
+    @property
+    def kafka_silent(self) -> bool:
+        return lost_broker(self.kafka_silence, self.config.lag_interval)
 
 
 def engines(**views: SinkView) -> dict[str, SinkEngine]:
