@@ -41,7 +41,7 @@ from pydantic import SecretStr
 
 from consumers.deadletter import REASONS
 from daemon import kafka_local
-from daemon.kafka_options import client_certificate_problem, client_options, topic_layout
+from daemon.kafka_options import client_certificate, client_options, topic_layout
 from daemon.logs import configure
 from daemon.order_check import MAX_BODY_BYTES
 from daemon.retention import MIN_DEDUP_RETENTION_HOURS, MIN_INGEST_KEY_RETENTION_HOURS
@@ -441,10 +441,9 @@ def _config_check(args: argparse.Namespace) -> int:
     print(settings.masked_json())
     for weakness in settings.weaknesses():
         print(f"warning: {weakness}", file=sys.stderr)
-    if tls is not None and (problem := tls.expiry_problem(time.time())) is not None:
-        print(f"warning: {problem}", file=sys.stderr)
-    if (problem := client_certificate_problem(settings.kafka, time.time())) is not None:
-        print(f"warning: {problem}", file=sys.stderr)
+    for end in (tls.end if tls is not None else None, client_certificate(settings.kafka)):
+        if end is not None and (problem := end.problem(time.time())) is not None:
+            print(f"warning: {problem}", file=sys.stderr)
     return _check_connection(settings) if args.connect else 0
 
 

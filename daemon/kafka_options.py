@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import ssl
-from typing import Any, Final
+from typing import Any
 
-from daemon.key_pairs import certificate_validity, expiry_problem, load_pair, read_pem, say_expiry
+from daemon.key_pairs import CertificateEnd, certificate_validity, load_pair, read_pem
 from daemon.settings import KafkaSettings, TopicSettings
 from topics.catalogue import TopicLayout
 from topics.errors import ConfigError
-
-_CLIENT_CERTIFICATE: Final = "the Kafka client certificate"
-_REFUSED: Final = "the brokers refuse it: orderbus can neither publish nor deliver"
 
 
 def client_options(kafka: KafkaSettings) -> dict[str, Any]:
@@ -45,33 +41,19 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
     return options
 
 
-def client_certificate_end(kafka: KafkaSettings) -> float | None:
-    """When the Kafka client certificate (``kafka.ssl_certfile``) expires, unix seconds; None without one.
-    `ConfigError` naming the setting if it cannot be read."""
+def client_certificate(kafka: KafkaSettings) -> CertificateEnd | None:
+    """When the Kafka client certificate (``kafka.ssl_certfile``) expires, and how that is said; None without one.
+    `ConfigError` naming the setting if it cannot be read. Read at start: a renewal takes a restart."""
     if kafka.ssl_certfile is None or kafka.security_protocol not in ("SSL", "SASL_SSL"):
         return None
     try:
-        return certificate_validity(read_pem(kafka.ssl_certfile, "kafka.ssl_certfile"))[2]
+        not_after = certificate_validity(read_pem(kafka.ssl_certfile, "kafka.ssl_certfile"))[2]
     except ValueError as exc:
         raise ConfigError(f"kafka.ssl_certfile: {kafka.ssl_certfile}: its validity cannot be read ({exc})") from None
-
-
-def client_certificate_problem(kafka: KafkaSettings, now: float) -> str | None:
-    """What is wrong with the Kafka client certificate's end at `now` (expired, or within 14 days); None if nothing,
-    or without one (`config check` says it)."""
-    end = client_certificate_end(kafka)
-    return None if end is None else client_certificate_expiry(end, now)
-
-
-def client_certificate_expiry(end: float, now: float) -> str | None:
-    """What is wrong at `now` with a Kafka client certificate that expires at `end`: expired, or within 14 days."""
-    return expiry_problem(_CLIENT_CERTIFICATE, end, now, _REFUSED)
-
-
-def say_client_certificate_expiry(logger: logging.Logger, kafka: KafkaSettings, end: float, now: float) -> None:
-    """Log when the Kafka client certificate (it expires at `end`) does, at the level it deserves (`run`'s start)."""
-    assert kafka.ssl_certfile is not None
-    say_expiry(logger, _CLIENT_CERTIFICATE, kafka.ssl_certfile, end, now, _REFUSED, "renew it, then restart orderbus")
+    return CertificateEnd(
+        "the Kafka client certificate", kafka.ssl_certfile, not_after,
+        "the brokers refuse it: orderbus can neither publish nor deliver", "renew it, then restart orderbus",
+    )  # fmt: skip
 
 
 def topic_layout(topics: TopicSettings) -> TopicLayout:

@@ -14,21 +14,16 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
 from topics.errors import ConfigError
 
-__all__ = [
-    "EXPIRY_WARNING",
-    "certificate_validity",
-    "expiry_problem",
-    "load_pair",
-    "read_pem",
-    "say_expiry",
-    "text_time",
-]
+__all__ = ["EXPIRY_WARNING", "CertificateEnd", "certificate_validity", "load_pair", "read_pem", "text_time"]
+
+log = logging.getLogger(__name__)
 
 
 EXPIRY_WARNING: Final = 14 * 86400.0  # seconds before its end from which a certificate is said at WARNING
@@ -75,28 +70,49 @@ def read_pem(path: Path, key: str) -> str:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
 
 
-def expiry_problem(subject: str, not_after: float, now: float, consequence: str) -> str | None:
-    """What is wrong with `subject`'s end (`not_after`) at `now`: expired (then `consequence`), or within
-    `EXPIRY_WARNING`; None if neither."""
-    left = not_after - now
-    if left <= 0:
-        return f"{subject} expired at {text_time(not_after)}: {consequence}"
-    if left <= EXPIRY_WARNING:
-        return f"{subject} expires in {left / 86400:.1f} days, at {text_time(not_after)}"
-    return None
+@dataclass(frozen=True, slots=True)
+class CertificateEnd:
+    """When a certificate in use (`subject`, from `cert_file`) expires, and how that is said: what follows once it has
+    (`consequence`) and what to do (`renewal`). The webhook's (`daemon.tls_listener`), the Kafka client's
+    (`daemon.kafka_options`)."""
 
+    subject: str
+    cert_file: Path
+    not_after: float
+    consequence: str
+    renewal: str
 
-def say_expiry(
-    logger: logging.Logger, subject: str, cert_file: Path, not_after: float, now: float, consequence: str, renewal: str
-) -> None:
-    """Log to `logger` when `subject` (in `cert_file`) expires: INFO, WARNING within `EXPIRY_WARNING`, ERROR once
-    past, with what to do (`renewal`)."""
-    fields = {"certfile": str(cert_file), "expires": text_time(not_after)}
-    problem = expiry_problem(subject, not_after, now, consequence)
-    if problem is None:
-        logger.info("%s in use", subject, extra=fields)
-    else:
-        logger.log(logging.ERROR if not_after <= now else logging.WARNING, "%s; %s", problem, renewal, extra=fields)
+    @property
+    def expires(self) -> str:
+        return text_time(self.not_after)
+
+    def problem(self, now: float) -> str | None:
+        """What is wrong with the end at `now`: expired, or within `EXPIRY_WARNING`; None if neither."""
+        left = self.not_after - now
+        if left <= 0:
+            return f"{self.subject} expired at {self.expires}: {self.consequence}"
+        if left <= EXPIRY_WARNING:
+            return f"{self.subject} expires in {left / 86400:.1f} days, at {self.expires}"
+        return None
+
+    def say(self, now: float) -> None:
+        """Log when it expires: INFO, WARNING within `EXPIRY_WARNING`, ERROR once past, with what to do."""
+        fields = {"certfile": str(self.cert_file), "expires": self.expires}
+        problem = self.problem(now)
+        if problem is None:
+            log.info("%s in use", self.subject, extra=fields)
+        else:
+            level = logging.ERROR if self.not_after <= now else logging.WARNING
+            log.log(level, "%s; %s", problem, self.renewal, extra=fields)
+
+    def document(self, now: float) -> dict[str, object]:
+        """As the status document holds it (`orderbus status` shows it)."""
+        return {
+            "certfile": str(self.cert_file),
+            "expires": self.expires,
+            "seconds_left": round(self.not_after - now),
+            "problem": self.problem(now),  # expired, or within 14 days; None otherwise
+        }
 
 
 def certificate_validity(pem: str) -> tuple[bytes, float, float]:

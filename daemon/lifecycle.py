@@ -51,14 +51,9 @@ from daemon.ingest_metrics import (
     register_certificate_expiry,
     register_kafka_certificate_expiry,
 )
-from daemon.kafka_options import (
-    client_certificate_end,
-    client_certificate_expiry,
-    client_options,
-    say_client_certificate_expiry,
-)
+from daemon.kafka_options import client_certificate, client_options
 from daemon.kafka_watch import Diagnosis, KafkaWatch
-from daemon.key_pairs import text_time
+from daemon.key_pairs import CertificateEnd
 from daemon.publisher import KafkaPublisher
 from daemon.ready_metric import register_readiness
 from daemon.retention import dedup_path, ingest_keys_path
@@ -121,12 +116,10 @@ async def serve(
     register_build_info(registry)
     if tls is not None:
         register_certificate_expiry(registry, lambda: tls.not_after)
-        tls.say_expiry(time.time())
-    kafka_certificate = None
-    if (kafka_end := client_certificate_end(settings.kafka)) is not None and settings.kafka.ssl_certfile is not None:
-        kafka_certificate = (settings.kafka.ssl_certfile, kafka_end)
-        register_kafka_certificate_expiry(registry, kafka_end)
-        say_client_certificate_expiry(log, settings.kafka, kafka_end, time.time())
+        tls.end.say(time.time())
+    if (kafka_certificate := client_certificate(settings.kafka)) is not None:
+        register_kafka_certificate_expiry(registry, kafka_certificate.not_after)
+        kafka_certificate.say(time.time())
     log.info("starting", extra={"settings": settings.masked()})
     for weakness in settings.weaknesses():
         log.warning("insecure setting: %s", weakness)
@@ -482,7 +475,7 @@ def _reload_certificate(tls: ServerTls, now: float) -> None:
         log.exception("certificate reload failed, the one in use stays", extra=fields)
     else:
         log.info("certificate reloaded" if changed else "certificate unchanged", extra=fields)
-    tls.say_expiry(now)
+    tls.end.say(now)
 
 
 def _restart_needed(old: Settings, new: Settings) -> list[str]:
@@ -535,12 +528,12 @@ def _status(
     tls: ServerTls | None = None,
     now: float | None = None,
     watch: KafkaWatch | None = None,
-    kafka_certificate: tuple[Path, float] | None = None,
+    kafka_certificate: CertificateEnd | None = None,
 ) -> dict[str, object]:
     """The daemon's state for `orderbus status`: per sink what the engine knows plus its lifetime counters; the
     ingest's Kafka gate and why its key store's last batch failed, until one is written again; with HTTPS, when the
-    webhook's certificate expires (`now`: the wall clock's time, by default), and the Kafka client's (its file and
-    end, read at start: `kafka_certificate`); without the ingest, why the sinks' Kafka cannot be reached (`watch`)."""
+    webhook's certificate expires (`now`: the wall clock's time, by default), and the Kafka client's (read at start:
+    `kafka_certificate`); without the ingest, why the sinks' Kafka cannot be reached (`watch`)."""
 
     def count(metric: str, labels: dict[str, str]) -> int:
         return int(registry.get_sample_value(metric, labels) or 0)
@@ -561,27 +554,10 @@ def _status(
             "key_store_error": keys.failing,
         }
     now = time.time() if now is None else now
-    certificate = None
-    if tls is not None:
-        certificate = {
-            "certfile": str(tls.cert_file),
-            "expires": tls.expires,
-            "seconds_left": round(tls.not_after - now),
-            "problem": tls.expiry_problem(now),  # expired, or within 14 days; None otherwise
-        }
-    kafka = None
-    if kafka_certificate is not None:
-        certfile, end = kafka_certificate
-        kafka = {
-            "certfile": str(certfile),
-            "expires": text_time(end),
-            "seconds_left": round(end - now),
-            "problem": client_certificate_expiry(end, now),
-        }
     return {
         "ingest": ingest,
-        "certificate": certificate,
-        "kafka_certificate": kafka,
+        "certificate": tls.end.document(now) if tls is not None else None,
+        "kafka_certificate": kafka_certificate.document(now) if kafka_certificate is not None else None,
         "kafka_unreachable": watch.unreachable if watch is not None else None,
         "sinks": sinks,
         "not_ready": _reasons(publisher, engines, keys),

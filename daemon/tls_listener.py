@@ -25,18 +25,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.key_pairs import (
-    EXPIRY_WARNING,
-    certificate_validity,
-    expiry_problem,
-    load_pair,
-    read_pem,
-    say_expiry,
-    text_time,
-)
+from daemon.key_pairs import CertificateEnd, certificate_validity, load_pair, read_pem, text_time
 from topics.errors import ConfigError
 
-__all__ = ["EXPIRY_WARNING", "ServerTls", "certificate_validity", "server_tls"]
+__all__ = ["ServerTls", "server_tls"]
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +51,12 @@ class ServerTls:
         return self._current.not_after
 
     @property
-    def expires(self) -> str:
-        """`not_after` as an ISO 8601 time in UTC."""
-        return text_time(self.not_after)
+    def end(self) -> CertificateEnd:
+        """When the certificate in use expires, and how that is said."""
+        return CertificateEnd(
+            "the webhook's certificate", self.cert_file, self.not_after, "clients refuse it",
+            "renew it, then reload (restart, under systemd credentials)",
+        )  # fmt: skip
 
     def reload(self, now: float) -> bool:
         """Read both files again; the next handshakes use them. Whether the certificate changed. `ConfigError`, and
@@ -76,17 +71,6 @@ class ServerTls:
         changed = fresh.der != self._current.der
         self._current = fresh
         return changed
-
-    def expiry_problem(self, now: float) -> str | None:
-        """What is wrong with the certificate's end at `now`: expired, or within `EXPIRY_WARNING`; None if neither."""
-        return expiry_problem("the webhook's certificate", self.not_after, now, "clients refuse it")
-
-    def say_expiry(self, now: float) -> None:
-        """Log when the certificate in use expires: INFO, WARNING within `EXPIRY_WARNING`, ERROR once past."""
-        say_expiry(
-            log, "the webhook's certificate", self.cert_file, self.not_after, now, "clients refuse it",
-            "renew it, then reload (restart, under systemd credentials)",
-        )  # fmt: skip
 
     def _use_current(self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _: ssl.SSLContext) -> None:
         connection.context = self._current.context

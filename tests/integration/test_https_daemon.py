@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 from support import certificate, free_port, log_line, peer_certificate, tls_client
 
-from daemon.tls_listener import certificate_validity
+from daemon.key_pairs import certificate_validity
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import pytest
 from support import certificate
 
 from daemon import cli
-from daemon.kafka_options import client_certificate_end, client_certificate_problem, client_options
+from daemon.kafka_options import client_certificate, client_options
 from daemon.key_pairs import certificate_validity, text_time
 from daemon.settings import load_settings
 from topics.errors import ConfigError
@@ -146,12 +146,13 @@ def test_a_client_certificate_near_its_end_is_said_by_config_check(
     for name, value in env.items():
         no_orderbus_env.setenv(name, value)
     kafka = load_settings(None, env=env).kafka
-    end = client_certificate_end(kafka)
-    assert end == certificate_validity(short[0].read_text())[2]
-    assert client_certificate_problem(kafka, end - 30 * 86400) is None
-    assert client_certificate_problem(kafka, end + 1) == (
-        f"the Kafka client certificate expired at {text_time(end)}: the brokers refuse it: orderbus can neither "
-        "publish nor deliver"
+    end = client_certificate(kafka)
+    assert end is not None
+    assert end.not_after == certificate_validity(short[0].read_text())[2]
+    assert end.problem(end.not_after - 30 * 86400) is None
+    assert end.problem(end.not_after + 1) == (
+        f"the Kafka client certificate expired at {text_time(end.not_after)}: the brokers refuse it: orderbus can "
+        "neither publish nor deliver"
     )
     assert cli.main(["config", "check"]) == 0
     assert "warning: the Kafka client certificate expires in 2.0 days" in capsys.readouterr().err

@@ -17,8 +17,10 @@ from support import certificate
 from consumers.engine import SinkEngine, lost_broker
 from daemon.app import build_app
 from daemon.ingest_keys import SqliteIngestKeyStore
+from daemon.kafka_options import client_certificate
 from daemon.lifecycle import _degraded, _reasons, _status
 from daemon.publisher import KafkaPublisher
+from daemon.settings import load_settings
 from daemon.status import StatusError, probe_health, render_status
 from daemon.tls_listener import ServerTls
 
@@ -62,12 +64,12 @@ def test_the_webhooks_certificate_is_in_the_status_document_and_said_louder_as_i
     document = _status(None, None, {}, CollectorRegistry(), tls, now=tls.not_after - 20 * 86400)
     assert document["certificate"] == {
         "certfile": str(tls.cert_file),
-        "expires": tls.expires,
+        "expires": tls.end.expires,
         "seconds_left": 1728000,
         "problem": None,
     }
-    assert render_status(document).splitlines()[-1] == f"certificate: expires at {tls.expires} (20 days)"
-    expires = tls.expires.upper()  # the same digits: a "T" between date and time
+    assert render_status(document).splitlines()[-1] == f"certificate: expires at {tls.end.expires} (20 days)"
+    expires = tls.end.expires.upper()  # the same digits: a "T" between date and time
     document = _status(None, None, {}, CollectorRegistry(), tls, now=tls.not_after - 3 * 86400)
     assert render_status(document).splitlines()[-1] == (
         f"THE WEBHOOK'S CERTIFICATE EXPIRES IN 3.0 DAYS, AT {expires}; renew it, then reload"
@@ -80,21 +82,22 @@ def test_the_webhooks_certificate_is_in_the_status_document_and_said_louder_as_i
 
 
 def test_the_kafka_client_certificate_is_in_the_status_document_as_read_at_start(tmp_path: Path) -> None:
-    certfile, end = tmp_path / "kafka-client.crt", 1_900_000_000.0  # the file is not read again: its end at start
-    document = _status(None, None, {}, CollectorRegistry(), now=end - 20 * 86400, kafka_certificate=(certfile, end))
+    cert, key = certificate(tmp_path, "kafka-client", days=30)
+    env = {"SECURITY_PROTOCOL": "SSL", "SSL_CERTFILE": str(cert), "SSL_KEYFILE": str(key)}
+    kafka = client_certificate(load_settings(None, env={f"ORDERBUS_KAFKA__{k}": v for k, v in env.items()}).kafka)
+    assert kafka is not None
+    cert.unlink()  # read at start: the status document does not read it again
+    document = _status(None, None, {}, CollectorRegistry(), now=kafka.not_after - 20 * 86400, kafka_certificate=kafka)
     assert document["kafka_certificate"] == {
-        "certfile": str(certfile),
-        "expires": "2030-03-17T17:46:40+00:00",
+        "certfile": str(cert),
+        "expires": kafka.expires,
         "seconds_left": 1728000,
         "problem": None,
     }
-    assert (
-        render_status(document).splitlines()[-1]
-        == "kafka client certificate: expires at 2030-03-17T17:46:40+00:00 (20 days)"
-    )
-    document = _status(None, None, {}, CollectorRegistry(), now=end + 1, kafka_certificate=(certfile, end))
+    assert render_status(document).splitlines()[-1] == f"kafka client certificate: expires at {kafka.expires} (20 days)"
+    document = _status(None, None, {}, CollectorRegistry(), now=kafka.not_after + 1, kafka_certificate=kafka)
     assert render_status(document).splitlines()[-1] == (
-        "THE KAFKA CLIENT CERTIFICATE EXPIRED AT 2030-03-17T17:46:40+00:00: THE BROKERS REFUSE IT: ORDERBUS CAN "
+        f"THE KAFKA CLIENT CERTIFICATE EXPIRED AT {kafka.expires.upper()}: THE BROKERS REFUSE IT: ORDERBUS CAN "
         "NEITHER PUBLISH NOR DELIVER; renew it, then restart"
     )
     assert _status(None, None, {}, CollectorRegistry())["kafka_certificate"] is None, "without one: nothing said"

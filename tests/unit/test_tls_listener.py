@@ -21,10 +21,11 @@ from support import certificate, free_port, peer_certificate, tls_client
 from consumers.engine import SinkEngine
 from daemon import cli, status
 from daemon.app import build_app
+from daemon.key_pairs import EXPIRY_WARNING, certificate_validity
 from daemon.lifecycle import _listen, _reload_on_request
 from daemon.settings import Settings, load_settings
 from daemon.status import StatusError
-from daemon.tls_listener import EXPIRY_WARNING, ServerTls, certificate_validity, server_tls
+from daemon.tls_listener import ServerTls, server_tls
 from topics.errors import ConfigError
 
 Pair = tuple[Path, Path]
@@ -118,10 +119,10 @@ def test_the_validity_is_read_from_the_certificate_as_openssl_reads_it(pairs: di
 
 def test_the_expiry_is_said_at_the_level_it_deserves(pairs: dict[str, Pair], caplog: pytest.LogCaptureFixture) -> None:
     tls = ServerTls(*pairs["a"])
-    with caplog.at_level(logging.INFO, logger="daemon.tls_listener"):
-        tls.say_expiry(tls.not_after - EXPIRY_WARNING - 1)
-        tls.say_expiry(tls.not_after - 3 * 86400)
-        tls.say_expiry(tls.not_after)
+    with caplog.at_level(logging.INFO, logger="daemon.key_pairs"):
+        tls.end.say(tls.not_after - EXPIRY_WARNING - 1)
+        tls.end.say(tls.not_after - 3 * 86400)
+        tls.end.say(tls.not_after)
     expires = datetime.fromtimestamp(tls.not_after, UTC).isoformat(timespec="seconds")
     then = "renew it, then reload (restart, under systemd credentials)"
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
