@@ -437,22 +437,22 @@ def _config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.ingest.require_signatures()
     tls = server_tls(settings.ingest.tls_certfile, settings.ingest.tls_keyfile)  # the pair `run` would load
-    client_options(settings.kafka)  # the Kafka client's certificate and CA, as `run` loads them
+    options = client_options(settings.kafka)  # the Kafka client's certificate and CA, as `run` loads them
     print(settings.masked_json())
     for weakness in settings.weaknesses():
         print(f"warning: {weakness}", file=sys.stderr)
     for end in (tls.end if tls is not None else None, client_certificate(settings.kafka)):
         if end is not None and (problem := end.problem(time.time())) is not None:
             print(f"warning: {problem}", file=sys.stderr)
-    return _check_connection(settings) if args.connect else 0
+    return _check_connection(settings, options) if args.connect else 0
 
 
-def _check_connection(settings: Settings) -> int:
+def _check_connection(settings: Settings, options: dict[str, Any]) -> int:
     """`config check --connect`: Kafka reached with these settings, and the topics `run` needs there."""
     from daemon.lifecycle import check_topics
 
     try:
-        _run_async(check_topics(settings, client_options(settings.kafka)))
+        _run_async(check_topics(settings, options))
     except (BrokerError, ConfigError) as exc:  # unreachable (and why), or topics missing: not the settings' fault
         print(f"kafka: {exc}", file=sys.stderr)
         return 1

@@ -101,8 +101,7 @@ class KeyStoreProcess:
     async def write(self, owner: str, batch: list[Operation]) -> tuple[list[object], bool]:
         """Run `write` on the child's connection (per operation its result, and whether a row changed); a child
         that died is started again first."""
-        results, changed = cast(tuple[list[object], bool], await self._call(("write", owner, batch)))
-        return results, changed
+        return cast(tuple[list[object], bool], await self._call(("write", owner, batch)))
 
     async def pragma(self, name: str) -> object:
         """The value of ``PRAGMA name`` on the child's connection (for tests and diagnostics)."""

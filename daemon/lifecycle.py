@@ -429,7 +429,6 @@ async def _reload_on_request(
     current: Settings,
     engines: dict[str, SinkEngine],
     tls: ServerTls | None = None,
-    wall: Callable[[], float] = time.time,
 ) -> None:
     """On each request (SIGHUP), re-read the settings and apply what can change live: the log level, the sinks'
     rate limits and the unreadable records they skip; and read the webhook's certificate and key again (`tls`,
@@ -441,7 +440,7 @@ async def _reload_on_request(
         requested.clear()
         log.info("reloading settings")
         if tls is not None:  # first, and whatever becomes of the settings: a renewal must not wait for a fixed file
-            _reload_certificate(tls, wall())
+            _reload_certificate(tls, time.time())
         try:
             fresh = load()
         except ConfigError as exc:

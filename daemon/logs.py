@@ -6,7 +6,6 @@ Personal data (names, emails, addresses) is never passed to a log call; events c
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import math
@@ -110,9 +109,10 @@ QUIETED = {
 
 # aiokafka's loggers that say, at ERROR, every retry to reach a broker that is away (every 5 s of an outage: 17,000
 # lines a day). Once per message in `RECONNECT_INTERVAL`, the next one with the count of those left out: orderbus's
-# own events, /readyz and `orderbus_ready` say the outage already. By the modules' own loggers: aiokafka.client logs
-# as "aiokafka", and a filter on a logger sees only what is logged through it, not what its children pass up.
-RECONNECTING = ("aiokafka.client", "aiokafka.conn")
+# own events, /readyz and `orderbus_ready` say the outage already. By the names aiokafka's modules log under:
+# aiokafka.client logs as "aiokafka", and a filter on a logger sees only what is logged through it, not what its
+# children pass up (tests/unit/test_logs.py logs through the modules' own loggers).
+RECONNECTING = ("aiokafka", "aiokafka.conn")
 RECONNECT_INTERVAL = 300.0
 
 
@@ -137,6 +137,5 @@ def configure(level: str, stream: TextIO = sys.stderr, limit: RepeatLimit | None
     root.setLevel(level)
     for name, least in QUIETED.items():
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), least))
-    for module in RECONNECTING:
-        reconnecting: logging.Logger = importlib.import_module(module).log  # imported here: not every command needs it
-        reconnecting.filters[:] = [RepeatLimit(burst=1, interval=RECONNECT_INTERVAL)]
+    for name in RECONNECTING:
+        logging.getLogger(name).filters[:] = [RepeatLimit(burst=1, interval=RECONNECT_INTERVAL)]

@@ -69,6 +69,14 @@ CaFile = Annotated[Path, AfterValidator(_ca_file)]
 _SASL = ("SASL_PLAINTEXT", "SASL_SSL")
 
 
+def _lone_half(section: BaseModel, cert: str, key: str) -> tuple[str, str] | None:
+    """(the one given, the one missing) of a certificate's and a key's settings when only one is set, else None."""
+    given = [name for name in (cert, key) if getattr(section, name) is not None]
+    if len(given) != 1:
+        return None
+    return (given[0], key if given[0] == cert else cert)
+
+
 class KafkaSettings(_Section):
     """How to reach the Kafka cluster."""
 
@@ -105,11 +113,8 @@ class KafkaSettings(_Section):
             raise ValueError(
                 f"{', '.join(tls)} set, but security_protocol is {self.security_protocol}: TLS needs SSL or SASL_SSL"
             )
-        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
-            one, other = (
-                ("ssl_certfile", "ssl_keyfile") if self.ssl_keyfile is None else ("ssl_keyfile", "ssl_certfile")
-            )
-            raise ValueError(f"{one} set without {other}: a client certificate needs both (PEM files)")
+        if (lone := _lone_half(self, "ssl_certfile", "ssl_keyfile")) is not None:
+            raise ValueError(f"{lone[0]} set without {lone[1]}: a client certificate needs both (PEM files)")
         return self
 
     @field_validator("bootstrap_servers")
@@ -179,11 +184,8 @@ class IngestSettings(_Section):
 
     @model_validator(mode="after")
     def _tls_pair(self) -> IngestSettings:
-        if (self.tls_certfile is None) != (self.tls_keyfile is None):
-            given, missing = (
-                ("tls_certfile", "tls_keyfile") if self.tls_keyfile is None else ("tls_keyfile", "tls_certfile")
-            )
-            raise ValueError(f"{missing}: HTTPS needs it beside {given} (or neither, for plain HTTP)")
+        if (lone := _lone_half(self, "tls_certfile", "tls_keyfile")) is not None:
+            raise ValueError(f"{lone[1]}: HTTPS needs it beside {lone[0]} (or neither, for plain HTTP)")
         return self
 
     @property

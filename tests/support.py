@@ -354,6 +354,13 @@ def certificate(
     return cert, key
 
 
+def encrypted_key(key: Path) -> Path:
+    """`key` encrypted with a password (``x``), as ``<name>.encrypted.key`` beside it: a key orderbus must refuse."""
+    encrypted = key.with_suffix(".encrypted.key")
+    _openssl("pkey", "-in", str(key), "-aes256", "-passout", "pass:x", "-out", str(encrypted))
+    return encrypted
+
+
 def _openssl(*argv: str) -> None:
     subprocess.run(["openssl", *argv], check=True, capture_output=True)
 

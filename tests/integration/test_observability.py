@@ -293,19 +293,24 @@ async def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_the_scr
 # ---------------------------------------------------------------------------------------------------- /readyz
 
 
-async def readiness(session: aiohttp.ClientSession, base: str) -> tuple[int, dict[str, Any]]:
-    async with session.get(f"{base}/readyz") as response:
+async def readiness(session: aiohttp.ClientSession, base: str, path: str = "/readyz") -> tuple[int, dict[str, Any]]:
+    async with session.get(f"{base}{path}") as response:
         return response.status, await response.json()
 
 
 async def wait_for(
-    session: aiohttp.ClientSession, base: str, done: Callable[[int, dict[str, Any]], bool], timeout: float
+    session: aiohttp.ClientSession,
+    base: str,
+    done: Callable[[int, dict[str, Any]], bool],
+    timeout: float,
+    path: str = "/readyz",
 ) -> tuple[int, dict[str, Any]]:
+    """`path`'s answer (status, document) once `done` says so, or when `timeout` has passed."""
     deadline = time.monotonic() + timeout
-    status, body = await readiness(session, base)
+    status, body = await readiness(session, base, path)
     while not done(status, body) and time.monotonic() < deadline:
         await asyncio.sleep(0.25)
-        status, body = await readiness(session, base)
+        status, body = await readiness(session, base, path)
     return status, body
 
 
@@ -349,12 +354,8 @@ async def test_without_the_ingest_the_status_says_why_the_sinks_kafka_is_unreach
         assert status == 200
         assert (await (await session.get(f"{base}/status")).json())["kafka_unreachable"] is None
         await asyncio.to_thread(kafka_local.stop, broker.data_dir)
-        document: dict[str, Any] = {}
-        for _ in range(120):  # silent for 10 s, then looked at every 2 s
-            document = await (await session.get(f"{base}/status")).json()
-            if document["kafka_unreachable"]:
-                break
-            await asyncio.sleep(0.25)
+        # Silent for 10 s, then looked at every 2 s.
+        _, document = await wait_for(session, base, lambda _, body: bool(body["kafka_unreachable"]), 30, "/status")
         assert document["kafka_unreachable"] == (
             "connection refused: no broker listens there (kafka.bootstrap_servers), or it is down"
         )
@@ -362,11 +363,8 @@ async def test_without_the_ingest_the_status_says_why_the_sinks_kafka_is_unreach
         await asyncio.to_thread(kafka_local.start, broker.data_dir)
         status, _ = await wait_for(session, base, lambda status, _: status == 200, 45)
         assert status == 200
-        for _ in range(40):
-            if (await (await session.get(f"{base}/status")).json())["kafka_unreachable"] is None:
-                break
-            await asyncio.sleep(0.25)
-        assert (await (await session.get(f"{base}/status")).json())["kafka_unreachable"] is None
+        _, document = await wait_for(session, base, lambda _, body: body["kafka_unreachable"] is None, 10, "/status")
+        assert document["kafka_unreachable"] is None
 
 
 async def test_an_instance_without_partitions_is_ready(

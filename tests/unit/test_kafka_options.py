@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
-from support import certificate
+from support import certificate, encrypted_key
 
 from daemon import cli
 from daemon.kafka_options import client_certificate, client_options
@@ -97,12 +96,7 @@ def test_a_client_certificate_setting_that_cannot_apply_is_refused_at_load(
 def test_a_pair_that_cannot_be_used_is_named_where_a_client_is_built(
     pki: dict[str, tuple[Path, Path]], tmp_path: Path
 ) -> None:
-    encrypted = tmp_path / "encrypted.key"
-    subprocess.run(
-        ["openssl", "pkey", "-in", str(pki["client"][1]), "-aes256", "-passout", "pass:x", "-out", str(encrypted)],
-        check=True,
-        capture_output=True,
-    )
+    encrypted = encrypted_key(pki["client"][1])
     cases = {
         str(
             pki["stranger"][1]

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
-from support import certificate, free_port, peer_certificate, tls_client
+from support import certificate, encrypted_key, free_port, peer_certificate, tls_client
 
 from consumers.engine import SinkEngine
 from daemon import cli, status
@@ -35,16 +35,11 @@ Pair = tuple[Path, Path]
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pair]:
     """Self-signed pairs a (2 days), b (3 days) and short (1 day); c and d signed by one CA; an encrypted key."""
     directory = tmp_path_factory.mktemp("tls")
-    encrypted = directory / "encrypted.key"
-    subprocess.run(
-        ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-aes-128-cbc",
-         "-pass", "pass:secret", "-out", str(encrypted)],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
     ca = certificate(directory, "ca", days=5)
+    a = certificate(directory, "a", days=2)
+    encrypted = encrypted_key(a[1])
     return {
-        "a": certificate(directory, "a", days=2),
+        "a": a,
         "b": certificate(directory, "b", days=3),
         "short": certificate(directory, "short", days=1),
         "ca": ca,
