@@ -39,6 +39,7 @@ from consumers.delivery import Reply, TransportFailure
 from consumers.group_flush import GroupFlush
 from consumers.lag import LagMeter
 from consumers.lane import Lane, LaneContext, failure_text, gates_closed
+from consumers.membership import ChurnWatch
 from consumers.metrics import CIRCUIT_STATES, EngineMetrics
 from consumers.offsets import OffsetTracker
 from consumers.pacing import Pacer
@@ -105,9 +106,11 @@ class SinkEngine:
         *,
         rng: random.Random | None = None,
         replay_topic: str | None = None,
+        churn: ChurnWatch | None = None,
     ) -> None:
         self.sink = sink
         self.replay_topic = replay_topic
+        self._churn = churn
         self.config = config or EngineConfig()
         self._consumer = consumer
         self._store = store
@@ -401,6 +404,8 @@ class SinkEngine:
 
     def on_assigned(self, assigned: Iterable[TopicPartitionKey]) -> None:
         self._joined = True
+        if self._churn is not None and (contested := self._churn.assigned()) is not None:
+            log.error("group membership contested", extra={"sink": self.sink.name, "error": contested})
         log.info("partitions assigned", extra={"sink": self.sink.name, **self._partition_fields(assigned)})
 
     async def on_revoked(self, revoked: Iterable[TopicPartitionKey]) -> None:
@@ -536,6 +541,16 @@ class SinkEngine:
         """The group has assigned this instance its partitions once, none included: with more instances than
         partitions, or during a rebalance, an instance without partitions is a member waiting for work."""
         return self._joined
+
+    @property
+    def group_instance_id(self) -> str | None:
+        """This instance's static member name in the group (`consumers.membership`), or None."""
+        return None if self._churn is None else self._churn.instance_id
+
+    @property
+    def membership_problem(self) -> str | None:
+        """Why this instance's membership of the group is contested (`consumers.membership.ChurnWatch`), or None."""
+        return None if self._churn is None else self._churn.problem
 
     @property
     def buffered(self) -> int:

@@ -25,7 +25,7 @@ __all__ = ["CLEANUP", "DEAD_LETTER_CLOSE_GRACE", "LEAVE_TIMEOUT", "leave_group",
 log = logging.getLogger(__name__)
 
 # Seconds a consumer's stop may take. Leaving is a courtesy: the group moves the partitions at once instead of
-# after the session timeout (6 s, `consumers.kafka_io.SESSION_TIMEOUT_MS`); a broker that answers does so in
+# after the session timeout (6 s, `consumers.membership.DYNAMIC_SESSION_TIMEOUT`); a broker that answers does so in
 # milliseconds. The sinks leave one after another, so a stop's budget counts this once per sink.
 LEAVE_TIMEOUT: Final = 1.0
 # Seconds the dead-letter producer may flush at a stop. The sinks wait for their dead letters' acks before they

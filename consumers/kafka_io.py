@@ -25,6 +25,7 @@ from aiokafka.errors import (
 )
 
 from consumers.deadletter import DeadLetter
+from consumers.membership import DYNAMIC, Membership
 from consumers.unreadable import ReadGuard, Skips
 from consumers.work import TopicPartitionKey
 from topics.catalogue import consumer_group, dlq_topic
@@ -142,10 +143,9 @@ async def _synchronize_again(client: Any, delay: float) -> None:
     await client._md_synchronizer()
 
 
-# A killed daemon cannot leave its groups: its partitions wait until its session times out (aiokafka's default,
-# 10 s). 6 s is the smallest session a broker allows by default (group.min.session.timeout.ms); a heartbeat every
-# 2 s keeps it. The rebalance timeout stays longer than a revoke's drain (`shutdown_grace`, 10 s by default).
-SESSION_TIMEOUT_MS = 6_000
+# A killed daemon cannot leave its groups: its partitions wait until its session times out (`consumers.membership`:
+# 6 s, the smallest a broker allows by default, or 45 s for a static member); a heartbeat every 2 s keeps it. The
+# rebalance timeout stays longer than a revoke's drain (`shutdown_grace`, 10 s by default).
 HEARTBEAT_INTERVAL_MS = 2_000
 REBALANCE_TIMEOUT_MS = 60_000
 # A sink whose buffer is full, or whose circuit is open, stops fetching on purpose, and its partitions stay paused
@@ -172,8 +172,10 @@ def sink_consumer(
     prefix: str = "",
     fetch_max_bytes: int = FETCH_MAX_BYTES,
     max_partition_fetch_bytes: int = MAX_PARTITION_FETCH_BYTES,
+    membership: Membership = DYNAMIC,
 ) -> AIOKafkaConsumer:
-    """The consumer of one sink's group: manual commits only, committed reads only, from the beginning."""
+    """The consumer of one sink's group: manual commits only, committed reads only, from the beginning; a member
+    as `membership` says (static or dynamic, its session, its partitions dealt by `InstanceAssignor`)."""
     guard_connection_writes()
     return AIOKafkaConsumer(
         **client_options,
@@ -183,10 +185,10 @@ def sink_consumer(
         isolation_level="read_committed",
         fetch_max_bytes=fetch_max_bytes,
         max_partition_fetch_bytes=max_partition_fetch_bytes,
-        session_timeout_ms=SESSION_TIMEOUT_MS,
         heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
         rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
         max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+        **membership.consumer_options(),
     )
 
 

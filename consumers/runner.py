@@ -2,7 +2,8 @@
 
 `open_sink` is an async context manager that opens them in dependency order (SQLite → HTTP pool and credentials
 → consumer joined to its group → engine) and closes them in reverse; the caller runs `engine.run(stop)` inside
-it. Leaving the consumer (`stop()`) leaves the group after the engine drained and committed. Every request
+it. Leaving the consumer (`stop()`) leaves the group after the engine drained and committed (a static member,
+`consumers.membership`, stays in it until its session times out, so that a restart finds its partitions). Every request
 carries the sink's credentials (`consumers.auth`): a 401 renews them once and resends within the same attempt.
 """
 
@@ -30,11 +31,13 @@ from consumers.http_client import HttpClient
 from consumers.identity import USER_AGENT
 from consumers.kafka_close import leave_group
 from consumers.kafka_io import KafkaConsumerPort, Rebalance, keep_metadata_synchronizer, sink_consumer
+from consumers.membership import DYNAMIC, ChurnWatch, Membership
 from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.sink import HttpRequest, Sink
 from consumers.tasks import cancel_and_wait
 from consumers.unreadable import ReadGuard
+from topics.catalogue import consumer_group
 from topics.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,8 +80,10 @@ async def open_sink(
     clock: Clock | None = None,
     replay_topic: str | None = None,
     retention: float | None = None,
+    membership: Membership = DYNAMIC,
 ) -> AsyncIterator[SinkEngine]:
-    """`sink`'s engine, ready to `run`; `auth` (default: none) is closed with it."""
+    """`sink`'s engine, ready to `run`; `auth` (default: none) is closed with it; its consumer a member of the group
+    as `membership` says."""
     async with contextlib.AsyncExitStack() as stack:
         store = SqliteDedupStore(dedup_path)
         await store.open()
@@ -101,7 +106,7 @@ async def open_sink(
                 client, request, credentials, idempotency_key=key, timeout=http.timeout, deadlines=deadlines
             )
 
-        consumer = sink_consumer(client_options, sink.name, prefix=prefix)
+        consumer = sink_consumer(client_options, sink.name, prefix=prefix, membership=membership)
         # Safe on a consumer that never started; within `LEAVE_TIMEOUT` with the broker gone.
         stack.push_async_callback(leave_group, consumer, f"sink {sink.name}")
         guard = ReadGuard(consumer, sink.name, clock or SystemClock())
@@ -115,6 +120,7 @@ async def open_sink(
             clock or SystemClock(),
             config,
             replay_topic=replay_topic,
+            churn=ChurnWatch(membership, consumer_group(sink.name, prefix), clock or SystemClock()),
         )
         try:
             await consumer.start()

@@ -63,7 +63,7 @@ _REFRESH = 1.0  # seconds between frames of the live view
 _STARTUP_TIMEOUT = 60.0
 _PROBE_TIMEOUT = 1.0  # seconds for one /healthz probe during the start
 # Seconds to wait for the sinks' groups to take a commit: a broker just started, or a killed run's members not yet
-# timed out (`consumers.kafka_io.SESSION_TIMEOUT_MS`, then the rebalance).
+# timed out (`consumers.membership.DYNAMIC_SESSION_TIMEOUT`, then the rebalance).
 _COORDINATOR_WAIT = 30.0
 _CATCH_UP_POLL = 0.5  # committed offsets are looked at this often while the sinks catch up
 _FIRST_DELIVERY_WAIT = 600.0  # the sandbox's longest server-side wait

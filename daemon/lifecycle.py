@@ -38,6 +38,7 @@ from consumers.deadletter import REASONS
 from consumers.engine import SinkEngine
 from consumers.kafka_close import DEAD_LETTER_CLOSE_GRACE, stop_producer
 from consumers.kafka_io import KafkaDeadLetterWriter, dead_letter_producer, keep_metadata_synchronizer
+from consumers.membership import Membership
 from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.runner import HttpConfig, open_sink
@@ -279,6 +280,7 @@ async def _open_sinks(
                 auth=build_auth(name, sink_settings),
                 replay_topic=replay_topic(name, settings.topics.prefix),
                 retention=sink_settings.dedup_retention_hours * 3600,
+                membership=Membership(settings.kafka.group_instance_id, settings.kafka.session_timeout),
             )
         )
         engines[name].skip_unreadable(sink_settings.skips())
@@ -648,8 +650,15 @@ def _reasons(
         silence = engine.kafka_silence
         if not engine.joined:  # not `assigned == 0`: every member has none during a rebalance, a spare one always
             reasons[f"sink.{name}"] = "joining its consumer group (or kafka unreachable)"
+            if (instance := engine.group_instance_id) is not None:  # the broker refuses a second one of a name
+                reasons[f"sink.{name}"] = (
+                    f"joining its consumer group (or kafka unreachable, or another instance runs under "
+                    f"kafka.group_instance_id {instance!r})"
+                )
         elif engine.kafka_silent:
             reasons[f"sink.{name}"] = f"kafka is unreachable: no answer to the lag measurement for {silence:.0f} s"
+        elif contested := engine.membership_problem:
+            reasons[f"sink.{name}"] = contested
     return reasons
 
 

@@ -93,6 +93,14 @@ class KafkaSettings(_Section):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     request_timeout: Seconds = 10.0
+    # Static membership of the sinks' groups (`consumers.membership`): a name per instance, the same at every start
+    # (a host name, a StatefulSet pod's name), so a restart keeps its partitions and its delivery states with them.
+    # Kafka's rules for it: up to 249 of letters, digits, ".", "_" and "-".
+    group_instance_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    # Seconds a member may be silent before its partitions move: the time a restart must fit in with a
+    # group_instance_id (45 s by default then, else 6 s). Within the broker's default bounds
+    # (group.min.session.timeout.ms, group.max.session.timeout.ms).
+    session_timeout: float | None = Field(None, ge=6, le=1800)
 
     @model_validator(mode="after")
     def _protocol_settings(self) -> KafkaSettings:

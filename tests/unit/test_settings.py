@@ -72,6 +72,12 @@ def test_secrets_are_masked_when_printed(tmp_path: Path) -> None:
         # A source the event envelope refuses would fail every webhook with a 500: refused at start instead.
         ('[ingest]\nsource = "shop.eu"\n', {}, ["ingest.source", "shop.eu"]),
         ('[ingest]\nsource = "1shop"\n', {}, ["ingest.source"]),
+        # Kafka's own rules for a group.instance.id, and the session timeouts a broker allows by default.
+        ('[kafka]\ngroup_instance_id = "orderbus 0"\n', {}, ["kafka.group_instance_id", "A-Za-z0-9._-"]),
+        ("", {"ORDERBUS_KAFKA__GROUP_INSTANCE_ID": ""}, ["kafka.group_instance_id"]),
+        ("", {"ORDERBUS_KAFKA__GROUP_INSTANCE_ID": "x" * 250}, ["kafka.group_instance_id"]),
+        ("[kafka]\nsession_timeout = 5\n", {}, ["kafka.session_timeout", "greater than or equal to 6"]),
+        ("[kafka]\nsession_timeout = 1801\n", {}, ["kafka.session_timeout", "less than or equal to 1800"]),
     ],
 )
 def test_a_bad_value_names_the_key_and_the_problem(
@@ -94,6 +100,13 @@ def test_files_that_are_not_utf8_are_named_not_a_traceback(tmp_path: Path) -> No
     env = {"ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE": str(secret)}
     with pytest.raises(ConfigError, match=r"ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE: .*token is not UTF-8 text"):
         load_settings(write(tmp_path, ""), env=env)
+
+
+def test_a_pods_name_is_a_group_instance_id(tmp_path: Path) -> None:
+    env = {"ORDERBUS_KAFKA__GROUP_INSTANCE_ID": "orderbus-0.orderbus.shop_eu"}
+    kafka = load_settings(write(tmp_path, "[kafka]\nsession_timeout = 90\n"), env=env).kafka
+    assert (kafka.group_instance_id, kafka.session_timeout) == ("orderbus-0.orderbus.shop_eu", 90)
+    assert load_settings(write(tmp_path, ""), env={}).kafka.group_instance_id is None
 
 
 def test_a_bad_secret_value_is_not_echoed(tmp_path: Path) -> None:

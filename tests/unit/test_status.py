@@ -122,6 +122,8 @@ class SinkView:
     circuit_state: str = "closed"
     unreadable: dict[tuple[str, int], int] = field(default_factory=dict)
     config: _Config = field(default_factory=_Config)
+    group_instance_id: str | None = None
+    membership_problem: str | None = None
 
     @property
     def kafka_silent(self) -> bool:
@@ -157,6 +159,19 @@ def test_what_the_instance_lacks_makes_it_not_ready() -> None:
     }
     assert _degraded(sinks) == {}
     assert _reasons(None, engines(shipping=SinkView(kafka_silence=74.0))) == {}  # five measurements missed: 75 s
+
+
+def test_a_static_member_says_what_keeps_it_out_of_its_group() -> None:
+    contested = "assigned 10 times within 18 s: another consumer of group orderbus.crm runs under ..."
+    sinks = engines(
+        crm=SinkView(joined=False, group_instance_id="orderbus-0"),  # the broker refused a second of the name
+        shipping=SinkView(membership_problem=contested),
+    )
+    assert _reasons(None, sinks) == {
+        "sink.crm": "joining its consumer group (or kafka unreachable, or another instance runs under "
+        "kafka.group_instance_id 'orderbus-0')",
+        "sink.shipping": contested,
+    }
 
 
 def test_status_shows_degraded_sinks_after_the_not_ready_ones() -> None:

@@ -1,0 +1,202 @@
+"""Static membership against a real broker: a restart keeps an instance's partitions without moving anyone else's,
+and a group of the same names is dealt the same partitions again."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client import CollectorRegistry
+from support import running_daemon, settings_env
+
+from consumers import membership
+from consumers.kafka_io import sink_consumer
+from consumers.membership import Membership
+from daemon.kafka_local import BrokerInfo
+from daemon.settings import Settings, load_settings
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 6
+
+
+class Watched(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no types
+    """Counts what the group does to one member."""
+
+    def __init__(self) -> None:
+        self.revokes = 0
+        self.assigns = 0
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        self.revokes += 1
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.assigns += 1
+
+
+class Member:
+    """One instance's consumer of the crm sink's group, polled in the background as the engine polls it."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, name: str) -> None:
+        self.consumer = consumer
+        self.name = name
+        self.watched = Watched()
+        self._poll: asyncio.Task[None] | None = None
+
+    async def start(self, topic: str) -> None:
+        self.consumer.subscribe([topic], listener=self.watched)
+        await self.consumer.start()
+        self._poll = asyncio.create_task(self._polling())
+
+    async def _polling(self) -> None:
+        while True:
+            await self.consumer.getmany(timeout_ms=200)
+
+    def partitions(self) -> list[int]:
+        return sorted(tp.partition for tp in self.consumer.assignment())
+
+    async def stop(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+            await asyncio.gather(self._poll, return_exceptions=True)
+        await self.consumer.stop()
+
+
+@pytest.fixture
+async def group(kafka_broker: BrokerInfo, unique_name: str) -> AsyncIterator[Callable[..., Any]]:
+    """`join(name, ...)`: a started member of one group reading a fresh topic of `PARTITIONS` partitions."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(unique_name, num_partitions=PARTITIONS, replication_factor=1)])
+    finally:
+        await admin.close()
+    async with AsyncExitStack() as stack:
+
+        async def join(name: str, *, session_timeout: float | None = None) -> Member:
+            membership = Membership(name, session_timeout)
+            options = {"bootstrap_servers": kafka_broker.bootstrap}
+            member = Member(sink_consumer(options, "crm", prefix=f"{unique_name}.", membership=membership), name)
+            stack.push_async_callback(member.stop)
+            await member.start(unique_name)
+            return member
+
+        yield join
+
+
+async def settled(members: list[Member], expected: dict[str, list[int]] | None = None, timeout: float = 60) -> None:
+    """Until the members hold every partition between them (as `expected` says, by name, when given)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            held = [member.partitions() for member in members]
+            whole = sorted(p for ps in held for p in ps) == list(range(PARTITIONS))
+            if whole and (expected is None or {m.name: ps for m, ps in zip(members, held, strict=True)} == expected):
+                return
+            await asyncio.sleep(0.1)
+
+
+async def test_a_restarted_static_member_gets_its_partitions_back_and_no_one_else_moves(
+    group: Callable[..., Any],
+) -> None:
+    a = await group("host-a")
+    b = await group("host-b")
+    dealt = {"host-a": [0, 2, 4], "host-b": [1, 3, 5]}  # round robin over the names in order
+    await settled([a, b], dealt)
+    for leaving, staying in ((b, a), (a, b)):  # a follower's restart, and the other's
+        seen = (staying.watched.revokes, staying.watched.assigns)
+        await leaving.stop()  # a static member does not leave: as a kill -9, but without waiting for it
+        back = await group(leaving.name)
+        await settled([back, staying], {back.name: dealt[back.name], staying.name: dealt[staying.name]})
+        assert back.watched.assigns == 1
+        # Its session never ended, so the group did not rebalance: the other member was left alone throughout.
+        assert (staying.watched.revokes, staying.watched.assigns) == seen
+        if leaving is b:
+            b = back
+        else:
+            a = back
+    assert a.partitions() == dealt["host-a"]
+
+
+async def test_the_same_names_are_dealt_the_same_partitions_after_one_was_gone(group: Callable[..., Any]) -> None:
+    # A short session, so that the group gives up on the stopped member within the test.
+    members = [await group(name, session_timeout=6) for name in ("host-b", "host-c", "host-a")]
+    dealt = {"host-a": [0, 3], "host-b": [1, 4], "host-c": [2, 5]}
+    await settled(members, dealt)
+    b, c, a = members
+    await c.stop()
+    await settled([a, b])  # its session timed out: the two others hold all six
+    assert sorted(a.partitions() + b.partitions()) == list(range(PARTITIONS))
+    assert len(a.partitions()) == len(b.partitions()) == 3
+    c = await group("host-c", session_timeout=6)  # a new member id, which the broker begins with its name
+    await settled([a, b, c], dealt)
+
+
+def _named(broker: BrokerInfo, prefix: str, state_dir: Path, name: str) -> Settings:
+    """Settings of a daemon with the crm sink (no orders: nothing is sent), its group_instance_id given as a pod's
+    name is: by a variable."""
+    sinks = {"crm": {"base_url": "http://127.0.0.1:1"}}
+    env = settings_env(broker, f"{prefix}.", state_dir, sinks=sinks)
+    return load_settings(None, env={**env, "ORDERBUS_KAFKA__GROUP_INSTANCE_ID": name})
+
+
+async def test_two_daemons_under_one_name_are_told_apart_by_their_readiness(
+    kafka_broker: BrokerInfo, unique_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """The second joins the group the first holds: they fence each other in turn, and both say why."""
+    monkeypatch.setattr(membership, "CHURN_LIMIT", 4)  # fenced in turn at every heartbeat: 4 take about 8 s
+    first, second = (_named(kafka_broker, unique_name, tmp_path / name, "orderbus-0") for name in ("first", "second"))
+    assert first.kafka.group_instance_id == second.kafka.group_instance_id == "orderbus-0"
+    async with running_daemon(first, CollectorRegistry()) as one, aiohttp.ClientSession() as session:
+        async with asyncio.timeout(30):  # the first has joined before the second comes
+            while True:
+                async with session.get(f"{one}/readyz") as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+        async with running_daemon(second, CollectorRegistry(), apply=False) as two:
+            reasons: dict[str, dict[str, str]] = {}
+            async with asyncio.timeout(60):
+                while len(reasons) < 2:
+                    for base in (one, two):
+                        async with session.get(f"{base}/readyz") as response:
+                            said = (await response.json())["reasons"]
+                        if "group_instance_id" in said.get("sink.crm", ""):
+                            assert response.status == 503
+                            reasons[base] = said
+                    await asyncio.sleep(0.2)
+    # Most often both churn; sometimes the broker then refuses the second's join for good (the test below).
+    for said in reasons.values():
+        assert "kafka.group_instance_id 'orderbus-0'" in said["sink.crm"]
+    assert any("another consumer of group" in said["sink.crm"] for said in reasons.values())
+    logged = [r for r in caplog.records if r.getMessage() == "group membership contested"]
+    assert logged
+    assert all(r.levelname == "ERROR" for r in logged)
+
+
+async def test_two_daemons_started_at_once_under_one_name_are_told_apart_too(
+    kafka_broker: BrokerInfo, unique_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The broker refuses one (or they fence each other in turn, as above): either way one at least says why.
+    monkeypatch.setattr(membership, "CHURN_LIMIT", 4)
+    first, second = (_named(kafka_broker, unique_name, tmp_path / name, "orderbus-0") for name in ("first", "second"))
+    async with (
+        running_daemon(first, CollectorRegistry()) as one,
+        running_daemon(second, CollectorRegistry(), apply=False) as two,
+        aiohttp.ClientSession() as session,
+    ):
+        async with asyncio.timeout(60):
+            while True:
+                said = []
+                for base in (one, two):
+                    async with session.get(f"{base}/readyz") as response:
+                        said.append((await response.json())["reasons"].get("sink.crm", ""))
+                if any("kafka.group_instance_id 'orderbus-0'" in reason for reason in said):
+                    break
+                await asyncio.sleep(0.2)

@@ -1,0 +1,89 @@
+"""Static membership: the consumer's options, and the watch that tells a name used twice."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumers.membership import (
+    CHURN_LIMIT,
+    CHURN_WINDOW,
+    DYNAMIC,
+    DYNAMIC_SESSION_TIMEOUT,
+    STATIC_SESSION_TIMEOUT,
+    ChurnWatch,
+    Membership,
+)
+
+
+def test_a_name_makes_a_static_member_with_a_session_a_restart_fits_in() -> None:
+    assert DYNAMIC.consumer_options() == {"group_instance_id": None, "session_timeout_ms": 6000}
+    static = {"group_instance_id": "orderbus-0", "session_timeout_ms": 45000}
+    assert Membership("orderbus-0").consumer_options() == static
+    assert Membership("orderbus-0", 120).session_timeout_ms == 120_000
+    assert Membership(None, 10.5).session_timeout_ms == 10_500
+    assert DYNAMIC_SESSION_TIMEOUT < STATIC_SESSION_TIMEOUT
+
+
+class Clock:
+    """`consumers.clock.Clock`, moved by hand (the watch only reads it)."""
+
+    def __init__(self) -> None:
+        self.at = 1000.0
+
+    def now(self) -> float:
+        return self.at
+
+    def wall(self) -> float:
+        return self.at
+
+    async def sleep(self, seconds: float) -> None:
+        raise AssertionError("the watch never sleeps")
+
+
+def _assign(watch: ChurnWatch, clock: Clock, times: int, every: float) -> list[str | None]:
+    said = []
+    for _ in range(times):
+        said.append(watch.assigned())
+        clock.at += every
+    return said
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def test_assignments_at_every_heartbeat_say_the_name_is_used_twice_once(clock: Clock) -> None:
+    watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
+    said = _assign(watch, clock, CHURN_LIMIT - 1, 2.0)
+    assert said == [None] * (CHURN_LIMIT - 1)
+    assert watch.problem is None
+    first = watch.assigned()
+    assert first is not None
+    assert "another consumer of group orderbus.crm runs under kafka.group_instance_id 'orderbus-0'" in first
+    assert watch.problem == first
+    assert _assign(watch, clock, 5, 2.0) == [None] * 5, "said once while it lasts"
+    assert watch.problem is not None
+
+
+def test_the_problem_ends_a_window_after_the_last_churn_and_can_be_said_again(clock: Clock) -> None:
+    watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
+    _assign(watch, clock, CHURN_LIMIT, 2.0)
+    assert watch.problem is not None
+    clock.at += CHURN_WINDOW  # the other instance was stopped: no assignment since
+    assert watch.problem is None
+    assert _assign(watch, clock, CHURN_LIMIT - 1, 2.0) == [None] * (CHURN_LIMIT - 1), "the old ones are too old"
+    assert watch.assigned() is not None, "it started again"
+
+
+def test_a_few_rebalances_of_a_rolling_deploy_are_not_churn(clock: Clock) -> None:
+    watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
+    assert _assign(watch, clock, CHURN_LIMIT * 3, CHURN_WINDOW / (CHURN_LIMIT - 1) + 0.1) == [None] * (CHURN_LIMIT * 3)
+    assert watch.problem is None
+
+
+def test_a_dynamic_member_is_never_said_to_churn(clock: Clock) -> None:
+    watch = ChurnWatch(DYNAMIC, "orderbus.crm", clock)
+    assert _assign(watch, clock, CHURN_LIMIT * 2, 0.1) == [None] * (CHURN_LIMIT * 2)
+    assert watch.problem is None
+    assert watch.instance_id is None
