@@ -385,7 +385,8 @@ class SinkEngine:
     # ------------------------------------------------------------------ backpressure, rebalance, drain
 
     def _halted(self) -> bool:
-        return self._context.circuit.state == "open" or self._context.auth.state == "open"
+        context = self._context
+        return context.held or context.circuit.state == "open" or context.auth.state == "open"
 
     def _backpressure(self) -> None:
         """Pause every assigned partition while the buffer is full or the sink is held; resume after."""
@@ -577,6 +578,26 @@ class SinkEngine:
         """Records the client cannot read that the operator skips: dead-lettered in their place (settings, reload)."""
         self._consumer.skip_unreadable(skips)
 
+    @property
+    def held(self) -> bool:
+        """Whether the operator holds the sink (`set_held`)."""
+        return self._context.held
+
+    def set_held(self, held: bool) -> None:
+        """Hold the sink, or let it go (``sinks.<name>.paused``, at start and at a reload): while held nothing is
+        fetched and no attempt starts, retries included; the requests under way finish, and the orders wait in Kafka
+        (a downstream's maintenance window). Let go, the lanes start again slowly, as after an open circuit."""
+        context = self._context
+        if held == context.held:
+            return
+        context.held = held
+        self._metrics.held.labels(self.sink.name).set(1 if held else 0)
+        if held:
+            log.info("sink paused by its settings: nothing is sent until it is let go", extra={"sink": self.sink.name})
+        else:
+            log.info("sink let go by its settings", extra={"sink": self.sink.name})
+            context.ramp.begin()
+
     def set_rate(self, rate: float | None) -> None:
         """Live reload of the sink's rate limit (SIGHUP); the burst size is fixed until a restart."""
         self._context.pacer.set_rate(rate)
@@ -594,6 +615,7 @@ class SinkEngine:
             # circuit or of a credentials pause wait for the probe, whatever a ramp of the last close says.
             "ramp_limit": context.ramp.limit if gates_closed(context) else None,
             "auth_paused": self.auth_paused,
+            "held": context.held,
             "rate_limit": _limit_or_zero(context.pacer.current_rate) or None,
             "held_for": max(0.0, context.pacer.held_until - self._clock.now()),
             "lag": {str(tp[1]): lag for tp, lag in sorted(self._lag.lag.items()) if tp[0] != self.replay_topic},

@@ -72,6 +72,8 @@ class LaneContext:
     blocked: Blocks  # orders with records in the dead-letter topic (`consumers.blocks`)
     ramp: Ramp  # the slow start after the circuit closes (`consumers.ramp`)
     in_flight: int = 0
+    # The operator holds the sink (`sinks.<name>.paused`, `SinkEngine.set_held`): no attempt starts, retries included.
+    held: bool = False
     certificate_said_at: float = -math.inf  # when a refused TLS certificate was last logged (`_say_certificate`)
     # The last attempt that counted against the circuit, said when it opens (`failure_text`).
     last_failure: Reply | TransportFailure | None = None
@@ -445,7 +447,7 @@ class Lane:
             self._context.ramp.begin()
 
     async def _wait_for_gates(self) -> Circuit | None:
-        """Wait while the circuit is open or the sink is paused for its credentials.
+        """Wait while the operator holds the sink, the circuit is open or the sink is paused for its credentials.
 
         When one is half-open, take its probe slot and return that circuit: the caller must answer it with
         `record` or `release`. Returns None when both are closed.
@@ -454,6 +456,9 @@ class Lane:
         if gates_closed(context):
             return None  # the common case, first and cheap
         while True:
+            if context.held:
+                await self._park(HELD_POLL)
+                continue
             gates = (context.auth, context.circuit)
             opened = [gate for gate in gates if gate.state == "open"]
             if opened:
@@ -478,11 +483,12 @@ class Lane:
 
 
 _CERTIFICATE_SAY_EVERY = 60.0  # seconds
+HELD_POLL = 1.0  # seconds between a held lane's looks at whether the operator let the sink go
 
 
 def gates_closed(context: LaneContext) -> bool:
-    """Neither the credentials pause nor the circuit holds the sink: any lane may send."""
-    return context.auth.state == "closed" and context.circuit.state == "closed"
+    """Neither the operator, the credentials pause nor the circuit holds the sink: any lane may send."""
+    return context.auth.state == "closed" and context.circuit.state == "closed" and not context.held
 
 
 def _say_certificate(context: LaneContext, failure: TransportFailure) -> None:

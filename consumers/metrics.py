@@ -118,6 +118,12 @@ class EngineMetrics:
         self.auth_paused = Gauge(
             "orderbus_auth_paused", "1 while the sink is paused after 401/403", ["sink"], registry=registry
         )
+        self.held = Gauge(
+            "orderbus_sink_paused",
+            "1 while the sink is paused by its settings (sinks.<name>.paused): nothing is sent",
+            ["sink"],
+            registry=registry,
+        )
         self.lag = Gauge(
             "orderbus_consumer_lag",
             "Records not yet finished by the sink, per assigned partition (end offset - the sink's position)",
@@ -166,6 +172,7 @@ class EngineMetrics:
             self.rate,
             self.circuit,
             self.auth_paused,
+            self.held,
             self.oldest_pending,
             self.assigned_partitions,
             self.unreadable,

@@ -284,6 +284,7 @@ async def _open_sinks(
             )
         )
         engines[name].skip_unreadable(sink_settings.skips())
+        engines[name].set_held(sink_settings.paused)
     return engines
 
 
@@ -422,7 +423,7 @@ async def _open_ingest(
 _READY_POLL = 0.25
 _STATUS_INTERVAL = 5.0  # how often the systemd status line is brought up to date
 # What SIGHUP applies; everything else needs a restart (connections, pools, files and listeners are built once).
-RELOADABLE = ("log_level", "sinks.*.rate", "sinks.*.skip_unreadable")
+RELOADABLE = ("log_level", "sinks.*.rate", "sinks.*.skip_unreadable", "sinks.*.paused")
 
 
 async def _reload_on_request(
@@ -433,9 +434,9 @@ async def _reload_on_request(
     tls: ServerTls | None = None,
 ) -> None:
     """On each request (SIGHUP), re-read the settings and apply what can change live: the log level, the sinks'
-    rate limits and the unreadable records they skip; and read the webhook's certificate and key again (`tls`,
-    renewed in place). A bad file keeps the running settings; other changes are logged as needing a restart. The
-    ``settings reloaded`` line names the live keys that changed (``applied``)."""
+    rate limits, the unreadable records they skip and whether they are paused; and read the webhook's certificate
+    and key again (`tls`, renewed in place). A bad file keeps the running settings; other changes are logged as
+    needing a restart. The ``settings reloaded`` line names the live keys that changed (``applied``)."""
     running = current  # what the live keys were set to last
     while True:
         await requested.wait()
@@ -456,6 +457,7 @@ async def _reload_on_request(
             sink = fresh.sinks[name]
             engine.set_rate(sink.rate)
             engine.skip_unreadable(sink.skips())
+            engine.set_held(sink.paused)
         ignored = _restart_needed(current, fresh)
         if ignored:
             log.warning("changed settings that need a restart", extra={"settings": ignored})
@@ -663,12 +665,17 @@ def _reasons(
 
 
 def _degraded(engines: dict[str, SinkEngine]) -> dict[str, str]:
-    """What keeps a sink from delivering although the instance is ready, by component ("sink.<name>"): its
-    downstream refuses our credentials or keeps failing, or it holds a partition it cannot read. Said by /readyz
+    """What keeps a sink from delivering although the instance is ready, by component ("sink.<name>"): the
+    operator paused it, its downstream refuses our credentials or keeps failing, or it holds a partition it cannot
+    read. Said by /readyz
     and `orderbus status`, alerted on; the sink's orders wait in Kafka meanwhile."""
     degraded: dict[str, str] = {}
     for name, engine in engines.items():
-        if engine.auth_paused:
+        if engine.held:  # first: the operator's word explains the rest
+            degraded[f"sink.{name}"] = (
+                f"paused by its settings (sinks.{name}.paused): nothing is sent; its orders wait in Kafka"
+            )
+        elif engine.auth_paused:
             degraded[f"sink.{name}"] = "paused: the downstream refused our credentials (401/403)"
         elif engine.circuit_state == "open":
             degraded[f"sink.{name}"] = "circuit open: the downstream keeps failing"

@@ -408,6 +408,11 @@ class SinkSettings(_Section):
     """
 
     enabled: bool = False
+    paused: bool = Field(
+        False,
+        description="hold the sink (a downstream's maintenance window): nothing is sent, retries included, and its "
+        "orders wait in Kafka until it is set back to false; applied at a reload",
+    )
     base_url: BaseUrl = "http://127.0.0.1:8090"
     max_in_flight: int = Field(256, ge=1, le=4096)
     max_buffered: int = Field(1000, ge=1, le=1_000_000)

@@ -1951,3 +1951,48 @@ async def test_a_drain_does_not_wait_for_lanes_queued_in_the_ramp(harness_factor
     assert h.clock.now() - began < 2.0, "the requests under way (1 s), not the 10 s grace"
     stop.set()
     await runner
+
+
+async def test_a_sink_paused_by_its_settings_fetches_and_sends_nothing_until_let_go(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # A downstream's maintenance window: the operator sets sinks.crm.paused and reloads; the orders wait in Kafka.
+    h = harness_factory({TP0: [record(i, f"SO-{i}") for i in range(5)], TP1: [record(0, "SO-X")]})
+    h.engine.set_held(True)
+    assert h.metric("orderbus_sink_paused") == 1
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(3600)
+    assert h.downstream.calls == []
+    assert h.consumer.position == {}, "nothing fetched: the records stay in Kafka, not in memory"
+    assert h.engine.status()["held"] is True
+    h.engine.set_held(False)
+    assert h.metric("orderbus_sink_paused") == 0
+    assert h.engine.status()["ramp_limit"] is not None, "let go, the lanes start slowly"
+    await h.wait_finished(6)
+    assert len(h.downstream.calls) == 6
+    stop.set()
+    await runner
+    assert h.consumer.committed == {TP0: 5, TP1: 1}
+
+
+async def test_a_pause_holds_the_retries_of_records_already_taken(harness_factory: Callable[..., Harness]) -> None:
+    # Paused while a record waits for its retry: the retry waits for the operator, not for its backoff alone.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if nth == 1 else ok()
+
+    h = harness_factory({TP0: [record(0, "SO-0")]}, script)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    while not h.downstream.calls:
+        await h.clock.sleep(0.01)
+    h.engine.set_held(True)  # the 503 came; its retry is due in about a second
+    await h.clock.sleep(600)
+    assert len(h.downstream.calls) == 1
+    assert h.engine.finished == 0
+    h.engine.set_held(False)
+    await h.wait_finished(1)
+    assert len(h.downstream.calls) == 2
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 1
+    stop.set()
+    await runner

@@ -20,12 +20,16 @@ class RecordingEngine:
     def __init__(self) -> None:
         self.rates: list[float | None] = []
         self.skips: list[Mapping[tuple[str, int], Sequence[tuple[int, int]]]] = []
+        self.held: list[bool] = []
 
     def set_rate(self, rate: float | None) -> None:
         self.rates.append(rate)
 
     def skip_unreadable(self, skips: Mapping[tuple[str, int], Sequence[tuple[int, int]]]) -> None:
         self.skips.append(skips)
+
+    def set_held(self, held: bool) -> None:
+        self.held.append(held)
 
 
 def settings(**env: str) -> Settings:
@@ -57,6 +61,7 @@ async def test_sighup_applies_rate_and_log_level_and_names_what_needs_a_restart(
             ORDERBUS_LOG_LEVEL="DEBUG",
             ORDERBUS_SINKS__CRM__MAX_IN_FLIGHT="8",
             ORDERBUS_SINKS__CRM__SKIP_UNREADABLE='["orders:2@40", "orders:2@50-52"]',
+            ORDERBUS_SINKS__CRM__PAUSED="true",
         ),
         ConfigError("invalid settings: sinks.crm.rate: must be > 0"),
     ]
@@ -72,10 +77,12 @@ async def test_sighup_applies_rate_and_log_level_and_names_what_needs_a_restart(
                 await asyncio.sleep(0)
             assert engine.rates == [5.0]
             assert engine.skips == [{("orders", 2): [(40, 40), (50, 52)]}]
+            assert engine.held == [True]
             assert root.level == logging.DEBUG
             assert any(getattr(r, "settings", None) == ["sinks.crm.max_in_flight"] for r in caplog.records)
             [reloaded] = [r for r in caplog.records if r.getMessage() == "settings reloaded"]
-            assert getattr(reloaded, "applied", None) == ["log_level", "sinks.crm.rate", "sinks.crm.skip_unreadable"]
+            applied = ["log_level", "sinks.crm.paused", "sinks.crm.rate", "sinks.crm.skip_unreadable"]
+            assert getattr(reloaded, "applied", None) == applied
             requested.set()
             for _ in range(10):
                 await asyncio.sleep(0)
@@ -105,6 +112,7 @@ def test_restart_needed_lists_changed_keys_except_the_live_ones() -> None:
         ORDERBUS_LOG_LEVEL="ERROR",
         ORDERBUS_INGEST__PORT="9999",
         ORDERBUS_SINKS__CRM__SKIP_UNREADABLE='["orders:2@40"]',
+        ORDERBUS_SINKS__CRM__PAUSED="true",
     )
     assert _restart_needed(old, new) == ["ingest.port"]
     assert _restart_needed(old, old) == []

@@ -124,6 +124,7 @@ class SinkView:
     config: _Config = field(default_factory=_Config)
     group_instance_id: str | None = None
     membership_problem: str | None = None
+    held: bool = False
 
     @property
     def kafka_silent(self) -> bool:
@@ -148,6 +149,14 @@ def test_a_failing_downstream_leaves_the_instance_ready_and_is_said_as_degraded(
         "sink.accounting": "paused: the downstream refused our credentials (401/403)",
         "sink.shipping": "held, the next records cannot be read (see the log): orders:2 at 120, orders:7 at 5; to go "
         'on without them, add skip_unreadable = ["orders:2@120", "orders:7@5"] to [sinks.shipping] and reload',
+    }
+
+
+def test_a_sink_paused_by_its_settings_is_degraded_and_said_so_before_anything_else() -> None:
+    sinks = engines(crm=SinkView(held=True, circuit_state="open"), shipping=SinkView())
+    assert _reasons(None, sinks) == {}, "paused on purpose: still ready"
+    assert _degraded(sinks) == {
+        "sink.crm": "paused by its settings (sinks.crm.paused): nothing is sent; its orders wait in Kafka"
     }
 
 
