@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, Final, TypeVar, get_args
 
 from pydantic import SecretStr
 
@@ -302,26 +302,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 SECRET_NOT_LOADED = "not-loaded:orderbus-operator-command"  # noqa: S105 -- a marker, not a credential
 
 
-def _operator_settings(args: argparse.Namespace, *, asks_kafka: bool = True) -> Settings:
-    """The settings for a command that never talks to the downstream systems (status, dlq, topics, dedup, webhook).
+def _operator_settings(args: argparse.Namespace) -> Settings:
+    """The settings for a command that never talks to the downstream systems (dlq, topics, dedup, webhook, trace).
 
     Validated as `load_settings` validates them, except that a sink secret no file nor variable gives is filled
     with `SECRET_NOT_LOADED`: on a systemd host the secrets are credentials only the unit can read, and an
     operator at the shell must not need them to list dead letters. A secret that is given is checked as usual.
-    Unless it `asks_kafka` (status and health ask the daemon), the Kafka SASL password too.
+    (`status` and `health` ask the daemon, and read only where it listens: `_daemon`.)
     """
-    return load_settings(
-        _config_path(args), complete=_fill_sink_secrets if asks_kafka else _fill_sink_and_kafka_secrets
-    )
-
-
-def _fill_sink_and_kafka_secrets(data: dict[str, Any]) -> None:
-    """`_fill_sink_secrets`, and the Kafka SASL password when SASL is on and none is given: the settings of a command
-    that builds no client of anything (the webhook's secrets are asked for by `run` and `config check` only)."""
-    _fill_sink_secrets(data)
-    kafka = data.get("kafka")
-    if isinstance(kafka, dict) and str(kafka.get("security_protocol", "")).startswith("SASL_"):
-        kafka.setdefault("sasl_password", SECRET_NOT_LOADED)
+    return load_settings(_config_path(args), complete=_fill_sink_secrets)
 
 
 def _fill_sink_secrets(data: dict[str, Any]) -> None:
@@ -544,11 +533,32 @@ def _health(args: argparse.Namespace) -> int:
 
 def _daemon(args: argparse.Namespace) -> tuple[str, Path | None]:
     """Where `status` and `health` ask the daemon on this host: ``--url``, else the settings' `admin_url`, and the
-    certificate that listener shows when it is the webhook's over HTTPS."""
+    certificate that listener shows when it is the webhook's over HTTPS.
+
+    Of the settings only the listeners' keys are read (`_only_listeners`): the daemon runs with the settings it
+    started with, and an edit elsewhere in the file, not yet applied (or refused by a reload), must not make the
+    container's health check call a running daemon dead."""
     if args.url is not None:
         return str(args.url), None
-    settings = _operator_settings(args, asks_kafka=False)
+    settings = load_settings(_config_path(args), complete=_only_listeners)
     return settings.admin_url(), settings.admin_certificate()
+
+
+# The keys `Settings.admin_url` and `Settings.admin_certificate` read: where the daemon listens, and how.
+_LISTENER_KEYS: Final = {"ingest": ("host", "port", "tls_certfile", "tls_keyfile"), "admin": ("host", "port")}
+
+
+def _only_listeners(data: dict[str, Any]) -> None:
+    """Leave of the raw settings document only `_LISTENER_KEYS` (a section that is not a table stays, for
+    validation to name)."""
+    kept: dict[str, Any] = {}
+    for section, keys in _LISTENER_KEYS.items():
+        if isinstance(values := data.get(section), dict):
+            kept[section] = {key: values[key] for key in keys if key in values}
+        elif section in data:
+            kept[section] = values
+    data.clear()
+    data.update(kept)
 
 
 def _dedup_prune(args: argparse.Namespace) -> int:

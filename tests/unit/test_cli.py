@@ -83,6 +83,29 @@ def test_status_and_health_need_no_kafka_password_the_kafka_commands_do(
     assert "needs sasl_password" in capsys.readouterr().err
 
 
+def test_status_and_health_read_only_where_the_daemon_listens(
+    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Review (operator): an edit not yet applied (a typo in a sink's rate) made the container's health check call
+    # the running daemon dead, which runs with the settings it started with.
+    config = tmp_path / "orderbus.toml"
+    config.write_text(
+        '[kafka]\nsession_timeout = 1\n[sinks.crm]\nenabled = true\nrate = "fast"\n'
+        '[ingest]\nport = 9292\nmax_body_bytes = "big"\n[admin]\nport = 8081\n'
+    )
+    asked: list[str] = []
+    no_orderbus_env.setattr(status, "fetch_status", lambda url, **_: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
+    no_orderbus_env.setattr(status, "probe_health", lambda url, **_: asked.append(url) or (True, ["alive"]))  # type: ignore[func-returns-value]
+    assert cli.main(["health", "--config", str(config)]) == 0
+    assert cli.main(["status", "--config", str(config)]) == 0
+    assert asked == ["http://127.0.0.1:8081"] * 2
+    assert cli.main(["config", "check", str(config)]) == 2, "the file is wrong all the same"
+    assert "sinks.crm.rate" in capsys.readouterr().err
+    config.write_text("[ingest]\nport = 9292\n[admin]\nport = 80801\n")  # where it listens: said, exit 1
+    assert cli.main(["health", "--config", str(config)]) == 1
+    assert "admin.port" in capsys.readouterr().err
+
+
 def test_without_config_a_command_reads_orderbus_config_else_the_systems_file(
     no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
