@@ -386,7 +386,7 @@ class SinkEngine:
 
     def _halted(self) -> bool:
         context = self._context
-        return context.held or context.circuit.state == "open" or context.auth.state == "open"
+        return not context.released.is_set() or context.circuit.state == "open" or context.auth.state == "open"
 
     def _backpressure(self) -> None:
         """Pause every assigned partition while the buffer is full or the sink is held; resume after."""
@@ -544,14 +544,9 @@ class SinkEngine:
         return self._joined
 
     @property
-    def group_instance_id(self) -> str | None:
-        """This instance's static member name in the group (`consumers.membership`), or None."""
-        return None if self._churn is None else self._churn.instance_id
-
-    @property
     def membership_problem(self) -> str | None:
         """Why this instance's membership of the group is contested (`consumers.membership.ChurnWatch`), or None."""
-        return None if self._churn is None else self._churn.problem
+        return None if self._churn is None else self._churn.problem(joined=self._joined)
 
     @property
     def buffered(self) -> int:
@@ -581,22 +576,23 @@ class SinkEngine:
     @property
     def held(self) -> bool:
         """Whether the operator holds the sink (`set_held`)."""
-        return self._context.held
+        return not self._context.released.is_set()
 
     def set_held(self, held: bool) -> None:
         """Hold the sink, or let it go (``sinks.<name>.paused``, at start and at a reload): while held nothing is
         fetched and no attempt starts, retries included; the requests under way finish, and the orders wait in Kafka
         (a downstream's maintenance window). Let go, the lanes start again slowly, as after an open circuit."""
         context = self._context
-        if held == context.held:
+        if held == self.held:
             return
-        context.held = held
         self._metrics.held.labels(self.sink.name).set(1 if held else 0)
         if held:
+            context.released.clear()
             log.info("sink paused by its settings: nothing is sent until it is let go", extra={"sink": self.sink.name})
         else:
+            context.ramp.begin()  # before the lanes wake: the first of them already takes the ramp's turns
+            context.released.set()
             log.info("sink let go by its settings", extra={"sink": self.sink.name})
-            context.ramp.begin()
 
     def set_rate(self, rate: float | None) -> None:
         """Live reload of the sink's rate limit (SIGHUP); the burst size is fixed until a restart."""
@@ -615,7 +611,7 @@ class SinkEngine:
             # circuit or of a credentials pause wait for the probe, whatever a ramp of the last close says.
             "ramp_limit": context.ramp.limit if gates_closed(context) else None,
             "auth_paused": self.auth_paused,
-            "held": context.held,
+            "paused_by_settings": self.held,
             "rate_limit": _limit_or_zero(context.pacer.current_rate) or None,
             "held_for": max(0.0, context.pacer.held_until - self._clock.now()),
             "lag": {str(tp[1]): lag for tp, lag in sorted(self._lag.lag.items()) if tp[0] != self.replay_topic},

@@ -39,9 +39,9 @@ CLEANUP: Final = 0.25
 async def leave_group(
     consumer: AIOKafkaConsumer, owner: str, timeout: float = LEAVE_TIMEOUT, *, clock: Clock | None = None
 ) -> None:
-    """Stop `consumer` (leave its group, close its connections) within `timeout` seconds; after that, give up the
-    leave and close its fetcher and connections within `CLEANUP` more (said once, naming `owner`). The waits follow
-    `clock` (the system's by default)."""
+    """Stop `consumer` (leave its group, unless it is a static member, and close its connections) within `timeout`
+    seconds; after that, give up the leave and close its fetcher and connections within `CLEANUP` more (said once,
+    naming `owner`). The waits follow `clock` (the system's by default)."""
     clock = clock if clock is not None else SystemClock()
     stopping = asyncio.ensure_future(consumer.stop())
     if await _ended(stopping, timeout, clock):

@@ -175,7 +175,7 @@ def sink_consumer(
     membership: Membership = DYNAMIC,
 ) -> AIOKafkaConsumer:
     """The consumer of one sink's group: manual commits only, committed reads only, from the beginning; a member
-    as `membership` says (static or dynamic, its session, its partitions dealt by `InstanceAssignor`)."""
+    as `membership` says (static or dynamic, and its session)."""
     guard_connection_writes()
     return AIOKafkaConsumer(
         **client_options,

@@ -20,7 +20,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from consumers.backoff import Backoff
@@ -48,6 +48,12 @@ _TIMED_STATUSES = (409, 429, 503)  # the answers whose Retry-After orderbus foll
 _FLUSH_RETRY = 1.0  # first wait after a failed flush of a settling record's state; doubles up to the backoff cap
 
 
+def _released() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class LaneContext:
     """What every lane of one sink shares."""
@@ -71,9 +77,10 @@ class LaneContext:
     failed: Callable[[Exception], None]  # a lane's task raised: the engine's run fails with that error
     blocked: Blocks  # orders with records in the dead-letter topic (`consumers.blocks`)
     ramp: Ramp  # the slow start after the circuit closes (`consumers.ramp`)
+    # Set unless the operator holds the sink (`sinks.<name>.paused`, `SinkEngine.set_held`): while it is clear, no
+    # attempt starts, retries included, and the time held counts against no record's `max_elapsed`.
+    released: asyncio.Event = field(default_factory=_released)
     in_flight: int = 0
-    # The operator holds the sink (`sinks.<name>.paused`, `SinkEngine.set_held`): no attempt starts, retries included.
-    held: bool = False
     certificate_said_at: float = -math.inf  # when a refused TLS certificate was last logged (`_say_certificate`)
     # The last attempt that counted against the circuit, said when it opens (`failure_text`).
     last_failure: Reply | TransportFailure | None = None
@@ -245,7 +252,7 @@ class Lane:
         assert work.prepared is not None
         attempts = Attempts()
         while True:
-            probe = await self._wait_for_gates()
+            probe = await self._wait_for_gates(attempts)
             # A request slot is held for the HTTP exchange only, so the next request leaves while this outcome
             # is being made durable; an `unsettled` place is held until the outcome is durable (the settling
             # record gives it back). After a crash, at most those records (2 x `max_in_flight`) can have been
@@ -336,6 +343,9 @@ class Lane:
             self._waiting = False
             if self._stopping:
                 raise asyncio.CancelledError
+            if probe is not None and not context.released.is_set():
+                probe.release()  # held while it queued: the probe waits for the let-go like every other attempt
+                return None
             if probe is None and not gates_closed(context):
                 return None
             context.in_flight += 1
@@ -446,7 +456,7 @@ class Lane:
         if pacer.rate is None:
             self._context.ramp.begin()
 
-    async def _wait_for_gates(self) -> Circuit | None:
+    async def _wait_for_gates(self, attempts: Attempts) -> Circuit | None:
         """Wait while the operator holds the sink, the circuit is open or the sink is paused for its credentials.
 
         When one is half-open, take its probe slot and return that circuit: the caller must answer it with
@@ -456,8 +466,8 @@ class Lane:
         if gates_closed(context):
             return None  # the common case, first and cheap
         while True:
-            if context.held:
-                await self._park(HELD_POLL)
+            if not context.released.is_set():
+                await self._held(attempts)
                 continue
             gates = (context.auth, context.circuit)
             opened = [gate for gate in gates if gate.state == "open"]
@@ -472,6 +482,21 @@ class Lane:
                 return half_open
             await self._park(_PROBE_WAIT)
 
+    async def _held(self, attempts: Attempts) -> None:
+        """Wait until the operator lets the sink go: a wait, not a retry (not `parked`), and the time it took is
+        added to the record's start, so that its `max_elapsed` counts only the time it was allowed to try."""
+        context = self._context
+        if self._stopping:
+            raise asyncio.CancelledError
+        began = context.clock.now()
+        self._waiting = True  # a stop cancels it at once: nothing is being sent
+        try:
+            await context.released.wait()
+        finally:
+            self._waiting = False
+            if attempts.first_mono is not None:
+                attempts.first_mono += context.clock.now() - began
+
     async def _park(self, seconds: float) -> None:
         if self._stopping:
             raise asyncio.CancelledError
@@ -483,12 +508,11 @@ class Lane:
 
 
 _CERTIFICATE_SAY_EVERY = 60.0  # seconds
-HELD_POLL = 1.0  # seconds between a held lane's looks at whether the operator let the sink go
 
 
 def gates_closed(context: LaneContext) -> bool:
     """Neither the operator, the credentials pause nor the circuit holds the sink: any lane may send."""
-    return context.auth.state == "closed" and context.circuit.state == "closed" and not context.held
+    return context.auth.state == "closed" and context.circuit.state == "closed" and context.released.is_set()
 
 
 def _say_certificate(context: LaneContext, failure: TransportFailure) -> None:

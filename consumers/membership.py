@@ -22,9 +22,9 @@ Two live instances under one name fence each other. When the second joins a grou
 fence each other in turn, each rejoining as the other's heartbeat fails: both hold the same partitions, a second
 at a time, for as long as both run. Nothing is delivered twice in effect (the idempotency keys), but it is a
 setting to fix: `ChurnWatch` notices the assignments coming every few seconds and says so, and the daemon reports
-the sink not ready. When both join at once, the broker refuses one of them (FENCED_INSTANCE_ID, which aiokafka
-reports as an unknown error), and that one stays out of the group: its sink is not ready, "joining", and with a
-group_instance_id the reason names it.
+the sink not ready. When both join at once, the broker may refuse one of them for good (FENCED_INSTANCE_ID, which
+aiokafka reports as an unknown error): that one stays out of the group, and `ChurnWatch` says so once it has
+waited longer than a join can take.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ STATIC_SESSION_TIMEOUT: Final = 45.0  # a restart fits in it: systemd's RestartS
 # is assigned at every heartbeat (2 s); a rolling deploy of a few instances assigns a member a handful of times.
 CHURN_LIMIT: Final = 10
 CHURN_WINDOW: Final = 60.0
+# Seconds out of the group after which a static member says its name may be taken: longer than a join may wait for
+# the other members' drains (their rebalance timeout, `consumers.kafka_io.REBALANCE_TIMEOUT_MS`).
+JOIN_WAIT: Final = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,39 +72,50 @@ DYNAMIC: Final = Membership()
 
 
 class ChurnWatch:
-    """Counts a static member's assignments: `CHURN_LIMIT` within `CHURN_WINDOW` seconds means another live
-    consumer joins the group under the same name (module docstring). Said until the window has passed without."""
+    """Tells a static member whose name another live consumer uses too (module docstring), two ways:
 
-    def __init__(self, membership: Membership, group: str, clock: Clock, *, limit: int | None = None) -> None:
+    - its assignments come at every heartbeat: `CHURN_LIMIT` within `CHURN_WINDOW` seconds (said until its last
+      `CHURN_LIMIT` assignments no longer fall within a window);
+    - it is still out of its group `JOIN_WAIT` seconds after it began to join (the broker refused it).
+    """
+
+    def __init__(self, membership: Membership, group: str, clock: Clock) -> None:
         self._membership = membership
         self._group = group
         self._clock = clock
-        self._limit = limit if limit is not None else CHURN_LIMIT
+        self._began = clock.now()
+        self._limit = CHURN_LIMIT
         self._times: collections.deque[float] = collections.deque(maxlen=self._limit)
         self._said = False
-
-    @property
-    def instance_id(self) -> str | None:
-        return self._membership.instance_id
 
     def assigned(self) -> str | None:
         """Count an assignment; the problem when this one makes the membership contested (once an episode)."""
         if self._membership.instance_id is None:
             return None
         self._times.append(self._clock.now())
-        problem = self.problem
+        problem = self.problem(joined=True)
         news = problem is not None and not self._said
         self._said = problem is not None
         return problem if news else None
 
-    @property
-    def problem(self) -> str | None:
-        """Why the membership is contested, or None."""
-        times = self._times
-        if len(times) < self._limit or self._clock.now() - times[0] > CHURN_WINDOW:
+    def problem(self, *, joined: bool) -> str | None:
+        """Why the membership is contested, or None; `joined`: the group has assigned this member once."""
+        name = self._membership.instance_id
+        if name is None:
+            return None
+        now, times = self._clock.now(), self._times
+        if not joined:
+            if now - self._began <= JOIN_WAIT:
+                return None
+            return (
+                f"not in consumer group {self._group} after {now - self._began:.0f} s: kafka unreachable, or another "
+                f"instance runs under kafka.group_instance_id {name!r} too (the broker refuses a second member of "
+                "one name); give every instance a name of its own"
+            )
+        if len(times) < self._limit or now - times[0] > CHURN_WINDOW:
             return None
         return (
             f"assigned {self._limit} times within {times[-1] - times[0]:.0f} s: another consumer of group "
-            f"{self._group} runs under kafka.group_instance_id {self._membership.instance_id!r} too, and the two "
-            "fence each other in turn; give every instance a name of its own"
+            f"{self._group} runs under kafka.group_instance_id {name!r} too, and the two fence each other in turn; "
+            "give every instance a name of its own"
         )

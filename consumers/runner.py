@@ -84,12 +84,13 @@ async def open_sink(
 ) -> AsyncIterator[SinkEngine]:
     """`sink`'s engine, ready to `run`; `auth` (default: none) is closed with it; its consumer a member of the group
     as `membership` says."""
+    clock = clock or SystemClock()
     async with contextlib.AsyncExitStack() as stack:
         store = SqliteDedupStore(dedup_path)
         await store.open()
         stack.push_async_callback(store.close)
         if retention is not None:
-            pruning = prune_forever(store.prune, retention, f"dedup-{sink.name}", clock or SystemClock())
+            pruning = prune_forever(store.prune, retention, f"dedup-{sink.name}", clock)
             pruner = asyncio.create_task(pruning, name=f"prune-{sink.name}")
             stack.push_async_callback(cancel_and_wait, pruner)
 
@@ -109,7 +110,7 @@ async def open_sink(
         consumer = sink_consumer(client_options, sink.name, prefix=prefix, membership=membership)
         # Safe on a consumer that never started; within `LEAVE_TIMEOUT` with the broker gone.
         stack.push_async_callback(leave_group, consumer, f"sink {sink.name}")
-        guard = ReadGuard(consumer, sink.name, clock or SystemClock())
+        guard = ReadGuard(consumer, sink.name, clock)
         engine = SinkEngine(
             sink,
             KafkaConsumerPort(consumer, guard),
@@ -117,10 +118,10 @@ async def open_sink(
             store,
             dead_letters,
             metrics,
-            clock or SystemClock(),
+            clock,
             config,
             replay_topic=replay_topic,
-            churn=ChurnWatch(membership, consumer_group(sink.name, prefix), clock or SystemClock()),
+            churn=ChurnWatch(membership, consumer_group(sink.name, prefix), clock),
         )
         try:
             await consumer.start()

@@ -651,12 +651,8 @@ def _reasons(
     for name, engine in engines.items():
         silence = engine.kafka_silence
         if not engine.joined:  # not `assigned == 0`: every member has none during a rebalance, a spare one always
-            reasons[f"sink.{name}"] = "joining its consumer group (or kafka unreachable)"
-            if (instance := engine.group_instance_id) is not None:  # the broker refuses a second one of a name
-                reasons[f"sink.{name}"] = (
-                    f"joining its consumer group (or kafka unreachable, or another instance runs under "
-                    f"kafka.group_instance_id {instance!r})"
-                )
+            # Out of it for long, a static member says its name may be another instance's too.
+            reasons[f"sink.{name}"] = engine.membership_problem or "joining its consumer group (or kafka unreachable)"
         elif engine.kafka_silent:
             reasons[f"sink.{name}"] = f"kafka is unreachable: no answer to the lag measurement for {silence:.0f} s"
         elif contested := engine.membership_problem:

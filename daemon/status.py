@@ -188,9 +188,11 @@ def problems(not_ready: Mapping[str, str], degraded: Mapping[str, str]) -> list[
 
 
 def _circuit(sink: dict[str, Any]) -> str:
-    """The circuit's state; the downstream's hold (its Retry-After) while it lasts, else the ramp's limit while the
-    sink ramps up after its circuit closed or a hold ended."""
+    """The circuit's state; the operator's pause; the downstream's hold (its Retry-After) while it lasts, else the
+    ramp's limit while the sink ramps up after its circuit closed or a hold ended."""
     state = str(sink.get("circuit", "?"))
+    if sink.get("paused_by_settings"):
+        return f"{state}, PAUSED by its settings"
     held = sink.get("held_for") or 0.0
     if held > 0:
         return f"{state}, held by Retry-After: {held:.0f} s more"

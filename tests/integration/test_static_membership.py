@@ -28,17 +28,21 @@ PARTITIONS = 6
 
 
 class Watched(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no types
-    """Counts what the group does to one member."""
+    """Counts what the group does to one member, and holds what it was last assigned: the consumer's own
+    `assignment()` changes before its listener is called, so a test settled by that would count a late call."""
 
     def __init__(self) -> None:
         self.revokes = 0
         self.assigns = 0
+        self.partitions: list[int] = []
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         self.revokes += 1
+        self.partitions = []
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self.assigns += 1
+        self.partitions = sorted(tp.partition for tp in assigned)
 
 
 class Member:
@@ -60,7 +64,7 @@ class Member:
             await self.consumer.getmany(timeout_ms=200)
 
     def partitions(self) -> list[int]:
-        return sorted(tp.partition for tp in self.consumer.assignment())
+        return self.watched.partitions
 
     async def stop(self) -> None:
         if self._poll is not None:
@@ -185,6 +189,7 @@ async def test_two_daemons_started_at_once_under_one_name_are_told_apart_too(
 ) -> None:
     # The broker refuses one (or they fence each other in turn, as above): either way one at least says why.
     monkeypatch.setattr(membership, "CHURN_LIMIT", 4)
+    monkeypatch.setattr(membership, "JOIN_WAIT", 8.0)  # a join here takes a second at most
     first, second = (_named(kafka_broker, unique_name, tmp_path / name, "orderbus-0") for name in ("first", "second"))
     async with (
         running_daemon(first, CollectorRegistry()) as one,

@@ -1965,7 +1965,7 @@ async def test_a_sink_paused_by_its_settings_fetches_and_sends_nothing_until_let
     await h.clock.sleep(3600)
     assert h.downstream.calls == []
     assert h.consumer.position == {}, "nothing fetched: the records stay in Kafka, not in memory"
-    assert h.engine.status()["held"] is True
+    assert h.engine.status()["paused_by_settings"] is True
     h.engine.set_held(False)
     assert h.metric("orderbus_sink_paused") == 0
     assert h.engine.status()["ramp_limit"] is not None, "let go, the lanes start slowly"
@@ -1996,3 +1996,45 @@ async def test_a_pause_holds_the_retries_of_records_already_taken(harness_factor
     assert h.metric("orderbus_deliveries_total", outcome="delivered") == 1
     stop.set()
     await runner
+
+
+async def test_the_time_paused_counts_against_no_records_retry_budget(harness_factory: Callable[..., Harness]) -> None:
+    # Review: a record that failed once before a 2-hour pause was dead-lettered (retries-exhausted, max_elapsed
+    # 600 s) at its first failure after the let-go, and with it the order's later events: a downstream that fails
+    # is the very reason an operator pauses its sink.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(503) if nth <= 2 else ok()
+
+    h = harness_factory({TP0: [record(0, "SO-0")]}, script)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    while not h.downstream.calls:
+        await h.clock.sleep(0.01)
+    h.engine.set_held(True)
+    await h.clock.sleep(7200)
+    h.engine.set_held(False)
+    await h.wait_finished(1)
+    stop.set()
+    await runner
+    assert h.dead.letters == []
+    assert len(h.downstream.calls) == 3, "the 503 after the pause is retried as the first was"
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 1
+
+
+async def test_a_held_lane_is_waiting_not_parked_and_a_stop_ends_it_at_once(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # `parked` (the metric, status, the live view) counts keys waiting for a retry: a pause is not one.
+    h = harness_factory({TP0: [record(0, "SO-0"), record(1, "SO-1")]}, lambda request, nth: answer(503))
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    while len(h.downstream.calls) < 2:
+        await h.clock.sleep(0.01)
+    h.engine.set_held(True)
+    await h.clock.sleep(600)  # past every backoff: both wait at the gate now
+    assert h.engine.status()["parked"] == 0
+    began = h.clock.now()
+    stop.set()
+    await runner
+    assert h.clock.now() - began < 1.0, "the drain does not wait its grace period for held lanes"
+    assert h.consumer.committed == {}, "nothing finished: nothing committed past them"

@@ -122,7 +122,6 @@ class SinkView:
     circuit_state: str = "closed"
     unreadable: dict[tuple[str, int], int] = field(default_factory=dict)
     config: _Config = field(default_factory=_Config)
-    group_instance_id: str | None = None
     membership_problem: str | None = None
     held: bool = False
 
@@ -158,6 +157,10 @@ def test_a_sink_paused_by_its_settings_is_degraded_and_said_so_before_anything_e
     assert _degraded(sinks) == {
         "sink.crm": "paused by its settings (sinks.crm.paused): nothing is sent; its orders wait in Kafka"
     }
+    row = {"assigned_partitions": [0, 1], "circuit": "closed", "paused_by_settings": True, "held_for": 30.0}
+    document = {"sinks": {"crm": row}, "ingest": None, "degraded": _degraded(sinks)}
+    crm = render_status(document).splitlines()[1]
+    assert "closed, PAUSED by its settings" in crm, "in its row too, not only under DEGRADED"
 
 
 def test_what_the_instance_lacks_makes_it_not_ready() -> None:
@@ -172,14 +175,16 @@ def test_what_the_instance_lacks_makes_it_not_ready() -> None:
 
 def test_a_static_member_says_what_keeps_it_out_of_its_group() -> None:
     contested = "assigned 10 times within 18 s: another consumer of group orderbus.crm runs under ..."
+    refused = "not in consumer group orderbus.accounting after 80 s: kafka unreachable, or another instance ..."
     sinks = engines(
-        crm=SinkView(joined=False, group_instance_id="orderbus-0"),  # the broker refused a second of the name
-        shipping=SinkView(membership_problem=contested),
+        crm=SinkView(membership_problem=contested),
+        accounting=SinkView(joined=False, membership_problem=refused),
+        shipping=SinkView(joined=False),  # joining, as every member does at first
     )
     assert _reasons(None, sinks) == {
-        "sink.crm": "joining its consumer group (or kafka unreachable, or another instance runs under "
-        "kafka.group_instance_id 'orderbus-0')",
-        "sink.shipping": contested,
+        "sink.crm": contested,
+        "sink.accounting": refused,
+        "sink.shipping": "joining its consumer group (or kafka unreachable)",
     }
 
 
