@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import CollectorRegistry
 
 from consumers.engine import SETTLE_FLOOR, EngineConfig
@@ -100,6 +101,16 @@ def settings_for(
     return load_settings(
         None, env=settings_env(broker, prefix, state_dir, partitions=partitions, sinks=sinks, **ingest)
     )
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    """A plain topic of `partitions` partitions (one replica), outside the catalogue."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    finally:
+        await admin.close()
 
 
 async def apply_topics(settings: Settings) -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from support import create_topic
 
 from consumers.kafka_io import FETCH_MAX_BYTES, MAX_PARTITION_FETCH_BYTES, sink_consumer
 from daemon.kafka_local import BrokerInfo
@@ -22,12 +22,7 @@ async def test_records_larger_than_the_fetch_limits_are_delivered_whole_and_in_o
 ) -> None:
     big = b"B" * (MAX_PARTITION_FETCH_BYTES * 7 // 2)  # over the partition limit, under the broker's 1 MB
     assert len(big) > MAX_PARTITION_FETCH_BYTES
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(unique_name, num_partitions=PARTITIONS, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka_broker.bootstrap, unique_name, PARTITIONS)
     producer = AIOKafkaProducer(
         bootstrap_servers=kafka_broker.bootstrap, acks="all", enable_idempotence=True, max_request_size=1_000_000
     )

@@ -12,9 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import CollectorRegistry
-from support import running_daemon, settings_env
+from support import create_topic, running_daemon, settings_env
 
 from consumers import membership
 from consumers.kafka_io import sink_consumer
@@ -76,12 +75,7 @@ class Member:
 @pytest.fixture
 async def group(kafka_broker: BrokerInfo, unique_name: str) -> AsyncIterator[Callable[..., Any]]:
     """`join(name, ...)`: a started member of one group reading a fresh topic of `PARTITIONS` partitions."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(unique_name, num_partitions=PARTITIONS, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka_broker.bootstrap, unique_name, PARTITIONS)
     async with AsyncExitStack() as stack:
 
         async def join(name: str, *, session_timeout: float | None = None) -> Member:
