@@ -411,6 +411,8 @@ class SinkEngine:
 
     async def on_revoked(self, revoked: Iterable[TopicPartitionKey]) -> None:
         """A rebalance takes partitions away: drain them the way a shutdown drains everything."""
+        if self._churn is not None:
+            self._churn.revoked()
         revoked = set(revoked)
         partitions = self._partition_fields(revoked)
         log.info("partitions revoked", extra={"sink": self.sink.name, **partitions})
@@ -546,7 +548,7 @@ class SinkEngine:
     @property
     def membership_problem(self) -> str | None:
         """Why this instance's membership of the group is contested (`consumers.membership.ChurnWatch`), or None."""
-        return None if self._churn is None else self._churn.problem(joined=self._joined)
+        return None if self._churn is None else self._churn.problem
 
     @property
     def buffered(self) -> int:

@@ -22,9 +22,9 @@ Two live instances under one name fence each other. When the second joins a grou
 fence each other in turn, each rejoining as the other's heartbeat fails: both hold the same partitions, a second
 at a time, for as long as both run. Nothing is delivered twice in effect (the idempotency keys), but it is a
 setting to fix: `ChurnWatch` notices the assignments coming every few seconds and says so, and the daemon reports
-the sink not ready. When both join at once, the broker may refuse one of them for good (FENCED_INSTANCE_ID, which
-aiokafka reports as an unknown error): that one stays out of the group, and `ChurnWatch` says so once it has
-waited longer than a join can take.
+the sink not ready. The broker may also refuse one of them for good (FENCED_INSTANCE_ID, which aiokafka reports as
+an unknown error, and keeps rejoining with its refused member id): that one stays out of the group, and
+`ChurnWatch` says so once it has waited longer than a join can take.
 """
 
 from __future__ import annotations
@@ -76,41 +76,49 @@ class ChurnWatch:
 
     - its assignments come at every heartbeat: `CHURN_LIMIT` within `CHURN_WINDOW` seconds (said until its last
       `CHURN_LIMIT` assignments no longer fall within a window);
-    - it is still out of its group `JOIN_WAIT` seconds after it began to join (the broker refused it).
+    - it has been out of its group for `JOIN_WAIT` seconds since it began to join, or since a rebalance took its
+      partitions (the broker refused it).
     """
 
     def __init__(self, membership: Membership, group: str, clock: Clock) -> None:
         self._membership = membership
         self._group = group
         self._clock = clock
-        self._began = clock.now()
+        self._out_since: float | None = clock.now()  # not assigned since then
         self._limit = CHURN_LIMIT
         self._times: collections.deque[float] = collections.deque(maxlen=self._limit)
         self._said = False
 
+    def revoked(self) -> None:
+        """A rebalance begins: out of the group until the next assignment."""
+        if self._out_since is None:
+            self._out_since = self._clock.now()
+
     def assigned(self) -> str | None:
         """Count an assignment; the problem when this one makes the membership contested (once an episode)."""
+        self._out_since = None
         if self._membership.instance_id is None:
             return None
         self._times.append(self._clock.now())
-        problem = self.problem(joined=True)
+        problem = self.problem
         news = problem is not None and not self._said
         self._said = problem is not None
         return problem if news else None
 
-    def problem(self, *, joined: bool) -> str | None:
-        """Why the membership is contested, or None; `joined`: the group has assigned this member once."""
+    @property
+    def problem(self) -> str | None:
+        """Why the membership is contested, or None."""
         name = self._membership.instance_id
         if name is None:
             return None
         now, times = self._clock.now(), self._times
-        if not joined:
-            if now - self._began <= JOIN_WAIT:
+        if self._out_since is not None:
+            if now - self._out_since <= JOIN_WAIT:
                 return None
             return (
-                f"not in consumer group {self._group} after {now - self._began:.0f} s: kafka unreachable, or another "
-                f"instance runs under kafka.group_instance_id {name!r} too (the broker refuses a second member of "
-                "one name); give every instance a name of its own"
+                f"not in consumer group {self._group} for {now - self._out_since:.0f} s: kafka unreachable, or "
+                f"another instance runs under kafka.group_instance_id {name!r} too (the broker refuses a second "
+                "member of one name); give every instance a name of its own"
             )
         if len(times) < self._limit or now - times[0] > CHURN_WINDOW:
             return None

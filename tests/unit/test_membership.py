@@ -58,21 +58,21 @@ def test_assignments_at_every_heartbeat_say_the_name_is_used_twice_once(clock: C
     watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
     said = _assign(watch, clock, CHURN_LIMIT - 1, 2.0)
     assert said == [None] * (CHURN_LIMIT - 1)
-    assert watch.problem(joined=True) is None
+    assert watch.problem is None
     first = watch.assigned()
     assert first is not None
     assert "another consumer of group orderbus.crm runs under kafka.group_instance_id 'orderbus-0'" in first
-    assert watch.problem(joined=True) == first
+    assert watch.problem == first
     assert _assign(watch, clock, 5, 2.0) == [None] * 5, "said once while it lasts"
-    assert watch.problem(joined=True) is not None
+    assert watch.problem is not None
 
 
 def test_the_problem_ends_once_the_last_assignments_spread_past_a_window_and_can_be_said_again(clock: Clock) -> None:
     watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
     _assign(watch, clock, CHURN_LIMIT, 2.0)
-    assert watch.problem(joined=True) is not None
+    assert watch.problem is not None
     clock.at += CHURN_WINDOW  # the other instance was stopped: no assignment since
-    assert watch.problem(joined=True) is None
+    assert watch.problem is None
     assert _assign(watch, clock, CHURN_LIMIT - 1, 2.0) == [None] * (CHURN_LIMIT - 1), "the old ones are too old"
     assert watch.assigned() is not None, "it started again"
 
@@ -80,24 +80,41 @@ def test_the_problem_ends_once_the_last_assignments_spread_past_a_window_and_can
 def test_a_few_rebalances_of_a_rolling_deploy_are_not_churn(clock: Clock) -> None:
     watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
     assert _assign(watch, clock, CHURN_LIMIT * 3, CHURN_WINDOW / (CHURN_LIMIT - 1) + 0.1) == [None] * (CHURN_LIMIT * 3)
-    assert watch.problem(joined=True) is None
+    assert watch.problem is None
 
 
 def test_a_dynamic_member_is_never_said_to_churn(clock: Clock) -> None:
     watch = ChurnWatch(DYNAMIC, "orderbus.crm", clock)
     assert _assign(watch, clock, CHURN_LIMIT * 2, 0.1) == [None] * (CHURN_LIMIT * 2)
-    assert watch.problem(joined=True) is None
+    assert watch.problem is None
+    watch.revoked()
     clock.at += JOIN_WAIT * 2
-    assert watch.problem(joined=False) is None, "without a name: joining, as ever"
+    assert watch.problem is None, "without a name: joining, as ever"
 
 
 def test_a_static_member_out_of_its_group_longer_than_a_join_takes_says_its_name_may_be_taken(clock: Clock) -> None:
     watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
     clock.at += JOIN_WAIT
-    assert watch.problem(joined=False) is None, "a join may wait for the others' drains that long"
+    assert watch.problem is None, "a join may wait for the others' drains that long"
     clock.at += 1
-    said = watch.problem(joined=False)
+    said = watch.problem
     assert said is not None
-    assert said.startswith(f"not in consumer group orderbus.crm after {JOIN_WAIT + 1:.0f} s")
+    assert said.startswith(f"not in consumer group orderbus.crm for {JOIN_WAIT + 1:.0f} s")
     assert "another instance runs under kafka.group_instance_id 'orderbus-0' too" in said
-    assert watch.problem(joined=True) is None, "joined: only churn speaks"
+    assert watch.assigned() is None
+    assert watch.problem is None, "in the group"
+
+
+def test_out_of_the_group_after_a_rebalance_counts_from_the_revoke_not_from_the_start(clock: Clock) -> None:
+    # Refused after it had joined once (its partitions revoked, never assigned again): said the same way.
+    watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
+    watch.assigned()
+    clock.at += 3600
+    watch.revoked()
+    clock.at += 10
+    watch.revoked()  # aiokafka revokes at every try to rejoin: the first one counts
+    assert watch.problem is None
+    clock.at += JOIN_WAIT
+    assert watch.problem is not None
+    watch.assigned()
+    assert watch.problem is None

@@ -175,7 +175,7 @@ def test_what_the_instance_lacks_makes_it_not_ready() -> None:
 
 def test_a_static_member_says_what_keeps_it_out_of_its_group() -> None:
     contested = "assigned 10 times within 18 s: another consumer of group orderbus.crm runs under ..."
-    refused = "not in consumer group orderbus.accounting after 80 s: kafka unreachable, or another instance ..."
+    refused = "not in consumer group orderbus.accounting for 80 s: kafka unreachable, or another instance ..."
     sinks = engines(
         crm=SinkView(membership_problem=contested),
         accounting=SinkView(joined=False, membership_problem=refused),
