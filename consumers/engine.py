@@ -39,7 +39,7 @@ from consumers.delivery import Reply, TransportFailure
 from consumers.group_flush import GroupFlush
 from consumers.lag import LagMeter
 from consumers.lane import Lane, LaneContext, failure_text, gates_closed
-from consumers.membership import ChurnWatch
+from consumers.membership import DYNAMIC, ChurnWatch
 from consumers.metrics import CIRCUIT_STATES, EngineMetrics
 from consumers.offsets import OffsetTracker
 from consumers.pacing import Pacer
@@ -614,12 +614,18 @@ class SinkEngine:
             "ramp_limit": context.ramp.limit if gates_closed(context) else None,
             "auth_paused": self.auth_paused,
             "paused_by_settings": self.held,
+            "membership": self._membership_status(),
             "rate_limit": _limit_or_zero(context.pacer.current_rate) or None,
             "held_for": max(0.0, context.pacer.held_until - self._clock.now()),
             "lag": {str(tp[1]): lag for tp, lag in sorted(self._lag.lag.items()) if tp[0] != self.replay_topic},
             "finished": self._finished,
             "unreadable": {f"{t}:{p}": offset for (t, p), offset in sorted(self._consumer.unreadable().items())},
         }
+
+    def _membership_status(self) -> dict[str, object]:
+        """How this instance is a member of the group: its name (None: dynamic) and its session, in seconds."""
+        membership = self._churn.membership if self._churn is not None else DYNAMIC
+        return {"group_instance_id": membership.instance_id, "session_timeout": membership.session_timeout_ms / 1000}
 
     @property
     def kafka_silence(self) -> float:

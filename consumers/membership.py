@@ -89,6 +89,10 @@ class ChurnWatch:
         self._times: collections.deque[float] = collections.deque(maxlen=self._limit)
         self._said = False
 
+    @property
+    def membership(self) -> Membership:
+        return self._membership
+
     def revoked(self) -> None:
         """A rebalance begins: out of the group until the next assignment."""
         if self._out_since is None:

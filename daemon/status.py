@@ -147,6 +147,8 @@ def render_status(document: dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     if len(rows) == 1:
         lines.append("(no sink enabled)")
+    if (line := _membership_line(document.get("sinks", {}))) is not None:
+        lines.append(line)
     ingest = document.get("ingest")
     if ingest is not None:
         if ingest.get("topic_missing"):
@@ -185,6 +187,16 @@ def problems(not_ready: Mapping[str, str], degraded: Mapping[str, str]) -> list[
         for label, found in (("NOT READY", not_ready), ("DEGRADED", degraded))
         for component, reason in sorted(found.items())
     ]
+
+
+def _membership_line(sinks: dict[str, Any]) -> str | None:
+    """How the instance belongs to its sinks' groups, when it has a name (the same for every sink)."""
+    for sink in sinks.values():
+        membership = sink.get("membership") or {}
+        if (name := membership.get("group_instance_id")) is not None:
+            session = membership.get("session_timeout", 0)
+            return f"group instance: {name} (a static member: back within {session:g} s, it keeps its partitions)"
+    return None
 
 
 def _circuit(sink: dict[str, Any]) -> str:

@@ -158,6 +158,9 @@ async def test_two_daemons_under_one_name_are_told_apart_by_their_readiness(
                     if response.status == 200:
                         break
                 await asyncio.sleep(0.1)
+        async with session.get(f"{one}/status") as response:
+            said = (await response.json())["sinks"]["crm"]["membership"]
+        assert said == {"group_instance_id": "orderbus-0", "session_timeout": 45.0}, "as orderbus status shows it"
         async with running_daemon(second, CollectorRegistry(), apply=False) as two:
             reasons: dict[str, dict[str, str]] = {}
             async with asyncio.timeout(60):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -161,6 +161,16 @@ def test_a_sink_paused_by_its_settings_is_degraded_and_said_so_before_anything_e
     document = {"sinks": {"crm": row}, "ingest": None, "degraded": _degraded(sinks)}
     crm = render_status(document).splitlines()[1]
     assert "closed, PAUSED by its settings" in crm, "in its row too, not only under DEGRADED"
+
+
+def test_status_names_the_static_member_and_its_session() -> None:
+    static = {"group_instance_id": "orderbus-0", "session_timeout": 45.0}
+    document: dict[str, Any] = {"sinks": {"crm": {"membership": static}, "shipping": {"membership": static}}}
+    assert render_status(document).splitlines()[3] == (
+        "group instance: orderbus-0 (a static member: back within 45 s, it keeps its partitions)"
+    )
+    dynamic = {"group_instance_id": None, "session_timeout": 6.0}
+    assert "group instance" not in render_status({"sinks": {"crm": {"membership": dynamic}}})
 
 
 def test_what_the_instance_lacks_makes_it_not_ready() -> None:
