@@ -1,9 +1,16 @@
-"""Static membership against a real broker: a restart keeps an instance's partitions without moving anyone else's,
-and a group of the same names is dealt the same partitions again."""
+"""Static membership against a real broker: a restart keeps an instance's partitions without moving anyone else's
+(consumers alone, and two real daemons, one killed with SIGKILL and started again), a group of the same names is
+dealt the same partitions again, and two daemons under one name say so."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -13,13 +20,16 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from prometheus_client import CollectorRegistry
-from support import create_topic, running_daemon, settings_env
+from support import create_topic, free_port, make_events, produce, running_daemon, settings_env
 
 from consumers import membership
 from consumers.kafka_io import sink_consumer
 from consumers.membership import Membership
 from daemon.kafka_local import BrokerInfo
+from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.settings import Settings, load_settings
+from topics.admin import apply_catalogue
+from topics.catalogue import TopicLayout, catalogue, orders_topic
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +212,89 @@ async def test_two_daemons_started_at_once_under_one_name_are_told_apart_too(
                 if any("kafka.group_instance_id 'orderbus-0'" in reason for reason in said):
                     break
                 await asyncio.sleep(0.2)
+
+
+def _events(log: Path, message: str) -> list[dict[str, Any]]:
+    """The daemon's JSON log events with `message`, in order."""
+    events = []
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("msg") == message:
+                events.append(event)
+    return events
+
+
+async def test_a_daemon_killed_and_started_again_under_its_name_moves_no_partition(
+    kafka_broker: BrokerInfo, sandbox_process: SandboxProcess, sandbox: SandboxClient, unique_name: str, tmp_path: Path
+) -> None:
+    # The promise of a name, with real processes: kill -9 one of two daemons mid-stream and start it again (as
+    # systemd does): neither sees a rebalance, it gets its own partitions back, and every order is applied once.
+    prefix = f"{unique_name}."
+    await apply_catalogue(
+        catalogue(TopicLayout(prefix=prefix, orders_partitions=PARTITIONS)),
+        {"bootstrap_servers": kafka_broker.bootstrap},
+    )
+    await sandbox.faults("crm", latency_ms=5)
+    configs = {}
+    for name in ("host-a", "host-b"):
+        configs[name] = tmp_path / f"{name}.toml"
+        configs[name].write_text(
+            f'state_dir = "{tmp_path / name}"\nlog_level = "INFO"\n'
+            f'[kafka]\nbootstrap_servers = "{kafka_broker.bootstrap}"\ngroup_instance_id = "{name}"\n'
+            f'[topics]\nprefix = "{prefix}"\norders_partitions = {PARTITIONS}\n'
+            f"[ingest]\nenabled = false\nport = {free_port()}\n"
+            f'[sinks.crm]\nenabled = true\nbase_url = "{sandbox_process.system_url("crm")}"\nmax_in_flight = 4\n'
+            "commit_interval = 0.2\nbackoff_base = 0.05\nbackoff_cap = 0.5\nmax_attempts = 100\n"
+        )
+    logs = {name: tmp_path / f"{name}.log" for name in configs}
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        with logs[name].open("ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "daemon", "run", "--config", str(configs[name])], stdout=out, stderr=out
+            )
+
+    async def until(condition: Callable[[], bool], timeout: float = 60) -> None:
+        async with asyncio.timeout(timeout):
+            while True:
+                if condition():
+                    return
+                await asyncio.sleep(0.1)
+
+    def assigned(name: str) -> list[list[int]]:
+        return [event["partitions"] for event in _events(logs[name], "partitions assigned")]
+
+    def revoked(name: str) -> list[list[int]]:  # aiokafka revokes nothing at every join: those say nothing
+        return [event["partitions"] for event in _events(logs[name], "partitions revoked") if event["partitions"]]
+
+    daemons = {"host-a": start("host-a")}
+    try:
+        await until(lambda: bool(assigned("host-a")))
+        daemons["host-b"] = start("host-b")
+        await until(lambda: bool(assigned("host-b")) and len(assigned("host-a")) == 2)  # b joined: a gave half
+        theirs = {name: assigned(name)[-1] for name in daemons}
+        assert sorted(theirs["host-a"] + theirs["host-b"]) == list(range(PARTITIONS))
+        seen_a = (len(assigned("host-a")), len(revoked("host-a")))
+        orders = 600
+        await produce(kafka_broker.bootstrap, orders_topic(prefix), make_events(orders, seed=31))
+        await sandbox.wait_ledger("crm", orders // 3, timeout=60)
+        daemons["host-b"].send_signal(signal.SIGKILL)
+        daemons["host-b"].wait(10)
+        daemons["host-b"] = start("host-b")
+        await until(lambda: len(assigned("host-b")) == 2)
+        await sandbox.wait_ledger("crm", orders, timeout=120)
+        for daemon in daemons.values():
+            daemon.send_signal(signal.SIGTERM)
+        for name, daemon in daemons.items():
+            assert daemon.wait(30) == 0, logs[name].read_text()[-3000:]
+    finally:
+        for daemon in daemons.values():
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+    assert assigned("host-b")[-1] == theirs["host-b"], "its own partitions back"
+    assert (len(assigned("host-a")), len(revoked("host-a"))) == seen_a, "the other daemon never moved"
+    applied = Counter(entry["order_number"] for entry in await sandbox.ledger("crm"))
+    assert len(applied) == orders
+    assert max(applied.values()) == 1
