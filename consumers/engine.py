@@ -411,8 +411,6 @@ class SinkEngine:
 
     async def on_revoked(self, revoked: Iterable[TopicPartitionKey]) -> None:
         """A rebalance takes partitions away: drain them the way a shutdown drains everything."""
-        if self._churn is not None:
-            self._churn.revoked()
         revoked = set(revoked)
         partitions = self._partition_fields(revoked)
         log.info("partitions revoked", extra={"sink": self.sink.name, **partitions})
@@ -425,6 +423,9 @@ class SinkEngine:
                 "revoked partitions could not be committed: the dedup table could not be flushed",
                 extra={"sink": self.sink.name, **partitions, "error": str(exc)},
             )
+        finally:
+            if self._churn is not None:  # out of the group from here: the drain is this member's own time
+                self._churn.revoked()
 
     def _partition_fields(self, tps: Iterable[TopicPartitionKey]) -> dict[str, list[int]]:
         """Log fields for `tps`: the orders topic's partitions and the replay topic's apart. Both number from 0,

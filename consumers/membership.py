@@ -77,7 +77,7 @@ class ChurnWatch:
     - its assignments come at every heartbeat: `CHURN_LIMIT` within `CHURN_WINDOW` seconds (said until its last
       `CHURN_LIMIT` assignments no longer fall within a window);
     - it has been out of its group for `JOIN_WAIT` seconds since it began to join, or since a rebalance took its
-      partitions (the broker refused it).
+      partitions and they were drained (the broker refused it).
     """
 
     def __init__(self, membership: Membership, group: str, clock: Clock) -> None:
@@ -94,7 +94,9 @@ class ChurnWatch:
         return self._membership
 
     def revoked(self) -> None:
-        """A rebalance begins: out of the group until the next assignment."""
+        """A rebalance took the partitions (and they are drained): out of the group until the next assignment.
+        Between a revoke and its assignment, a churn already seen is still said (fenced in turn, a member is out of
+        the group half the time)."""
         if self._out_since is None:
             self._out_since = self._clock.now()
 
@@ -116,9 +118,7 @@ class ChurnWatch:
         if name is None:
             return None
         now, times = self._clock.now(), self._times
-        if self._out_since is not None:
-            if now - self._out_since <= JOIN_WAIT:
-                return None
+        if self._out_since is not None and now - self._out_since > JOIN_WAIT:
             return (
                 f"not in consumer group {self._group} for {now - self._out_since:.0f} s: kafka unreachable, or "
                 f"another instance runs under kafka.group_instance_id {name!r} too (the broker refuses a second "

@@ -195,7 +195,8 @@ def _membership_line(sinks: dict[str, Any]) -> str | None:
         membership = sink.get("membership") or {}
         if (name := membership.get("group_instance_id")) is not None:
             session = membership.get("session_timeout", 0)
-            return f"group instance: {name} (a static member: back within {session:g} s, it keeps its partitions)"
+            kept = f"session {session:g} s: a restart within it keeps the partitions"
+            return f"group instance: {name} (static membership, {kept})"
     return None
 
 

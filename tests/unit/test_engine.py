@@ -24,6 +24,7 @@ from consumers.dedup import DeliveryState, MemoryDedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.engine import SETTLE_FLOOR, EngineConfig, SinkEngine
 from consumers.lag import LagMeter
+from consumers.membership import JOIN_WAIT, ChurnWatch, Membership
 from consumers.metrics import EngineMetrics
 from consumers.offsets import OffsetTracker
 from consumers.policy import DEFAULT_POLICY
@@ -2038,3 +2039,18 @@ async def test_a_held_lane_is_waiting_not_parked_and_a_stop_ends_it_at_once(
     await runner
     assert h.clock.now() - began < 1.0, "the drain does not wait its grace period for held lanes"
     assert h.consumer.committed == {}, "nothing finished: nothing committed past them"
+
+
+async def test_a_rebalance_feeds_the_membership_watch_after_its_drain(harness_factory: Callable[..., Harness]) -> None:
+    # `ChurnWatch` hears of each assignment and of each revoke, once the revoked partitions are drained.
+    h = harness_factory({TP0: [record(0, "SO-0")]})
+    watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", h.clock)
+    h.engine._churn = watch
+    h.engine.on_assigned({TP0})
+    await h.run_until(1)
+    await h.engine.on_revoked({TP0})
+    await h.clock.sleep(JOIN_WAIT + 1)
+    assert h.engine.membership_problem is not None, "revoked and never assigned again"
+    assert h.engine.status()["membership"] == {"group_instance_id": "orderbus-0", "session_timeout": 45.0}
+    h.engine.on_assigned({TP0})
+    assert h.engine.membership_problem is None

@@ -112,9 +112,22 @@ def test_out_of_the_group_after_a_rebalance_counts_from_the_revoke_not_from_the_
     clock.at += 3600
     watch.revoked()
     clock.at += 10
-    watch.revoked()  # aiokafka revokes at every try to rejoin: the first one counts
+    watch.revoked()  # another rebalance before any assignment: the first revoke counts
     assert watch.problem is None
     clock.at += JOIN_WAIT
     assert watch.problem is not None
     watch.assigned()
     assert watch.problem is None
+
+
+def test_churn_is_said_between_a_revoke_and_the_next_assignment_too(clock: Clock) -> None:
+    # Review: fenced in turn, a member is revoked before each rejoin; returning None until the next assignment made
+    # /readyz go back and forth, and a scrape in the gap reset OrderbusNotReady's 5 minutes.
+    watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
+    for _ in range(CHURN_LIMIT):
+        watch.assigned()
+        clock.at += 1.0
+        watch.revoked()
+        clock.at += 1.0
+    assert watch.problem is not None
+    assert watch.problem.startswith(f"assigned {CHURN_LIMIT} times")

@@ -167,7 +167,7 @@ def test_status_names_the_static_member_and_its_session() -> None:
     static = {"group_instance_id": "orderbus-0", "session_timeout": 45.0}
     document: dict[str, Any] = {"sinks": {"crm": {"membership": static}, "shipping": {"membership": static}}}
     assert render_status(document).splitlines()[3] == (
-        "group instance: orderbus-0 (a static member: back within 45 s, it keeps its partitions)"
+        "group instance: orderbus-0 (static membership, session 45 s: a restart within it keeps the partitions)"
     )
     dynamic = {"group_instance_id": None, "session_timeout": 6.0}
     assert "group instance" not in render_status({"sinks": {"crm": {"membership": dynamic}}})
