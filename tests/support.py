@@ -103,7 +103,7 @@ def settings_for(
     )
 
 
-async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+async def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
     """A plain topic of `partitions` partitions (one replica), outside the catalogue."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()

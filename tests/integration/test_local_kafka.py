@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from support import create_topic
 
 from daemon import kafka_local
 from daemon.kafka_local import BrokerInfo
@@ -16,15 +16,6 @@ from daemon.kafka_local import BrokerInfo
 pytestmark = pytest.mark.integration
 
 READ_TIMEOUT = 30.0
-
-
-async def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
-    finally:
-        await admin.close()
 
 
 async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:

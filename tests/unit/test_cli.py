@@ -63,8 +63,17 @@ def test_operator_commands_need_no_sink_secrets(
     assert cli.main(["dlq", "list", "--sink", "crm", *config]) == 0, capsys.readouterr().err
 
 
+@pytest.fixture
+def asked(no_orderbus_env: pytest.MonkeyPatch) -> list[str]:
+    """The URLs `status` and `health` ask, in order; each answers as a daemon with no sink, alive."""
+    urls: list[str] = []
+    no_orderbus_env.setattr(status, "fetch_status", lambda url, **_: urls.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
+    no_orderbus_env.setattr(status, "probe_health", lambda url, **_: urls.append(url) or (True, ["alive"]))  # type: ignore[func-returns-value]
+    return urls
+
+
 def test_status_and_health_need_no_kafka_password_the_kafka_commands_do(
-    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, asked: list[str]
 ) -> None:
     # They ask the daemon, not Kafka: an operator's shell on a host whose Kafka password is the unit's credential.
     config = tmp_path / "orderbus.toml"
@@ -72,9 +81,6 @@ def test_status_and_health_need_no_kafka_password_the_kafka_commands_do(
         '[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "SCRAM-SHA-512"\nsasl_username = "orderbus"\n'
         "[admin]\nport = 8081\n"
     )
-    asked: list[str] = []
-    no_orderbus_env.setattr(status, "fetch_status", lambda url, **_: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
-    no_orderbus_env.setattr(status, "probe_health", lambda url, **_: asked.append(url) or (True, ["alive"]))  # type: ignore[func-returns-value]
     assert cli.main(["status", "--config", str(config)]) == 0
     assert cli.main(["health", "--config", str(config)]) == 0
     assert asked == ["http://127.0.0.1:8081"] * 2
@@ -84,7 +90,7 @@ def test_status_and_health_need_no_kafka_password_the_kafka_commands_do(
 
 
 def test_status_and_health_read_only_where_the_daemon_listens(
-    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, asked: list[str]
 ) -> None:
     # Review (operator): an edit not yet applied (a typo in a sink's rate) made the container's health check call
     # the running daemon dead, which runs with the settings it started with.
@@ -93,9 +99,6 @@ def test_status_and_health_read_only_where_the_daemon_listens(
         '[kafka]\nsession_timeout = 1\n[sinks.crm]\nenabled = true\nrate = "fast"\n'
         '[ingest]\nport = 9292\nmax_body_bytes = "big"\n[admin]\nport = 8081\n'
     )
-    asked: list[str] = []
-    no_orderbus_env.setattr(status, "fetch_status", lambda url, **_: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
-    no_orderbus_env.setattr(status, "probe_health", lambda url, **_: asked.append(url) or (True, ["alive"]))  # type: ignore[func-returns-value]
     assert cli.main(["health", "--config", str(config)]) == 0
     assert cli.main(["status", "--config", str(config)]) == 0
     assert asked == ["http://127.0.0.1:8081"] * 2
@@ -107,7 +110,7 @@ def test_status_and_health_read_only_where_the_daemon_listens(
 
 
 def test_without_config_a_command_reads_orderbus_config_else_the_systems_file(
-    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, asked: list[str]
 ) -> None:
     # Review (operator): the runbooks' commands, run as written on a systemd host, read the built-in defaults
     # (Kafka at 127.0.0.1:9092, no sinks) and failed or showed nothing.
@@ -117,8 +120,6 @@ def test_without_config_a_command_reads_orderbus_config_else_the_systems_file(
     assert cli.default_config({}, system) == system
     assert cli.default_config({"ORDERBUS_CONFIG": "/srv/ob.toml"}, system) == Path("/srv/ob.toml")
     assert cli.default_config({"ORDERBUS_CONFIG": ""}, system) is None, "set empty: the built-in defaults"
-    asked: list[str] = []
-    no_orderbus_env.setattr(status, "fetch_status", lambda url, **_: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
     named, given = tmp_path / "named.toml", tmp_path / "given.toml"
     named.write_text("[ingest]\nport = 9292\n")
     given.write_text("[ingest]\nport = 9191\n")
@@ -129,10 +130,8 @@ def test_without_config_a_command_reads_orderbus_config_else_the_systems_file(
 
 
 def test_status_asks_the_admin_listener_when_the_settings_have_one(
-    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, asked: list[str]
 ) -> None:
-    asked: list[str] = []
-    no_orderbus_env.setattr(status, "fetch_status", lambda url, **_: asked.append(url) or {"sinks": {}})  # type: ignore[func-returns-value]
     for n, text in enumerate(
         [
             '[ingest]\nhost = "0.0.0.0"\nport = 8080\n[admin]\nport = 9464\n',
