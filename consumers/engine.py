@@ -47,6 +47,7 @@ from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
 from consumers.unreadable import Skips
 from consumers.work import TopicPartitionKey, Work, make_work
+from topics.catalogue import consumer_group
 from topics.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ class SinkEngine:
     ) -> None:
         self.sink = sink
         self.replay_topic = replay_topic
-        self._churn = churn
+        # A dynamic member's watch (the tests' engines) never says anything: one code path for both kinds.
+        self._churn = churn if churn is not None else ChurnWatch(DYNAMIC, consumer_group(sink.name), clock)
         self.config = config or EngineConfig()
         self._consumer = consumer
         self._store = store
@@ -405,7 +407,7 @@ class SinkEngine:
 
     def on_assigned(self, assigned: Iterable[TopicPartitionKey]) -> None:
         self._joined = True
-        if self._churn is not None and (contested := self._churn.assigned()) is not None:
+        if (contested := self._churn.assigned()) is not None:
             log.error("group membership contested", extra={"sink": self.sink.name, "error": contested})
         log.info("partitions assigned", extra={"sink": self.sink.name, **self._partition_fields(assigned)})
 
@@ -424,8 +426,7 @@ class SinkEngine:
                 extra={"sink": self.sink.name, **partitions, "error": str(exc)},
             )
         finally:
-            if self._churn is not None:  # out of the group from here: the drain is this member's own time
-                self._churn.revoked()
+            self._churn.revoked()  # out of the group from here: the drain was this member's own time
 
     def _partition_fields(self, tps: Iterable[TopicPartitionKey]) -> dict[str, list[int]]:
         """Log fields for `tps`: the orders topic's partitions and the replay topic's apart. Both number from 0,
@@ -549,7 +550,7 @@ class SinkEngine:
     @property
     def membership_problem(self) -> str | None:
         """Why this instance's membership of the group is contested (`consumers.membership.ChurnWatch`), or None."""
-        return None if self._churn is None else self._churn.problem
+        return self._churn.problem
 
     @property
     def buffered(self) -> int:
@@ -625,7 +626,7 @@ class SinkEngine:
 
     def _membership_status(self) -> dict[str, object]:
         """How this instance is a member of the group: its name (None: dynamic) and its session, in seconds."""
-        membership = self._churn.membership if self._churn is not None else DYNAMIC
+        membership = self._churn.membership
         return {"group_instance_id": membership.instance_id, "session_timeout": membership.session_timeout_ms / 1000}
 
     @property

@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Any, Final, TypeVar, get_args
+from typing import Any, TypeVar, get_args
 
 from pydantic import SecretStr
 
@@ -45,7 +45,7 @@ from daemon.kafka_options import client_certificate, client_options, topic_layou
 from daemon.logs import configure
 from daemon.order_check import MAX_BODY_BYTES
 from daemon.retention import MIN_DEDUP_RETENTION_HOURS, MIN_INGEST_KEY_RETENTION_HOURS
-from daemon.settings import RECONCILE_RATE, AuthSettings, Settings, load_settings
+from daemon.settings import RECONCILE_RATE, AuthSettings, Settings, load_settings, only_listeners
 from daemon.signature import sign
 from daemon.tls_listener import server_tls
 from topics.catalogue import catalogue
@@ -535,30 +535,13 @@ def _daemon(args: argparse.Namespace) -> tuple[str, Path | None]:
     """Where `status` and `health` ask the daemon on this host: ``--url``, else the settings' `admin_url`, and the
     certificate that listener shows when it is the webhook's over HTTPS.
 
-    Of the settings only the listeners' keys are read (`_only_listeners`): the daemon runs with the settings it
-    started with, and an edit elsewhere in the file, not yet applied (or refused by a reload), must not make the
-    container's health check call a running daemon dead."""
+    Of the settings only the listeners' keys are read (`daemon.settings.only_listeners`): the daemon runs with the
+    settings it started with, and an edit elsewhere in the file, not yet applied (or refused by a reload), must not
+    make the container's health check call a running daemon dead."""
     if args.url is not None:
         return str(args.url), None
-    settings = load_settings(_config_path(args), complete=_only_listeners)
+    settings = load_settings(_config_path(args), complete=only_listeners)
     return settings.admin_url(), settings.admin_certificate()
-
-
-# The keys `Settings.admin_url` and `Settings.admin_certificate` read: where the daemon listens, and how.
-_LISTENER_KEYS: Final = {"ingest": ("host", "port", "tls_certfile", "tls_keyfile"), "admin": ("host", "port")}
-
-
-def _only_listeners(data: dict[str, Any]) -> None:
-    """Leave of the raw settings document only `_LISTENER_KEYS` (a section that is not a table stays, for
-    validation to name)."""
-    kept: dict[str, Any] = {}
-    for section, keys in _LISTENER_KEYS.items():
-        if isinstance(values := data.get(section), dict):
-            kept[section] = {key: values[key] for key in keys if key in values}
-        elif section in data:
-            kept[section] = values
-    data.clear()
-    data.update(kept)
 
 
 def _dedup_prune(args: argparse.Namespace) -> int:

@@ -264,6 +264,7 @@ async def _open_sinks(
     # The sinks have waited for their dead letters' acks before committing: what is pending now was given up on.
     stack.push_async_callback(stop_producer, producer, DEAD_LETTER_CLOSE_GRACE, "dead letters")
     dead_letters = KafkaDeadLetterWriter(producer, prefix=settings.topics.prefix)
+    membership = Membership(settings.kafka.group_instance_id, settings.kafka.session_timeout)  # every sink's
     engines: dict[str, SinkEngine] = {}
     for name, sink_settings in enabled.items():
         engines[name] = await stack.enter_async_context(
@@ -280,7 +281,7 @@ async def _open_sinks(
                 auth=build_auth(name, sink_settings),
                 replay_topic=replay_topic(name, settings.topics.prefix),
                 retention=sink_settings.dedup_retention_hours * 3600,
-                membership=Membership(settings.kafka.group_instance_id, settings.kafka.session_timeout),
+                membership=membership,
             )
         )
         engines[name].skip_unreadable(sink_settings.skips())
@@ -663,8 +664,7 @@ def _reasons(
 def _degraded(engines: dict[str, SinkEngine]) -> dict[str, str]:
     """What keeps a sink from delivering although the instance is ready, by component ("sink.<name>"): the
     operator paused it, its downstream refuses our credentials or keeps failing, or it holds a partition it cannot
-    read. Said by /readyz
-    and `orderbus status`, alerted on; the sink's orders wait in Kafka meanwhile."""
+    read. Said by /readyz and `orderbus status`, alerted on; the sink's orders wait in Kafka meanwhile."""
     degraded: dict[str, str] = {}
     for name, engine in engines.items():
         if engine.held:  # first: the operator's word explains the rest

@@ -593,6 +593,23 @@ def _local_url(host: str, port: int, scheme: str = "http") -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
+# The keys `Settings.admin_url` and `Settings.admin_certificate` read: where the daemon listens, and how.
+_LISTENER_KEYS: Final = {"ingest": ("host", "port", "tls_certfile", "tls_keyfile"), "admin": ("host", "port")}
+
+
+def only_listeners(data: dict[str, Any]) -> None:
+    """A `load_settings` `complete`: leave of the raw settings document only the keys `Settings.admin_url` and
+    `Settings.admin_certificate` read (a section that is not a table stays, for validation to name)."""
+    kept: dict[str, Any] = {}
+    for section, keys in _LISTENER_KEYS.items():
+        if isinstance(values := data.get(section), dict):
+            kept[section] = {key: values[key] for key in keys if key in values}
+        elif section in data:
+            kept[section] = values
+    data.clear()
+    data.update(kept)
+
+
 def load_settings(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
