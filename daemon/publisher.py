@@ -37,6 +37,7 @@ from consumers.deadlines import Deadlines
 from consumers.kafka_close import sender_task, stop_producer
 from consumers.kafka_io import guard_connection_writes, keep_metadata_synchronizer
 from daemon.kafka_watch import Diagnosis
+from topics.broker_diagnosis import cause
 from topics.codec import EncodedRecord
 from topics.errors import BrokerError, ConfigError, PublishError
 
@@ -323,10 +324,7 @@ class KafkaPublisher:
     async def _note_unreachable(self, exc: KafkaError | BrokerError) -> str:
         """Keep, for `unreachable`, and return why the broker could not be reached: `exc`, or for a failed bootstrap
         what `diagnosis` says. A `BrokerError` of the topic check carries it already (`topics.admin`)."""
-        why = str(exc) if isinstance(exc, BrokerError) else None
-        if why is None and isinstance(exc, KafkaConnectionError) and self._diagnosis is not None:
-            why = await self._diagnosis()
-        self._unreachable = why or repr(exc)
+        self._unreachable = str(exc) if isinstance(exc, BrokerError) else await cause(exc, self._diagnosis)
         return self._unreachable
 
     async def _dropped_if_dead(self) -> bool:

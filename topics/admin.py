@@ -8,7 +8,6 @@ per-order ordering) and retention changes deserve a human decision, so neither i
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from topics.broker_diagnosis import Diagnose, diagnose, unreachable
+from topics.broker_diagnosis import Diagnose, unreachable
 from topics.catalogue import TopicSpec
 from topics.errors import BrokerError
 
@@ -59,8 +58,7 @@ async def apply_catalogue(
         await admin.start()
         return await _apply(admin, specs, timeout)
     except KafkaError as exc:
-        ask = functools.partial(diagnose, client_options, timeout=timeout)
-        raise BrokerError(await unreachable("apply topics", client_options, exc, ask)) from exc
+        raise BrokerError(await unreachable("apply topics", client_options, exc)) from exc
     finally:
         await admin.close()
 
@@ -168,8 +166,7 @@ async def missing_topics(
         await admin.start()
         return await _unlisted(admin, names)
     except KafkaError as exc:
-        ask = diagnosis or functools.partial(diagnose, client_options, timeout=timeout)
-        raise BrokerError(await unreachable("list topics", client_options, exc, ask)) from exc
+        raise BrokerError(await unreachable("list topics", client_options, exc, diagnosis)) from exc
     finally:
         await admin.close()
 

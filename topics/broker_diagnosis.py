@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -66,11 +67,20 @@ async def diagnose(options: Mapping[str, Any], *, timeout: float = DIAGNOSIS_TIM
     return "; ".join(f"{', '.join(where)}: {problem}" for problem, where in causes.items())
 
 
-async def unreachable(doing: str, options: Mapping[str, Any], exc: KafkaError, diagnosis: Diagnose) -> str:
-    """``cannot <doing> at <servers>: <why>``: `exc`'s cause as `diagnosis` finds it when the bootstrap failed (every
-    client says "Unable to bootstrap" alike), else `exc` itself."""
-    why = await diagnosis() if isinstance(exc, KafkaConnectionError) else None
-    return f"cannot {doing} at {options.get('bootstrap_servers')}: {why or repr(exc)}"
+async def cause(exc: BaseException, diagnosis: Diagnose | None) -> str:
+    """Why a client's call failed: for a failed connection (every client says "Unable to bootstrap" alike), what
+    `diagnosis` finds, if one is given and finds something; else `exc` itself."""
+    why = await diagnosis() if diagnosis is not None and isinstance(exc, KafkaConnectionError) else None
+    return why or repr(exc)
+
+
+async def unreachable(
+    doing: str, options: Mapping[str, Any], exc: KafkaError, diagnosis: Diagnose | None = None
+) -> str:
+    """``cannot <doing> at <servers>: <why>``, `exc`'s `cause`: `diagnosis` (a daemon's, which asks at most once a
+    minute), else `diagnose` asked at once."""
+    ask = diagnosis if diagnosis is not None else functools.partial(diagnose, options)
+    return f"cannot {doing} at {options.get('bootstrap_servers')}: {await cause(exc, ask)}"
 
 
 async def _problem(host: str, port: int, options: Mapping[str, Any], timeout: float) -> str | None:
