@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import json
 import os
 import random
@@ -12,7 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,18 @@ def settings_for(
     return load_settings(
         None, env=settings_env(broker, prefix, state_dir, partitions=partitions, sinks=sinks, **ingest)
     )
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 60.0, every: float = 0.1) -> None:
+    """Return once `condition` (plain or async) holds, asked every `every` seconds; `TimeoutError` after `timeout`."""
+    async with asyncio.timeout(timeout):
+        while True:
+            held = condition()
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return
+            await asyncio.sleep(every)
 
 
 async def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:

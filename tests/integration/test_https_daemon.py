@@ -13,9 +13,12 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from support import certificate, free_port, log_line, peer_certificate, tls_client
 
 from daemon.key_pairs import certificate_validity
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 

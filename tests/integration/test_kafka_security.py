@@ -34,6 +34,8 @@ from topics.catalogue import catalogue
 from topics.errors import BrokerError
 from topics.samples import sample_submission
 
+pytestmark = pytest.mark.integration
+
 SCRAM_PASSWORD = "scram-secret-for-tests"  # the test broker's own user
 PLAIN_PASSWORD = "plain-secret-for-tests"
 

@@ -4,30 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
-from support import apply_topics, make_events, orders_of, produce, sandbox_sinks, settings_for
+from support import apply_topics, committed_vs_end, make_events, orders_of, produce, sandbox_sinks, settings_for, until
 
 from daemon.kafka_local import BrokerInfo
 from daemon.lifecycle import serve
 from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.settings import Settings
+from topics.catalogue import consumer_group
 
 pytestmark = pytest.mark.integration
 
 ORDERS = 20
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 60.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            if await condition():
-                return
-            await asyncio.sleep(0.2)
 
 
 async def test_a_paused_sink_sends_nothing_while_the_others_deliver_and_a_reload_lets_it_go(
@@ -53,14 +45,32 @@ async def test_a_paused_sink_sends_nothing_while_the_others_deliver_and_a_reload
         return len(await sandbox.orders(system))
 
     try:
+
+        async def crm_holds_its_partitions() -> bool:
+            try:
+                async with aiohttp.ClientSession() as session, session.get(f"{base}/status") as response:
+                    crm = (await response.json())["sinks"]["crm"]
+            except aiohttp.ClientConnectionError:  # not listening yet
+                return False
+            return bool(crm["assigned_partitions"]) and crm["paused_by_settings"] is True
+
+        await until(crm_holds_its_partitions)  # joined, and would deliver now were it not paused
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         await produce(kafka_broker.bootstrap, orders_of(running), make_events(ORDERS, seed=3))
 
         async def others_have_all() -> bool:
             return await received("accounting") == await received("shipping") == ORDERS
 
         await until(others_have_all)
-        await asyncio.sleep(2)  # as long again as the others took, and more
+        # An absence is shown by waiting: as long again as the others took to deliver them all.
+        await asyncio.sleep(loop.time() - began)
         assert await received("crm") == 0
+        committed, ends = await committed_vs_end(
+            kafka_broker.bootstrap, orders_of(running), consumer_group("crm", f"{unique_name}.")
+        )
+        assert sum(ends.values()) == ORDERS
+        assert set(committed.values()) == {0}, "nothing fetched, nothing committed: the orders wait in Kafka"
         assert registry.get_sample_value("orderbus_sink_paused", {"sink": "crm"}) == 1
         assert registry.get_sample_value("orderbus_sink_paused", {"sink": "accounting"}) == 0
         async with aiohttp.ClientSession() as session, session.get(f"{base}/readyz") as response:

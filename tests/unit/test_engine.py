@@ -2042,15 +2042,26 @@ async def test_a_held_lane_is_waiting_not_parked_and_a_stop_ends_it_at_once(
 
 
 async def test_a_rebalance_feeds_the_membership_watch_after_its_drain(harness_factory: Callable[..., Harness]) -> None:
-    # `ChurnWatch` hears of each assignment and of each revoke, once the revoked partitions are drained.
-    h = harness_factory({TP0: [record(0, "SO-0")]})
-    watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", h.clock)
-    h.engine._churn = watch
+    # `ChurnWatch` hears of each assignment, and of each revoke once the revoked partitions are drained: the drain
+    # is this member's own time, not time out of the group (review: a test whose drain took no time could not tell).
+    h = harness_factory({TP0: [record(0, "SO-0")]}, shutdown_grace=20.0)
+    h.downstream.latency = 15.0  # the request under way when the rebalance comes: the drain waits for it
+    h.engine._churn = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", h.clock)
     h.engine.on_assigned({TP0})
-    await h.run_until(1)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(h.engine.run(stop))
+    while not h.downstream.in_flight:
+        await h.clock.sleep(0.01)
+    revoked_at = h.clock.now()
     await h.engine.on_revoked({TP0})
-    await h.clock.sleep(JOIN_WAIT + 1)
+    drained_at = h.clock.now()
+    assert drained_at - revoked_at > 10.0, "the drain waited for the answer"
+    await h.clock.sleep(revoked_at + JOIN_WAIT + 1 - h.clock.now())
+    assert h.engine.membership_problem is None, "out of the group only since the drain ended"
+    await h.clock.sleep(drained_at + JOIN_WAIT + 1 - h.clock.now())
     assert h.engine.membership_problem is not None, "revoked and never assigned again"
     assert h.engine.status()["membership"] == {"group_instance_id": "orderbus-0", "session_timeout": 45.0}
     h.engine.on_assigned({TP0})
     assert h.engine.membership_problem is None
+    stop.set()
+    await runner

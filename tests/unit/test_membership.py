@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from consumers.clock import FakeClock
 from consumers.membership import (
     CHURN_LIMIT,
     CHURN_WINDOW,
@@ -25,78 +26,68 @@ def test_a_name_makes_a_static_member_with_a_session_a_restart_fits_in() -> None
     assert DYNAMIC_SESSION_TIMEOUT < STATIC_SESSION_TIMEOUT
 
 
-class Clock:
-    """`consumers.clock.Clock`, moved by hand (the watch only reads it)."""
-
-    def __init__(self) -> None:
-        self.at = 1000.0
-
-    def now(self) -> float:
-        return self.at
-
-    def wall(self) -> float:
-        return self.at
-
-    async def sleep(self, seconds: float) -> None:
-        raise AssertionError("the watch never sleeps")
-
-
-def _assign(watch: ChurnWatch, clock: Clock, times: int, every: float) -> list[str | None]:
+async def _assign(watch: ChurnWatch, clock: FakeClock, times: int, every: float) -> list[str | None]:
+    """Assign `times` times, `every` seconds apart; what each assignment said."""
     said = []
     for _ in range(times):
         said.append(watch.assigned())
-        clock.at += every
+        await clock.advance(every)
     return said
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
-def test_assignments_at_every_heartbeat_say_the_name_is_used_twice_once(clock: Clock) -> None:
+async def test_assignments_at_every_heartbeat_say_the_name_is_used_twice_once(clock: FakeClock) -> None:
     watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
-    said = _assign(watch, clock, CHURN_LIMIT - 1, 2.0)
+    said = await _assign(watch, clock, CHURN_LIMIT - 1, 2.0)
     assert said == [None] * (CHURN_LIMIT - 1)
     assert watch.problem is None
     first = watch.assigned()
     assert first is not None
     assert "another consumer of group orderbus.crm runs under kafka.group_instance_id 'orderbus-0'" in first
     assert watch.problem == first
-    assert _assign(watch, clock, 5, 2.0) == [None] * 5, "said once while it lasts"
+    assert await _assign(watch, clock, 5, 2.0) == [None] * 5, "said once while it lasts"
     assert watch.problem is not None
 
 
-def test_the_problem_ends_once_the_last_assignments_spread_past_a_window_and_can_be_said_again(clock: Clock) -> None:
+async def test_the_problem_ends_once_the_last_assignments_spread_past_a_window_and_can_be_said_again(
+    clock: FakeClock,
+) -> None:
     watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
-    _assign(watch, clock, CHURN_LIMIT, 2.0)
+    await _assign(watch, clock, CHURN_LIMIT, 2.0)
     assert watch.problem is not None
-    clock.at += CHURN_WINDOW  # the other instance was stopped: no assignment since
+    await clock.advance(CHURN_WINDOW)  # the other instance was stopped: no assignment since
     assert watch.problem is None
-    assert _assign(watch, clock, CHURN_LIMIT - 1, 2.0) == [None] * (CHURN_LIMIT - 1), "the old ones are too old"
+    assert await _assign(watch, clock, CHURN_LIMIT - 1, 2.0) == [None] * (CHURN_LIMIT - 1), "the old ones are too old"
     assert watch.assigned() is not None, "it started again"
 
 
-def test_a_few_rebalances_of_a_rolling_deploy_are_not_churn(clock: Clock) -> None:
+async def test_a_few_rebalances_of_a_rolling_deploy_are_not_churn(clock: FakeClock) -> None:
     watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
-    assert _assign(watch, clock, CHURN_LIMIT * 3, CHURN_WINDOW / (CHURN_LIMIT - 1) + 0.1) == [None] * (CHURN_LIMIT * 3)
+    spread = CHURN_WINDOW / (CHURN_LIMIT - 1) + 0.1  # never CHURN_LIMIT within a window
+    assert await _assign(watch, clock, CHURN_LIMIT * 3, spread) == [None] * (CHURN_LIMIT * 3)
     assert watch.problem is None
 
 
-def test_a_dynamic_member_is_never_said_to_churn(clock: Clock) -> None:
+async def test_a_dynamic_member_is_never_said_to_churn(clock: FakeClock) -> None:
     watch = ChurnWatch(DYNAMIC, "orderbus.crm", clock)
-    assert _assign(watch, clock, CHURN_LIMIT * 2, 0.1) == [None] * (CHURN_LIMIT * 2)
+    assert await _assign(watch, clock, CHURN_LIMIT * 2, 0.1) == [None] * (CHURN_LIMIT * 2)
     assert watch.problem is None
     watch.revoked()
-    clock.at += JOIN_WAIT * 2
+    await clock.advance(JOIN_WAIT * 2)
     assert watch.problem is None, "without a name: joining, as ever"
 
 
-def test_a_static_member_out_of_its_group_longer_than_a_join_takes_says_its_name_may_be_taken(clock: Clock) -> None:
+async def test_a_static_member_out_of_its_group_longer_than_a_join_takes_says_its_name_may_be_taken(
+    clock: FakeClock,
+) -> None:
     watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
-    clock.at += JOIN_WAIT
+    await clock.advance(JOIN_WAIT)
     assert watch.problem is None, "a join may wait for the others' drains that long"
-    clock.at += 1
+    await clock.advance(1)
     said = watch.problem
     assert said is not None
     assert said.startswith(f"not in consumer group orderbus.crm for {JOIN_WAIT + 1:.0f} s")
@@ -105,29 +96,29 @@ def test_a_static_member_out_of_its_group_longer_than_a_join_takes_says_its_name
     assert watch.problem is None, "in the group"
 
 
-def test_out_of_the_group_after_a_rebalance_counts_from_the_revoke_not_from_the_start(clock: Clock) -> None:
+async def test_out_of_the_group_after_a_rebalance_counts_from_the_revoke_not_from_the_start(clock: FakeClock) -> None:
     # Refused after it had joined once (its partitions revoked, never assigned again): said the same way.
     watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
     watch.assigned()
-    clock.at += 3600
+    await clock.advance(3600)
     watch.revoked()
-    clock.at += 10
+    await clock.advance(10)
     watch.revoked()  # another rebalance before any assignment: the first revoke counts
     assert watch.problem is None
-    clock.at += JOIN_WAIT
+    await clock.advance(JOIN_WAIT)
     assert watch.problem is not None
     watch.assigned()
     assert watch.problem is None
 
 
-def test_churn_is_said_between_a_revoke_and_the_next_assignment_too(clock: Clock) -> None:
+async def test_churn_is_said_between_a_revoke_and_the_next_assignment_too(clock: FakeClock) -> None:
     # Review: fenced in turn, a member is revoked before each rejoin; returning None until the next assignment made
     # /readyz go back and forth, and a scrape in the gap reset OrderbusNotReady's 5 minutes.
     watch = ChurnWatch(Membership("orderbus-0"), "orderbus.crm", clock)
     for _ in range(CHURN_LIMIT):
         watch.assigned()
-        clock.at += 1.0
+        await clock.advance(1.0)
         watch.revoked()
-        clock.at += 1.0
+        await clock.advance(1.0)
     assert watch.problem is not None
     assert watch.problem.startswith(f"assigned {CHURN_LIMIT} times")
