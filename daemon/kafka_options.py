@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from daemon.key_pairs import CertificateEnd, certificate_validity, load_pair, read_pem
+from daemon.key_pairs import CertificateEnd, load_pair, read_pem, validity
 from daemon.settings import KafkaSettings, TopicSettings
 from topics.catalogue import TopicLayout
 from topics.errors import ConfigError
@@ -46,10 +46,8 @@ def client_certificate(kafka: KafkaSettings) -> CertificateEnd | None:
     `ConfigError` naming the setting if it cannot be read. Read at start: a renewal takes a restart."""
     if kafka.ssl_certfile is None or kafka.security_protocol not in ("SSL", "SASL_SSL"):
         return None
-    try:
-        not_after = certificate_validity(read_pem(kafka.ssl_certfile, "kafka.ssl_certfile"))[2]
-    except ValueError as exc:
-        raise ConfigError(f"kafka.ssl_certfile: {kafka.ssl_certfile}: its validity cannot be read ({exc})") from None
+    key = "kafka.ssl_certfile"
+    not_after = validity(read_pem(kafka.ssl_certfile, key), kafka.ssl_certfile, key)[2]
     return CertificateEnd(
         "the Kafka client certificate", kafka.ssl_certfile, not_after,
         "the brokers refuse it: orderbus can neither publish nor deliver", "renew it, then restart orderbus",

@@ -112,7 +112,16 @@ class CertificateEnd:
             "expires": self.expires,
             "seconds_left": round(self.not_after - now),
             "problem": self.problem(now),  # expired, or within 14 days; None otherwise
+            "renewal": self.renewal,  # what to do, in the daemon's words: `orderbus status` says it with the problem
         }
+
+
+def validity(pem: str, path: Path, key: str) -> tuple[bytes, float, float]:
+    """`certificate_validity` of `path`'s text `pem`, a `ConfigError` naming the setting `key` if it cannot be read."""
+    try:
+        return certificate_validity(pem)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {path}: its validity cannot be read ({exc})") from None
 
 
 def certificate_validity(pem: str) -> tuple[bytes, float, float]:

@@ -162,19 +162,18 @@ def render_status(document: dict[str, Any]) -> str:
         lines.append(line)
     if why := document.get("kafka_unreachable"):  # the sinks', without the ingest (whose line says it)
         lines.append(f"kafka: UNREACHABLE: {why}")
-    if (certificate := document.get("certificate")) is not None:
-        lines.append(_certificate_line(certificate, "certificate", "renew it, then reload"))
-    if (certificate := document.get("kafka_certificate")) is not None:
-        lines.append(_certificate_line(certificate, "kafka client certificate", "renew it, then restart"))
+    for key, label in (("certificate", "certificate"), ("kafka_certificate", "kafka client certificate")):
+        if (certificate := document.get(key)) is not None:
+            lines.append(_certificate_line(certificate, label))
     lines += problems(document.get("not_ready", {}), document.get("degraded", {}))
     return "\n".join(lines)
 
 
-def _certificate_line(certificate: Mapping[str, Any], label: str, renewal: str) -> str:
-    """When a certificate (the webhook's, the Kafka client's) expires; what is wrong with that (the daemon's words)
-    in capitals, with what to do (`renewal`)."""
+def _certificate_line(certificate: Mapping[str, Any], label: str) -> str:
+    """When a certificate (the webhook's, the Kafka client's) expires; what is wrong with that in capitals, with
+    what to do: both in the daemon's words (an earlier daemon's document has no ``renewal``)."""
     if (problem := certificate.get("problem")) is not None:
-        return f"{str(problem).upper()}; {renewal}"
+        return f"{str(problem).upper()}; {certificate.get('renewal', 'renew it')}"
     days = float(certificate.get("seconds_left", 0)) / 86400
     return f"{label}: expires at {certificate.get('expires', '?')} ({days:.0f} days)"
 

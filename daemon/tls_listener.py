@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.key_pairs import CertificateEnd, certificate_validity, load_pair, read_pem, text_time
+from daemon.key_pairs import CertificateEnd, load_pair, read_pem, text_time, validity
 from topics.errors import ConfigError
 
 __all__ = ["ServerTls", "server_tls"]
@@ -111,8 +111,5 @@ def _load(cert_file: Path, key_file: Path) -> _Pair:
     cert_text = load_pair(context, cert_file, key_file, cert_key=_CERT_KEY, key_key=_KEY_KEY)
     if read_pem(cert_file, _CERT_KEY) != cert_text:  # what OpenSSL loaded may not be what was read: said, not guessed
         raise ConfigError(f"{_CERT_KEY}: {cert_file} changed while it was read (a renewal under way?); reload again")
-    try:
-        der, not_before, not_after = certificate_validity(cert_text)
-    except ValueError as exc:  # loaded by OpenSSL, so not expected: said, not a traceback
-        raise ConfigError(f"{_CERT_KEY}: {cert_file}: its validity cannot be read ({exc})") from None
+    der, not_before, not_after = validity(cert_text, cert_file, _CERT_KEY)  # loaded by OpenSSL: not expected to fail
     return _Pair(context, der, not_before, not_after)

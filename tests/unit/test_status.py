@@ -67,16 +67,19 @@ def test_the_webhooks_certificate_is_in_the_status_document_and_said_louder_as_i
         "expires": tls.end.expires,
         "seconds_left": 1728000,
         "problem": None,
+        "renewal": "renew it, then reload (restart, under systemd credentials)",
     }
     assert render_status(document).splitlines()[-1] == f"certificate: expires at {tls.end.expires} (20 days)"
     expires = tls.end.expires.upper()  # the same digits: a "T" between date and time
     document = _status(None, None, {}, CollectorRegistry(), tls, now=tls.not_after - 3 * 86400)
     assert render_status(document).splitlines()[-1] == (
-        f"THE WEBHOOK'S CERTIFICATE EXPIRES IN 3.0 DAYS, AT {expires}; renew it, then reload"
+        f"THE WEBHOOK'S CERTIFICATE EXPIRES IN 3.0 DAYS, AT {expires}; renew it, then reload (restart, under systemd "
+        "credentials)"
     )
     document = _status(None, None, {}, CollectorRegistry(), tls, now=tls.not_after + 1)
     assert render_status(document).splitlines()[-1] == (
-        f"THE WEBHOOK'S CERTIFICATE EXPIRED AT {expires}: CLIENTS REFUSE IT; renew it, then reload"
+        f"THE WEBHOOK'S CERTIFICATE EXPIRED AT {expires}: CLIENTS REFUSE IT; renew it, then reload (restart, under "
+        "systemd credentials)"
     )
     assert _status(None, None, {}, CollectorRegistry())["certificate"] is None, "plain HTTP: nothing said"
 
@@ -93,14 +96,18 @@ def test_the_kafka_client_certificate_is_in_the_status_document_as_read_at_start
         "expires": kafka.expires,
         "seconds_left": 1728000,
         "problem": None,
+        "renewal": "renew it, then restart orderbus",
     }
     assert render_status(document).splitlines()[-1] == f"kafka client certificate: expires at {kafka.expires} (20 days)"
     document = _status(None, None, {}, CollectorRegistry(), now=kafka.not_after + 1, kafka_certificate=kafka)
     assert render_status(document).splitlines()[-1] == (
         f"THE KAFKA CLIENT CERTIFICATE EXPIRED AT {kafka.expires.upper()}: THE BROKERS REFUSE IT: ORDERBUS CAN "
-        "NEITHER PUBLISH NOR DELIVER; renew it, then restart"
+        "NEITHER PUBLISH NOR DELIVER; renew it, then restart orderbus"
     )
     assert _status(None, None, {}, CollectorRegistry())["kafka_certificate"] is None, "without one: nothing said"
+    earlier = cast(dict[str, Any], document["kafka_certificate"])  # an earlier daemon's document: no "renewal"
+    document["kafka_certificate"] = {key: value for key, value in earlier.items() if key != "renewal"}
+    assert render_status(document).splitlines()[-1].endswith("NEITHER PUBLISH NOR DELIVER; renew it")
 
 
 def test_a_daemon_without_the_ingest_shows_no_ingest_line() -> None:
