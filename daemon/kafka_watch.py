@@ -29,18 +29,19 @@ __all__ = ["DIAGNOSIS_INTERVAL", "Diagnosis", "KafkaWatch"]
 log = logging.getLogger(__name__)
 
 DIAGNOSIS_INTERVAL: Final = 60.0  # seconds between two askings of why the brokers cannot be reached
+WATCH_EVERY: Final = 2.0  # seconds between two looks at the sinks (their lag measurement's own interval)
 
 
 class Diagnosis:
     """`ask` (a bound `topics.broker_diagnosis.diagnose`), asked at most every `interval`; its answer kept meanwhile."""
 
-    def __init__(self, ask: Diagnose, clock: Clock, *, interval: float = DIAGNOSIS_INTERVAL) -> None:
-        self._ask, self._clock, self._interval = ask, clock, interval
+    def __init__(self, ask: Diagnose, clock: Clock) -> None:
+        self._ask, self._clock = ask, clock
         self._asked: tuple[float, str | None] | None = None  # when it was last asked, and what it said
 
     async def __call__(self) -> str | None:
         now = self._clock.now()
-        if self._asked is None or now - self._asked[0] >= self._interval:
+        if self._asked is None or now - self._asked[0] >= DIAGNOSIS_INTERVAL:
             self._asked = (now, await self._ask())
         return self._asked[1]
 
@@ -59,18 +60,16 @@ class Silent(Protocol):
 class KafkaWatch:
     """Keeps `unreachable`: why the sinks' brokers do not answer, while one of the sinks hears nothing from them."""
 
-    def __init__(self, sinks: Iterable[Silent], diagnosis: Diagnosis, clock: Clock, *, every: float = 2.0) -> None:
-        """`every`: how often the sinks are looked at."""
+    def __init__(self, sinks: Iterable[Silent], diagnosis: Diagnosis, clock: Clock) -> None:
         self._sinks = list(sinks)
         self._diagnosis = diagnosis
         self._clock = clock
-        self._every = every
         self.unreachable: str | None = None
 
     async def run(self) -> None:
         """Look at the sinks every `every` seconds until cancelled."""
         while True:
-            await self._clock.sleep(self._every)
+            await self._clock.sleep(WATCH_EVERY)
             await self.look()
 
     async def look(self) -> None:
