@@ -24,6 +24,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
+from consumers.assignment import ASSIGNORS
 from consumers.deadletter import DeadLetter
 from consumers.membership import DYNAMIC, Membership
 from consumers.unreadable import ReadGuard, Skips
@@ -175,7 +176,8 @@ def sink_consumer(
     membership: Membership = DYNAMIC,
 ) -> AIOKafkaConsumer:
     """The consumer of one sink's group: manual commits only, committed reads only, from the beginning; a member
-    as `membership` says (static or dynamic, and its session)."""
+    as `membership` says (static or dynamic, and its session); partition p of each topic with the same member
+    (`consumers.assignment`)."""
     guard_connection_writes()
     return AIOKafkaConsumer(
         **client_options,
@@ -188,6 +190,7 @@ def sink_consumer(
         heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
         rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
         max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+        partition_assignment_strategy=ASSIGNORS,
         **membership.consumer_options(),
     )
 

@@ -459,6 +459,8 @@ def _topics_apply(args: argparse.Namespace) -> int:
         print(f"created   {name}")
     for name in report.unchanged:
         print(f"ok        {name}")
+    for name, before, after in report.grown:
+        print(f"grown     {name}: {before} -> {after} partitions, as many as the orders topic")
     for drift in report.drift:
         print(f"DRIFT     {drift}")
     if report.drift:

@@ -64,7 +64,7 @@ from daemon.signature import WebhookVerifier
 from daemon.sinks import build_auth, build_sink, engine_config
 from daemon.status import problems
 from daemon.tls_listener import ServerTls, server_tls
-from topics.admin import missing_topics
+from topics.admin import missing_topics, partition_counts
 from topics.broker_diagnosis import Diagnose, diagnose
 from topics.catalogue import dlq_topic, orders_topic, replay_topic
 from topics.errors import BrokerError, ConfigError, NotYetError
@@ -371,6 +371,16 @@ async def check_topics(settings: Settings, options: Mapping[str, Any], diagnosis
             f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
             f"{'do' if len(missing) > 1 else 'does'} not exist: run `orderbus topics apply` with these settings"
         )
+    replays = [replay_topic(name, prefix) for name in settings.enabled_sinks()]
+    if replays:
+        counts = await partition_counts([names[0], *replays], options, timeout=settings.kafka.request_timeout)
+        if unlike := [name for name in replays if counts.get(name) != counts.get(names[0])]:
+            log.warning(
+                "replay topics without the orders topic's partition count: with several instances, a replayed "
+                "dead letter can reach an instance that does not hold its order's state (the order stays blocked); "
+                "run `orderbus topics apply`, which grows them",
+                extra={"topics": unlike, "partitions": counts.get(names[0])},
+            )
 
 
 async def _open_ingest(

@@ -2,7 +2,10 @@
 
 `apply_catalogue` is safe to run any number of times. A topic that exists with another partition count or other
 managed configs is reported as drift: changing partitions would move keys between partitions (breaking
-per-order ordering) and retention changes deserve a human decision, so neither is done automatically.
+per-order ordering) and retention changes deserve a human decision, so neither is done automatically. The one
+exception is a replay topic with fewer partitions than the orders topic (`TopicSpec.grows`): it is grown, because
+its records only wait for their sink to read them, and with fewer partitions a replay could reach an instance that
+does not hold its order's state (`consumers.assignment`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
@@ -43,6 +46,7 @@ class ApplyReport:
     created: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     drift: list[Drift] = field(default_factory=list)
+    grown: list[tuple[str, int, int]] = field(default_factory=list)  # topic, partitions before, after
 
 
 async def apply_catalogue(
@@ -75,12 +79,31 @@ async def _apply(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout
     if present:
         partitions = await _partition_counts(admin, [spec.name for spec in present])
         configs = await _configs(admin, [spec.name for spec in present])
+        growing = {
+            spec.name: spec.partitions
+            for spec in present
+            if spec.grows and partitions.get(spec.name, 0) < spec.partitions
+        }
+        if growing:
+            await _grow(admin, growing, timeout)
+            report.grown.extend((name, partitions.get(name, 0), count) for name, count in growing.items())
+            partitions.update(growing)
         for spec in present:
             drift = _compare(spec, partitions.get(spec.name, 0), configs.get(spec.name, {}))
             report.drift.extend(drift)
-            if not drift:
+            if not drift and spec.name not in growing:
                 report.unchanged.append(spec.name)
     return report
+
+
+async def _grow(admin: AIOKafkaAdminClient, counts: Mapping[str, int], timeout: float) -> None:
+    """Add partitions to the topics in `counts`, up to their count there."""
+    wanted = {name: NewPartitions(total_count=count) for name, count in counts.items()}
+    response = await admin.create_partitions(wanted, timeout_ms=int(timeout * 1000))
+    for entry in response.to_object()["topic_errors"]:
+        if (code := entry["error_code"]) != 0:
+            message = entry.get("error_message") or f"error code {code}"
+            raise BrokerError(f"cannot add partitions to topic {entry['topic']}: {message}")
 
 
 async def _create(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout: float) -> None:
@@ -191,6 +214,21 @@ async def group_offsets(
     if any(tp not in answer for tp in partitions):
         return None
     return {tp: answer[tp].offset for tp in partitions}
+
+
+async def partition_counts(
+    names: Sequence[str], client_options: Mapping[str, Any], *, timeout: float = 30.0
+) -> dict[str, int]:
+    """How many partitions each of `names` has (absent: it does not exist)."""
+    admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
+    try:
+        await admin.start()
+        described = await admin.describe_topics(list(names))
+    except KafkaError as exc:
+        raise BrokerError(f"cannot describe topics {', '.join(names)}: {exc!r}") from exc
+    finally:
+        await admin.close()
+    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
 
 
 async def partition_ids(topic: str, client_options: Mapping[str, Any], *, timeout: float = 30.0) -> list[int]:

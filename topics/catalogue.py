@@ -5,10 +5,13 @@
 - ``orders.dlq.<sink>``: one dead-letter topic per downstream system. A record there carries the original key,
   value and headers plus the reason; the operator replays it to that sink only.
 - ``orders.replay.<sink>``: dead letters sent back by the operator; only that sink's group reads it, keyed by
-  order number like ``orders``, so one order's replayed events keep their order.
+  order number like ``orders`` and with as many partitions, so one order's replayed events keep their order and
+  reach the instance that holds the order's state (`consumers.assignment`).
 
 Partition counts are fixed once a topic exists: adding partitions would move keys and break per-order ordering,
-so `topics.admin` reports a difference and never changes it.
+so `topics.admin` reports a difference and never changes it. A replay topic is the exception: it holds records only
+until its sink has read them, and one made with fewer partitions than the orders topic (3, before version 0.2) is
+grown to the orders topic's count (`TopicSpec.grows`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class TopicSpec:
     partitions: int
     replication_factor: int
     configs: dict[str, str] = field(default_factory=dict)
+    grows: bool = False  # fewer partitions than `partitions` are added to (a replay topic), not only reported
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,18 +74,20 @@ def consumer_group(sink: str, prefix: str = "") -> str:
 def catalogue(layout: TopicLayout) -> tuple[TopicSpec, ...]:
     """Every topic orderbus needs, with the configs it manages: orders, then per sink its dead letters and replays."""
 
-    def spec(name: str, partitions: int, retention_hours: float) -> TopicSpec:
+    def spec(name: str, partitions: int, retention_hours: float, *, grows: bool = False) -> TopicSpec:
         configs = {
             "cleanup.policy": "delete",
             "min.insync.replicas": str(layout.min_insync_replicas),
             "retention.ms": str(int(retention_hours * HOUR_MS)),
         }
-        return TopicSpec(name, partitions, layout.replication_factor, configs)
+        return TopicSpec(name, partitions, layout.replication_factor, configs, grows)
 
     orders = spec(orders_topic(layout.prefix), layout.orders_partitions, layout.orders_retention_hours)
-    per_sink = [
-        spec(topic(sink, layout.prefix), layout.dlq_partitions, layout.dlq_retention_hours)
-        for topic in (dlq_topic, replay_topic)
+    dead_letters = [
+        spec(dlq_topic(sink, layout.prefix), layout.dlq_partitions, layout.dlq_retention_hours) for sink in SINKS
+    ]
+    replays = [
+        spec(replay_topic(sink, layout.prefix), layout.orders_partitions, layout.dlq_retention_hours, grows=True)
         for sink in SINKS
     ]
-    return (orders, *per_sink)
+    return (orders, *dead_letters, *replays)

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from support import apply_topics, read_topic, running_daemon, settings_for
+from support import apply_topics, read_topic, running_daemon, settings_env, settings_for
 
 from daemon import kafka_local
 from daemon.kafka_local import BrokerInfo
-from daemon.kafka_options import topic_layout
+from daemon.kafka_options import client_options, topic_layout
+from daemon.lifecycle import check_topics
+from daemon.settings import load_settings
 from topics.admin import apply_catalogue, missing_topics, partition_ids
-from topics.catalogue import catalogue, orders_topic
+from topics.catalogue import catalogue, orders_topic, replay_topic
 from topics.codec import decode
 from topics.samples import sample_submission
 
@@ -43,6 +50,48 @@ async def test_topics_apply_creates_then_reports_no_change_then_drift(
     assert {d.setting for d in third.drift} == {"partitions", "retention.ms"}
     fourth = await apply_catalogue(specs, options)
     assert fourth.drift == []  # nothing was changed by the drifted run
+
+
+async def test_topics_apply_grows_replay_topics_made_with_fewer_partitions(
+    kafka_broker: BrokerInfo, unique_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Made before replay topics had the orders topic's partition count (3): the daemon's start says so, and
+    `orderbus topics apply` grows them (`consumers.assignment`)."""
+    sinks = {name: {"base_url": "http://127.0.0.1:1"} for name in ("crm", "shipping")}
+    env = settings_env(kafka_broker, f"{unique_name}.", Path("."), sinks=sinks)
+    settings = load_settings(None, env=env)
+    options = client_options(settings.kafka)
+    specs = catalogue(topic_layout(settings.topics))
+    replays = [spec.name for spec in specs if spec.grows]
+    assert len(replays) == 3
+    await apply_catalogue([dataclasses.replace(s, partitions=3) if s.grows else s for s in specs], options)
+    with caplog.at_level(logging.WARNING, logger="daemon.lifecycle"):
+        await check_topics(settings, options)
+    [warned] = [r for r in caplog.records if r.getMessage().startswith("replay topics without")]
+    assert warned.topics == [replay_topic(name, settings.topics.prefix) for name in ("crm", "shipping")]  # type: ignore[attr-defined]
+
+    applied = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "daemon", "topics", "apply"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert applied.returncode == 0, applied.stderr
+    grown = sorted(line for line in applied.stdout.splitlines() if line.startswith("grown"))
+    assert grown == sorted(f"grown     {name}: 3 -> 6 partitions, as many as the orders topic" for name in replays)
+    assert "DRIFT" not in applied.stdout
+    for name in replays:
+        assert await partition_ids(name, options) == list(range(6))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="daemon.lifecycle"):
+        await check_topics(settings, options)
+    assert not [r for r in caplog.records if r.getMessage().startswith("replay topics without")]
+    again = await apply_catalogue(specs, options)
+    assert again.grown == []
+    assert again.drift == []
+    assert sorted(again.unchanged) == sorted(spec.name for spec in specs)
 
 
 async def test_one_record_per_key_under_1000_concurrent_posts(

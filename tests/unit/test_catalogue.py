@@ -24,6 +24,16 @@ def test_orders_and_one_dead_letter_topic_per_sink() -> None:
     assert all(spec.configs["retention.ms"] == str(720 * 3_600_000) for spec in specs[1:])
 
 
+def test_a_replay_topic_has_the_orders_topics_partitions_and_grows_to_them() -> None:
+    # Partition p of each holds the same orders, which one instance's state covers (`consumers.assignment`).
+    specs = catalogue(TopicLayout(orders_partitions=7, dlq_partitions=2))
+    assert {spec.name: (spec.partitions, spec.grows) for spec in specs} == {
+        "orders": (7, False),
+        **{f"orders.dlq.{sink}": (2, False) for sink in SINKS},
+        **{f"orders.replay.{sink}": (7, True) for sink in SINKS},
+    }
+
+
 def test_prefix_namespaces_every_name() -> None:
     specs = catalogue(TopicLayout(prefix="t1."))
     assert all(spec.name.startswith("t1.") for spec in specs)
