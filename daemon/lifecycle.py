@@ -674,22 +674,24 @@ def _reasons(
 def _degraded(engines: dict[str, SinkEngine]) -> dict[str, str]:
     """What keeps a sink from delivering although the instance is ready, by component ("sink.<name>"): the
     operator paused it, its downstream refuses our credentials or keeps failing, or it holds a partition it cannot
-    read. Said by /readyz and `orderbus status`, alerted on; the sink's orders wait in Kafka meanwhile."""
+    read. Said by /readyz and `orderbus status`, alerted on; the sink's orders wait in Kafka meanwhile. A pause
+    comes first, then what will still hold the sink once it is let go."""
     degraded: dict[str, str] = {}
     for name, engine in engines.items():
-        if engine.held:  # first: the operator's word explains the rest
-            degraded[f"sink.{name}"] = (
-                f"paused by its settings (sinks.{name}.paused): nothing is sent; its orders wait in Kafka"
-            )
-        elif engine.auth_paused:
-            degraded[f"sink.{name}"] = "paused: the downstream refused our credentials (401/403)"
+        said = []
+        if engine.held:
+            said.append(f"paused by its settings (sinks.{name}.paused): nothing is sent; its orders wait in Kafka")
+        if engine.auth_paused:
+            said.append("paused: the downstream refused our credentials (401/403)")
         elif engine.circuit_state == "open":
-            degraded[f"sink.{name}"] = "circuit open: the downstream keeps failing"
-        elif held := engine.unreadable:
+            said.append("circuit open: the downstream keeps failing")
+        if held := engine.unreadable:
             where = ", ".join(f"{t}:{p} at {offset}" for (t, p), offset in sorted(held.items()))
             named = ", ".join(f'"{t}:{p}@{offset}"' for (t, p), offset in sorted(held.items()))
-            degraded[f"sink.{name}"] = (
+            said.append(
                 f"held, the next records cannot be read (see the log): {where}; to go on without them, add "
                 f"skip_unreadable = [{named}] to [sinks.{name}] and reload"
             )
+        if said:
+            degraded[f"sink.{name}"] = "; also ".join(said)
     return degraded

@@ -159,11 +159,19 @@ def test_a_failing_downstream_leaves_the_instance_ready_and_is_said_as_degraded(
 
 
 def test_a_sink_paused_by_its_settings_is_degraded_and_said_so_before_anything_else() -> None:
-    sinks = engines(crm=SinkView(held=True, circuit_state="open"), shipping=SinkView())
+    sinks = engines(crm=SinkView(held=True), shipping=SinkView())
     assert _reasons(None, sinks) == {}, "paused on purpose: still ready"
     assert _degraded(sinks) == {
         "sink.crm": "paused by its settings (sinks.crm.paused): nothing is sent; its orders wait in Kafka"
     }
+    # What will still hold it once let go is not hidden by the pause.
+    failing = engines(crm=SinkView(held=True, circuit_state="open", unreadable={("orders", 2): 120}))
+    assert _degraded(failing)["sink.crm"].split("; also ") == [
+        "paused by its settings (sinks.crm.paused): nothing is sent; its orders wait in Kafka",
+        "circuit open: the downstream keeps failing",
+        "held, the next records cannot be read (see the log): orders:2 at 120; to go on without them, add "
+        'skip_unreadable = ["orders:2@120"] to [sinks.crm] and reload',
+    ]
     row = {"assigned_partitions": [0, 1], "circuit": "closed", "paused_by_settings": True, "held_for": 30.0}
     document = {"sinks": {"crm": row}, "ingest": None, "degraded": _degraded(sinks)}
     crm = render_status(document).splitlines()[1]
