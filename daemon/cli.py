@@ -12,13 +12,14 @@
     orderbus status [--config FILE | --url URL]                     a running daemon's sinks at a glance
     orderbus trace ORDER [--config FILE]                            one order's events and what became of each
     orderbus dedup prune [--config FILE] [--older-than-hours H]     forget old delivery states now
-    orderbus reconcile --sink SINK [--config FILE] [--since-hours H] [--concurrency N] [--rate R]
+    orderbus reconcile --sink SINK [--config FILE] [--since-hours H] [--concurrency N] [--rate R] [--resend]
                                                                     does a system still have what it was sent?
+                                                                    (--resend: send it what it lost again)
 
 Exit codes: 0 done, 1 failed (`trace`: no record of the order; `webhook check`: the body is invalid; `reconcile`:
-an order missing or unknown, or no verdict for 10 in a row), 2 bad usage or bad configuration (`reconcile`: the
-credentials or the certificate refused), 3 drift found with ``--strict``, 130 interrupted (`reconcile`, after its
-report so far).
+an order missing or unknown, or no verdict for 10 in a row; with ``--resend``, an order unknown or not resent), 2
+bad usage or bad configuration (`reconcile`: the credentials or the certificate refused), 3 drift found with
+``--strict``, 130 interrupted (`reconcile`, after its report so far).
 """
 
 from __future__ import annotations
@@ -225,6 +226,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     recon.add_argument("--concurrency", type=_concurrency, default=4, help="requests at once, 1-64 (4)")
     recon.add_argument("--rate", type=_rate, help=f"requests a second (the sink's rate, else {RECONCILE_RATE:g})")
+    recon.add_argument(
+        "--resend",
+        action="store_true",
+        help="send the orders found missing again, as creates of their newest state, through the sink's replay "
+        "topic (the running daemon delivers them)",
+    )
     recon.set_defaults(func=_reconcile)
 
     webhook = commands.add_parser("webhook", help="webhook helpers").add_subparsers(required=True, metavar="ACTION")
@@ -697,11 +704,33 @@ def _reconcile(args: argparse.Namespace) -> int:
         print("orderbus: interrupted; what was asked so far:", file=sys.stderr)
         code = 130
     config = "" if args.config is None else f" --config {args.config}"  # as the operator ran it
-    for line in explain(args.sink, run, config):
+    for line in explain(args.sink, run, config, resending=args.resend and code is None):
         print(line)
     if code is not None:
+        if args.resend:
+            print("orderbus: nothing was resent: the run did not ask for every order", file=sys.stderr)
         return code
+    if args.resend and (lost := [c.order for c in run.checked if c.verdict == "missing"]):
+        return _resend(settings, args.sink, lost, run)
     return 0 if accounted_for(run.checked) else 1
+
+
+def _resend(settings: Settings, sink: str, lost: list[Any], run: Any) -> int:
+    """`reconcile --resend`: resend what the run found missing; 0 if every order is there, or resent."""
+    from daemon.resend import resend
+    from topics.catalogue import replay_topic
+
+    resent = _run_async(resend(settings, sink, lost))
+    sent = [item for item in resent if item.event is not None]
+    if sent:
+        topic = replay_topic(sink, settings.topics.prefix)
+        print(f"resent {len(sent)} order(s) to {topic} as creates; the running daemon delivers them:")
+        print(*(f"  {item.line}" for item in sent), sep="\n")
+    if skipped := [item for item in resent if item.event is None]:
+        print("not resent:")
+        print(*(f"  {item.line}" for item in skipped), sep="\n")
+    unknown = any(c.verdict == "unknown" for c in run.checked)
+    return 1 if skipped or unknown else 0
 
 
 def _read_input(path: Path) -> bytes:

@@ -269,9 +269,9 @@ def accounted_for(checked: Sequence[Checked]) -> bool:
     return all(c.verdict in ("present", "removed") for c in checked)
 
 
-def explain(sink: str, run: Run, config: str) -> list[str]:
+def explain(sink: str, run: Run, config: str, *, resending: bool = False) -> list[str]:
     """The report: the counts, then every order that is not present (or removed on its cancel), with what the
-    system answered."""
+    system answered, and how to send the missing ones again unless `resending` (`daemon.resend`)."""
     checked = run.checked
     counts = {verdict: sum(1 for c in checked if c.verdict == verdict) for verdict in VERDICTS}
     asked = "the system was asked for each" if len(checked) == len(run.orders) else f"{len(checked)} asked"
@@ -301,6 +301,8 @@ def explain(sink: str, run: Run, config: str) -> list[str]:
         lines.append("removed: cancelled orders the system deleted, as orderbus's cancel asked")
     if missing:
         lines.append(f"what orderbus has of an order: orderbus trace ORDER{config}")
+        if not resending:
+            lines.append(f"to send the missing ones again: orderbus reconcile --sink {sink} --resend{config}")
     return lines
 
 

@@ -29,6 +29,7 @@ Control API (never faulted, never authenticated)::
     GET  /_sandbox/stats                                    counts per system and in total
     GET  /_sandbox/orders?system=                           every order's current state, fault-free
     POST /_sandbox/reset            {"seed": n}?            forget everything; faults and config as at start
+    POST /_sandbox/lose             {"crm": ["SO-1", ...]}  forget these orders (a restore from an older backup)
     GET|POST /_sandbox/faults       {"crm": {...}, "*": {...}}        replace faults (see `daemon.sandbox.faults`)
     GET|POST /_sandbox/script       {"crm": [step, ...]}              replace scripts; GET shows what is left
     GET|POST /_sandbox/config       {"crm": {"auth": "bearer:T", "idempotency": true, "unique_order_numbers": true}}

@@ -96,6 +96,11 @@ class SandboxClient:
         """The OAuth2 token endpoint, for a sink's ``auth.token_url``."""
         return f"{self.base_url}{CONTROL}/oauth/token"
 
+    async def lose(self, system: str, order_numbers: Sequence[str]) -> int:
+        """Make `system` forget these orders (a restore from an older backup); how many it held."""
+        answer = await self._call("POST", "/lose", json_body={system: list(order_numbers)})
+        return cast(int, answer[system])
+
     async def reset(self, seed: int | None = None) -> None:
         await self._call("POST", "/reset", json_body={} if seed is None else {"seed": seed})
 

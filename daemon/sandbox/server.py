@@ -233,7 +233,8 @@ class Sandbox:
             existing = system.by_number.get(number)
             if existing is not None and call.config.unique_order_numbers:
                 return Answer.of(409, {"error": "conflict", "message": "order number exists", "id": existing})
-            order_id = f"{system.name}-{len(system.number) + 1}"
+            system.created += 1  # not the count of orders held: one forgotten (`post_lose`) leaves a gap, not a reuse
+            order_id = f"{system.name}-{system.created}"
             system.number[order_id], system.status[order_id], system.version[order_id] = number, "open", 1
             system.body[order_id] = call.raw if self._keep_bodies else b"null"
             system.by_number[number] = order_id
@@ -331,6 +332,27 @@ class Sandbox:
             return web.json_response([])
         return _json_array(map(state.view, state.number))
 
+    async def post_lose(self, request: web.Request) -> web.Response:
+        """Forget some orders of a system, as a restore from an older backup would: ``{"crm": ["SO-1", ...]}``.
+        Their idempotency keys stay (a key store may outlive what it answered for); the ledger keeps its history."""
+        data = await _json_body(request)
+        if not isinstance(data, dict) or not all(
+            isinstance(numbers, list) and all(isinstance(n, str) for n in numbers) for numbers in data.values()
+        ):
+            return _config_error('lose: expected {"<system>": ["<order number>", ...]}')
+        lost: dict[str, int] = {}
+        for name, numbers in data.items():
+            state, wanted = self.system(name), set(numbers)
+            gone = [order_id for order_id, number in state.number.items() if number in wanted]
+            for order_id in gone:
+                number = state.number.pop(order_id)
+                for kept in (state.status, state.version, state.body):
+                    kept.pop(order_id, None)
+                if state.by_number.get(number) == order_id:
+                    del state.by_number[number]
+            lost[name] = len(gone)
+        return web.json_response(lost)
+
     async def post_reset(self, request: web.Request) -> web.Response:
         data = await _json_body(request, default={})
         seed = data.get("seed", self.seed) if isinstance(data, dict) else None
@@ -402,6 +424,7 @@ def build_sandbox_app(sandbox: Sandbox | None = None) -> web.Application:
         ("GET", "/stats", sandbox.get_stats),
         ("GET", "/orders", sandbox.get_orders),
         ("POST", "/reset", sandbox.post_reset),
+        ("POST", "/lose", sandbox.post_lose),
         ("*", "/faults", sandbox.faults_endpoint),
         ("*", "/script", sandbox.script_endpoint),
         ("*", "/config", sandbox.config_endpoint),

@@ -74,6 +74,7 @@ class SystemState:
     by_status: dict[int, int] = field(default_factory=dict)
     in_flight: int = 0
     max_concurrent: int = 0
+    created: int = 0  # orders created so far: the last id's number
 
     def count(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1

@@ -255,7 +255,9 @@ def test_the_report_lists_what_is_not_present() -> None:
         "unknown (no answer that says; ask again later):",
         "  SO-3, downstream id acc-3, delivered 2027-01-15T08:02:00+00:00: HTTP 503, 4 tries",
         "what orderbus has of an order: orderbus trace ORDER --config my.toml",
+        "to send the missing ones again: orderbus reconcile --sink accounting --resend --config my.toml",
     ]
+    assert explain("accounting", run, "", resending=True)[-1] == "what orderbus has of an order: orderbus trace ORDER"
     del run.found[2]
     assert explain("accounting", run, "")[0].endswith("; 2 asked")
 
@@ -274,6 +276,7 @@ def test_the_report_counts_cancelled_orders_gone_apart_and_warns_of_rows_without
         "  SO-2, by number, delivered 2027-01-15T08:01:00+00:00: HTTP 404",
         "removed: cancelled orders the system deleted, as orderbus's cancel asked",
         "what orderbus has of an order: orderbus trace ORDER",
+        "to send the missing ones again: orderbus reconcile --sink accounting --resend",
     ]
 
 

@@ -117,6 +117,24 @@ async def test_each_system_has_its_own_ids_and_state(client: Client) -> None:
     assert (await client.get("/accounting/orders/crm-1")).status == 404
 
 
+async def test_a_system_can_lose_orders_as_a_restore_from_an_older_backup_would(
+    client: Client, control: SandboxClient, sandbox: Sandbox
+) -> None:
+    for number in ("SO-1", "SO-2", "SO-3"):
+        await create(client, number, key=f"k-{number}")
+    assert await control.lose("crm", ["SO-2", "SO-9"]) == 1
+    assert (await client.get("/crm/orders/crm-2")).status == 404
+    assert (await client.get("/crm/orders/by-number/SO-2")).status == 404
+    assert [order["order_number"] for order in await control.orders("crm")] == ["SO-1", "SO-3"]
+    again = await create(client, "SO-2", key="k-again")
+    assert (await again.json())["id"] == "crm-4", "a new id: crm-3 is still another order's"
+    assert (await create(client, "SO-2", key="k-SO-2")).status == 201, "its old key answers from memory"
+    assert [e["method"] for e in sandbox.ledger("crm")] == ["POST"] * 4
+    refused = await client.post("/_sandbox/lose", json={"crm": "SO-1"})
+    assert refused.status == 400
+    assert "lose: expected" in (await refused.json())["message"]
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [("PUT", "/crm/orders/crm-9"), ("DELETE", "/crm/orders/crm-9"), ("GET", "/crm/orders/crm-9"),
