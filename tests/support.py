@@ -116,6 +116,19 @@ async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float 
             await asyncio.sleep(every)
 
 
+async def orderbus_cli(*args: str, env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`orderbus ARGS` run to its end with the ORDERBUS_* variables `env`, on a thread: a daemon in this process
+    goes on serving meanwhile."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "daemon", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 async def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
     """A plain topic of `partitions` partitions (one replica), outside the catalogue."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)

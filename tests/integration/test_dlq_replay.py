@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import make_events, orders_of, produce, read_topic, running_daemon, settings_env, with_type
+from support import make_events, orderbus_cli, orders_of, produce, read_topic, running_daemon, settings_env, with_type
 
 from consumers.work import idempotency_key
 from daemon.kafka_local import BrokerInfo
@@ -20,12 +17,6 @@ from daemon.settings import load_settings
 from topics.catalogue import dlq_topic
 
 pytestmark = pytest.mark.integration
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
-    )
 
 
 async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_key(
@@ -52,20 +43,20 @@ async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_k
                 break
             await asyncio.sleep(0.2)
 
-        listed = cli("dlq", "list", "--sink", "crm", env=env)
+        listed = await orderbus_cli("dlq", "list", "--sink", "crm", env=env)
         assert listed.returncode == 0, listed.stderr
         lines = listed.stdout.splitlines()
         assert len(lines) == 6
         assert all(line.endswith(" state=open") for line in lines), lines
         assert Counter("reason=rejected" in line for line in lines) == {True: 5, False: 1}
         assert sum("reason=dead-lettered-predecessor" in line for line in lines) == 1
-        shown = cli("dlq", "show", "--sink", "crm", lines[0].split()[0], env=env)
+        shown = await orderbus_cli("dlq", "show", "--sink", "crm", lines[0].split()[0], env=env)
         assert "response body:" in shown.stdout
         assert "idempotency key: orderbus:crm:" in shown.stdout
 
         blocked = events[0].order.order_number
         for _ in range(20):  # the dead letters are on their topic; the sink's file has the order's chain a flush later
-            traced = cli("trace", blocked, env=env)
+            traced = await orderbus_cli("trace", blocked, env=env)
             if "2 of its events wait" in traced.stdout:
                 break
             await asyncio.sleep(0.2)
@@ -80,42 +71,44 @@ async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_k
             f"dead-lettered: dlq {of_blocked['dead-lettered-predecessor']} (dead-lettered-predecessor), state=open",
         ]
         assert "crm: the order is blocked (2 of its events wait in the dead letters" in traced.stdout
-        delivered = cli("trace", events[10].order.order_number, env=env)
+        delivered = await orderbus_cli("trace", events[10].order.order_number, env=env)
         assert delivered.returncode == 0, delivered.stderr
         assert re.search(r"\n\s+crm\s+delivered, downstream id \S+: 1 attempt, ", delivered.stdout), delivered.stdout
-        newest = cli("topics", "show", "--limit", "4", env=env)  # the newest records, read as trace and dlq read
+        # The newest records, read as trace and dlq read.
+        newest = await orderbus_cli("topics", "show", "--limit", "4", env=env)
         assert newest.returncode == 0, newest.stderr
         shown_lines = newest.stdout.splitlines()
         assert len(shown_lines) == 4
         numbers = {e.order.order_number for e in events}
         assert all(re.fullmatch(r"\S+ p\d+@\d+ order\.\w+ order=(\S+) event_id=.*", line) for line in shown_lines)
         assert {re.search(r"order=(\S+)", line)[1] for line in shown_lines} <= numbers  # type: ignore[index]
-        missing = cli("trace", "SO-2026-999999", env=env)
+        missing = await orderbus_cli("trace", "SO-2026-999999", env=env)
         assert missing.returncode == 1
         assert missing.stdout.startswith("no record of order SO-2026-999999")
 
         await sandbox.faults("crm")  # the downstream was fixed
-        replayed = cli("dlq", "replay", "--sink", "crm", "--all", env=env)
+        replayed = await orderbus_cli("dlq", "replay", "--sink", "crm", "--all", env=env)
         assert replayed.returncode == 0, replayed.stderr
         assert "6 dead letter(s) sent back" in replayed.stderr
         ledger = await sandbox.wait_ledger("crm", 61, timeout=60)
 
         for _ in range(50):  # the sink commits what it read of the replay topic every 0.2 s
-            listed = cli("dlq", "list", "--sink", "crm", env=env)
+            listed = await orderbus_cli("dlq", "list", "--sink", "crm", env=env)
             if all(line.endswith(" state=replayed") for line in listed.stdout.splitlines()):
                 break
             await asyncio.sleep(0.2)
         assert [line.rsplit(" ", 1)[1] for line in listed.stdout.splitlines()] == ["state=replayed"] * 6
-        assert cli("dlq", "list", "--sink", "crm", "--open", env=env).stdout == ""
+        assert (await orderbus_cli("dlq", "list", "--sink", "crm", "--open", env=env)).stdout == ""
 
-        after = cli("trace", blocked, env=env).stdout
+        after = (await orderbus_cli("trace", blocked, env=env)).stdout
         assert after.count("state=replayed; delivered") == 2, after
         assert "blocked" not in after
 
-        nothing = cli("dlq", "replay", "--sink", "crm", "--all", env=env)  # every one was replayed
+        nothing = await orderbus_cli("dlq", "replay", "--sink", "crm", "--all", env=env)  # every one was replayed
         assert nothing.returncode == 1
         assert "matches --all among the open ones" in nothing.stderr
-        again = cli("dlq", "replay", "--sink", "crm", "--all", "--again", env=env)  # a second replay changes nothing
+        # A second replay changes nothing.
+        again = await orderbus_cli("dlq", "replay", "--sink", "crm", "--all", "--again", env=env)
         assert again.returncode == 0, again.stderr
         assert "6 dead letter(s) sent back" in again.stderr
         await asyncio.sleep(2.0)

@@ -6,17 +6,14 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import random
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from support import apply_topics, read_topic, running_daemon, settings_env, settings_for
+from support import apply_topics, orderbus_cli, read_topic, running_daemon, settings_env, settings_for
 
 from daemon import kafka_local
 from daemon.kafka_local import BrokerInfo
@@ -70,14 +67,7 @@ async def test_topics_apply_grows_replay_topics_made_with_fewer_partitions(
     [warned] = [r for r in caplog.records if r.getMessage().startswith("replay topics without")]
     assert warned.topics == [replay_topic(name, settings.topics.prefix) for name in ("crm", "shipping")]  # type: ignore[attr-defined]
 
-    applied = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "daemon", "topics", "apply"],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    applied = await orderbus_cli("topics", "apply", env=env)
     assert applied.returncode == 0, applied.stderr
     grown = sorted(line for line in applied.stdout.splitlines() if line.startswith("grown"))
     assert grown == sorted(f"grown     {name}: 3 -> 6 partitions, as many as the orders topic" for name in replays)

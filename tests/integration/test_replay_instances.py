@@ -3,16 +3,23 @@ daemons, a real broker and the sandbox; orders blocked behind their dead letters
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
-from support import make_events, orders_of, produce, read_topic, running_daemon, settings_env, until, with_type
+from support import (
+    make_events,
+    orderbus_cli,
+    orders_of,
+    produce,
+    read_topic,
+    running_daemon,
+    settings_env,
+    until,
+    with_type,
+)
 
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
@@ -24,12 +31,6 @@ pytestmark = pytest.mark.integration
 # Two members do not divide 3 partitions: Kafka's round robin gave replay partition p to the member of orders
 # partition 3 + p, another one for every p.
 PARTITIONS = 3
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
-    )
 
 
 async def test_a_replay_reaches_the_instance_that_holds_its_order(
@@ -78,7 +79,7 @@ async def test_a_replay_reaches_the_instance_that_holds_its_order(
 
         await until(dead_lettered, timeout=60, every=0.2)
         await sandbox.faults("crm")  # the downstream was fixed
-        replayed = cli("dlq", "replay", "--sink", "crm", "--all", env=envs["host-a"])
+        replayed = await orderbus_cli("dlq", "replay", "--sink", "crm", "--all", env=envs["host-a"])
         assert replayed.returncode == 0, replayed.stderr
         await sandbox.wait_ledger("crm", 21 + 18, timeout=60)
 

@@ -4,14 +4,11 @@ restore from an older backup) gets each of them back once, in its newest state, 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from support import make_events, orders_of, produce, running_daemon, settings_env, with_type
+from support import make_events, orderbus_cli, orders_of, produce, running_daemon, settings_env, with_type
 
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
@@ -20,17 +17,6 @@ from topics.catalogue import replay_topic
 from topics.samples import sample_event
 
 pytestmark = pytest.mark.integration
-
-
-async def orderbus(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "daemon", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def test_reconcile_resends_what_a_system_lost_once_in_its_newest_state(
@@ -62,7 +48,7 @@ async def test_reconcile_resends_what_a_system_lost_once_in_its_newest_state(
         lost_ids = {entry["order_number"]: entry["id"] for entry in before if entry["method"] == "POST"}
         assert await sandbox.lose("accounting", numbers) == 3
 
-        checked = await orderbus("reconcile", "--sink", "accounting", "--resend", env=env)
+        checked = await orderbus_cli("reconcile", "--sink", "accounting", "--resend", env=env)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert "  present  7\n  missing  3\n  unknown  0\n" in checked.stdout
         topic = replay_topic("accounting", settings.topics.prefix)
@@ -70,7 +56,7 @@ async def test_reconcile_resends_what_a_system_lost_once_in_its_newest_state(
         assert "not resent" not in checked.stdout
         ledger = await sandbox.wait_ledger("accounting", 3, since=before[-1]["seq"], timeout=60)
 
-        again = await orderbus("reconcile", "--sink", "accounting", "--resend", env=env)  # nothing lost any more
+        again = await orderbus_cli("reconcile", "--sink", "accounting", "--resend", env=env)  # nothing lost any more
         assert again.returncode == 0, again.stdout + again.stderr
         assert "  present  10\n  missing  0\n" in again.stdout
         assert not [line for line in again.stdout.splitlines() if line.startswith(("resent", "not resent"))]
