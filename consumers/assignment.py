@@ -14,8 +14,11 @@ assignor deals each topic on its own: partition p to member p mod M, the members
 begins with its name, `consumers.membership`). For the orders topic that is round robin's dealing, so an upgrade
 moves none of its partitions.
 
-A consumer lists this assignor first and round robin second: during a rolling upgrade the group agrees on round
-robin, which every member knows, and on this one once every member does.
+It is announced under round robin's name, alone: its members' metadata is round robin's (the topics, nothing
+else), so during a rolling upgrade old and new members agree on the protocol at once, and whichever member leads
+the group deals (round robin while an old one leads: the replay topic as before, until the upgrade ends). Listed
+after a protocol of its own, it would cost every join two JoinGroup requests (aiokafka 0.14 sends one per listed
+assignor) and depend on aiokafka ignoring the first one's refusal in a mixed group.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ log = logging.getLogger(__name__)
 class CoLocatedAssignor(AbstractPartitionAssignor):  # type: ignore[misc]  # aiokafka ships no types
     """Partition p of every topic to the same member: p mod M of the topic's readers sorted by member id."""
 
-    name = "orderbus-colocated"
-    version = 0
+    name = RoundRobinPartitionAssignor.name  # the module docstring says why
+    version = RoundRobinPartitionAssignor.version
 
     @classmethod
     def assign(
@@ -65,5 +68,5 @@ class CoLocatedAssignor(AbstractPartitionAssignor):  # type: ignore[misc]  # aio
         return None
 
 
-# The `AIOKafkaConsumer` keyword: preferred first (the module docstring).
-ASSIGNORS: Final = (CoLocatedAssignor, RoundRobinPartitionAssignor)
+# The `AIOKafkaConsumer` keyword.
+ASSIGNORS: Final = (CoLocatedAssignor,)

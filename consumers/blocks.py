@@ -80,9 +80,11 @@ class Blocks:
         self._released = {ref: at for ref, at in self._released.items() if at > since}
 
     def may_deliver(self, work: Work) -> bool:
-        """False if `work` must follow its order's dead letters to the dead-letter topic."""
+        """False if `work` must follow its order's dead letters to the dead-letter topic. A resent create
+        (`consumers.work.RESEND_OF`) goes ahead of them: they failed against the object it replaces (a 404 from a
+        system that lost the order), and replayed after it they address the new one."""
         chain = self._chains.get(work.order_ref)
-        return chain is None or (work.replay and bool(chain) and chain[0] == work.idempotency_key)
+        return chain is None or work.resend or (work.replay and bool(chain) and chain[0] == work.idempotency_key)
 
     def dead_lettered(self, work: Work) -> None:
         """`work` went to the dead-letter topic: its order is blocked, with `work` on its chain (once)."""

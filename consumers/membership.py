@@ -14,9 +14,10 @@ upgraded. The price: the partitions of an instance stopped for good wait for its
 another instance takes them. An instance that dies keeps its partitions waiting as long, so the session timeout is
 the time a restart must fit in (45 s by default with a name, Kafka's own default since 3.0; 6 s without).
 
-When a rebalance does happen (an instance added, or gone for good), aiokafka's round-robin assignor deals the
-partitions over the members in the order of their member ids, and the broker names a static member's id after its
-instance (``<group_instance_id>-<uuid>``): the same set of names is dealt the same partitions again.
+When a rebalance does happen (an instance added, or gone for good), the partitions are dealt over the members in
+the order of their member ids (`consumers.assignment`: partition p of each topic to member p mod M), and the broker
+names a static member's id after its instance (``<group_instance_id>-<uuid>``): the same set of names is dealt the
+same partitions again.
 
 Two live instances under one name fence each other. When the second joins a group the first already holds, they
 fence each other in turn, each rejoining as the other's heartbeat fails: both hold the same partitions, a second

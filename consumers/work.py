@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from consumers.deadletter import HEADER_PREFIX, Header, copy_headers
 from consumers.sink import Prepared, Sink
@@ -20,6 +20,11 @@ TopicPartitionKey = tuple[str, int]
 KEY_MISMATCH = "must be the order number (order.order_number), or absent"
 # The same, for a key that is the order number with spaces around it, which the contract removes from the value's.
 KEY_PADDED = "must be the order number without the spaces around it (removed from order.order_number), or absent"
+
+
+# The header of a create that `orderbus reconcile --resend` sends through a sink's replay topic, naming the event it
+# was made of: it goes ahead of its order's dead letters (`consumers.blocks`), which address the object it replaces.
+RESEND_OF: Final = "orderbus.resend-of"
 
 
 @dataclass(slots=True)
@@ -37,6 +42,11 @@ class Work:
     order_ref: str
     idempotency_key: str
     replay: bool = False
+
+    @property
+    def resend(self) -> bool:
+        """A resent create (`RESEND_OF`), read from the replay topic: only the operator writes there."""
+        return self.replay and any(name == RESEND_OF for name, _ in self.headers)
 
     @property
     def lane(self) -> tuple[TopicPartitionKey, str]:

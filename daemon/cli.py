@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 from pydantic import SecretStr
 
@@ -51,6 +51,9 @@ from daemon.signature import sign
 from daemon.tls_listener import server_tls
 from topics.catalogue import catalogue
 from topics.errors import BrokerError, ConfigError, NotYetError, OrderbusError
+
+if TYPE_CHECKING:
+    from daemon.reconcile import Run
 
 T = TypeVar("T")
 log = logging.getLogger("daemon.cli")
@@ -445,7 +448,7 @@ def _config_check(args: argparse.Namespace) -> int:
 
 def _check_connection(settings: Settings, options: dict[str, Any]) -> int:
     """`config check --connect`: Kafka reached with these settings, and the topics `run` needs there."""
-    from daemon.lifecycle import check_topics
+    from daemon.lifecycle import check_topics, replay_partition_notes
 
     try:
         _run_async(check_topics(settings, options))
@@ -453,6 +456,8 @@ def _check_connection(settings: Settings, options: dict[str, Any]) -> int:
         print(f"kafka: {exc}", file=sys.stderr)
         return 1
     print(f"kafka: reached at {settings.kafka.bootstrap_servers}; every topic run needs is there", file=sys.stderr)
+    for note in _run_async(replay_partition_notes(settings, options)):
+        print(f"warning: {note}", file=sys.stderr)
     return 0
 
 
@@ -710,19 +715,19 @@ def _reconcile(args: argparse.Namespace) -> int:
         if args.resend:
             print("orderbus: nothing was resent: the run did not ask for every order", file=sys.stderr)
         return code
-    if args.resend and (lost := [c.order for c in run.checked if c.verdict == "missing"]):
-        return _resend(settings, args.sink, lost, run)
+    if args.resend and any(c.verdict == "missing" for c in run.checked):
+        return _resend(settings, args.sink, run)
     return 0 if accounted_for(run.checked) else 1
 
 
-def _resend(settings: Settings, sink: str, lost: list[Any], run: Any) -> int:
-    """`reconcile --resend`: resend what the run found missing; 0 if every order is there, or resent."""
+def _resend(settings: Settings, sink: str, run: Run) -> int:
+    """`reconcile --resend`: resend what `run` found missing; 0 if every order is there, or resent and nothing
+    more is to be done."""
     from daemon.resend import resend
     from topics.catalogue import replay_topic
 
-    resent = _run_async(resend(settings, sink, lost))
-    sent = [item for item in resent if item.event is not None]
-    if sent:
+    resent = _run_async(resend(settings, sink, [c.order for c in run.checked if c.verdict == "missing"]))
+    if sent := [item for item in resent if item.event is not None]:
         topic = replay_topic(sink, settings.topics.prefix)
         print(f"resent {len(sent)} order(s) to {topic} as creates; the running daemon delivers them:")
         print(*(f"  {item.line}" for item in sent), sep="\n")
@@ -730,7 +735,7 @@ def _resend(settings: Settings, sink: str, lost: list[Any], run: Any) -> int:
         print("not resent:")
         print(*(f"  {item.line}" for item in skipped), sep="\n")
     unknown = any(c.verdict == "unknown" for c in run.checked)
-    return 1 if skipped or unknown else 0
+    return 1 if skipped or unknown or any(item.then for item in sent) else 0
 
 
 def _read_input(path: Path) -> bytes:

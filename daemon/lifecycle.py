@@ -354,6 +354,8 @@ async def _require_topics(settings: Settings, options: Mapping[str, Any], diagno
             raise
         log.warning("kafka unreachable at start, topics not checked yet", extra={"error": str(exc)})
         return False
+    for note in await replay_partition_notes(settings, options):
+        log.warning(note)
     return True
 
 
@@ -371,16 +373,30 @@ async def check_topics(settings: Settings, options: Mapping[str, Any], diagnosis
             f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
             f"{'do' if len(missing) > 1 else 'does'} not exist: run `orderbus topics apply` with these settings"
         )
-    replays = [replay_topic(name, prefix) for name in settings.enabled_sinks()]
-    if replays:
-        counts = await partition_counts([names[0], *replays], options, timeout=settings.kafka.request_timeout)
-        if unlike := [name for name in replays if counts.get(name) != counts.get(names[0])]:
-            log.warning(
-                "replay topics without the orders topic's partition count: with several instances, a replayed "
-                "dead letter can reach an instance that does not hold its order's state (the order stays blocked); "
-                "run `orderbus topics apply`, which grows them",
-                extra={"topics": unlike, "partitions": counts.get(names[0])},
-            )
+
+
+async def replay_partition_notes(settings: Settings, options: Mapping[str, Any]) -> list[str]:
+    """What to say of the enabled sinks' replay topics whose partition count is not the orders topic's: with several
+    instances, a replay there can reach an instance that does not hold its order's state (`consumers.assignment`).
+    Nothing when the counts cannot be read: the topics were found a moment before, and this is advice."""
+    prefix = settings.topics.prefix
+    orders, replays = orders_topic(prefix), [replay_topic(name, prefix) for name in settings.enabled_sinks()]
+    if not replays:
+        return []
+    try:
+        counts = await partition_counts([orders, *replays], options, timeout=settings.kafka.request_timeout)
+    except BrokerError as exc:
+        log.debug("partition counts not compared", extra={"error": str(exc)})
+        return []
+    if orders not in counts:
+        return []
+    return [
+        f"{name} has {counts[name]} partitions, {orders} {counts[orders]}: with several instances, a replayed dead "
+        "letter can reach an instance that does not hold its order's state (the order stays blocked); "
+        + ("run `orderbus topics apply`, which grows it" if counts[name] < counts[orders] else "align them by hand")
+        for name in replays
+        if name in counts and counts[name] != counts[orders]
+    ]
 
 
 async def _open_ingest(

@@ -5,24 +5,28 @@ having cancelled them there (a restore from last night's backup, a migration tha
 events would not bring them back: the sink finds each delivered already (its delivery states), and an update
 addresses an object that is gone. So each is sent once more as a new event:
 
-- its state is the order's newest event on the orders topic (found in its key's partition, as `orderbus trace`
-  finds it), which is the newest state the system had been sent, or a newer one still on its way;
+- its state is the order's newest event on the orders topic (committed records in its key's partition, as the sinks
+  read them and `orderbus trace` finds them), which is the newest state the system had been sent, or a newer one
+  still on its way;
 - it is an ``order.created`` of that state, ``source: "resend"``, with a header ``orderbus.resend-of`` naming the
-  event it was made of; its event id is derived from the sink, that event, and the id and time of the delivery
-  the system lost (`resend_event`), so a run repeated before the daemon has delivered it makes the same event
-  (skipped as delivered), and a loss of the resent order later makes a new one;
+  event it was made of (`consumers.work.RESEND_OF`); its event id is derived from the sink, the order and the
+  delivery the system lost (its downstream id and time), so a run repeated before the daemon has delivered it makes
+  the same event (skipped as delivered), and a loss of the resent order later makes a new one;
 - it goes to ``orders.replay.<sink>``, which only that sink reads, keyed by the order number, to the instance that
   holds the order's state (`consumers.assignment`): the running daemon delivers it as any create, with a new
   idempotency key (the system may remember the lost one), retries, dead letters and all, and keeps the id the
   system gives it, which the order's later updates address.
 
-Nothing is resent for an order without a valid event on the topic any more (older than its retention: the shop must
-send it again), whose newest event is its cancel, or that a dead letter blocks (replay those first: the resend
-would follow them to the dead letters).
+An order that dead letters block (its updates met the 404 of the lost object) is resent all the same: the resent
+create goes ahead of them (`consumers.blocks`), and the operator then replays them, which now address the new
+object. Not resent: an order without a valid event on the topic any more (older than its retention: the shop must
+send it again), one whose newest event is its cancel, and one with a resend already waiting in the replay topic.
+Nothing is resent while the replay topic's partition count is not the orders topic's (`orderbus topics apply`).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -35,47 +39,48 @@ from aiokafka.errors import KafkaError
 from consumers.dedup_sql import SELECT_BLOCKING, check_layout, select_blocked
 from consumers.sqlite_files import read_only
 from consumers.unreadable import describe, passes_through
-from consumers.work import key_problem
-from daemon.dlq import order_number_in
+from consumers.work import RESEND_OF, key_problem
+from daemon.dlq import committed_offsets, order_number_in
 from daemon.kafka_options import client_options
-from daemon.reconcile import Delivered
+from daemon.reconcile import CANCELLED, Delivered
 from daemon.retention import dedup_path
 from daemon.settings import Settings
 from daemon.topic_reader import batches, reading
 from daemon.trace import key_partition
-from topics.admin import partition_ids
-from topics.catalogue import orders_topic, replay_topic
+from topics.admin import partition_counts
+from topics.catalogue import consumer_group, orders_topic, replay_topic
 from topics.codec import decode, encode
 from topics.envelope import SCHEMA_VERSION, OrderEvent
-from topics.errors import BrokerError, ContractError
+from topics.errors import BrokerError, ContractError, OrderbusError, StoreError
 
-# Resent events' ids: uuid5 in this namespace of the sink, the event resent, and the lost delivery (`resend_event`).
+# Resent events' ids: uuid5 in this namespace of the sink, the order and the lost delivery (`resend_event`).
 RESEND_NAMESPACE: Final = uuid.UUID("0b6a4f0e-5d2c-4c1e-9f3a-7e2d8c9b1a64")
-RESEND_OF: Final = "orderbus.resend-of"
 SOURCE: Final = "resend"
-CANCELLED: Final = "order.cancelled"
 
 
 @dataclass(frozen=True, slots=True)
 class Resent:
-    """What became of one lost order: `event` resent (made of `of`), or why not (`skipped`)."""
+    """What became of one lost order: `event` resent (made of `of`; `then`: what the operator does next), or why
+    nothing was (`skipped`)."""
 
     order: Delivered
     event: OrderEvent | None = None
     of: OrderEvent | None = None
     skipped: str = ""
+    then: str = ""
 
     @property
     def line(self) -> str:
         """The order as the command reports it: what was sent, or why nothing was."""
         if self.event is None or self.of is None:
             return f"{self.order.order_number}: {self.skipped}"
-        return f"{self.order.order_number}: event {self.event.event_id}, of {self.of.event_type} {self.of.event_id}"
+        sent = f"{self.order.order_number}: event {self.event.event_id}, of {self.of.event_type} {self.of.event_id}"
+        return f"{sent}; {self.then}" if self.then else sent
 
 
 def resend_event(sink: str, newest: OrderEvent, lost: Delivered) -> OrderEvent:
     """`newest` as a create of its order for `sink`, its event id derived from what was lost (module docstring)."""
-    name = f"{sink}\n{newest.event_id}\n{lost.downstream_id or ''}\n{lost.at!r}"
+    name = f"{sink}\n{lost.order_number}\n{lost.downstream_id or ''}\n{lost.at!r}"
     return OrderEvent.model_construct(
         schema_version=SCHEMA_VERSION,
         event_id=uuid.uuid5(RESEND_NAMESPACE, name),
@@ -86,13 +91,17 @@ def resend_event(sink: str, newest: OrderEvent, lost: Delivered) -> OrderEvent:
     )
 
 
+def record_order(record: Any) -> str | None:
+    """The order a record is of, as the sinks read it: its key, or for a keyless one the order its value names."""
+    return record.key.decode("utf-8", "replace") if record.key else order_number_in(record.value)
+
+
 def newest_events(records: Sequence[Any], wanted: set[str]) -> dict[str, OrderEvent]:
     """The newest valid event of each order of `wanted` among `records` (one partition's, in their order): keyed by
     the order number, or keyless and naming it in the value, as the sinks read them (`consumers.work`)."""
     newest: dict[str, OrderEvent] = {}
     for record in records:
-        number = record.key.decode("utf-8", "replace") if record.key else order_number_in(record.value)
-        if number not in wanted:
+        if (number := record_order(record)) not in wanted or number is None:
             continue
         try:
             event = decode(record.value)
@@ -103,23 +112,34 @@ def newest_events(records: Sequence[Any], wanted: set[str]) -> dict[str, OrderEv
     return newest
 
 
-async def find_newest(settings: Settings, orders: Sequence[str]) -> dict[str, OrderEvent]:
-    """The newest valid event of each of `orders` on the orders topic, each partition read once up to its end now
-    (`BrokerError` if the topic is missing, or a batch cannot be decoded: what it held is not known)."""
-    topic = orders_topic(settings.topics.prefix)
-    options = client_options(settings.kafka)
-    ids = await partition_ids(topic, options)
-    if not ids:
-        raise BrokerError(f"topic {topic} does not exist; run `orderbus topics apply`")
-    by_partition: dict[int, set[str]] = defaultdict(set)
+def resends_in(records: Sequence[Any], wanted: set[str]) -> set[str]:
+    """Those of `wanted` with a resent create among `records` (of a replay topic)."""
+    return {
+        number
+        for record in records
+        if (number := record_order(record)) in wanted and any(name == RESEND_OF for name, _ in record.headers or ())
+    }
+
+
+def by_partition(orders: Sequence[str], partitions: int) -> dict[int, set[str]]:
+    """`orders` by the partition their key goes to."""
+    grouped: dict[int, set[str]] = defaultdict(set)
     for order in orders:
-        by_partition[key_partition(order, len(ids))].add(order)
+        grouped[key_partition(order, partitions)].add(order)
+    return grouped
+
+
+async def find_newest(settings: Settings, orders: Sequence[str], partitions: int) -> dict[str, OrderEvent]:
+    """The newest valid event of each of `orders` on the orders topic (`partitions` of it), each partition read
+    once up to its end now (`BrokerError` if a batch cannot be decoded: what it held is not known)."""
+    topic = orders_topic(settings.topics.prefix)
+    wanted = by_partition(orders, partitions)
     found: dict[str, OrderEvent] = {}
-    async with reading(topic, options, sorted(by_partition)) as (consumer, tps):
+    async with reading(topic, client_options(settings.kafka), sorted(wanted), committed=True) as (consumer, tps):
         starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
         try:
             async for partition, records in batches(consumer, starts, ends):
-                found.update(newest_events(records, by_partition[partition]))
+                found.update(newest_events(records, wanted[partition]))
         except Exception as exc:
             if passes_through(exc):
                 raise
@@ -127,38 +147,75 @@ async def find_newest(settings: Settings, orders: Sequence[str]) -> dict[str, Or
     return found
 
 
+async def waiting_resends(settings: Settings, sink: str, orders: Sequence[str], partitions: int) -> set[str]:
+    """Those of `orders` with a resent create in the sink's replay topic that its group has not read yet."""
+    topic = replay_topic(sink, settings.topics.prefix)
+    options = client_options(settings.kafka)
+    wanted = by_partition(orders, partitions)
+    read = await committed_offsets(consumer_group(sink, settings.topics.prefix), topic, options, sorted(wanted))
+    waiting: set[str] = set()
+    async with reading(topic, options, sorted(wanted), committed=True) as (consumer, tps):
+        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+        starts = {tp: max(offset, read.get(tp.partition, 0)) for tp, offset in starts.items()}
+        async for partition, records in batches(consumer, starts, ends):
+            waiting |= resends_in(records, wanted[partition])
+    return waiting
+
+
 def blocked_orders(settings: Settings, sink: str, orders: Sequence[str]) -> set[str]:
     """Those of `orders` a dead letter blocks in this host's delivery-state file of `sink`."""
-    with read_only(dedup_path(settings.state_dir, sink)) as db:
-        check_layout(db)
-        return {str(ref) for ref, _ in select_blocked(db, SELECT_BLOCKING, list(orders))}
+    path = dedup_path(settings.state_dir, sink)
+    try:
+        with read_only(path) as db:
+            check_layout(db)
+            return {str(ref) for ref, _ in select_blocked(db, SELECT_BLOCKING, list(orders))}
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        raise OrderbusError(f"cannot read {path}: {exc}; nothing was resent") from None
 
 
-def plan(sink: str, lost: Sequence[Delivered], newest: Mapping[str, OrderEvent], blocked: set[str]) -> list[Resent]:
+def plan(
+    sink: str, lost: Sequence[Delivered], newest: Mapping[str, OrderEvent], blocked: set[str], waiting: set[str]
+) -> list[Resent]:
     """For each lost order, the event to resend, or why none."""
     planned = []
     for order in lost:
-        event = newest.get(order.order_number)
-        if order.order_number in blocked:
-            replay = f"orderbus dlq replay --sink {sink} --order {order.order_number}"
-            why = f"blocked by its dead letters: replay them first ({replay})"
-            planned.append(Resent(order, skipped=why))
+        number = order.order_number
+        event = newest.get(number)
+        if number in waiting:
+            skipped = "a resend of it waits in the replay topic: the daemon has not read it yet"
+            planned.append(Resent(order, skipped=skipped))
         elif event is None:
-            why = "no valid event of it on the orders topic any more (older than its retention): the shop must send it"
-            planned.append(Resent(order, skipped=why))
+            skipped = (
+                "no valid event of it on the orders topic any more (older than its retention): the shop must send it"
+            )
+            planned.append(Resent(order, skipped=skipped))
         elif event.event_type == CANCELLED:
             planned.append(Resent(order, skipped=f"its newest event is its cancel ({event.event_id}): nothing to send"))
         else:
-            planned.append(Resent(order, resend_event(sink, event, order), of=event))
+            then = ""
+            if number in blocked:
+                replay = f"orderbus dlq replay --sink {sink} --order {number}"
+                then = f"then replay its dead letters, which now address the resent order: {replay}"
+            planned.append(Resent(order, resend_event(sink, event, order), of=event, then=then))
     return planned
 
 
 async def resend(settings: Settings, sink: str, lost: Sequence[Delivered]) -> list[Resent]:
     """Resend `lost` (the orders reconcile found missing) to `sink`'s replay topic, acks=all."""
+    orders, replays = orders_topic(settings.topics.prefix), replay_topic(sink, settings.topics.prefix)
+    options = client_options(settings.kafka)
+    counts = await partition_counts([orders, replays], options, timeout=settings.kafka.request_timeout)
+    if counts.get(orders) is None or counts.get(orders) != counts.get(replays):
+        raise BrokerError(
+            f"{replays} has {counts.get(replays, 'no')} partitions, {orders} {counts.get(orders, 'none')}: a "
+            "resend could reach an instance that does not hold the order; run `orderbus topics apply` first; "
+            "nothing was resent"
+        )
     numbers = [order.order_number for order in lost]
-    planned = plan(sink, lost, await find_newest(settings, numbers), blocked_orders(settings, sink, numbers))
-    topic = replay_topic(sink, settings.topics.prefix)
-    producer = AIOKafkaProducer(**client_options(settings.kafka), acks="all", enable_idempotence=True)
+    newest = await find_newest(settings, numbers, counts[orders])
+    waiting = await waiting_resends(settings, sink, numbers, counts[orders])
+    planned = plan(sink, lost, newest, blocked_orders(settings, sink, numbers), waiting)
+    producer = AIOKafkaProducer(**options, acks="all", enable_idempotence=True)
     sent = 0
     try:
         await producer.start()
@@ -167,13 +224,24 @@ async def resend(settings: Settings, sink: str, lost: Sequence[Delivered]) -> li
                 continue
             record = encode(item.event)
             headers = [*record.headers, (RESEND_OF, str(item.of.event_id).encode("ascii"))]
-            await producer.send_and_wait(topic, value=record.value, key=record.key, headers=headers)
+            await producer.send_and_wait(replays, value=record.value, key=record.key, headers=headers)
             sent += 1
     except KafkaError as exc:
-        raise BrokerError(f"resend to {topic} failed after {sent} order(s) sent: {exc!r}") from exc
+        raise BrokerError(f"resend to {replays} failed after {sent} order(s) sent: {exc!r}") from exc
     finally:
         await producer.stop()
     return planned
 
 
-__all__ = ["RESEND_OF", "Resent", "blocked_orders", "find_newest", "newest_events", "plan", "resend", "resend_event"]
+__all__ = [
+    "SOURCE",
+    "Resent",
+    "blocked_orders",
+    "find_newest",
+    "newest_events",
+    "plan",
+    "resend",
+    "resend_event",
+    "resends_in",
+    "waiting_resends",
+]

@@ -18,14 +18,16 @@ __all__ = ["batches", "reading"]
 
 @contextlib.asynccontextmanager
 async def reading(
-    topic: str, options: Mapping[str, Any], partitions: Sequence[int] | None = None
+    topic: str, options: Mapping[str, Any], partitions: Sequence[int] | None = None, *, committed: bool = False
 ) -> AsyncIterator[tuple[AIOKafkaConsumer, list[TopicPartition]]]:
-    """A consumer assigned `partitions` of `topic` (default: all of them), stopped at the end of the block."""
+    """A consumer assigned `partitions` of `topic` (default: all of them), stopped at the end of the block;
+    `committed`: only the records of committed transactions, as the sinks read them."""
     ids = list(partitions) if partitions is not None else await partition_ids(topic, options)
     if not ids:
         raise BrokerError(f"topic {topic} does not exist; run `orderbus topics apply`")
     tps = [TopicPartition(topic, p) for p in ids]
-    consumer = AIOKafkaConsumer(**options, enable_auto_commit=False, group_id=None)
+    isolation = "read_committed" if committed else "read_uncommitted"
+    consumer = AIOKafkaConsumer(**options, enable_auto_commit=False, group_id=None, isolation_level=isolation)
     try:
         await consumer.start()
         consumer.assign(tps)

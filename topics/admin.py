@@ -3,7 +3,7 @@
 `apply_catalogue` is safe to run any number of times. A topic that exists with another partition count or other
 managed configs is reported as drift: changing partitions would move keys between partitions (breaking
 per-order ordering) and retention changes deserve a human decision, so neither is done automatically. The one
-exception is a replay topic with fewer partitions than the orders topic (`TopicSpec.grows`): it is grown, because
+exception is a replay topic with fewer partitions than the orders topic (`TopicSpec.follows`): it is grown, because
 its records only wait for their sink to read them, and with fewer partitions a replay could reach an instance that
 does not hold its order's state (`consumers.assignment`).
 """
@@ -11,6 +11,7 @@ does not hold its order's state (`consumers.assignment`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,12 @@ async def apply_catalogue(
 async def _apply(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout: float) -> ApplyReport:
     report = ApplyReport()
     existing = set(await admin.list_topics())
+    followed = sorted({spec.follows for spec in specs if spec.follows is not None and spec.follows in existing})
+    actual = await _partition_counts(admin, followed) if followed else {}
+    # A topic that follows another has that one's count as it is, not as the settings say it should be.
+    specs = [
+        dataclasses.replace(spec, partitions=actual[spec.follows]) if spec.follows in actual else spec for spec in specs
+    ]
     missing = [spec for spec in specs if spec.name not in existing]
     if missing:
         await _create(admin, missing, timeout)
@@ -82,11 +89,11 @@ async def _apply(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout
         growing = {
             spec.name: spec.partitions
             for spec in present
-            if spec.grows and partitions.get(spec.name, 0) < spec.partitions
+            if spec.follows is not None and 0 < partitions.get(spec.name, 0) < spec.partitions
         }
         if growing:
             await _grow(admin, growing, timeout)
-            report.grown.extend((name, partitions.get(name, 0), count) for name, count in growing.items())
+            report.grown.extend((name, partitions[name], count) for name, count in growing.items())
             partitions.update(growing)
         for spec in present:
             drift = _compare(spec, partitions.get(spec.name, 0), configs.get(spec.name, {}))
@@ -96,14 +103,33 @@ async def _apply(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout
     return report
 
 
-async def _grow(admin: AIOKafkaAdminClient, counts: Mapping[str, int], timeout: float) -> None:
-    """Add partitions to the topics in `counts`, up to their count there."""
+async def _grow(
+    admin: AIOKafkaAdminClient,
+    counts: Mapping[str, int],
+    timeout: float,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Add partitions to the topics in `counts`, up to their count there, and return once the broker describes them
+    so (a daemon started right after would see the old count). Another `apply` that grew them a moment ago is the
+    state we want."""
     wanted = {name: NewPartitions(total_count=count) for name, count in counts.items()}
-    response = await admin.create_partitions(wanted, timeout_ms=int(timeout * 1000))
-    for entry in response.to_object()["topic_errors"]:
-        if (code := entry["error_code"]) != 0:
-            message = entry.get("error_message") or f"error code {code}"
-            raise BrokerError(f"cannot add partitions to topic {entry['topic']}: {message}")
+    try:
+        await admin.create_partitions(wanted, timeout_ms=int(timeout * 1000))
+    except KafkaError as exc:
+        now = await _partition_counts(admin, list(counts))
+        if short := sorted(name for name, count in counts.items() if now.get(name, 0) < count):
+            raise BrokerError(f"cannot add partitions to {', '.join(short)}: {exc}") from exc
+    deadline = clock() + timeout
+    while short := [
+        name for name, count in (await _partition_counts(admin, list(counts))).items() if count < counts[name]
+    ]:
+        if clock() >= deadline:
+            raise BrokerError(
+                f"partitions added, but the broker does not describe them after {timeout:g} s: {', '.join(short)}"
+            )
+        await sleep(0.1)
 
 
 async def _create(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout: float) -> None:

@@ -10,8 +10,8 @@
 
 Partition counts are fixed once a topic exists: adding partitions would move keys and break per-order ordering,
 so `topics.admin` reports a difference and never changes it. A replay topic is the exception: it holds records only
-until its sink has read them, and one made with fewer partitions than the orders topic (3, before version 0.2) is
-grown to the orders topic's count (`TopicSpec.grows`).
+until its sink has read them, and one made with fewer partitions than the orders topic (3, by earlier versions) is
+grown to the orders topic's count (`TopicSpec.follows`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ class TopicSpec:
     partitions: int
     replication_factor: int
     configs: dict[str, str] = field(default_factory=dict)
-    grows: bool = False  # fewer partitions than `partitions` are added to (a replay topic), not only reported
+    # The topic whose partition count this one has, as it is in the cluster (a replay topic: the orders topic's);
+    # with fewer, partitions are added, not only reported (`topics.admin`).
+    follows: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,20 +76,20 @@ def consumer_group(sink: str, prefix: str = "") -> str:
 def catalogue(layout: TopicLayout) -> tuple[TopicSpec, ...]:
     """Every topic orderbus needs, with the configs it manages: orders, then per sink its dead letters and replays."""
 
-    def spec(name: str, partitions: int, retention_hours: float, *, grows: bool = False) -> TopicSpec:
+    def spec(name: str, partitions: int, retention_hours: float, *, follows: str | None = None) -> TopicSpec:
         configs = {
             "cleanup.policy": "delete",
             "min.insync.replicas": str(layout.min_insync_replicas),
             "retention.ms": str(int(retention_hours * HOUR_MS)),
         }
-        return TopicSpec(name, partitions, layout.replication_factor, configs, grows)
+        return TopicSpec(name, partitions, layout.replication_factor, configs, follows)
 
     orders = spec(orders_topic(layout.prefix), layout.orders_partitions, layout.orders_retention_hours)
     dead_letters = [
         spec(dlq_topic(sink, layout.prefix), layout.dlq_partitions, layout.dlq_retention_hours) for sink in SINKS
     ]
     replays = [
-        spec(replay_topic(sink, layout.prefix), layout.orders_partitions, layout.dlq_retention_hours, grows=True)
+        spec(replay_topic(sink, layout.prefix), orders.partitions, layout.dlq_retention_hours, follows=orders.name)
         for sink in SINKS
     ]
     return (orders, *dead_letters, *replays)

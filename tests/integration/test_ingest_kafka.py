@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from support import apply_topics, orderbus_cli, read_topic, running_daemon, sett
 from daemon import kafka_local
 from daemon.kafka_local import BrokerInfo
 from daemon.kafka_options import client_options, topic_layout
-from daemon.lifecycle import check_topics
+from daemon.lifecycle import replay_partition_notes
 from daemon.settings import load_settings
 from topics.admin import apply_catalogue, missing_topics, partition_ids
 from topics.catalogue import catalogue, orders_topic, replay_topic
@@ -49,35 +48,39 @@ async def test_topics_apply_creates_then_reports_no_change_then_drift(
     assert fourth.drift == []  # nothing was changed by the drifted run
 
 
-async def test_topics_apply_grows_replay_topics_made_with_fewer_partitions(
-    kafka_broker: BrokerInfo, unique_name: str, caplog: pytest.LogCaptureFixture
+async def test_topics_apply_grows_replay_topics_to_the_orders_topics_partitions(
+    kafka_broker: BrokerInfo, unique_name: str
 ) -> None:
-    """Made before replay topics had the orders topic's partition count (3): the daemon's start says so, and
-    `orderbus topics apply` grows them (`consumers.assignment`)."""
+    """Made before replay topics had the orders topic's partition count (3 by earlier versions): `run` and `config
+    check --connect` say so, and `orderbus topics apply` grows them to the orders topic's count as it is, not as a
+    setting changed since says (`consumers.assignment`)."""
     sinks = {name: {"base_url": "http://127.0.0.1:1"} for name in ("crm", "shipping")}
-    env = settings_env(kafka_broker, f"{unique_name}.", Path("."), sinks=sinks)
+    env = settings_env(kafka_broker, f"{unique_name}.", Path("."), sinks=sinks)  # 6 partitions
     settings = load_settings(None, env=env)
     options = client_options(settings.kafka)
     specs = catalogue(topic_layout(settings.topics))
-    replays = [spec.name for spec in specs if spec.grows]
+    replays = [spec.name for spec in specs if spec.follows is not None]
     assert len(replays) == 3
-    await apply_catalogue([dataclasses.replace(s, partitions=3) if s.grows else s for s in specs], options)
-    with caplog.at_level(logging.WARNING, logger="daemon.lifecycle"):
-        await check_topics(settings, options)
-    [warned] = [r for r in caplog.records if r.getMessage().startswith("replay topics without")]
-    assert warned.topics == [replay_topic(name, settings.topics.prefix) for name in ("crm", "shipping")]  # type: ignore[attr-defined]
+    await apply_catalogue([dataclasses.replace(s, partitions=3) if s.follows else s for s in specs], options)
+    notes = await replay_partition_notes(settings, options)
+    assert [note.split(" has ")[0] for note in notes] == [replay_topic(n, settings.topics.prefix) for n in sinks]
+    assert all(
+        " has 3 partitions, " in note and "run `orderbus topics apply`, which grows it" in note for note in notes
+    )
+    checked = await orderbus_cli("config", "check", "--connect", env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr.count("warning: ") == 2
 
-    applied = await orderbus_cli("topics", "apply", env=env)
+    raised = {**env, "ORDERBUS_TOPICS__ORDERS_PARTITIONS": "12"}  # the setting changed, the topic not (yet)
+    applied = await orderbus_cli("topics", "apply", env=raised)
     assert applied.returncode == 0, applied.stderr
     grown = sorted(line for line in applied.stdout.splitlines() if line.startswith("grown"))
     assert grown == sorted(f"grown     {name}: 3 -> 6 partitions, as many as the orders topic" for name in replays)
-    assert "DRIFT" not in applied.stdout
+    drift = [line for line in applied.stdout.splitlines() if line.startswith("DRIFT")]
+    assert drift == [f"DRIFT     {orders_topic(settings.topics.prefix)}: partitions is 6, catalogue says 12"]
     for name in replays:
         assert await partition_ids(name, options) == list(range(6))
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="daemon.lifecycle"):
-        await check_topics(settings, options)
-    assert not [r for r in caplog.records if r.getMessage().startswith("replay topics without")]
+    assert await replay_partition_notes(settings, options) == []
     again = await apply_catalogue(specs, options)
     assert again.grown == []
     assert again.drift == []

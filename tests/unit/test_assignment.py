@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 
 from consumers.assignment import ASSIGNORS, CoLocatedAssignor
+from consumers.kafka_io import sink_consumer
 
 ORDERS = "orders"
 REPLAY = "orders.replay.crm"
@@ -76,8 +76,13 @@ def test_a_topic_goes_only_to_the_members_that_read_it_and_one_without_metadata_
     assert result == {"a": {ORDERS: [0]}, "b": {ORDERS: [1], REPLAY: [0, 1]}, "c": {ORDERS: [2]}}
 
 
-def test_the_consumer_prefers_it_and_falls_back_to_round_robin() -> None:
-    # A group agrees on a protocol every member knows: round robin while older members are in it.
-    assert (CoLocatedAssignor, RoundRobinPartitionAssignor) == ASSIGNORS
-    assert CoLocatedAssignor.name != RoundRobinPartitionAssignor.name
-    assert isinstance(CoLocatedAssignor.metadata([ORDERS]), ConsumerProtocolMemberMetadata)
+async def test_the_sinks_consumers_deal_with_it_alone_under_round_robins_name() -> None:
+    # One protocol, which members before it announce too: a rolling upgrade joins at once, in one JoinGroup each.
+    consumer = sink_consumer({"bootstrap_servers": "127.0.0.1:9"}, "crm")
+    try:
+        assert consumer._partition_assignment_strategy == ASSIGNORS == (CoLocatedAssignor,)
+    finally:
+        await consumer.stop()  # never started: it only closes its client
+    assert (CoLocatedAssignor.name, CoLocatedAssignor.version) == ("roundrobin", RoundRobinPartitionAssignor.version)
+    ours, theirs = CoLocatedAssignor.metadata([ORDERS, REPLAY]), RoundRobinPartitionAssignor.metadata([ORDERS, REPLAY])
+    assert ours.encode() == theirs.encode()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from consumers.blocks import Blocks, decode_chain, encode_chain
+from consumers.deadletter import Header
 from consumers.dedup import MemoryDedupStore
-from consumers.work import Work
+from consumers.work import RESEND_OF, Work
 
 
-def work(key: str, *, replay: bool = False, order_ref: str = "SO-1") -> Work:
+def work(key: str, *, replay: bool = False, order_ref: str = "SO-1", headers: tuple[Header, ...] = ()) -> Work:
     topic = "orders.replay.crm" if replay else "orders"
-    return Work((topic, 0), 0, 0, order_ref.encode(), None, (), None, None, order_ref, key, replay=replay)
+    return Work((topic, 0), 0, 0, order_ref.encode(), None, headers, None, None, order_ref, key, replay=replay)
 
 
 async def test_only_the_oldest_dead_letter_of_a_blocked_order_may_be_delivered_and_only_from_a_replay() -> None:
@@ -25,6 +26,18 @@ async def test_only_the_oldest_dead_letter_of_a_blocked_order_may_be_delivered_a
     assert blocks.may_deliver(work("k1", replay=True))
     assert blocks.may_deliver(work("k9", order_ref="SO-2"))
     assert await store.blocking(["SO-1"]) == {"SO-1": encode_chain(["k1", "k2"])}
+
+
+async def test_a_resent_create_goes_ahead_of_the_dead_letters_and_leaves_them_on_the_chain() -> None:
+    # They met the 404 of the object the system lost; replayed after the resend, they address the new one.
+    blocks = Blocks(MemoryDedupStore())
+    blocks.dead_lettered(work("k1"))
+    resent = ((RESEND_OF, b"event-id"),)
+    assert blocks.may_deliver(work("kR", replay=True, headers=resent))
+    assert not blocks.may_deliver(work("kR", headers=resent)), "only from the replay topic, which the operator writes"
+    assert not blocks.may_deliver(work("kR", replay=True, headers=(("orderbus.dlq.reason", b"x"),)))
+    assert not blocks.delivered(work("kR", replay=True, headers=resent)), "the order stays blocked"
+    assert blocks.chain("SO-1") == ["k1"]
 
 
 async def test_the_order_is_unblocked_only_once_its_last_delivery_is_durable_and_nothing_followed() -> None:

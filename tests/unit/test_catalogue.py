@@ -27,10 +27,10 @@ def test_orders_and_one_dead_letter_topic_per_sink() -> None:
 def test_a_replay_topic_has_the_orders_topics_partitions_and_grows_to_them() -> None:
     # Partition p of each holds the same orders, which one instance's state covers (`consumers.assignment`).
     specs = catalogue(TopicLayout(orders_partitions=7, dlq_partitions=2))
-    assert {spec.name: (spec.partitions, spec.grows) for spec in specs} == {
-        "orders": (7, False),
-        **{f"orders.dlq.{sink}": (2, False) for sink in SINKS},
-        **{f"orders.replay.{sink}": (7, True) for sink in SINKS},
+    assert {spec.name: (spec.partitions, spec.follows) for spec in specs} == {
+        "orders": (7, None),
+        **{f"orders.dlq.{sink}": (2, None) for sink in SINKS},
+        **{f"orders.replay.{sink}": (7, "orders") for sink in SINKS},
     }
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from consumers.work import RESEND_OF
 from daemon.reconcile import Delivered
-from daemon.resend import newest_events, plan, resend_event
+from daemon.resend import newest_events, plan, resend_event, resends_in
 from topics.codec import encode
 from topics.envelope import OrderEvent
 from topics.samples import sample_event
@@ -14,10 +15,11 @@ from topics.samples import sample_event
 
 @dataclass(frozen=True)
 class Record:
-    """What `newest_events` reads of aiokafka's ConsumerRecord."""
+    """What `newest_events` and `resends_in` read of aiokafka's ConsumerRecord."""
 
     key: bytes | None
     value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def event(number: str, seed: int, event_type: str = "order.created") -> OrderEvent:
@@ -57,19 +59,17 @@ def test_a_resent_event_is_a_create_of_the_newest_state_with_an_id_of_what_was_l
     assert resent.order == newest.order
     assert resent.occurred_at == newest.occurred_at
     assert resent.event_id != newest.event_id
-    assert resend_event("accounting", newest, LOST).event_id == resent.event_id  # a run repeated: the same event
+    # A run repeated before the daemon delivered it, with a newer event on the topic meanwhile: the same event.
+    assert resend_event("accounting", event("SO-1", 3, "order.updated"), LOST).event_id == resent.event_id
     lost_again = Delivered("SO-1", "accounting-19", 1_764_100_000.5)  # the resent one, lost later
-    assert (
-        len(
-            {
-                resent.event_id,
-                resend_event("accounting", newest, lost_again).event_id,
-                resend_event("crm", newest, LOST).event_id,
-                resend_event("accounting", event("SO-1", 3, "order.updated"), LOST).event_id,
-            }
-        )
-        == 4
-    )
+    by_number = Delivered("SO-1", None, 1_764_100_000.5)  # a system addressed by number: the delivery's time tells
+    ids = {
+        resent.event_id,
+        resend_event("accounting", newest, lost_again).event_id,
+        resend_event("accounting", newest, by_number).event_id,
+        resend_event("crm", newest, LOST).event_id,
+    }
+    assert len(ids) == 4
     OrderEvent.model_validate_json(encode(resent).value)  # a valid event for the sinks
 
 
@@ -79,18 +79,33 @@ def test_what_is_not_resent_and_why() -> None:
         Delivered("SO-2", None, 1.0),
         Delivered("SO-3", "accounting-3", 2.0),
         Delivered("SO-4", "accounting-4", 3.0),
+        Delivered("SO-5", "accounting-5", 4.0),
     ]
     newest = {
         "SO-1": event("SO-1", 1),
         "SO-3": event("SO-3", 3, "order.cancelled"),
-        "SO-4": event("SO-4", 4),
+        "SO-4": event("SO-4", 4, "order.updated"),
+        "SO-5": event("SO-5", 5),
     }
-    planned = plan("accounting", lost, newest, blocked={"SO-4"})
-    assert [item.event is not None for item in planned] == [True, False, False, False]
-    assert planned[0].of == newest["SO-1"]
-    assert planned[0].line == f"SO-1: event {planned[0].event.event_id}, of order.created {newest['SO-1'].event_id}"  # type: ignore[union-attr]
+    planned = plan("accounting", lost, newest, blocked={"SO-4"}, waiting={"SO-5"})
+    assert [item.event is not None for item in planned] == [True, False, False, True, False]
+    first, _, _, blocked, _ = planned
+    assert first.of == newest["SO-1"]
+    assert first.event is not None
+    assert first.line == f"SO-1: event {first.event.event_id}, of order.created {newest['SO-1'].event_id}"
     assert planned[1].line.startswith("SO-2: no valid event of it on the orders topic any more")
     assert planned[2].line == f"SO-3: its newest event is its cancel ({newest['SO-3'].event_id}): nothing to send"
-    assert planned[3].line == (
-        "SO-4: blocked by its dead letters: replay them first (orderbus dlq replay --sink accounting --order SO-4)"
+    # Its updates met the lost object's 404: resent ahead of them, which are then replayed against the new one.
+    assert blocked.line.endswith(
+        "; then replay its dead letters, which now address the resent order: "
+        "orderbus dlq replay --sink accounting --order SO-4"
     )
+    assert planned[4].line == "SO-5: a resend of it waits in the replay topic: the daemon has not read it yet"
+
+
+def test_a_resend_waiting_in_the_replay_topic_is_found_by_its_header() -> None:
+    resent = Record(b"SO-1", b"{}", ((RESEND_OF, b"x"),))
+    replayed = Record(b"SO-2", b"{}", (("orderbus.dlq.reason", b"rejected"),))
+    keyless = Record(None, encode(event("SO-3", 3)).value, ((RESEND_OF, b"y"),))
+    assert resends_in([resent, replayed, keyless], {"SO-1", "SO-2", "SO-3", "SO-4"}) == {"SO-1", "SO-3"}
+    assert resends_in([resent], {"SO-2"}) == set()
