@@ -340,17 +340,7 @@ class Sandbox:
             isinstance(numbers, list) and all(isinstance(n, str) for n in numbers) for numbers in data.values()
         ):
             return _config_error('lose: expected {"<system>": ["<order number>", ...]}')
-        lost: dict[str, int] = {}
-        for name, numbers in data.items():
-            state, wanted = self.system(name), set(numbers)
-            gone = [order_id for order_id, number in state.number.items() if number in wanted]
-            for order_id in gone:
-                number = state.number.pop(order_id)
-                for kept in (state.status, state.version, state.body):
-                    kept.pop(order_id, None)
-                if state.by_number.get(number) == order_id:
-                    del state.by_number[number]
-            lost[name] = len(gone)
+        lost = {name: _forget(self.systems.get(name), set(numbers)) for name, numbers in data.items()}
         return web.json_response(lost)
 
     async def post_reset(self, request: web.Request) -> web.Response:
@@ -438,6 +428,20 @@ def build_sandbox_app(sandbox: Sandbox | None = None) -> web.Application:
         add(method, system + "/{id:[^/]+}", sandbox.resource)
         add(method, system + "/by-number/{number:[^/]+}", sandbox.resource)
     return app
+
+
+def _forget(state: SystemState | None, numbers: set[str]) -> int:
+    """Drop the orders of `numbers` from `state` (a system's: None if it has none yet); how many there were."""
+    if state is None:
+        return 0
+    gone = [order_id for order_id, number in state.number.items() if number in numbers]
+    for order_id in gone:
+        number = state.number.pop(order_id)
+        for kept in (state.status, state.version, state.body):
+            kept.pop(order_id, None)
+        if state.by_number.get(number) == order_id:
+            del state.by_number[number]
+    return len(gone)
 
 
 def _invalid(field_name: str, message: str) -> Answer:
