@@ -25,6 +25,7 @@ from typing import Any
 from aiokafka.partitioner import murmur2
 
 from consumers.blocks import decode_chain
+from consumers.deadletter import copy_headers
 from consumers.dedup_sql import (
     SELECT_BLOCKING,
     SELECT_DOWNSTREAM_ID,
@@ -36,18 +37,18 @@ from consumers.dedup_sql import (
 from consumers.delivery_state import DeliveryState
 from consumers.sqlite_files import read_only
 from consumers.unreadable import describe, passes_through
-from consumers.work import idempotency_key, key_problem
+from consumers.work import RESEND_OF, idempotency_key, key_problem
 from daemon.dlq import DeadLetterView, committed_offsets, order_number_in, read_dead_letters, source_of
 from daemon.kafka_options import client_options
 from daemon.retention import dedup_path
 from daemon.settings import Settings
 from daemon.topic_reader import batches, reading
 from topics.admin import partition_ids
-from topics.catalogue import consumer_group, orders_topic
+from topics.catalogue import consumer_group, orders_topic, replay_topic
 from topics.codec import decode
 from topics.errors import BrokerError, ConfigError, ContractError, StoreError
 
-__all__ = ["Found", "SinkRecord", "TracedEvent", "explain", "key_partition", "trace"]
+__all__ = ["Found", "Resend", "SinkRecord", "TracedEvent", "explain", "key_partition", "trace"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,21 @@ class TracedEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Resend:
+    """A create of the order sent again to one sink through its replay topic (`orderbus reconcile --resend`)."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int
+    event_id: str
+    of: str  # the event it was made of
+
+    @property
+    def where(self) -> str:
+        return f"{self.partition}@{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
 class SinkRecord:
     """What one sink holds about the order: its group's committed offsets on the orders topic, the order's dead
     letters, and from this host's file (None: no file here) the delivery states by event id, the downstream's id
@@ -79,6 +95,7 @@ class SinkRecord:
     states: Mapping[str, DeliveryState] | None
     downstream_id: str | None = None
     blocked: Sequence[str] | None = None  # the idempotency keys of its events waiting in the dead letters
+    resends: Sequence[Resend] = ()  # in the sink's replay topic; their states are in `states` too
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +139,9 @@ async def trace(
             for letter in await read_dead_letters(settings, name)
             if letter.order == order or source_of(letter.meta) in positions
         ]
-        return _local_states(name, committed, letters, dedup_path(settings.state_dir, name), order, found.events)
+        resends = await _resends(replay_topic(name, settings.topics.prefix), order, options)
+        path = dedup_path(settings.state_dir, name)
+        return _local_states(name, committed, letters, path, order, found.events, resends)
 
     return found, list(await asyncio.gather(*(record_of(name) for name in settings.enabled_sinks())))
 
@@ -150,6 +169,25 @@ async def _find(
     events.sort(key=lambda event: (event.timestamp_ms, event.partition, event.offset))
     searched = {tp.partition: (starts[tp], ends[tp]) for tp in tps}
     return Found(order, topic, events, searched, by_key=len(partitions) == 1, unreadable=unreadable)
+
+
+async def _resends(topic: str, order: str, options: Mapping[str, Any]) -> list[Resend]:
+    """The resent creates of `order` in the replay topic `topic` (its key's partition: a resend is keyed)."""
+    ids = await partition_ids(topic, options)
+    if not ids:
+        return []
+    key, found = order.encode("utf-8"), []
+    async with reading(topic, options, [key_partition(order, len(ids))], committed=True) as (consumer, tps):
+        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+        async for partition, records in batches(consumer, starts, ends):
+            for record in records:
+                headers = dict(copy_headers(record.headers))
+                if record.key == key and (of := headers.get(RESEND_OF)) is not None:
+                    event_id = (headers.get("event-id") or b"").decode("ascii", "replace")
+                    found.append(
+                        Resend(partition, record.offset, record.timestamp, event_id, of.decode("ascii", "replace"))
+                    )
+    return found
 
 
 def _of_order(record: Any, key: bytes, order: str) -> bool:
@@ -184,11 +222,14 @@ def _local_states(
     path: Path,
     order: str,
     events: Sequence[TracedEvent],
+    resends: Sequence[Resend] = (),
 ) -> SinkRecord:
-    """The sink's record with what this host's file says of `events` (none when the file is not here)."""
+    """The sink's record with what this host's file says of `events` and `resends` (none when the file is not
+    here)."""
     if not path.exists():
-        return SinkRecord(name, committed, letters, path, None)
-    keys = {idempotency_key(name, event.event_id): event.event_id for event in events if event.event_id}
+        return SinkRecord(name, committed, letters, path, None, resends=resends)
+    ids = [event.event_id for event in events if event.event_id] + [resend.event_id for resend in resends]
+    keys = {idempotency_key(name, event_id): event_id for event_id in ids}
     try:
         with read_only(path) as db:
             check_layout(db)
@@ -206,6 +247,7 @@ def _local_states(
         states,
         downstream_id=str(downstream[0][1]) if downstream else None,
         blocked=decode_chain(str(blocking[0][1])) if blocking else None,
+        resends=resends,
     )
 
 
@@ -239,6 +281,12 @@ def explain(found: Found, sinks: Sequence[SinkRecord]) -> list[str]:
         lines.append(f"{event.where:>10} {at} {event.event_type} {what}")
         lines.extend(f"{'':>12}{sink.name:<11} {_verdict(event, sink, found.topic)}" for sink in sinks)
     for sink in sinks:
+        for resend in sink.resends:
+            state = sink.states.get(resend.event_id) if sink.states is not None else None
+            lines.append(
+                f"{sink.name}: resent {_time(resend.timestamp_ms / 1000)} as event_id={resend.event_id} (of "
+                f"{resend.of}; replay topic {resend.where}): {_resend_verdict(state, sink)}"
+            )
         if sink.blocked is not None:
             waiting = f"{len(sink.blocked)} of its events wait" if sink.blocked else "its unblocking is being written"
             lines.append(
@@ -285,6 +333,20 @@ def _verdict(event: TracedEvent, sink: SinkRecord, topic: str) -> str:
         f"not delivered yet: its group is at offset {committed} of partition {event.partition}, "
         f"{event.offset - committed} record(s) before this one"
     )
+
+
+def _resend_verdict(state: DeliveryState | None, sink: SinkRecord) -> str:
+    """What became of a resent create, from this host's file alone."""
+    if state is None:
+        return "not delivered from this host yet (another instance may hold the order's partition)"
+    match state.status:
+        case "done" | "duplicate":
+            return _delivered(state, sink.downstream_id)
+        case "in_flight":
+            answer = f"last answer HTTP {state.last_status}" if state.last_status else "no answer yet"
+            return f"being delivered: {_attempts(state)} so far, {answer}"
+        case _:
+            return f"dead-lettered ({state.reason}): orderbus dlq list --sink {sink.name}"
 
 
 def _delivered(state: DeliveryState, downstream_id: str | None) -> str:

@@ -13,6 +13,7 @@ from support import make_events, orderbus_cli, orders_of, produce, read_topic, r
 
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
+from daemon.sandbox.records import LedgerEntry
 from daemon.settings import load_settings
 from topics.catalogue import dlq_topic, replay_topic
 from topics.envelope import OrderEvent
@@ -25,6 +26,10 @@ def changed(event: OrderEvent, seed: int) -> OrderEvent:
     """An update of `event`'s order that changes it: another sample under the same number."""
     fresh = sample_event(random.Random(seed), order_number=event.order.order_number)
     return fresh.model_copy(update={"event_type": "order.updated"})
+
+
+def ledger_ids(ledger: list[LedgerEntry]) -> dict[str, str]:
+    return {entry["order_number"]: entry["id"] for entry in ledger}
 
 
 def resent_lines(stdout: str) -> dict[str, str]:
@@ -96,6 +101,13 @@ async def test_reconcile_resends_what_a_system_lost_once_in_its_newest_state(
         assert "  present  10\n  missing  0\n" in again.stdout
         assert not [line for line in again.stdout.splitlines() if line.startswith(("resent", "not resent"))]
 
+        traced = await orderbus_cli("trace", numbers[1], env=env)
+        assert traced.returncode == 0, traced.stderr
+        [resent_line] = [line for line in traced.stdout.splitlines() if line.startswith("accounting: resent ")]
+        resent_id = said[numbers[1]].split(",")[0].removeprefix("event ")
+        assert f" as event_id={resent_id} (of {events[5].event_id}; replay topic " in resent_line
+        assert f"): delivered, downstream id {ledger_ids(ledger)[numbers[1]]}: 1 attempt, " in resent_line
+
         later = changed(events[5], 999)
         await produce(kafka_broker.bootstrap, orders_of(settings), [later])
         [later_put] = await sandbox.wait_ledger("accounting", 1, since=put["seq"], timeout=60)
@@ -108,7 +120,7 @@ async def test_reconcile_resends_what_a_system_lost_once_in_its_newest_state(
     keys = {entry["idempotency_key"] for entry in ledger}
     assert all(key is not None and key.startswith("orderbus:accounting:") for key in keys)
     assert not keys & {entry["idempotency_key"] for entry in before}, "new keys: the system may remember the old"
-    resent_ids = {entry["order_number"]: entry["id"] for entry in ledger}
+    resent_ids = ledger_ids(ledger)
     assert all(resent_ids[n] != lost_ids[n] for n in numbers)
     assert {entry["order_number"]: f"event {entry['event_id']}" for entry in ledger} == {
         number: text.split(",")[0] for number, text in said.items()

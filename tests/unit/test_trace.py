@@ -18,7 +18,17 @@ from consumers.dedup import SqliteDedupStore
 from consumers.delivery_state import DeliveryState, DeliveryStatus
 from consumers.work import KEY_MISMATCH, idempotency_key
 from daemon.dlq import DeadLetterView
-from daemon.trace import Found, SinkRecord, TracedEvent, _event, _local_states, _of_order, explain, key_partition
+from daemon.trace import (
+    Found,
+    Resend,
+    SinkRecord,
+    TracedEvent,
+    _event,
+    _local_states,
+    _of_order,
+    explain,
+    key_partition,
+)
 from topics.codec import encode
 from topics.errors import StoreError
 from topics.samples import sample_event
@@ -245,4 +255,24 @@ def test_a_row_in_flight_on_this_host_for_a_record_its_group_committed_past_is_n
     assert verdicts(explain(found(CREATED), [crm(committed={3: 120}, states={"e-1": stale})])) == [
         "handled: its group committed past it (this host last tried it: 2 attempts, 2027-01-15T08:00:00+00:00; "
         "another instance finished it)"
+    ]
+
+
+def test_a_resent_create_is_shown_per_sink_with_what_became_of_it() -> None:
+    resend = Resend(1, 4, 1_800_000_120_000, "e-9", "e-2")
+    head = "crm: resent 2027-01-15T08:02:00+00:00 as event_id=e-9 (of e-2; replay topic 1@4): "
+    delivered = crm(resends=[resend], states={"e-9": state("e-9", "done")}, downstream_id="C-12")
+    assert explain(found(CREATED, UPDATED), [delivered])[-1] == (
+        head + "delivered, downstream id C-12: 1 attempt, 2027-01-15T08:00:00+00:00"
+    )
+    dead = dataclasses.replace(state("e-9", "dead"), reason="rejected")
+    assert explain(found(CREATED), [crm(resends=[resend], states={"e-9": dead})])[-1] == (
+        head + "dead-lettered (rejected): orderbus dlq list --sink crm"
+    )
+    elsewhere = head + "not delivered from this host yet (another instance may hold the order's partition)"
+    assert explain(found(CREATED), [crm(resends=[resend])])[-1] == elsewhere
+    without_file = explain(found(CREATED), [crm(resends=[resend], states=None)])
+    assert without_file[-2:] == [
+        elsewhere,
+        "crm: no delivery-state file here (state/dedup-crm.sqlite); states from Kafka only",
     ]
