@@ -9,6 +9,11 @@ empty and that is durable. So a replay of only the record that blocked the order
 blocked until the records that followed are replayed too, and an event arriving while a replay is under way
 (retried, or queued behind the head) follows it to the dead-letter topic instead of passing it.
 
+One exception: a create that `orderbus reconcile --resend` sent through the replay topic for an order the system
+lost (`consumers.work.Work.resend`) goes ahead of the chain. The chain's records failed against the object the
+system lost (their 404s); the resend makes a new one, and the chain, replayed after it, addresses that. It stays
+on the chain only if it is dead-lettered itself (after the records before it).
+
 An ``invalid`` dead letter (a record that cannot be read: not JSON, not the contract) blocks nothing and goes on no
 chain: replayed unchanged, it fails as invalid again, so as a chain's head it would send every later event of the
 order to the dead-letter topic for good; and its order number is only the record key, which nothing vouches for.

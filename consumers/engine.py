@@ -409,7 +409,16 @@ class SinkEngine:
         self._joined = True
         if (contested := self._churn.assigned()) is not None:
             log.error("group membership contested", extra={"sink": self.sink.name, "error": contested})
-        log.info("partitions assigned", extra={"sink": self.sink.name, **self._partition_fields(assigned)})
+        fields = self._partition_fields(assigned)
+        log.info("partitions assigned", extra={"sink": self.sink.name, **fields})
+        if self.replay_topic is not None and fields["partitions"] != fields["replay_partitions"]:
+            # Partition p of both belongs together (`consumers.assignment`): a replay would reach another instance.
+            log.warning(
+                "replay partitions assigned apart from their orders partitions: a replayed dead letter may reach an "
+                "instance that does not hold its order; run `orderbus topics apply` (a replay topic with another "
+                "partition count), or let an upgrade finish (an earlier orderbus leads the group)",
+                extra={"sink": self.sink.name, **fields},
+            )
 
     async def on_revoked(self, revoked: Iterable[TopicPartitionKey]) -> None:
         """A rebalance takes partitions away: drain them the way a shutdown drains everything."""

@@ -45,8 +45,14 @@ class Work:
 
     @property
     def resend(self) -> bool:
-        """A resent create (`RESEND_OF`), read from the replay topic: only the operator writes there."""
-        return self.replay and any(name == RESEND_OF for name, _ in self.headers)
+        """A resent create (`RESEND_OF`) read from the replay topic, which the operator's commands write: a create
+        only (a replayed dead letter keeps the headers its producer gave it, which could name the header too)."""
+        return (
+            self.replay
+            and self.prepared is not None
+            and self.prepared.event_type == "order.created"
+            and any(name == RESEND_OF for name, _ in self.headers)
+        )
 
     @property
     def lane(self) -> tuple[TopicPartitionKey, str]:

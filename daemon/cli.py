@@ -17,7 +17,8 @@
                                                                     (--resend: send it what it lost again)
 
 Exit codes: 0 done, 1 failed (`trace`: no record of the order; `webhook check`: the body is invalid; `reconcile`:
-an order missing or unknown, or no verdict for 10 in a row; with ``--resend``, an order unknown or not resent), 2
+an order missing or unknown, or no verdict for 10 in a row; with ``--resend``, an order unknown, not resent, or
+resent with its dead letters to replay), 2
 bad usage or bad configuration (`reconcile`: the credentials or the certificate refused), 3 drift found with
 ``--strict``, 130 interrupted (`reconcile`, after its report so far).
 """

@@ -393,7 +393,12 @@ async def replay_partition_notes(settings: Settings, options: Mapping[str, Any])
     return [
         f"{name} has {counts[name]} partitions, {orders} {counts[orders]}: with several instances, a replayed dead "
         "letter can reach an instance that does not hold its order's state (the order stays blocked); "
-        + ("run `orderbus topics apply`, which grows it" if counts[name] < counts[orders] else "align them by hand")
+        + (
+            "run `orderbus topics apply`, which grows it"
+            if counts[name] < counts[orders]
+            else "once its sink has read it (no replay-pending in `orderbus dlq list`), delete it and run "
+            "`orderbus topics apply`, which makes it anew"
+        )
         for name in replays
         if name in counts and counts[name] != counts[orders]
     ]

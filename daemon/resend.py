@@ -12,6 +12,9 @@ addresses an object that is gone. So each is sent once more as a new event:
   event it was made of (`consumers.work.RESEND_OF`); its event id is derived from the sink, the order and the
   delivery the system lost (its downstream id and time), so a run repeated before the daemon has delivered it makes
   the same event (skipped as delivered), and a loss of the resent order later makes a new one;
+- an order the replay topic holds a resend of since the delivery it lost is not sent again: that resend is on its
+  way, or was delivered by the instance that holds the order's partition now (this host's file lists the order
+  from before the partition moved, with the id it knew then), where a second create would be a second object;
 - it goes to ``orders.replay.<sink>``, which only that sink reads, keyed by the order number, to the instance that
   holds the order's state (`consumers.assignment`): the running daemon delivers it as any create, with a new
   idempotency key (the system may remember the lost one), retries, dead letters and all, and keeps the id the
@@ -20,7 +23,7 @@ addresses an object that is gone. So each is sent once more as a new event:
 An order that dead letters block (its updates met the 404 of the lost object) is resent all the same: the resent
 create goes ahead of them (`consumers.blocks`), and the operator then replays them, which now address the new
 object. Not resent: an order without a valid event on the topic any more (older than its retention: the shop must
-send it again), one whose newest event is its cancel, and one with a resend already waiting in the replay topic.
+send it again), one whose newest event is its cancel, and one resent since the delivery it lost (above).
 Nothing is resent while the replay topic's partition count is not the orders topic's (`orderbus topics apply`).
 """
 
@@ -31,6 +34,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
@@ -40,7 +44,7 @@ from consumers.dedup_sql import SELECT_BLOCKING, check_layout, select_blocked
 from consumers.sqlite_files import read_only
 from consumers.unreadable import describe, passes_through
 from consumers.work import RESEND_OF, key_problem
-from daemon.dlq import committed_offsets, order_number_in
+from daemon.dlq import order_number_in
 from daemon.kafka_options import client_options
 from daemon.reconcile import CANCELLED, Delivered
 from daemon.retention import dedup_path
@@ -48,7 +52,7 @@ from daemon.settings import Settings
 from daemon.topic_reader import batches, reading
 from daemon.trace import key_partition
 from topics.admin import partition_counts
-from topics.catalogue import consumer_group, orders_topic, replay_topic
+from topics.catalogue import orders_topic, replay_topic
 from topics.codec import decode, encode
 from topics.envelope import SCHEMA_VERSION, OrderEvent
 from topics.errors import BrokerError, ContractError, OrderbusError, StoreError
@@ -112,13 +116,14 @@ def newest_events(records: Sequence[Any], wanted: set[str]) -> dict[str, OrderEv
     return newest
 
 
-def resends_in(records: Sequence[Any], wanted: set[str]) -> set[str]:
-    """Those of `wanted` with a resent create among `records` (of a replay topic)."""
-    return {
-        number
-        for record in records
-        if (number := record_order(record)) in wanted and any(name == RESEND_OF for name, _ in record.headers or ())
-    }
+def resends_in(records: Sequence[Any], wanted: set[str]) -> dict[str, int]:
+    """The newest resent create's time (ms) of each of `wanted` among `records` (of a replay topic)."""
+    found: dict[str, int] = {}
+    for record in records:
+        number = record_order(record)
+        if number is not None and number in wanted and any(name == RESEND_OF for name, _ in record.headers or ()):
+            found[number] = max(found.get(number, 0), record.timestamp)
+    return found
 
 
 def by_partition(orders: Sequence[str], partitions: int) -> dict[int, set[str]]:
@@ -147,19 +152,17 @@ async def find_newest(settings: Settings, orders: Sequence[str], partitions: int
     return found
 
 
-async def waiting_resends(settings: Settings, sink: str, orders: Sequence[str], partitions: int) -> set[str]:
-    """Those of `orders` with a resent create in the sink's replay topic that its group has not read yet."""
+async def earlier_resends(settings: Settings, sink: str, orders: Sequence[str], partitions: int) -> dict[str, int]:
+    """The newest resend's time (ms) of each of `orders` that the sink's replay topic holds, read or not."""
     topic = replay_topic(sink, settings.topics.prefix)
-    options = client_options(settings.kafka)
     wanted = by_partition(orders, partitions)
-    read = await committed_offsets(consumer_group(sink, settings.topics.prefix), topic, options, sorted(wanted))
-    waiting: set[str] = set()
-    async with reading(topic, options, sorted(wanted), committed=True) as (consumer, tps):
+    found: dict[str, int] = {}
+    async with reading(topic, client_options(settings.kafka), sorted(wanted), committed=True) as (consumer, tps):
         starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
-        starts = {tp: max(offset, read.get(tp.partition, 0)) for tp, offset in starts.items()}
         async for partition, records in batches(consumer, starts, ends):
-            waiting |= resends_in(records, wanted[partition])
-    return waiting
+            for number, at in resends_in(records, wanted[partition]).items():
+                found[number] = max(found.get(number, 0), at)
+    return found
 
 
 def blocked_orders(settings: Settings, sink: str, orders: Sequence[str]) -> set[str]:
@@ -174,15 +177,22 @@ def blocked_orders(settings: Settings, sink: str, orders: Sequence[str]) -> set[
 
 
 def plan(
-    sink: str, lost: Sequence[Delivered], newest: Mapping[str, OrderEvent], blocked: set[str], waiting: set[str]
+    sink: str,
+    lost: Sequence[Delivered],
+    newest: Mapping[str, OrderEvent],
+    blocked: set[str],
+    resent: Mapping[str, int],
 ) -> list[Resent]:
-    """For each lost order, the event to resend, or why none."""
+    """For each lost order, the event to resend, or why none. `resent`: the newest resend's time (ms) of orders the
+    replay topic holds one of; one at or after the lost delivery is on its way, or this host's file is older than
+    it (the order's partition moved, and the instance that holds it now has the resend's delivery)."""
     planned = []
     for order in lost:
         number = order.order_number
         event = newest.get(number)
-        if number in waiting:
-            skipped = "a resend of it waits in the replay topic: the daemon has not read it yet"
+        if (at := resent.get(number)) is not None and at >= order.at * 1000:
+            when = datetime.fromtimestamp(at / 1000, UTC).isoformat(timespec="seconds")
+            skipped = f"resent at {when}, after the delivery it lost: see orderbus trace {number}"
             planned.append(Resent(order, skipped=skipped))
         elif event is None:
             skipped = (
@@ -213,8 +223,8 @@ async def resend(settings: Settings, sink: str, lost: Sequence[Delivered]) -> li
         )
     numbers = [order.order_number for order in lost]
     newest = await find_newest(settings, numbers, counts[orders])
-    waiting = await waiting_resends(settings, sink, numbers, counts[orders])
-    planned = plan(sink, lost, newest, blocked_orders(settings, sink, numbers), waiting)
+    resent = await earlier_resends(settings, sink, numbers, counts[orders])
+    planned = plan(sink, lost, newest, blocked_orders(settings, sink, numbers), resent)
     producer = AIOKafkaProducer(**options, acks="all", enable_idempotence=True)
     sent = 0
     try:
@@ -237,11 +247,11 @@ __all__ = [
     "SOURCE",
     "Resent",
     "blocked_orders",
+    "earlier_resends",
     "find_newest",
     "newest_events",
     "plan",
     "resend",
     "resend_event",
     "resends_in",
-    "waiting_resends",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError
+from aiokafka.errors import InvalidPartitionsError, KafkaError
 
 from topics.broker_diagnosis import Diagnose, unreachable
 from topics.catalogue import TopicSpec
@@ -115,21 +115,26 @@ async def _grow(
     so (a daemon started right after would see the old count). Another `apply` that grew them a moment ago is the
     state we want."""
     wanted = {name: NewPartitions(total_count=count) for name, count in counts.items()}
+    refused: KafkaError | None = None
     try:
         await admin.create_partitions(wanted, timeout_ms=int(timeout * 1000))
+    except InvalidPartitionsError as exc:
+        refused = exc  # as many already, after another `apply`? Then the broker describes them so in a moment.
     except KafkaError as exc:
-        now = await _partition_counts(admin, list(counts))
-        if short := sorted(name for name, count in counts.items() if now.get(name, 0) < count):
-            raise BrokerError(f"cannot add partitions to {', '.join(short)}: {exc}") from exc
+        raise BrokerError(f"cannot add partitions to {', '.join(sorted(counts))}: {exc}") from exc
     deadline = clock() + timeout
-    while short := [
-        name for name, count in (await _partition_counts(admin, list(counts))).items() if count < counts[name]
-    ]:
+    while short := sorted(
+        name for name, described in [(n, await _described(admin, n)) for n in counts] if described < counts[name]
+    ):
         if clock() >= deadline:
-            raise BrokerError(
-                f"partitions added, but the broker does not describe them after {timeout:g} s: {', '.join(short)}"
-            )
+            why = f"the broker refused ({refused})" if refused else "added, but the broker does not describe them"
+            raise BrokerError(f"partitions of {', '.join(short)}: {why}, after {timeout:g} s")
         await sleep(0.1)
+
+
+async def _described(admin: AIOKafkaAdminClient, name: str) -> int:
+    """`name`'s partition count as the broker describes it (0: not described)."""
+    return (await _partition_counts(admin, [name])).get(name, 0)
 
 
 async def _create(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout: float) -> None:
@@ -174,7 +179,10 @@ async def until_listed(
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
-    return {topic["topic"]: len(topic["partitions"]) for topic in await admin.describe_topics(names)}
+    """The partition counts of those of `names` the broker describes (absent: not described, as for a topic just
+    created whose partitions have no leader yet). The names must be listed: a metadata request may create a topic."""
+    described = await admin.describe_topics(names)
+    return {t["topic"]: len(t["partitions"]) for t in described if t.get("error_code", 0) == 0 and t["partitions"]}
 
 
 async def _configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
@@ -245,23 +253,28 @@ async def group_offsets(
 async def partition_counts(
     names: Sequence[str], client_options: Mapping[str, Any], *, timeout: float = 30.0
 ) -> dict[str, int]:
-    """How many partitions each of `names` has (absent: it does not exist)."""
+    """How many partitions each of `names` has (absent: it does not exist, or is not described yet). Asked only of
+    the listed ones: a metadata request that names a topic may create it (see `missing_topics`)."""
     admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
     try:
         await admin.start()
-        described = await admin.describe_topics(list(names))
+        existing = set(await admin.list_topics())
+        listed = [name for name in names if name in existing]
+        return await _partition_counts(admin, listed) if listed else {}
     except KafkaError as exc:
         raise BrokerError(f"cannot describe topics {', '.join(names)}: {exc!r}") from exc
     finally:
         await admin.close()
-    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
 
 
 async def partition_ids(topic: str, client_options: Mapping[str, Any], *, timeout: float = 30.0) -> list[int]:
-    """The partition ids of `topic` (empty when it does not exist), read from the cluster's metadata."""
+    """The partition ids of `topic` (empty when it does not exist), read from the cluster's metadata; asked only of
+    a listed topic, which a metadata request cannot create (see `missing_topics`)."""
     admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
     try:
         await admin.start()
+        if topic not in await admin.list_topics():
+            return []
         described = await admin.describe_topics([topic])
     except KafkaError as exc:
         raise BrokerError(f"cannot describe topic {topic}: {exc!r}") from exc

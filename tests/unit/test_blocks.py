@@ -5,12 +5,21 @@ from __future__ import annotations
 from consumers.blocks import Blocks, decode_chain, encode_chain
 from consumers.deadletter import Header
 from consumers.dedup import MemoryDedupStore
+from consumers.sink import Prepared
 from consumers.work import RESEND_OF, Work
 
 
-def work(key: str, *, replay: bool = False, order_ref: str = "SO-1", headers: tuple[Header, ...] = ()) -> Work:
+def work(
+    key: str,
+    *,
+    replay: bool = False,
+    order_ref: str = "SO-1",
+    headers: tuple[Header, ...] = (),
+    event_type: str | None = None,
+) -> Work:
     topic = "orders.replay.crm" if replay else "orders"
-    return Work((topic, 0), 0, 0, order_ref.encode(), None, headers, None, None, order_ref, key, replay=replay)
+    prepared = None if event_type is None else Prepared(key, event_type, order_ref, "POST", b"{}", {})
+    return Work((topic, 0), 0, 0, order_ref.encode(), None, headers, prepared, None, order_ref, key, replay=replay)
 
 
 async def test_only_the_oldest_dead_letter_of_a_blocked_order_may_be_delivered_and_only_from_a_replay() -> None:
@@ -33,10 +42,23 @@ async def test_a_resent_create_goes_ahead_of_the_dead_letters_and_leaves_them_on
     blocks = Blocks(MemoryDedupStore())
     blocks.dead_lettered(work("k1"))
     resent = ((RESEND_OF, b"event-id"),)
-    assert blocks.may_deliver(work("kR", replay=True, headers=resent))
-    assert not blocks.may_deliver(work("kR", headers=resent)), "only from the replay topic, which the operator writes"
-    assert not blocks.may_deliver(work("kR", replay=True, headers=(("orderbus.dlq.reason", b"x"),)))
-    assert not blocks.delivered(work("kR", replay=True, headers=resent)), "the order stays blocked"
+    create = "order.created"
+    assert blocks.may_deliver(work("kR", replay=True, headers=resent, event_type=create))
+    assert not blocks.may_deliver(work("kR", headers=resent, event_type=create)), "only from the replay topic"
+    assert not blocks.may_deliver(work("kU", replay=True, headers=resent, event_type="order.updated")), "creates only"
+    assert not blocks.may_deliver(work("kR", replay=True, headers=(("orderbus.dlq.reason", b"x"),), event_type=create))
+    assert not blocks.delivered(work("kR", replay=True, headers=resent, event_type=create)), "the order stays blocked"
+    assert blocks.chain("SO-1") == ["k1"]
+
+
+async def test_a_resent_create_dead_lettered_itself_waits_on_the_chain_and_leaves_it_when_replayed() -> None:
+    blocks = Blocks(MemoryDedupStore())
+    blocks.dead_lettered(work("k1"))
+    resend = work("kR", replay=True, headers=((RESEND_OF, b"event-id"),), event_type="order.created")
+    blocks.dead_lettered(resend)  # its POST refused, say
+    assert blocks.chain("SO-1") == ["k1", "kR"]
+    assert blocks.may_deliver(resend), "replayed, it goes ahead again"
+    assert not blocks.delivered(resend)
     assert blocks.chain("SO-1") == ["k1"]
 
 

@@ -1679,6 +1679,13 @@ async def test_assigned_and_revoked_partitions_are_logged_apart_per_topic(
         if r.getMessage() in ("partitions assigned", "partitions revoked")
     }
     assert logged == {"partitions assigned": ([0, 1], [0]), "partitions revoked": ([1], [0])}
+    apart = [r for r in caplog.records if r.getMessage().startswith("replay partitions assigned apart")]
+    assert [(r.levelname, getattr(r, "partitions", None), getattr(r, "replay_partitions", None)) for r in apart] == [
+        ("WARNING", [0, 1], [0])
+    ]
+    caplog.clear()
+    h.engine.on_assigned({TP1, (REPLAY[0], 1)})  # together, as `consumers.assignment` deals them
+    assert not [r for r in caplog.records if r.getMessage().startswith("replay partitions assigned apart")]
 
 
 async def test_after_an_outage_the_sink_ramps_up_instead_of_sending_everything_at_once(

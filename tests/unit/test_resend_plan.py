@@ -20,6 +20,7 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp: int = 0
 
 
 def event(number: str, seed: int, event_type: str = "order.created") -> OrderEvent:
@@ -79,17 +80,17 @@ def test_what_is_not_resent_and_why() -> None:
         Delivered("SO-2", None, 1.0),
         Delivered("SO-3", "accounting-3", 2.0),
         Delivered("SO-4", "accounting-4", 3.0),
-        Delivered("SO-5", "accounting-5", 4.0),
+        Delivered("SO-5", "accounting-5", 1_764_000_000.0),
+        Delivered("SO-6", "accounting-6", 1_764_000_000.0),
     ]
-    newest = {
-        "SO-1": event("SO-1", 1),
-        "SO-3": event("SO-3", 3, "order.cancelled"),
-        "SO-4": event("SO-4", 4, "order.updated"),
-        "SO-5": event("SO-5", 5),
-    }
-    planned = plan("accounting", lost, newest, blocked={"SO-4"}, waiting={"SO-5"})
-    assert [item.event is not None for item in planned] == [True, False, False, True, False]
-    first, _, _, blocked, _ = planned
+    newest = {number: event(number, i) for i, number in enumerate(["SO-1", "SO-5", "SO-6"])}
+    newest |= {"SO-3": event("SO-3", 3, "order.cancelled"), "SO-4": event("SO-4", 4, "order.updated")}
+    # SO-5 was resent after the delivery this host's file knows of (on its way, or delivered by the instance that
+    # holds the order now); SO-6's resend came before it: that one was delivered, and lost again since.
+    resent = {"SO-5": 1_764_000_000_000, "SO-6": 1_763_999_999_999}
+    planned = plan("accounting", lost, newest, blocked={"SO-4"}, resent=resent)
+    assert [item.event is not None for item in planned] == [True, False, False, True, False, True]
+    first, _, _, blocked, _, again = planned
     assert first.of == newest["SO-1"]
     assert first.event is not None
     assert first.line == f"SO-1: event {first.event.event_id}, of order.created {newest['SO-1'].event_id}"
@@ -100,12 +101,17 @@ def test_what_is_not_resent_and_why() -> None:
         "; then replay its dead letters, which now address the resent order: "
         "orderbus dlq replay --sink accounting --order SO-4"
     )
-    assert planned[4].line == "SO-5: a resend of it waits in the replay topic: the daemon has not read it yet"
+    assert planned[4].line == (
+        "SO-5: resent at 2025-11-24T16:00:00+00:00, after the delivery it lost: see orderbus trace SO-5"
+    )
+    assert again.of == newest["SO-6"]
 
 
-def test_a_resend_waiting_in_the_replay_topic_is_found_by_its_header() -> None:
-    resent = Record(b"SO-1", b"{}", ((RESEND_OF, b"x"),))
-    replayed = Record(b"SO-2", b"{}", (("orderbus.dlq.reason", b"rejected"),))
-    keyless = Record(None, encode(event("SO-3", 3)).value, ((RESEND_OF, b"y"),))
-    assert resends_in([resent, replayed, keyless], {"SO-1", "SO-2", "SO-3", "SO-4"}) == {"SO-1", "SO-3"}
-    assert resends_in([resent], {"SO-2"}) == set()
+def test_the_newest_resend_of_each_order_is_found_in_the_replay_topic_by_its_header() -> None:
+    resent = Record(b"SO-1", b"{}", ((RESEND_OF, b"x"),), timestamp=5)
+    resent_again = Record(b"SO-1", b"{}", ((RESEND_OF, b"z"),), timestamp=9)
+    replayed = Record(b"SO-2", b"{}", (("orderbus.dlq.reason", b"rejected"),), timestamp=7)
+    keyless = Record(None, encode(event("SO-3", 3)).value, ((RESEND_OF, b"y"),), timestamp=3)
+    records = [resent_again, resent, replayed, keyless]
+    assert resends_in(records, {"SO-1", "SO-2", "SO-3", "SO-4"}) == {"SO-1": 9, "SO-3": 3}
+    assert resends_in(records, {"SO-2"}) == {}
