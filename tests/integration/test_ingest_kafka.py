@@ -19,7 +19,7 @@ from daemon.kafka_local import BrokerInfo
 from daemon.kafka_options import client_options, topic_layout
 from daemon.lifecycle import replay_partition_notes
 from daemon.settings import load_settings
-from topics.admin import apply_catalogue, missing_topics, partition_ids
+from topics.admin import apply_catalogue, missing_topics, partition_counts, partition_ids
 from topics.catalogue import catalogue, orders_topic, replay_topic
 from topics.codec import decode
 from topics.samples import sample_submission
@@ -86,6 +86,17 @@ async def test_topics_apply_grows_replay_topics_to_the_orders_topics_partitions(
     assert again.grown == []
     assert again.drift == []
     assert sorted(again.unchanged) == sorted(spec.name for spec in specs)
+
+
+async def test_looking_for_a_topic_does_not_create_it(kafka_broker: BrokerInfo, unique_name: str) -> None:
+    # The local broker creates a topic a metadata request names (Kafka's default): the operator commands, which look
+    # for topics by name (trace, dlq, topics show, reconcile --resend), created what they did not find.
+    options = {"bootstrap_servers": kafka_broker.bootstrap}
+    name = f"{unique_name}.never"
+    assert await partition_ids(name, options) == []
+    assert await partition_counts([name], options) == {}
+    await asyncio.sleep(3.0)  # the broker creates such a topic a moment after the request (1 to 2 s here)
+    assert await missing_topics([name], options) == [name]
 
 
 async def test_one_record_per_key_under_1000_concurrent_posts(
