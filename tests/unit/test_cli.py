@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -401,3 +402,46 @@ def test_a_run_that_fails_ends_with_a_json_line_naming_the_problem(
     assert events[-1]["level"] == "critical"
     assert events[-1]["msg"].startswith("stopped: state_dir: cannot create")
     assert events[-1]["exit_code"] == 2
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "unknown", "code"),
+    [
+        (["sent"], False, 0),
+        (["sent", "skipped"], False, 1),
+        (["sent"], True, 1),
+        (["sent, then replay"], False, 1),  # resent ahead of dead letters the operator replays next
+    ],
+)
+def test_reconcile_resend_exits_0_only_when_nothing_is_left_to_do(
+    outcomes: list[str], unknown: bool, code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from daemon import resend as resend_module
+    from daemon.reconcile import Checked, Delivered, Run
+    from daemon.resend import Resent, resend_event
+    from topics.samples import sample_event
+
+    lost = [Delivered(f"SO-{i}", f"acc-{i}", 1.0) for i in range(len(outcomes))]
+    run = Run(lost)
+    run.found = {i: Checked(order, "missing", "HTTP 404") for i, order in enumerate(lost)}
+    if unknown:
+        run.found[len(lost)] = Checked(Delivered("SO-9", None, 1.0), "unknown", "HTTP 503, 4 tries")
+
+    async def resend(settings: Settings, sink: str, orders: list[Delivered]) -> list[Resent]:
+        assert [order.order_number for order in orders] == [order.order_number for order in lost]
+        made = []
+        for order, outcome in zip(orders, outcomes, strict=True):
+            newest = sample_event(random.Random(1), order_number=order.order_number)
+            if outcome == "skipped":
+                made.append(Resent(order, skipped="its newest event is its cancel"))
+            else:
+                then = "then replay its dead letters" if "replay" in outcome else ""
+                made.append(Resent(order, resend_event("accounting", newest, order), of=newest, then=then))
+        return made
+
+    monkeypatch.setattr(resend_module, "resend", resend)
+    assert cli._resend(Settings(), "accounting", run) == code
+    out = capsys.readouterr().out
+    sent = sum(1 for outcome in outcomes if outcome != "skipped")
+    assert out.startswith(f"resent {sent} order(s) to orders.replay.accounting as creates")
+    assert ("not resent:\n  SO-1: its newest event is its cancel" in out) == ("skipped" in outcomes)
