@@ -63,6 +63,10 @@ def sandbox_sinks(sandbox: SandboxProcess, **extra: Any) -> dict[str, dict[str, 
     return {name: {"base_url": sandbox.system_url(name), **FAST_RETRIES, **extra} for name in SINKS}
 
 
+# A sink's settings in tests that replay dead letters: quick retries and commits, so a replay is read at once.
+QUICK_SINK: dict[str, float] = {"backoff_base": 0.05, "backoff_cap": 0.2, "commit_interval": 0.2}
+
+
 def settings_env(
     broker: BrokerInfo | str,
     prefix: str,

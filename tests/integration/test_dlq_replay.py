@@ -8,7 +8,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import make_events, orderbus_cli, orders_of, produce, read_topic, running_daemon, settings_env, with_type
+from support import (
+    QUICK_SINK,
+    make_events,
+    orderbus_cli,
+    orders_of,
+    produce,
+    read_topic,
+    running_daemon,
+    settings_env,
+    with_type,
+)
 
 from consumers.work import idempotency_key
 from daemon.kafka_local import BrokerInfo
@@ -30,8 +40,7 @@ async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_k
     rejected = [e.order.order_number for e in events[:5]]
     update = with_type(events[0], "order.updated", seed=99)  # follows its rejected create to the dead letters
     await sandbox.faults("crm", reject_order_numbers=rejected)
-    fast = {"backoff_base": 0.05, "backoff_cap": 0.2, "commit_interval": 0.2}
-    sinks = {"crm": {"base_url": sandbox_process.system_url("crm"), **fast}}
+    sinks = {"crm": {"base_url": sandbox_process.system_url("crm"), **QUICK_SINK}}
     env = settings_env(kafka_broker, f"{unique_name}.", tmp_path, sinks=sinks)  # the daemon's and the CLI's
     settings = load_settings(None, env=env)
     dlq = dlq_topic("crm", settings.topics.prefix)

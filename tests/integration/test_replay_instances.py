@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 from support import (
+    QUICK_SINK,
     make_events,
     orderbus_cli,
     orders_of,
@@ -40,8 +41,7 @@ async def test_a_replay_reaches_the_instance_that_holds_its_order(
     unique_name: str,
     tmp_path: Path,
 ) -> None:
-    fast = {"backoff_base": 0.05, "backoff_cap": 0.2, "commit_interval": 0.2}
-    sinks = {"crm": {"base_url": sandbox_process.system_url("crm"), **fast}}
+    sinks = {"crm": {"base_url": sandbox_process.system_url("crm"), **QUICK_SINK}}
     envs = {
         name: {
             **settings_env(kafka_broker, f"{unique_name}.", tmp_path / name, partitions=PARTITIONS, sinks=sinks),

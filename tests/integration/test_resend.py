@@ -10,7 +10,17 @@ import re
 from pathlib import Path
 
 import pytest
-from support import make_events, orderbus_cli, orders_of, produce, read_topic, running_daemon, settings_env, until
+from support import (
+    QUICK_SINK,
+    make_events,
+    orderbus_cli,
+    orders_of,
+    produce,
+    read_topic,
+    running_daemon,
+    settings_env,
+    until,
+)
 
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
@@ -46,8 +56,7 @@ async def test_reconcile_resends_what_a_system_lost_once_in_its_newest_state(
     unique_name: str,
     tmp_path: Path,
 ) -> None:
-    fast = {"backoff_base": 0.05, "backoff_cap": 0.2, "commit_interval": 0.2}
-    sinks = {"accounting": {"base_url": sandbox_process.system_url("accounting"), **fast}}
+    sinks = {"accounting": {"base_url": sandbox_process.system_url("accounting"), **QUICK_SINK}}
     env = settings_env(kafka_broker, f"{unique_name}.", tmp_path, sinks=sinks)
     settings = load_settings(None, env=env)
     events = make_events(10, seed=73)
