@@ -45,10 +45,10 @@ from consumers.offsets import OffsetTracker
 from consumers.pacing import Pacer
 from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
-from consumers.unreadable import Skips
+from consumers.unreadable import Skips, coordination_ended
 from consumers.work import TopicPartitionKey, Work, make_work
 from topics.catalogue import consumer_group
-from topics.errors import StoreError
+from topics.errors import BrokerError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,12 @@ class SinkEngine:
         except TimeoutError:
             return [], {}  # the loop looks at `stop`, then asks again
         except KafkaError as exc:
+            if coordination_ended(exc):  # no fetch will ever work again: the run fails, the daemon stops
+                raise BrokerError(
+                    f"sink {self.sink.name}: the Kafka client's group coordination ended ({exc}); its consumer cannot "
+                    "fetch any more, and a restart makes a new one (two instances under one "
+                    "kafka.group_instance_id end each other's so)"
+                ) from exc
             log.warning("fetch failed, retrying", extra={"sink": self.sink.name, "error": repr(exc)})
             await self._clock.sleep(self.config.fetch_wait)
             return [], {}

@@ -47,7 +47,17 @@ from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaE
 from consumers.clock import Clock
 from consumers.work import TopicPartitionKey
 
-__all__ = ["ISOLATION", "RETRY", "Held", "ReadGuard", "SkippedRecord", "Skips", "describe", "passes_through"]
+__all__ = [
+    "ISOLATION",
+    "RETRY",
+    "Held",
+    "ReadGuard",
+    "SkippedRecord",
+    "Skips",
+    "coordination_ended",
+    "describe",
+    "passes_through",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +66,22 @@ RETRY: Final = 300.0  # seconds a partition is held before it is read again
 POLL: Final = 0.05  # seconds between rounds of one-partition fetches that found nothing
 
 
+# aiokafka's words when its group coordination task ended on an error it did not expect (a static member fenced by
+# another one under its name answers FENCED_INSTANCE_ID, which aiokafka 0.14 does not know): raised as a bare
+# KafkaError by every `getmany` from then on. The consumer cannot fetch any more.
+_COORDINATION_ENDED: Final = "Unexpected error during coordination"
+
+
+def coordination_ended(exc: BaseException) -> bool:
+    """`exc` says the consumer's group coordination is over for good (`_COORDINATION_ENDED`)."""
+    return isinstance(exc, KafkaError) and bool(exc.args) and str(exc.args[0]).startswith(_COORDINATION_ENDED)
+
+
 def passes_through(exc: Exception) -> bool:
-    """An error `getmany` raises before it takes any record: the consumer stopped, or a fetch or group error
-    (a subclass of KafkaError) that aiokafka stored for a partition or its coordinator. A bare KafkaError and the
-    record errors come from decoding a batch, after other partitions' records were taken."""
-    if isinstance(exc, ConsumerStoppedError):
+    """An error `getmany` raises before it takes any record: the consumer stopped, its coordination ended, or a
+    fetch or group error (a subclass of KafkaError) that aiokafka stored for a partition or its coordinator. A bare
+    KafkaError and the record errors come from decoding a batch, after other partitions' records were taken."""
+    if isinstance(exc, ConsumerStoppedError) or coordination_ended(exc):
         return True
     return (
         isinstance(exc, KafkaError)

@@ -1038,6 +1038,31 @@ async def test_a_commit_that_cannot_flush_the_dedup_table_fails_the_run(
         await h.engine.run(asyncio.Event())
 
 
+async def test_a_consumer_whose_group_coordination_ended_fails_the_run_instead_of_retrying_for_ever(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    # aiokafka raises this from every fetch once its coordination task ended (a static member fenced by another
+    # under its name): retried, the sink fetched nothing for ever; read as an unreadable batch, it was held.
+    from aiokafka.errors import KafkaError
+
+    from topics.errors import BrokerError
+
+    h = harness_factory({TP0: [record(0, "SO-1")]})
+    await h.run_until(1)
+    ended = KafkaError("Unexpected error during coordination KafkaError('Unexpected exception in heartbeat task')")
+
+    async def getmany(timeout_ms: int, max_records: int) -> Mapping[tuple[str, int], list[Any]]:
+        raise ended
+
+    h.consumer.getmany = getmany  # type: ignore[method-assign]
+    ended_run = r"^sink crm: the Kafka client's group coordination ended .*group_instance_id"
+    async with asyncio.timeout(10):  # retried, the run would wait for a clock nobody moves: fail, not hang
+        with pytest.raises(BrokerError, match=ended_run):
+            await h.engine.run(asyncio.Event())
+    assert not [r for r in caplog.records if r.getMessage() == "fetch failed, retrying"]
+    assert h.consumer.committed == {TP0: 1}, "the drain still commits what was delivered"
+
+
 async def test_a_lane_that_fails_unexpectedly_fails_the_run_and_its_record_stays_unfinished(
     harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -245,7 +245,15 @@ async def test_a_held_partition_stays_reported_while_it_is_read_again() -> None:
     assert A not in consumer.paused_tps
 
 
-@pytest.mark.parametrize("error", [TopicAuthorizationFailedError(), KafkaConnectionError()])
+# The last: aiokafka's words once its group coordination ended (`consumers.unreadable.coordination_ended`).
+@pytest.mark.parametrize(
+    "error",
+    [
+        TopicAuthorizationFailedError(),
+        KafkaConnectionError(),
+        KafkaError("Unexpected error during coordination KafkaError('Unexpected exception in heartbeat task')"),
+    ],
+)
 async def test_errors_raised_before_any_record_is_taken_go_to_the_caller_untouched(error: Exception) -> None:
     class RefusingOnce(FakeConsumer):
         async def getmany(
