@@ -32,7 +32,7 @@ from aiokafka.errors import KafkaError
 from consumers.deadletter import REASONS, Header, copy_headers, read_headers
 from daemon.kafka_options import client_options
 from daemon.settings import Settings
-from daemon.topic_reader import batches, reading
+from daemon.topic_reader import whole
 from topics.admin import group_offsets, partition_ids
 from topics.catalogue import SINKS, consumer_group, dlq_topic, replay_topic
 from topics.errors import BrokerError, ConfigError, OrderbusError
@@ -167,6 +167,17 @@ def check_sink(sink: str) -> str:
 async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterView]:
     """Every record of ``orders.dlq.<sink>``, oldest first per partition, ordered by time across partitions, each
     with its replay state."""
+    return (await read_with_replays(settings, sink))[0]
+
+
+async def replay_records(settings: Settings, sink: str) -> list[tuple[int, Any]]:
+    """Every record of the sink's replay topic up to its end now, with its partition."""
+    return await _records(replay_topic(check_sink(sink), settings.topics.prefix), client_options(settings.kafka))
+
+
+async def read_with_replays(settings: Settings, sink: str) -> tuple[list[DeadLetterView], list[tuple[int, Any]]]:
+    """`read_dead_letters`, and the records of the sink's replay topic it read for their states (with their
+    partitions): replayed dead letters, and the creates `orderbus reconcile --resend` sent (`daemon.resend`)."""
     sink = check_sink(sink)
     prefix = settings.topics.prefix
     options = client_options(settings.kafka)
@@ -174,23 +185,19 @@ async def read_dead_letters(settings: Settings, sink: str) -> list[DeadLetterVie
     # In this order: a replay the sink has committed past was dead-lettered again, if at all, before that commit,
     # so the dead-letter topic read last holds it (read first, a `failed-again` could show as `replayed`).
     done = await committed_offsets(consumer_group(sink, prefix), replays, options)
+    replayed = await replay_records(settings, sink)
     sent = [
         Replay(partition, record.offset, source_of(read_headers(copy_headers(record.headers))))
-        for partition, record in await _records(replays, options)
+        for partition, record in replayed
     ]
     letters = [_view(partition, record) for partition, record in await _records(dlq_topic(sink, prefix), options)]
     letters.sort(key=lambda letter: (letter.timestamp_ms, letter.partition, letter.offset))
-    return with_states(distinct(letters), replays, sent, done)
+    return with_states(distinct(letters), replays, sent, done), replayed
 
 
 async def _records(topic: str, options: Mapping[str, Any]) -> list[tuple[int, Any]]:
     """Every record of `topic` up to its end now, with its partition."""
-    found: list[tuple[int, Any]] = []
-    async with reading(topic, options) as (consumer, tps):
-        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
-        async for partition, records in batches(consumer, starts, ends):
-            found.extend((partition, record) for record in records)
-    return found
+    return [(partition, record) async for partition, records in whole(topic, options) for record in records]
 
 
 async def committed_offsets(

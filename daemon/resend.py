@@ -44,13 +44,13 @@ from consumers.dedup_sql import SELECT_BLOCKING, check_layout, select_blocked
 from consumers.sqlite_files import read_only
 from consumers.unreadable import describe, passes_through
 from consumers.work import RESEND_OF, key_problem
-from daemon.dlq import order_number_in
+from daemon.dlq import replay_records
 from daemon.kafka_options import client_options
 from daemon.reconcile import CANCELLED, Delivered
 from daemon.retention import dedup_path
 from daemon.settings import Settings
-from daemon.topic_reader import batches, reading
-from daemon.trace import key_partition
+from daemon.topic_reader import whole
+from daemon.trace import key_partition, record_order
 from topics.admin import partition_counts
 from topics.catalogue import orders_topic, replay_topic
 from topics.codec import decode, encode
@@ -95,11 +95,6 @@ def resend_event(sink: str, newest: OrderEvent, lost: Delivered) -> OrderEvent:
     )
 
 
-def record_order(record: Any) -> str | None:
-    """The order a record is of, as the sinks read it: its key, or for a keyless one the order its value names."""
-    return record.key.decode("utf-8", "replace") if record.key else order_number_in(record.value)
-
-
 def newest_events(records: Sequence[Any], wanted: set[str]) -> dict[str, OrderEvent]:
     """The newest valid event of each order of `wanted` among `records` (one partition's, in their order): keyed by
     the order number, or keyless and naming it in the value, as the sinks read them (`consumers.work`)."""
@@ -140,29 +135,19 @@ async def find_newest(settings: Settings, orders: Sequence[str], partitions: int
     topic = orders_topic(settings.topics.prefix)
     wanted = by_partition(orders, partitions)
     found: dict[str, OrderEvent] = {}
-    async with reading(topic, client_options(settings.kafka), sorted(wanted), committed=True) as (consumer, tps):
-        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
-        try:
-            async for partition, records in batches(consumer, starts, ends):
-                found.update(newest_events(records, wanted[partition]))
-        except Exception as exc:
-            if passes_through(exc):
-                raise
-            raise BrokerError(f"cannot read {topic}: {describe(exc)}; nothing was resent") from exc
+    try:
+        async for partition, records in whole(topic, client_options(settings.kafka), sorted(wanted), committed=True):
+            found.update(newest_events(records, wanted[partition]))
+    except Exception as exc:
+        if passes_through(exc):
+            raise
+        raise BrokerError(f"cannot read {topic}: {describe(exc)}; nothing was resent") from exc
     return found
 
 
-async def earlier_resends(settings: Settings, sink: str, orders: Sequence[str], partitions: int) -> dict[str, int]:
+async def earlier_resends(settings: Settings, sink: str, orders: Sequence[str]) -> dict[str, int]:
     """The newest resend's time (ms) of each of `orders` that the sink's replay topic holds, read or not."""
-    topic = replay_topic(sink, settings.topics.prefix)
-    wanted = by_partition(orders, partitions)
-    found: dict[str, int] = {}
-    async with reading(topic, client_options(settings.kafka), sorted(wanted), committed=True) as (consumer, tps):
-        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
-        async for partition, records in batches(consumer, starts, ends):
-            for number, at in resends_in(records, wanted[partition]).items():
-                found[number] = max(found.get(number, 0), at)
-    return found
+    return resends_in([record for _, record in await replay_records(settings, sink)], set(orders))
 
 
 def blocked_orders(settings: Settings, sink: str, orders: Sequence[str]) -> set[str]:
@@ -223,7 +208,7 @@ async def resend(settings: Settings, sink: str, lost: Sequence[Delivered]) -> li
         )
     numbers = [order.order_number for order in lost]
     newest = await find_newest(settings, numbers, counts[orders])
-    resent = await earlier_resends(settings, sink, numbers, counts[orders])
+    resent = await earlier_resends(settings, sink, numbers)
     planned = plan(sink, lost, newest, blocked_orders(settings, sink, numbers), resent)
     producer = AIOKafkaProducer(**options, acks="all", enable_idempotence=True)
     sent = 0

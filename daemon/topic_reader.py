@@ -13,7 +13,7 @@ from aiokafka.errors import KafkaError
 from topics.admin import partition_ids
 from topics.errors import BrokerError
 
-__all__ = ["batches", "reading"]
+__all__ = ["batches", "reading", "whole"]
 
 
 @contextlib.asynccontextmanager
@@ -48,3 +48,14 @@ async def batches(
     while any([await consumer.position(tp) < ends[tp] for tp in starts]):
         for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
             yield tp.partition, [record for record in records if record.offset < ends[tp]]
+
+
+async def whole(
+    topic: str, options: Mapping[str, Any], partitions: Sequence[int] | None = None, *, committed: bool = False
+) -> AsyncIterator[tuple[int, list[Any]]]:
+    """Every record of `partitions` of `topic` (default: all), from its beginning up to its end now, a fetched batch
+    at a time with its partition (`reading`, `batches`)."""
+    async with reading(topic, options, partitions, committed=committed) as (consumer, tps):
+        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+        async for partition, records in batches(consumer, starts, ends):
+            yield partition, records

@@ -38,13 +38,13 @@ from consumers.delivery_state import DeliveryState
 from consumers.sqlite_files import read_only
 from consumers.unreadable import describe, passes_through
 from consumers.work import RESEND_OF, idempotency_key, key_problem
-from daemon.dlq import DeadLetterView, committed_offsets, order_number_in, read_dead_letters, source_of
+from daemon.dlq import DeadLetterView, committed_offsets, order_number_in, read_with_replays, source_of
 from daemon.kafka_options import client_options
 from daemon.retention import dedup_path
 from daemon.settings import Settings
 from daemon.topic_reader import batches, reading
 from topics.admin import partition_ids
-from topics.catalogue import consumer_group, orders_topic, replay_topic
+from topics.catalogue import consumer_group, orders_topic
 from topics.codec import decode
 from topics.errors import BrokerError, ConfigError, ContractError, StoreError
 
@@ -134,14 +134,10 @@ async def trace(
 
     async def record_of(name: str) -> SinkRecord:
         committed = await committed_offsets(consumer_group(name, settings.topics.prefix), topic, options, ids)
-        letters = [
-            letter
-            for letter in await read_dead_letters(settings, name)
-            if letter.order == order or source_of(letter.meta) in positions
-        ]
-        resends = await _resends(replay_topic(name, settings.topics.prefix), order, options)
+        every, replayed = await read_with_replays(settings, name)
+        letters = [letter for letter in every if letter.order == order or source_of(letter.meta) in positions]
         path = dedup_path(settings.state_dir, name)
-        return _local_states(name, committed, letters, path, order, found.events, resends)
+        return _local_states(name, committed, letters, path, order, found.events, resends_of(replayed, order))
 
     return found, list(await asyncio.gather(*(record_of(name) for name in settings.enabled_sinks())))
 
@@ -171,31 +167,27 @@ async def _find(
     return Found(order, topic, events, searched, by_key=len(partitions) == 1, unreadable=unreadable)
 
 
-async def _resends(topic: str, order: str, options: Mapping[str, Any]) -> list[Resend]:
-    """The resent creates of `order` in the replay topic `topic` (its key's partition: a resend is keyed)."""
-    ids = await partition_ids(topic, options)
-    if not ids:
-        return []
-    key, found = order.encode("utf-8"), []
-    async with reading(topic, options, [key_partition(order, len(ids))], committed=True) as (consumer, tps):
-        starts, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
-        async for partition, records in batches(consumer, starts, ends):
-            for record in records:
-                headers = dict(copy_headers(record.headers))
-                if record.key == key and (of := headers.get(RESEND_OF)) is not None:
-                    event_id = (headers.get("event-id") or b"").decode("ascii", "replace")
-                    found.append(
-                        Resend(partition, record.offset, record.timestamp, event_id, of.decode("ascii", "replace"))
-                    )
+def resends_of(replayed: Sequence[tuple[int, Any]], order: str) -> list[Resend]:
+    """The resent creates of `order` among a replay topic's records (with their partitions)."""
+    found = []
+    for partition, record in replayed:
+        headers = dict(copy_headers(record.headers))
+        if (of := headers.get(RESEND_OF)) is not None and record_order(record) == order:
+            event_id = (headers.get("event-id") or b"").decode("ascii", "replace")
+            found.append(Resend(partition, record.offset, record.timestamp, event_id, of.decode("ascii", "replace")))
     return found
 
 
+def record_order(record: Any) -> str | None:
+    """The order a record is of, as the sinks read it: its key, or for a keyless one the order its value names."""
+    return record.key.decode("utf-8", "replace") if record.key else order_number_in(record.value)
+
+
 def _of_order(record: Any, key: bytes, order: str) -> bool:
-    """Keyed by the order number, or without a key (or an empty one, as the sinks read it) and the order's by its
-    value (a JSON parse, only for a keyless record whose value holds the number's bytes)."""
-    if record.key:
-        return bool(record.key == key)
-    return record.value is not None and key in record.value and order_number_in(record.value) == order
+    """`record_order`, with the JSON parse of a keyless record's value only when it holds the number's bytes."""
+    if not record.key and (record.value is None or key not in record.value):
+        return False
+    return record_order(record) == order
 
 
 def _event(record: Any) -> TracedEvent:

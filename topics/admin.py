@@ -71,11 +71,12 @@ async def apply_catalogue(
 async def _apply(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout: float) -> ApplyReport:
     report = ApplyReport()
     existing = set(await admin.list_topics())
-    followed = sorted({spec.follows for spec in specs if spec.follows is not None and spec.follows in existing})
-    actual = await _partition_counts(admin, followed) if followed else {}
+    listed = [spec.name for spec in specs if spec.name in existing]
+    partitions = await _partition_counts(admin, listed) if listed else {}
     # A topic that follows another has that one's count as it is, not as the settings say it should be.
     specs = [
-        dataclasses.replace(spec, partitions=actual[spec.follows]) if spec.follows in actual else spec for spec in specs
+        dataclasses.replace(spec, partitions=partitions[spec.follows]) if spec.follows in partitions else spec
+        for spec in specs
     ]
     missing = [spec for spec in specs if spec.name not in existing]
     if missing:
@@ -84,7 +85,6 @@ async def _apply(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout
         report.created.extend(spec.name for spec in missing)
     present = [spec for spec in specs if spec.name in existing]
     if present:
-        partitions = await _partition_counts(admin, [spec.name for spec in present])
         configs = await _configs(admin, [spec.name for spec in present])
         growing = {
             spec.name: spec.partitions
@@ -123,18 +123,14 @@ async def _grow(
     except KafkaError as exc:
         raise BrokerError(f"cannot add partitions to {', '.join(sorted(counts))}: {exc}") from exc
     deadline = clock() + timeout
-    while short := sorted(
-        name for name, described in [(n, await _described(admin, n)) for n in counts] if described < counts[name]
-    ):
+    while True:
+        described = await _partition_counts(admin, list(counts))
+        if not (short := sorted(name for name, count in counts.items() if described.get(name, 0) < count)):
+            return
         if clock() >= deadline:
             why = f"the broker refused ({refused})" if refused else "added, but the broker does not describe them"
             raise BrokerError(f"partitions of {', '.join(short)}: {why}, after {timeout:g} s")
         await sleep(0.1)
-
-
-async def _described(admin: AIOKafkaAdminClient, name: str) -> int:
-    """`name`'s partition count as the broker describes it (0: not described)."""
-    return (await _partition_counts(admin, [name])).get(name, 0)
 
 
 async def _create(admin: AIOKafkaAdminClient, specs: Sequence[TopicSpec], timeout: float) -> None:
@@ -268,18 +264,5 @@ async def partition_counts(
 
 
 async def partition_ids(topic: str, client_options: Mapping[str, Any], *, timeout: float = 30.0) -> list[int]:
-    """The partition ids of `topic` (empty when it does not exist), read from the cluster's metadata; asked only of
-    a listed topic, which a metadata request cannot create (see `missing_topics`)."""
-    admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
-    try:
-        await admin.start()
-        if topic not in await admin.list_topics():
-            return []
-        described = await admin.describe_topics([topic])
-    except KafkaError as exc:
-        raise BrokerError(f"cannot describe topic {topic}: {exc!r}") from exc
-    finally:
-        await admin.close()
-    return sorted(
-        p["partition"] for t in described if t["topic"] == topic and t["error_code"] == 0 for p in t["partitions"]
-    )
+    """The partition ids of `topic`, 0 to its count (empty when it does not exist): `partition_counts`."""
+    return list(range((await partition_counts([topic], client_options, timeout=timeout)).get(topic, 0)))

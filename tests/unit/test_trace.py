@@ -16,7 +16,7 @@ from consumers.blocks import encode_chain
 from consumers.deadletter import DeadLetter, Reason, read_headers
 from consumers.dedup import SqliteDedupStore
 from consumers.delivery_state import DeliveryState, DeliveryStatus
-from consumers.work import KEY_MISMATCH, idempotency_key
+from consumers.work import KEY_MISMATCH, RESEND_OF, idempotency_key
 from daemon.dlq import DeadLetterView
 from daemon.trace import (
     Found,
@@ -28,6 +28,7 @@ from daemon.trace import (
     _of_order,
     explain,
     key_partition,
+    resends_of,
 )
 from topics.codec import encode
 from topics.errors import StoreError
@@ -276,3 +277,18 @@ def test_a_resent_create_is_shown_per_sink_with_what_became_of_it() -> None:
         elsewhere,
         "crm: no delivery-state file here (state/dedup-crm.sqlite); states from Kafka only",
     ]
+
+
+def test_an_orders_resends_are_found_among_the_replay_topics_records_by_their_header() -> None:
+    def record(key: bytes, offset: int, headers: list[tuple[str, bytes]]) -> SimpleNamespace:
+        return SimpleNamespace(
+            key=key, value=b"{}", offset=offset, timestamp=1_800_000_000_000 + offset, headers=headers
+        )
+
+    resent = [(RESEND_OF, b"e-2"), ("event-id", b"e-9")]
+    replayed = [
+        (1, record(ORDER.encode(), 3, [("orderbus.dlq.reason", b"rejected")])),  # a replayed dead letter
+        (1, record(ORDER.encode(), 4, resent)),
+        (2, record(b"SO-2026-000043", 0, resent)),  # another order's
+    ]
+    assert resends_of(replayed, ORDER) == [Resend(1, 4, 1_800_000_000_004, "e-9", "e-2")]
