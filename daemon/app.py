@@ -10,6 +10,7 @@ from typing import Any, Final, Literal
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from daemon.connection_gate import ConnectionGate
 from daemon.ingest import Ingest
 from daemon.problems import problem
 
@@ -52,18 +53,21 @@ def build_app(
     degraded: Callable[[], dict[str, str]] = dict,
     serves: Listener = "all",
     components: Sequence[str] = (),
+    gate: ConnectionGate | None = None,
 ) -> web.Application:
     """The HTTP surface: the ingest (when enabled), the OpenAPI document, health and readiness, metrics and status.
 
     `readiness` returns the reasons the daemon is not ready (empty when it is); `degraded`, what is wrong downstream
     of it, which /readyz reports without answering 503 (see `daemon.lifecycle`). `serves` splits it between two
     listeners (``admin.port``): "webhook" leaves out /metrics and /status, "admin" the ingest and the OpenAPI
-    document; both answer /healthz and /readyz.
+    document; both answer /healthz and /readyz. With `gate` (the listener's `daemon.connection_gate`), a connection
+    with an ingest request under way is never closed to make room for another.
     """
     # The ingest reads the body itself against its own limit; leave aiohttp's a little above it.
     app = web.Application(client_max_size=max_body_bytes + 1)
     if ingest is not None and serves != "admin":
-        app.router.add_post("/v1/orders", ingest.post_order, expect_handler=ingest.expect)
+        post = ingest.post_order if gate is None else gate.tracking(ingest.post_order)
+        app.router.add_post("/v1/orders", post, expect_handler=ingest.expect)
     openapi = OPENAPI_PATH.read_bytes() if serves != "admin" else b""  # the admin listener does not serve it
 
     async def openapi_document(_: web.Request) -> web.Response:

@@ -1,8 +1,9 @@
-"""The daemon's own Prometheus metrics: the webhook ingest's, its certificate's expiry, and the build info.
+"""The daemon's own Prometheus metrics: the webhook ingest's and its listener's, its certificate's expiry, and the
+build info.
 
 Registered on the injected registry the engine's metrics use (`consumers.metrics`), so one ``/metrics`` scrape
 shows everything and a test gets a fresh registry. Label values are bounded: the HTTP status codes the ingest
-answers with, and the version strings of this build.
+answers with, a connection's state and what became of it at the limit, and the version strings of this build.
 """
 
 from __future__ import annotations
@@ -45,6 +46,45 @@ class IngestMetrics:
         if counter is None:  # another code, from an aiohttp HTTPException raised inside the handler
             counter = self._by_status[status] = self.requests.labels(str(status))
         counter.inc()
+
+
+# What became of a connection at ``ingest.max_connections`` (`daemon.connection_gate`).
+SHED_ACTIONS: Final = ("closed_idle", "refused")
+
+
+class ConnectionMetrics:
+    """``orderbus_ingest_connections``, ``orderbus_ingest_max_connections`` and
+    ``orderbus_ingest_connections_shed_total``: the webhook listener's connections against their limit."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.open = Gauge(
+            "orderbus_ingest_connections",
+            "Connections open on the webhook's listener (the one listener without an admin port): busy with a "
+            "request under way, or idle",
+            ["state"],
+            registry=registry,
+        )
+        self.limit = Gauge(
+            "orderbus_ingest_max_connections",
+            "ingest.max_connections: at this many open connections, the one idle longest is closed for a new one, "
+            "or the new one refused with 503 when every one has a request under way",
+            registry=registry,
+        )
+        shed = Counter(
+            "orderbus_ingest_connections_shed",
+            "Connections at the limit: closed_idle (the one idle longest, closed for a new one), refused (503)",
+            ["action"],
+            registry=registry,
+        )
+        self._shed = {action: shed.labels(action) for action in SHED_ACTIONS}
+
+    def watch(self, busy: Callable[[], float], idle: Callable[[], float], limit: int) -> None:
+        self.open.labels("busy").set_function(busy)
+        self.open.labels("idle").set_function(idle)
+        self.limit.set(limit)
+
+    def shed(self, action: str) -> None:
+        self._shed[action].inc()
 
 
 def register_certificate_expiry(registry: CollectorRegistry, not_after: Callable[[], float]) -> None:

@@ -43,10 +43,13 @@ from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.runner import HttpConfig, open_sink
 from consumers.tasks import cancel_and_wait
+from daemon import open_files
 from daemon.app import ADMIN_SHUTDOWN, LISTEN_BACKLOG, RUNNER_OPTIONS, Listener, build_app
+from daemon.connection_gate import ConnectionGate, GatedSite
 from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.ingest_metrics import (
+    ConnectionMetrics,
     IngestMetrics,
     register_build_info,
     register_certificate_expiry,
@@ -111,6 +114,8 @@ async def serve(
     WATCHDOG=1 from the event loop until the last resource is closed, and says STOPPING=1 when it drains.
     """
     settings.ingest.require_signatures()
+    need = open_files.needed(settings)
+    raised = open_files.ensure(need)  # a hard limit below the settings' need: exit 2 before anything opens
     tls = server_tls(settings.ingest.tls_certfile, settings.ingest.tls_keyfile)  # a pair that does not load: exit 2
     registry = registry if registry is not None else CollectorRegistry()
     notifier = notifier if notifier is not None else Notifier()  # a broken $NOTIFY_SOCKET stops start-up here
@@ -122,6 +127,8 @@ async def serve(
         register_kafka_certificate_expiry(registry, kafka_certificate.not_after)
         kafka_certificate.say(time.time())
     log.info("starting", extra={"settings": settings.masked()})
+    if raised is not None:
+        log.info("limit of open files raised for the settings", extra={"before": raised[0], "now": need})
     for weakness in settings.weaknesses():
         log.warning("insecure setting: %s", weakness)
     async with AsyncExitStack() as stack:
@@ -143,11 +150,13 @@ async def serve(
             _state_dir(settings)
             stack.callback(os.close, _lock_state_dir(settings.state_dir))
             checked = await _require_topics(settings, options, diagnosis)
+        gate: ConnectionGate | None = None
         if settings.ingest.enabled:
             metrics = IngestMetrics(registry)
             ingest, publisher, keys = await _open_ingest(
                 settings, options, stack, metrics, diagnosis, topic_checked=checked
             )
+            gate = _connection_gate(settings, registry)
         engines = await _open_sinks(settings, options, stack, EngineMetrics(registry))
         components = [*(["ingest"] if publisher is not None else []), *(f"sink.{name}" for name in engines)]
 
@@ -171,17 +180,19 @@ async def serve(
                 max_body_bytes=settings.ingest.max_body_bytes,
                 registry=registry,
                 status=lambda: _status(
-                    publisher, keys, engines, registry, tls, watch=watch, kafka_certificate=kafka_certificate
+                    publisher, keys, engines, registry, tls, watch=watch, kafka_certificate=kafka_certificate, gate=gate
                 ),
                 serves=serves,
                 components=components,
+                gate=gate if serves != "admin" else None,
             )
 
         admin, webhook_tls = settings.admin, tls.context if tls is not None else None
+        host, port = settings.ingest.host, settings.ingest.port
         if admin.port is None:
-            await _listen(stack, app("all"), "ingest", settings.ingest.host, settings.ingest.port, webhook_tls)
+            await _listen(stack, app("all"), "ingest", host, port, webhook_tls, gate=gate)
         else:
-            await _listen(stack, app("webhook"), "ingest", settings.ingest.host, settings.ingest.port, webhook_tls)
+            await _listen(stack, app("webhook"), "ingest", host, port, webhook_tls, gate=gate)
             await _listen(stack, app("admin"), "admin", admin.host, admin.port, shutdown_timeout=ADMIN_SHUTDOWN)
         tune_runtime()
         ready = asyncio.create_task(
@@ -209,16 +220,22 @@ async def _listen(
     host: str,
     port: int,
     tls: ssl.SSLContext | None = None,
+    *,
+    gate: ConnectionGate | None = None,
     **options: Any,
 ) -> None:
-    """Serve `app` on host:port (HTTPS with `tls`) until `stack` closes (`RUNNER_OPTIONS`, `options` on top). If it
-    cannot listen, an error naming `section`'s keys: `NotYetError` (exit 1, retried) while the port is held by
-    another process, the address is not on this host (yet) or its name does not resolve for now, else `ConfigError`
-    (exit 2)."""
+    """Serve `app` on host:port (HTTPS with `tls`, its connections bounded by `gate`) until `stack` closes
+    (`RUNNER_OPTIONS`, `options` on top). If it cannot listen, an error naming `section`'s keys: `NotYetError` (exit
+    1, retried) while the port is held by another process, the address is not on this host (yet) or its name does
+    not resolve for now, else `ConfigError` (exit 2)."""
     runner = web.AppRunner(app, **{**RUNNER_OPTIONS, **options})
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, ssl_context=tls)
+    site: web.BaseSite
+    if gate is None:
+        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, ssl_context=tls)
+    else:
+        site = GatedSite(runner, host, port, gate, backlog=LISTEN_BACKLOG, ssl_context=tls)
     try:
         await site.start()
     except OSError as exc:
@@ -404,6 +421,14 @@ async def replay_partition_notes(settings: Settings, options: Mapping[str, Any])
     ]
 
 
+def _connection_gate(settings: Settings, registry: CollectorRegistry) -> ConnectionGate:
+    """The webhook listener's `ConnectionGate` (``ingest.max_connections``), counted in `registry`."""
+    metrics = ConnectionMetrics(registry)
+    gate = ConnectionGate(settings.ingest.max_connections, retry_after=settings.ingest.retry_after, shed=metrics.shed)
+    metrics.watch(lambda: gate.busy, lambda: gate.idle, gate.limit)
+    return gate
+
+
 async def _open_ingest(
     settings: Settings,
     options: Mapping[str, Any],
@@ -564,9 +589,11 @@ def _status(
     now: float | None = None,
     watch: KafkaWatch | None = None,
     kafka_certificate: CertificateEnd | None = None,
+    gate: ConnectionGate | None = None,
 ) -> dict[str, object]:
     """The daemon's state for `orderbus status`: per sink what the engine knows plus its lifetime counters; the
-    ingest's Kafka gate and why its key store's last batch failed, until one is written again; with HTTPS, when the
+    ingest's Kafka gate, why its key store's last batch failed, until one is written again, and its listener's
+    connections against their limit (`gate`); with HTTPS, when the
     webhook's certificate expires (`now`: the wall clock's time, by default), and the Kafka client's (read at start:
     `kafka_certificate`); without the ingest, why the sinks' Kafka cannot be reached (`watch`)."""
 
@@ -580,7 +607,7 @@ def _status(
             "outcomes": {o: count("orderbus_deliveries_total", {"sink": name, "outcome": o}) for o in _OUTCOMES},
             "dead_letters": {r: count("orderbus_dead_letters_total", {"sink": name, "reason": r}) for r in REASONS},
         }
-    ingest = None
+    ingest: dict[str, object] | None = None
     if publisher is not None and keys is not None:
         ingest = {
             "kafka_available": publisher.available,
@@ -588,6 +615,8 @@ def _status(
             "topic_missing": publisher.topic_missing,
             "key_store_error": keys.failing,
         }
+        if gate is not None:
+            ingest["connections"] = {"busy": gate.busy, "idle": gate.idle, "limit": gate.limit}
     now = time.time() if now is None else now
     return {
         "ingest": ingest,

@@ -28,6 +28,16 @@ def problem(
     if len(errors) > MAX_LISTED_ERRORS:
         detail = f"{detail} ({len(errors)} problems; the first {MAX_LISTED_ERRORS} are listed)"
         errors = errors[:MAX_LISTED_ERRORS]
+    return web.Response(
+        status=status,
+        body=problem_body(status, code, detail, errors),
+        content_type=PROBLEM_TYPE,
+        headers=headers,
+    )
+
+
+def problem_body(status: int, code: str, detail: str, errors: Sequence[FieldError] = ()) -> bytes:
+    """The problem document's JSON (`problem` lists at most `MAX_LISTED_ERRORS` of `errors` first)."""
     body: dict[str, object] = {
         "type": f"https://orderbus.dev/problems/{code}",
         "title": code.replace("-", " "),
@@ -36,9 +46,4 @@ def problem(
     }
     if errors:
         body["errors"] = [error.as_dict() for error in errors]
-    return web.Response(
-        status=status,
-        body=json.dumps(body).encode(),
-        content_type=PROBLEM_TYPE,
-        headers=headers,
-    )
+    return json.dumps(body).encode()

@@ -160,6 +160,9 @@ class IngestSettings(_Section):
     allow_unsigned: bool = False
     signature_tolerance: Seconds = 300.0
     body_timeout: Seconds = 30.0  # a body not in within this is 408: a stalled client holds nothing longer
+    # Connections open at once on the webhook's listener (`daemon.connection_gate`); fewer than 16 would leave a load
+    # balancer's health checks fighting the senders for them.
+    max_connections: int = Field(1024, ge=16, le=1_000_000)
     publish_timeout: Seconds = 10.0
     retry_after: int = Field(5, ge=1, le=3600)
     idempotency_retention_hours: float = Field(48, ge=24)

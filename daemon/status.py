@@ -159,6 +159,13 @@ def render_status(document: dict[str, Any]) -> str:
                 line += f": {ingest['kafka_unreachable']}"  # the credentials, a certificate, the protocol, ...
         if ingest.get("key_store_error"):  # webhooks with a key get 503 until a batch is written again
             line += f"; KEY STORE FAILING: {ingest['key_store_error']}"
+        if connections := ingest.get("connections"):  # see daemon.connection_gate
+            busy, idle, limit = connections["busy"], connections["idle"], connections["limit"]
+            line += f"; connections {busy + idle} of {limit} ({busy} busy)"
+            if busy + idle >= limit:
+                line += (
+                    ": AT THE LIMIT, closing idle ones for new ones" if idle else ": AT THE LIMIT, refusing new ones"
+                )
         lines.append(line)
     if why := document.get("kafka_unreachable"):  # the sinks', without the ingest (whose line says it)
         lines.append(f"kafka: UNREACHABLE: {why}")

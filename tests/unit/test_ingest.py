@@ -640,7 +640,9 @@ def test_the_202_body_is_what_json_dumps_writes(topic: str, partition: int, offs
 
 
 def test_the_openapi_document_lists_every_problem_code_the_server_answers_with() -> None:
-    sources = "".join((Path(__file__).parents[2] / "daemon" / name).read_text() for name in ("ingest.py", "app.py"))
+    names = ("ingest.py", "app.py", "connection_gate.py")
+    sources = "".join((Path(__file__).parents[2] / "daemon" / name).read_text() for name in names)
     used = set(re.findall(r'(?:_refused|problem)\(\s*\d{3},\s*"([a-z-]+)"', sources))
+    used |= set(re.findall(r'_closing_answer\(\s*\d{3},\s*"[^"]+",\s*"([a-z-]+)"', sources))
     used |= set(re.findall(r'_unavailable\([^)]*"([a-z]+(?:-[a-z]+)+)"\)', sources)) | {"kafka-unavailable"}
     assert used == set(PROBLEM_CODES)

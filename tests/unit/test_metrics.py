@@ -26,6 +26,7 @@ from daemon.ingest import Ingest, IngestConfig
 from daemon.ingest_keys import MemoryIngestKeyStore
 from daemon.ingest_metrics import (
     INGEST_CODES,
+    ConnectionMetrics,
     IngestMetrics,
     package_version,
     register_build_info,
@@ -78,6 +79,8 @@ BOUNDED_LABELS = {
     "python",
     "le",
     "component",
+    "state",  # a webhook connection's: busy or idle
+    "action",  # what became of a connection at the limit: closed_idle or refused
 }
 
 
@@ -248,6 +251,7 @@ def full_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     EngineMetrics(registry).add_sink("crm")
     IngestMetrics(registry)
+    ConnectionMetrics(registry).watch(lambda: 1, lambda: 2, 1024)
     register_build_info(registry)
     register_readiness(registry, ["ingest", "sink.crm"], dict)
     register_certificate_expiry(registry, lambda: NOW)
@@ -367,3 +371,21 @@ async def test_readyz_answers_for_one_component_when_asked(registry: CollectorRe
         unknown = await client.get("/readyz", params={"component": "sink.erp"})
         assert unknown.status == 400
         assert "the components are: ingest, sink.crm" in (await unknown.json())["detail"]
+
+
+def test_the_connection_metrics_read_the_gate_at_each_scrape(registry: CollectorRegistry) -> None:
+    counts = {"busy": 3, "idle": 5}
+    metrics = ConnectionMetrics(registry)
+    metrics.watch(lambda: counts["busy"], lambda: counts["idle"], 64)
+    metrics.shed("refused")
+    counts["busy"] = 7
+    samples = {
+        (family.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    }
+    assert samples[("orderbus_ingest_connections", (("state", "busy"),))] == 7
+    assert samples[("orderbus_ingest_connections", (("state", "idle"),))] == 5
+    assert samples[("orderbus_ingest_max_connections", ())] == 64
+    assert samples[("orderbus_ingest_connections_shed", (("action", "refused"),))] == 1
+    assert samples[("orderbus_ingest_connections_shed", (("action", "closed_idle"),))] == 0

@@ -16,6 +16,7 @@ from support import certificate
 
 from consumers.engine import SinkEngine, lost_broker
 from daemon.app import build_app
+from daemon.connection_gate import ConnectionGate
 from daemon.ingest_keys import SqliteIngestKeyStore
 from daemon.kafka_options import client_certificate
 from daemon.lifecycle import _degraded, _reasons, _status
@@ -57,6 +58,26 @@ async def test_a_failing_key_store_makes_the_ingest_not_ready(tmp_path: Path) ->
 def test_the_ingest_line_says_publishing_when_kafka_answers_and_the_key_store_writes() -> None:
     document = {"sinks": {}, "ingest": {"kafka_available": True, "key_store_error": None}}
     assert render_status(document).splitlines()[-1] == "ingest: publishing"
+
+
+@pytest.mark.parametrize(
+    ("busy", "idle", "said"),
+    [
+        (3, 9, "connections 12 of 1024 (3 busy)"),
+        (1000, 24, "connections 1024 of 1024 (1000 busy): AT THE LIMIT, closing idle ones for new ones"),
+        (1024, 0, "connections 1024 of 1024 (1024 busy): AT THE LIMIT, refusing new ones"),
+    ],
+)
+def test_the_ingest_line_says_the_listeners_connections_against_their_limit(busy: int, idle: int, said: str) -> None:
+    gate = ConnectionGate(1024, retry_after=5)
+    gate._busy.update(object() for _ in range(busy))  # type: ignore[misc]
+    gate._idle.update((object(), None) for _ in range(idle))  # type: ignore[misc]
+    publisher = KafkaPublisher("orders", {})
+    publisher._available = True
+    keys = SqliteIngestKeyStore("unused.sqlite")  # its state only; nothing is opened
+    document = _status(publisher, keys, {}, CollectorRegistry(), gate=gate)
+    assert cast(dict[str, Any], document["ingest"])["connections"] == {"busy": busy, "idle": idle, "limit": 1024}
+    assert render_status(document).splitlines()[-1] == f"ingest: publishing; {said}"
 
 
 def test_the_webhooks_certificate_is_in_the_status_document_and_said_louder_as_its_end_nears(tmp_path: Path) -> None:
