@@ -51,7 +51,7 @@ from daemon.publisher import BrokerUnavailable, Published, Publisher, PublishPen
 from daemon.signature import SignatureError, WebhookVerifier
 from topics.codec import encode, parse_submission
 from topics.envelope import OrderSubmission, to_event
-from topics.errors import ContractError, FieldError, PublishError, StoreError
+from topics.errors import ContractError, FieldError, OrderbusError, PublishError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class IngestConfig:
     """What the handler needs from `daemon.settings.IngestSettings`."""
 
     max_body_bytes: int = 1_048_576
+    # The bodies of the requests under way, together (`Ingest._hold`): past it a request is 503.
+    body_buffer_bytes: int = 64 * 1_048_576
     body_timeout: float = 30.0
     publish_timeout: float = 10.0
     retry_after: int = 5
@@ -99,16 +101,20 @@ class Ingest:
         self._monotonic = monotonic
         self._pending: dict[str, asyncio.Task[None]] = {}
         self._deadlines = deadlines if deadlines is not None else Deadlines(SystemClock())
+        self.buffered = 0  # bytes of the bodies held by requests under way (`_hold`)
 
     async def post_order(self, request: web.Request) -> web.Response:
+        held = _Held()
         try:
-            response = await self._answer(request)
+            response = await self._answer(request, held)
         except web.HTTPException as exc:
             self._metrics.answered(exc.status)
             raise
         except Exception:
             self._metrics.answered(500)  # aiohttp answers 500 and logs the traceback
             raise
+        finally:
+            self.buffered -= held.bytes
         self._metrics.answered(response.status)
         return response
 
@@ -122,6 +128,8 @@ class Ingest:
             refusal = _refused(417, "expectation-failed", "the only Expect this server answers is 100-continue")
         elif (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
             refusal = self._too_large()
+        elif declared is not None and self.buffered + declared > self._config.body_buffer_bytes:
+            refusal = self._buffer_full()
         else:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the answer's own bytes start after the interim response
@@ -131,14 +139,16 @@ class Ingest:
         self._metrics.answered(refusal.status)
         return refusal
 
-    async def _answer(self, request: web.Request) -> web.Response:
+    async def _answer(self, request: web.Request, held: _Held) -> web.Response:
         if request.content_type not in _JSON_TYPES:
             return _refused(415, "unsupported-media-type", "send the order as Content-Type: application/json")
         if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
             # aiohttp would inflate it, but the signature covers the bytes as sent and the limits the bytes read.
             return _refused(415, "unsupported-content-encoding", "send the body uncompressed (no Content-Encoding)")
         try:
-            body = await self._read_body(request)
+            body = await self._read_body(request, held)
+        except _BufferFull:
+            return self._buffer_full()
         except web.RequestPayloadError as exc:  # a malformed chunked body, for one
             return _refused(400, "unreadable-body", f"the body could not be read: {exc}")
         except TimeoutError:
@@ -190,15 +200,17 @@ class Ingest:
             return await self._publish(submission, key, digest)
         return self._unclaimed(key, claim, submission.order.order_number)
 
-    async def _read_body(self, request: web.Request) -> bytes | None:
+    async def _read_body(self, request: web.Request, held: _Held) -> bytes | None:
         """The whole body, or None once it exceeds the limit (declared or streamed); `TimeoutError` if it has not
         arrived within ``body_timeout`` (a stalled client would otherwise hold its request, and the memory of what
-        it sent, until TCP gives up on it: hours)."""
+        it sent, until TCP gives up on it: hours); `_BufferFull` if it does not fit in what is left of
+        ``body_buffer_bytes`` (`_hold`)."""
         limit = self._config.max_body_bytes
         declared = request.content_length
         if declared is not None:
             if declared > limit:
                 return None
+            self._hold(held, declared)
             # Mostly all there already: then no deadline to keep (one per request would cost the hot path).
             head = request.content.read_nowait(declared)
             if len(head) == declared:
@@ -212,8 +224,20 @@ class Ingest:
         body = bytearray()
         with self._deadlines.within(self._config.body_timeout):
             while len(body) <= limit and (piece := await request.content.read(limit + 1 - len(body))):
+                self._hold(held, len(piece))
                 body += piece
         return None if len(body) > limit else bytes(body)
+
+    def _hold(self, held: _Held, size: int) -> None:
+        """Count `size` more bytes of body for this request, or raise `_BufferFull` if they do not fit.
+
+        Why: ``ingest.max_connections`` requests may each be reading a body of up to ``max_body_bytes`` (1,024 of 1
+        MiB: a gigabyte), slowly, within ``body_timeout``; `body_buffer_bytes` bounds them together. A request
+        refused here is answered 503 with Retry-After, and aiohttp reads the rest of its body and drops it."""
+        if self.buffered + size > self._config.body_buffer_bytes:
+            raise _BufferFull
+        self.buffered += size
+        held.bytes += size
 
     def _unclaimed(self, key: str, claim: Claim, order: str) -> web.Response:
         """The answer to a request whose key another request has, or had: the first answer again, or a refusal."""
@@ -318,9 +342,27 @@ class Ingest:
     def _too_large(self) -> web.Response:
         return _refused(413, "body-too-large", f"the body exceeds {self._config.max_body_bytes} bytes")
 
+    def _buffer_full(self) -> web.Response:
+        detail = "the bodies of the requests under way fill this server's buffer; nothing was published"
+        retry = str(self._config.retry_after)
+        return _refused(503, "body-buffer-full", detail, headers={"Retry-After": retry})
+
     def _unavailable(self, detail: str, context: Mapping[str, object], code: str = "kafka-unavailable") -> web.Response:
         retry = str(self._config.retry_after)
         return _refused(503, code, detail, headers={"Retry-After": retry}, context=context)
+
+
+class _Held:
+    """The bytes of body one request holds of ``body_buffer_bytes`` (`Ingest._hold`), given back when it ends."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+class _BufferFull(OrderbusError):
+    """A body does not fit in what is left of ``body_buffer_bytes``."""
 
 
 def _refused(

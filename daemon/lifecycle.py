@@ -465,6 +465,7 @@ async def _open_ingest(
         keys,
         IngestConfig(
             max_body_bytes=settings.ingest.max_body_bytes,
+            body_buffer_bytes=settings.ingest.body_buffer_bytes,
             body_timeout=settings.ingest.body_timeout,
             publish_timeout=settings.ingest.publish_timeout,
             retry_after=settings.ingest.retry_after,

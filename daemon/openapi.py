@@ -32,6 +32,7 @@ PROBLEM_CODES = (
     "kafka-unavailable",
     "key-store-unavailable",
     "too-many-connections",
+    "body-buffer-full",
     "not-found",
     "method-not-allowed",
     "unknown-component",
@@ -163,9 +164,9 @@ def document() -> dict[str, Any]:
                         "417": _problem_response("an Expect header other than 100-continue"),
                         "422": _problem_response("this idempotency key was used with another body"),
                         "503": _problem_response(
-                            "Kafka unreachable or slow to answer, or the key store failed; or the listener holds its "
-                            "limit of connections, each busy (too-many-connections; the connection is closed): "
-                            "retry the same request",
+                            "Kafka unreachable or slow to answer, or the key store failed; the bodies under way fill "
+                            "the server's buffer (body-buffer-full); or the listener holds its limit of connections, "
+                            "each busy (too-many-connections; the connection is closed): retry the same request",
                             retry_after=True,
                         ),
                     },

@@ -155,6 +155,8 @@ class IngestSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     max_body_bytes: int = Field(1_048_576, ge=1024, le=16 * 1_048_576)
+    # The bodies of the requests under way, together (`daemon.ingest`): at least one body of max_body_bytes.
+    body_buffer_bytes: int = Field(64 * 1_048_576, ge=1024, le=16 * 1024 * 1_048_576)
     webhook_secrets: tuple[SecretStr, ...] = ()
     # Without secrets the ingest refuses to start, unless this says that only trusted senders can reach it.
     allow_unsigned: bool = False
@@ -192,6 +194,15 @@ class IngestSettings(_Section):
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return secrets
+
+    @model_validator(mode="after")
+    def _one_body_fits(self) -> IngestSettings:
+        if self.body_buffer_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"body_buffer_bytes: {self.body_buffer_bytes} is less than max_body_bytes ({self.max_body_bytes}): "
+                "a body of the largest size allowed could never be taken"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> IngestSettings:

@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from support import until
 
 from consumers.clock import FakeClock
 from consumers.deadlines import Deadlines
@@ -646,3 +647,98 @@ def test_the_openapi_document_lists_every_problem_code_the_server_answers_with()
     used |= set(re.findall(r'_closing_answer\(\s*\d{3},\s*"[^"]+",\s*"([a-z-]+)"', sources))
     used |= set(re.findall(r'_unavailable\([^)]*"([a-z]+(?:-[a-z]+)+)"\)', sources)) | {"kafka-unavailable"}
     assert used == set(PROBLEM_CODES)
+
+
+async def buffered_client(publisher: FakePublisher, budget: int) -> tuple[Client, Ingest]:
+    """A client of an ingest whose bodies under way may hold `budget` bytes together."""
+    ingest = Ingest(
+        publisher,
+        MemoryIngestKeyStore(),
+        IngestConfig(max_body_bytes=64 * 1024, body_buffer_bytes=budget, retry_after=7),
+        clock=lambda: NOW,
+    )
+    client: Client = await serve(build_app(ingest=ingest, readiness=dict))
+    await client.start_server()
+    return client, ingest
+
+
+async def test_bodies_beyond_the_buffer_are_503_while_others_hold_it_and_taken_once_it_is_free(
+    publisher: FakePublisher,
+) -> None:
+    first, second = body(1, event_id=False), body(2, event_id=False)
+    client, ingest = await buffered_client(publisher, budget=len(first) + len(second) // 2)
+    try:
+        publisher.mode = "slow"
+        holding = asyncio.create_task(client.post("/v1/orders", data=first, headers={**JSON, "Idempotency-Key": "a"}))
+        await asyncio.wait_for(publisher.entered.wait(), 5)
+        assert ingest.buffered == len(first)
+        refused = await client.post("/v1/orders", data=second, headers={**JSON, "Idempotency-Key": "b"})
+        assert refused.status == 503
+        assert refused.headers["Retry-After"] == "7"
+        problem = await refused.json()
+        assert problem["type"].endswith("/body-buffer-full")
+        assert "nothing was published" in problem["detail"]
+        publisher.gate.set()
+        assert (await holding).status == 202
+        assert ingest.buffered == 0
+        again = await client.post("/v1/orders", data=second, headers={**JSON, "Idempotency-Key": "b"})
+        assert again.status == 202  # the refusal took nothing: the key is free
+        assert [record.key for record in publisher.records] == [
+            json.loads(first)["order"]["order_number"].encode(),
+            json.loads(second)["order"]["order_number"].encode(),
+        ]
+    finally:
+        await client.close()
+
+
+async def test_a_chunked_body_is_counted_as_it_arrives(publisher: FakePublisher) -> None:
+    payload = body(3, event_id=False)
+    client, ingest = await buffered_client(publisher, budget=len(payload) - 1)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(payload), 100):
+            yield payload[start : start + 100]
+
+    try:
+        response = await client.post("/v1/orders", data=chunks(), headers={**JSON, "Idempotency-Key": "c"})
+        assert response.status == 503
+        assert (await response.json())["type"].endswith("/body-buffer-full")
+        assert ingest.buffered == 0
+        assert publisher.records == []
+    finally:
+        await client.close()
+
+
+async def test_a_body_declared_beyond_the_buffer_is_refused_before_it_is_sent(publisher: FakePublisher) -> None:
+    client, ingest = await buffered_client(publisher, budget=4096)
+    try:
+        answer = await head_of_the_answer(client, "100-continue", 5000)
+        assert answer == b"HTTP/1.1 503 Service Unavailable\r\n close"
+        assert await head_of_the_answer(client, "100-continue", 4096) == b"HTTP/1.1 100 Continue\r\n"
+        await until(lambda: ingest.buffered == 0, timeout=5, every=0.01)  # the client left without its body
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "payload", "status"),
+    [
+        ("ok", b"{not json", 400),
+        ("ok", b"x" * (64 * 1024 + 1), 413),
+        ("down", None, 503),
+        ("broken", None, 500),
+        ("ok", None, 202),
+    ],
+)
+async def test_every_answer_gives_its_bodys_bytes_back(
+    publisher: FakePublisher, mode: str, payload: bytes | None, status: int
+) -> None:
+    client, ingest = await buffered_client(publisher, budget=1_048_576)
+    publisher.mode = mode
+    try:
+        data = payload if payload is not None else body(4, event_id=False)
+        response = await client.post("/v1/orders", data=data, headers={**JSON, "Idempotency-Key": "k"})
+        assert response.status == status
+        assert ingest.buffered == 0
+    finally:
+        await client.close()
