@@ -10,7 +10,7 @@ from typing import Any, Final, Literal
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from daemon.connection_gate import ConnectionGate
+from daemon.connection_gate import ConnectionGate, Handler
 from daemon.ingest import Ingest
 from daemon.problems import problem
 
@@ -60,14 +60,14 @@ def build_app(
     `readiness` returns the reasons the daemon is not ready (empty when it is); `degraded`, what is wrong downstream
     of it, which /readyz reports without answering 503 (see `daemon.lifecycle`). `serves` splits it between two
     listeners (``admin.port``): "webhook" leaves out /metrics and /status, "admin" the ingest and the OpenAPI
-    document; both answer /healthz and /readyz. With `gate` (the listener's `daemon.connection_gate`), a connection
-    with an ingest request under way is never closed to make room for another.
+    document; both answer /healthz and /readyz. With `gate` (the listener's `daemon.connection_gate`), every route
+    tells it when its request ends (its connection is idle again).
     """
     # The ingest reads the body itself against its own limit; leave aiohttp's a little above it.
     app = web.Application(client_max_size=max_body_bytes + 1)
+    track: Callable[[Handler], Handler] = gate.tracking if gate is not None else _untracked
     if ingest is not None and serves != "admin":
-        post = ingest.post_order if gate is None else gate.tracking(ingest.post_order)
-        app.router.add_post("/v1/orders", post, expect_handler=ingest.expect)
+        app.router.add_post("/v1/orders", track(ingest.post_order), expect_handler=ingest.expect)
     openapi = OPENAPI_PATH.read_bytes() if serves != "admin" else b""  # the admin listener does not serve it
 
     async def openapi_document(_: web.Request) -> web.Response:
@@ -99,12 +99,12 @@ def build_app(
         return web.json_response(status() if status is not None else {})
 
     if serves != "webhook":
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/status", status_document)
+        app.router.add_get("/metrics", track(metrics))
+        app.router.add_get("/status", track(status_document))
     if serves != "admin":
-        app.router.add_get("/openapi.json", openapi_document)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+        app.router.add_get("/openapi.json", track(openapi_document))
+    app.router.add_get("/healthz", track(healthz))
+    app.router.add_get("/readyz", track(readyz))
     allowed = {resource.canonical: sorted({route.method for route in resource}) for resource in app.router.resources()}
 
     async def unrouted(request: web.Request) -> web.Response:
@@ -116,5 +116,9 @@ def build_app(
             return problem(404, "not-found", "no such resource; this listener serves /metrics, /status and health")
         return problem(404, "not-found", "no such resource; the API is described at /openapi.json")
 
-    app.router.add_route("*", "/{path:.*}", unrouted)
+    app.router.add_route("*", "/{path:.*}", track(unrouted))
     return app
+
+
+def _untracked(handler: Handler) -> Handler:
+    return handler

@@ -6,18 +6,18 @@ open for the keep-alive timeout (75 s): at 100 requests a second, 7,500 connecti
 open files every accept fails, and so does every new connection of the sinks to their downstream systems and to
 Kafka: trouble on the webhook would have stopped the deliveries, and tens of thousands of connections the memory.
 
-At the limit, a new connection
+A connection is *busy* from the moment bytes arrive on it (a request may be in them) until the handler of its
+request ends (`ConnectionGate.tracking`, around every route), then *idle* again; *closing* once the gate has closed
+it, until the kernel and TLS are done with it (its descriptor is still held). At the limit, a new connection
 
-1. takes the place of the connection idle longest, which is closed, as its keep-alive timeout would have closed it
-   (idle: no request under way on it, whether it waits for its next one or never sent one), or, when a request is
-   under way on every one,
-2. is answered ``503 too-many-connections`` with Retry-After to its first request and closed (`_Refusal`): a
-   request under way is never cut off to make room.
+1. takes the place of the connection idle longest, if it has been idle for `MIN_IDLE` at least: it is closed, as
+   its keep-alive timeout would have closed it. A request is never cut off, parsed or not yet read: a connection
+   that received bytes is busy, and one idle for less than `MIN_IDLE` may be sending its next request right now;
+2. otherwise is answered ``503 too-many-connections`` with Retry-After to its first request and closed
+   (`_Refusal`), or, beyond `refusals_held` such answers under way, closed at once.
 
-Each is counted (``orderbus_ingest_connections_shed_total{action="closed_idle"|"refused"}``) and logged. A request
-is under way from its handler's start to its end (`ConnectionGate.tracking`, around ``POST /v1/orders``: the
-other routes answer within the loop turn that starts them). Connections in their TLS handshake are not counted yet
-(the handshake is bounded by its own 60 s timeout).
+Each is counted (``orderbus_ingest_connections_shed_total{action="closed_idle"|"refused"}``) and logged. What the
+gate does not see: connections in their TLS handshake (until it completes; bounded by its 60 s timeout).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol, cast
 
@@ -36,8 +37,13 @@ from topics.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# How long a connection over the limit has to send its request head, and then to read the answer and close.
+# How long a connection must have been idle to be closed for a new one.
+MIN_IDLE: Final = 2.0
+# How long a refused connection has to send its request head, then to read the answer and close.
 REFUSAL_WAIT: Final = 5.0
+# How long a closed TLS connection may wait for the client's close_notify (uvloop's default is 30 s, during which
+# its descriptor stays open).
+TLS_SHUTDOWN: Final = 5.0
 # A request head longer than this is answered at this point (aiohttp's own limit for a head is 8190 bytes a line).
 MAX_HEAD: Final = 16_384
 _END_OF_HEAD: Final = b"\r\n\r\n"
@@ -57,12 +63,17 @@ class Scheduler(Protocol):
     def __call__(self, delay: float, callback: Callable[[], None]) -> Timer: ...
 
 
+def refusals_held(limit: int) -> int:
+    """How many refused connections may be waiting for their 503 at once (beyond them, closed without one)."""
+    return max(16, limit // 8)
+
+
 class ConnectionGate:
     """The bookkeeping of one listener's connections (see the module docstring).
 
-    `protocol_factory` wraps aiohttp's server for ``loop.create_server`` (`GatedSite`); `tracking` wraps the handler
-    whose requests take time. The connections are aiohttp's `web.RequestHandler`s, in two tables: the idle ones in
-    the order they became idle (the first idle longest), and the ones with a request under way.
+    `protocol_factory` wraps aiohttp's server for ``loop.create_server`` (`GatedSite`); `tracking` wraps each
+    route's handler. The connections are aiohttp's `web.RequestHandler`s: the idle ones in the order they became
+    idle (the first idle longest) with the time they did, the busy ones, the closing ones; and the refusals under way.
     """
 
     def __init__(
@@ -72,82 +83,114 @@ class ConnectionGate:
         retry_after: int,
         shed: Shed | None = None,
         schedule: Scheduler | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if limit < 1:
             raise ConfigError(f"ingest.max_connections: at least 1, not {limit}")
         self.limit = limit
         self._shed = shed
         self._schedule = schedule
-        self._idle: dict[web.RequestHandler, None] = {}
+        self._clock = clock
+        self._idle: dict[web.RequestHandler, float] = {}  # -> when it became idle
         self._busy: set[web.RequestHandler] = set()
+        self._closing: set[web.RequestHandler] = set()
+        self._refusals: set[_Refusal] = set()
         detail = (
-            f"this listener holds its limit of {limit} connections, each with a request under way; "
-            f"send it again in {retry_after} s"
+            f"this listener holds its limit of {limit} connections, each with a request under way or one just "
+            f"answered; send it again in {retry_after} s"
         )
         self.refusal = _closing_answer(503, "Service Unavailable", "too-many-connections", detail, retry_after)
 
     @property
     def open(self) -> int:
-        """Connections open now (refused ones aside)."""
-        return len(self._idle) + len(self._busy)
+        """Connections counted against the limit: busy, idle and closing."""
+        return len(self._idle) + len(self._busy) + len(self._closing)
 
     @property
     def idle(self) -> int:
-        """Of `open`, those without a request under way."""
         return len(self._idle)
 
     @property
     def busy(self) -> int:
-        """Of `open`, those with a request under way."""
         return len(self._busy)
+
+    @property
+    def closing(self) -> int:
+        return len(self._closing)
+
+    @property
+    def refusing(self) -> int:
+        """Refused connections being answered 503 (not counted in `open`)."""
+        return len(self._refusals)
 
     def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
         """The protocol factory for ``loop.create_server``: each connection passes the gate first."""
         return lambda: _Gated(server(), self)
 
     def tracking(self, handler: Handler) -> Handler:
-        """`handler`, whose connection counts as busy while it runs (so it is never closed to make room)."""
-        idle, busy = self._idle, self._busy
+        """`handler`, at whose end its connection is idle again (busy since its request's bytes arrived)."""
+        idle, busy, clock = self._idle, self._busy, self._clock
 
         async def tracked(request: web.Request) -> web.StreamResponse:
             connection = request.protocol
-            if connection not in idle:  # not through this gate (a test's own server), or lost meanwhile
-                return await handler(request)
-            del idle[connection]
-            busy.add(connection)
             try:
                 return await handler(request)
             finally:
-                if connection in busy:  # not lost meanwhile: idle again, the most recently
+                if connection in busy:  # not lost or closed meanwhile, nor another server's
                     busy.remove(connection)
-                    idle[connection] = None
+                    idle[connection] = clock()
 
         return tracked
 
     def admit(self, connection: web.RequestHandler) -> bool:
-        """Count a new connection in, closing the one idle longest if the limit is reached; False to refuse it."""
-        if len(self._idle) + len(self._busy) >= self.limit:
-            if not self._idle:
+        """Count a new connection in, closing the one idle longest if the limit is reached and it has been idle
+        for `MIN_IDLE`; False to refuse it."""
+        if self.open >= self.limit:
+            oldest = next(iter(self._idle), None)
+            if oldest is None or self._clock() - self._idle[oldest] < MIN_IDLE:
                 log.warning(
-                    "webhook connection refused: every connection has a request under way",
+                    "webhook connection refused: every connection has a request under way or has just had one",
                     extra={"limit": self.limit},
                 )
                 self._count("refused")
                 return False
-            oldest = next(iter(self._idle))
             del self._idle[oldest]
+            self._closing.add(oldest)
             oldest.force_close()
             log.warning(
                 "webhook connection limit reached: the connection idle longest closed for a new one",
                 extra={"limit": self.limit},
             )
             self._count("closed_idle")
-        self._idle[connection] = None
+        self._idle[connection] = self._clock()
         return True
+
+    def received(self, connection: web.RequestHandler) -> None:
+        """Bytes arrived on `connection`: busy until its request's handler ends."""
+        if self._idle.pop(connection, None) is not None:
+            self._busy.add(connection)
 
     def lost(self, connection: web.RequestHandler) -> None:
         self._idle.pop(connection, None)
         self._busy.discard(connection)
+        self._closing.discard(connection)
+
+    def refuse(self, transport: asyncio.Transport) -> _Refusal | None:
+        """Answer `transport` with the 503, or close it at once beyond `refusals_held`."""
+        if len(self._refusals) >= refusals_held(self.limit):
+            transport.abort()
+            return None
+        refusal = _Refusal(transport, self)
+        self._refusals.add(refusal)
+        return refusal
+
+    def refused(self, refusal: _Refusal) -> None:
+        self._refusals.discard(refusal)
+
+    def close_refusals(self) -> None:
+        """Close the refused connections still being answered (the listener stops: aiohttp does not know them)."""
+        for refusal in list(self._refusals):
+            refusal.abort()
 
     def later(self, delay: float, callback: Callable[[], None]) -> Timer:
         if self._schedule is not None:
@@ -171,13 +214,19 @@ class _Gated(asyncio.Protocol):
         self._refusal: _Refusal | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._gate.admit(self._connection):
+        if not self._gate.admit(self._connection):
+            # A stream transport (uvloop's are not `asyncio.Transport` subclasses).
+            self._refusal = self._gate.refuse(cast(asyncio.Transport, transport))
+            return
+        try:
             self._connection.connection_made(transport)
-        else:  # a stream transport (uvloop's are not `asyncio.Transport` subclasses)
-            self._refusal = _Refusal(cast(asyncio.Transport, transport), self._gate)
+        except BaseException:
+            self._gate.lost(self._connection)
+            raise
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is None:
+            self._gate.received(self._connection)
             self._connection.data_received(data)
         else:
             self._refusal.data_received(data)
@@ -186,14 +235,14 @@ class _Gated(asyncio.Protocol):
         if self._refusal is None:
             self._connection.eof_received()  # aiohttp's: nothing (the transport closes)
             return None
-        return self._refusal.eof_received()
+        return False  # the refused client is done: close
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refusal is None:
             self._gate.lost(self._connection)
             self._connection.connection_lost(exc)
         else:
-            self._refusal.connection_lost()
+            self._refusal.lost()
 
     def pause_writing(self) -> None:
         if self._refusal is None:
@@ -209,32 +258,37 @@ class _Refusal:
 
     The rest of what it sends (the request's body) is read and dropped until the client closes: closed with unread
     bytes, the kernel would reset the connection and the client could lose the answer before reading it. A client
-    that sends no whole head, or does not close, is closed after `REFUSAL_WAIT` (no keep-alive timeout applies)."""
+    that sends no whole head, or does not close, is cut off after `REFUSAL_WAIT` (no keep-alive timeout applies)."""
 
-    __slots__ = ("_answer", "_head", "_timer", "_transport")
+    __slots__ = ("_answer", "_gate", "_head", "_timer", "_transport")
 
     def __init__(self, transport: asyncio.Transport, gate: ConnectionGate) -> None:
         self._transport = transport
+        self._gate = gate
         self._head = bytearray()
         self._answer = gate.refusal  # b"" once written
-        self._timer = gate.later(REFUSAL_WAIT, transport.close)
+        self._timer = gate.later(REFUSAL_WAIT, self.abort)
 
     def data_received(self, data: bytes) -> None:
         if not self._answer:
             return  # answered: the request's body, dropped
+        searched = max(0, len(self._head) - len(_END_OF_HEAD) + 1)
         self._head += data
-        if _END_OF_HEAD in self._head or len(self._head) > MAX_HEAD:
+        if self._head.find(_END_OF_HEAD, searched) >= 0 or len(self._head) > MAX_HEAD:
             self._transport.write(self._answer)
             self._answer = b""
             self._head.clear()
             if self._transport.can_write_eof():
                 self._transport.write_eof()  # the client reads the answer to its end, then closes
 
-    def eof_received(self) -> bool:
-        return False  # the client is done: close
+    def abort(self) -> None:
+        """Cut the connection off now (no TLS close_notify to wait for)."""
+        self._transport.abort()
+        self.lost()
 
-    def connection_lost(self) -> None:
+    def lost(self) -> None:
         self._timer.cancel()
+        self._gate.refused(self)
 
 
 def _closing_answer(status: int, reason: str, code: str, detail: str, retry_after: int) -> bytes:
@@ -284,4 +338,9 @@ class GatedSite(web.BaseSite):
             self._port,
             ssl=self._ssl_context,
             backlog=self._backlog,
+            ssl_shutdown_timeout=TLS_SHUTDOWN if self._ssl_context is not None else None,
         )
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._gate.close_refusals()

@@ -9,7 +9,7 @@ answers with, a connection's state and what became of it at the limit, and the v
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Final
 
@@ -59,8 +59,9 @@ class ConnectionMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.open = Gauge(
             "orderbus_ingest_connections",
-            "Connections open on the webhook's listener (the one listener without an admin port): busy with a "
-            "request under way, or idle",
+            "Connections open on the webhook's listener (the one listener without an admin port): busy (a request "
+            "under way), idle, closing (closed for a new one, its descriptor not yet free), refusing (being answered "
+            "503 at the limit; not counted against it)",
             ["state"],
             registry=registry,
         )
@@ -78,9 +79,10 @@ class ConnectionMetrics:
         )
         self._shed = {action: shed.labels(action) for action in SHED_ACTIONS}
 
-    def watch(self, busy: Callable[[], float], idle: Callable[[], float], limit: int) -> None:
-        self.open.labels("busy").set_function(busy)
-        self.open.labels("idle").set_function(idle)
+    def watch(self, states: Mapping[str, Callable[[], float]], limit: int) -> None:
+        """`states`: how many connections are in each state now, asked at each scrape."""
+        for state, count in states.items():
+            self.open.labels(state).set_function(count)
         self.limit.set(limit)
 
     def shed(self, action: str) -> None:

@@ -114,8 +114,8 @@ async def serve(
     WATCHDOG=1 from the event loop until the last resource is closed, and says STOPPING=1 when it drains.
     """
     settings.ingest.require_signatures()
-    need = open_files.needed(settings)
-    raised = open_files.ensure(need)  # a hard limit below the settings' need: exit 2 before anything opens
+    need, settings_said = open_files.needed(settings)
+    raised = open_files.ensure(need, settings_said)  # a hard limit below the settings' need: exit 2 before all else
     tls = server_tls(settings.ingest.tls_certfile, settings.ingest.tls_keyfile)  # a pair that does not load: exit 2
     registry = registry if registry is not None else CollectorRegistry()
     notifier = notifier if notifier is not None else Notifier()  # a broken $NOTIFY_SOCKET stops start-up here
@@ -132,6 +132,8 @@ async def serve(
     for weakness in settings.weaknesses():
         log.warning("insecure setting: %s", weakness)
     async with AsyncExitStack() as stack:
+        if raised is not None:
+            stack.callback(open_files.restore, raised)
         stack.callback(notifier.close)
         # First in, last out: the loop pings systemd until the drain and every close are done.
         stack.push_async_callback(cancel_and_wait, asyncio.create_task(watchdog_loop(notifier), name="sd-watchdog"))
@@ -425,7 +427,13 @@ def _connection_gate(settings: Settings, registry: CollectorRegistry) -> Connect
     """The webhook listener's `ConnectionGate` (``ingest.max_connections``), counted in `registry`."""
     metrics = ConnectionMetrics(registry)
     gate = ConnectionGate(settings.ingest.max_connections, retry_after=settings.ingest.retry_after, shed=metrics.shed)
-    metrics.watch(lambda: gate.busy, lambda: gate.idle, gate.limit)
+    states = {
+        "busy": lambda: gate.busy,
+        "idle": lambda: gate.idle,
+        "closing": lambda: gate.closing,
+        "refusing": lambda: gate.refusing,
+    }
+    metrics.watch(states, gate.limit)
     return gate
 
 
@@ -617,7 +625,13 @@ def _status(
             "key_store_error": keys.failing,
         }
         if gate is not None:
-            ingest["connections"] = {"busy": gate.busy, "idle": gate.idle, "limit": gate.limit}
+            ingest["connections"] = {
+                "busy": gate.busy,
+                "idle": gate.idle,
+                "closing": gate.closing,
+                "refusing": gate.refusing,
+                "limit": gate.limit,
+            }
     now = time.time() if now is None else now
     return {
         "ingest": ingest,

@@ -1,6 +1,7 @@
 """The process's limit of open files, against what the settings let the daemon open at once.
 
-The webhook listener holds up to ``ingest.max_connections`` connections (`daemon.connection_gate`), each sink up to
+The webhook listener holds up to ``ingest.max_connections`` connections and a few more it is refusing
+(`daemon.connection_gate`), each sink up to
 its ``max_in_flight`` connections to its downstream system, and besides those the daemon keeps `RESERVE`
 descriptors: its Kafka clients' connections (one per broker and client, and the coordinators'), the SQLite files
 (three each with their write-ahead log), the key store's process's pipes, the admin listener's connections and the
@@ -17,6 +18,7 @@ import resource
 from collections.abc import Callable
 from typing import Final
 
+from daemon.connection_gate import refusals_held
 from daemon.settings import Settings
 from topics.errors import ConfigError
 
@@ -25,29 +27,47 @@ RESERVE: Final = 256
 Limits = tuple[int, int]
 
 
-def needed(settings: Settings) -> int:
-    """Descriptors the daemon may hold at once under `settings` (see the module docstring)."""
-    listener = settings.ingest.max_connections if settings.ingest.enabled else 0
-    return listener + sum(sink.max_in_flight for sink in settings.enabled_sinks().values()) + RESERVE
+def needed(settings: Settings) -> tuple[int, str]:
+    """Descriptors the daemon may hold at once under `settings` (see the module docstring), and the settings that
+    say so, for a message."""
+    parts, said = RESERVE, []
+    if settings.ingest.enabled:
+        limit = settings.ingest.max_connections
+        parts += limit + refusals_held(limit)
+        said.append("ingest.max_connections")
+    if sinks := settings.enabled_sinks():
+        parts += sum(sink.max_in_flight for sink in sinks.values())
+        said.append("sinks.*.max_in_flight")
+    return parts, ", ".join(said) or "the daemon"
 
 
 def ensure(
     need: int,
+    settings_said: str = "ingest.max_connections, sinks.*.max_in_flight",
     *,
     get: Callable[[int], Limits] = resource.getrlimit,
     set_limits: Callable[[int, Limits], None] = resource.setrlimit,
 ) -> Limits | None:
-    """Raise the soft limit of open files to `need` if it is lower: the limits before, if raised; `ConfigError` if the
-    hard limit is lower than `need`."""
+    """Raise the soft limit of open files to `need` if it is lower: the limits before, if raised; `ConfigError`
+    naming `settings_said` if the hard limit is lower than `need` (or the system refuses)."""
     soft, hard = get(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return None
+    problem = (
+        f"{settings_said}: the daemon may hold {need} files and connections at once (the listener's limit and the "
+        f"connections it refuses, each sink's, and {RESERVE} for Kafka, SQLite and logs), but this process may open "
+        f"{{allowed}} (ulimit -Hn; LimitNOFILE= under systemd, --ulimit nofile= in a container): raise that, or "
+        "lower the settings"
+    )
     if hard != resource.RLIM_INFINITY and hard < need:
-        raise ConfigError(
-            f"ingest.max_connections, sinks.*.max_in_flight: the daemon may hold {need} files and connections at "
-            f"once (the listener's limit, each sink's, and {RESERVE} for Kafka, SQLite and logs), but this process "
-            f"may open {hard} (ulimit -Hn; LimitNOFILE= under systemd, --ulimit nofile= in a container): raise "
-            "that, or lower the settings"
-        )
-    set_limits(resource.RLIMIT_NOFILE, (need, hard))
+        raise ConfigError(problem.format(allowed=hard))
+    try:
+        set_limits(resource.RLIMIT_NOFILE, (need, hard))
+    except (ValueError, OSError) as exc:  # a system whose own cap is below the hard limit (macOS: OPEN_MAX)
+        raise ConfigError(problem.format(allowed=f"{soft} ({exc})")) from None
     return soft, hard
+
+
+def restore(limits: Limits) -> None:
+    """Put back the limits `ensure` raised (a daemon run inside another process: the tests)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from support import free_port, read_topic, running_daemon, settings_env, until
 
+from daemon.connection_gate import MIN_IDLE
 from daemon.kafka_local import BrokerInfo
 from daemon.settings import load_settings
 from topics.catalogue import orders_topic
@@ -66,6 +67,7 @@ async def test_the_limit_closes_idle_connections_then_refuses_and_publishes_noth
             # The listener full of idle connections: a new one takes the place of the one idle longest.
             idle = [await connect() for _ in range(LIMIT)]
             await until(lambda: connections("idle", LIMIT), timeout=10)
+            await asyncio.sleep(MIN_IDLE)  # a connection idle for less may be sending its request: never closed
             async with aiohttp.ClientSession() as sender:
                 body = body_of("LIMIT-1")
                 headers = {"Content-Type": "application/json", "Idempotency-Key": "limit-1"}
@@ -77,6 +79,7 @@ async def test_the_limit_closes_idle_connections_then_refuses_and_publishes_noth
             for _, writer in idle:
                 writer.close()
             await until(lambda: connections("idle", 0), timeout=10)
+            await until(lambda: connections("closing", 0), timeout=10)
 
             # A request under way on every connection: each has sent half its body.
             busy = []

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
 import pytest
@@ -13,7 +14,7 @@ import uvloop
 from aiohttp import web
 from support import free_port, until
 
-from daemon.connection_gate import MAX_HEAD, REFUSAL_WAIT, ConnectionGate, GatedSite, _Gated
+from daemon.connection_gate import MAX_HEAD, MIN_IDLE, REFUSAL_WAIT, ConnectionGate, GatedSite, _Gated, refusals_held
 from topics.errors import ConfigError
 
 # --- fakes ---------------------------------------------------------------------------------------------------
@@ -57,6 +58,7 @@ class FakeTransport(asyncio.Transport):
         self.written = bytearray()
         self.eof_written = False
         self.closed = False
+        self.aborted = False
         self._eof = eof
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -70,6 +72,9 @@ class FakeTransport(asyncio.Transport):
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
 
 
 class Timer:
@@ -101,9 +106,23 @@ class Request:
         self.protocol = protocol
 
 
-def gate_of(limit: int, shed: list[str] | None = None, timers: Timers | None = None) -> ConnectionGate:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gate_of(
+    limit: int, shed: list[str] | None = None, timers: Timers | None = None, clock: Clock | None = None
+) -> ConnectionGate:
     return ConnectionGate(
-        limit, retry_after=5, shed=(shed.append if shed is not None else None), schedule=timers or Timers()
+        limit,
+        retry_after=5,
+        shed=(shed.append if shed is not None else None),
+        schedule=timers or Timers(),
+        clock=clock or Clock(),
     )
 
 
@@ -114,12 +133,21 @@ def connect(gate: ConnectionGate, *, transport: FakeTransport | None = None) -> 
     return fake, gated
 
 
-async def run_request(gate: ConnectionGate, connection: FakeConnection, until: asyncio.Event) -> None:
+async def run_request(gate: ConnectionGate, gated: _Gated, connection: FakeConnection, until: asyncio.Event) -> None:
+    """A request on the connection: its bytes arrive, then its handler runs until `until`."""
+
     async def slow(_: web.Request) -> web.StreamResponse:
         await until.wait()
         return web.Response()
 
+    gated.data_received(b"POST / HTTP/1.1\r\n\r\n")
     await gate.tracking(slow)(cast(web.Request, Request(connection)))
+
+
+def done() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
 
 
 # --- the bookkeeping -------------------------------------------------------------------------------------------
@@ -135,7 +163,9 @@ def test_connections_under_the_limit_are_served_as_aiohttp_would() -> None:
     gate = gate_of(3, shed)
     transport = FakeTransport()
     fake, gated = connect(gate, transport=transport)
+    assert (gate.idle, gate.busy) == (1, 0)
     gated.data_received(b"GET / HTTP/1.1\r\n\r\n")
+    assert (gate.idle, gate.busy) == (0, 1)  # bytes arrived: a request may be in them
     gated.pause_writing()
     assert fake.made == [transport]
     assert fake.received == [b"GET / HTTP/1.1\r\n\r\n"]
@@ -147,31 +177,73 @@ def test_connections_under_the_limit_are_served_as_aiohttp_would() -> None:
     assert shed == []
 
 
-async def test_at_the_limit_the_connection_idle_longest_makes_room() -> None:
+async def test_at_the_limit_the_connection_idle_longest_makes_room_once_idle_long_enough() -> None:
     shed: list[str] = []
-    gate = gate_of(3, shed)
-    first, second, third = (connect(gate)[0] for _ in range(3))
-    done = asyncio.Event()
-    done.set()
-    await run_request(gate, first, done)  # used again: the second is now idle longest
+    clock = Clock()
+    gate = gate_of(3, shed, clock=clock)
+    (first, first_gated), (second, _), (third, _) = (connect(gate) for _ in range(3))
+    clock.now += MIN_IDLE
+    await run_request(gate, first_gated, first, done())  # used again: the second is now idle longest
     fourth, _ = connect(gate)
     assert second.force_closed
     assert not first.force_closed
     assert not third.force_closed
     assert fourth.made
-    assert gate.open == 3
+    assert (gate.open, gate.closing) == (4, 1)  # the second still holds its descriptor until it is lost
     assert shed == ["closed_idle"]
+    # Its descriptor held: the next new connection needs an idle one too; the third has been idle long enough.
+    fifth, _ = connect(gate)
+    assert third.force_closed
+    assert fifth.made
+    assert shed == ["closed_idle", "closed_idle"]
+
+
+def test_a_connection_idle_for_less_than_the_minimum_is_not_closed_for_room() -> None:
+    """It may be sending its next request right now (in the kernel's buffer, not read yet): the new one is refused."""
+    shed: list[str] = []
+    clock = Clock()
+    gate = gate_of(1, shed, clock=clock)
+    first, _ = connect(gate)
+    clock.now += MIN_IDLE - 0.1
+    _, refused = connect(gate)
+    assert not first.force_closed
+    assert shed == ["refused"]
+    assert gate.refusing == 1
+    refused.connection_lost(None)
+    clock.now += 0.1
+    third, _ = connect(gate)
+    assert first.force_closed
+    assert third.made
+
+
+def test_a_request_whose_bytes_arrived_is_never_cut_off_before_its_handler_starts() -> None:
+    """Regression (review): a parsed request waiting for its handler counted as idle and was closed for a new
+    connection; aiohttp ran the handler all the same (the order published) and its answer went nowhere."""
+    shed: list[str] = []
+    clock = Clock()
+    gate = gate_of(1, shed, clock=clock)
+    first, gated = connect(gate)
+    clock.now += 60
+    gated.data_received(b"POST /v1/orders HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")  # no handler yet
+    _, _ = connect(gate)
+    assert not first.force_closed
+    assert shed == ["refused"]
 
 
 async def test_a_connection_with_a_request_under_way_is_never_closed_for_room() -> None:
     timers = Timers()
     shed: list[str] = []
-    gate = gate_of(2, shed, timers)
-    first, _ = connect(gate)
-    second, _ = connect(gate)
+    clock = Clock()
+    gate = gate_of(2, shed, timers, clock)
+    first, first_gated = connect(gate)
+    second, second_gated = connect(gate)
     release = asyncio.Event()
-    busy = [asyncio.create_task(run_request(gate, connection, release)) for connection in (first, second)]
+    busy = [
+        asyncio.create_task(run_request(gate, gated, connection, release))
+        for gated, connection in ((first_gated, first), (second_gated, second))
+    ]
     await asyncio.sleep(0)  # both handlers have started: no sleep of time, one turn of the loop
+    clock.now += 60
     transport = FakeTransport()
     third, gated = connect(gate, transport=transport)
     assert not first.force_closed
@@ -197,9 +269,11 @@ async def test_a_connection_with_a_request_under_way_is_never_closed_for_room() 
     assert gated.eof_received() is False  # the client closed its side: the transport closes
     gated.connection_lost(None)
     assert timers.due[0][2].cancelled
-    # The requests end: their connections are idle again, and a new one takes the place of the first to finish.
+    assert gate.refusing == 0
+    # The requests end: their connections are idle again, and, once idle long enough, one makes room.
     release.set()
     await asyncio.gather(*busy)
+    clock.now += MIN_IDLE
     fourth, _ = connect(gate)
     assert fourth.made
     assert first.force_closed
@@ -209,29 +283,54 @@ async def test_a_connection_with_a_request_under_way_is_never_closed_for_room() 
 
 async def all_busy(gate: ConnectionGate, count: int, release: asyncio.Event) -> list[asyncio.Task[None]]:
     """`count` connections, each with a request under way until `release`."""
-    tasks = [asyncio.create_task(run_request(gate, connect(gate)[0], release)) for _ in range(count)]
+    tasks = []
+    for _ in range(count):
+        fake, gated = connect(gate)
+        tasks.append(asyncio.create_task(run_request(gate, gated, fake, release)))
     await asyncio.sleep(0)  # the handlers have started
     return tasks
 
 
-async def test_a_refused_connection_that_sends_no_head_is_closed_after_the_wait() -> None:
+async def test_a_refused_connection_that_sends_no_head_is_cut_off_after_the_wait() -> None:
     timers = Timers()
     shed: list[str] = []
     gate = gate_of(1, shed, timers)
     busy = await all_busy(gate, 1, release := asyncio.Event())
     transport = FakeTransport()
     connect(gate, transport=transport)
-    [(delay, close, _)] = timers.due
+    [(delay, cut, _)] = timers.due
     assert delay == REFUSAL_WAIT
-    close()
-    assert transport.closed
+    cut()
+    assert transport.aborted  # no TLS close_notify to wait for: the descriptor is free at once
     assert transport.written == b""
+    assert gate.refusing == 0
     assert shed == ["refused"]
     release.set()
     await asyncio.gather(*busy)
 
 
-async def test_an_endless_head_is_answered_at_its_limit_and_tls_closes_after_the_answer() -> None:
+async def test_beyond_the_refusals_held_a_connection_is_cut_off_at_once_and_a_stop_cuts_the_rest() -> None:
+    shed: list[str] = []
+    gate = gate_of(1, shed)
+    busy = await all_busy(gate, 1, release := asyncio.Event())
+    held = [FakeTransport() for _ in range(refusals_held(1))]
+    for transport in held:
+        connect(gate, transport=transport)
+    assert gate.refusing == refusals_held(1) == 16
+    beyond = FakeTransport()
+    connect(gate, transport=beyond)
+    assert beyond.aborted
+    assert beyond.written == b""
+    assert shed == ["refused"] * 17
+    assert not any(transport.aborted for transport in held)
+    gate.close_refusals()  # the listener stops
+    assert all(transport.aborted for transport in held)
+    assert gate.refusing == 0
+    release.set()
+    await asyncio.gather(*busy)
+
+
+async def test_an_endless_head_is_answered_at_its_limit_and_a_tls_refusal_waits_for_the_client() -> None:
     gate = gate_of(1, [])
     busy = await all_busy(gate, 1, release := asyncio.Event())
     transport = FakeTransport(eof=False)  # TLS: no half-close
@@ -241,6 +340,7 @@ async def test_an_endless_head_is_answered_at_its_limit_and_tls_closes_after_the
     gated.data_received(b"X")
     assert transport.written.startswith(b"HTTP/1.1 503 ")
     assert not transport.eof_written
+    assert not transport.closed  # the client closes, or the wait ends (the test above)
     release.set()
     await asyncio.gather(*busy)
 
@@ -249,7 +349,7 @@ async def test_a_connection_lost_during_its_request_is_forgotten() -> None:
     gate = gate_of(2, [])
     fake, gated = connect(gate)
     release = asyncio.Event()
-    task = asyncio.create_task(run_request(gate, fake, release))
+    task = asyncio.create_task(run_request(gate, gated, fake, release))
     await asyncio.sleep(0)
     gated.connection_lost(ConnectionResetError())
     release.set()
@@ -257,26 +357,52 @@ async def test_a_connection_lost_during_its_request_is_forgotten() -> None:
     assert gate.open == 0
 
 
+def test_a_connection_aiohttp_could_not_take_is_not_counted() -> None:
+    class Broken(FakeConnection):
+        def connection_made(self, transport: object) -> None:
+            raise OSError("setsockopt")
+
+    gate = gate_of(2, [])
+    with pytest.raises(OSError, match="setsockopt"):
+        _Gated(handler(Broken()), gate).connection_made(FakeTransport())
+    assert gate.open == 0
+
+
 async def test_a_request_not_through_the_gate_is_served_untracked() -> None:
     gate = gate_of(2, [])
-    done = asyncio.Event()
-    done.set()
-    await run_request(gate, FakeConnection(), done)
+    fake = FakeConnection()
+
+    async def quick(_: web.Request) -> web.StreamResponse:
+        return web.Response()
+
+    await gate.tracking(quick)(cast(web.Request, Request(fake)))
     assert gate.open == 0
 
 
 # --- a real aiohttp server -----------------------------------------------------------------------------------
 
 
+class Later:
+    """The real monotonic clock, moved on by hand (so that connections need not really stay idle `MIN_IDLE`)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
 @contextlib.asynccontextmanager
-async def served() -> AsyncIterator[tuple[int, ConnectionGate, asyncio.Event, list[str]]]:
-    """A real listener (limit 4) whose POST waits for the event."""
+async def served(limit: int = 4) -> AsyncIterator[tuple[int, ConnectionGate, asyncio.Event, list[str], Later]]:
+    """A real listener whose POST reads its body, then waits for the event; what its handlers ran is `ran`."""
     shed: list[str] = []
-    gate = ConnectionGate(4, retry_after=2, shed=shed.append)
+    clock = Later()
+    gate = ConnectionGate(limit, retry_after=2, shed=shed.append, clock=clock)
     release = asyncio.Event()
 
     async def post(request: web.Request) -> web.Response:
         await request.read()
+        RAN.append(request.path)
         await release.wait()
         return web.Response(status=202, text="ok")
 
@@ -285,18 +411,23 @@ async def served() -> AsyncIterator[tuple[int, ConnectionGate, asyncio.Event, li
 
     app = web.Application()
     app.router.add_post("/", gate.tracking(post))
-    app.router.add_get("/", get)
-    runner = web.AppRunner(app, access_log=None)
+    app.router.add_get("/", gate.tracking(get))
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
     await runner.setup()
     port = free_port()
     site = GatedSite(runner, "127.0.0.1", port, gate)
     await site.start()
     assert site.name == f"http://127.0.0.1:{port}"
+    RAN.clear()
     try:
-        yield port, gate, release, shed
+        yield port, gate, release, shed, clock
     finally:
         release.set()
         await runner.cleanup()
+
+
+RAN: list[str] = []
+POST = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
 
 
 async def open_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -304,10 +435,11 @@ async def open_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.Stre
 
 
 async def a_real_listener_closes_the_idle_longest_then_refuses_when_all_are_busy() -> None:
-    async with served() as (port, gate, release, shed):
-        # Four idle connections, then a fifth: the first is closed (EOF), the fifth is served.
+    async with served() as (port, gate, release, shed, clock):
+        # Four idle connections, idle long enough, then a fifth: the first is closed (EOF), the fifth is served.
         idle = [await open_connection(port) for _ in range(4)]
-        await until(lambda: gate.open == 4)
+        await until(lambda: gate.open == 4, timeout=5, every=0.01)
+        clock.offset += MIN_IDLE
         reader, writer = await open_connection(port)
         assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -315,13 +447,15 @@ async def a_real_listener_closes_the_idle_longest_then_refuses_when_all_are_busy
         assert head.startswith(b"HTTP/1.1 200")
         assert await reader.readexactly(2) == b"ok"
         assert shed == ["closed_idle"]
+        await until(lambda: gate.closing == 0, timeout=5, every=0.01)  # the closed one's descriptor is free
         # A request under way on every connection (the idle ones post too): the next connection is refused.
         busy = [*idle[1:], (reader, writer)]
         for _, w in busy:
-            w.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
-        await until(lambda: gate.open == 4 and shed == ["closed_idle"] and not gate.idle)
+            w.write(POST)
+        await until(lambda: gate.busy == 4 and len(RAN) == 4, timeout=5, every=0.01)
+        clock.offset += MIN_IDLE
         refused_reader, refused_writer = await open_connection(port)
-        refused_writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        refused_writer.write(POST)
         answer = await asyncio.wait_for(refused_reader.read(), 5)  # to the end: the server closes
         assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
         assert b"Retry-After: 2\r\n" in answer
@@ -335,13 +469,48 @@ async def a_real_listener_closes_the_idle_longest_then_refuses_when_all_are_busy
         for _, w in [idle[0], *busy, (refused_reader, refused_writer)]:
             w.close()
             await w.wait_closed()
-        await until(lambda: gate.open == 0)
+        await until(lambda: gate.open == 0 and gate.refusing == 0, timeout=5, every=0.01)
 
 
-async def test_a_real_listener_closes_the_idle_longest_then_refuses_when_all_are_busy() -> None:
-    await a_real_listener_closes_the_idle_longest_then_refuses_when_all_are_busy()
+async def a_burst_of_posts_gets_an_answer_each_and_only_the_answered_ones_run() -> None:
+    """Regression (review): in a burst of new connections, each sending its request at once, the connections
+    admitted first were closed for later ones, with their requests parsed: their handlers ran (orders published)
+    and their senders got no answer. Each sender gets 202 or 503 now, and a handler runs for each 202 only."""
+    async with served() as (port, gate, release, shed, clock):
+        release.set()
+        idle = [await open_connection(port) for _ in range(4)]  # idle long enough: room for the burst's first
+        await until(lambda: gate.open == 4, timeout=5, every=0.01)
+        clock.offset += MIN_IDLE
+
+        async def post() -> bytes:
+            reader, writer = await open_connection(port)
+            try:
+                writer.write(POST)
+                return await asyncio.wait_for(reader.readline(), 10)
+            finally:
+                writer.close()
+
+        # As many as can be admitted or answered 503 (beyond, refused connections are cut off without an answer).
+        answers = await asyncio.gather(*(post() for _ in range(gate.limit + refusals_held(gate.limit))))
+        statuses = sorted(answer[9:12] for answer in answers)
+        assert set(statuses) <= {b"202", b"503"}, statuses  # never a connection closed without an answer
+        assert statuses.count(b"202") == len(RAN) >= 4
+        assert shed.count("closed_idle") == 4
+        assert shed.count("refused") == statuses.count(b"503")
+        for _, w in idle:
+            w.close()
+        await until(lambda: gate.open == 0 and gate.refusing == 0, timeout=5, every=0.01)
 
 
-def test_the_same_under_uvloop_as_the_daemon_runs() -> None:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(a_real_listener_closes_the_idle_longest_then_refuses_when_all_are_busy())
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        a_real_listener_closes_the_idle_longest_then_refuses_when_all_are_busy,
+        a_burst_of_posts_gets_an_answer_each_and_only_the_answered_ones_run,
+    ],
+)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_real_listener(scenario: Callable[[], Awaitable[None]], loop: str) -> None:
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(asyncio.wait_for(scenario(), 30))

@@ -7,6 +7,7 @@ import resource
 import pytest
 
 from daemon import open_files
+from daemon.connection_gate import refusals_held
 from daemon.settings import load_settings
 from topics.errors import ConfigError
 
@@ -37,9 +38,12 @@ def test_the_need_is_the_listener_the_sinks_and_the_reserve(no_orderbus_env: pyt
     }
     settings = load_settings(None, env=env)
     assert sorted(settings.enabled_sinks()) == ["crm", "shipping"]
-    assert open_files.needed(settings) == 500 + 100 + 30 + open_files.RESERVE
+    assert open_files.needed(settings) == (
+        500 + refusals_held(500) + 100 + 30 + open_files.RESERVE,
+        "ingest.max_connections, sinks.*.max_in_flight",
+    )
     without_ingest = load_settings(None, env={**env, "ORDERBUS_INGEST__ENABLED": "false"})
-    assert open_files.needed(without_ingest) == 100 + 30 + open_files.RESERVE
+    assert open_files.needed(without_ingest) == (100 + 30 + open_files.RESERVE, "sinks.*.max_in_flight")
 
 
 def test_a_soft_limit_below_the_need_is_raised_to_it() -> None:
@@ -69,6 +73,14 @@ def test_a_hard_limit_below_the_need_names_the_settings_and_the_limit() -> None:
     assert "may open 1024" in message
     assert "LimitNOFILE=" in message
     assert limits.set == []
+
+
+def test_a_system_that_refuses_the_raise_is_a_config_error_not_a_traceback() -> None:
+    def refuse(which: int, limits: tuple[int, int]) -> None:
+        raise ValueError("current limit exceeds maximum limit")
+
+    with pytest.raises(ConfigError, match=r"^sinks\.\*\.max_in_flight: .* may open 256 \(current limit exceeds"):
+        open_files.ensure(2048, "sinks.*.max_in_flight", get=Limits(256, resource.RLIM_INFINITY).get, set_limits=refuse)
 
 
 def test_the_real_limits_are_read_and_kept_when_they_suffice() -> None:

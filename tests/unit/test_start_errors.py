@@ -279,3 +279,30 @@ async def test_an_address_not_on_this_host_is_retried() -> None:
     async with contextlib.AsyncExitStack() as stack:
         with pytest.raises(NotYetError, match=r"^ingest\.host/ingest\.port: cannot listen on 192\.0\.2\.1:8080: "):
             await lifecycle._listen(stack, web.Application(), "ingest", "192.0.2.1", 8080)
+
+
+def test_a_limit_of_open_files_below_the_settings_need_stops_the_start_naming_them(tmp_path: Path) -> None:
+    """`orderbus run` in a process that may open 300 files, with the ingest's default of 1024 connections: exit 2
+    before anything is opened, naming the setting and the numbers (`daemon.open_files`)."""
+    import resource
+    import subprocess
+
+    env = {
+        **{name: value for name, value in os.environ.items() if not name.startswith("ORDERBUS_")},
+        "ORDERBUS_STATE_DIR": str(tmp_path / "state"),
+        "ORDERBUS_INGEST__ALLOW_UNSIGNED": "true",
+        "ORDERBUS_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)),
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "ingest.max_connections: the daemon may hold 1408 files and connections at once" in done.stderr
+    assert "this process may open 300 (ulimit -Hn; LimitNOFILE=" in done.stderr
+    assert not (tmp_path / "state").exists()  # nothing was opened
