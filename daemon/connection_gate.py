@@ -6,15 +6,16 @@ open for the keep-alive timeout (75 s): at 100 requests a second, 7,500 connecti
 open files every accept fails, and so does every new connection of the sinks to their downstream systems and to
 Kafka: trouble on the webhook would have stopped the deliveries, and tens of thousands of connections the memory.
 
-A connection is *busy* from the moment bytes arrive on it (a request may be in them) until the handler of its
-request ends (`ConnectionGate.tracking`, around every route), then *idle* again; *closing* once the gate has closed
-it, until the kernel and TLS are done with it (its descriptor is still held). At the limit, a new connection
+A connection is *idle* when aiohttp waits on it for the next request head and holds none not yet handled (its
+own test before its keep-alive close: no request is read, queued, handled, answered or lingered over); *busy*
+otherwise. At the limit, a new connection
 
-1. takes the place of the connection idle longest, if it has been idle for `MIN_IDLE` at least: it is closed, as
-   its keep-alive timeout would have closed it. A request is never cut off, parsed or not yet read: a connection
-   that received bytes is busy, and one idle for less than `MIN_IDLE` may be sending its next request right now;
+1. takes the place of the connection idle longest, if it has been idle for `MIN_IDLE` at least (no bytes
+   received, no request ended on it since): that one is cut off (aborted: its descriptor is free at once, with
+   HTTPS too, where a close would wait for the client's). A request is never cut off, parsed or not yet handled,
+   pipelined or not; and a client may be sending its next request on a connection idle for less;
 2. otherwise is answered ``503 too-many-connections`` with Retry-After to its first request and closed
-   (`_Refusal`), or, beyond `refusals_held` such answers under way, closed at once.
+   (`_Refusal`), or, beyond `refusals_held` such answers under way, cut off at once.
 
 Each is counted (``orderbus_ingest_connections_shed_total{action="closed_idle"|"refused"}``) and logged. What the
 gate does not see: connections in their TLS handshake (until it completes; bounded by its 60 s timeout).
@@ -72,8 +73,8 @@ class ConnectionGate:
     """The bookkeeping of one listener's connections (see the module docstring).
 
     `protocol_factory` wraps aiohttp's server for ``loop.create_server`` (`GatedSite`); `tracking` wraps each
-    route's handler. The connections are aiohttp's `web.RequestHandler`s: the idle ones in the order they became
-    idle (the first idle longest) with the time they did, the busy ones, the closing ones; and the refusals under way.
+    route's handler. The connections are aiohttp's `web.RequestHandler`s, in the order of their last activity (the
+    first least recently active) with its time; and the refusals under way.
     """
 
     def __init__(
@@ -91,32 +92,23 @@ class ConnectionGate:
         self._shed = shed
         self._schedule = schedule
         self._clock = clock
-        self._idle: dict[web.RequestHandler, float] = {}  # -> when it became idle
-        self._busy: set[web.RequestHandler] = set()
-        self._closing: set[web.RequestHandler] = set()
+        self._open: dict[web.RequestHandler, float] = {}  # -> its last activity: made, bytes received, a request ended
         self._refusals: set[_Refusal] = set()
         detail = (
-            f"this listener holds its limit of {limit} connections, each with a request under way or one just "
-            f"answered; send it again in {retry_after} s"
+            f"this listener holds its limit of {limit} connections, none of them idle for {MIN_IDLE:g} s; "
+            f"send it again in {retry_after} s"
         )
         self.refusal = _closing_answer(503, "Service Unavailable", "too-many-connections", detail, retry_after)
 
     @property
     def open(self) -> int:
-        """Connections counted against the limit: busy, idle and closing."""
-        return len(self._idle) + len(self._busy) + len(self._closing)
+        """Connections counted against the limit."""
+        return len(self._open)
 
     @property
     def idle(self) -> int:
-        return len(self._idle)
-
-    @property
-    def busy(self) -> int:
-        return len(self._busy)
-
-    @property
-    def closing(self) -> int:
-        return len(self._closing)
+        """Of `open`, those aiohttp waits on for a request (counted at each call: a scrape, a status)."""
+        return sum(1 for connection in self._open if waits_for_request(connection))
 
     @property
     def refusing(self) -> int:
@@ -128,52 +120,57 @@ class ConnectionGate:
         return lambda: _Gated(server(), self)
 
     def tracking(self, handler: Handler) -> Handler:
-        """`handler`, at whose end its connection is idle again (busy since its request's bytes arrived)."""
-        idle, busy, clock = self._idle, self._busy, self._clock
+        """`handler`, whose end is its connection's latest activity."""
+        active, clock = self._open, self._clock
 
         async def tracked(request: web.Request) -> web.StreamResponse:
-            connection = request.protocol
             try:
                 return await handler(request)
             finally:
-                if connection in busy:  # not lost or closed meanwhile, nor another server's
-                    busy.remove(connection)
-                    idle[connection] = clock()
+                connection = request.protocol
+                if active.pop(connection, None) is not None:  # not lost meanwhile, nor another server's
+                    active[connection] = clock()
 
         return tracked
 
     def admit(self, connection: web.RequestHandler) -> bool:
-        """Count a new connection in, closing the one idle longest if the limit is reached and it has been idle
+        """Count a new connection in, cutting off the one idle longest if the limit is reached and it has been idle
         for `MIN_IDLE`; False to refuse it."""
-        if self.open >= self.limit:
-            oldest = next(iter(self._idle), None)
-            if oldest is None or self._clock() - self._idle[oldest] < MIN_IDLE:
+        now = self._clock()
+        if len(self._open) >= self.limit:
+            victim = None
+            for candidate, since in self._open.items():  # least recently active first
+                if now - since < MIN_IDLE:
+                    break
+                if waits_for_request(candidate):
+                    victim = candidate
+                    break
+            if victim is None:
                 log.warning(
                     "webhook connection refused: every connection has a request under way or has just had one",
                     extra={"limit": self.limit},
                 )
                 self._count("refused")
                 return False
-            del self._idle[oldest]
-            self._closing.add(oldest)
-            oldest.force_close()
+            del self._open[victim]
+            if victim.transport is not None:
+                victim.transport.abort()  # its connection_lost follows
             log.warning(
-                "webhook connection limit reached: the connection idle longest closed for a new one",
+                "webhook connection limit reached: the connection idle longest cut off for a new one",
                 extra={"limit": self.limit},
             )
             self._count("closed_idle")
-        self._idle[connection] = self._clock()
+        self._open[connection] = now
         return True
 
     def received(self, connection: web.RequestHandler) -> None:
-        """Bytes arrived on `connection`: busy until its request's handler ends."""
-        if self._idle.pop(connection, None) is not None:
-            self._busy.add(connection)
+        """Bytes arrived on `connection`: its latest activity."""
+        active = self._open
+        if active.pop(connection, None) is not None:
+            active[connection] = self._clock()
 
     def lost(self, connection: web.RequestHandler) -> None:
-        self._idle.pop(connection, None)
-        self._busy.discard(connection)
-        self._closing.discard(connection)
+        self._open.pop(connection, None)
 
     def refuse(self, transport: asyncio.Transport) -> _Refusal | None:
         """Answer `transport` with the 503, or close it at once beyond `refusals_held`."""
@@ -204,13 +201,14 @@ class ConnectionGate:
 
 class _Gated(asyncio.Protocol):
     """aiohttp's protocol of one connection, behind the gate: admitted, it is served as ever; refused, `_Refusal`
-    answers it."""
+    answers it (or nothing does: cut off at once)."""
 
-    __slots__ = ("_connection", "_gate", "_refusal")
+    __slots__ = ("_admitted", "_connection", "_gate", "_refusal")
 
     def __init__(self, connection: web.RequestHandler, gate: ConnectionGate) -> None:
         self._connection = connection
         self._gate = gate
+        self._admitted = False
         self._refusal: _Refusal | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -223,34 +221,44 @@ class _Gated(asyncio.Protocol):
         except BaseException:
             self._gate.lost(self._connection)
             raise
+        self._admitted = True
 
     def data_received(self, data: bytes) -> None:
-        if self._refusal is None:
+        if self._admitted:
             self._gate.received(self._connection)
             self._connection.data_received(data)
-        else:
+        elif self._refusal is not None:
             self._refusal.data_received(data)
 
     def eof_received(self) -> bool | None:
-        if self._refusal is None:
+        if self._admitted:
             self._connection.eof_received()  # aiohttp's: nothing (the transport closes)
             return None
         return False  # the refused client is done: close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._refusal is None:
+        if self._admitted:
             self._gate.lost(self._connection)
             self._connection.connection_lost(exc)
-        else:
+        elif self._refusal is not None:
             self._refusal.lost()
 
     def pause_writing(self) -> None:
-        if self._refusal is None:
+        if self._admitted:
             self._connection.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._refusal is None:
+        if self._admitted:
             self._connection.resume_writing()
+
+
+def waits_for_request(connection: web.RequestHandler) -> bool:
+    """Whether aiohttp waits on `connection` for the next request head, holding none not yet handled: the test its
+    own keep-alive close makes (``RequestHandler._process_keepalive``). Private attributes: read defensively, so
+    that an aiohttp without them makes every connection busy (never cut off for room; new ones refused instead);
+    a unit test against the installed aiohttp keeps the test true."""
+    waiter = getattr(connection, "_waiter", None)
+    return waiter is not None and not waiter.done() and not getattr(connection, "_messages", True)
 
 
 class _Refusal:

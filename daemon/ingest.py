@@ -151,6 +151,8 @@ class Ingest:
             return self._buffer_full()
         except web.RequestPayloadError as exc:  # a malformed chunked body, for one
             return _refused(400, "unreadable-body", f"the body could not be read: {exc}")
+        except ConnectionError:  # the client went away mid-body: nobody reads the answer, but it is not a 500
+            return _refused(400, "unreadable-body", "the connection was lost before the body arrived whole")
         except TimeoutError:
             timeout = self._config.body_timeout
             detail = (
@@ -210,17 +212,20 @@ class Ingest:
         if declared is not None:
             if declared > limit:
                 return None
-            self._hold(held, declared)
             # Mostly all there already: then no deadline to keep (one per request would cost the hot path).
             head = request.content.read_nowait(declared)
+            self._hold(held, len(head))  # what arrived, not what is declared: a head alone holds nothing
             if len(head) == declared:
                 return head
-            try:
-                with self._deadlines.within(self._config.body_timeout):
-                    return head + await request.content.readexactly(declared - len(head))
-            except asyncio.IncompleteReadError as short:  # the stream ended early: the checks refuse what came
-                return head + short.partial
-        # Chunked: read(n) returns what has arrived, up to n bytes, so a large body comes in several pieces.
+            # The rest as it comes (read(n) returns what has arrived, up to n bytes), each piece counted; a stream
+            # that ends early returns what came, which the checks refuse.
+            body = bytearray(head)
+            with self._deadlines.within(self._config.body_timeout):
+                while len(body) < declared and (piece := await request.content.read(declared - len(body))):
+                    self._hold(held, len(piece))
+                    body += piece
+            return bytes(body)
+        # Chunked: as above, up to one byte past the limit.
         body = bytearray()
         with self._deadlines.within(self._config.body_timeout):
             while len(body) <= limit and (piece := await request.content.read(limit + 1 - len(body))):

@@ -60,8 +60,8 @@ class ConnectionMetrics:
         self.open = Gauge(
             "orderbus_ingest_connections",
             "Connections open on the webhook's listener (the one listener without an admin port): busy (a request "
-            "under way), idle, closing (closed for a new one, its descriptor not yet free), refusing (being answered "
-            "503 at the limit; not counted against it)",
+            "read, handled, answered or queued on it), idle (waiting for one), refusing (being answered 503 at the "
+            "limit; not counted against it)",
             ["state"],
             registry=registry,
         )

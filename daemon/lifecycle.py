@@ -428,9 +428,8 @@ def _connection_gate(settings: Settings, registry: CollectorRegistry) -> Connect
     metrics = ConnectionMetrics(registry)
     gate = ConnectionGate(settings.ingest.max_connections, retry_after=settings.ingest.retry_after, shed=metrics.shed)
     states = {
-        "busy": lambda: gate.busy,
+        "busy": lambda: gate.open - gate.idle,
         "idle": lambda: gate.idle,
-        "closing": lambda: gate.closing,
         "refusing": lambda: gate.refusing,
     }
     metrics.watch(states, gate.limit)
@@ -625,10 +624,10 @@ def _status(
             "key_store_error": keys.failing,
         }
         if gate is not None:
+            idle = gate.idle
             ingest["connections"] = {
-                "busy": gate.busy,
-                "idle": gate.idle,
-                "closing": gate.closing,
+                "busy": gate.open - idle,
+                "idle": idle,
                 "refusing": gate.refusing,
                 "limit": gate.limit,
             }

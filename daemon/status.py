@@ -161,12 +161,9 @@ def render_status(document: dict[str, Any]) -> str:
             line += f"; KEY STORE FAILING: {ingest['key_store_error']}"
         if connections := ingest.get("connections"):  # see daemon.connection_gate
             busy, idle, limit = connections["busy"], connections["idle"], connections["limit"]
-            counted = busy + idle + connections.get("closing", 0)
-            line += f"; connections {counted} of {limit} ({busy} busy)"
-            if counted >= limit:
-                line += (
-                    ": AT THE LIMIT, closing idle ones for new ones" if idle else ": AT THE LIMIT, refusing new ones"
-                )
+            line += f"; connections {busy + idle} of {limit} ({busy} busy)"
+            if busy + idle >= limit:
+                line += ": AT THE LIMIT"
             if refusing := connections.get("refusing"):
                 line += f", {refusing} being refused"
         lines.append(line)

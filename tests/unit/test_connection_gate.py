@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
@@ -14,24 +15,56 @@ import uvloop
 from aiohttp import web
 from support import free_port, until
 
-from daemon.connection_gate import MAX_HEAD, MIN_IDLE, REFUSAL_WAIT, ConnectionGate, GatedSite, _Gated, refusals_held
+from daemon.connection_gate import (
+    MAX_HEAD,
+    MIN_IDLE,
+    REFUSAL_WAIT,
+    ConnectionGate,
+    GatedSite,
+    _Gated,
+    refusals_held,
+    waits_for_request,
+)
 from topics.errors import ConfigError
 
 # --- fakes ---------------------------------------------------------------------------------------------------
 
 
+class Waiter:
+    def __init__(self, done: bool = False) -> None:
+        self._done = done
+
+    def done(self) -> bool:
+        return self._done
+
+
 class FakeConnection:
-    """What the gate calls on aiohttp's `web.RequestHandler`."""
+    """What the gate calls on aiohttp's `web.RequestHandler`, and the state aiohttp keeps of it: `_waiter` pending
+    while it waits for a request head, `_messages` the requests parsed and not yet handled."""
 
     def __init__(self) -> None:
         self.made: list[object] = []
         self.received: list[bytes] = []
         self.lost: list[Exception | None] = []
-        self.force_closed = False
         self.paused = 0
+        self.transport: FakeTransport | None = None
+        self._waiter: Waiter | None = Waiter()
+        self._messages: deque[object] = deque()
 
-    def connection_made(self, transport: object) -> None:
+    def handling(self) -> None:
+        """A request is being handled (aiohttp waits for no head meanwhile)."""
+        self._waiter = None
+
+    def waiting(self) -> None:
+        self._waiter = Waiter()
+
+    @property
+    def cut_off(self) -> bool:
+        return self.transport is not None and self.transport.aborted
+
+    def connection_made(self, transport: FakeTransport) -> None:
         self.made.append(transport)
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.received.append(data)
@@ -41,9 +74,6 @@ class FakeConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost.append(exc)
-
-    def force_close(self) -> None:
-        self.force_closed = True
 
     def pause_writing(self) -> None:
         self.paused += 1
@@ -134,14 +164,18 @@ def connect(gate: ConnectionGate, *, transport: FakeTransport | None = None) -> 
 
 
 async def run_request(gate: ConnectionGate, gated: _Gated, connection: FakeConnection, until: asyncio.Event) -> None:
-    """A request on the connection: its bytes arrive, then its handler runs until `until`."""
+    """A request on the connection: its bytes arrive, its handler runs until `until`, then aiohttp waits again."""
 
     async def slow(_: web.Request) -> web.StreamResponse:
         await until.wait()
         return web.Response()
 
     gated.data_received(b"POST / HTTP/1.1\r\n\r\n")
-    await gate.tracking(slow)(cast(web.Request, Request(connection)))
+    connection.handling()
+    try:
+        await gate.tracking(slow)(cast(web.Request, Request(connection)))
+    finally:
+        connection.waiting()
 
 
 def done() -> asyncio.Event:
@@ -163,21 +197,21 @@ def test_connections_under_the_limit_are_served_as_aiohttp_would() -> None:
     gate = gate_of(3, shed)
     transport = FakeTransport()
     fake, gated = connect(gate, transport=transport)
-    assert (gate.idle, gate.busy) == (1, 0)
+    assert (gate.open, gate.idle) == (1, 1)
     gated.data_received(b"GET / HTTP/1.1\r\n\r\n")
-    assert (gate.idle, gate.busy) == (0, 1)  # bytes arrived: a request may be in them
+    fake.handling()
+    assert (gate.open, gate.idle) == (1, 0)
     gated.pause_writing()
     assert fake.made == [transport]
     assert fake.received == [b"GET / HTTP/1.1\r\n\r\n"]
     assert fake.paused == 1
-    assert gate.open == 1
     gated.connection_lost(None)
     assert fake.lost == [None]
     assert gate.open == 0
     assert shed == []
 
 
-async def test_at_the_limit_the_connection_idle_longest_makes_room_once_idle_long_enough() -> None:
+async def test_at_the_limit_the_connection_idle_longest_is_cut_off_once_idle_long_enough() -> None:
     shed: list[str] = []
     clock = Clock()
     gate = gate_of(3, shed, clock=clock)
@@ -185,49 +219,60 @@ async def test_at_the_limit_the_connection_idle_longest_makes_room_once_idle_lon
     clock.now += MIN_IDLE
     await run_request(gate, first_gated, first, done())  # used again: the second is now idle longest
     fourth, _ = connect(gate)
-    assert second.force_closed
-    assert not first.force_closed
-    assert not third.force_closed
+    assert second.cut_off  # aborted: its descriptor is free at once, with TLS too
+    assert not first.cut_off
+    assert not third.cut_off
     assert fourth.made
-    assert (gate.open, gate.closing) == (4, 1)  # the second still holds its descriptor until it is lost
+    assert gate.open == 3
     assert shed == ["closed_idle"]
-    # Its descriptor held: the next new connection needs an idle one too; the third has been idle long enough.
-    fifth, _ = connect(gate)
-    assert third.force_closed
-    assert fifth.made
-    assert shed == ["closed_idle", "closed_idle"]
 
 
-def test_a_connection_idle_for_less_than_the_minimum_is_not_closed_for_room() -> None:
+def test_a_connection_idle_for_less_than_the_minimum_is_not_cut_off_for_room() -> None:
     """It may be sending its next request right now (in the kernel's buffer, not read yet): the new one is refused."""
     shed: list[str] = []
     clock = Clock()
     gate = gate_of(1, shed, clock=clock)
-    first, _ = connect(gate)
+    first, first_gated = connect(gate)
+    clock.now += MIN_IDLE
+    first_gated.data_received(b"GE")  # a head begun: activity; aiohttp still waits for the rest of it
     clock.now += MIN_IDLE - 0.1
     _, refused = connect(gate)
-    assert not first.force_closed
+    assert not first.cut_off
     assert shed == ["refused"]
     assert gate.refusing == 1
     refused.connection_lost(None)
-    clock.now += 0.1
+    assert gate.refusing == 0
+    clock.now += 0.1  # a head left unfinished for as long: cut off like any idle connection
     third, _ = connect(gate)
-    assert first.force_closed
+    assert first.cut_off
     assert third.made
 
 
-def test_a_request_whose_bytes_arrived_is_never_cut_off_before_its_handler_starts() -> None:
-    """Regression (review): a parsed request waiting for its handler counted as idle and was closed for a new
-    connection; aiohttp ran the handler all the same (the order published) and its answer went nowhere."""
+@pytest.mark.parametrize("state", ["parsed, not yet handled", "handled", "pipelined behind one handled"])
+def test_a_request_is_never_cut_off_whatever_its_stage(state: str) -> None:
+    """Regression (reviews): a parsed request waiting for its handler, and a pipelined one whose handler ran after
+    the first one's ended, counted as idle and were cut off for new connections; aiohttp ran their handlers all the
+    same (the orders published) and the answers went nowhere. aiohttp's own state decides now."""
     shed: list[str] = []
     clock = Clock()
     gate = gate_of(1, shed, clock=clock)
-    first, gated = connect(gate)
-    clock.now += 60
-    gated.data_received(b"POST /v1/orders HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")  # no handler yet
-    _, _ = connect(gate)
-    assert not first.force_closed
+    first, _ = connect(gate)
+    if state == "parsed, not yet handled":
+        first._messages.append(object())
+    elif state == "handled":
+        first.handling()
+    else:
+        first.handling()
+        first._messages.append(object())
+    clock.now += 600
+    connect(gate)
+    assert not first.cut_off
     assert shed == ["refused"]
+
+
+def test_a_connection_aiohttp_does_not_describe_is_never_cut_off() -> None:
+    """An aiohttp without the attributes `waits_for_request` reads: every connection busy, new ones refused."""
+    assert waits_for_request(cast(web.RequestHandler, object())) is False
 
 
 async def test_a_connection_with_a_request_under_way_is_never_closed_for_room() -> None:
@@ -246,8 +291,8 @@ async def test_a_connection_with_a_request_under_way_is_never_closed_for_room() 
     clock.now += 60
     transport = FakeTransport()
     third, gated = connect(gate, transport=transport)
-    assert not first.force_closed
-    assert not second.force_closed
+    assert not first.cut_off
+    assert not second.cut_off
     assert third.made == []  # refused: aiohttp never sees it
     assert shed == ["refused"]
     gated.data_received(b"POST /v1/orders HTTP/1.1\r\nHost: x\r\n")
@@ -276,8 +321,8 @@ async def test_a_connection_with_a_request_under_way_is_never_closed_for_room() 
     clock.now += MIN_IDLE
     fourth, _ = connect(gate)
     assert fourth.made
-    assert first.force_closed
-    assert not second.force_closed
+    assert first.cut_off
+    assert not second.cut_off
     assert shed == ["refused", "closed_idle"]
 
 
@@ -318,9 +363,13 @@ async def test_beyond_the_refusals_held_a_connection_is_cut_off_at_once_and_a_st
         connect(gate, transport=transport)
     assert gate.refusing == refusals_held(1) == 16
     beyond = FakeTransport()
-    connect(gate, transport=beyond)
+    fake, gated = connect(gate, transport=beyond)
     assert beyond.aborted
     assert beyond.written == b""
+    gated.data_received(b"GET / HTTP/1.1\r\n\r\n")  # nothing reaches aiohttp, nor is answered
+    gated.connection_lost(None)
+    assert fake.received == []
+    assert fake.lost == []
     assert shed == ["refused"] * 17
     assert not any(transport.aborted for transport in held)
     gate.close_refusals()  # the listener stops
@@ -359,7 +408,7 @@ async def test_a_connection_lost_during_its_request_is_forgotten() -> None:
 
 def test_a_connection_aiohttp_could_not_take_is_not_counted() -> None:
     class Broken(FakeConnection):
-        def connection_made(self, transport: object) -> None:
+        def connection_made(self, transport: FakeTransport) -> None:
             raise OSError("setsockopt")
 
     gate = gate_of(2, [])
@@ -447,12 +496,11 @@ async def a_real_listener_closes_the_idle_longest_then_refuses_when_all_are_busy
         assert head.startswith(b"HTTP/1.1 200")
         assert await reader.readexactly(2) == b"ok"
         assert shed == ["closed_idle"]
-        await until(lambda: gate.closing == 0, timeout=5, every=0.01)  # the closed one's descriptor is free
         # A request under way on every connection (the idle ones post too): the next connection is refused.
         busy = [*idle[1:], (reader, writer)]
         for _, w in busy:
             w.write(POST)
-        await until(lambda: gate.busy == 4 and len(RAN) == 4, timeout=5, every=0.01)
+        await until(lambda: gate.idle == 0 and len(RAN) == 4, timeout=5, every=0.01)
         clock.offset += MIN_IDLE
         refused_reader, refused_writer = await open_connection(port)
         refused_writer.write(POST)
@@ -499,6 +547,32 @@ async def a_burst_of_posts_gets_an_answer_each_and_only_the_answered_ones_run() 
         assert shed.count("refused") == statuses.count(b"503")
         for _, w in idle:
             w.close()
+        await until(lambda: gate.open == 0 and gate.refusing == 0, timeout=5, every=0.01)
+
+
+async def pipelined_requests_are_answered_each_and_never_cut_off() -> None:
+    """Regression (review): the second of two pipelined requests ran while the gate took its connection for idle
+    (the first one's handler had ended), and a new connection cut it off: published, never answered."""
+    async with served(limit=1) as (port, gate, release, shed, clock):
+        reader, writer = await open_connection(port)
+        writer.write(POST + POST)
+        await until(lambda: len(RAN) == 1, timeout=5, every=0.01)
+        release.set()  # the first is answered; the second's handler runs, then waits again
+        release.clear()
+        await until(lambda: len(RAN) == 2, timeout=5, every=0.01)
+        clock.offset += 60
+        refused_reader, refused_writer = await open_connection(port)
+        refused_writer.write(POST)
+        assert (await asyncio.wait_for(refused_reader.readline(), 5)).startswith(b"HTTP/1.1 503")
+        release.set()
+        first = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+        second = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+        assert first.startswith(b"HTTP/1.1 202")
+        assert second.startswith(b"HTTP/1.1 202")
+        assert shed == ["refused"]
+        for w in (writer, refused_writer):
+            w.close()
+            await w.wait_closed()
         await until(lambda: gate.open == 0 and gate.refusing == 0, timeout=5, every=0.01)
 
 

@@ -742,3 +742,37 @@ async def test_every_answer_gives_its_bodys_bytes_back(
         assert ingest.buffered == 0
     finally:
         await client.close()
+
+
+async def test_a_declared_body_holds_the_buffer_as_it_arrives_not_as_declared(publisher: FakePublisher) -> None:
+    """Regression (review): the declared length was held at once, so a few heads without bodies (a few kB sent)
+    took the whole buffer for `body_timeout`, and every order meanwhile got 503."""
+    payload = body(5, event_id=False)
+    client, ingest = await buffered_client(publisher, budget=len(payload) + 2000)
+    _, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            b"POST /v1/orders HTTP/1.1\r\nHost: orderbus\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload) + 1000}\r\n\r\n".encode()
+            + b"{"
+        )
+        await writer.drain()
+        await until(lambda: ingest.buffered == 1, timeout=5, every=0.01)  # the one byte that came
+        response = await client.post("/v1/orders", data=payload, headers={**JSON, "Idempotency-Key": "e"})
+        assert response.status == 202
+    finally:
+        writer.close()
+        await client.close()
+    assert ingest.buffered == 0
+
+
+async def test_a_client_gone_mid_body_is_not_a_server_error(publisher: FakePublisher) -> None:
+    ingest = Ingest(publisher, MemoryIngestKeyStore(), IngestConfig(), clock=lambda: NOW)
+    stream = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
+    stream.feed_data(b'{"order": ')
+    stream.set_exception(ConnectionResetError("Connection lost"))
+    request = make_mocked_request("POST", "/v1/orders", headers={**JSON, "Content-Length": "64"}, payload=stream)
+    response = await ingest.post_order(request)
+    assert response.status == 400
+    assert b"the connection was lost before the body arrived whole" in cast(bytes, response.body)
+    assert ingest.buffered == 0

@@ -61,23 +61,23 @@ def test_the_ingest_line_says_publishing_when_kafka_answers_and_the_key_store_wr
 
 
 @pytest.mark.parametrize(
-    ("busy", "idle", "closing", "refusing", "said"),
+    ("open_", "idle", "refusing", "said"),
     [
-        (3, 9, 0, 0, "connections 12 of 1024 (3 busy)"),
-        (1000, 20, 4, 0, "connections 1024 of 1024 (1000 busy): AT THE LIMIT, closing idle ones for new ones"),
-        (1024, 0, 0, 17, "connections 1024 of 1024 (1024 busy): AT THE LIMIT, refusing new ones, 17 being refused"),
+        (12, 9, 0, "connections 12 of 1024 (3 busy)"),
+        (1024, 24, 0, "connections 1024 of 1024 (1000 busy): AT THE LIMIT"),
+        (1024, 0, 17, "connections 1024 of 1024 (1024 busy): AT THE LIMIT, 17 being refused"),
     ],
 )
 def test_the_ingest_line_says_the_listeners_connections_against_their_limit(
-    busy: int, idle: int, closing: int, refusing: int, said: str
+    open_: int, idle: int, refusing: int, said: str
 ) -> None:
-    counts = {"busy": busy, "idle": idle, "closing": closing, "refusing": refusing}
-    gate = cast(ConnectionGate, type("Gate", (), {**counts, "limit": 1024}))  # what the status reads of it
+    gate = cast(ConnectionGate, type("Gate", (), {"open": open_, "idle": idle, "refusing": refusing, "limit": 1024}))
     publisher = KafkaPublisher("orders", {})
     publisher._available = True
     keys = SqliteIngestKeyStore("unused.sqlite")  # its state only; nothing is opened
     document = _status(publisher, keys, {}, CollectorRegistry(), gate=gate)
-    assert cast(dict[str, Any], document["ingest"])["connections"] == {**counts, "limit": 1024}
+    expected = {"busy": open_ - idle, "idle": idle, "refusing": refusing, "limit": 1024}
+    assert cast(dict[str, Any], document["ingest"])["connections"] == expected
     assert render_status(document).splitlines()[-1] == f"ingest: publishing; {said}"
 
 
