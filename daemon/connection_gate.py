@@ -115,6 +115,11 @@ class ConnectionGate:
         """Refused connections being answered 503 (not counted in `open`)."""
         return len(self._refusals)
 
+    def states(self) -> dict[str, int]:
+        """How many connections are busy, idle and being refused now (the metric's and the status's states)."""
+        idle = self.idle
+        return {"busy": self.open - idle, "idle": idle, "refusing": self.refusing}
+
     def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
         """The protocol factory for ``loop.create_server``: each connection passes the gate first."""
         return lambda: _Gated(server(), self)

@@ -128,7 +128,7 @@ class Ingest:
             refusal = _refused(417, "expectation-failed", "the only Expect this server answers is 100-continue")
         elif (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
             refusal = self._too_large()
-        elif declared is not None and self.buffered + declared > self._config.body_buffer_bytes:
+        elif declared is not None and not self._fits(declared):
             refusal = self._buffer_full()
         else:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -239,10 +239,13 @@ class Ingest:
         Why: ``ingest.max_connections`` requests may each be reading a body of up to ``max_body_bytes`` (1,024 of 1
         MiB: a gigabyte), slowly, within ``body_timeout``; `body_buffer_bytes` bounds them together. A request
         refused here is answered 503 with Retry-After, and aiohttp reads the rest of its body and drops it."""
-        if self.buffered + size > self._config.body_buffer_bytes:
+        if not self._fits(size):
             raise _BufferFull
         self.buffered += size
         held.bytes += size
+
+    def _fits(self, size: int) -> bool:
+        return self.buffered + size <= self._config.body_buffer_bytes
 
     def _unclaimed(self, key: str, claim: Claim, order: str) -> web.Response:
         """The answer to a request whose key another request has, or had: the first answer again, or a refusal."""

@@ -8,6 +8,7 @@ answers with, a connection's state and what became of it at the limit, and the v
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -48,7 +49,8 @@ class IngestMetrics:
         counter.inc()
 
 
-# What became of a connection at ``ingest.max_connections`` (`daemon.connection_gate`).
+# A webhook connection's states, and what became of one at ``ingest.max_connections`` (`daemon.connection_gate`).
+CONNECTION_STATES: Final = ("busy", "idle", "refusing")
 SHED_ACTIONS: Final = ("closed_idle", "refused")
 
 
@@ -67,26 +69,31 @@ class ConnectionMetrics:
         )
         self.limit = Gauge(
             "orderbus_ingest_max_connections",
-            "ingest.max_connections: at this many open connections, the one idle longest is closed for a new one, "
-            "or the new one refused with 503 when every one has a request under way",
+            "ingest.max_connections: at this many open connections, the one idle longest (for 2 s at least) is cut "
+            "off for a new one, else the new one is refused with 503",
             registry=registry,
         )
         shed = Counter(
             "orderbus_ingest_connections_shed",
-            "Connections at the limit: closed_idle (the one idle longest, closed for a new one), refused (503)",
+            "Connections at the limit: closed_idle (the one idle longest, cut off for a new one), refused (the new "
+            "one: 503, or cut off beyond the refusals held)",
             ["action"],
             registry=registry,
         )
         self._shed = {action: shed.labels(action) for action in SHED_ACTIONS}
 
-    def watch(self, states: Mapping[str, Callable[[], float]], limit: int) -> None:
-        """`states`: how many connections are in each state now, asked at each scrape."""
-        for state, count in states.items():
-            self.open.labels(state).set_function(count)
+    def watch(self, states: Callable[[], Mapping[str, int]], limit: int) -> None:
+        """`states`: how many connections are in each state now (`CONNECTION_STATES`), asked at each scrape."""
+        for state in CONNECTION_STATES:
+            self.open.labels(state).set_function(functools.partial(_count_of, states, state))
         self.limit.set(limit)
 
     def shed(self, action: str) -> None:
         self._shed[action].inc()
+
+
+def _count_of(states: Callable[[], Mapping[str, int]], state: str) -> float:
+    return states()[state]
 
 
 def register_certificate_expiry(registry: CollectorRegistry, not_after: Callable[[], float]) -> None:

@@ -427,12 +427,7 @@ def _connection_gate(settings: Settings, registry: CollectorRegistry) -> Connect
     """The webhook listener's `ConnectionGate` (``ingest.max_connections``), counted in `registry`."""
     metrics = ConnectionMetrics(registry)
     gate = ConnectionGate(settings.ingest.max_connections, retry_after=settings.ingest.retry_after, shed=metrics.shed)
-    states = {
-        "busy": lambda: gate.open - gate.idle,
-        "idle": lambda: gate.idle,
-        "refusing": lambda: gate.refusing,
-    }
-    metrics.watch(states, gate.limit)
+    metrics.watch(gate.states, gate.limit)
     return gate
 
 
@@ -624,13 +619,7 @@ def _status(
             "key_store_error": keys.failing,
         }
         if gate is not None:
-            idle = gate.idle
-            ingest["connections"] = {
-                "busy": gate.open - idle,
-                "idle": idle,
-                "refusing": gate.refusing,
-                "limit": gate.limit,
-            }
+            ingest["connections"] = {**gate.states(), "limit": gate.limit}
     now = time.time() if now is None else now
     return {
         "ingest": ingest,

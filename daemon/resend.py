@@ -50,7 +50,7 @@ from daemon.reconcile import CANCELLED, Delivered
 from daemon.retention import dedup_path
 from daemon.settings import Settings
 from daemon.topic_reader import whole
-from daemon.trace import key_partition, record_order
+from daemon.trace import key_partition, record_order, resends
 from topics.admin import partition_counts
 from topics.catalogue import orders_topic, replay_topic
 from topics.codec import decode, encode
@@ -111,14 +111,13 @@ def newest_events(records: Sequence[Any], wanted: set[str]) -> dict[str, OrderEv
     return newest
 
 
-def resends_in(records: Sequence[Any], wanted: set[str]) -> dict[str, int]:
-    """The newest resent create's time (ms) of each of `wanted` among `records` (of a replay topic)."""
-    found: dict[str, int] = {}
-    for record in records:
-        number = record_order(record)
-        if number is not None and number in wanted and any(name == RESEND_OF for name, _ in record.headers or ()):
-            found[number] = max(found.get(number, 0), record.timestamp)
-    return found
+def resends_in(replayed: Sequence[tuple[int, Any]], wanted: set[str]) -> dict[str, int]:
+    """The newest resent create's time (ms) of each of `wanted` among a replay topic's records (with partitions)."""
+    return {
+        number: max(resend.timestamp_ms for resend in found)
+        for number, found in resends(replayed).items()
+        if number in wanted
+    }
 
 
 def by_partition(orders: Sequence[str], partitions: int) -> dict[int, set[str]]:
@@ -147,7 +146,7 @@ async def find_newest(settings: Settings, orders: Sequence[str], partitions: int
 
 async def earlier_resends(settings: Settings, sink: str, orders: Sequence[str]) -> dict[str, int]:
     """The newest resend's time (ms) of each of `orders` that the sink's replay topic holds, read or not."""
-    return resends_in([record for _, record in await replay_records(settings, sink)], set(orders))
+    return resends_in(await replay_records(settings, sink), set(orders))
 
 
 def blocked_orders(settings: Settings, sink: str, orders: Sequence[str]) -> set[str]:

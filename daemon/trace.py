@@ -137,7 +137,7 @@ async def trace(
         every, replayed = await read_with_replays(settings, name)
         letters = [letter for letter in every if letter.order == order or source_of(letter.meta) in positions]
         path = dedup_path(settings.state_dir, name)
-        return _local_states(name, committed, letters, path, order, found.events, resends_of(replayed, order))
+        return _local_states(name, committed, letters, path, order, found.events, resends(replayed).get(order, []))
 
     return found, list(await asyncio.gather(*(record_of(name) for name in settings.enabled_sinks())))
 
@@ -167,14 +167,15 @@ async def _find(
     return Found(order, topic, events, searched, by_key=len(partitions) == 1, unreadable=unreadable)
 
 
-def resends_of(replayed: Sequence[tuple[int, Any]], order: str) -> list[Resend]:
-    """The resent creates of `order` among a replay topic's records (with their partitions)."""
-    found = []
+def resends(replayed: Sequence[tuple[int, Any]]) -> dict[str, list[Resend]]:
+    """The resent creates among a replay topic's records (with their partitions), by the order they are of."""
+    found: dict[str, list[Resend]] = {}
     for partition, record in replayed:
         headers = dict(copy_headers(record.headers))
-        if (of := headers.get(RESEND_OF)) is not None and record_order(record) == order:
+        if (of := headers.get(RESEND_OF)) is not None and (order := record_order(record)) is not None:
             event_id = (headers.get("event-id") or b"").decode("ascii", "replace")
-            found.append(Resend(partition, record.offset, record.timestamp, event_id, of.decode("ascii", "replace")))
+            resend = Resend(partition, record.offset, record.timestamp, event_id, of.decode("ascii", "replace"))
+            found.setdefault(order, []).append(resend)
     return found
 
 

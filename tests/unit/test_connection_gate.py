@@ -201,6 +201,7 @@ def test_connections_under_the_limit_are_served_as_aiohttp_would() -> None:
     gated.data_received(b"GET / HTTP/1.1\r\n\r\n")
     fake.handling()
     assert (gate.open, gate.idle) == (1, 0)
+    assert gate.states() == {"busy": 1, "idle": 0, "refusing": 0}
     gated.pause_writing()
     assert fake.made == [transport]
     assert fake.received == [b"GET / HTTP/1.1\r\n\r\n"]
@@ -362,6 +363,7 @@ async def test_beyond_the_refusals_held_a_connection_is_cut_off_at_once_and_a_st
     for transport in held:
         connect(gate, transport=transport)
     assert gate.refusing == refusals_held(1) == 16
+    assert gate.states() == {"busy": 1, "idle": 0, "refusing": 16}
     beyond = FakeTransport()
     fake, gated = connect(gate, transport=beyond)
     assert beyond.aborted

@@ -251,7 +251,7 @@ def full_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     EngineMetrics(registry).add_sink("crm")
     IngestMetrics(registry)
-    ConnectionMetrics(registry).watch({"busy": lambda: 1, "idle": lambda: 2}, 1024)
+    ConnectionMetrics(registry).watch(lambda: {"busy": 1, "idle": 2, "refusing": 0}, 1024)
     register_build_info(registry)
     register_readiness(registry, ["ingest", "sink.crm"], dict)
     register_certificate_expiry(registry, lambda: NOW)
@@ -374,9 +374,9 @@ async def test_readyz_answers_for_one_component_when_asked(registry: CollectorRe
 
 
 def test_the_connection_metrics_read_the_gate_at_each_scrape(registry: CollectorRegistry) -> None:
-    counts = {"busy": 3, "idle": 5}
+    counts = {"busy": 3, "idle": 5, "refusing": 0}
     metrics = ConnectionMetrics(registry)
-    metrics.watch({"busy": lambda: counts["busy"], "idle": lambda: counts["idle"]}, 64)
+    metrics.watch(lambda: counts, 64)
     metrics.shed("refused")
     counts["busy"] = 7
     samples = {

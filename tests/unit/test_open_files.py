@@ -83,11 +83,6 @@ def test_a_system_that_refuses_the_raise_is_a_config_error_not_a_traceback() -> 
         open_files.ensure(2048, "sinks.*.max_in_flight", get=Limits(256, resource.RLIM_INFINITY).get, set_limits=refuse)
 
 
-def test_the_real_limits_are_read_and_kept_when_they_suffice() -> None:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    assert open_files.ensure(min(soft, 64)) is None
-
-
 @pytest.mark.parametrize(
     ("value", "said"),
     [("8", "greater than or equal to 16 (got '8')"), ("many", "a valid integer")],

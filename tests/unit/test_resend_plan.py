@@ -21,6 +21,7 @@ class Record:
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
     timestamp: int = 0
+    offset: int = 0
 
 
 def event(number: str, seed: int, event_type: str = "order.created") -> OrderEvent:
@@ -112,6 +113,6 @@ def test_the_newest_resend_of_each_order_is_found_in_the_replay_topic_by_its_hea
     resent_again = Record(b"SO-1", b"{}", ((RESEND_OF, b"z"),), timestamp=9)
     replayed = Record(b"SO-2", b"{}", (("orderbus.dlq.reason", b"rejected"),), timestamp=7)
     keyless = Record(None, encode(event("SO-3", 3)).value, ((RESEND_OF, b"y"),), timestamp=3)
-    records = [resent_again, resent, replayed, keyless]
+    records = [(0, resent_again), (1, resent), (0, replayed), (2, keyless)]
     assert resends_in(records, {"SO-1", "SO-2", "SO-3", "SO-4"}) == {"SO-1": 9, "SO-3": 3}
     assert resends_in(records, {"SO-2"}) == {}

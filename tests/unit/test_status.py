@@ -71,12 +71,21 @@ def test_the_ingest_line_says_publishing_when_kafka_answers_and_the_key_store_wr
 def test_the_ingest_line_says_the_listeners_connections_against_their_limit(
     open_: int, idle: int, refusing: int, said: str
 ) -> None:
-    gate = cast(ConnectionGate, type("Gate", (), {"open": open_, "idle": idle, "refusing": refusing, "limit": 1024}))
+    states = {"busy": open_ - idle, "idle": idle, "refusing": refusing}
+
+    @dataclass
+    class Gate:  # what the status reads of a `ConnectionGate`
+        limit: int = 1024
+
+        def states(self) -> dict[str, int]:
+            return states
+
+    gate = cast(ConnectionGate, Gate())
     publisher = KafkaPublisher("orders", {})
     publisher._available = True
     keys = SqliteIngestKeyStore("unused.sqlite")  # its state only; nothing is opened
     document = _status(publisher, keys, {}, CollectorRegistry(), gate=gate)
-    expected = {"busy": open_ - idle, "idle": idle, "refusing": refusing, "limit": 1024}
+    expected = {**states, "limit": 1024}
     assert cast(dict[str, Any], document["ingest"])["connections"] == expected
     assert render_status(document).splitlines()[-1] == f"ingest: publishing; {said}"
 

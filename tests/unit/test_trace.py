@@ -28,7 +28,7 @@ from daemon.trace import (
     _of_order,
     explain,
     key_partition,
-    resends_of,
+    resends,
 )
 from topics.codec import encode
 from topics.errors import StoreError
@@ -291,4 +291,7 @@ def test_an_orders_resends_are_found_among_the_replay_topics_records_by_their_he
         (1, record(ORDER.encode(), 4, resent)),
         (2, record(b"SO-2026-000043", 0, resent)),  # another order's
     ]
-    assert resends_of(replayed, ORDER) == [Resend(1, 4, 1_800_000_000_004, "e-9", "e-2")]
+    assert resends(replayed) == {
+        ORDER: [Resend(1, 4, 1_800_000_000_004, "e-9", "e-2")],
+        "SO-2026-000043": [Resend(2, 0, 1_800_000_000_000, "e-9", "e-2")],
+    }
