@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-from aiokafka.conn import collect_hosts, create_conn
+from aiokafka.conn import AIOKafkaConnection, collect_hosts, create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
     IllegalSaslStateError,
@@ -43,6 +43,8 @@ _UNKNOWN_ISSUER: Final = frozenset({18, 19, 20, 21})
 _CLIENT_CERTIFICATE_ALERTS: Final = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")
 # Seconds a diagnosis may take for each server (asked at once): it runs after a failure, before the failure is said.
 DIAGNOSIS_TIMEOUT: Final = 5.0
+# Seconds a diagnosis waits at most for its connections' sockets to close (a TLS close waits for the broker's answer).
+CLOSE_WAIT: Final = 2.0
 
 
 # Why a Kafka client's bootstrap failed, asked after the failure (`diagnose` with its options bound, or a daemon's
@@ -88,11 +90,13 @@ async def _problem(host: str, port: int, options: Mapping[str, Any], timeout: fl
     protocol = str(options.get("security_protocol", "PLAINTEXT"))
     mechanism = options.get("sasl_mechanism")
     conn = None
+    made: list[AIOKafkaConnection] = []  # told by the connection as it closes: it had a socket
     try:
         async with asyncio.timeout(timeout):  # the connection, TLS, the SASL exchange and the request together
             conn = await create_conn(
                 host,
                 port,
+                on_close=lambda closing, _reason: made.append(closing),
                 client_id=options.get("client_id", "orderbus"),
                 request_timeout_ms=int(timeout * 1000),
                 ssl_context=options.get("ssl_context"),
@@ -110,7 +114,16 @@ async def _problem(host: str, port: int, options: Mapping[str, Any], timeout: fl
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
+        await _closed(made)
     return None
+
+
+async def _closed(connections: list[AIOKafkaConnection]) -> None:
+    """Wait until `connections`, closed, have let their sockets go (`CLOSE_WAIT` at most). A TLS connection lets
+    its socket go once the broker answers its close_notify, later than `close()` returns: a diagnosis that answered
+    before then left a socket open, which a loop stopped meanwhile (a command's, a test's) never closed."""
+    if connections:
+        await asyncio.wait([connection.close() for connection in connections], timeout=CLOSE_WAIT)
 
 
 def explain(exc: BaseException, *, protocol: str, mechanism: object = None, host: str = "") -> str:
