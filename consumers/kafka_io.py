@@ -20,12 +20,15 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
     MessageSizeTooLargeError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
     RecordListTooLargeError,
     RecordTooLargeError,
 )
 
 from consumers.assignment import ASSIGNORS
 from consumers.deadletter import DeadLetter
+from consumers.expiry import Positions
 from consumers.membership import DYNAMIC, Membership
 from consumers.unreadable import ReadGuard, Skips
 from consumers.work import TopicPartitionKey
@@ -39,12 +42,17 @@ class KafkaConsumerPort:
     """`consumers.consumer_port.ConsumerPort` over an `AIOKafkaConsumer` in the sink's own group; its fetches and
     pauses go through a `ReadGuard` (records the client cannot read)."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, guard: ReadGuard) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, guard: ReadGuard, positions: Positions) -> None:
         self._consumer = consumer
         self.guard = guard
+        self._positions = positions
 
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
-        return await self.guard.getmany(timeout_ms, max_records)
+        try:
+            return await self.guard.getmany(timeout_ms, max_records)
+        except (NoOffsetForPartitionError, OffsetOutOfRangeError) as exc:  # raised before any record is taken
+            self.guard.moved(await self._positions.settle(exc))
+            return {}
 
     async def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         await self._consumer.commit({TopicPartition(topic, partition): o for (topic, partition), o in offsets.items()})
@@ -175,15 +183,16 @@ def sink_consumer(
     max_partition_fetch_bytes: int = MAX_PARTITION_FETCH_BYTES,
     membership: Membership = DYNAMIC,
 ) -> AIOKafkaConsumer:
-    """The consumer of one sink's group: manual commits only, committed reads only, from the beginning; a member
-    as `membership` says (static or dynamic, and its session); partition p of each topic with the same member
+    """The consumer of one sink's group: manual commits only, committed reads only; a position it does not have or
+    that is out of range raised by its fetch, for `consumers.expiry.Positions` to settle; a member as `membership`
+    says (static or dynamic, and its session); partition p of each topic with the same member
     (`consumers.assignment`)."""
     guard_connection_writes()
     return AIOKafkaConsumer(
         **client_options,
         group_id=consumer_group(sink, prefix),
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        auto_offset_reset="none",
         isolation_level="read_committed",
         fetch_max_bytes=fetch_max_bytes,
         max_partition_fetch_bytes=max_partition_fetch_bytes,

@@ -76,6 +76,17 @@ class EngineMetrics:
         self.dedup_hits = Counter(
             "orderbus_dedup_hits", "Records skipped because they were already delivered", ["sink"], registry=registry
         )
+        self.expired_records = Counter(
+            "orderbus_expired_records",
+            "Records Kafka deleted (retention) before the sink read them: their orders did not reach it",
+            ["sink"],
+            registry=registry,
+        )
+        self.orders_retention = Gauge(
+            "orderbus_orders_retention_seconds",
+            "How long the orders topic keeps a record (topics.orders_retention_hours)",
+            registry=registry,
+        )
         self.commits = Counter("orderbus_commits", "Offset commits made", ["sink"], registry=registry)
         self.commit_failures = Counter(
             "orderbus_commit_failures", "Offset commits that failed and will be retried", ["sink"], registry=registry
@@ -159,6 +170,7 @@ class EngineMetrics:
         for metric in (
             self.records_consumed,
             self.dedup_hits,
+            self.expired_records,
             self.commits,
             self.commit_failures,
             self.auth_failures,

@@ -27,6 +27,7 @@ from consumers.deadlines import Deadlines
 from consumers.dedup import SqliteDedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.engine import EngineConfig, SinkEngine
+from consumers.expiry import Positions
 from consumers.http_client import HttpClient
 from consumers.identity import USER_AGENT
 from consumers.kafka_close import leave_group
@@ -113,7 +114,9 @@ async def open_sink(
         guard = ReadGuard(consumer, sink.name, clock)
         engine = SinkEngine(
             sink,
-            KafkaConsumerPort(consumer, guard),
+            KafkaConsumerPort(
+                consumer, guard, Positions(consumer, sink.name, metrics.expired_records.labels(sink.name).inc)
+            ),
             deliver,
             store,
             dead_letters,

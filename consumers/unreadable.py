@@ -211,6 +211,10 @@ class ReadGuard:
         self._handed_over(batch)
         return batch
 
+    def moved(self, positions: Mapping[TopicPartitionKey, int]) -> None:
+        """The partitions of `positions` were moved there (`consumers.expiry`): the next offsets to hand over."""
+        self._next.update(positions)
+
     def pause(self, tps: Iterable[TopicPartitionKey]) -> None:
         tps = list(tps)
         self._paused.update(tps)

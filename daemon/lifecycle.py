@@ -284,6 +284,7 @@ async def _open_sinks(
     stack.push_async_callback(stop_producer, producer, DEAD_LETTER_CLOSE_GRACE, "dead letters")
     dead_letters = KafkaDeadLetterWriter(producer, prefix=settings.topics.prefix)
     membership = Membership(settings.kafka.group_instance_id, settings.kafka.session_timeout)  # every sink's
+    metrics.orders_retention.set(settings.topics.orders_retention_hours * 3600)  # what the backlog's age is held to
     engines: dict[str, SinkEngine] = {}
     for name, sink_settings in enabled.items():
         engines[name] = await stack.enter_async_context(
@@ -609,6 +610,7 @@ def _status(
             **engine.status(),
             "outcomes": {o: count("orderbus_deliveries_total", {"sink": name, "outcome": o}) for o in _OUTCOMES},
             "dead_letters": {r: count("orderbus_dead_letters_total", {"sink": name, "reason": r}) for r in REASONS},
+            "expired_records": count("orderbus_expired_records_total", {"sink": name}),
         }
     ingest: dict[str, object] | None = None
     if publisher is not None and keys is not None:

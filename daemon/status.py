@@ -149,6 +149,12 @@ def render_status(document: dict[str, Any]) -> str:
         lines.append("(no sink enabled)")
     if (line := _membership_line(document.get("sinks", {}))) is not None:
         lines.append(line)
+    for name, sink in sorted(document.get("sinks", {}).items()):  # see consumers.expiry
+        if expired := sink.get("expired_records"):
+            lines.append(
+                f"{name}: {expired} RECORDS DELETED FROM KAFKA BEFORE THIS SINK READ THEM since the start: their "
+                "orders did not reach it (the log names the partitions and offsets)"
+            )
     ingest = document.get("ingest")
     if ingest is not None:
         if ingest.get("topic_missing"):

@@ -96,6 +96,8 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
         "OrderbusSinkPaused",
         "OrderbusSinkUnassigned",
         "OrderbusRecordUnreadable",
+        "OrderbusBacklogNearRetention",
+        "OrderbusRecordsExpired",
         "OrderbusIngestErrors",
         "OrderbusIngestConnectionLimit",
         "OrderbusNotReady",
@@ -282,7 +284,7 @@ async def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_the_scr
                 groups = (await response.json())["data"]["groups"]
             rules = [rule for group in groups for rule in group["rules"]]
             assert (
-                len(rules) == len(re.findall(r"^\s*- alert: ", (RULES / "rules.yml").read_text(), re.MULTILINE)) == 16
+                len(rules) == len(re.findall(r"^\s*- alert: ", (RULES / "rules.yml").read_text(), re.MULTILINE)) == 18
             )
             assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
     assert {202, 400} <= set(statuses)

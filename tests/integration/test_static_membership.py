@@ -19,10 +19,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.errors import NoOffsetForPartitionError
 from prometheus_client import CollectorRegistry
 from support import create_topic, free_port, make_events, produce, running_daemon, settings_env, until
 
 from consumers import membership
+from consumers.expiry import Positions
 from consumers.kafka_io import sink_consumer
 from consumers.membership import Membership
 from daemon.kafka_local import BrokerInfo
@@ -69,8 +71,12 @@ class Member:
         self._poll = asyncio.create_task(self._polling())
 
     async def _polling(self) -> None:
+        positions = Positions(self.consumer, "crm", lambda _: None)
         while True:
-            await self.consumer.getmany(timeout_ms=200)
+            try:
+                await self.consumer.getmany(timeout_ms=200)
+            except NoOffsetForPartitionError as exc:  # a new group: the engine's port settles it so
+                await positions.settle(exc)
 
     def partitions(self) -> list[int]:
         return self.watched.partitions

@@ -329,3 +329,12 @@ async def test_health_refuses_an_answer_that_is_not_orderbuss() -> None:
             await asyncio.to_thread(probe_health, base)
         with pytest.raises(StatusError, match=r"/readyz answered HTTP 404 Not Found without a health document"):
             await asyncio.to_thread(probe_health, base, ready=True)
+
+
+def test_records_deleted_before_a_sink_read_them_have_a_line_of_their_own() -> None:
+    sinks = {"crm": {"expired_records": 8}, "accounting": {"expired_records": 0}, "shipping": {}}
+    lines = render_status({"sinks": sinks}).splitlines()
+    assert [line for line in lines if "DELETED" in line] == [
+        "crm: 8 RECORDS DELETED FROM KAFKA BEFORE THIS SINK READ THEM since the start: their orders did not reach it "
+        "(the log names the partitions and offsets)"
+    ]
