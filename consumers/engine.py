@@ -41,7 +41,7 @@ from consumers.lag import LagMeter
 from consumers.lane import Lane, LaneContext, failure_text, gates_closed
 from consumers.membership import DYNAMIC, ChurnWatch
 from consumers.metrics import CIRCUIT_STATES, EngineMetrics
-from consumers.offsets import OffsetTracker
+from consumers.offsets import OffsetError, OffsetTracker
 from consumers.pacing import Pacer
 from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
@@ -130,6 +130,7 @@ class SinkEngine:
         self._committing = asyncio.Lock()
         self._dispatching: asyncio.Task[None] | None = None
         self._in_dispatch = 0  # records of the batch being dispatched: counted against `max_buffered`
+        self._moves: list[tuple[TopicPartitionKey, int, int]] = []  # (partition, offset, epoch): `_skip_moved`
         self._epochs: dict[TopicPartitionKey, int] = {}  # per partition, how many times it was revoked
         self._next_report = 0.0
         self._throttled_reported = 0.0
@@ -199,6 +200,7 @@ class SinkEngine:
                 self._raise_lane_failure()
                 works, epochs = await self._fetch()
                 await self._dispatched()  # the previous batch: records of one partition are queued in order
+                self._skip_moved()  # after it: a move is past every record fetched before it
                 if works:
                     dispatch = self._dispatch(works, epochs)
                     self._dispatching = asyncio.create_task(dispatch, name="engine-dispatch")
@@ -218,6 +220,24 @@ class SinkEngine:
                 await asyncio.gather(self._dispatching, return_exceptions=True)
             await self.drain(self._consumer.assignment())
         self._raise_lane_failure()  # one that failed in the final drain
+
+    def _skip_moved(self) -> None:
+        """Tell the offsets where the consumer was moved past records it will never fetch (`consumers.expiry`), so
+        that the commits move past them too and a restart does not find them missing again; a partition revoked
+        since is another member's. A move back before records this run has read (its log cut back under it, the
+        topic made again) cannot be followed without a revoke's drain: the run fails, and the daemon's restart
+        reads the partition from its start."""
+        moves, self._moves = self._moves, []
+        for tp, offset, epoch in moves:
+            if self._epochs.get(tp, 0) != epoch:
+                continue
+            try:
+                self._offsets.skip_to(tp, offset)
+            except OffsetError as exc:
+                raise BrokerError(
+                    f"sink {self.sink.name}: {tp[0]}:{tp[1]} now begins again before what the sink has read ({exc}): "
+                    "its log was cut back, or the topic deleted and made again; a restart reads it from its start"
+                ) from exc
 
     def _raise_lane_failure(self) -> None:
         if self._failure is not None:
@@ -276,6 +296,7 @@ class SinkEngine:
             log.warning("fetch failed, retrying", extra={"sink": self.sink.name, "error": repr(exc)})
             await self._clock.sleep(self.config.fetch_wait)
             return [], {}
+        self._moves.extend((tp, offset, self._epochs.get(tp, 0)) for tp, offset in self._consumer.moved().items())
         epochs = {tp: self._epochs.get(tp, 0) for tp in batch}
         works = []
         for tp, records in batch.items():

@@ -10,13 +10,21 @@ means the log was cut back (the topic deleted and made again, an unclean leader 
 So the sink's consumer resets nothing on its own (``auto_offset_reset="none"``), and `Positions.settle` takes the
 error its fetch raises instead:
 
-- no committed offset (a new consumer group): read from the partition's start, as before, said at INFO;
+- no committed offset (a new consumer group): read from the partition's start, as before;
 - a position before the log start: the records in between are gone; said at ERROR with the partition, the
   offsets and the count, counted in ``orderbus_expired_records_total`` (the ``OrderbusRecordsExpired`` alert),
   and read on from the log start;
 - a position past the log's end: said at ERROR, and read from the log start; the records the sink delivered
-  before are recognised by its dedup table;
+  before are recognised by its dedup table, where it still holds them (``dedup_retention_hours``, on that host).
+  A run that has read records of that partition cannot go back under them: it stops there
+  (`consumers.engine.SinkEngine`), and the daemon's restart reads the partition from its start;
 - a position in the log after all (its leader moved between the fetch and the question): read on from there.
+
+Each move reaches the engine (`ConsumerPort.moved`), whose commits then move past the deleted records: a restart
+or the partition's next owner does not find them missing again. A partition revoked during the lookups is left to
+its next owner. Kafka also forgets a group's committed offsets after ``offsets.retention.minutes`` (7 days by
+default) with no member: a group away longer than that reads as a new one, and what was deleted meanwhile cannot be
+told, so keep that setting above the orders topic's retention.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from consumers.work import TopicPartitionKey
 
-__all__ = ["PositioningConsumer", "Positions", "lost_position"]
+__all__ = ["PositioningConsumer", "Positions"]
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +53,6 @@ class PositioningConsumer(Protocol):
     async def beginning_offsets(self, partitions: list[Any]) -> Mapping[Any, int]: ...
 
     async def end_offsets(self, partitions: list[Any]) -> Mapping[Any, int]: ...
-
-
-def lost_position(exc: BaseException) -> bool:
-    """`exc`, raised by a fetch, says a partition has no valid position (see the module)."""
-    return isinstance(exc, NoOffsetForPartitionError | OffsetOutOfRangeError)
 
 
 class Positions:
@@ -75,11 +78,11 @@ class Positions:
         starts = await self._consumer.beginning_offsets(tps)
         ends = await self._consumer.end_offsets(tps) if any(lost[tp] is not None for tp in tps) else {}
         moved: dict[TopicPartitionKey, int] = {}
-        for tp in tps:
+        assigned = self._consumer.assignment()  # a rebalance may have taken some during the lookups: their next
+        for tp in (tp for tp in tps if tp in assigned):  # owner finds (and counts) what is missing
             offset = self._next_offset(tp, starts[tp], lost[tp], ends.get(tp))
-            if tp in self._consumer.assignment():  # a rebalance may have taken it during the lookups
-                self._consumer.seek(tp, offset)
-                moved[(tp[0], tp[1])] = offset
+            self._consumer.seek(tp, offset)
+            moved[(tp[0], tp[1])] = offset
         return moved
 
     def _next_offset(self, tp: Any, start: int, position: int | None, end: int | None) -> int:

@@ -46,13 +46,20 @@ class KafkaConsumerPort:
         self._consumer = consumer
         self.guard = guard
         self._positions = positions
+        self._moved: dict[TopicPartitionKey, int] = {}
 
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
         try:
             return await self.guard.getmany(timeout_ms, max_records)
         except (NoOffsetForPartitionError, OffsetOutOfRangeError) as exc:  # raised before any record is taken
-            self.guard.moved(await self._positions.settle(exc))
+            moved = await self._positions.settle(exc)
+            self.guard.moved(moved)
+            self._moved.update(moved)
             return {}
+
+    def moved(self) -> Mapping[TopicPartitionKey, int]:
+        moved, self._moved = self._moved, {}
+        return moved
 
     async def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         await self._consumer.commit({TopicPartition(topic, partition): o for (topic, partition), o in offsets.items()})

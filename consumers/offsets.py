@@ -8,7 +8,8 @@ only over its contiguous finished prefix, never past a record still pending.
 The caller's protocol, per partition:
 
 1. `track(offset)` each fetched record, in fetch order (offsets strictly increase; gaps are normal: compaction
-   and transaction markers leave holes, and a hole is never waited for);
+   and transaction markers leave holes, and a hole is never waited for); `skip_to(offset)` where the consumer
+   was moved forward past records it will never fetch (`consumers.expiry`), in the same order;
 2. `finish(offset)` a record once its terminal state is *durably* recorded (the dedup store flushed, the dead
    letter acknowledged) -- not merely decided;
 3. `committable()` gives the offset to commit (the next one to consume: last finished offset of the prefix + 1),
@@ -67,6 +68,15 @@ class PartitionOffsets:
             raise OffsetError(f"{self.name}: offset {offset} is before the committed position {self._committed}")
         self._pending[offset] = self._last_tracked
         self._last_tracked = offset
+
+    def skip_to(self, offset: int) -> None:
+        """Nothing before `offset` is left to fetch (Kafka deleted it, or the partition begins there): once the
+        records pending before it finish, the commit position moves up to it, with no record of its own."""
+        if self._last_tracked is not None and offset <= self._last_tracked:
+            raise OffsetError(f"{self.name}: moved to {offset}, not past the tracked {self._last_tracked}")
+        if self._committed is not None and offset < self._committed:
+            raise OffsetError(f"{self.name}: moved to {offset}, before the committed position {self._committed}")
+        self._last_tracked = offset - 1
 
     def finish(self, offset: int) -> None:
         """Mark a tracked record terminal and durably recorded; it may now be committed over."""
@@ -131,6 +141,10 @@ class OffsetTracker:
     def track(self, tp: TopicPartitionKey, offset: int) -> None:
         """Remember a fetched record of `tp` (see `PartitionOffsets.track`)."""
         self._partition(tp).track(offset)
+
+    def skip_to(self, tp: TopicPartitionKey, offset: int) -> None:
+        """Nothing of `tp` before `offset` is left to fetch (see `PartitionOffsets.skip_to`)."""
+        self._partition(tp).skip_to(offset)
 
     def finish(self, tp: TopicPartitionKey, offset: int) -> None:
         """Mark a record of `tp` terminal and durably recorded; an unknown partition is an `OffsetError`."""

@@ -324,8 +324,8 @@ class ReadGuard:
             self._to_rewind.discard(tp)
 
     async def _start_of(self, tp: TopicPartitionKey) -> int:
-        """Where a partition that has handed nothing over started: its committed offset, else its beginning (the
-        sinks' consumers reset to the earliest offset)."""
+        """Where a partition that has handed nothing over started: its committed offset, else its beginning (where
+        a new group starts: `consumers.expiry`)."""
         committed = await self._consumer.committed(tp)
         if committed is not None:
             return committed

@@ -11,7 +11,17 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from prometheus_client import CollectorRegistry
-from support import apply_topics, make_events, orders_of, produce, running_daemon, sandbox_sinks, settings_for, until
+from support import (
+    apply_topics,
+    committed_vs_end,
+    make_events,
+    orders_of,
+    produce,
+    running_daemon,
+    sandbox_sinks,
+    settings_for,
+    until,
+)
 
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
@@ -77,6 +87,9 @@ async def test_orders_deleted_before_a_sink_read_them_are_counted_and_said_and_t
     assert sorted(order["order_number"] for order in await sandbox.orders("crm")) == sorted(
         event.order.order_number for event in later
     )
+    # Its commits moved past the deleted records, in partitions with no record after them too: found once.
+    committed, ends = await committed_vs_end(bootstrap, topic, consumer_group("crm", settings.topics.prefix))
+    assert committed == ends
     assert registry.get_sample_value("orderbus_expired_records_total", {"sink": "crm"}) == DELETED
     # The other sinks' groups are new: they begin where the partitions now begin, and have lost nothing.
     assert registry.get_sample_value("orderbus_expired_records_total", {"sink": "accounting"}) == 0
@@ -84,3 +97,15 @@ async def test_orders_deleted_before_a_sink_read_them_are_counted_and_said_and_t
     assert {r.sink for r in said} == {"crm"}  # type: ignore[attr-defined]
     assert sum(r.records for r in said) == DELETED  # type: ignore[attr-defined]
     assert all(r.levelno == logging.ERROR and r.from_offset == 0 for r in said)  # type: ignore[attr-defined]
+
+    # A restart does not find them missing again.
+    again = CollectorRegistry()
+    one_more = make_events(1, seed=7, prefix="AGAIN")
+    async with running_daemon(settings, again, apply=False):
+        await produce(bootstrap, topic, one_more)
+
+        async def crm_has_it() -> bool:
+            return len(await sandbox.orders("crm")) == LATER + 1
+
+        await until(crm_has_it)
+    assert again.get_sample_value("orderbus_expired_records_total", {"sink": "crm"}) == 0

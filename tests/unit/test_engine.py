@@ -61,6 +61,7 @@ class FakeConsumer:
     position: dict[tuple[str, int], int] = field(default_factory=dict)
     max_paused: int = 0
     skips: Mapping[tuple[str, int], Sequence[tuple[int, int]]] = field(default_factory=dict)
+    moves: dict[tuple[str, int], int] = field(default_factory=dict)  # as `consumers.expiry` leaves them
 
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[tuple[str, int], list[Any]]:
         batch: dict[tuple[str, int], list[Any]] = {}
@@ -108,6 +109,10 @@ class FakeConsumer:
 
     async def committed_offset(self, tp: tuple[str, int]) -> int | None:
         return self.committed.get(tp)
+
+    def moved(self) -> Mapping[tuple[str, int], int]:
+        moved, self.moves = self.moves, {}
+        return moved
 
 
 Script = Callable[[HttpRequest, int], Reply | TransportFailure]
@@ -2097,3 +2102,35 @@ async def test_a_rebalance_feeds_the_membership_watch_after_its_drain(harness_fa
     assert h.engine.membership_problem is None
     stop.set()
     await runner
+
+
+async def test_a_partition_moved_past_deleted_records_commits_past_them_with_no_record_after_them(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # consumers.expiry moved TP0 from 0 to 50 (Kafka deleted 0-49, and nothing came after): without the commit
+    # moving to 50, every restart and the partition's next owner would find the same records missing again.
+    h = harness_factory({TP0: [], TP1: [record(0, "SO-9")]})
+    h.consumer.moves = {TP0: 50}
+    await h.run_until(1)
+    assert h.consumer.committed == {TP0: 50, TP1: 1}
+
+
+async def test_a_partition_moved_back_under_records_read_stops_the_run(harness_factory: Callable[..., Harness]) -> None:
+    from topics.errors import BrokerError
+
+    h = harness_factory({TP0: [record(0, "SO-1"), record(1, "SO-2")]})
+    fetch, fetches = h.consumer.getmany, 0
+
+    async def getmany(timeout_ms: int, max_records: int) -> Mapping[tuple[str, int], list[Any]]:
+        nonlocal fetches
+        fetches += 1
+        if fetches == 2:  # after 0 and 1 were read, TP0's log ends before them: the topic made again
+            h.consumer.moves = {TP0: 0}
+            return {}
+        return await fetch(timeout_ms, max_records)
+
+    h.consumer.getmany = getmany  # type: ignore[method-assign]
+    async with asyncio.timeout(10):  # the harness's clock jumps whenever the loop is idle
+        with pytest.raises(BrokerError, match=r"^sink crm: orders:0 now begins again before what the sink has read"):
+            await h.engine.run(asyncio.Event())
+    assert h.consumer.committed.get(TP0, 0) <= 2, "nothing committed past what was read"

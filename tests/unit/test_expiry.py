@@ -10,7 +10,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from consumers.clock import FakeClock
-from consumers.expiry import Positions, lost_position
+from consumers.expiry import Positions
 from consumers.unreadable import ReadGuard
 
 A, B = TopicPartition("orders", 0), TopicPartition("orders", 1)
@@ -99,10 +99,23 @@ async def test_a_partition_revoked_meanwhile_is_left_to_its_next_owner() -> None
     assert expired == []
 
 
-def test_only_a_lost_position_is_settled() -> None:
-    assert lost_position(NoOffsetForPartitionError(A))
-    assert lost_position(OffsetOutOfRangeError({A: 1}))
-    assert not lost_position(KeyError("x"))
+class RebalancingConsumer(FakeConsumer):
+    """A rebalance takes A while the log's start is asked for."""
+
+    async def beginning_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        self.assigned.discard(A)
+        return await super().beginning_offsets(partitions)
+
+
+async def test_a_partition_revoked_during_the_lookups_is_neither_counted_nor_moved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    consumer = RebalancingConsumer({A: (40, 90), B: (7, 9)})
+    settle, expired = positions(consumer)
+    assert await settle.settle(OffsetOutOfRangeError({A: 12, B: 2})) == {("orders", 1): 7}
+    assert consumer.seeks == [(B, 7)]
+    assert expired == [5], "A's next owner counts A's"
+    assert [r.partition for r in caplog.records] == [1]  # type: ignore[attr-defined]
 
 
 class RewindingConsumer(FakeConsumer):

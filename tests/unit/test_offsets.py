@@ -277,3 +277,30 @@ def test_tracker_errors_name_the_partition() -> None:
         tracker.track(TP1, 3)
     with pytest.raises(OffsetError, match=r"orders\[1\]"):
         tracker.finish(TP1, 4)
+
+
+def test_a_skip_moves_the_commit_past_records_never_fetched_once_the_pending_ones_finish() -> None:
+    partition = tracked(3, 4)
+    partition.skip_to(50)  # Kafka deleted 5-49
+    assert partition.committable() is None, "3 holds the position back"
+    partition.finish(3)
+    partition.finish(4)
+    assert partition.committable() == 50
+    partition.track(50)
+    assert partition.committable() == 50
+
+
+def test_a_skip_on_a_partition_with_nothing_tracked_is_its_starting_position() -> None:
+    partition = PartitionOffsets()
+    partition.skip_to(7)
+    assert partition.committable() == 7
+
+
+def test_a_skip_back_under_a_tracked_or_committed_offset_is_refused() -> None:
+    partition = tracked(3, 4)
+    with pytest.raises(OffsetError, match="moved to 4, not past the tracked 4"):
+        partition.skip_to(4)
+    committed = PartitionOffsets()
+    committed.mark_committed(10)
+    with pytest.raises(OffsetError, match="before the committed position 10"):
+        committed.skip_to(9)
