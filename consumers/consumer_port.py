@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+from consumers.expiry import Move
 from consumers.unreadable import Skips
 from consumers.work import TopicPartitionKey
 
@@ -15,7 +16,7 @@ class ConsumerPort(Protocol):
 
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]: ...
 
-    def moved(self) -> Mapping[TopicPartitionKey, int]:
+    def moved(self) -> Mapping[TopicPartitionKey, Move]:
         """Partitions a fetch moved since the last call, with where they go on: past records Kafka deleted, or to
         the start of a partition the group had no offset for (`consumers.expiry`)."""
         ...

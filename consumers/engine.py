@@ -36,6 +36,7 @@ from consumers.deadletter import DeadLetterWriter
 from consumers.deadlines import Deadlines
 from consumers.dedup import DedupStore
 from consumers.delivery import Reply, TransportFailure
+from consumers.expiry import Move, say_deleted
 from consumers.group_flush import GroupFlush
 from consumers.lag import LagMeter
 from consumers.lane import Lane, LaneContext, failure_text, gates_closed
@@ -130,7 +131,7 @@ class SinkEngine:
         self._committing = asyncio.Lock()
         self._dispatching: asyncio.Task[None] | None = None
         self._in_dispatch = 0  # records of the batch being dispatched: counted against `max_buffered`
-        self._moves: list[tuple[TopicPartitionKey, int, int]] = []  # (partition, offset, epoch): `_skip_moved`
+        self._moves: list[tuple[TopicPartitionKey, Move, int]] = []  # (partition, move, epoch): `_skip_moved`
         self._epochs: dict[TopicPartitionKey, int] = {}  # per partition, how many times it was revoked
         self._next_report = 0.0
         self._throttled_reported = 0.0
@@ -228,11 +229,14 @@ class SinkEngine:
         topic made again) cannot be followed without a revoke's drain: the run fails, and the daemon's restart
         reads the partition from its start."""
         moves, self._moves = self._moves, []
-        for tp, offset, epoch in moves:
+        for tp, move, epoch in moves:
             if self._epochs.get(tp, 0) != epoch:
-                continue
+                continue  # drained since: its next owner finds (and says) what is missing
+            if move.deleted:
+                say_deleted(self.sink.name, tp, move)
+                self._metrics.expired_records.labels(self.sink.name).inc(move.deleted)
             try:
-                self._offsets.skip_to(tp, offset)
+                self._offsets.skip_to(tp, move.offset)
             except OffsetError as exc:
                 raise BrokerError(
                     f"sink {self.sink.name}: {tp[0]}:{tp[1]} now begins again before what the sink has read ({exc}): "
@@ -282,6 +286,7 @@ class SinkEngine:
         try:
             # aiokafka waits with no timeout while its group rebalances: if the group cannot rejoin (the
             # coordinator unreachable), an unbounded fetch never let the loop see `stop`, and a SIGTERM hung.
+            epochs_before = self._epochs.copy()  # a move of a partition drained during the fetch is not ours
             with self._fetch_deadlines.within(self.config.fetch_wait + _FETCH_SLACK):
                 batch = await self._consumer.getmany(timeout_ms=int(self.config.fetch_wait * 1000), max_records=room)
         except TimeoutError:
@@ -296,7 +301,7 @@ class SinkEngine:
             log.warning("fetch failed, retrying", extra={"sink": self.sink.name, "error": repr(exc)})
             await self._clock.sleep(self.config.fetch_wait)
             return [], {}
-        self._moves.extend((tp, offset, self._epochs.get(tp, 0)) for tp, offset in self._consumer.moved().items())
+        self._moves.extend((tp, move, epochs_before.get(tp, 0)) for tp, move in self._consumer.moved().items())
         epochs = {tp: self._epochs.get(tp, 0) for tp in batch}
         works = []
         for tp, records in batch.items():

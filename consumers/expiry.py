@@ -18,26 +18,30 @@ error its fetch raises instead:
   before are recognised by its dedup table, where it still holds them (``dedup_retention_hours``, on that host).
   A run that has read records of that partition cannot go back under them: it stops there
   (`consumers.engine.SinkEngine`), and the daemon's restart reads the partition from its start;
-- a position in the log after all (its leader moved between the fetch and the question): read on from there.
+- a position in the log after all (its leader moved between the fetch and the question, or the error came from
+  before a rebalance): the consumer's own position stays.
 
-Each move reaches the engine (`ConsumerPort.moved`), whose commits then move past the deleted records: a restart
-or the partition's next owner does not find them missing again. A partition revoked during the lookups is left to
-its next owner. Kafka also forgets a group's committed offsets after ``offsets.retention.minutes`` (7 days by
-default) with no member: a group away longer than that reads as a new one, and what was deleted meanwhile cannot be
-told, so keep that setting above the orders topic's retention.
+Each move reaches the engine (`ConsumerPort.moved`), which says and counts the deleted records once it knows the
+partition is still its own (not drained meanwhile), and whose commits then move past them: a restart or the
+partition's next owner does not find them missing again.
+
+Kafka also forgets a group's committed offsets after ``offsets.retention.minutes`` (7 days by default) with no
+member: a group away longer than that reads as a new one, and what was deleted meanwhile cannot be told, so keep
+that setting above the orders topic's retention.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from consumers.work import TopicPartitionKey
 
-__all__ = ["PositioningConsumer", "Positions"]
+__all__ = ["Move", "PositioningConsumer", "Positions", "say_deleted"]
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +59,45 @@ class PositioningConsumer(Protocol):
     async def end_offsets(self, partitions: list[Any]) -> Mapping[Any, int]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Where a partition goes on (`offset`), and from where: the position Kafka had deleted the records after, up to
+    `offset` (`deleted_from`; None when nothing was deleted)."""
+
+    offset: int
+    deleted_from: int | None = None
+
+    @property
+    def deleted(self) -> int:
+        return 0 if self.deleted_from is None else self.offset - self.deleted_from
+
+
+def say_deleted(sink: str, tp: TopicPartitionKey, move: Move) -> None:
+    """The ERROR line for records deleted before `sink` read them (said by the engine, which counts them too, once
+    it knows the partition is still its own)."""
+    log.error(
+        "records deleted from kafka before this sink read them: their orders did not reach it",
+        extra={
+            "sink": sink,
+            "topic": tp[0],
+            "partition": tp[1],
+            "from_offset": move.deleted_from,
+            "to_offset": move.offset - 1,
+            "records": move.deleted,
+        },
+    )
+
+
 class Positions:
     """Where a sink's partitions go on when their position is lost (see the module)."""
 
-    def __init__(self, consumer: PositioningConsumer, sink: str, expired: Callable[[int], None]) -> None:
-        """`expired(n)`: `n` records were deleted before the sink read them (the metric's counter)."""
+    def __init__(self, consumer: PositioningConsumer, sink: str) -> None:
         self._consumer = consumer
         self._sink = sink
-        self._expired = expired
 
-    async def settle(self, exc: NoOffsetForPartitionError | OffsetOutOfRangeError) -> dict[TopicPartitionKey, int]:
-        """Move each partition `exc` names (and still assigned) where it goes on (see the module); the offsets it
-        was moved to."""
+    async def settle(self, exc: NoOffsetForPartitionError | OffsetOutOfRangeError) -> dict[TopicPartitionKey, Move]:
+        """Move each partition `exc` names (and still assigned) where it goes on (see the module); the moves made.
+        A position in range after all is left as it is, and is no move."""
         if isinstance(exc, NoOffsetForPartitionError):
             lost: dict[Any, int | None] = {exc.args[0]: None}
         else:
@@ -77,35 +108,33 @@ class Positions:
             return {}
         starts = await self._consumer.beginning_offsets(tps)
         ends = await self._consumer.end_offsets(tps) if any(lost[tp] is not None for tp in tps) else {}
-        moved: dict[TopicPartitionKey, int] = {}
-        assigned = self._consumer.assignment()  # a rebalance may have taken some during the lookups: their next
-        for tp in (tp for tp in tps if tp in assigned):  # owner finds (and counts) what is missing
-            offset = self._next_offset(tp, starts[tp], lost[tp], ends.get(tp))
-            self._consumer.seek(tp, offset)
-            moved[(tp[0], tp[1])] = offset
-        return moved
+        moves: dict[TopicPartitionKey, Move] = {}
+        assigned = self._consumer.assignment()  # a rebalance may have taken some during the lookups
+        for tp in (tp for tp in tps if tp in assigned):
+            move = self._move(tp, starts[tp], lost[tp], ends.get(tp))
+            if move is not None:
+                self._consumer.seek(tp, move.offset)
+                moves[(tp[0], tp[1])] = move
+        return moves
 
-    def _next_offset(self, tp: Any, start: int, position: int | None, end: int | None) -> int:
+    def _move(self, tp: Any, start: int, position: int | None, end: int | None) -> Move | None:
         """Where `tp` goes on, its log starting at `start` and ending at `end`, from `position` (None: none)."""
         where = {"sink": self._sink, "topic": tp[0], "partition": tp[1]}
         if position is None:
             log.debug("no committed offset: reading the partition from its start", extra={**where, "offset": start})
-            return start
+            return Move(start)
         if position < start:
-            self._expired(start - position)
-            log.error(
-                "records deleted from kafka before this sink read them: their orders did not reach it",
-                extra={**where, "from_offset": position, "to_offset": start - 1, "records": start - position},
-            )
-            return start
-        if end is None or position <= end:  # in range after all (its leader moved meanwhile): read on from there
+            return Move(start, deleted_from=position)  # said and counted by the engine
+        if end is None or position <= end:
+            # In range after all (its leader moved meanwhile), or an error from before a rebalance, whose new
+            # assignment stands elsewhere: the consumer's own position stays.
             log.warning(
                 "the broker said the position was out of range, it is not now", extra={**where, "offset": position}
             )
-            return position
+            return None
         log.error(
             "the partition's log ends before this sink's position (the topic made again, or its log cut back): "
             "reading it from its start, what was delivered before is recognised",
             extra={**where, "offset": position, "log_start": start, "log_end": end},
         )
-        return start
+        return Move(start)

@@ -28,7 +28,7 @@ from aiokafka.errors import (
 
 from consumers.assignment import ASSIGNORS
 from consumers.deadletter import DeadLetter
-from consumers.expiry import Positions
+from consumers.expiry import Move, Positions
 from consumers.membership import DYNAMIC, Membership
 from consumers.unreadable import ReadGuard, Skips
 from consumers.work import TopicPartitionKey
@@ -46,18 +46,18 @@ class KafkaConsumerPort:
         self._consumer = consumer
         self.guard = guard
         self._positions = positions
-        self._moved: dict[TopicPartitionKey, int] = {}
+        self._moved: dict[TopicPartitionKey, Move] = {}
 
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartitionKey, list[Any]]:
         try:
             return await self.guard.getmany(timeout_ms, max_records)
         except (NoOffsetForPartitionError, OffsetOutOfRangeError) as exc:  # raised before any record is taken
             moved = await self._positions.settle(exc)
-            self.guard.moved(moved)
+            self.guard.moved({tp: move.offset for tp, move in moved.items()})
             self._moved.update(moved)
             return {}
 
-    def moved(self) -> Mapping[TopicPartitionKey, int]:
+    def moved(self) -> Mapping[TopicPartitionKey, Move]:
         moved, self._moved = self._moved, {}
         return moved
 

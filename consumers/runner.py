@@ -114,9 +114,7 @@ async def open_sink(
         guard = ReadGuard(consumer, sink.name, clock)
         engine = SinkEngine(
             sink,
-            KafkaConsumerPort(
-                consumer, guard, Positions(consumer, sink.name, metrics.expired_records.labels(sink.name).inc)
-            ),
+            KafkaConsumerPort(consumer, guard, Positions(consumer, sink.name)),
             deliver,
             store,
             dead_letters,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import time
 from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Final
@@ -117,8 +118,13 @@ def register_kafka_certificate_expiry(registry: CollectorRegistry, not_after: fl
     ).set(not_after)
 
 
-def register_build_info(registry: CollectorRegistry) -> None:
-    """``orderbus_build_info{version, python} 1``: join on it to see which build a series came from."""
+def register_build_info(registry: CollectorRegistry, started: float | None = None) -> None:
+    """``orderbus_build_info{version, python} 1``: join on it to see which build a series came from; and
+    ``orderbus_start_time_seconds``, when this daemon started (`started`, unix seconds; now by default): what a
+    counter counted before the first scrape is new since then (``OrderbusRecordsExpired``)."""
+    Gauge("orderbus_start_time_seconds", "When this daemon started (unix seconds)", registry=registry).set(
+        time.time() if started is None else started
+    )
     build = Gauge(
         "orderbus_build_info",
         "Always 1; the labels say which orderbus and which Python are running",

@@ -46,7 +46,7 @@ async def test_records_larger_than_the_fetch_limits_are_delivered_whole_and_in_o
     consumer = sink_consumer({"bootstrap_servers": kafka_broker.bootstrap}, "crm", prefix=f"{unique_name}.")
     consumer.subscribe([unique_name])
     await consumer.start()
-    positions = Positions(consumer, "crm", lambda _: None)
+    positions = Positions(consumer, "crm")
     got: dict[int, list[bytes]] = {p: [] for p in range(PARTITIONS)}
     largest_fetch = 0
     try:

@@ -71,7 +71,7 @@ class Member:
         self._poll = asyncio.create_task(self._polling())
 
     async def _polling(self) -> None:
-        positions = Positions(self.consumer, "crm", lambda _: None)
+        positions = Positions(self.consumer, "crm")
         while True:
             try:
                 await self.consumer.getmany(timeout_ms=200)

@@ -10,7 +10,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from consumers.clock import FakeClock
-from consumers.expiry import Positions
+from consumers.expiry import Move, Positions, say_deleted
 from consumers.unreadable import ReadGuard
 
 A, B = TopicPartition("orders", 0), TopicPartition("orders", 1)
@@ -38,84 +38,58 @@ class FakeConsumer:
         return {tp: self.logs[tp][1] for tp in partitions}
 
 
-def positions(consumer: FakeConsumer) -> tuple[Positions, list[int]]:
-    expired: list[int] = []
-    return Positions(consumer, "crm", expired.append), expired
-
-
 async def test_a_new_group_reads_from_the_start_and_has_lost_nothing(caplog: pytest.LogCaptureFixture) -> None:
     consumer = FakeConsumer({A: (40, 90)})
-    settle, expired = positions(consumer)
     with caplog.at_level(logging.DEBUG, "consumers.expiry"):
-        assert await settle.settle(NoOffsetForPartitionError(A)) == {("orders", 0): 40}
+        assert await Positions(consumer, "crm").settle(NoOffsetForPartitionError(A)) == {("orders", 0): Move(40)}
     assert consumer.seeks == [(A, 40)]
-    assert expired == []
     assert all(record.levelno < logging.WARNING for record in caplog.records)
 
 
-async def test_records_deleted_before_the_sink_read_them_are_counted_and_said(caplog: pytest.LogCaptureFixture) -> None:
+async def test_records_deleted_before_the_sink_read_them_make_a_move_that_says_how_many() -> None:
     consumer = FakeConsumer({A: (40, 90), B: (7, 9)})
-    settle, expired = positions(consumer)
-    with caplog.at_level(logging.INFO, "consumers.expiry"):
-        moved = await settle.settle(OffsetOutOfRangeError({A: 12, B: 2}))
-    assert moved == {("orders", 0): 40, ("orders", 1): 7}
+    moves = await Positions(consumer, "crm").settle(OffsetOutOfRangeError({A: 12, B: 2}))
+    assert moves == {("orders", 0): Move(40, deleted_from=12), ("orders", 1): Move(7, deleted_from=2)}
+    assert [move.deleted for move in moves.values()] == [28, 5]
     assert sorted(consumer.seeks) == [(A, 40), (B, 7)]
-    assert sorted(expired) == [5, 28]
-    said = {(r.partition, r.from_offset, r.to_offset, r.records) for r in caplog.records}  # type: ignore[attr-defined]
-    assert said == {(0, 12, 39, 28), (1, 2, 6, 5)}
-    assert {r.levelno for r in caplog.records} == {logging.ERROR}
-    assert all(
-        r.getMessage().startswith("records deleted from kafka before this sink read them") for r in caplog.records
-    )
+
+
+def test_deleted_records_are_said_at_error_with_the_offsets(caplog: pytest.LogCaptureFixture) -> None:
+    say_deleted("crm", ("orders", 0), Move(40, deleted_from=12))
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+    assert record.getMessage().startswith("records deleted from kafka before this sink read them")
+    said = (record.sink, record.partition, record.from_offset, record.to_offset, record.records)  # type: ignore[attr-defined]
+    assert said == ("crm", 0, 12, 39, 28)
 
 
 async def test_a_position_past_the_logs_end_reads_the_log_again_from_its_start(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     consumer = FakeConsumer({A: (0, 30)})  # the topic made again: the sink stood at 500 in the old one
-    settle, expired = positions(consumer)
-    assert await settle.settle(OffsetOutOfRangeError({A: 500})) == {("orders", 0): 0}
-    assert expired == [], "nothing is known lost: what was delivered before is recognised by the dedup table"
+    moves = await Positions(consumer, "crm").settle(OffsetOutOfRangeError({A: 500}))
+    assert moves == {("orders", 0): Move(0)}, "nothing known lost: what was delivered before is recognised"
     [record] = caplog.records
     assert record.levelno == logging.ERROR
     assert (record.offset, record.log_start, record.log_end) == (500, 0, 30)  # type: ignore[attr-defined]
 
 
-async def test_a_position_in_the_log_after_all_is_kept(caplog: pytest.LogCaptureFixture) -> None:
-    consumer = FakeConsumer({A: (10, 30)})  # a leader moved between the fetch and the question
-    settle, expired = positions(consumer)
-    assert await settle.settle(OffsetOutOfRangeError({A: 30})) == {("orders", 0): 30}
-    assert consumer.seeks == [(A, 30)]
-    assert expired == []
+async def test_a_position_in_the_log_after_all_is_left_where_the_consumer_has_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A leader moved between the fetch and the question, or the error came from before a rebalance, whose new
+    # assignment started the partition at its committed offset: seeking to the old position would skip records.
+    consumer = FakeConsumer({A: (10, 30)})
+    assert await Positions(consumer, "crm").settle(OffsetOutOfRangeError({A: 30})) == {}
+    assert consumer.seeks == []
     assert [record.levelno for record in caplog.records] == [logging.WARNING]
 
 
-async def test_a_partition_revoked_meanwhile_is_left_to_its_next_owner() -> None:
+async def test_a_partition_revoked_before_or_during_the_lookups_is_not_moved() -> None:
     consumer = FakeConsumer({A: (40, 90), B: (0, 5)})
     consumer.assigned = {B}
-    settle, expired = positions(consumer)
-    assert await settle.settle(OffsetOutOfRangeError({A: 12})) == {}
+    assert await Positions(consumer, "crm").settle(OffsetOutOfRangeError({A: 12})) == {}
     assert consumer.seeks == []
-    assert expired == []
-
-
-class RebalancingConsumer(FakeConsumer):
-    """A rebalance takes A while the log's start is asked for."""
-
-    async def beginning_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
-        self.assigned.discard(A)
-        return await super().beginning_offsets(partitions)
-
-
-async def test_a_partition_revoked_during_the_lookups_is_neither_counted_nor_moved(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    consumer = RebalancingConsumer({A: (40, 90), B: (7, 9)})
-    settle, expired = positions(consumer)
-    assert await settle.settle(OffsetOutOfRangeError({A: 12, B: 2})) == {("orders", 1): 7}
-    assert consumer.seeks == [(B, 7)]
-    assert expired == [5], "A's next owner counts A's"
-    assert [r.partition for r in caplog.records] == [1]  # type: ignore[attr-defined]
 
 
 class RewindingConsumer(FakeConsumer):
@@ -144,7 +118,8 @@ class RewindingConsumer(FakeConsumer):
 async def test_the_read_guard_rewinds_to_where_the_partition_was_moved_not_to_the_deleted_commit() -> None:
     consumer = RewindingConsumer()
     guard = ReadGuard(consumer, "crm", FakeClock())
-    guard.moved(await Positions(consumer, "crm", lambda _: None).settle(OffsetOutOfRangeError({A: 12})))
+    moves = await Positions(consumer, "crm").settle(OffsetOutOfRangeError({A: 12}))
+    guard.moved({tp: move.offset for tp, move in moves.items()})
     consumer.seeks.clear()
     assert await guard.getmany(100, 10) == {}  # an unreadable batch: the guard puts the positions back
     assert consumer.seeks == [(A, 40)], "not to the committed offset, whose records are gone"

@@ -66,6 +66,7 @@ BRIEF_METRICS = {
     "orderbus_commits_total": "counter",
     "orderbus_oldest_pending_seconds": "gauge",
     "orderbus_build_info": "gauge",
+    "orderbus_start_time_seconds": "gauge",
 }
 # Label names whose values are bounded (never an order number, an email or a URL).
 BOUNDED_LABELS = {
