@@ -108,14 +108,15 @@ def register_certificate_expiry(registry: CollectorRegistry, not_after: Callable
     expiry.set_function(not_after)
 
 
-def register_kafka_certificate_expiry(registry: CollectorRegistry, not_after: float) -> None:
-    """``orderbus_kafka_client_certificate_expiry_timestamp_seconds``: when the Kafka client certificate expires
-    (read at start: a renewal takes a restart), for an alert weeks ahead: once it has, no broker takes orderbus."""
+def register_kafka_certificate_expiry(registry: CollectorRegistry, not_after: Callable[[], float]) -> None:
+    """``orderbus_kafka_client_certificate_expiry_timestamp_seconds``: when the Kafka client certificate in use
+    expires (`not_after`, read at each scrape: a reload renews it), for an alert weeks ahead: once it has, no
+    broker takes orderbus."""
     Gauge(
         "orderbus_kafka_client_certificate_expiry_timestamp_seconds",
         "When the client certificate orderbus shows the Kafka brokers expires (unix seconds); absent without one",
         registry=registry,
-    ).set(not_after)
+    ).set_function(not_after)
 
 
 def register_build_info(registry: CollectorRegistry, started: float | None = None) -> None:

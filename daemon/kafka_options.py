@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
+from daemon.kafka_certificate import kafka_certificate_end
 from daemon.key_pairs import CertificateEnd, load_pair, read_pem, validity
 from daemon.settings import KafkaSettings, TopicSettings
 from topics.catalogue import TopicLayout
@@ -43,15 +44,13 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
 
 def client_certificate(kafka: KafkaSettings) -> CertificateEnd | None:
     """When the Kafka client certificate (``kafka.ssl_certfile``) expires, and how that is said; None without one.
-    `ConfigError` naming the setting if it cannot be read. Read at start: a renewal takes a restart."""
+    `ConfigError` naming the setting if it cannot be read. The daemon's renews at a reload
+    (`daemon.kafka_certificate`)."""
     if kafka.ssl_certfile is None or kafka.security_protocol not in ("SSL", "SASL_SSL"):
         return None
     key = "kafka.ssl_certfile"
     not_after = validity(read_pem(kafka.ssl_certfile, key), kafka.ssl_certfile, key)[2]
-    return CertificateEnd(
-        "the Kafka client certificate", kafka.ssl_certfile, not_after,
-        "the brokers refuse it: orderbus can neither publish nor deliver", "renew it, then restart orderbus",
-    )  # fmt: skip
+    return kafka_certificate_end(kafka.ssl_certfile, not_after)
 
 
 def topic_layout(topics: TopicSettings) -> TopicLayout:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 from aiokafka.errors import KafkaError
@@ -55,7 +55,8 @@ from daemon.ingest_metrics import (
     register_certificate_expiry,
     register_kafka_certificate_expiry,
 )
-from daemon.kafka_options import client_certificate, client_options
+from daemon.kafka_certificate import KafkaCertificate, kafka_certificate
+from daemon.kafka_options import client_options
 from daemon.kafka_watch import Diagnosis, KafkaWatch
 from daemon.key_pairs import CertificateEnd
 from daemon.publisher import KafkaPublisher
@@ -123,9 +124,6 @@ async def serve(
     if tls is not None:
         register_certificate_expiry(registry, lambda: tls.not_after)
         tls.end.say(time.time())
-    if (kafka_certificate := client_certificate(settings.kafka)) is not None:
-        register_kafka_certificate_expiry(registry, kafka_certificate.not_after)
-        kafka_certificate.say(time.time())
     log.info("starting", extra={"settings": settings.masked()})
     if raised is not None:
         log.info("limit of open files raised for the settings", extra={"before": raised[0], "now": need})
@@ -142,6 +140,9 @@ async def serve(
         publisher: KafkaPublisher | None = None
         keys: SqliteIngestKeyStore | None = None
         options = client_options(settings.kafka)  # once: with TLS, each build reads the CA file again
+        if (kafka_cert := kafka_certificate(settings.kafka, options)) is not None:  # renewed at a reload
+            register_kafka_certificate_expiry(registry, lambda: kafka_cert.not_after)
+            kafka_cert.end.say(time.time())
         # Why Kafka cannot be reached, asked by the start's topic check, the ingest's probe or the sinks' watch alike:
         # once a minute at most (with SASL each asking is a login).
         diagnosis = Diagnosis(
@@ -182,7 +183,14 @@ async def serve(
                 max_body_bytes=settings.ingest.max_body_bytes,
                 registry=registry,
                 status=lambda: _status(
-                    publisher, keys, engines, registry, tls, watch=watch, kafka_certificate=kafka_certificate, gate=gate
+                    publisher,
+                    keys,
+                    engines,
+                    registry,
+                    tls,
+                    watch=watch,
+                    gate=gate,
+                    kafka_certificate=kafka_cert.end if kafka_cert is not None else None,
                 ),
                 serves=serves,
                 components=components,
@@ -202,7 +210,8 @@ async def serve(
         )
         stack.push_async_callback(cancel_and_wait, ready)
         if reload is not None and load is not None:
-            reloader = asyncio.create_task(_reload_on_request(reload, load, settings, engines, tls), name="reload")
+            reloading = _reload_on_request(reload, load, settings, engines, tls, kafka_cert)
+            reloader = asyncio.create_task(reloading, name="reload")
             stack.push_async_callback(cancel_and_wait, reloader)
         await _run_sinks(engines, stop, notifier)
         log.info("stopped")
@@ -493,18 +502,21 @@ async def _reload_on_request(
     current: Settings,
     engines: dict[str, SinkEngine],
     tls: ServerTls | None = None,
+    kafka_cert: KafkaCertificate | None = None,
 ) -> None:
     """On each request (SIGHUP), re-read the settings and apply what can change live: the log level, the sinks'
     rate limits, the unreadable records they skip and whether they are paused; and read the webhook's certificate
-    and key again (`tls`, renewed in place). A bad file keeps the running settings; other changes are logged as
-    needing a restart. The ``settings reloaded`` line names the live keys that changed (``applied``)."""
+    and key again (`tls`, renewed in place), and the Kafka clients' (`kafka_cert`). A bad file keeps the running
+    settings; other changes are logged as needing a restart. The ``settings reloaded`` line names the live keys
+    that changed (``applied``)."""
     running = current  # what the live keys were set to last
     while True:
         await requested.wait()
         requested.clear()
         log.info("reloading settings")
-        if tls is not None:  # first, and whatever becomes of the settings: a renewal must not wait for a fixed file
-            _reload_certificate(tls, time.time())
+        for renewable in (tls, kafka_cert):  # first, whatever becomes of the settings: a renewal must not wait
+            if renewable is not None:  # for a fixed file
+                _reload_certificate(renewable, time.time())
         try:
             fresh = load()
         except ConfigError as exc:
@@ -527,9 +539,21 @@ async def _reload_on_request(
         log.info("settings reloaded", extra={"applied": applied, "log_level": fresh.log_level})
 
 
-def _reload_certificate(tls: ServerTls, now: float) -> None:
-    """Read the webhook's certificate and key again (renewed in place); what is wrong with them keeps the pair in
-    use and is said, and so is when the certificate in use expires."""
+class _Renewable(Protocol):
+    """A certificate pair read again at a reload: the webhook's (`ServerTls`), the Kafka clients'
+    (`KafkaCertificate`)."""
+
+    cert_file: Path
+
+    @property
+    def end(self) -> CertificateEnd: ...
+
+    def reload(self, now: float) -> bool: ...
+
+
+def _reload_certificate(tls: _Renewable, now: float) -> None:
+    """Read a certificate and its key again (renewed in place); what is wrong with them keeps the pair in use and is
+    said, and so is when the certificate in use expires."""
     fields: dict[str, str] = {"certfile": str(tls.cert_file)}
     try:
         changed = tls.reload(now)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import uuid
@@ -21,11 +22,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
-from support import certificate, running_daemon, sandbox_sinks, settings_env
+from support import certificate, running_daemon, sandbox_sinks, settings_env, until
 
 from daemon import kafka_local
 from daemon.kafka_options import client_options, topic_layout
 from daemon.key_pairs import certificate_validity, text_time
+from daemon.lifecycle import serve
+from daemon.publisher import PROBE_MAX
 from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.settings import TopicSettings, load_settings
 from daemon.status import fetch_status, render_status
@@ -305,3 +308,66 @@ def test_config_check_connect_reaches_kafka_as_run_would(secure_broker: SecureBr
     asyncio.run(apply_catalogue(list(catalogue(topic_layout(settings.topics))), client_options(settings.kafka)))
     reached = f"kafka: reached at {secure_broker.sasl_bootstrap}; every topic run needs is there"
     assert check() == (0, reached)
+
+
+async def test_a_renewed_client_certificate_is_taken_at_a_reload_without_a_restart(
+    secure_broker: SecureBroker, tmp_path: Path
+) -> None:
+    # The pair at kafka.ssl_certfile was signed by a CA the broker does not trust (an expired or wrong one, as a
+    # renewal mends): the ingest cannot publish. The renewal writes a pair the broker trusts in its place, and
+    # `systemctl reload` (SIGHUP) is all it takes.
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    stranger = certificate(pki, "stranger-ca")
+    cert, key = pki / "client.crt", pki / "client.key"
+    refused = certificate(pki, "refused", issuer=stranger)
+    shutil.copy(refused[0], cert)
+    shutil.copy(refused[1], key)
+    env = settings_env(secure_broker.ssl_bootstrap, f"renew-{uuid.uuid4().hex[:8]}.", tmp_path / "state")
+    env |= {
+        **security_env(secure_broker, "ssl-client-certificate"),
+        "ORDERBUS_KAFKA__SSL_CERTFILE": str(cert),
+        "ORDERBUS_KAFKA__SSL_KEYFILE": str(key),
+    }
+    settings = load_settings(None, env=env)
+    await apply_catalogue(
+        list(catalogue(topic_layout(settings.topics))),
+        client_options(load_settings(None, env=security_env(secure_broker, "ssl-client-certificate")).kafka),
+    )
+    stop, reload = asyncio.Event(), asyncio.Event()
+    serving = serve(settings, stop, registry=CollectorRegistry(), reload=reload, load=lambda: settings)
+    daemon = asyncio.create_task(serving)
+    base = f"http://127.0.0.1:{settings.ingest.port}"
+
+    async def answers(path: str) -> int | None:
+        try:
+            async with aiohttp.ClientSession() as session, session.get(f"{base}{path}") as answer:
+                return answer.status
+        except aiohttp.ClientConnectionError:
+            return None
+
+    async def listening() -> bool:
+        assert not daemon.done(), daemon
+        return await answers("/healthz") == 200
+
+    async def ready() -> bool:
+        return await answers("/readyz") == 200
+
+    try:
+        await until(listening)
+        await asyncio.sleep(2 * PROBE_MAX)  # a few of the ingest's reconnect probes: each refused
+        assert not await ready()
+        shutil.copy(secure_broker.client[0], cert)  # renewed in place
+        shutil.copy(secure_broker.client[1], key)
+        reload.set()
+        await until(ready, timeout=30)
+        order = sample_submission(random.Random(7))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{base}/v1/orders", json=order.model_dump(mode="json")) as answer,
+        ):
+            assert answer.status == 202, await answer.text()
+    finally:
+        stop.set()
+        await asyncio.wait_for(daemon, 60)
+    daemon.result()

@@ -256,7 +256,7 @@ def full_registry() -> CollectorRegistry:
     register_build_info(registry)
     register_readiness(registry, ["ingest", "sink.crm"], dict)
     register_certificate_expiry(registry, lambda: NOW)
-    register_kafka_certificate_expiry(registry, NOW)
+    register_kafka_certificate_expiry(registry, lambda: NOW)
     return registry
 
 

@@ -127,13 +127,13 @@ def test_the_kafka_client_certificate_is_in_the_status_document_as_read_at_start
         "expires": kafka.expires,
         "seconds_left": 1728000,
         "problem": None,
-        "renewal": "renew it, then restart orderbus",
+        "renewal": "renew it, then reload orderbus (restart, under systemd credentials)",
     }
     assert render_status(document).splitlines()[-1] == f"kafka client certificate: expires at {kafka.expires} (20 days)"
     document = _status(None, None, {}, CollectorRegistry(), now=kafka.not_after + 1, kafka_certificate=kafka)
     assert render_status(document).splitlines()[-1] == (
         f"THE KAFKA CLIENT CERTIFICATE EXPIRED AT {kafka.expires.upper()}: THE BROKERS REFUSE IT: ORDERBUS CAN "
-        "NEITHER PUBLISH NOR DELIVER; renew it, then restart orderbus"
+        "NEITHER PUBLISH NOR DELIVER; renew it, then reload orderbus (restart, under systemd credentials)"
     )
     assert _status(None, None, {}, CollectorRegistry())["kafka_certificate"] is None, "without one: nothing said"
     earlier = cast(dict[str, Any], document["kafka_certificate"])  # an earlier daemon's document: no "renewal"
