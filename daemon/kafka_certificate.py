@@ -5,12 +5,15 @@ shares one TLS context (`daemon.kafka_options.client_options`, built once). A re
 again and loads it into that context: the next connections show the new certificate, those open keep theirs (a
 broker checks a client certificate at the handshake only). A pair that does not load, or a certificate not valid
 now while the one in use is, keeps the one in use; the new pair is tried on a context of its own first, so that
-half a pair never reaches the shared one.
+half a pair never reaches the shared one. The CA file (``kafka.ssl_cafile``) is not read again: a new CA takes a
+restart.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +39,12 @@ class KafkaCertificate:
     """The client certificate in the clients' shared TLS `context`, and when it expires (`end`)."""
 
     def __init__(self, context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
-        """`context` holds the pair already (`client_options` loaded it); its validity is read here."""
+        """`context` holds the pair already (`client_options` loaded it); the pair is read here once more, as what
+        a failed renewal goes back to."""
         self._context = context
         self.cert_file, self.key_file = cert_file, key_file
-        self._der, self._not_before, self._not_after = _validity(cert_file)
+        self._pem = (read_pem(cert_file, _CERT_KEY), read_pem(key_file, _KEY_KEY))
+        self._der, self._not_before, self._not_after = validity(self._pem[0], cert_file, _CERT_KEY)
 
     @property
     def not_after(self) -> float:
@@ -53,20 +58,40 @@ class KafkaCertificate:
     def reload(self, now: float) -> bool:
         """Read both files again; the next connections show them. Whether the certificate changed. `ConfigError`,
         and the pair in use kept, if they do not load, or if their certificate is not valid at `now` while the one
-        in use is."""
-        trial = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        load_pair(trial, self.cert_file, self.key_file, cert_key=_CERT_KEY, key_key=_KEY_KEY)
-        der, not_before, not_after = _validity(self.cert_file)
-        in_use_valid = self._not_before <= now < self._not_after
-        if not not_before <= now < not_after and in_use_valid:
+        in use is.
+
+        Each file is read once: the validity, the trial and the shared context all take those bytes (a renewal
+        that writes the certificate, then the key, meanwhile could otherwise make them three different pairs; and
+        OpenSSL, refusing a key, has already dropped the context's own, so a refused load there is undone)."""
+        pem = (read_pem(self.cert_file, _CERT_KEY), read_pem(self.key_file, _KEY_KEY))
+        der, not_before, not_after = validity(pem[0], self.cert_file, _CERT_KEY)
+        if not not_before <= now < not_after and self._not_before <= now < self._not_after:
             raise ConfigError(
                 f"{_CERT_KEY}: {self.cert_file} is valid from {text_time(not_before)} to {text_time(not_after)}, not "
                 f"now; the one in use is, until {text_time(self._not_after)}"
             )
-        load_pair(self._context, self.cert_file, self.key_file, cert_key=_CERT_KEY, key_key=_KEY_KEY)
+        self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), pem)  # a pair that does not load stops here
+        try:
+            self._load(self._context, pem)
+        except ConfigError:  # not expected after the trial, but the clients must never keep half a pair
+            self._load(self._context, self._pem)
+            raise
         changed = der != self._der
-        self._der, self._not_before, self._not_after = der, not_before, not_after
+        self._pem, self._der, self._not_before, self._not_after = pem, der, not_before, not_after
         return changed
+
+    def _load(self, context: ssl.SSLContext, pem: tuple[str, str]) -> None:
+        """Load `pem` (certificate, key) into `context`, from private copies (OpenSSL reads files); errors name the
+        settings' files."""
+        with tempfile.TemporaryDirectory(prefix="orderbus-kafka-pair-") as private:  # mode 0700: ours alone
+            cert, key = Path(private, "certificate.pem"), Path(private, "key.pem")
+            for path, text in ((cert, pem[0]), (key, pem[1])):
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(descriptor, "w") as file:
+                    file.write(text)
+            load_pair(
+                context, cert, key, cert_key=_CERT_KEY, key_key=_KEY_KEY, shown_as=(self.cert_file, self.key_file)
+            )
 
 
 def kafka_certificate(kafka: KafkaSettings, options: dict[str, Any]) -> KafkaCertificate | None:
@@ -75,7 +100,3 @@ def kafka_certificate(kafka: KafkaSettings, options: dict[str, Any]) -> KafkaCer
     if kafka.ssl_certfile is None or kafka.ssl_keyfile is None or not isinstance(context, ssl.SSLContext):
         return None
     return KafkaCertificate(context, kafka.ssl_certfile, kafka.ssl_keyfile)
-
-
-def _validity(cert_file: Path) -> tuple[bytes, float, float]:
-    return validity(read_pem(cert_file, _CERT_KEY), cert_file, _CERT_KEY)

@@ -30,20 +30,29 @@ EXPIRY_WARNING: Final = 14 * 86400.0  # seconds before its end from which a cert
 _PEM_CERTIFICATE: Final = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
-def load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path, *, cert_key: str, key_key: str) -> str:
+def load_pair(
+    context: ssl.SSLContext,
+    cert_file: Path,
+    key_file: Path,
+    *,
+    cert_key: str,
+    key_key: str,
+    shown_as: tuple[Path, Path] | None = None,
+) -> str:
     """Load `cert_file` (a PEM certificate, its chain after it) and `key_file` (its unencrypted PEM key) into
     `context`; the certificate file's text as read. `ConfigError` naming the setting (`cert_key`, `key_key`) if the
     pair cannot be used: a file that cannot be read, no PEM certificate or key, an encrypted key (never a password
-    prompt), a key that is not the certificate's."""
+    prompt), a key that is not the certificate's. `shown_as`: the files to name instead (of private copies)."""
     cert_text = read_pem(cert_file, cert_key)
     key_text = read_pem(key_file, key_key)
+    cert_name, key_name = shown_as if shown_as is not None else (cert_file, key_file)
     if "-----BEGIN CERTIFICATE-----" not in cert_text:
-        raise ConfigError(f"{cert_key}: {cert_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        raise ConfigError(f"{cert_key}: {cert_name} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
     if "PRIVATE KEY-----" not in key_text:
-        raise ConfigError(f"{key_key}: {key_file} holds no PEM private key (-----BEGIN PRIVATE KEY-----)")
+        raise ConfigError(f"{key_key}: {key_name} holds no PEM private key (-----BEGIN PRIVATE KEY-----)")
     if "ENCRYPTED" in key_text:
         raise ConfigError(
-            f"{key_key}: {key_file} is encrypted; give the key unencrypted, in a file only the service's user can read"
+            f"{key_key}: {key_name} is encrypted; give the key unencrypted, in a file only the service's user can read"
         )
 
     def no_password() -> str:
@@ -54,11 +63,11 @@ def load_pair(context: ssl.SSLContext, cert_file: Path, key_file: Path, *, cert_
         context.load_cert_chain(cert_file, key_file, password=no_password)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise ConfigError(f"{key_key}: {key_file} is not the private key of {cert_file}") from None
+            raise ConfigError(f"{key_key}: {key_name} is not the private key of {cert_name}") from None
         reason = exc.reason or exc
-        raise ConfigError(f"{cert_key}/{key_key}: {cert_file} and {key_file} do not load ({reason})") from None
+        raise ConfigError(f"{cert_key}/{key_key}: {cert_name} and {key_name} do not load ({reason})") from None
     except OSError as exc:  # gone or closed to us since it was read: a renewal swapping its files
-        raise ConfigError(f"{cert_key}/{key_key}: cannot read {cert_file} or {key_file}: {exc}") from None
+        raise ConfigError(f"{cert_key}/{key_key}: cannot read {cert_name} or {key_name}: {exc}") from None
     return cert_text
 
 

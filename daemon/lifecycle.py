@@ -554,7 +554,7 @@ class _Renewable(Protocol):
 def _reload_certificate(tls: _Renewable, now: float) -> None:
     """Read a certificate and its key again (renewed in place); what is wrong with them keeps the pair in use and is
     said, and so is when the certificate in use expires."""
-    fields: dict[str, str] = {"certfile": str(tls.cert_file)}
+    fields: dict[str, str] = {"certificate": tls.end.subject, "certfile": str(tls.cert_file)}
     try:
         changed = tls.reload(now)
     except ConfigError as exc:

@@ -29,6 +29,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from support import apply_topics, committed_vs_end, free_port, make_events, orders_of, produce, settings_for
 
+from daemon import kafka_local
 from daemon.demo import _Progress
 from daemon.demo_settings import DEMO_CONFIG, DemoOptions, demo_layout, sandbox_auth
 from daemon.kafka_local import BrokerInfo
@@ -407,7 +408,8 @@ DEMO_SECONDS = 20
 
 def test_orderbus_demo_runs_delivers_to_all_three_systems_and_prints_the_summary(tmp_path: Path) -> None:
     """``make run`` with ports of its own, stopping by itself: orders reach every system within a minute."""
-    kafka_port, sandbox_port, ingest_port = free_port(), free_port(), free_port()
+    # Distinct: three free_port() calls in a row may hand out one port twice (the sandbox once took the ingest's).
+    kafka_port, sandbox_port, ingest_port = kafka_local.free_ports(3)
     argv = ["demo", "--duration", str(DEMO_SECONDS), "--kafka-dir", str(tmp_path / "kafka")]
     argv += ["--log-dir", str(tmp_path), "--kafka-port", str(kafka_port), "--sandbox-port", str(sandbox_port)]
     argv += ["--ingest-port", str(ingest_port)]

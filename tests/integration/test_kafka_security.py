@@ -335,7 +335,8 @@ async def test_a_renewed_client_certificate_is_taken_at_a_reload_without_a_resta
         client_options(load_settings(None, env=security_env(secure_broker, "ssl-client-certificate")).kafka),
     )
     stop, reload = asyncio.Event(), asyncio.Event()
-    serving = serve(settings, stop, registry=CollectorRegistry(), reload=reload, load=lambda: settings)
+    registry = CollectorRegistry()
+    serving = serve(settings, stop, registry=registry, reload=reload, load=lambda: settings)
     daemon = asyncio.create_task(serving)
     base = f"http://127.0.0.1:{settings.ingest.port}"
 
@@ -361,6 +362,11 @@ async def test_a_renewed_client_certificate_is_taken_at_a_reload_without_a_resta
         shutil.copy(secure_broker.client[1], key)
         reload.set()
         await until(ready, timeout=30)
+        renewed_end = certificate_validity(secure_broker.client[0].read_text())[2]
+        gauge = "orderbus_kafka_client_certificate_expiry_timestamp_seconds"
+        assert registry.get_sample_value(gauge) == renewed_end
+        status = await asyncio.to_thread(fetch_status, base)
+        assert status["kafka_certificate"]["expires"] == text_time(renewed_end)
         order = sample_submission(random.Random(7))
         async with (
             aiohttp.ClientSession() as session,

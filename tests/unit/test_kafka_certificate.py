@@ -5,6 +5,7 @@ context; a half-renewed pair or one not valid yet keeps the one in use."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import ssl
@@ -150,3 +151,30 @@ async def test_a_sighup_reads_the_kafka_clients_certificate_again(
         assert await shown(broker, context) == _der(renewed[0])
     finally:
         reloader.cancel()
+
+
+async def test_a_pair_refused_by_the_shared_context_after_its_trial_leaves_the_one_in_use_whole(
+    pki: tuple[Path, tuple[Path, Path], Broker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pki_dir, ca, broker = pki
+    _, context, renewable, cert, key = in_use(pki_dir, ca)
+    first = cert.read_text()
+    renewed = certificate(pki_dir, "client-e", days=30, issuer=ca)
+    shutil.copy(renewed[0], cert)
+    shutil.copy(renewed[1], key)
+    load, loads = KafkaCertificate._load, 0
+
+    def refused_once(self: KafkaCertificate, into: ssl.SSLContext, pem: tuple[str, str]) -> None:
+        nonlocal loads
+        loads += 1
+        if loads == 2:  # the shared context, after the trial: OpenSSL takes the certificate, then refuses the key
+            with contextlib.suppress(ssl.SSLError):
+                into.load_cert_chain(renewed[0], pki_dir / "client-a.key")
+            raise ConfigError("kafka.ssl_keyfile: refused")
+        load(self, into, pem)
+
+    monkeypatch.setattr(KafkaCertificate, "_load", refused_once)
+    with pytest.raises(ConfigError, match="refused"):
+        renewable.reload(time.time())
+    assert await shown(broker, context) == certificate_validity(first)[0], "the pair in use, whole again"
+    assert renewable.not_after == certificate_validity(first)[2]
