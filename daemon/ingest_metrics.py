@@ -18,7 +18,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # The answers of POST /v1/orders (see `daemon.ingest`), created at zero so rates and ratios have a series.
-INGEST_CODES: Final = ("202", "400", "401", "409", "413", "415", "422", "500", "503")
+INGEST_CODES: Final = ("202", "400", "401", "409", "413", "415", "422", "499", "500", "503")
 # acks=all on a healthy cluster takes milliseconds; the top buckets catch a struggling one (timeout 10 s).
 PUBLISH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

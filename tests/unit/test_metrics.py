@@ -163,6 +163,7 @@ async def test_ingest_counts_every_answer_by_status_code(
         "413": 1.0,
         "415": 1.0,
         "422": 1.0,
+        "499": 0.0,
         "500": 0.0,
         "503": 1.0,
     }
