@@ -89,6 +89,14 @@ def in_use(pki_dir: Path, ca: tuple[Path, Path]) -> tuple[Settings, ssl.SSLConte
     return settings, options["ssl_context"], renewable, cert, key
 
 
+def renew(pki_dir: Path, ca: tuple[Path, Path], name: str, cert: Path, key: Path) -> tuple[Path, Path]:
+    """A new pair (valid 30 days) written over `cert` and `key`, as a renewal does; the new pair's own files."""
+    pair = certificate(pki_dir, name, days=30, issuer=ca)
+    shutil.copy(pair[0], cert)
+    shutil.copy(pair[1], key)
+    return pair
+
+
 async def test_a_renewed_pair_is_shown_on_the_next_connection_and_a_half_renewed_one_is_refused(
     pki: tuple[Path, tuple[Path, Path], Broker],
 ) -> None:
@@ -97,9 +105,7 @@ async def test_a_renewed_pair_is_shown_on_the_next_connection_and_a_half_renewed
     assert await shown(broker, context) == _der(cert)
     first = cert.read_text()
 
-    renewed = certificate(pki_dir, "client-b", days=30, issuer=ca)
-    shutil.copy(renewed[0], cert)
-    shutil.copy(renewed[1], key)
+    renewed = renew(pki_dir, ca, "client-b", cert, key)
     assert renewable.reload(time.time()) is True
     assert await shown(broker, context) == _der(renewed[0])
     assert renewable.not_after == certificate_validity(renewed[0].read_text())[2]
@@ -115,9 +121,7 @@ async def test_a_certificate_not_valid_yet_keeps_the_one_in_use(pki: tuple[Path,
     pki_dir, ca, broker = pki
     _, context, renewable, cert, key = in_use(pki_dir, ca)
     before = cert.read_text()
-    later = certificate(pki_dir, "client-c", days=30, issuer=ca)
-    shutil.copy(later[0], cert)
-    shutil.copy(later[1], key)
+    later = renew(pki_dir, ca, "client-c", cert, key)
     a_year_ago = time.time() - 365 * 86400  # the new one is not valid then; the one in use neither: taken
     assert renewable.reload(a_year_ago) is True
     cert.write_text(before)
@@ -132,9 +136,7 @@ async def test_a_sighup_reads_the_kafka_clients_certificate_again(
 ) -> None:
     pki_dir, ca, broker = pki
     settings, context, renewable, cert, key = in_use(pki_dir, ca)
-    renewed = certificate(pki_dir, "client-d", days=30, issuer=ca)
-    shutil.copy(renewed[0], cert)
-    shutil.copy(renewed[1], key)
+    renewed = renew(pki_dir, ca, "client-d", cert, key)
     requested = asyncio.Event()
     engines = cast(dict[str, SinkEngine], {})
     reloader = asyncio.create_task(_reload_on_request(requested, lambda: settings, settings, engines, None, renewable))
@@ -159,9 +161,7 @@ async def test_a_pair_refused_by_the_shared_context_after_its_trial_leaves_the_o
     pki_dir, ca, broker = pki
     _, context, renewable, cert, key = in_use(pki_dir, ca)
     first = cert.read_text()
-    renewed = certificate(pki_dir, "client-e", days=30, issuer=ca)
-    shutil.copy(renewed[0], cert)
-    shutil.copy(renewed[1], key)
+    renewed = renew(pki_dir, ca, "client-e", cert, key)
     load, loads = KafkaCertificate._load, 0
 
     def refused_once(self: KafkaCertificate, into: ssl.SSLContext, pem: tuple[str, str]) -> None:
