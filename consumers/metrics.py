@@ -78,13 +78,13 @@ class EngineMetrics:
         )
         self.expired_records = Counter(
             "orderbus_expired_records",
-            "Records Kafka deleted (retention) before the sink read them: their orders did not reach it",
+            "Records Kafka deleted (retention) before the sink read them, of the orders or the replay topic",
             ["sink"],
             registry=registry,
         )
         self.orders_retention = Gauge(
             "orderbus_orders_retention_seconds",
-            "How long the orders topic keeps a record (topics.orders_retention_hours)",
+            "How long the orders topic keeps a record, as topics.orders_retention_hours says (topics apply: drift)",
             registry=registry,
         )
         self.commits = Counter("orderbus_commits", "Offset commits made", ["sink"], registry=registry)

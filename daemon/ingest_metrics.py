@@ -119,13 +119,14 @@ def register_kafka_certificate_expiry(registry: CollectorRegistry, not_after: Ca
     ).set_function(not_after)
 
 
-def register_build_info(registry: CollectorRegistry, started: float | None = None) -> None:
-    """``orderbus_build_info{version, python} 1``: join on it to see which build a series came from; and
-    ``orderbus_start_time_seconds``, when this daemon started (`started`, unix seconds; now by default): what a
-    counter counted before the first scrape is new since then (``OrderbusRecordsExpired``)."""
-    Gauge("orderbus_start_time_seconds", "When this daemon started (unix seconds)", registry=registry).set(
-        time.time() if started is None else started
-    )
+def register_start_time(registry: CollectorRegistry) -> None:
+    """``orderbus_start_time_seconds``, when this daemon started (now): what a counter counted before its first
+    scrape is new since then (``OrderbusRecordsExpired``)."""
+    Gauge("orderbus_start_time_seconds", "When this daemon started (unix seconds)", registry=registry).set(time.time())
+
+
+def register_build_info(registry: CollectorRegistry) -> None:
+    """``orderbus_build_info{version, python} 1``: join on it to see which build a series came from."""
     build = Gauge(
         "orderbus_build_info",
         "Always 1; the labels say which orderbus and which Python are running",

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from daemon.key_pairs import CertificateEnd, load_pair, read_pem, text_time, validity
+from daemon.key_pairs import CertificateEnd, load_pair, read_pem, refuse_unless_valid, validity
 from daemon.settings import KafkaSettings
 from topics.errors import ConfigError
 
@@ -39,12 +39,13 @@ class KafkaCertificate:
     """The client certificate in the clients' shared TLS `context`, and when it expires (`end`)."""
 
     def __init__(self, context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
-        """`context` holds the pair already (`client_options` loaded it); the pair is read here once more, as what
-        a failed renewal goes back to."""
+        """`context` holds a pair already (`client_options` loaded it): it is loaded again here from the bytes read
+        now, so that what a failed renewal goes back to is what the clients show (a renewal may have come between)."""
         self._context = context
         self.cert_file, self.key_file = cert_file, key_file
         self._pem = (read_pem(cert_file, _CERT_KEY), read_pem(key_file, _KEY_KEY))
         self._der, self._not_before, self._not_after = validity(self._pem[0], cert_file, _CERT_KEY)
+        self._load(context, self._pem)
 
     @property
     def not_after(self) -> float:
@@ -65,11 +66,9 @@ class KafkaCertificate:
         OpenSSL, refusing a key, has already dropped the context's own, so a refused load there is undone)."""
         pem = (read_pem(self.cert_file, _CERT_KEY), read_pem(self.key_file, _KEY_KEY))
         der, not_before, not_after = validity(pem[0], self.cert_file, _CERT_KEY)
-        if not not_before <= now < not_after and self._not_before <= now < self._not_after:
-            raise ConfigError(
-                f"{_CERT_KEY}: {self.cert_file} is valid from {text_time(not_before)} to {text_time(not_after)}, not "
-                f"now; the one in use is, until {text_time(self._not_after)}"
-            )
+        refuse_unless_valid(
+            _CERT_KEY, self.cert_file, (not_before, not_after), (self._not_before, self._not_after), now
+        )
         self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), pem)  # a pair that does not load stops here
         try:
             self._load(self._context, pem)
@@ -83,8 +82,15 @@ class KafkaCertificate:
     def _load(self, context: ssl.SSLContext, pem: tuple[str, str]) -> None:
         """Load `pem` (certificate, key) into `context`, from private copies (OpenSSL reads files); errors name the
         settings' files."""
-        with tempfile.TemporaryDirectory(prefix="orderbus-kafka-pair-") as private:  # mode 0700: ours alone
-            cert, key = Path(private, "certificate.pem"), Path(private, "key.pem")
+        try:
+            private = tempfile.TemporaryDirectory(prefix="orderbus-kafka-pair-")  # mode 0700: ours alone
+        except OSError as exc:  # a read-only root without a tmpfs, for one
+            raise ConfigError(
+                f"{_CERT_KEY}/{_KEY_KEY}: no private copy of the pair can be made in {tempfile.gettempdir()}: {exc} "
+                "(set TMPDIR to a writable directory)"
+            ) from None
+        with private:
+            cert, key = Path(private.name, "certificate.pem"), Path(private.name, "key.pem")
             for path, text in ((cert, pem[0]), (key, pem[1])):
                 descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(descriptor, "w") as file:

@@ -83,7 +83,7 @@ def read_pem(path: Path, key: str) -> str:
 class CertificateEnd:
     """When a certificate in use (`subject`, from `cert_file`) expires, and how that is said: what follows once it has
     (`consequence`) and what to do (`renewal`). The webhook's (`daemon.tls_listener`), the Kafka client's
-    (`daemon.kafka_options`)."""
+    (`daemon.kafka_certificate`)."""
 
     subject: str
     cert_file: Path
@@ -123,6 +123,23 @@ class CertificateEnd:
             "problem": self.problem(now),  # expired, or within 14 days; None otherwise
             "renewal": self.renewal,  # what to do, in the daemon's words: `orderbus status` says it with the problem
         }
+
+
+def refuse_unless_valid(
+    key: str, path: Path, fresh: tuple[float, float], in_use: tuple[float, float], now: float
+) -> None:
+    """A renewal's rule: `ConfigError` when the certificate read from `path` (setting `key`) is not valid at `now`
+    (`fresh`: its start and end, unix seconds) while the one in use (`in_use`) is. A certificate no better than
+    the one in use is taken: nothing is lost by it."""
+
+    def valid(window: tuple[float, float]) -> bool:
+        return window[0] <= now < window[1]
+
+    if not valid(fresh) and valid(in_use):
+        raise ConfigError(
+            f"{key}: {path} is valid from {text_time(fresh[0])} to {text_time(fresh[1])}, not now; the one in use "
+            f"is, until {text_time(in_use[1])}"
+        )
 
 
 def validity(pem: str, path: Path, key: str) -> tuple[bytes, float, float]:

@@ -54,6 +54,7 @@ from daemon.ingest_metrics import (
     register_build_info,
     register_certificate_expiry,
     register_kafka_certificate_expiry,
+    register_start_time,
 )
 from daemon.kafka_certificate import KafkaCertificate, kafka_certificate
 from daemon.kafka_options import client_options
@@ -121,6 +122,7 @@ async def serve(
     registry = registry if registry is not None else CollectorRegistry()
     notifier = notifier if notifier is not None else Notifier()  # a broken $NOTIFY_SOCKET stops start-up here
     register_build_info(registry)
+    register_start_time(registry)
     if tls is not None:
         register_certificate_expiry(registry, lambda: tls.not_after)
         tls.end.say(time.time())
@@ -622,8 +624,8 @@ def _status(
     """The daemon's state for `orderbus status`: per sink what the engine knows plus its lifetime counters; the
     ingest's Kafka gate, why its key store's last batch failed, until one is written again, and its listener's
     connections against their limit (`gate`); with HTTPS, when the
-    webhook's certificate expires (`now`: the wall clock's time, by default), and the Kafka client's (read at start:
-    `kafka_certificate`); without the ingest, why the sinks' Kafka cannot be reached (`watch`)."""
+    webhook's certificate expires (`now`: the wall clock's time, by default), and the Kafka client's in use
+    (`kafka_certificate`); without the ingest, why the sinks' Kafka cannot be reached (`watch`)."""
 
     def count(metric: str, labels: dict[str, str]) -> int:
         return int(registry.get_sample_value(metric, labels) or 0)

@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.key_pairs import CertificateEnd, load_pair, read_pem, text_time, validity
+from daemon.key_pairs import CertificateEnd, load_pair, read_pem, refuse_unless_valid, validity
 from topics.errors import ConfigError
 
 __all__ = ["ServerTls", "server_tls"]
@@ -63,11 +63,8 @@ class ServerTls:
         the pair in use kept, if they do not load, or if their certificate is not valid at `now` while the one in
         use is."""
         fresh = _load(self.cert_file, self.key_file)
-        if not fresh.valid_at(now) and self._current.valid_at(now):
-            raise ConfigError(
-                f"{_CERT_KEY}: {self.cert_file} is valid from {text_time(fresh.not_before)} to "
-                f"{text_time(fresh.not_after)}, not now; the one in use is, until {text_time(self._current.not_after)}"
-            )
+        in_use = (self._current.not_before, self._current.not_after)
+        refuse_unless_valid(_CERT_KEY, self.cert_file, (fresh.not_before, fresh.not_after), in_use, now)
         changed = fresh.der != self._current.der
         self._current = fresh
         return changed

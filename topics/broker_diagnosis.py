@@ -55,7 +55,8 @@ Diagnose = Callable[[], Awaitable[str | None]]
 async def diagnose(options: Mapping[str, Any], *, timeout: float = DIAGNOSIS_TIMEOUT) -> str | None:
     """What a connection to each bootstrap server meets, as one sentence per distinct cause (servers named when
     there are several); None when one of them answers, so the failure lies past the bootstrap (a broker it names, a
-    timeout). The servers are asked at once, each within `timeout` (`DIAGNOSIS_TIMEOUT` at most) in all."""
+    timeout). The servers are asked at once, each within `timeout` (`DIAGNOSIS_TIMEOUT` at most) in all, and
+    `CLOSE_WAIT` more at most for the connections' sockets to close."""
     timeout = min(timeout, DIAGNOSIS_TIMEOUT)
     servers = collect_hosts(str(options.get("bootstrap_servers", "")), randomize=False)
     problems = await asyncio.gather(*(_problem(host, port, options, timeout) for host, port, _ in servers))

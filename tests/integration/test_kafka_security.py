@@ -246,7 +246,7 @@ async def test_a_diagnosis_has_closed_its_connections_when_it_answers(secure_bro
     for mode, changes in [(mode, {}) for mode in ("ssl-client-certificate", "sasl-plain")] + [("sasl-plain", wrong)]:
         options = client_options(load_settings(None, env={**security_env(secure_broker, mode), **changes}).kafka)
         before = open_sockets()
-        found = await diagnose(options, timeout=10)
+        found = await diagnose(options)
         assert (found is None) == (not changes)
         assert open_sockets() == before, (mode, changes)
 

@@ -4,13 +4,16 @@ cut back) goes on where the module says, and what was deleted is counted and sai
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import cast
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from consumers.clock import FakeClock
 from consumers.expiry import Move, Positions, say_deleted
+from consumers.kafka_io import KafkaConsumerPort
 from consumers.unreadable import ReadGuard
 
 A, B = TopicPartition("orders", 0), TopicPartition("orders", 1)
@@ -85,11 +88,26 @@ async def test_a_position_in_the_log_after_all_is_left_where_the_consumer_has_it
     assert [record.levelno for record in caplog.records] == [logging.WARNING]
 
 
-async def test_a_partition_revoked_before_or_during_the_lookups_is_not_moved() -> None:
+async def test_a_partition_revoked_before_the_lookups_is_not_moved() -> None:
     consumer = FakeConsumer({A: (40, 90), B: (0, 5)})
     consumer.assigned = {B}
     assert await Positions(consumer, "crm").settle(OffsetOutOfRangeError({A: 12})) == {}
     assert consumer.seeks == []
+
+
+class RebalancingConsumer(FakeConsumer):
+    """A rebalance's new assignment, without A, lands while the log's start is asked for."""
+
+    async def beginning_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        self.assigned.discard(A)
+        return await super().beginning_offsets(partitions)
+
+
+async def test_a_partition_revoked_during_the_lookups_is_not_moved() -> None:
+    consumer = RebalancingConsumer({A: (40, 90), B: (7, 9)})
+    moves = await Positions(consumer, "crm").settle(OffsetOutOfRangeError({A: 12, B: 2}))
+    assert moves == {("orders", 1): Move(7, deleted_from=2)}
+    assert consumer.seeks == [(B, 7)]
 
 
 class RewindingConsumer(FakeConsumer):
@@ -123,3 +141,38 @@ async def test_the_read_guard_rewinds_to_where_the_partition_was_moved_not_to_th
     consumer.seeks.clear()
     assert await guard.getmany(100, 10) == {}  # an unreadable batch: the guard puts the positions back
     assert consumer.seeks == [(A, 40)], "not to the committed offset, whose records are gone"
+
+
+class FetchingFake(RewindingConsumer):
+    """aiokafka's consumer as the port sees it with ``auto_offset_reset="none"``: the first fetch raises the
+    position it could not read (12, deleted since: the log starts at 40), the next ones hand over what is there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised = False
+        self.position = 12
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        super().seek(partition, offset)
+        self.position = offset
+
+    async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:  # type: ignore[type-arg]
+        if not self.raised:
+            self.raised = True
+            raise OffsetOutOfRangeError({A: self.position})
+        return {A: [Rec(self.position)]}
+
+
+@dataclass(frozen=True)
+class Rec:
+    offset: int
+
+
+async def test_the_port_settles_a_lost_position_and_hands_the_move_to_the_engine_once() -> None:
+    consumer = FetchingFake()
+    guard = ReadGuard(consumer, "crm", FakeClock())
+    port = KafkaConsumerPort(cast(AIOKafkaConsumer, consumer), guard, Positions(consumer, "crm"))
+    assert await port.getmany(100, 10) == {}, "no record is taken by a fetch that raised"
+    assert port.moved() == {("orders", 0): Move(40, deleted_from=12)}
+    assert port.moved() == {}, "taken once"
+    assert [record.offset for record in (await port.getmany(100, 10))[A]] == [40]

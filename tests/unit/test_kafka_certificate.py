@@ -18,9 +18,10 @@ import pytest
 from support import certificate, settings_env
 
 from consumers.engine import SinkEngine
+from consumers.tasks import cancel_and_wait
 from daemon.kafka_certificate import KafkaCertificate, kafka_certificate
 from daemon.kafka_options import client_options
-from daemon.key_pairs import certificate_validity
+from daemon.key_pairs import certificate_validity, refuse_unless_valid
 from daemon.lifecycle import _reload_on_request
 from daemon.settings import Settings, load_settings
 from topics.errors import ConfigError
@@ -38,13 +39,14 @@ class Broker:
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca[0]))
         self.context.load_cert_chain(server_cert, server_key)
         self.context.verify_mode = ssl.CERT_REQUIRED
-        self.shown: list[bytes] = []
+        self.shown: asyncio.Queue[bytes] = asyncio.Queue()
         self.port = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        self.shown.append(der)
+        self.shown.put_nowait(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
         writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
 
 
 @pytest.fixture
@@ -60,12 +62,13 @@ async def pki(tmp_path: Path) -> AsyncIterator[tuple[Path, tuple[Path, Path], Br
 async def shown(broker: Broker, context: ssl.SSLContext) -> bytes:
     """The certificate the broker is shown by a new connection made with `context`."""
     _, writer = await asyncio.open_connection("127.0.0.1", broker.port, ssl=context, server_hostname="127.0.0.1")
-    writer.close()
-    for _ in range(200):
-        if broker.shown:
-            return broker.shown.pop()
-        await asyncio.sleep(0.01)
-    raise AssertionError("the broker saw no certificate")
+    try:
+        async with asyncio.timeout(10):
+            return await broker.shown.get()
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
 
 
 def in_use(pki_dir: Path, ca: tuple[Path, Path]) -> tuple[Settings, ssl.SSLContext, KafkaCertificate, Path, Path]:
@@ -152,7 +155,7 @@ async def test_a_sighup_reads_the_kafka_clients_certificate_again(
         assert any(r.getMessage().startswith("the Kafka client certificate in use") for r in caplog.records)
         assert await shown(broker, context) == _der(renewed[0])
     finally:
-        reloader.cancel()
+        await cancel_and_wait(reloader)
 
 
 async def test_a_pair_refused_by_the_shared_context_after_its_trial_leaves_the_one_in_use_whole(
@@ -178,3 +181,16 @@ async def test_a_pair_refused_by_the_shared_context_after_its_trial_leaves_the_o
         renewable.reload(time.time())
     assert await shown(broker, context) == certificate_validity(first)[0], "the pair in use, whole again"
     assert renewable.not_after == certificate_validity(first)[2]
+
+
+def test_a_renewal_not_valid_now_is_refused_only_while_the_one_in_use_is() -> None:
+    # The rule both reloads keep (the webhook's and the Kafka clients'), at synthetic times: from 1000 to 2000.
+    path = Path("/etc/orderbus/kafka-client.crt")
+    not_yet, expired, in_use = (1600.0, 9000.0), (0.0, 1400.0), (1000.0, 2000.0)
+    for fresh in (not_yet, expired):
+        with pytest.raises(
+            ConfigError, match=rf"^kafka.ssl_certfile: {path} is valid from .* not now; the one in use is"
+        ):
+            refuse_unless_valid("kafka.ssl_certfile", path, fresh, in_use, now=1500.0)
+        refuse_unless_valid("kafka.ssl_certfile", path, fresh, in_use, now=2500.0)  # the one in use is no better
+    refuse_unless_valid("kafka.ssl_certfile", path, (1200.0, 9000.0), in_use, now=1500.0)  # valid: taken

@@ -32,6 +32,7 @@ from daemon.ingest_metrics import (
     register_build_info,
     register_certificate_expiry,
     register_kafka_certificate_expiry,
+    register_start_time,
 )
 from daemon.publisher import BrokerUnavailable, Published
 from daemon.ready_metric import register_readiness
@@ -255,6 +256,7 @@ def full_registry() -> CollectorRegistry:
     IngestMetrics(registry)
     ConnectionMetrics(registry).watch(lambda: {"busy": 1, "idle": 2, "refusing": 0}, 1024)
     register_build_info(registry)
+    register_start_time(registry)
     register_readiness(registry, ["ingest", "sink.crm"], dict)
     register_certificate_expiry(registry, lambda: NOW)
     register_kafka_certificate_expiry(registry, lambda: NOW)

@@ -115,7 +115,7 @@ def test_the_webhooks_certificate_is_in_the_status_document_and_said_louder_as_i
     assert _status(None, None, {}, CollectorRegistry())["certificate"] is None, "plain HTTP: nothing said"
 
 
-def test_the_kafka_client_certificate_is_in_the_status_document_as_read_at_start(tmp_path: Path) -> None:
+def test_the_kafka_client_certificate_is_in_the_status_document(tmp_path: Path) -> None:
     cert, key = certificate(tmp_path, "kafka-client", days=30)
     env = {"SECURITY_PROTOCOL": "SSL", "SSL_CERTFILE": str(cert), "SSL_KEYFILE": str(key)}
     kafka = client_certificate(load_settings(None, env={f"ORDERBUS_KAFKA__{k}": v for k, v in env.items()}).kafka)
