@@ -43,7 +43,8 @@ from pydantic import SecretStr
 
 from consumers.deadletter import REASONS
 from daemon import kafka_local
-from daemon.kafka_options import client_certificate, client_options, topic_layout
+from daemon.kafka_certificate import kafka_certificate
+from daemon.kafka_options import client_options, topic_layout
 from daemon.logs import configure
 from daemon.order_check import MAX_BODY_BYTES
 from daemon.retention import MIN_DEDUP_RETENTION_HOURS, MIN_INGEST_KEY_RETENTION_HOURS
@@ -441,7 +442,8 @@ def _config_check(args: argparse.Namespace) -> int:
     print(settings.masked_json())
     for weakness in settings.weaknesses():
         print(f"warning: {weakness}", file=sys.stderr)
-    for end in (tls.end if tls is not None else None, client_certificate(settings.kafka)):
+    kafka_cert = kafka_certificate(settings.kafka, options)
+    for end in (tls.end if tls is not None else None, kafka_cert.end if kafka_cert is not None else None):
         if end is not None and (problem := end.problem(time.time())) is not None:
             print(f"warning: {problem}", file=sys.stderr)
     return _check_connection(settings, options) if args.connect else 0

@@ -126,15 +126,13 @@ class ConnectionGate:
 
     def tracking(self, handler: Handler) -> Handler:
         """`handler`, whose end is its connection's latest activity."""
-        active, clock = self._open, self._clock
+        touch = self.touch
 
         async def tracked(request: web.Request) -> web.StreamResponse:
             try:
                 return await handler(request)
             finally:
-                connection = request.protocol
-                if active.pop(connection, None) is not None:  # not lost meanwhile, nor another server's
-                    active[connection] = clock()
+                touch(request.protocol)
 
         return tracked
 
@@ -168,8 +166,9 @@ class ConnectionGate:
         self._open[connection] = now
         return True
 
-    def received(self, connection: web.RequestHandler) -> None:
-        """Bytes arrived on `connection`: its latest activity."""
+    def touch(self, connection: web.RequestHandler) -> None:
+        """Bytes arrived on `connection`, or a request on it ended: its latest activity (one not counted, lost
+        meanwhile or another server's, is left out)."""
         active = self._open
         if active.pop(connection, None) is not None:
             active[connection] = self._clock()
@@ -230,7 +229,7 @@ class _Gated(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._admitted:
-            self._gate.received(self._connection)
+            self._gate.touch(self._connection)
             self._connection.data_received(data)
         elif self._refusal is not None:
             self._refusal.data_received(data)

@@ -218,21 +218,22 @@ class Ingest:
             self._hold(held, len(head))  # what arrived, not what is declared: a head alone holds nothing
             if len(head) == declared:
                 return head
-            # The rest as it comes (read(n) returns what has arrived, up to n bytes), each piece counted; a stream
-            # that ends early returns what came, which the checks refuse.
+            # The rest as it comes; a stream that ends early returns what came, which the checks refuse.
             body = bytearray(head)
-            with self._deadlines.within(self._config.body_timeout):
-                while len(body) < declared and (piece := await request.content.read(declared - len(body))):
-                    self._hold(held, len(piece))
-                    body += piece
+            await self._read_into(body, declared, request, held)
             return bytes(body)
-        # Chunked: as above, up to one byte past the limit.
+        # Chunked: up to one byte past the limit.
         body = bytearray()
+        await self._read_into(body, limit + 1, request, held)
+        return None if len(body) > limit else bytes(body)
+
+    async def _read_into(self, body: bytearray, size: int, request: web.Request, held: _Held) -> None:
+        """Read into `body` until it holds `size` bytes or the stream ends, each piece counted (`_hold`), within
+        ``body_timeout`` (read(n) returns what has arrived, up to n bytes: a large body comes in several pieces)."""
         with self._deadlines.within(self._config.body_timeout):
-            while len(body) <= limit and (piece := await request.content.read(limit + 1 - len(body))):
+            while len(body) < size and (piece := await request.content.read(size - len(body))):
                 self._hold(held, len(piece))
                 body += piece
-        return None if len(body) > limit else bytes(body)
 
     def _hold(self, held: _Held, size: int) -> None:
         """Count `size` more bytes of body for this request, or raise `_BufferFull` if they do not fit.
@@ -353,8 +354,7 @@ class Ingest:
 
     def _buffer_full(self) -> web.Response:
         detail = "the bodies of the requests under way fill this server's buffer; nothing was published"
-        retry = str(self._config.retry_after)
-        return _refused(503, "body-buffer-full", detail, headers={"Retry-After": retry})
+        return self._unavailable(detail, {}, code="body-buffer-full")
 
     def _unavailable(self, detail: str, context: Mapping[str, object], code: str = "kafka-unavailable") -> web.Response:
         retry = str(self._config.retry_after)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from daemon.kafka_certificate import kafka_certificate_end
-from daemon.key_pairs import CertificateEnd, load_pair, read_pem, validity
+from daemon.key_pairs import load_pair
 from daemon.settings import KafkaSettings, TopicSettings
 from topics.catalogue import TopicLayout
 from topics.errors import ConfigError
@@ -40,17 +39,6 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
         if kafka.sasl_password is not None:
             options["sasl_plain_password"] = kafka.sasl_password.get_secret_value()
     return options
-
-
-def client_certificate(kafka: KafkaSettings) -> CertificateEnd | None:
-    """When the Kafka client certificate (``kafka.ssl_certfile``) expires, and how that is said; None without one.
-    `ConfigError` naming the setting if it cannot be read. The daemon's renews at a reload
-    (`daemon.kafka_certificate`)."""
-    if kafka.ssl_certfile is None or kafka.security_protocol not in ("SSL", "SASL_SSL"):
-        return None
-    key = "kafka.ssl_certfile"
-    not_after = validity(read_pem(kafka.ssl_certfile, key), kafka.ssl_certfile, key)[2]
-    return kafka_certificate_end(kafka.ssl_certfile, not_after)
 
 
 def topic_layout(topics: TopicSettings) -> TopicLayout:

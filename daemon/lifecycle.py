@@ -623,9 +623,9 @@ def _status(
 ) -> dict[str, object]:
     """The daemon's state for `orderbus status`: per sink what the engine knows plus its lifetime counters; the
     ingest's Kafka gate, why its key store's last batch failed, until one is written again, and its listener's
-    connections against their limit (`gate`); with HTTPS, when the
-    webhook's certificate expires (`now`: the wall clock's time, by default), and the Kafka client's in use
-    (`kafka_certificate`); without the ingest, why the sinks' Kafka cannot be reached (`watch`)."""
+    connections against their limit (`gate`); with HTTPS, when the webhook's certificate expires (`now`: the wall
+    clock's time, by default), and the Kafka client's in use (`kafka_certificate`); without the ingest, why the
+    sinks' Kafka cannot be reached (`watch`)."""
 
     def count(metric: str, labels: dict[str, str]) -> int:
         return int(registry.get_sample_value(metric, labels) or 0)

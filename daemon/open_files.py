@@ -43,7 +43,7 @@ def needed(settings: Settings) -> tuple[int, str]:
 
 def ensure(
     need: int,
-    settings_said: str = "ingest.max_connections, sinks.*.max_in_flight",
+    settings_said: str,
     *,
     get: Callable[[int], Limits] = resource.getrlimit,
     set_limits: Callable[[int, Limits], None] = resource.setrlimit,

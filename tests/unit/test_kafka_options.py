@@ -11,7 +11,8 @@ import pytest
 from support import certificate, encrypted_key
 
 from daemon import cli
-from daemon.kafka_options import client_certificate, client_options
+from daemon.kafka_certificate import kafka_certificate
+from daemon.kafka_options import client_options
 from daemon.key_pairs import certificate_validity, text_time
 from daemon.settings import load_settings
 from topics.errors import ConfigError
@@ -140,8 +141,9 @@ def test_a_client_certificate_near_its_end_is_said_by_config_check(
     for name, value in env.items():
         no_orderbus_env.setenv(name, value)
     kafka = load_settings(None, env=env).kafka
-    end = client_certificate(kafka)
-    assert end is not None
+    renewable = kafka_certificate(kafka, client_options(kafka))
+    assert renewable is not None
+    end = renewable.end
     assert end.not_after == certificate_validity(short[0].read_text())[2]
     assert end.problem(end.not_after - 30 * 86400) is None
     assert end.problem(end.not_after + 1) == (

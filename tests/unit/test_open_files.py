@@ -48,17 +48,22 @@ def test_the_need_is_the_listener_the_sinks_and_the_reserve(no_orderbus_env: pyt
 
 def test_a_soft_limit_below_the_need_is_raised_to_it() -> None:
     limits = Limits(1024, 524_288)
-    assert open_files.ensure(2048, get=limits.get, set_limits=limits.set_limits) == (1024, 524_288)
+    assert open_files.ensure(2048, "ingest.max_connections", get=limits.get, set_limits=limits.set_limits) == (
+        1024,
+        524_288,
+    )
     assert limits.set == [(2048, 524_288)]
 
 
 def test_a_limit_that_suffices_is_left_alone() -> None:
     for soft, hard in ((4096, 4096), (resource.RLIM_INFINITY, resource.RLIM_INFINITY)):
         limits = Limits(soft, hard)
-        assert open_files.ensure(2048, get=limits.get, set_limits=limits.set_limits) is None
+        assert open_files.ensure(2048, "ingest.max_connections", get=limits.get, set_limits=limits.set_limits) is None
         assert limits.set == []
     unlimited_hard = Limits(1024, resource.RLIM_INFINITY)
-    assert open_files.ensure(2048, get=unlimited_hard.get, set_limits=unlimited_hard.set_limits) == (
+    assert open_files.ensure(
+        2048, "ingest.max_connections", get=unlimited_hard.get, set_limits=unlimited_hard.set_limits
+    ) == (
         1024,
         resource.RLIM_INFINITY,
     )
@@ -67,7 +72,9 @@ def test_a_limit_that_suffices_is_left_alone() -> None:
 def test_a_hard_limit_below_the_need_names_the_settings_and_the_limit() -> None:
     limits = Limits(1024, 1024)
     with pytest.raises(ConfigError) as caught:
-        open_files.ensure(2048, get=limits.get, set_limits=limits.set_limits)
+        open_files.ensure(
+            2048, "ingest.max_connections, sinks.*.max_in_flight", get=limits.get, set_limits=limits.set_limits
+        )
     message = str(caught.value)
     assert message.startswith("ingest.max_connections, sinks.*.max_in_flight: the daemon may hold 2048")
     assert "may open 1024" in message

@@ -18,7 +18,8 @@ from consumers.engine import SinkEngine, lost_broker
 from daemon.app import build_app
 from daemon.connection_gate import ConnectionGate
 from daemon.ingest_keys import SqliteIngestKeyStore
-from daemon.kafka_options import client_certificate
+from daemon.kafka_certificate import kafka_certificate
+from daemon.kafka_options import client_options
 from daemon.lifecycle import _degraded, _reasons, _status
 from daemon.publisher import KafkaPublisher
 from daemon.settings import load_settings
@@ -118,9 +119,11 @@ def test_the_webhooks_certificate_is_in_the_status_document_and_said_louder_as_i
 def test_the_kafka_client_certificate_is_in_the_status_document(tmp_path: Path) -> None:
     cert, key = certificate(tmp_path, "kafka-client", days=30)
     env = {"SECURITY_PROTOCOL": "SSL", "SSL_CERTFILE": str(cert), "SSL_KEYFILE": str(key)}
-    kafka = client_certificate(load_settings(None, env={f"ORDERBUS_KAFKA__{k}": v for k, v in env.items()}).kafka)
-    assert kafka is not None
-    cert.unlink()  # read at start: the status document does not read it again
+    settings = load_settings(None, env={f"ORDERBUS_KAFKA__{k}": v for k, v in env.items()}).kafka
+    renewable = kafka_certificate(settings, client_options(settings))
+    assert renewable is not None
+    kafka = renewable.end
+    cert.unlink()  # read when loaded (or reloaded): the status document does not read the file
     document = _status(None, None, {}, CollectorRegistry(), now=kafka.not_after - 20 * 86400, kafka_certificate=kafka)
     assert document["kafka_certificate"] == {
         "certfile": str(cert),
