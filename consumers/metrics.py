@@ -84,7 +84,8 @@ class EngineMetrics:
         )
         self.orders_retention = Gauge(
             "orderbus_orders_retention_seconds",
-            "How long the orders topic keeps a record, as topics.orders_retention_hours says (topics apply: drift)",
+            "How long the orders topic keeps a record: its retention.ms, as its brokers say (until read, "
+            "topics.orders_retention_hours)",
             registry=registry,
         )
         self.commits = Counter("orderbus_commits", "Offset commits made", ["sink"], registry=registry)

@@ -69,7 +69,8 @@ from daemon.signature import WebhookVerifier
 from daemon.sinks import build_auth, build_sink, engine_config
 from daemon.status import problems
 from daemon.tls_listener import ServerTls, server_tls
-from topics.admin import missing_topics, partition_counts
+from daemon.topic_retention import RetentionWatch
+from topics.admin import missing_topics, partition_counts, topic_configs
 from topics.broker_diagnosis import Diagnose, diagnose
 from topics.catalogue import dlq_topic, orders_topic, replay_topic
 from topics.errors import BrokerError, ConfigError, NotYetError
@@ -295,14 +296,23 @@ async def _open_sinks(
     stack.push_async_callback(stop_producer, producer, DEAD_LETTER_CLOSE_GRACE, "dead letters")
     dead_letters = KafkaDeadLetterWriter(producer, prefix=settings.topics.prefix)
     membership = Membership(settings.kafka.group_instance_id, settings.kafka.session_timeout)  # every sink's
-    metrics.orders_retention.set(settings.topics.orders_retention_hours * 3600)  # what the backlog's age is held to
+    # What the backlog's age is held to: the orders topic's retention as its brokers say, the setting until then.
+    orders = orders_topic(settings.topics.prefix)
+    retention = RetentionWatch(
+        orders,
+        functools.partial(_configs_of, orders, options, settings.kafka.request_timeout),
+        metrics.orders_retention.set,
+        settings.topics.orders_retention_hours * 3600,
+        SystemClock(),
+    )
+    stack.push_async_callback(cancel_and_wait, asyncio.create_task(retention.run(), name="orders-retention"))
     engines: dict[str, SinkEngine] = {}
     for name, sink_settings in enabled.items():
         engines[name] = await stack.enter_async_context(
             open_sink(
                 build_sink(name, sink_settings),
                 client_options=options,
-                topic=orders_topic(settings.topics.prefix),
+                topic=orders,
                 prefix=settings.topics.prefix,
                 dedup_path=dedup_path(settings.state_dir, name),
                 dead_letters=dead_letters,
@@ -404,6 +414,11 @@ async def check_topics(settings: Settings, options: Mapping[str, Any], diagnosis
             f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
             f"{'do' if len(missing) > 1 else 'does'} not exist: run `orderbus topics apply` with these settings"
         )
+
+
+async def _configs_of(topic: str, options: Mapping[str, Any], timeout: float) -> Mapping[str, str | None]:
+    """`topic`'s configs as its brokers apply them (empty if it is not described)."""
+    return (await topic_configs([topic], options, timeout=timeout)).get(topic, {})
 
 
 async def replay_partition_notes(settings: Settings, options: Mapping[str, Any]) -> list[str]:

@@ -186,6 +186,8 @@ async def _configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, di
     result: dict[str, dict[str, str]] = {}
     for response in await admin.describe_configs(resources):
         for resource in response.to_object()["resources"]:
+            if resource["error_code"] != 0:  # not described (no such topic, not authorized): absent
+                continue
             entries = resource["config_entries"]
             result[resource["resource_name"]] = {
                 entry.get("config_name", entry.get("config_names")): entry["config_value"] for entry in entries
@@ -259,6 +261,21 @@ async def partition_counts(
         return await _partition_counts(admin, listed) if listed else {}
     except KafkaError as exc:
         raise BrokerError(f"cannot describe topics {', '.join(names)}: {exc!r}") from exc
+    finally:
+        await admin.close()
+
+
+async def topic_configs(
+    names: Sequence[str], client_options: Mapping[str, Any], *, timeout: float = 30.0
+) -> dict[str, dict[str, str]]:
+    """Each of `names`' configs as its brokers apply them, the defaults included (absent: not described). A
+    DescribeConfigs request names topics without creating any."""
+    admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
+    try:
+        await admin.start()
+        return await _configs(admin, list(names))
+    except KafkaError as exc:
+        raise BrokerError(f"cannot describe the configs of {', '.join(names)}: {exc!r}") from exc
     finally:
         await admin.close()
 

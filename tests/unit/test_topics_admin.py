@@ -152,10 +152,14 @@ class Cluster:
             self.grown[name] = self.topics[name] = spec.total_count
 
     async def describe_configs(self, resources: list[Any]) -> list[SimpleNamespace]:
+        # As a broker answers: each resource asked for, with an error code (3: no such topic) and no entries then.
         described = [
-            {"resource_name": r.name, "config_entries": [{"config_name": k, "config_value": v} for k, v in c.items()]}
+            {
+                "resource_name": r.name,
+                "error_code": 0 if (c := self.configs.get(r.name)) is not None else 3,
+                "config_entries": [{"config_name": k, "config_value": v} for k, v in (c or {}).items()],
+            }
             for r in resources
-            if (c := self.configs.get(r.name)) is not None
         ]
         return [SimpleNamespace(to_object=lambda: {"resources": described})]
 
