@@ -579,8 +579,24 @@ def _reload_certificate(tls: _Renewable, now: float) -> None:
     except Exception:  # a bug: said with its traceback, and the next SIGHUP is still heard
         log.exception("certificate reload failed, the one in use stays", extra=fields)
     else:
-        log.info("certificate reloaded" if changed else "certificate unchanged", extra=fields)
+        if changed:
+            log.info("certificate reloaded", extra=fields)
+        elif _is_credential(tls.cert_file):
+            # systemd copies LoadCredential= files once, at the service's start: a reload reads the same copies.
+            log.info(
+                "certificate unchanged: it is a systemd credential, copied when the service started; after a "
+                "renewal, restart the service (systemctl restart orderbus; nothing is lost)",
+                extra=fields,
+            )
+        else:
+            log.info("certificate unchanged", extra=fields)
     tls.end.say(now)
+
+
+def _is_credential(path: Path) -> bool:
+    """Whether `path` is in the systemd credentials directory of this service (``$CREDENTIALS_DIRECTORY``)."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    return bool(credentials) and Path(os.path.abspath(path)).is_relative_to(os.path.abspath(credentials or ""))
 
 
 def _restart_needed(old: Settings, new: Settings) -> list[str]:

@@ -250,6 +250,15 @@ async def test_the_listener_speaks_https_and_a_reload_renews_its_certificate(
             assert await peer_certificate(port, pairs["b"][0]) == _der(pairs["b"][0]), "a bad settings file as well"
             assert await peer_certificate(port, pairs["b"][0], "orders.example.test") == _der(pairs["b"][0]), "SNI"
             await sighup(settings, "certificate unchanged")
+            monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(renewed[0].parent))  # the pair as systemd credentials
+            await sighup(
+                settings,
+                "certificate unchanged: it is a systemd credential, copied when the service started; after a "
+                "renewal, restart the service (systemctl restart orderbus; nothing is lost)",
+            )
+            monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(renewed[0].parent / "elsewhere"))
+            await sighup(settings, "certificate unchanged")
+            monkeypatch.delenv("CREDENTIALS_DIRECTORY")
 
             shutil.copy(pairs["a"][0], renewed[0])  # half renewed: a's certificate beside b's key
             refused = await sighup(settings, "certificate reload refused, the one in use stays")
