@@ -50,7 +50,7 @@ def retention_of(configs: Mapping[str, str | None]) -> Retention | None:
 
 class RetentionWatch:
     """Keeps the gauge (`show`) at the topic's retention, read with `read` (the topic's configs; `BrokerError` when
-    the brokers do not answer), and says where it leaves the setting (`setting`, seconds)."""
+    the brokers do not answer or describe it), and says where it leaves the setting (`setting`, seconds)."""
 
     def __init__(
         self,
@@ -62,6 +62,7 @@ class RetentionWatch:
     ) -> None:
         self._topic, self._read, self._show, self._setting, self._clock = topic, read, show, setting, clock
         self._said: set[tuple[str, float | int | None]] = set()  # what was logged, so that it is said once
+        self._shown = setting
         show(setting)
 
     async def run(self) -> None:
@@ -74,12 +75,20 @@ class RetentionWatch:
         """One reading: the gauge set to the topic's retention, and what differs said (once); None if unread."""
         try:
             retention = retention_of(await self._read())
-        except BrokerError as exc:  # said by the sinks' own health; the gauge keeps what it had
-            log.debug("orders topic retention not read", extra={"topic": self._topic, "error": str(exc)})
+        except BrokerError as exc:  # the gauge keeps what it had; said once (an unreachable Kafka, the sinks say)
+            level = logging.WARNING if self._first(("unread", None)) else logging.DEBUG
+            log.log(
+                level,
+                "the orders topic's retention could not be read (%s): OrderbusBacklogNearRetention stays held to %s "
+                "until it is; a principal without DescribeConfigs on the topic needs it granted",
+                exc,
+                _hours(self._shown),
+            )
             return None
         if retention is None:
             log.debug("orders topic retention not described", extra={"topic": self._topic})
             return None
+        self._shown = retention.seconds
         self._show(retention.seconds)
         if not math.isclose(retention.seconds, self._setting) and self._first(("seconds", retention.seconds)):
             log.warning(

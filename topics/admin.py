@@ -20,7 +20,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import InvalidPartitionsError, KafkaError
+from aiokafka.errors import InvalidPartitionsError, KafkaError, for_code
 
 from topics.broker_diagnosis import Diagnose, unreachable
 from topics.catalogue import TopicSpec
@@ -181,12 +181,18 @@ async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dic
     return {t["topic"]: len(t["partitions"]) for t in described if t.get("error_code", 0) == 0 and t["partitions"]}
 
 
-async def _configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+async def _configs(
+    admin: AIOKafkaAdminClient, names: list[str], errors: dict[str, int] | None = None
+) -> dict[str, dict[str, str]]:
+    """The configs of those of `names` the brokers describe; the error code of each they do not goes into `errors`
+    (no such topic, not authorized to describe its configs)."""
     resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
     result: dict[str, dict[str, str]] = {}
     for response in await admin.describe_configs(resources):
         for resource in response.to_object()["resources"]:
-            if resource["error_code"] != 0:  # not described (no such topic, not authorized): absent
+            if resource["error_code"] != 0:
+                if errors is not None:
+                    errors[resource["resource_name"]] = resource["error_code"]
                 continue
             entries = resource["config_entries"]
             result[resource["resource_name"]] = {
@@ -268,16 +274,21 @@ async def partition_counts(
 async def topic_configs(
     names: Sequence[str], client_options: Mapping[str, Any], *, timeout: float = 30.0
 ) -> dict[str, dict[str, str]]:
-    """Each of `names`' configs as its brokers apply them, the defaults included (absent: not described). A
-    DescribeConfigs request names topics without creating any."""
+    """Each of `names`' configs as its brokers apply them, the defaults included; `BrokerError` naming the error of
+    one they do not describe (no such topic, not authorized to). A DescribeConfigs request creates no topic."""
     admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
+    errors: dict[str, int] = {}
     try:
         await admin.start()
-        return await _configs(admin, list(names))
+        configs = await _configs(admin, list(names), errors)
     except KafkaError as exc:
         raise BrokerError(f"cannot describe the configs of {', '.join(names)}: {exc!r}") from exc
     finally:
         await admin.close()
+    if errors:
+        said = ", ".join(f"{name}: {for_code(code).__name__}" for name, code in errors.items())
+        raise BrokerError(f"the brokers did not describe the configs of {said}")
+    return configs
 
 
 async def partition_ids(topic: str, client_options: Mapping[str, Any], *, timeout: float = 30.0) -> list[int]:

@@ -14,6 +14,7 @@ from support import apply_topics, orders_of, running_daemon, sandbox_sinks, sett
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxProcess
 from topics.admin import topic_configs
+from topics.errors import BrokerError
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,13 @@ async def test_the_daemon_holds_the_backlog_to_the_topics_retention_and_says_whe
         await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
     finally:
         await admin.close()
-    assert (await topic_configs([topic, f"{unique_name}.no-such-topic"], options)).keys() == {topic}
+
+    async def altered() -> bool:  # the brokers apply an altered config a moment later
+        return (await topic_configs([topic], options))[topic]["retention.ms"] == str(HOURS * 3_600_000)
+
+    await until(altered)
+    with pytest.raises(BrokerError, match=r"configs of .*\.no-such-topic: UnknownTopicOrPartitionError$"):
+        await topic_configs([topic, f"{unique_name}.no-such-topic"], options)
 
     registry = CollectorRegistry()
     with caplog.at_level(logging.WARNING, "daemon.topic_retention"):

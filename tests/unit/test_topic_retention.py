@@ -61,7 +61,8 @@ async def test_the_gauge_holds_the_setting_until_the_topic_says_its_own_then_the
         assert await watch.look() == Retention(36 * 3600.0, None)
         assert shown[-1] == 36 * 3600.0
         await watch.look()  # the same difference again: not said again
-        topic.configs = None  # the brokers away: the gauge keeps the last answer
+        topic.configs = None  # the brokers away: the gauge keeps the last answer, which is said once
+        assert await watch.look() is None
         assert await watch.look() is None
         assert shown[-1] == 36 * 3600.0
         topic.configs = {"retention.ms": str(int(WEEK * 1000))}  # set to the setting's: nothing to say
@@ -74,6 +75,9 @@ async def test_the_gauge_holds_the_setting_until_the_topic_says_its_own_then_the
         "the orders topic orders keeps its records 36 h, topics.orders_retention_hours says 168 h: "
         "OrderbusBacklogNearRetention follows the topic; set the one that is wrong to the other (orderbus topics "
         "apply reports the difference as drift and changes no existing topic)",
+        "the orders topic's retention could not be read (cannot describe the configs of orders: "
+        "KafkaConnectionError): OrderbusBacklogNearRetention stays held to 36 h until it is; a principal without "
+        "DescribeConfigs on the topic needs it granted",
         "the orders topic orders keeps its records forever (retention.ms = -1), topics.orders_retention_hours says "
         "168 h: OrderbusBacklogNearRetention follows the topic; set the one that is wrong to the other (orderbus "
         "topics apply reports the difference as drift and changes no existing topic)",
