@@ -13,6 +13,8 @@ import sys
 import time
 from typing import TextIO
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from daemon.log_limit import RepeatLimit
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -108,12 +110,35 @@ QUIETED = {
 
 
 # aiokafka's loggers that say, at ERROR, every retry to reach a broker that is away (every 5 s of an outage: 17,000
-# lines a day). Once per message in `RECONNECT_INTERVAL`, the next one with the count of those left out: orderbus's
-# own events, /readyz and `orderbus_ready` say the outage already. By the names aiokafka's modules log under:
-# aiokafka.client logs as "aiokafka", and a filter on a logger sees only what is logged through it, not what its
-# children pass up (tests/unit/test_logs.py logs through the modules' own loggers).
-RECONNECTING = ("aiokafka", "aiokafka.conn")
+# lines a day), every failed fetch of each sink's consumer and every failed coordinator lookup (~200 lines in a
+# 14 s outage with three sinks). Once per message in `RECONNECT_INTERVAL`, the next one with the count of those left
+# out: orderbus's own events, /readyz and `orderbus_ready` say the outage already. By the names aiokafka's modules
+# log under: aiokafka.client logs as "aiokafka", and a filter on a logger sees only what is logged through it, not
+# what its children pass up (tests/unit/test_logs.py logs through the modules' own loggers).
+RECONNECTING = (
+    "aiokafka",
+    "aiokafka.conn",
+    "aiokafka.consumer.fetcher",
+    "aiokafka.consumer.group_coordinator",
+    "aiokafka.producer.sender",
+)
 RECONNECT_INTERVAL = 300.0
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp's server logs a request it cannot parse (a body longer than its Content-Length on a closing
+    connection, a broken chunked encoding) at ERROR with a traceback whose message quotes the bytes it choked on:
+    a webhook's order, names and addresses included. Such a record becomes one INFO line naming the error's kind;
+    the sender got aiohttp's 400. Everything else the server logs (a handler's bug, a 500) passes as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg, record.args = "malformed HTTP request refused (400): %s", (type(error).__name__,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
 
 
 def configure(level: str, stream: TextIO = sys.stderr, limit: RepeatLimit | None = None) -> None:
@@ -139,3 +164,4 @@ def configure(level: str, stream: TextIO = sys.stderr, limit: RepeatLimit | None
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), least))
     for name in RECONNECTING:
         logging.getLogger(name).filters[:] = [RepeatLimit(burst=1, interval=RECONNECT_INTERVAL)]
+    logging.getLogger("aiohttp.server").filters[:] = [MalformedRequests()]

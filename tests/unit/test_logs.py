@@ -20,6 +20,8 @@ import aiokafka.conn
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka.consumer import fetcher, group_coordinator
+from aiokafka.producer import sender
 from support import PERSONAL_TOKENS, personal_submission
 
 from daemon import logs
@@ -84,13 +86,14 @@ def test_kafkas_reconnection_errors_are_said_once_per_five_minutes_with_the_coun
     stream = io.StringIO()
     logs.configure("INFO", stream)
     # Through aiokafka's own loggers (aiokafka.client logs as "aiokafka"; one by its name was never limited).
-    for log in (aiokafka.client.log, aiokafka.conn.log):
+    # And each sink's fetcher and coordinator lookup (review: ~200 lines in a 14 s outage with three sinks).
+    loggers = (aiokafka.client.log, aiokafka.conn.log, fetcher.log, group_coordinator.log, sender.log)
+    for log in loggers:
         for _ in range(60):
             log.error('Unable connect to "%s:%s": %s', "kafka-1", 9092, f"refused to {log.name}")
     lines = events(stream)
     assert [line["msg"] for line in lines] == [
-        'Unable connect to "kafka-1:9092": refused to aiokafka',
-        'Unable connect to "kafka-1:9092": refused to aiokafka.conn',
+        f'Unable connect to "kafka-1:9092": refused to {log.name}' for log in loggers
     ]
     assert all("limited" in line for line in lines)
     logging.getLogger("orderbus.test").error("ours")
@@ -192,6 +195,34 @@ async def test_the_ingest_logs_every_answer_with_ids_and_never_personal_data(
             assert event["order"].startswith("SO-"), event
     [invalid_order] = [event for event in answered if event["status"] == 400]
     assert invalid_order["fields"] == 2
+
+
+@pytest.mark.parametrize("framing", ["longer-than-declared", "broken-chunk"])
+async def test_a_request_aiohttp_cannot_parse_is_one_info_line_without_the_bytes_it_choked_on(
+    json_logs: io.StringIO, signed_client: tuple[Client, Publisher], framing: str
+) -> None:
+    # Review (sender): aiohttp logged it at ERROR with a traceback quoting the body: names, e-mails, addresses.
+    client, _ = signed_client
+    body = personal_submission(7).model_dump_json().encode()
+    head = "POST /v1/orders HTTP/1.1\r\nHost: orders\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    if framing == "longer-than-declared":
+        raw = f"{head}Content-Length: {len(body) - 10}\r\n\r\n".encode() + body
+    else:
+        raw = f"{head}Transfer-Encoding: chunked\r\n\r\n10\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(raw)
+        answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request"), answer[:100]
+    lines = [event for event in events(json_logs) if event["logger"] == "aiohttp.server"]
+    assert lines == [{**lines[0], "level": "info", "msg": "malformed HTTP request refused (400): BadHttpMessage"}], (
+        "one line, at INFO, without a traceback"
+    )
+    assert "exc" not in json.dumps(lines[0])
+    for token in PERSONAL_TOKENS:
+        assert token.lower() not in json_logs.getvalue().lower(), token
 
 
 async def test_at_info_an_accepted_order_is_not_logged_and_a_refusal_is(
