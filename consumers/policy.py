@@ -4,7 +4,8 @@ A policy is an ordered tuple of `Rule`s; the first rule that covers a status dec
 brief's table::
 
     2xx                       done         "2xx"
-    409                       duplicate    "409-already-exists"
+    409 to a create (POST)    duplicate    "409-already-exists"
+    409 to an update, cancel  dead_letter  "409-conflict"
     409 with a Retry-After    retry        "409-in-progress"  (`IN_PROGRESS`, decided by the lane: a wait to keep)
     401, 403                  pause_auth   "auth"
     408, 425, 429, 5xx        retry        "temporary"
@@ -13,10 +14,10 @@ brief's table::
     timeout / connection      retry        "timeout" / "connection-error"   (`decide_failure`)
     request not sendable      dead_letter  "invalid-request"                (`decide_failure`)
 
-A sink's settings change single codes or whole classes with `with_overrides({"409": "dead_letter"})`, for every
-request or for one method (``"DELETE 409"``: a cancel the system refuses with 409, "already shipped", is not a
-duplicate). Overrides come before every existing rule, whatever the order of the mapping: a single code before a
-class, and the same key with a method before it without one.
+A sink's settings change single codes or whole classes with `with_overrides({"404": "duplicate"})`, for every
+request or for one method (``"PUT 409": "duplicate"``: a system whose 409 to an update means "no change").
+Overrides come before every existing rule, whatever the order of the mapping: a single code before a class, and
+the same key with a method before it without one.
 The rule name of each `Decision` is meant for logs, metrics and dead-letter headers: it is bounded and never
 contains data from the request.
 """
@@ -197,7 +198,10 @@ class ResponsePolicy:
 DEFAULT_POLICY: Final = ResponsePolicy(
     (
         Rule("2xx", "done", ((200, 299),)),
-        Rule("409-already-exists", "duplicate", (409,)),
+        # "Already exists" answers a create; to an update or a cancel a 409 is a conflict (a version, "already
+        # shipped"): counted as done, the change was lost without a trace, so it is a dead letter to look at.
+        Rule("409-already-exists", "duplicate", (409,), "POST"),
+        Rule("409-conflict", "dead_letter", (409,)),
         Rule("auth", "pause_auth", (401, 403)),
         Rule("temporary", "retry", (408, 425, 429, (500, 599))),
         Rule("bad-request", "dead_letter", ((400, 499),)),
