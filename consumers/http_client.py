@@ -336,7 +336,12 @@ class HttpClient:
             authority = f"[{host}]" if ":" in host else host
             if port != default:
                 authority = f"{authority}:{port}"
-            lines = f"Host: {authority}\r\nUser-Agent: {self._user_agent}\r\nAccept: {_ACCEPT}\r\n"
+            # Accept-Encoding: without it any coding is acceptable (RFC 9110 12.5.3), and this client inflates
+            # none: a gzip answer's downstream id was lost to the order's later updates and cancels.
+            lines = (
+                f"Host: {authority}\r\nUser-Agent: {self._user_agent}\r\nAccept: {_ACCEPT}\r\n"
+                "Accept-Encoding: identity\r\n"
+            )
             tls = self._ssl_context() if scheme == "https" else None
             origin = self._origins[scheme, host, port] = Origin(f"{scheme}://{authority}", host, port, tls, lines)
         return origin

@@ -197,7 +197,7 @@ async def test_request_head_is_written_as_documented(
     await client.request(method, f"{server.url}/a/b?c=1#fragment", body=body, headers={"X-Event-Id": "e-1"})
     port = server.url.rpartition(":")[2]
     head = f"{method} /a/b?c=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: orderbus\r\n".encode()
-    head += b"Accept: application/json\r\n"
+    head += b"Accept: application/json\r\nAccept-Encoding: identity\r\n"
     assert server.requests == [head + length + b"X-Event-Id: e-1\r\n\r\n" + (body or b"")]
 
 
