@@ -545,6 +545,8 @@ class SinkEngine:
 
     def _auth_changed(self, old: str, new: str) -> None:
         if new == "closed":  # the credentials work again: the lanes parked behind the pause start slowly too
+            # Said, so that whoever rotated the credentials sees it worked (the pause was an ERROR line).
+            log.info("downstream accepts our credentials again; sink resumed", extra={"sink": self.sink.name})
             self._context.ramp.begin()
 
     def _report(self) -> None:

@@ -648,15 +648,21 @@ async def test_a_credentials_probe_refused_again_pauses_the_sink_for_twice_as_lo
     assert started[2] - started[1] >= 60.0, "the refused probe doubled the pause"
 
 
-async def test_a_credentials_probe_answered_503_ends_the_pause(harness_factory: Callable[..., Harness]) -> None:
+async def test_a_credentials_probe_answered_503_ends_the_pause(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
     # A 503 says nothing against the credentials: the probe's answer closes the pause, and the record is retried.
     def script(request: HttpRequest, nth: int) -> Reply:
         return {1: answer(401), 2: answer(503)}.get(nth, ok())
 
     h = harness_factory({TP0: [record(0, "SO-0")]}, script, auth_pause=30.0)
-    await h.run_until(1, limit=600)
+    with caplog.at_level(logging.INFO, "consumers.engine"):
+        await h.run_until(1, limit=600)
     assert h.metric("orderbus_deliveries_total", outcome="delivered") == 1
     assert not h.engine.auth_paused
+    # Review (downstream owner): the pause was an ERROR line, its end nothing: did the rotated credentials work?
+    resumed = [r for r in caplog.records if r.getMessage() == "downstream accepts our credentials again; sink resumed"]
+    assert [getattr(r, "sink", None) for r in resumed] == ["crm"]
 
 
 async def test_buffer_stays_bounded_and_partitions_pause(harness_factory: Callable[..., Harness]) -> None:
