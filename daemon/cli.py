@@ -5,6 +5,7 @@
     orderbus config check FILE                validate a config file, print the effective settings (masked)
     orderbus topics apply [--config FILE]     create missing topics, report drift, delete nothing
     orderbus topics show [--config FILE]      print the newest records of the orders topic
+    orderbus topics acls [--config FILE] [--principal User:NAME]    kafka-acls.sh commands the daemon needs
     orderbus kafka fetch|start|stop|status|kill [--data-dir DIR]    the local Apache Kafka broker
     orderbus webhook sign [--config FILE] BODY                      Standard Webhooks headers for a body
     orderbus webhook check [--record] BODY                          a body against the order contract, offline
@@ -126,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(apply)
     apply.add_argument("--strict", action="store_true", help="exit 3 when drift is found")
     apply.set_defaults(func=_topics_apply)
+    acls = topics.add_parser("acls", help="print the kafka-acls.sh commands that grant the daemon what it needs")
+    _config_option(acls)
+    acls.add_argument(
+        "--principal", help="whom to grant them to (User:NAME); default User:<kafka.sasl_username> with SASL"
+    )
+    acls.set_defaults(func=_topics_acls)
     show = topics.add_parser("show", help="print the newest records of the orders topic")
     _config_option(show)
     show.add_argument("--limit", type=int, default=10)
@@ -481,6 +488,31 @@ def _topics_apply(args: argparse.Namespace) -> int:
     if report.drift:
         print("drift is reported, never changed: fix the topic or the settings by hand", file=sys.stderr)
         return 3 if args.strict else 0
+    return 0
+
+
+def _topics_acls(args: argparse.Namespace) -> int:
+    from topics.acls import daemon_acls, kafka_acls_command
+
+    settings = _operator_settings(args)
+    kafka = settings.kafka
+    principal = args.principal or (f"User:{kafka.sasl_username}" if kafka.sasl_username else None)
+    if principal is None:
+        raise ConfigError(
+            "--principal: whom to grant them to (User:NAME); without SASL, a client certificate's principal is its "
+            "subject as the brokers' ssl.principal.mapping.rules map it (User:CN=orderbus,... by default)"
+        )
+    sinks = list(settings.enabled_sinks())
+    acls = daemon_acls(settings.topics.prefix, sinks, ingest=settings.ingest.enabled)
+    parts = [*(["the ingest"] if settings.ingest.enabled else []), *(f"sink {name}" for name in sinks)]
+    if not acls:
+        print("# these settings enable neither the ingest nor a sink: the daemon needs no ACL")
+        return 0
+    print(f"# What the daemon of these settings ({', '.join(parts)}) needs, for {principal}; run as a Kafka admin")
+    print("# (--command-config FILE with the admin's credentials). Before Kafka 3.0, the ingest's idempotent producer")
+    print(f"# also needs: --add --allow-principal {principal} --operation IdempotentWrite --cluster")
+    for acl in acls:
+        print(f"{kafka_acls_command(acl, principal, kafka.bootstrap_servers)}   # {acl.why}")
     return 0
 
 

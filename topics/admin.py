@@ -21,12 +21,14 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import InvalidPartitionsError, KafkaError, for_code
+from aiokafka.protocol.metadata import MetadataRequest
 
 from topics.broker_diagnosis import Diagnose, unreachable
 from topics.catalogue import TopicSpec
-from topics.errors import BrokerError
+from topics.errors import BrokerError, NotYetError
 
 _TOPIC_ALREADY_EXISTS = 36
+_TOPIC_AUTHORIZATION_FAILED = 29
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,17 +227,43 @@ async def missing_topics(
     admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
     try:
         await admin.start()
-        return await _unlisted(admin, names)
+        missing = await _unlisted(admin, names)
+        hidden = await _hidden(admin, missing) if missing else []
     except KafkaError as exc:
         raise BrokerError(await unreachable("list topics", client_options, exc, diagnosis)) from exc
     finally:
         await admin.close()
+    if hidden:
+        raise NotYetError(
+            f"the brokers do not let {principal_of(client_options)} see topic{'s' if len(hidden) > 1 else ''} "
+            f"{', '.join(hidden)} (TopicAuthorizationFailedError: not authorized to describe; they may well exist): "
+            "grant it what `orderbus topics acls` prints for these settings"
+        )
+    return missing
 
 
 async def _unlisted(admin: AIOKafkaAdminClient, names: Sequence[str]) -> list[str]:
     """Those of `names` a listing of every topic lacks, in their order."""
     existing = set(await admin.list_topics())
     return [name for name in names if name not in existing]
+
+
+async def _hidden(admin: AIOKafkaAdminClient, names: Sequence[str]) -> list[str]:
+    """Those of `names` (unlisted) the brokers do not let this principal describe: a listing leaves them out as if
+    they did not exist. Asked by name without auto-creation (Metadata v4 and later), so that none is created."""
+    request = MetadataRequest(list(names), allow_auto_topic_creation=False)
+    answer = await admin._send_request(request)
+    refused = {t["topic"] for t in answer.to_object()["topics"] if t["error_code"] == _TOPIC_AUTHORIZATION_FAILED}
+    return [name for name in names if name in refused]
+
+
+def principal_of(client_options: Mapping[str, Any]) -> str:
+    """Who the brokers take these clients for, as far as the settings say: the SASL user, else the certificate."""
+    if user := client_options.get("sasl_plain_username"):
+        return f"this daemon's principal (User:{user})"
+    if client_options.get("security_protocol") in ("SSL", "SASL_SSL"):
+        return "this daemon's principal (its client certificate's subject)"
+    return "this daemon's principal"
 
 
 async def group_offsets(

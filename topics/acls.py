@@ -1,0 +1,64 @@
+"""The Kafka ACLs a daemon needs on a cluster that authorizes its clients, as data.
+
+`orderbus topics acls` prints them as kafka-acls.sh commands for the settings at hand (the prefix, whether the
+ingest runs, which sinks); the errors of a daemon that a broker refuses point there. Each grant is the least its
+part needs, checked against a real broker with Kafka's StandardAuthorizer (tests/integration/test_kafka_acls.py):
+
+- the ingest: Write on the orders topic (with Kafka 3.0 and later, Write on a topic also allows the idempotent
+  producer's InitProducerId; older brokers want IdempotentWrite on the cluster as well);
+- each sink: Read on the orders topic and on its replay topic, Write on its dead-letter topic, Read on its
+  consumer group; and DescribeConfigs on the orders topic, whose retention the backlog alert is held to
+  (`daemon.topic_retention`).
+
+Read and Write imply Describe, which lists a topic: a topic the principal may not describe is left out of a
+listing as if it did not exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from topics.catalogue import consumer_group, dlq_topic, orders_topic, replay_topic
+
+__all__ = ["Acl", "daemon_acls", "kafka_acls_command"]
+
+
+@dataclass(frozen=True, slots=True)
+class Acl:
+    """Allow `operations` (as kafka-acls.sh names them: Read, Write, DescribeConfigs) on one topic or group."""
+
+    resource: Literal["topic", "group"]
+    name: str
+    operations: tuple[str, ...]
+    why: str
+
+
+def daemon_acls(prefix: str, sinks: Sequence[str], *, ingest: bool) -> list[Acl]:
+    """What a daemon with these parts needs, each resource once, in the catalogue's order."""
+    orders: list[str] = []
+    whys: list[str] = []
+    if ingest:
+        orders.append("Write")
+        whys.append("the ingest publishes orders")
+    if sinks:
+        orders += ["Read", "DescribeConfigs"]
+        whys.append("the sinks read orders and its retention")
+    acls = [Acl("topic", orders_topic(prefix), tuple(orders), "; ".join(whys))] if orders else []
+    for sink in sinks:
+        acls += [
+            Acl("topic", dlq_topic(sink, prefix), ("Write",), f"sink {sink} writes its dead letters"),
+            Acl("topic", replay_topic(sink, prefix), ("Read",), f"sink {sink} reads its replayed dead letters"),
+            Acl("group", consumer_group(sink, prefix), ("Read",), f"sink {sink}'s consumer group"),
+        ]
+    return acls
+
+
+def kafka_acls_command(acl: Acl, principal: str, bootstrap: str) -> str:
+    """The kafka-acls.sh line that grants `acl` to `principal` (``User:orderbus``)."""
+    operations = " ".join(f"--operation {operation}" for operation in acl.operations)
+    return (
+        f"kafka-acls.sh --bootstrap-server {bootstrap} --add --allow-principal {principal} {operations} "
+        f"--{acl.resource} {acl.name}"
+    )
