@@ -48,6 +48,7 @@ from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
 from consumers.unreadable import Skips, coordination_ended
 from consumers.work import TopicPartitionKey, Work, make_work
+from topics.acls import refusal
 from topics.catalogue import consumer_group
 from topics.errors import BrokerError, StoreError
 
@@ -58,6 +59,8 @@ _DECODE_SLICE = 100  # records decoded between two turns of the event loop (see 
 _REPORT_INTERVAL = 0.1
 _RESUME_AT = 0.8  # partitions paused for a full buffer resume once it is down to this share of `max_buffered`
 _FETCH_SLACK = 1.0  # a fetch with no answer this long after its `fetch_wait` is cut off (see `_fetch`)
+# Seconds between two fetches while the brokers refuse this sink's principal (`refused`): a grant comes in minutes.
+_REFUSED_WAIT = 5.0
 # At a stop, the records answered within the grace period get at least this long to be made durable.
 SETTLE_FLOOR = 1.0
 
@@ -132,6 +135,7 @@ class SinkEngine:
         self._dispatching: asyncio.Task[None] | None = None
         self._in_dispatch = 0  # records of the batch being dispatched: counted against `max_buffered`
         self._moves: list[tuple[TopicPartitionKey, Move, int]] = []  # (partition, move, epoch): `_skip_moved`
+        self._refused: dict[str, str] = {}  # what the brokers refused this sink's principal, by "fetch" / "commit"
         self._epochs: dict[TopicPartitionKey, int] = {}  # per partition, how many times it was revoked
         self._next_report = 0.0
         self._throttled_reported = 0.0
@@ -298,9 +302,13 @@ class SinkEngine:
                     "fetch any more, and a restart makes a new one (two instances under one "
                     "kafka.group_instance_id end each other's so)"
                 ) from exc
+            if self._refuse("fetch", exc):
+                await self._clock.sleep(_REFUSED_WAIT)
+                return [], {}
             log.warning("fetch failed, retrying", extra={"sink": self.sink.name, "error": repr(exc)})
             await self._clock.sleep(self.config.fetch_wait)
             return [], {}
+        self._allowed("fetch")
         self._moves.extend((tp, move, epochs_before.get(tp, 0)) for tp, move in self._consumer.moved().items())
         epochs = {tp: self._epochs.get(tp, 0) for tp in batch}
         works = []
@@ -408,9 +416,12 @@ class SinkEngine:
                 await self._consumer.commit(offsets)
         except (KafkaError, TimeoutError) as exc:
             self._metrics.commit_failures.labels(self.sink.name).inc()
+            if self._refuse("commit", exc):
+                return
             error = repr(exc) if isinstance(exc, KafkaError) else f"no answer within {self.config.commit_timeout:g} s"
             log.warning("commit failed, will retry", extra={"sink": self.sink.name, "error": error})
             return
+        self._allowed("commit")
         # Step 4.
         self._offsets.mark_committed(offsets)
         self._metrics.commits.labels(self.sink.name).inc()
@@ -589,6 +600,26 @@ class SinkEngine:
         """The group has assigned this instance its partitions once, none included: with more instances than
         partitions, or during a rebalance, an instance without partitions is a member waiting for work."""
         return self._joined
+
+    @property
+    def refused(self) -> str | None:
+        """What the brokers refuse this sink's principal (an ACL missing: its group, a topic), or None."""
+        return next(iter(self._refused.values()), None)
+
+    def _refuse(self, step: str, error: BaseException) -> bool:
+        """Whether `error` is an authorization refusal of `step` ("fetch", "commit"); said at WARNING when it is
+        new (not at every retry: a grant takes minutes, and the sink's readiness says it meanwhile)."""
+        why = refusal(error)
+        if why is None:
+            return False
+        if self._refused.get(step) != why:
+            log.warning("kafka refuses this sink's %s: %s", step, why, extra={"sink": self.sink.name})
+        self._refused[step] = why
+        return True
+
+    def _allowed(self, step: str) -> None:
+        if self._refused.pop(step, None) is not None:
+            log.info("kafka allows this sink's %s again", step, extra={"sink": self.sink.name})
 
     @property
     def membership_problem(self) -> str | None:

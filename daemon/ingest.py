@@ -48,7 +48,7 @@ from consumers.deadlines import Deadlines
 from daemon.ingest_keys import Busy, Claim, Claimed, Conflict, IngestKeyStore, Replay, body_sha256
 from daemon.ingest_metrics import IngestMetrics
 from daemon.problems import problem
-from daemon.publisher import BrokerUnavailable, Published, Publisher, PublishPending
+from daemon.publisher import BrokerUnavailable, Published, Publisher, PublishPending, PublishRefused
 from daemon.signature import SignatureError, WebhookVerifier
 from topics.codec import encode, parse_submission
 from topics.envelope import OrderSubmission, to_event
@@ -299,7 +299,7 @@ class Ingest:
         except (BrokerUnavailable, PublishError) as exc:
             if key is not None:
                 await self._keys.release(key)
-            said = str(exc) if isinstance(exc, BrokerUnavailable) else "kafka is unreachable"
+            said = str(exc) if isinstance(exc, BrokerUnavailable | PublishRefused) else "kafka is unreachable"
             return self._unavailable(f"{said}; nothing was published", {**ids, "error": str(exc)})
         except BaseException:  # a bug (500) or a cancellation: the key must not stay held by a request that ended
             if key is not None:

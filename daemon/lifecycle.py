@@ -70,6 +70,7 @@ from daemon.sinks import build_auth, build_sink, engine_config
 from daemon.status import problems
 from daemon.tls_listener import ServerTls, server_tls
 from daemon.topic_retention import RetentionWatch
+from topics.acls import refusal
 from topics.admin import missing_topics, partition_counts, topic_configs
 from topics.broker_diagnosis import Diagnose, diagnose
 from topics.catalogue import dlq_topic, orders_topic, replay_topic
@@ -289,7 +290,7 @@ async def _open_sinks(
         await producer.start()
     except KafkaError as exc:
         await producer.stop()
-        raise BrokerError(f"cannot start the dead-letter producer: {exc!r}") from exc
+        raise BrokerError(f"cannot start the dead-letter producer: {refusal(exc) or repr(exc)}") from exc
     keep_metadata_synchronizer(producer.client, "dead letters")
     abandoned_commits.install(asyncio.get_running_loop())  # a commit past its deadline: one line, no traceback
     # The sinks have waited for their dead letters' acks before committing: what is pending now was given up on.
@@ -674,6 +675,7 @@ def _status(
         ingest = {
             "kafka_available": publisher.available,
             "kafka_unreachable": publisher.unreachable,
+            "kafka_refused": publisher.refused,
             "topic_missing": publisher.topic_missing,
             "key_store_error": keys.failing,
         }
@@ -764,6 +766,8 @@ def _reasons(
     reasons: dict[str, str] = {}
     if publisher is not None and publisher.topic_missing:
         reasons["ingest"] = publisher.topic_missing
+    elif publisher is not None and publisher.refused:  # which grant: /status and the log (as for the cause below)
+        reasons["ingest"] = "kafka refuses the ingest's records (an ACL): it cannot publish; orderbus status says which"
     elif publisher is not None and not publisher.available:
         # Not why (`publisher.unreachable`): /readyz is on the webhook's listener too, and the cause names the
         # brokers and their security; /status and the log say it.
@@ -773,7 +777,9 @@ def _reasons(
         keys.recheck()  # a flush that writes a row: written, the next probe finds the ingest ready
     for name, engine in engines.items():
         silence = engine.kafka_silence
-        if not engine.joined:  # not `assigned == 0`: every member has none during a rebalance, a spare one always
+        if refused := engine.refused:  # an ACL missing: not "joining" nor "unreachable", nor ready
+            reasons[f"sink.{name}"] = refused
+        elif not engine.joined:  # not `assigned == 0`: every member has none during a rebalance, a spare one always
             # Out of it for long, a static member says its name may be another instance's too.
             reasons[f"sink.{name}"] = engine.membership_problem or "joining its consumer group (or kafka unreachable)"
         elif engine.kafka_silent:

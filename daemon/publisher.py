@@ -37,6 +37,7 @@ from consumers.deadlines import Deadlines
 from consumers.kafka_close import sender_task, stop_producer
 from consumers.kafka_io import guard_connection_writes, keep_metadata_synchronizer
 from daemon.kafka_watch import Diagnosis
+from topics.acls import refusal
 from topics.broker_diagnosis import cause
 from topics.codec import EncodedRecord
 from topics.errors import BrokerError, ConfigError, PublishError
@@ -58,6 +59,14 @@ CLOSE_GRACE: Final = 10.0
 
 class BrokerUnavailable(BrokerError):
     """The broker is known to be unreachable; nothing was handed to the producer."""
+
+
+class PublishRefused(PublishError):
+    """The brokers refused the record for an authorization (an ACL missing: Write on the orders topic); nothing was
+    stored. Its text is for the webhook's sender; `KafkaPublisher.refused` says which grant, for the operator."""
+
+    def __init__(self) -> None:
+        super().__init__("kafka does not let this server publish orders (its operators are told why)")
 
 
 class PublishPending(PublishError):
@@ -123,6 +132,7 @@ class KafkaPublisher:
         self._topic_missing: str | None = None
         self._diagnosis = diagnosis
         self._unreachable: str | None = None
+        self._refused: str | None = None
 
     @property
     def available(self) -> bool:
@@ -133,6 +143,12 @@ class KafkaPublisher:
         """Why Kafka cannot be reached, while it cannot and the cause is known: the credentials, a certificate, the
         protocol, a refused connection (`diagnosis`); None while it can, or nobody could say."""
         return None if self._available else self._unreachable
+
+    @property
+    def refused(self) -> str | None:
+        """What the brokers refuse the ingest's principal (`topics.acls.refusal`), from the last publish or start;
+        None once a record is stored again."""
+        return self._refused
 
     @property
     def topic_missing(self) -> str | None:
@@ -147,7 +163,10 @@ class KafkaPublisher:
             self._available = True
         except (KafkaError, BrokerError) as exc:
             why = await self._note_unreachable(exc)
-            log.warning("kafka unreachable at start, ingest answers 503 until it is back: %s", why)
+            if self._refused is not None:
+                log.warning("kafka refuses the ingest at start, it answers 503 until it is let: %s", why)
+            else:
+                log.warning("kafka unreachable at start, ingest answers 503 until it is back: %s", why)
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
         except ConfigError:  # said by `_check_topic`
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
@@ -191,6 +210,7 @@ class KafkaPublisher:
                         self._topic, value=record.value, key=record.key, headers=record.headers
                     )
                 except KafkaError as exc:
+                    self._note_refusal(exc)
                     raise PublishError(f"kafka refused the record: {exc!r}") from exc
                 if not sent.done():
                     woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -213,7 +233,12 @@ class KafkaPublisher:
         if exc is not None:
             # Not only KafkaError: a producer whose sender task died fails every pending record with that task's
             # error. Either way the record may not be on the topic, and the caller must be free to publish it again.
+            if self._note_refusal(exc):
+                raise PublishRefused from exc
             raise PublishError(f"kafka did not store the record: {exc!r}") from exc
+        if self._refused is not None:
+            log.info("kafka stores the ingest's records again")
+            self._refused = None
         if not self._available:
             # A late publish was acknowledged: the broker is back, before the probe's next (backed-off) try.
             self._reopen()
@@ -323,9 +348,24 @@ class KafkaPublisher:
 
     async def _note_unreachable(self, exc: KafkaError | BrokerError) -> str:
         """Keep, for `unreachable`, and return why the broker could not be reached: `exc`, or for a failed bootstrap
-        what `diagnosis` says. A `BrokerError` of the topic check carries it already (`topics.admin`)."""
-        self._unreachable = str(exc) if isinstance(exc, BrokerError) else await cause(exc, self._diagnosis)
+        what `diagnosis` says. A `BrokerError` of the topic check carries it already (`topics.admin`). A refusal
+        (an ACL missing) is kept as `refused` too."""
+        if self._note_refusal(exc):
+            assert self._refused is not None
+            self._unreachable = self._refused
+        else:
+            self._unreachable = str(exc) if isinstance(exc, BrokerError) else await cause(exc, self._diagnosis)
         return self._unreachable
+
+    def _note_refusal(self, exc: BaseException) -> bool:
+        """Whether `exc` is an authorization refusal; kept as `refused`, and said at WARNING when it is new."""
+        why = refusal(exc)
+        if why is None:
+            return False
+        if why != self._refused:
+            log.warning("kafka refuses the ingest's records: %s", why)
+        self._refused = why
+        return True
 
     async def _dropped_if_dead(self) -> bool:
         """Close and forget a producer whose sender task has died; True if it had.

@@ -159,6 +159,8 @@ def render_status(document: dict[str, Any]) -> str:
     if ingest is not None:
         if ingest.get("topic_missing"):
             line = f"ingest: TOPIC MISSING: {ingest['topic_missing']}"
+        elif ingest.get("kafka_refused"):
+            line = f"ingest: KAFKA REFUSES: {ingest['kafka_refused']}"
         else:
             line = f"ingest: {'publishing' if ingest.get('kafka_available') else 'KAFKA UNREACHABLE'}"
             if not ingest.get("kafka_available") and ingest.get("kafka_unreachable"):

@@ -16,13 +16,21 @@ listing as if it did not exist.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
+
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    TopicAuthorizationFailedError,
+)
 
 from topics.catalogue import consumer_group, dlq_topic, orders_topic, replay_topic
 
-__all__ = ["Acl", "daemon_acls", "kafka_acls_command"]
+__all__ = ["GRANT", "Acl", "daemon_acls", "kafka_acls_command", "refusal"]
+
+GRANT: Final = "grant it what `orderbus topics acls` prints for these settings"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +70,28 @@ def kafka_acls_command(acl: Acl, principal: str, bootstrap: str) -> str:
         f"kafka-acls.sh --bootstrap-server {bootstrap} --add --allow-principal {principal} {operations} "
         f"--{acl.resource} {acl.name}"
     )
+
+
+def refusal(error: BaseException) -> str | None:
+    """What a broker's authorization refusal `error` says the daemon's principal may not do, with where the grants
+    are; None for any other error."""
+    kind = type(error).__name__
+    if isinstance(error, GroupAuthorizationFailedError):
+        return f"kafka does not let this daemon's principal use {_named(error, 'consumer group')} ({kind}): {GRANT}"
+    if isinstance(error, TopicAuthorizationFailedError):
+        return f"kafka does not let this daemon's principal use {_named(error, 'topic')} ({kind}): {GRANT}"
+    if isinstance(error, ClusterAuthorizationFailedError):
+        return (
+            f"kafka does not let this daemon's principal start an idempotent producer ({kind}: it needs Write on a "
+            f"topic, or IdempotentWrite on the cluster before Kafka 3.0): {GRANT}"
+        )
+    return None
+
+
+def _named(error: BaseException, kind: str) -> str:
+    """The topics or groups aiokafka put in `error` (a name, or a set of them), sorted, after `kind` ("topic")."""
+    named = error.args[0] if error.args else None
+    names = [named] if isinstance(named, str) else sorted(map(str, named)) if isinstance(named, Iterable) else []
+    if not names:
+        return f"a {kind}"
+    return f"{kind}{'s' if len(names) > 1 else ''} {', '.join(names)}"

@@ -23,6 +23,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import InvalidPartitionsError, KafkaError, for_code
 from aiokafka.protocol.metadata import MetadataRequest
 
+from topics.acls import GRANT
 from topics.broker_diagnosis import Diagnose, unreachable
 from topics.catalogue import TopicSpec
 from topics.errors import BrokerError, NotYetError
@@ -237,7 +238,7 @@ async def missing_topics(
         raise NotYetError(
             f"the brokers do not let {principal_of(client_options)} see topic{'s' if len(hidden) > 1 else ''} "
             f"{', '.join(hidden)} (TopicAuthorizationFailedError: not authorized to describe; they may well exist): "
-            "grant it what `orderbus topics acls` prints for these settings"
+            f"{GRANT}"
         )
     return missing
 

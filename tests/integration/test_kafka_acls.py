@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from daemon.kafka_options import client_options, topic_layout
 from daemon.lifecycle import check_topics
 from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.settings import Settings, load_settings
+from daemon.status import fetch_status, render_status
 from topics.acls import Acl, daemon_acls
 from topics.admin import apply_catalogue, missing_topics
 from topics.catalogue import SINKS, catalogue, dlq_topic, replay_topic
@@ -203,3 +204,86 @@ async def test_topics_it_may_not_see_are_said_so_not_missing(
     assert await missing_topics([f"{orders}.none"], {"bootstrap_servers": acl_broker.admin}) == [f"{orders}.none"], (
         "and not created by asking"
     )
+
+
+async def test_a_sink_without_its_group_says_why_on_readyz_and_delivers_once_it_is_granted(
+    acl_broker: AclBroker,
+    sandbox_process: SandboxProcess,
+    sandbox: SandboxClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It said "joining its consumer group (or kafka unreachable)", and logged a failed fetch 5 times a second.
+    settings = daemon_settings(acl_broker, sandbox_process, tmp_path / "state")
+    await on_admin_listener(acl_broker, settings)
+    prefix = settings.topics.prefix
+    acls = daemon_acls(prefix, list(settings.enabled_sinks()), ingest=True)
+    crm_group = Acl("group", f"{prefix}orderbus.crm", ("Read",), "sink crm's consumer group")
+    assert crm_group in acls
+    await grant(acl_broker, [acl for acl in acls if acl != crm_group])
+    submission = sample_submission(random.Random(4), order_number=f"ACL-{uuid.uuid4().hex[:10]}")
+    with caplog.at_level(logging.INFO, "consumers.engine"):
+        async with running_daemon(settings, apply=False) as base, aiohttp.ClientSession() as session:
+            headers = {"Content-Type": "application/json", "Idempotency-Key": "acl-group"}
+            async with session.post(f"{base}/v1/orders", data=submission.model_dump_json(), headers=headers) as sent:
+                assert sent.status == 202, await sent.text()
+            for system in ("accounting", "shipping"):
+                await sandbox.wait_ledger(system, 1, timeout=30)
+
+            async def reasons() -> dict[str, str]:
+                async with session.get(f"{base}/readyz") as answer:
+                    return dict(json.loads(await answer.text())["reasons"])
+
+            await until(lambda: _said(reasons, "sink.crm"))
+            assert (await reasons())["sink.crm"] == (
+                f"kafka does not let this daemon's principal use consumer group {prefix}orderbus.crm "
+                "(GroupAuthorizationFailedError): grant it what `orderbus topics acls` prints for these settings"
+            )
+            await grant(acl_broker, [crm_group])
+            [effect] = await sandbox.wait_ledger("crm", 1, timeout=30)
+            assert effect["order_number"] == submission.order.order_number
+            await until(lambda: _said(reasons, "sink.crm", present=False))
+    said = [r.getMessage() for r in caplog.records if getattr(r, "sink", None) == "crm" and "kafka" in r.getMessage()]
+    assert said[0].startswith("kafka refuses this sink's fetch: kafka does not let"), said
+    assert said[-1] == "kafka allows this sink's fetch again", said
+    assert len(said) <= 4, "said when it changed, not at every retry"
+
+
+async def _said(reasons: Callable[[], Awaitable[dict[str, str]]], component: str, *, present: bool = True) -> bool:
+    return (component in await reasons()) == present
+
+
+async def test_an_ingest_without_write_says_so_to_the_operator_and_publishes_once_it_is_granted(
+    acl_broker: AclBroker, sandbox_process: SandboxProcess, tmp_path: Path
+) -> None:
+    # It answered 503 "kafka is unreachable" to every webhook while /readyz said ready and the status "publishing".
+    settings = daemon_settings(acl_broker, sandbox_process, tmp_path / "state")
+    await on_admin_listener(acl_broker, settings)
+    prefix = settings.topics.prefix
+    acls = daemon_acls(prefix, list(settings.enabled_sinks()), ingest=True)
+    write = Acl("topic", f"{prefix}orders", ("Write",), "the ingest publishes orders")
+    await grant(acl_broker, [Acl("topic", acls[0].name, ("Read", "DescribeConfigs"), "the sinks"), *acls[1:]])
+    body = sample_submission(random.Random(5), order_number=f"ACL-{uuid.uuid4().hex[:10]}").model_dump_json()
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "acl-write"}
+    async with running_daemon(settings, apply=False) as base, aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/orders", data=body, headers=headers) as sent:
+            assert sent.status == 503
+            assert json.loads(await sent.text())["detail"] == (
+                "kafka does not let this server publish orders (its operators are told why); nothing was published"
+            )
+        async with session.get(f"{base}/readyz") as ready:
+            assert ready.status == 503
+            assert json.loads(await ready.text())["reasons"]["ingest"] == (
+                "kafka refuses the ingest's records (an ACL): it cannot publish; orderbus status says which"
+            )
+        document = await asyncio.to_thread(fetch_status, base)
+        [line] = [line for line in render_status(document).splitlines() if line.startswith("ingest:")]
+        assert line.startswith(
+            f"ingest: KAFKA REFUSES: kafka does not let this daemon's principal use topic {prefix}orders "
+            "(TopicAuthorizationFailedError): grant it what `orderbus topics acls` prints for these settings; "
+        )
+        await grant(acl_broker, [write])
+        async with session.post(f"{base}/v1/orders", data=body, headers=headers) as sent:
+            assert sent.status == 202, await sent.text()
+        async with session.get(f"{base}/readyz") as ready:
+            assert "ingest" not in json.loads(await ready.text())["reasons"]

@@ -445,3 +445,27 @@ def test_reconcile_resend_exits_0_only_when_nothing_is_left_to_do(
     sent = sum(1 for outcome in outcomes if outcome != "skipped")
     assert out.startswith(f"resent {sent} order(s) to orders.replay.accounting as creates")
     assert ("not resent:\n  SO-1: its newest event is its cancel" in out) == ("skipped" in outcomes)
+
+
+def test_topics_acls_grants_the_sasl_user_by_default_and_asks_whom_without_one(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "orderbus.toml"
+    config.write_text('[kafka]\nbootstrap_servers = "k1:9093"\n[ingest]\nallow_unsigned = true\n')
+    assert cli.main(["topics", "acls", "--config", str(config)]) == 2
+    assert "--principal: whom to grant them to (User:NAME)" in capsys.readouterr().err
+    assert cli.main(["topics", "acls", "--config", str(config), "--principal", "User:CN=orderbus"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == (
+        "kafka-acls.sh --bootstrap-server k1:9093 --add --allow-principal User:CN=orderbus --operation Write "
+        "--topic orders   # the ingest publishes orders"
+    )
+    sasl = '[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\n'
+    sasl += 'sasl_username = "svc"\nsasl_password = "x"\n'
+    config.write_text(sasl + '[ingest]\nenabled = false\n[sinks.crm]\nenabled = true\nbase_url = "https://c.test"\n')
+    assert cli.main(["topics", "acls", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "for User:svc" in lines[0]
+    assert [line.split(" --topic ")[-1].split(" --group ")[-1].split()[0] for line in lines[3:]] == [
+        "orders", "orders.dlq.crm", "orders.replay.crm", "orderbus.crm"
+    ]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import random
@@ -1073,6 +1074,42 @@ async def test_a_consumer_whose_group_coordination_ended_fails_the_run_instead_o
             await h.engine.run(asyncio.Event())
     assert not [r for r in caplog.records if r.getMessage() == "fetch failed, retrying"]
     assert h.consumer.committed == {TP0: 1}, "the drain still commits what was delivered"
+
+
+async def test_a_fetch_the_brokers_refuse_for_an_acl_is_said_once_and_held_as_the_sinks_reason_until_allowed(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review (ACL experiment): without Read on its group, a sink logged "fetch failed, retrying" 5 times a second
+    # and /readyz said "joining its consumer group (or kafka unreachable)".
+    from aiokafka.errors import GroupAuthorizationFailedError
+
+    h = harness_factory({TP0: [record(0, "SO-1")]})
+    fetch = h.consumer.getmany
+    refusals: list[float] = []
+    held: list[str | None] = []
+
+    async def getmany(timeout_ms: int, max_records: int) -> Mapping[tuple[str, int], list[Any]]:
+        if len(refusals) < 3:
+            refusals.append(h.clock.now())
+            held.append(h.engine.refused)
+            raise GroupAuthorizationFailedError("orderbus.crm")
+        return await fetch(timeout_ms, max_records)
+
+    h.consumer.getmany = getmany  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO, "consumers.engine"):
+        await h.run_until(1)
+    refused = (
+        "kafka does not let this daemon's principal use consumer group orderbus.crm (GroupAuthorizationFailedError): "
+        "grant it what `orderbus topics acls` prints for these settings"
+    )
+    assert held == [None, refused, refused], "held as the sink's reason (readiness says it) while refused"
+    assert h.engine.refused is None
+    assert [b - a for a, b in itertools.pairwise(refusals)] == [5.0, 5.0], "asked again every 5 s, not every 0.2"
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "kafka" in r.getMessage()]
+    assert said == [
+        ("WARNING", f"kafka refuses this sink's fetch: {refused}"),
+        ("INFO", "kafka allows this sink's fetch again"),
+    ]
 
 
 async def test_a_lane_that_fails_unexpectedly_fails_the_run_and_its_record_stays_unfinished(

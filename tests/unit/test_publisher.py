@@ -16,7 +16,12 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    TopicAuthorizationFailedError,
+)
 
 from consumers.clock import FakeClock
 from consumers.deadlines import DEFAULT_RESOLUTION
@@ -28,6 +33,7 @@ from daemon.publisher import (
     KafkaPublisher,
     Published,
     PublishPending,
+    PublishRefused,
 )
 from topics.broker_diagnosis import unreachable
 from topics.codec import EncodedRecord
@@ -137,6 +143,37 @@ async def test_a_record_the_broker_does_not_store_is_a_publish_error(
     producer.outcomes[0].set_exception(error)
     with pytest.raises(PublishError, match="did not store"):
         await publishing
+
+
+async def test_a_record_refused_for_an_acl_is_said_once_kept_for_the_operator_and_forgotten_once_one_is_stored(
+    started: tuple[KafkaPublisher, list[FakeProducer]], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review (ACL experiment): without Write on the orders topic, every webhook got 503 "kafka is unreachable" while
+    # /readyz said ready and the status "publishing".
+    publisher, [producer] = started
+    producer.mode = "hold"
+    with caplog.at_level(logging.INFO, "daemon.publisher"):
+        for _ in range(2):
+            producer.handed_over.clear()
+            publishing = asyncio.create_task(publisher.publish(RECORD, timeout=1.0))
+            await producer.handed_over.wait()
+            producer.outcomes[-1].set_exception(TopicAuthorizationFailedError("orders"))
+            with pytest.raises(PublishRefused) as refused:
+                await publishing
+        assert str(refused.value) == "kafka does not let this server publish orders (its operators are told why)"
+        why = (
+            "kafka does not let this daemon's principal use topic orders (TopicAuthorizationFailedError): grant it "
+            "what `orderbus topics acls` prints for these settings"
+        )
+        assert publisher.refused == why
+        assert publisher.available, "the brokers answer: not unreachable"
+        producer.mode = "ack"
+        assert await publisher.publish(RECORD, timeout=1.0) == Published("orders", 3, 41)
+    assert publisher.refused is None
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", f"kafka refuses the ingest's records: {why}"),
+        ("INFO", "kafka stores the ingest's records again"),
+    ], "said once, not per webhook"
 
 
 async def test_no_ack_in_time_is_pending_and_shuts_the_gate_until_the_late_ack(

@@ -36,6 +36,7 @@ def test_a_failing_key_store_is_in_the_status_document_and_on_the_ingest_line(tm
     assert document["ingest"] == {
         "kafka_available": False,
         "kafka_unreachable": None,
+        "kafka_refused": None,
         "topic_missing": None,
         "key_store_error": EXITED,
     }
@@ -165,6 +166,7 @@ class SinkView:
     config: _Config = field(default_factory=_Config)
     membership_problem: str | None = None
     held: bool = False
+    refused: str | None = None
 
     @property
     def kafka_silent(self) -> bool:
@@ -223,10 +225,16 @@ def test_status_names_the_static_member_and_its_session() -> None:
 
 
 def test_what_the_instance_lacks_makes_it_not_ready() -> None:
-    sinks = engines(crm=SinkView(joined=False), shipping=SinkView(kafka_silence=76.0), accounting=SinkView())
+    refused = "kafka does not let this daemon's principal use consumer group orderbus.accounting (...)"
+    sinks = engines(
+        crm=SinkView(joined=False),
+        shipping=SinkView(kafka_silence=76.0),
+        accounting=SinkView(joined=False, refused=refused),  # not "joining": an ACL missing is said as such
+    )
     assert _reasons(None, sinks) == {
         "sink.crm": "joining its consumer group (or kafka unreachable)",
         "sink.shipping": "kafka is unreachable: no answer to the lag measurement for 76 s",
+        "sink.accounting": refused,
     }
     assert _degraded(sinks) == {}
     assert _reasons(None, engines(shipping=SinkView(kafka_silence=74.0))) == {}  # five measurements missed: 75 s

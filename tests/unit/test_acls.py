@@ -1,0 +1,64 @@
+"""`topics.acls`: the grants a daemon needs for its parts, their kafka-acls.sh lines, and the words for a refusal."""
+
+from __future__ import annotations
+
+import pytest
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    TopicAuthorizationFailedError,
+)
+
+from topics.acls import GRANT, Acl, daemon_acls, kafka_acls_command, refusal
+
+
+def test_each_part_gets_the_least_it_needs_each_resource_once() -> None:
+    assert daemon_acls("p.", [], ingest=True) == [Acl("topic", "p.orders", ("Write",), "the ingest publishes orders")]
+    sinks_only = daemon_acls("", ["crm"], ingest=False)
+    assert [(acl.resource, acl.name, acl.operations) for acl in sinks_only] == [
+        ("topic", "orders", ("Read", "DescribeConfigs")),
+        ("topic", "orders.dlq.crm", ("Write",)),
+        ("topic", "orders.replay.crm", ("Read",)),
+        ("group", "orderbus.crm", ("Read",)),
+    ]
+    both = daemon_acls("", ["crm", "shipping"], ingest=True)
+    assert both[0].operations == ("Write", "Read", "DescribeConfigs")
+    assert len({(acl.resource, acl.name) for acl in both}) == len(both) == 7
+    assert daemon_acls("", [], ingest=False) == []
+
+
+def test_a_grant_is_one_kafka_acls_line() -> None:
+    acl = Acl("topic", "orders", ("Read", "DescribeConfigs"), "why")
+    assert kafka_acls_command(acl, "User:orderbus", "k1:9092,k2:9092") == (
+        "kafka-acls.sh --bootstrap-server k1:9092,k2:9092 --add --allow-principal User:orderbus "
+        "--operation Read --operation DescribeConfigs --topic orders"
+    )
+    assert kafka_acls_command(Acl("group", "orderbus.crm", ("Read",), "why"), "User:o", "k:1").endswith(
+        "--operation Read --group orderbus.crm"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (
+            GroupAuthorizationFailedError("orderbus.crm"),
+            "use consumer group orderbus.crm (GroupAuthorizationFailedError)",
+        ),
+        (TopicAuthorizationFailedError({"orders", "b"}), "use topics b, orders (TopicAuthorizationFailedError)"),
+        (TopicAuthorizationFailedError("orders"), "use topic orders (TopicAuthorizationFailedError)"),
+        (TopicAuthorizationFailedError(), "use a topic (TopicAuthorizationFailedError)"),
+        (ClusterAuthorizationFailedError(), "start an idempotent producer (ClusterAuthorizationFailedError: it needs"),
+    ],
+)
+def test_a_refusal_names_what_is_refused_and_where_the_grants_are(error: BaseException, said: str) -> None:
+    words = refusal(error)
+    assert words is not None
+    assert words.startswith(f"kafka does not let this daemon's principal {said}")
+    assert words.endswith(f": {GRANT}")
+
+
+def test_other_errors_are_no_refusal() -> None:
+    assert refusal(KafkaConnectionError("refused")) is None
+    assert refusal(RuntimeError("a bug")) is None
