@@ -166,8 +166,8 @@ async def test_with_what_topics_acls_prints_the_daemon_publishes_delivers_and_de
                 assert effect["order_number"] == submission.order.order_number
             # A record no sink can read, from an upstream producer: each sink writes its dead letter.
             await produce_raw(acl_broker.admin, f"{prefix}orders", [(b"ACL-BAD", b"not json")])
-            await until(lambda: registry.get_sample_value(
-                "orderbus_dead_letters_total", {"sink": "shipping", "reason": "invalid"}) == 1)  # fmt: skip
+            await until(lambda: all(registry.get_sample_value(
+                "orderbus_dead_letters_total", {"sink": sink, "reason": "invalid"}) == 1 for sink in SINKS))  # fmt: skip
     refused = [r.getMessage() for r in caplog.records if "uthoriz" in r.getMessage() or "retention" in r.getMessage()]
     assert refused == [], "nothing refused, the retention read"
     consumer = AIOKafkaConsumer(
