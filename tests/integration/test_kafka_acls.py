@@ -166,8 +166,10 @@ async def test_with_what_topics_acls_prints_the_daemon_publishes_delivers_and_de
                 assert effect["order_number"] == submission.order.order_number
             # A record no sink can read, from an upstream producer: each sink writes its dead letter.
             await produce_raw(acl_broker.admin, f"{prefix}orders", [(b"ACL-BAD", b"not json")])
-            await until(lambda: all(registry.get_sample_value(
-                "orderbus_dead_letters_total", {"sink": sink, "reason": "invalid"}) == 1 for sink in SINKS))  # fmt: skip
+            invalid = [{"sink": sink, "reason": "invalid"} for sink in SINKS]
+            await until(
+                lambda: all(registry.get_sample_value("orderbus_dead_letters_total", at) == 1 for at in invalid)
+            )
     refused = [r.getMessage() for r in caplog.records if "uthoriz" in r.getMessage() or "retention" in r.getMessage()]
     assert refused == [], "nothing refused, the retention read"
     consumer = AIOKafkaConsumer(
