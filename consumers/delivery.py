@@ -8,6 +8,7 @@ business, not this module's.
 from __future__ import annotations
 
 import hashlib
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from consumers.sink import HttpRequest
 from topics.errors import HttpClientError, InvalidRequestError
 
 BODY_EXCERPT = 1024
+_HTML = re.compile(r"\s*(text/html|application/xhtml\+xml)\s*(;|$)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,14 @@ class Reply:
     retry_after: str | None
     body: bytes
     elapsed: float
+    content_type: str | None = None
+    location: str | None = None
+
+    @property
+    def html(self) -> bool:
+        """Whether the answer is a web page (``Content-Type: text/html``) with something in it: no API's answer, but
+        a site's, a login page's or a proxy's (a `base_url` that points at the wrong place)."""
+        return bool(self.body) and self.content_type is not None and _HTML.match(self.content_type) is not None
 
     @property
     def excerpt(self) -> str:
@@ -73,4 +83,5 @@ async def attempt(
     except HttpClientError as exc:
         refused = isinstance(exc.__cause__, ssl.SSLCertVerificationError)
         return TransportFailure("connection", f"{type(exc).__name__}: {exc}", time.perf_counter() - started, refused)
-    return Reply(answer.status, answer.retry_after, answer.body, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    return Reply(answer.status, answer.retry_after, answer.body, elapsed, answer.content_type, answer.location)

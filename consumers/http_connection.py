@@ -1,9 +1,9 @@
 """One kept-alive HTTP/1.1 connection of `consumers.http_client`: an `asyncio.Protocol` that writes a request and
 feeds its answer to httptools, settling the request's one future with an `HttpAnswer`.
 
-What it reads of an answer: the status, Retry-After, and at most `max_body` bytes of body (up to `DISCARD_LIMIT`
-more are read and dropped to keep the connection; beyond that it closes). It tells its `Pool` when it can no longer
-be reused and when it is gone.
+What it reads of an answer: the status, Retry-After, Content-Type, Location, and at most `max_body` bytes of body
+(up to `DISCARD_LIMIT` more are read and dropped to keep the connection; beyond that it closes). It tells its
+`Pool` when it can no longer be reused and when it is gone.
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ DISCARD_LIMIT: Final = 1024 * 1024  # body bytes past max_body read and dropped 
 
 @dataclass(frozen=True, slots=True)
 class HttpAnswer:
-    """What a delivery reads of an answer: its status, Retry-After as sent, and at most `max_body` bytes of body."""
+    """What a delivery reads of an answer: its status, Retry-After as sent, and at most `max_body` bytes of body;
+    its Content-Type (an HTML page is no API's answer) and Location (a create's id, when the body has none)."""
 
     status: int
     retry_after: str | None
     body: bytes
+    content_type: str | None = None
+    location: str | None = None
 
 
 class _Stop(Exception):
@@ -68,13 +71,15 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "alive", "answer", "body_size", "chunks", "client", "framed", "headers_done", "idle_since", "in_pool",
-        "keep_alive", "loop", "max_body", "origin", "parser", "received", "retry_after", "reusable", "status",
-        "transport", "uses",
+        "alive", "answer", "body_size", "chunks", "client", "content_type", "framed", "headers_done", "idle_since",
+        "in_pool", "keep_alive", "location", "loop", "max_body", "origin", "parser", "received", "retry_after",
+        "reusable", "status", "transport", "uses",
     )  # fmt: skip
 
     transport: asyncio.Transport
     retry_after: str | None
+    content_type: str | None
+    location: str | None
     chunks: list[bytes]
 
     def __init__(self, origin: Origin, loop: asyncio.AbstractEventLoop, client: Pool) -> None:
@@ -95,7 +100,7 @@ class Connection(asyncio.Protocol):
 
     def _begin(self) -> None:
         self.status = 0
-        self.retry_after = None
+        self.retry_after = self.content_type = self.location = None
         self.chunks.clear()
         self.body_size = 0
         self.framed = False  # Content-Length or chunked; else the body ends when the server closes
@@ -171,10 +176,16 @@ class Connection(asyncio.Protocol):
         self._begin()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        size = len(name)  # compare lengths first: most headers are none of these three
+        size = len(name)  # compare lengths first: most headers are none of these
         if size == 11:
             if self.retry_after is None and name.lower() == b"retry-after":
                 self.retry_after = value.strip().decode("latin-1")
+        elif size == 12:
+            if self.content_type is None and name.lower() == b"content-type":
+                self.content_type = value.strip().decode("latin-1")
+        elif size == 8:
+            if self.location is None and name.lower() == b"location":
+                self.location = value.strip().decode("latin-1")
         elif size == 14:
             if name.lower() == b"content-length":
                 self.framed = True
@@ -212,7 +223,7 @@ class Connection(asyncio.Protocol):
             chunks = self.chunks
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             chunks.clear()  # an idle connection holds no body
-            answer.set_result(HttpAnswer(self.status, self.retry_after, body))
+            answer.set_result(HttpAnswer(self.status, self.retry_after, body, self.content_type, self.location))
 
 
 __all__ = ["DISCARD_LIMIT", "MAX_HEAD", "Connection", "HttpAnswer", "Origin", "Pool"]

@@ -32,7 +32,7 @@ from consumers.dedup import DedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.metrics import EngineMetrics, HotSeries
 from consumers.pacing import Pacer
-from consumers.policy import IN_PROGRESS, Decision, parse_retry_after
+from consumers.policy import HTML_ANSWER, IN_PROGRESS, Decision, parse_retry_after
 from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
 from consumers.terminal import Attempts, Settling, already_delivered, dead_letter, delivered, put_state
@@ -375,6 +375,8 @@ class Lane:
         if not isinstance(outcome, Reply):
             return policy.decide_failure(outcome.kind), None
         decision = policy.decide(outcome.status, method)
+        if outcome.html and decision.action in ("done", "duplicate"):
+            return HTML_ANSWER, None
         if outcome.status not in _TIMED_STATUSES:
             return decision, None
         wait = parse_retry_after(outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap)

@@ -7,6 +7,7 @@ brief's table::
     409 to a create (POST)    duplicate    "409-already-exists"
     409 to an update, cancel  dead_letter  "409-conflict"
     409 with a Retry-After    retry        "409-in-progress"  (`IN_PROGRESS`, decided by the lane: a wait to keep)
+    2xx or 409 as a web page  dead_letter  "html-answer"      (`HTML_ANSWER`, decided by the lane: text/html)
     401, 403                  pause_auth   "auth"
     408, 425, 429, 5xx        retry        "temporary"
     400, 422, other 4xx       dead_letter  "bad-request"
@@ -38,6 +39,7 @@ __all__ = [
     "ACTIONS",
     "DEFAULT_POLICY",
     "EVENT_METHODS",
+    "HTML_ANSWER",
     "IN_PROGRESS",
     "METHODS",
     "Action",
@@ -127,6 +129,9 @@ UNMATCHED: Final = Decision("dead_letter", "unmatched")
 # A 409 with a Retry-After: "a request with this key is still in progress, come back" (the IETF Idempotency-Key
 # draft's answer to a retry that overtook its first request, and orderbus's own ingest's), not "it exists".
 IN_PROGRESS: Final = Decision("retry", "409-in-progress")
+# A 2xx (or a create's 409) that is a web page: a site's, a login page's, a proxy's; no API's. Counted as delivered,
+# every order sent to a `base_url` that points at the wrong place was lost without a trace (decided by the lane).
+HTML_ANSWER: Final = Decision("dead_letter", "html-answer")
 _FAILURES: Final[Mapping[str, Decision]] = {
     "timeout": Decision("retry", "timeout"),
     "connection": Decision("retry", "connection-error"),

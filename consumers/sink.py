@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from consumers.masking import mask_url
 from consumers.policy import DEFAULT_POLICY, EVENT_METHODS, ResponsePolicy
@@ -74,8 +74,8 @@ class Sink(Protocol):
         """The request that applies the event; `downstream_id` is what this system's create returned, if known."""
         ...
 
-    def downstream_id(self, prepared: Prepared, status: int, body: bytes) -> str | None:
-        """The id this system gave the order in its answer to a create, if any."""
+    def downstream_id(self, prepared: Prepared, status: int, body: bytes, location: str | None = None) -> str | None:
+        """The id this system gave the order in its answer to a create (`location`: the answer's Location), if any."""
         ...
 
     def read(self, order_number: str, downstream_id: str | None) -> HttpRequest:
@@ -160,6 +160,14 @@ def usable_id(value: str | None) -> str | None:
     return value
 
 
+def _last_segment(location: str) -> str | None:
+    """The last non-empty path segment of a Location (an absolute URL or a path), percent-decoded: the URLs built
+    from it encode it again (`UrlTemplates.render`)."""
+    path = urlsplit(location.strip()).path
+    segment = next((part for part in reversed(path.split("/")) if part), None)
+    return unquote(segment) if segment is not None else None
+
+
 @dataclass(frozen=True)
 class RestSink:
     """A REST resource API: POST to `urls.create`, PUT/DELETE to `urls.by_id` (or `urls.by_number`).
@@ -216,12 +224,20 @@ class RestSink:
             order_number=quote(order_number, safe=""),
         )
 
-    def downstream_id(self, prepared: Prepared, status: int, body: bytes) -> str | None:
-        """`id_field` of the answer to a create: a 2xx, or a 409 that names the order already there.
+    def downstream_id(self, prepared: Prepared, status: int, body: bytes, location: str | None = None) -> str | None:
+        """`id_field` of the answer to a create: a 2xx, or a 409 that names the order already there; else, for a
+        201 Created, the last path segment of its Location (RFC 9110: the resource created), as many APIs answer
+        without a body. Not a 202's: its Location is where to ask how the work goes, not the order.
 
         None (the order is then addressed by its number) for an id `usable_id` refuses."""
-        if prepared.event_type != "order.created" or not body or not (200 <= status < 300 or status == 409):
+        if prepared.event_type != "order.created" or not (200 <= status < 300 or status == 409):
             return None
+        found = self._id_in(body) if body else None
+        if found is None and status == 201 and location:
+            found = usable_id(_last_segment(location))
+        return found
+
+    def _id_in(self, body: bytes) -> str | None:
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):  # deeply nested JSON exhausts the parser's stack

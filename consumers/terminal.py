@@ -59,7 +59,7 @@ def delivered(
     """The downstream took the record (``done``), or had it already (``duplicate``): put that state."""
     assert work.prepared is not None
     assert isinstance(outcome, Reply)
-    downstream_id = context.sink.downstream_id(work.prepared, outcome.status, outcome.body)
+    downstream_id = context.sink.downstream_id(work.prepared, outcome.status, outcome.body, outcome.location)
     if downstream_id is not None:
         context.store.put_downstream_id(work.order_ref, downstream_id)
     status: DeliveryStatus = "done" if decision.action == "done" else "duplicate"

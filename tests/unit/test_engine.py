@@ -336,6 +336,28 @@ async def test_a_400_is_dead_lettered_at_once_and_the_orders_later_events_follow
     assert await h.store.blocked_orders(["SO-BAD", "SO-OK"]) == {"SO-BAD"}
 
 
+@pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "TEXT/HTML", "application/xhtml+xml"])
+async def test_a_web_page_for_an_answer_is_a_dead_letter_not_a_delivery(
+    harness_factory: Callable[..., Harness], content_type: str
+) -> None:
+    # Review (downstream owner): a base_url at the system's web site (an SPA answers 200 with its index.html for
+    # every path), a login page or a captive portal: every order counted as delivered, and none was.
+    page = b"<!doctype html><title>Sign in</title>"
+
+    def script(request: HttpRequest, nth: int) -> Reply:
+        if b"SO-PAGE" in (request.body or b""):
+            return Reply(200, None, page, 0.01, content_type)
+        return Reply(204, None, b"", 0.01, "text/html")  # no page in it: an answer like any 204
+
+    h = harness_factory({TP0: [record(0, "SO-PAGE"), record(1, "SO-OK")]}, script)
+    await h.run_until(2)
+    [letter] = h.dead.letters
+    meta = read_headers(letter.record_headers())
+    assert (letter.reason, meta["rule"], meta["http-status"]) == ("rejected", "html-answer", "200")
+    assert "Sign in" in meta["body-excerpt"]
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 1
+
+
 async def test_retries_exhausted_become_a_dead_letter(harness_factory: Callable[..., Harness]) -> None:
     h = harness_factory({TP0: [record(0, "SO-1")]}, lambda request, nth: TransportFailure("timeout", "slow", 10.0))
     await h.run_until(1)

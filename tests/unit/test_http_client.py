@@ -178,7 +178,7 @@ async def test_sequential_requests_share_one_kept_alive_connection(client: HttpC
         for n in range(5):
             headers = {**JSON, "Idempotency-Key": f"key-{n}"}
             answer = await client.request("POST", url, body=json.dumps({"n": n}).encode(), headers=headers)
-            assert answer == HttpAnswer(201, "3", json.dumps({"id": n}).encode())
+            assert answer == HttpAnswer(201, "3", json.dumps({"id": n}).encode(), "application/json; charset=utf-8")
     assert len(peers) == 1
     assert [headers["Idempotency-Key"] for headers in seen] == [f"key-{n}" for n in range(5)]
     assert seen[0]["Host"] == url.split("/")[2]
@@ -199,6 +199,19 @@ async def test_request_head_is_written_as_documented(
     head = f"{method} /a/b?c=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: orderbus\r\n".encode()
     head += b"Accept: application/json\r\nAccept-Encoding: identity\r\n"
     assert server.requests == [head + length + b"X-Event-Id: e-1\r\n\r\n" + (body or b"")]
+
+
+async def test_an_answers_content_type_and_location_are_read(
+    serve: Callable[[Handler], Awaitable[RawServer]], client: HttpClient
+) -> None:
+    created = (
+        b"HTTP/1.1 201 Created\r\nlocation: /crm/orders/crm-5\r\nContent-Type:  text/html; charset=utf-8 \r\n"
+        b"X-Other-Header-Long: 1\r\nContent-Length: 0\r\n\r\n"
+    )
+    server = await serve(answering(created))
+    answer = await post(client, f"{server.url}/orders")
+    assert answer == HttpAnswer(201, None, b"", "text/html; charset=utf-8", "/crm/orders/crm-5")
+    assert await post(client, f"{server.url}/orders") == answer, "and again on the kept-alive connection"
 
 
 async def test_never_more_connections_than_the_limit(serve: Callable[[Handler], Awaitable[RawServer]]) -> None:

@@ -476,6 +476,27 @@ def test_an_id_kept_before_such_ids_were_refused_is_not_used(stored: str) -> Non
         assert sink(name).read("SO-PII-0001", stored).url == f"{BASE}/orders/by-number/SO-PII-0001"
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "location", "expected"),
+    [
+        (201, b"", "/crm/orders/crm-5", "crm-5"),  # many APIs answer a create with its Location, no body
+        (201, b"", "https://crm.example.test/v2/orders/7?expand=all#x", "7"),
+        (201, b"", "/orders/a%2Fb/", "a/b"),  # decoded: the URLs built from it encode it again
+        (201, b'{"id": "from-body"}', "/orders/from-location", "from-body"),  # the body's wins
+        (201, b"", "/orders/..", None),  # `usable_id` refuses it, as one from a body
+        (201, b"", "/", None),
+        (202, b"", "/jobs/j-1", None),  # a 202's Location is where to ask how the work goes, not the order
+        (200, b"", "/orders/7", None),
+    ],
+)
+def test_a_created_orders_location_gives_its_id_when_the_body_does_not(
+    status: int, body: bytes, location: str, expected: str | None
+) -> None:
+    crm = sink("crm")
+    assert crm.downstream_id(crm.prepare(event()), status, body, location) == expected
+    assert crm.downstream_id(crm.prepare(event("order.updated")), status, body, location) is None
+
+
 def test_id_field_names_the_id_in_the_answer() -> None:
     crm = CrmSink("crm", BASE, id_field="contactId")
     assert id_of(crm, event(), 201, b'{"id": "x", "contactId": "c-9"}') == "c-9"
