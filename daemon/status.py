@@ -74,8 +74,13 @@ def _get(
         if pinned is not None and url.startswith("https://"):
             return url, *_pinned_get(url, pinned, timeout)
         context = None if verify else _any_certificate()
+        # Straight to the daemon, whatever HTTP_PROXY the shell or an image sets for outbound traffic: through a
+        # proxy, 127.0.0.1 is the proxy's own host, and a proxy that fails made a live daemon look dead.
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
         try:
-            with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310 - checked
+            with opener.open(url, timeout=timeout) as response:
                 return url, response.status, response.reason, response.read()
         except urllib.error.HTTPError as answer:  # an answer all the same
             with answer:

@@ -23,7 +23,7 @@ from daemon.kafka_options import client_options
 from daemon.lifecycle import _degraded, _reasons, _status
 from daemon.publisher import KafkaPublisher
 from daemon.settings import load_settings
-from daemon.status import StatusError, probe_health, render_status
+from daemon.status import StatusError, fetch_status, probe_health, render_status
 from daemon.tls_listener import ServerTls
 
 EXITED = "ingest key store /var/lib/orderbus/ingest-keys.sqlite: its process exited (code -9)"
@@ -326,6 +326,22 @@ async def test_health_says_alive_or_ready_and_names_what_is_not_ready() -> None:
         )
         with pytest.raises(StatusError, match=r"no component 'sink\.erp' here; the components are: ingest, sink\.crm"):
             await asyncio.to_thread(probe_health, base, component="sink.erp")
+
+
+async def test_health_and_status_ask_the_daemon_straight_whatever_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Review (operator): with HTTP_PROXY set for outbound traffic (hosts, images), a live daemon was "not answering"
+    # through a proxy that failed, and the container's health check marked it unhealthy.
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: no proxy there
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    app = build_app(ingest=None, readiness=dict, status=lambda: {"sinks": {}})
+    async with TestServer(app, host="127.0.0.1") as server:
+        base = f"http://127.0.0.1:{server.port}"
+        assert await asyncio.to_thread(probe_health, base) == (True, [f"alive: {base}/healthz"])
+        assert await asyncio.to_thread(fetch_status, base) == {"sinks": {}}
 
 
 async def test_health_refuses_an_answer_that_is_not_orderbuss() -> None:
