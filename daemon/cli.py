@@ -403,12 +403,20 @@ async def _serve_until_signal(settings: Settings, *, load: Callable[[], Settings
     if load is not None:
         loop.add_signal_handler(signal.SIGHUP, reload.set)
 
-    def on_interrupt() -> None:
-        if stop.is_set() and main_task is not None:
-            main_task.cancel()
+    def on_stop(name: str) -> None:
+        # Said as it arrives: the drain that follows takes up to shutdown_grace and the commits, and the journal
+        # showed nothing of it until "stopping" and "stopped" came together at its end.
+        if not stop.is_set():
+            log.info("%s received: stopping (draining the deliveries under way, then committing)", name)
         stop.set()
 
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    def on_interrupt() -> None:
+        if stop.is_set() and main_task is not None:
+            log.warning("SIGINT again: stopping at once, without the drain")
+            main_task.cancel()
+        on_stop("SIGINT")
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:
         await serve(settings, stop, reload=reload if load is not None else None, load=load)

@@ -272,7 +272,7 @@ async def _run_sinks(engines: dict[str, SinkEngine], stop: asyncio.Event, notifi
         notifier.stopping("draining in-flight deliveries, then committing")
         stopped.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
-    log.info("stopping")
+    log.info("sinks drained and committed")
     for name, result in zip(engines, results, strict=True):
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
             log.error("sink %s failed", name, exc_info=result)

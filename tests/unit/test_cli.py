@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -469,3 +471,24 @@ def test_topics_acls_grants_the_sasl_user_by_default_and_asks_whom_without_one(
     assert [line.split(" --topic ")[-1].split(" --group ")[-1].split()[0] for line in lines[3:]] == [
         "orders", "orders.dlq.crm", "orders.replay.crm", "orderbus.crm"
     ]  # fmt: skip
+
+
+async def test_a_stop_signal_is_said_as_it_arrives_not_after_the_drain(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review (operator): "stopping" came with "stopped", after a drain of up to shutdown_grace and the commits.
+    from daemon import lifecycle
+
+    said_during_drain: list[str] = []
+
+    async def serve(settings: Settings, stop: asyncio.Event, **_: object) -> None:
+        await stop.wait()
+        said_during_drain.extend(r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(lifecycle, "serve", serve)
+    with caplog.at_level(logging.INFO, "daemon.cli"):
+        serving = asyncio.create_task(cli._serve_until_signal(Settings()))
+        await asyncio.sleep(0)  # the handlers are in place
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 5) == 0
+    assert said_during_drain == ["SIGTERM received: stopping (draining the deliveries under way, then committing)"]
