@@ -67,6 +67,9 @@ DEMO_KAFKA_DIR = kafka_local.REPO_ROOT / ".run" / "kafka"
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # A one-shot command says itself what failed (with Kafka away: why, `topics.broker_diagnosis`); aiokafka's own
+    # ERROR lines reached the terminal through logging's last resort. `run` configures logging as a daemon's.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         result: int = args.func(args)
     except BrokenPipeError:

@@ -295,7 +295,7 @@ async def partition_counts(
         listed = [name for name in names if name in existing]
         return await _partition_counts(admin, listed) if listed else {}
     except KafkaError as exc:
-        raise BrokerError(f"cannot describe topics {', '.join(names)}: {exc!r}") from exc
+        raise BrokerError(await unreachable("describe topics", client_options, exc)) from exc
     finally:
         await admin.close()
 
@@ -311,7 +311,7 @@ async def topic_configs(
         await admin.start()
         configs = await _configs(admin, list(names), errors)
     except KafkaError as exc:
-        raise BrokerError(f"cannot describe the configs of {', '.join(names)}: {exc!r}") from exc
+        raise BrokerError(await unreachable("describe topic configs", client_options, exc)) from exc
     finally:
         await admin.close()
     if errors:

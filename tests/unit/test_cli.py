@@ -492,3 +492,17 @@ async def test_a_stop_signal_is_said_as_it_arrives_not_after_the_drain(
         os.kill(os.getpid(), signal.SIGTERM)
         assert await asyncio.wait_for(serving, 5) == 0
     assert said_during_drain == ["SIGTERM received: stopping (draining the deliveries under way, then committing)"]
+
+
+@pytest.mark.parametrize("argv", [["dlq", "list", "--sink", "crm"], ["trace", "SO-1"]])
+def test_with_kafka_away_the_operator_commands_say_why_in_one_line(
+    no_orderbus_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    # Review (operator): `dlq list` printed aiokafka's own "Unable connect" line, then `cannot describe topics
+    # orders.replay.crm: KafkaConnectionError("Unable to bootstrap ...")`, where `topics apply` names the cause.
+    port = kafka_local.free_ports(1)[0]  # nothing listens there
+    no_orderbus_env.setenv("ORDERBUS_KAFKA__BOOTSTRAP_SERVERS", f"127.0.0.1:{port}")
+    no_orderbus_env.setenv("ORDERBUS_SINKS__CRM", '{"enabled": true, "base_url": "https://crm.example.test"}')
+    assert cli.main(argv) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"orderbus: cannot describe topics at 127.0.0.1:{port}: connection refused"), line

@@ -42,7 +42,7 @@ class Topic:
     async def read(self) -> Mapping[str, str | None]:
         self.reads += 1
         if self.configs is None:
-            raise BrokerError("cannot describe the configs of orders: KafkaConnectionError")
+            raise BrokerError("cannot describe topic configs at kafka:9092: connection refused")
         return dict(self.configs)
 
 
@@ -75,8 +75,8 @@ async def test_the_gauge_holds_the_setting_until_the_topic_says_its_own_then_the
         "the orders topic orders keeps its records 36 h, topics.orders_retention_hours says 168 h: "
         "OrderbusBacklogNearRetention follows the topic; set the one that is wrong to the other (orderbus topics "
         "apply reports the difference as drift and changes no existing topic)",
-        "the orders topic's retention could not be read (cannot describe the configs of orders: "
-        "KafkaConnectionError): OrderbusBacklogNearRetention stays held to 36 h until it is; a principal without "
+        "the orders topic's retention could not be read (cannot describe topic configs at kafka:9092: connection "
+        "refused): OrderbusBacklogNearRetention stays held to 36 h until it is; a principal without "
         "DescribeConfigs on the topic needs it granted",
         "the orders topic orders keeps its records forever (retention.ms = -1), topics.orders_retention_hours says "
         "168 h: OrderbusBacklogNearRetention follows the topic; set the one that is wrong to the other (orderbus "
