@@ -407,7 +407,7 @@ class Lane:
             # The whole sink slows down, not just this key; a 429 without a Retry-After only lowers the rate.
             # A 503 without one says nothing of a pace: it is an outage, for the circuit and the key's backoff.
             # (A 409's Retry-After is about this key's first request only: it waits alone.)
-            self._hold(retry_after or 0.0)
+            self._hold(retry_after or 0.0, outcome.retry_after if isinstance(outcome, Reply) else None)
         if retry_after is None:
             context.last_failure = outcome
             _record(context.circuit, False, probe)
@@ -442,19 +442,22 @@ class Lane:
         await self._park(delay)
         return None
 
-    def _hold(self, seconds: float) -> None:
-        """The server set the sink's pace. A sink without a `rate` is not slowed by the pacer once the hold ends
-        (see `consumers.pacing`), so a hold that begins begins a slow start too (`consumers.ramp`): else every lane
-        parked meanwhile, up to `max_in_flight`, would send the moment it ends, at a system that just said "wait"."""
-        pacer, now = self._context.pacer, self._context.clock.now()
+    def _hold(self, seconds: float, asked: str | None) -> None:
+        """The server set the sink's pace (`seconds`, from its Retry-After `asked` as sent). A sink without a `rate`
+        is not slowed by the pacer once the hold ends (see `consumers.pacing`), so a hold that begins begins a slow
+        start too (`consumers.ramp`): else every lane parked meanwhile, up to `max_in_flight`, would send the moment
+        it ends, at a system that just said "wait"."""
+        context = self._context
+        pacer, now = context.pacer, context.clock.now()
         was_held = pacer.held_until > now
         pacer.hold(seconds)
         if was_held or pacer.held_until <= now:
             return
         # Once a hold, not per answer that extends it: a throttled burst answers every request under way so.
-        log.info(
-            "sink held by the downstream's Retry-After", extra={"sink": self._context.sink.name, "seconds": seconds}
-        )
+        said: dict[str, object] = {"sink": context.sink.name, "seconds": seconds}
+        if seconds >= context.retry_after_cap:  # what it asked for, which the cap cut: 27 hours, said as 300 s
+            said |= {"asked": asked, "capped_by": "retry_after_cap"}
+        log.info("sink held by the downstream's Retry-After", extra=said)
         if pacer.rate is None:
             self._context.ramp.begin()
 

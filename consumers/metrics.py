@@ -116,7 +116,10 @@ class EngineMetrics:
             "orderbus_throttled_seconds", "Time the sink was held by Retry-After", ["sink"], registry=registry
         )
         self.retry_after = Gauge(
-            "orderbus_last_retry_after_seconds", "The last Retry-After a downstream sent", ["sink"], registry=registry
+            "orderbus_last_retry_after_seconds",
+            "The last Retry-After a downstream sent, as followed: at most the sink's retry_after_cap",
+            ["sink"],
+            registry=registry,
         )
         self.rate = Gauge(
             "orderbus_sink_rate_limit",

@@ -465,6 +465,23 @@ async def test_a_burst_of_429s_with_retry_after_paces_the_sink_but_leaves_the_ci
     # Said once for the burst's hold (it was said nowhere: a 60 s hold looked like a sink with nothing to do).
     [held] = [r for r in caplog.records if r.getMessage() == "sink held by the downstream's Retry-After"]
     assert held.seconds == 1.0  # type: ignore[attr-defined]
+    assert not hasattr(held, "asked"), "within the cap: the seconds are what it asked"
+
+
+async def test_a_retry_after_the_cap_cut_is_said_with_what_the_downstream_asked(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Review (operator): a downstream asked for 100000 s (27 hours); the log and the gauge said 300, nothing more.
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(429, retry_after="100000") if nth == 1 else ok()
+
+    caplog.set_level(logging.INFO, logger="consumers.lane")
+    h = harness_factory({TP0: [record(0, "SO-1")]}, script, retry_after_cap=300.0)
+    await h.run_until(1, limit=4000)
+    [held] = [r for r in caplog.records if r.getMessage() == "sink held by the downstream's Retry-After"]
+    said = (held.seconds, held.asked, held.capped_by)  # type: ignore[attr-defined]
+    assert said == (300.0, "100000", "retry_after_cap")
+    assert h.metric("orderbus_last_retry_after_seconds") == 300.0
 
 
 async def test_a_burst_of_429s_without_retry_after_still_opens_the_circuit(
