@@ -344,7 +344,9 @@ def _resend_verdict(state: DeliveryState | None, sink: SinkRecord) -> str:
 
 def _delivered(state: DeliveryState, downstream_id: str | None) -> str:
     how = "delivered" if state.status == "done" else "delivered (the downstream already had it)"
-    known = f", downstream id {downstream_id}" if downstream_id else ""
+    # The order's id there as the state file keeps it: the latest (a resend after a loss gets a new one), not
+    # necessarily the one this event met.
+    known = f", its id there now {downstream_id}" if downstream_id else ""
     return f"{how}{known}: {_attempts(state)}, {_time(state.last_attempt_at)}"
 
 

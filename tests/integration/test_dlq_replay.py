@@ -82,7 +82,7 @@ async def test_fix_then_replay_applies_each_dead_letter_once_with_its_original_k
         assert "crm: the order is blocked (2 of its events wait in the dead letters" in traced.stdout
         delivered = await orderbus_cli("trace", events[10].order.order_number, env=env)
         assert delivered.returncode == 0, delivered.stderr
-        assert re.search(r"\n\s+crm\s+delivered, downstream id \S+: 1 attempt, ", delivered.stdout), delivered.stdout
+        assert re.search(r"\n\s+crm\s+delivered, its id there now \S+: 1 attempt, ", delivered.stdout), delivered.stdout
         # The newest records, read as trace and dlq read.
         newest = await orderbus_cli("topics", "show", "--limit", "4", env=env)
         assert newest.returncode == 0, newest.stderr

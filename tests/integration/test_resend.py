@@ -117,7 +117,7 @@ async def test_reconcile_resends_what_a_system_lost_once_in_its_newest_state(
         [resent_line] = [line for line in traced.stdout.splitlines() if line.startswith("accounting: resent ")]
         resent_id = said[numbers[1]].split(",")[0].removeprefix("event ")
         assert f" as event_id={resent_id} (of {events[5].event_id}; replay topic " in resent_line
-        assert f"): delivered, downstream id {ledger_ids(ledger)[numbers[1]]}: 1 attempt, " in resent_line
+        assert f"): delivered, its id there now {ledger_ids(ledger)[numbers[1]]}: 1 attempt, " in resent_line
 
         later = changed(events[5], 999)
         await produce(kafka_broker.bootstrap, orders_of(settings), [later])

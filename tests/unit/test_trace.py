@@ -71,7 +71,7 @@ def test_a_delivered_event_names_the_downstream_id_and_its_attempts() -> None:
     lines = explain(found(CREATED), [crm(states={"e-1": state("e-1", "done", attempts=2)}, downstream_id="C-7")])
     assert lines[0] == f"order {ORDER}: 1 event(s) in orders (partition 3 offsets 0..119)"
     assert lines[1].split() == ["3@57", "2027-01-15T08:00:00+00:00", "order.created", "event_id=e-1", "source=webhook"]
-    assert verdicts(lines) == ["delivered, downstream id C-7: 2 attempts, 2027-01-15T08:00:00+00:00"]
+    assert verdicts(lines) == ["delivered, its id there now C-7: 2 attempts, 2027-01-15T08:00:00+00:00"]
     duplicate = explain(found(CREATED), [crm(states={"e-1": state("e-1", "duplicate")})])
     assert verdicts(duplicate) == ["delivered (the downstream already had it): 1 attempt, 2027-01-15T08:00:00+00:00"]
 
@@ -264,7 +264,7 @@ def test_a_resent_create_is_shown_per_sink_with_what_became_of_it() -> None:
     head = "crm: resent 2027-01-15T08:02:00+00:00 as event_id=e-9 (of e-2; replay topic 1@4): "
     delivered = crm(resends=[resend], states={"e-9": state("e-9", "done")}, downstream_id="C-12")
     assert explain(found(CREATED, UPDATED), [delivered])[-1] == (
-        head + "delivered, downstream id C-12: 1 attempt, 2027-01-15T08:00:00+00:00"
+        head + "delivered, its id there now C-12: 1 attempt, 2027-01-15T08:00:00+00:00"
     )
     dead = dataclasses.replace(state("e-9", "dead"), reason="rejected")
     assert explain(found(CREATED), [crm(resends=[resend], states={"e-9": dead})])[-1] == (
