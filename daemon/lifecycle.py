@@ -543,7 +543,6 @@ async def _reload_on_request(
         except Exception:  # a bug: said with its traceback, and the next SIGHUP is still heard
             log.exception("reload failed, the running settings stay")
             continue
-        logging.getLogger().setLevel(fresh.log_level)
         for name, engine in engines.items():
             sink = fresh.sinks[name]
             engine.set_rate(sink.rate)
@@ -555,6 +554,8 @@ async def _reload_on_request(
         applied = [key for key in _changed_keys(running, fresh) if _reloadable(key) and _runs(key, engines)]
         running = fresh
         log.info("settings reloaded", extra={"applied": applied, "log_level": fresh.log_level})
+        # After the line: a reload that raises the level to WARNING would otherwise hide what it applied.
+        logging.getLogger().setLevel(fresh.log_level)
 
 
 class _Renewable(Protocol):

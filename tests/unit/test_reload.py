@@ -105,6 +105,26 @@ async def test_the_reloaded_line_names_the_live_keys_changed_since_the_last_relo
     assert engine.rates == [9.0, 9.0, None]
 
 
+async def test_a_reload_that_raises_the_level_still_says_what_it_applied(caplog: pytest.LogCaptureFixture) -> None:
+    # Review (operator): log_level = "WARNING" and a sink paused in one reload left no line at all.
+    engine = RecordingEngine()
+    requested = asyncio.Event()
+    root = logging.getLogger()
+    level = root.level
+    task = reloading(requested, [settings(ORDERBUS_LOG_LEVEL="WARNING", ORDERBUS_SINKS__CRM__PAUSED="true")], engine)
+    try:
+        caplog.set_level(logging.INFO)  # the root's, as the daemon's level before the reload
+        requested.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert root.level == logging.WARNING
+    finally:
+        task.cancel()
+        root.setLevel(level)
+    [reloaded] = [r for r in caplog.records if r.getMessage() == "settings reloaded"]
+    assert getattr(reloaded, "applied", None) == ["log_level", "sinks.crm.paused"]
+
+
 def test_restart_needed_lists_changed_keys_except_the_live_ones() -> None:
     old = settings()
     new = settings(
