@@ -453,6 +453,8 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    from daemon.lifecycle import state_dir_problem
+
     settings = _settings(args)
     settings.ingest.require_signatures()
     tls = server_tls(settings.ingest.tls_certfile, settings.ingest.tls_keyfile)  # the pair `run` would load
@@ -460,6 +462,9 @@ def _config_check(args: argparse.Namespace) -> int:
     print(settings.masked_json())
     for weakness in settings.weaknesses():
         print(f"warning: {weakness}", file=sys.stderr)
+    if (settings.ingest.enabled or settings.enabled_sinks()) and (problem := state_dir_problem(settings.state_dir)):
+        # A warning: the service may run as another user (systemd's DynamicUser= and StateDirectory= make it).
+        print(f"warning: {problem} (as this user; the service's own user may differ)", file=sys.stderr)
     kafka_cert = kafka_certificate(settings.kafka, options)
     for end in (tls.end if tls is not None else None, kafka_cert.end if kafka_cert is not None else None):
         if end is not None and (problem := end.problem(time.time())) is not None:

@@ -351,6 +351,21 @@ def _state_dir(settings: Settings) -> None:
         )
 
 
+def state_dir_problem(path: Path) -> str | None:
+    """What would stop `_state_dir` from making or using `path`, as far as this user can tell without making it
+    (`orderbus config check`: a start that fails on it exits 2, which systemd does not restart)."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"state_dir: {existing} is not a directory"
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    if existing == path:
+        return f"state_dir: {path} is not writable by this user"
+    return f"state_dir: {path} cannot be created by this user: {existing} is not writable"
+
+
 STATE_LOCK = "orderbus.lock"
 
 

@@ -506,3 +506,21 @@ def test_with_kafka_away_the_operator_commands_say_why_in_one_line(
     assert cli.main(argv) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"orderbus: cannot describe topics at 127.0.0.1:{port}: connection refused"), line
+
+
+def test_config_check_warns_of_a_state_dir_the_daemon_could_not_make(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Review (operator): `config check` passed, then `run` stopped with exit 2 (systemd does not restart it).
+    config = tmp_path / "orderbus.toml"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for state_dir, said in (
+        (blocker / "state", f"warning: state_dir: {blocker} is not a directory"),
+        (tmp_path / "fine" / "state", None),
+    ):
+        config.write_text(f'state_dir = "{state_dir}"\n[ingest]\nallow_unsigned = true\n')
+        assert cli.main(["config", "check", str(config)]) == 0, "a warning: the service's user may differ"
+        warned = [line for line in capsys.readouterr().err.splitlines() if "state_dir" in line]
+        assert warned == ([f"{said} (as this user; the service's own user may differ)"] if said else [])
+    assert not (tmp_path / "fine").exists(), "checked, not made"
