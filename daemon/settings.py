@@ -753,9 +753,21 @@ def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str
     problems = []
     for error in exc.errors():
         key = ".".join(str(part) for part in _setting_path(error["loc"])) or "(root)"
-        source = next((f" (set by {var})" for dotted, var in origins.items() if key.startswith(dotted)), "")
+        # The variables that set the key, or something inside it (ORDERBUS_SINKS__CRM__AUTH__TOKEN, for an error of
+        # the whole sinks.crm.auth section).
+        setters = sorted(
+            var for dotted, var in origins.items() if key.startswith(dotted) or dotted.startswith(f"{key}.")
+        )
+        source = f" (set by {', '.join(setters)})" if setters else ""
         if error["type"] == "extra_forbidden":
             problems.append(f"{key}: unknown setting{source}")
+            continue
+        if error["type"] in ("union_tag_not_found", "union_tag_invalid"):  # the auth section's `type`
+            tag = (error.get("ctx") or {}).get("tag")
+            which = (
+                f"{tag!r} is not one of" if error["type"] == "union_tag_invalid" else "missing: name the scheme, one of"
+            )
+            problems.append(f"{key}.type: {which} {', '.join(sorted(_AUTH_TYPES))}{source}")
             continue
         shown = error.get("input")
         # Never echo what might be a secret; show short scalar inputs only.

@@ -628,7 +628,7 @@ def test_auth_settings_from_toml_and_credential_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("env", "names"),
     [
-        ({"TOKEN": "t"}, ["sinks.crm.auth", "discriminator 'type'"]),
+        ({"TOKEN": "t"}, ["sinks.crm.auth.type: missing: name the scheme"]),
         ({"TYPE": "kerberos"}, ["sinks.crm.auth", "kerberos", "oauth2"]),
         ({"TYPE": "bearer", "TOKEN": "tok-Zq8\nX-Injected: 1"}, ["sinks.crm.auth", "control characters"]),
         ({"TYPE": "bearer", "TOKEN": ""}, ["sinks.crm.auth", "token must not be empty"]),

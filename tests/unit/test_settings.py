@@ -66,6 +66,31 @@ def test_secrets_are_masked_when_printed(tmp_path: Path) -> None:
         ("", {"ORDERBUS_INGEST__NOPE": "1"}, ["ORDERBUS_INGEST__NOPE", "ingest.nope"]),
         ("", {"ORDERBUS_NOSECTION__PORT": "1"}, ["ORDERBUS_NOSECTION__PORT"]),
         ("[ingest\n", {}, ["not valid TOML"]),
+        # Review (operator): "sinks.crm.auth: Unable to extract tag using discriminator 'type'", and no variable named.
+        (
+            "",
+            {"ORDERBUS_SINKS__CRM__AUTH__TOKEN": ""},
+            [
+                "sinks.crm.auth.type: missing: name the scheme, one of api_key, basic, bearer, none, oauth2 (set by "
+                "ORDERBUS_SINKS__CRM__AUTH__TOKEN)"
+            ],
+        ),
+        (
+            "",
+            {"ORDERBUS_SINKS__CRM__AUTH__TYPE": "beare"},
+            [
+                "sinks.crm.auth.type: 'beare' is not one of api_key, basic, bearer, none, oauth2 (set by "
+                "ORDERBUS_SINKS__CRM__AUTH__TYPE)"
+            ],
+        ),
+        (
+            "",
+            {"ORDERBUS_SINKS__CRM__AUTH__TYPE": "bearer", "ORDERBUS_SINKS__CRM__AUTH__TOKEN": ""},
+            [
+                "sinks.crm.auth: token must not be empty (set by ORDERBUS_SINKS__CRM__AUTH__TOKEN, "
+                "ORDERBUS_SINKS__CRM__AUTH__TYPE)"
+            ],
+        ),
         ("[topics]\norders_retention_hours = inf\n", {}, ["topics.orders_retention_hours", "finite"]),
         ("[sinks.crm]\ndedup_retention_hours = nan\n", {}, ["sinks.crm.dedup_retention_hours"]),
         ("[sinks.crm]\nrate = inf\n", {}, ["sinks.crm.rate", "finite"]),
