@@ -21,7 +21,7 @@ Exit codes: 0 done, 1 failed (`trace`: no record of the order; `webhook check`: 
 an order missing or unknown, or no verdict for 10 in a row; with ``--resend``, an order unknown, not resent, or
 resent with its dead letters to replay), 2
 bad usage or bad configuration (`reconcile`: the credentials or the certificate refused), 3 drift found with
-``--strict``, 130 interrupted (`reconcile`, after its report so far).
+``--strict``, 130 interrupted, 143 terminated (`reconcile`, after its report so far).
 """
 
 from __future__ import annotations
@@ -751,14 +751,19 @@ def _reconcile(args: argparse.Namespace) -> int:
             print(f"orderbus reconcile: {done} of {len(run.orders)} asked", file=sys.stderr, flush=True)
 
     code = None
+    # A SIGTERM (`timeout`, a job scheduler's limit) ends it as Ctrl-C does: with the report of what was asked.
+    default = signal.signal(signal.SIGTERM, _terminated)
     try:
         _run_async(reconcile(settings, args.sink, run, concurrency=args.concurrency, rate=args.rate, progress=progress))
     except RunStopped as stopped:
         print(f"orderbus: {stopped}", file=sys.stderr)
         code = 2 if stopped.configuration else 1
-    except KeyboardInterrupt:
-        print("orderbus: interrupted; what was asked so far:", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as interrupted:
+        terminated = isinstance(interrupted, _Terminated)
+        print(f"orderbus: {'terminated' if terminated else 'interrupted'}; what was asked so far:", file=sys.stderr)
+        code = 143 if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, default)
     config = "" if args.config is None else f" --config {args.config}"  # as the operator ran it
     for line in explain(args.sink, run, config, resending=args.resend and code is None):
         print(line)
@@ -769,6 +774,14 @@ def _reconcile(args: argparse.Namespace) -> int:
     if args.resend and any(c.verdict == "missing" for c in run.checked):
         return _resend(settings, args.sink, run)
     return 0 if accounted_for(run.checked) else 1
+
+
+class _Terminated(KeyboardInterrupt):
+    """A SIGTERM, raised where the program is, as Python raises KeyboardInterrupt for a SIGINT."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _resend(settings: Settings, sink: str, run: Run) -> int:

@@ -524,3 +524,32 @@ def test_config_check_warns_of_a_state_dir_the_daemon_could_not_make(
         warned = [line for line in capsys.readouterr().err.splitlines() if "state_dir" in line]
         assert warned == ([f"{said} (as this user; the service's own user may differ)"] if said else [])
     assert not (tmp_path / "fine").exists(), "checked, not made"
+
+
+def test_a_reconcile_terminated_still_reports_what_it_asked(
+    no_orderbus_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Review (operator): under `timeout`, a SIGTERM ended it without the report that Ctrl-C gives.
+    from daemon import reconcile
+    from daemon.reconcile import Checked, Delivered, Run
+
+    asked = Delivered("SO-1", "crm-1", 1.0)
+    run = Run([asked, Delivered("SO-2", "crm-2", 1.0)])
+
+    async def reconciling(*_: object, **__: object) -> None:
+        run.found[0] = Checked(asked, "present", "HTTP 200")
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(30)
+
+    no_orderbus_env.setattr(reconcile, "prepare", lambda *_, **__: run)
+    no_orderbus_env.setattr(reconcile, "reconcile", reconciling)
+    token = tmp_path / "crm-token"
+    token.write_text("the-crm-token\n")
+    no_orderbus_env.setenv("ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE", str(token))
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["reconcile", "--sink", "crm", "--config", str(SYSTEMD_CONFIG)]) == 143
+    captured = capsys.readouterr()
+    assert "orderbus: terminated; what was asked so far:" in captured.err
+    assert "2 order(s) delivered from this host since" in captured.out
+    assert "; 1 asked\n  present  1\n" in captured.out
+    assert signal.getsignal(signal.SIGTERM) == before, "the handler is given back"
