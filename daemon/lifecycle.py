@@ -171,7 +171,7 @@ async def serve(
             return _reasons(publisher, engines, keys)
 
         def degraded() -> dict[str, str]:
-            return _degraded(engines)
+            return _degraded(engines, publisher)
 
         register_readiness(registry, components, readiness)
         watch = None
@@ -705,7 +705,7 @@ def _status(
         "kafka_unreachable": watch.unreachable if watch is not None else None,
         "sinks": sinks,
         "not_ready": _reasons(publisher, engines, keys),
-        "degraded": _degraded(engines),
+        "degraded": _degraded(engines, publisher),
     }
 
 
@@ -782,8 +782,8 @@ def _reasons(
     reasons: dict[str, str] = {}
     if publisher is not None and publisher.topic_missing:
         reasons["ingest"] = publisher.topic_missing
-    elif publisher is not None and publisher.refused:  # which grant: /status and the log (as for the cause below)
-        reasons["ingest"] = "kafka refuses the ingest's records (an ACL): it cannot publish; orderbus status says which"
+    elif publisher is not None and not publisher.available and publisher.refused:  # its producer refused at start
+        reasons["ingest"] = "kafka refuses the ingest (an ACL): it cannot publish; orderbus status says which"
     elif publisher is not None and not publisher.available:
         # Not why (`publisher.unreachable`): /readyz is on the webhook's listener too, and the cause names the
         # brokers and their security; /status and the log say it.
@@ -805,12 +805,16 @@ def _reasons(
     return reasons
 
 
-def _degraded(engines: dict[str, SinkEngine]) -> dict[str, str]:
-    """What keeps a sink from delivering although the instance is ready, by component ("sink.<name>"): the
-    operator paused it, its downstream refuses our credentials or keeps failing, or it holds a partition it cannot
-    read. Said by /readyz and `orderbus status`, alerted on; the sink's orders wait in Kafka meanwhile. A pause
-    comes first, then what will still hold the sink once it is let go."""
+def _degraded(engines: dict[str, SinkEngine], publisher: KafkaPublisher | None = None) -> dict[str, str]:
+    """What keeps a part from working although the instance is ready, by component: the ingest whose records Kafka
+    refuses (an ACL: every webhook gets 503 and tries again, so the first one after the grant is stored; not ready,
+    a load balancer would send it none, and it would stay so); a sink the operator paused, whose downstream refuses
+    our credentials or keeps failing, or which holds a partition it cannot read. Said by /readyz and `orderbus
+    status`, alerted on; the sink's orders wait in Kafka meanwhile. A pause comes first, then what will still hold
+    the sink once it is let go."""
     degraded: dict[str, str] = {}
+    if publisher is not None and publisher.available and publisher.refused:  # which grant: /status and the log
+        degraded["ingest"] = "kafka refuses the ingest's records (an ACL): webhooks get 503; orderbus status says which"
     for name, engine in engines.items():
         said = []
         if engine.held:

@@ -40,7 +40,7 @@ from daemon.kafka_watch import Diagnosis
 from topics.acls import refusal
 from topics.broker_diagnosis import cause
 from topics.codec import EncodedRecord
-from topics.errors import BrokerError, ConfigError, PublishError
+from topics.errors import BrokerError, ConfigError, NotYetError, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ class KafkaPublisher:
         `clock` keeps the publish timeouts (`consumers.deadlines`: one sweeper, not a timer per request) and paces
         the health check and the reconnect probe. `topic_check`, if given, must pass (raise nothing) before the
         producer is built: it raises `BrokerError` while the cluster cannot be reached, `ConfigError` while the
-        topic is missing, and is tried again with the reconnect probe. `diagnosis` (`daemon.kafka_watch`), if given,
+        topic is missing, `NotYetError` while this principal may not see it (an ACL), and is tried again with the
+        reconnect probe. `diagnosis` (`daemon.kafka_watch`), if given,
         says why the broker cannot be reached once the producer's start failed (aiokafka's error says "Unable to
         bootstrap" for every cause)."""
         self._topic = topic
@@ -168,7 +169,7 @@ class KafkaPublisher:
             else:
                 log.warning("kafka unreachable at start, ingest answers 503 until it is back: %s", why)
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
-        except ConfigError:  # said by `_check_topic`
+        except (ConfigError, NotYetError):  # said by `_check_topic`
             self._probe = asyncio.create_task(self._reconnect(), name="publisher-connect")
 
     async def close(self, grace: float = CLOSE_GRACE) -> None:
@@ -209,8 +210,9 @@ class KafkaPublisher:
                     sent = await self._producer.send(
                         self._topic, value=record.value, key=record.key, headers=record.headers
                     )
-                except KafkaError as exc:
-                    self._note_refusal(exc)
+                except KafkaError as exc:  # the topic's metadata refused included (TopicAuthorizationFailed)
+                    if self._note_refusal(exc):
+                        raise PublishRefused from exc
                     raise PublishError(f"kafka refused the record: {exc!r}") from exc
                 if not sent.done():
                     woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -286,7 +288,7 @@ class KafkaPublisher:
         except BrokerError:
             self._topic_missing = None  # not known while the broker does not answer: /readyz says unreachable
             raise
-        except ConfigError as exc:
+        except (ConfigError, NotYetError) as exc:  # missing, or one this principal may not see
             if self._topic_missing != str(exc):
                 log.error("the ingest answers 503 until its topic exists: %s", exc)
             self._topic_missing = str(exc)
@@ -309,6 +311,7 @@ class KafkaPublisher:
         if not self._available:
             log.info("kafka reachable again, ingest accepts orders")
         self._available = True
+        self._refused = None  # a producer refused at start: let now (a refused publish is said again if it is not)
         if self._probe is not None and self._probe is not asyncio.current_task():
             self._probe.cancel()
 
@@ -336,7 +339,7 @@ class KafkaPublisher:
                     await _ask_for_metadata(self._producer)
                 self._reopen()
                 return
-            except ConfigError:  # a missing topic: said by `_check_topic`
+            except (ConfigError, NotYetError):  # a topic missing or hidden: said by `_check_topic`
                 delay = min(delay * 2, PROBE_MAX)
             except (KafkaError, BrokerError) as exc:
                 said = self._unreachable

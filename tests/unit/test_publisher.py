@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
     KafkaConnectionError,
     KafkaError,
     MessageSizeTooLargeError,
@@ -37,7 +38,7 @@ from daemon.publisher import (
 )
 from topics.broker_diagnosis import unreachable
 from topics.codec import EncodedRecord
-from topics.errors import BrokerError, ConfigError, PublishError
+from topics.errors import BrokerError, ConfigError, NotYetError, PublishError
 
 RECORD = EncodedRecord(key=b"SO-1", value=b'{"order": "SO-1"}', headers=[("event-type", b"order.created")])
 
@@ -311,6 +312,75 @@ async def test_no_producer_is_built_before_a_deferred_topic_check_passes(caplog:
         await publisher.close(grace=1.0)
     said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert said == [f"the ingest answers 503 until its topic exists: {missing}"] * 2  # once, and after the outage
+
+
+async def test_topics_this_principal_may_not_see_keep_the_probe_asking_until_they_are_granted() -> None:
+    # Review: a NotYetError (an ACL) from the deferred topic check ended the probe task: nothing asked again after
+    # the grant, and the stop re-raised it.
+    clock = FakeClock()
+    hidden = "the brokers do not let this daemon's principal (User:orderbus) see topic orders (...)"
+    outcomes: list[Exception | None] = [NotYetError(hidden), NotYetError(hidden), None]
+
+    async def topic_check() -> None:
+        if (outcome := outcomes.pop(0)) is not None:
+            raise outcome
+
+    def factory(**options: Any) -> FakeProducer:
+        return FakeProducer(options)
+
+    publisher = KafkaPublisher(
+        "orders", {}, health_interval=math.inf, producer_factory=factory, clock=clock, topic_check=topic_check
+    )
+    await publisher.start()
+    try:
+        assert (publisher.available, publisher.topic_missing) == (False, hidden)
+        await clock.advance(PROBE_MIN)
+        assert (publisher.available, publisher.topic_missing) == (False, hidden)
+        await clock.advance(2 * PROBE_MIN)
+        assert (publisher.available, publisher.topic_missing, outcomes) == (True, None, [])
+    finally:
+        await publisher.close(grace=1.0)
+
+
+async def test_a_producer_refused_at_start_is_said_so_and_forgotten_once_it_is_let() -> None:
+    # Review: the refusal stayed after the probe's producer started, and kept the ingest not ready for good.
+    clock = FakeClock()
+    producers: list[FakeProducer] = []
+
+    class Refused(FakeProducer):
+        async def start(self) -> None:
+            raise ClusterAuthorizationFailedError()
+
+    def factory(**options: Any) -> FakeProducer:
+        producers.append((Refused if not producers else FakeProducer)(options))
+        return producers[-1]
+
+    publisher = KafkaPublisher("orders", {}, health_interval=math.inf, producer_factory=factory, clock=clock)
+    await publisher.start()
+    try:
+        assert not publisher.available
+        assert publisher.refused is not None
+        assert publisher.refused.startswith("kafka does not let this daemon's principal start an idempotent producer")
+        assert publisher.unreachable == publisher.refused
+        await clock.advance(PROBE_MIN)
+        assert (publisher.available, publisher.refused, len(producers)) == (True, None, 2)
+    finally:
+        await publisher.close(grace=1.0)
+
+
+async def test_a_topic_send_refuses_for_an_acl_answers_as_a_refusal(
+    started: tuple[KafkaPublisher, list[FakeProducer]],
+) -> None:
+    # Review: aiokafka's send raises TopicAuthorizationFailedError itself when it cannot get the topic's metadata.
+    publisher, [producer] = started
+
+    async def send(topic: str, **_: Any) -> Any:
+        raise TopicAuthorizationFailedError(topic)
+
+    producer.send = send  # type: ignore[method-assign]
+    with pytest.raises(PublishRefused):
+        await publisher.publish(RECORD, timeout=1.0)
+    assert publisher.refused is not None
 
 
 async def test_a_producer_whose_sender_died_is_replaced_by_a_new_one() -> None:
