@@ -357,13 +357,18 @@ async def test_a_producer_refused_at_start_is_said_so_and_forgotten_once_it_is_l
 
     publisher = KafkaPublisher("orders", {}, health_interval=math.inf, producer_factory=factory, clock=clock)
     await publisher.start()
+
+    def state() -> tuple[bool, str | None, int]:
+        return publisher.available, publisher.refused, len(producers)
+
     try:
-        assert not publisher.available
-        assert publisher.refused is not None
-        assert publisher.refused.startswith("kafka does not let this daemon's principal start an idempotent producer")
-        assert publisher.unreachable == publisher.refused
+        available, refused, _ = state()
+        assert not available
+        assert refused is not None
+        assert refused.startswith("kafka does not let this daemon's principal start an idempotent producer")
+        assert publisher.unreachable == refused
         await clock.advance(PROBE_MIN)
-        assert (publisher.available, publisher.refused, len(producers)) == (True, None, 2)
+        assert state() == (True, None, 2)
     finally:
         await publisher.close(grace=1.0)
 
