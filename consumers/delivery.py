@@ -34,9 +34,15 @@ class Reply:
 
     @property
     def html(self) -> bool:
-        """Whether the answer is a web page (``Content-Type: text/html``) with something in it: no API's answer, but
-        a site's, a login page's or a proxy's (a `base_url` that points at the wrong place)."""
-        return bool(self.body) and self.content_type is not None and _HTML.match(self.content_type) is not None
+        """Whether the answer is a web page: labelled so (``Content-Type: text/html``) and markup (its first byte but
+        spaces is ``<``). No API's answer, but a site's, a login page's or a proxy's (a `base_url` that points at the
+        wrong place). The label alone is not enough: Flask, Express and PHP label what they send text/html unless
+        told otherwise, JSON and "OK" included."""
+        return (
+            self.body.lstrip()[:1] == b"<"
+            and self.content_type is not None
+            and _HTML.match(self.content_type) is not None
+        )
 
     @property
     def excerpt(self) -> str:

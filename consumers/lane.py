@@ -21,7 +21,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from consumers.backoff import Backoff
 from consumers.blocks import Blocks
@@ -375,12 +375,12 @@ class Lane:
         if not isinstance(outcome, Reply):
             return policy.decide_failure(outcome.kind), None
         decision = policy.decide(outcome.status, method)
-        if outcome.html and decision.action in ("done", "duplicate"):
+        if decision.action in _DELIVERED and _answered(outcome.status, method) and outcome.html:
             return HTML_ANSWER, None
         if outcome.status not in _TIMED_STATUSES:
             return decision, None
         wait = parse_retry_after(outcome.retry_after, wall_now=context.clock.wall(), cap=context.retry_after_cap)
-        # Whatever a policy makes of a 409 ("DELETE 409" = "dead_letter": the cancel refused), one with a Retry-After
+        # Whatever a policy makes of a 409 (an update's or a cancel's: refused, a dead letter), one with a Retry-After
         # says the first request with this key is still being processed: its outcome is not known.
         if outcome.status == 409 and decision.action != "retry" and wait is not None:
             return IN_PROGRESS, wait  # not there yet: counted done, the order would be lost if that request fails
@@ -562,6 +562,15 @@ def _retry_reason(outcome: Reply | TransportFailure) -> str:
     if isinstance(outcome, Reply) and outcome.status == 429:
         return "throttled"
     return _status_class(outcome)
+
+
+_DELIVERED: Final = ("done", "duplicate")
+
+
+def _answered(status: int, method: str) -> bool:
+    """Whether `status` to `method` says the system took the request: a 2xx, or a create's 409 ("it exists").
+    Not a status an operator's override counts as done ("DELETE 404" = "duplicate": a framework's error page)."""
+    return 200 <= status < 300 or (status == 409 and method == "POST")
 
 
 def _status_class(outcome: Reply | TransportFailure) -> str:

@@ -345,17 +345,30 @@ async def test_a_web_page_for_an_answer_is_a_dead_letter_not_a_delivery(
     page = b"<!doctype html><title>Sign in</title>"
 
     def script(request: HttpRequest, nth: int) -> Reply:
-        if b"SO-PAGE" in (request.body or b""):
+        body = request.body or b""
+        if b"SO-PAGE" in body:
             return Reply(200, None, page, 0.01, content_type)
+        if b"SO-FLASK" in body:  # what Flask, Express or PHP label text/html unless told otherwise: JSON, "OK"
+            return Reply(201, None, b' {"id": "c-1"}', 0.01, "text/html; charset=utf-8")
+        if request.method == "DELETE":  # a framework's error page to a cancel the operator counts as done
+            return Reply(404, None, page, 0.01, content_type)
         return Reply(204, None, b"", 0.01, "text/html")  # no page in it: an answer like any 204
 
-    h = harness_factory({TP0: [record(0, "SO-PAGE"), record(1, "SO-OK")]}, script)
-    await h.run_until(2)
+    records = [
+        record(0, "SO-PAGE"),
+        record(1, "SO-OK"),
+        record(2, "SO-FLASK"),
+        record(3, "SO-OK", "order.cancelled"),
+    ]
+    sink = RestSink("crm", "http://crm.test", policy=DEFAULT_POLICY.with_overrides({"DELETE 404": "duplicate"}))
+    h = harness_factory({TP0: records}, script, sink=sink)
+    await h.run_until(4)
     [letter] = h.dead.letters
     meta = read_headers(letter.record_headers())
     assert (letter.reason, meta["rule"], meta["http-status"]) == ("rejected", "html-answer", "200")
     assert "Sign in" in meta["body-excerpt"]
-    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 1
+    assert h.metric("orderbus_deliveries_total", outcome="delivered") == 2
+    assert h.metric("orderbus_deliveries_total", outcome="duplicate") == 1, "the override's 404, as it says"
 
 
 async def test_retries_exhausted_become_a_dead_letter(harness_factory: Callable[..., Harness]) -> None:
