@@ -136,6 +136,7 @@ class SinkEngine:
         self._in_dispatch = 0  # records of the batch being dispatched: counted against `max_buffered`
         self._moves: list[tuple[TopicPartitionKey, Move, int]] = []  # (partition, move, epoch): `_skip_moved`
         self._refused: dict[str, str] = {}  # what the brokers refused this sink's principal, by "fetch" / "commit"
+        self._stop = asyncio.Event()  # `run`'s
         self._epochs: dict[TopicPartitionKey, int] = {}  # per partition, how many times it was revoked
         self._next_report = 0.0
         self._throttled_reported = 0.0
@@ -192,6 +193,7 @@ class SinkEngine:
         table's lookups of the previous batch: those run beside it (`_every`, `_dispatching`), so a slow
         ListOffsets or a busy SQLite thread delays a commit or a gauge, never the next fetch.
         """
+        self._stop = stop
         quiet = asyncio.Event()  # set at the end: the background steps finish the step under way and stop
         background = [
             asyncio.create_task(self._every(self.config.commit_interval, self.commit, quiet), name="engine-commit"),
@@ -270,15 +272,19 @@ class SinkEngine:
     async def _every(self, seconds: float, step: Callable[[], Awaitable[None]], quiet: asyncio.Event) -> None:
         """Run `step` every `seconds` on the engine's clock, beside the fetch loop, until `quiet` is set."""
         while not quiet.is_set():
-            pause = asyncio.ensure_future(self._clock.sleep(seconds))
-            ended = asyncio.ensure_future(quiet.wait())
-            try:
-                await asyncio.wait({pause, ended}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                pause.cancel()
-                ended.cancel()
+            await self._sleep_unless(quiet, seconds)
             if not quiet.is_set():
                 await step()
+
+    async def _sleep_unless(self, event: asyncio.Event, seconds: float) -> None:
+        """Sleep `seconds` on the engine's clock, or until `event` is set."""
+        pause = asyncio.ensure_future(self._clock.sleep(seconds))
+        ended = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({pause, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pause.cancel()
+            ended.cancel()
 
     async def _fetch(self) -> tuple[list[Work], dict[TopicPartitionKey, int]]:
         """The next records, and the assignment epoch of each of their partitions when they arrived."""
@@ -303,7 +309,7 @@ class SinkEngine:
                     "kafka.group_instance_id end each other's so)"
                 ) from exc
             if self._refuse("fetch", exc):
-                await self._clock.sleep(_REFUSED_WAIT)
+                await self._sleep_unless(self._stop, _REFUSED_WAIT)  # a stop does not wait for the next ask
                 return [], {}
             log.warning("fetch failed, retrying", extra={"sink": self.sink.name, "error": repr(exc)})
             await self._clock.sleep(self.config.fetch_wait)
@@ -408,6 +414,7 @@ class SinkEngine:
         await self._store.flush()
         self._context.blocked.confirm(unconfirmed)
         if not offsets:
+            self._refused.pop("commit", None)  # a refused commit's offsets are gone (the partitions revoked)
             return
         # Step 3. Bounded: aiokafka retries a commit until the group coordinator takes it, and after a broker
         # restart that once held a SIGTERM's drain past the test's limit, with nothing logged.

@@ -1164,6 +1164,28 @@ async def test_a_fetch_the_brokers_refuse_for_an_acl_is_said_once_and_held_as_th
     ]
 
 
+async def test_a_stop_does_not_wait_for_the_next_ask_of_a_refused_fetch(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Review: the 5 s between two asks did not watch `stop`: a SIGTERM waited for it before the drain.
+    from aiokafka.errors import GroupAuthorizationFailedError
+
+    h = harness_factory({TP0: [record(0, "SO-1")]})
+
+    async def getmany(timeout_ms: int, max_records: int) -> Mapping[tuple[str, int], list[Any]]:
+        raise GroupAuthorizationFailedError("orderbus.crm")
+
+    h.consumer.getmany = getmany  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    running = asyncio.create_task(h.engine.run(stop))
+    await h.clock.sleep(1.0)  # refused, and 1 s into the 5 s before the next ask
+    assert h.engine.refused is not None
+    stopped_at = h.clock.now()
+    stop.set()
+    await running
+    assert h.clock.now() - stopped_at < 1.0, "the drain began at once, not after the rest of the 5 s"
+
+
 async def test_a_lane_that_fails_unexpectedly_fails_the_run_and_its_record_stays_unfinished(
     harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
