@@ -4,8 +4,9 @@
 ingest runs, which sinks); the errors of a daemon that a broker refuses point there. Each grant is the least its
 part needs, checked against a real broker with Kafka's StandardAuthorizer (tests/integration/test_kafka_acls.py):
 
-- the ingest: Write on the orders topic (with Kafka 3.0 and later, Write on a topic also allows the idempotent
-  producer's InitProducerId; older brokers want IdempotentWrite on the cluster as well);
+- the ingest: Write on the orders topic (with Kafka 3.0 and later, Write on a topic also allows an idempotent
+  producer's InitProducerId; older brokers want IdempotentWrite on the cluster as well, for the sinks' dead-letter
+  producer too);
 - each sink: Read on the orders topic and on its replay topic, Write on its dead-letter topic, Read on its
   consumer group; and DescribeConfigs on the orders topic, whose retention the backlog alert is held to
   (`daemon.topic_retention`).

@@ -5,11 +5,13 @@ aiosqlite, pydantic, httptools) are mapped to these at one boundary each, so cal
 
     OrderbusError
     ├── ConfigError                 a setting is missing or invalid; names the key and the problem
+    ├── NotYetError                 what a start needs is not there yet (a port held, a topic not granted): exit 1
     ├── ContractError               a payload breaks the order contract; carries field errors
     ├── BrokerError                 Kafka could not be reached or refused a request
     │   ├── BrokerUnavailable       (daemon.publisher) known unreachable: nothing was handed to the producer
     │   └── PublishError            a record was not acknowledged (acks=all)
-    │       └── PublishPending      (daemon.publisher) not acknowledged in time; the outcome comes later
+    │       ├── PublishPending      (daemon.publisher) not acknowledged in time; the outcome comes later
+    │       └── PublishRefused      (daemon.publisher) refused for an authorization (an ACL); nothing was stored
     ├── LocalKafkaError             the local broker tooling failed (jars, format, start, stop)
     ├── StoreError                  a SQLite state file could not be read or written
     │   └── NotClaimedError         (daemon.ingest_keys) completing an idempotency key this process does not hold
