@@ -8,7 +8,7 @@ concurrently, at most `max_in_flight` HTTP requests at a time, whatever the part
 its own lane (its next attempt time); other keys flow and the poll loop never waits.
 
 Guarantees (see the brief's delivery invariants):
-- a record is finished only in a terminal state: delivered (2xx), duplicate (already done, or 409) or
+- a record is finished only in a terminal state: delivered (2xx), duplicate (already done, or a create's 409) or
   dead-lettered (written with acks=all first);
 - an offset is committed only when every record before it is finished and durably recorded (`commit`);
 - at most `max_buffered` records are held; beyond that, and while the circuit or an auth pause holds the sink,

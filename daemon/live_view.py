@@ -193,7 +193,7 @@ class SinkSummary:
 
     delivered: int
     dead_lettered: int
-    dedup_skipped: int  # records found already applied: the dedup table, or a 409 (outcome "duplicate")
+    dedup_skipped: int  # records found already applied: the dedup table, or a create's 409 (outcome "duplicate")
     downstream_replays: int | None  # repeated requests the system's idempotency keys answered without applying
     applied: int | None  # effects in the system's own ledger
     left: int | None  # records of the orders topic this sink has not committed yet
@@ -235,7 +235,8 @@ def render_summary(summary: Summary) -> list[str]:
     lines += [
         f"  duplicates avoided: {replays} requests repeated after a lost answer, absorbed by the systems' "
         "idempotency keys;",
-        f"                      {skipped} records found already applied (orderbus's dedup table, or a 409) and skipped",
+        f"                      {skipped} records found already applied (orderbus's dedup table, or a create's "
+        "409) and skipped",
     ]
     lines.extend(summary.hints)
     return lines
