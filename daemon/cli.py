@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # A one-shot command says itself what failed (with Kafka away: why, `topics.broker_diagnosis`); aiokafka's own
     # ERROR lines reached the terminal through logging's last resort. `run` configures logging as a daemon's.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    aiokafka_log = logging.getLogger("aiokafka")
+    level = aiokafka_log.level
+    aiokafka_log.setLevel(logging.CRITICAL)
     try:
         result: int = args.func(args)
     except BrokenPipeError:
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except OrderbusError as exc:
         print(f"orderbus: {exc}", file=sys.stderr)
         return _exit_code(exc)
+    finally:
+        if aiokafka_log.level == logging.CRITICAL:  # unless `run` configured it since
+            aiokafka_log.setLevel(level)
     return result
 
 

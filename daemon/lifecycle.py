@@ -164,7 +164,7 @@ async def serve(
                 settings, options, stack, metrics, diagnosis, topic_checked=checked
             )
             gate = _connection_gate(settings, registry)
-        engines = await _open_sinks(settings, options, stack, EngineMetrics(registry))
+        engines = await _open_sinks(settings, options, stack, EngineMetrics(registry), diagnosis)
         components = [*(["ingest"] if publisher is not None else []), *(f"sink.{name}" for name in engines)]
 
         def readiness() -> dict[str, str]:
@@ -280,7 +280,7 @@ async def _run_sinks(engines: dict[str, SinkEngine], stop: asyncio.Event, notifi
 
 
 async def _open_sinks(
-    settings: Settings, options: Mapping[str, Any], stack: AsyncExitStack, metrics: EngineMetrics
+    settings: Settings, options: Mapping[str, Any], stack: AsyncExitStack, metrics: EngineMetrics, diagnosis: Diagnose
 ) -> dict[str, SinkEngine]:
     enabled = settings.enabled_sinks()
     if not enabled:
@@ -301,7 +301,7 @@ async def _open_sinks(
     orders = orders_topic(settings.topics.prefix)
     retention = RetentionWatch(
         orders,
-        functools.partial(_configs_of, orders, options, settings.kafka.request_timeout),
+        functools.partial(_configs_of, orders, options, settings.kafka.request_timeout, diagnosis),
         metrics.orders_retention.set,
         settings.topics.orders_retention_hours * 3600,
         SystemClock(),
@@ -432,9 +432,11 @@ async def check_topics(settings: Settings, options: Mapping[str, Any], diagnosis
         )
 
 
-async def _configs_of(topic: str, options: Mapping[str, Any], timeout: float) -> Mapping[str, str | None]:
+async def _configs_of(
+    topic: str, options: Mapping[str, Any], timeout: float, diagnosis: Diagnose
+) -> Mapping[str, str | None]:
     """`topic`'s configs as its brokers apply them (empty if it is not described)."""
-    return (await topic_configs([topic], options, timeout=timeout)).get(topic, {})
+    return (await topic_configs([topic], options, timeout=timeout, diagnosis=diagnosis)).get(topic, {})
 
 
 async def replay_partition_notes(settings: Settings, options: Mapping[str, Any]) -> list[str]:

@@ -134,10 +134,12 @@ class MalformedRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError):
-            record.msg, record.args = "malformed HTTP request refused (400): %s", (type(error).__name__,)
-            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "malformed HTTP request refused (%d): %s"
+            record.args = (error.code or 400, type(error).__name__)
+            if record.levelno > logging.INFO:  # aiohttp's DEBUG for a first request that is no HTTP stays DEBUG
+                record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info = record.exc_text = None
-            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+            return logging.getLogger(record.name).isEnabledFor(record.levelno)
         return True
 
 

@@ -371,6 +371,7 @@ AuthSettings = Annotated[
     Field(discriminator="type"),
 ]
 # The union's tags, which pydantic puts in an error's location (``sinks.crm.auth.bearer.token``).
+_TAG = re.compile(r"[A-Za-z0-9_-]{1,32}")  # an auth type shown in an error: a word, never a secret
 _AUTH_TYPES = frozenset(
     get_args(scheme.model_fields["type"].annotation)[0] for scheme in get_args(get_args(AuthSettings)[0])
 )
@@ -763,10 +764,10 @@ def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str
             problems.append(f"{key}: unknown setting{source}")
             continue
         if error["type"] in ("union_tag_not_found", "union_tag_invalid"):  # the auth section's `type`
-            tag = (error.get("ctx") or {}).get("tag")
-            which = (
-                f"{tag!r} is not one of" if error["type"] == "union_tag_invalid" else "missing: name the scheme, one of"
-            )
+            tag = str((error.get("ctx") or {}).get("tag"))
+            shown = repr(tag) if _TAG.fullmatch(tag) else "it"  # a typo such as "Bearer <token>" is not echoed
+            invalid = error["type"] == "union_tag_invalid"
+            which = f"{shown} is not one of" if invalid else "missing: name the scheme, one of"
             problems.append(f"{key}.type: {which} {', '.join(sorted(_AUTH_TYPES))}{source}")
             continue
         shown = error.get("input")

@@ -66,9 +66,13 @@ class RetentionWatch:
         show(setting)
 
     async def run(self) -> None:
-        """Read it now, then every `EVERY` seconds, until cancelled."""
+        """Read it now, then every `EVERY` seconds, until cancelled. A bug in a reading is said with its traceback,
+        and the next reading is tried all the same (this is a gauge's upkeep, not the daemon's work)."""
         while True:
-            await self.look()
+            try:
+                await self.look()
+            except Exception:
+                log.exception("the orders topic's retention could not be read", extra={"topic": self._topic})
             await self._clock.sleep(EVERY)
 
     async def look(self) -> Retention | None:
@@ -77,12 +81,14 @@ class RetentionWatch:
             retention = retention_of(await self._read())
         except BrokerError as exc:  # the gauge keeps what it had; said once (an unreachable Kafka, the sinks say)
             level = logging.WARNING if self._first(("unread", None)) else logging.DEBUG
+            grant = "; grant DescribeConfigs on the topic" if "AuthorizationFailed" in str(exc) else ""
             log.log(
                 level,
                 "the orders topic's retention could not be read (%s): OrderbusBacklogNearRetention stays held to %s "
-                "until it is; a principal without DescribeConfigs on the topic needs it granted",
+                "until it is%s",
                 exc,
                 _hours(self._shown),
+                grant,
             )
             return None
         if retention is None:

@@ -301,17 +301,18 @@ async def partition_counts(
 
 
 async def topic_configs(
-    names: Sequence[str], client_options: Mapping[str, Any], *, timeout: float = 30.0
+    names: Sequence[str], client_options: Mapping[str, Any], *, timeout: float = 30.0, diagnosis: Diagnose | None = None
 ) -> dict[str, dict[str, str]]:
     """Each of `names`' configs as its brokers apply them, the defaults included; `BrokerError` naming the error of
-    one they do not describe (no such topic, not authorized to). A DescribeConfigs request creates no topic."""
+    one they do not describe (no such topic, not authorized to), or why the brokers cannot be reached (`diagnosis`:
+    a daemon's, asked at most once a minute). A DescribeConfigs request creates no topic."""
     admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
     errors: dict[str, int] = {}
     try:
         await admin.start()
         configs = await _configs(admin, list(names), errors)
     except KafkaError as exc:
-        raise BrokerError(await unreachable("describe topic configs", client_options, exc)) from exc
+        raise BrokerError(await unreachable("describe topic configs", client_options, exc, diagnosis)) from exc
     finally:
         await admin.close()
     if errors:

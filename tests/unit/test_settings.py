@@ -77,6 +77,11 @@ def test_secrets_are_masked_when_printed(tmp_path: Path) -> None:
         ),
         (
             "",
+            {"ORDERBUS_SINKS__CRM__AUTH__TYPE": "Bearer s3cr3t-t0ken"},  # a typo with the secret: not echoed
+            ["sinks.crm.auth.type: it is not one of api_key, basic, bearer, none, oauth2"],
+        ),
+        (
+            "",
             {"ORDERBUS_SINKS__CRM__AUTH__TYPE": "beare"},
             [
                 "sinks.crm.auth.type: 'beare' is not one of api_key, basic, bearer, none, oauth2 (set by "
@@ -431,3 +436,10 @@ def test_a_setting_given_both_as_a_variable_and_from_a_file_is_refused(tmp_path:
     }
     with pytest.raises(ConfigError, match="ORDERBUS_SINKS__CRM__AUTH__TOKEN and ORDERBUS_SINKS__CRM__AUTH__TOKEN_FILE"):
         load_settings(None, env=env)
+
+
+def test_an_auth_type_that_is_no_word_is_not_echoed() -> None:
+    # Review: a "Bearer <token>" typo in the type would have printed the token.
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, env={"ORDERBUS_SINKS__CRM__AUTH__TYPE": "Bearer s3cr3t-t0ken"})
+    assert "s3cr3t" not in str(refused.value)

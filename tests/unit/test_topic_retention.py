@@ -76,8 +76,7 @@ async def test_the_gauge_holds_the_setting_until_the_topic_says_its_own_then_the
         "OrderbusBacklogNearRetention follows the topic; set the one that is wrong to the other (orderbus topics "
         "apply reports the difference as drift and changes no existing topic)",
         "the orders topic's retention could not be read (cannot describe topic configs at kafka:9092: connection "
-        "refused): OrderbusBacklogNearRetention stays held to 36 h until it is; a principal without "
-        "DescribeConfigs on the topic needs it granted",
+        "refused): OrderbusBacklogNearRetention stays held to 36 h until it is",
         "the orders topic orders keeps its records forever (retention.ms = -1), topics.orders_retention_hours says "
         "168 h: OrderbusBacklogNearRetention follows the topic; set the one that is wrong to the other (orderbus "
         "topics apply reports the difference as drift and changes no existing topic)",
@@ -113,3 +112,36 @@ async def test_it_reads_at_once_then_every_ten_minutes_until_cancelled() -> None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_retention_this_principal_may_not_read_says_which_grant(caplog: pytest.LogCaptureFixture) -> None:
+    async def refused() -> Mapping[str, str | None]:
+        raise BrokerError("the brokers did not describe the configs of orders: TopicAuthorizationFailedError")
+
+    watch = RetentionWatch("orders", refused, lambda _: None, WEEK, FakeClock())
+    with caplog.at_level(logging.WARNING, "daemon.topic_retention"):
+        assert await watch.look() is None
+    (said,) = warnings(caplog)
+    assert said.endswith("stays held to 168 h until it is; grant DescribeConfigs on the topic")
+
+
+async def test_a_bug_in_a_reading_is_said_and_the_next_reading_still_comes(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    readings: list[float] = []
+
+    async def buggy() -> Mapping[str, str | None]:
+        readings.append(clock.now())
+        raise KeyError("a bug")
+
+    watch = RetentionWatch("orders", buggy, lambda _: None, WEEK, clock)
+    start = clock.now()
+    task = asyncio.create_task(watch.run())
+    try:
+        await clock.advance(0)
+        await clock.advance(EVERY)
+        assert readings == [start, start + EVERY]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert [r.exc_info is not None for r in caplog.records if r.levelno == logging.ERROR] == [True, True]
