@@ -81,16 +81,28 @@ def acl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclBroker]:
         kafka_local.stop(data_dir, grace=20.0)
 
 
-def daemon_settings(broker: AclBroker, sandbox: SandboxProcess, state: Path, **extra: str) -> Settings:
+@dataclass(frozen=True)
+class Daemon:
+    """A daemon's settings as the principal ``orderbus`` (and their variables, for the CLI), its topics made by the
+    admin, and the grants `orderbus topics acls` prints for them (none given yet)."""
+
+    env: dict[str, str]
+    settings: Settings
+    acls: list[Acl]
+
+
+async def prepared(broker: AclBroker, sandbox: SandboxProcess, state: Path) -> Daemon:
     env = settings_env(broker.daemon, f"acl-{uuid.uuid4().hex[:8]}.", state, partitions=3, sinks=sandbox_sinks(sandbox))
     env |= {
         "ORDERBUS_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
         "ORDERBUS_KAFKA__SASL_MECHANISM": "PLAIN",
         "ORDERBUS_KAFKA__SASL_USERNAME": "orderbus",
         "ORDERBUS_KAFKA__SASL_PASSWORD": PASSWORD,
-        **extra,
     }
-    return load_settings(None, env=env)
+    settings = load_settings(None, env=env)
+    # `orderbus topics apply`, as the cluster's admin runs it.
+    await apply_catalogue(catalogue(topic_layout(settings.topics)), {"bootstrap_servers": broker.admin})
+    return Daemon(env, settings, daemon_acls(settings.topics.prefix, list(settings.enabled_sinks()), ingest=True))
 
 
 async def grant(broker: AclBroker, acls: Sequence[Acl]) -> None:
@@ -125,11 +137,6 @@ async def _count(admin: AIOKafkaAdminClient) -> int:
     return sum(len(resource["acls"]) for resource in answer["resources"])
 
 
-async def on_admin_listener(broker: AclBroker, settings: Settings) -> None:
-    """`orderbus topics apply`, as the cluster's admin runs it."""
-    await apply_catalogue(catalogue(topic_layout(settings.topics)), {"bootstrap_servers": broker.admin})
-
-
 async def test_with_what_topics_acls_prints_the_daemon_publishes_delivers_and_dead_letters(
     acl_broker: AclBroker,
     sandbox_process: SandboxProcess,
@@ -137,17 +144,11 @@ async def test_with_what_topics_acls_prints_the_daemon_publishes_delivers_and_de
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = daemon_settings(acl_broker, sandbox_process, tmp_path / "state")
-    await on_admin_listener(acl_broker, settings)
-    prefix = settings.topics.prefix
-    await grant(acl_broker, daemon_acls(prefix, list(settings.enabled_sinks()), ingest=True))
+    daemon = await prepared(acl_broker, sandbox_process, tmp_path / "state")
+    settings, prefix = daemon.settings, daemon.settings.topics.prefix
+    await grant(acl_broker, daemon.acls)
     # What the CLI prints is that list, for the principal of the settings.
-    env = settings_env(acl_broker.daemon, prefix, tmp_path)
-    env |= {"ORDERBUS_KAFKA__SASL_USERNAME": "orderbus", "ORDERBUS_KAFKA__SASL_PASSWORD": PASSWORD}
-    env |= {"ORDERBUS_KAFKA__SASL_MECHANISM": "PLAIN", "ORDERBUS_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT"}
-    env |= {f"ORDERBUS_SINKS__{name.upper()}": json.dumps({"enabled": True, "base_url": "http://127.0.0.1:9"})
-            for name in SINKS}  # fmt: skip
-    printed = await orderbus_cli("topics", "acls", env=env)
+    printed = await orderbus_cli("topics", "acls", env=daemon.env)
     assert printed.returncode == 0, printed.stderr
     commands = [line for line in printed.stdout.splitlines() if line.startswith("kafka-acls.sh")]
     assert len(commands) == 1 + 3 * len(SINKS)
@@ -188,8 +189,7 @@ async def test_topics_it_may_not_see_are_said_so_not_missing(
 ) -> None:
     # Kafka lists only the topics a principal may describe: without a grant, they read as missing, and the start
     # said "run `orderbus topics apply`", which the admin had run.
-    settings = daemon_settings(acl_broker, sandbox_process, tmp_path / "state")
-    await on_admin_listener(acl_broker, settings)
+    settings = (await prepared(acl_broker, sandbox_process, tmp_path / "state")).settings
     orders = f"{settings.topics.prefix}orders"
     await grant(acl_broker, [Acl("topic", orders, ("Read",), "only the orders topic")])
     options = client_options(settings.kafka)
@@ -216,10 +216,8 @@ async def test_a_sink_without_its_group_says_why_on_readyz_and_delivers_once_it_
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # It said "joining its consumer group (or kafka unreachable)", and logged a failed fetch 5 times a second.
-    settings = daemon_settings(acl_broker, sandbox_process, tmp_path / "state")
-    await on_admin_listener(acl_broker, settings)
-    prefix = settings.topics.prefix
-    acls = daemon_acls(prefix, list(settings.enabled_sinks()), ingest=True)
+    daemon = await prepared(acl_broker, sandbox_process, tmp_path / "state")
+    settings, prefix, acls = daemon.settings, daemon.settings.topics.prefix, daemon.acls
     crm_group = Acl("group", f"{prefix}orderbus.crm", ("Read",), "sink crm's consumer group")
     assert crm_group in acls
     await grant(acl_broker, [acl for acl in acls if acl != crm_group])
@@ -259,10 +257,8 @@ async def test_an_ingest_without_write_says_so_to_the_operator_and_publishes_onc
     acl_broker: AclBroker, sandbox_process: SandboxProcess, tmp_path: Path
 ) -> None:
     # It answered 503 "kafka is unreachable" to every webhook while /readyz and the status said all was well.
-    settings = daemon_settings(acl_broker, sandbox_process, tmp_path / "state")
-    await on_admin_listener(acl_broker, settings)
-    prefix = settings.topics.prefix
-    acls = daemon_acls(prefix, list(settings.enabled_sinks()), ingest=True)
+    daemon = await prepared(acl_broker, sandbox_process, tmp_path / "state")
+    settings, prefix, acls = daemon.settings, daemon.settings.topics.prefix, daemon.acls
     write = Acl("topic", f"{prefix}orders", ("Write",), "the ingest publishes orders")
     await grant(acl_broker, [Acl("topic", acls[0].name, ("Read", "DescribeConfigs"), "the sinks"), *acls[1:]])
     body = sample_submission(random.Random(5), order_number=f"ACL-{uuid.uuid4().hex[:10]}").model_dump_json()
