@@ -5,8 +5,8 @@ shares one TLS context (`daemon.kafka_options.client_options`, built once). A re
 again and loads it into that context: the next connections show the new certificate, those open keep theirs (a
 broker checks a client certificate at the handshake only). A pair that does not load, or a certificate not valid
 now while the one in use is, keeps the one in use; the new pair is tried on a context of its own first, so that
-half a pair never reaches the shared one. The CA file (``kafka.ssl_cafile``) is not read again: a new CA takes a
-restart.
+half a pair never reaches the shared one. The CA file (``kafka.ssl_cafile``) is read again too, by
+`daemon.kafka_trust`.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ from daemon.ingest_metrics import (
 )
 from daemon.kafka_certificate import KafkaCertificate, kafka_certificate
 from daemon.kafka_options import client_options
+from daemon.kafka_trust import KafkaTrust, kafka_trust
 from daemon.kafka_watch import Diagnosis, KafkaWatch
 from daemon.key_pairs import CertificateEnd
 from daemon.publisher import KafkaPublisher
@@ -214,7 +215,8 @@ async def serve(
         )
         stack.push_async_callback(cancel_and_wait, ready)
         if reload is not None and load is not None:
-            reloading = _reload_on_request(reload, load, settings, engines, tls, kafka_cert)
+            kafka_ca = kafka_trust(settings.kafka, options)
+            reloading = _reload_on_request(reload, load, settings, engines, tls, kafka_cert, kafka_ca)
             reloader = asyncio.create_task(reloading, name="reload")
             stack.push_async_callback(cancel_and_wait, reloader)
         await _run_sinks(engines, stop, notifier)
@@ -538,12 +540,13 @@ async def _reload_on_request(
     engines: dict[str, SinkEngine],
     tls: ServerTls | None = None,
     kafka_cert: KafkaCertificate | None = None,
+    kafka_ca: KafkaTrust | None = None,
 ) -> None:
     """On each request (SIGHUP), re-read the settings and apply what can change live: the log level, the sinks'
     rate limits, the unreadable records they skip and whether they are paused; and read the webhook's certificate
-    and key again (`tls`, renewed in place), and the Kafka clients' (`kafka_cert`). A bad file keeps the running
-    settings; other changes are logged as needing a restart. The ``settings reloaded`` line names the live keys
-    that changed (``applied``)."""
+    and key again (`tls`, renewed in place), the Kafka clients' (`kafka_cert`) and the CAs they trust (`kafka_ca`,
+    added to). A bad file keeps the running settings; other changes are logged as needing a restart. The
+    ``settings reloaded`` line names the live keys that changed (``applied``)."""
     running = current  # what the live keys were set to last
     while True:
         await requested.wait()
@@ -552,6 +555,8 @@ async def _reload_on_request(
         for renewable in (tls, kafka_cert):  # first, whatever becomes of the settings: a renewal must not wait
             if renewable is not None:  # for a fixed file
                 _reload_certificate(renewable, time.time())
+        if kafka_ca is not None:
+            _reload_trust(kafka_ca)
         try:
             fresh = load()
         except ConfigError as exc:
@@ -610,6 +615,26 @@ def _reload_certificate(tls: _Renewable, now: float) -> None:
         else:
             log.info("certificate unchanged", extra=fields)
     tls.end.say(now)
+
+
+def _reload_trust(trust: KafkaTrust) -> None:
+    """Add the CAs the Kafka CA file holds now to the clients' trust; what is wrong with it changes nothing."""
+    fields = {"cafile": str(trust.ca_file)}
+    try:
+        trusted = trust.reload()
+    except ConfigError as exc:
+        log.error("kafka CA reload refused, the CAs trusted stay", extra={**fields, "error": str(exc)})
+    except Exception:  # a bug: said with its traceback, and the next SIGHUP is still heard
+        log.exception("kafka CA reload failed, the CAs trusted stay", extra=fields)
+    else:
+        # Added, never taken away: a CA dropped from the file stays trusted until a restart.
+        log.info(
+            "kafka CA file read again: %d CA certificate(s) trusted, %d of them new (one dropped from the file "
+            "stays trusted until a restart)",
+            trusted.total,
+            trusted.new,
+            extra=fields,
+        )
 
 
 def _is_credential(path: Path) -> bool:
