@@ -64,6 +64,7 @@ def prepare_wal_file(
     creates what is missing. The file is stamped with `layout` (SQLite's ``user_version``), and one stamped by a
     later orderbus is refused (`check_layout_version`).
     """
+    _private(path)
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
         check_layout_version(db, path, store, layout)
         (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
@@ -73,6 +74,19 @@ def prepare_wal_file(
             log.info("%s %s: brought to the current layout", store, path)
         db.executescript(schema)
         db.execute(f"PRAGMA user_version = {int(layout)}")
+
+
+def _private(path: Path) -> None:
+    """Make `path` (and its WAL and shared-memory files, which SQLite creates with the file's mode) readable by its
+    owner alone, whatever the process's umask: it holds order numbers and idempotency keys, and a state directory a
+    volume mount or a container makes group-readable would otherwise show them (a file of another owner is left)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # an empty file is an empty database to SQLite
+    except OSError:
+        return  # not ours to make (a directory that cannot be written): sqlite3.connect says why, as before
+    for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            os.chmod(file, 0o600)
 
 
 def check_layout_version(db: sqlite3.Connection, path: Path, store: str, layout: int) -> None:

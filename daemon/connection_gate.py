@@ -18,7 +18,7 @@ otherwise. At the limit, a new connection
    (`_Refusal`), or, beyond `refusals_held` such answers under way, cut off at once.
 
 Each is counted (``orderbus_ingest_connections_shed_total{action="closed_idle"|"refused"}``) and logged. What the
-gate does not see: connections in their TLS handshake (until it completes; bounded by its 60 s timeout).
+gate does not see: connections in their TLS handshake (until it completes; bounded by `TLS_HANDSHAKE`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ REFUSAL_WAIT: Final = 5.0
 # How long a closed TLS connection may wait for the client's close_notify (uvloop's default is 30 s, during which
 # its descriptor stays open).
 TLS_SHUTDOWN: Final = 5.0
+# How long a TLS handshake may take (asyncio's default is 60 s): a connection in its handshake is not counted by the
+# gate yet, so a client that opens connections and sends nothing holds a descriptor each for this long. A shop's
+# server shakes hands in milliseconds; a slow link in well under a second.
+TLS_HANDSHAKE: Final = 10.0
 # A request head longer than this is answered at this point (aiohttp's own limit for a head is 8190 bytes a line).
 MAX_HEAD: Final = 16_384
 _END_OF_HEAD: Final = b"\r\n\r\n"
@@ -319,7 +323,7 @@ def _closing_answer(status: int, reason: str, code: str, detail: str, retry_afte
 class GatedSite(web.BaseSite):
     """`web.TCPSite` whose connections pass a `ConnectionGate` first."""
 
-    __slots__ = ("_gate", "_host", "_port")
+    __slots__ = ("_gate", "_handshake_timeout", "_host", "_port")
 
     def __init__(
         self,
@@ -330,11 +334,13 @@ class GatedSite(web.BaseSite):
         *,
         ssl_context: ssl.SSLContext | None = None,
         backlog: int = 128,
+        handshake_timeout: float = TLS_HANDSHAKE,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host = host
         self._port = port
         self._gate = gate
+        self._handshake_timeout = handshake_timeout
 
     @property
     def name(self) -> str:
@@ -350,6 +356,7 @@ class GatedSite(web.BaseSite):
             self._port,
             ssl=self._ssl_context,
             backlog=self._backlog,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context is not None else None,
             ssl_shutdown_timeout=TLS_SHUTDOWN if self._ssl_context is not None else None,
         )
 

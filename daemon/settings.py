@@ -365,6 +365,7 @@ class OAuth2Settings(_AuthSection):
         return self
 
 
+_CREDENTIALS = re.compile(r"sinks\.[^.]+\.auth\.|kafka\.sasl_|ingest\.webhook_secrets")  # their values: never shown
 _SECRETS = frozenset({"token", "password", "key", "client_secret"})  # the auth keys a *_FILE variable may hold
 AuthSettings = Annotated[
     NoAuthSettings | BearerAuthSettings | BasicAuthSettings | ApiKeyAuthSettings | OAuth2Settings,
@@ -771,8 +772,9 @@ def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str
             problems.append(f"{key}.type: {which} {', '.join(sorted(_AUTH_TYPES))}{source}")
             continue
         shown = error.get("input")
-        # Never echo what might be a secret; show short scalar inputs only.
-        secret = any(word in key for word in ("secret", "password", "token", "key"))
+        # Never echo what might be a secret: a key named so, and anything in a credentials section, where a secret
+        # typed into the wrong field ("X-Api-Key: <key>" as a header name, "user:password" as a user) would be shown.
+        secret = any(word in key for word in ("secret", "password", "token", "key")) or _CREDENTIALS.match(key)
         if isinstance(shown, str):
             shown = mask_url(shown)
         bad = "" if secret or isinstance(shown, dict | list) else f" (got {shown!r})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import signal
 import sqlite3
 import sys
@@ -837,3 +838,21 @@ async def test_a_file_reopened_after_its_writer_was_killed_has_every_flushed_sta
             of(*(f"{last_reported + 1}:{i}" for i in range(100)), order_ref=f"SO-{last_reported + 1}")
         )
         assert len(after) in (0, 100)
+
+
+async def test_a_state_file_and_its_wal_are_for_their_owner_alone_whatever_the_umask(tmp_path: Path) -> None:
+    # Review (security): with umask 022 they were -rw-r--r--, and a group-readable state_dir (a volume mount, fsGroup)
+    # showed order numbers and idempotency keys to others.
+    path = tmp_path / "dedup-crm.sqlite"
+    before = os.umask(0o022)
+    try:
+        async with SqliteDedupStore(path) as store:
+            store.put(state("crm:1", order_ref="SO-1"))
+            await store.flush()
+            files = [path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")]
+            assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o600" for f in files}
+    finally:
+        os.umask(before)
+    path.chmod(0o644)  # a file of an earlier version: made private at the next open
+    async with SqliteDedupStore(path):
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
