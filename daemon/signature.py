@@ -31,7 +31,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final
+from typing import Final, NamedTuple
 
 from topics.errors import ConfigError, OrderbusError
 
@@ -74,6 +74,14 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return f"{_VERSION},{base64.b64encode(_digest(key, msg_id, str(timestamp), body)).decode('ascii')}"
 
 
+class Signed(NamedTuple):
+    """A request's signature headers, present and fresh (`WebhookVerifier.check_headers`)."""
+
+    msg_id: str
+    timestamp: str
+    signatures: str
+
+
 class WebhookVerifier:
     """Checks the Standard Webhooks headers of an incoming request against one or more active secrets.
 
@@ -108,10 +116,20 @@ class WebhookVerifier:
         Checks run in this order, so the reason names the first problem: headers present, timestamp an
         integer, timestamp within the tolerance, then some ``v1`` entry matching some secret.
         """
+        return self.matches(self.check_headers(headers), body)
+
+    def check_headers(self, headers: Mapping[str, str]) -> Signed:
+        """The headers' part of `verify`: present, and the timestamp fresh; `SignatureError` otherwise. Cheap, and
+        asked before the body is read: an unsigned or stale request then holds no share of the body buffer."""
         msg_id = _header(headers, ID_HEADER)
         raw_timestamp = _header(headers, TIMESTAMP_HEADER)
         raw_signatures = " ".join(_every_line(headers, SIGNATURE_HEADER)) or _header(headers, SIGNATURE_HEADER)
         self._check_timestamp(raw_timestamp)
+        return Signed(msg_id, raw_timestamp, raw_signatures)
+
+    def matches(self, signed: Signed, body: bytes) -> str:
+        """The body's part of `verify`, for headers `check_headers` passed: the webhook id, or `SignatureError`."""
+        msg_id, raw_timestamp, raw_signatures = signed
         offered = _v1_signatures(raw_signatures)
         # The timestamp is signed as sent (not re-formatted), exactly the bytes the sender hashed.
         expected = [_digest(key, msg_id, raw_timestamp, body) for key in self._keys]
