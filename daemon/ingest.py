@@ -2,8 +2,9 @@
 
 The checks run cheapest first, and every answer has one cause:
 
-1. content type (415), body size (413);
-2. the Standard Webhooks signature, when secrets are configured (401);
+1. content type (415), declared body size (413);
+2. the Standard Webhooks signature, when secrets are configured (401): its headers present and fresh before the
+   body is read (the connection is closed, the rest of the body unread), then the body's digest;
 3. the idempotency key is well-formed (400): the signed ``webhook-id`` when signatures are on (an
    ``Idempotency-Key`` is ignored then), else ``Idempotency-Key``, else ``webhook-id``; a body with its own
    ``event_id`` is keyed by that instead, once parsed;
@@ -129,6 +130,8 @@ class Ingest:
             refusal = _refused(417, "expectation-failed", "the only Expect this server answers is 100-continue")
         elif (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
             refusal = self._too_large()
+        elif (unsigned := self._unsigned(request.headers)) is not None:  # before the body is sent
+            refusal = unsigned
         elif declared is not None and not self._fits(declared):
             refusal = self._buffer_full()
         else:
@@ -140,12 +143,34 @@ class Ingest:
         self._metrics.answered(refusal.status)
         return refusal
 
+    def _unsigned(self, headers: Mapping[str, str]) -> web.Response | None:
+        """The 401 of signature headers missing or stale, when signatures are on; None when they pass."""
+        if self._verifier is None:
+            return None
+        try:
+            self._verifier.check_headers(headers)
+        except SignatureError as exc:
+            return _refused(401, "invalid-signature", str(exc))
+        return None
+
     async def _answer(self, request: web.Request, held: _Held) -> web.Response:
         if request.content_type not in _JSON_TYPES:
             return _refused(415, "unsupported-media-type", "send the order as Content-Type: application/json")
         if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
             # aiohttp would inflate it, but the signature covers the bytes as sent and the limits the bytes read.
             return _refused(415, "unsupported-content-encoding", "send the body uncompressed (no Content-Encoding)")
+        if (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
+            return self._too_large()
+        signed = None
+        if self._verifier is not None:
+            # The headers before the body: an unsigned or stale request holds no share of the body buffer, nor its
+            # connection while the body comes (closed, as the rest of it is not read).
+            try:
+                signed = self._verifier.check_headers(request.headers)
+            except SignatureError as exc:
+                response = _refused(401, "invalid-signature", str(exc))
+                response.force_close()
+                return response
         try:
             body = await self._read_body(request, held)
         except _BufferFull:
@@ -164,9 +189,9 @@ class Ingest:
             return response
         if body is None:
             return self._too_large()
-        if self._verifier is not None:
+        if self._verifier is not None and signed is not None:
             try:
-                self._verifier.verify(request.headers, body)
+                self._verifier.matches(signed, body)
             except SignatureError as exc:
                 return _refused(401, "invalid-signature", str(exc))
         key, header = _idempotency_key(request.headers, signed=self._verifier is not None)

@@ -630,6 +630,35 @@ async def test_a_body_declared_too_large_is_refused_before_it_is_sent(publisher:
         await client.close()
 
 
+async def test_a_request_without_fresh_signature_headers_is_refused_before_its_body(publisher: FakePublisher) -> None:
+    # Review (security): the whole body was read, and held in the body buffer, before the signature was looked at:
+    # a few slow senders without any webhook-* header took the buffer from the shops' orders.
+    client = await client_for(publisher, secrets=(SECRET,))
+    try:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        try:
+            writer.write(  # the head and 100 bytes of a 5,000-byte body, no more: the answer comes all the same
+                b"POST /v1/orders HTTP/1.1\r\nHost: orderbus\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 5000\r\n\r\n" + b" " * 100
+            )
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 5)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert status == b"HTTP/1.1 401 Unauthorized\r\n"
+            assert b"Connection: close" in head, "the rest of the body is not read"
+        finally:
+            writer.close()
+        # With Expect: 100-continue, before the client sends it.
+        assert await head_of_the_answer(client, "100-continue", 5000) == b"HTTP/1.1 401 Unauthorized\r\n close"
+        # Signed and fresh: asked for the body, and the order is published.
+        payload = body()
+        sent = await client.post("/v1/orders", data=payload, headers=signed_headers("msg_1", payload), expect100=True)
+        assert sent.status == 202
+        assert len(publisher.records) == 1
+    finally:
+        await client.close()
+
+
 @pytest.mark.parametrize(
     ("topic", "partition", "offset"),
     [("orders", 0, 0), ("shop.orders_v2-eu", 11, 9_007_199_254_740_993), ("O", 2**31 - 1, 2**63 - 1)],
