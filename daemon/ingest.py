@@ -4,7 +4,7 @@ The checks run cheapest first, and every answer has one cause:
 
 1. content type (415), declared body size (413);
 2. the Standard Webhooks signature, when secrets are configured (401): its headers present and fresh before the
-   body is read (the connection is closed, the rest of the body unread), then the body's digest;
+   body is read (the rest of it is dropped, and the connection closed), then the body's digest;
 3. the idempotency key is well-formed (400): the signed ``webhook-id`` when signatures are on (an
    ``Idempotency-Key`` is ignored then), else ``Idempotency-Key``, else ``webhook-id``; a body with its own
    ``event_id`` is keyed by that instead, once parsed;
@@ -128,6 +128,8 @@ class Ingest:
         expect = request.headers.get(hdrs.EXPECT, "")
         if expect.lower() != "100-continue":
             refusal = _refused(417, "expectation-failed", "the only Expect this server answers is 100-continue")
+        elif (unacceptable := _unacceptable(request)) is not None:  # the answers' order as without Expect
+            refusal = unacceptable
         elif (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
             refusal = self._too_large()
         elif (unsigned := self._unsigned(request.headers)) is not None:  # before the body is sent
@@ -154,17 +156,14 @@ class Ingest:
         return None
 
     async def _answer(self, request: web.Request, held: _Held) -> web.Response:
-        if request.content_type not in _JSON_TYPES:
-            return _refused(415, "unsupported-media-type", "send the order as Content-Type: application/json")
-        if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-            # aiohttp would inflate it, but the signature covers the bytes as sent and the limits the bytes read.
-            return _refused(415, "unsupported-content-encoding", "send the body uncompressed (no Content-Encoding)")
+        if (unacceptable := _unacceptable(request)) is not None:
+            return unacceptable
         if (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
             return self._too_large()
         signed = None
         if self._verifier is not None:
-            # The headers before the body: an unsigned or stale request holds no share of the body buffer, nor its
-            # connection while the body comes (closed, as the rest of it is not read).
+            # The headers before the body: an unsigned or stale request takes no share of the body buffer. Answered
+            # at once; aiohttp then reads and drops what is left of the body (10 s at most) and closes.
             try:
                 signed = self._verifier.check_headers(request.headers)
             except SignatureError as exc:
@@ -409,6 +408,16 @@ def _client_gone() -> web.Response:
     response = web.Response(status=CLIENT_GONE, reason="Client Closed Request")
     response.force_close()
     return response
+
+
+def _unacceptable(request: web.Request) -> web.Response | None:
+    """The 415 of a body that is not JSON or that is compressed; None for one the ingest reads."""
+    if request.content_type not in _JSON_TYPES:
+        return _refused(415, "unsupported-media-type", "send the order as Content-Type: application/json")
+    if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        # aiohttp would inflate it, but the signature covers the bytes as sent and the limits the bytes read.
+        return _refused(415, "unsupported-content-encoding", "send the body uncompressed (no Content-Encoding)")
+    return None
 
 
 def _refused(

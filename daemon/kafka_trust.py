@@ -10,6 +10,7 @@ no certificate changes nothing (`ConfigError` naming the setting), checked on a 
 
 from __future__ import annotations
 
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,12 @@ from topics.errors import ConfigError
 __all__ = ["KafkaTrust", "Trusted", "kafka_trust"]
 
 _KEY = "kafka.ssl_cafile"
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*?-----END CERTIFICATE-----")
 
 
 @dataclass(frozen=True, slots=True)
 class Trusted:
-    """After a reload: the CA certificates the clients trust, and how many of them the reload added."""
+    """After a reload: the certificates the clients trust, and how many of them the reload added."""
 
     total: int
     new: int
@@ -38,22 +40,29 @@ class KafkaTrust:
         self._context, self.ca_file = context, ca_file
 
     def reload(self) -> Trusted:
-        """Add the CAs the file holds now to the shared context; `ConfigError` (nothing changed) if it cannot."""
+        """Add the certificates the file holds now to the shared context; `ConfigError` (nothing changed) if it
+        cannot. Only its PEM certificate blocks are taken, as OpenSSL reads a ``cafile`` at start: a bundle's
+        comments between them (certifi's name issuers in UTF-8) are no error."""
         try:
-            text = self.ca_file.read_text("ascii")
-        except (OSError, ValueError) as exc:  # ValueError: bytes that are not PEM's ASCII
-            raise ConfigError(f"{_KEY}: cannot read {self.ca_file}: {exc}") from None
+            data = self.ca_file.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{_KEY}: cannot read {self.ca_file}: {exc.strerror or exc}") from None
+        blocks = _PEM_CERTIFICATE.findall(data)
+        if not blocks:
+            raise ConfigError(f"{_KEY}: {self.ca_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        pem = b"\n".join(blocks).decode("ascii")
         try:
-            ssl.create_default_context(cadata=text)  # a file with no certificate, or a broken one, stops here
+            ssl.create_default_context(cadata=pem)  # one block that does not load stops the reload here, whole
         except (ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"{_KEY}: {self.ca_file} holds no CA certificate that loads: {exc}") from None
+            raise ConfigError(f"{_KEY}: {self.ca_file} holds a certificate that does not load: {exc}") from None
         before = self._count()
-        self._context.load_verify_locations(cadata=text)
+        self._context.load_verify_locations(cadata=pem)
         total = self._count()
         return Trusted(total, total - before)
 
     def _count(self) -> int:
-        return int(self._context.cert_store_stats()["x509_ca"])
+        # Every certificate trusted, not only those marked CA: a broker's self-signed certificate may be one.
+        return int(self._context.cert_store_stats()["x509"])
 
 
 def kafka_trust(kafka: KafkaSettings, options: dict[str, Any]) -> KafkaTrust | None:

@@ -629,8 +629,8 @@ def _reload_trust(trust: KafkaTrust) -> None:
     else:
         # Added, never taken away: a CA dropped from the file stays trusted until a restart.
         log.info(
-            "kafka CA file read again: %d CA certificate(s) trusted, %d of them new (one dropped from the file "
-            "stays trusted until a restart)",
+            "kafka CA file read again: %d certificate(s) trusted, %d of them new (one dropped from the file stays "
+            "trusted until a restart)",
             trusted.total,
             trusted.new,
             extra=fields,

@@ -365,7 +365,6 @@ class OAuth2Settings(_AuthSection):
         return self
 
 
-_CREDENTIALS = re.compile(r"sinks\.[^.]+\.auth\.|kafka\.sasl_|ingest\.webhook_secrets")  # their values: never shown
 _SECRETS = frozenset({"token", "password", "key", "client_secret"})  # the auth keys a *_FILE variable may hold
 AuthSettings = Annotated[
     NoAuthSettings | BearerAuthSettings | BasicAuthSettings | ApiKeyAuthSettings | OAuth2Settings,
@@ -750,6 +749,17 @@ def _setting_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
     return tuple(part for i, part in enumerate(loc) if not (i and loc[i - 1] == "auth" and part in _AUTH_TYPES))
 
 
+def _credential(loc: tuple[int | str, ...]) -> bool:
+    """Whether `loc` is in a credentials section, whose values a settings error never shows: a sink's ``auth`` (a
+    sink's name may hold a dot: by position, not by the joined key), ``kafka.sasl_*``, ``ingest.webhook_secrets``."""
+    section = (str(loc[0]) if loc else "", str(loc[1]) if len(loc) > 1 else "")
+    return (
+        (section[0] == "sinks" and len(loc) > 2 and loc[2] == "auth")
+        or (section[0] == "kafka" and section[1].startswith("sasl_"))
+        or section == ("ingest", "webhook_secrets")
+    )
+
+
 def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str]) -> str:
     where = f" in {path}" if path is not None else ""
     problems = []
@@ -774,7 +784,7 @@ def _describe(exc: ValidationError, path: Path | None, origins: Mapping[str, str
         shown = error.get("input")
         # Never echo what might be a secret: a key named so, and anything in a credentials section, where a secret
         # typed into the wrong field ("X-Api-Key: <key>" as a header name, "user:password" as a user) would be shown.
-        secret = any(word in key for word in ("secret", "password", "token", "key")) or _CREDENTIALS.match(key)
+        secret = any(word in key for word in ("secret", "password", "token", "key")) or _credential(error["loc"])
         if isinstance(shown, str):
             shown = mask_url(shown)
         bad = "" if secret or isinstance(shown, dict | list) else f" (got {shown!r})"

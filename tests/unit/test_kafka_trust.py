@@ -53,33 +53,40 @@ async def test_a_ca_added_to_the_file_is_trusted_after_a_reload(rotated: tuple[P
     trust = KafkaTrust(context, ca_file)
     with pytest.raises(ssl.SSLCertVerificationError):
         await handshake(context, port)
-    ca_file.write_text(old.read_text() + new.read_text())  # the rotation's first step: both trusted
+    # The rotation's first step: both trusted; a bundle's comments between them (certifi's, in UTF-8) are no error.
+    ca_file.write_text(f"# Issuer: Főtanúsítvány\n{old.read_text()}\n# the new one\n{new.read_text()}", "utf-8")
     assert trust.reload() == Trusted(total=2, new=1)
     await handshake(context, port)
     assert trust.reload() == Trusted(total=2, new=0), "the same file again adds nothing"
+
+
+BROKEN = "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n"
 
 
 @pytest.mark.parametrize(
     ("content", "said"),
     [
         (None, "kafka.ssl_cafile: cannot read "),
-        ("not a certificate\n", "kafka.ssl_cafile: "),
-        ("-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n", "holds no CA certificate that loads"),
+        ("not a certificate\n", "holds no PEM certificate"),
+        (BROKEN, "holds a certificate that does not load"),
+        ("new+broken", "holds a certificate that does not load"),  # a good one first: not added either
     ],
 )
 async def test_a_ca_file_that_does_not_load_changes_nothing(
     rotated: tuple[Path, Path, Path, int], content: str | None, said: str
 ) -> None:
-    _, _, ca_file, _ = rotated
+    _, new, ca_file, port = rotated
     context = ssl.create_default_context(cafile=str(ca_file))
     trust = KafkaTrust(context, ca_file)
     if content is None:
         ca_file.unlink()
     else:
-        ca_file.write_text(content)
+        ca_file.write_text(new.read_text() + BROKEN if content == "new+broken" else content)
     with pytest.raises(ConfigError, match=said):
         trust.reload()
-    assert context.cert_store_stats()["x509_ca"] == 1
+    assert context.cert_store_stats()["x509"] == 1
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await handshake(context, port)
 
 
 async def test_a_sighup_reads_the_ca_file_again_and_says_what_it_trusts(
@@ -106,6 +113,6 @@ async def test_a_sighup_reads_the_ca_file_again_and_says_what_it_trusts(
     await handshake(context, port)
     [said] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kafka CA file read again")]
     assert said == (
-        "kafka CA file read again: 2 CA certificate(s) trusted, 1 of them new (one dropped from the file stays "
+        "kafka CA file read again: 2 certificate(s) trusted, 1 of them new (one dropped from the file stays "
         "trusted until a restart)"
     )

@@ -451,6 +451,7 @@ def test_an_auth_type_that_is_no_word_is_not_echoed() -> None:
         {"ORDERBUS_SINKS__CRM__AUTH__TYPE": "api_key", "ORDERBUS_SINKS__CRM__AUTH__HEADER": "X-Api-Key: LIVE-S3CR3T"},
         {"ORDERBUS_SINKS__CRM__AUTH__TYPE": "basic", "ORDERBUS_SINKS__CRM__AUTH__USERNAME": "svc:LIVE-S3CR3T"},
         {"ORDERBUS_KAFKA__SASL_MECHANISM": "LIVE-S3CR3T"},
+        {"ORDERBUS_SINKS__A.B__AUTH__TYPE": "basic", "ORDERBUS_SINKS__A.B__AUTH__USERNAME": "svc:LIVE-S3CR3T"},
     ],
 )
 def test_a_secret_typed_into_the_wrong_field_of_a_credential_is_not_echoed(env: dict[str, str]) -> None:
