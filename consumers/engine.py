@@ -48,7 +48,7 @@ from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
 from consumers.unreadable import Skips, coordination_ended
 from consumers.work import TopicPartitionKey, Work, make_work
-from topics.acls import refusal
+from topics.acls import Refusals
 from topics.catalogue import consumer_group
 from topics.errors import BrokerError, StoreError
 
@@ -135,7 +135,9 @@ class SinkEngine:
         self._dispatching: asyncio.Task[None] | None = None
         self._in_dispatch = 0  # records of the batch being dispatched: counted against `max_buffered`
         self._moves: list[tuple[TopicPartitionKey, Move, int]] = []  # (partition, move, epoch): `_skip_moved`
-        self._refused: dict[str, str] = {}  # what the brokers refused this sink's principal, by "fetch" / "commit"
+        self._refusals = Refusals(  # what the brokers refuse this sink's principal: "fetch", "commit"
+            log, "kafka refuses this sink's %s: %s", "kafka allows this sink's %s again", {"sink": sink.name}
+        )
         self._stop = asyncio.Event()  # `run`'s
         self._epochs: dict[TopicPartitionKey, int] = {}  # per partition, how many times it was revoked
         self._next_report = 0.0
@@ -308,13 +310,13 @@ class SinkEngine:
                     "fetch any more, and a restart makes a new one (two instances under one "
                     "kafka.group_instance_id end each other's so)"
                 ) from exc
-            if self._refuse("fetch", exc):
+            if self._refusals.note("fetch", exc):
                 await self._sleep_unless(self._stop, _REFUSED_WAIT)  # a stop does not wait for the next ask
                 return [], {}
             log.warning("fetch failed, retrying", extra={"sink": self.sink.name, "error": repr(exc)})
             await self._clock.sleep(self.config.fetch_wait)
             return [], {}
-        self._allowed("fetch")
+        self._refusals.allowed("fetch")
         self._moves.extend((tp, move, epochs_before.get(tp, 0)) for tp, move in self._consumer.moved().items())
         epochs = {tp: self._epochs.get(tp, 0) for tp in batch}
         works = []
@@ -414,7 +416,7 @@ class SinkEngine:
         await self._store.flush()
         self._context.blocked.confirm(unconfirmed)
         if not offsets:
-            self._refused.pop("commit", None)  # a refused commit's offsets are gone (the partitions revoked)
+            self._refusals.forget("commit")  # a refused commit's offsets are gone (the partitions revoked)
             return
         # Step 3. Bounded: aiokafka retries a commit until the group coordinator takes it, and after a broker
         # restart that once held a SIGTERM's drain past the test's limit, with nothing logged.
@@ -423,12 +425,12 @@ class SinkEngine:
                 await self._consumer.commit(offsets)
         except (KafkaError, TimeoutError) as exc:
             self._metrics.commit_failures.labels(self.sink.name).inc()
-            if self._refuse("commit", exc):
+            if self._refusals.note("commit", exc):
                 return
             error = repr(exc) if isinstance(exc, KafkaError) else f"no answer within {self.config.commit_timeout:g} s"
             log.warning("commit failed, will retry", extra={"sink": self.sink.name, "error": error})
             return
-        self._allowed("commit")
+        self._refusals.allowed("commit")
         # Step 4.
         self._offsets.mark_committed(offsets)
         self._metrics.commits.labels(self.sink.name).inc()
@@ -611,22 +613,7 @@ class SinkEngine:
     @property
     def refused(self) -> str | None:
         """What the brokers refuse this sink's principal (an ACL missing: its group, a topic), or None."""
-        return next(iter(self._refused.values()), None)
-
-    def _refuse(self, step: str, error: BaseException) -> bool:
-        """Whether `error` is an authorization refusal of `step` ("fetch", "commit"); said at WARNING when it is
-        new (not at every retry: a grant takes minutes, and the sink's readiness says it meanwhile)."""
-        why = refusal(error)
-        if why is None:
-            return False
-        if self._refused.get(step) != why:
-            log.warning("kafka refuses this sink's %s: %s", step, why, extra={"sink": self.sink.name})
-        self._refused[step] = why
-        return True
-
-    def _allowed(self, step: str) -> None:
-        if self._refused.pop(step, None) is not None:
-            log.info("kafka allows this sink's %s again", step, extra={"sink": self.sink.name})
+        return self._refusals.first
 
     @property
     def membership_problem(self) -> str | None:

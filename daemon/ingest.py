@@ -50,7 +50,7 @@ from daemon.ingest_keys import Busy, Claim, Claimed, Conflict, IngestKeyStore, R
 from daemon.ingest_metrics import IngestMetrics
 from daemon.problems import problem
 from daemon.publisher import BrokerUnavailable, Published, Publisher, PublishPending, PublishRefused
-from daemon.signature import SignatureError, WebhookVerifier
+from daemon.signature import SignatureError, Signed, WebhookVerifier
 from topics.codec import encode, parse_submission
 from topics.envelope import OrderSubmission, to_event
 from topics.errors import ContractError, FieldError, OrderbusError, PublishError, StoreError
@@ -132,7 +132,7 @@ class Ingest:
             refusal = unacceptable
         elif (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
             refusal = self._too_large()
-        elif (unsigned := self._unsigned(request.headers)) is not None:  # before the body is sent
+        elif isinstance(unsigned := self._signature_headers(request.headers), web.Response):  # before the body
             refusal = unsigned
         elif declared is not None and not self._fits(declared):
             refusal = self._buffer_full()
@@ -145,31 +145,26 @@ class Ingest:
         self._metrics.answered(refusal.status)
         return refusal
 
-    def _unsigned(self, headers: Mapping[str, str]) -> web.Response | None:
-        """The 401 of signature headers missing or stale, when signatures are on; None when they pass."""
+    def _signature_headers(self, headers: Mapping[str, str]) -> Signed | web.Response | None:
+        """The request's signature headers, present and fresh, or the 401 that says what is wrong with them; None
+        when signatures are off. Asked before the body is read: an unsigned or stale request takes no share of the
+        body buffer (answered at once; aiohttp then reads and drops what is left of the body, 10 s at most, and
+        closes the connection)."""
         if self._verifier is None:
             return None
         try:
-            self._verifier.check_headers(headers)
+            return self._verifier.check_headers(headers)
         except SignatureError as exc:
             return _refused(401, "invalid-signature", str(exc))
-        return None
 
     async def _answer(self, request: web.Request, held: _Held) -> web.Response:
         if (unacceptable := _unacceptable(request)) is not None:
             return unacceptable
         if (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
             return self._too_large()
-        signed = None
-        if self._verifier is not None:
-            # The headers before the body: an unsigned or stale request takes no share of the body buffer. Answered
-            # at once; aiohttp then reads and drops what is left of the body (10 s at most) and closes.
-            try:
-                signed = self._verifier.check_headers(request.headers)
-            except SignatureError as exc:
-                response = _refused(401, "invalid-signature", str(exc))
-                response.force_close()
-                return response
+        if isinstance(signed := self._signature_headers(request.headers), web.Response):
+            signed.force_close()
+            return signed
         try:
             body = await self._read_body(request, held)
         except _BufferFull:
@@ -228,15 +223,13 @@ class Ingest:
         return self._unclaimed(key, claim, submission.order.order_number)
 
     async def _read_body(self, request: web.Request, held: _Held) -> bytes | None:
-        """The whole body, or None once it exceeds the limit (declared or streamed); `TimeoutError` if it has not
+        """The whole body, or None once a chunked one exceeds the limit; `TimeoutError` if it has not
         arrived within ``body_timeout`` (a stalled client would otherwise hold its request, and the memory of what
         it sent, until TCP gives up on it: hours); `_BufferFull` if it does not fit in what is left of
         ``body_buffer_bytes`` (`_hold`)."""
         limit = self._config.max_body_bytes
         declared = request.content_length
-        if declared is not None:
-            if declared > limit:
-                return None
+        if declared is not None:  # within the limit (`_answer` refused it before)
             # Mostly all there already: then no deadline to keep (one per request would cost the hot path).
             head = request.content.read_nowait(declared)
             self._hold(held, len(head))  # what arrived, not what is declared: a head alone holds nothing

@@ -37,7 +37,7 @@ from consumers.deadlines import Deadlines
 from consumers.kafka_close import sender_task, stop_producer
 from consumers.kafka_io import guard_connection_writes, keep_metadata_synchronizer
 from daemon.kafka_watch import Diagnosis
-from topics.acls import refusal
+from topics.acls import Refusals
 from topics.broker_diagnosis import cause
 from topics.codec import EncodedRecord
 from topics.errors import BrokerError, ConfigError, NotYetError, PublishError
@@ -55,6 +55,7 @@ def _wake(woken: asyncio.Future[None], _: asyncio.Future[Any]) -> None:
 
 # How long a stop waits for the ingest's unacknowledged records to be flushed (`KafkaPublisher.close`).
 CLOSE_GRACE: Final = 10.0
+_RECORDS: Final = "records"  # the step `Refusals` keeps the ingest's refusal under
 
 
 class BrokerUnavailable(BrokerError):
@@ -133,7 +134,8 @@ class KafkaPublisher:
         self._topic_missing: str | None = None
         self._diagnosis = diagnosis
         self._unreachable: str | None = None
-        self._refused: str | None = None
+        # What the brokers refuse the ingest's principal (an ACL), from the producer's start or a record.
+        self._refusals = Refusals(log, "kafka refuses the ingest's %s: %s", "kafka stores the ingest's %s again")
 
     @property
     def available(self) -> bool:
@@ -149,7 +151,7 @@ class KafkaPublisher:
     def refused(self) -> str | None:
         """What the brokers refuse the ingest's principal (`topics.acls.refusal`), from the last publish or start;
         None once a record is stored again."""
-        return self._refused
+        return self._refusals.first
 
     @property
     def topic_missing(self) -> str | None:
@@ -164,7 +166,7 @@ class KafkaPublisher:
             self._available = True
         except (KafkaError, BrokerError) as exc:
             why = await self._note_unreachable(exc)
-            if self._refused is not None:
+            if self.refused is not None:
                 log.warning("kafka refuses the ingest at start, it answers 503 until it is let: %s", why)
             else:
                 log.warning("kafka unreachable at start, ingest answers 503 until it is back: %s", why)
@@ -211,7 +213,7 @@ class KafkaPublisher:
                         self._topic, value=record.value, key=record.key, headers=record.headers
                     )
                 except KafkaError as exc:  # the topic's metadata refused included (TopicAuthorizationFailed)
-                    if self._note_refusal(exc):
+                    if self._refusals.note(_RECORDS, exc):
                         raise PublishRefused from exc
                     raise PublishError(f"kafka refused the record: {exc!r}") from exc
                 if not sent.done():
@@ -235,12 +237,10 @@ class KafkaPublisher:
         if exc is not None:
             # Not only KafkaError: a producer whose sender task died fails every pending record with that task's
             # error. Either way the record may not be on the topic, and the caller must be free to publish it again.
-            if self._note_refusal(exc):
+            if self._refusals.note(_RECORDS, exc):
                 raise PublishRefused from exc
             raise PublishError(f"kafka did not store the record: {exc!r}") from exc
-        if self._refused is not None:
-            log.info("kafka stores the ingest's records again")
-            self._refused = None
+        self._refusals.allowed(_RECORDS)
         if not self._available:
             # A late publish was acknowledged: the broker is back, before the probe's next (backed-off) try.
             self._reopen()
@@ -311,7 +311,7 @@ class KafkaPublisher:
         if not self._available:
             log.info("kafka reachable again, ingest accepts orders")
         self._available = True
-        self._refused = None  # a producer refused at start: let now (a refused publish is said again if it is not)
+        self._refusals.forget(_RECORDS)  # a producer refused at start: let now (a record refused says so again)
         if self._probe is not None and self._probe is not asyncio.current_task():
             self._probe.cancel()
 
@@ -353,22 +353,12 @@ class KafkaPublisher:
         """Keep, for `unreachable`, and return why the broker could not be reached: `exc`, or for a failed bootstrap
         what `diagnosis` says. A `BrokerError` of the topic check carries it already (`topics.admin`). A refusal
         (an ACL missing) is kept as `refused` too."""
-        if self._note_refusal(exc):
-            assert self._refused is not None
-            self._unreachable = self._refused
+        if self._refusals.note(_RECORDS, exc) and (refused := self.refused) is not None:
+            why = refused
         else:
-            self._unreachable = str(exc) if isinstance(exc, BrokerError) else await cause(exc, self._diagnosis)
-        return self._unreachable
-
-    def _note_refusal(self, exc: BaseException) -> bool:
-        """Whether `exc` is an authorization refusal; kept as `refused`, and said at WARNING when it is new."""
-        why = refusal(exc)
-        if why is None:
-            return False
-        if why != self._refused:
-            log.warning("kafka refuses the ingest's records: %s", why)
-        self._refused = why
-        return True
+            why = str(exc) if isinstance(exc, BrokerError) else await cause(exc, self._diagnosis)
+        self._unreachable = why
+        return why
 
     async def _dropped_if_dead(self) -> bool:
         """Close and forget a producer whose sender task has died; True if it had.

@@ -17,7 +17,8 @@ listing as if it did not exist.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -29,7 +30,7 @@ from aiokafka.errors import (
 
 from topics.catalogue import consumer_group, dlq_topic, orders_topic, replay_topic
 
-__all__ = ["GRANT", "Acl", "daemon_acls", "kafka_acls_command", "refusal"]
+__all__ = ["GRANT", "Acl", "Refusals", "daemon_acls", "kafka_acls_command", "refusal"]
 
 GRANT: Final = "grant it what `orderbus topics acls` prints for these settings"
 
@@ -96,3 +97,41 @@ def _named(error: BaseException, kind: str) -> str:
     if not names:
         return f"a {kind}"
     return f"{kind}{'s' if len(names) > 1 else ''} {', '.join(names)}"
+
+
+class Refusals:
+    """What the brokers refuse one part of the daemon, by step (a sink's "fetch" and "commit", the ingest's
+    "records"): said at WARNING when it begins or changes (`refused` % (step, why)), and at INFO when the step is let
+    again (`allowed` % step); not at every retry, since a grant takes minutes and the part's readiness, or its
+    status, says it meanwhile."""
+
+    def __init__(
+        self, log: logging.Logger, refused: str, allowed: str, extra: Mapping[str, object] | None = None
+    ) -> None:
+        self._log, self._refused_said, self._allowed_said = log, refused, allowed
+        self._extra = dict(extra or {})
+        self._refused: dict[str, str] = {}
+
+    @property
+    def first(self) -> str | None:
+        """What is refused (the first step's words), or None."""
+        return next(iter(self._refused.values()), None)
+
+    def note(self, step: str, error: BaseException) -> bool:
+        """Whether `error` is an authorization refusal (`refusal`); kept for `step`, said if it is new."""
+        why = refusal(error)
+        if why is None:
+            return False
+        if self._refused.get(step) != why:
+            self._log.warning(self._refused_said, step, why, extra=self._extra)
+        self._refused[step] = why
+        return True
+
+    def allowed(self, step: str) -> None:
+        """`step` went through: its refusal, if any, is over, and said so."""
+        if self._refused.pop(step, None) is not None:
+            self._log.info(self._allowed_said, step, extra=self._extra)
+
+    def forget(self, step: str) -> None:
+        """`step`'s refusal no longer matters (what it was refused is gone); nothing said."""
+        self._refused.pop(step, None)

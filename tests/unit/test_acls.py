@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
@@ -10,7 +12,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from topics.acls import GRANT, Acl, daemon_acls, kafka_acls_command, refusal
+from topics.acls import GRANT, Acl, Refusals, daemon_acls, kafka_acls_command, refusal
 
 
 def test_each_part_gets_the_least_it_needs_each_resource_once() -> None:
@@ -62,3 +64,28 @@ def test_a_refusal_names_what_is_refused_and_where_the_grants_are(error: BaseExc
 def test_other_errors_are_no_refusal() -> None:
     assert refusal(KafkaConnectionError("refused")) is None
     assert refusal(RuntimeError("a bug")) is None
+
+
+def test_refusals_are_said_when_they_begin_or_change_and_when_they_end(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("orderbus.test.refusals")
+    refusals = Refusals(log, "refused %s: %s", "allowed %s again", {"sink": "crm"})
+    with caplog.at_level(logging.INFO, log.name):
+        assert not refusals.note("fetch", KafkaConnectionError("refused"))  # not an authorization refusal
+        for _ in range(3):
+            assert refusals.note("fetch", GroupAuthorizationFailedError("orderbus.crm"))
+        assert refusals.note("fetch", TopicAuthorizationFailedError("orders"))  # another cause: said again
+        assert refusals.note("commit", TopicAuthorizationFailedError("orders"))
+        assert refusals.first is not None
+        assert "topic orders" in refusals.first
+        refusals.forget("commit")  # its offsets gone: nothing to say
+        refusals.allowed("fetch")
+        refusals.allowed("fetch")  # said once
+    assert refusals.first is None
+    said = [(r.levelname, r.getMessage().split(": kafka")[0]) for r in caplog.records]
+    assert said == [
+        ("WARNING", "refused fetch"),
+        ("WARNING", "refused fetch"),
+        ("WARNING", "refused commit"),
+        ("INFO", "allowed fetch again"),
+    ]
+    assert {getattr(r, "sink", None) for r in caplog.records} == {"crm"}
