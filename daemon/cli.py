@@ -530,13 +530,12 @@ def _topics_acls(args: argparse.Namespace) -> int:
     if not acls:
         print("# these settings enable neither the ingest nor a sink: the daemon needs no ACL")
         return 0
-    quoted = shlex.quote(principal)  # a certificate's subject has spaces and commas
     print(f"# What the daemon of these settings ({', '.join(parts)}) needs, for {principal}; run as a Kafka admin")
     print("# (--command-config FILE with the admin's credentials). Before Kafka 3.0, its idempotent producers (the")
     print("# ingest's, the sinks' dead letters') also need, on the cluster:")
-    print(f"#   --add --allow-principal {quoted} --operation IdempotentWrite --cluster")
+    print(f"#   --add --allow-principal {shlex.quote(principal)} --operation IdempotentWrite --cluster")
     for acl in acls:
-        print(f"{kafka_acls_command(acl, quoted, shlex.quote(kafka.bootstrap_servers))}   # {acl.why}")
+        print(f"{kafka_acls_command(acl, principal, kafka.bootstrap_servers)}   # {acl.why}")
     return 0
 
 

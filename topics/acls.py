@@ -18,6 +18,7 @@ listing as if it did not exist.
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -66,11 +67,12 @@ def daemon_acls(prefix: str, sinks: Sequence[str], *, ingest: bool) -> list[Acl]
 
 
 def kafka_acls_command(acl: Acl, principal: str, bootstrap: str) -> str:
-    """The kafka-acls.sh line that grants `acl` to `principal` (``User:orderbus``)."""
+    """The kafka-acls.sh line that grants `acl` to `principal` (``User:orderbus``), quoted for a shell where it
+    must be (a certificate's subject has spaces and commas)."""
     operations = " ".join(f"--operation {operation}" for operation in acl.operations)
     return (
-        f"kafka-acls.sh --bootstrap-server {bootstrap} --add --allow-principal {principal} {operations} "
-        f"--{acl.resource} {acl.name}"
+        f"kafka-acls.sh --bootstrap-server {shlex.quote(bootstrap)} --add --allow-principal {shlex.quote(principal)} "
+        f"{operations} --{acl.resource} {shlex.quote(acl.name)}"
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import InvalidPartitionsError, KafkaError, for_code
+from aiokafka.errors import InvalidPartitionsError, KafkaError, TopicAuthorizationFailedError, for_code
 from aiokafka.protocol.metadata import MetadataRequest
 
 from topics.acls import GRANT
@@ -29,7 +29,6 @@ from topics.catalogue import TopicSpec
 from topics.errors import BrokerError, NotYetError
 
 _TOPIC_ALREADY_EXISTS = 36
-_TOPIC_AUTHORIZATION_FAILED = 29
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +235,7 @@ async def missing_topics(
         await admin.close()
     if hidden:
         raise NotYetError(
-            f"the brokers do not let {principal_of(client_options)} see topic{'s' if len(hidden) > 1 else ''} "
+            f"the brokers do not let {_principal(client_options)} see topic{'s' if len(hidden) > 1 else ''} "
             f"{', '.join(hidden)} (TopicAuthorizationFailedError: not authorized to describe; they may well exist): "
             f"{GRANT}"
         )
@@ -253,12 +252,14 @@ async def _hidden(admin: AIOKafkaAdminClient, names: Sequence[str]) -> list[str]
     """Those of `names` (unlisted) the brokers do not let this principal describe: a listing leaves them out as if
     they did not exist. Asked by name without auto-creation (Metadata v4 and later), so that none is created."""
     request = MetadataRequest(list(names), allow_auto_topic_creation=False)
+    # aiokafka's own `describe_topics` asks with auto-creation on, and its admin client has no other way in.
     answer = await admin._send_request(request)
-    refused = {t["topic"] for t in answer.to_object()["topics"] if t["error_code"] == _TOPIC_AUTHORIZATION_FAILED}
+    code = TopicAuthorizationFailedError.errno
+    refused = {t["topic"] for t in answer.to_object()["topics"] if t["error_code"] == code}
     return [name for name in names if name in refused]
 
 
-def principal_of(client_options: Mapping[str, Any]) -> str:
+def _principal(client_options: Mapping[str, Any]) -> str:
     """Who the brokers take these clients for, as far as the settings say: the SASL user, else the certificate."""
     if user := client_options.get("sasl_plain_username"):
         return f"this daemon's principal (User:{user})"

@@ -89,3 +89,9 @@ def test_refusals_are_said_when_they_begin_or_change_and_when_they_end(caplog: p
         ("INFO", "allowed fetch again"),
     ]
     assert {getattr(r, "sink", None) for r in caplog.records} == {"crm"}
+
+
+def test_what_a_shell_would_split_is_quoted() -> None:
+    acl = Acl("group", "orderbus.crm", ("Read",), "why")
+    line = kafka_acls_command(acl, "User:CN=orderbus,O=Shop Ltd", "k1:9093")
+    assert "--allow-principal 'User:CN=orderbus,O=Shop Ltd' --operation Read --group orderbus.crm" in line
