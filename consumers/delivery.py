@@ -39,9 +39,9 @@ class Reply:
         wrong place). The label alone is not enough: Flask, Express and PHP label what they send text/html unless
         told otherwise, JSON and "OK" included."""
         return (
-            self.body.lstrip()[:1] == b"<"
-            and self.content_type is not None
+            self.content_type is not None
             and _HTML.match(self.content_type) is not None
+            and self.body[:256].lstrip()[:1] == b"<"
         )
 
     @property

@@ -32,7 +32,7 @@ from consumers.dedup import DedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.metrics import EngineMetrics, HotSeries
 from consumers.pacing import Pacer
-from consumers.policy import HTML_ANSWER, IN_PROGRESS, Decision, parse_retry_after
+from consumers.policy import DEFAULT_POLICY, HTML_ANSWER, IN_PROGRESS, Decision, parse_retry_after
 from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
 from consumers.terminal import Attempts, Settling, already_delivered, dead_letter, delivered, put_state
@@ -375,7 +375,7 @@ class Lane:
         if not isinstance(outcome, Reply):
             return policy.decide_failure(outcome.kind), None
         decision = policy.decide(outcome.status, method)
-        if decision.action in _DELIVERED and _answered(outcome.status, method) and outcome.html:
+        if decision.action in _DELIVERED and outcome.html and _taken(outcome.status, method):
             return HTML_ANSWER, None
         if outcome.status not in _TIMED_STATUSES:
             return decision, None
@@ -567,10 +567,10 @@ def _retry_reason(outcome: Reply | TransportFailure) -> str:
 _DELIVERED: Final = ("done", "duplicate")
 
 
-def _answered(status: int, method: str) -> bool:
-    """Whether `status` to `method` says the system took the request: a 2xx, or a create's 409 ("it exists").
-    Not a status an operator's override counts as done ("DELETE 404" = "duplicate": a framework's error page)."""
-    return 200 <= status < 300 or (status == 409 and method == "POST")
+def _taken(status: int, method: str) -> bool:
+    """Whether `status` to `method` says the system took the request as the default policy reads it (a 2xx, a
+    create's 409), not as an operator's override counts it ("DELETE 404" = "duplicate": a framework's error page)."""
+    return DEFAULT_POLICY.decide(status, method).action in _DELIVERED
 
 
 def _status_class(outcome: Reply | TransportFailure) -> str:
