@@ -752,11 +752,11 @@ def _setting_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
 def _credential(loc: tuple[int | str, ...]) -> bool:
     """Whether `loc` is in a credentials section, whose values a settings error never shows: a sink's ``auth`` (a
     sink's name may hold a dot: by position, not by the joined key), ``kafka.sasl_*``, ``ingest.webhook_secrets``."""
-    section = (str(loc[0]) if loc else "", str(loc[1]) if len(loc) > 1 else "")
+    first, second, third = [*(str(part) for part in loc[:3]), "", "", ""][:3]
     return (
-        (section[0] == "sinks" and len(loc) > 2 and loc[2] == "auth")
-        or (section[0] == "kafka" and section[1].startswith("sasl_"))
-        or section == ("ingest", "webhook_secrets")
+        (first == "sinks" and third == "auth")
+        or (first == "kafka" and second.startswith("sasl_"))
+        or (first, second) == ("ingest", "webhook_secrets")
     )
 
 

@@ -541,7 +541,7 @@ def test_a_reconcile_terminated_still_reports_what_it_asked(
     async def reconciling(*_: object, **__: object) -> None:
         run.found[0] = Checked(asked, "present", "HTTP 200")
         os.kill(os.getpid(), signal.SIGTERM)
-        await asyncio.sleep(30)
+        await asyncio.Event().wait()  # until the signal ends it
 
     no_orderbus_env.setattr(reconcile, "prepare", lambda *_, **__: run)
     no_orderbus_env.setattr(reconcile, "reconcile", reconciling)
