@@ -84,6 +84,17 @@ class Blocks:
                 self._chains[order_ref] = decode_chain(value)
         self._released = {ref: at for ref, at in self._released.items() if at > since}
 
+    def restore(self, chains: Mapping[str, str | None]) -> None:
+        """Take the chains the sink's state topic holds for partitions just assigned (`consumers.order_state`; None
+        for an order it unblocked): its word over this view's, which may date from before another instance held
+        those partitions and replayed their dead letters. No lane of theirs runs then (a rebalance drained them)."""
+        for order_ref, value in chains.items():
+            if value is not None:
+                self._chains[order_ref] = decode_chain(value)
+            elif self._chains.pop(order_ref, None) is not None:
+                self.epoch += 1  # a lookup begun before must not bring it back (`learn`)
+                self._released[order_ref] = self.epoch
+
     def may_deliver(self, work: Work) -> bool:
         """False if `work` must follow its order's dead letters to the dead-letter topic. A resent create
         (`consumers.work.RESEND_OF`) goes ahead of them: they failed against the object it replaces (a 404 from a
@@ -96,7 +107,7 @@ class Blocks:
         chain = self._chains.setdefault(work.order_ref, [])
         if work.idempotency_key not in chain:
             chain.append(work.idempotency_key)
-            self._store.block_order(work.order_ref, encode_chain(chain))
+            self._store.block_order(work.order_ref, encode_chain(chain), partition=work.tp[1])
 
     def delivered(self, work: Work) -> bool:
         """`work` was delivered: take it off its order's chain. True if that emptied the chain: call `settled`
@@ -106,9 +117,9 @@ class Blocks:
             return False
         chain.remove(work.idempotency_key)
         if chain:
-            self._store.block_order(work.order_ref, encode_chain(chain))
+            self._store.block_order(work.order_ref, encode_chain(chain), partition=work.tp[1])
             return False
-        self._store.unblock_order(work.order_ref)
+        self._store.unblock_order(work.order_ref, partition=work.tp[1])
         return True
 
     def unblock_unconfirmed(self, order_ref: str) -> None:

@@ -55,13 +55,13 @@ class MemoryDedupStore:
     def put(self, state: DeliveryState) -> None:
         self._buffer.states[state.key] = state
 
-    def put_downstream_id(self, order_ref: str, downstream_id: str) -> None:
+    def put_downstream_id(self, order_ref: str, downstream_id: str, *, partition: int | None = None) -> None:
         self._buffer.downstream_ids[order_ref] = downstream_id
 
-    def block_order(self, order_ref: str, reason: str) -> None:
+    def block_order(self, order_ref: str, reason: str, *, partition: int | None = None) -> None:
         self._buffer.blocks[order_ref] = reason
 
-    def unblock_order(self, order_ref: str) -> None:
+    def unblock_order(self, order_ref: str, *, partition: int | None = None) -> None:
         self._buffer.blocks[order_ref] = None
 
     @property

@@ -43,6 +43,7 @@ from consumers.lane import Lane, LaneContext, failure_text, gates_closed
 from consumers.membership import DYNAMIC, ChurnWatch
 from consumers.metrics import CIRCUIT_STATES, EngineMetrics
 from consumers.offsets import OffsetError, OffsetTracker
+from consumers.order_state import SharedStateStore
 from consumers.pacing import Pacer
 from consumers.ramp import Ramp
 from consumers.sink import HttpRequest, Sink
@@ -130,6 +131,7 @@ class SinkEngine:
         self._finished = 0
         self._joined = False  # the group has given this instance an assignment, empty or not
         self._paused: set[TopicPartitionKey] = set()
+        self._restoring: set[TopicPartitionKey] = set()  # paused until their order state is read (`restore`)
         self._progress = asyncio.Event()
         self._committing = asyncio.Lock()
         self._dispatching: asyncio.Task[None] | None = None
@@ -454,8 +456,42 @@ class SinkEngine:
                 self._consumer.pause(newly)
                 self._paused |= newly
         elif self._paused:
-            self._consumer.resume(self._paused & assigned)
+            self._consumer.resume((self._paused & assigned) - self._restoring)
             self._paused.clear()
+
+    async def restore(self, assigned: Iterable[TopicPartitionKey]) -> None:
+        """Before the partitions just assigned are fetched: the order state the sink's state topic holds for them
+        (`consumers.order_state`), when the store shares it. A read that fails is said, and the partitions are
+        delivered with what this instance's file knows."""
+        if not isinstance(self._store, SharedStateStore):
+            return
+        tps = set(assigned)
+        partitions = self._partition_fields(tps)["partitions"]
+        if not partitions:
+            return
+        # Paused before this coroutine first waits: aiokafka has assigned the partitions but fetched nothing of them
+        # yet (it asks for their committed offsets only once this has begun), and fetches nothing of them until
+        # they are resumed, whatever its listener's contract says of fetching after it.
+        self._consumer.pause(tps)
+        self._restoring = tps
+        said: dict[str, object] = {"sink": self.sink.name, "partitions": partitions}
+        started = self._clock.now()
+        try:
+            restored = await self._store.restore(partitions)
+        except StoreError as exc:
+            log.error(
+                "order state not read from the state topic: updates of orders another instance created may go by "
+                "number, and dead letters another instance left may not block their orders",
+                extra={**said, "error": str(exc)},
+            )
+            return
+        finally:
+            self._restoring = set()
+            if resumable := (tps & self._consumer.assignment()) - self._paused:  # those backpressure holds, it resumes
+                self._consumer.resume(resumable)
+        self._context.blocked.restore(restored.chains)
+        seconds = round(self._clock.now() - started, 3)
+        log.info("order state read", extra={**said, "entries": restored.entries, "seconds": seconds})
 
     def on_assigned(self, assigned: Iterable[TopicPartitionKey]) -> None:
         self._joined = True

@@ -216,6 +216,8 @@ class RebalanceHandler(Protocol):
 
     async def on_revoked(self, revoked: Iterable[TopicPartitionKey]) -> None: ...
 
+    async def restore(self, assigned: Iterable[TopicPartitionKey]) -> None: ...
+
     def on_assigned(self, assigned: Iterable[TopicPartitionKey]) -> None: ...
 
 
@@ -235,7 +237,9 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka sh
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self._guard.forget(assigned)
-        self._engine.on_assigned({(tp.topic, tp.partition) for tp in assigned})
+        tps = {(tp.topic, tp.partition) for tp in assigned}
+        await self._engine.restore(tps)  # before the partitions are fetched: aiokafka waits for this
+        self._engine.on_assigned(tps)
 
 
 class KafkaDeadLetterWriter:

@@ -24,7 +24,7 @@ from consumers.auth import Auth, NoAuth, authorized_attempt
 from consumers.clock import Clock, SystemClock
 from consumers.deadletter import DeadLetterWriter
 from consumers.deadlines import Deadlines
-from consumers.dedup import SqliteDedupStore
+from consumers.dedup import DedupStore, SqliteDedupStore
 from consumers.delivery import Reply, TransportFailure
 from consumers.engine import EngineConfig, SinkEngine
 from consumers.expiry import Positions
@@ -34,6 +34,7 @@ from consumers.kafka_close import leave_group
 from consumers.kafka_io import KafkaConsumerPort, Rebalance, keep_metadata_synchronizer, sink_consumer
 from consumers.membership import DYNAMIC, ChurnWatch, Membership
 from consumers.metrics import EngineMetrics
+from consumers.order_state import SharedStateStore, StateTopic
 from consumers.pruning import prune_forever
 from consumers.sink import HttpRequest, Sink
 from consumers.tasks import cancel_and_wait
@@ -82,9 +83,11 @@ async def open_sink(
     replay_topic: str | None = None,
     retention: float | None = None,
     membership: Membership = DYNAMIC,
+    state: StateTopic | None = None,
 ) -> AsyncIterator[SinkEngine]:
     """`sink`'s engine, ready to `run`; `auth` (default: none) is closed with it; its consumer a member of the group
-    as `membership` says."""
+    as `membership` says; its downstream ids and blocks shared through `state`, the sink's state topic, if given
+    (`consumers.order_state`)."""
     clock = clock or SystemClock()
     async with contextlib.AsyncExitStack() as stack:
         store = SqliteDedupStore(dedup_path)
@@ -112,11 +115,12 @@ async def open_sink(
         # Safe on a consumer that never started; within `LEAVE_TIMEOUT` with the broker gone.
         stack.push_async_callback(leave_group, consumer, f"sink {sink.name}")
         guard = ReadGuard(consumer, sink.name, clock)
+        shared: DedupStore = store if state is None else SharedStateStore(store, state)
         engine = SinkEngine(
             sink,
             KafkaConsumerPort(consumer, guard, Positions(consumer, sink.name)),
             deliver,
-            store,
+            shared,
             dead_letters,
             metrics,
             clock,

@@ -50,4 +50,5 @@ def topic_layout(topics: TopicSettings) -> TopicLayout:
         min_insync_replicas=topics.min_insync_replicas,
         orders_retention_hours=topics.orders_retention_hours,
         dlq_retention_hours=topics.dlq_retention_hours,
+        state_retention_hours=topics.state_retention_hours,
     )

@@ -42,6 +42,7 @@ from consumers.membership import Membership
 from consumers.metrics import EngineMetrics
 from consumers.pruning import prune_forever
 from consumers.runner import HttpConfig, open_sink
+from consumers.state_topic import KafkaStateTopic
 from consumers.tasks import cancel_and_wait
 from daemon import open_files
 from daemon.app import ADMIN_SHUTDOWN, LISTEN_BACKLOG, RUNNER_OPTIONS, Listener, build_app
@@ -74,7 +75,7 @@ from daemon.topic_retention import RetentionWatch
 from topics.acls import refusal
 from topics.admin import missing_topics, partition_counts, topic_configs
 from topics.broker_diagnosis import Diagnose, diagnose
-from topics.catalogue import dlq_topic, orders_topic, replay_topic
+from topics.catalogue import dlq_topic, orders_topic, replay_topic, state_topic
 from topics.errors import BrokerError, ConfigError, NotYetError
 
 log = logging.getLogger(__name__)
@@ -324,6 +325,7 @@ async def _open_sinks(
                 http=HttpConfig(sink_settings.request_timeout, sink_settings.tls_verify, sink_settings.ca_bundle),
                 auth=build_auth(name, sink_settings),
                 replay_topic=replay_topic(name, settings.topics.prefix),
+                state=KafkaStateTopic(producer, options, state_topic(name, settings.topics.prefix)),
                 retention=sink_settings.dedup_retention_hours * 3600,
                 membership=membership,
             )
@@ -425,13 +427,26 @@ async def check_topics(settings: Settings, options: Mapping[str, Any], diagnosis
     prefix = settings.topics.prefix
     names = [orders_topic(prefix)]
     for name in settings.enabled_sinks():
-        names += [dlq_topic(name, prefix), replay_topic(name, prefix)]
+        names += [dlq_topic(name, prefix), replay_topic(name, prefix), state_topic(name, prefix)]
     missing = await missing_topics(names, options, timeout=settings.kafka.request_timeout, diagnosis=diagnosis)
     if missing:
         raise ConfigError(
             f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
             f"{'do' if len(missing) > 1 else 'does'} not exist: run `orderbus topics apply` with these settings"
         )
+    states = [state_topic(name, prefix) for name in settings.enabled_sinks()]
+    if states:
+        counts = await partition_counts(
+            [orders_topic(prefix), *states], options, timeout=settings.kafka.request_timeout
+        )
+        orders = counts.get(orders_topic(prefix), 0)
+        short = [f"{name} ({counts[name]})" for name in states if counts.get(name, orders) < orders]
+        if short:
+            # An order's state goes to the partition its records are in: one the topic lacks fails every flush.
+            raise ConfigError(
+                f"{', '.join(short)}: fewer partitions than {orders_topic(prefix)} ({orders}); run `orderbus topics "
+                "apply`, which grows them"
+            )
 
 
 async def _configs_of(

@@ -146,6 +146,8 @@ class TopicSettings(_Section):
     min_insync_replicas: int = Field(1, ge=1, le=10)
     orders_retention_hours: float = Field(168, gt=0)
     dlq_retention_hours: float = Field(720, gt=0)
+    # How long a sink's state topic keeps an order's downstream id and blocks (`consumers.order_state`).
+    state_retention_hours: float = Field(2160, gt=0)
 
 
 class IngestSettings(_Section):

@@ -13,7 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.engine import SETTLE_FLOOR, EngineConfig
 from consumers.kafka_close import CLEANUP, DEAD_LETTER_CLOSE_GRACE, LEAVE_TIMEOUT
+from consumers.order_state import Entry
 from daemon.app import ADMIN_SHUTDOWN, INGEST_SHUTDOWN
 from daemon.kafka_local import BrokerInfo
 from daemon.kafka_options import client_options, topic_layout
@@ -35,6 +36,7 @@ from topics.admin import apply_catalogue, partition_ids
 from topics.catalogue import SINKS, catalogue, orders_topic
 from topics.codec import encode
 from topics.envelope import EventType, OrderEvent, OrderSubmission
+from topics.errors import StoreError
 from topics.samples import sample_event, sample_submission
 
 
@@ -64,6 +66,33 @@ def sandbox_sinks(sandbox: SandboxProcess, **extra: Any) -> dict[str, dict[str, 
 
 
 # A sink's settings in tests that replay dead letters: quick retries and commits, so a replay is read at once.
+class FakeStateTopic:
+    """`consumers.order_state.StateTopic` in memory: every entry written, in order, and the partitions each read
+    asked for; while `failing` holds a reason, writes and reads raise `StoreError` with it."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.read_partitions: list[list[int]] = []
+        self.failing: str | None = None
+        self.on_read: Callable[[], object] | None = None  # called as a read begins
+
+    async def write(self, entries: Sequence[Entry]) -> None:
+        await asyncio.sleep(0)  # a broker's acknowledgement is never immediate
+        if self.failing is not None:
+            raise StoreError(self.failing)
+        self.entries.extend(entries)
+
+    async def read(self, partitions: Iterable[int]) -> AsyncIterator[list[Entry]]:
+        wanted = sorted(set(partitions))
+        self.read_partitions.append(wanted)
+        if self.on_read is not None:
+            self.on_read()
+        if self.failing is not None:
+            raise StoreError(self.failing)
+        for partition in wanted:
+            yield [entry for entry in self.entries if entry.partition == partition]
+
+
 QUICK_SINK: dict[str, float] = {"backoff_base": 0.05, "backoff_cap": 0.2, "commit_interval": 0.2}
 
 

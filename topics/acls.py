@@ -7,9 +7,9 @@ part needs, checked against a real broker with Kafka's StandardAuthorizer (tests
 - the ingest: Write on the orders topic (with Kafka 3.0 and later, Write on a topic also allows an idempotent
   producer's InitProducerId; older brokers want IdempotentWrite on the cluster as well, for the sinks' dead-letter
   producer too);
-- each sink: Read on the orders topic and on its replay topic, Write on its dead-letter topic, Read on its
-  consumer group; and DescribeConfigs on the orders topic, whose retention the backlog alert is held to
-  (`daemon.topic_retention`).
+- each sink: Read on the orders topic and on its replay topic, Write on its dead-letter topic, Read and Write on
+  its state topic (`consumers.order_state`), Read on its consumer group; and DescribeConfigs on the orders topic,
+  whose retention the backlog alert is held to (`daemon.topic_retention`).
 
 Read and Write imply Describe, which lists a topic: a topic the principal may not describe is left out of a
 listing as if it did not exist.
@@ -29,7 +29,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from topics.catalogue import consumer_group, dlq_topic, orders_topic, replay_topic
+from topics.catalogue import consumer_group, dlq_topic, orders_topic, replay_topic, state_topic
 
 __all__ = ["GRANT", "Acl", "Refusals", "daemon_acls", "kafka_acls_command", "refusal"]
 
@@ -61,6 +61,7 @@ def daemon_acls(prefix: str, sinks: Sequence[str], *, ingest: bool) -> list[Acl]
         acls += [
             Acl("topic", dlq_topic(sink, prefix), ("Write",), f"sink {sink} writes its dead letters"),
             Acl("topic", replay_topic(sink, prefix), ("Read",), f"sink {sink} reads its replayed dead letters"),
+            Acl("topic", state_topic(sink, prefix), ("Read", "Write"), f"sink {sink} shares its order state"),
             Acl("group", consumer_group(sink, prefix), ("Read",), f"sink {sink}'s consumer group"),
         ]
     return acls

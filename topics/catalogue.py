@@ -7,6 +7,10 @@
 - ``orders.replay.<sink>``: dead letters sent back by the operator; only that sink's group reads it, keyed by
   order number like ``orders`` and with as many partitions, so one order's replayed events keep their order and
   reach the instance that holds the order's state (`consumers.assignment`).
+- ``orders.state.<sink>``: the sink's order state its instances share (`consumers.order_state`): per order, the
+  id its downstream create returned and the chain of dead letters that block it. Compacted (each key's last value
+  is kept) and deleted after ``state_retention_hours``; as many partitions as ``orders``, the state of an order in
+  the partition its records are in.
 
 Partition counts are fixed once a topic exists: adding partitions would move keys and break per-order ordering,
 so `topics.admin` reports a difference and never changes it. A replay topic is the exception: it holds records only
@@ -25,6 +29,7 @@ SINKS: Final[tuple[SinkName, ...]] = ("crm", "accounting", "shipping")
 ORDERS: Final = "orders"
 DLQ_PREFIX: Final = "orders.dlq."
 REPLAY_PREFIX: Final = "orders.replay."
+STATE_PREFIX: Final = "orders.state."
 
 HOUR_MS: Final = 3_600_000
 
@@ -53,6 +58,7 @@ class TopicLayout:
     min_insync_replicas: int = 1
     orders_retention_hours: float = 168
     dlq_retention_hours: float = 720
+    state_retention_hours: float = 2160
 
 
 def orders_topic(prefix: str = "") -> str:
@@ -68,17 +74,25 @@ def replay_topic(sink: str, prefix: str = "") -> str:
     return f"{prefix}{REPLAY_PREFIX}{sink}"
 
 
+def state_topic(sink: str, prefix: str = "") -> str:
+    """The order state one sink's instances share (`consumers.order_state`)."""
+    return f"{prefix}{STATE_PREFIX}{sink}"
+
+
 def consumer_group(sink: str, prefix: str = "") -> str:
     """Each sink reads the orders topic in a group of its own: its own offsets, lag, pace and failures."""
     return f"{prefix}orderbus.{sink}"
 
 
 def catalogue(layout: TopicLayout) -> tuple[TopicSpec, ...]:
-    """Every topic orderbus needs, with the configs it manages: orders, then per sink its dead letters and replays."""
+    """Every topic orderbus needs, with the configs it manages: orders, then per sink its dead letters, its replays and
+    its shared state."""
 
-    def spec(name: str, partitions: int, retention_hours: float, *, follows: str | None = None) -> TopicSpec:
+    def spec(
+        name: str, partitions: int, retention_hours: float, *, follows: str | None = None, cleanup: str = "delete"
+    ) -> TopicSpec:
         configs = {
-            "cleanup.policy": "delete",
+            "cleanup.policy": cleanup,
             "min.insync.replicas": str(layout.min_insync_replicas),
             "retention.ms": str(int(retention_hours * HOUR_MS)),
         }
@@ -92,4 +106,14 @@ def catalogue(layout: TopicLayout) -> tuple[TopicSpec, ...]:
         spec(replay_topic(sink, layout.prefix), orders.partitions, layout.dlq_retention_hours, follows=orders.name)
         for sink in SINKS
     ]
-    return (orders, *dead_letters, *replays)
+    states = [
+        spec(
+            state_topic(sink, layout.prefix),
+            orders.partitions,
+            layout.state_retention_hours,
+            follows=orders.name,
+            cleanup="compact,delete",
+        )
+        for sink in SINKS
+    ]
+    return (orders, *dead_letters, *replays, *states)

@@ -22,11 +22,12 @@ def test_each_part_gets_the_least_it_needs_each_resource_once() -> None:
         ("topic", "orders", ("Read", "DescribeConfigs")),
         ("topic", "orders.dlq.crm", ("Write",)),
         ("topic", "orders.replay.crm", ("Read",)),
+        ("topic", "orders.state.crm", ("Read", "Write")),
         ("group", "orderbus.crm", ("Read",)),
     ]
     both = daemon_acls("", ["crm", "shipping"], ingest=True)
     assert both[0].operations == ("Write", "Read", "DescribeConfigs")
-    assert len({(acl.resource, acl.name) for acl in both}) == len(both) == 7
+    assert len({(acl.resource, acl.name) for acl in both}) == len(both) == 9
     assert daemon_acls("", [], ingest=False) == []
 
 

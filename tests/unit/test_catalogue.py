@@ -16,12 +16,23 @@ def test_orders_and_one_dead_letter_topic_per_sink() -> None:
         "orders.replay.crm",
         "orders.replay.accounting",
         "orders.replay.shipping",
+        "orders.state.crm",
+        "orders.state.accounting",
+        "orders.state.shipping",
     ]
     orders = specs[0]
     assert orders.partitions == 12
     assert orders.configs["cleanup.policy"] == "delete"
     assert orders.configs["retention.ms"] == str(168 * 3_600_000)
-    assert all(spec.configs["retention.ms"] == str(720 * 3_600_000) for spec in specs[1:])
+    assert all(spec.configs["retention.ms"] == str(720 * 3_600_000) for spec in specs[1:7])
+
+
+def test_a_state_topic_is_compacted_with_its_own_retention() -> None:
+    # Each key's last value is what an instance reads when it is assigned a partition (`consumers.order_state`).
+    states = [spec for spec in catalogue(TopicLayout(state_retention_hours=48)) if ".state." in spec.name]
+    assert [spec.name for spec in states] == [f"orders.state.{sink}" for sink in SINKS]
+    assert all(spec.configs["cleanup.policy"] == "compact,delete" for spec in states)
+    assert all(spec.configs["retention.ms"] == str(48 * 3_600_000) for spec in states)
 
 
 def test_a_replay_topic_has_the_orders_topics_partitions_and_grows_to_them() -> None:
@@ -31,6 +42,7 @@ def test_a_replay_topic_has_the_orders_topics_partitions_and_grows_to_them() -> 
         "orders": (7, None),
         **{f"orders.dlq.{sink}": (2, None) for sink in SINKS},
         **{f"orders.replay.{sink}": (7, "orders") for sink in SINKS},
+        **{f"orders.state.{sink}": (7, "orders") for sink in SINKS},
     }
 
 

@@ -471,7 +471,7 @@ def test_topics_acls_grants_the_sasl_user_by_default_and_asks_whom_without_one(
     assert "for User:svc" in lines[0]
     commands = [line for line in lines if line.startswith("kafka-acls.sh")]
     assert [line.split(" --topic ")[-1].split(" --group ")[-1].split()[0] for line in commands] == [
-        "orders", "orders.dlq.crm", "orders.replay.crm", "orderbus.crm"
+        "orders", "orders.dlq.crm", "orders.replay.crm", "orders.state.crm", "orderbus.crm"
     ]  # fmt: skip
 
 

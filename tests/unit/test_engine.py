@@ -16,6 +16,7 @@ from typing import Any, cast
 import pytest
 from aiokafka.errors import KafkaConnectionError
 from prometheus_client import CollectorRegistry
+from support import FakeStateTopic
 
 from consumers.backoff import Backoff
 from consumers.blocks import encode_chain
@@ -29,6 +30,7 @@ from consumers.lag import LagMeter
 from consumers.membership import JOIN_WAIT, ChurnWatch, Membership
 from consumers.metrics import EngineMetrics
 from consumers.offsets import OffsetTracker
+from consumers.order_state import SharedStateStore, StateTopic
 from consumers.policy import DEFAULT_POLICY
 from consumers.sink import HttpRequest, RestSink
 from consumers.work import idempotency_key
@@ -223,6 +225,7 @@ async def harness_factory() -> AsyncIterator[Callable[..., Harness]]:
         script: Script | None = None,
         *,
         sink: RestSink | None = None,
+        shared: StateTopic | None = None,
         **config: Any,
     ) -> Harness:
         consumer = FakeConsumer(clock, partitions)
@@ -235,7 +238,7 @@ async def harness_factory() -> AsyncIterator[Callable[..., Harness]]:
             sink if sink is not None else RestSink("crm", "http://crm.test"),
             consumer,
             downstream,
-            store,
+            store if shared is None else SharedStateStore(store, shared),
             dead,
             EngineMetrics(registry),
             clock,
@@ -334,6 +337,30 @@ async def test_a_400_is_dead_lettered_at_once_and_the_orders_later_events_follow
     assert len([c for c in h.downstream.calls if c[1] == "POST"]) == 2, "no retry of the 400"
     assert h.consumer.committed == {TP0: 3}
     assert await h.store.blocked_orders(["SO-BAD", "SO-OK"]) == {"SO-BAD"}
+
+
+async def test_an_orders_id_and_block_reach_the_instance_that_takes_its_partition(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    def script(request: HttpRequest, nth: int) -> Reply:
+        return answer(400) if b"SO-BAD" in (request.body or b"") else ok(body=b'{"id": "d-7"}')
+
+    topic = FakeStateTopic()
+    first = harness_factory({TP1: [record(0, "SO-1"), record(1, "SO-BAD")]}, script, shared=topic)
+    await first.run_until(2)
+    assert [(e.partition, e.key) for e in topic.entries] == [(1, b"id:SO-1"), (1, b"block:SO-BAD")]
+
+    later = [record(2, "SO-1", "order.updated", seed=20), record(3, "SO-BAD", "order.updated", seed=30)]
+    second = harness_factory({TP1: later}, script, shared=topic)  # another instance: a file of its own
+    paused_while_read: list[set[tuple[str, int]]] = []
+    topic.on_read = lambda: paused_while_read.append(set(second.consumer.paused))
+    await second.engine.restore({TP1})
+    assert topic.read_partitions == [[1]]
+    assert paused_while_read == [{TP1}], "nothing of them fetched before their state is read"
+    assert second.consumer.paused == set()
+    await second.run_until(2)
+    assert [(method, url) for _, method, url, _ in second.downstream.calls] == [("PUT", "http://crm.test/orders/d-7")]
+    assert [letter.reason for letter in second.dead.letters] == ["dead-lettered-predecessor"]
 
 
 @pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "TEXT/HTML", "application/xhtml+xml"])

@@ -118,7 +118,7 @@ async def test_a_missing_topic_stops_start_up_before_any_client_could_create_it(
     settings = sink_settings(ORDERBUS_STATE_DIR=str(tmp_path))
     with pytest.raises(ConfigError, match=r"^topic t\.orders\.dlq\.crm does not exist: run `orderbus topics apply`"):
         await serve(settings, asyncio.Event(), registry=CollectorRegistry())
-    assert asked == ["t.orders", "t.orders.dlq.crm", "t.orders.replay.crm"]
+    assert asked == ["t.orders", "t.orders.dlq.crm", "t.orders.replay.crm", "t.orders.state.crm"]
 
 
 async def test_an_unreachable_kafka_stops_the_sinks_but_not_the_ingest_alone(monkeypatch: pytest.MonkeyPatch) -> None:

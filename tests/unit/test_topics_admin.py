@@ -164,7 +164,11 @@ class Cluster:
         return [SimpleNamespace(to_object=lambda: {"resources": described})]
 
 
-SPECS = [spec for spec in catalogue(TopicLayout(orders_partitions=12)) if "crm" in spec.name or spec.name == "orders"]
+SPECS = [
+    spec
+    for spec in catalogue(TopicLayout(orders_partitions=12))
+    if ("crm" in spec.name and ".state." not in spec.name) or spec.name == "orders"
+]
 
 
 ORD, DLQ, REP = "orders", "orders.dlq.crm", "orders.replay.crm"

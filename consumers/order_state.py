@@ -1,0 +1,229 @@
+"""Each sink's order state shared by its instances: downstream ids and blocked orders, mirrored to a topic.
+
+A sink's dedup file (`consumers.dedup`) is one instance's. Two things in it must follow an order's partition when
+it moves to another instance (a rebalance, a scale-out, a pod on a new volume):
+
+- the **downstream id** a create returned: without it, the order's updates and cancels go by number, to another
+  URL than the id the instance before used; resent under the same idempotency key (records after the last commit
+  come again), a system that checks that a key comes with the same request (the IETF Idempotency-Key draft, the
+  sandbox, Stripe) answers 422, a dead letter that no replay could deliver;
+- the **chain** of a blocked order (`consumers.blocks`): without it, the order's later events overtake its dead
+  letters, and a block left in the earlier instance's file came back with the partition after another instance
+  had replayed it.
+
+So every such write is also a record of the sink's state topic (``orders.state.<sink>``, `topics.catalogue`):
+key ``id:<order number>`` with the id, or ``block:<order number>`` with the chain as JSON (a tombstone when the
+order is unblocked), in the partition of the orders topic the order's records are in. The topic is compacted: it
+keeps each key's last value. A flush of the dedup store (`SharedStateStore.flush`) is done only once the file's
+transaction *and* the broker's acknowledgement (acks=all) are: the engine commits an offset after the flush, so a
+record whose state reached neither is delivered again, as before.
+
+When a partition is assigned, before its records are fetched (aiokafka awaits the rebalance listener first), the
+instance reads that partition of the state topic from its beginning to its end (`StateTopic.read`) and writes what
+it finds into its file: ids, blocks, and unblocks, the topic's word over the file's. What the instance before wrote
+was acknowledged before its commits, and a revoke commits before the partition moves, so the reader sees it; what
+it had not flushed (a kill -9) comes again with its records, whose create, sent again under its key, answers with
+the same id. A read that fails is logged and the partition is delivered from the file alone, as without a topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Protocol, Self
+
+from consumers.dedup import DedupStore, DeliveryState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Entry", "Restored", "SharedStateStore", "StateTopic", "decode_entry", "encode_entry"]
+
+ID_PREFIX: Final = "id:"
+BLOCK_PREFIX: Final = "block:"
+# Entries applied to the file at a time while a partition is read: a flush each, so that the file's write buffer
+# holds a bounded number of them, whatever the topic holds.
+RESTORE_FLUSH_EVERY: Final = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One record of the state topic: `key` (``id:…`` or ``block:…``) in orders partition `partition`; `value`
+    None is a tombstone (an unblocked order)."""
+
+    partition: int
+    key: bytes
+    value: bytes | None
+
+
+def encode_entry(partition: int, kind: str, order_ref: str, value: str | None) -> Entry:
+    return Entry(partition, f"{kind}{order_ref}".encode(), None if value is None else value.encode())
+
+
+def decode_entry(key: bytes | None, value: bytes | None) -> tuple[str, str, str | None] | None:
+    """``(kind, order number, value)`` of a state record, or None for one that is not (it is skipped)."""
+    if key is None:
+        return None
+    try:
+        text = key.decode()
+        value_text = None if value is None else value.decode()
+    except UnicodeDecodeError:
+        return None
+    for kind in (ID_PREFIX, BLOCK_PREFIX):
+        if text.startswith(kind) and len(text) > len(kind):
+            if kind == ID_PREFIX and value_text is None:
+                return None  # an id is never deleted by a tombstone: nothing to apply
+            return kind, text[len(kind) :], value_text
+    return None
+
+
+class StateTopic(Protocol):
+    """The sink's state topic: `consumers.kafka_io.KafkaStateTopic`, or a fake in unit tests."""
+
+    async def write(self, entries: Sequence[Entry]) -> None:
+        """Write `entries` in their order, each to its partition; return once the broker acknowledged them all,
+        or raise `StoreError`."""
+        ...
+
+    def read(self, partitions: Iterable[int]) -> AsyncIterator[list[Entry]]:
+        """The records of `partitions` from their beginning to their end now, in order, a fetched batch at a time;
+        `StoreError` if they cannot be read."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What a read of the state topic found: how many entries, and the chains of the blocked orders among them
+    (None for an order it unblocked), for the engine's view of its blocks (`consumers.blocks.Blocks.restore`)."""
+
+    entries: int
+    chains: Mapping[str, str | None]
+
+
+class SharedStateStore:
+    """A `DedupStore` whose downstream ids and blocks also go to the sink's state topic; see the module docstring.
+
+    Every call but those three writes and `flush` is the file's own."""
+
+    def __init__(self, store: DedupStore, topic: StateTopic) -> None:
+        self._store = store
+        self._topic = topic
+        self._pending: dict[bytes, Entry] = {}  # by key: the last write of a key wins, as in the file's buffer
+        self._sending = asyncio.Lock()  # flushes hand their entries to the producer in the order they began
+
+    # --- the three writes that are shared --------------------------------------------------------------------
+
+    def put_downstream_id(self, order_ref: str, downstream_id: str, *, partition: int | None = None) -> None:
+        self._store.put_downstream_id(order_ref, downstream_id)
+        self._share(partition, ID_PREFIX, order_ref, downstream_id)
+
+    def block_order(self, order_ref: str, reason: str, *, partition: int | None = None) -> None:
+        self._store.block_order(order_ref, reason)
+        self._share(partition, BLOCK_PREFIX, order_ref, reason)
+
+    def unblock_order(self, order_ref: str, *, partition: int | None = None) -> None:
+        self._store.unblock_order(order_ref)
+        self._share(partition, BLOCK_PREFIX, order_ref, None)
+
+    def _share(self, partition: int | None, kind: str, order_ref: str, value: str | None) -> None:
+        if partition is None or order_ref.startswith("@"):  # no partition, or a record without a usable key
+            return
+        entry = encode_entry(partition, kind, order_ref, value)
+        self._pending.pop(entry.key, None)  # its place is the newest write's
+        self._pending[entry.key] = entry
+
+    @property
+    def pending_writes(self) -> int:
+        return self._store.pending_writes + len(self._pending)
+
+    async def flush(self) -> int:
+        """The file's flush and the topic's write of the entries put so far, side by side; done when both are.
+        Entries whose write failed are put back for the next flush (behind none that replaced them), and the flush
+        raises `StoreError`, as the file's does."""
+        entries, self._pending = list(self._pending.values()), {}
+        written = asyncio.gather(self._store.flush(), self._write(entries), return_exceptions=True)
+        file_result, topic_result = await written
+        if isinstance(topic_result, BaseException):
+            for entry in entries:
+                self._pending.setdefault(entry.key, entry)
+        for result in (file_result, topic_result):
+            if isinstance(result, BaseException):
+                raise result
+        assert isinstance(file_result, int)
+        return file_result + len(entries)
+
+    async def _write(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        async with self._sending:
+            await self._topic.write(entries)
+
+    # --- a partition assigned ----------------------------------------------------------------------------------
+
+    async def restore(self, partitions: Iterable[int]) -> Restored:
+        """Read `partitions` of the state topic and write what they hold into the file (its buffer, flushed every
+        `RESTORE_FLUSH_EVERY` entries and at the end); `StoreError` if the topic or the file fails."""
+        count = 0
+        chains: dict[str, str | None] = {}
+        async for batch in self._topic.read(partitions):
+            for entry in batch:
+                decoded = decode_entry(entry.key, entry.value)
+                if decoded is None:
+                    continue
+                kind, order_ref, value = decoded
+                if kind == ID_PREFIX:
+                    assert value is not None
+                    self._store.put_downstream_id(order_ref, value)
+                elif value is None:
+                    self._store.unblock_order(order_ref)
+                    chains[order_ref] = None
+                else:
+                    self._store.block_order(order_ref, value)
+                    chains[order_ref] = value
+                count += 1
+                if count % RESTORE_FLUSH_EVERY == 0:
+                    await self._store.flush()
+        await self._store.flush()
+        return Restored(count, chains)
+
+    # --- the file's own ----------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._store.open()
+
+    async def close(self) -> None:
+        """The file's close (which flushes it); entries not written to the topic by now are not: their records'
+        offsets were not committed, and they come again."""
+        await self._store.close()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def get_many(self, keys: Mapping[str, str]) -> dict[str, DeliveryState]:
+        return await self._store.get_many(keys)
+
+    def put(self, state: DeliveryState) -> None:
+        self._store.put(state)
+
+    async def downstream_id(self, order_ref: str) -> str | None:
+        return await self._store.downstream_id(order_ref)
+
+    async def blocked_orders(self, order_refs: Sequence[str]) -> set[str]:
+        return await self._store.blocked_orders(order_refs)
+
+    async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
+        return await self._store.blocking(order_refs)
+
+    async def prune(self, older_than: float) -> int:
+        return await self._store.prune(older_than)
+
+    async def integrity_check(self) -> str:
+        return await self._store.integrity_check()

@@ -1,0 +1,109 @@
+"""`consumers.order_state`: the downstream ids and blocks a sink's instances share through its state topic, with
+the file as it is (`MemoryDedupStore`) and the topic in memory (`FakeStateTopic`)."""
+
+from __future__ import annotations
+
+import pytest
+from support import FakeStateTopic
+
+from consumers.blocks import Blocks
+from consumers.dedup import MemoryDedupStore
+from consumers.order_state import Entry, SharedStateStore, decode_entry
+from topics.errors import StoreError
+
+
+def shared() -> tuple[SharedStateStore, MemoryDedupStore, FakeStateTopic]:
+    file, topic = MemoryDedupStore(), FakeStateTopic()
+    return SharedStateStore(file, topic), file, topic
+
+
+async def test_ids_and_blocks_reach_the_topic_with_the_flush_that_writes_them_to_the_file() -> None:
+    store, file, topic = shared()
+    store.put_downstream_id("SO-1", "d-1", partition=4)
+    store.block_order("SO-2", '["k1"]', partition=0)
+    store.unblock_order("SO-3", partition=2)
+    assert topic.entries == []
+    assert store.pending_writes == 6  # three in the file's buffer, three for the topic
+    assert await store.flush() == 6
+    assert topic.entries == [
+        Entry(4, b"id:SO-1", b"d-1"),
+        Entry(0, b"block:SO-2", b'["k1"]'),
+        Entry(2, b"block:SO-3", None),  # a tombstone: the topic forgets the block
+    ]
+    assert await file.downstream_id("SO-1") == "d-1"
+    assert await file.blocked_orders(["SO-2", "SO-3"]) == {"SO-2"}
+
+
+async def test_the_last_write_of_an_order_is_the_one_sent_and_records_without_a_key_share_nothing() -> None:
+    store, _, topic = shared()
+    store.block_order("SO-2", '["k1"]', partition=1)
+    store.block_order("SO-2", '["k1","k2"]', partition=1)
+    store.unblock_order("SO-2", partition=1)
+    store.put_downstream_id("@1:17", "d-9", partition=1)  # a record whose key could not be read
+    store.put_downstream_id("SO-4", "d-4")  # no partition said: the file's alone
+    await store.flush()
+    assert topic.entries == [Entry(1, b"block:SO-2", None)]
+
+
+async def test_a_write_the_broker_refuses_fails_the_flush_and_goes_with_the_next() -> None:
+    store, file, topic = shared()
+    store.put_downstream_id("SO-1", "d-1", partition=0)
+    store.block_order("SO-2", '["k1"]', partition=0)
+    topic.failing = "kafka is unreachable"
+    with pytest.raises(StoreError, match="kafka is unreachable"):
+        await store.flush()
+    assert await file.downstream_id("SO-1") == "d-1", "the file's part of the flush is done all the same"
+    store.block_order("SO-2", '["k1","k2"]', partition=0)  # newer than the one that failed: it wins
+    topic.failing = None
+    await store.flush()
+    assert topic.entries == [Entry(0, b"id:SO-1", b"d-1"), Entry(0, b"block:SO-2", b'["k1","k2"]')]
+    assert store.pending_writes == 0
+
+
+async def test_a_read_partition_overrides_the_file_and_says_which_chains_changed() -> None:
+    store, file, topic = shared()
+    file.put_downstream_id("SO-1", "stale")
+    file.block_order("SO-3", '["old"]')  # left by this instance before another replayed it
+    await file.flush()
+    topic.entries = [
+        Entry(0, b"id:SO-1", b"d-1"),
+        Entry(0, b"block:SO-2", b'["k1"]'),
+        Entry(0, b"block:SO-3", b'["old"]'),
+        Entry(0, b"block:SO-3", None),
+        Entry(0, b"id:SO-9", None),  # not a record orderbus writes: skipped
+        Entry(0, b"mystery", b"x"),
+        Entry(1, b"id:SO-5", b"d-5"),  # another partition: not read
+    ]
+    restored = await store.restore([0])
+    assert topic.read_partitions == [[0]]
+    assert restored.entries == 4
+    assert restored.chains == {"SO-2": '["k1"]', "SO-3": None}
+    assert store.pending_writes == 0, "what was read is in the file, not only in its buffer"
+    assert [await file.downstream_id(order) for order in ("SO-1", "SO-5")] == ["d-1", None]
+    assert await file.blocked_orders(["SO-2", "SO-3"]) == {"SO-2"}
+    assert topic.entries[-1] == Entry(1, b"id:SO-5", b"d-5"), "nothing read is written back"
+
+
+async def test_a_read_that_fails_is_a_store_error() -> None:
+    store, _, topic = shared()
+    topic.failing = "not authorized to read orders.state.crm"
+    with pytest.raises(StoreError, match="not authorized"):
+        await store.restore([0, 1])
+
+
+def test_a_record_of_the_topic_is_read_only_if_orderbus_could_have_written_it() -> None:
+    assert decode_entry(b"id:SO-1", b"d-1") == ("id:", "SO-1", "d-1")
+    assert decode_entry(b"block:SO-1", None) == ("block:", "SO-1", None)
+    assert decode_entry(b"block:SO-1", b'["k"]') == ("block:", "SO-1", '["k"]')
+    for key, value in [(None, b"x"), (b"id:", b"x"), (b"id:SO-1", None), (b"\xff", b"x"), (b"id:SO-1", b"\xff")]:
+        assert decode_entry(key, value) is None
+
+
+def test_the_view_of_blocks_takes_what_the_topic_says_over_what_it_knew() -> None:
+    blocks = Blocks(MemoryDedupStore())
+    blocks.learn({"SO-1": '["k1"]', "SO-2": '["k2"]'}, since=blocks.epoch)
+    since = blocks.epoch
+    blocks.restore({"SO-1": None, "SO-3": '["k3","k4"]'})
+    assert (blocks.chain("SO-1"), blocks.chain("SO-2"), blocks.chain("SO-3")) == (None, ["k2"], ["k3", "k4"])
+    blocks.learn({"SO-1": '["k1"]'}, since=since)  # a lookup begun before the read: older than it
+    assert blocks.chain("SO-1") is None
