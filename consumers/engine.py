@@ -51,7 +51,7 @@ from consumers.unreadable import Skips, coordination_ended
 from consumers.work import TopicPartitionKey, Work, make_work
 from topics.acls import Refusals
 from topics.catalogue import consumer_group
-from topics.errors import BrokerError, StoreError
+from topics.errors import BrokerError, SharedStateError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ _DECODE_SLICE = 100  # records decoded between two turns of the event loop (see 
 # Gauges are set at most this often (seconds): `_report` walks every lane, and the loop may turn per record.
 _REPORT_INTERVAL = 0.1
 _RESUME_AT = 0.8  # partitions paused for a full buffer resume once it is down to this share of `max_buffered`
+_COMMIT_FLOOR = 0.5  # a commit's time at least, whatever its flush took of `commit_timeout`
 _FETCH_SLACK = 1.0  # a fetch with no answer this long after its `fetch_wait` is cut off (see `_fetch`)
 # Seconds between two fetches while the brokers refuse this sink's principal (`refused`): a grant comes in minutes.
 _REFUSED_WAIT = 5.0
@@ -415,21 +416,30 @@ class SinkEngine:
             offsets = {tp: offset for tp, offset in offsets.items() if tp in wanted}
         # Step 2. Unblocks that a drain's failed flush left for a later one are durable once this one is.
         unconfirmed = self._context.blocked.unconfirmed()
-        await self._store.flush()
+        flushing = self._clock.now()
+        try:
+            await self._store.flush()
+        except SharedStateError as exc:  # the brokers did not take the flush's shared part: as a refused commit
+            self._metrics.commit_failures.labels(self.sink.name).inc()
+            log.warning("commit failed, will retry", extra={"sink": self.sink.name, "error": str(exc)})
+            return
         self._context.blocked.confirm(unconfirmed)
         if not offsets:
             self._refusals.forget("commit")  # a refused commit's offsets are gone (the partitions revoked)
             return
         # Step 3. Bounded: aiokafka retries a commit until the group coordinator takes it, and after a broker
         # restart that once held a SIGTERM's drain past the test's limit, with nothing logged.
+        # The flush and the commit share `commit_timeout`: a shared store's flush waits for the brokers too
+        # (`consumers.order_state`), and a stop is sized by one commit timeout.
+        left = max(self.config.commit_timeout - (self._clock.now() - flushing), _COMMIT_FLOOR)
         try:
-            with self._deadlines.within(self.config.commit_timeout):
+            with self._deadlines.within(left):
                 await self._consumer.commit(offsets)
         except (KafkaError, TimeoutError) as exc:
             self._metrics.commit_failures.labels(self.sink.name).inc()
             if self._refusals.note("commit", exc):
                 return
-            error = repr(exc) if isinstance(exc, KafkaError) else f"no answer within {self.config.commit_timeout:g} s"
+            error = repr(exc) if isinstance(exc, KafkaError) else f"no answer within {left:.3g} s"
             log.warning("commit failed, will retry", extra={"sink": self.sink.name, "error": error})
             return
         self._refusals.allowed("commit")

@@ -84,12 +84,12 @@ class StateTopic(Protocol):
 
     async def write(self, entries: Sequence[Entry]) -> None:
         """Write `entries` in their order, each to its partition; return once the broker acknowledged them all,
-        or raise `StoreError`."""
+        or raise `SharedStateError`."""
         ...
 
     def read(self, partitions: Iterable[int]) -> AsyncIterator[list[Entry]]:
         """The records of `partitions` from their beginning to their end now, in order, a fetched batch at a time;
-        `StoreError` if they cannot be read."""
+        `SharedStateError` if they cannot be read."""
         ...
 
 

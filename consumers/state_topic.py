@@ -20,12 +20,15 @@ from aiokafka.errors import KafkaError
 from consumers.kafka_io import guard_connection_writes
 from consumers.order_state import Entry
 from topics.acls import refusal
-from topics.errors import StoreError
+from topics.errors import SharedStateError
 
-__all__ = ["READ_TIMEOUT", "KafkaStateTopic"]
+__all__ = ["READ_TIMEOUT", "WRITE_TIMEOUT", "KafkaStateTopic"]
 
 # A partition's state read at assignment, at most: the rebalance listener holds the partitions' first fetch.
 READ_TIMEOUT: Final = 120.0
+# A flush's write, at most (the sink's commit timeout in the daemon): a stop with the brokers gone must not wait for
+# the producer's own request timeout before it commits (which fails then too, and the records come again).
+WRITE_TIMEOUT: Final = 10.0
 _FETCH_MS: Final = 500
 
 
@@ -39,12 +42,14 @@ class KafkaStateTopic:
         topic: str,
         *,
         read_timeout: float = READ_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._producer = producer
         self._options = client_options
         self.topic = topic
         self._read_timeout = read_timeout
+        self._write_timeout = write_timeout
         self._monotonic = monotonic
 
     async def write(self, entries: Sequence[Entry]) -> None:
@@ -52,10 +57,14 @@ class KafkaStateTopic:
         for entry in entries:
             by_partition[entry.partition].append(entry)
         try:
-            sent = [await self._send(partition, batch) for partition, batch in by_partition.items()]
-            await asyncio.gather(*(future for futures in sent for future in futures))
+            async with asyncio.timeout(self._write_timeout):  # what was handed over is sent all the same
+                sent = [await self._send(partition, batch) for partition, batch in by_partition.items()]
+                await asyncio.gather(*(future for futures in sent for future in futures))
         except KafkaError as exc:
-            raise StoreError(f"order state not written to {self.topic}: {_said(exc)}") from exc
+            raise SharedStateError(f"order state not written to {self.topic}: {_said(exc)}") from exc
+        except TimeoutError:
+            detail = f"not acknowledged within {self._write_timeout:g} s"
+            raise SharedStateError(f"order state not written to {self.topic}: {detail}") from None
 
     async def _send(self, partition: int, entries: list[Entry]) -> list[asyncio.Future[Any]]:
         """Hand `entries` to the producer as batches of `partition`, in their order; the futures of the acks."""
@@ -66,7 +75,7 @@ class KafkaStateTopic:
                 futures.append(await self._producer.send_batch(batch, self.topic, partition=partition))
                 batch = self._producer.create_batch()
                 if batch.append(key=entry.key, value=entry.value, timestamp=None) is None:
-                    raise StoreError(f"order state not written to {self.topic}: a record larger than a batch")
+                    raise SharedStateError(f"order state not written to {self.topic}: a record larger than a batch")
         futures.append(await self._producer.send_batch(batch, self.topic, partition=partition))
         return futures
 
@@ -85,12 +94,12 @@ class KafkaStateTopic:
                 consumer.seek(tp, starts[tp])
             while left := [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
                 if self._monotonic() > ends_by:
-                    raise StoreError(f"{self.topic}: partitions not read within {self._read_timeout:g} s")
+                    raise SharedStateError(f"{self.topic}: partitions not read within {self._read_timeout:g} s")
                 fetched = await consumer.getmany(*left, timeout_ms=_FETCH_MS)
                 for tp, records in fetched.items():
                     yield [Entry(tp.partition, r.key, r.value) for r in records if r.offset < ends[tp]]
         except KafkaError as exc:
-            raise StoreError(f"cannot read {self.topic}: {_said(exc)}") from exc
+            raise SharedStateError(f"cannot read {self.topic}: {_said(exc)}") from exc
         finally:
             await consumer.stop()
 

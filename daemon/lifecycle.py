@@ -312,6 +312,10 @@ async def _open_sinks(
     stack.push_async_callback(cancel_and_wait, asyncio.create_task(retention.run(), name="orders-retention"))
     engines: dict[str, SinkEngine] = {}
     for name, sink_settings in enabled.items():
+        config = engine_config(sink_settings)
+        state = KafkaStateTopic(
+            producer, options, state_topic(name, settings.topics.prefix), write_timeout=config.commit_timeout
+        )
         engines[name] = await stack.enter_async_context(
             open_sink(
                 build_sink(name, sink_settings),
@@ -321,11 +325,11 @@ async def _open_sinks(
                 dedup_path=dedup_path(settings.state_dir, name),
                 dead_letters=dead_letters,
                 metrics=metrics,
-                config=engine_config(sink_settings),
+                config=config,
                 http=HttpConfig(sink_settings.request_timeout, sink_settings.tls_verify, sink_settings.ca_bundle),
                 auth=build_auth(name, sink_settings),
                 replay_topic=replay_topic(name, settings.topics.prefix),
-                state=KafkaStateTopic(producer, options, state_topic(name, settings.topics.prefix)),
+                state=state,
                 retention=sink_settings.dedup_retention_hours * 3600,
                 membership=membership,
             )

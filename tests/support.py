@@ -36,7 +36,7 @@ from topics.admin import apply_catalogue, partition_ids
 from topics.catalogue import SINKS, catalogue, orders_topic
 from topics.codec import encode
 from topics.envelope import EventType, OrderEvent, OrderSubmission
-from topics.errors import StoreError
+from topics.errors import SharedStateError
 from topics.samples import sample_event, sample_submission
 
 
@@ -68,7 +68,7 @@ def sandbox_sinks(sandbox: SandboxProcess, **extra: Any) -> dict[str, dict[str, 
 # A sink's settings in tests that replay dead letters: quick retries and commits, so a replay is read at once.
 class FakeStateTopic:
     """`consumers.order_state.StateTopic` in memory: every entry written, in order, and the partitions each read
-    asked for; while `failing` holds a reason, writes and reads raise `StoreError` with it."""
+    asked for; while `failing` holds a reason, writes and reads raise `SharedStateError` with it."""
 
     def __init__(self) -> None:
         self.entries: list[Entry] = []
@@ -79,7 +79,7 @@ class FakeStateTopic:
     async def write(self, entries: Sequence[Entry]) -> None:
         await asyncio.sleep(0)  # a broker's acknowledgement is never immediate
         if self.failing is not None:
-            raise StoreError(self.failing)
+            raise SharedStateError(self.failing)
         self.entries.extend(entries)
 
     async def read(self, partitions: Iterable[int]) -> AsyncIterator[list[Entry]]:
@@ -88,7 +88,7 @@ class FakeStateTopic:
         if self.on_read is not None:
             self.on_read()
         if self.failing is not None:
-            raise StoreError(self.failing)
+            raise SharedStateError(self.failing)
         for partition in wanted:
             yield [entry for entry in self.entries if entry.partition == partition]
 

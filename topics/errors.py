@@ -89,6 +89,11 @@ class StoreError(OrderbusError):
     """A SQLite state file could not be opened, read or written."""
 
 
+class SharedStateError(StoreError):
+    """A sink's state topic did not take or give its order state (`consumers.order_state`): a store error, since the
+    flush it belongs to is not durable, that Kafka caused."""
+
+
 class HttpClientError(OrderbusError):
     """One request of `consumers.http_client.HttpClient` got no usable answer; the message names the origin."""
 

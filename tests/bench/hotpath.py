@@ -27,15 +27,17 @@ from prometheus_client import CollectorRegistry
 
 from consumers.deadletter import DeadLetter
 from consumers.engine import EngineConfig, SinkEngine
+from consumers.kafka_io import dead_letter_producer
 from consumers.metrics import EngineMetrics
 from consumers.runner import HttpConfig, open_sink
+from consumers.state_topic import KafkaStateTopic
 from daemon import kafka_local
 from daemon.lifecycle import tune_runtime
 from daemon.sandbox import start_sandbox_process
 from daemon.settings import SinkSettings
 from daemon.sinks import build_sink
 from topics.admin import apply_catalogue
-from topics.catalogue import SINKS, TopicLayout, catalogue, orders_topic
+from topics.catalogue import SINKS, TopicLayout, catalogue, orders_topic, state_topic
 from topics.codec import encode
 from topics.samples import sample_event
 
@@ -63,11 +65,22 @@ async def produce(bootstrap: str, topic: str, count: int) -> None:
 
 
 async def deliver_all(
-    bootstrap: str, prefix: str, urls: Mapping[str, str], state: Path, count: int, window: int, watching: bool
+    bootstrap: str,
+    prefix: str,
+    urls: Mapping[str, str],
+    state: Path,
+    count: int,
+    window: int,
+    watching: bool,
+    shared: bool,
 ) -> float:
     metrics = EngineMetrics(CollectorRegistry())
     stop = asyncio.Event()
+    options = {"bootstrap_servers": bootstrap}
     async with contextlib.AsyncExitStack() as stack:
+        producer = dead_letter_producer(options)  # as the daemon's sinks share theirs
+        await producer.start()
+        stack.push_async_callback(producer.stop)
         engines = []
         for name in SINKS:
             engine = await stack.enter_async_context(
@@ -81,6 +94,7 @@ async def deliver_all(
                     metrics=metrics,
                     config=EngineConfig(max_in_flight=window, max_buffered=max(1000, 4 * window)),
                     http=HttpConfig(timeout=10.0),
+                    state=KafkaStateTopic(producer, options, state_topic(name, prefix)) if shared else None,
                 )
             )
             engines.append(engine)
@@ -108,6 +122,7 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, help="write cProfile stats here")
     parser.add_argument("--uvloop", action="store_true")
     parser.add_argument("--watch", action="store_true", help="print progress every half second")
+    parser.add_argument("--no-shared-state", action="store_true", help="no state topic (consumers.order_state)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="orderbus-hotpath-") as tmp:
         work = Path(tmp)
@@ -125,7 +140,16 @@ def main() -> int:
             cpu0 = time.process_time()
             if profiler:
                 profiler.enable()
-            coro = deliver_all(broker.bootstrap, prefix, urls, work / "state", args.orders, args.in_flight, args.watch)
+            coro = deliver_all(
+                broker.bootstrap,
+                prefix,
+                urls,
+                work / "state",
+                args.orders,
+                args.in_flight,
+                args.watch,
+                not args.no_shared_state,
+            )
             if args.uvloop:
                 import uvloop
 

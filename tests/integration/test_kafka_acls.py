@@ -39,7 +39,7 @@ from daemon.settings import Settings, load_settings
 from daemon.status import fetch_status, render_status
 from topics.acls import Acl, daemon_acls
 from topics.admin import apply_catalogue, missing_topics
-from topics.catalogue import SINKS, catalogue, dlq_topic, replay_topic
+from topics.catalogue import SINKS, catalogue, dlq_topic, replay_topic, state_topic
 from topics.errors import NotYetError
 from topics.samples import sample_submission
 
@@ -151,7 +151,7 @@ async def test_with_what_topics_acls_prints_the_daemon_publishes_delivers_and_de
     printed = await orderbus_cli("topics", "acls", env=daemon.env)
     assert printed.returncode == 0, printed.stderr
     commands = [line for line in printed.stdout.splitlines() if line.startswith("kafka-acls.sh")]
-    assert len(commands) == 1 + 3 * len(SINKS)
+    assert len(commands) == 1 + 4 * len(SINKS)  # the orders topic; per sink its dlq, replay and state topics, its group
     assert all(f"--add --allow-principal {PRINCIPAL} --operation" in line for line in commands)
     assert f"--operation Write --operation Read --operation DescribeConfigs --topic {prefix}orders" in commands[0]
 
@@ -196,7 +196,11 @@ async def test_topics_it_may_not_see_are_said_so_not_missing(
     with pytest.raises(NotYetError) as refused:  # exit 1: the daemon comes up by itself once they are granted
         await check_topics(settings, options)
     prefix = settings.topics.prefix
-    hidden = [name for sink in SINKS for name in (dlq_topic(sink, prefix), replay_topic(sink, prefix))]
+    hidden = [
+        name
+        for sink in SINKS
+        for name in (dlq_topic(sink, prefix), replay_topic(sink, prefix), state_topic(sink, prefix))
+    ]
     assert str(refused.value) == (
         f"the brokers do not let this daemon's principal (User:orderbus) see topics {', '.join(hidden)} "
         "(TopicAuthorizationFailedError: not authorized to describe; they may well exist): grant it what "

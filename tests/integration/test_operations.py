@@ -32,7 +32,7 @@ from daemon.retention import prune
 from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.status import fetch_status
 from topics.admin import missing_topics
-from topics.catalogue import dlq_topic, orders_topic, replay_topic
+from topics.catalogue import dlq_topic, orders_topic, replay_topic, state_topic
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +121,7 @@ async def test_the_daemon_refuses_to_start_without_its_topics_and_creates_none(
         kafka_broker, f"{unique_name}.", tmp_path, sinks={"crm": {"base_url": "http://127.0.0.1:1"}}
     )
     names = [orders_topic(settings.topics.prefix), dlq_topic("crm", settings.topics.prefix)]
-    names.append(replay_topic("crm", settings.topics.prefix))
+    names += [replay_topic("crm", settings.topics.prefix), state_topic("crm", settings.topics.prefix)]
     code, _, err = await cli("run", env=env)
     assert code == 2, err
     assert f"topics {', '.join(names)} do not exist: run `orderbus topics apply`" in err

@@ -363,6 +363,27 @@ async def test_an_orders_id_and_block_reach_the_instance_that_takes_its_partitio
     assert [letter.reason for letter in second.dead.letters] == ["dead-lettered-predecessor"]
 
 
+async def test_a_state_topic_that_does_not_answer_holds_the_commit_as_a_refused_commit_would(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = FakeStateTopic()
+    h = harness_factory({TP0: [record(0, "SO-1")]}, shared=topic)
+    topic.failing = "not acknowledged within 10 s"
+    stop = asyncio.Event()
+
+    async def stop_later() -> None:
+        await h.clock.sleep(5.0)
+        stop.set()
+
+    stopping = asyncio.create_task(stop_later())
+    await h.engine.run(stop)
+    await stopping  # delivered, its state not shared: not finished; the stop's commit fails as a commit
+    assert len(h.downstream.calls) == 1
+    assert h.consumer.committed == {}
+    assert h.metric("orderbus_commit_failures_total") >= 1
+    assert "commit failed, will retry" in caplog.text, "a warning, and the run ends as a stop, not as a failure"
+
+
 @pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "TEXT/HTML", "application/xhtml+xml"])
 async def test_a_web_page_for_an_answer_is_a_dead_letter_not_a_delivery(
     harness_factory: Callable[..., Harness], content_type: str

@@ -121,6 +121,24 @@ async def test_a_missing_topic_stops_start_up_before_any_client_could_create_it(
     assert asked == ["t.orders", "t.orders.dlq.crm", "t.orders.replay.crm", "t.orders.state.crm"]
 
 
+async def test_a_state_topic_with_fewer_partitions_than_the_orders_topic_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # An order's state goes to the partition its records are in: one the state topic lacks would fail every flush.
+    async def present(names: list[str], options: object, *, timeout: float, diagnosis: object) -> list[str]:
+        return []
+
+    async def counts(names: list[str], options: object, *, timeout: float) -> dict[str, int]:
+        return {name: 4 if ".state." in name else 6 for name in names}
+
+    monkeypatch.setattr(lifecycle, "missing_topics", present)
+    monkeypatch.setattr(lifecycle, "partition_counts", counts)
+    settings = sink_settings(ORDERBUS_STATE_DIR=str(tmp_path))
+    expected = r"^t\.orders\.state\.crm \(4\): fewer partitions than t\.orders \(6\); run `orderbus topics apply`"
+    with pytest.raises(ConfigError, match=expected):
+        await lifecycle.check_topics(settings, {})
+
+
 async def test_an_unreachable_kafka_stops_the_sinks_but_not_the_ingest_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     async def unreachable(names: list[str], options: object, *, timeout: float, diagnosis: object) -> list[str]:
         raise BrokerError("cannot list topics")
