@@ -18,26 +18,25 @@ keeps each key's last value. A flush of the dedup store (`SharedStateStore.flush
 transaction *and* the broker's acknowledgement (acks=all) are: the engine commits an offset after the flush, so a
 record whose state reached neither is delivered again, as before.
 
-When a partition is assigned, before its records are fetched (aiokafka awaits the rebalance listener first), the
-instance reads that partition of the state topic from its beginning to its end (`StateTopic.read`) and writes what
-it finds into its file: ids, blocks, and unblocks, the topic's word over the file's. What the instance before wrote
-was acknowledged before its commits, and a revoke commits before the partition moves, so the reader sees it; what
-it had not flushed (a kill -9) comes again with its records, whose create, sent again under its key, answers with
-the same id. A read that fails is logged and the partition is delivered from the file alone, as without a topic.
+When a partition is assigned, before its records are fetched (the engine pauses it first), the instance reads
+that partition of the state topic up to its end (`StateTopic.read`) and writes what it finds into its file: ids,
+blocks, and unblocks, the topic's word over the file's. The first read of a partition in a process starts at the
+topic's beginning; a later one where the last ended (eager rebalances assign every partition anew). What the
+instance before wrote was acknowledged before its commits, and a revoke commits before the partition moves, so the
+reader sees it; what it had not flushed (a kill -9) comes again with its records, whose create, sent again under
+its key, answers with the same id. A read that fails is logged and the partition is delivered from the file
+alone, as without a topic.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Protocol, Self
 
 from consumers.dedup import DedupStore, DeliveryState
-
-log = logging.getLogger(__name__)
 
 __all__ = ["Entry", "Restored", "SharedStateStore", "StateTopic", "decode_entry", "encode_entry"]
 
@@ -51,11 +50,12 @@ RESTORE_FLUSH_EVERY: Final = 5_000
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One record of the state topic: `key` (``id:…`` or ``block:…``) in orders partition `partition`; `value`
-    None is a tombstone (an unblocked order)."""
+    None is a tombstone (an unblocked order); `offset` in its partition once read (-1 while written)."""
 
     partition: int
     key: bytes
     value: bytes | None
+    offset: int = field(default=-1, compare=False)
 
 
 def encode_entry(partition: int, kind: str, order_ref: str, value: str | None) -> Entry:
@@ -87,9 +87,10 @@ class StateTopic(Protocol):
         or raise `SharedStateError`."""
         ...
 
-    def read(self, partitions: Iterable[int]) -> AsyncIterator[list[Entry]]:
-        """The records of `partitions` from their beginning to their end now, in order, a fetched batch at a time;
-        `SharedStateError` if they cannot be read."""
+    def read(self, partitions: Iterable[int], starts: Mapping[int, int]) -> AsyncIterator[list[Entry]]:
+        """The records of `partitions` from their beginning (or from the offset `starts` gives, when the partition
+        still holds it) to their end now, in order, a fetched batch at a time; `SharedStateError` if they cannot be
+        read."""
         ...
 
 
@@ -112,6 +113,9 @@ class SharedStateStore:
         self._topic = topic
         self._pending: dict[bytes, Entry] = {}  # by key: the last write of a key wins, as in the file's buffer
         self._sending = asyncio.Lock()  # flushes hand their entries to the producer in the order they began
+        # Per partition, the offset after the last entry this file has taken (`restore`): what is before it is in the
+        # file already, this process's own writes included, so the next assignment reads only what came after.
+        self._read_to: dict[int, int] = {}
 
     # --- the three writes that are shared --------------------------------------------------------------------
 
@@ -128,11 +132,9 @@ class SharedStateStore:
         self._share(partition, BLOCK_PREFIX, order_ref, None)
 
     def _share(self, partition: int | None, kind: str, order_ref: str, value: str | None) -> None:
-        if partition is None or order_ref.startswith("@"):  # no partition, or a record without a usable key
-            return
-        entry = encode_entry(partition, kind, order_ref, value)
-        self._pending.pop(entry.key, None)  # its place is the newest write's
-        self._pending[entry.key] = entry
+        if partition is not None:
+            entry = encode_entry(partition, kind, order_ref, value)
+            self._pending[entry.key] = entry
 
     @property
     def pending_writes(self) -> int:
@@ -163,12 +165,18 @@ class SharedStateStore:
     # --- a partition assigned ----------------------------------------------------------------------------------
 
     async def restore(self, partitions: Iterable[int]) -> Restored:
-        """Read `partitions` of the state topic and write what they hold into the file (its buffer, flushed every
-        `RESTORE_FLUSH_EVERY` entries and at the end); `StoreError` if the topic or the file fails."""
+        """Read `partitions` of the state topic, from where this process's last read of each ended, and write what
+        they hold into the file (its buffer, flushed every `RESTORE_FLUSH_EVERY` entries and at the end);
+        `StoreError` if the topic or the file fails."""
         count = 0
         chains: dict[str, str | None] = {}
-        async for batch in self._topic.read(partitions):
+        reached: dict[int, int] = {}
+        partitions = set(partitions)
+        starts = {partition: self._read_to[partition] for partition in partitions if partition in self._read_to}
+        async for batch in self._topic.read(partitions, starts):
             for entry in batch:
+                if entry.offset >= 0:
+                    reached[entry.partition] = entry.offset + 1
                 decoded = decode_entry(entry.key, entry.value)
                 if decoded is None:
                     continue
@@ -186,6 +194,7 @@ class SharedStateStore:
                 if count % RESTORE_FLUSH_EVERY == 0:
                     await self._store.flush()
         await self._store.flush()
+        self._read_to.update(reached)  # only once the file holds it all
         return Restored(count, chains)
 
     # --- the file's own ----------------------------------------------------------------------------------------

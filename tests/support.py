@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -77,12 +78,14 @@ class FakeStateTopic:
         self.on_read: Callable[[], object] | None = None  # called as a read begins
 
     async def write(self, entries: Sequence[Entry]) -> None:
-        await asyncio.sleep(0)  # a broker's acknowledgement is never immediate
+        await asyncio.sleep(0)  # a yield, not a wait: a broker's acknowledgement is never immediate
         if self.failing is not None:
             raise SharedStateError(self.failing)
-        self.entries.extend(entries)
+        for entry in entries:
+            offset = sum(1 for written in self.entries if written.partition == entry.partition)
+            self.entries.append(dataclasses.replace(entry, offset=offset))
 
-    async def read(self, partitions: Iterable[int]) -> AsyncIterator[list[Entry]]:
+    async def read(self, partitions: Iterable[int], starts: Mapping[int, int]) -> AsyncIterator[list[Entry]]:
         wanted = sorted(set(partitions))
         self.read_partitions.append(wanted)
         if self.on_read is not None:
@@ -90,7 +93,8 @@ class FakeStateTopic:
         if self.failing is not None:
             raise SharedStateError(self.failing)
         for partition in wanted:
-            yield [entry for entry in self.entries if entry.partition == partition]
+            start = starts.get(partition, 0)
+            yield [e for e in self.entries if e.partition == partition and (e.offset < 0 or e.offset >= start)]
 
 
 QUICK_SINK: dict[str, float] = {"backoff_base": 0.05, "backoff_cap": 0.2, "commit_interval": 0.2}

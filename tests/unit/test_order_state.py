@@ -34,12 +34,11 @@ async def test_ids_and_blocks_reach_the_topic_with_the_flush_that_writes_them_to
     assert await file.blocked_orders(["SO-2", "SO-3"]) == {"SO-2"}
 
 
-async def test_the_last_write_of_an_order_is_the_one_sent_and_records_without_a_key_share_nothing() -> None:
+async def test_the_last_write_of_an_order_is_the_one_sent_and_a_write_without_a_partition_stays_in_the_file() -> None:
     store, _, topic = shared()
     store.block_order("SO-2", '["k1"]', partition=1)
     store.block_order("SO-2", '["k1","k2"]', partition=1)
     store.unblock_order("SO-2", partition=1)
-    store.put_downstream_id("@1:17", "d-9", partition=1)  # a record whose key could not be read
     store.put_downstream_id("SO-4", "d-4")  # no partition said: the file's alone
     await store.flush()
     assert topic.entries == [Entry(1, b"block:SO-2", None)]
@@ -82,6 +81,27 @@ async def test_a_read_partition_overrides_the_file_and_says_which_chains_changed
     assert [await file.downstream_id(order) for order in ("SO-1", "SO-5")] == ["d-1", None]
     assert await file.blocked_orders(["SO-2", "SO-3"]) == {"SO-2"}
     assert topic.entries[-1] == Entry(1, b"id:SO-5", b"d-5"), "nothing read is written back"
+
+
+async def test_a_partition_read_again_is_read_from_where_the_last_read_ended() -> None:
+    store, file, topic = shared()
+    store.put_downstream_id("SO-1", "d-1", partition=0)
+    await store.flush()
+    assert (await store.restore([0])).entries == 1
+    other = SharedStateStore(MemoryDedupStore(), topic)  # another instance, while this one does not hold 0
+    other.block_order("SO-1", '["k1"]', partition=0)
+    other.put_downstream_id("SO-2", "d-2", partition=1)
+    await other.flush()
+    restored = await store.restore([0, 1])
+    assert restored.entries == 2, "SO-1's id is not read again; partition 1 from its beginning"
+    assert restored.chains == {"SO-1": '["k1"]'}
+    assert await file.downstream_id("SO-2") == "d-2"
+    assert (await store.restore([0, 1])).entries == 0
+    topic.failing = "not authorized"
+    with pytest.raises(StoreError):
+        await store.restore([0])
+    topic.failing = None
+    assert (await store.restore([0])).entries == 0
 
 
 async def test_a_read_that_fails_is_a_store_error() -> None:
