@@ -425,7 +425,8 @@ class SinkEngine:
             return
         self._context.blocked.confirm(unconfirmed)
         if not offsets:
-            self._refusals.forget("commit")  # a refused commit's offsets are gone (the partitions revoked)
+            if only is None:  # nothing left anywhere: a refused commit's offsets are gone (the partitions revoked)
+                self._refusals.forget("commit")
             return
         # Step 3. Bounded: aiokafka retries a commit until the group coordinator takes it, and after a broker
         # restart that once held a SIGTERM's drain past the test's limit, with nothing logged.

@@ -126,14 +126,11 @@ class Ingest:
         if request.version != HttpVersion11:
             return None
         expect = request.headers.get(hdrs.EXPECT, "")
+        declared = request.content_length
         if expect.lower() != "100-continue":
             refusal = _refused(417, "expectation-failed", "the only Expect this server answers is 100-continue")
-        elif (unacceptable := _unacceptable(request)) is not None:  # the answers' order as without Expect
-            refusal = unacceptable
-        elif (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
-            refusal = self._too_large()
-        elif isinstance(unsigned := self._signature_headers(request.headers), web.Response):  # before the body
-            refusal = unsigned
+        elif isinstance(head := self._check_head(request), web.Response):  # the answers' order as without Expect
+            refusal = head
         elif declared is not None and not self._fits(declared):
             refusal = self._buffer_full()
         else:
@@ -145,25 +142,27 @@ class Ingest:
         self._metrics.answered(refusal.status)
         return refusal
 
-    def _signature_headers(self, headers: Mapping[str, str]) -> Signed | web.Response | None:
-        """The request's signature headers, present and fresh, or the 401 that says what is wrong with them; None
-        when signatures are off. Asked before the body is read: an unsigned or stale request takes no share of the
-        body buffer (answered at once; aiohttp then reads and drops what is left of the body, 10 s at most, and
-        closes the connection)."""
-        if self._verifier is None:
-            return None
-        try:
-            return self._verifier.check_headers(headers)
-        except SignatureError as exc:
-            return _refused(401, "invalid-signature", str(exc))
-
-    async def _answer(self, request: web.Request, held: _Held) -> web.Response:
+    def _check_head(self, request: web.Request) -> Signed | web.Response | None:
+        """What the request's head alone decides, before its body is read (with `Expect` too, before it is sent):
+        the 415 of a body the ingest does not read, the 413 of one declared too large, the 401 of signature headers
+        missing, stale or offering no ``v1`` entry; else the signature headers (None when signatures are off). So
+        such a request takes no share of the body buffer (answered at once; aiohttp then reads and drops what is
+        left of the body, 10 s at most, and closes the connection)."""
         if (unacceptable := _unacceptable(request)) is not None:
             return unacceptable
         if (declared := request.content_length) is not None and declared > self._config.max_body_bytes:
             return self._too_large()
-        if isinstance(signed := self._signature_headers(request.headers), web.Response):
-            signed.force_close()
+        if self._verifier is None:
+            return None
+        try:
+            return self._verifier.check_headers(request.headers)
+        except SignatureError as exc:
+            return _refused(401, "invalid-signature", str(exc))
+
+    async def _answer(self, request: web.Request, held: _Held) -> web.Response:
+        if isinstance(signed := self._check_head(request), web.Response):
+            if signed.status == 401:  # an unsigned sender's connection is not kept for its next request
+                signed.force_close()
             return signed
         try:
             body = await self._read_body(request, held)

@@ -10,19 +10,18 @@ no certificate changes nothing (`ConfigError` naming the setting), checked on a 
 
 from __future__ import annotations
 
-import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.key_pairs import pem_certificates, read_pem
 from daemon.settings import KafkaSettings
 from topics.errors import ConfigError
 
 __all__ = ["KafkaTrust", "Trusted", "kafka_trust"]
 
 _KEY = "kafka.ssl_cafile"
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*?-----END CERTIFICATE-----")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +42,10 @@ class KafkaTrust:
         """Add the certificates the file holds now to the shared context; `ConfigError` (nothing changed) if it
         cannot. Only its PEM certificate blocks are taken, as OpenSSL reads a ``cafile`` at start: a bundle's
         comments between them (certifi's name issuers in UTF-8) are no error."""
-        try:
-            data = self.ca_file.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{_KEY}: cannot read {self.ca_file}: {exc.strerror or exc}") from None
-        blocks = _PEM_CERTIFICATE.findall(data)
+        blocks = pem_certificates(read_pem(self.ca_file, _KEY))
         if not blocks:
             raise ConfigError(f"{_KEY}: {self.ca_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
-        pem = b"\n".join(blocks).decode("ascii")
+        pem = "\n".join(blocks)
         try:
             ssl.create_default_context(cadata=pem)  # one block that does not load stops the reload here, whole
         except (ssl.SSLError, ValueError) as exc:

@@ -21,7 +21,15 @@ from typing import Final
 
 from topics.errors import ConfigError
 
-__all__ = ["EXPIRY_WARNING", "CertificateEnd", "certificate_validity", "load_pair", "read_pem", "text_time"]
+__all__ = [
+    "EXPIRY_WARNING",
+    "CertificateEnd",
+    "certificate_validity",
+    "load_pair",
+    "pem_certificates",
+    "read_pem",
+    "text_time",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,11 @@ def read_pem(path: Path, key: str) -> str:
         return path.read_text("ascii", errors="replace")
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def pem_certificates(pem: str) -> list[str]:
+    """The PEM certificate blocks of `pem` (`read_pem`'s text), in order; what stands between them is left out."""
+    return _PEM_CERTIFICATE.findall(pem)
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,6 +132,7 @@ class KafkaPublisher:
         self._deadlines = Deadlines(self._clock)
         self._topic_check = topic_check
         self._topic_missing: str | None = None
+        self._topic_hidden = False  # the brokers do not let the principal see it (an ACL), rather than no topic
         self._diagnosis = diagnosis
         self._unreachable: str | None = None
         # What the brokers refuse the ingest's principal (an ACL), from the producer's start or a record.
@@ -197,9 +198,7 @@ class KafkaPublisher:
         (the broker refused it, e.g. the record is too large).
         """
         if not self._available or self._producer is None:
-            raise BrokerUnavailable(
-                "the orders topic does not exist yet" if self._topic_missing else "kafka is unreachable"
-            )
+            raise BrokerUnavailable(self._unavailable())
         # One deadline over both steps, kept by the sweeper of `consumers.deadlines` (up to its resolution late):
         # no wait_for per step (on Python 3.11 it wraps its awaitable in a task: ~5 % of the ingest's CPU, py-spy),
         # and no asyncio.timeout with its timer per request (~4 us). The wait is on a future of our own that the
@@ -289,13 +288,25 @@ class KafkaPublisher:
             self._topic_missing = None  # not known while the broker does not answer: /readyz says unreachable
             raise
         except (ConfigError, NotYetError) as exc:  # missing, or one this principal may not see
+            hidden = isinstance(exc, NotYetError)
             if self._topic_missing != str(exc):
-                log.error("the ingest answers 503 until its topic exists: %s", exc)
-            self._topic_missing = str(exc)
+                until = "it is granted its topic" if hidden else "its topic exists"
+                log.error("the ingest answers 503 until %s: %s", until, exc)
+            self._topic_missing, self._topic_hidden = str(exc), hidden
             raise
         if self._topic_missing is not None:
             log.info("the ingest's topic exists now")
         self._topic_check = self._topic_missing = None
+
+    def _unavailable(self) -> str:
+        """Why a publish is refused while Kafka is not available: the 503's detail."""
+        if self._topic_missing is None:
+            return "kafka is unreachable"
+        return (
+            "kafka does not let this daemon see the orders topic"
+            if self._topic_hidden
+            else ("the orders topic does not exist yet")
+        )
 
     def _mark_unavailable(self, why: str) -> None:
         if self._available:

@@ -79,7 +79,7 @@ class Signed(NamedTuple):
 
     msg_id: str
     timestamp: str
-    signatures: str
+    signatures: list[bytes]  # the ``v1`` entries, decoded
 
 
 class WebhookVerifier:
@@ -119,18 +119,18 @@ class WebhookVerifier:
         return self.matches(self.check_headers(headers), body)
 
     def check_headers(self, headers: Mapping[str, str]) -> Signed:
-        """The headers' part of `verify`: present, and the timestamp fresh; `SignatureError` otherwise. Cheap, and
-        asked before the body is read: an unsigned or stale request then holds no share of the body buffer."""
+        """The headers' part of `verify`: present, the timestamp fresh, a ``v1`` entry offered; `SignatureError`
+        otherwise. Cheap, and asked before the body is read: an unsigned or stale request, or one whose signature
+        header holds nothing to compare, then holds no share of the body buffer."""
         msg_id = _header(headers, ID_HEADER)
         raw_timestamp = _header(headers, TIMESTAMP_HEADER)
         raw_signatures = " ".join(_every_line(headers, SIGNATURE_HEADER)) or _header(headers, SIGNATURE_HEADER)
         self._check_timestamp(raw_timestamp)
-        return Signed(msg_id, raw_timestamp, raw_signatures)
+        return Signed(msg_id, raw_timestamp, _v1_signatures(raw_signatures))
 
     def matches(self, signed: Signed, body: bytes) -> str:
         """The body's part of `verify`, for headers `check_headers` passed: the webhook id, or `SignatureError`."""
-        msg_id, raw_timestamp, raw_signatures = signed
-        offered = _v1_signatures(raw_signatures)
+        msg_id, raw_timestamp, offered = signed
         # The timestamp is signed as sent (not re-formatted), exactly the bytes the sender hashed.
         expected = [_digest(key, msg_id, raw_timestamp, body) for key in self._keys]
         for candidate in offered:

@@ -163,7 +163,7 @@ def render_status(document: dict[str, Any]) -> str:
     ingest = document.get("ingest")
     if ingest is not None:
         if ingest.get("topic_missing"):
-            line = f"ingest: TOPIC MISSING: {ingest['topic_missing']}"
+            line = f"ingest: TOPIC NOT FOUND: {ingest['topic_missing']}"
         elif ingest.get("kafka_refused"):
             line = f"ingest: KAFKA REFUSES: {ingest['kafka_refused']}"
         else:

@@ -82,9 +82,6 @@ class _Pair:
     not_before: float
     not_after: float
 
-    def valid_at(self, now: float) -> bool:
-        return self.not_before <= now < self.not_after
-
 
 def server_tls(cert_file: Path | None, key_file: Path | None) -> ServerTls | None:
     """The listener's TLS for the two settings (both or neither: the settings check that), None for plain HTTP."""

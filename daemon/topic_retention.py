@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from consumers.clock import Clock
-from topics.errors import BrokerError
+from topics.errors import BrokerError, RefusedError
 
 __all__ = ["EVERY", "Retention", "RetentionWatch", "retention_of"]
 
@@ -81,7 +81,7 @@ class RetentionWatch:
             retention = retention_of(await self._read())
         except BrokerError as exc:  # the gauge keeps what it had; said once (an unreachable Kafka, the sinks say)
             level = logging.WARNING if self._first(("unread", None)) else logging.DEBUG
-            grant = "; grant DescribeConfigs on the topic" if "AuthorizationFailed" in str(exc) else ""
+            grant = "; grant DescribeConfigs on the topic" if isinstance(exc, RefusedError) else ""
             log.log(
                 level,
                 "the orders topic's retention could not be read (%s): OrderbusBacklogNearRetention stays held to %s "

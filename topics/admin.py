@@ -26,7 +26,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from topics.acls import GRANT
 from topics.broker_diagnosis import Diagnose, unreachable
 from topics.catalogue import TopicSpec
-from topics.errors import BrokerError, NotYetError
+from topics.errors import BrokerError, NotYetError, RefusedError
 
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -305,8 +305,8 @@ async def topic_configs(
     names: Sequence[str], client_options: Mapping[str, Any], *, timeout: float = 30.0, diagnosis: Diagnose | None = None
 ) -> dict[str, dict[str, str]]:
     """Each of `names`' configs as its brokers apply them, the defaults included; `BrokerError` naming the error of
-    one they do not describe (no such topic, not authorized to), or why the brokers cannot be reached (`diagnosis`:
-    a daemon's, asked at most once a minute). A DescribeConfigs request creates no topic."""
+    one they do not describe (no such topic; `RefusedError` when not authorized to), or why the brokers cannot be
+    reached (`diagnosis`: a daemon's, asked at most once a minute). A DescribeConfigs request creates no topic."""
     admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
     errors: dict[str, int] = {}
     try:
@@ -318,7 +318,8 @@ async def topic_configs(
         await admin.close()
     if errors:
         said = ", ".join(f"{name}: {for_code(code).__name__}" for name, code in errors.items())
-        raise BrokerError(f"the brokers did not describe the configs of {said}")
+        refused = TopicAuthorizationFailedError.errno in errors.values()
+        raise (RefusedError if refused else BrokerError)(f"the brokers did not describe the configs of {said}")
     return configs
 
 

@@ -77,6 +77,10 @@ class BrokerError(OrderbusError):
     """Kafka could not be reached or refused a request."""
 
 
+class RefusedError(BrokerError):
+    """The brokers refuse this daemon's principal what it asked (an ACL it lacks); the message names what."""
+
+
 class PublishError(BrokerError):
     """A record was not acknowledged by the broker with acks=all within the publish timeout."""
 

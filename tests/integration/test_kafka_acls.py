@@ -38,9 +38,9 @@ from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.settings import Settings, load_settings
 from daemon.status import fetch_status, render_status
 from topics.acls import Acl, daemon_acls
-from topics.admin import apply_catalogue, missing_topics
+from topics.admin import apply_catalogue, missing_topics, topic_configs
 from topics.catalogue import SINKS, catalogue, dlq_topic, replay_topic, state_topic
-from topics.errors import NotYetError
+from topics.errors import NotYetError, RefusedError
 from topics.samples import sample_submission
 
 pytestmark = pytest.mark.integration
@@ -206,6 +206,9 @@ async def test_topics_it_may_not_see_are_said_so_not_missing(
         "(TopicAuthorizationFailedError: not authorized to describe; they may well exist): grant it what "
         "`orderbus topics acls` prints for these settings"
     )
+    # Its retention, read for the backlog alert, is refused as such, not as a broker gone (`daemon.topic_retention`).
+    with pytest.raises(RefusedError, match=f"{orders}: TopicAuthorizationFailedError"):
+        await topic_configs([orders], options)
     assert await missing_topics([f"{orders}.none"], {"bootstrap_servers": acl_broker.admin}) == [f"{orders}.none"]
     assert await missing_topics([f"{orders}.none"], {"bootstrap_servers": acl_broker.admin}) == [f"{orders}.none"], (
         "and not created by asking"

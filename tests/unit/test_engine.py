@@ -1212,6 +1212,27 @@ async def test_a_fetch_the_brokers_refuse_for_an_acl_is_said_once_and_held_as_th
     ]
 
 
+async def test_a_revoke_with_nothing_to_commit_keeps_a_refused_commit_said(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    from aiokafka.errors import GroupAuthorizationFailedError
+
+    h = harness_factory({TP0: [record(0, "SO-1")]})
+
+    async def refused(offsets: Mapping[tuple[str, int], int]) -> None:
+        raise GroupAuthorizationFailedError("orderbus.crm")
+
+    h.consumer.commit = refused  # type: ignore[method-assign]
+    await h.run_until(1)
+    reason = h.engine.refused
+    assert reason is not None
+    assert "orderbus.crm" in reason
+    await h.engine.commit(only={TP1})  # a revoke of a partition with nothing of its own to commit
+    assert h.engine.refused == reason, "the refusal of the others' commits still holds"
+    await h.engine.commit()
+    assert h.engine.refused is None, "nothing left to commit anywhere: the refused offsets are gone"
+
+
 async def test_a_stop_does_not_wait_for_the_next_ask_of_a_refused_fetch(
     harness_factory: Callable[..., Harness],
 ) -> None:

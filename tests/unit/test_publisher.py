@@ -334,6 +334,8 @@ async def test_topics_this_principal_may_not_see_keep_the_probe_asking_until_the
     await publisher.start()
     try:
         assert (publisher.available, publisher.topic_missing) == (False, hidden)
+        with pytest.raises(BrokerUnavailable, match=r"^kafka does not let this daemon see the orders topic$"):
+            await publisher.publish(RECORD, timeout=1.0)
         await clock.advance(PROBE_MIN)
         assert (publisher.available, publisher.topic_missing) == (False, hidden)
         await clock.advance(2 * PROBE_MIN)

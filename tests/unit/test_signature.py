@@ -174,6 +174,8 @@ def test_other_versions_are_ignored_even_if_their_value_would_match() -> None:
     with pytest.raises(SignatureError) as exc:
         verifier().verify(headers(signature=f"v2,{value} v1a,{value} {value}"), b"{}")
     assert reason(exc) == "webhook-signature has no v1 entry"
+    with pytest.raises(SignatureError, match="has no v1 entry"):  # said before the body is read
+        verifier().check_headers(headers(signature=f"v2,{value}"))
 
 
 def test_undecodable_v1_entries_do_not_match() -> None:

@@ -271,7 +271,7 @@ def test_status_shows_degraded_sinks_after_the_not_ready_ones() -> None:
 def test_a_missing_topic_is_said_on_the_ingest_line_not_taken_for_an_unreachable_kafka() -> None:
     missing = "topic orders does not exist: run `orderbus topics apply` with these settings"
     document = {"sinks": {}, "ingest": {"kafka_available": False, "topic_missing": missing, "key_store_error": None}}
-    assert render_status(document).splitlines()[-1] == f"ingest: TOPIC MISSING: {missing}"
+    assert render_status(document).splitlines()[-1] == f"ingest: TOPIC NOT FOUND: {missing}"
 
 
 def test_a_sink_ramping_up_after_an_outage_says_how_many_requests_it_allows() -> None:

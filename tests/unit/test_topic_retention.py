@@ -12,7 +12,7 @@ import pytest
 
 from consumers.clock import FakeClock
 from daemon.topic_retention import EVERY, Retention, RetentionWatch, retention_of
-from topics.errors import BrokerError
+from topics.errors import BrokerError, RefusedError
 
 WEEK = 168 * 3600.0
 
@@ -116,7 +116,7 @@ async def test_it_reads_at_once_then_every_ten_minutes_until_cancelled() -> None
 
 async def test_a_retention_this_principal_may_not_read_says_which_grant(caplog: pytest.LogCaptureFixture) -> None:
     async def refused() -> Mapping[str, str | None]:
-        raise BrokerError("the brokers did not describe the configs of orders: TopicAuthorizationFailedError")
+        raise RefusedError("the brokers did not describe the configs of orders: TopicAuthorizationFailedError")
 
     watch = RetentionWatch("orders", refused, lambda _: None, WEEK, FakeClock())
     with caplog.at_level(logging.WARNING, "daemon.topic_retention"):
