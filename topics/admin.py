@@ -11,9 +11,10 @@ does not hold its order's state (`consumers.assignment`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,12 +61,22 @@ async def apply_catalogue(
     `client_options` are aiokafka client keyword arguments (bootstrap_servers, security settings).
     Raises `BrokerError` when the cluster cannot be reached or refuses a creation.
     """
+    async with _admin(client_options, timeout, "apply topics") as admin:
+        return await _apply(admin, specs, timeout)
+
+
+@contextlib.asynccontextmanager
+async def _admin(
+    client_options: Mapping[str, Any], timeout: float, doing: str, diagnosis: Diagnose | None = None
+) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client, started, closed at the end of the block; a `KafkaError` within it is a `BrokerError` that
+    says why the brokers cannot be reached for `doing` (`topics.broker_diagnosis.unreachable`)."""
     admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
     try:
         await admin.start()
-        return await _apply(admin, specs, timeout)
+        yield admin
     except KafkaError as exc:
-        raise BrokerError(await unreachable("apply topics", client_options, exc)) from exc
+        raise BrokerError(await unreachable(doing, client_options, exc, diagnosis)) from exc
     finally:
         await admin.close()
 
@@ -224,15 +235,9 @@ async def missing_topics(
     Raises `BrokerError` when the cluster cannot be reached, saying why (`diagnosis`: a daemon's, which asks at most
     once a minute; else `topics.broker_diagnosis.diagnose`, asked at once).
     """
-    admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
-    try:
-        await admin.start()
+    async with _admin(client_options, timeout, "list topics", diagnosis) as admin:
         missing = await _unlisted(admin, names)
         hidden = await _hidden(admin, missing) if missing else []
-    except KafkaError as exc:
-        raise BrokerError(await unreachable("list topics", client_options, exc, diagnosis)) from exc
-    finally:
-        await admin.close()
     if hidden:
         raise NotYetError(
             f"the brokers do not let {_principal(client_options)} see topic{'s' if len(hidden) > 1 else ''} "
@@ -289,16 +294,10 @@ async def partition_counts(
 ) -> dict[str, int]:
     """How many partitions each of `names` has (absent: it does not exist, or is not described yet). Asked only of
     the listed ones: a metadata request that names a topic may create it (see `missing_topics`)."""
-    admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
-    try:
-        await admin.start()
+    async with _admin(client_options, timeout, "describe topics") as admin:
         existing = set(await admin.list_topics())
         listed = [name for name in names if name in existing]
         return await _partition_counts(admin, listed) if listed else {}
-    except KafkaError as exc:
-        raise BrokerError(await unreachable("describe topics", client_options, exc)) from exc
-    finally:
-        await admin.close()
 
 
 async def topic_configs(
@@ -307,15 +306,9 @@ async def topic_configs(
     """Each of `names`' configs as its brokers apply them, the defaults included; `BrokerError` naming the error of
     one they do not describe (no such topic; `RefusedError` when not authorized to), or why the brokers cannot be
     reached (`diagnosis`: a daemon's, asked at most once a minute). A DescribeConfigs request creates no topic."""
-    admin = AIOKafkaAdminClient(**client_options, request_timeout_ms=int(timeout * 1000))
     errors: dict[str, int] = {}
-    try:
-        await admin.start()
+    async with _admin(client_options, timeout, "describe topic configs", diagnosis) as admin:
         configs = await _configs(admin, list(names), errors)
-    except KafkaError as exc:
-        raise BrokerError(await unreachable("describe topic configs", client_options, exc, diagnosis)) from exc
-    finally:
-        await admin.close()
     if errors:
         said = ", ".join(f"{name}: {for_code(code).__name__}" for name, code in errors.items())
         refused = TopicAuthorizationFailedError.errno in errors.values()
