@@ -45,7 +45,7 @@ from pydantic import SecretStr
 
 from consumers.deadletter import REASONS
 from daemon import kafka_local
-from daemon.kafka_certificate import kafka_certificate
+from daemon.kafka_certificate import kafka_certificate_end
 from daemon.kafka_options import client_options, topic_layout
 from daemon.logs import configure
 from daemon.order_check import MAX_BODY_BYTES
@@ -471,8 +471,7 @@ def _config_check(args: argparse.Namespace) -> int:
     if (settings.ingest.enabled or settings.enabled_sinks()) and (problem := state_dir_problem(settings.state_dir)):
         # A warning: the service may run as another user (systemd's DynamicUser= and StateDirectory= make it).
         print(f"warning: {problem} (as this user; the service's own user may differ)", file=sys.stderr)
-    kafka_cert = kafka_certificate(settings.kafka, options)
-    for end in (tls.end if tls is not None else None, kafka_cert.end if kafka_cert is not None else None):
+    for end in (tls.end if tls is not None else None, kafka_certificate_end(settings.kafka)):
         if end is not None and (problem := end.problem(time.time())) is not None:
             print(f"warning: {problem}", file=sys.stderr)
     return _check_connection(settings, options) if args.connect else 0

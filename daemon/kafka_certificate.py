@@ -26,7 +26,16 @@ __all__ = ["KafkaCertificate", "kafka_certificate", "kafka_certificate_end"]
 _CERT_KEY, _KEY_KEY = "kafka.ssl_certfile", "kafka.ssl_keyfile"
 
 
-def kafka_certificate_end(cert_file: Path, not_after: float) -> CertificateEnd:
+def kafka_certificate_end(kafka: KafkaSettings) -> CertificateEnd | None:
+    """When the client certificate of `kafka` expires, read from its file alone (`config check`: nothing is loaded,
+    and the key is neither read nor copied); None without one."""
+    if kafka.ssl_certfile is None:
+        return None
+    _, _, not_after = validity(read_pem(kafka.ssl_certfile, _CERT_KEY), kafka.ssl_certfile, _CERT_KEY)
+    return _end(kafka.ssl_certfile, not_after)
+
+
+def _end(cert_file: Path, not_after: float) -> CertificateEnd:
     """When the Kafka client certificate from `cert_file` expires, and how that is said."""
     return CertificateEnd(
         "the Kafka client certificate", cert_file, not_after,
@@ -54,7 +63,7 @@ class KafkaCertificate:
 
     @property
     def end(self) -> CertificateEnd:
-        return kafka_certificate_end(self.cert_file, self._not_after)
+        return _end(self.cert_file, self._not_after)
 
     def reload(self, now: float) -> bool:
         """Read both files again; the next connections show them. Whether the certificate changed. `ConfigError`,
