@@ -9,8 +9,8 @@
   reach the instance that holds the order's state (`consumers.assignment`).
 - ``orders.state.<sink>``: the sink's order state its instances share (`consumers.order_state`): per order, the
   id its downstream create returned and the chain of dead letters that block it. Compacted (each key's last value
-  is kept) and deleted after ``state_retention_hours``; as many partitions as ``orders``, the state of an order in
-  the partition its records are in.
+  is kept) and deleted after ``state_retention_hours``, tombstones (an unblock) too, not after Kafka's day; as
+  many partitions as ``orders``, the state of an order in the partition its records are in.
 
 Partition counts are fixed once a topic exists: adding partitions would move keys and break per-order ordering,
 so `topics.admin` reports a difference and never changes it. A replay topic is the exception: it holds records only
@@ -91,11 +91,16 @@ def catalogue(layout: TopicLayout) -> tuple[TopicSpec, ...]:
     def spec(
         name: str, partitions: int, retention_hours: float, *, follows: str | None = None, cleanup: str = "delete"
     ) -> TopicSpec:
+        retention_ms = str(int(retention_hours * HOUR_MS))
         configs = {
             "cleanup.policy": cleanup,
             "min.insync.replicas": str(layout.min_insync_replicas),
-            "retention.ms": str(int(retention_hours * HOUR_MS)),
+            "retention.ms": retention_ms,
         }
+        if "compact" in cleanup:
+            # A tombstone (an unblocked order) is kept as long as a record, not Kafka's default day: an instance
+            # that reads the partition later must see the unblock, or the block its own file still holds stays.
+            configs["delete.retention.ms"] = retention_ms
         return TopicSpec(name, partitions, layout.replication_factor, configs, follows)
 
     orders = spec(orders_topic(layout.prefix), layout.orders_partitions, layout.orders_retention_hours)

@@ -33,6 +33,10 @@ def test_a_state_topic_is_compacted_with_its_own_retention() -> None:
     assert [spec.name for spec in states] == [f"orders.state.{sink}" for sink in SINKS]
     assert all(spec.configs["cleanup.policy"] == "compact,delete" for spec in states)
     assert all(spec.configs["retention.ms"] == str(48 * 3_600_000) for spec in states)
+    # An unblock (a tombstone) must outlive Kafka's default day: an instance's file may hold the block for longer.
+    assert all(spec.configs["delete.retention.ms"] == str(48 * 3_600_000) for spec in states)
+    others = [spec for spec in catalogue(TopicLayout()) if ".state." not in spec.name]
+    assert all("delete.retention.ms" not in spec.configs for spec in others)
 
 
 def test_a_replay_topic_has_the_orders_topics_partitions_and_grows_to_them() -> None:
