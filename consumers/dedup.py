@@ -69,6 +69,7 @@ from consumers.dedup_sql import (
     SELECT_BLOCKED,
     SELECT_BLOCKING,
     SELECT_DOWNSTREAM_ID,
+    SELECT_READ_TO,
     delete_prunable_states,
     delete_unneeded_ids,
     fetch_all,
@@ -170,6 +171,16 @@ class DedupStore(Protocol):
 
     def unblock_order(self, order_ref: str, *, partition: int | None = None) -> None:
         """Buffer: the order's last dead letter was replayed and delivered; its records are delivered again."""
+        ...
+
+    def put_read_to(self, topic: str, partition: int, offset: int) -> None:
+        """Remember (buffered, like the other writes) that the file holds what partition `partition` of the state
+        topic `topic` holds before `offset` (`consumers.order_state`)."""
+        ...
+
+    async def read_to(self, topic: str) -> dict[int, int]:
+        """Per partition of the state topic `topic`, the offset `put_read_to` last said (none for a partition never
+        read into this file)."""
         ...
 
     async def prune(self, older_than: float) -> int:
@@ -283,6 +294,10 @@ class SqliteDedupStore:
         self._connection()
         self._buffer.blocks[order_ref] = None
 
+    def put_read_to(self, topic: str, partition: int, offset: int) -> None:
+        self._connection()
+        self._buffer.read_to[topic, partition] = offset
+
     @property
     def pending_writes(self) -> int:
         return len(self._buffer) + sum(len(batch) for batch in self._flushing)
@@ -381,6 +396,16 @@ class SqliteDedupStore:
             raise self._error("blocking", exc) from exc
         result.update((str(row[0]), str(row[1])) for row in rows)
         return result
+
+    async def read_to(self, topic: str) -> dict[int, int]:
+        try:
+            rows = self._read_connection().execute(SELECT_READ_TO, (topic,)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error("read_to", exc) from exc
+        found = {int(partition): int(offset) for partition, offset in rows}
+        for layer in reversed(self._layers()):  # the oldest first: the newest write wins
+            found.update((part, offset) for (name, part), offset in layer.read_to.items() if name == topic)
+        return found
 
     def _pending_block(self, order_ref: str) -> bool | None:
         for layer in self._layers():

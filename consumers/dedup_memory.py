@@ -20,6 +20,7 @@ class MemoryTables:
     deliveries: dict[str, DeliveryState] = field(default_factory=dict)
     downstream_ids: dict[str, str] = field(default_factory=dict)
     blocked_orders: dict[str, str] = field(default_factory=dict)
+    read_to: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 class MemoryDedupStore:
@@ -64,6 +65,9 @@ class MemoryDedupStore:
     def unblock_order(self, order_ref: str, *, partition: int | None = None) -> None:
         self._buffer.blocks[order_ref] = None
 
+    def put_read_to(self, topic: str, partition: int, offset: int) -> None:
+        self._buffer.read_to[topic, partition] = offset
+
     @property
     def pending_writes(self) -> int:
         return len(self._buffer)
@@ -72,6 +76,7 @@ class MemoryDedupStore:
         written = len(self._buffer)
         self.tables.deliveries.update(self._buffer.states)
         self.tables.downstream_ids.update(self._buffer.downstream_ids)
+        self.tables.read_to.update(self._buffer.read_to)
         for order_ref, reason in self._buffer.blocks.items():
             if reason is None:
                 self.tables.blocked_orders.pop(order_ref, None)
@@ -92,6 +97,10 @@ class MemoryDedupStore:
         if order_ref in self._buffer.downstream_ids:
             return self._buffer.downstream_ids[order_ref]
         return self.tables.downstream_ids.get(order_ref)
+
+    async def read_to(self, topic: str) -> dict[int, int]:
+        merged = {**self.tables.read_to, **self._buffer.read_to}
+        return {partition: offset for (name, partition), offset in merged.items() if name == topic}
 
     async def blocked_orders(self, order_refs: Sequence[str]) -> set[str]:
         blocked: set[str] = set()

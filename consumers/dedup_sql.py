@@ -16,6 +16,7 @@ from consumers.delivery_state import (
     DELIVERY_COLUMNS,
     DOWNSTREAM_ID_COLUMNS,
     DOWNSTREAM_IDS_TABLE,
+    STATE_READS_TABLE,
     DeliveryState,
     WriteBuffer,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "SELECT_BLOCKING",
     "SELECT_DELIVERED_SINCE",
     "SELECT_DOWNSTREAM_ID",
+    "SELECT_READ_TO",
     "check_layout",
     "delete_prunable_states",
     "delete_unneeded_ids",
@@ -84,6 +86,15 @@ CREATE TABLE IF NOT EXISTS {DOWNSTREAM_IDS_TABLE} (
 CREATE TABLE IF NOT EXISTS {BLOCKED_ORDERS_TABLE} (
     order_ref TEXT PRIMARY KEY,
     reason    TEXT NOT NULL
+) WITHOUT ROWID;
+-- Per partition of the sink's state topic, the offset after the last entry the file took (`consumers.order_state`).
+-- A table added without a new layout: a file an earlier version opens keeps working there (it reads from the topic's
+-- beginning, as that version did).
+CREATE TABLE IF NOT EXISTS {STATE_READS_TABLE} (
+    topic     TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    read_to   INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
 ) WITHOUT ROWID;
 """
 
@@ -149,6 +160,11 @@ INSERT INTO {BLOCKED_ORDERS_TABLE} (order_ref, reason) VALUES (?, ?)
 ON CONFLICT (order_ref) DO UPDATE SET reason = excluded.reason
 """  # noqa: S608 -- table name is a module constant, values are bound
 _DELETE_BLOCK = f"DELETE FROM {BLOCKED_ORDERS_TABLE} WHERE order_ref = ?"  # noqa: S608 -- constant
+_UPSERT_READ_TO = f"""
+INSERT INTO {STATE_READS_TABLE} (topic, partition, read_to) VALUES (?, ?, ?)
+ON CONFLICT (topic, partition) DO UPDATE SET read_to = excluded.read_to
+"""  # noqa: S608 -- table name is a module constant, values are bound
+SELECT_READ_TO = f"SELECT partition, read_to FROM {STATE_READS_TABLE} WHERE topic = ?"  # noqa: S608 -- constant
 SELECT_DOWNSTREAM_ID = f"SELECT order_ref, downstream_id FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref IN "  # noqa: S608
 # Per order with an event the downstream accepted (or had) since ?: its latest such time and its downstream id, if
 # known; the oldest first (`orderbus reconcile`).
@@ -308,3 +324,5 @@ def write_batch(db: sqlite3.Connection, batch: WriteBuffer) -> None:
         unblocks = [(ref,) for ref, reason in batch.blocks.items() if reason is None]
         if unblocks:
             db.executemany(_DELETE_BLOCK, unblocks)
+        if batch.read_to:
+            db.executemany(_UPSERT_READ_TO, [(topic, part, offset) for (topic, part), offset in batch.read_to.items()])

@@ -14,6 +14,7 @@ __all__ = [
     "DELIVERY_COLUMNS",
     "DOWNSTREAM_IDS_TABLE",
     "DOWNSTREAM_ID_COLUMNS",
+    "STATE_READS_TABLE",
     "DeliveryState",
     "DeliveryStatus",
     "WriteBuffer",
@@ -41,6 +42,7 @@ DOWNSTREAM_IDS_TABLE: Final = "downstream_ids"
 DOWNSTREAM_ID_COLUMNS: Final = ("order_ref", "downstream_id")
 BLOCKED_ORDERS_TABLE: Final = "blocked_orders"
 BLOCKED_ORDER_COLUMNS: Final = ("order_ref", "reason")
+STATE_READS_TABLE: Final = "state_reads"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,17 +74,19 @@ class DeliveryState:
 class WriteBuffer:
     """Writes not yet flushed, one per key/order (later writes replace earlier ones).
 
-    In `blocks`, a reason means "block" and None means "unblock". A flush takes the whole buffer and leaves an
-    empty one; if its write fails, `requeue` puts back what no later write has replaced, in this buffer or in a
-    newer flush still under way.
+    In `blocks`, a reason means "block" and None means "unblock". `read_to` holds, per (state topic, partition),
+    the offset after the last entry of the topic the file took (`consumers.order_state`). A flush takes the whole
+    buffer and leaves an empty one; if its write fails, `requeue` puts back what no later write has replaced, in
+    this buffer or in a newer flush still under way.
     """
 
     states: dict[str, DeliveryState] = field(default_factory=dict)
     downstream_ids: dict[str, str] = field(default_factory=dict)
     blocks: dict[str, str | None] = field(default_factory=dict)
+    read_to: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.states) + len(self.downstream_ids) + len(self.blocks)
+        return len(self.states) + len(self.downstream_ids) + len(self.blocks) + len(self.read_to)
 
     def requeue(self, failed: WriteBuffer, newer: Sequence[WriteBuffer] = ()) -> None:
         """Put back the writes of `failed` that neither this buffer nor a batch in `newer` (flushes handed over
@@ -98,6 +102,9 @@ class WriteBuffer:
         for order_ref, reason in failed.blocks.items():
             if all(order_ref not in layer.blocks for layer in layers):
                 self.blocks[order_ref] = reason
+        for place, offset in failed.read_to.items():
+            if all(place not in layer.read_to for layer in layers):
+                self.read_to[place] = offset
 
     def blocked(self, order_ref: str) -> bool | None:
         """True/False if the buffer decides whether `order_ref` is blocked, None if the tables do."""

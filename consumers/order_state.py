@@ -20,8 +20,10 @@ record whose state reached neither is delivered again, as before.
 
 When a partition is assigned, before its records are fetched (the engine pauses it first), the instance reads
 that partition of the state topic up to its end (`StateTopic.read`) and writes what it finds into its file: ids,
-blocks, and unblocks, the topic's word over the file's. The first read of a partition in a process starts at the
-topic's beginning; a later one where the last ended (eager rebalances assign every partition anew). What the
+blocks, and unblocks, the topic's word over the file's. The file also keeps how far it read each partition (in
+the same flushes), so the next read starts there: eager rebalances assign every partition anew, and a restart, or
+an old backup of the file, would otherwise read every order of the retention again. A new file starts at the
+topic's beginning. What the
 instance before wrote was acknowledged before its commits, and a revoke commits before the partition moves, so the
 reader sees it; what it had not flushed (a kill -9) comes again with its records, whose create, sent again under
 its key, answers with the same id. A read that fails is logged and the partition is delivered from the file
@@ -32,13 +34,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Protocol, Self
 
 from consumers.dedup import DedupStore, DeliveryState
 
-__all__ = ["Entry", "Restored", "SharedStateStore", "StateTopic", "decode_entry", "encode_entry"]
+__all__ = ["Entry", "Fetched", "Restored", "SharedStateStore", "StateTopic", "decode_entry", "encode_entry"]
 
 ID_PREFIX: Final = "id:"
 BLOCK_PREFIX: Final = "block:"
@@ -50,12 +52,11 @@ RESTORE_FLUSH_EVERY: Final = 5_000
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One record of the state topic: `key` (``id:…`` or ``block:…``) in orders partition `partition`; `value`
-    None is a tombstone (an unblocked order); `offset` in its partition once read (-1 while written)."""
+    None is a tombstone (an unblocked order)."""
 
     partition: int
     key: bytes
     value: bytes | None
-    offset: int = field(default=-1, compare=False)
 
 
 def encode_entry(partition: int, kind: str, order_ref: str, value: str | None) -> Entry:
@@ -80,18 +81,32 @@ def decode_entry(key: bytes | None, value: bytes | None) -> tuple[str, str, str 
 
 
 class StateTopic(Protocol):
-    """The sink's state topic: `consumers.kafka_io.KafkaStateTopic`, or a fake in unit tests."""
+    """The sink's state topic: `consumers.state_topic.KafkaStateTopic`, or a fake in unit tests."""
+
+    topic: str  # its name: a file's read positions are kept per topic
 
     async def write(self, entries: Sequence[Entry]) -> None:
         """Write `entries` in their order, each to its partition; return once the broker acknowledged them all,
         or raise `SharedStateError`."""
         ...
 
-    def read(self, partitions: Iterable[int], starts: Mapping[int, int]) -> AsyncIterator[list[Entry]]:
+    def read(self, partitions: Iterable[int], starts: Mapping[int, int]) -> AsyncIterator[Fetched]:
         """The records of `partitions` from their beginning (or from the offset `starts` gives, when the partition
-        still holds it) to their end now, in order, a fetched batch at a time; `SharedStateError` if they cannot be
-        read."""
+        holds it: not deleted by retention, not beyond its end) to their end now, in order, a fetched batch at a
+        time, each partition's first (maybe empty) saying where its read began; `SharedStateError` if they cannot
+        be read."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """What a read of the state topic yields: `entries` of `partition`, in order, after which the partition has been
+    read up to `read_to` (the offset of its next record; an empty `entries` may move it too: records compacted
+    away, or a read that starts over at the beginning of a topic made again)."""
+
+    partition: int
+    entries: list[Entry]
+    read_to: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +128,6 @@ class SharedStateStore:
         self._topic = topic
         self._pending: dict[bytes, Entry] = {}  # by key: the last write of a key wins, as in the file's buffer
         self._sending = asyncio.Lock()  # flushes hand their entries to the producer in the order they began
-        # Per partition, the offset after the last entry this file has taken (`restore`): what is before it is in the
-        # file already, this process's own writes included, so the next assignment reads only what came after.
-        self._read_to: dict[int, int] = {}
 
     # --- the three writes that are shared --------------------------------------------------------------------
 
@@ -165,37 +177,41 @@ class SharedStateStore:
     # --- a partition assigned ----------------------------------------------------------------------------------
 
     async def restore(self, partitions: Iterable[int]) -> Restored:
-        """Read `partitions` of the state topic, from where this process's last read of each ended, and write what
-        they hold into the file (its buffer, flushed every `RESTORE_FLUSH_EVERY` entries and at the end);
-        `StoreError` if the topic or the file fails."""
+        """Read `partitions` of the state topic, from where the file's last read of each ended, and write what they
+        hold into the file, with how far each partition was read (flushed every `RESTORE_FLUSH_EVERY` entries and at
+        the end, also of a read cut short); `StoreError` if the topic or the file fails."""
         count = 0
         chains: dict[str, str | None] = {}
-        reached: dict[int, int] = {}
         partitions = set(partitions)
-        starts = {partition: self._read_to[partition] for partition in partitions if partition in self._read_to}
-        async for batch in self._topic.read(partitions, starts):
-            for entry in batch:
-                if entry.offset >= 0:
-                    reached[entry.partition] = entry.offset + 1
-                decoded = decode_entry(entry.key, entry.value)
-                if decoded is None:
-                    continue
-                kind, order_ref, value = decoded
-                if kind == ID_PREFIX:
-                    assert value is not None
-                    self._store.put_downstream_id(order_ref, value)
-                elif value is None:
-                    self._store.unblock_order(order_ref)
-                    chains[order_ref] = None
-                else:
-                    self._store.block_order(order_ref, value)
-                    chains[order_ref] = value
-                count += 1
-                if count % RESTORE_FLUSH_EVERY == 0:
-                    await self._store.flush()
-        await self._store.flush()
-        self._read_to.update(reached)  # only once the file holds it all
+        topic = self._topic.topic
+        read_to = await self._store.read_to(topic)
+        starts = {partition: read_to[partition] for partition in partitions if partition in read_to}
+        try:
+            async for fetched in self._topic.read(partitions, starts):
+                for entry in fetched.entries:
+                    if (decoded := decode_entry(entry.key, entry.value)) is None:
+                        continue
+                    chains.update(self._apply(*decoded))
+                    count += 1
+                    if count % RESTORE_FLUSH_EVERY == 0:
+                        await self._store.flush()
+                # After its entries, so flushed with them or after them: never ahead of what the file holds.
+                self._store.put_read_to(topic, fetched.partition, fetched.read_to)
+        finally:  # what was read is kept, also by a read cut short: the next one goes on from there
+            await self._store.flush()
         return Restored(count, chains)
+
+    def _apply(self, kind: str, order_ref: str, value: str | None) -> dict[str, str | None]:
+        """Write a read entry into the file; the chain it sets, if it is a block's."""
+        if kind == ID_PREFIX:
+            assert value is not None
+            self._store.put_downstream_id(order_ref, value)
+            return {}
+        if value is None:
+            self._store.unblock_order(order_ref)
+        else:
+            self._store.block_order(order_ref, value)
+        return {order_ref: value}
 
     # --- the file's own ----------------------------------------------------------------------------------------
 
@@ -227,6 +243,12 @@ class SharedStateStore:
 
     async def blocked_orders(self, order_refs: Sequence[str]) -> set[str]:
         return await self._store.blocked_orders(order_refs)
+
+    def put_read_to(self, topic: str, partition: int, offset: int) -> None:
+        self._store.put_read_to(topic, partition, offset)
+
+    async def read_to(self, topic: str) -> dict[int, int]:
+        return await self._store.read_to(topic)
 
     async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
         return await self._store.blocking(order_refs)

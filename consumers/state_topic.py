@@ -3,8 +3,9 @@
 Writes go through the sinks' dead-letter producer (acks=all, idempotent), one batch per partition and flush
 (`create_batch`/`send_batch`: a flush may carry a few hundred ids, and aiokafka's `send` costs several times a
 batch append per record). Reads use a consumer of their own, in no group and committing nothing, assigned the
-partitions asked for, from their beginning (or an offset the caller read up to) to their end when the read began,
-within `read_timeout`.
+partitions asked for, from their beginning (or the offset the caller's file read up to, if the partition holds it:
+one beyond the partition's end is that of a topic deleted and made again) to their end when the read began, within
+`read_timeout`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Final
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumers.order_state import Entry
+from consumers.order_state import Entry, Fetched
 from topics.acls import refusal
 from topics.errors import SharedStateError
 
@@ -79,7 +80,7 @@ class KafkaStateTopic:
         futures.append(await self._producer.send_batch(batch, self.topic, partition=partition))
         return futures
 
-    async def read(self, partitions: Iterable[int], starts: Mapping[int, int]) -> AsyncIterator[list[Entry]]:
+    async def read(self, partitions: Iterable[int], starts: Mapping[int, int]) -> AsyncIterator[Fetched]:
         tps = [TopicPartition(self.topic, partition) for partition in sorted(set(partitions))]
         if not tps:
             return
@@ -89,14 +90,18 @@ class KafkaStateTopic:
             await consumer.start()
             consumer.assign(tps)
             beginnings, ends = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
-            for tp in tps:  # from the beginning when retention deleted what `starts` names
-                consumer.seek(tp, max(beginnings[tp], starts.get(tp.partition, 0)))
+            for tp in tps:  # from the beginning when retention deleted what `starts` names, or the topic is new
+                start = starts.get(tp.partition, 0)
+                start = start if beginnings[tp] <= start <= ends[tp] else beginnings[tp]
+                consumer.seek(tp, start)
+                yield Fetched(tp.partition, [], start)
             while left := [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
                 if self._monotonic() > ends_by:
                     raise SharedStateError(f"{self.topic}: partitions not read within {self._read_timeout:g} s")
                 fetched = await consumer.getmany(*left, timeout_ms=_FETCH_MS)
                 for tp, records in fetched.items():
-                    yield [Entry(tp.partition, r.key, r.value, r.offset) for r in records if r.offset < ends[tp]]
+                    entries = [Entry(tp.partition, r.key, r.value) for r in records if r.offset < ends[tp]]
+                    yield Fetched(tp.partition, entries, min(await consumer.position(tp), ends[tp]))
         except KafkaError as exc:
             raise SharedStateError(f"cannot read {self.topic}: {_said(exc)}") from exc
         finally:

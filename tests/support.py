@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import inspect
 import json
 import os
@@ -25,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.engine import SETTLE_FLOOR, EngineConfig
 from consumers.kafka_close import CLEANUP, DEAD_LETTER_CLOSE_GRACE, LEAVE_TIMEOUT
-from consumers.order_state import Entry
+from consumers.order_state import Entry, Fetched
 from daemon.app import ADMIN_SHUTDOWN, INGEST_SHUTDOWN
 from daemon.kafka_local import BrokerInfo
 from daemon.kafka_options import client_options, topic_layout
@@ -68,10 +67,12 @@ def sandbox_sinks(sandbox: SandboxProcess, **extra: Any) -> dict[str, dict[str, 
 
 # A sink's settings in tests that replay dead letters: quick retries and commits, so a replay is read at once.
 class FakeStateTopic:
-    """`consumers.order_state.StateTopic` in memory: every entry written, in order, and the partitions each read
-    asked for; while `failing` holds a reason, writes and reads raise `SharedStateError` with it."""
+    """`consumers.order_state.StateTopic` in memory: every entry written, in order (a partition's offsets are the
+    places of its entries among them), and the partitions each read asked for; while `failing` holds a reason,
+    writes and reads raise `SharedStateError` with it."""
 
-    def __init__(self) -> None:
+    def __init__(self, topic: str = "orders.state.crm") -> None:
+        self.topic = topic
         self.entries: list[Entry] = []
         self.read_partitions: list[list[int]] = []
         self.failing: str | None = None
@@ -81,20 +82,20 @@ class FakeStateTopic:
         await asyncio.sleep(0)  # a yield, not a wait: a broker's acknowledgement is never immediate
         if self.failing is not None:
             raise SharedStateError(self.failing)
-        for entry in entries:
-            offset = sum(1 for written in self.entries if written.partition == entry.partition)
-            self.entries.append(dataclasses.replace(entry, offset=offset))
+        self.entries.extend(entries)
 
-    async def read(self, partitions: Iterable[int], starts: Mapping[int, int]) -> AsyncIterator[list[Entry]]:
+    async def read(self, partitions: Iterable[int], starts: Mapping[int, int]) -> AsyncIterator[Fetched]:
         wanted = sorted(set(partitions))
         self.read_partitions.append(wanted)
         if self.on_read is not None:
             self.on_read()
         if self.failing is not None:
             raise SharedStateError(self.failing)
-        for partition in wanted:
-            start = starts.get(partition, 0)
-            yield [e for e in self.entries if e.partition == partition and (e.offset < 0 or e.offset >= start)]
+        for partition in wanted:  # as KafkaStateTopic: a start beyond the end (a topic made again) is the beginning
+            held = [entry for entry in self.entries if entry.partition == partition]
+            start = starts.get(partition, 0) if starts.get(partition, 0) <= len(held) else 0
+            yield Fetched(partition, [], start)
+            yield Fetched(partition, held[start:], len(held))
 
 
 QUICK_SINK: dict[str, float] = {"backoff_base": 0.05, "backoff_cap": 0.2, "commit_interval": 0.2}

@@ -301,6 +301,23 @@ async def test_blocked_orders_until_unblocked(backend: Backend) -> None:
         assert await reader.blocked_orders(["SO-1", "SO-2"]) == {"SO-2"}
 
 
+async def test_how_far_a_state_topic_was_read_is_buffered_flushed_and_kept_per_topic(backend: Backend) -> None:
+    async with backend.new() as writer, backend.new() as reader:
+        writer.put_read_to("orders.state.crm", 0, 5)
+        writer.put_read_to("orders.state.crm", 0, 9)  # the last write wins
+        writer.put_read_to("orders.state.crm", 3, 2)
+        writer.put_read_to("other.orders.state.crm", 0, 70)  # another topic's (a prefix changed): apart
+        assert await writer.read_to("orders.state.crm") == {0: 9, 3: 2}
+        assert await reader.read_to("orders.state.crm") == {}
+        assert writer.pending_writes == 3
+        await writer.flush()
+        assert await reader.read_to("orders.state.crm") == {0: 9, 3: 2}
+        assert await reader.read_to("other.orders.state.crm") == {0: 70}
+        assert await reader.read_to("orders.state.shipping") == {}
+    async with backend.new() as restarted:
+        assert await restarted.read_to("orders.state.crm") == {0: 9, 3: 2}
+
+
 async def test_a_block_written_by_another_store_is_seen_after_an_empty_table_was(backend: Backend) -> None:
     async with backend.new() as writer, backend.new() as reader:
         assert await reader.blocking(["SO-1"]) == {}

@@ -3,13 +3,16 @@ the file as it is (`MemoryDedupStore`) and the topic in memory (`FakeStateTopic`
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterable, Mapping
+
 import pytest
 from support import FakeStateTopic
 
+from consumers import order_state
 from consumers.blocks import Blocks
 from consumers.dedup import MemoryDedupStore
-from consumers.order_state import Entry, SharedStateStore, decode_entry
-from topics.errors import StoreError
+from consumers.order_state import Entry, Fetched, SharedStateStore, decode_entry
+from topics.errors import SharedStateError, StoreError
 
 
 def shared() -> tuple[SharedStateStore, MemoryDedupStore, FakeStateTopic]:
@@ -83,7 +86,7 @@ async def test_a_read_partition_overrides_the_file_and_says_which_chains_changed
     assert topic.entries[-1] == Entry(1, b"id:SO-5", b"d-5"), "nothing read is written back"
 
 
-async def test_a_partition_read_again_is_read_from_where_the_last_read_ended() -> None:
+async def test_a_partition_read_again_is_read_from_where_the_files_last_read_ended() -> None:
     store, file, topic = shared()
     store.put_downstream_id("SO-1", "d-1", partition=0)
     await store.flush()
@@ -102,6 +105,52 @@ async def test_a_partition_read_again_is_read_from_where_the_last_read_ended() -
         await store.restore([0])
     topic.failing = None
     assert (await store.restore([0])).entries == 0
+    restarted = SharedStateStore(MemoryDedupStore(file.tables), topic)  # the same file, a new process
+    assert (await restarted.restore([0, 1])).entries == 0, "a restart does not read every order again"
+    assert (await SharedStateStore(MemoryDedupStore(), topic).restore([0, 1])).entries == 3, "a new file reads all"
+
+
+class CutShort(FakeStateTopic):
+    """A read that fails after its first batch (a broker gone mid-read, the read's time limit)."""
+
+    async def read(self, partitions: Iterable[int], starts: Mapping[int, int]) -> AsyncIterator[Fetched]:
+        async for fetched in super().read(partitions, starts):
+            yield fetched
+            if fetched.entries:
+                raise SharedStateError("partitions not read within 120 s")
+
+
+async def test_a_read_cut_short_keeps_what_it_flushed_and_the_next_goes_on_from_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(order_state, "RESTORE_FLUSH_EVERY", 2)
+    file, topic = MemoryDedupStore(), CutShort()
+    writer = SharedStateStore(MemoryDedupStore(), topic)
+    for n in range(5):
+        writer.put_downstream_id(f"SO-{n}", f"d-{n}", partition=0 if n < 3 else 1)
+    await writer.flush()
+    store = SharedStateStore(file, topic)
+    with pytest.raises(StoreError):
+        await store.restore([0, 1])
+    assert file.pending_writes == 0, "what the read took is flushed all the same"
+    assert file.tables.read_to == {(topic.topic, 0): 3}, "partition 0's read is in the file with its entries"
+    assert file.tables.downstream_ids == {"SO-0": "d-0", "SO-1": "d-1", "SO-2": "d-2"}
+    with pytest.raises(StoreError):
+        await store.restore([0, 1])  # partition 0 has nothing new; partition 1's entries, then the failure again
+    assert file.tables.read_to == {(topic.topic, 0): 3, (topic.topic, 1): 2}
+    assert (await store.restore([0, 1])).entries == 0
+
+
+async def test_a_topic_made_again_is_read_from_its_beginning_and_the_files_position_starts_over() -> None:
+    store, file, topic = shared()
+    topic.entries = [Entry(0, f"id:SO-{n}".encode(), b"d") for n in range(3)]
+    assert (await store.restore([0])).entries == 3
+    topic.entries = []  # deleted and made again: empty, its offsets begin at 0
+    assert (await store.restore([0])).entries == 0
+    assert await file.read_to(topic.topic) == {0: 0}, "not 3: what the new topic takes first is read next time"
+    topic.entries = [Entry(0, b"id:SO-7", b"d-7")]
+    assert (await store.restore([0])).entries == 1
+    assert await file.downstream_id("SO-7") == "d-7"
 
 
 async def test_a_read_that_fails_is_a_store_error() -> None:
