@@ -490,6 +490,7 @@ class SinkEngine:
         try:
             restored = await self._store.restore(partitions)
         except StoreError as exc:
+            self._metrics.state_read_failures.labels(self.sink.name).inc()
             log.error(
                 "order state not read from the state topic: updates of orders another instance created may go by "
                 "number, and dead letters another instance left may not block their orders",

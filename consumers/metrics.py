@@ -95,6 +95,13 @@ class EngineMetrics:
         self.auth_failures = Counter(
             "orderbus_auth_failures", "401/403 answers: the sink pauses", ["sink"], registry=registry
         )
+        self.state_read_failures = Counter(
+            "orderbus_state_read_failures",
+            "Reads of the sink's state topic at an assignment that failed: its partitions went on with what this "
+            "instance's file knows",
+            ["sink"],
+            registry=registry,
+        )
         self.in_flight = Gauge("orderbus_in_flight_requests", "HTTP requests under way", ["sink"], registry=registry)
         self.buffered = Gauge("orderbus_buffered_records", "Records held in memory", ["sink"], registry=registry)
         self.parked = Gauge("orderbus_parked_keys", "Order keys waiting for a retry", ["sink"], registry=registry)
@@ -178,6 +185,7 @@ class EngineMetrics:
             self.commits,
             self.commit_failures,
             self.auth_failures,
+            self.state_read_failures,
             self.throttled_seconds,
             self.attempt_seconds,
             self.end_to_end_seconds,

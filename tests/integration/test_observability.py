@@ -98,6 +98,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
         "OrderbusRecordUnreadable",
         "OrderbusBacklogNearRetention",
         "OrderbusRecordsExpired",
+        "OrderbusStateReadFailed",
         "OrderbusIngestErrors",
         "OrderbusIngestConnectionLimit",
         "OrderbusNotReady",

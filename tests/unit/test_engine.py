@@ -363,6 +363,23 @@ async def test_an_orders_id_and_block_reach_the_instance_that_takes_its_partitio
     assert [letter.reason for letter in second.dead.letters] == ["dead-lettered-predecessor"]
 
 
+async def test_a_state_read_that_fails_is_counted_and_said_and_the_partition_goes_on_with_the_file(
+    harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = FakeStateTopic()
+    h = harness_factory({TP1: [record(0, "SO-1")]}, shared=topic)
+    topic.failing = "not authorized to read orders.state.crm"
+    await h.engine.restore({TP1})
+    assert h.metric("orderbus_state_read_failures_total") == 1
+    (said,) = [r for r in caplog.records if r.getMessage().startswith("order state not read from the state topic")]
+    assert said.levelname == "ERROR"
+    assert said.__dict__["error"] == "not authorized to read orders.state.crm"
+    assert h.consumer.paused == set(), "resumed: delivered with what the file knows"
+    topic.failing = None
+    await h.run_until(1)
+    assert len(h.downstream.calls) == 1
+
+
 async def test_a_state_topic_that_does_not_answer_holds_the_commit_as_a_refused_commit_would(
     harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
