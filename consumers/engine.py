@@ -151,7 +151,9 @@ class SinkEngine:
         )
         self._lag_reported: set[int] = set()
         self._failure: Exception | None = None  # the first error of a lane's task (`_lane_failed`)
-        self._group = GroupFlush(store)
+        # A record is finished once its state is in the file: a shared store's topic takes its entries with the
+        # commit's flush, in one write per commit instead of one per group flush (`consumers.order_state`).
+        self._group = GroupFlush(store.file if isinstance(store, SharedStateStore) else store)
         metrics.add_sink(sink.name)
         self._context = LaneContext(
             sink=sink,

@@ -380,6 +380,30 @@ async def test_a_state_read_that_fails_is_counted_and_said_and_the_partition_goe
     assert len(h.downstream.calls) == 1
 
 
+async def test_records_finish_on_the_files_flush_and_the_state_topic_is_written_by_the_commit(
+    harness_factory: Callable[..., Harness],
+) -> None:
+    # Finished records free their place in the buffer (and the fetch) without waiting for the brokers; their
+    # offsets wait for the topic's acknowledgement, which the commit's flush asks for.
+    topic = FakeStateTopic()
+    h = harness_factory({TP0: [record(n, f"SO-{n}") for n in range(3)]}, shared=topic)
+    topic.failing = "not acknowledged within 10 s"
+    stop = asyncio.Event()
+    running = asyncio.create_task(h.engine.run(stop))
+    await h.wait_finished(3)
+    assert h.engine.buffered == 0
+    await h.clock.sleep(3 * h.engine.config.commit_interval)
+    assert h.consumer.committed == {}, "nothing committed while the ids are not on the topic"
+    assert h.metric("orderbus_commit_failures_total") >= 1
+    topic.failing = None
+    await h.clock.sleep(3 * h.engine.config.commit_interval)
+    assert sorted(entry.key for entry in topic.entries) == [b"id:SO-0", b"id:SO-1", b"id:SO-2"]
+    assert h.consumer.committed == {TP0: 3}
+    stop.set()
+    await running
+    assert len(h.downstream.calls) == 3
+
+
 async def test_a_state_topic_that_does_not_answer_holds_the_commit_as_a_refused_commit_would(
     harness_factory: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
