@@ -77,6 +77,7 @@ from consumers.dedup_sql import (
     nothing,
     select_blocked,
     select_in,
+    select_outbox,
     select_states,
     write_batch,
 )
@@ -89,6 +90,7 @@ from consumers.delivery_state import (
     DOWNSTREAM_IDS_TABLE,
     DeliveryState,
     DeliveryStatus,
+    OutboxEntry,
     WriteBuffer,
 )
 from consumers.sqlite_files import PRUNE_CHUNK, PRUNE_PAUSE, WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file, space_note
@@ -181,6 +183,18 @@ class DedupStore(Protocol):
     async def read_to(self, topic: str) -> dict[int, int]:
         """Per partition of the state topic `topic`, the offset `put_read_to` last said (none for a partition never
         read into this file)."""
+        ...
+
+    def put_outbox(self, entry: OutboxEntry) -> None:
+        """Keep `entry` (key, partition, value) for the state topic (buffered), in place of any of its key."""
+        ...
+
+    def drop_outbox(self, key: bytes) -> None:
+        """The state topic has the last entry of `key`: forget it (buffered; written before newer entries)."""
+        ...
+
+    async def outbox(self) -> list[OutboxEntry]:
+        """The entries kept for the state topic, in the file (read at open: what a crash left unsent)."""
         ...
 
     async def prune(self, older_than: float) -> int:
@@ -298,6 +312,15 @@ class SqliteDedupStore:
         self._connection()
         self._buffer.read_to[topic, partition] = offset
 
+    def put_outbox(self, entry: OutboxEntry) -> None:
+        self._connection()
+        self._buffer.outbox[entry[0]] = entry
+
+    def drop_outbox(self, key: bytes) -> None:
+        self._connection()
+        self._buffer.outbox.pop(key, None)
+        self._buffer.sent.add(key)
+
     @property
     def pending_writes(self) -> int:
         return len(self._buffer) + sum(len(batch) for batch in self._flushing)
@@ -406,6 +429,12 @@ class SqliteDedupStore:
         for layer in reversed(self._layers()):  # the oldest first: the newest write wins
             found.update((part, offset) for (name, part), offset in layer.read_to.items() if name == topic)
         return found
+
+    async def outbox(self) -> list[OutboxEntry]:
+        try:
+            return select_outbox(self._read_connection())
+        except sqlite3.Error as exc:
+            raise self._error("outbox", exc) from exc
 
     def _pending_block(self, order_ref: str) -> bool | None:
         for layer in self._layers():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from consumers.delivery_state import DeliveryState, WriteBuffer
+from consumers.delivery_state import DeliveryState, OutboxEntry, WriteBuffer
 
 __all__ = ["MemoryDedupStore", "MemoryTables"]
 
@@ -21,6 +21,7 @@ class MemoryTables:
     downstream_ids: dict[str, str] = field(default_factory=dict)
     blocked_orders: dict[str, str] = field(default_factory=dict)
     read_to: dict[tuple[str, int], int] = field(default_factory=dict)
+    outbox: dict[bytes, OutboxEntry] = field(default_factory=dict)
 
 
 class MemoryDedupStore:
@@ -68,6 +69,16 @@ class MemoryDedupStore:
     def put_read_to(self, topic: str, partition: int, offset: int) -> None:
         self._buffer.read_to[topic, partition] = offset
 
+    def put_outbox(self, entry: OutboxEntry) -> None:
+        self._buffer.outbox[entry[0]] = entry
+
+    def drop_outbox(self, key: bytes) -> None:
+        self._buffer.outbox.pop(key, None)
+        self._buffer.sent.add(key)
+
+    async def outbox(self) -> list[OutboxEntry]:
+        return list(self.tables.outbox.values())
+
     @property
     def pending_writes(self) -> int:
         return len(self._buffer)
@@ -77,6 +88,9 @@ class MemoryDedupStore:
         self.tables.deliveries.update(self._buffer.states)
         self.tables.downstream_ids.update(self._buffer.downstream_ids)
         self.tables.read_to.update(self._buffer.read_to)
+        for key in self._buffer.sent:
+            self.tables.outbox.pop(key, None)
+        self.tables.outbox.update(self._buffer.outbox)
         for order_ref, reason in self._buffer.blocks.items():
             if reason is None:
                 self.tables.blocked_orders.pop(order_ref, None)

@@ -16,8 +16,10 @@ from consumers.delivery_state import (
     DELIVERY_COLUMNS,
     DOWNSTREAM_ID_COLUMNS,
     DOWNSTREAM_IDS_TABLE,
+    STATE_OUTBOX_TABLE,
     STATE_READS_TABLE,
     DeliveryState,
+    OutboxEntry,
     WriteBuffer,
 )
 from consumers.sqlite_files import check_layout_version, rebuild_table, row_chunks, transaction
@@ -30,6 +32,7 @@ __all__ = [
     "SELECT_BLOCKING",
     "SELECT_DELIVERED_SINCE",
     "SELECT_DOWNSTREAM_ID",
+    "SELECT_OUTBOX",
     "SELECT_READ_TO",
     "check_layout",
     "delete_prunable_states",
@@ -39,6 +42,7 @@ __all__ = [
     "nothing",
     "select_blocked",
     "select_in",
+    "select_outbox",
     "select_states",
     "write_batch",
 ]
@@ -96,6 +100,13 @@ CREATE TABLE IF NOT EXISTS {STATE_READS_TABLE} (
     read_to   INTEGER NOT NULL,
     PRIMARY KEY (topic, partition)
 ) WITHOUT ROWID;
+-- The entries for the state topic not yet acknowledged by its brokers (`consumers.order_state`): written with the
+-- ids and blocks they share, deleted once the topic has them, sent again after a crash.
+CREATE TABLE IF NOT EXISTS {STATE_OUTBOX_TABLE} (
+    key       BLOB PRIMARY KEY,
+    partition INTEGER NOT NULL,
+    value     BLOB
+) WITHOUT ROWID;
 """
 
 
@@ -148,6 +159,13 @@ ON CONFLICT (order_ref, key) DO UPDATE SET {updates}
 """  # noqa: S608 -- table and column names are module constants, values are bound
 
 
+def _upsert_outbox(rows: int) -> str:
+    return f"""
+INSERT INTO {STATE_OUTBOX_TABLE} (key, partition, value) VALUES {", ".join(["(?, ?, ?)"] * rows)}
+ON CONFLICT (key) DO UPDATE SET partition = excluded.partition, value = excluded.value
+"""  # noqa: S608 -- table name is a module constant, values are bound
+
+
 def _upsert_downstream_ids(rows: int) -> str:
     return f"""
 INSERT INTO {DOWNSTREAM_IDS_TABLE} (order_ref, downstream_id) VALUES {", ".join(["(?, ?)"] * rows)}
@@ -165,6 +183,8 @@ INSERT INTO {STATE_READS_TABLE} (topic, partition, read_to) VALUES (?, ?, ?)
 ON CONFLICT (topic, partition) DO UPDATE SET read_to = excluded.read_to
 """  # noqa: S608 -- table name is a module constant, values are bound
 SELECT_READ_TO = f"SELECT partition, read_to FROM {STATE_READS_TABLE} WHERE topic = ?"  # noqa: S608 -- constant
+_DELETE_SENT = f"DELETE FROM {STATE_OUTBOX_TABLE} WHERE key IN "  # noqa: S608 -- constant
+SELECT_OUTBOX = f"SELECT key, partition, value FROM {STATE_OUTBOX_TABLE}"  # noqa: S608 -- constant
 SELECT_DOWNSTREAM_ID = f"SELECT order_ref, downstream_id FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref IN "  # noqa: S608
 # Per order with an event the downstream accepted (or had) since ?: its latest such time and its downstream id, if
 # known; the oldest first (`orderbus reconcile`).
@@ -286,6 +306,21 @@ def delete_unneeded_ids(db: sqlite3.Connection, after: str, limit: int) -> str |
     return last if len(refs) == limit else None
 
 
+def _delete_in(db: sqlite3.Connection, delete: str, keys: Sequence[bytes]) -> None:
+    """``delete IN (keys)``, `_MOST_KEYS` keys a statement, padded as `select_in` pads."""
+    for start in range(0, len(keys), _MOST_KEYS):
+        chunk: list[bytes | None] = list(keys[start : start + _MOST_KEYS])
+        chunk += [None] * (-len(chunk) % _KEY_STEP)
+        db.execute(delete + _in(len(chunk)), chunk)
+
+
+def select_outbox(db: sqlite3.Connection) -> list[OutboxEntry]:
+    return [
+        (bytes(key), int(partition), None if value is None else bytes(value))
+        for key, partition, value in db.execute(SELECT_OUTBOX)
+    ]
+
+
 def select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:
     """Rows of ``select IN (keys)``, `_MOST_KEYS` keys a query, padded (on the read-only connection)."""
     rows: list[Any] = []
@@ -326,3 +361,8 @@ def write_batch(db: sqlite3.Connection, batch: WriteBuffer) -> None:
             db.executemany(_DELETE_BLOCK, unblocks)
         if batch.read_to:
             db.executemany(_UPSERT_READ_TO, [(topic, part, offset) for (topic, part), offset in batch.read_to.items()])
+        if batch.sent:  # before the new ones: a key sent and written again in one batch keeps its new entry
+            _delete_in(db, _DELETE_SENT, list(batch.sent))
+        if batch.outbox:
+            entries = [value for entry in batch.outbox.values() for value in entry]
+            _insert_many(db, _upsert_outbox, entries, 3)

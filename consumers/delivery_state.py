@@ -14,9 +14,11 @@ __all__ = [
     "DELIVERY_COLUMNS",
     "DOWNSTREAM_IDS_TABLE",
     "DOWNSTREAM_ID_COLUMNS",
+    "STATE_OUTBOX_TABLE",
     "STATE_READS_TABLE",
     "DeliveryState",
     "DeliveryStatus",
+    "OutboxEntry",
     "WriteBuffer",
 ]
 
@@ -43,6 +45,9 @@ DOWNSTREAM_ID_COLUMNS: Final = ("order_ref", "downstream_id")
 BLOCKED_ORDERS_TABLE: Final = "blocked_orders"
 BLOCKED_ORDER_COLUMNS: Final = ("order_ref", "reason")
 STATE_READS_TABLE: Final = "state_reads"
+STATE_OUTBOX_TABLE: Final = "state_outbox"
+# An entry of the state topic's outbox: its key, its partition, its value (None: a tombstone).
+OutboxEntry = tuple[bytes, int, bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,18 +80,28 @@ class WriteBuffer:
     """Writes not yet flushed, one per key/order (later writes replace earlier ones).
 
     In `blocks`, a reason means "block" and None means "unblock". `read_to` holds, per (state topic, partition),
-    the offset after the last entry of the topic the file took (`consumers.order_state`). A flush takes the whole
-    buffer and leaves an empty one; if its write fails, `requeue` puts back what no later write has replaced, in
-    this buffer or in a newer flush still under way.
+    the offset after the last entry of the topic the file took (`consumers.order_state`); `outbox` the entries to
+    keep until the state topic has them, by key, and `sent` the keys whose last entry it has (deleted before the
+    new ones are written). A flush takes the whole buffer and leaves an empty one; if its write fails, `requeue`
+    puts back what no later write has replaced, in this buffer or in a newer flush still under way.
     """
 
     states: dict[str, DeliveryState] = field(default_factory=dict)
     downstream_ids: dict[str, str] = field(default_factory=dict)
     blocks: dict[str, str | None] = field(default_factory=dict)
     read_to: dict[tuple[str, int], int] = field(default_factory=dict)
+    outbox: dict[bytes, OutboxEntry] = field(default_factory=dict)
+    sent: set[bytes] = field(default_factory=set)
 
     def __len__(self) -> int:
-        return len(self.states) + len(self.downstream_ids) + len(self.blocks) + len(self.read_to)
+        return (
+            len(self.states)
+            + len(self.downstream_ids)
+            + len(self.blocks)
+            + len(self.read_to)
+            + len(self.outbox)
+            + len(self.sent)
+        )
 
     def requeue(self, failed: WriteBuffer, newer: Sequence[WriteBuffer] = ()) -> None:
         """Put back the writes of `failed` that neither this buffer nor a batch in `newer` (flushes handed over
@@ -105,6 +120,12 @@ class WriteBuffer:
         for place, offset in failed.read_to.items():
             if all(place not in layer.read_to for layer in layers):
                 self.read_to[place] = offset
+        for entry_key, entry in failed.outbox.items():
+            if all(entry_key not in layer.outbox for layer in layers):
+                self.outbox[entry_key] = entry
+        for entry_key in failed.sent:  # not over a newer entry of the key, written by a flush under way or to come
+            if all(entry_key not in layer.outbox for layer in layers):
+                self.sent.add(entry_key)
 
     def blocked(self, order_ref: str) -> bool | None:
         """True/False if the buffer decides whether `order_ref` is blocked, None if the tables do."""

@@ -491,21 +491,21 @@ class SinkEngine:
         started = self._clock.now()
         try:
             restored = await self._store.restore(partitions)
-        except StoreError as exc:
-            self._metrics.state_read_failures.labels(self.sink.name).inc()
-            log.error(
-                "order state not read from the state topic: updates of orders another instance created may go by "
-                "number, and dead letters another instance left may not block their orders",
-                extra={**said, "error": str(exc)},
-            )
-            return
         finally:
             self._restoring = set()
             if resumable := (tps & self._consumer.assignment()) - self._paused:  # those backpressure holds, it resumes
                 self._consumer.resume(resumable)
-        self._context.blocked.restore(restored.chains)
-        seconds = round(self._clock.now() - started, 3)
-        log.info("order state read", extra={**said, "entries": restored.entries, "seconds": seconds})
+        self._context.blocked.restore(restored.chains)  # also a failed read's: what it took is in the file
+        said |= {"entries": restored.entries, "seconds": round(self._clock.now() - started, 3)}
+        if restored.error is None:
+            log.info("order state read", extra=said)
+            return
+        self._metrics.state_read_failures.labels(self.sink.name).inc()
+        log.error(
+            "order state not read from the state topic: updates of orders another instance created may go by "
+            "number, and dead letters another instance left may not block their orders",
+            extra={**said, "error": restored.error},
+        )
 
     def on_assigned(self, assigned: Iterable[TopicPartitionKey]) -> None:
         self._joined = True

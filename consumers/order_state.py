@@ -16,22 +16,26 @@ key ``id:<order number>`` with the id, or ``block:<order number>`` with the chai
 order is unblocked), in the partition of the orders topic the order's records are in. The topic is compacted: it
 keeps each key's last value. A flush of the dedup store (`SharedStateStore.flush`) is done only once the file's
 transaction *and* the broker's acknowledgement (acks=all) are: the engine commits an offset after the flush, so a
-record whose state reached neither is delivered again, as before. Records finish on the file's flush alone
-(`SharedStateStore.file`, the engine's group flush): waiting for the brokers there held finished records in the
-buffer, and the fetch with them (in the benchmark's CPU-bound scenario the median of requests in flight fell from
-~250 of 256 to ~100, with moments at none), and made a write per group flush where the commit makes one per commit
-interval.
+record whose state reached neither is delivered again, as before.
+
+Records finish on the file's flush alone (`SharedStateStore.file`, the engine's group flush): waiting for the
+brokers there held finished records in the buffer, and the fetch with them (in the benchmark's CPU-bound scenario
+the median of requests in flight fell from ~250 of 256 to ~100, with moments at none), and made a write per group
+flush where the commit makes one per commit interval. A record finished that way comes again after a crash as a
+dedup hit, which writes nothing: so every entry is also kept in the file's outbox, in the transaction that writes
+its id or block, until the topic has acknowledged it; `open` takes back what a crash (or a stop with the brokers
+away) left there, and the next flush writes it.
 
 When a partition is assigned, before its records are fetched (the engine pauses it first), the instance reads
 that partition of the state topic up to its end (`StateTopic.read`) and writes what it finds into its file: ids,
-blocks, and unblocks, the topic's word over the file's. The file also keeps how far it read each partition (in
-the same flushes), so the next read starts there: eager rebalances assign every partition anew, and a restart, or
-an old backup of the file, would otherwise read every order of the retention again. A new file starts at the
-topic's beginning. What the
-instance before wrote was acknowledged before its commits, and a revoke commits before the partition moves, so the
-reader sees it; what it had not flushed (a kill -9) comes again with its records, whose create, sent again under
-its key, answers with the same id. A read that fails is logged and the partition is delivered from the file
-alone, as without a topic.
+blocks, and unblocks, the topic's word over the file's. The file also keeps how far it read each partition (after
+the flush of those entries), so the next read starts there: eager rebalances assign every partition anew, and a
+restart, or an old backup of the file, would otherwise read every order of the retention again. A new file starts
+at the topic's beginning, and so does a read whose position is beyond the partition's end (the topic deleted and
+made again; one made again that has grown past the position is not told apart, and its first entries are missed).
+What the instance before wrote was acknowledged before its commits, and a revoke commits before the partition
+moves, so the reader sees it. A read that fails is logged and the partition is delivered with what the file knows,
+what the read took before it failed included.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from types import TracebackType
 from typing import Final, Protocol, Self
 
 from consumers.dedup import DedupStore, DeliveryState
+from consumers.delivery_state import OutboxEntry
+from topics.errors import StoreError
 
 __all__ = ["Entry", "Fetched", "Restored", "SharedStateStore", "StateTopic", "decode_entry", "encode_entry"]
 
@@ -116,10 +122,12 @@ class Fetched:
 @dataclass(frozen=True, slots=True)
 class Restored:
     """What a read of the state topic found: how many entries, and the chains of the blocked orders among them
-    (None for an order it unblocked), for the engine's view of its blocks (`consumers.blocks.Blocks.restore`)."""
+    (None for an order it unblocked), for the engine's view of its blocks (`consumers.blocks.Blocks.restore`),
+    also of a read that failed part way (`error`): those entries are in the file, and the next read begins after."""
 
     entries: int
     chains: Mapping[str, str | None]
+    error: str | None = None  # why the read ended before the end (what it read up to then is in the file all the same)
 
 
 class SharedStateStore:
@@ -131,6 +139,9 @@ class SharedStateStore:
         self._store = store
         self._topic = topic
         self._pending: dict[bytes, Entry] = {}  # by key: the last write of a key wins, as in the file's buffer
+        # By key, the last entry not yet acknowledged (pending or being written): its acknowledgement deletes the key
+        # from the file's outbox, an older entry's does not.
+        self._unacked: dict[bytes, Entry] = {}
         self._sending = asyncio.Lock()  # flushes hand their entries to the producer in the order they began
 
     @property
@@ -156,7 +167,8 @@ class SharedStateStore:
     def _share(self, partition: int | None, kind: str, order_ref: str, value: str | None) -> None:
         if partition is not None:
             entry = encode_entry(partition, kind, order_ref, value)
-            self._pending[entry.key] = entry
+            self._pending[entry.key] = self._unacked[entry.key] = entry
+            self._store.put_outbox((entry.key, entry.partition, entry.value))
 
     @property
     def pending_writes(self) -> int:
@@ -172,6 +184,11 @@ class SharedStateStore:
         if isinstance(topic_result, BaseException):
             for entry in entries:
                 self._pending.setdefault(entry.key, entry)
+        else:
+            for entry in entries:  # out of the outbox with a later flush of the file (none of them waits for it)
+                if self._unacked.get(entry.key) is entry:
+                    del self._unacked[entry.key]
+                    self._store.drop_outbox(entry.key)
         for result in (file_result, topic_result):
             if isinstance(result, BaseException):
                 raise result
@@ -188,15 +205,16 @@ class SharedStateStore:
 
     async def restore(self, partitions: Iterable[int]) -> Restored:
         """Read `partitions` of the state topic, from where the file's last read of each ended, and write what they
-        hold into the file, with how far each partition was read (flushed every `RESTORE_FLUSH_EVERY` entries and at
-        the end, also of a read cut short); `StoreError` if the topic or the file fails."""
+        hold into the file; then how far each partition was read, once a flush has made its entries durable (every
+        `RESTORE_FLUSH_EVERY` entries and at the end, also of a read that failed part way: `Restored.error`)."""
         count = 0
         chains: dict[str, str | None] = {}
-        partitions = set(partitions)
+        reached: dict[int, int] = {}  # per partition, the position after the entries applied so far
         topic = self._topic.topic
-        read_to = await self._store.read_to(topic)
-        starts = {partition: read_to[partition] for partition in partitions if partition in read_to}
+        error: str | None = None
         try:
+            read_to = await self._store.read_to(topic)
+            starts = {partition: read_to[partition] for partition in set(partitions) if partition in read_to}
             async for fetched in self._topic.read(partitions, starts):
                 for entry in fetched.entries:
                     if (decoded := decode_entry(entry.key, entry.value)) is None:
@@ -204,12 +222,23 @@ class SharedStateStore:
                     chains.update(self._apply(*decoded))
                     count += 1
                     if count % RESTORE_FLUSH_EVERY == 0:
-                        await self._store.flush()
-                # After its entries, so flushed with them or after them: never ahead of what the file holds.
-                self._store.put_read_to(topic, fetched.partition, fetched.read_to)
-        finally:  # what was read is kept, also by a read cut short: the next one goes on from there
-            await self._store.flush()
-        return Restored(count, chains)
+                        await self._keep(topic, reached)
+                reached[fetched.partition] = fetched.read_to
+        except StoreError as exc:  # the topic's read, or the file's flush
+            error = str(exc)
+        try:
+            await self._keep(topic, reached)
+        except StoreError as exc:
+            error = error or str(exc)
+        return Restored(count, chains, error)
+
+    async def _keep(self, topic: str, reached: Mapping[int, int]) -> None:
+        """Flush the entries applied so far; then, in a flush of its own, how far they reach: a position is never in
+        the file before its entries (flushes run in order, and one fails once an earlier one has)."""
+        await self._store.flush()
+        for partition, offset in reached.items():
+            self._store.put_read_to(topic, partition, offset)
+        await self._store.flush()
 
     def _apply(self, kind: str, order_ref: str, value: str | None) -> dict[str, str | None]:
         """Write a read entry into the file; the chain it sets, if it is a block's."""
@@ -226,11 +255,17 @@ class SharedStateStore:
     # --- the file's own ----------------------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Open the file, and take back the entries its outbox kept: the topic had not acknowledged them when the
+        process before ended (a kill -9 after the file's flush, the brokers away at a stop)."""
         await self._store.open()
+        for key, partition, value in await self._store.outbox():
+            entry = Entry(partition, key, value)
+            self._pending.setdefault(key, entry)
+            self._unacked.setdefault(key, entry)
 
     async def close(self) -> None:
-        """The file's close (which flushes it); entries not written to the topic by now are not: their records'
-        offsets were not committed, and they come again."""
+        """The file's close (which flushes it); entries not written to the topic by now stay in its outbox, and are
+        written after the next open."""
         await self._store.close()
 
     async def __aenter__(self) -> Self:
@@ -259,6 +294,15 @@ class SharedStateStore:
 
     async def read_to(self, topic: str) -> dict[int, int]:
         return await self._store.read_to(topic)
+
+    def put_outbox(self, entry: OutboxEntry) -> None:
+        self._store.put_outbox(entry)
+
+    def drop_outbox(self, key: bytes) -> None:
+        self._store.drop_outbox(key)
+
+    async def outbox(self) -> list[OutboxEntry]:
+        return await self._store.outbox()
 
     async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
         return await self._store.blocking(order_refs)
