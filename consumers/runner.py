@@ -91,8 +91,10 @@ async def open_sink(
     clock = clock or SystemClock()
     async with contextlib.AsyncExitStack() as stack:
         store = SqliteDedupStore(dedup_path)
-        await store.open()
-        stack.push_async_callback(store.close)
+        # Opened through the shared store: it takes back what the file's outbox kept for the state topic.
+        shared: DedupStore = store if state is None else SharedStateStore(store, state)
+        await shared.open()
+        stack.push_async_callback(shared.close)
         if retention is not None:
             pruning = prune_forever(store.prune, retention, f"dedup-{sink.name}", clock)
             pruner = asyncio.create_task(pruning, name=f"prune-{sink.name}")
@@ -115,7 +117,6 @@ async def open_sink(
         # Safe on a consumer that never started; within `LEAVE_TIMEOUT` with the broker gone.
         stack.push_async_callback(leave_group, consumer, f"sink {sink.name}")
         guard = ReadGuard(consumer, sink.name, clock)
-        shared: DedupStore = store if state is None else SharedStateStore(store, state)
         engine = SinkEngine(
             sink,
             KafkaConsumerPort(consumer, guard, Positions(consumer, sink.name)),

@@ -23,13 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import committed_vs_end, free_port, longest_shutdown, make_events, produce
+from support import committed_vs_end, free_port, longest_shutdown, make_events, produce, read_topic
 
 from daemon.kafka_local import BrokerInfo
 from daemon.sandbox import SandboxClient, SandboxProcess
 from daemon.settings import load_settings
 from topics.admin import apply_catalogue
-from topics.catalogue import SINKS, TopicLayout, catalogue, consumer_group, orders_topic
+from topics.catalogue import SINKS, TopicLayout, catalogue, consumer_group, orders_topic, state_topic
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +141,10 @@ async def test_sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice
             kafka_broker.bootstrap, orders_topic(prefix), consumer_group(name, prefix)
         )
         assert committed == ends
+        # Every create's id reached the sink's state topic, also those a kill left between the file and the brokers
+        # (the file's outbox); a record finished before a kill comes again as a dedup hit, which writes nothing.
+        shared = {key for key, _, _ in await read_topic(kafka_broker.bootstrap, state_topic(name, prefix))}
+        assert {f"id:{order}".encode() for order in applied} <= shared, f"{name}: ids missing from its state topic"
     # What a kill can cost: each sink's requests under way (a lane holds its request slot until the outcome is
     # durable, so nothing else can be applied-but-unrecorded); the downstream's idempotency keys absorb them.
     # A kill can also land before the previous kill's re-sends were recorded, which sends those once more: the
