@@ -180,10 +180,13 @@ class SharedStateStore:
         raises `StoreError`, as the file's does."""
         entries, self._pending = list(self._pending.values()), {}
         written = asyncio.gather(self._store.flush(), self._write(entries), return_exceptions=True)
-        file_result, topic_result = await written
+        try:
+            file_result, topic_result = await written
+        except asyncio.CancelledError:  # the write may still be under way: its entries are sent again, harmlessly
+            self._put_back(entries)
+            raise
         if isinstance(topic_result, BaseException):
-            for entry in entries:
-                self._pending.setdefault(entry.key, entry)
+            self._put_back(entries)
         else:
             for entry in entries:  # out of the outbox with a later flush of the file (none of them waits for it)
                 if self._unacked.get(entry.key) is entry:
@@ -195,11 +198,16 @@ class SharedStateStore:
         assert isinstance(file_result, int)
         return file_result + len(entries)
 
+    def _put_back(self, entries: list[Entry]) -> None:
+        """Entries not written go with the next flush, unless a newer entry of their key was put meanwhile."""
+        for entry in entries:
+            if self._unacked.get(entry.key) is entry:
+                self._pending.setdefault(entry.key, entry)
+
     async def _write(self, entries: list[Entry]) -> None:
-        if not entries:
-            return
-        async with self._sending:
-            await self._topic.write(entries)
+        async with self._sending:  # also with none: a flush returns after the writes begun before it
+            if entries:
+                await self._topic.write(entries)
 
     # --- a partition assigned ----------------------------------------------------------------------------------
 
@@ -217,6 +225,8 @@ class SharedStateStore:
             starts = {partition: read_to[partition] for partition in set(partitions) if partition in read_to}
             async for fetched in self._topic.read(partitions, starts):
                 for entry in fetched.entries:
+                    if entry.key in self._unacked:  # this instance's own, newer: not yet on the topic, in the file
+                        continue
                     if (decoded := decode_entry(entry.key, entry.value)) is None:
                         continue
                     chains.update(self._apply(*decoded))

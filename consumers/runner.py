@@ -91,10 +91,10 @@ async def open_sink(
     clock = clock or SystemClock()
     async with contextlib.AsyncExitStack() as stack:
         store = SqliteDedupStore(dedup_path)
-        # Opened through the shared store: it takes back what the file's outbox kept for the state topic.
+        await store.open()
+        stack.push_async_callback(store.close)
         shared: DedupStore = store if state is None else SharedStateStore(store, state)
-        await shared.open()
-        stack.push_async_callback(shared.close)
+        await shared.open()  # the shared store takes back what the file's outbox kept for the state topic
         if retention is not None:
             pruning = prune_forever(store.prune, retention, f"dedup-{sink.name}", clock)
             pruner = asyncio.create_task(pruning, name=f"prune-{sink.name}")

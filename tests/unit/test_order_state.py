@@ -4,7 +4,7 @@ the file as it is (`MemoryDedupStore`) and the topic in memory (`FakeStateTopic`
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
 import pytest
 from support import FakeStateTopic
@@ -202,6 +202,47 @@ async def test_a_position_is_kept_only_after_the_flush_of_its_entries() -> None:
     assert await file.read_to(topic.topic) == {}, "no position waits in the buffer either: its entries are not durable"
     file.failing = False
     assert (await SharedStateStore(file, topic).restore([0])).entries == 1
+
+
+async def test_a_read_leaves_this_instances_own_newer_entries_that_the_topic_has_not_yet() -> None:
+    store, file, topic = shared()
+    store.block_order("SO-2", '["k1"]', partition=0)
+    await store.flush()  # the block is on the topic
+    store.unblock_order("SO-2", partition=0)  # replayed; the commit's flush fails: the tombstone waits
+    topic.failing = "not acknowledged within 10 s"
+    with pytest.raises(StoreError):
+        await store.flush()
+    topic.failing = None
+    restored = await store.restore([0])  # the partition assigned again (an eager rebalance), read from its start
+    assert restored.chains == {}, "the topic's older block is not the order's state"
+    assert await file.blocked_orders(["SO-2"]) == set()
+    await store.flush()
+    assert topic.entries[-1] == Entry(0, b"block:SO-2", None)
+
+
+class FailsFirstWrite(FakeStateTopic):
+    async def write(self, entries: Sequence[Entry]) -> None:
+        self.failing, first = None, self.failing
+        await asyncio.sleep(0)
+        if first is not None:
+            raise SharedStateError(first)
+        await super().write(entries)
+
+
+async def test_an_older_entry_whose_write_failed_is_not_put_back_over_a_newer_one_being_written() -> None:
+    topic = FailsFirstWrite()
+    store = SharedStateStore(MemoryDedupStore(), topic)
+    store.block_order("SO-2", '["k1"]', partition=0)
+    topic.failing = "broker gone"
+    first = asyncio.create_task(store.flush())  # takes the block, and fails
+    await asyncio.sleep(0)
+    store.unblock_order("SO-2", partition=0)
+    second = asyncio.create_task(store.flush())  # takes the unblock, waits for the first write
+    with pytest.raises(StoreError):
+        await first
+    await second
+    await store.flush()
+    assert topic.entries == [Entry(0, b"block:SO-2", None)], "the stale block never follows the unblock"
 
 
 async def test_a_topic_made_again_is_read_from_its_beginning_and_the_files_position_starts_over() -> None:
