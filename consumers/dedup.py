@@ -91,6 +91,7 @@ from consumers.delivery_state import (
     DeliveryState,
     DeliveryStatus,
     OutboxEntry,
+    Source,
     WriteBuffer,
 )
 from consumers.sqlite_files import PRUNE_CHUNK, PRUNE_PAUSE, WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file, space_note
@@ -153,7 +154,9 @@ class DedupStore(Protocol):
         """The id the downstream create returned for this order, if any."""
         ...
 
-    def put_downstream_id(self, order_ref: str, downstream_id: str, *, partition: int | None = None) -> None:
+    def put_downstream_id(
+        self, order_ref: str, downstream_id: str, *, partition: int | None = None, source: Source | None = None
+    ) -> None:
         """Buffer the downstream id of an order (flushed with the states, in the same transaction). `partition`, the
         orders partition the order's records are in, is for a store that shares it (`consumers.order_state`)."""
         ...
@@ -166,12 +169,14 @@ class DedupStore(Protocol):
         """Those of `order_refs` that are blocked, with the value each was last blocked with (`block_order`)."""
         ...
 
-    def block_order(self, order_ref: str, reason: str, *, partition: int | None = None) -> None:
+    def block_order(
+        self, order_ref: str, reason: str, *, partition: int | None = None, source: Source | None = None
+    ) -> None:
         """Buffer: this order's later records go to the dead-letter topic until it is unblocked; `reason`
         replaces the value the order was blocked with before (the engine writes the order's chain)."""
         ...
 
-    def unblock_order(self, order_ref: str, *, partition: int | None = None) -> None:
+    def unblock_order(self, order_ref: str, *, partition: int | None = None, source: Source | None = None) -> None:
         """Buffer: the order's last dead letter was replayed and delivered; its records are delivered again."""
         ...
 
@@ -296,15 +301,19 @@ class SqliteDedupStore:
         self._connection()
         self._buffer.states[state.key] = state
 
-    def put_downstream_id(self, order_ref: str, downstream_id: str, *, partition: int | None = None) -> None:
+    def put_downstream_id(
+        self, order_ref: str, downstream_id: str, *, partition: int | None = None, source: Source | None = None
+    ) -> None:
         self._connection()
         self._buffer.downstream_ids[order_ref] = downstream_id
 
-    def block_order(self, order_ref: str, reason: str, *, partition: int | None = None) -> None:
+    def block_order(
+        self, order_ref: str, reason: str, *, partition: int | None = None, source: Source | None = None
+    ) -> None:
         self._connection()
         self._buffer.blocks[order_ref] = reason
 
-    def unblock_order(self, order_ref: str, *, partition: int | None = None) -> None:
+    def unblock_order(self, order_ref: str, *, partition: int | None = None, source: Source | None = None) -> None:
         self._connection()
         self._buffer.blocks[order_ref] = None
 

@@ -103,9 +103,11 @@ CREATE TABLE IF NOT EXISTS {STATE_READS_TABLE} (
 -- The entries for the state topic not yet acknowledged by its brokers (`consumers.order_state`): written with the
 -- ids and blocks they share, deleted once the topic has them, sent again after a crash.
 CREATE TABLE IF NOT EXISTS {STATE_OUTBOX_TABLE} (
-    key       BLOB PRIMARY KEY,
-    partition INTEGER NOT NULL,
-    value     BLOB
+    key           BLOB PRIMARY KEY,
+    partition     INTEGER NOT NULL,
+    value         BLOB,
+    source_topic  TEXT,
+    source_offset INTEGER
 ) WITHOUT ROWID;
 """
 
@@ -161,8 +163,10 @@ ON CONFLICT (order_ref, key) DO UPDATE SET {updates}
 
 def _upsert_outbox(rows: int) -> str:
     return f"""
-INSERT INTO {STATE_OUTBOX_TABLE} (key, partition, value) VALUES {", ".join(["(?, ?, ?)"] * rows)}
-ON CONFLICT (key) DO UPDATE SET partition = excluded.partition, value = excluded.value
+INSERT INTO {STATE_OUTBOX_TABLE} (key, partition, value, source_topic, source_offset)
+VALUES {", ".join(["(?, ?, ?, ?, ?)"] * rows)}
+ON CONFLICT (key) DO UPDATE SET partition = excluded.partition, value = excluded.value,
+    source_topic = excluded.source_topic, source_offset = excluded.source_offset
 """  # noqa: S608 -- table name is a module constant, values are bound
 
 
@@ -184,7 +188,7 @@ ON CONFLICT (topic, partition) DO UPDATE SET read_to = excluded.read_to
 """  # noqa: S608 -- table name is a module constant, values are bound
 SELECT_READ_TO = f"SELECT partition, read_to FROM {STATE_READS_TABLE} WHERE topic = ?"  # noqa: S608 -- constant
 _DELETE_SENT = f"DELETE FROM {STATE_OUTBOX_TABLE} WHERE key IN "  # noqa: S608 -- constant
-SELECT_OUTBOX = f"SELECT key, partition, value FROM {STATE_OUTBOX_TABLE}"  # noqa: S608 -- constant
+SELECT_OUTBOX = f"SELECT key, partition, value, source_topic, source_offset FROM {STATE_OUTBOX_TABLE}"  # noqa: S608
 SELECT_DOWNSTREAM_ID = f"SELECT order_ref, downstream_id FROM {DOWNSTREAM_IDS_TABLE} WHERE order_ref IN "  # noqa: S608
 # Per order with an event the downstream accepted (or had) since ?: its latest such time and its downstream id, if
 # known; the oldest first (`orderbus reconcile`).
@@ -316,8 +320,8 @@ def _delete_in(db: sqlite3.Connection, delete: str, keys: Sequence[bytes]) -> No
 
 def select_outbox(db: sqlite3.Connection) -> list[OutboxEntry]:
     return [
-        (bytes(key), int(partition), None if value is None else bytes(value))
-        for key, partition, value in db.execute(SELECT_OUTBOX)
+        (bytes(key), int(partition), None if value is None else bytes(value), topic, offset)
+        for key, partition, value, topic, offset in db.execute(SELECT_OUTBOX)
     ]
 
 
@@ -365,4 +369,4 @@ def write_batch(db: sqlite3.Connection, batch: WriteBuffer) -> None:
             _delete_in(db, _DELETE_SENT, list(batch.sent))
         if batch.outbox:
             entries = [value for entry in batch.outbox.values() for value in entry]
-            _insert_many(db, _upsert_outbox, entries, 3)
+            _insert_many(db, _upsert_outbox, entries, 5)

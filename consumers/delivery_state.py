@@ -19,6 +19,7 @@ __all__ = [
     "DeliveryState",
     "DeliveryStatus",
     "OutboxEntry",
+    "Source",
     "WriteBuffer",
 ]
 
@@ -46,8 +47,11 @@ BLOCKED_ORDERS_TABLE: Final = "blocked_orders"
 BLOCKED_ORDER_COLUMNS: Final = ("order_ref", "reason")
 STATE_READS_TABLE: Final = "state_reads"
 STATE_OUTBOX_TABLE: Final = "state_outbox"
-# An entry of the state topic's outbox: its key, its partition, its value (None: a tombstone).
-OutboxEntry = tuple[bytes, int, bytes | None]
+# The record that made a write: its topic and offset (its partition is the write's).
+Source = tuple[str, int]
+# An entry of the state topic's outbox: its key, its partition, its value (None: a tombstone), and the topic and
+# offset of the record that made it (None when the caller said none).
+OutboxEntry = tuple[bytes, int, bytes | None, str | None, int | None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -490,7 +490,7 @@ class SinkEngine:
         said: dict[str, object] = {"sink": self.sink.name, "partitions": partitions}
         started = self._clock.now()
         try:
-            restored = await self._store.restore(partitions)
+            restored = await self._store.restore(partitions, self._committed)
         finally:
             self._restoring = set()
             if resumable := (tps & self._consumer.assignment()) - self._paused:  # those backpressure holds, it resumes
@@ -506,6 +506,9 @@ class SinkEngine:
             "number, and dead letters another instance left may not block their orders",
             extra={**said, "error": restored.error},
         )
+
+    async def _committed(self, topic: str, partition: int) -> int | None:
+        return await self._consumer.committed_offset((topic, partition))
 
     def on_assigned(self, assigned: Iterable[TopicPartitionKey]) -> None:
         self._joined = True

@@ -23,8 +23,10 @@ brokers there held finished records in the buffer, and the fetch with them (in t
 the median of requests in flight fell from ~250 of 256 to ~100, with moments at none), and made a write per group
 flush where the commit makes one per commit interval. A record finished that way comes again after a crash as a
 dedup hit, which writes nothing: so every entry is also kept in the file's outbox, in the transaction that writes
-its id or block, until the topic has acknowledged it; `open` takes back what a crash (or a stop with the brokers
-away) left there, and the next flush writes it.
+its id or block, until the topic has acknowledged it. `open` takes back what a crash (or a stop with the brokers
+away) left there and holds it until its partition is assigned here; then it is sent, unless the group's committed
+offset has passed the record that made it: another instance delivered that record again meanwhile and wrote its
+own state, which an older entry must not overwrite (or this one had sent it and died before the outbox forgot it).
 
 When a partition is assigned, before its records are fetched (the engine pauses it first), the instance reads
 that partition of the state topic up to its end (`StateTopic.read`) and writes what it finds into its file: ids,
@@ -41,14 +43,14 @@ what the read took before it failed included.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Protocol, Self
 
 from consumers.dedup import DedupStore, DeliveryState
-from consumers.delivery_state import OutboxEntry
-from topics.errors import StoreError
+from consumers.delivery_state import OutboxEntry, Source
+from topics.errors import SharedStateError, StoreError
 
 __all__ = ["Entry", "Fetched", "Restored", "SharedStateStore", "StateTopic", "decode_entry", "encode_entry"]
 
@@ -57,6 +59,11 @@ BLOCK_PREFIX: Final = "block:"
 # Entries applied to the file at a time while a partition is read: a flush each, so that the file's write buffer
 # holds a bounded number of them, whatever the topic holds.
 RESTORE_FLUSH_EVERY: Final = 5_000
+# The group's committed offset of a partition, asked when the outbox kept entries for it (`SharedStateStore.restore`).
+COMMITTED_TIMEOUT: Final = 10.0
+
+# The group's committed offset of (topic, partition), None if none: what `restore` asks of the engine's consumer.
+Committed = Callable[[str, int], Awaitable[int | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +149,9 @@ class SharedStateStore:
         # By key, the last entry not yet acknowledged (pending or being written): its acknowledgement deletes the key
         # from the file's outbox, an older entry's does not.
         self._unacked: dict[bytes, Entry] = {}
+        # Per partition, what the outbox kept from the process before, with the record that made each: sent once the
+        # partition is assigned here, if nobody has committed that record since (`restore`).
+        self._held: dict[int, list[tuple[Entry, Source | None]]] = {}
         self._sending = asyncio.Lock()  # flushes hand their entries to the producer in the order they began
 
     @property
@@ -152,23 +162,30 @@ class SharedStateStore:
 
     # --- the three writes that are shared --------------------------------------------------------------------
 
-    def put_downstream_id(self, order_ref: str, downstream_id: str, *, partition: int | None = None) -> None:
+    def put_downstream_id(
+        self, order_ref: str, downstream_id: str, *, partition: int | None = None, source: Source | None = None
+    ) -> None:
         self._store.put_downstream_id(order_ref, downstream_id)
-        self._share(partition, ID_PREFIX, order_ref, downstream_id)
+        self._share(partition, source, ID_PREFIX, order_ref, downstream_id)
 
-    def block_order(self, order_ref: str, reason: str, *, partition: int | None = None) -> None:
+    def block_order(
+        self, order_ref: str, reason: str, *, partition: int | None = None, source: Source | None = None
+    ) -> None:
         self._store.block_order(order_ref, reason)
-        self._share(partition, BLOCK_PREFIX, order_ref, reason)
+        self._share(partition, source, BLOCK_PREFIX, order_ref, reason)
 
-    def unblock_order(self, order_ref: str, *, partition: int | None = None) -> None:
+    def unblock_order(self, order_ref: str, *, partition: int | None = None, source: Source | None = None) -> None:
         self._store.unblock_order(order_ref)
-        self._share(partition, BLOCK_PREFIX, order_ref, None)
+        self._share(partition, source, BLOCK_PREFIX, order_ref, None)
 
-    def _share(self, partition: int | None, kind: str, order_ref: str, value: str | None) -> None:
+    def _share(
+        self, partition: int | None, source: Source | None, kind: str, order_ref: str, value: str | None
+    ) -> None:
         if partition is not None:
             entry = encode_entry(partition, kind, order_ref, value)
             self._pending[entry.key] = self._unacked[entry.key] = entry
-            self._store.put_outbox((entry.key, entry.partition, entry.value))
+            topic, offset = source if source is not None else (None, None)
+            self._store.put_outbox((entry.key, entry.partition, entry.value, topic, offset))
 
     @property
     def pending_writes(self) -> int:
@@ -211,7 +228,7 @@ class SharedStateStore:
 
     # --- a partition assigned ----------------------------------------------------------------------------------
 
-    async def restore(self, partitions: Iterable[int]) -> Restored:
+    async def restore(self, partitions: Iterable[int], committed: Committed | None = None) -> Restored:
         """Read `partitions` of the state topic, from where the file's last read of each ended, and write what they
         hold into the file; then how far each partition was read, once a flush has made its entries durable (every
         `RESTORE_FLUSH_EVERY` entries and at the end, also of a read that failed part way: `Restored.error`)."""
@@ -220,7 +237,9 @@ class SharedStateStore:
         reached: dict[int, int] = {}  # per partition, the position after the entries applied so far
         topic = self._topic.topic
         error: str | None = None
+        partitions = set(partitions)
         try:
+            await self._take_back(partitions, committed)
             read_to = await self._store.read_to(topic)
             starts = {partition: read_to[partition] for partition in set(partitions) if partition in read_to}
             async for fetched in self._topic.read(partitions, starts):
@@ -241,6 +260,30 @@ class SharedStateStore:
         except StoreError as exc:
             error = error or str(exc)
         return Restored(count, chains, error)
+
+    async def _take_back(self, partitions: set[int], committed: Committed | None) -> None:
+        """The entries the outbox kept for `partitions` from the process before: sent with the next flush (and the
+        topic's older values left alone by the read), unless their record's offset has been committed since: then
+        another instance delivered it again and wrote its own state (or this one had sent them, and crashed before
+        the outbox forgot them), and sending them now would put an older state over a newer one."""
+        for partition in sorted(partitions & self._held.keys()):
+            held = self._held[partition]
+            positions: dict[str, int | None] = {}
+            if committed is not None:
+                for topic in {source[0] for _, source in held if source is not None}:
+                    try:  # kept for the next assignment if the group cannot say
+                        async with asyncio.timeout(COMMITTED_TIMEOUT):
+                            positions[topic] = await committed(topic, partition)
+                    except Exception as exc:
+                        raise SharedStateError(f"committed offset of {topic} [{partition}] not known: {exc!r}") from exc
+            del self._held[partition]
+            for entry, source in held:
+                position = positions.get(source[0]) if source is not None else None
+                if source is not None and position is not None and position > source[1]:
+                    self._store.drop_outbox(entry.key)
+                    continue
+                self._pending.setdefault(entry.key, entry)
+                self._unacked.setdefault(entry.key, entry)
 
     async def _keep(self, topic: str, reached: Mapping[int, int]) -> None:
         """Flush the entries applied so far; then, in a flush of its own, how far they reach: a position is never in
@@ -266,12 +309,12 @@ class SharedStateStore:
 
     async def open(self) -> None:
         """Open the file, and take back the entries its outbox kept: the topic had not acknowledged them when the
-        process before ended (a kill -9 after the file's flush, the brokers away at a stop)."""
+        process before ended (a kill -9 after the file's flush, the brokers away at a stop). They wait for their
+        partition's assignment (`restore`)."""
         await self._store.open()
-        for key, partition, value in await self._store.outbox():
-            entry = Entry(partition, key, value)
-            self._pending.setdefault(key, entry)
-            self._unacked.setdefault(key, entry)
+        for key, partition, value, topic, offset in await self._store.outbox():
+            source = (topic, offset) if topic is not None and offset is not None else None
+            self._held.setdefault(partition, []).append((Entry(partition, key, value), source))
 
     async def close(self) -> None:
         """The file's close (which flushes it); entries not written to the topic by now stay in its outbox, and are

@@ -321,23 +321,25 @@ async def test_how_far_a_state_topic_was_read_is_buffered_flushed_and_kept_per_t
 async def test_the_outbox_keeps_entries_for_the_state_topic_until_they_are_dropped(backend: Backend) -> None:
     async with backend.new() as writer:
         for n in range(700):  # more than one statement's rows
-            writer.put_outbox((f"id:SO-{n}".encode(), n % 12, f"d-{n}".encode()))
-        writer.put_outbox((b"block:SO-1", 3, None))  # a tombstone
+            writer.put_outbox((f"id:SO-{n}".encode(), n % 12, f"d-{n}".encode(), "orders", n))
+        writer.put_outbox((b"block:SO-1", 3, None, None, None))  # a tombstone, made by no record said
         await writer.flush()
         writer.drop_outbox(b"id:SO-5")
         writer.drop_outbox(b"id:SO-6")
-        writer.put_outbox((b"id:SO-6", 6, b"d-6b"))  # sent, then written again in one batch: the new entry stays
-        writer.put_outbox((b"id:SO-7", 7, b"d-7b"))
+        writer.put_outbox((b"id:SO-6", 6, b"d-6b", "orders.replay.crm", 9))  # sent, then written again: it stays
+        writer.put_outbox((b"id:SO-7", 7, b"d-7b", "orders", 7))
         writer.drop_outbox(b"id:SO-7")  # its last entry sent before any flush: never written
         await writer.flush()
     async with backend.new() as restarted:
-        kept = {key: (partition, value) for key, partition, value in await restarted.outbox()}
+        kept = {
+            key: (partition, value, topic, offset) for key, partition, value, topic, offset in await restarted.outbox()
+        }
     assert len(kept) == 700 - 2 + 1
-    assert kept[b"id:SO-6"] == (6, b"d-6b")
-    assert kept[b"block:SO-1"] == (3, None)
+    assert kept[b"id:SO-6"] == (6, b"d-6b", "orders.replay.crm", 9)
+    assert kept[b"block:SO-1"] == (3, None, None, None)
     assert b"id:SO-5" not in kept
     assert b"id:SO-7" not in kept
-    assert kept[b"id:SO-699"] == (699 % 12, b"d-699")
+    assert kept[b"id:SO-699"] == (699 % 12, b"d-699", "orders", 699)
 
 
 async def test_a_block_written_by_another_store_is_seen_after_an_empty_table_was(backend: Backend) -> None:

@@ -81,9 +81,54 @@ async def test_what_the_topic_had_not_acknowledged_at_a_crash_is_written_after_t
     assert topic.entries == []
     again = SharedStateStore(MemoryDedupStore(file.tables), topic)
     await again.open()
-    assert again.pending_writes == 2
+    assert again.pending_writes == 0, "held until their partitions are assigned here"
+    await again.restore([0, 3])
     await again.flush()
-    assert topic.entries == [Entry(3, b"id:SO-1", b"d-1"), Entry(0, b"block:SO-2", b'["k1"]')]
+    assert topic.entries == [Entry(0, b"block:SO-2", b'["k1"]'), Entry(3, b"id:SO-1", b"d-1")]
+
+
+async def test_what_a_crash_left_is_not_sent_once_another_instance_committed_its_record() -> None:
+    # Killed with entries in its outbox, an instance may come back after another one delivered those records again
+    # (and perhaps replayed and unblocked the order): the state that other instance wrote is the newer one.
+    file, topic = MemoryDedupStore(), FakeStateTopic()
+    store = SharedStateStore(file, topic)
+    store.put_downstream_id("SO-1", "d-1", partition=2, source=("orders", 10))
+    store.block_order("SO-2", '["k1"]', partition=3, source=("orders", 20))
+    store.block_order("SO-3", '["k2"]', partition=3, source=("orders.replay.crm", 5))
+    await store.file.flush()
+    file.crash()
+    committed = {("orders", 2): 11, ("orders", 3): 20}  # partition 2's record committed since; 3's not
+
+    async def committed_offset(topic: str, partition: int) -> int | None:
+        return committed.get((topic, partition))
+
+    again = SharedStateStore(MemoryDedupStore(file.tables), topic)
+    await again.open()
+    restored = await again.restore([2, 3], committed_offset)
+    assert restored.error is None
+    await again.flush()
+    await again.file.flush()
+    assert topic.entries == [Entry(3, b"block:SO-2", b'["k1"]'), Entry(3, b"block:SO-3", b'["k2"]')]
+    assert file.tables.outbox == {}, "the stale id dropped, the others sent"
+
+
+async def test_entries_held_for_a_partition_wait_when_its_committed_offset_cannot_be_asked() -> None:
+    file, topic = MemoryDedupStore(), FakeStateTopic()
+    store = SharedStateStore(file, topic)
+    store.put_downstream_id("SO-1", "d-1", partition=2, source=("orders", 10))
+    await store.file.flush()
+    again = SharedStateStore(MemoryDedupStore(file.tables), topic)
+    await again.open()
+
+    async def unreachable(topic: str, partition: int) -> int | None:
+        raise SharedStateError("coordinator not available")
+
+    assert "committed offset of orders [2] not known" in ((await again.restore([2], unreachable)).error or "")
+    await again.flush()
+    assert topic.entries == []
+    await again.restore([2])  # the next assignment, the group answering (here: no committed offset)
+    await again.flush()
+    assert topic.entries == [Entry(2, b"id:SO-1", b"d-1")]
 
 
 async def test_an_older_entrys_acknowledgement_leaves_a_newer_one_of_its_key_in_the_outbox() -> None:
@@ -95,7 +140,7 @@ async def test_an_older_entrys_acknowledgement_leaves_a_newer_one_of_its_key_in_
     store.unblock_order("SO-2", partition=0)  # a newer one, put while the older is being written
     await writing
     await store.file.flush()
-    assert file.tables.outbox == {b"block:SO-2": (b"block:SO-2", 0, None)}, "the unblock waits for its own write"
+    assert file.tables.outbox == {b"block:SO-2": (b"block:SO-2", 0, None, None, None)}, "the unblock waits for its own"
     await store.flush()
     await store.file.flush()
     assert file.tables.outbox == {}
