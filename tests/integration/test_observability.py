@@ -285,7 +285,7 @@ async def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_the_scr
                 groups = (await response.json())["data"]["groups"]
             rules = [rule for group in groups for rule in group["rules"]]
             assert (
-                len(rules) == len(re.findall(r"^\s*- alert: ", (RULES / "rules.yml").read_text(), re.MULTILINE)) == 18
+                len(rules) == len(re.findall(r"^\s*- alert: ", (RULES / "rules.yml").read_text(), re.MULTILINE)) == 19
             )
             assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
     assert {202, 400} <= set(statuses)
