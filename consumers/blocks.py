@@ -107,9 +107,7 @@ class Blocks:
         chain = self._chains.setdefault(work.order_ref, [])
         if work.idempotency_key not in chain:
             chain.append(work.idempotency_key)
-            self._store.block_order(
-                work.order_ref, encode_chain(chain), partition=work.tp[1], source=(work.tp[0], work.offset)
-            )
+            self._store.block_order(work.order_ref, encode_chain(chain), origin=work.origin)
 
     def delivered(self, work: Work) -> bool:
         """`work` was delivered: take it off its order's chain. True if that emptied the chain: call `settled`
@@ -119,11 +117,9 @@ class Blocks:
             return False
         chain.remove(work.idempotency_key)
         if chain:
-            self._store.block_order(
-                work.order_ref, encode_chain(chain), partition=work.tp[1], source=(work.tp[0], work.offset)
-            )
+            self._store.block_order(work.order_ref, encode_chain(chain), origin=work.origin)
             return False
-        self._store.unblock_order(work.order_ref, partition=work.tp[1], source=(work.tp[0], work.offset))
+        self._store.unblock_order(work.order_ref, origin=work.origin)
         return True
 
     def unblock_unconfirmed(self, order_ref: str) -> None:

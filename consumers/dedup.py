@@ -90,8 +90,8 @@ from consumers.delivery_state import (
     DOWNSTREAM_IDS_TABLE,
     DeliveryState,
     DeliveryStatus,
+    Origin,
     OutboxEntry,
-    Source,
     WriteBuffer,
 )
 from consumers.sqlite_files import PRUNE_CHUNK, PRUNE_PAUSE, WAL_AUTOCHECKPOINT_PAGES, prepare_wal_file, space_note
@@ -110,6 +110,7 @@ __all__ = [
     "MemoryDedupStore",
     "MemoryTables",
     "SqliteDedupStore",
+    "StateFile",
 ]
 
 _T = TypeVar("_T")
@@ -154,11 +155,9 @@ class DedupStore(Protocol):
         """The id the downstream create returned for this order, if any."""
         ...
 
-    def put_downstream_id(
-        self, order_ref: str, downstream_id: str, *, partition: int | None = None, source: Source | None = None
-    ) -> None:
-        """Buffer the downstream id of an order (flushed with the states, in the same transaction). `partition`, the
-        orders partition the order's records are in, is for a store that shares it (`consumers.order_state`)."""
+    def put_downstream_id(self, order_ref: str, downstream_id: str, *, origin: Origin | None = None) -> None:
+        """Buffer the downstream id of an order (flushed with the states, in the same transaction). `origin`, the
+        record that made the write, is for a store that shares it (`consumers.order_state`)."""
         ...
 
     async def blocked_orders(self, order_refs: Sequence[str]) -> set[str]:
@@ -169,16 +168,27 @@ class DedupStore(Protocol):
         """Those of `order_refs` that are blocked, with the value each was last blocked with (`block_order`)."""
         ...
 
-    def block_order(
-        self, order_ref: str, reason: str, *, partition: int | None = None, source: Source | None = None
-    ) -> None:
+    def block_order(self, order_ref: str, reason: str, *, origin: Origin | None = None) -> None:
         """Buffer: this order's later records go to the dead-letter topic until it is unblocked; `reason`
         replaces the value the order was blocked with before (the engine writes the order's chain)."""
         ...
 
-    def unblock_order(self, order_ref: str, *, partition: int | None = None, source: Source | None = None) -> None:
+    def unblock_order(self, order_ref: str, *, origin: Origin | None = None) -> None:
         """Buffer: the order's last dead letter was replayed and delivered; its records are delivered again."""
         ...
+
+    async def prune(self, older_than: float) -> int:
+        """Flush, then delete terminal rows updated before `older_than`; return how many delivery rows went."""
+        ...
+
+    async def integrity_check(self) -> str:
+        """``"ok"``, or SQLite's description of what is damaged. It reads the whole file: run it at start."""
+        ...
+
+
+class StateFile(DedupStore, Protocol):
+    """A `DedupStore` that can also keep a sink's shared state (`consumers.order_state.SharedStateStore`): how far
+    it read the state topic, and the outbox of entries the topic has not acknowledged yet."""
 
     def put_read_to(self, topic: str, partition: int, offset: int) -> None:
         """Remember (buffered, like the other writes) that the file holds what partition `partition` of the state
@@ -191,7 +201,7 @@ class DedupStore(Protocol):
         ...
 
     def put_outbox(self, entry: OutboxEntry) -> None:
-        """Keep `entry` (key, partition, value) for the state topic (buffered), in place of any of its key."""
+        """Keep `entry` for the state topic (buffered), in place of any of its key."""
         ...
 
     def drop_outbox(self, key: bytes) -> None:
@@ -200,14 +210,6 @@ class DedupStore(Protocol):
 
     async def outbox(self) -> list[OutboxEntry]:
         """The entries kept for the state topic, in the file (read at open: what a crash left unsent)."""
-        ...
-
-    async def prune(self, older_than: float) -> int:
-        """Flush, then delete terminal rows updated before `older_than`; return how many delivery rows went."""
-        ...
-
-    async def integrity_check(self) -> str:
-        """``"ok"``, or SQLite's description of what is damaged. It reads the whole file: run it at start."""
         ...
 
 
@@ -301,19 +303,15 @@ class SqliteDedupStore:
         self._connection()
         self._buffer.states[state.key] = state
 
-    def put_downstream_id(
-        self, order_ref: str, downstream_id: str, *, partition: int | None = None, source: Source | None = None
-    ) -> None:
+    def put_downstream_id(self, order_ref: str, downstream_id: str, *, origin: Origin | None = None) -> None:
         self._connection()
         self._buffer.downstream_ids[order_ref] = downstream_id
 
-    def block_order(
-        self, order_ref: str, reason: str, *, partition: int | None = None, source: Source | None = None
-    ) -> None:
+    def block_order(self, order_ref: str, reason: str, *, origin: Origin | None = None) -> None:
         self._connection()
         self._buffer.blocks[order_ref] = reason
 
-    def unblock_order(self, order_ref: str, *, partition: int | None = None, source: Source | None = None) -> None:
+    def unblock_order(self, order_ref: str, *, origin: Origin | None = None) -> None:
         self._connection()
         self._buffer.blocks[order_ref] = None
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from consumers.delivery_state import DeliveryState, OutboxEntry, Source, WriteBuffer
+from consumers.delivery_state import DeliveryState, Origin, OutboxEntry, WriteBuffer
 
 __all__ = ["MemoryDedupStore", "MemoryTables"]
 
@@ -57,17 +57,13 @@ class MemoryDedupStore:
     def put(self, state: DeliveryState) -> None:
         self._buffer.states[state.key] = state
 
-    def put_downstream_id(
-        self, order_ref: str, downstream_id: str, *, partition: int | None = None, source: Source | None = None
-    ) -> None:
+    def put_downstream_id(self, order_ref: str, downstream_id: str, *, origin: Origin | None = None) -> None:
         self._buffer.downstream_ids[order_ref] = downstream_id
 
-    def block_order(
-        self, order_ref: str, reason: str, *, partition: int | None = None, source: Source | None = None
-    ) -> None:
+    def block_order(self, order_ref: str, reason: str, *, origin: Origin | None = None) -> None:
         self._buffer.blocks[order_ref] = reason
 
-    def unblock_order(self, order_ref: str, *, partition: int | None = None, source: Source | None = None) -> None:
+    def unblock_order(self, order_ref: str, *, origin: Origin | None = None) -> None:
         self._buffer.blocks[order_ref] = None
 
     def put_read_to(self, topic: str, partition: int, offset: int) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -106,8 +106,8 @@ CREATE TABLE IF NOT EXISTS {STATE_OUTBOX_TABLE} (
     key           BLOB PRIMARY KEY,
     partition     INTEGER NOT NULL,
     value         BLOB,
-    source_topic  TEXT,
-    source_offset INTEGER
+    source_topic  TEXT NOT NULL,
+    source_offset INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -311,10 +311,8 @@ def delete_unneeded_ids(db: sqlite3.Connection, after: str, limit: int) -> str |
 
 
 def _delete_in(db: sqlite3.Connection, delete: str, keys: Sequence[bytes]) -> None:
-    """``delete IN (keys)``, `_MOST_KEYS` keys a statement, padded as `select_in` pads."""
-    for start in range(0, len(keys), _MOST_KEYS):
-        chunk: list[bytes | None] = list(keys[start : start + _MOST_KEYS])
-        chunk += [None] * (-len(chunk) % _KEY_STEP)
+    """``delete IN (keys)``, in the chunks `select_in` asks by."""
+    for chunk in _padded(keys):
         db.execute(delete + _in(len(chunk)), chunk)
 
 
@@ -328,11 +326,16 @@ def select_outbox(db: sqlite3.Connection) -> list[OutboxEntry]:
 def select_in(db: sqlite3.Connection, select: str, keys: Sequence[str]) -> list[Any]:
     """Rows of ``select IN (keys)``, `_MOST_KEYS` keys a query, padded (on the read-only connection)."""
     rows: list[Any] = []
-    for start in range(0, len(keys), _MOST_KEYS):
-        chunk: list[str | None] = list(keys[start : start + _MOST_KEYS])
-        chunk += [None] * (-len(chunk) % _KEY_STEP)
+    for chunk in _padded(keys):
         rows.extend(db.execute(select + _in(len(chunk)), chunk).fetchall())
     return rows
+
+
+def _padded(keys: Sequence[str] | Sequence[bytes]) -> Iterator[list[str | bytes | None]]:
+    """`keys` in chunks of `_MOST_KEYS`, each padded with NULLs (which match nothing) to a multiple of `_KEY_STEP`."""
+    for start in range(0, len(keys), _MOST_KEYS):
+        chunk: list[str | bytes | None] = list(keys[start : start + _MOST_KEYS])
+        yield chunk + [None] * (-len(chunk) % _KEY_STEP)
 
 
 def select_blocked(db: sqlite3.Connection, select: str, order_refs: Sequence[str]) -> list[Any]:

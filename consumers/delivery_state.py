@@ -18,8 +18,8 @@ __all__ = [
     "STATE_READS_TABLE",
     "DeliveryState",
     "DeliveryStatus",
+    "Origin",
     "OutboxEntry",
-    "Source",
     "WriteBuffer",
 ]
 
@@ -47,11 +47,11 @@ BLOCKED_ORDERS_TABLE: Final = "blocked_orders"
 BLOCKED_ORDER_COLUMNS: Final = ("order_ref", "reason")
 STATE_READS_TABLE: Final = "state_reads"
 STATE_OUTBOX_TABLE: Final = "state_outbox"
-# The record that made a write: its topic and offset (its partition is the write's).
-Source = tuple[str, int]
+# The record that made a write: its topic, partition and offset.
+Origin = tuple[str, int, int]
 # An entry of the state topic's outbox: its key, its partition, its value (None: a tombstone), and the topic and
-# offset of the record that made it (None when the caller said none).
-OutboxEntry = tuple[bytes, int, bytes | None, str | None, int | None]
+# offset of the record that made it.
+OutboxEntry = tuple[bytes, int, bytes | None, str, int]
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Protocol, Self
 
-from consumers.dedup import DedupStore, DeliveryState
-from consumers.delivery_state import OutboxEntry, Source
+from consumers.dedup import DeliveryState, StateFile
+from consumers.delivery_state import Origin
 from topics.errors import SharedStateError, StoreError
 
 __all__ = ["Entry", "Fetched", "Restored", "SharedStateStore", "StateTopic", "decode_entry", "encode_entry"]
@@ -142,7 +142,7 @@ class SharedStateStore:
 
     Every call but those three writes and `flush` is the file's own."""
 
-    def __init__(self, store: DedupStore, topic: StateTopic) -> None:
+    def __init__(self, store: StateFile, topic: StateTopic) -> None:
         self._store = store
         self._topic = topic
         self._pending: dict[bytes, Entry] = {}  # by key: the last write of a key wins, as in the file's buffer
@@ -151,41 +151,35 @@ class SharedStateStore:
         self._unacked: dict[bytes, Entry] = {}
         # Per partition, what the outbox kept from the process before, with the record that made each: sent once the
         # partition is assigned here, if nobody has committed that record since (`restore`).
-        self._held: dict[int, list[tuple[Entry, Source | None]]] = {}
+        self._held: dict[int, list[tuple[Entry, str, int]]] = {}  # (entry, record's topic, record's offset)
         self._sending = asyncio.Lock()  # flushes hand their entries to the producer in the order they began
 
     @property
-    def file(self) -> DedupStore:
+    def file(self) -> StateFile:
         """The file's store alone: its `flush` makes the file durable without waiting for the topic (the engine's
         group flush, which finishes records; the commit's flush is this store's own, both)."""
         return self._store
 
     # --- the three writes that are shared --------------------------------------------------------------------
 
-    def put_downstream_id(
-        self, order_ref: str, downstream_id: str, *, partition: int | None = None, source: Source | None = None
-    ) -> None:
+    def put_downstream_id(self, order_ref: str, downstream_id: str, *, origin: Origin | None = None) -> None:
         self._store.put_downstream_id(order_ref, downstream_id)
-        self._share(partition, source, ID_PREFIX, order_ref, downstream_id)
+        self._share(origin, ID_PREFIX, order_ref, downstream_id)
 
-    def block_order(
-        self, order_ref: str, reason: str, *, partition: int | None = None, source: Source | None = None
-    ) -> None:
+    def block_order(self, order_ref: str, reason: str, *, origin: Origin | None = None) -> None:
         self._store.block_order(order_ref, reason)
-        self._share(partition, source, BLOCK_PREFIX, order_ref, reason)
+        self._share(origin, BLOCK_PREFIX, order_ref, reason)
 
-    def unblock_order(self, order_ref: str, *, partition: int | None = None, source: Source | None = None) -> None:
+    def unblock_order(self, order_ref: str, *, origin: Origin | None = None) -> None:
         self._store.unblock_order(order_ref)
-        self._share(partition, source, BLOCK_PREFIX, order_ref, None)
+        self._share(origin, BLOCK_PREFIX, order_ref, None)
 
-    def _share(
-        self, partition: int | None, source: Source | None, kind: str, order_ref: str, value: str | None
-    ) -> None:
-        if partition is not None:
+    def _share(self, origin: Origin | None, kind: str, order_ref: str, value: str | None) -> None:
+        if origin is not None:
+            topic, partition, offset = origin
             entry = encode_entry(partition, kind, order_ref, value)
             self._pending[entry.key] = self._unacked[entry.key] = entry
-            topic, offset = source if source is not None else (None, None)
-            self._store.put_outbox((entry.key, entry.partition, entry.value, topic, offset))
+            self._store.put_outbox((entry.key, partition, entry.value, topic, offset))
 
     @property
     def pending_writes(self) -> int:
@@ -241,7 +235,7 @@ class SharedStateStore:
         try:
             await self._take_back(partitions, committed)
             read_to = await self._store.read_to(topic)
-            starts = {partition: read_to[partition] for partition in set(partitions) if partition in read_to}
+            starts = {partition: read_to[partition] for partition in partitions if partition in read_to}
             async for fetched in self._topic.read(partitions, starts):
                 for entry in fetched.entries:
                     if entry.key in self._unacked:  # this instance's own, newer: not yet on the topic, in the file
@@ -252,7 +246,8 @@ class SharedStateStore:
                     count += 1
                     if count % RESTORE_FLUSH_EVERY == 0:
                         await self._keep(topic, reached)
-                reached[fetched.partition] = fetched.read_to
+                if fetched.read_to != read_to.get(fetched.partition):
+                    reached[fetched.partition] = fetched.read_to
         except StoreError as exc:  # the topic's read, or the file's flush
             error = str(exc)
         try:
@@ -269,21 +264,21 @@ class SharedStateStore:
         for partition in sorted(partitions & self._held.keys()):
             held = self._held[partition]
             positions: dict[str, int | None] = {}
-            if committed is not None:
-                for topic in {source[0] for _, source in held if source is not None}:
-                    try:  # kept for the next assignment if the group cannot say
-                        async with asyncio.timeout(COMMITTED_TIMEOUT):
-                            positions[topic] = await committed(topic, partition)
-                    except Exception as exc:
-                        raise SharedStateError(f"committed offset of {topic} [{partition}] not known: {exc!r}") from exc
+            for topic in {topic for _, topic, _ in held}:
+                if committed is None:
+                    break
+                try:  # kept for the next assignment if the group cannot say
+                    async with asyncio.timeout(COMMITTED_TIMEOUT):
+                        positions[topic] = await committed(topic, partition)
+                except Exception as exc:
+                    raise SharedStateError(f"committed offset of {topic} [{partition}] not known: {exc!r}") from exc
             del self._held[partition]
-            for entry, source in held:
-                position = positions.get(source[0]) if source is not None else None
-                if source is not None and position is not None and position > source[1]:
+            for entry, topic, offset in held:
+                if (position := positions.get(topic)) is not None and position > offset:
                     self._store.drop_outbox(entry.key)
-                    continue
-                self._pending.setdefault(entry.key, entry)
-                self._unacked.setdefault(entry.key, entry)
+                else:
+                    self._pending.setdefault(entry.key, entry)
+                    self._unacked.setdefault(entry.key, entry)
 
     async def _keep(self, topic: str, reached: Mapping[int, int]) -> None:
         """Flush the entries applied so far; then, in a flush of its own, how far they reach: a position is never in
@@ -313,8 +308,7 @@ class SharedStateStore:
         partition's assignment (`restore`)."""
         await self._store.open()
         for key, partition, value, topic, offset in await self._store.outbox():
-            source = (topic, offset) if topic is not None and offset is not None else None
-            self._held.setdefault(partition, []).append((Entry(partition, key, value), source))
+            self._held.setdefault(partition, []).append((Entry(partition, key, value), topic, offset))
 
     async def close(self) -> None:
         """The file's close (which flushes it); entries not written to the topic by now stay in its outbox, and are
@@ -341,21 +335,6 @@ class SharedStateStore:
 
     async def blocked_orders(self, order_refs: Sequence[str]) -> set[str]:
         return await self._store.blocked_orders(order_refs)
-
-    def put_read_to(self, topic: str, partition: int, offset: int) -> None:
-        self._store.put_read_to(topic, partition, offset)
-
-    async def read_to(self, topic: str) -> dict[int, int]:
-        return await self._store.read_to(topic)
-
-    def put_outbox(self, entry: OutboxEntry) -> None:
-        self._store.put_outbox(entry)
-
-    def drop_outbox(self, key: bytes) -> None:
-        self._store.drop_outbox(key)
-
-    async def outbox(self) -> list[OutboxEntry]:
-        return await self._store.outbox()
 
     async def blocking(self, order_refs: Sequence[str]) -> dict[str, str]:
         return await self._store.blocking(order_refs)

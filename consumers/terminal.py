@@ -61,9 +61,7 @@ def delivered(
     assert isinstance(outcome, Reply)
     downstream_id = context.sink.downstream_id(work.prepared, outcome.status, outcome.body, outcome.location)
     if downstream_id is not None:
-        context.store.put_downstream_id(
-            work.order_ref, downstream_id, partition=work.tp[1], source=(work.tp[0], work.offset)
-        )
+        context.store.put_downstream_id(work.order_ref, downstream_id, origin=work.origin)
     status: DeliveryStatus = "done" if decision.action == "done" else "duplicate"
     put_state(context, work, status, attempts, downstream_id=downstream_id, digest=outcome.digest)
     report = functools.partial(_report_delivered, context, work, attempts.count, outcome.status, status)

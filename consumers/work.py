@@ -55,6 +55,11 @@ class Work:
         )
 
     @property
+    def origin(self) -> tuple[str, int, int]:
+        """Where the record is: topic, partition, offset (what a shared store keeps with the state it made)."""
+        return (self.tp[0], self.tp[1], self.offset)
+
+    @property
     def lane(self) -> tuple[TopicPartitionKey, str]:
         """Records of one lane reach the sink strictly in order: one order (Kafka key) in one partition."""
         return self.tp, self.order_ref

@@ -66,6 +66,11 @@ def sandbox_sinks(sandbox: SandboxProcess, **extra: Any) -> dict[str, dict[str, 
 
 
 # A sink's settings in tests that replay dead letters: quick retries and commits, so a replay is read at once.
+def at(partition: int, offset: int = 0, topic: str = "orders") -> tuple[str, int, int]:
+    """The origin of a state write (`consumers.dedup.DedupStore.put_downstream_id`): the record's place."""
+    return (topic, partition, offset)
+
+
 class FakeStateTopic:
     """`consumers.order_state.StateTopic` in memory: every entry written, in order (a partition's offsets are the
     places of its entries among them), and the partitions each read asked for; while `failing` holds a reason,

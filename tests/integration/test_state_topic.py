@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from support import create_topic, until
+from support import at, create_topic, until
 
 from consumers.dedup import SqliteDedupStore
 from consumers.order_state import SharedStateStore
@@ -32,8 +32,8 @@ async def test_a_file_reads_its_partitions_once_and_a_topic_made_again_from_its_
         writer = SharedStateStore(SqliteDedupStore(tmp_path / "a.sqlite"), topic)
         async with writer:
             for n in range(4):
-                writer.put_downstream_id(f"SO-{n}", f"d-{n}", partition=n % 2)
-            writer.block_order("SO-9", '["k1"]', partition=1)
+                writer.put_downstream_id(f"SO-{n}", f"d-{n}", origin=at(n % 2))
+            writer.block_order("SO-9", '["k1"]', origin=at(1))
             await writer.flush()
 
         path = tmp_path / "b.sqlite"
@@ -43,9 +43,9 @@ async def test_a_file_reads_its_partitions_once_and_a_topic_made_again_from_its_
             assert await reader.downstream_id("SO-3") == "d-3"
         async with SharedStateStore(SqliteDedupStore(path), topic) as reader:  # a restart: nothing new
             assert (await reader.restore([0, 1])).entries == 0
-            assert await reader.read_to(name) == {0: 2, 1: 3}
+            assert await reader.file.read_to(name) == {0: 2, 1: 3}
         async with writer:
-            writer.unblock_order("SO-9", partition=1)
+            writer.unblock_order("SO-9", origin=at(1))
             await writer.flush()
         async with SharedStateStore(SqliteDedupStore(path), topic) as reader:
             restored = await reader.restore([0, 1])
@@ -68,15 +68,15 @@ async def test_a_file_reads_its_partitions_once_and_a_topic_made_again_from_its_
             async with SharedStateStore(
                 SqliteDedupStore(tmp_path / "a.sqlite"), KafkaStateTopic(producer_again, options, name)
             ) as again:
-                again.put_downstream_id("SO-20", "d-20", partition=0)
-                again.put_downstream_id("SO-21", "d-21", partition=1)
+                again.put_downstream_id("SO-20", "d-20", origin=at(0))
+                again.put_downstream_id("SO-21", "d-21", origin=at(1))
                 await until(lambda: _written(again), timeout=30)  # the new topic's leaders take a moment
         finally:
             await producer_again.stop()
         async with SharedStateStore(SqliteDedupStore(path), topic) as reader:
             assert (await reader.restore([0, 1])).entries == 2
             assert [await reader.downstream_id(order) for order in ("SO-20", "SO-21")] == ["d-20", "d-21"]
-            assert await reader.read_to(name) == {0: 1, 1: 1}
+            assert await reader.file.read_to(name) == {0: 1, 1: 1}
     finally:
         await producer.stop()
 

@@ -28,6 +28,7 @@ from consumers.dedup import (
     MemoryDedupStore,
     MemoryTables,
     SqliteDedupStore,
+    StateFile,
 )
 from consumers.dedup_sql import LAYOUT, SCHEMA, check_layout
 from consumers.sqlite_files import MAX_VARIABLES, ROW_STEP
@@ -73,7 +74,7 @@ class Backend:
         self.path = path
         self.tables = MemoryTables()
 
-    def new(self) -> DedupStore:
+    def new(self) -> StateFile:
         if self.kind == "memory":
             return MemoryDedupStore(self.tables)
         return SqliteDedupStore(self.path)
@@ -85,7 +86,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 
 @pytest.fixture
-async def store(backend: Backend) -> AsyncIterator[DedupStore]:
+async def store(backend: Backend) -> AsyncIterator[StateFile]:
     async with backend.new() as opened:
         yield opened
 
@@ -322,7 +323,7 @@ async def test_the_outbox_keeps_entries_for_the_state_topic_until_they_are_dropp
     async with backend.new() as writer:
         for n in range(700):  # more than one statement's rows
             writer.put_outbox((f"id:SO-{n}".encode(), n % 12, f"d-{n}".encode(), "orders", n))
-        writer.put_outbox((b"block:SO-1", 3, None, None, None))  # a tombstone, made by no record said
+        writer.put_outbox((b"block:SO-1", 3, None, "orders.replay.crm", 4))  # a tombstone
         await writer.flush()
         writer.drop_outbox(b"id:SO-5")
         writer.drop_outbox(b"id:SO-6")
@@ -336,7 +337,7 @@ async def test_the_outbox_keeps_entries_for_the_state_topic_until_they_are_dropp
         }
     assert len(kept) == 700 - 2 + 1
     assert kept[b"id:SO-6"] == (6, b"d-6b", "orders.replay.crm", 9)
-    assert kept[b"block:SO-1"] == (3, None, None, None)
+    assert kept[b"block:SO-1"] == (3, None, "orders.replay.crm", 4)
     assert b"id:SO-5" not in kept
     assert b"id:SO-7" not in kept
     assert kept[b"id:SO-699"] == (699 % 12, b"d-699", "orders", 699)

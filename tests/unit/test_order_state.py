@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
 import pytest
-from support import FakeStateTopic
+from support import FakeStateTopic, at
 
 from consumers import order_state
 from consumers.blocks import Blocks
@@ -23,9 +23,9 @@ def shared() -> tuple[SharedStateStore, MemoryDedupStore, FakeStateTopic]:
 
 async def test_ids_and_blocks_reach_the_topic_with_the_flush_that_writes_them_to_the_file() -> None:
     store, file, topic = shared()
-    store.put_downstream_id("SO-1", "d-1", partition=4)
-    store.block_order("SO-2", '["k1"]', partition=0)
-    store.unblock_order("SO-3", partition=2)
+    store.put_downstream_id("SO-1", "d-1", origin=at(4))
+    store.block_order("SO-2", '["k1"]', origin=at(0))
+    store.unblock_order("SO-3", origin=at(2))
     assert topic.entries == []
     assert store.pending_writes == 9  # three in the file's tables, three in its outbox, three for the topic
     assert await store.flush() == 9
@@ -44,9 +44,9 @@ async def test_ids_and_blocks_reach_the_topic_with_the_flush_that_writes_them_to
 
 async def test_the_last_write_of_an_order_is_the_one_sent_and_a_write_without_a_partition_stays_in_the_file() -> None:
     store, _, topic = shared()
-    store.block_order("SO-2", '["k1"]', partition=1)
-    store.block_order("SO-2", '["k1","k2"]', partition=1)
-    store.unblock_order("SO-2", partition=1)
+    store.block_order("SO-2", '["k1"]', origin=at(1))
+    store.block_order("SO-2", '["k1","k2"]', origin=at(1))
+    store.unblock_order("SO-2", origin=at(1))
     store.put_downstream_id("SO-4", "d-4")  # no partition said: the file's alone
     await store.flush()
     assert topic.entries == [Entry(1, b"block:SO-2", None)]
@@ -54,13 +54,13 @@ async def test_the_last_write_of_an_order_is_the_one_sent_and_a_write_without_a_
 
 async def test_a_write_the_broker_refuses_fails_the_flush_and_goes_with_the_next() -> None:
     store, file, topic = shared()
-    store.put_downstream_id("SO-1", "d-1", partition=0)
-    store.block_order("SO-2", '["k1"]', partition=0)
+    store.put_downstream_id("SO-1", "d-1", origin=at(0))
+    store.block_order("SO-2", '["k1"]', origin=at(0))
     topic.failing = "kafka is unreachable"
     with pytest.raises(StoreError, match="kafka is unreachable"):
         await store.flush()
     assert await file.downstream_id("SO-1") == "d-1", "the file's part of the flush is done all the same"
-    store.block_order("SO-2", '["k1","k2"]', partition=0)  # newer than the one that failed: it wins
+    store.block_order("SO-2", '["k1","k2"]', origin=at(0))  # newer than the one that failed: it wins
     topic.failing = None
     await store.flush()
     assert topic.entries == [Entry(0, b"id:SO-1", b"d-1"), Entry(0, b"block:SO-2", b'["k1","k2"]')]
@@ -74,8 +74,8 @@ async def test_what_the_topic_had_not_acknowledged_at_a_crash_is_written_after_t
     # which writes nothing. Its id must reach the topic all the same.
     file, topic = MemoryDedupStore(), FakeStateTopic()
     store = SharedStateStore(file, topic)
-    store.put_downstream_id("SO-1", "d-1", partition=3)
-    store.block_order("SO-2", '["k1"]', partition=0)
+    store.put_downstream_id("SO-1", "d-1", origin=at(3))
+    store.block_order("SO-2", '["k1"]', origin=at(0))
     await store.file.flush()  # the group flush: the record is finished
     file.crash()  # killed before the commit's flush wrote the topic
     assert topic.entries == []
@@ -92,9 +92,9 @@ async def test_what_a_crash_left_is_not_sent_once_another_instance_committed_its
     # (and perhaps replayed and unblocked the order): the state that other instance wrote is the newer one.
     file, topic = MemoryDedupStore(), FakeStateTopic()
     store = SharedStateStore(file, topic)
-    store.put_downstream_id("SO-1", "d-1", partition=2, source=("orders", 10))
-    store.block_order("SO-2", '["k1"]', partition=3, source=("orders", 20))
-    store.block_order("SO-3", '["k2"]', partition=3, source=("orders.replay.crm", 5))
+    store.put_downstream_id("SO-1", "d-1", origin=("orders", 2, 10))
+    store.block_order("SO-2", '["k1"]', origin=("orders", 3, 20))
+    store.block_order("SO-3", '["k2"]', origin=("orders.replay.crm", 3, 5))
     await store.file.flush()
     file.crash()
     committed = {("orders", 2): 11, ("orders", 3): 20}  # partition 2's record committed since; 3's not
@@ -115,7 +115,7 @@ async def test_what_a_crash_left_is_not_sent_once_another_instance_committed_its
 async def test_entries_held_for_a_partition_wait_when_its_committed_offset_cannot_be_asked() -> None:
     file, topic = MemoryDedupStore(), FakeStateTopic()
     store = SharedStateStore(file, topic)
-    store.put_downstream_id("SO-1", "d-1", partition=2, source=("orders", 10))
+    store.put_downstream_id("SO-1", "d-1", origin=("orders", 2, 10))
     await store.file.flush()
     again = SharedStateStore(MemoryDedupStore(file.tables), topic)
     await again.open()
@@ -134,13 +134,13 @@ async def test_entries_held_for_a_partition_wait_when_its_committed_offset_canno
 async def test_an_older_entrys_acknowledgement_leaves_a_newer_one_of_its_key_in_the_outbox() -> None:
     file, topic = MemoryDedupStore(), FakeStateTopic()
     store = SharedStateStore(file, topic)
-    store.block_order("SO-2", '["k1"]', partition=0)
+    store.block_order("SO-2", '["k1"]', origin=at(0))
     writing = asyncio.create_task(store.flush())  # the older entry taken for the topic
     await asyncio.sleep(0)
-    store.unblock_order("SO-2", partition=0)  # a newer one, put while the older is being written
+    store.unblock_order("SO-2", origin=at(0))  # a newer one, put while the older is being written
     await writing
     await store.file.flush()
-    assert file.tables.outbox == {b"block:SO-2": (b"block:SO-2", 0, None, None, None)}, "the unblock waits for its own"
+    assert file.tables.outbox == {b"block:SO-2": (b"block:SO-2", 0, None, "orders", 0)}, "the unblock waits for its own"
     await store.flush()
     await store.file.flush()
     assert file.tables.outbox == {}
@@ -173,12 +173,12 @@ async def test_a_read_partition_overrides_the_file_and_says_which_chains_changed
 
 async def test_a_partition_read_again_is_read_from_where_the_files_last_read_ended() -> None:
     store, file, topic = shared()
-    store.put_downstream_id("SO-1", "d-1", partition=0)
+    store.put_downstream_id("SO-1", "d-1", origin=at(0))
     await store.flush()
     assert (await store.restore([0])).entries == 1
     other = SharedStateStore(MemoryDedupStore(), topic)  # another instance, while this one does not hold 0
-    other.block_order("SO-1", '["k1"]', partition=0)
-    other.put_downstream_id("SO-2", "d-2", partition=1)
+    other.block_order("SO-1", '["k1"]', origin=at(0))
+    other.put_downstream_id("SO-2", "d-2", origin=at(1))
     await other.flush()
     restored = await store.restore([0, 1])
     assert restored.entries == 2, "SO-1's id is not read again; partition 1 from its beginning"
@@ -211,8 +211,8 @@ async def test_a_read_cut_short_keeps_what_it_flushed_and_the_next_goes_on_from_
     file, topic = MemoryDedupStore(), CutShort()
     writer = SharedStateStore(MemoryDedupStore(), topic)
     for n in range(5):
-        writer.put_downstream_id(f"SO-{n}", f"d-{n}", partition=0 if n < 3 else 1)
-    writer.block_order("SO-1", '["k1"]', partition=0)
+        writer.put_downstream_id(f"SO-{n}", f"d-{n}", origin=at(0 if n < 3 else 1))
+    writer.block_order("SO-1", '["k1"]', origin=at(0))
     await writer.flush()
     store = SharedStateStore(file, topic)
     restored = await store.restore([0, 1])
@@ -251,9 +251,9 @@ async def test_a_position_is_kept_only_after_the_flush_of_its_entries() -> None:
 
 async def test_a_read_leaves_this_instances_own_newer_entries_that_the_topic_has_not_yet() -> None:
     store, file, topic = shared()
-    store.block_order("SO-2", '["k1"]', partition=0)
+    store.block_order("SO-2", '["k1"]', origin=at(0))
     await store.flush()  # the block is on the topic
-    store.unblock_order("SO-2", partition=0)  # replayed; the commit's flush fails: the tombstone waits
+    store.unblock_order("SO-2", origin=at(0))  # replayed; the commit's flush fails: the tombstone waits
     topic.failing = "not acknowledged within 10 s"
     with pytest.raises(StoreError):
         await store.flush()
@@ -277,11 +277,11 @@ class FailsFirstWrite(FakeStateTopic):
 async def test_an_older_entry_whose_write_failed_is_not_put_back_over_a_newer_one_being_written() -> None:
     topic = FailsFirstWrite()
     store = SharedStateStore(MemoryDedupStore(), topic)
-    store.block_order("SO-2", '["k1"]', partition=0)
+    store.block_order("SO-2", '["k1"]', origin=at(0))
     topic.failing = "broker gone"
     first = asyncio.create_task(store.flush())  # takes the block, and fails
     await asyncio.sleep(0)
-    store.unblock_order("SO-2", partition=0)
+    store.unblock_order("SO-2", origin=at(0))
     second = asyncio.create_task(store.flush())  # takes the unblock, waits for the first write
     with pytest.raises(StoreError):
         await first
